@@ -1,0 +1,177 @@
+//! The library's typed errors. Every variant names what it was working on (image, layer, entry
+//! or file) so that its one-line `Display` is enough to act on.
+
+use std::path::PathBuf;
+
+use crate::Digest;
+
+/// Result alias for the library.
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Everything that can go wrong in bux-fuse.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The reference could not be parsed.
+    #[error("invalid image reference {reference:?}: {detail}")]
+    InvalidReference {
+        /// What the user gave.
+        reference: String,
+        /// Why it is invalid.
+        detail: String,
+    },
+    /// The registry (or the local store, for a pull policy of `never`) has no such image.
+    #[error("{reference}: image not found{detail}")]
+    NotFound {
+        /// The image reference.
+        reference: String,
+        /// Extra detail (may be empty).
+        detail: String,
+    },
+    /// The registry refused our credentials, or wants some.
+    #[error("{reference}: unauthorized: {detail}")]
+    Unauthorized {
+        /// The image reference.
+        reference: String,
+        /// The registry's words.
+        detail: String,
+    },
+    /// Any other failure talking to the registry.
+    #[error("{reference}: registry error: {detail}")]
+    Registry {
+        /// The image reference.
+        reference: String,
+        /// The registry's or the transport's words.
+        detail: String,
+    },
+    /// A manifest, config or layer of a type bux-fuse cannot serve as a root filesystem.
+    #[error("{reference}: unsupported {what} media type {media_type:?}{hint}")]
+    UnsupportedMediaType {
+        /// The image reference.
+        reference: String,
+        /// "layer", "config" or "manifest".
+        what: &'static str,
+        /// The media type found.
+        media_type: String,
+        /// A hint such as " (a WebAssembly artifact, not a container image)".
+        hint: String,
+    },
+    /// No manifest in an image index matches the wanted platform.
+    #[error("{reference}: no image for platform {platform} (index offers: {available})")]
+    NoMatchingPlatform {
+        /// The image reference.
+        reference: String,
+        /// The platform wanted.
+        platform: String,
+        /// The platforms offered.
+        available: String,
+    },
+    /// Content did not hash to what it claimed.
+    #[error("{what}: digest mismatch: expected {expected}, got {actual}")]
+    DigestMismatch {
+        /// What was checked, e.g. "layer sha256:… of reg/img:tag".
+        what: String,
+        /// The digest promised.
+        expected: Digest,
+        /// The digest of the bytes received.
+        actual: Digest,
+    },
+    /// A manifest or config that is not what the OCI spec says it must be.
+    #[error("{what}: invalid: {detail}")]
+    InvalidManifest {
+        /// What was parsed.
+        what: String,
+        /// Why it is invalid.
+        detail: String,
+    },
+    /// A layer that cannot be decompressed or parsed, or that holds an unsafe entry.
+    #[error("layer {layer}: {detail}")]
+    CorruptLayer {
+        /// The layer's digest.
+        layer: Digest,
+        /// What is wrong, naming the entry when there is one.
+        detail: String,
+    },
+    /// A tar entry refused while building the merged tree (unsafe path, bad hardlink, ...).
+    #[error("layer {layer}: entry {path:?}: {detail}")]
+    BadEntry {
+        /// The layer's digest.
+        layer: Digest,
+        /// The entry's path as written in the tar.
+        path: String,
+        /// Why it is refused.
+        detail: String,
+    },
+    /// A file of the store is damaged or from an incompatible version.
+    #[error("store file {path}: {detail}")]
+    CorruptStore {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        detail: String,
+    },
+    /// An error wrapped with the image it happened to.
+    #[error("{reference}: {source}")]
+    Image {
+        /// The image reference.
+        reference: String,
+        /// The underlying error.
+        #[source]
+        source: Box<Error>,
+    },
+    /// Mounting or unmounting failed.
+    #[error("mount {path}: {detail}")]
+    Mount {
+        /// The mount point.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
+    /// An I/O error, with what was being done.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done, naming the file.
+        context: String,
+        /// The OS error.
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// Wraps an I/O error with what was being done.
+    pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    /// Wraps this error with the image it happened to (once).
+    pub fn for_image(self, reference: &str) -> Error {
+        match self {
+            e @ (Error::Image { .. }
+            | Error::NotFound { .. }
+            | Error::Unauthorized { .. }
+            | Error::Registry { .. }
+            | Error::UnsupportedMediaType { .. }
+            | Error::NoMatchingPlatform { .. }) => e,
+            e => Error::Image {
+                reference: reference.to_string(),
+                source: Box::new(e),
+            },
+        }
+    }
+}
+
+/// Adds file context to `std::io::Result`s.
+pub(crate) trait IoContext<T> {
+    /// Wraps an error with `what` (called only on error).
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T>;
+}
+
+impl<T> IoContext<T> for std::io::Result<T> {
+    fn ctx(self, what: impl FnOnce() -> String) -> Result<T> {
+        self.map_err(|e| Error::io(what(), e))
+    }
+}

@@ -1,0 +1,466 @@
+//! Gzip with random access: a decoder that records zran-style checkpoints while it inflates, and
+//! that can restart from any checkpoint.
+//!
+//! A checkpoint is taken at a deflate block boundary once at least the chosen spacing of output
+//! has passed since the previous one. It holds the compressed offset, the 0–7 bits of the last
+//! consumed byte that belong to the next block, and the 32 KiB of output before it (deflate's
+//! back-reference window). Restarting primes those bits into a raw inflater and sets the window
+//! as its dictionary. `flate2` cannot do this (no `inflatePrime`), so this drives zlib-rs through
+//! its C API. Several concatenated gzip members are one stream; a member start is a checkpoint that
+//! needs no window.
+
+use std::io::{self, Read};
+
+use libz_rs_sys as z;
+use serde::{Deserialize, Serialize};
+
+/// Deflate's maximum back-reference distance: the window a checkpoint must carry.
+pub const WINDOW: usize = 32 * 1024;
+const IN_BUF: usize = 64 * 1024;
+
+/// A place in a gzip stream where inflation can restart.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Checkpoint {
+    /// Offset in the uncompressed stream.
+    pub uoff: u64,
+    /// Offset in the compressed stream of the first byte not yet consumed.
+    pub coff: u64,
+    /// Bits (0–7) of the byte at `coff - 1` that belong to the next block.
+    pub bits: u8,
+    /// `coff` is the first byte of a gzip member header; no window is needed.
+    pub member_start: bool,
+    /// The 32 KiB of output before `uoff`, zstd-compressed (empty for a member start).
+    pub window: Vec<u8>,
+}
+
+/// Owns a raw (header-less) zlib-rs inflate stream.
+struct RawInflate {
+    // Boxed: zlib keeps a pointer back to the stream, so it must not move.
+    strm: Box<z::z_stream>,
+}
+
+// SAFETY: the stream is owned exclusively by this value and has no thread affinity.
+unsafe impl Send for RawInflate {}
+
+impl RawInflate {
+    fn new() -> io::Result<RawInflate> {
+        let mut strm = Box::new(z::z_stream::default());
+        // SAFETY: strm is a valid, default-initialised stream; version/size come from the library.
+        let ret = unsafe {
+            z::inflateInit2_(
+                &mut *strm,
+                -15,
+                z::zlibVersion(),
+                std::mem::size_of::<z::z_stream>() as i32,
+            )
+        };
+        if ret != z::Z_OK {
+            return Err(io::Error::other(format!("inflateInit2 failed ({ret})")));
+        }
+        Ok(RawInflate { strm })
+    }
+
+    fn reset(&mut self) {
+        // SAFETY: the stream was initialised by inflateInit2_.
+        unsafe { z::inflateReset(&mut *self.strm) };
+    }
+
+    fn prime(&mut self, bits: u8, value: u8) -> io::Result<()> {
+        // SAFETY: initialised stream.
+        let ret = unsafe { z::inflatePrime(&mut *self.strm, bits as i32, value as i32) };
+        check(ret, "inflatePrime")
+    }
+
+    fn set_dictionary(&mut self, dict: &[u8]) -> io::Result<()> {
+        if dict.is_empty() {
+            return Ok(());
+        }
+        // SAFETY: initialised stream; dict is a valid slice for the call.
+        let ret =
+            unsafe { z::inflateSetDictionary(&mut *self.strm, dict.as_ptr(), dict.len() as u32) };
+        check(ret, "inflateSetDictionary")
+    }
+
+    /// One inflate call. Returns (consumed, produced, return code, data_type).
+    fn run(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (usize, usize, i32, i32) {
+        let s = &mut *self.strm;
+        s.next_in = input.as_ptr();
+        s.avail_in = input.len().min(u32::MAX as usize) as u32;
+        s.next_out = output.as_mut_ptr();
+        s.avail_out = output.len().min(u32::MAX as usize) as u32;
+        let (ain, aout) = (s.avail_in, s.avail_out);
+        // SAFETY: next_in/next_out point into live slices of the stated lengths.
+        let ret = unsafe { z::inflate(s, flush) };
+        let s = &mut *self.strm;
+        let consumed = (ain - s.avail_in) as usize;
+        let produced = (aout - s.avail_out) as usize;
+        s.next_in = std::ptr::null();
+        s.next_out = std::ptr::null_mut();
+        (consumed, produced, ret, s.data_type)
+    }
+}
+
+impl Drop for RawInflate {
+    fn drop(&mut self) {
+        // SAFETY: initialised stream, ended exactly once.
+        unsafe { z::inflateEnd(&mut *self.strm) };
+    }
+}
+
+fn check(ret: i32, what: &str) -> io::Result<()> {
+    if ret == z::Z_OK {
+        Ok(())
+    } else {
+        Err(io::Error::other(format!("{what} failed ({ret})")))
+    }
+}
+
+fn corrupt(msg: impl Into<String>) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.into())
+}
+
+/// The last [`WINDOW`] bytes of output, for checkpoint windows.
+struct Ring {
+    buf: Vec<u8>,
+    pos: usize,
+    full: bool,
+}
+
+impl Ring {
+    fn new() -> Ring {
+        Ring {
+            buf: vec![0; WINDOW],
+            pos: 0,
+            full: false,
+        }
+    }
+    fn clear(&mut self) {
+        self.pos = 0;
+        self.full = false;
+    }
+    fn push(&mut self, mut data: &[u8]) {
+        if data.len() >= WINDOW {
+            data = &data[data.len() - WINDOW..];
+        }
+        let first = data.len().min(WINDOW - self.pos);
+        self.buf[self.pos..self.pos + first].copy_from_slice(&data[..first]);
+        let rest = &data[first..];
+        self.buf[..rest.len()].copy_from_slice(rest);
+        let new_pos = self.pos + data.len();
+        if new_pos >= WINDOW {
+            self.full = true;
+        }
+        self.pos = new_pos % WINDOW;
+    }
+    fn contents(&self) -> Vec<u8> {
+        if self.full {
+            let mut v = Vec::with_capacity(WINDOW);
+            v.extend_from_slice(&self.buf[self.pos..]);
+            v.extend_from_slice(&self.buf[..self.pos]);
+            v
+        } else {
+            self.buf[..self.pos].to_vec()
+        }
+    }
+}
+
+struct Recorder {
+    spacing: u64,
+    last: u64,
+    ring: Ring,
+    checkpoints: Vec<Checkpoint>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum State {
+    Header,
+    Deflate,
+    Trailer,
+    Done,
+}
+
+/// Decompresses a (multi-member) gzip stream as a `Read`, optionally recording checkpoints.
+pub struct GzipReader<R> {
+    inner: R,
+    inbuf: Box<[u8]>,
+    in_pos: usize,
+    in_len: usize,
+    /// Absolute compressed offset of `inbuf[in_pos]`.
+    coff: u64,
+    /// Absolute uncompressed offset of the next output byte.
+    uoff: u64,
+    z: RawInflate,
+    state: State,
+    members: u64,
+    recorder: Option<Recorder>,
+}
+
+impl<R: Read> GzipReader<R> {
+    /// Reads a gzip stream from its start, recording a checkpoint every `spacing` bytes of output
+    /// (or none when `spacing` is `None`).
+    pub fn new(inner: R, spacing: Option<u64>) -> io::Result<GzipReader<R>> {
+        let recorder = spacing.map(|spacing| Recorder {
+            spacing,
+            last: 0,
+            ring: Ring::new(),
+            checkpoints: vec![Checkpoint {
+                uoff: 0,
+                coff: 0,
+                bits: 0,
+                member_start: true,
+                window: Vec::new(),
+            }],
+        });
+        Ok(GzipReader {
+            inner,
+            inbuf: vec![0; IN_BUF].into_boxed_slice(),
+            in_pos: 0,
+            in_len: 0,
+            coff: 0,
+            uoff: 0,
+            z: RawInflate::new()?,
+            state: State::Header,
+            members: 0,
+            recorder,
+        })
+    }
+
+    /// Restarts at `cp`. `inner` must be positioned at `cp.coff`, or at `cp.coff - 1` when
+    /// `cp.bits > 0` (that byte's high bits are primed into the inflater).
+    pub fn resume(mut inner: R, cp: &Checkpoint) -> io::Result<GzipReader<R>> {
+        let mut z = RawInflate::new()?;
+        let mut state = State::Header;
+        if !cp.member_start {
+            if cp.bits > 0 {
+                let mut b = [0u8];
+                inner.read_exact(&mut b)?;
+                z.prime(cp.bits, b[0] >> (8 - cp.bits))?;
+            }
+            let window = zstd::bulk::decompress(&cp.window, WINDOW)
+                .map_err(|e| corrupt(format!("checkpoint window: {e}")))?;
+            z.set_dictionary(&window)?;
+            state = State::Deflate;
+        }
+        Ok(GzipReader {
+            inner,
+            inbuf: vec![0; IN_BUF].into_boxed_slice(),
+            in_pos: 0,
+            in_len: 0,
+            coff: cp.coff,
+            uoff: cp.uoff,
+            z,
+            state,
+            // A resumed stream is past its first member: EOF at a member boundary is the end.
+            members: 1,
+            recorder: None,
+        })
+    }
+
+    /// The checkpoints recorded so far (the first is always offset 0).
+    pub fn take_checkpoints(&mut self) -> Vec<Checkpoint> {
+        self.recorder
+            .as_mut()
+            .map(|r| std::mem::take(&mut r.checkpoints))
+            .unwrap_or_default()
+    }
+
+    /// Uncompressed bytes produced so far (plus the resume offset).
+    pub fn uncompressed_offset(&self) -> u64 {
+        self.uoff
+    }
+
+    /// The underlying reader.
+    pub fn into_inner(self) -> R {
+        self.inner
+    }
+
+    /// Refills the input buffer when empty; returns false at EOF.
+    fn fill(&mut self) -> io::Result<bool> {
+        if self.in_pos < self.in_len {
+            return Ok(true);
+        }
+        self.in_pos = 0;
+        self.in_len = 0;
+        loop {
+            match self.inner.read(&mut self.inbuf) {
+                Ok(0) => return Ok(false),
+                Ok(n) => {
+                    self.in_len = n;
+                    return Ok(true);
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn next_byte(&mut self) -> io::Result<Option<u8>> {
+        if !self.fill()? {
+            return Ok(None);
+        }
+        let b = self.inbuf[self.in_pos];
+        self.in_pos += 1;
+        self.coff += 1;
+        Ok(Some(b))
+    }
+
+    fn need_byte(&mut self, what: &str) -> io::Result<u8> {
+        self.next_byte()?
+            .ok_or_else(|| corrupt(format!("truncated gzip stream (in {what})")))
+    }
+
+    /// Parses a member header; returns false at a clean end of stream.
+    fn read_header(&mut self) -> io::Result<bool> {
+        let start = self.coff;
+        let Some(b0) = self.next_byte()? else {
+            if self.members == 0 {
+                return Err(corrupt("empty stream: not gzip"));
+            }
+            return Ok(false);
+        };
+        if b0 == 0 && self.members > 0 {
+            // Trailing zero padding after the last member (some writers add it): allowed,
+            // anything else after it is not.
+            while let Some(b) = self.next_byte()? {
+                if b != 0 {
+                    return Err(corrupt(format!(
+                        "garbage after the last gzip member at byte {}",
+                        self.coff - 1
+                    )));
+                }
+            }
+            return Ok(false);
+        }
+        let b1 = self.need_byte("header")?;
+        if b0 != 0x1f || b1 != 0x8b {
+            return Err(corrupt(format!(
+                "not a gzip stream: bad magic {b0:02x}{b1:02x} at byte {start}"
+            )));
+        }
+        let method = self.need_byte("header")?;
+        if method != 8 {
+            return Err(corrupt(format!("unknown gzip compression method {method}")));
+        }
+        let flags = self.need_byte("header")?;
+        for _ in 0..6 {
+            self.need_byte("header")?; // mtime, xfl, os
+        }
+        if flags & 0x04 != 0 {
+            let lo = self.need_byte("header")? as usize;
+            let hi = self.need_byte("header")? as usize;
+            for _ in 0..(lo | hi << 8) {
+                self.need_byte("header extra field")?;
+            }
+        }
+        for flag in [0x08u8, 0x10] {
+            if flags & flag != 0 {
+                while self.need_byte("header name/comment")? != 0 {}
+            }
+        }
+        if flags & 0x02 != 0 {
+            self.need_byte("header crc")?;
+            self.need_byte("header crc")?;
+        }
+        self.members += 1;
+        self.z.reset();
+        if let Some(rec) = &mut self.recorder {
+            rec.ring.clear();
+        }
+        Ok(true)
+    }
+
+    fn inflate_some(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        let flush = if self.recorder.is_some() {
+            z::Z_BLOCK
+        } else {
+            z::Z_NO_FLUSH
+        };
+        loop {
+            if !self.fill()? {
+                return Err(corrupt(format!(
+                    "truncated gzip stream at compressed byte {}",
+                    self.coff
+                )));
+            }
+            let (c, p, ret, data_type) =
+                self.z
+                    .run(&self.inbuf[self.in_pos..self.in_len], out, flush);
+            self.in_pos += c;
+            self.coff += c as u64;
+            self.uoff += p as u64;
+            match ret {
+                z::Z_OK | z::Z_BUF_ERROR => {}
+                z::Z_STREAM_END => self.state = State::Trailer,
+                z::Z_NEED_DICT => return Err(corrupt("deflate stream wants a dictionary")),
+                _ => {
+                    return Err(corrupt(format!(
+                        "corrupt deflate data near compressed byte {} ({ret})",
+                        self.coff
+                    )))
+                }
+            }
+            if let Some(rec) = &mut self.recorder {
+                rec.ring.push(&out[..p]);
+                let at_boundary = data_type & 128 != 0 && data_type & 64 == 0;
+                if ret != z::Z_STREAM_END && at_boundary && self.uoff - rec.last >= rec.spacing {
+                    rec.last = self.uoff;
+                    rec.checkpoints.push(Checkpoint {
+                        uoff: self.uoff,
+                        coff: self.coff,
+                        bits: (data_type & 7) as u8,
+                        member_start: false,
+                        window: zstd::bulk::compress(&rec.ring.contents(), 1)?,
+                    });
+                }
+            }
+            if p > 0 || self.state != State::Deflate {
+                return Ok(p);
+            }
+        }
+    }
+}
+
+impl<R: Read> Read for GzipReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        if out.is_empty() {
+            return Ok(0);
+        }
+        loop {
+            match self.state {
+                State::Done => return Ok(0),
+                State::Header => {
+                    if let Some(rec) = &mut self.recorder {
+                        if self.members > 0 && self.uoff - rec.last >= rec.spacing {
+                            rec.last = self.uoff;
+                            rec.checkpoints.push(Checkpoint {
+                                uoff: self.uoff,
+                                coff: self.coff,
+                                bits: 0,
+                                member_start: true,
+                                window: Vec::new(),
+                            });
+                        }
+                    }
+                    self.state = if self.read_header()? {
+                        State::Deflate
+                    } else {
+                        State::Done
+                    };
+                }
+                State::Deflate => {
+                    let n = self.inflate_some(out)?;
+                    if n > 0 {
+                        return Ok(n);
+                    }
+                }
+                State::Trailer => {
+                    // CRC32 and ISIZE: integrity is checked by the layer's diff_id instead.
+                    for _ in 0..8 {
+                        self.need_byte("trailer")?;
+                    }
+                    self.state = State::Header;
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,372 @@
+//! Reading byte ranges of a layer's uncompressed stream from its blob, by decompressing only the
+//! spans (between two checkpoints, or one zstd frame) that hold them. Decompressed spans are kept
+//! in a cache bounded in bytes and shared by all layers of a mount.
+
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use lru::LruCache;
+
+use super::gzip::GzipReader;
+use super::Access;
+
+/// Spans larger than this (only a hostile or very odd gzip stream has them: one deflate block
+/// producing more than this) are streamed to the reader instead of being cached whole, so memory
+/// stays bounded whatever the input.
+pub const MAX_CACHED_SPAN: u64 = 16 << 20;
+
+/// Counters of the read path.
+#[derive(Debug, Default)]
+pub struct ReadStats {
+    /// Bytes produced by decompression.
+    pub decompressed: AtomicU64,
+    /// Span lookups answered from the cache.
+    pub hits: AtomicU64,
+    /// Span lookups that had to decompress.
+    pub misses: AtomicU64,
+    /// Bytes read from blob files.
+    pub blob_bytes: AtomicU64,
+}
+
+/// Decompressed spans, least recently used evicted first, bounded by total bytes.
+pub struct SpanCache {
+    inner: Mutex<CacheInner>,
+    limit: usize,
+    /// Counters.
+    pub stats: ReadStats,
+}
+
+struct CacheInner {
+    lru: LruCache<(u32, u32), Arc<Vec<u8>>>,
+    bytes: usize,
+}
+
+impl SpanCache {
+    /// A cache holding at most `limit` bytes of decompressed data.
+    pub fn new(limit: usize) -> SpanCache {
+        SpanCache {
+            inner: Mutex::new(CacheInner {
+                lru: LruCache::unbounded(),
+                bytes: 0,
+            }),
+            limit,
+            stats: ReadStats::default(),
+        }
+    }
+
+    fn get(&self, key: (u32, u32)) -> Option<Arc<Vec<u8>>> {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        inner.lru.get(&key).cloned()
+    }
+
+    fn insert(&self, key: (u32, u32), span: Arc<Vec<u8>>) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = inner.lru.put(key, span.clone()) {
+            inner.bytes -= old.len();
+        }
+        inner.bytes += span.len();
+        while inner.bytes > self.limit {
+            match inner.lru.pop_lru() {
+                Some((_, old)) => inner.bytes -= old.len(),
+                None => break,
+            }
+        }
+    }
+
+    /// Bytes currently cached.
+    pub fn bytes(&self) -> usize {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
+    }
+}
+
+impl Default for SpanCache {
+    fn default() -> Self {
+        SpanCache::new(64 << 20)
+    }
+}
+
+/// Sequential reads from a position of a file shared between threads (positional I/O).
+struct PosReader<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for PosReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
+/// Random access to one layer's uncompressed stream.
+pub struct LayerReader {
+    id: u32,
+    file: File,
+    file_len: u64,
+    access: Access,
+    size: u64,
+}
+
+impl LayerReader {
+    /// Opens the blob (or the seekable zstd copy) at `path`. `id` keys this layer in the cache.
+    pub fn open(id: u32, path: &Path, access: Access, size: u64) -> io::Result<LayerReader> {
+        let file = File::open(path)?;
+        let file_len = file.metadata()?.len();
+        Ok(LayerReader {
+            id,
+            file,
+            file_len,
+            access,
+            size,
+        })
+    }
+
+    /// Fills `buf` with the bytes at `off` of the uncompressed stream (short only at its end).
+    pub fn read_at(&self, cache: &SpanCache, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
+        if let Access::Tar = self.access {
+            let mut done = 0;
+            while done < want {
+                let n = self.file.read_at(&mut buf[done..want], off + done as u64)?;
+                if n == 0 {
+                    return Err(eof());
+                }
+                done += n;
+            }
+            cache.stats.blob_bytes.fetch_add(done as u64, Ordering::Relaxed);
+            return Ok(done);
+        }
+        let mut done = 0;
+        while done < want {
+            let pos = off + done as u64;
+            let i = self.span_of(pos);
+            let (start, end) = self.span_bounds(i);
+            let in_span = (pos - start) as usize;
+            let n = (want - done).min((end - pos) as usize);
+            if end - start > MAX_CACHED_SPAN {
+                self.stream_from(i, cache, pos, &mut buf[done..done + n])?;
+            } else {
+                let span = self.span(i, cache)?;
+                if span.len() < in_span + n {
+                    return Err(eof());
+                }
+                buf[done..done + n].copy_from_slice(&span[in_span..in_span + n]);
+            }
+            done += n;
+        }
+        Ok(done)
+    }
+
+    fn span_starts(&self) -> Box<dyn Fn(usize) -> Option<u64> + '_> {
+        match &self.access {
+            Access::Tar => Box::new(|i| (i == 0).then_some(0)),
+            Access::Gzip(cps) => Box::new(move |i| cps.get(i).map(|c| c.uoff)),
+            Access::Zstd(frames) => Box::new(move |i| frames.get(i).map(|f| f.0)),
+        }
+    }
+
+    fn span_count(&self) -> usize {
+        match &self.access {
+            Access::Tar => 1,
+            Access::Gzip(cps) => cps.len(),
+            Access::Zstd(frames) => frames.len(),
+        }
+    }
+
+    fn span_of(&self, off: u64) -> usize {
+        let starts = self.span_starts();
+        // Binary search for the last span starting at or before `off`.
+        let (mut lo, mut hi) = (0, self.span_count());
+        while hi - lo > 1 {
+            let mid = (lo + hi) / 2;
+            if starts(mid).unwrap_or(u64::MAX) <= off {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        lo
+    }
+
+    fn span_bounds(&self, i: usize) -> (u64, u64) {
+        let starts = self.span_starts();
+        (
+            starts(i).unwrap_or(0),
+            starts(i + 1).unwrap_or(self.size).min(self.size),
+        )
+    }
+
+    fn span(&self, i: usize, cache: &SpanCache) -> io::Result<Arc<Vec<u8>>> {
+        let key = (self.id, i as u32);
+        if let Some(span) = cache.get(key) {
+            cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+            return Ok(span);
+        }
+        cache.stats.misses.fetch_add(1, Ordering::Relaxed);
+        let (start, end) = self.span_bounds(i);
+        let mut span = vec![0u8; (end - start) as usize];
+        match &self.access {
+            Access::Tar => unreachable!("plain tar layers are read directly"),
+            Access::Gzip(cps) => {
+                let mut gz = self.resume_gzip(&cps[i], cache)?;
+                gz.read_exact(&mut span)?;
+            }
+            Access::Zstd(frames) => {
+                let cstart = frames[i].1;
+                let cend = frames.get(i + 1).map(|f| f.1).unwrap_or(self.file_len);
+                let mut compressed = vec![0u8; (cend - cstart) as usize];
+                self.file.read_exact_at(&mut compressed, cstart)?;
+                cache
+                    .stats
+                    .blob_bytes
+                    .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                let got = zstd::bulk::decompress(&compressed, span.len())?;
+                if got.len() != span.len() {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "zstd frame shorter than indexed",
+                    ));
+                }
+                span = got;
+            }
+        }
+        cache
+            .stats
+            .decompressed
+            .fetch_add(span.len() as u64, Ordering::Relaxed);
+        let span = Arc::new(span);
+        cache.insert(key, span.clone());
+        Ok(span)
+    }
+
+    fn resume_gzip(
+        &self,
+        cp: &super::gzip::Checkpoint,
+        _cache: &SpanCache,
+    ) -> io::Result<GzipReader<PosReader<'_>>> {
+        let pos = cp.coff - u64::from(cp.bits > 0);
+        GzipReader::resume(
+            PosReader {
+                file: &self.file,
+                pos,
+            },
+            cp,
+        )
+    }
+
+    /// Uncached path for oversized spans: inflate from the checkpoint, discard up to `pos`.
+    fn stream_from(
+        &self,
+        i: usize,
+        cache: &SpanCache,
+        pos: u64,
+        out: &mut [u8],
+    ) -> io::Result<()> {
+        let Access::Gzip(cps) = &self.access else {
+            return Err(io::Error::other("oversized span in a non-gzip layer"));
+        };
+        let mut gz = self.resume_gzip(&cps[i], cache)?;
+        let skip = pos - cps[i].uoff;
+        io::copy(&mut (&mut gz).take(skip), &mut io::sink())?;
+        gz.read_exact(out)?;
+        cache
+            .stats
+            .decompressed
+            .fetch_add(skip + out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
+
+fn eof() -> io::Error {
+    io::Error::new(io::ErrorKind::UnexpectedEof, "layer stream ends early")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::gzip::GzipReader;
+    use std::io::Write;
+
+    fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                // Half compressible text, half noise, so deflate emits varied blocks.
+                if (i / 5000) % 2 == 0 {
+                    b"abcdefgh"[(x % 8) as usize]
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    fn gzip_members(parts: &[&[u8]]) -> Vec<u8> {
+        let mut out = Vec::new();
+        for p in parts {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+            e.write_all(p).unwrap();
+            out.extend(e.finish().unwrap());
+        }
+        out
+    }
+
+    #[test]
+    fn gzip_random_reads_match_across_members() {
+        let a = pseudo_random(3_000_000, 1);
+        let b = pseudo_random(1_500_000, 2);
+        let data: Vec<u8> = a.iter().chain(b.iter()).copied().collect();
+        let gz = gzip_members(&[&a, &b]);
+        let mut r = GzipReader::new(&gz[..], Some(256 * 1024)).unwrap();
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).unwrap();
+        assert_eq!(all, data);
+        let cps = r.take_checkpoints();
+        assert!(cps.len() > 10, "only {} checkpoints", cps.len());
+        assert!(cps.iter().any(|c| c.bits != 0), "no primed checkpoint exercised");
+
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cache = SpanCache::new(1 << 20);
+        for (off, len) in [
+            (0u64, 10usize),
+            (2_999_990, 20),
+            (1_234_567, 300_000),
+            (4_499_000, 5_000),
+            (17, 4_000_000),
+        ] {
+            let mut buf = vec![0u8; len];
+            let n = reader.read_at(&cache, off, &mut buf).unwrap();
+            let end = (off as usize + len).min(data.len());
+            assert_eq!(&buf[..n], &data[off as usize..end], "read at {off}+{len}");
+        }
+        assert!(cache.bytes() <= 1 << 20);
+        assert!(cache.stats.misses.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn gzip_refuses_garbage_and_truncation() {
+        let gz = gzip_members(&[&pseudo_random(100_000, 3)]);
+        let mut out = Vec::new();
+        let err = GzipReader::new(&gz[..gz.len() / 2], None)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("truncated"), "{err}");
+        let err = GzipReader::new(&b"this is not gzip at all"[..], None)
+            .unwrap()
+            .read_to_end(&mut out)
+            .unwrap_err();
+        assert!(err.to_string().contains("not a gzip stream"), "{err}");
+    }
+}

@@ -1,0 +1,8 @@
+//! tmp
+#![deny(missing_docs)]
+pub mod digest;
+pub mod error;
+pub mod index;
+pub mod store;
+pub use digest::Digest;
+pub use error::{Error, Result};
