@@ -1,0 +1,700 @@
+//! The merged tree: the layers' tables folded bottom to top with OCI whiteouts applied, then
+//! frozen into a flat, persisted form that the FUSE layer serves without further work.
+//!
+//! Merge rules (OCI image spec, "Representing Changes"):
+//! * a layer's whiteouts apply to the layers below it only, so each layer is applied in two
+//!   phases: first its whiteouts (`.wh.NAME` removes NAME; `.wh..wh..opq` empties the directory),
+//!   then its other entries, in tar order, the last entry for a path winning;
+//! * a directory entry over an existing directory changes its metadata and keeps its children;
+//!   any other entry over an existing one replaces it (file ↔ directory, symlink → directory);
+//! * parents with no entry of their own are created as `0755 root:root` directories;
+//! * a hardlink names an existing non-directory in the tree (this layer or below) and shares its
+//!   inode; entries beneath a symlink or a file are refused, never followed.
+//!
+//! Frozen form: inodes are numbered in breadth-first order from the root (1) with children in
+//! name order, so numbers are stable across remounts; each directory's entries are a contiguous,
+//! sorted run of [`Dirent`]s, so a readdir offset is an index and lookups are binary searches.
+
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::IoContext;
+use crate::index::{EntryKind, TarEntry};
+use crate::{Digest, Error, Result};
+
+/// Inode number of the root directory.
+pub const ROOT_INO: u64 = 1;
+const WHITEOUT_PREFIX: &[u8] = b".wh.";
+const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
+/// Mode of directories that have no tar entry of their own.
+const IMPLIED_DIR_MODE: u32 = 0o755;
+const MAGIC: &[u8; 8] = b"BUXTRE\x00\x02";
+
+/// Where a node's contents are.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub enum NodeData {
+    /// No contents (devices, fifos, empty files).
+    None,
+    /// Bytes at `offset` of layer `layer`'s uncompressed stream (`size` of them).
+    File {
+        /// Index into [`Tree::layers`].
+        layer: u32,
+        /// Offset in that layer's uncompressed tar stream.
+        offset: u64,
+    },
+    /// A symlink's target.
+    Symlink(Vec<u8>),
+    /// A directory's entries: `dirents[first..first + count]`.
+    Dir {
+        /// First entry.
+        first: u32,
+        /// Number of entries.
+        count: u32,
+    },
+}
+
+/// One inode of the merged tree.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Inode {
+    /// File type (never `Hardlink`: hardlinks are dirents sharing an inode).
+    pub kind: EntryKind,
+    /// Permission bits including setuid/setgid/sticky.
+    pub mode: u32,
+    /// Owner.
+    pub uid: u32,
+    /// Group.
+    pub gid: u32,
+    /// Modification time (seconds).
+    pub mtime: i64,
+    /// Modification time (nanoseconds).
+    pub mtime_nsec: u32,
+    /// Size in bytes (files: data; symlinks: target length).
+    pub size: u64,
+    /// Link count.
+    pub nlink: u32,
+    /// Device major number.
+    pub dev_major: u32,
+    /// Device minor number.
+    pub dev_minor: u32,
+    /// Parent directory's inode (directories; the root is its own parent).
+    pub parent: u64,
+    /// Contents.
+    pub data: NodeData,
+    /// Extended attributes, sorted by name.
+    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
+}
+
+/// A directory entry.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Dirent {
+    /// File name.
+    pub name: Vec<u8>,
+    /// Inode number.
+    pub ino: u64,
+}
+
+/// A merged, frozen tree.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Tree {
+    /// Layer digests, bottom first; [`NodeData::File::layer`] indexes this.
+    pub layers: Vec<Digest>,
+    /// `inodes[ino - 1]`.
+    pub inodes: Vec<Inode>,
+    /// All directories' entries.
+    pub dirents: Vec<Dirent>,
+}
+
+// ---------------------------------------------------------------------------------------------
+// Building
+
+#[derive(Debug, Clone)]
+struct Node {
+    meta: TarEntry,
+    layer: u32,
+    children: BTreeMap<Vec<u8>, usize>,
+}
+
+struct Builder {
+    nodes: Vec<Node>,
+}
+
+fn implied_dir() -> TarEntry {
+    TarEntry {
+        path: Vec::new(),
+        kind: EntryKind::Dir,
+        mode: IMPLIED_DIR_MODE,
+        uid: 0,
+        gid: 0,
+        mtime: 0,
+        mtime_nsec: 0,
+        size: 0,
+        link: Vec::new(),
+        dev_major: 0,
+        dev_minor: 0,
+        xattrs: Vec::new(),
+        offset: 0,
+    }
+}
+
+fn split_parent(path: &[u8]) -> (&[u8], &[u8]) {
+    match path.iter().rposition(|&b| b == b'/') {
+        Some(i) => (&path[..i], &path[i + 1..]),
+        None => (&[], path),
+    }
+}
+
+fn components(path: &[u8]) -> impl Iterator<Item = &[u8]> {
+    path.split(|&b| b == b'/').filter(|c| !c.is_empty())
+}
+
+impl Builder {
+    fn new() -> Builder {
+        Builder {
+            nodes: vec![Node {
+                meta: implied_dir(),
+                layer: 0,
+                children: BTreeMap::new(),
+            }],
+        }
+    }
+
+    /// The node at `path`, without creating anything or following symlinks.
+    fn find(&self, path: &[u8]) -> Option<usize> {
+        let mut cur = 0;
+        for comp in components(path) {
+            if self.nodes[cur].meta.kind != EntryKind::Dir {
+                return None;
+            }
+            cur = *self.nodes[cur].children.get(comp)?;
+        }
+        Some(cur)
+    }
+
+    /// The directory at `path`, creating missing ones; errors if a component is not a directory.
+    fn dir_for_add(&mut self, path: &[u8], layer: u32) -> std::result::Result<usize, String> {
+        let mut cur = 0;
+        let mut walked: Vec<u8> = Vec::new();
+        for comp in components(path) {
+            if !walked.is_empty() {
+                walked.push(b'/');
+            }
+            walked.extend_from_slice(comp);
+            let next = match self.nodes[cur].children.get(comp) {
+                Some(&n) => n,
+                None => {
+                    let mut meta = implied_dir();
+                    meta.path = walked.clone();
+                    self.nodes.push(Node {
+                        meta,
+                        layer,
+                        children: BTreeMap::new(),
+                    });
+                    let n = self.nodes.len() - 1;
+                    self.nodes[cur].children.insert(comp.to_vec(), n);
+                    n
+                }
+            };
+            match self.nodes[next].meta.kind {
+                EntryKind::Dir => cur = next,
+                EntryKind::Symlink => {
+                    return Err(format!(
+                        "parent {:?} is a symlink; entries beneath a symlink are refused",
+                        String::from_utf8_lossy(&walked)
+                    ))
+                }
+                _ => {
+                    return Err(format!(
+                        "parent {:?} is not a directory",
+                        String::from_utf8_lossy(&walked)
+                    ))
+                }
+            }
+        }
+        Ok(cur)
+    }
+
+    fn apply_whiteout(&mut self, entry: &TarEntry, layer: Digest) -> Result<()> {
+        let (parent, name) = split_parent(&entry.path);
+        let target = &name[WHITEOUT_PREFIX.len()..];
+        let opaque = name == OPAQUE_MARKER;
+        if !opaque && target.starts_with(WHITEOUT_PREFIX) {
+            return Ok(()); // AUFS metadata (.wh..wh.plnk and the like): not a whiteout
+        }
+        if target.is_empty() || target == b"." || target == b".." {
+            return Err(Error::BadEntry {
+                layer,
+                path: String::from_utf8_lossy(&entry.path).into_owned(),
+                detail: "whiteout of an invalid name".into(),
+            });
+        }
+        let Some(dir) = self.find(parent) else {
+            return Ok(()); // nothing below to hide
+        };
+        if self.nodes[dir].meta.kind != EntryKind::Dir {
+            return Ok(());
+        }
+        let children = &mut self.nodes[dir].children;
+        if opaque {
+            children.clear();
+        } else {
+            children.remove(target);
+        }
+        Ok(())
+    }
+
+    fn add(&mut self, entry: &TarEntry, layer_idx: u32, layer: Digest) -> Result<()> {
+        let bad = |detail: String| Error::BadEntry {
+            layer,
+            path: String::from_utf8_lossy(&entry.path).into_owned(),
+            detail,
+        };
+        if entry.path.is_empty() {
+            if entry.kind != EntryKind::Dir {
+                return Err(bad("the root must be a directory".into()));
+            }
+            self.nodes[0].meta = entry.clone();
+            return Ok(());
+        }
+        let (parent, name) = split_parent(&entry.path);
+        let dir = self.dir_for_add(parent, layer_idx).map_err(bad)?;
+        let existing = self.nodes[dir].children.get(name).copied();
+        let node = match entry.kind {
+            EntryKind::Hardlink => {
+                let target = self
+                    .find(&entry.link)
+                    .ok_or_else(|| bad(format!(
+                        "hardlink to {:?}, which does not exist (forward or outside the layer)",
+                        String::from_utf8_lossy(&entry.link)
+                    )))?;
+                if self.nodes[target].meta.kind == EntryKind::Dir {
+                    return Err(bad("hardlink to a directory".into()));
+                }
+                target
+            }
+            EntryKind::Dir => {
+                if let Some(e) = existing.filter(|&e| self.nodes[e].meta.kind == EntryKind::Dir) {
+                    self.nodes[e].meta = entry.clone();
+                    return Ok(());
+                }
+                self.push(entry, layer_idx)
+            }
+            _ => self.push(entry, layer_idx),
+        };
+        self.nodes[dir].children.insert(name.to_vec(), node);
+        Ok(())
+    }
+
+    fn push(&mut self, entry: &TarEntry, layer: u32) -> usize {
+        self.nodes.push(Node {
+            meta: entry.clone(),
+            layer,
+            children: BTreeMap::new(),
+        });
+        self.nodes.len() - 1
+    }
+
+    fn freeze(self, layers: Vec<Digest>) -> Tree {
+        // Breadth-first numbering from the root; a hardlinked node keeps its first number.
+        let mut ino_of: Vec<u64> = vec![0; self.nodes.len()];
+        let mut order: Vec<usize> = Vec::new();
+        let mut parent_of: Vec<u64> = Vec::new();
+        let mut queue = VecDeque::from([(0usize, ROOT_INO)]);
+        ino_of[0] = ROOT_INO;
+        order.push(0);
+        parent_of.push(ROOT_INO);
+        let mut links: Vec<u32> = vec![0; self.nodes.len()];
+        while let Some((n, ino)) = queue.pop_front() {
+            for &child in self.nodes[n].children.values() {
+                links[child] += 1;
+                if ino_of[child] == 0 {
+                    order.push(child);
+                    parent_of.push(ino);
+                    ino_of[child] = order.len() as u64;
+                    if self.nodes[child].meta.kind == EntryKind::Dir {
+                        queue.push_back((child, ino_of[child]));
+                    }
+                }
+            }
+        }
+        let mut inodes = Vec::with_capacity(order.len());
+        let mut dirents = Vec::new();
+        for (i, &n) in order.iter().enumerate() {
+            let node = &self.nodes[n];
+            let m = &node.meta;
+            let (data, size, nlink) = match m.kind {
+                EntryKind::Dir => {
+                    let first = dirents.len() as u32;
+                    let mut subdirs = 0;
+                    for (name, &child) in &node.children {
+                        if self.nodes[child].meta.kind == EntryKind::Dir {
+                            subdirs += 1;
+                        }
+                        dirents.push(Dirent {
+                            name: name.clone(),
+                            ino: ino_of[child],
+                        });
+                    }
+                    let count = node.children.len() as u32;
+                    (NodeData::Dir { first, count }, 4096, 2 + subdirs)
+                }
+                EntryKind::Symlink => (
+                    NodeData::Symlink(m.link.clone()),
+                    m.link.len() as u64,
+                    links[n],
+                ),
+                EntryKind::File if m.size > 0 => (
+                    NodeData::File {
+                        layer: node.layer,
+                        offset: m.offset,
+                    },
+                    m.size,
+                    links[n],
+                ),
+                _ => (NodeData::None, 0, links[n]),
+            };
+            let mut xattrs = m.xattrs.clone();
+            xattrs.sort();
+            inodes.push(Inode {
+                kind: m.kind,
+                mode: m.mode,
+                uid: m.uid,
+                gid: m.gid,
+                mtime: m.mtime,
+                mtime_nsec: m.mtime_nsec,
+                size,
+                nlink: nlink.max(1),
+                dev_major: m.dev_major,
+                dev_minor: m.dev_minor,
+                parent: parent_of[i],
+                data,
+                xattrs,
+            });
+        }
+        Tree {
+            layers,
+            inodes,
+            dirents,
+        }
+    }
+}
+
+fn is_whiteout(path: &[u8]) -> bool {
+    split_parent(path).1.starts_with(WHITEOUT_PREFIX)
+}
+
+/// Folds layers (bottom first) into one tree.
+pub fn merge<'a>(layers: impl IntoIterator<Item = (Digest, &'a [TarEntry])>) -> Result<Tree> {
+    let mut b = Builder::new();
+    let mut digests = Vec::new();
+    for (idx, (digest, entries)) in layers.into_iter().enumerate() {
+        for e in entries.iter().filter(|e| is_whiteout(&e.path)) {
+            b.apply_whiteout(e, digest)?;
+        }
+        for e in entries.iter().filter(|e| !is_whiteout(&e.path)) {
+            b.add(e, idx as u32, digest)?;
+        }
+        digests.push(digest);
+    }
+    Ok(b.freeze(digests))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Reading
+
+impl Tree {
+    /// The inode `ino`, if it exists.
+    pub fn inode(&self, ino: u64) -> Option<&Inode> {
+        self.inodes.get(ino.checked_sub(1)? as usize)
+    }
+
+    /// A directory's entries (empty for non-directories).
+    pub fn children(&self, ino: u64) -> &[Dirent] {
+        match self.inode(ino).map(|i| &i.data) {
+            Some(NodeData::Dir { first, count }) => {
+                &self.dirents[*first as usize..(*first + *count) as usize]
+            }
+            _ => &[],
+        }
+    }
+
+    /// The inode named `name` in directory `dir`.
+    pub fn lookup(&self, dir: u64, name: &[u8]) -> Option<u64> {
+        let children = self.children(dir);
+        children
+            .binary_search_by(|d| d.name.as_slice().cmp(name))
+            .ok()
+            .map(|i| children[i].ino)
+    }
+
+    /// The inode at a `/`-separated path from the root (no symlinks followed).
+    pub fn resolve(&self, path: &[u8]) -> Option<u64> {
+        components(path).try_fold(ROOT_INO, |dir, c| self.lookup(dir, c))
+    }
+
+    /// Writes the tree to `path` atomically.
+    pub fn save(&self, path: &Path) -> Result<()> {
+        let mut bytes = MAGIC.to_vec();
+        bytes.extend(postcard::to_allocvec(self).map_err(|e| Error::CorruptStore {
+            path: path.into(),
+            detail: format!("encoding tree: {e}"),
+        })?);
+        crate::store::write_atomic(path, &bytes)
+    }
+
+    /// Reads a tree written by [`Tree::save`], checking that its references are in range.
+    pub fn load(path: &Path) -> Result<Tree> {
+        let bytes = std::fs::read(path).ctx(|| format!("reading {}", path.display()))?;
+        let corrupt = |detail: String| Error::CorruptStore {
+            path: path.into(),
+            detail,
+        };
+        let body = bytes
+            .strip_prefix(&MAGIC[..])
+            .ok_or_else(|| corrupt("not a merged tree of this version".into()))?;
+        let tree: Tree =
+            postcard::from_bytes(body).map_err(|e| corrupt(format!("decoding tree: {e}")))?;
+        tree.validate().map_err(corrupt)?;
+        Ok(tree)
+    }
+
+    fn validate(&self) -> std::result::Result<(), String> {
+        let n = self.inodes.len() as u64;
+        if n == 0 || self.inodes[0].kind != EntryKind::Dir {
+            return Err("no root directory".into());
+        }
+        for inode in &self.inodes {
+            match &inode.data {
+                NodeData::Dir { first, count } => {
+                    if (*first as usize + *count as usize) > self.dirents.len() {
+                        return Err("directory entries out of range".into());
+                    }
+                }
+                NodeData::File { layer, .. } if *layer as usize >= self.layers.len() => {
+                    return Err("file in a layer out of range".into())
+                }
+                _ => {}
+            }
+        }
+        if self.dirents.iter().any(|d| d.ino == 0 || d.ino > n) {
+            return Err("directory entry to an inode out of range".into());
+        }
+        Ok(())
+    }
+
+    /// A canonical text listing (one line per path, depth-first, sorted), for tests and
+    /// `inspect --tree`.
+    pub fn dump(&self) -> String {
+        let mut out = String::new();
+        self.dump_dir(ROOT_INO, "", &mut out);
+        out
+    }
+
+    fn dump_dir(&self, dir: u64, prefix: &str, out: &mut String) {
+        for d in self.children(dir) {
+            let path = format!("{prefix}/{}", String::from_utf8_lossy(&d.name));
+            let Some(i) = self.inode(d.ino) else { continue };
+            let what = match &i.data {
+                NodeData::Symlink(t) => format!(" -> {}", String::from_utf8_lossy(t)),
+                NodeData::File { layer, .. } => format!(" size={} layer={layer}", i.size),
+                _ => String::new(),
+            };
+            out.push_str(&format!(
+                "{path} {:?} {:o} {}:{} nlink={} ino={}{what}\n",
+                i.kind, i.mode, i.uid, i.gid, i.nlink, d.ino
+            ));
+            if i.kind == EntryKind::Dir {
+                self.dump_dir(d.ino, &path, out);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn e(path: &str, kind: EntryKind) -> TarEntry {
+        TarEntry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: if kind == EntryKind::File { 1 } else { 0 },
+            link: Vec::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+            offset: 0,
+        }
+    }
+    fn f(path: &str) -> TarEntry {
+        e(path, EntryKind::File)
+    }
+    fn d(path: &str) -> TarEntry {
+        e(path, EntryKind::Dir)
+    }
+    fn link(path: &str, kind: EntryKind, target: &str) -> TarEntry {
+        TarEntry {
+            link: target.as_bytes().to_vec(),
+            ..e(path, kind)
+        }
+    }
+
+    fn merged(layers: &[Vec<TarEntry>]) -> Result<Tree> {
+        merge(
+            layers
+                .iter()
+                .enumerate()
+                .map(|(i, l)| (Digest::of(&[i as u8]), l.as_slice())),
+        )
+    }
+
+    fn paths(layers: &[Vec<TarEntry>]) -> Vec<String> {
+        let t = merged(layers).unwrap();
+        t.dump()
+            .lines()
+            .map(|l| l.split(' ').next().unwrap().to_string())
+            .collect()
+    }
+
+    #[test]
+    fn whiteouts_and_opaque_dirs() {
+        let cases: Vec<(&str, Vec<Vec<TarEntry>>, Vec<&str>)> = vec![
+            (
+                "file whiteout",
+                vec![vec![d("a"), f("a/x"), f("a/y")], vec![f("a/.wh.x")]],
+                vec!["/a", "/a/y"],
+            ),
+            (
+                "directory whiteout removes the subtree",
+                vec![vec![d("a"), d("a/b"), f("a/b/c")], vec![f("a/.wh.b")]],
+                vec!["/a"],
+            ),
+            (
+                "opaque keeps same-layer content",
+                vec![
+                    vec![d("a"), f("a/old")],
+                    vec![d("a"), f("a/.wh..wh..opq"), f("a/new")],
+                ],
+                vec!["/a", "/a/new"],
+            ),
+            (
+                "re-created after whiteout",
+                vec![vec![f("x")], vec![f(".wh.x")], vec![d("x"), f("x/y")]],
+                vec!["/x", "/x/y"],
+            ),
+            (
+                "whiteout does not hide same-layer entry",
+                vec![vec![f("x")], vec![f(".wh.x"), f("x")]],
+                vec!["/x"],
+            ),
+            (
+                "whiteout of missing is harmless",
+                vec![vec![f("x")], vec![f("nope/.wh.y"), f(".wh.z")]],
+                vec!["/x"],
+            ),
+            (
+                "file replaced by dir and back",
+                vec![vec![f("p"), d("q"), f("q/r")], vec![d("p"), f("p/s"), f("q")]],
+                vec!["/p", "/p/s", "/q"],
+            ),
+            (
+                "implied parents",
+                vec![vec![f("usr/lib/x")]],
+                vec!["/usr", "/usr/lib", "/usr/lib/x"],
+            ),
+        ];
+        for (name, layers, want) in cases {
+            assert_eq!(paths(&layers), want, "{name}");
+        }
+    }
+
+    #[test]
+    fn hardlinks_share_an_inode() {
+        let t = merged(&[vec![
+            f("a"),
+            link("b", EntryKind::Hardlink, "a"),
+            link("c", EntryKind::Hardlink, "b"),
+        ]])
+        .unwrap();
+        let (a, b, c) = (
+            t.resolve(b"a").unwrap(),
+            t.resolve(b"b").unwrap(),
+            t.resolve(b"c").unwrap(),
+        );
+        assert!(a == b && b == c);
+        assert_eq!(t.inode(a).unwrap().nlink, 3);
+        // A later whiteout of one name leaves the others, with the count adjusted.
+        let t = merged(&[
+            vec![f("a"), link("b", EntryKind::Hardlink, "a")],
+            vec![f(".wh.a")],
+        ])
+        .unwrap();
+        assert_eq!(t.resolve(b"a"), None);
+        assert_eq!(t.inode(t.resolve(b"b").unwrap()).unwrap().nlink, 1);
+    }
+
+    #[test]
+    fn metadata_change_keeps_children() {
+        let mut up = d("a");
+        up.mode = 0o700;
+        up.uid = 1000;
+        let t = merged(&[vec![d("a"), f("a/x")], vec![up]]).unwrap();
+        let a = t.inode(t.resolve(b"a").unwrap()).unwrap();
+        assert_eq!((a.mode, a.uid), (0o700, 1000));
+        assert!(t.resolve(b"a/x").is_some());
+    }
+
+    #[test]
+    fn refuses_what_would_escape() {
+        let cases: Vec<(&str, Vec<Vec<TarEntry>>, &str)> = vec![
+            (
+                "beneath a symlink",
+                vec![vec![link("l", EntryKind::Symlink, "/etc"), f("l/passwd")]],
+                "symlink",
+            ),
+            (
+                "beneath a file",
+                vec![vec![f("x"), f("x/y")]],
+                "not a directory",
+            ),
+            (
+                "hardlink to missing",
+                vec![vec![link("h", EntryKind::Hardlink, "nowhere")]],
+                "does not exist",
+            ),
+            (
+                "forward hardlink",
+                vec![vec![link("h", EntryKind::Hardlink, "later"), f("later")]],
+                "does not exist",
+            ),
+            ("whiteout of ..", vec![vec![f("a/.wh...")]], "invalid name"),
+        ];
+        for (name, layers, want) in cases {
+            let err = merged(&layers).unwrap_err().to_string();
+            assert!(err.contains(want), "{name}: {err}");
+        }
+    }
+
+    #[test]
+    fn inode_numbers_are_stable_and_persist() {
+        let layers = vec![vec![d("b"), f("b/z"), f("a"), d("c")], vec![f("b/y")]];
+        let t1 = merged(&layers).unwrap();
+        let t2 = merged(&layers).unwrap();
+        assert_eq!(t1.dump(), t2.dump());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tree");
+        t1.save(&p).unwrap();
+        let t3 = Tree::load(&p).unwrap();
+        assert_eq!(t1.dump(), t3.dump());
+        assert_eq!(t3.inode(ROOT_INO).unwrap().nlink, 4);
+        std::fs::write(&p, b"garbage").unwrap();
+        assert!(Tree::load(&p).is_err());
+    }
+}
