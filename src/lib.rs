@@ -1,9 +1,46 @@
-//! tmp
+//! bux-fuse: OCI container images as read-only FUSE root filesystems, without extraction.
+//!
+//! The data flows one way through the modules:
+//!
+//! ```text
+//! registry ──► store ──► index ──► tree ──► fs (FUSE)
+//! (HTTP, auth)  (CAS)   (tar offsets,  (merged,    (lookups, reads
+//!                        checkpoints)   whiteouts)   from spans)
+//! ```
+//!
+//! * [`registry`] resolves a reference to a manifest and streams blobs.
+//! * [`store`] keeps blobs by digest, layer indexes, merged trees and image records on disk.
+//! * [`index`] scans a layer once into a per-file offset table plus random-access checkpoints
+//!   into the compressed stream, and reads any byte range back from those checkpoints.
+//! * [`tree`] folds the layers' tables into one tree with OCI whiteouts applied.
+//! * [`fs`] serves a tree through FUSE.
+//!
+//! [`Store::pull`] and [`mount`] tie them together; the `bux-fuse` binary is a thin CLI on top.
+//!
+//! ```no_run
+//! # async fn demo() -> Result<(), bux_fuse::Error> {
+//! use bux_fuse::{Store, PullOptions, MountOptions};
+//! let store = Store::open_default()?;
+//! let image = store.pull("127.0.0.1:5000/library/debian:bookworm", &PullOptions::default()).await?;
+//! let mount = bux_fuse::mount(&store, &image.reference, "/mnt/root".as_ref(), &MountOptions::default())?;
+//! println!("hand {} to krun_set_root", mount.path().display());
+//! # Ok(()) }
+//! ```
 #![deny(missing_docs)]
+
+pub mod cli;
 pub mod digest;
 pub mod error;
+pub mod fs;
 pub mod index;
+pub mod mount;
+pub mod pull;
+pub mod registry;
 pub mod store;
 pub mod tree;
+
 pub use digest::Digest;
 pub use error::{Error, Result};
+pub use mount::{mount, Mount, MountOptions};
+pub use pull::{Progress, PullOptions, PullPolicy, PulledImage};
+pub use store::Store;

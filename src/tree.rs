@@ -22,7 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
-use crate::index::{EntryKind, TarEntry};
+use crate::index::{EntryKind, LayerSource, TarEntry};
 use crate::{Digest, Error, Result};
 
 /// Inode number of the root directory.
@@ -99,8 +99,8 @@ pub struct Dirent {
 /// A merged, frozen tree.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Tree {
-    /// Layer digests, bottom first; [`NodeData::File::layer`] indexes this.
-    pub layers: Vec<Digest>,
+    /// The layers, bottom first; [`NodeData::File::layer`] indexes this.
+    pub layers: Vec<LayerSource>,
     /// `inodes[ino - 1]`.
     pub inodes: Vec<Inode>,
     /// All directories' entries.
@@ -296,7 +296,7 @@ impl Builder {
         self.nodes.len() - 1
     }
 
-    fn freeze(self, layers: Vec<Digest>) -> Tree {
+    fn freeze(self, layers: Vec<LayerSource>) -> Tree {
         // Breadth-first numbering from the root; a hardlinked node keeps its first number.
         let mut ino_of: Vec<u64> = vec![0; self.nodes.len()];
         let mut order: Vec<usize> = Vec::new();
@@ -386,19 +386,20 @@ fn is_whiteout(path: &[u8]) -> bool {
 }
 
 /// Folds layers (bottom first) into one tree.
-pub fn merge<'a>(layers: impl IntoIterator<Item = (Digest, &'a [TarEntry])>) -> Result<Tree> {
+pub fn merge<'a>(layers: impl IntoIterator<Item = (LayerSource, &'a [TarEntry])>) -> Result<Tree> {
     let mut b = Builder::new();
-    let mut digests = Vec::new();
-    for (idx, (digest, entries)) in layers.into_iter().enumerate() {
+    let mut sources = Vec::new();
+    for (idx, (source, entries)) in layers.into_iter().enumerate() {
+        let digest = source.digest;
         for e in entries.iter().filter(|e| is_whiteout(&e.path)) {
             b.apply_whiteout(e, digest)?;
         }
         for e in entries.iter().filter(|e| !is_whiteout(&e.path)) {
             b.add(e, idx as u32, digest)?;
         }
-        digests.push(digest);
+        sources.push(source);
     }
-    Ok(b.freeze(digests))
+    Ok(b.freeze(sources))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -551,7 +552,15 @@ mod tests {
             layers
                 .iter()
                 .enumerate()
-                .map(|(i, l)| (Digest::of(&[i as u8]), l.as_slice())),
+                .map(|(i, l)| {
+                    let source = LayerSource {
+                        digest: Digest::of(&[i as u8]),
+                        compression: crate::index::Compression::None,
+                        uncompressed_size: 0,
+                        access: crate::index::Access::Tar,
+                    };
+                    (source, l.as_slice())
+                }),
         )
     }
 

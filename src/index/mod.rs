@@ -82,6 +82,19 @@ pub enum Access {
     Zstd(Vec<(u64, u64)>),
 }
 
+/// What the read path needs of a layer: where its bytes are and how to reach them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct LayerSource {
+    /// Digest of the blob as pulled.
+    pub digest: Digest,
+    /// Compression of the blob.
+    pub compression: Compression,
+    /// Size of the uncompressed tar stream.
+    pub uncompressed_size: u64,
+    /// Random-access method.
+    pub access: Access,
+}
+
 /// Everything known about one layer after its single pass.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct LayerIndex {
@@ -181,6 +194,16 @@ fn scan_and_drain<R: Read>(reader: R, digest: Digest) -> Result<(Vec<TarEntry>, 
 }
 
 impl LayerIndex {
+    /// The read path's view of this layer.
+    pub fn source(&self) -> LayerSource {
+        LayerSource {
+            digest: self.digest,
+            compression: self.compression,
+            uncompressed_size: self.uncompressed_size,
+            access: self.access.clone(),
+        }
+    }
+
     /// Writes the index to `path` atomically (temp file + rename).
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = MAGIC.to_vec();

@@ -1,0 +1,473 @@
+//! The `bux-fuse` command line: argument parsing and one library call per command.
+
+use std::io::{BufRead, IsTerminal, Read, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Parser, Subcommand};
+
+use crate::registry::manifest::Platform;
+use crate::registry::{Credentials, RegistryOptions};
+use crate::{mount, Progress, PullOptions, PullPolicy, Store};
+
+/// Mount OCI container images as read-only root filesystems, without extracting them.
+///
+/// Layers are pulled once into a content-addressed store, indexed (a per-file offset table plus
+/// random-access checkpoints into the compressed stream) and merged with OCI whiteouts; a mount
+/// then serves the merged tree through FUSE, decompressing only the spans that reads touch. The
+/// mount point is a root filesystem for `krun_set_root`, `chroot` or virtiofsd.
+#[derive(Parser, Debug)]
+#[command(name = "bux-fuse", version, max_term_width = 100)]
+pub struct Cli {
+    /// Store directory (blobs, indexes, merged trees, image records).
+    #[arg(long, global = true, env = "BUX_FUSE_HOME", value_name = "DIR")]
+    store: Option<PathBuf>,
+
+    /// Log level (error, warn, info, debug, trace); RUST_LOG overrides it.
+    #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
+    log_level: String,
+
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Fetch an image into the store and index it (nothing is extracted).
+    Pull {
+        /// Image reference, e.g. 127.0.0.1:5000/library/debian:bookworm or name@sha256:...
+        reference: String,
+        #[command(flatten)]
+        pull: PullArgs,
+    },
+    /// Mount an image read-only at DIR (pulling it first if missing).
+    ///
+    /// Returns once the mount is live; a background process serves it until `bux-fuse umount
+    /// DIR`. With --foreground it stays attached and unmounts on Ctrl-C or SIGTERM. The mount is
+    /// read-only: writes fail with EROFS (layer a writable overlay on top if the guest must
+    /// write). Device nodes and setuid binaries work, as a root filesystem needs.
+    Mount {
+        /// Image reference.
+        reference: String,
+        /// Mount point (created if missing).
+        dir: PathBuf,
+        /// Stay in the foreground; unmount on SIGINT/SIGTERM.
+        #[arg(short, long)]
+        foreground: bool,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+        /// Memory for decompressed spans, in MiB.
+        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        cache_mb: usize,
+        /// Internal: tell the parent process when the mount is live.
+        #[arg(long, hide = true)]
+        notify_ready: bool,
+        #[command(flatten)]
+        pull: PullArgs,
+    },
+    /// Unmount DIR (also clears a mount whose serving process died).
+    Umount {
+        /// Mount point.
+        dir: PathBuf,
+    },
+    /// List stored images.
+    Images {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Forget an image (its blobs stay until no image uses them; see `gc`).
+    Rm {
+        /// Image reference.
+        reference: String,
+    },
+    /// Show an image's config: what a VM runtime passes to krun_set_exec.
+    Inspect {
+        /// Image reference.
+        reference: String,
+        /// Print the whole config as JSON.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Delete blobs and indexes no stored image refers to.
+    Gc,
+}
+
+#[derive(Args, Debug, Clone)]
+struct PullArgs {
+    /// Platform to pick from a multi-arch image (os/arch[/variant]); default: this host's.
+    #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
+    platform: Option<String>,
+    /// User name for the registry (password from --password-stdin or $BUX_FUSE_PASSWORD).
+    #[arg(long, short = 'u')]
+    username: Option<String>,
+    /// Read the registry password from standard input.
+    #[arg(long)]
+    password_stdin: bool,
+    /// Speak plain HTTP to this registry (host[:port]); loopback registries always are.
+    #[arg(long, value_name = "HOST[:PORT]")]
+    insecure_registry: Vec<String>,
+    /// When to contact the registry: missing (default), always, never.
+    #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
+    pull: String,
+    /// Print nothing but errors.
+    #[arg(short, long)]
+    quiet: bool,
+}
+
+/// Runs the CLI; returns the process exit code.
+pub fn main() -> i32 {
+    let cli = Cli::parse();
+    init_logging(&cli.log_level);
+    match run(cli) {
+        Ok(()) => 0,
+        Err(e) => {
+            eprintln!("bux-fuse: {e:#}");
+            1
+        }
+    }
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
+
+fn open_store(path: &Option<PathBuf>) -> Result<Store> {
+    let path = path.clone().unwrap_or_else(Store::default_path);
+    Store::open(&path).with_context(|| format!("opening store {}", path.display()))
+}
+
+fn runtime() -> Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .context("starting async runtime")
+}
+
+fn run(cli: Cli) -> Result<()> {
+    let store_arg = cli.store.clone();
+    match cli.command {
+        Cmd::Pull { reference, pull } => {
+            let store = open_store(&store_arg)?;
+            let opts = pull.options(false)?;
+            let image = runtime()?.block_on(store.pull(&reference, &opts))?;
+            if !pull.quiet {
+                println!("{} {}", image.reference, image.manifest_digest);
+            }
+            Ok(())
+        }
+        Cmd::Mount {
+            reference,
+            dir,
+            foreground,
+            threads,
+            cache_mb,
+            notify_ready,
+            pull,
+        } => {
+            let store = open_store(&store_arg)?;
+            let opts = pull.options(false)?;
+            let image = runtime()?
+                .block_on(store.pull(&reference, &opts))
+                .with_context(|| format!("pulling {reference}"))?;
+            let mopts = crate::MountOptions {
+                threads,
+                cache_bytes: cache_mb << 20,
+                ..Default::default()
+            };
+            if foreground || notify_ready {
+                serve(&store, &image.reference, &dir, &mopts, notify_ready)
+            } else {
+                spawn_daemon(&store, &image.reference, &dir, threads, cache_mb, pull.quiet)
+            }
+        }
+        Cmd::Umount { dir } => {
+            crate::mount::unmount(&dir).with_context(|| format!("unmounting {}", dir.display()))
+        }
+        Cmd::Images { json } => {
+            let store = open_store(&store_arg)?;
+            let images = store.images()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&images)?);
+                return Ok(());
+            }
+            let width = images
+                .iter()
+                .map(|i| i.reference.len())
+                .max()
+                .unwrap_or(0)
+                .max("REFERENCE".len());
+            println!("{:width$}  {:12}  {:>6}  {:>10}  PLATFORM", "REFERENCE", "MANIFEST", "LAYERS", "SIZE");
+            for i in images {
+                let size: u64 = i.layers.iter().map(|l| l.size).sum();
+                println!(
+                    "{:width$}  {:12}  {:>6}  {:>10}  {}",
+                    i.reference,
+                    i.manifest_digest.short(),
+                    i.layers.len(),
+                    human(size),
+                    i.platform
+                );
+            }
+            Ok(())
+        }
+        Cmd::Rm { reference } => {
+            let store = open_store(&store_arg)?;
+            let name = crate::pull::normalize_reference(&reference)?;
+            if !store.remove_image(&name)? {
+                bail!("{name}: no such image in the store");
+            }
+            Ok(())
+        }
+        Cmd::Inspect { reference, json } => {
+            let store = open_store(&store_arg)?;
+            let config = store.config(&reference)?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&config)?);
+                return Ok(());
+            }
+            let c = &config.config;
+            let list = |v: &Option<Vec<String>>| {
+                v.as_ref()
+                    .map(|v| serde_json::to_string(v).unwrap_or_default())
+                    .unwrap_or_else(|| "-".into())
+            };
+            println!("Platform:    {}/{}", config.os, config.architecture);
+            println!("Entrypoint:  {}", list(&c.entrypoint));
+            println!("Cmd:         {}", list(&c.cmd));
+            println!("WorkingDir:  {}", c.working_dir.as_deref().unwrap_or("-"));
+            println!("User:        {}", c.user.as_deref().unwrap_or("-"));
+            println!("Env:");
+            for e in c.env.iter().flatten() {
+                println!("  {e}");
+            }
+            Ok(())
+        }
+        Cmd::Gc => {
+            let store = open_store(&store_arg)?;
+            let (files, bytes) = store.gc()?;
+            println!("removed {files} files, freed {}", human(bytes));
+            Ok(())
+        }
+    }
+}
+
+impl PullArgs {
+    fn options(&self, _: bool) -> Result<PullOptions> {
+        let platform = self
+            .platform
+            .as_deref()
+            .map(|p| p.parse::<Platform>().map_err(anyhow::Error::msg))
+            .transpose()?;
+        let credentials = match &self.username {
+            Some(user) => {
+                let password = if self.password_stdin {
+                    let mut s = String::new();
+                    std::io::stdin()
+                        .read_to_string(&mut s)
+                        .context("reading password from stdin")?;
+                    s.trim_end_matches(['\n', '\r']).to_string()
+                } else if let Ok(p) = std::env::var("BUX_FUSE_PASSWORD") {
+                    p
+                } else {
+                    bail!("--username needs --password-stdin or $BUX_FUSE_PASSWORD");
+                };
+                Credentials::Basic {
+                    username: user.clone(),
+                    password,
+                }
+            }
+            None if self.password_stdin => bail!("--password-stdin needs --username"),
+            None => Credentials::Auto,
+        };
+        let policy = match self.pull.as_str() {
+            "always" => PullPolicy::Always,
+            "never" => PullPolicy::Never,
+            _ => PullPolicy::IfMissing,
+        };
+        Ok(PullOptions {
+            policy,
+            platform,
+            registry: RegistryOptions {
+                credentials,
+                insecure: self.insecure_registry.clone(),
+            },
+            progress: (!self.quiet).then(progress_printer),
+            parallel: 3,
+        })
+    }
+}
+
+fn human(bytes: u64) -> String {
+    let mut v = bytes as f64;
+    for unit in ["B", "KiB", "MiB", "GiB"] {
+        if v < 1024.0 {
+            return format!("{v:.1} {unit}");
+        }
+        v /= 1024.0;
+    }
+    format!("{v:.1} TiB")
+}
+
+/// Progress as lines on stderr; on a terminal, byte counts update in place.
+fn progress_printer() -> crate::pull::ProgressFn {
+    let tty = std::io::stderr().is_terminal();
+    Arc::new(move |p: Progress| {
+        let mut err = std::io::stderr().lock();
+        let _ = match p {
+            Progress::Resolved {
+                reference,
+                manifest,
+                layers,
+            } => {
+                let total: u64 = layers.iter().map(|l| l.1).sum();
+                writeln!(
+                    err,
+                    "{reference}: manifest {}, {} layers, {}",
+                    manifest.short(),
+                    layers.len(),
+                    human(total)
+                )
+            }
+            Progress::Cached { reference } => writeln!(err, "{reference}: already in the store"),
+            Progress::LayerCached { layer } => writeln!(err, "  {} already stored", layer.short()),
+            Progress::LayerBytes { layer, done, total } if tty => write!(
+                err,
+                "\r  {} {} / {}\x1b[K",
+                layer.short(),
+                human(done),
+                human(total)
+            ),
+            Progress::LayerBytes { .. } => Ok(()),
+            Progress::LayerDone { layer, entries } => writeln!(
+                err,
+                "{}  {} pulled and indexed ({entries} entries)",
+                if tty { "\r\x1b[K" } else { "" },
+                layer.short()
+            ),
+            Progress::Merged { inodes } => writeln!(err, "  merged tree: {inodes} inodes"),
+        };
+    })
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// Serves a mount in this process until a signal or an external unmount.
+fn serve(
+    store: &Store,
+    reference: &str,
+    dir: &Path,
+    opts: &crate::MountOptions,
+    notify_ready: bool,
+) -> Result<()> {
+    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    let m = mount(store, reference, dir, opts)?;
+    if notify_ready {
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        // The parent stops reading once told; later writes must not fail (or SIGPIPE) us.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: both descriptors are valid; dup2 onto stdout.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    } else {
+        eprintln!("{reference} mounted at {}; Ctrl-C to unmount", m.path().display());
+    }
+    while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if m.is_finished() {
+        m.wait()?;
+    } else {
+        m.unmount()?;
+    }
+    Ok(())
+}
+
+/// Starts a detached `bux-fuse mount --notify-ready` and waits until its mount is live.
+fn spawn_daemon(
+    store: &Store,
+    reference: &str,
+    dir: &Path,
+    threads: usize,
+    cache_mb: usize,
+    quiet: bool,
+) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    let logs = store.root().join("logs");
+    std::fs::create_dir_all(&logs).context("creating log directory")?;
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let log_path = logs.join(format!(
+        "mount-{}.log",
+        crate::Digest::of(abs.as_os_str().as_encoded_bytes()).short()
+    ));
+    let log = std::fs::File::create(&log_path)
+        .with_context(|| format!("creating {}", log_path.display()))?;
+    let exe = std::env::current_exe().context("finding own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store.root())
+        .arg("mount")
+        .arg(reference)
+        .arg(&abs)
+        .arg("--notify-ready")
+        .arg("--pull=never")
+        .arg("--quiet")
+        .arg(format!("--threads={threads}"))
+        .arg(format!("--cache-mb={cache_mb}"))
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::from(log));
+    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal/session.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().context("starting the mount daemon")?;
+    let mut line = String::new();
+    let stdout = child.stdout.take().context("daemon stdout")?;
+    std::io::BufReader::new(stdout)
+        .read_line(&mut line)
+        .context("waiting for the mount daemon")?;
+    if line.trim() == "ready" {
+        if !quiet {
+            eprintln!(
+                "{reference} mounted at {} (daemon pid {}; `bux-fuse umount {}` to unmount)",
+                abs.display(),
+                child.id(),
+                abs.display()
+            );
+        }
+        return Ok(());
+    }
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+    let last = log
+        .lines()
+        .rev()
+        .find(|l| !l.trim().is_empty())
+        .unwrap_or("the mount daemon exited without a message")
+        .trim_start_matches("bux-fuse: ");
+    bail!("{last}")
+}

@@ -1,0 +1,342 @@
+//! The FUSE adapter: serves a merged [`Tree`] read-only, reading file bytes through the layers'
+//! [`LayerReader`]s. It knows nothing of registries or tar; every handler is a lookup in the
+//! frozen tree plus, for `read`, a call into the span reader.
+//!
+//! What virtio-fs needs of a root filesystem holds by construction: inode numbers come from the
+//! tree (stable across remounts, shared by hardlinks), a directory's readdir offset `n` is always
+//! its `n`th entry (`.` and `..` first), and xattrs are served exactly as the layer had them.
+//! Since nothing changes under a mount, the kernel may cache entries, attributes, directory
+//! listings and file pages for as long as it likes.
+
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
+};
+
+use crate::index::{EntryKind, LayerReader, SpanCache};
+use crate::tree::{Inode, NodeData, Tree};
+
+/// The tree never changes while mounted: let the kernel cache lookups and attributes long.
+const TTL: Duration = Duration::from_secs(24 * 3600);
+const BLOCK_SIZE: u32 = 4096;
+
+/// A read-only filesystem over one image.
+pub struct ImageFs {
+    tree: Tree,
+    layers: Vec<LayerReader>,
+    cache: Arc<SpanCache>,
+    statfs: (u64, u64),
+}
+
+impl ImageFs {
+    /// Serves `tree`, reading file bytes through `layers` (indexed like `tree.layers`).
+    pub fn new(tree: Tree, layers: Vec<LayerReader>, cache: Arc<SpanCache>) -> ImageFs {
+        let blocks = tree
+            .inodes
+            .iter()
+            .map(|i| i.size.div_ceil(BLOCK_SIZE as u64))
+            .sum();
+        let files = tree.inodes.len() as u64;
+        ImageFs {
+            tree,
+            layers,
+            cache,
+            statfs: (blocks, files),
+        }
+    }
+
+    fn inode(&self, ino: INodeNo) -> Result<&Inode, Errno> {
+        self.tree.inode(ino.0).ok_or(Errno::ENOENT)
+    }
+
+    fn attr(&self, ino: u64, i: &Inode) -> FileAttr {
+        let kind = file_type(i.kind);
+        let mtime = to_system_time(i.mtime, i.mtime_nsec);
+        let blocks = match i.kind {
+            EntryKind::File => i.size.div_ceil(512),
+            EntryKind::Dir => (BLOCK_SIZE / 512) as u64,
+            _ => 0,
+        };
+        FileAttr {
+            ino: INodeNo(ino),
+            size: i.size,
+            blocks,
+            atime: mtime,
+            mtime,
+            ctime: mtime,
+            crtime: mtime,
+            kind,
+            perm: (i.mode & 0o7777) as u16,
+            nlink: i.nlink,
+            uid: i.uid,
+            gid: i.gid,
+            rdev: encode_dev(i.dev_major, i.dev_minor),
+            blksize: BLOCK_SIZE,
+            flags: 0,
+        }
+    }
+
+    fn read_file(&self, i: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let NodeData::File { layer, offset: base } = i.data else {
+            return Ok(Vec::new()); // empty file
+        };
+        if offset >= i.size {
+            return Ok(Vec::new());
+        }
+        let len = (size as u64).min(i.size - offset) as usize;
+        let mut buf = vec![0u8; len];
+        let reader = self.layers.get(layer as usize).ok_or(Errno::EIO)?;
+        let n = reader
+            .read_at(&self.cache, base + offset, &mut buf)
+            .map_err(|e| {
+                tracing::error!("read of layer {layer} at {}: {e}", base + offset);
+                Errno::EIO
+            })?;
+        buf.truncate(n);
+        Ok(buf)
+    }
+
+    /// A directory's entries as (offset of the next entry, inode, name): `.` and `..` first,
+    /// then the children in name order, so offset `n` always resumes after the `n`th entry.
+    fn dir_entries(&self, ino: u64, i: &Inode) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
+        let dots = [(ino, &b"."[..]), (i.parent, &b".."[..])];
+        let children = self.tree.children(ino).iter().map(|d| (d.ino, d.name.as_slice()));
+        dots.into_iter()
+            .chain(children)
+            .enumerate()
+            .map(|(pos, (ino, name))| (pos as u64 + 1, ino, name))
+    }
+
+    fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if (size as usize) < data.len() {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(data);
+        }
+    }
+}
+
+fn file_type(kind: EntryKind) -> FileType {
+    match kind {
+        EntryKind::File | EntryKind::Hardlink => FileType::RegularFile,
+        EntryKind::Dir => FileType::Directory,
+        EntryKind::Symlink => FileType::Symlink,
+        EntryKind::Char => FileType::CharDevice,
+        EntryKind::Block => FileType::BlockDevice,
+        EntryKind::Fifo => FileType::NamedPipe,
+    }
+}
+
+/// The kernel's 32-bit device encoding (`new_encode_dev`).
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn to_system_time(secs: i64, nsec: u32) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+impl Filesystem for ImageFs {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        for cap in [
+            InitFlags::FUSE_DO_READDIRPLUS,
+            InitFlags::FUSE_READDIRPLUS_AUTO,
+            InitFlags::FUSE_CACHE_SYMLINKS,
+            InitFlags::FUSE_PARALLEL_DIROPS,
+            InitFlags::FUSE_EXPORT_SUPPORT,
+        ] {
+            let _ = config.add_capabilities(cap);
+        }
+        let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        match self.tree.lookup(parent.0, name.as_bytes()) {
+            Some(ino) => match self.tree.inode(ino) {
+                Some(i) => reply.entry(&TTL, &self.attr(ino, i), Generation(0)),
+                None => reply.error(Errno::EIO),
+            },
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.inode(ino) {
+            Ok(i) => reply.attr(&TTL, &self.attr(ino.0, i)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.inode(ino).map(|i| &i.data) {
+            Ok(NodeData::Symlink(target)) => reply.data(target),
+            Ok(_) => reply.error(Errno::EINVAL),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY) || flags.0 & libc::O_TRUNC != 0 {
+            return reply.error(Errno::EROFS);
+        }
+        match self.inode(ino) {
+            Ok(i) if i.kind == EntryKind::Dir => reply.error(Errno::EISDIR),
+            Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        match self.inode(ino).and_then(|i| self.read_file(i, offset, size)) {
+            Ok(data) => reply.data(&data),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        match self.inode(ino) {
+            Ok(i) if i.kind == EntryKind::Dir => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Ok(_) => reply.error(Errno::ENOTDIR),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        for (next, child, name) in self.dir_entries(ino.0, i).skip(offset as usize) {
+            let kind = self
+                .tree
+                .inode(child)
+                .map(|c| file_type(c.kind))
+                .unwrap_or(FileType::RegularFile);
+            if reply.add(INodeNo(child), next, kind, OsStr::from_bytes(name)) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        for (next, child, name) in self.dir_entries(ino.0, i).skip(offset as usize) {
+            let Some(c) = self.tree.inode(child) else {
+                continue;
+            };
+            let attr = self.attr(child, c);
+            if reply.add(
+                INodeNo(child),
+                next,
+                OsStr::from_bytes(name),
+                &TTL,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let (blocks, files) = self.statfs;
+        reply.statfs(blocks, 0, 0, files, 0, BLOCK_SIZE, 255, BLOCK_SIZE);
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        match i.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+            Some((_, v)) => Self::xattr_reply(v, size, reply),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        let mut names = Vec::new();
+        for (k, _) in &i.xattrs {
+            names.extend_from_slice(k);
+            names.push(0);
+        }
+        Self::xattr_reply(&names, size, reply);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // Permission bits are checked by the kernel (default_permissions); only writes differ.
+        match self.inode(ino) {
+            Ok(_) if mask.contains(AccessFlags::W_OK) => reply.error(Errno::EROFS),
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn device_numbers_use_the_kernel_encoding() {
+        // makedev(8, 1) → 0x801; a minor above 255 spills into the high bits.
+        assert_eq!(encode_dev(8, 1), 0x801);
+        assert_eq!(encode_dev(1, 0x12345), 0x45 | (1 << 8) | (0x123 << 20));
+    }
+
+    #[test]
+    fn times_before_the_epoch() {
+        let t = to_system_time(-2, 500_000_000);
+        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
+    }
+}

@@ -1,0 +1,264 @@
+//! Mounting a stored image: load its merged tree, open its layers, start the FUSE session.
+//!
+//! [`mount`] returns a [`Mount`] whose [`Mount::path`] is what a VM runtime hands to
+//! `krun_set_root`; dropping it unmounts. Unmounting detaches (`MNT_DETACH`), so it succeeds even
+//! while files are open, and also clears a mount whose serving process died ("Transport endpoint
+//! is not connected").
+
+use std::io;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+use fuser::{Config, MountOption, Session, SessionACL};
+
+use crate::fs::ImageFs;
+use crate::index::{Compression, LayerReader, SpanCache};
+use crate::pull::normalize_reference;
+use crate::{Error, Result, Store};
+
+/// How to mount.
+#[derive(Debug, Clone)]
+pub struct MountOptions {
+    /// FUSE worker threads (a slow read then does not stall `ls`).
+    pub threads: usize,
+    /// Bytes of decompressed spans kept in memory.
+    pub cache_bytes: usize,
+    /// Let other users (and virtiofsd's sandbox) use the mount; needs root or
+    /// `user_allow_other` in `/etc/fuse.conf`.
+    pub allow_other: bool,
+}
+
+impl Default for MountOptions {
+    fn default() -> Self {
+        MountOptions {
+            threads: 4,
+            cache_bytes: 64 << 20,
+            // SAFETY: geteuid has no preconditions.
+            allow_other: unsafe { libc::geteuid() } == 0,
+        }
+    }
+}
+
+/// Counters of a live mount.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct MountStats {
+    /// Bytes read from blob files.
+    pub blob_bytes: u64,
+    /// Bytes produced by decompression.
+    pub decompressed_bytes: u64,
+    /// Span cache hits.
+    pub cache_hits: u64,
+    /// Span cache misses.
+    pub cache_misses: u64,
+}
+
+/// A live mount. Dropping it unmounts.
+pub struct Mount {
+    path: PathBuf,
+    cache: Arc<SpanCache>,
+    thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+impl Mount {
+    /// The mount point (hand this to `krun_set_root`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Read-path counters.
+    pub fn stats(&self) -> MountStats {
+        let s = &self.cache.stats;
+        MountStats {
+            blob_bytes: s.blob_bytes.load(Ordering::Relaxed),
+            decompressed_bytes: s.decompressed.load(Ordering::Relaxed),
+            cache_hits: s.hits.load(Ordering::Relaxed),
+            cache_misses: s.misses.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Whether the FUSE session has ended (unmounted from outside).
+    pub fn is_finished(&self) -> bool {
+        self.thread.as_ref().is_none_or(|t| t.is_finished())
+    }
+
+    /// Blocks until the session ends (someone unmounted it).
+    pub fn wait(mut self) -> Result<()> {
+        self.join()
+    }
+
+    /// Unmounts and waits for the session to end.
+    pub fn unmount(mut self) -> Result<()> {
+        unmount(&self.path)?;
+        self.join()
+    }
+
+    fn join(&mut self) -> Result<()> {
+        if let Some(t) = self.thread.take() {
+            match t.join() {
+                Ok(r) => r.map_err(|e| Error::Mount {
+                    path: self.path.clone(),
+                    detail: format!("FUSE session: {e}"),
+                })?,
+                Err(_) => {
+                    return Err(Error::Mount {
+                        path: self.path.clone(),
+                        detail: "FUSE session thread panicked".into(),
+                    })
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Mount {
+    fn drop(&mut self) {
+        if self.thread.is_some() {
+            let _ = unmount(&self.path);
+            let _ = self.join();
+        }
+    }
+}
+
+/// Whether `path` is a mount point (per `/proc/self/mountinfo`).
+pub fn is_mount_point(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines().any(|l| {
+        l.split(' ')
+            .nth(4)
+            .is_some_and(|m| unescape_mountinfo(m) == want)
+    })
+}
+
+fn unescape_mountinfo(s: &str) -> String {
+    // mountinfo escapes space, tab, newline and backslash as \ooo.
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
+            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
+            out.push(v);
+            i += 4;
+        } else {
+            out.push(b[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Unmounts `path` lazily (`MNT_DETACH`): works with files open and on dead mounts.
+pub fn unmount(path: &Path) -> Result<()> {
+    let err = |detail: String| Error::Mount {
+        path: path.to_path_buf(),
+        detail,
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } == 0 {
+        let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes())
+            .map_err(|_| err("path contains a NUL byte".into()))?;
+        // SAFETY: c is a valid NUL-terminated path.
+        let r = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+        if r != 0 {
+            let e = io::Error::last_os_error();
+            let detail = match e.raw_os_error() {
+                Some(libc::EINVAL) => "not a mount point".to_string(),
+                _ => e.to_string(),
+            };
+            return Err(err(detail));
+        }
+        return Ok(());
+    }
+    let out = std::process::Command::new("fusermount3")
+        .arg("-u")
+        .arg("-z")
+        .arg(path)
+        .output()
+        .map_err(|e| err(format!("running fusermount3 (install fuse3): {e}")))?;
+    if !out.status.success() {
+        return Err(err(String::from_utf8_lossy(&out.stderr).trim().to_string()));
+    }
+    Ok(())
+}
+
+/// Mounts the stored image `reference` read-only at `dir` (created if missing).
+pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) -> Result<Mount> {
+    let name = normalize_reference(reference)?;
+    let record = store.image(&name)?.ok_or_else(|| Error::NotFound {
+        reference: name.clone(),
+        detail: " in the local store (pull it first)".into(),
+    })?;
+    let tree = store.tree(&record)?;
+    let mut layers = Vec::with_capacity(tree.layers.len());
+    for (i, l) in tree.layers.iter().enumerate() {
+        let path = match l.compression {
+            Compression::Zstd => store.seekable_path(&l.digest),
+            _ => store.blob_path(&l.digest),
+        };
+        let reader = LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
+            .map_err(|e| Error::io(format!("opening layer {} ({})", l.digest, path.display()), e))?;
+        layers.push(reader);
+    }
+    let mount_err = |detail: String| Error::Mount {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    std::fs::create_dir_all(dir).map_err(|e| mount_err(format!("creating mount point: {e}")))?;
+    let dir = dir
+        .canonicalize()
+        .map_err(|e| mount_err(format!("resolving mount point: {e}")))?;
+    if is_mount_point(&dir) {
+        return Err(mount_err(
+            "already a mount point (run `bux-fuse umount` on it first)".into(),
+        ));
+    }
+    let cache = Arc::new(SpanCache::new(opts.cache_bytes));
+    let fs = ImageFs::new(tree, layers, cache.clone());
+    let mut config = Config::default();
+    config.mount_options = vec![
+        MountOption::FSName(format!("bux-fuse:{name}")),
+        MountOption::Subtype("bux-fuse".into()),
+        MountOption::RO,
+        MountOption::Dev,
+        MountOption::Suid,
+        MountOption::Exec,
+        MountOption::NoAtime,
+        MountOption::DefaultPermissions,
+    ];
+    config.acl = if opts.allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(opts.threads.max(1));
+    config.clone_fd = true;
+    let session = Session::new(fs, &dir, &config).map_err(|e| mount_err(e.to_string()))?;
+    let thread = std::thread::Builder::new()
+        .name("bux-fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| mount_err(format!("starting session thread: {e}")))?;
+    Ok(Mount {
+        path: dir,
+        cache,
+        thread: Some(thread),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mountinfo_escapes() {
+        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert!(is_mount_point(Path::new("/proc")));
+        assert!(!is_mount_point(Path::new("/proc/self")));
+    }
+}

@@ -1,0 +1,569 @@
+//! Pulling an image into the store: resolve the manifest, fetch the config, stream every layer
+//! (in parallel) through digest verification and the indexer in one pass, merge, record.
+//!
+//! A layer is downloaded and indexed at the same time: the HTTP stream feeds a blocking thread
+//! that tees the compressed bytes into the store's temp file while decompressing them into the
+//! tar scanner. Nothing is listed in `images.json` until every layer is verified (blob digest and
+//! `diff_id`) and the merged tree is on disk, so a failed pull leaves the store as it was, apart
+//! from whole verified layers that a retry reuses.
+
+use std::io::{self, Read, Write};
+use std::sync::mpsc;
+use std::sync::Arc;
+
+use futures_util::StreamExt;
+use serde::{Deserialize, Serialize};
+
+use crate::index::{self, Compression, LayerIndex};
+use crate::registry::manifest::{self, Descriptor, ImageConfig, ManifestOrIndex, Platform};
+use crate::registry::{self, Registry, RegistryOptions};
+use crate::store::{ImageRecord, LayerRecord};
+use crate::tree::{self, Tree};
+use crate::{Digest, Error, Result, Store};
+
+/// Largest manifest or config accepted (real ones are a few KiB).
+const MAX_JSON_BLOB: u64 = 16 << 20;
+/// Compressed bytes in flight between a download and its indexer.
+const CHANNEL_CHUNKS: usize = 64;
+
+/// When to go to the registry.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub enum PullPolicy {
+    /// Use the stored image if there is one (bux-oci's `ensure`).
+    #[default]
+    IfMissing,
+    /// Always fetch the manifest again; reuse layers already stored.
+    Always,
+    /// Never contact the registry; fail if the image is not stored.
+    Never,
+}
+
+/// What is happening during a pull, for progress displays.
+#[derive(Debug, Clone)]
+pub enum Progress {
+    /// The manifest is resolved: these layers (digest, compressed size) will be needed.
+    Resolved {
+        /// Normalized reference.
+        reference: String,
+        /// Manifest digest.
+        manifest: Digest,
+        /// Layers, bottom first.
+        layers: Vec<(Digest, u64)>,
+    },
+    /// The image was already in the store; nothing was fetched.
+    Cached {
+        /// Normalized reference.
+        reference: String,
+    },
+    /// A layer is already stored and indexed.
+    LayerCached {
+        /// The layer.
+        layer: Digest,
+    },
+    /// Bytes of a layer downloaded (and indexed) so far.
+    LayerBytes {
+        /// The layer.
+        layer: Digest,
+        /// Bytes so far.
+        done: u64,
+        /// Expected size.
+        total: u64,
+    },
+    /// A layer is stored and indexed.
+    LayerDone {
+        /// The layer.
+        layer: Digest,
+        /// Its number of tar entries.
+        entries: usize,
+    },
+    /// The merged tree is built.
+    Merged {
+        /// Number of inodes.
+        inodes: usize,
+    },
+}
+
+/// A progress callback.
+pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
+
+/// How to pull.
+#[derive(Clone, Default)]
+pub struct PullOptions {
+    /// When to contact the registry.
+    pub policy: PullPolicy,
+    /// Platform to pick from an image index (default: the host's).
+    pub platform: Option<Platform>,
+    /// Credentials and plain-HTTP registries.
+    pub registry: RegistryOptions,
+    /// Called with progress events (from several threads).
+    pub progress: Option<ProgressFn>,
+    /// Layers fetched at once (0 means 3).
+    pub parallel: usize,
+}
+
+impl std::fmt::Debug for PullOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PullOptions")
+            .field("policy", &self.policy)
+            .field("platform", &self.platform)
+            .field("registry", &self.registry)
+            .field("parallel", &self.parallel)
+            .finish()
+    }
+}
+
+impl PullOptions {
+    fn emit(&self, p: Progress) {
+        if let Some(f) = &self.progress {
+            f(p);
+        }
+    }
+}
+
+/// An image ready to mount.
+#[derive(Debug, Clone)]
+pub struct PulledImage {
+    /// Normalized reference (the key in the store).
+    pub reference: String,
+    /// Manifest digest.
+    pub manifest_digest: Digest,
+    /// The image config.
+    pub config: ImageConfig,
+    /// The store's record.
+    pub record: ImageRecord,
+}
+
+/// Normalizes a user's reference the way the store keys it.
+pub fn normalize_reference(reference: &str) -> Result<String> {
+    Ok(registry::parse_reference(reference)?.whole())
+}
+
+/// Feeds downloaded chunks to the blocking indexer as a `Read`.
+struct ChannelReader {
+    rx: mpsc::Receiver<io::Result<bytes::Bytes>>,
+    cur: bytes::Bytes,
+}
+
+impl Read for ChannelReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        while self.cur.is_empty() {
+            match self.rx.recv() {
+                Ok(Ok(b)) => self.cur = b,
+                Ok(Err(e)) => return Err(e),
+                Err(_) => return Ok(0), // sender finished: end of blob
+            }
+        }
+        let n = buf.len().min(self.cur.len());
+        buf[..n].copy_from_slice(&self.cur[..n]);
+        bytes::Buf::advance(&mut self.cur, n);
+        Ok(n)
+    }
+}
+
+/// Copies what is read into a writer (the blob's temp file).
+struct Tee<'a, R, W> {
+    inner: R,
+    out: &'a mut W,
+}
+
+impl<R: Read, W: Write> Read for Tee<'_, R, W> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.inner.read(buf)?;
+        self.out.write_all(&buf[..n])?;
+        Ok(n)
+    }
+}
+
+struct LayerJob {
+    desc: Descriptor,
+    digest: Digest,
+    compression: Compression,
+    diff_id: Digest,
+}
+
+impl Store {
+    /// Pulls `reference` according to `opts` and returns it ready to mount.
+    pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
+        let parsed = registry::parse_reference(reference)?;
+        let name = parsed.whole();
+        if opts.policy != PullPolicy::Always {
+            if let Some(record) = self.image(&name)? {
+                if self.tree_path(&record.manifest_digest).exists() {
+                    opts.emit(Progress::Cached {
+                        reference: name.clone(),
+                    });
+                    return self.pulled(record);
+                }
+            }
+            if opts.policy == PullPolicy::Never {
+                return Err(Error::NotFound {
+                    reference: name,
+                    detail: " in the local store (pull policy is never)".into(),
+                });
+            }
+        }
+        self.pull_from_registry(&parsed, opts)
+            .await
+            .map_err(|e| e.for_image(&name))
+    }
+
+    fn pulled(&self, record: ImageRecord) -> Result<PulledImage> {
+        let config = self.read_config(&record.config_digest)?;
+        Ok(PulledImage {
+            reference: record.reference.clone(),
+            manifest_digest: record.manifest_digest,
+            config,
+            record,
+        })
+    }
+
+    fn read_config(&self, digest: &Digest) -> Result<ImageConfig> {
+        let path = self.blob_path(digest);
+        let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading config {digest}"), e))?;
+        serde_json::from_slice(&bytes).map_err(|e| Error::InvalidManifest {
+            what: format!("config {digest}"),
+            detail: e.to_string(),
+        })
+    }
+
+    /// The config of a stored image.
+    pub fn config(&self, reference: &str) -> Result<ImageConfig> {
+        let name = normalize_reference(reference)?;
+        let record = self.image(&name)?.ok_or_else(|| Error::NotFound {
+            reference: name.clone(),
+            detail: " in the local store".into(),
+        })?;
+        self.read_config(&record.config_digest)
+    }
+
+    /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone.
+    pub fn tree(&self, record: &ImageRecord) -> Result<Tree> {
+        let path = self.tree_path(&record.manifest_digest);
+        if path.exists() {
+            return Tree::load(&path);
+        }
+        let indexes = record
+            .layers
+            .iter()
+            .map(|l| LayerIndex::load(&self.index_path(&l.digest)))
+            .collect::<Result<Vec<_>>>()?;
+        let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
+        tree.save(&path)?;
+        Ok(tree)
+    }
+
+    async fn pull_from_registry(
+        &self,
+        reference: &oci_client::Reference,
+        opts: &PullOptions,
+    ) -> Result<PulledImage> {
+        let name = reference.whole();
+        let reg = Arc::new(Registry::new(reference, &opts.registry));
+        let want = opts.platform.clone().unwrap_or_else(Platform::host);
+
+        // Manifest, through an index if there is one.
+        let (mut bytes, mut digest) = reg.manifest(reference).await?;
+        let mut parsed = parse_manifest(&bytes, &name)?;
+        if parsed.is_index() {
+            let entries = parsed.manifests.clone().unwrap_or_default();
+            let chosen = manifest::select(&entries, &want).ok_or_else(|| {
+                Error::NoMatchingPlatform {
+                    reference: name.clone(),
+                    platform: want.to_string(),
+                    available: manifest::offered(&entries),
+                }
+            })?;
+            self.put_blob(&digest, &bytes, "image index")?;
+            let by_digest = reference.clone_with_digest(chosen.digest.clone());
+            (bytes, digest) = reg.manifest(&by_digest).await?;
+            parsed = parse_manifest(&bytes, &name)?;
+            if parsed.is_index() {
+                return Err(Error::InvalidManifest {
+                    what: format!("manifest {digest}"),
+                    detail: "an index nested in an index".into(),
+                });
+            }
+        }
+        let config_desc = parsed.config.clone().ok_or_else(|| Error::InvalidManifest {
+            what: format!("manifest {digest}"),
+            detail: "no config".into(),
+        })?;
+        if !manifest::IMAGE_CONFIGS.contains(&config_desc.media_type.as_str()) {
+            return Err(Error::UnsupportedMediaType {
+                reference: name.clone(),
+                what: "config",
+                hint: manifest::media_type_hint(&config_desc.media_type).into(),
+                media_type: config_desc.media_type,
+            });
+        }
+        let layers = parsed.layers.clone().unwrap_or_default();
+        let mut jobs = Vec::with_capacity(layers.len());
+        for desc in &layers {
+            let compression = Compression::from_media_type(&desc.media_type).ok_or_else(|| {
+                Error::UnsupportedMediaType {
+                    reference: name.clone(),
+                    what: "layer",
+                    hint: manifest::media_type_hint(&desc.media_type).into(),
+                    media_type: desc.media_type.clone(),
+                }
+            })?;
+            jobs.push((desc.clone(), parse_digest(&desc.digest, &name)?, compression));
+        }
+        opts.emit(Progress::Resolved {
+            reference: name.clone(),
+            manifest: digest,
+            layers: jobs.iter().map(|(d, g, _)| (*g, d.size)).collect(),
+        });
+
+        // Config.
+        let config_digest = parse_digest(&config_desc.digest, &name)?;
+        if config_desc.size > MAX_JSON_BLOB {
+            return Err(Error::InvalidManifest {
+                what: format!("config {config_digest}"),
+                detail: format!("claims {} bytes", config_desc.size),
+            });
+        }
+        if !self.blob_path(&config_digest).exists() {
+            let bytes = reg.small_blob(&config_digest, MAX_JSON_BLOB).await?;
+            self.put_blob(&config_digest, &bytes, "config")?;
+        }
+        let config = self.read_config(&config_digest)?;
+        if config.rootfs.diff_ids.len() != jobs.len() {
+            return Err(Error::InvalidManifest {
+                what: format!("config {config_digest}"),
+                detail: format!(
+                    "{} diff_ids for {} layers",
+                    config.rootfs.diff_ids.len(),
+                    jobs.len()
+                ),
+            });
+        }
+        let jobs: Vec<LayerJob> = jobs
+            .into_iter()
+            .zip(&config.rootfs.diff_ids)
+            .map(|((desc, digest, compression), diff)| {
+                Ok(LayerJob {
+                    desc,
+                    digest,
+                    compression,
+                    diff_id: parse_digest(diff, &name)?,
+                })
+            })
+            .collect::<Result<_>>()?;
+
+        // Layers, several at once.
+        let parallel = if opts.parallel == 0 { 3 } else { opts.parallel };
+        let results: Vec<Result<()>> = futures_util::stream::iter(jobs.iter())
+            .map(|job| self.ensure_layer(reg.clone(), job, opts))
+            .buffer_unordered(parallel)
+            .collect()
+            .await;
+        for r in results {
+            r?;
+        }
+
+        // Merge and record.
+        self.put_blob(&digest, &bytes, "manifest")?;
+        let indexes = jobs
+            .iter()
+            .map(|j| LayerIndex::load(&self.index_path(&j.digest)))
+            .collect::<Result<Vec<_>>>()?;
+        let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
+        opts.emit(Progress::Merged {
+            inodes: tree.inodes.len(),
+        });
+        tree.save(&self.tree_path(&digest))?;
+        let record = ImageRecord {
+            reference: name,
+            manifest_digest: digest,
+            config_digest,
+            layers: jobs
+                .iter()
+                .map(|j| LayerRecord {
+                    digest: j.digest,
+                    media_type: j.desc.media_type.clone(),
+                    size: j.desc.size,
+                })
+                .collect(),
+            platform: format!("{}/{}", config.os, config.architecture),
+            pulled_at: std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0),
+        };
+        self.put_image(record.clone())?;
+        Ok(PulledImage {
+            reference: record.reference.clone(),
+            manifest_digest: digest,
+            config,
+            record,
+        })
+    }
+
+    /// Makes sure a layer's blob and index are in the store, fetching and indexing it if not.
+    async fn ensure_layer(
+        &self,
+        reg: Arc<Registry>,
+        job: &LayerJob,
+        opts: &PullOptions,
+    ) -> Result<()> {
+        let store = self.clone();
+        let digest = job.digest;
+        // One process fetches a given layer at a time; the others wait, then find it done.
+        let lock = {
+            let store = store.clone();
+            tokio::task::spawn_blocking(move || store.lock(&format!("layer-{}", digest.hex())))
+                .await
+                .map_err(|e| Error::io("lock task", io::Error::other(e)))??
+        };
+        let index_path = self.index_path(&digest);
+        if index_path.exists() && self.blob_or_copy_exists(job) {
+            let idx = LayerIndex::load(&index_path)?;
+            check_diff_id(&idx, job)?;
+            opts.emit(Progress::LayerCached { layer: digest });
+            return Ok(());
+        }
+        let mut stream = reg.blob_stream(&digest).await?;
+        let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
+        let compression = job.compression;
+        let indexer = tokio::task::spawn_blocking(move || {
+            index_layer(&store, digest, compression, ChannelReader {
+                rx,
+                cur: bytes::Bytes::new(),
+            })
+        });
+        let total = job.desc.size;
+        let mut done = 0u64;
+        let mut last_report = 0u64;
+        while let Some(chunk) = stream.next().await {
+            let failed = chunk.is_err();
+            if let Ok(c) = &chunk {
+                done += c.len() as u64;
+            }
+            // A send fails only when the indexer stopped early (it has an error to report).
+            if tx.send(chunk).is_err() || failed {
+                break;
+            }
+            if done - last_report >= 1 << 20 {
+                last_report = done;
+                opts.emit(Progress::LayerBytes {
+                    layer: digest,
+                    done,
+                    total,
+                });
+            }
+        }
+        drop(tx);
+        let idx = indexer
+            .await
+            .map_err(|e| Error::io("indexer task", io::Error::other(e)))??;
+        check_diff_id(&idx, job)?;
+        idx.save(&index_path)?;
+        drop(lock);
+        opts.emit(Progress::LayerBytes {
+            layer: digest,
+            done,
+            total,
+        });
+        opts.emit(Progress::LayerDone {
+            layer: digest,
+            entries: idx.entries.len(),
+        });
+        Ok(())
+    }
+
+    fn blob_or_copy_exists(&self, job: &LayerJob) -> bool {
+        match job.compression {
+            Compression::Zstd => self.seekable_path(&job.digest).exists(),
+            _ => self.blob_path(&job.digest).exists(),
+        }
+    }
+}
+
+fn check_diff_id(idx: &LayerIndex, job: &LayerJob) -> Result<()> {
+    if idx.diff_id != job.diff_id {
+        return Err(Error::CorruptLayer {
+            layer: job.digest,
+            detail: format!(
+                "uncompressed content {} does not match the config's diff_id {}",
+                idx.diff_id, job.diff_id
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Blocking half of a layer pull: verify + store the blob while indexing it.
+fn index_layer(
+    store: &Store,
+    digest: Digest,
+    compression: Compression,
+    input: ChannelReader,
+) -> Result<LayerIndex> {
+    let mut blob = store.blob_writer(digest)?;
+    let mut seekable_tmp = None;
+    let mut idx = {
+        let mut tee = Tee {
+            inner: input,
+            out: &mut blob,
+        };
+        match compression {
+            Compression::Zstd => {
+                let tmp = store.temp_path(&format!("{}.zst", digest.hex()));
+                let file = std::fs::File::create(&tmp)
+                    .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
+                seekable_tmp = Some(TempFile(tmp));
+                let mut out = io::BufWriter::new(file);
+                let idx = index::build(&mut tee, compression, digest, Some(&mut out))?;
+                out.into_inner()
+                    .map_err(|e| Error::io("writing seekable copy", e.into_error()))?;
+                idx
+            }
+            _ => index::build(&mut tee, compression, digest, None)?,
+        }
+    };
+    idx.compressed_size = blob.len();
+    let blob_path = blob.commit(&format!("layer {digest}"))?;
+    if let Some(tmp) = seekable_tmp {
+        // The verified original is not needed to serve reads once its seekable copy exists.
+        let dest = store.seekable_path(&digest);
+        std::fs::rename(&tmp.0, &dest)
+            .map_err(|e| Error::io(format!("storing {}", dest.display()), e))?;
+        std::mem::forget(tmp);
+        let _ = std::fs::remove_file(blob_path);
+    }
+    Ok(idx)
+}
+
+/// Removes a temp file unless forgotten.
+struct TempFile(std::path::PathBuf);
+impl Drop for TempFile {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
+    }
+}
+
+fn parse_manifest(bytes: &[u8], name: &str) -> Result<ManifestOrIndex> {
+    let m: ManifestOrIndex = serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest {
+        what: format!("manifest of {name}"),
+        detail: format!("not valid JSON: {e}"),
+    })?;
+    if let Some(mt) = &m.media_type {
+        if !manifest::ACCEPT.contains(&mt.as_str()) {
+            return Err(Error::UnsupportedMediaType {
+                reference: name.to_string(),
+                what: "manifest",
+                hint: manifest::media_type_hint(mt).into(),
+                media_type: mt.clone(),
+            });
+        }
+    }
+    Ok(m)
+}
+
+fn parse_digest(s: &str, name: &str) -> Result<Digest> {
+    s.parse().map_err(|e| Error::InvalidManifest {
+        what: format!("manifest of {name}"),
+        detail: format!("{e}"),
+    })
+}

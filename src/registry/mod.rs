@@ -1,0 +1,277 @@
+//! Talking to an OCI Distribution registry: resolving a reference to a manifest (through an
+//! index to the wanted platform) and streaming blobs. Built on `oci-client`'s raw-manifest and
+//! streaming-blob calls — never its `pull()`, which buffers whole layers in memory.
+//!
+//! Registries on `localhost`, `127.0.0.0/8` and `::1` are spoken to over plain HTTP, as Docker
+//! does; [`RegistryOptions::insecure`] adds others.
+
+pub mod manifest;
+
+use futures_util::{Stream, StreamExt};
+use oci_client::client::{ClientConfig, ClientProtocol};
+use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::secrets::RegistryAuth;
+use oci_client::{Client, Reference};
+
+use crate::{Digest, Error, Result};
+
+/// Who we are to the registry.
+#[derive(Debug, Clone, Default)]
+pub enum Credentials {
+    /// Docker's `config.json` (`$DOCKER_CONFIG`, credential helpers), else anonymous.
+    #[default]
+    Auto,
+    /// No credentials.
+    Anonymous,
+    /// A user name and password (or token).
+    Basic {
+        /// User name.
+        username: String,
+        /// Password or token.
+        password: String,
+    },
+}
+
+/// How to reach a registry.
+#[derive(Debug, Clone, Default)]
+pub struct RegistryOptions {
+    /// Credentials.
+    pub credentials: Credentials,
+    /// Extra `host[:port]`s to speak plain HTTP to.
+    pub insecure: Vec<String>,
+}
+
+/// A registry client for one repository.
+pub struct Registry {
+    client: Client,
+    auth: RegistryAuth,
+    reference: Reference,
+}
+
+/// Parses a reference (`[registry/]repository[:tag][@digest]`), defaulting as Docker does.
+pub fn parse_reference(s: &str) -> Result<Reference> {
+    s.parse::<Reference>().map_err(|e| Error::InvalidReference {
+        reference: s.to_string(),
+        detail: e.to_string(),
+    })
+}
+
+/// Whether `registry` (`host[:port]`) is on the loopback interface.
+pub fn is_loopback(registry: &str) -> bool {
+    let host = if let Some(rest) = registry.strip_prefix('[') {
+        rest.split(']').next().unwrap_or("")
+    } else {
+        registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry)
+    };
+    host == "localhost"
+        || host == "::1"
+        || host
+            .parse::<std::net::Ipv4Addr>()
+            .is_ok_and(|ip| ip.is_loopback())
+}
+
+fn credentials_for(registry: &str, creds: &Credentials) -> RegistryAuth {
+    match creds {
+        Credentials::Anonymous => RegistryAuth::Anonymous,
+        Credentials::Basic { username, password } => {
+            RegistryAuth::Basic(username.clone(), password.clone())
+        }
+        Credentials::Auto => {
+            let key = if registry == "docker.io" || registry == "index.docker.io" {
+                "https://index.docker.io/v1/"
+            } else {
+                registry
+            };
+            match docker_credential::get_credential(key) {
+                Ok(docker_credential::DockerCredential::UsernamePassword(u, p)) => {
+                    RegistryAuth::Basic(u, p)
+                }
+                Ok(docker_credential::DockerCredential::IdentityToken(t)) => {
+                    RegistryAuth::Bearer(t)
+                }
+                Err(_) => RegistryAuth::Anonymous,
+            }
+        }
+    }
+}
+
+impl Registry {
+    /// A client for the repository of `reference`.
+    pub fn new(reference: &Reference, opts: &RegistryOptions) -> Registry {
+        let registry = reference.registry().to_string();
+        let mut plain: Vec<String> = opts.insecure.clone();
+        if is_loopback(&registry) || plain.contains(&registry) {
+            plain.push(registry.clone());
+            plain.push(reference.resolve_registry().to_string());
+        }
+        let config = ClientConfig {
+            protocol: ClientProtocol::HttpsExcept(plain),
+            connect_timeout: Some(std::time::Duration::from_secs(30)),
+            read_timeout: Some(std::time::Duration::from_secs(300)),
+            ..Default::default()
+        };
+        Registry {
+            client: Client::new(config),
+            auth: credentials_for(&registry, &opts.credentials),
+            reference: reference.clone(),
+        }
+    }
+
+    fn err(&self, e: OciDistributionError) -> Error {
+        map_error(&self.reference.whole(), e)
+    }
+
+    /// Fetches the manifest (or index) `reference` names; returns its bytes and digest. A
+    /// reference by digest is checked against the bytes received.
+    pub async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
+        let (bytes, _) = self
+            .client
+            .pull_manifest_raw(reference, &self.auth, manifest::ACCEPT)
+            .await
+            .map_err(|e| self.err(e))?;
+        let actual = Digest::of(&bytes);
+        if let Some(want) = reference.digest() {
+            let want: Digest = want.parse().map_err(|e| Error::InvalidReference {
+                reference: reference.whole(),
+                detail: format!("{e}"),
+            })?;
+            if want != actual {
+                return Err(Error::DigestMismatch {
+                    what: format!("manifest of {}", reference.whole()),
+                    expected: want,
+                    actual,
+                });
+            }
+        }
+        Ok((bytes.to_vec(), actual))
+    }
+
+    /// Fetches a small blob (a config) whole, refusing more than `max` bytes; verifies it.
+    pub async fn small_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
+        let mut stream = self.blob_stream(digest).await?;
+        let mut out = Vec::new();
+        while let Some(chunk) = stream.next().await {
+            let chunk = chunk.map_err(|e| Error::Registry {
+                reference: self.reference.whole(),
+                detail: format!("reading blob {digest}: {e}"),
+            })?;
+            out.extend_from_slice(&chunk);
+            if out.len() as u64 > max {
+                return Err(Error::InvalidManifest {
+                    what: format!("blob {digest}"),
+                    detail: format!("larger than {max} bytes"),
+                });
+            }
+        }
+        let actual = Digest::of(&out);
+        if actual != *digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob of {}", self.reference.whole()),
+                expected: *digest,
+                actual,
+            });
+        }
+        Ok(out)
+    }
+
+    /// Streams a blob. The caller verifies the digest (the store does, while writing).
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+    ) -> Result<impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + use<>> {
+        // Blob calls take no auth argument: make sure the registry's auth is stored first.
+        self.client
+            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
+            .await;
+        let d = digest.to_string();
+        let sized = self
+            .client
+            .pull_blob_stream(&self.reference, d.as_str())
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(sized.stream.map(|r| r.map_err(std::io::Error::other)))
+    }
+}
+
+/// Turns oci-client's errors into ours, naming the image.
+fn map_error(reference: &str, e: OciDistributionError) -> Error {
+    let reference = reference.to_string();
+    match e {
+        OciDistributionError::AuthenticationFailure(detail) => Error::Unauthorized {
+            reference,
+            detail,
+        },
+        OciDistributionError::UnauthorizedError { url } => Error::Unauthorized {
+            reference,
+            detail: format!("the registry refused access to {url}"),
+        },
+        OciDistributionError::ImageManifestNotFoundError(detail) => Error::NotFound {
+            reference,
+            detail: format!(" ({detail})"),
+        },
+        OciDistributionError::RegistryError { envelope, .. } => {
+            let codes: Vec<&OciErrorCode> = envelope.errors.iter().map(|e| &e.code).collect();
+            let detail = envelope
+                .errors
+                .iter()
+                .map(|e| format!("{:?}: {}", e.code, e.message))
+                .collect::<Vec<_>>()
+                .join("; ");
+            if codes.iter().any(|c| {
+                matches!(
+                    c,
+                    OciErrorCode::ManifestUnknown
+                        | OciErrorCode::NameUnknown
+                        | OciErrorCode::BlobUnknown
+                        | OciErrorCode::NotFound
+                )
+            }) {
+                Error::NotFound {
+                    reference,
+                    detail: format!(" ({detail})"),
+                }
+            } else if codes
+                .iter()
+                .any(|c| matches!(c, OciErrorCode::Unauthorized | OciErrorCode::Denied))
+            {
+                Error::Unauthorized { reference, detail }
+            } else {
+                Error::Registry { reference, detail }
+            }
+        }
+        OciDistributionError::ServerError { code: 404, .. } => Error::NotFound {
+            reference,
+            detail: String::new(),
+        },
+        OciDistributionError::ServerError { code: 401 | 403, message, .. } => {
+            Error::Unauthorized {
+                reference,
+                detail: message,
+            }
+        }
+        other => Error::Registry {
+            reference,
+            detail: other.to_string(),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn loopback_registries() {
+        for (r, want) in [
+            ("localhost:5000", true),
+            ("127.0.0.1:5000", true),
+            ("127.1.2.3", true),
+            ("[::1]:5000", true),
+            ("docker.io", false),
+            ("10.0.0.1:5000", false),
+            ("localhost.example.com", false),
+        ] {
+            assert_eq!(is_loopback(r), want, "{r}");
+        }
+    }
+}

@@ -1,0 +1,529 @@
+//! Real parts for integration tests: Debian's `docker-registry` on a free 127.0.0.1 port, images
+//! built here as OCI layouts and pushed with `skopeo`, the `bux-fuse` binary, and reference
+//! unpacks with `umoci`.
+#![allow(dead_code)]
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use sha2::{Digest as _, Sha256};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+
+pub fn sha256_hex(b: &[u8]) -> String {
+    hex::encode(Sha256::digest(b))
+}
+
+/// Fails the test with a clear message when a required tool is missing.
+pub fn need(tool: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(format!("command -v {tool}"))
+        .stdout(Stdio::null())
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "{tool} is not installed: run scripts/setup.sh (installs the test dependencies)");
+}
+
+// ----------------------------------------------------------------------------------------------
+// Registry
+
+pub struct Registry {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Registry {
+    pub fn start() -> Registry {
+        Registry::start_with(None)
+    }
+
+    /// A registry requiring basic auth for `user:password`.
+    pub fn start_with_auth(user: &str, password: &str) -> Registry {
+        Registry::start_with(Some((user, password)))
+    }
+
+    fn start_with(auth: Option<(&str, &str)>) -> Registry {
+        need("docker-registry");
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let mut config = format!(
+            "version: 0.1\nlog:\n  level: error\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: 127.0.0.1:{port}\n",
+            dir.path().join("data").display()
+        );
+        if let Some((user, password)) = auth {
+            need("htpasswd");
+            let out = Command::new("htpasswd")
+                .args(["-Bbn", user, password])
+                .output()
+                .unwrap();
+            let htpasswd = dir.path().join("htpasswd");
+            std::fs::write(&htpasswd, out.stdout).unwrap();
+            config.push_str(&format!(
+                "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                htpasswd.display()
+            ));
+        }
+        let cfg = dir.path().join("config.yml");
+        std::fs::write(&cfg, config).unwrap();
+        let child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(&cfg)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .expect("starting docker-registry");
+        let reg = Registry { port, dir, child };
+        let deadline = Instant::now() + Duration::from_secs(20);
+        loop {
+            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+                let mut resp = String::new();
+                let _ = s.read_to_string(&mut resp);
+                if resp.starts_with("HTTP/1.") {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "registry did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        reg
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Path of a blob in the registry's own storage (to corrupt it).
+    pub fn blob_data_path(&self, hex: &str) -> PathBuf {
+        self.dir
+            .path()
+            .join("data/docker/registry/v2/blobs/sha256")
+            .join(&hex[..2])
+            .join(hex)
+            .join("data")
+    }
+
+    /// Pushes the OCI layout `layout:tag` as `repo:tag` with skopeo.
+    pub fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<(&str, &str)>) {
+        need("skopeo");
+        let mut cmd = Command::new("skopeo");
+        cmd.args(["copy", "--all", "--dest-tls-verify=false", "--preserve-digests"]);
+        if let Some((u, p)) = creds {
+            cmd.arg(format!("--dest-creds={u}:{p}"));
+        }
+        cmd.arg(format!("oci:{}:{tag}", layout.display()))
+            .arg(format!("docker://{}/{repo}:{tag}", self.host()));
+        let out = cmd.output().unwrap();
+        assert!(
+            out.status.success(),
+            "skopeo push failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+// ----------------------------------------------------------------------------------------------
+// Layers
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum Comp {
+    Gzip,
+    Zstd,
+    Plain,
+}
+
+impl Comp {
+    pub fn media_type(self) -> &'static str {
+        match self {
+            Comp::Gzip => "application/vnd.oci.image.layer.v1.tar+gzip",
+            Comp::Zstd => "application/vnd.oci.image.layer.v1.tar+zstd",
+            Comp::Plain => "application/vnd.oci.image.layer.v1.tar",
+        }
+    }
+    pub fn compress(self, tar: &[u8]) -> Vec<u8> {
+        match self {
+            Comp::Gzip => {
+                let mut e =
+                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                e.write_all(tar).unwrap();
+                e.finish().unwrap()
+            }
+            Comp::Zstd => zstd::encode_all(tar, 3).unwrap(),
+            Comp::Plain => tar.to_vec(),
+        }
+    }
+}
+
+/// Builds one layer's tar with explicit headers (GNU format, PAX where needed).
+pub struct LayerBuilder {
+    b: tar::Builder<Vec<u8>>,
+    pub mtime: u64,
+}
+
+impl Default for LayerBuilder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LayerBuilder {
+    pub fn new() -> LayerBuilder {
+        LayerBuilder {
+            b: tar::Builder::new(Vec::new()),
+            mtime: 1_700_000_000,
+        }
+    }
+
+    fn header(&self, kind: tar::EntryType, mode: u32) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(mode);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(self.mtime);
+        h.set_size(0);
+        h
+    }
+
+    pub fn dir(mut self, path: &str, mode: u32) -> Self {
+        let mut h = self.header(tar::EntryType::Directory, mode);
+        self.b.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    pub fn file(self, path: &str, data: &[u8]) -> Self {
+        self.file_with(path, data, 0o644, 0, 0)
+    }
+
+    pub fn file_with(mut self, path: &str, data: &[u8], mode: u32, uid: u64, gid: u64) -> Self {
+        let mut h = self.header(tar::EntryType::Regular, mode);
+        h.set_uid(uid);
+        h.set_gid(gid);
+        h.set_size(data.len() as u64);
+        self.b.append_data(&mut h, path, data).unwrap();
+        self
+    }
+
+    /// A file with PAX xattrs.
+    pub fn file_xattrs(mut self, path: &str, data: &[u8], xattrs: &[(&str, &[u8])]) -> Self {
+        let pax: Vec<(String, &[u8])> = xattrs
+            .iter()
+            .map(|(k, v)| (format!("SCHILY.xattr.{k}"), *v))
+            .collect();
+        self.b
+            .append_pax_extensions(pax.iter().map(|(k, v)| (k.as_str(), *v)))
+            .unwrap();
+        self.file(path, data)
+    }
+
+    pub fn symlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = self.header(tar::EntryType::Symlink, 0o777);
+        self.b.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn hardlink(mut self, path: &str, target: &str) -> Self {
+        let mut h = self.header(tar::EntryType::Link, 0o644);
+        self.b.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
+    pub fn device(mut self, path: &str, kind: tar::EntryType, major: u32, minor: u32) -> Self {
+        let mut h = self.header(kind, 0o660);
+        h.set_device_major(major).unwrap();
+        h.set_device_minor(minor).unwrap();
+        self.b.append_data(&mut h, path, &[][..]).unwrap();
+        self
+    }
+
+    pub fn whiteout(self, dir: &str, name: &str) -> Self {
+        let p = if dir.is_empty() {
+            format!(".wh.{name}")
+        } else {
+            format!("{dir}/.wh.{name}")
+        };
+        self.file(&p, b"")
+    }
+
+    pub fn opaque(self, dir: &str) -> Self {
+        self.file(&format!("{dir}/.wh..wh..opq"), b"")
+    }
+
+    /// Appends raw bytes (for hand-crafted headers).
+    pub fn raw(mut self, bytes: &[u8]) -> Self {
+        self.b.get_mut().extend_from_slice(bytes);
+        self
+    }
+
+    pub fn finish(self) -> Vec<u8> {
+        self.b.into_inner().unwrap()
+    }
+}
+
+/// Deterministic pseudo-random bytes, half compressible.
+pub fn test_bytes(n: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
+    (0..n)
+        .map(|i| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if (i / 4096) % 2 == 0 {
+                b"the quick brown fox "[(i % 20) as usize]
+            } else {
+                x as u8
+            }
+        })
+        .collect()
+}
+
+// ----------------------------------------------------------------------------------------------
+// OCI layouts
+
+pub struct Image {
+    pub layers: Vec<(Vec<u8>, Comp)>,
+    pub config: serde_json::Value,
+    pub arch: String,
+}
+
+impl Image {
+    pub fn new(layers: Vec<(Vec<u8>, Comp)>) -> Image {
+        Image {
+            layers,
+            config: serde_json::json!({
+                "Env": ["PATH=/usr/sbin:/usr/bin:/sbin:/bin"],
+                "Cmd": ["/bin/sh"],
+                "WorkingDir": "/"
+            }),
+            arch: "amd64".into(),
+        }
+    }
+
+    /// The same image with every layer recompressed as gzip (for umoci, which cannot read zstd).
+    pub fn as_gzip(&self) -> Image {
+        Image {
+            layers: self
+                .layers
+                .iter()
+                .map(|(t, _)| (t.clone(), Comp::Gzip))
+                .collect(),
+            config: self.config.clone(),
+            arch: self.arch.clone(),
+        }
+    }
+}
+
+fn put_blob(layout: &Path, bytes: &[u8]) -> (String, usize) {
+    let hex = sha256_hex(bytes);
+    let dir = layout.join("blobs/sha256");
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::write(dir.join(&hex), bytes).unwrap();
+    (format!("sha256:{hex}"), bytes.len())
+}
+
+/// Writes an image's blobs; returns the manifest descriptor (without annotations).
+pub fn write_image(layout: &Path, image: &Image) -> serde_json::Value {
+    let mut layer_descs = Vec::new();
+    let mut diff_ids = Vec::new();
+    for (tar, comp) in &image.layers {
+        diff_ids.push(format!("sha256:{}", sha256_hex(tar)));
+        let (digest, size) = put_blob(layout, &comp.compress(tar));
+        layer_descs.push(serde_json::json!({"mediaType": comp.media_type(), "digest": digest, "size": size}));
+    }
+    let config = serde_json::json!({
+        "architecture": image.arch,
+        "os": "linux",
+        "config": image.config,
+        "rootfs": {"type": "layers", "diff_ids": diff_ids},
+        "history": []
+    });
+    let (cdigest, csize) = put_blob(layout, &serde_json::to_vec(&config).unwrap());
+    let manifest = serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": OCI_MANIFEST,
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cdigest, "size": csize},
+        "layers": layer_descs
+    });
+    let (mdigest, msize) = put_blob(layout, &serde_json::to_vec(&manifest).unwrap());
+    serde_json::json!({"mediaType": OCI_MANIFEST, "digest": mdigest, "size": msize,
+        "platform": {"os": "linux", "architecture": image.arch}})
+}
+
+fn write_index_json(layout: &Path, desc: serde_json::Value, tag: &str) {
+    let mut desc = desc;
+    desc["annotations"] = serde_json::json!({"org.opencontainers.image.ref.name": tag});
+    let index_path = layout.join("index.json");
+    let mut index: serde_json::Value = std::fs::read(&index_path)
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
+    index["manifests"].as_array_mut().unwrap().push(desc);
+    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(index_path, serde_json::to_vec(&index).unwrap()).unwrap();
+}
+
+/// Writes `image` into the OCI layout at `layout` under `tag`.
+pub fn write_layout(layout: &Path, tag: &str, image: &Image) -> serde_json::Value {
+    let desc = write_image(layout, image);
+    write_index_json(layout, desc.clone(), tag);
+    desc
+}
+
+/// Writes a multi-platform image index under `tag`.
+pub fn write_multiarch_layout(layout: &Path, tag: &str, images: &[&Image]) {
+    let manifests: Vec<serde_json::Value> = images.iter().map(|i| write_image(layout, i)).collect();
+    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
+    let (digest, size) = put_blob(layout, &serde_json::to_vec(&index).unwrap());
+    write_index_json(
+        layout,
+        serde_json::json!({"mediaType": OCI_INDEX, "digest": digest, "size": size}),
+        tag,
+    );
+}
+
+/// Unpacks `layout:tag` with umoci (the independent reference) into `dest`.
+pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) {
+    need("umoci");
+    let out = Command::new("umoci")
+        .args(["raw", "unpack", "--image"])
+        .arg(format!("{}:{tag}", layout.display()))
+        .arg(dest)
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "umoci unpack failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Runs `../shared/treediff.py A B args...`; returns (equal, output).
+pub fn treediff(a: &Path, b: &Path, args: &[&str]) -> (bool, String) {
+    let script = std::env::var("BUX_TREEDIFF").map(PathBuf::from).unwrap_or_else(|_| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/treediff.py")
+    });
+    assert!(script.exists(), "treediff.py not found at {}", script.display());
+    let out = Command::new("python3")
+        .arg(&script)
+        .args(args)
+        .arg(a)
+        .arg(b)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    (out.status.success(), text)
+}
+
+// ----------------------------------------------------------------------------------------------
+// The CLI
+
+pub struct Bux {
+    pub store: tempfile::TempDir,
+}
+
+impl Default for Bux {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Bux {
+    pub fn new() -> Bux {
+        Bux {
+            store: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    pub fn cmd(&self) -> Command {
+        let mut c = Command::new(env!("CARGO_BIN_EXE_bux-fuse"));
+        c.arg("--store").arg(self.store.path());
+        c.env_remove("BUX_FUSE_PASSWORD");
+        c.env("DOCKER_CONFIG", self.store.path().join("no-docker-config"));
+        c.stdin(Stdio::null());
+        c
+    }
+
+    pub fn run(&self, args: &[&str]) -> Output {
+        self.cmd().args(args).output().unwrap()
+    }
+
+    /// Runs and asserts success; returns stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            out.status.success(),
+            "bux-fuse {args:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Runs and asserts failure; returns stderr.
+    pub fn fails(&self, args: &[&str]) -> String {
+        let out = self.run(args);
+        assert!(
+            !out.status.success(),
+            "bux-fuse {args:?} unexpectedly succeeded"
+        );
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    }
+
+    /// Mounts via the CLI (background daemon); the guard unmounts.
+    pub fn mount(&self, reference: &str) -> MountGuard {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("root");
+        self.ok(&["mount", reference, mnt.to_str().unwrap()]);
+        MountGuard {
+            bin: env!("CARGO_BIN_EXE_bux-fuse"),
+            path: mnt,
+            _dir: dir,
+        }
+    }
+}
+
+pub struct MountGuard {
+    bin: &'static str,
+    pub path: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for MountGuard {
+    fn drop(&mut self) {
+        let _ = Command::new(self.bin).arg("umount").arg(&self.path).status();
+        // Give the daemon a moment to notice and exit before the directory goes.
+        for _ in 0..50 {
+            if !is_mounted(&self.path) {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+pub fn is_mounted(path: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let p = path.to_string_lossy();
+    info.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
+}
