@@ -111,13 +111,12 @@ pub enum Error {
         detail: String,
     },
     /// An error wrapped with the image it happened to.
-    #[error("{reference}: {source}")]
+    #[error("{reference}: {inner}")]
     Image {
         /// The image reference.
         reference: String,
-        /// The underlying error.
-        #[source]
-        source: Box<Error>,
+        /// The underlying error (its message is part of this one's).
+        inner: Box<Error>,
     },
     /// Mounting or unmounting failed.
     #[error("mount {path}: {detail}")]
@@ -128,13 +127,12 @@ pub enum Error {
         detail: String,
     },
     /// An I/O error, with what was being done.
-    #[error("{context}: {source}")]
+    #[error("{context}: {error}")]
     Io {
         /// What was being done, naming the file.
         context: String,
-        /// The OS error.
-        #[source]
-        source: std::io::Error,
+        /// The OS error (its message is part of this one's).
+        error: std::io::Error,
     },
 }
 
@@ -143,7 +141,7 @@ impl Error {
     pub fn io(context: impl Into<String>, source: std::io::Error) -> Error {
         Error::Io {
             context: context.into(),
-            source,
+            error: source,
         }
     }
 
@@ -158,7 +156,7 @@ impl Error {
             | Error::NoMatchingPlatform { .. }) => e,
             e => Error::Image {
                 reference: reference.to_string(),
-                source: Box::new(e),
+                inner: Box::new(e),
             },
         }
     }

@@ -7,9 +7,9 @@
 
 pub mod manifest;
 
-use futures_util::{Stream, StreamExt};
+use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
-use oci_client::errors::{OciDistributionError, OciErrorCode};
+use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
@@ -178,7 +178,7 @@ impl Registry {
     pub async fn blob_stream(
         &self,
         digest: &Digest,
-    ) -> Result<impl Stream<Item = std::io::Result<bytes::Bytes>> + Send + Unpin + use<>> {
+    ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>> {
         // Blob calls take no auth argument: make sure the registry's auth is stored first.
         self.client
             .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
@@ -189,7 +189,19 @@ impl Registry {
             .pull_blob_stream(&self.reference, d.as_str())
             .await
             .map_err(|e| self.err(e))?;
-        Ok(sized.stream.map(|r| r.map_err(std::io::Error::other)))
+        // oci-client checks the digest too and reports a mismatch as a last stream error; our
+        // own check (while storing) reports it with the layer named, so end the stream there.
+        Ok(sized
+            .stream
+            .take_while(|r| {
+                let client_digest_check = r.as_ref().err().is_some_and(|e| {
+                    e.get_ref()
+                        .and_then(|i| i.downcast_ref::<DigestError>())
+                        .is_some_and(|d| matches!(d, DigestError::VerificationError { .. }))
+                });
+                std::future::ready(!client_digest_check)
+            })
+            .boxed())
     }
 }
 

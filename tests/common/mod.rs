@@ -527,3 +527,32 @@ pub fn is_mounted(path: &Path) -> bool {
     let p = path.to_string_lossy();
     info.lines().any(|l| l.split(' ').nth(4) == Some(&*p))
 }
+
+// ----------------------------------------------------------------------------------------------
+// Raw pushes (artifacts and broken manifests that skopeo would not copy)
+
+/// Pushes blobs and a manifest of any media type straight through the registry API.
+pub fn raw_push(reg: &Registry, repo: &str, tag: &str, blobs: &[Vec<u8>], manifest: &[u8], media_type: &str) {
+    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    rt.block_on(async {
+        let client = oci_client::Client::new(oci_client::client::ClientConfig {
+            protocol: oci_client::client::ClientProtocol::Http,
+            ..Default::default()
+        });
+        let reference: oci_client::Reference = format!("{}/{repo}:{tag}", reg.host()).parse().unwrap();
+        client
+            .store_auth_if_needed(reference.resolve_registry(), &oci_client::secrets::RegistryAuth::Anonymous)
+            .await;
+        for b in blobs {
+            client
+                .push_blob(&reference, b.clone(), &format!("sha256:{}", sha256_hex(b)))
+                .await
+                .unwrap();
+        }
+        let ct: http::HeaderValue = media_type.parse().unwrap();
+        client
+            .push_manifest_raw(&reference, manifest.to_vec(), ct)
+            .await
+            .unwrap();
+    });
+}
