@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# Installs what bux-fuse needs on a fresh Debian/Ubuntu machine: FUSE tools, the reference
+# registry, image tools used as independent oracles in tests, and busybox for sample images.
+set -euo pipefail
+
+pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
+      util-linux coreutils)
+missing=()
+for p in "${pkgs[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  sudo=""
+  [ "$(id -u)" = 0 ] || sudo=sudo
+  echo "setup: installing ${missing[*]}"
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get update -q >/dev/null
+  $sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends \
+    "${missing[@]}" >/dev/null
+fi
+# The packaged registry may start a system instance on :5000; tests and the demo run their own.
+if ! command -v cargo >/dev/null; then
+  echo "setup: cargo not found: install Rust from https://rustup.rs" >&2
+  exit 1
+fi
+[ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
+echo "setup: ok"
