@@ -188,7 +188,14 @@ fn run(cli: Cli) -> Result<()> {
             if foreground || notify_ready {
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
-                spawn_daemon(&store, &image.reference, &dir, threads, cache_mb, pull.quiet)
+                spawn_daemon(
+                    &store,
+                    &image.reference,
+                    &dir,
+                    threads,
+                    cache_mb,
+                    pull.quiet,
+                )
             }
         }
         Cmd::Umount { dir } => {
@@ -207,7 +214,10 @@ fn run(cli: Cli) -> Result<()> {
                 .max()
                 .unwrap_or(0)
                 .max("REFERENCE".len());
-            println!("{:width$}  {:12}  {:>6}  {:>10}  PLATFORM", "REFERENCE", "MANIFEST", "LAYERS", "SIZE");
+            println!(
+                "{:width$}  {:12}  {:>6}  {:>10}  PLATFORM",
+                "REFERENCE", "MANIFEST", "LAYERS", "SIZE"
+            );
             for i in images {
                 let size: u64 = i.layers.iter().map(|l| l.size).sum();
                 println!(
@@ -390,7 +400,10 @@ fn serve(
             unsafe { libc::dup2(null.as_raw_fd(), 1) };
         }
     } else {
-        eprintln!("{reference} mounted at {}; Ctrl-C to unmount", m.path().display());
+        eprintln!(
+            "{reference} mounted at {}; Ctrl-C to unmount",
+            m.path().display()
+        );
     }
     while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));

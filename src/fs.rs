@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 
 use crate::index::{EntryKind, LayerReader, SpanCache};
@@ -60,7 +60,12 @@ impl ImageFs {
         let kind = file_type(i.kind);
         let mtime = to_system_time(i.mtime, i.mtime_nsec);
         let blocks = match i.kind {
-            EntryKind::File => i.size.div_ceil(512),
+            EntryKind::File => match &i.data {
+                NodeData::Sparse { extents, .. } => {
+                    extents.iter().map(|e| e.len).sum::<u64>().div_ceil(512)
+                }
+                _ => i.size.div_ceil(512),
+            },
             EntryKind::Dir => (BLOCK_SIZE / 512) as u64,
             _ => 0,
         };
@@ -84,30 +89,56 @@ impl ImageFs {
     }
 
     fn read_file(&self, i: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
-        let NodeData::File { layer, offset: base } = i.data else {
-            return Ok(Vec::new()); // empty file
-        };
         if offset >= i.size {
             return Ok(Vec::new());
         }
         let len = (size as u64).min(i.size - offset) as usize;
         let mut buf = vec![0u8; len];
-        let reader = self.layers.get(layer as usize).ok_or(Errno::EIO)?;
-        let n = reader
-            .read_at(&self.cache, base + offset, &mut buf)
-            .map_err(|e| {
-                tracing::error!("read of layer {layer} at {}: {e}", base + offset);
-                Errno::EIO
-            })?;
-        buf.truncate(n);
+        match &i.data {
+            NodeData::File {
+                layer,
+                offset: base,
+            } => {
+                self.read_layer(*layer, base + offset, &mut buf)?;
+            }
+            NodeData::Sparse { layer, extents } => {
+                // Holes stay zero; copy the parts of extents that overlap [offset, offset+len).
+                let end = offset + len as u64;
+                let first = extents.partition_point(|e| e.file_off + e.len <= offset);
+                for e in extents[first..].iter().take_while(|e| e.file_off < end) {
+                    let from = e.file_off.max(offset);
+                    let to = (e.file_off + e.len).min(end);
+                    let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
+                    self.read_layer(*layer, e.stream_off + (from - e.file_off), dst)?;
+                }
+            }
+            _ => buf.clear(),
+        }
         Ok(buf)
+    }
+
+    fn read_layer(&self, layer: u32, at: u64, buf: &mut [u8]) -> Result<(), Errno> {
+        let reader = self.layers.get(layer as usize).ok_or(Errno::EIO)?;
+        let n = reader.read_at(&self.cache, at, buf).map_err(|e| {
+            tracing::error!("read of layer {layer} at {at}: {e}");
+            Errno::EIO
+        })?;
+        if n < buf.len() {
+            tracing::error!("layer {layer} ends before offset {}", at + buf.len() as u64);
+            return Err(Errno::EIO);
+        }
+        Ok(())
     }
 
     /// A directory's entries as (offset of the next entry, inode, name): `.` and `..` first,
     /// then the children in name order, so offset `n` always resumes after the `n`th entry.
     fn dir_entries(&self, ino: u64, i: &Inode) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
         let dots = [(ino, &b"."[..]), (i.parent, &b".."[..])];
-        let children = self.tree.children(ino).iter().map(|d| (d.ino, d.name.as_slice()));
+        let children = self
+            .tree
+            .children(ino)
+            .iter()
+            .map(|d| (d.ino, d.name.as_slice()));
         dots.into_iter()
             .chain(children)
             .enumerate()
@@ -160,7 +191,9 @@ impl Filesystem for ImageFs {
         ] {
             let _ = config.add_capabilities(cap);
         }
-        let _ = config.set_max_readahead(1 << 20).or_else(|max| config.set_max_readahead(max));
+        let _ = config
+            .set_max_readahead(1 << 20)
+            .or_else(|max| config.set_max_readahead(max));
         Ok(())
     }
 
@@ -211,7 +244,10 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self.inode(ino).and_then(|i| self.read_file(i, offset, size)) {
+        match self
+            .inode(ino)
+            .and_then(|i| self.read_file(i, offset, size))
+        {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }
@@ -294,7 +330,11 @@ impl Filesystem for ImageFs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        match i.xattrs.iter().find(|(k, _)| k.as_slice() == name.as_bytes()) {
+        match i
+            .xattrs
+            .iter()
+            .find(|(k, _)| k.as_slice() == name.as_bytes())
+        {
             Some((_, v)) => Self::xattr_reply(v, size, reply),
             None => reply.error(Errno::NO_XATTR),
         }
@@ -337,6 +377,9 @@ mod tests {
     #[test]
     fn times_before_the_epoch() {
         let t = to_system_time(-2, 500_000_000);
-        assert_eq!(UNIX_EPOCH.duration_since(t).unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            UNIX_EPOCH.duration_since(t).unwrap(),
+            Duration::from_millis(1500)
+        );
     }
 }

@@ -202,7 +202,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             _ => store.blob_path(&l.digest),
         };
         let reader = LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
-            .map_err(|e| Error::io(format!("opening layer {} ({})", l.digest, path.display()), e))?;
+            .map_err(|e| {
+                Error::io(
+                    format!("opening layer {} ({})", l.digest, path.display()),
+                    e,
+                )
+            })?;
         layers.push(reader);
     }
     let mount_err = |detail: String| Error::Mount {

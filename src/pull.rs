@@ -219,7 +219,8 @@ impl Store {
 
     fn read_config(&self, digest: &Digest) -> Result<ImageConfig> {
         let path = self.blob_path(digest);
-        let bytes = std::fs::read(&path).map_err(|e| Error::io(format!("reading config {digest}"), e))?;
+        let bytes =
+            std::fs::read(&path).map_err(|e| Error::io(format!("reading config {digest}"), e))?;
         serde_json::from_slice(&bytes).map_err(|e| Error::InvalidManifest {
             what: format!("config {digest}"),
             detail: e.to_string(),
@@ -266,13 +267,12 @@ impl Store {
         let mut parsed = parse_manifest(&bytes, &name)?;
         if parsed.is_index() {
             let entries = parsed.manifests.clone().unwrap_or_default();
-            let chosen = manifest::select(&entries, &want).ok_or_else(|| {
-                Error::NoMatchingPlatform {
+            let chosen =
+                manifest::select(&entries, &want).ok_or_else(|| Error::NoMatchingPlatform {
                     reference: name.clone(),
                     platform: want.to_string(),
                     available: manifest::offered(&entries),
-                }
-            })?;
+                })?;
             self.put_blob(&digest, &bytes, "image index")?;
             let by_digest = reference.clone_with_digest(chosen.digest.clone());
             (bytes, digest) = reg.manifest(&by_digest).await?;
@@ -284,10 +284,13 @@ impl Store {
                 });
             }
         }
-        let config_desc = parsed.config.clone().ok_or_else(|| Error::InvalidManifest {
-            what: format!("manifest {digest}"),
-            detail: "no config".into(),
-        })?;
+        let config_desc = parsed
+            .config
+            .clone()
+            .ok_or_else(|| Error::InvalidManifest {
+                what: format!("manifest {digest}"),
+                detail: "no config".into(),
+            })?;
         if !manifest::IMAGE_CONFIGS.contains(&config_desc.media_type.as_str()) {
             return Err(Error::UnsupportedMediaType {
                 reference: name.clone(),
@@ -307,7 +310,11 @@ impl Store {
                     media_type: desc.media_type.clone(),
                 }
             })?;
-            jobs.push((desc.clone(), parse_digest(&desc.digest, &name)?, compression));
+            jobs.push((
+                desc.clone(),
+                parse_digest(&desc.digest, &name)?,
+                compression,
+            ));
         }
         opts.emit(Progress::Resolved {
             reference: name.clone(),
@@ -427,10 +434,15 @@ impl Store {
         let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
         let compression = job.compression;
         let indexer = tokio::task::spawn_blocking(move || {
-            index_layer(&store, digest, compression, ChannelReader {
-                rx,
-                cur: bytes::Bytes::new(),
-            })
+            index_layer(
+                &store,
+                digest,
+                compression,
+                ChannelReader {
+                    rx,
+                    cur: bytes::Bytes::new(),
+                },
+            )
         });
         let total = job.desc.size;
         let mut done = 0u64;

@@ -98,7 +98,13 @@ impl Store {
     /// Opens (creating if needed) the store at `root`.
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
         let store = Store { root: root.into() };
-        for dir in ["blobs/sha256", "layers/sha256", "trees/sha256", "locks", "tmp"] {
+        for dir in [
+            "blobs/sha256",
+            "layers/sha256",
+            "trees/sha256",
+            "locks",
+            "tmp",
+        ] {
             let p = store.root.join(dir);
             fs::create_dir_all(&p).ctx(|| format!("creating store directory {}", p.display()))?;
         }
@@ -135,17 +141,23 @@ impl Store {
 
     /// Where the index of layer `d` lives.
     pub fn index_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("layers/sha256").join(format!("{}.idx", d.hex()))
+        self.root
+            .join("layers/sha256")
+            .join(format!("{}.idx", d.hex()))
     }
 
     /// Where the seekable copy of zstd layer `d` lives.
     pub fn seekable_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("layers/sha256").join(format!("{}.zst", d.hex()))
+        self.root
+            .join("layers/sha256")
+            .join(format!("{}.zst", d.hex()))
     }
 
     /// Where the merged tree of the image with manifest `d` lives.
     pub fn tree_path(&self, d: &Digest) -> PathBuf {
-        self.root.join("trees/sha256").join(format!("{}.tree", d.hex()))
+        self.root
+            .join("trees/sha256")
+            .join(format!("{}.tree", d.hex()))
     }
 
     /// A fresh temporary path in the store (same filesystem, so renames are atomic).
@@ -336,7 +348,10 @@ impl BlobWriter {
 
 impl Write for BlobWriter {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
-        let file = self.file.as_mut().ok_or_else(|| std::io::Error::other("committed"))?;
+        let file = self
+            .file
+            .as_mut()
+            .ok_or_else(|| std::io::Error::other("committed"))?;
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;

@@ -22,7 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use crate::error::IoContext;
-use crate::index::{EntryKind, LayerSource, TarEntry};
+use crate::index::{EntryKind, Extent, LayerSource, TarEntry};
 use crate::{Digest, Error, Result};
 
 /// Inode number of the root directory.
@@ -44,6 +44,13 @@ pub enum NodeData {
         layer: u32,
         /// Offset in that layer's uncompressed tar stream.
         offset: u64,
+    },
+    /// A sparse file: these extents of layer `layer`; the rest reads as zeros.
+    Sparse {
+        /// Index into [`Tree::layers`].
+        layer: u32,
+        /// Data extents, ascending by file offset.
+        extents: Vec<Extent>,
     },
     /// A symlink's target.
     Symlink(Vec<u8>),
@@ -136,6 +143,7 @@ fn implied_dir() -> TarEntry {
         dev_minor: 0,
         xattrs: Vec::new(),
         offset: 0,
+        sparse: None,
     }
 }
 
@@ -263,12 +271,12 @@ impl Builder {
         let existing = self.nodes[dir].children.get(name).copied();
         let node = match entry.kind {
             EntryKind::Hardlink => {
-                let target = self
-                    .find(&entry.link)
-                    .ok_or_else(|| bad(format!(
+                let target = self.find(&entry.link).ok_or_else(|| {
+                    bad(format!(
                         "hardlink to {:?}, which does not exist (forward or outside the layer)",
                         String::from_utf8_lossy(&entry.link)
-                    )))?;
+                    ))
+                })?;
                 if self.nodes[target].meta.kind == EntryKind::Dir {
                     return Err(bad("hardlink to a directory".into()));
                 }
@@ -343,6 +351,14 @@ impl Builder {
                 EntryKind::Symlink => (
                     NodeData::Symlink(m.link.clone()),
                     m.link.len() as u64,
+                    links[n],
+                ),
+                EntryKind::File if m.sparse.is_some() => (
+                    NodeData::Sparse {
+                        layer: node.layer,
+                        extents: m.sparse.clone().unwrap_or_default(),
+                    },
+                    m.size,
                     links[n],
                 ),
                 EntryKind::File if m.size > 0 => (
@@ -438,10 +454,12 @@ impl Tree {
     /// Writes the tree to `path` atomically.
     pub fn save(&self, path: &Path) -> Result<()> {
         let mut bytes = MAGIC.to_vec();
-        bytes.extend(postcard::to_allocvec(self).map_err(|e| Error::CorruptStore {
-            path: path.into(),
-            detail: format!("encoding tree: {e}"),
-        })?);
+        bytes.extend(
+            postcard::to_allocvec(self).map_err(|e| Error::CorruptStore {
+                path: path.into(),
+                detail: format!("encoding tree: {e}"),
+            })?,
+        );
         crate::store::write_atomic(path, &bytes)
     }
 
@@ -473,7 +491,9 @@ impl Tree {
                         return Err("directory entries out of range".into());
                     }
                 }
-                NodeData::File { layer, .. } if *layer as usize >= self.layers.len() => {
+                NodeData::File { layer, .. } | NodeData::Sparse { layer, .. }
+                    if *layer as usize >= self.layers.len() =>
+                {
                     return Err("file in a layer out of range".into())
                 }
                 _ => {}
@@ -500,6 +520,9 @@ impl Tree {
             let what = match &i.data {
                 NodeData::Symlink(t) => format!(" -> {}", String::from_utf8_lossy(t)),
                 NodeData::File { layer, .. } => format!(" size={} layer={layer}", i.size),
+                NodeData::Sparse { layer, extents } => {
+                    format!(" size={} layer={layer} extents={}", i.size, extents.len())
+                }
                 _ => String::new(),
             };
             out.push_str(&format!(
@@ -532,6 +555,7 @@ mod tests {
             dev_minor: 0,
             xattrs: Vec::new(),
             offset: 0,
+            sparse: None,
         }
     }
     fn f(path: &str) -> TarEntry {
@@ -548,20 +572,15 @@ mod tests {
     }
 
     fn merged(layers: &[Vec<TarEntry>]) -> Result<Tree> {
-        merge(
-            layers
-                .iter()
-                .enumerate()
-                .map(|(i, l)| {
-                    let source = LayerSource {
-                        digest: Digest::of(&[i as u8]),
-                        compression: crate::index::Compression::None,
-                        uncompressed_size: 0,
-                        access: crate::index::Access::Tar,
-                    };
-                    (source, l.as_slice())
-                }),
-        )
+        merge(layers.iter().enumerate().map(|(i, l)| {
+            let source = LayerSource {
+                digest: Digest::of(&[i as u8]),
+                compression: crate::index::Compression::None,
+                uncompressed_size: 0,
+                access: crate::index::Access::Tar,
+            };
+            (source, l.as_slice())
+        }))
     }
 
     fn paths(layers: &[Vec<TarEntry>]) -> Vec<String> {
@@ -610,7 +629,10 @@ mod tests {
             ),
             (
                 "file replaced by dir and back",
-                vec![vec![f("p"), d("q"), f("q/r")], vec![d("p"), f("p/s"), f("q")]],
+                vec![
+                    vec![f("p"), d("q"), f("q/r")],
+                    vec![d("p"), f("p/s"), f("q")],
+                ],
                 vec!["/p", "/p/s", "/q"],
             ),
             (

@@ -86,9 +86,12 @@ fn mounted_tree_matches_umoci_unpack() {
         &reference,
         &[
             "--ignore-root",
-            "--ignore-mtime-of", "usr/share",
-            "--ignore-mtime-of", "opt",
-            "--ignore-mtime-of", "usr",
+            "--ignore-mtime-of",
+            "usr/share",
+            "--ignore-mtime-of",
+            "opt",
+            "--ignore-mtime-of",
+            "usr",
         ],
     );
     assert!(equal, "mounted tree differs from umoci's unpack:\n{report}");
@@ -100,8 +103,14 @@ fn mounted_tree_matches_umoci_unpack() {
     let alias = std::fs::metadata(root.join("usr/bin/tool-alias")).unwrap();
     let tool = std::fs::metadata(root.join("usr/bin/tool")).unwrap();
     assert_ne!(alias.ino(), tool.ino());
-    assert_eq!(std::fs::read(root.join("usr/bin/tool-alias")).unwrap(), b"tool v1\n");
-    assert_eq!(std::fs::read(root.join("usr/bin/tool")).unwrap(), b"tool v2\n");
+    assert_eq!(
+        std::fs::read(root.join("usr/bin/tool-alias")).unwrap(),
+        b"tool v1\n"
+    );
+    assert_eq!(
+        std::fs::read(root.join("usr/bin/tool")).unwrap(),
+        b"tool v2\n"
+    );
     assert!(!root.join("var/cache").exists());
     assert!(!root.join("etc/conf.d/a.conf").exists());
     // Read-only.
@@ -109,11 +118,15 @@ fn mounted_tree_matches_umoci_unpack() {
     assert_eq!(err.raw_os_error(), Some(libc::EROFS));
 
     // Inode numbers are stable across remounts (virtio-fs keys inodes by them).
-    let ino_before = std::fs::metadata(root.join("usr/share/big.bin")).unwrap().ino();
+    let ino_before = std::fs::metadata(root.join("usr/share/big.bin"))
+        .unwrap()
+        .ino();
     drop(m);
     let m2 = bux.mount(&r);
     assert_eq!(
-        std::fs::metadata(m2.path.join("usr/share/big.bin")).unwrap().ino(),
+        std::fs::metadata(m2.path.join("usr/share/big.bin"))
+            .unwrap()
+            .ino(),
         ino_before
     );
 }
@@ -176,7 +189,11 @@ fn list_with_seek(dir: &Path, k: usize) -> (Vec<String>, Vec<String>) {
             if e.is_null() {
                 break;
             }
-            all.push(CStr::from_ptr((*e).d_name.as_ptr()).to_string_lossy().into_owned());
+            all.push(
+                CStr::from_ptr((*e).d_name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+            );
             if all.len() == k + 1 {
                 pos_after_k = libc::telldir(d);
             }
@@ -188,7 +205,11 @@ fn list_with_seek(dir: &Path, k: usize) -> (Vec<String>, Vec<String>) {
             if e.is_null() {
                 break;
             }
-            rest.push(CStr::from_ptr((*e).d_name.as_ptr()).to_string_lossy().into_owned());
+            rest.push(
+                CStr::from_ptr((*e).d_name.as_ptr())
+                    .to_string_lossy()
+                    .into_owned(),
+            );
         }
         libc::closedir(d);
         (all, rest)

@@ -29,7 +29,9 @@ fn assert_store_clean(bux: &Bux) {
     let images = bux.ok(&["images", "--json"]);
     assert_eq!(images.trim(), "[]", "an image was recorded: {images}");
     let tmp = bux.store.path().join("tmp");
-    let left: Vec<_> = std::fs::read_dir(&tmp).map(|d| d.flatten().map(|e| e.file_name()).collect()).unwrap_or_default();
+    let left: Vec<_> = std::fs::read_dir(&tmp)
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
     assert!(left.is_empty(), "temp files left: {left:?}");
 }
 
@@ -43,12 +45,26 @@ fn basic_auth_from_flags_env_stdin_and_docker_config() {
     assert!(err.contains("unauthorized"), "{err}");
     assert_store_clean(&bux);
 
-    let err = bux.cmd().args(["pull", &r, "-u", "alice"]).env("BUX_FUSE_PASSWORD", "wrong").output().unwrap();
+    let err = bux
+        .cmd()
+        .args(["pull", &r, "-u", "alice"])
+        .env("BUX_FUSE_PASSWORD", "wrong")
+        .output()
+        .unwrap();
     assert!(!err.status.success());
     assert!(String::from_utf8_lossy(&err.stderr).contains("unauthorized"));
 
-    let out = bux.cmd().args(["pull", &r, "-u", "alice"]).env("BUX_FUSE_PASSWORD", "s3cret").output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bux
+        .cmd()
+        .args(["pull", &r, "-u", "alice"])
+        .env("BUX_FUSE_PASSWORD", "s3cret")
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // --password-stdin, into a fresh store.
     let bux2 = Bux::new();
@@ -62,20 +78,37 @@ fn basic_auth_from_flags_env_stdin_and_docker_config() {
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 
     // Docker's config.json.
     let bux3 = Bux::new();
     let cfg = tempfile::tempdir().unwrap();
-    let b64 = Command::new("sh").arg("-c").arg("printf alice:s3cret | base64").output().unwrap();
+    let b64 = Command::new("sh")
+        .arg("-c")
+        .arg("printf alice:s3cret | base64")
+        .output()
+        .unwrap();
     let auth = String::from_utf8_lossy(&b64.stdout).trim().to_string();
     std::fs::write(
         cfg.path().join("config.json"),
         format!(r#"{{"auths":{{"{}":{{"auth":"{auth}"}}}}}}"#, reg.host()),
     )
     .unwrap();
-    let out = bux3.cmd().args(["pull", &r]).env("DOCKER_CONFIG", cfg.path()).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = bux3
+        .cmd()
+        .args(["pull", &r])
+        .env("DOCKER_CONFIG", cfg.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 #[test]
@@ -92,7 +125,10 @@ fn multi_arch_index_resolves_to_host_or_requested_platform() {
 
     let bux = Bux::new();
     let m = bux.mount(&r);
-    assert_eq!(std::fs::read_to_string(m.path.join("etc/marker")).unwrap(), "amd64");
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("etc/marker")).unwrap(),
+        "amd64"
+    );
     drop(m);
 
     let bux = Bux::new();
@@ -101,7 +137,10 @@ fn multi_arch_index_resolves_to_host_or_requested_platform() {
     assert!(inspect.contains("linux/arm64"), "{inspect}");
 
     let err = Bux::new().fails(&["pull", &r, "--platform", "linux/s390x"]);
-    assert!(err.contains("no image for platform linux/s390x") && err.contains("linux/arm64"), "{err}");
+    assert!(
+        err.contains("no image for platform linux/s390x") && err.contains("linux/arm64"),
+        "{err}"
+    );
     let err = Bux::new().fails(&["pull", &r, "--platform", "linux"]);
     assert!(err.contains("os/arch"), "{err}");
 }
@@ -110,7 +149,9 @@ fn multi_arch_index_resolves_to_host_or_requested_platform() {
 fn corrupted_blob_is_refused_and_nothing_is_kept() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
-    let tar = LayerBuilder::new().file("data", &test_bytes(100_000, 1)).finish();
+    let tar = LayerBuilder::new()
+        .file("data", &test_bytes(100_000, 1))
+        .finish();
     let image = Image::new(vec![(tar.clone(), Comp::Plain)]);
     let layout = work.path().join("layout");
     write_layout(&layout, "v1", &image);
@@ -124,12 +165,20 @@ fn corrupted_blob_is_refused_and_nothing_is_kept() {
     let bux = Bux::new();
     let err = bux.fails(&["pull", &format!("{}/test/corrupt:v1", reg.host())]);
     assert!(err.contains("digest mismatch"), "{err}");
-    assert!(err.contains(&sha256_hex(&tar)[..12]), "error does not name the layer: {err}");
+    assert!(
+        err.contains(&sha256_hex(&tar)[..12]),
+        "error does not name the layer: {err}"
+    );
     let error_lines: Vec<&str> = err.lines().filter(|l| l.starts_with("bux-fuse:")).collect();
     assert_eq!(error_lines.len(), 1, "not one error line: {err}");
     assert!(error_lines[0].contains("digest mismatch"));
     assert_store_clean(&bux);
-    assert!(!bux.store.path().join("blobs/sha256").join(sha256_hex(&tar)).exists());
+    assert!(!bux
+        .store
+        .path()
+        .join("blobs/sha256")
+        .join(sha256_hex(&tar))
+        .exists());
 }
 
 #[test]
@@ -143,28 +192,47 @@ fn non_image_artifacts_and_missing_images_are_refused_clearly() {
         "config": {"mediaType": "application/vnd.wasm.config.v0+json", "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
         "layers": [{"mediaType": "application/vnd.wasm.content.layer.v1+wasm", "digest": format!("sha256:{}", sha256_hex(&wasm)), "size": wasm.len()}]
     });
-    raw_push(&reg, "test/wasm", "v1", &[wasm, config], &serde_json::to_vec(&manifest).unwrap(), OCI_MANIFEST);
+    raw_push(
+        &reg,
+        "test/wasm",
+        "v1",
+        &[wasm, config],
+        &serde_json::to_vec(&manifest).unwrap(),
+        OCI_MANIFEST,
+    );
     let bux = Bux::new();
     let err = bux.fails(&["pull", &format!("{}/test/wasm:v1", reg.host())]);
-    assert!(err.contains("application/vnd.wasm.config.v0+json") && err.contains("WebAssembly"), "{err}");
+    assert!(
+        err.contains("application/vnd.wasm.config.v0+json") && err.contains("WebAssembly"),
+        "{err}"
+    );
     assert_store_clean(&bux);
 
     let err = bux.fails(&["pull", &format!("{}/test/nothing:here", reg.host())]);
     assert!(err.contains("not found"), "{err}");
     let err = bux.fails(&["pull", "UPPER/Case:bad tag"]);
     assert!(err.contains("invalid image reference"), "{err}");
-    let err = bux.fails(&["mount", "--pull=never", &format!("{}/test/wasm:v1", reg.host()), "/tmp/nowhere-bux"]);
+    let err = bux.fails(&[
+        "mount",
+        "--pull=never",
+        &format!("{}/test/wasm:v1", reg.host()),
+        "/tmp/nowhere-bux",
+    ]);
     assert!(err.contains("not found"), "{err}");
 }
 
 #[test]
 fn chroot_into_a_mounted_busybox_root() {
     need("busybox");
-    let busybox_path = ["/bin/busybox", "/usr/bin/busybox"].into_iter().find(|p| std::path::Path::new(p).exists()).unwrap();
+    let busybox_path = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
     let busybox = std::fs::read(busybox_path).unwrap();
-    let mut base = LayerBuilder::new()
-        .dir("bin", 0o755)
-        .file_with("bin/busybox", &busybox, 0o755, 0, 0);
+    let mut base =
+        LayerBuilder::new()
+            .dir("bin", 0o755)
+            .file_with("bin/busybox", &busybox, 0o755, 0, 0);
     for tool in ["sh", "cat", "ls", "wc", "echo", "sha256sum", "id"] {
         base = base.symlink(&format!("bin/{tool}"), "busybox");
     }
@@ -175,16 +243,28 @@ fn chroot_into_a_mounted_busybox_root() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     let layout = work.path().join("layout");
-    write_layout(&layout, "v1", &Image::new(vec![(base.finish(), Comp::Gzip), (top, Comp::Zstd)]));
+    write_layout(
+        &layout,
+        "v1",
+        &Image::new(vec![(base.finish(), Comp::Gzip), (top, Comp::Zstd)]),
+    );
     reg.push(&layout, "v1", "test/busybox", None);
     let bux = Bux::new();
     let m = bux.mount(&format!("{}/test/busybox:v1", reg.host()));
     let out = Command::new("chroot")
         .arg(&m.path)
-        .args(["/bin/sh", "-c", "cat /etc/os-release; ls /bin | wc -l; sha256sum /bin/busybox"])
+        .args([
+            "/bin/sh",
+            "-c",
+            "cat /etc/os-release; ls /bin | wc -l; sha256sum /bin/busybox",
+        ])
         .output()
         .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("PRETTY_NAME=\"bux test\""), "{stdout}");
     assert!(stdout.contains(&format!("{}\n", 8)), "{stdout}");

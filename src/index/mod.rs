@@ -22,7 +22,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 pub use reader::{LayerReader, SpanCache};
-pub use tar_scan::{EntryKind, TarEntry};
+pub use tar_scan::{EntryKind, Extent, TarEntry};
 
 use crate::digest::Hasher;
 use crate::error::IoContext;
@@ -156,7 +156,12 @@ pub fn build<R: Read>(
             let (entries, m) = scan_and_drain(gz, digest)?;
             let mut gz = m.inner;
             let checkpoints = gz.take_checkpoints();
-            (entries, m.bytes, m.hasher.finish(), Access::Gzip(checkpoints))
+            (
+                entries,
+                m.bytes,
+                m.hasher.finish(),
+                Access::Gzip(checkpoints),
+            )
         }
         Compression::Zstd => {
             let out = seekable.ok_or_else(|| corrupt("no output for the seekable copy".into()))?;
@@ -218,10 +223,12 @@ impl LayerIndex {
     /// Reads an index written by [`LayerIndex::save`].
     pub fn load(path: &Path) -> Result<LayerIndex> {
         let bytes = std::fs::read(path).ctx(|| format!("reading {}", path.display()))?;
-        let body = bytes.strip_prefix(&MAGIC[..]).ok_or_else(|| Error::CorruptStore {
-            path: path.into(),
-            detail: "not a layer index of this version".into(),
-        })?;
+        let body = bytes
+            .strip_prefix(&MAGIC[..])
+            .ok_or_else(|| Error::CorruptStore {
+                path: path.into(),
+                detail: "not a layer index of this version".into(),
+            })?;
         postcard::from_bytes(body).map_err(|e| Error::CorruptStore {
             path: path.into(),
             detail: format!("decoding index: {e}"),

@@ -138,7 +138,10 @@ impl LayerReader {
                 }
                 done += n;
             }
-            cache.stats.blob_bytes.fetch_add(done as u64, Ordering::Relaxed);
+            cache
+                .stats
+                .blob_bytes
+                .fetch_add(done as u64, Ordering::Relaxed);
             return Ok(done);
         }
         let mut done = 0;
@@ -260,13 +263,7 @@ impl LayerReader {
     }
 
     /// Uncached path for oversized spans: inflate from the checkpoint, discard up to `pos`.
-    fn stream_from(
-        &self,
-        i: usize,
-        cache: &SpanCache,
-        pos: u64,
-        out: &mut [u8],
-    ) -> io::Result<()> {
+    fn stream_from(&self, i: usize, cache: &SpanCache, pos: u64, out: &mut [u8]) -> io::Result<()> {
         let Access::Gzip(cps) = &self.access else {
             return Err(io::Error::other("oversized span in a non-gzip layer"));
         };
@@ -331,7 +328,10 @@ mod tests {
         assert_eq!(all, data);
         let cps = r.take_checkpoints();
         assert!(cps.len() > 10, "only {} checkpoints", cps.len());
-        assert!(cps.iter().any(|c| c.bits != 0), "no primed checkpoint exercised");
+        assert!(
+            cps.iter().any(|c| c.bits != 0),
+            "no primed checkpoint exercised"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");

@@ -103,9 +103,11 @@ impl Platform {
             && self.architecture == offered.architecture
             && match &self.variant {
                 None => true,
-                Some(v) => offered.variant.as_deref() == Some(v.as_str())
+                Some(v) => {
+                    offered.variant.as_deref() == Some(v.as_str())
                     // arm64 images often omit the implied v8.
-                    || (v == "v8" && offered.variant.is_none() && self.architecture == "arm64"),
+                    || (v == "v8" && offered.variant.is_none() && self.architecture == "arm64")
+                }
             }
     }
 }
@@ -137,7 +139,9 @@ impl FromStr for Platform {
                     variant: Some(variant.to_string()),
                 })
             }
-            _ => Err(format!("invalid platform {s:?}: expected os/arch[/variant]")),
+            _ => Err(format!(
+                "invalid platform {s:?}: expected os/arch[/variant]"
+            )),
         }
     }
 }
@@ -251,7 +255,10 @@ mod tests {
         let pick = |w: &str| select(&idx, &w.parse().unwrap()).map(|d| d.digest.clone());
         assert_eq!(pick("linux/amd64").as_deref(), Some("sha256:linux/amd64"));
         assert_eq!(pick("linux/arm/v7").as_deref(), Some("sha256:linux/arm/v7"));
-        assert_eq!(pick("linux/arm64/v8").as_deref(), Some("sha256:linux/arm64"));
+        assert_eq!(
+            pick("linux/arm64/v8").as_deref(),
+            Some("sha256:linux/arm64")
+        );
         assert_eq!(pick("linux/s390x"), None);
         assert!("linux".parse::<Platform>().is_err());
         assert!(offered(&idx).contains("linux/arm/v6"));
@@ -259,9 +266,10 @@ mod tests {
 
     #[test]
     fn tells_index_from_manifest() {
-        let m: ManifestOrIndex =
-            serde_json::from_str(r#"{"schemaVersion":2,"config":{"digest":"sha256:a","size":1},"layers":[]}"#)
-                .unwrap();
+        let m: ManifestOrIndex = serde_json::from_str(
+            r#"{"schemaVersion":2,"config":{"digest":"sha256:a","size":1},"layers":[]}"#,
+        )
+        .unwrap();
         assert!(!m.is_index());
         let i: ManifestOrIndex =
             serde_json::from_str(r#"{"schemaVersion":2,"manifests":[]}"#).unwrap();

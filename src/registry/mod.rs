@@ -61,7 +61,10 @@ pub fn is_loopback(registry: &str) -> bool {
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
     } else {
-        registry.rsplit_once(':').map(|(h, _)| h).unwrap_or(registry)
+        registry
+            .rsplit_once(':')
+            .map(|(h, _)| h)
+            .unwrap_or(registry)
     };
     host == "localhost"
         || host == "::1"
@@ -209,10 +212,9 @@ impl Registry {
 fn map_error(reference: &str, e: OciDistributionError) -> Error {
     let reference = reference.to_string();
     match e {
-        OciDistributionError::AuthenticationFailure(detail) => Error::Unauthorized {
-            reference,
-            detail,
-        },
+        OciDistributionError::AuthenticationFailure(detail) => {
+            Error::Unauthorized { reference, detail }
+        }
         OciDistributionError::UnauthorizedError { url } => Error::Unauthorized {
             reference,
             detail: format!("the registry refused access to {url}"),
@@ -255,12 +257,14 @@ fn map_error(reference: &str, e: OciDistributionError) -> Error {
             reference,
             detail: String::new(),
         },
-        OciDistributionError::ServerError { code: 401 | 403, message, .. } => {
-            Error::Unauthorized {
-                reference,
-                detail: message,
-            }
-        }
+        OciDistributionError::ServerError {
+            code: 401 | 403,
+            message,
+            ..
+        } => Error::Unauthorized {
+            reference,
+            detail: message,
+        },
         other => Error::Registry {
             reference,
             detail: other.to_string(),

@@ -27,7 +27,10 @@ pub fn need(tool: &str) {
         .status()
         .map(|s| s.success())
         .unwrap_or(false);
-    assert!(ok, "{tool} is not installed: run scripts/setup.sh (installs the test dependencies)");
+    assert!(
+        ok,
+        "{tool} is not installed: run scripts/setup.sh (installs the test dependencies)"
+    );
 }
 
 // ----------------------------------------------------------------------------------------------
@@ -118,7 +121,12 @@ impl Registry {
     pub fn push(&self, layout: &Path, tag: &str, repo: &str, creds: Option<(&str, &str)>) {
         need("skopeo");
         let mut cmd = Command::new("skopeo");
-        cmd.args(["copy", "--all", "--dest-tls-verify=false", "--preserve-digests"]);
+        cmd.args([
+            "copy",
+            "--all",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+        ]);
         if let Some((u, p)) = creds {
             cmd.arg(format!("--dest-creds={u}:{p}"));
         }
@@ -161,8 +169,7 @@ impl Comp {
     pub fn compress(self, tar: &[u8]) -> Vec<u8> {
         match self {
             Comp::Gzip => {
-                let mut e =
-                    flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+                let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
                 e.write_all(tar).unwrap();
                 e.finish().unwrap()
             }
@@ -346,7 +353,9 @@ pub fn write_image(layout: &Path, image: &Image) -> serde_json::Value {
     for (tar, comp) in &image.layers {
         diff_ids.push(format!("sha256:{}", sha256_hex(tar)));
         let (digest, size) = put_blob(layout, &comp.compress(tar));
-        layer_descs.push(serde_json::json!({"mediaType": comp.media_type(), "digest": digest, "size": size}));
+        layer_descs.push(
+            serde_json::json!({"mediaType": comp.media_type(), "digest": digest, "size": size}),
+        );
     }
     let config = serde_json::json!({
         "architecture": image.arch,
@@ -376,7 +385,11 @@ fn write_index_json(layout: &Path, desc: serde_json::Value, tag: &str) {
         .and_then(|b| serde_json::from_slice(&b).ok())
         .unwrap_or_else(|| serde_json::json!({"schemaVersion": 2, "manifests": []}));
     index["manifests"].as_array_mut().unwrap().push(desc);
-    std::fs::write(layout.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#).unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
     std::fs::write(index_path, serde_json::to_vec(&index).unwrap()).unwrap();
 }
 
@@ -390,7 +403,8 @@ pub fn write_layout(layout: &Path, tag: &str, image: &Image) -> serde_json::Valu
 /// Writes a multi-platform image index under `tag`.
 pub fn write_multiarch_layout(layout: &Path, tag: &str, images: &[&Image]) {
     let manifests: Vec<serde_json::Value> = images.iter().map(|i| write_image(layout, i)).collect();
-    let index = serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
+    let index =
+        serde_json::json!({"schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": manifests});
     let (digest, size) = put_blob(layout, &serde_json::to_vec(&index).unwrap());
     write_index_json(
         layout,
@@ -417,10 +431,14 @@ pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) {
 
 /// Runs `../shared/treediff.py A B args...`; returns (equal, output).
 pub fn treediff(a: &Path, b: &Path, args: &[&str]) -> (bool, String) {
-    let script = std::env::var("BUX_TREEDIFF").map(PathBuf::from).unwrap_or_else(|_| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/treediff.py")
-    });
-    assert!(script.exists(), "treediff.py not found at {}", script.display());
+    let script = std::env::var("BUX_TREEDIFF")
+        .map(PathBuf::from)
+        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/treediff.py"));
+    assert!(
+        script.exists(),
+        "treediff.py not found at {}",
+        script.display()
+    );
     let out = Command::new("python3")
         .arg(&script)
         .args(args)
@@ -511,7 +529,10 @@ pub struct MountGuard {
 
 impl Drop for MountGuard {
     fn drop(&mut self) {
-        let _ = Command::new(self.bin).arg("umount").arg(&self.path).status();
+        let _ = Command::new(self.bin)
+            .arg("umount")
+            .arg(&self.path)
+            .status();
         // Give the daemon a moment to notice and exit before the directory goes.
         for _ in 0..50 {
             if !is_mounted(&self.path) {
@@ -532,16 +553,30 @@ pub fn is_mounted(path: &Path) -> bool {
 // Raw pushes (artifacts and broken manifests that skopeo would not copy)
 
 /// Pushes blobs and a manifest of any media type straight through the registry API.
-pub fn raw_push(reg: &Registry, repo: &str, tag: &str, blobs: &[Vec<u8>], manifest: &[u8], media_type: &str) {
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+pub fn raw_push(
+    reg: &Registry,
+    repo: &str,
+    tag: &str,
+    blobs: &[Vec<u8>],
+    manifest: &[u8],
+    media_type: &str,
+) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let client = oci_client::Client::new(oci_client::client::ClientConfig {
             protocol: oci_client::client::ClientProtocol::Http,
             ..Default::default()
         });
-        let reference: oci_client::Reference = format!("{}/{repo}:{tag}", reg.host()).parse().unwrap();
+        let reference: oci_client::Reference =
+            format!("{}/{repo}:{tag}", reg.host()).parse().unwrap();
         client
-            .store_auth_if_needed(reference.resolve_registry(), &oci_client::secrets::RegistryAuth::Anonymous)
+            .store_auth_if_needed(
+                reference.resolve_registry(),
+                &oci_client::secrets::RegistryAuth::Anonymous,
+            )
             .await;
         for b in blobs {
             client
