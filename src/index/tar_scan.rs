@@ -82,6 +82,12 @@ pub struct Extent {
 pub const MAX_META_ENTRY: u64 = 1 << 20;
 /// Most extents accepted in one sparse file's map.
 pub const MAX_SPARSE_EXTENTS: usize = 1 << 20;
+/// Most entries accepted in one layer, and most bytes of names, link targets and xattrs: with
+/// them a layer's table stays under ~1.5 GiB of memory however the tar is built (real layers
+/// are far below: a full Debian with toolchains has ~100k entries).
+pub const MAX_ENTRIES: usize = 4_000_000;
+/// See [`MAX_ENTRIES`].
+pub const MAX_METADATA_BYTES: usize = 1 << 30;
 const BLOCK: u64 = 512;
 
 /// Watches the stream under the tar reader: remembers recent 512-byte header blocks (the GNU
@@ -422,9 +428,25 @@ pub fn scan<R: Read>(reader: R, layer: Digest) -> Result<(Vec<TarEntry>, R)> {
         detail: format!("reading tar stream: {e}"),
     };
     let mut entries = archive.entries().map_err(io_err)?;
+    let mut metadata_bytes = 0usize;
     while let Some(entry) = entries.next() {
         let mut entry = entry.map_err(io_err)?;
         if let Some(e) = scan_entry(&mut entry, layer, &recent)? {
+            metadata_bytes += e.path.len()
+                + e.link.len()
+                + e.xattrs
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
+            if out.len() >= MAX_ENTRIES || metadata_bytes > MAX_METADATA_BYTES {
+                return Err(Error::CorruptLayer {
+                    layer,
+                    detail: format!(
+                        "more than {MAX_ENTRIES} entries or {MAX_METADATA_BYTES} bytes of names \
+                         (refused as a tar bomb)"
+                    ),
+                });
+            }
             out.push(e);
         }
     }

@@ -309,6 +309,8 @@ pub struct Image {
     pub layers: Vec<(Vec<u8>, Comp)>,
     pub config: serde_json::Value,
     pub arch: String,
+    /// Overrides the config's diff_ids (to build inconsistent images).
+    pub diff_ids: Option<Vec<String>>,
 }
 
 impl Image {
@@ -321,6 +323,7 @@ impl Image {
                 "WorkingDir": "/"
             }),
             arch: "amd64".into(),
+            diff_ids: None,
         }
     }
 
@@ -334,6 +337,7 @@ impl Image {
                 .collect(),
             config: self.config.clone(),
             arch: self.arch.clone(),
+            diff_ids: self.diff_ids.clone(),
         }
     }
 }
@@ -356,6 +360,9 @@ pub fn write_image(layout: &Path, image: &Image) -> serde_json::Value {
         layer_descs.push(
             serde_json::json!({"mediaType": comp.media_type(), "digest": digest, "size": size}),
         );
+    }
+    if let Some(d) = &image.diff_ids {
+        diff_ids = d.clone();
     }
     let config = serde_json::json!({
         "architecture": image.arch,
