@@ -95,6 +95,33 @@ enum Cmd {
     },
     /// Delete blobs and indexes no stored image refers to.
     Gc,
+    /// Show the store's disk usage: blobs, indexes, per image, shared.
+    Df {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Check credentials for REGISTRY and store them in Docker's config.json.
+    Login {
+        /// Registry host[:port].
+        registry: String,
+        /// User name.
+        #[arg(long, short = 'u')]
+        username: String,
+        /// Read the password from standard input (else $BUX_FUSE_PASSWORD).
+        #[arg(long)]
+        password_stdin: bool,
+        /// Speak plain HTTP to this registry (loopback registries always are).
+        #[arg(long)]
+        insecure: bool,
+    },
+    /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output.
+    Man,
 }
 
 #[derive(Args, Debug, Clone)]
@@ -233,9 +260,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Rm { reference } => {
             let store = open_store(&store_arg)?;
-            let name = crate::pull::normalize_reference(&reference)?;
-            if !store.remove_image(&name)? {
-                bail!("{name}: no such image in the store");
+            if !store.remove(&reference)? {
+                bail!("{reference}: no such image in the store");
             }
             Ok(())
         }
@@ -263,6 +289,69 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
+        Cmd::Df { json } => {
+            let store = open_store(&store_arg)?;
+            let u = store.usage()?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&u)?);
+                return Ok(());
+            }
+            println!("{:10}  {:>10}", "KIND", "SIZE");
+            for (k, v) in [
+                ("blobs", u.blobs),
+                ("indexes", u.indexes),
+                ("seekable", u.seekable),
+                ("trees", u.trees),
+                ("shared", u.shared),
+            ] {
+                println!("{k:10}  {:>10}", human(v));
+            }
+            let width = u.images.iter().map(|i| i.0.len()).max().unwrap_or(0).max(9);
+            println!("\n{:width$}  {:>10}  {:>10}", "REFERENCE", "SIZE", "UNIQUE");
+            for (r, all, unique) in &u.images {
+                println!("{r:width$}  {:>10}  {:>10}", human(*all), human(*unique));
+            }
+            Ok(())
+        }
+        Cmd::Login {
+            registry,
+            username,
+            password_stdin,
+            insecure,
+        } => {
+            let password = read_password(password_stdin)?;
+            let opts = RegistryOptions {
+                credentials: Credentials::Basic {
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+                insecure: if insecure {
+                    vec![registry.clone()]
+                } else {
+                    vec![]
+                },
+            };
+            runtime()?.block_on(crate::registry::verify_login(&registry, &opts))?;
+            let path = crate::registry::save_docker_login(&registry, &username, &password)?;
+            println!("Login Succeeded (credentials stored in {})", path.display());
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            use clap::CommandFactory;
+            clap_complete::generate(
+                shell,
+                &mut Cli::command(),
+                "bux-fuse",
+                &mut std::io::stdout(),
+            );
+            Ok(())
+        }
+        Cmd::Man => {
+            use clap::CommandFactory;
+            clap_mangen::Man::new(Cli::command())
+                .render(&mut std::io::stdout())
+                .context("writing the man page")
+        }
         Cmd::Gc => {
             let store = open_store(&store_arg)?;
             let (files, bytes) = store.gc()?;
@@ -281,17 +370,7 @@ impl PullArgs {
             .transpose()?;
         let credentials = match &self.username {
             Some(user) => {
-                let password = if self.password_stdin {
-                    let mut s = String::new();
-                    std::io::stdin()
-                        .read_to_string(&mut s)
-                        .context("reading password from stdin")?;
-                    s.trim_end_matches(['\n', '\r']).to_string()
-                } else if let Ok(p) = std::env::var("BUX_FUSE_PASSWORD") {
-                    p
-                } else {
-                    bail!("--username needs --password-stdin or $BUX_FUSE_PASSWORD");
-                };
+                let password = read_password(self.password_stdin)?;
                 Credentials::Basic {
                     username: user.clone(),
                     password,
@@ -318,6 +397,20 @@ impl PullArgs {
     }
 }
 
+fn read_password(from_stdin: bool) -> Result<String> {
+    if from_stdin {
+        let mut s = String::new();
+        std::io::stdin()
+            .read_to_string(&mut s)
+            .context("reading password from stdin")?;
+        Ok(s.trim_end_matches(['\n', '\r']).to_string())
+    } else if let Ok(p) = std::env::var("BUX_FUSE_PASSWORD") {
+        Ok(p)
+    } else {
+        bail!("a password is needed: --password-stdin or $BUX_FUSE_PASSWORD")
+    }
+}
+
 fn human(bytes: u64) -> String {
     let mut v = bytes as f64;
     for unit in ["B", "KiB", "MiB", "GiB"] {
@@ -329,44 +422,86 @@ fn human(bytes: u64) -> String {
     format!("{v:.1} TiB")
 }
 
-/// Progress as lines on stderr; on a terminal, byte counts update in place.
+/// Progress on stderr: a bar per layer on a terminal, plain lines otherwise.
 fn progress_printer() -> crate::pull::ProgressFn {
-    let tty = std::io::stderr().is_terminal();
-    Arc::new(move |p: Progress| {
-        let mut err = std::io::stderr().lock();
-        let _ = match p {
-            Progress::Resolved {
-                reference,
-                manifest,
-                layers,
-            } => {
-                let total: u64 = layers.iter().map(|l| l.1).sum();
-                writeln!(
-                    err,
-                    "{reference}: manifest {}, {} layers, {}",
-                    manifest.short(),
-                    layers.len(),
-                    human(total)
-                )
+    if std::io::stderr().is_terminal() {
+        bars()
+    } else {
+        Arc::new(|p: Progress| {
+            if let Some(line) = progress_line(&p) {
+                eprintln!("{line}");
             }
-            Progress::Cached { reference } => writeln!(err, "{reference}: already in the store"),
-            Progress::LayerCached { layer } => writeln!(err, "  {} already stored", layer.short()),
-            Progress::LayerBytes { layer, done, total } if tty => write!(
-                err,
-                "\r  {} {} / {}\x1b[K",
-                layer.short(),
-                human(done),
+        })
+    }
+}
+
+/// The line printed for an event when not on a terminal (byte counts are skipped).
+fn progress_line(p: &Progress) -> Option<String> {
+    Some(match p {
+        Progress::Resolved {
+            reference,
+            manifest,
+            layers,
+        } => {
+            let total: u64 = layers.iter().map(|l| l.1).sum();
+            format!(
+                "{reference}: manifest {}, {} layers, {}",
+                manifest.short(),
+                layers.len(),
                 human(total)
-            ),
-            Progress::LayerBytes { .. } => Ok(()),
-            Progress::LayerDone { layer, entries } => writeln!(
-                err,
-                "{}  {} pulled and indexed ({entries} entries)",
-                if tty { "\r\x1b[K" } else { "" },
-                layer.short()
-            ),
-            Progress::Merged { inodes } => writeln!(err, "  merged tree: {inodes} inodes"),
-        };
+            )
+        }
+        Progress::Cached { reference } => format!("{reference}: already in the store"),
+        Progress::LayerCached { layer } => format!("  {} already stored", layer.short()),
+        Progress::LayerBytes { .. } => return None,
+        Progress::LayerDone { layer, entries } => {
+            format!("  {} pulled and indexed ({entries} entries)", layer.short())
+        }
+        Progress::Merged { inodes } => format!("  merged tree: {inodes} inodes"),
+    })
+}
+
+fn bars() -> crate::pull::ProgressFn {
+    use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
+    let multi = MultiProgress::new();
+    let bars: std::sync::Mutex<std::collections::HashMap<crate::Digest, ProgressBar>> =
+        Default::default();
+    let style = ProgressStyle::with_template(
+        "  {prefix} [{bar:30}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {msg}",
+    )
+    .unwrap_or_else(|_| ProgressStyle::default_bar())
+    .progress_chars("=> ");
+    Arc::new(move |p: Progress| {
+        let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+        match &p {
+            Progress::Resolved { layers, .. } => {
+                let _ = multi.println(progress_line(&p).unwrap_or_default());
+                for (d, size) in layers {
+                    let bar = multi.add(ProgressBar::new(*size));
+                    bar.set_style(style.clone());
+                    bar.set_prefix(d.short());
+                    bars.insert(*d, bar);
+                }
+            }
+            Progress::LayerBytes { layer, done, .. } => {
+                if let Some(b) = bars.get(layer) {
+                    b.set_position(*done);
+                }
+            }
+            Progress::LayerDone { layer, entries } => {
+                if let Some(b) = bars.get(layer) {
+                    b.finish_with_message(format!("indexed, {entries} entries"));
+                }
+            }
+            Progress::LayerCached { layer } => {
+                if let Some(b) = bars.get(layer) {
+                    b.finish_with_message("already stored");
+                }
+            }
+            _ => {
+                let _ = multi.println(progress_line(&p).unwrap_or_default());
+            }
+        }
     })
 }
 

@@ -237,6 +237,12 @@ impl Store {
         self.read_config(&record.config_digest)
     }
 
+    /// Forgets the image `reference` (as the user wrote it); returns whether it was stored.
+    /// Its blobs stay until [`Store::gc`] (other images may share them).
+    pub fn remove(&self, reference: &str) -> Result<bool> {
+        self.remove_image(&normalize_reference(reference)?)
+    }
+
     /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone.
     pub fn tree(&self, record: &ImageRecord) -> Result<Tree> {
         let path = self.tree_path(&record.manifest_digest);

@@ -273,6 +273,66 @@ impl Store {
         self.update_images(|f| f.images.remove(reference).is_some())
     }
 
+    /// Disk usage by kind and by image.
+    pub fn usage(&self) -> Result<Usage> {
+        let mut u = Usage::default();
+        let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        for (dir, slot) in [
+            ("blobs/sha256", 0),
+            ("layers/sha256", 1),
+            ("trees/sha256", 2),
+        ] {
+            let dir = self.root.join(dir);
+            for entry in fs::read_dir(&dir)
+                .ctx(|| format!("listing {}", dir.display()))?
+                .flatten()
+            {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                let name = entry.file_name();
+                let name = name.to_string_lossy();
+                match (slot, name.ends_with(".zst")) {
+                    (0, _) => u.blobs += len,
+                    (1, true) => u.seekable += len,
+                    (1, false) => u.indexes += len,
+                    _ => u.trees += len,
+                }
+            }
+        }
+        let images = self.images()?;
+        let mut users: std::collections::HashMap<Digest, usize> = Default::default();
+        for rec in &images {
+            for l in &rec.layers {
+                *users.entry(l.digest).or_default() += 1;
+            }
+        }
+        let layer_bytes = |d: &Digest| {
+            size(&self.blob_path(d)) + size(&self.index_path(d)) + size(&self.seekable_path(d))
+        };
+        for (d, n) in &users {
+            if *n > 1 {
+                u.shared += layer_bytes(d);
+            }
+        }
+        for rec in images {
+            let tree = size(&self.tree_path(&rec.manifest_digest));
+            let all: u64 = rec
+                .layers
+                .iter()
+                .map(|l| layer_bytes(&l.digest))
+                .sum::<u64>()
+                + tree;
+            let unique: u64 = rec
+                .layers
+                .iter()
+                .filter(|l| users[&l.digest] == 1)
+                .map(|l| layer_bytes(&l.digest))
+                .sum::<u64>()
+                + tree;
+            u.images.push((rec.reference, all, unique));
+        }
+        Ok(u)
+    }
+
     /// Deletes blobs, indexes and trees that no image record refers to, and stale temp files.
     /// Returns (files removed, bytes freed).
     pub fn gc(&self) -> Result<(u64, u64)> {
@@ -304,6 +364,23 @@ impl Store {
         }
         Ok((files, bytes))
     }
+}
+
+/// How the store's disk space is used (see [`Store::usage`]).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct Usage {
+    /// Bytes of blobs (manifests, configs, gzip/tar layers).
+    pub blobs: u64,
+    /// Bytes of layer indexes.
+    pub indexes: u64,
+    /// Bytes of seekable zstd copies.
+    pub seekable: u64,
+    /// Bytes of merged trees.
+    pub trees: u64,
+    /// Per image: (reference, bytes of its layers and tree, bytes no other image shares).
+    pub images: Vec<(String, u64, u64)>,
+    /// Bytes of layers used by more than one image.
+    pub shared: u64,
 }
 
 /// A blob being written: bytes go to a temp file and are hashed; [`BlobWriter::commit`] renames

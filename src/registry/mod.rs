@@ -208,6 +208,57 @@ impl Registry {
     }
 }
 
+/// Checks credentials against `registry` (`host[:port]`): a manifest request for a repository
+/// that need not exist answers 401 to bad credentials and 404 to good ones.
+pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> {
+    let probe = parse_reference(&format!("{registry}/bux-fuse/login-check:probe"))?;
+    match Registry::new(&probe, opts).manifest(&probe).await {
+        Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
+        Err(Error::Unauthorized { detail, .. }) => Err(Error::Unauthorized {
+            reference: registry.to_string(),
+            detail,
+        }),
+        Err(e) => Err(e),
+    }
+}
+
+/// Stores credentials for `registry` in Docker's `config.json` (`$DOCKER_CONFIG`, else
+/// `~/.docker`), keeping everything else in the file; returns the file's path.
+pub fn save_docker_login(
+    registry: &str,
+    username: &str,
+    password: &str,
+) -> Result<std::path::PathBuf> {
+    use base64::Engine as _;
+    let dir = std::env::var_os("DOCKER_CONFIG")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| {
+            std::path::PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into()))
+                .join(".docker")
+        });
+    std::fs::create_dir_all(&dir)
+        .map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
+    let path = dir.join("config.json");
+    let mut config: serde_json::Value = match std::fs::read(&path) {
+        Ok(b) => serde_json::from_slice(&b).map_err(|e| Error::InvalidManifest {
+            what: path.display().to_string(),
+            detail: e.to_string(),
+        })?,
+        Err(_) => serde_json::json!({}),
+    };
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{username}:{password}"));
+    if !config["auths"].is_object() {
+        config["auths"] = serde_json::json!({});
+    }
+    config["auths"][registry] = serde_json::json!({ "auth": auth });
+    let bytes = serde_json::to_vec_pretty(&config)
+        .map_err(|e| Error::io("encoding config.json", e.into()))?;
+    crate::store::write_atomic(&path, &bytes)?;
+    use std::os::unix::fs::PermissionsExt;
+    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    Ok(path)
+}
+
 /// Turns oci-client's errors into ours, naming the image.
 fn map_error(reference: &str, e: OciDistributionError) -> Error {
     let reference = reference.to_string();

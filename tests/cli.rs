@@ -1,0 +1,268 @@
+//! The command line and the library example, against a real registry: listing, inspecting,
+//! removing, garbage collection, disk usage, login, pull policies, concurrent pulls, completions,
+//! the man page, and unmounting a mount whose daemon died.
+
+mod common;
+
+use std::path::PathBuf;
+use std::process::Command;
+
+use common::*;
+
+fn image_with(marker: &str, shared: &[u8]) -> Image {
+    let base = LayerBuilder::new().file("shared.bin", shared).finish();
+    let top = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/marker", marker.as_bytes())
+        .finish();
+    let mut img = Image::new(vec![(base, Comp::Gzip), (top, Comp::Gzip)]);
+    img.config = serde_json::json!({
+        "Entrypoint": ["/bin/app"], "Cmd": ["--serve"], "Env": ["A=1"], "WorkingDir": "/srv",
+        "User": "1000:1000", "ExposedPorts": {"8080/tcp": {}}, "Labels": {"org.example": "yes"}
+    });
+    img
+}
+
+fn push(reg: &Registry, repo: &str, img: &Image) -> String {
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", img);
+    reg.push(&work.path().join("l"), "v1", repo, None);
+    format!("{}/{repo}:v1", reg.host())
+}
+
+#[test]
+fn images_inspect_rm_gc_df() {
+    let reg = Registry::start();
+    let shared = test_bytes(200_000, 3);
+    let a = push(&reg, "t/a", &image_with("a", &shared));
+    let b = push(&reg, "t/b", &image_with("b", &shared));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &a]);
+    let out = bux.run(&["pull", &b]);
+    let progress = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        progress.contains("already stored"),
+        "shared layer fetched twice: {progress}"
+    );
+
+    let table = bux.ok(&["images"]);
+    assert!(
+        table.starts_with("REFERENCE") && table.contains(&a) && table.contains(&b),
+        "{table}"
+    );
+    let json: serde_json::Value = serde_json::from_str(&bux.ok(&["images", "--json"])).unwrap();
+    assert_eq!(json.as_array().unwrap().len(), 2);
+
+    let inspect = bux.ok(&["inspect", &a]);
+    for want in [
+        "[\"/bin/app\"]",
+        "[\"--serve\"]",
+        "/srv",
+        "1000:1000",
+        "A=1",
+    ] {
+        assert!(inspect.contains(want), "{want} missing: {inspect}");
+    }
+    let cfg: serde_json::Value = serde_json::from_str(&bux.ok(&["inspect", "--json", &a])).unwrap();
+    assert_eq!(cfg["config"]["Labels"]["org.example"], "yes");
+    assert!(cfg["config"]["ExposedPorts"]["8080/tcp"].is_object());
+
+    let df = bux.ok(&["df"]);
+    assert!(df.contains("shared") && df.contains(&a), "{df}");
+    let usage: serde_json::Value = serde_json::from_str(&bux.ok(&["df", "--json"])).unwrap();
+    assert!(usage["shared"].as_u64().unwrap() > 0);
+
+    bux.ok(&["rm", &a]);
+    assert!(bux.fails(&["rm", &a]).contains("no such image"));
+    let gc = bux.ok(&["gc"]);
+    assert!(gc.contains("removed"), "{gc}");
+    // b still mounts and reads after a's removal + gc (the shared layer stayed).
+    let m = bux.mount(&b);
+    assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), shared);
+    drop(m);
+    bux.ok(&["rm", &b]);
+    bux.ok(&["gc"]);
+    let blobs = std::fs::read_dir(bux.store.path().join("blobs/sha256"))
+        .unwrap()
+        .count();
+    let layers = std::fs::read_dir(bux.store.path().join("layers/sha256"))
+        .unwrap()
+        .count();
+    assert_eq!((blobs, layers), (0, 0));
+}
+
+#[test]
+fn pull_policies_and_concurrent_pulls() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/policy", &image_with("p", &test_bytes(3 << 20, 5)));
+    let bux = Bux::new();
+    assert!(bux
+        .fails(&["pull", "--pull", "never", &r])
+        .contains("not found"));
+    // Two processes pulling the same image at once into one store.
+    let kids: Vec<_> = (0..3)
+        .map(|_| bux.cmd().args(["pull", "-q", &r]).spawn().unwrap())
+        .collect();
+    for mut k in kids {
+        assert!(k.wait().unwrap().success());
+    }
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&bux.ok(&["images", "--json"]))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    bux.ok(&["pull", "--pull", "never", &r]);
+    let out = bux.run(&["pull", "--pull", "always", &r]);
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already stored"));
+    let m = bux.mount(&r);
+    assert_eq!(
+        std::fs::read(m.path.join("shared.bin")).unwrap(),
+        test_bytes(3 << 20, 5)
+    );
+}
+
+#[test]
+fn login_stores_docker_credentials() {
+    let reg = Registry::start_with_auth("bob", "pw");
+    let r = push_auth(&reg);
+    let bux = Bux::new();
+    let cfg = tempfile::tempdir().unwrap();
+    let bad = bux
+        .cmd()
+        .args(["login", &reg.host(), "-u", "bob"])
+        .env("BUX_FUSE_PASSWORD", "nope")
+        .env("DOCKER_CONFIG", cfg.path())
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("unauthorized"));
+    assert!(!cfg.path().join("config.json").exists());
+    let ok = bux
+        .cmd()
+        .args(["login", &reg.host(), "-u", "bob"])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .env("DOCKER_CONFIG", cfg.path())
+        .output()
+        .unwrap();
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    let out = bux
+        .cmd()
+        .args(["pull", "-q", &r])
+        .env("DOCKER_CONFIG", cfg.path())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+fn push_auth(reg: &Registry) -> String {
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image_with("x", b"x"));
+    reg.push(
+        &work.path().join("l"),
+        "v1",
+        "t/private",
+        Some(("bob", "pw")),
+    );
+    format!("{}/t/private:v1", reg.host())
+}
+
+#[test]
+fn umount_clears_a_mount_whose_daemon_died() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/dead", &image_with("d", b"d"));
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux.run(&["mount", &r, mnt.to_str().unwrap()]);
+    assert!(out.status.success() && is_mounted(&mnt));
+    // Kill the daemon serving it (mount names its pid).
+    let said = String::from_utf8_lossy(&out.stderr).into_owned();
+    let pid = said
+        .split("daemon pid ")
+        .nth(1)
+        .and_then(|s| s.split(';').next())
+        .expect("daemon pid")
+        .to_string();
+    Command::new("kill").args(["-9", &pid]).status().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    let err = std::fs::read_dir(&mnt).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    bux.ok(&["umount", mnt.to_str().unwrap()]);
+    assert!(!is_mounted(&mnt));
+    // And the mount point is usable again.
+    bux.ok(&["mount", &r, mnt.to_str().unwrap()]);
+    assert_eq!(std::fs::read(mnt.join("etc/marker")).unwrap(), b"d");
+    bux.ok(&["umount", mnt.to_str().unwrap()]);
+    assert!(bux
+        .fails(&["umount", mnt.to_str().unwrap()])
+        .contains("not a mount point"));
+}
+
+#[test]
+fn help_completions_and_man_page() {
+    let bux = Bux::new();
+    let help = bux.ok(&["mount", "--help"]);
+    assert!(
+        help.contains("read-only") && help.contains("--foreground"),
+        "{help}"
+    );
+    for shell in ["bash", "zsh", "fish"] {
+        let script = bux.ok(&["completions", shell]);
+        assert!(
+            script.contains("bux-fuse") && script.contains("umount"),
+            "{shell}"
+        );
+    }
+    let man = bux.ok(&["man"]);
+    assert!(man.contains(".TH bux-fuse") && man.contains("mount"));
+    let bad = bux.run(&["mount"]);
+    assert_eq!(bad.status.code(), Some(2));
+}
+
+#[test]
+fn library_example_pulls_mounts_reads_unmounts() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/example", &image_with("from the example", b"s"));
+    let exe: PathBuf = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples/pull_and_read");
+    assert!(
+        exe.exists(),
+        "build the example first (cargo build --examples): {}",
+        exe.display()
+    );
+    let store = tempfile::tempdir().unwrap();
+    let out = Command::new(&exe)
+        .args([&r, "/etc/marker"])
+        .env("BUX_FUSE_HOME", store.path())
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}{}",
+        stdout,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("from the example") && stdout.contains("cmd: Some([\"--serve\"])"),
+        "{stdout}"
+    );
+    assert!(!is_mounted(&std::env::temp_dir()), "example left a mount");
+}
