@@ -204,9 +204,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
-            let image = runtime()?
-                .block_on(store.pull(&reference, &opts))
-                .with_context(|| format!("pulling {reference}"))?;
+            let image = runtime()?.block_on(store.pull(&reference, &opts))?;
             let mopts = crate::MountOptions {
                 threads,
                 cache_bytes: cache_mb << 20,

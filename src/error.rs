@@ -154,6 +154,7 @@ impl Error {
             | Error::Registry { .. }
             | Error::UnsupportedMediaType { .. }
             | Error::NoMatchingPlatform { .. }) => e,
+            e if e.to_string().starts_with(reference) => e,
             e => Error::Image {
                 reference: reference.to_string(),
                 inner: Box::new(e),

@@ -36,6 +36,7 @@ pub mod index;
 pub mod mount;
 pub mod pull;
 pub mod registry;
+pub mod source;
 pub mod store;
 pub mod tree;
 

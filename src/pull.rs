@@ -16,7 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::index::{self, Compression, LayerIndex};
 use crate::registry::manifest::{self, Descriptor, ImageConfig, ManifestOrIndex, Platform};
-use crate::registry::{self, Registry, RegistryOptions};
+use crate::registry::RegistryOptions;
+use crate::source::{Location, Source};
 use crate::store::{ImageRecord, LayerRecord};
 use crate::tree::{self, Tree};
 use crate::{Digest, Error, Result, Store};
@@ -135,7 +136,7 @@ pub struct PulledImage {
 
 /// Normalizes a user's reference the way the store keys it.
 pub fn normalize_reference(reference: &str) -> Result<String> {
-    Ok(registry::parse_reference(reference)?.whole())
+    Ok(Location::parse(reference)?.key())
 }
 
 /// Feeds downloaded chunks to the blocking indexer as a `Read`.
@@ -184,8 +185,8 @@ struct LayerJob {
 impl Store {
     /// Pulls `reference` according to `opts` and returns it ready to mount.
     pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
-        let parsed = registry::parse_reference(reference)?;
-        let name = parsed.whole();
+        let parsed = Location::parse(reference)?;
+        let name = parsed.key();
         if opts.policy != PullPolicy::Always {
             if let Some(record) = self.image(&name)? {
                 if self.tree_path(&record.manifest_digest).exists() {
@@ -202,7 +203,7 @@ impl Store {
                 });
             }
         }
-        self.pull_from_registry(&parsed, opts)
+        self.pull_from_source(&parsed, opts)
             .await
             .map_err(|e| e.for_image(&name))
     }
@@ -259,17 +260,13 @@ impl Store {
         Ok(tree)
     }
 
-    async fn pull_from_registry(
-        &self,
-        reference: &oci_client::Reference,
-        opts: &PullOptions,
-    ) -> Result<PulledImage> {
-        let name = reference.whole();
-        let reg = Arc::new(Registry::new(reference, &opts.registry));
+    async fn pull_from_source(&self, loc: &Location, opts: &PullOptions) -> Result<PulledImage> {
+        let name = loc.key();
+        let reg = Arc::new(Source::open(loc, &opts.registry)?);
         let want = opts.platform.clone().unwrap_or_else(Platform::host);
 
         // Manifest, through an index if there is one.
-        let (mut bytes, mut digest) = reg.manifest(reference).await?;
+        let (mut bytes, mut digest) = reg.top_manifest().await?;
         let mut parsed = parse_manifest(&bytes, &name)?;
         if parsed.is_index() {
             let entries = parsed.manifests.clone().unwrap_or_default();
@@ -280,8 +277,8 @@ impl Store {
                     available: manifest::offered(&entries),
                 })?;
             self.put_blob(&digest, &bytes, "image index")?;
-            let by_digest = reference.clone_with_digest(chosen.digest.clone());
-            (bytes, digest) = reg.manifest(&by_digest).await?;
+            digest = parse_digest(&chosen.digest, &name)?;
+            bytes = reg.manifest_by_digest(&digest).await?;
             parsed = parse_manifest(&bytes, &name)?;
             if parsed.is_index() {
                 return Err(Error::InvalidManifest {
@@ -416,7 +413,7 @@ impl Store {
     /// Makes sure a layer's blob and index are in the store, fetching and indexing it if not.
     async fn ensure_layer(
         &self,
-        reg: Arc<Registry>,
+        reg: Arc<Source>,
         job: &LayerJob,
         opts: &PullOptions,
     ) -> Result<()> {

@@ -37,6 +37,19 @@ pub struct Descriptor {
     /// Platform (index entries only).
     #[serde(default)]
     pub platform: Option<Platform>,
+    /// Annotations.
+    #[serde(default)]
+    pub annotations: Option<std::collections::BTreeMap<String, String>>,
+}
+
+impl Descriptor {
+    /// The `org.opencontainers.image.ref.name` annotation (a tag in an OCI layout).
+    pub fn ref_name(&self) -> Option<&str> {
+        self.annotations
+            .as_ref()?
+            .get("org.opencontainers.image.ref.name")
+            .map(String::as_str)
+    }
 }
 
 /// An image manifest or an index, told apart by which fields it has.
@@ -241,6 +254,7 @@ mod tests {
             digest: format!("sha256:{p}"),
             size: 1,
             platform: Some(p.parse().unwrap()),
+            annotations: None,
         }
     }
 

@@ -1,0 +1,407 @@
+//! Where an image comes from: a registry, an OCI image layout directory (`oci:PATH[:TAG]`), or
+//! a `docker save` / skopeo docker-archive tarball (`docker-archive:PATH[:NAME[:TAG]]`). All
+//! three answer the same questions — the top manifest, manifests and small blobs by digest, a
+//! blob as a stream — so a pull from any of them stores, indexes and mounts the same way.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io::{self, Read};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use futures_util::stream::{self, BoxStream, StreamExt};
+use serde::Deserialize;
+
+use crate::registry::manifest::{self, OCI_MANIFEST};
+use crate::registry::{self, Registry, RegistryOptions};
+use crate::{Digest, Error, Result};
+
+const CHUNK: u64 = 1 << 20;
+
+/// A parsed image location.
+#[derive(Debug, Clone)]
+pub enum Location {
+    /// A registry reference.
+    Registry(oci_client::Reference),
+    /// An OCI image layout directory and an optional tag (`org.opencontainers.image.ref.name`).
+    Layout {
+        /// The layout directory (absolute).
+        path: PathBuf,
+        /// The tag, if given.
+        tag: Option<String>,
+    },
+    /// A docker-archive tarball and an optional `name:tag` from its `RepoTags`.
+    Archive {
+        /// The tarball (absolute).
+        path: PathBuf,
+        /// The image within it, if given.
+        name: Option<String>,
+    },
+}
+
+impl Location {
+    /// Parses `oci:PATH[:TAG]`, `docker-archive:PATH[:NAME:TAG]` or a registry reference.
+    pub fn parse(s: &str) -> Result<Location> {
+        let abs = |p: &str| {
+            std::path::absolute(p).map_err(|e| Error::InvalidReference {
+                reference: s.to_string(),
+                detail: format!("bad path: {e}"),
+            })
+        };
+        if let Some(rest) = s.strip_prefix("oci:") {
+            let (path, tag) = match rest.rsplit_once(':') {
+                Some((p, t)) if !t.contains('/') && !p.is_empty() => (p, Some(t.to_string())),
+                _ => (rest, None),
+            };
+            return Ok(Location::Layout {
+                path: abs(path)?,
+                tag,
+            });
+        }
+        if let Some(rest) = s.strip_prefix("docker-archive:") {
+            // The path ends at the first ':' after which a name follows.
+            let (path, name) = match rest.split_once(':') {
+                Some((p, n)) if !n.is_empty() => (p, Some(n.to_string())),
+                _ => (rest, None),
+            };
+            return Ok(Location::Archive {
+                path: abs(path)?,
+                name,
+            });
+        }
+        Ok(Location::Registry(registry::parse_reference(s)?))
+    }
+
+    /// The canonical name the store records the image under.
+    pub fn key(&self) -> String {
+        match self {
+            Location::Registry(r) => r.whole(),
+            Location::Layout { path, tag } => match tag {
+                Some(t) => format!("oci:{}:{t}", path.display()),
+                None => format!("oci:{}", path.display()),
+            },
+            Location::Archive { path, name } => match name {
+                Some(n) => format!("docker-archive:{}:{n}", path.display()),
+                None => format!("docker-archive:{}", path.display()),
+            },
+        }
+    }
+}
+
+/// An open image source.
+pub enum Source {
+    /// A registry.
+    Registry(Registry, oci_client::Reference),
+    /// An OCI layout directory.
+    Layout(PathBuf, Option<String>),
+    /// A docker-archive tarball, with its members located.
+    Archive(Arc<Archive>),
+}
+
+/// A docker-archive tarball: where each member's bytes are, and the manifest synthesized from
+/// its `manifest.json`.
+pub struct Archive {
+    file: File,
+    members: HashMap<String, (u64, u64)>,
+    manifest: Vec<u8>,
+    blobs: HashMap<Digest, String>,
+}
+
+#[derive(Deserialize)]
+#[serde(rename_all = "PascalCase")]
+struct ArchiveEntry {
+    config: String,
+    #[serde(default)]
+    repo_tags: Option<Vec<String>>,
+    layers: Vec<String>,
+}
+
+impl Source {
+    /// Opens the source at `loc`.
+    pub fn open(loc: &Location, opts: &RegistryOptions) -> Result<Source> {
+        Ok(match loc {
+            Location::Registry(r) => Source::Registry(Registry::new(r, opts), r.clone()),
+            Location::Layout { path, tag } => {
+                if !path.join("index.json").exists() {
+                    return Err(Error::NotFound {
+                        reference: loc.key(),
+                        detail: " (no index.json: not an OCI image layout)".into(),
+                    });
+                }
+                Source::Layout(path.clone(), tag.clone())
+            }
+            Location::Archive { path, name } => {
+                Source::Archive(Arc::new(Archive::open(path, name.as_deref(), &loc.key())?))
+            }
+        })
+    }
+
+    /// The manifest (or index) the location names: its bytes and digest.
+    pub async fn top_manifest(&self) -> Result<(Vec<u8>, Digest)> {
+        match self {
+            Source::Registry(reg, r) => reg.manifest(r).await,
+            Source::Layout(path, tag) => {
+                let index = std::fs::read(path.join("index.json"))
+                    .map_err(|e| Error::io(format!("reading {}/index.json", path.display()), e))?;
+                let index: manifest::ManifestOrIndex =
+                    serde_json::from_slice(&index).map_err(|e| Error::InvalidManifest {
+                        what: format!("{}/index.json", path.display()),
+                        detail: e.to_string(),
+                    })?;
+                let entries = index.manifests.unwrap_or_default();
+                let chosen = match tag {
+                    Some(t) => entries.iter().find(|d| d.ref_name() == Some(t.as_str())),
+                    None if entries.len() == 1 => entries.first(),
+                    None => None,
+                };
+                let d = chosen.ok_or_else(|| Error::NotFound {
+                    reference: format!("oci:{}", path.display()),
+                    detail: match tag {
+                        Some(t) => format!(" (no manifest tagged {t:?})"),
+                        None => " (several manifests: name one with :TAG)".into(),
+                    },
+                })?;
+                let digest: Digest = d.digest.parse().map_err(|e| Error::InvalidManifest {
+                    what: format!("{}/index.json", path.display()),
+                    detail: format!("{e}"),
+                })?;
+                Ok((self.small_blob(&digest, 16 << 20).await?, digest))
+            }
+            Source::Archive(a) => Ok((a.manifest.clone(), Digest::of(&a.manifest))),
+        }
+    }
+
+    /// A manifest by digest (verified).
+    pub async fn manifest_by_digest(&self, digest: &Digest) -> Result<Vec<u8>> {
+        match self {
+            Source::Registry(reg, r) => Ok(reg
+                .manifest(&r.clone_with_digest(digest.to_string()))
+                .await?
+                .0),
+            _ => self.small_blob(digest, 16 << 20).await,
+        }
+    }
+
+    /// A small blob, whole and verified.
+    pub async fn small_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
+        if let Source::Registry(reg, _) = self {
+            return reg.small_blob(digest, max).await;
+        }
+        let mut out = Vec::new();
+        let mut s = self.blob_stream(digest).await?;
+        while let Some(chunk) = s.next().await {
+            out.extend_from_slice(&chunk.map_err(|e| Error::io(format!("reading {digest}"), e))?);
+            if out.len() as u64 > max {
+                return Err(Error::InvalidManifest {
+                    what: format!("blob {digest}"),
+                    detail: format!("larger than {max} bytes"),
+                });
+            }
+        }
+        let actual = Digest::of(&out);
+        if actual != *digest {
+            return Err(Error::DigestMismatch {
+                what: format!("blob {digest}"),
+                expected: *digest,
+                actual,
+            });
+        }
+        Ok(out)
+    }
+
+    /// A blob as a stream of chunks (verified by the store as it is written).
+    pub async fn blob_stream(
+        &self,
+        digest: &Digest,
+    ) -> Result<BoxStream<'static, io::Result<bytes::Bytes>>> {
+        match self {
+            Source::Registry(reg, _) => reg.blob_stream(digest).await,
+            Source::Layout(path, _) => {
+                let p = path.join("blobs/sha256").join(digest.hex());
+                let file = File::open(&p).map_err(|e| match e.kind() {
+                    io::ErrorKind::NotFound => Error::NotFound {
+                        reference: format!("oci:{}", path.display()),
+                        detail: format!(" (blob {digest} is missing)"),
+                    },
+                    _ => Error::io(format!("opening {}", p.display()), e),
+                })?;
+                let len = file
+                    .metadata()
+                    .map_err(|e| Error::io("stat blob", e))?
+                    .len();
+                Ok(range_stream(Arc::new(file), 0, len))
+            }
+            Source::Archive(a) => {
+                let member = a.blobs.get(digest).ok_or_else(|| Error::NotFound {
+                    reference: "docker-archive".into(),
+                    detail: format!(" (blob {digest} is not in the archive)"),
+                })?;
+                let (off, len) = a.members[member];
+                Ok(range_stream(
+                    Arc::new(a.file.try_clone().map_err(|e| Error::io("dup", e))?),
+                    off,
+                    len,
+                ))
+            }
+        }
+    }
+}
+
+/// Streams `len` bytes of `file` from `off`, in chunks read off the async threads.
+fn range_stream(
+    file: Arc<File>,
+    off: u64,
+    len: u64,
+) -> BoxStream<'static, io::Result<bytes::Bytes>> {
+    stream::unfold(0u64, move |done| {
+        let file = file.clone();
+        async move {
+            if done >= len {
+                return None;
+            }
+            let n = CHUNK.min(len - done);
+            let res = tokio::task::spawn_blocking(move || {
+                let mut buf = vec![0u8; n as usize];
+                file.read_exact_at(&mut buf, off + done)
+                    .map(|_| bytes::Bytes::from(buf))
+            })
+            .await
+            .unwrap_or_else(|e| Err(io::Error::other(e)));
+            let next = if res.is_ok() { done + n } else { len };
+            Some((res, next))
+        }
+    })
+    .boxed()
+}
+
+impl Archive {
+    fn open(path: &Path, name: Option<&str>, key: &str) -> Result<Archive> {
+        let err = |detail: String| Error::InvalidManifest {
+            what: key.to_string(),
+            detail,
+        };
+        let file =
+            File::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
+        // Locate every member (the archive is an uncompressed tar: seekable, nothing buffered).
+        let mut members = HashMap::new();
+        {
+            let mut ar = tar::Archive::new(&file);
+            for entry in ar
+                .entries_with_seek()
+                .map_err(|e| err(format!("not a tar archive: {e}")))?
+            {
+                let entry = entry.map_err(|e| err(format!("reading the archive: {e}")))?;
+                let name = String::from_utf8_lossy(&entry.path_bytes())
+                    .trim_start_matches("./")
+                    .to_string();
+                members.insert(name, (entry.raw_file_position(), entry.size()));
+            }
+        }
+        let read_member = |name: &str, max: u64| -> Result<Vec<u8>> {
+            let &(off, len) = members
+                .get(name.trim_start_matches("./"))
+                .ok_or_else(|| err(format!("member {name:?} is missing")))?;
+            if len > max {
+                return Err(err(format!("member {name:?} is larger than {max} bytes")));
+            }
+            let mut buf = vec![0u8; len as usize];
+            file.read_exact_at(&mut buf, off)
+                .map_err(|e| Error::io(format!("reading {name}"), e))?;
+            Ok(buf)
+        };
+        let list: Vec<ArchiveEntry> =
+            serde_json::from_slice(&read_member("manifest.json", 16 << 20)?)
+                .map_err(|e| err(format!("manifest.json: {e}")))?;
+        let entry = match name {
+            Some(n) => list
+                .iter()
+                .find(|e| e.repo_tags.iter().flatten().any(|t| same_name(t, n)))
+                .ok_or_else(|| err(format!("no image tagged {n:?} in the archive")))?,
+            None => list
+                .first()
+                .ok_or_else(|| err("manifest.json lists no image".into()))?,
+        };
+        let config = read_member(&entry.config, 16 << 20)?;
+        let config_digest = Digest::of(&config);
+        let mut blobs = HashMap::from([(
+            config_digest,
+            entry.config.trim_start_matches("./").to_string(),
+        )]);
+        let mut layers = Vec::new();
+        for l in &entry.layers {
+            let l = l.trim_start_matches("./").to_string();
+            let &(off, len) = members
+                .get(&l)
+                .ok_or_else(|| err(format!("layer {l:?} is missing")))?;
+            let digest = match l
+                .strip_prefix("blobs/sha256/")
+                .and_then(|h| format!("sha256:{h}").parse().ok())
+            {
+                Some(d) => d,
+                None => {
+                    hash_range(&file, off, len).map_err(|e| Error::io(format!("hashing {l}"), e))?
+                }
+            };
+            let mut magic = [0u8; 4];
+            let _ = file.read_at(&mut magic, off);
+            let media_type = if magic[..2] == [0x1f, 0x8b] {
+                "application/vnd.oci.image.layer.v1.tar+gzip"
+            } else if magic == [0x28, 0xb5, 0x2f, 0xfd] {
+                "application/vnd.oci.image.layer.v1.tar+zstd"
+            } else {
+                "application/vnd.oci.image.layer.v1.tar"
+            };
+            layers.push(serde_json::json!({"mediaType": media_type, "digest": digest.to_string(), "size": len}));
+            blobs.insert(digest, l);
+        }
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": OCI_MANIFEST,
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest.to_string(), "size": config.len()},
+            "layers": layers,
+        }))
+        .map_err(|e| err(e.to_string()))?;
+        Ok(Archive {
+            file,
+            members,
+            manifest,
+            blobs,
+        })
+    }
+}
+
+/// Whether two image names are the same once normalized (`app:v1` = `docker.io/library/app:v1`).
+fn same_name(a: &str, b: &str) -> bool {
+    a == b
+        || match (registry::parse_reference(a), registry::parse_reference(b)) {
+            (Ok(x), Ok(y)) => x.whole() == y.whole(),
+            _ => false,
+        }
+}
+
+fn hash_range(file: &File, off: u64, len: u64) -> io::Result<Digest> {
+    let mut h = crate::digest::Hasher::default();
+    let mut r = io::Read::take(PosRead { file, pos: off }, len);
+    let mut buf = vec![0u8; CHUNK as usize];
+    loop {
+        let n = r.read(&mut buf)?;
+        if n == 0 {
+            return Ok(h.finish());
+        }
+        h.update(&buf[..n]);
+    }
+}
+
+struct PosRead<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for PosRead<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}

@@ -1,0 +1,90 @@
+//! Local image sources beside registries: an OCI image layout directory and a docker-archive
+//! tarball (written by skopeo, as `docker save` would) pull, index and mount like a registry image.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+
+fn image() -> Image {
+    let l1 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/hello", b"from a local source\n")
+        .finish();
+    let l2 = LayerBuilder::new()
+        .whiteout("etc", "gone")
+        .file("data.bin", &test_bytes(2 << 20, 4))
+        .finish();
+    Image::new(vec![(l1, Comp::Gzip), (l2, Comp::Zstd)])
+}
+
+#[test]
+fn oci_layout_directory() {
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "v1", &image());
+    let bux = Bux::new();
+    let r = format!("oci:{}:v1", layout.display());
+    bux.ok(&["pull", "-q", &r]);
+    let images = bux.ok(&["images"]);
+    assert!(images.contains(&r), "{images}");
+    let m = bux.mount(&r);
+    assert_eq!(
+        std::fs::read(m.path.join("etc/hello")).unwrap(),
+        b"from a local source\n"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("data.bin")).unwrap(),
+        test_bytes(2 << 20, 4)
+    );
+    drop(m);
+    // A layout with a single image needs no tag; a missing tag is a clear error.
+    bux.ok(&["pull", "-q", &format!("oci:{}", layout.display())]);
+    let err = bux.fails(&["pull", &format!("oci:{}:nope", layout.display())]);
+    assert!(err.contains("no manifest tagged \"nope\""), "{err}");
+    let err = bux.fails(&["pull", &format!("oci:{}/missing", work.path().display())]);
+    assert!(err.contains("not an OCI image layout"), "{err}");
+}
+
+#[test]
+fn docker_archive_tarball() {
+    need("skopeo");
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "v1", &image().as_gzip()); // docker-archive holds no zstd
+    let archive = work.path().join("image.tar");
+    let st = Command::new("skopeo")
+        .args([
+            "copy",
+            &format!("oci:{}:v1", layout.display()),
+            &format!("docker-archive:{}:example/app:v1", archive.display()),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let bux = Bux::new();
+    for r in [
+        format!("docker-archive:{}", archive.display()),
+        format!("docker-archive:{}:example/app:v1", archive.display()),
+    ] {
+        let m = bux.mount(&r);
+        assert_eq!(
+            std::fs::read(m.path.join("etc/hello")).unwrap(),
+            b"from a local source\n"
+        );
+        assert_eq!(
+            std::fs::read(m.path.join("data.bin")).unwrap(),
+            test_bytes(2 << 20, 4)
+        );
+    }
+    let err = bux.fails(&[
+        "pull",
+        &format!("docker-archive:{}:other:tag", archive.display()),
+    ]);
+    assert!(err.contains("no image tagged"), "{err}");
+}
