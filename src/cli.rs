@@ -61,7 +61,7 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// Memory for decompressed spans, in MiB.
-        #[arg(long, default_value_t = 64, value_name = "MIB")]
+        #[arg(long, default_value_t = 24, value_name = "MIB")]
         cache_mb: usize,
         /// Internal: tell the parent process when the mount is live.
         #[arg(long, hide = true)]

@@ -33,6 +33,9 @@ pub struct ImageFs {
     layers: Vec<LayerReader>,
     cache: Arc<SpanCache>,
     statfs: (u64, u64),
+    /// The kernel agreed to skip open/opendir (and release) round trips: with no open support
+    /// it caches pages and directory listings by default, which suits an immutable tree.
+    no_open: bool,
 }
 
 impl ImageFs {
@@ -49,6 +52,7 @@ impl ImageFs {
             layers,
             cache,
             statfs: (blocks, files),
+            no_open: false,
         }
     }
 
@@ -194,6 +198,10 @@ impl Filesystem for ImageFs {
         let _ = config
             .set_max_readahead(1 << 20)
             .or_else(|max| config.set_max_readahead(max));
+        // Answering ENOSYS to open/opendir is all "no open" takes, where the kernel offers it.
+        let caps = config.capabilities();
+        self.no_open = caps.contains(InitFlags::FUSE_NO_OPEN_SUPPORT)
+            && caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())
     }
 
@@ -226,6 +234,10 @@ impl Filesystem for ImageFs {
         if !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY) || flags.0 & libc::O_TRUNC != 0 {
             return reply.error(Errno::EROFS);
         }
+        if self.no_open {
+            // The mount is read-only (MS_RDONLY): the VFS refuses writable opens before us.
+            return reply.error(Errno::ENOSYS);
+        }
         match self.inode(ino) {
             Ok(i) if i.kind == EntryKind::Dir => reply.error(Errno::EISDIR),
             Ok(_) => reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE),
@@ -254,6 +266,9 @@ impl Filesystem for ImageFs {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open {
+            return reply.error(Errno::ENOSYS);
+        }
         match self.inode(ino) {
             Ok(i) if i.kind == EntryKind::Dir => reply.opened(
                 FileHandle(0),

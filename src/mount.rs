@@ -34,7 +34,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             threads: 4,
-            cache_bytes: 64 << 20,
+            cache_bytes: 24 << 20,
             // SAFETY: geteuid has no preconditions.
             allow_other: unsafe { libc::geteuid() } == 0,
         }

@@ -22,8 +22,8 @@ const CHUNK: u64 = 1 << 20;
 /// A parsed image location.
 #[derive(Debug, Clone)]
 pub enum Location {
-    /// A registry reference.
-    Registry(oci_client::Reference),
+    /// A registry reference, normalized (`registry/repository[:tag][@digest]`).
+    Registry(String),
     /// An OCI image layout directory and an optional tag (`org.opencontainers.image.ref.name`).
     Layout {
         /// The layout directory (absolute).
@@ -70,13 +70,18 @@ impl Location {
                 name,
             });
         }
-        Ok(Location::Registry(registry::parse_reference(s)?))
+        // The full grammar check compiles a large regex (~80 ms): only pay it when the quick
+        // normalization cannot vouch for the string.
+        match quick_normalize(s) {
+            Some(n) => Ok(Location::Registry(n)),
+            None => Ok(Location::Registry(registry::parse_reference(s)?.whole())),
+        }
     }
 
     /// The canonical name the store records the image under.
     pub fn key(&self) -> String {
         match self {
-            Location::Registry(r) => r.whole(),
+            Location::Registry(r) => r.clone(),
             Location::Layout { path, tag } => match tag {
                 Some(t) => format!("oci:{}:{t}", path.display()),
                 None => format!("oci:{}", path.display()),
@@ -87,6 +92,79 @@ impl Location {
             },
         }
     }
+}
+
+/// Normalizes a plain reference as Docker does (`debian` → `docker.io/library/debian:latest`)
+/// without the regex, for strings made only of the common characters; `None` means "let the
+/// full parser decide".
+pub fn quick_normalize(s: &str) -> Option<String> {
+    let (name, digest) = match s.split_once('@') {
+        Some((n, d)) => {
+            let hex = d.strip_prefix("sha256:")?;
+            if hex.len() != 64
+                || !hex
+                    .bytes()
+                    .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+            {
+                return None;
+            }
+            (n, Some(d))
+        }
+        None => (s, None),
+    };
+    let (path, tag) = match name.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t)),
+        _ => (name, None),
+    };
+    if let Some(t) = tag {
+        let ok = |b: u8| b.is_ascii_alphanumeric() || b == b'_' || b == b'.' || b == b'-';
+        if t.is_empty()
+            || t.len() > 128
+            || !t.bytes().all(ok)
+            || !t.as_bytes()[0].is_ascii_alphanumeric() && t.as_bytes()[0] != b'_'
+        {
+            return None;
+        }
+    }
+    let (domain, repo) = match path.split_once('/') {
+        Some((d, r)) if d.contains('.') || d.contains(':') || d == "localhost" => {
+            (d, r.to_string())
+        }
+        _ => ("docker.io", path.to_string()),
+    };
+    let domain_ok = !domain.is_empty()
+        && domain
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'.' || b == b'-' || b == b':')
+        && !domain.starts_with(['.', '-', ':']);
+    let component_ok = |c: &str| {
+        !c.is_empty()
+            && c.bytes().all(|b| {
+                b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'.' || b == b'_' || b == b'-'
+            })
+            && c.as_bytes()[0].is_ascii_alphanumeric()
+            && c.as_bytes()[c.len() - 1].is_ascii_alphanumeric()
+            && !c.contains("..")
+            && !c.contains("___")
+    };
+    if !domain_ok || repo.is_empty() || !repo.split('/').all(component_ok) || s.len() > 255 {
+        return None;
+    }
+    let repo = if domain == "docker.io" && !repo.contains('/') {
+        format!("library/{repo}")
+    } else {
+        repo
+    };
+    let mut out = format!("{domain}/{repo}");
+    match (tag, digest) {
+        (Some(t), _) => out.push_str(&format!(":{t}")),
+        (None, None) => out.push_str(":latest"),
+        _ => {}
+    }
+    if let Some(d) = digest {
+        out.push_str(&format!("@{d}"));
+    }
+    Some(out)
 }
 
 /// An open image source.
@@ -121,7 +199,10 @@ impl Source {
     /// Opens the source at `loc`.
     pub fn open(loc: &Location, opts: &RegistryOptions) -> Result<Source> {
         Ok(match loc {
-            Location::Registry(r) => Source::Registry(Registry::new(r, opts), r.clone()),
+            Location::Registry(r) => {
+                let r = registry::parse_reference(r)?;
+                Source::Registry(Registry::new(&r, opts), r)
+            }
             Location::Layout { path, tag } => {
                 if !path.join("index.json").exists() {
                     return Err(Error::NotFound {
@@ -403,5 +484,38 @@ impl Read for PosRead<'_> {
         let n = self.file.read_at(buf, self.pos)?;
         self.pos += n as u64;
         Ok(n)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn quick_normalization_agrees_with_the_full_parser() {
+        let d = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        for s in [
+            "debian".to_string(),
+            "debian:bookworm".into(),
+            "library/debian:12.1".into(),
+            "user/app".into(),
+            "127.0.0.1:5000/library/debian:bookworm".into(),
+            "localhost/app:v1".into(),
+            "localhost:5000/a/b/c:tag_1".into(),
+            "quay.io/org/app-name.x:V1.2".into(),
+            format!("debian@{d}"),
+            format!("reg.io/app:v1@{d}"),
+            "my_app__x/y".into(),
+        ] {
+            let full = registry::parse_reference(&s).map(|r| r.whole()).ok();
+            let quick = quick_normalize(&s);
+            if quick.is_some() {
+                assert_eq!(quick, full, "{s}");
+            }
+        }
+        for bad in ["UPPER/app", "app:bad tag", "a//b", "-x", "app:", ""] {
+            assert_eq!(quick_normalize(bad), None, "{bad}");
+        }
+        assert!(quick_normalize("127.0.0.1:5000/library/debian:bookworm").is_some());
     }
 }
