@@ -46,9 +46,12 @@ enum Cmd {
     /// Mount an image read-only at DIR (pulling it first if missing).
     ///
     /// Returns once the mount is live; a background process serves it until `bux-fuse umount
-    /// DIR`. With --foreground it stays attached and unmounts on Ctrl-C or SIGTERM. The mount is
-    /// read-only: writes fail with EROFS (layer a writable overlay on top if the guest must
-    /// write). Device nodes and setuid binaries work, as a root filesystem needs.
+    /// DIR`. With --foreground it stays attached and unmounts on Ctrl-C or SIGTERM.
+    ///
+    /// By default the mount is read-only: writes fail with EROFS. With --writable, changes go to
+    /// an upper layer (an overlay on the image, copy-up on first write; the image is never
+    /// modified) kept in a scratch directory removed at unmount, or in --upper DIR to keep them
+    /// for a later mount. Device nodes and setuid binaries work, as a root filesystem needs.
     Mount {
         /// Image reference.
         reference: String,
@@ -63,6 +66,12 @@ enum Cmd {
         /// Memory for decompressed spans, in MiB.
         #[arg(long, default_value_t = 24, value_name = "MIB")]
         cache_mb: usize,
+        /// Make the root writable (changes kept in a scratch upper layer, see --upper).
+        #[arg(short, long)]
+        writable: bool,
+        /// Keep the writable layer in DIR (implies --writable); remount with it to see changes.
+        #[arg(long, value_name = "DIR")]
+        upper: Option<PathBuf>,
         /// Internal: tell the parent process when the mount is live.
         #[arg(long, hide = true)]
         notify_ready: bool,
@@ -199,28 +208,26 @@ fn run(cli: Cli) -> Result<()> {
             foreground,
             threads,
             cache_mb,
+            writable,
+            upper,
             notify_ready,
             pull,
         } => {
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
             let image = runtime()?.block_on(store.pull(&reference, &opts))?;
+            let upper = upper.map(|u| std::path::absolute(&u).unwrap_or(u));
             let mopts = crate::MountOptions {
                 threads,
                 cache_bytes: cache_mb << 20,
+                writable: writable || upper.is_some(),
+                upper,
                 ..Default::default()
             };
             if foreground || notify_ready {
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
-                spawn_daemon(
-                    &store,
-                    &image.reference,
-                    &dir,
-                    threads,
-                    cache_mb,
-                    pull.quiet,
-                )
+                spawn_daemon(&store, &image.reference, &dir, &mopts, pull.quiet)
             }
         }
         Cmd::Umount { dir } => {
@@ -554,8 +561,7 @@ fn spawn_daemon(
     store: &Store,
     reference: &str,
     dir: &Path,
-    threads: usize,
-    cache_mb: usize,
+    opts: &crate::MountOptions,
     quiet: bool,
 ) -> Result<()> {
     use std::os::unix::process::CommandExt;
@@ -578,9 +584,15 @@ fn spawn_daemon(
         .arg("--notify-ready")
         .arg("--pull=never")
         .arg("--quiet")
-        .arg(format!("--threads={threads}"))
-        .arg(format!("--cache-mb={cache_mb}"))
-        .stdin(Stdio::null())
+        .arg(format!("--threads={}", opts.threads))
+        .arg(format!("--cache-mb={}", opts.cache_bytes >> 20));
+    if opts.writable {
+        cmd.arg("--writable");
+    }
+    if let Some(u) = &opts.upper {
+        cmd.arg("--upper").arg(u);
+    }
+    cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::from(log));
     // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal/session.

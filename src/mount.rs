@@ -28,6 +28,13 @@ pub struct MountOptions {
     /// Let other users (and virtiofsd's sandbox) use the mount; needs root or
     /// `user_allow_other` in `/etc/fuse.conf`.
     pub allow_other: bool,
+    /// Make the root writable: an overlay whose lower layer is the read-only image and whose
+    /// upper layer takes every change (copy-up on first write; the image is never modified).
+    pub writable: bool,
+    /// Keep the writable layer here (`DIR/upper`, `DIR/work`) so a later mount with the same
+    /// directory sees the changes. Without it, changes go to a scratch directory removed at
+    /// unmount (`docker run --rm` semantics).
+    pub upper: Option<PathBuf>,
 }
 
 impl Default for MountOptions {
@@ -37,6 +44,8 @@ impl Default for MountOptions {
             cache_bytes: 24 << 20,
             // SAFETY: geteuid has no preconditions.
             allow_other: unsafe { libc::geteuid() } == 0,
+            writable: false,
+            upper: None,
         }
     }
 }
@@ -57,8 +66,17 @@ pub struct MountStats {
 /// A live mount. Dropping it unmounts.
 pub struct Mount {
     path: PathBuf,
+    /// Where the FUSE filesystem itself is mounted (`path` unless writable).
+    fuse_path: PathBuf,
+    writable: Option<WritableLayer>,
     cache: Arc<SpanCache>,
     thread: Option<JoinHandle<io::Result<()>>>,
+}
+
+/// The overlay that makes a mount writable.
+struct WritableLayer {
+    /// Per-mount directory in the store (holds the FUSE mount point and scratch upper).
+    run_dir: PathBuf,
 }
 
 impl Mount {
@@ -81,17 +99,32 @@ impl Mount {
     /// Whether the FUSE session has ended (unmounted from outside).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
+            || (self.writable.is_some() && !is_mount_point(&self.path))
     }
 
     /// Blocks until the session ends (someone unmounted it).
     pub fn wait(mut self) -> Result<()> {
-        self.join()
+        self.teardown()
     }
 
     /// Unmounts and waits for the session to end.
     pub fn unmount(mut self) -> Result<()> {
-        unmount(&self.path)?;
-        self.join()
+        self.teardown()
+    }
+
+    fn teardown(&mut self) -> Result<()> {
+        if self.writable.is_some() && is_mount_point(&self.path) {
+            unmount(&self.path)?;
+        }
+        if self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
+            unmount(&self.fuse_path)?;
+        }
+        let res = self.join();
+        if let Some(w) = self.writable.take() {
+            // The scratch upper (if any) lives in run_dir; a persistent one is elsewhere.
+            let _ = std::fs::remove_dir_all(&w.run_dir);
+        }
+        res
     }
 
     fn join(&mut self) -> Result<()> {
@@ -115,9 +148,8 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.thread.is_some() {
-            let _ = unmount(&self.path);
-            let _ = self.join();
+        if self.thread.is_some() || self.writable.is_some() {
+            let _ = self.teardown();
         }
     }
 }
@@ -223,6 +255,19 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             "already a mount point (run `bux-fuse umount` on it first)".into(),
         ));
     }
+    let (fuse_dir, writable) = if opts.writable {
+        let run_dir = store.root().join("run").join(format!(
+            "{}-{}",
+            crate::Digest::of(dir.as_os_str().as_encoded_bytes()).short(),
+            std::process::id()
+        ));
+        let lower = run_dir.join("lower");
+        std::fs::create_dir_all(&lower)
+            .map_err(|e| mount_err(format!("creating {}: {e}", lower.display())))?;
+        (lower, Some(WritableLayer { run_dir }))
+    } else {
+        (dir.clone(), None)
+    };
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let fs = ImageFs::new(tree, layers, cache.clone());
     let mut config = Config::default();
@@ -243,16 +288,71 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session = Session::new(fs, &dir, &config).map_err(|e| mount_err(e.to_string()))?;
+    let session = Session::new(fs, &fuse_dir, &config).map_err(|e| mount_err(e.to_string()))?;
     let thread = std::thread::Builder::new()
         .name("bux-fuse-session".into())
         .spawn(move || session.run())
         .map_err(|e| mount_err(format!("starting session thread: {e}")))?;
-    Ok(Mount {
-        path: dir,
+    let mut m = Mount {
+        path: dir.clone(),
+        fuse_path: fuse_dir.clone(),
+        writable,
         cache,
         thread: Some(thread),
-    })
+    };
+    if let Some(w) = &m.writable {
+        let base = opts
+            .upper
+            .clone()
+            .unwrap_or_else(|| w.run_dir.join("scratch"));
+        if let Err(e) = mount_overlay(&fuse_dir, &base, &dir) {
+            let _ = m.teardown();
+            return Err(mount_err(e));
+        }
+    }
+    Ok(m)
+}
+
+/// Mounts a kernel overlay at `dir`: lower = the image, upper and work dirs under `base`.
+fn mount_overlay(lower: &Path, base: &Path, dir: &Path) -> std::result::Result<(), String> {
+    let (upper, work) = (base.join("upper"), base.join("work"));
+    for d in [&upper, &work] {
+        std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| "NUL in path".to_string())
+    };
+    let base_opts = format!(
+        "lowerdir={},upperdir={},workdir={}",
+        lower.display(),
+        upper.display(),
+        work.display()
+    );
+    // redirect_dir lets lower directories be renamed; metacopy keeps chmod/chown from copying
+    // file data. Older kernels may lack them: fall back to plain overlay.
+    let mut last = String::new();
+    for extra in [",redirect_dir=on,metacopy=on", ",redirect_dir=on", ""] {
+        let data =
+            std::ffi::CString::new(format!("{base_opts}{extra}")).map_err(|e| e.to_string())?;
+        // SAFETY: valid NUL-terminated strings for mount(2).
+        let r = unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                c(dir)?.as_ptr(),
+                c"overlay".as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        if r == 0 {
+            return Ok(());
+        }
+        last = io::Error::last_os_error().to_string();
+    }
+    Err(format!(
+        "mounting the writable overlay (needs root): {last}"
+    ))
 }
 
 #[cfg(test)]

@@ -267,6 +267,9 @@ impl Builder {
             return Ok(());
         }
         let (parent, name) = split_parent(&entry.path);
+        if components(parent).any(|c| c.starts_with(WHITEOUT_PREFIX)) {
+            return Err(bad("a whiteout name used as a directory".into()));
+        }
         let dir = self.dir_for_add(parent, layer_idx).map_err(bad)?;
         let existing = self.nodes[dir].children.get(name).copied();
         let node = match entry.kind {
@@ -706,6 +709,12 @@ mod tests {
                 "does not exist",
             ),
             ("whiteout of ..", vec![vec![f("a/.wh...")]], "invalid name"),
+            // Found by the merge fuzzer: a whiteout name as a parent directory.
+            (
+                "whiteout as a directory",
+                vec![vec![f(".wh..wh..opq/a")]],
+                "whiteout name used as a directory",
+            ),
         ];
         for (name, layers, want) in cases {
             let err = merged(&layers).unwrap_err().to_string();

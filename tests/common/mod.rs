@@ -534,20 +534,47 @@ pub struct MountGuard {
     _dir: tempfile::TempDir,
 }
 
+impl MountGuard {
+    /// Takes charge of a mount made at `path` (inside `dir`).
+    pub fn adopt(path: PathBuf, dir: tempfile::TempDir) -> MountGuard {
+        MountGuard {
+            bin: env!("CARGO_BIN_EXE_bux-fuse"),
+            path,
+            _dir: dir,
+        }
+    }
+}
+
 impl Drop for MountGuard {
     fn drop(&mut self) {
         let _ = Command::new(self.bin)
             .arg("umount")
             .arg(&self.path)
             .status();
-        // Give the daemon a moment to notice and exit before the directory goes.
-        for _ in 0..50 {
-            if !is_mounted(&self.path) {
+        // Give the daemon a moment to notice, tear down and exit before the directory goes.
+        for _ in 0..100 {
+            if !is_mounted(&self.path) && !daemon_alive(&self.path) {
                 break;
             }
             std::thread::sleep(Duration::from_millis(20));
         }
     }
+}
+
+/// Whether a mount daemon for `path` still runs (it cleans up after the unmount).
+fn daemon_alive(path: &Path) -> bool {
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return false;
+    };
+    let needle = path.as_os_str().as_encoded_bytes().to_vec();
+    procs.flatten().any(|p| {
+        std::fs::read(p.path().join("cmdline"))
+            .map(|c| {
+                c.split(|&b| b == 0).any(|a| a == needle.as_slice())
+                    && c.windows(12).any(|w| w == b"notify-ready")
+            })
+            .unwrap_or(false)
+    })
 }
 
 pub fn is_mounted(path: &Path) -> bool {

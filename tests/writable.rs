@@ -1,0 +1,188 @@
+//! `mount --writable`: an upper layer over the read-only image, checked through the kernel with
+//! POSIX behaviours a booting guest relies on; the image itself never changes.
+
+mod common;
+
+use std::io::{Read, Seek, Write};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::Path;
+
+use common::*;
+
+fn image() -> Image {
+    let l = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/resolv.conf", b"nameserver 127.0.0.53\n")
+        .file("etc/hosts", b"127.0.0.1 localhost\n")
+        .file("etc/big", &test_bytes(3 << 20, 2))
+        .dir("srv", 0o755)
+        .dir("srv/tree", 0o755)
+        .file("srv/tree/a", b"a\n")
+        .file("srv/tree/b", b"b\n")
+        .file("doomed", b"to be removed\n")
+        .finish();
+    Image::new(vec![(l, Comp::Gzip)])
+}
+
+fn writable_mount(bux: &Bux, r: &str, upper: Option<&Path>) -> MountGuard {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let mut args = vec![
+        "mount".to_string(),
+        "--writable".into(),
+        r.to_string(),
+        mnt.display().to_string(),
+    ];
+    if let Some(u) = upper {
+        args.push("--upper".into());
+        args.push(u.display().to_string());
+    }
+    let a: Vec<&str> = args.iter().map(String::as_str).collect();
+    bux.ok(&a);
+    MountGuard::adopt(mnt, dir)
+}
+
+#[test]
+fn writable_root_behaves_like_posix_and_leaves_the_image_alone() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rw", None);
+    let r = format!("{}/t/rw:v1", reg.host());
+    let bux = Bux::new();
+    let m = writable_mount(&bux, &r, None);
+    let p = |s: &str| m.path.join(s);
+
+    // Write a lower file (what a guest does to /etc/resolv.conf at boot).
+    std::fs::write(p("etc/resolv.conf"), b"nameserver 10.0.2.3\n").unwrap();
+    assert_eq!(
+        std::fs::read(p("etc/resolv.conf")).unwrap(),
+        b"nameserver 10.0.2.3\n"
+    );
+    // O_TRUNC of a lower file, then append.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .truncate(true)
+        .open(p("etc/hosts"))
+        .unwrap();
+    f.write_all(b"::1 localhost\n").unwrap();
+    drop(f);
+    assert_eq!(std::fs::read(p("etc/hosts")).unwrap(), b"::1 localhost\n");
+    // Partial overwrite in the middle of a large lower file keeps the rest.
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(p("etc/big"))
+        .unwrap();
+    f.seek(std::io::SeekFrom::Start(1 << 20)).unwrap();
+    f.write_all(b"PATCH").unwrap();
+    drop(f);
+    let big = std::fs::read(p("etc/big")).unwrap();
+    let mut want = test_bytes(3 << 20, 2);
+    want[1 << 20..(1 << 20) + 5].copy_from_slice(b"PATCH");
+    assert_eq!(big, want);
+    // Rename over an existing file.
+    std::fs::write(p("etc/new"), b"new\n").unwrap();
+    std::fs::rename(p("etc/new"), p("etc/hosts")).unwrap();
+    assert_eq!(std::fs::read(p("etc/hosts")).unwrap(), b"new\n");
+    // Unlink of an open lower file: the descriptor still reads it.
+    let mut open = std::fs::File::open(p("doomed")).unwrap();
+    std::fs::remove_file(p("doomed")).unwrap();
+    assert!(!p("doomed").exists());
+    let mut s = String::new();
+    open.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "to be removed\n");
+    // Directory rename of a lower directory with children.
+    std::fs::rename(p("srv/tree"), p("srv/moved")).unwrap();
+    assert_eq!(std::fs::read(p("srv/moved/b")).unwrap(), b"b\n");
+    assert!(!p("srv/tree").exists());
+    // chmod, chown, xattr, hardlink, symlink, mkdir, fifo.
+    std::fs::set_permissions(p("srv/moved/a"), std::fs::Permissions::from_mode(0o600)).unwrap();
+    std::os::unix::fs::chown(p("srv/moved/a"), Some(1234), Some(5678)).unwrap();
+    let md = std::fs::metadata(p("srv/moved/a")).unwrap();
+    assert_eq!(
+        (md.mode() & 0o7777, md.uid(), md.gid()),
+        (0o600, 1234, 5678)
+    );
+    std::fs::hard_link(p("srv/moved/a"), p("srv/hl")).unwrap();
+    assert_eq!(
+        std::fs::metadata(p("srv/hl")).unwrap().ino(),
+        std::fs::metadata(p("srv/moved/a")).unwrap().ino()
+    );
+    std::os::unix::fs::symlink("/etc/hosts", p("srv/sl")).unwrap();
+    assert_eq!(
+        std::fs::read_link(p("srv/sl")).unwrap(),
+        Path::new("/etc/hosts")
+    );
+    std::fs::create_dir_all(p("var/log/app")).unwrap();
+    std::fs::write(p("var/log/app/x.log"), b"log\n").unwrap();
+    set_xattr(&p("etc/resolv.conf"), "user.note", b"guest");
+    // An open file keeps the filesystem alive after a lazy unmount: close it first.
+    drop(open);
+    drop(m);
+
+    // The image is untouched: a read-only mount shows the original bytes.
+    let ro = bux.mount(&r);
+    assert_eq!(
+        std::fs::read(ro.path.join("etc/resolv.conf")).unwrap(),
+        b"nameserver 127.0.0.53\n"
+    );
+    assert!(ro.path.join("doomed").exists() && ro.path.join("srv/tree/a").exists());
+    assert!(!ro.path.join("var").exists());
+    drop(ro);
+    // The scratch upper was removed at unmount.
+    let run = bux.store.path().join("run");
+    assert_eq!(
+        std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0),
+        0,
+        "scratch left in {}",
+        run.display()
+    );
+}
+
+#[test]
+fn upper_dir_persists_and_mounts_are_isolated() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rw2", None);
+    let r = format!("{}/t/rw2:v1", reg.host());
+    let bux = Bux::new();
+    let upper = work.path().join("state");
+
+    let a = writable_mount(&bux, &r, Some(&upper));
+    let b = writable_mount(&bux, &r, None);
+    std::fs::write(a.path.join("etc/only-a"), b"a\n").unwrap();
+    std::fs::remove_file(a.path.join("doomed")).unwrap();
+    assert!(
+        !b.path.join("etc/only-a").exists(),
+        "writable mounts share writes"
+    );
+    assert!(b.path.join("doomed").exists());
+    drop(a);
+    drop(b);
+    // The deletion is a whiteout in the upper layer; the new file is plain.
+    let wh = std::fs::symlink_metadata(upper.join("upper/doomed")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
+    let again = writable_mount(&bux, &r, Some(&upper));
+    assert_eq!(
+        std::fs::read(again.path.join("etc/only-a")).unwrap(),
+        b"a\n"
+    );
+    assert!(!again.path.join("doomed").exists());
+}
+
+fn set_xattr(path: &Path, name: &str, value: &[u8]) {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe {
+        libc::setxattr(
+            c.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
