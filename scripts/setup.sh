@@ -4,6 +4,7 @@
 set -euo pipefail
 
 pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
+      qemu-system-x86 cpio lz4 zstd
       util-linux coreutils)
 missing=()
 for p in "${pkgs[@]}"; do

@@ -1,0 +1,101 @@
+#!/usr/bin/env bash
+# Boots a guest whose root filesystem is DIR served over virtio-fs, runs COMMAND in it, prints
+# the guest's output and exits with the command's exit code.
+#   vm-run.sh DIR 'COMMAND'
+# With real KVM (kvm_intel/kvm_amd) QEMU uses it; otherwise software emulation (TCG), which
+# reads files at a few MB/s: keep workloads small. Kernel: Debian's cloud kernel, fetched once
+# into target/vm. Needs root (virtiofsd, memfd-backed guest RAM).
+set -euo pipefail
+root=$(realpath "$1"); cmd=$2
+here=$(cd "$(dirname "$0")/.." && pwd)
+cache=${BUX_VM_CACHE:-$here/target/vm}
+mkdir -p "$cache"
+
+need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+missing=(); for p in qemu-system-x86 busybox-static cpio lz4; do need "$p" || missing+=("$p"); done
+if ((${#missing[@]})); then
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
+fi
+virtiofsd=$(command -v virtiofsd || true)
+[ -n "$virtiofsd" ] || virtiofsd=/usr/lib/qemu/virtiofsd
+[ -x "$virtiofsd" ] || { echo "vm-run: no virtiofsd (install qemu-system-x86)" >&2; exit 3; }
+
+# Kernel: an ELF vmlinux (QEMU boots it directly through its PVH note) and its virtio modules.
+if [ ! -f "$cache/vmlinux" ]; then
+  (cd "$cache" && rm -rf deb x && mkdir deb && cd deb &&
+   pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}') &&
+   apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb ../x)
+  python3 - "$cache" <<'PY'
+import sys, glob, subprocess
+cache = sys.argv[1]
+bz = open(glob.glob(f"{cache}/x/boot/vmlinuz-*")[0], "rb").read()
+off = bz.find(b"\x02\x21\x4c\x18")  # the LZ4 stream inside the bzImage
+out = subprocess.run(["lz4", "-dc"], input=bz[off:], capture_output=True).stdout
+assert out[:4] == b"\x7fELF", "no ELF vmlinux in the bzImage"
+open(f"{cache}/vmlinux", "wb").write(out)
+PY
+  mkdir -p "$cache/modules"
+  for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci fuse virtiofs; do
+    f=$(find "$cache/x/lib/modules" -name "$m.ko*" | head -1)
+    [ -n "$f" ] && cp "$f" "$cache/modules/"
+  done
+  rm -rf "$cache/deb" "$cache/x"
+fi
+
+# Initramfs: busybox, the modules, an /init that mounts the virtio-fs root and runs COMMAND.
+work=$(mktemp -d); trap 'kill $vfs_pid 2>/dev/null || true; rm -rf "$work"' EXIT
+ird=$work/initrd; mkdir -p "$ird"/{bin,proc,sys,dev,newroot,lib/modules}
+cp "$(command -v busybox)" "$ird/bin/busybox"
+cp "$cache"/modules/* "$ird/lib/modules/"
+printf '%s\n' "$cmd" > "$ird/cmd"
+cat > "$ird/init" <<'INIT'
+#!/bin/busybox sh
+/bin/busybox --install -s /bin
+mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
+for m in virtio_ring virtio virtio_pci_legacy_dev virtio_pci_modern_dev virtio_pci fuse virtiofs; do
+  [ -f /lib/modules/$m.ko ] && insmod /lib/modules/$m.ko 2>/dev/null
+done
+if mount -t virtiofs rootfs /newroot; then
+  for d in proc sys dev; do [ -d /newroot/$d ] && mount --bind /$d /newroot/$d; done
+  echo "BUX-VM-START"
+  chroot /newroot /bin/sh -c "$(cat /cmd)" </dev/null
+  echo "BUX-VM-EXIT $?"
+else
+  echo "BUX-VM-EXIT 125 (virtiofs mount failed)"
+fi
+sync
+reboot -f
+INIT
+chmod +x "$ird/init"
+(cd "$ird" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$work/initrd.gz")
+
+# virtio-fs server on the root directory.
+sock=$work/vfs.sock
+"$virtiofsd" --socket-path="$sock" -o source="$root" -o cache=auto -o xattr >"$work/virtiofsd.log" 2>&1 &
+vfs_pid=$!
+for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
+
+if grep -qE "^kvm_(intel|amd) " /proc/modules 2>/dev/null && [ -w /dev/kvm ]; then
+  accel=(-accel kvm -cpu host)
+else
+  accel=(-accel tcg,thread=multi -cpu max)
+fi
+khz=$(awk '/^cpu MHz/ {printf "%d", $4 * 1000; exit}' /proc/cpuinfo)
+start=$(date +%s.%N)
+set +e
+timeout "${BUX_VM_TIMEOUT:-600}" qemu-system-x86_64 "${accel[@]}" -M microvm,pcie=on,acpi=on -m 512M -smp 2 \
+  -object memory-backend-memfd,id=mem,size=512M,share=on -numa node,memdev=mem \
+  -kernel "$cache/vmlinux" -initrd "$work/initrd.gz" \
+  -append "console=ttyS0 quiet loglevel=1 reboot=t panic=-1 tsc_early_khz=$khz rdinit=/init" \
+  -chardev socket,id=vfs,path="$sock" -device vhost-user-fs-pci,queue-size=1024,chardev=vfs,tag=rootfs \
+  -nographic -nodefaults -serial stdio -no-reboot > "$work/console.log" 2>&1
+set -e
+end=$(date +%s.%N)
+tr -d '\r' < "$work/console.log" | sed -n '/BUX-VM-START/,$p'
+echo "vm-run: $(awk -v a="$start" -v b="$end" 'BEGIN {printf "%.2f", b - a}') s from launch to exit (${accel[1]})" >&2
+code=$(tr -d '\r' < "$work/console.log" | awk '/^BUX-VM-EXIT/ {print $2}' | tail -1)
+if [ -z "$code" ]; then
+  echo "vm-run: the guest printed no exit marker; console:" >&2; tail -20 "$work/console.log" >&2
+  exit 124
+fi
+exit "$code"
