@@ -16,8 +16,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use fuser::{
     AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
     INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
-    Request,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyLseek, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
 };
 
 use crate::index::{EntryKind, LayerReader, SpanCache};
@@ -157,6 +157,40 @@ impl ImageFs {
         } else {
             reply.data(data);
         }
+    }
+}
+
+/// `SEEK_DATA` / `SEEK_HOLE` over a file's extents (a non-sparse file is one extent).
+fn seek_data_hole(i: &Inode, off: u64, whence: i32) -> Result<u64, Errno> {
+    if off >= i.size {
+        return Err(Errno::ENXIO);
+    }
+    let whole = [crate::index::Extent {
+        file_off: 0,
+        len: i.size,
+        stream_off: 0,
+    }];
+    let extents: &[crate::index::Extent] = match &i.data {
+        NodeData::Sparse { extents, .. } => extents,
+        _ => &whole,
+    };
+    match whence {
+        libc::SEEK_DATA => extents
+            .iter()
+            .find(|e| e.file_off + e.len > off)
+            .map(|e| e.file_off.max(off))
+            .ok_or(Errno::ENXIO),
+        libc::SEEK_HOLE => {
+            let mut pos = off;
+            for e in extents.iter().filter(|e| e.file_off + e.len > off) {
+                if e.file_off > pos {
+                    break; // a hole before this extent
+                }
+                pos = e.file_off + e.len;
+            }
+            Ok(pos.min(i.size))
+        }
+        _ => Err(Errno::EINVAL),
     }
 }
 
@@ -333,6 +367,25 @@ impl Filesystem for ImageFs {
             }
         }
         reply.ok();
+    }
+
+    fn lseek(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: i64,
+        whence: i32,
+        reply: ReplyLseek,
+    ) {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        match seek_data_hole(i, offset.max(0) as u64, whence) {
+            Ok(off) => reply.offset(off as i64),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

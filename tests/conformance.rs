@@ -317,6 +317,20 @@ fn corner_cases_match_umoci() {
     let mut mid = [1u8; 4096];
     std::os::unix::fs::FileExt::read_exact_at(&huge, &mut mid, 5 << 30).unwrap();
     assert!(mid.iter().all(|&b| b == 0));
+    // Holes are visible to SEEK_DATA / SEEK_HOLE (cp --sparse, tar --sparse rely on them).
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor.
+    let (data, hole) = unsafe {
+        (
+            libc::lseek(huge.as_raw_fd(), 0, libc::SEEK_DATA),
+            libc::lseek(huge.as_raw_fd(), 0, libc::SEEK_HOLE),
+        )
+    };
+    assert_eq!(
+        (hole, data as u64 <= HUGE - 7 && data as u64 > HUGE - 8192),
+        (0, true),
+        "data at {data}"
+    );
     for name in ["gnu", "pax00", "pax01", "pax10"] {
         let f = p(&format!("sparse/{name}.img"));
         let data = std::fs::read(&f).unwrap();
