@@ -64,7 +64,7 @@ enum Cmd {
         #[arg(long, default_value_t = 4)]
         threads: usize,
         /// Memory for decompressed spans, in MiB.
-        #[arg(long, default_value_t = 24, value_name = "MIB")]
+        #[arg(long, default_value_t = 16, value_name = "MIB")]
         cache_mb: usize,
         /// Make the root writable (changes kept in a scratch upper layer, see --upper).
         #[arg(short, long)]

@@ -41,7 +41,7 @@ impl Default for MountOptions {
     fn default() -> Self {
         MountOptions {
             threads: 4,
-            cache_bytes: 24 << 20,
+            cache_bytes: 16 << 20,
             // SAFETY: geteuid has no preconditions.
             allow_other: unsafe { libc::geteuid() } == 0,
             writable: false,
@@ -268,6 +268,14 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     } else {
         (dir.clone(), None)
     };
+    // Decompressed spans (~1 MiB each) come and go all the time: have glibc map them directly
+    // so a freed span returns to the OS at once, instead of growing per-thread arenas (measured:
+    // +60 MiB RSS over a full read of a 1 GiB image without this).
+    // SAFETY: mallopt only tunes the allocator; called before the worker threads start.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 256 << 10);
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let fs = ImageFs::new(tree, layers, cache.clone());
     let mut config = Config::default();

@@ -544,13 +544,12 @@ fn index_layer(
         let dest = store.seekable_path(&digest);
         std::fs::rename(&tmp.0, &dest)
             .map_err(|e| Error::io(format!("storing {}", dest.display()), e))?;
-        std::mem::forget(tmp);
         let _ = std::fs::remove_file(blob_path);
     }
     Ok(idx)
 }
 
-/// Removes a temp file unless forgotten.
+/// Removes a temp file when dropped (a no-op once it was renamed into place).
 struct TempFile(std::path::PathBuf);
 impl Drop for TempFile {
     fn drop(&mut self) {

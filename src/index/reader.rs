@@ -165,11 +165,12 @@ impl LayerReader {
         Ok(done)
     }
 
-    fn span_starts(&self) -> Box<dyn Fn(usize) -> Option<u64> + '_> {
+    /// Uncompressed offset where span `i` starts (`None` past the last one).
+    fn span_start(&self, i: usize) -> Option<u64> {
         match &self.access {
-            Access::Tar => Box::new(|i| (i == 0).then_some(0)),
-            Access::Gzip(cps) => Box::new(move |i| cps.get(i).map(|c| c.uoff)),
-            Access::Zstd(frames) => Box::new(move |i| frames.get(i).map(|f| f.0)),
+            Access::Tar => (i == 0).then_some(0),
+            Access::Gzip(cps) => cps.get(i).map(|c| c.uoff),
+            Access::Zstd(frames) => frames.get(i).map(|f| f.0),
         }
     }
 
@@ -181,13 +182,12 @@ impl LayerReader {
         }
     }
 
+    /// The last span starting at or before `off` (spans are sorted by start).
     fn span_of(&self, off: u64) -> usize {
-        let starts = self.span_starts();
-        // Binary search for the last span starting at or before `off`.
         let (mut lo, mut hi) = (0, self.span_count());
         while hi - lo > 1 {
             let mid = (lo + hi) / 2;
-            if starts(mid).unwrap_or(u64::MAX) <= off {
+            if self.span_start(mid).unwrap_or(u64::MAX) <= off {
                 lo = mid;
             } else {
                 hi = mid;
@@ -197,10 +197,9 @@ impl LayerReader {
     }
 
     fn span_bounds(&self, i: usize) -> (u64, u64) {
-        let starts = self.span_starts();
         (
-            starts(i).unwrap_or(0),
-            starts(i + 1).unwrap_or(self.size).min(self.size),
+            self.span_start(i).unwrap_or(0),
+            self.span_start(i + 1).unwrap_or(self.size).min(self.size),
         )
     }
 
@@ -216,7 +215,7 @@ impl LayerReader {
         match &self.access {
             Access::Tar => unreachable!("plain tar layers are read directly"),
             Access::Gzip(cps) => {
-                let mut gz = self.resume_gzip(&cps[i], cache)?;
+                let mut gz = self.resume_gzip(&cps[i])?;
                 gz.read_exact(&mut span)?;
             }
             Access::Zstd(frames) => {
@@ -247,11 +246,7 @@ impl LayerReader {
         Ok(span)
     }
 
-    fn resume_gzip(
-        &self,
-        cp: &super::gzip::Checkpoint,
-        _cache: &SpanCache,
-    ) -> io::Result<GzipReader<PosReader<'_>>> {
+    fn resume_gzip(&self, cp: &super::gzip::Checkpoint) -> io::Result<GzipReader<PosReader<'_>>> {
         let pos = cp.coff - u64::from(cp.bits > 0);
         GzipReader::resume(
             PosReader {
@@ -267,7 +262,7 @@ impl LayerReader {
         let Access::Gzip(cps) = &self.access else {
             return Err(io::Error::other("oversized span in a non-gzip layer"));
         };
-        let mut gz = self.resume_gzip(&cps[i], cache)?;
+        let mut gz = self.resume_gzip(&cps[i])?;
         let skip = pos - cps[i].uoff;
         io::copy(&mut (&mut gz).take(skip), &mut io::sink())?;
         gz.read_exact(out)?;
