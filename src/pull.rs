@@ -247,16 +247,24 @@ impl Store {
     /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone.
     pub fn tree(&self, record: &ImageRecord) -> Result<Tree> {
         let path = self.tree_path(&record.manifest_digest);
-        if path.exists() {
-            return Tree::load(&path);
+        let mut tree = match Tree::load(&path) {
+            Ok(t) => t,
+            Err(_) => {
+                let indexes = record
+                    .layers
+                    .iter()
+                    .map(|l| LayerIndex::load(&self.index_path(&l.digest)))
+                    .collect::<Result<Vec<_>>>()?;
+                let t = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
+                t.save(&path)?;
+                t
+            }
+        };
+        // Trees do not carry the layers' checkpoints (each layer's are stored once, beside
+        // its index): attach them for reading.
+        for layer in &mut tree.layers {
+            layer.access = LayerIndex::load_access(&self.index_path(&layer.digest))?;
         }
-        let indexes = record
-            .layers
-            .iter()
-            .map(|l| LayerIndex::load(&self.index_path(&l.digest)))
-            .collect::<Result<Vec<_>>>()?;
-        let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
-        tree.save(&path)?;
         Ok(tree)
     }
 

@@ -31,7 +31,7 @@ const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Mode of directories that have no tar entry of their own.
 const IMPLIED_DIR_MODE: u32 = 0o755;
-const MAGIC: &[u8; 8] = b"BUXTRE\x00\x02";
+const MAGIC: &[u8; 8] = b"BUXTRE\x00\x03";
 
 /// Where a node's contents are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

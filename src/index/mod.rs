@@ -36,7 +36,8 @@ pub const ZSTD_FRAME: usize = 1 << 20;
 /// zstd level for the seekable copy (the fast default).
 pub const ZSTD_LEVEL: i32 = 3;
 
-const MAGIC: &[u8; 8] = b"BUXIDX\x00\x02";
+const MAGIC: &[u8; 8] = b"BUXIDX\x00\x03";
+const ACCESS_MAGIC: &[u8; 8] = b"BUXACC\x00\x01";
 
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -71,10 +72,12 @@ impl Compression {
     }
 }
 
-/// How to reach a byte of the uncompressed stream.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+/// How to reach a byte of the uncompressed stream. Stored once per layer, in its own file
+/// (`<digest>.access`), which every image's tree shares.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub enum Access {
     /// The blob is the stream.
+    #[default]
     Tar,
     /// Checkpoints into the gzip blob, first at offset 0, ascending.
     Gzip(Vec<gzip::Checkpoint>),
@@ -91,7 +94,8 @@ pub struct LayerSource {
     pub compression: Compression,
     /// Size of the uncompressed tar stream.
     pub uncompressed_size: u64,
-    /// Random-access method.
+    /// Random-access method (kept in the layer's `.access` file, not in trees).
+    #[serde(skip)]
     pub access: Access,
 }
 
@@ -108,7 +112,8 @@ pub struct LayerIndex {
     pub compressed_size: u64,
     /// Size of the uncompressed tar stream.
     pub uncompressed_size: u64,
-    /// Random-access method.
+    /// Random-access method (saved beside the index, see [`LayerIndex::access_path`]).
+    #[serde(skip)]
     pub access: Access,
     /// The entries, in tar order.
     pub entries: Vec<TarEntry>,
@@ -217,7 +222,36 @@ impl LayerIndex {
             detail: format!("encoding index: {e}"),
         })?;
         bytes.extend_from_slice(&body);
+        let mut access = ACCESS_MAGIC.to_vec();
+        access.extend(
+            postcard::to_allocvec(&self.access).map_err(|e| Error::CorruptStore {
+                path: path.into(),
+                detail: format!("encoding access: {e}"),
+            })?,
+        );
+        crate::store::write_atomic(&Self::access_path(path), &access)?;
         crate::store::write_atomic(path, &bytes)
+    }
+
+    /// Where the random-access table of the index at `index_path` lives.
+    pub fn access_path(index_path: &Path) -> std::path::PathBuf {
+        index_path.with_extension("access")
+    }
+
+    /// Reads only the random-access table of the index at `index_path` (what a mount needs).
+    pub fn load_access(index_path: &Path) -> Result<Access> {
+        let path = Self::access_path(index_path);
+        let bytes = std::fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
+        let body = bytes
+            .strip_prefix(&ACCESS_MAGIC[..])
+            .ok_or_else(|| Error::CorruptStore {
+                path: path.clone(),
+                detail: "not an access table of this version".into(),
+            })?;
+        postcard::from_bytes(body).map_err(|e| Error::CorruptStore {
+            path: path.clone(),
+            detail: format!("decoding access table: {e}"),
+        })
     }
 
     /// Reads an index written by [`LayerIndex::save`].
@@ -229,9 +263,11 @@ impl LayerIndex {
                 path: path.into(),
                 detail: "not a layer index of this version".into(),
             })?;
-        postcard::from_bytes(body).map_err(|e| Error::CorruptStore {
+        let mut idx: LayerIndex = postcard::from_bytes(body).map_err(|e| Error::CorruptStore {
             path: path.into(),
             detail: format!("decoding index: {e}"),
-        })
+        })?;
+        idx.access = Self::load_access(path)?;
+        Ok(idx)
     }
 }
