@@ -189,7 +189,12 @@ impl Store {
         let name = parsed.key();
         if opts.policy != PullPolicy::Always {
             if let Some(record) = self.image(&name)? {
-                if self.tree_path(&record.manifest_digest).exists() {
+                // Every layer's access table present: the store is of this version.
+                let current = record
+                    .layers
+                    .iter()
+                    .all(|l| LayerIndex::access_path(&self.index_path(&l.digest)).exists());
+                if current && self.tree_path(&record.manifest_digest).exists() {
                     opts.emit(Progress::Cached {
                         reference: name.clone(),
                     });
@@ -436,10 +441,12 @@ impl Store {
         };
         let index_path = self.index_path(&digest);
         if index_path.exists() && self.blob_or_copy_exists(job) {
-            let idx = LayerIndex::load(&index_path)?;
-            check_diff_id(&idx, job)?;
-            opts.emit(Progress::LayerCached { layer: digest });
-            return Ok(());
+            // An index this version cannot read (an older format) is rebuilt below.
+            if let Ok(idx) = LayerIndex::load(&index_path) {
+                check_diff_id(&idx, job)?;
+                opts.emit(Progress::LayerCached { layer: digest });
+                return Ok(());
+            }
         }
         let mut stream = reg.blob_stream(&digest).await?;
         let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);

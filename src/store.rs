@@ -3,7 +3,8 @@
 //! ```text
 //! $STORE/
 //! ├── blobs/sha256/<hex>         manifests, configs and layer blobs, exactly as pulled, verified
-//! ├── layers/sha256/<hex>.idx    layer index: file table + checkpoints   (key: layer blob digest)
+//! ├── layers/sha256/<hex>.idx    layer index: the file table             (key: layer blob digest)
+//! ├── layers/sha256/<hex>.access checkpoints / zstd frame table           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.zst    seekable copy of a zstd layer           (key: layer blob digest)
 //! ├── trees/sha256/<hex>.tree    merged tree of an image                 (key: manifest digest)
 //! ├── images.json                reference → manifest, config and layers, replaced atomically
