@@ -266,9 +266,6 @@ impl Source {
 
     /// A small blob, whole and verified.
     pub async fn small_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
-        if let Source::Registry(reg, _) = self {
-            return reg.small_blob(digest, max).await;
-        }
         let mut out = Vec::new();
         let mut s = self.blob_stream(digest).await?;
         while let Some(chunk) = s.next().await {

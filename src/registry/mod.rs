@@ -149,34 +149,6 @@ impl Registry {
         Ok((bytes.to_vec(), actual))
     }
 
-    /// Fetches a small blob (a config) whole, refusing more than `max` bytes; verifies it.
-    pub async fn small_blob(&self, digest: &Digest, max: u64) -> Result<Vec<u8>> {
-        let mut stream = self.blob_stream(digest).await?;
-        let mut out = Vec::new();
-        while let Some(chunk) = stream.next().await {
-            let chunk = chunk.map_err(|e| Error::Registry {
-                reference: self.reference.whole(),
-                detail: format!("reading blob {digest}: {e}"),
-            })?;
-            out.extend_from_slice(&chunk);
-            if out.len() as u64 > max {
-                return Err(Error::InvalidManifest {
-                    what: format!("blob {digest}"),
-                    detail: format!("larger than {max} bytes"),
-                });
-            }
-        }
-        let actual = Digest::of(&out);
-        if actual != *digest {
-            return Err(Error::DigestMismatch {
-                what: format!("blob of {}", self.reference.whole()),
-                expected: *digest,
-                actual,
-            });
-        }
-        Ok(out)
-    }
-
     /// Streams a blob. The caller verifies the digest (the store does, while writing).
     pub async fn blob_stream(
         &self,
