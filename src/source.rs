@@ -13,6 +13,7 @@ use std::sync::Arc;
 use futures_util::stream::{self, BoxStream, StreamExt};
 use serde::Deserialize;
 
+use crate::index::reader::PosReader;
 use crate::registry::manifest::{self, OCI_MANIFEST};
 use crate::registry::{self, Registry, RegistryOptions};
 use crate::{Digest, Error, Result};
@@ -460,7 +461,7 @@ fn same_name(a: &str, b: &str) -> bool {
 
 fn hash_range(file: &File, off: u64, len: u64) -> io::Result<Digest> {
     let mut h = crate::digest::Hasher::default();
-    let mut r = io::Read::take(PosRead { file, pos: off }, len);
+    let mut r = io::Read::take(PosReader { file, pos: off }, len);
     let mut buf = vec![0u8; CHUNK as usize];
     loop {
         let n = r.read(&mut buf)?;
@@ -468,19 +469,6 @@ fn hash_range(file: &File, off: u64, len: u64) -> io::Result<Digest> {
             return Ok(h.finish());
         }
         h.update(&buf[..n]);
-    }
-}
-
-struct PosRead<'a> {
-    file: &'a File,
-    pos: u64,
-}
-
-impl Read for PosRead<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.file.read_at(buf, self.pos)?;
-        self.pos += n as u64;
-        Ok(n)
     }
 }
 

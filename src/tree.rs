@@ -548,17 +548,8 @@ mod tests {
             path: path.as_bytes().to_vec(),
             kind,
             mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
-            uid: 0,
-            gid: 0,
-            mtime: 0,
-            mtime_nsec: 0,
             size: if kind == EntryKind::File { 1 } else { 0 },
-            link: Vec::new(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Vec::new(),
-            offset: 0,
-            sparse: None,
+            ..implied_dir()
         }
     }
     fn f(path: &str) -> TarEntry {

@@ -148,22 +148,14 @@ fn login_stores_docker_credentials() {
         .env("DOCKER_CONFIG", cfg.path())
         .output()
         .unwrap();
-    assert!(
-        ok.status.success(),
-        "{}",
-        String::from_utf8_lossy(&ok.stderr)
-    );
+    assert_success(&ok);
     let out = bux
         .cmd()
         .args(["pull", "-q", &r])
         .env("DOCKER_CONFIG", cfg.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 fn push_auth(reg: &Registry) -> String {

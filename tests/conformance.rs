@@ -142,25 +142,7 @@ fn sparse_layers(work: &Path) -> Vec<(String, Vec<u8>)> {
                 .unwrap();
         }
         f.write_all_at(b"tail", (6 << 20) - 4).unwrap();
-        let tar = work.join(format!("{name}.tar"));
-        let st = Command::new("tar")
-            .args([
-                "--sparse",
-                "--numeric-owner",
-                "--owner=0",
-                "--group=0",
-                "--mtime=@1700000000",
-            ])
-            .args(&format)
-            .arg("-C")
-            .arg(&dir)
-            .arg("-cf")
-            .arg(&tar)
-            .arg("sparse")
-            .status()
-            .unwrap();
-        assert!(st.success());
-        out.push((name.to_string(), std::fs::read(&tar).unwrap()));
+        out.push((name.to_string(), gnu_tar(&dir, &format)));
     }
     // A file of over 8 GiB apparent size (PAX size record), almost all hole.
     let dir = src.join("huge");
@@ -169,30 +151,36 @@ fn sparse_layers(work: &Path) -> Vec<(String, Vec<u8>)> {
     f.set_len(HUGE).unwrap();
     use std::os::unix::fs::FileExt;
     f.write_all_at(b"the end", HUGE - 7).unwrap();
-    let tar = work.join("huge.tar");
-    let st = Command::new("tar")
+    let tar = gnu_tar(&dir, &["--format=posix", "--sparse-version=1.0"]);
+    out.push(("huge".to_string(), tar));
+    out
+}
+
+const HUGE: u64 = 9 << 30;
+
+/// `sparse/` under `dir` as GNU tar writes it with `--sparse` in `format`.
+fn gnu_tar(dir: &Path, format: &[&str]) -> Vec<u8> {
+    let out = Command::new("tar")
         .args([
             "--sparse",
-            "--format=posix",
-            "--sparse-version=1.0",
             "--numeric-owner",
             "--owner=0",
             "--group=0",
             "--mtime=@1700000000",
         ])
+        .args(format)
         .arg("-C")
-        .arg(&dir)
-        .arg("-cf")
-        .arg(&tar)
-        .arg("sparse")
-        .status()
+        .arg(dir)
+        .args(["-cf", "-", "sparse"])
+        .output()
         .unwrap();
-    assert!(st.success());
-    out.push(("huge".to_string(), std::fs::read(&tar).unwrap()));
-    out
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
 }
-
-const HUGE: u64 = 9 << 30;
 
 fn gzip_two_members(tar: &[u8]) -> Vec<u8> {
     let half = tar.len() / 2;

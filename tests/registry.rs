@@ -60,11 +60,7 @@ fn basic_auth_from_flags_env_stdin_and_docker_config() {
         .env("BUX_FUSE_PASSWORD", "s3cret")
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     // --password-stdin, into a fresh store.
     let bux2 = Bux::new();
@@ -78,11 +74,7 @@ fn basic_auth_from_flags_env_stdin_and_docker_config() {
     use std::io::Write;
     child.stdin.take().unwrap().write_all(b"s3cret\n").unwrap();
     let out = child.wait_with_output().unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 
     // Docker's config.json.
     let bux3 = Bux::new();
@@ -104,11 +96,7 @@ fn basic_auth_from_flags_env_stdin_and_docker_config() {
         .env("DOCKER_CONFIG", cfg.path())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
 }
 
 #[test]
@@ -260,11 +248,7 @@ fn chroot_into_a_mounted_busybox_root() {
         ])
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(stdout.contains("PRETTY_NAME=\"bux test\""), "{stdout}");
     assert!(stdout.contains(&format!("{}\n", 8)), "{stdout}");

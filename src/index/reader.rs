@@ -90,9 +90,9 @@ impl Default for SpanCache {
 }
 
 /// Sequential reads from a position of a file shared between threads (positional I/O).
-struct PosReader<'a> {
-    file: &'a File,
-    pos: u64,
+pub(crate) struct PosReader<'a> {
+    pub(crate) file: &'a File,
+    pub(crate) pos: u64,
 }
 
 impl Read for PosReader<'_> {

@@ -33,6 +33,15 @@ pub fn need(tool: &str) {
     );
 }
 
+/// Asserts a finished command succeeded, showing its stderr otherwise.
+pub fn assert_success(out: &Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 // ----------------------------------------------------------------------------------------------
 // Registry
 
