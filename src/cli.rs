@@ -93,6 +93,9 @@ enum Cmd {
     Rm {
         /// Image reference.
         reference: String,
+        /// Forget it even while mounted (its files stay until the mount ends).
+        #[arg(long)]
+        force: bool,
     },
     /// Show an image's config: what a VM runtime passes to krun_set_exec.
     Inspect {
@@ -157,6 +160,10 @@ struct PullArgs {
 
 /// Runs the CLI; returns the process exit code.
 pub fn main() -> i32 {
+    // Like other Unix tools, end quietly when the reader of our output goes away
+    // (`bux-fuse images | head`) instead of panicking in println!.
+    // SAFETY: resetting a signal disposition before any thread starts.
+    unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
     let cli = Cli::parse();
     init_logging(&cli.log_level);
     match run(cli) {
@@ -263,9 +270,9 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Rm { reference } => {
+        Cmd::Rm { reference, force } => {
             let store = open_store(&store_arg)?;
-            if !store.remove(&reference)? {
+            if !store.remove(&reference, force)? {
                 bail!("{reference}: no such image in the store");
             }
             Ok(())
@@ -307,14 +314,26 @@ fn run(cli: Cli) -> Result<()> {
                 ("indexes", u.indexes),
                 ("seekable", u.seekable),
                 ("trees", u.trees),
+                ("temp", u.temp),
                 ("shared", u.shared),
             ] {
                 println!("{k:10}  {:>10}", human(v));
             }
-            let width = u.images.iter().map(|i| i.0.len()).max().unwrap_or(0).max(9);
+            let width = u
+                .images
+                .iter()
+                .map(|i| i.reference.len())
+                .max()
+                .unwrap_or(0)
+                .max(9);
             println!("\n{:width$}  {:>10}  {:>10}", "REFERENCE", "SIZE", "UNIQUE");
-            for (r, all, unique) in &u.images {
-                println!("{r:width$}  {:>10}  {:>10}", human(*all), human(*unique));
+            for i in &u.images {
+                println!(
+                    "{:width$}  {:>10}  {:>10}",
+                    i.reference,
+                    human(i.size),
+                    human(i.unique)
+                );
             }
             Ok(())
         }

@@ -3,12 +3,12 @@
 use std::fmt;
 use std::str::FromStr;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
 /// A sha256 content digest. Other algorithms are refused when parsed: every digest this
 /// project handles must be checkable by it.
-#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct Digest([u8; 32]);
 
 /// Why a digest string could not be parsed.
@@ -62,6 +62,37 @@ impl FromStr for Digest {
     }
 }
 
+/// JSON (images.json, `--json` output) gets `"sha256:<hex>"`; binary formats (indexes, trees)
+/// the 32 raw bytes. Older `images.json` files wrote 32-integer arrays: still accepted.
+impl Serialize for Digest {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        if s.is_human_readable() {
+            s.collect_str(self)
+        } else {
+            self.0.serialize(s)
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for Digest {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Text {
+            Str(String),
+            Bytes([u8; 32]),
+        }
+        if d.is_human_readable() {
+            match Text::deserialize(d)? {
+                Text::Str(s) => s.parse().map_err(serde::de::Error::custom),
+                Text::Bytes(b) => Ok(Digest(b)),
+            }
+        } else {
+            <[u8; 32]>::deserialize(d).map(Digest)
+        }
+    }
+}
+
 impl fmt::Display for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "sha256:{}", self.hex())
@@ -96,5 +127,18 @@ mod tests {
         ] {
             assert!(bad.parse::<Digest>().is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn json_is_a_string_binary_is_bytes() {
+        let d = Digest::of(b"hello");
+        let json = serde_json::to_string(&d).unwrap();
+        assert_eq!(json, format!("\"{d}\""));
+        assert_eq!(serde_json::from_str::<Digest>(&json).unwrap(), d);
+        let old = serde_json::to_string(&d.0).unwrap();
+        assert_eq!(serde_json::from_str::<Digest>(&old).unwrap(), d);
+        let bin = postcard::to_allocvec(&d).unwrap();
+        assert_eq!(bin.len(), 32);
+        assert_eq!(postcard::from_bytes::<Digest>(&bin).unwrap(), d);
     }
 }

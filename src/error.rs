@@ -126,6 +126,20 @@ pub enum Error {
         /// What failed.
         detail: String,
     },
+    /// The image is mounted: removing it would pull its files from under the mount.
+    #[error("{reference} is in use by a mount (unmount it first, or --force)")]
+    InUse {
+        /// The image reference.
+        reference: String,
+    },
+    /// What a lazy mount served did not match the layer it came from; the image is refused.
+    #[error("{reference}: marked bad: {detail} (`bux-fuse rm` it and pull again)")]
+    BadImage {
+        /// The image reference.
+        reference: String,
+        /// What did not match.
+        detail: String,
+    },
     /// An I/O error, with what was being done.
     #[error("{context}: {error}")]
     Io {

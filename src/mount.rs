@@ -71,6 +71,8 @@ pub struct Mount {
     writable: Option<WritableLayer>,
     cache: Arc<SpanCache>,
     thread: Option<JoinHandle<io::Result<()>>>,
+    /// Keeps gc (and `rm` without --force) off this image's files while mounted.
+    _lease: crate::store::Lease,
 }
 
 /// The overlay that makes a mount writable.
@@ -226,6 +228,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         reference: name.clone(),
         detail: " in the local store (pull it first)".into(),
     })?;
+    let mut leased = vec![record.manifest_digest, record.config_digest];
+    leased.extend(record.layers.iter().map(|l| l.digest));
+    leased.extend(record.layers.iter().filter_map(|l| l.index));
+    let lease = store.lease(&leased)?;
     let tree = store.tree(&record)?;
     let mut layers = Vec::with_capacity(tree.layers.len());
     for (i, l) in tree.layers.iter().enumerate() {
@@ -307,6 +313,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         writable,
         cache,
         thread: Some(thread),
+        _lease: lease,
     };
     if let Some(w) = &m.writable {
         let base = opts

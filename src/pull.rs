@@ -187,13 +187,21 @@ impl Store {
     pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
         let parsed = Location::parse(reference)?;
         let name = parsed.key();
+        // gc waits while any pull holds this, and a pull waits for a running gc.
+        let _guard = {
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.pull_guard())
+                .await
+                .map_err(|e| Error::io("lock task", io::Error::other(e)))??
+        };
         if opts.policy != PullPolicy::Always {
             if let Some(record) = self.image(&name)? {
-                // Every layer's access table present: the store is of this version.
-                let current = record
-                    .layers
-                    .iter()
-                    .all(|l| LayerIndex::access_path(&self.index_path(&l.digest)).exists());
+                // Every layer's access table present (the store is of this version) and its
+                // bytes still there.
+                let current = record.layers.iter().all(|l| {
+                    LayerIndex::access_path(&self.index_path(&l.digest)).exists()
+                        && self.layer_bytes_present(&l.digest, &l.media_type)
+                });
                 if current && self.tree_path(&record.manifest_digest).exists() {
                     opts.emit(Progress::Cached {
                         reference: name.clone(),
@@ -244,9 +252,19 @@ impl Store {
     }
 
     /// Forgets the image `reference` (as the user wrote it); returns whether it was stored.
-    /// Its blobs stay until [`Store::gc`] (other images may share them).
-    pub fn remove(&self, reference: &str) -> Result<bool> {
-        self.remove_image(&normalize_reference(reference)?)
+    /// Its blobs stay until [`Store::gc`] (other images may share them). An image that a live
+    /// mount uses is refused ([`Error::InUse`]) unless `force`; even then gc keeps its files
+    /// until the mount ends.
+    pub fn remove(&self, reference: &str, force: bool) -> Result<bool> {
+        let name = normalize_reference(reference)?;
+        if !force {
+            if let Some(rec) = self.image(&name)? {
+                if self.in_use(&rec.manifest_digest)? {
+                    return Err(Error::InUse { reference: name });
+                }
+            }
+        }
+        self.remove_image(&name)
     }
 
     /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone.
@@ -406,6 +424,7 @@ impl Store {
                     digest: j.digest,
                     media_type: j.desc.media_type.clone(),
                     size: j.desc.size,
+                    index: None,
                 })
                 .collect(),
             platform: format!("{}/{}", config.os, config.architecture),
@@ -440,7 +459,7 @@ impl Store {
                 .map_err(|e| Error::io("lock task", io::Error::other(e)))??
         };
         let index_path = self.index_path(&digest);
-        if index_path.exists() && self.blob_or_copy_exists(job) {
+        if index_path.exists() && self.layer_bytes_present(&digest, &job.desc.media_type) {
             // An index this version cannot read (an older format) is rebuilt below.
             if let Ok(idx) = LayerIndex::load(&index_path) {
                 check_diff_id(&idx, job)?;
@@ -451,11 +470,13 @@ impl Store {
         let mut stream = reg.blob_stream(&digest).await?;
         let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
         let compression = job.compression;
+        let max_len = job.desc.size;
         let indexer = tokio::task::spawn_blocking(move || {
             index_layer(
                 &store,
                 digest,
                 compression,
+                max_len,
                 ChannelReader {
                     rx,
                     cur: bytes::Bytes::new(),
@@ -502,10 +523,19 @@ impl Store {
         Ok(())
     }
 
-    fn blob_or_copy_exists(&self, job: &LayerJob) -> bool {
-        match job.compression {
-            Compression::Zstd => self.seekable_path(&job.digest).exists(),
-            _ => self.blob_path(&job.digest).exists(),
+    /// Whether the bytes a mount reads for this layer are stored: the blob, or for zstd its
+    /// seekable copy, checked to end with a whole frame (a copy cut short by a crash is not).
+    fn layer_bytes_present(&self, digest: &Digest, media_type: &str) -> bool {
+        match Compression::from_media_type(media_type) {
+            Some(Compression::Zstd) => {
+                let Ok(index::Access::Zstd(frames)) =
+                    LayerIndex::load_access(&self.index_path(digest))
+                else {
+                    return false;
+                };
+                index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
+            }
+            _ => self.blob_path(digest).exists(),
         }
     }
 }
@@ -528,9 +558,10 @@ fn index_layer(
     store: &Store,
     digest: Digest,
     compression: Compression,
+    max_len: u64,
     input: ChannelReader,
 ) -> Result<LayerIndex> {
-    let mut blob = store.blob_writer(digest)?;
+    let mut blob = store.blob_writer(digest, max_len)?;
     let mut seekable_tmp = None;
     let mut idx = {
         let mut tee = Tee {
@@ -545,8 +576,11 @@ fn index_layer(
                 seekable_tmp = Some(TempFile(tmp));
                 let mut out = io::BufWriter::new(file);
                 let idx = index::build(&mut tee, compression, digest, Some(&mut out))?;
-                out.into_inner()
+                let file = out
+                    .into_inner()
                     .map_err(|e| Error::io("writing seekable copy", e.into_error()))?;
+                file.sync_all()
+                    .map_err(|e| Error::io("syncing seekable copy", e))?;
                 idx
             }
             _ => index::build(&mut tee, compression, digest, None)?,
@@ -559,6 +593,7 @@ fn index_layer(
         let dest = store.seekable_path(&digest);
         std::fs::rename(&tmp.0, &dest)
             .map_err(|e| Error::io(format!("storing {}", dest.display()), e))?;
+        crate::store::sync_dir(&dest);
         let _ = std::fs::remove_file(blob_path);
     }
     Ok(idx)

@@ -248,7 +248,7 @@ impl Source {
                     what: format!("{}/index.json", path.display()),
                     detail: format!("{e}"),
                 })?;
-                Ok((self.small_blob(&digest, 16 << 20).await?, digest))
+                Ok((self.small_blob(&digest, manifest::MAX_MANIFEST).await?, digest))
             }
             Source::Archive(a) => Ok((a.manifest.clone(), Digest::of(&a.manifest))),
         }
@@ -261,7 +261,7 @@ impl Source {
                 .manifest(&r.clone_with_digest(digest.to_string()))
                 .await?
                 .0),
-            _ => self.small_blob(digest, 16 << 20).await,
+            _ => self.small_blob(digest, manifest::MAX_MANIFEST).await,
         }
     }
 

@@ -55,6 +55,9 @@ pub struct LayerRecord {
     pub media_type: String,
     /// Blob size.
     pub size: u64,
+    /// The published bux-fuse index blob this layer was (or is being) served from lazily.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub index: Option<Digest>,
 }
 
 #[derive(Debug, Default, Serialize, Deserialize)]
@@ -68,10 +71,23 @@ pub struct Store {
     root: PathBuf,
 }
 
-/// An exclusive `flock(2)` held until dropped.
+/// A `flock(2)` held until dropped.
 #[derive(Debug)]
 pub struct Lock {
     _file: File,
+}
+
+/// A live mount's claim on its image's files (see [`Store::lease`]); released when dropped.
+#[derive(Debug)]
+pub struct Lease {
+    _file: File,
+    path: PathBuf,
+}
+
+impl Drop for Lease {
+    fn drop(&mut self) {
+        let _ = fs::remove_file(&self.path);
+    }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers see the old or
@@ -87,12 +103,36 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         let mut f = File::create(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
-        fs::rename(&tmp, path)
+        fs::rename(&tmp, path)?;
+        sync_dir(path);
+        Ok(())
     })();
     if res.is_err() {
         let _ = fs::remove_file(&tmp);
     }
     res.ctx(|| format!("writing {}", path.display()))
+}
+
+/// Makes a rename into `path`'s directory durable (best effort: some filesystems refuse).
+pub fn sync_dir(path: &Path) {
+    if let Some(dir) = path.parent() {
+        if let Ok(d) = File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+}
+
+/// The pid in a temp file name written by [`Store::temp_path`] or [`write_atomic`]
+/// (`NAME.PID.SEQ` or `NAME.tmp.PID.SEQ`).
+fn temp_owner(name: &str) -> Option<u32> {
+    let mut parts = name.rsplit('.');
+    let _seq: u64 = parts.next()?.parse().ok()?;
+    parts.next()?.parse().ok()
+}
+
+/// Whether process `pid` is alive.
+fn alive(pid: u32) -> bool {
+    Path::new(&format!("/proc/{pid}")).exists()
 }
 
 impl Store {
@@ -173,6 +213,16 @@ impl Store {
 
     /// Takes the exclusive lock `name`, waiting for other processes that hold it.
     pub fn lock(&self, name: &str) -> Result<Lock> {
+        self.flock(name, libc::LOCK_EX)
+    }
+
+    /// Held (shared) by every pull for its whole length; [`Store::gc`] takes it exclusively, so
+    /// gc never deletes what a running pull has just stored but not yet recorded.
+    pub fn pull_guard(&self) -> Result<Lock> {
+        self.flock("store", libc::LOCK_SH)
+    }
+
+    fn flock(&self, name: &str, how: i32) -> Result<Lock> {
         let path = self.root.join("locks").join(format!("{name}.lock"));
         let file = OpenOptions::new()
             .create(true)
@@ -182,7 +232,7 @@ impl Store {
             .ctx(|| format!("opening lock {}", path.display()))?;
         loop {
             // SAFETY: flock on a valid, owned descriptor.
-            let r = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) };
+            let r = unsafe { libc::flock(file.as_raw_fd(), how) };
             if r == 0 {
                 return Ok(Lock { _file: file });
             }
@@ -191,6 +241,56 @@ impl Store {
                 return Err(Error::io(format!("locking {}", path.display()), e));
             }
         }
+    }
+
+    /// Declares that a live mount uses these digests (manifest, config, layers): until the
+    /// returned lease is dropped (or its process dies), [`Store::gc`] keeps them and
+    /// [`Store::in_use`] reports the manifest.
+    pub fn lease(&self, digests: &[Digest]) -> Result<Lease> {
+        static SEQ: AtomicU64 = AtomicU64::new(0);
+        let dir = self.root.join("leases");
+        fs::create_dir_all(&dir).ctx(|| format!("creating {}", dir.display()))?;
+        let path = dir.join(format!(
+            "{}.{}.lease",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let mut file = File::create(&path).ctx(|| format!("creating {}", path.display()))?;
+        // SAFETY: flock on a valid, owned descriptor.
+        if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX) } != 0 {
+            return Err(Error::io("locking lease", std::io::Error::last_os_error()));
+        }
+        let body: String = digests.iter().map(|d| format!("{}\n", d.hex())).collect();
+        file.write_all(body.as_bytes())
+            .ctx(|| format!("writing {}", path.display()))?;
+        Ok(Lease { _file: file, path })
+    }
+
+    /// Digests held by live leases (stale lease files of dead processes are removed).
+    fn leased(&self) -> Result<std::collections::HashSet<String>> {
+        let mut out = std::collections::HashSet::new();
+        let dir = self.root.join("leases");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return Ok(out);
+        };
+        for entry in entries.flatten() {
+            let path = entry.path();
+            let Ok(file) = File::open(&path) else { continue };
+            // SAFETY: flock on a valid, owned descriptor.
+            let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+            if free {
+                let _ = fs::remove_file(&path);
+                continue;
+            }
+            let body = fs::read_to_string(&path).unwrap_or_default();
+            out.extend(body.lines().map(str::to_string));
+        }
+        Ok(out)
+    }
+
+    /// Whether a live mount uses the image with this manifest.
+    pub fn in_use(&self, manifest: &Digest) -> Result<bool> {
+        Ok(self.leased()?.contains(&manifest.hex()))
     }
 
     /// Stores `bytes` as a blob after checking that they hash to `expected`.
@@ -210,8 +310,9 @@ impl Store {
         Ok(path)
     }
 
-    /// Starts writing a blob that will be verified against `expected` when committed.
-    pub fn blob_writer(&self, expected: Digest) -> Result<BlobWriter> {
+    /// Starts writing a blob that will be verified against `expected` when committed. Writing
+    /// more than `max_len` bytes (the descriptor's size) fails at once.
+    pub fn blob_writer(&self, expected: Digest, max_len: u64) -> Result<BlobWriter> {
         let tmp = self.temp_path(&expected.hex());
         let file = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         Ok(BlobWriter {
@@ -221,6 +322,7 @@ impl Store {
             expected,
             hasher: Hasher::default(),
             bytes: 0,
+            max_len,
         })
     }
 
@@ -299,6 +401,10 @@ impl Store {
                 }
             }
         }
+        let tmp = self.root.join("tmp");
+        for entry in fs::read_dir(&tmp).ctx(|| format!("listing {}", tmp.display()))?.flatten() {
+            u.temp += entry.metadata().map(|m| m.len()).unwrap_or(0);
+        }
         let images = self.images()?;
         let mut users: std::collections::HashMap<Digest, usize> = Default::default();
         for rec in &images {
@@ -329,32 +435,44 @@ impl Store {
                 .map(|l| layer_bytes(&l.digest))
                 .sum::<u64>()
                 + tree;
-            u.images.push((rec.reference, all, unique));
+            u.images.push(ImageUsage {
+                reference: rec.reference,
+                size: all,
+                unique,
+            });
         }
         Ok(u)
     }
 
-    /// Deletes blobs, indexes and trees that no image record refers to, and stale temp files.
+    /// Deletes blobs, indexes and trees that neither an image record nor a live mount refers
+    /// to, and temp files whose process is gone. Waits for running pulls to finish first.
     /// Returns (files removed, bytes freed).
     pub fn gc(&self) -> Result<(u64, u64)> {
+        let _pulls = self.flock("store", libc::LOCK_EX)?;
         let _lock = self.lock("images")?;
         let images = self.read_images()?;
-        let mut keep = std::collections::HashSet::new();
+        let mut keep = self.leased()?;
         for rec in images.images.values() {
             keep.insert(rec.manifest_digest.hex());
             keep.insert(rec.config_digest.hex());
             for l in &rec.layers {
                 keep.insert(l.digest.hex());
+                if let Some(i) = &l.index {
+                    keep.insert(i.hex());
+                }
             }
         }
         let (mut files, mut bytes) = (0, 0);
-        for dir in ["blobs/sha256", "layers/sha256", "trees/sha256"] {
+        for dir in ["blobs/sha256", "layers/sha256", "trees/sha256", "tmp"] {
             let dir = self.root.join(dir);
             for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
                 let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 let hex = name.split('.').next().unwrap_or("");
-                if !keep.contains(hex) {
+                let stale_temp = temp_owner(&name).is_some_and(|pid| !alive(pid))
+                    && (dir.ends_with("tmp") || name.contains(".tmp."));
+                let orphan = !dir.ends_with("tmp") && !name.contains(".tmp.") && !keep.contains(hex);
+                if stale_temp || orphan {
                     let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(entry.path())
                         .ctx(|| format!("removing {}", entry.path().display()))?;
@@ -378,10 +496,23 @@ pub struct Usage {
     pub seekable: u64,
     /// Bytes of merged trees.
     pub trees: u64,
-    /// Per image: (reference, bytes of its layers and tree, bytes no other image shares).
-    pub images: Vec<(String, u64, u64)>,
+    /// Bytes of downloads in progress or left by interrupted ones (`gc` removes the latter).
+    pub temp: u64,
+    /// Per image.
+    pub images: Vec<ImageUsage>,
     /// Bytes of layers used by more than one image.
     pub shared: u64,
+}
+
+/// Disk use of one image.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct ImageUsage {
+    /// The image reference.
+    pub reference: String,
+    /// Bytes of its layers and tree.
+    pub size: u64,
+    /// Bytes no other image shares.
+    pub unique: u64,
 }
 
 /// A blob being written: bytes go to a temp file and are hashed; [`BlobWriter::commit`] renames
@@ -393,6 +524,7 @@ pub struct BlobWriter {
     expected: Digest,
     hasher: Hasher,
     bytes: u64,
+    max_len: u64,
 }
 
 impl BlobWriter {
@@ -420,6 +552,7 @@ impl BlobWriter {
         file.sync_all()
             .ctx(|| format!("syncing {}", self.tmp.display()))?;
         fs::rename(&self.tmp, &self.dest).ctx(|| format!("storing {}", self.dest.display()))?;
+        sync_dir(&self.dest);
         Ok(self.dest.clone())
     }
 }
@@ -430,6 +563,15 @@ impl Write for BlobWriter {
             .file
             .as_mut()
             .ok_or_else(|| std::io::Error::other("committed"))?;
+        if self.bytes + buf.len() as u64 > self.max_len {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::InvalidData,
+                format!(
+                    "blob {} is larger than the {} bytes its descriptor declares",
+                    self.expected, self.max_len
+                ),
+            ));
+        }
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
@@ -457,18 +599,47 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path()).unwrap();
         let good = Digest::of(b"layer bytes");
-        let mut w = store.blob_writer(good).unwrap();
+        let mut w = store.blob_writer(good, 11).unwrap();
         w.write_all(b"layer bytes").unwrap();
         assert_eq!(w.commit("test").unwrap(), store.blob_path(&good));
         assert_eq!(fs::read(store.blob_path(&good)).unwrap(), b"layer bytes");
 
         let other = Digest::of(b"something else");
-        let mut w = store.blob_writer(other).unwrap();
+        let mut w = store.blob_writer(other, 100).unwrap();
         w.write_all(b"tampered").unwrap();
         let err = w.commit("layer x").unwrap_err().to_string();
         assert!(err.contains("digest mismatch"), "{err}");
         assert!(!store.blob_path(&other).exists());
         assert_eq!(fs::read_dir(dir.path().join("tmp")).unwrap().count(), 0);
+
+        // A blob longer than its descriptor fails on the write that crosses the size.
+        let mut w = store.blob_writer(good, 4).unwrap();
+        let err = w.write_all(b"layer bytes").unwrap_err().to_string();
+        assert!(err.contains("larger than the 4 bytes"), "{err}");
+    }
+
+    #[test]
+    fn gc_keeps_leased_and_removes_dead_temp_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let used = Digest::of(b"used by a mount");
+        store.put_blob(&used, b"used by a mount", "t").unwrap();
+        let lease = store.lease(&[used]).unwrap();
+        assert!(store.in_use(&used).unwrap());
+        // A temp file of a dead process (pid far above pid_max) and one of ours.
+        let dead = dir.path().join("tmp/abc.999999999.0");
+        fs::write(&dead, b"partial").unwrap();
+        let ours = store.temp_path("live");
+        fs::write(&ours, b"partial").unwrap();
+        assert_eq!(store.usage().unwrap().temp, 14);
+        let (n, _) = store.gc().unwrap();
+        assert_eq!(n, 1);
+        assert!(!dead.exists() && ours.exists());
+        assert!(store.blob_path(&used).exists());
+        drop(lease);
+        assert!(!store.in_use(&used).unwrap());
+        store.gc().unwrap();
+        assert!(!store.blob_path(&used).exists());
     }
 
     #[test]

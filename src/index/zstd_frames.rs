@@ -61,6 +61,25 @@ impl<R: Read> Read for Reframer<'_, R> {
     }
 }
 
+/// Whether the seekable copy at `path` holds every frame of `frames`: its last frame decodes.
+/// (A copy cut short by a crash before it was durable fails this, and is rebuilt.)
+pub fn last_frame_ok(path: &std::path::Path, frames: &[(u64, u64)]) -> bool {
+    use std::os::unix::fs::FileExt;
+    let Some(&(_, start)) = frames.last() else {
+        return std::fs::metadata(path).is_ok();
+    };
+    let Ok(file) = std::fs::File::open(path) else {
+        return false;
+    };
+    let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+    if len <= start || len - start > 64 << 20 {
+        return false;
+    }
+    let mut buf = vec![0u8; (len - start) as usize];
+    file.read_exact_at(&mut buf, start).is_ok()
+        && zstd::bulk::decompress(&buf, 64 << 20).is_ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

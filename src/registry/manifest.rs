@@ -14,6 +14,9 @@ pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
 pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
 /// Docker manifest list.
 pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+/// Largest manifest or index accepted (real ones are a few KiB; the distribution server caps
+/// them at 4 MiB too).
+pub const MAX_MANIFEST: u64 = 4 << 20;
 /// What we send as `Accept` for manifests.
 pub const ACCEPT: &[&str] = &[OCI_MANIFEST, OCI_INDEX, DOCKER_MANIFEST, DOCKER_LIST];
 /// Config media types of container images.

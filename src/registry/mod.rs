@@ -132,6 +132,16 @@ impl Registry {
             .pull_manifest_raw(reference, &self.auth, manifest::ACCEPT)
             .await
             .map_err(|e| self.err(e))?;
+        if bytes.len() as u64 > manifest::MAX_MANIFEST {
+            return Err(Error::InvalidManifest {
+                what: format!("manifest of {}", reference.whole()),
+                detail: format!(
+                    "{} bytes, more than the {} accepted",
+                    bytes.len(),
+                    manifest::MAX_MANIFEST
+                ),
+            });
+        }
         let actual = Digest::of(&bytes);
         if let Some(want) = reference.digest() {
             let want: Digest = want.parse().map_err(|e| Error::InvalidReference {
