@@ -72,11 +72,50 @@ enum Cmd {
         /// Keep the writable layer in DIR (implies --writable); remount with it to see changes.
         #[arg(long, value_name = "DIR")]
         upper: Option<PathBuf>,
+        /// Mount before the layers are downloaded: fetch manifest, config and the image's
+        /// published index (see push-index), then fetch by HTTP range only what is read.
+        /// Without a published index the image is pulled whole, and this says so.
+        #[arg(long)]
+        lazy: bool,
+        /// With --lazy: also use an index found only as a referrer of the image, which the
+        /// manifest digest does not cover (anyone who can push to the repository can add one).
+        #[arg(long, requires = "lazy")]
+        trust_index: bool,
+        /// With --lazy: what to fetch besides what is read: `all` completes the layers in the
+        /// background (then they are ordinary stored layers), `none` fetches only what is read.
+        #[arg(long, default_value = "all", value_parser = ["none", "all"])]
+        prefetch: String,
+        /// With --lazy: seconds a read waits for its bytes before failing with EIO (that read
+        /// alone; the next read tries again).
+        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        read_timeout: f64,
+        /// With --lazy: return only once every layer is local and verified.
+        #[arg(long, requires = "lazy")]
+        wait_complete: bool,
         /// Internal: tell the parent process when the mount is live.
         #[arg(long, hide = true)]
         notify_ready: bool,
         #[command(flatten)]
         pull: PullArgs,
+    },
+    /// Publish the layer index of a pulled image to its registry, so that `mount --lazy`
+    /// elsewhere starts it before its layers are downloaded.
+    ///
+    /// Pushes one index blob per gzip or plain-tar layer (file table, checkpoints, a sha256 per
+    /// compressed chunk), an OCI artifact listing them (also found as a referrer of the image),
+    /// and the image's manifest with an annotation naming that artifact, tagged --tag (default:
+    /// the image's own tag). That manifest's digest covers the index: a lazy mount of it serves
+    /// only bytes its digest vouches for. Layers and config are unchanged, so every runtime runs
+    /// the image as before.
+    PushIndex {
+        /// Image reference (pulled into the store).
+        reference: String,
+        /// Tag for the indexed image (default: the image's own tag).
+        #[arg(long)]
+        tag: Option<String>,
+        /// Speak plain HTTP to this registry (host[:port]); loopback registries always are.
+        #[arg(long, value_name = "HOST[:PORT]")]
+        insecure_registry: Vec<String>,
     },
     /// Unmount DIR (also clears a mount whose serving process died).
     Umount {
@@ -217,25 +256,76 @@ fn run(cli: Cli) -> Result<()> {
             cache_mb,
             writable,
             upper,
+            lazy,
+            trust_index,
+            prefetch,
+            read_timeout,
+            wait_complete,
             notify_ready,
             pull,
         } => {
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
-            let image = runtime()?.block_on(store.pull(&reference, &opts))?;
+            let image = if lazy {
+                let (image, outcome) =
+                    runtime()?.block_on(store.pull_lazy(&reference, &opts, trust_index))?;
+                if let Some(note) = outcome.note.filter(|_| !pull.quiet) {
+                    eprintln!("{}: {note}", image.reference);
+                }
+                image
+            } else {
+                runtime()?.block_on(store.pull(&reference, &opts))?
+            };
+            if !(read_timeout > 0.0 && read_timeout < 86400.0) {
+                bail!("--read-timeout must be between 0 and 86400 seconds");
+            }
             let upper = upper.map(|u| std::path::absolute(&u).unwrap_or(u));
             let mopts = crate::MountOptions {
                 threads,
                 cache_bytes: cache_mb << 20,
                 writable: writable || upper.is_some(),
                 upper,
+                registry: opts.registry.clone(),
+                read_deadline: std::time::Duration::from_secs_f64(read_timeout),
+                prefetch: if prefetch == "none" {
+                    crate::mount::Prefetch::None
+                } else {
+                    crate::mount::Prefetch::All
+                },
                 ..Default::default()
             };
             if foreground || notify_ready {
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
-                spawn_daemon(&store, &image.reference, &dir, &mopts, pull.quiet)
+                spawn_daemon(&store, &image.reference, &dir, &mopts, &pull, lazy)?;
+                if wait_complete {
+                    wait_complete_layers(&store, &image.record)?;
+                }
+                Ok(())
             }
+        }
+        Cmd::PushIndex {
+            reference,
+            tag,
+            insecure_registry,
+        } => {
+            let store = open_store(&store_arg)?;
+            let opts = crate::publish::PushIndexOptions {
+                registry: RegistryOptions {
+                    credentials: Credentials::Auto,
+                    insecure: insecure_registry,
+                },
+                tag,
+            };
+            let pushed = runtime()?.block_on(store.push_index(&reference, &opts))?;
+            for (layer, why) in &pushed.skipped {
+                eprintln!("layer {}: not indexed: {why}", layer.short());
+            }
+            println!(
+                "{}@{} (index {}, {} layers indexed)",
+                pushed.reference, pushed.manifest_digest, pushed.index_digest, pushed.layers
+            );
+            Ok(())
         }
         Cmd::Umount { dir } => {
             crate::mount::unmount(&dir).with_context(|| format!("unmounting {}", dir.display()))
@@ -575,14 +665,32 @@ fn serve(
     Ok(())
 }
 
+/// Waits until every layer of `record` is stored whole (a lazy mount's background completion),
+/// or the image is marked bad.
+fn wait_complete_layers(store: &Store, record: &crate::store::ImageRecord) -> Result<()> {
+    loop {
+        if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
+            bail!("{}: marked bad: {}", record.reference, why.trim());
+        }
+        if record.layers.iter().all(|l| {
+            store.blob_path(&l.digest).exists() || store.seekable_path(&l.digest).exists()
+        }) {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
 /// Starts a detached `bux-fuse mount --notify-ready` and waits until its mount is live.
 fn spawn_daemon(
     store: &Store,
     reference: &str,
     dir: &Path,
     opts: &crate::MountOptions,
-    quiet: bool,
+    pull: &PullArgs,
+    lazy: bool,
 ) -> Result<()> {
+    let quiet = pull.quiet;
     use std::os::unix::process::CommandExt;
     let logs = store.root().join("logs");
     std::fs::create_dir_all(&logs).context("creating log directory")?;
@@ -610,6 +718,25 @@ fn spawn_daemon(
     }
     if let Some(u) = &opts.upper {
         cmd.arg("--upper").arg(u);
+    }
+    if lazy {
+        cmd.arg("--lazy")
+            .arg(format!("--read-timeout={}", opts.read_deadline.as_secs_f64()))
+            .arg(match opts.prefetch {
+                crate::mount::Prefetch::None => "--prefetch=none",
+                crate::mount::Prefetch::All => "--prefetch=all",
+            });
+        for r in &pull.insecure_registry {
+            cmd.arg("--insecure-registry").arg(r);
+        }
+        if let Some(p) = &pull.platform {
+            cmd.arg("--platform").arg(p);
+        }
+        if let (Some(u), Credentials::Basic { password, .. }) =
+            (&pull.username, &opts.registry.credentials)
+        {
+            cmd.arg("--username").arg(u).env("BUX_FUSE_PASSWORD", password);
+        }
     }
     cmd.stdin(Stdio::null())
         .stdout(Stdio::piped())

@@ -29,13 +29,68 @@ const BLOCK_SIZE: u32 = 4096;
 
 /// A read-only filesystem over one image.
 pub struct ImageFs {
-    tree: Tree,
-    layers: Vec<LayerReader>,
-    cache: Arc<SpanCache>,
+    shared: Arc<Shared>,
     statfs: (u64, u64),
     /// The kernel agreed to skip open/opendir (and release) round trips: with no open support
     /// it caches pages and directory listings by default, which suits an immutable tree.
     no_open: bool,
+    /// Threads that answer reads whose bytes must first be fetched, so a FUSE worker never
+    /// waits on the network (libkrun serves virtio-fs from one worker: a stuck read there
+    /// would freeze the guest's whole filesystem).
+    waiting_reads: WaitingReads,
+}
+
+/// What handlers on any thread read from.
+pub struct Shared {
+    tree: Tree,
+    layers: Vec<LayerReader>,
+    cache: Arc<SpanCache>,
+}
+
+impl std::ops::Deref for ImageFs {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.shared
+    }
+}
+
+/// Reads that first wait for bytes to be fetched, run off the FUSE workers.
+struct WaitingReads {
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+/// Threads for waiting reads: a read waits at most its deadline, so this many slow reads at
+/// once is plenty; more queue.
+const WAITING_READ_THREADS: usize = 8;
+
+impl WaitingReads {
+    fn new() -> WaitingReads {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let rx = Arc::new(std::sync::Mutex::new(rx));
+        for n in 0..WAITING_READ_THREADS {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("bux-fuse-wait-{n}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return, // the filesystem is gone
+                    }
+                });
+        }
+        WaitingReads {
+            tx: std::sync::Mutex::new(tx),
+        }
+    }
+
+    fn run(&self, job: impl FnOnce() + Send + 'static) {
+        let _ = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Box::new(job));
+    }
 }
 
 impl ImageFs {
@@ -48,14 +103,23 @@ impl ImageFs {
             .sum();
         let files = tree.inodes.len() as u64;
         ImageFs {
-            tree,
-            layers,
-            cache,
+            shared: Arc::new(Shared {
+                tree,
+                layers,
+                cache,
+            }),
             statfs: (blocks, files),
             no_open: false,
+            waiting_reads: WaitingReads::new(),
         }
     }
+}
 
+/// Files up to this size are fetched whole on their first read (a file read at all is
+/// usually read in full); larger ones this far past the read.
+const FETCH_AHEAD: u64 = 4 << 20;
+
+impl Shared {
     fn inode(&self, ino: INodeNo) -> Result<&Inode, Errno> {
         self.tree.inode(ino.0).ok_or(Errno::ENOENT)
     }
@@ -134,6 +198,59 @@ impl ImageFs {
         Ok(())
     }
 
+    /// The layer stream ranges a read of `i` at `offset` needs, and those worth fetching with
+    /// it (the rest of a small file, a window ahead in a large one).
+    fn stream_ranges(&self, i: &Inode, offset: u64, size: u32) -> Vec<(u32, std::ops::Range<u64>, std::ops::Range<u64>)> {
+        let end = offset.saturating_add(size as u64).min(i.size);
+        if offset >= end {
+            return Vec::new();
+        }
+        let ahead = if i.size <= FETCH_AHEAD {
+            i.size
+        } else {
+            end.saturating_add(FETCH_AHEAD).min(i.size)
+        };
+        match &i.data {
+            NodeData::File { layer, offset: base } => {
+                let from = if i.size <= FETCH_AHEAD { 0 } else { offset };
+                vec![(*layer, base + offset..base + end, base + from..base + ahead)]
+            }
+            NodeData::Sparse { layer, extents } => extents
+                .iter()
+                .filter(|e| e.file_off < end && e.file_off + e.len > offset)
+                .map(|e| {
+                    let from = e.file_off.max(offset);
+                    let to = (e.file_off + e.len).min(end);
+                    let r = e.stream_off + (from - e.file_off)..e.stream_off + (to - e.file_off);
+                    (*layer, r.clone(), r)
+                })
+                .collect(),
+            _ => Vec::new(),
+        }
+    }
+
+    /// Whether a read can be answered without waiting for a fetch.
+    fn is_local(&self, i: &Inode, offset: u64, size: u32) -> bool {
+        self.stream_ranges(i, offset, size)
+            .into_iter()
+            .all(|(l, need, _)| self.layers.get(l as usize).is_none_or(|r| r.is_local(need)))
+    }
+
+    /// A read that may wait on the network: fetch what it needs (and what is worth fetching
+    /// with it) in one go, then read.
+    fn fetch_and_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(ino)?;
+        for (l, _, ahead) in self.stream_ranges(i, offset, size) {
+            if let Some(r) = self.layers.get(l as usize) {
+                // A failed look-ahead is not the read's failure: the read itself retries.
+                if let Err(e) = r.prefetch(ahead) {
+                    tracing::debug!("prefetch for inode {}: {e}", ino.0);
+                }
+            }
+        }
+        self.read_file(i, offset, size)
+    }
+
     /// A directory's entries as (offset of the next entry, inode, name): `.` and `..` first,
     /// then the children in name order, so offset `n` always resumes after the `n`th entry.
     fn dir_entries(&self, ino: u64, i: &Inode) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
@@ -149,6 +266,9 @@ impl ImageFs {
             .map(|(pos, (ino, name))| (pos as u64 + 1, ino, name))
     }
 
+}
+
+impl ImageFs {
     fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
         if size == 0 {
             reply.size(data.len() as u32);
@@ -290,10 +410,20 @@ impl Filesystem for ImageFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        match self
-            .inode(ino)
-            .and_then(|i| self.read_file(i, offset, size))
-        {
+        let i = match self.inode(ino) {
+            Ok(i) => i,
+            Err(e) => return reply.error(e),
+        };
+        if !self.is_local(i, offset, size) {
+            let shared = self.shared.clone();
+            return self.waiting_reads.run(move || {
+                match shared.fetch_and_read(ino, offset, size) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
+        match self.read_file(i, offset, size) {
             Ok(data) => reply.data(&data),
             Err(e) => reply.error(e),
         }

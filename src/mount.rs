@@ -14,7 +14,9 @@ use std::thread::JoinHandle;
 use fuser::{Config, MountOption, Session, SessionACL};
 
 use crate::fs::ImageFs;
+use crate::index::published::PublishedLayer;
 use crate::index::{Compression, LayerReader, SpanCache};
+use crate::lazy::{LazyBlob, Remote};
 use crate::pull::normalize_reference;
 use crate::{Error, Result, Store};
 
@@ -35,6 +37,23 @@ pub struct MountOptions {
     /// directory sees the changes. Without it, changes go to a scratch directory removed at
     /// unmount (`docker run --rm` semantics).
     pub upper: Option<PathBuf>,
+    /// Registry access for layers fetched lazily (credentials, plain-HTTP registries).
+    pub registry: crate::registry::RegistryOptions,
+    /// How long a read waits for lazily fetched bytes before failing with `EIO` (keep it
+    /// below the kernel's `fs.fuse.default_request_timeout` where that is set).
+    pub read_deadline: std::time::Duration,
+    /// What to fetch of lazy layers besides what is read.
+    pub prefetch: Prefetch,
+}
+
+/// Background fetching of lazily mounted layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Prefetch {
+    /// Only what is read.
+    None,
+    /// Everything, in the background, after which the layers are ordinary stored layers.
+    #[default]
+    All,
 }
 
 impl Default for MountOptions {
@@ -46,6 +65,9 @@ impl Default for MountOptions {
             allow_other: unsafe { libc::geteuid() } == 0,
             writable: false,
             upper: None,
+            registry: Default::default(),
+            read_deadline: std::time::Duration::from_secs(5),
+            prefetch: Prefetch::All,
         }
     }
 }
@@ -61,6 +83,10 @@ pub struct MountStats {
     pub cache_hits: u64,
     /// Span cache misses.
     pub cache_misses: u64,
+    /// Bytes received from the registry by lazy fetches.
+    pub fetched_bytes: u64,
+    /// Requests sent to the registry by lazy fetches.
+    pub fetch_requests: u64,
 }
 
 /// A live mount. Dropping it unmounts.
@@ -73,6 +99,8 @@ pub struct Mount {
     thread: Option<JoinHandle<io::Result<()>>>,
     /// Keeps gc (and `rm` without --force) off this image's files while mounted.
     _lease: crate::store::Lease,
+    /// The registry end of lazily fetched layers, if any.
+    remote: Option<Arc<Remote>>,
 }
 
 /// The overlay that makes a mount writable.
@@ -95,6 +123,14 @@ impl Mount {
             decompressed_bytes: s.decompressed.load(Ordering::Relaxed),
             cache_hits: s.hits.load(Ordering::Relaxed),
             cache_misses: s.misses.load(Ordering::Relaxed),
+            fetched_bytes: self
+                .remote
+                .as_ref()
+                .map_or(0, |r| r.fetched.load(Ordering::Relaxed)),
+            fetch_requests: self
+                .remote
+                .as_ref()
+                .map_or(0, |r| r.requests.load(Ordering::Relaxed)),
         }
     }
 
@@ -115,6 +151,9 @@ impl Mount {
     }
 
     fn teardown(&mut self) -> Result<()> {
+        if let Some(r) = &self.remote {
+            r.shutdown();
+        }
         if self.writable.is_some() && is_mount_point(&self.path) {
             unmount(&self.path)?;
         }
@@ -232,20 +271,54 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     leased.extend(record.layers.iter().map(|l| l.digest));
     leased.extend(record.layers.iter().filter_map(|l| l.index));
     let lease = store.lease(&leased)?;
+    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
+        return Err(Error::BadImage {
+            reference: name,
+            detail: why.trim().to_string(),
+        });
+    }
     let tree = store.tree(&record)?;
     let mut layers = Vec::with_capacity(tree.layers.len());
+    let mut remote: Option<Arc<Remote>> = None;
+    let mut lazy = Vec::new();
     for (i, l) in tree.layers.iter().enumerate() {
         let path = match l.compression {
             Compression::Zstd => store.seekable_path(&l.digest),
             _ => store.blob_path(&l.digest),
         };
-        let reader = LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
-            .map_err(|e| {
-                Error::io(
-                    format!("opening layer {} ({})", l.digest, path.display()),
-                    e,
-                )
-            })?;
+        let index = record
+            .layers
+            .iter()
+            .find(|r| r.digest == l.digest)
+            .and_then(|r| r.index.map(|d| (d, r.size)));
+        let reader = match index {
+            Some((index, size)) if !path.exists() => {
+                let bytes = std::fs::read(store.blob_path(&index))
+                    .map_err(|e| Error::io(format!("reading index of layer {}", l.digest), e))?;
+                let published = Arc::new(PublishedLayer::decode(&bytes, l.digest, size)?);
+                let remote = match &remote {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = crate::registry::parse_reference(&record.reference)?;
+                        let reg = crate::registry::Registry::new(&r, &opts.registry);
+                        let made = Remote::new(reg, opts.read_deadline)
+                            .map_err(|e| Error::io("starting the fetcher", e))?;
+                        remote = Some(made.clone());
+                        made
+                    }
+                };
+                let blob = LazyBlob::open(store, &published, remote)?;
+                lazy.push((blob.clone(), published));
+                LayerReader::new(i as u32, Box::new(blob), l.access.clone(), l.uncompressed_size)
+            }
+            _ => LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
+                .map_err(|e| {
+                    Error::io(
+                        format!("opening layer {} ({})", l.digest, path.display()),
+                        e,
+                    )
+                })?,
+        };
         layers.push(reader);
     }
     let mount_err = |detail: String| Error::Mount {
@@ -314,7 +387,23 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         cache,
         thread: Some(thread),
         _lease: lease,
+        remote,
     };
+    if opts.prefetch == Prefetch::All {
+        let bad = store.bad_path(&record.manifest_digest);
+        for (blob, published) in lazy {
+            let bad = bad.clone();
+            let digest = published.digest;
+            blob.complete(store.clone(), published, move |res, mismatch| match res {
+                Ok(()) => tracing::info!("layer {digest} is complete and verified"),
+                Err(why) if mismatch => {
+                    tracing::error!("{why}: the image is marked bad");
+                    let _ = crate::store::write_atomic(&bad, why.as_bytes());
+                }
+                Err(why) => tracing::warn!("completing layer {digest}: {why} (a later mount resumes)"),
+            });
+        }
+    }
     if let Some(w) = &m.writable {
         let base = opts
             .upper

@@ -14,7 +14,9 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::index::published::PublishedLayer;
 use crate::index::{self, Compression, LayerIndex};
+use crate::publish::IndexSource;
 use crate::registry::manifest::{self, Descriptor, ImageConfig, ManifestOrIndex, Platform};
 use crate::registry::RegistryOptions;
 use crate::source::{Location, Source};
@@ -140,9 +142,19 @@ pub fn normalize_reference(reference: &str) -> Result<String> {
 }
 
 /// Feeds downloaded chunks to the blocking indexer as a `Read`.
-struct ChannelReader {
+pub(crate) struct ChannelReader {
     rx: mpsc::Receiver<io::Result<bytes::Bytes>>,
     cur: bytes::Bytes,
+}
+
+impl ChannelReader {
+    /// Reads what is sent on `rx` until its sender is dropped.
+    pub(crate) fn new(rx: mpsc::Receiver<io::Result<bytes::Bytes>>) -> ChannelReader {
+        ChannelReader {
+            rx,
+            cur: bytes::Bytes::new(),
+        }
+    }
 }
 
 impl Read for ChannelReader {
@@ -173,6 +185,30 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
         self.out.write_all(&buf[..n])?;
         Ok(n)
     }
+}
+
+/// Largest published layer index accepted (a 500k-file layer's is ~30 MB).
+const MAX_PUBLISHED_INDEX: u64 = 512 << 20;
+
+/// What a lazy pull did.
+#[derive(Debug, Clone, Default)]
+pub struct LazyOutcome {
+    /// The index manifest used, if any.
+    pub index: Option<Digest>,
+    /// Layers left to fetch on demand.
+    pub lazy_layers: usize,
+    /// Why the pull was (partly) not lazy, or how the index was trusted.
+    pub note: Option<String>,
+}
+
+/// A manifest resolved for the host (or chosen) platform, with its config stored.
+struct Resolved {
+    name: String,
+    bytes: Vec<u8>,
+    digest: Digest,
+    config_digest: Digest,
+    config: ImageConfig,
+    jobs: Vec<LayerJob>,
 }
 
 struct LayerJob {
@@ -291,9 +327,9 @@ impl Store {
         Ok(tree)
     }
 
-    async fn pull_from_source(&self, loc: &Location, opts: &PullOptions) -> Result<PulledImage> {
-        let name = loc.key();
-        let reg = Arc::new(Source::open(loc, &opts.registry)?);
+    /// Resolves the manifest (through an index to the wanted platform) and stores the config.
+    async fn resolve(&self, reg: &Source, name: &str, opts: &PullOptions) -> Result<Resolved> {
+        let name = name.to_string();
         let want = opts.platform.clone().unwrap_or_else(Platform::host);
 
         // Manifest, through an index if there is one.
@@ -391,18 +427,45 @@ impl Store {
                 })
             })
             .collect::<Result<_>>()?;
+        Ok(Resolved {
+            name,
+            bytes,
+            digest,
+            config_digest,
+            config,
+            jobs,
+        })
+    }
 
-        // Layers, several at once.
+    async fn pull_from_source(&self, loc: &Location, opts: &PullOptions) -> Result<PulledImage> {
+        let reg = Arc::new(Source::open(loc, &opts.registry)?);
+        let r = self.resolve(&reg, &loc.key(), opts).await?;
+        self.fetch_layers(&reg, &r.jobs, opts).await?;
+        self.record(r, &[], opts)
+    }
+
+    /// Fetches and indexes the layers not stored yet, several at once.
+    async fn fetch_layers(&self, reg: &Arc<Source>, jobs: &[LayerJob], opts: &PullOptions) -> Result<()> {
         let parallel = if opts.parallel == 0 { 3 } else { opts.parallel };
         let results: Vec<Result<()>> = futures_util::stream::iter(jobs.iter())
             .map(|job| self.ensure_layer(reg.clone(), job, opts))
             .buffer_unordered(parallel)
             .collect()
             .await;
-        for r in results {
-            r?;
-        }
+        results.into_iter().collect()
+    }
 
+    /// Merges the layers' indexes, saves the tree and records the image. `lazy` names the
+    /// published index blob of each layer served lazily.
+    fn record(&self, r: Resolved, lazy: &[(Digest, Digest)], opts: &PullOptions) -> Result<PulledImage> {
+        let Resolved {
+            name,
+            bytes,
+            digest,
+            config_digest,
+            config,
+            jobs,
+        } = r;
         // Merge and record.
         self.put_blob(&digest, &bytes, "manifest")?;
         let indexes = jobs
@@ -424,7 +487,7 @@ impl Store {
                     digest: j.digest,
                     media_type: j.desc.media_type.clone(),
                     size: j.desc.size,
-                    index: None,
+                    index: lazy.iter().find(|(l, _)| *l == j.digest).map(|(_, i)| *i),
                 })
                 .collect(),
             platform: format!("{}/{}", config.os, config.architecture),
@@ -434,12 +497,167 @@ impl Store {
                 .unwrap_or(0),
         };
         self.put_image(record.clone())?;
+        if lazy.is_empty() {
+            // Pulled whole and verified: whatever a lazy mount once found wrong is gone.
+            let _ = std::fs::remove_file(self.bad_path(&digest));
+        }
         Ok(PulledImage {
             reference: record.reference.clone(),
             manifest_digest: digest,
             config,
             record,
         })
+    }
+
+    /// Like [`Store::pull`], but fetches only manifest, config and the image's published
+    /// index (see [`crate::publish`]), so the image mounts before its layers are downloaded;
+    /// layers are then fetched as they are read. Layers without an index (zstd, or an image
+    /// never indexed) are pulled whole, and the outcome says so. An index found only as a
+    /// referrer is used only when `trust_referrer` is set.
+    pub async fn pull_lazy(
+        &self,
+        reference: &str,
+        opts: &PullOptions,
+        trust_referrer: bool,
+    ) -> Result<(PulledImage, LazyOutcome)> {
+        let loc = Location::parse(reference)?;
+        let name = loc.key();
+        if !matches!(loc, Location::Registry(_)) {
+            let image = self.pull(reference, opts).await?;
+            return Ok((image, LazyOutcome::default()));
+        }
+        let _guard = {
+            let store = self.clone();
+            tokio::task::spawn_blocking(move || store.pull_guard())
+                .await
+                .map_err(|e| Error::io("lock task", io::Error::other(e)))??
+        };
+        if opts.policy != PullPolicy::Always {
+            if let Some(record) = self.image(&name)? {
+                let usable = record.layers.iter().all(|l| {
+                    LayerIndex::access_path(&self.index_path(&l.digest)).exists()
+                        && (self.layer_bytes_present(&l.digest, &l.media_type)
+                            || l.index.is_some_and(|i| self.blob_path(&i).exists()))
+                });
+                if usable && self.tree_path(&record.manifest_digest).exists() {
+                    opts.emit(Progress::Cached {
+                        reference: name.clone(),
+                    });
+                    let lazy_layers = record
+                        .layers
+                        .iter()
+                        .filter(|l| !self.layer_bytes_present(&l.digest, &l.media_type))
+                        .count();
+                    return Ok((
+                        self.pulled(record)?,
+                        LazyOutcome {
+                            lazy_layers,
+                            ..Default::default()
+                        },
+                    ));
+                }
+            }
+            if opts.policy == PullPolicy::Never {
+                return Err(Error::NotFound {
+                    reference: name,
+                    detail: " in the local store (pull policy is never)".into(),
+                });
+            }
+        }
+        self.pull_lazy_from(&loc, opts, trust_referrer)
+            .await
+            .map_err(|e| e.for_image(&name))
+    }
+
+    async fn pull_lazy_from(
+        &self,
+        loc: &Location,
+        opts: &PullOptions,
+        trust_referrer: bool,
+    ) -> Result<(PulledImage, LazyOutcome)> {
+        let src = Arc::new(Source::open(loc, &opts.registry)?);
+        let r = self.resolve(&src, &loc.key(), opts).await?;
+        let Source::Registry(reg, reference) = &*src else {
+            unreachable!("checked by the caller")
+        };
+        let mut outcome = LazyOutcome::default();
+        let found = crate::publish::find_index(self, reg, &r.digest, &r.bytes).await?;
+        let index = match found {
+            Some(IndexSource::Pinned(d)) => Some(d),
+            Some(IndexSource::Referrer(d)) if trust_referrer => {
+                outcome.note = Some(format!(
+                    "using index {} found as a referrer (trusted by request; not covered by                      the manifest digest)",
+                    d.short()
+                ));
+                Some(d)
+            }
+            Some(IndexSource::Referrer(d)) => {
+                outcome.note = Some(format!(
+                    "index {} was found only as a referrer, which the manifest digest does not                      cover: not trusted, pulled whole (--trust-index to use it)",
+                    d.short()
+                ));
+                None
+            }
+            None => {
+                outcome.note = Some(
+                    "no bux-fuse index was published for this image (bux-fuse push-index):                      pulled whole"
+                        .into(),
+                );
+                None
+            }
+        };
+        outcome.index = index;
+        let mut lazy = Vec::new();
+        if let Some(index) = index {
+            let (bytes, _) = reg
+                .manifest(&reference.clone_with_digest(index.to_string()))
+                .await?;
+            let listed = crate::publish::index_layers(&bytes)?;
+            for job in &r.jobs {
+                let Some(&(_, blob, size)) = listed.iter().find(|(l, _, _)| *l == job.digest)
+                else {
+                    continue;
+                };
+                if self.index_path(&job.digest).exists()
+                    && self.layer_bytes_present(&job.digest, &job.desc.media_type)
+                {
+                    continue; // already stored whole
+                }
+                if size > MAX_PUBLISHED_INDEX {
+                    return Err(Error::InvalidManifest {
+                        what: format!("index of layer {}", job.digest),
+                        detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
+                    });
+                }
+                let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
+                let published = PublishedLayer::decode(&bytes, job.digest, job.desc.size)?;
+                if published.compression != job.compression || published.diff_id != job.diff_id {
+                    return Err(Error::CorruptLayer {
+                        layer: job.digest,
+                        detail: "published index disagrees with the manifest and config                                  (compression or diff_id)"
+                            .into(),
+                    });
+                }
+                self.put_blob(&blob, &bytes, "layer index")?;
+                published.to_index().save(&self.index_path(&job.digest))?;
+                lazy.push((job.digest, blob));
+            }
+        }
+        outcome.lazy_layers = lazy.len();
+        let whole: Vec<LayerJob> = r
+            .jobs
+            .iter()
+            .filter(|j| !lazy.iter().any(|(l, _)| *l == j.digest))
+            .map(|j| LayerJob {
+                desc: j.desc.clone(),
+                digest: j.digest,
+                compression: j.compression,
+                diff_id: j.diff_id,
+            })
+            .collect();
+        self.fetch_layers(&src, &whole, opts).await?;
+        let image = self.record(r, &lazy, opts)?;
+        Ok((image, outcome))
     }
 
     /// Makes sure a layer's blob and index are in the store, fetching and indexing it if not.

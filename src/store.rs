@@ -201,6 +201,13 @@ impl Store {
             .join(format!("{}.tree", d.hex()))
     }
 
+    /// Present when a lazily served image proved different from its published index; holds why.
+    pub fn bad_path(&self, manifest: &Digest) -> PathBuf {
+        self.root
+            .join("trees/sha256")
+            .join(format!("{}.bad", manifest.hex()))
+    }
+
     /// A fresh temporary path in the store (same filesystem, so renames are atomic).
     pub fn temp_path(&self, what: &str) -> PathBuf {
         static SEQ: AtomicU64 = AtomicU64::new(0);

@@ -11,7 +11,9 @@
 //!   they touch.
 //! * **plain tar** — the blob is the uncompressed stream; reads are `pread`s.
 
+pub mod blob;
 pub mod gzip;
+pub mod published;
 pub mod reader;
 pub mod tar_scan;
 pub mod zstd_frames;

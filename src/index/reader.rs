@@ -4,6 +4,7 @@
 
 use std::fs::File;
 use std::io::{self, Read};
+use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,6 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use lru::LruCache;
 
+use super::blob::{Blob, LocalBlob};
 use super::gzip::GzipReader;
 use super::Access;
 
@@ -103,36 +105,95 @@ impl Read for PosReader<'_> {
     }
 }
 
+/// Sequential reads of a [`Blob`] from `pos`, ending at `end`. The end matters for gzip: after
+/// a span's last byte inflate goes on to parse the next block's header, which lies past the
+/// bytes fetched for this span; stopping the input there keeps it from reading (and choking
+/// on) what is not there yet.
+struct BlobReader<'a> {
+    blob: &'a dyn Blob,
+    pos: u64,
+    end: u64,
+}
+
+impl Read for BlobReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let room = self.end.saturating_sub(self.pos).min(buf.len() as u64) as usize;
+        let n = self.blob.read_at(&mut buf[..room], self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
+}
+
 /// Random access to one layer's uncompressed stream.
 pub struct LayerReader {
     id: u32,
-    file: File,
-    file_len: u64,
+    blob: Box<dyn Blob>,
     access: Access,
     size: u64,
 }
 
 impl LayerReader {
-    /// Opens the blob (or the seekable zstd copy) at `path`. `id` keys this layer in the cache.
+    /// Opens the stored blob (or the seekable zstd copy) at `path`. `id` keys this layer in the
+    /// cache.
     pub fn open(id: u32, path: &Path, access: Access, size: u64) -> io::Result<LayerReader> {
-        let file = File::open(path)?;
-        let file_len = file.metadata()?.len();
-        Ok(LayerReader {
+        Ok(Self::new(id, Box::new(LocalBlob::open(path)?), access, size))
+    }
+
+    /// Reads through any [`Blob`] (a stored file or a lazily fetched one).
+    pub fn new(id: u32, blob: Box<dyn Blob>, access: Access, size: u64) -> LayerReader {
+        LayerReader {
             id,
-            file,
-            file_len,
+            blob,
             access,
             size,
-        })
+        }
+    }
+
+    /// The compressed bytes that decoding the stream range `range` needs.
+    pub fn compressed_range(&self, range: Range<u64>) -> Range<u64> {
+        let end = range.end.min(self.size);
+        if range.start >= end {
+            return 0..0;
+        }
+        match &self.access {
+            Access::Tar => range.start..end,
+            Access::Gzip(cps) => {
+                let (first, last) = (self.span_of(range.start), self.span_of(end - 1));
+                let cp = &cps[first];
+                let start = cp.coff - u64::from(cp.bits > 0);
+                let end = cps.get(last + 1).map_or(self.blob.len(), |c| c.coff);
+                start..end
+            }
+            Access::Zstd(frames) => {
+                let (first, last) = (self.span_of(range.start), self.span_of(end - 1));
+                let end = frames.get(last + 1).map_or(self.blob.len(), |f| f.1);
+                frames[first].1..end
+            }
+        }
+    }
+
+    /// Whether reading the stream range `range` needs no fetch.
+    pub fn is_local(&self, range: Range<u64>) -> bool {
+        self.blob.is_local(self.compressed_range(range))
+    }
+
+    /// Fetches what reading the stream range `range` needs (no-op for stored blobs).
+    pub fn prefetch(&self, range: Range<u64>) -> io::Result<()> {
+        let r = self.compressed_range(range);
+        if r.is_empty() {
+            return Ok(());
+        }
+        self.blob.ensure(r)
     }
 
     /// Fills `buf` with the bytes at `off` of the uncompressed stream (short only at its end).
     pub fn read_at(&self, cache: &SpanCache, off: u64, buf: &mut [u8]) -> io::Result<usize> {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
         if let Access::Tar = self.access {
+            self.blob.ensure(off..off + want as u64)?;
             let mut done = 0;
             while done < want {
-                let n = self.file.read_at(&mut buf[done..want], off + done as u64)?;
+                let n = self.blob.read_at(&mut buf[done..want], off + done as u64)?;
                 if n == 0 {
                     return Err(eof());
                 }
@@ -211,18 +272,24 @@ impl LayerReader {
         }
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (start, end) = self.span_bounds(i);
+        self.blob.ensure(self.compressed_range(start..end))?;
         let mut span = vec![0u8; (end - start) as usize];
         match &self.access {
             Access::Tar => unreachable!("plain tar layers are read directly"),
-            Access::Gzip(cps) => {
-                let mut gz = self.resume_gzip(&cps[i])?;
+            Access::Gzip(_) => {
+                let mut gz = self.resume_gzip(i)?;
                 gz.read_exact(&mut span)?;
             }
             Access::Zstd(frames) => {
                 let cstart = frames[i].1;
-                let cend = frames.get(i + 1).map(|f| f.1).unwrap_or(self.file_len);
+                let cend = frames.get(i + 1).map(|f| f.1).unwrap_or(self.blob.len());
                 let mut compressed = vec![0u8; (cend - cstart) as usize];
-                self.file.read_exact_at(&mut compressed, cstart)?;
+                BlobReader {
+                    blob: &*self.blob,
+                    pos: cstart,
+                    end: cend,
+                }
+                .read_exact(&mut compressed)?;
                 cache
                     .stats
                     .blob_bytes
@@ -246,12 +313,19 @@ impl LayerReader {
         Ok(span)
     }
 
-    fn resume_gzip(&self, cp: &super::gzip::Checkpoint) -> io::Result<GzipReader<PosReader<'_>>> {
-        let pos = cp.coff - u64::from(cp.bits > 0);
+    /// Inflates span `i` from its checkpoint, reading no further than the span's bytes.
+    fn resume_gzip(&self, i: usize) -> io::Result<GzipReader<BlobReader<'_>>> {
+        let Access::Gzip(cps) = &self.access else {
+            return Err(io::Error::other("not a gzip layer"));
+        };
+        let cp = &cps[i];
+        let (start, end) = self.span_bounds(i);
+        let range = self.compressed_range(start..end);
         GzipReader::resume(
-            PosReader {
-                file: &self.file,
-                pos,
+            BlobReader {
+                blob: &*self.blob,
+                pos: range.start,
+                end: range.end,
             },
             cp,
         )
@@ -262,7 +336,9 @@ impl LayerReader {
         let Access::Gzip(cps) = &self.access else {
             return Err(io::Error::other("oversized span in a non-gzip layer"));
         };
-        let mut gz = self.resume_gzip(&cps[i])?;
+        let (start, end) = self.span_bounds(i);
+        self.blob.ensure(self.compressed_range(start..end))?;
+        let mut gz = self.resume_gzip(i)?;
         let skip = pos - cps[i].uoff;
         io::copy(&mut (&mut gz).take(skip), &mut io::sink())?;
         gz.read_exact(out)?;

@@ -190,6 +190,106 @@ impl Registry {
     }
 }
 
+/// What a Range request got back.
+pub enum RangeBody {
+    /// `206`: just the range asked for.
+    Partial(BlobStream),
+    /// `200`: the registry ignored the Range and sends the whole blob.
+    Full(BlobStream),
+}
+
+/// A blob's bytes as they arrive.
+pub type BlobStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
+
+impl Registry {
+    /// The repository reference this client was made for.
+    pub fn reference(&self) -> &Reference {
+        &self.reference
+    }
+
+    /// Requests `len` bytes of a blob from `offset` (the caller verifies them).
+    pub async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
+        self.client
+            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
+            .await;
+        let d = digest.to_string();
+        let body = self
+            .client
+            .pull_blob_stream_partial(&self.reference, d.as_str(), offset, Some(len))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(match body {
+            oci_client::client::BlobResponse::Partial(s) => RangeBody::Partial(s.stream.boxed()),
+            oci_client::client::BlobResponse::Full(s) => RangeBody::Full(s.stream.boxed()),
+        })
+    }
+
+    /// Digests of the manifests that refer to `subject` with this artifact type (referrers API,
+    /// else the `sha256-<hex>` tag schema); empty when there are none.
+    pub async fn referrers(&self, subject: &Digest, artifact_type: &str) -> Result<Vec<Digest>> {
+        let r = self.reference.clone_with_digest(subject.to_string());
+        let index = self
+            .client
+            .pull_referrers(&r, Some(artifact_type))
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(index
+            .manifests
+            .iter()
+            .filter(|m| m.artifact_type.as_deref() == Some(artifact_type))
+            .filter_map(|m| m.digest.parse().ok())
+            .collect())
+    }
+
+    /// Uploads a blob (skipped when the registry has it).
+    pub async fn push_blob(&self, digest: &Digest, bytes: Vec<u8>) -> Result<()> {
+        self.client
+            .auth(
+                &self.reference,
+                &self.auth,
+                oci_client::RegistryOperation::Push,
+            )
+            .await
+            .map_err(|e| self.err(e))?;
+        let d = digest.to_string();
+        if self
+            .client
+            .blob_exists(&self.reference, &d)
+            .await
+            .unwrap_or(false)
+        {
+            return Ok(());
+        }
+        self.client
+            .push_blob(&self.reference, bytes, &d)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+
+    /// Uploads a manifest under `reference` (a tag or a digest of this repository).
+    pub async fn push_manifest(
+        &self,
+        reference: &Reference,
+        bytes: Vec<u8>,
+        media_type: &str,
+    ) -> Result<()> {
+        self.client
+            .auth(reference, &self.auth, oci_client::RegistryOperation::Push)
+            .await
+            .map_err(|e| self.err(e))?;
+        let ct = http::HeaderValue::from_str(media_type).map_err(|e| Error::InvalidManifest {
+            what: "manifest".into(),
+            detail: e.to_string(),
+        })?;
+        self.client
+            .push_manifest_raw(reference, bytes, ct)
+            .await
+            .map_err(|e| self.err(e))?;
+        Ok(())
+    }
+}
+
 /// Checks credentials against `registry` (`host[:port]`): a manifest request for a repository
 /// that need not exist answers 401 to bad credentials and 404 to good ones.
 pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> {

@@ -96,24 +96,31 @@ impl Registry {
             .spawn()
             .expect("starting docker-registry");
         let reg = Registry { port, dir, child };
-        let deadline = Instant::now() + Duration::from_secs(20);
-        loop {
-            if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
-                let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
-                let mut resp = String::new();
-                let _ = s.read_to_string(&mut resp);
-                if resp.starts_with("HTTP/1.") {
-                    break;
-                }
-            }
-            assert!(Instant::now() < deadline, "registry did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        wait_for_registry(port);
         reg
     }
 
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Stops the registry (its data stays, see [`Registry::restart`]).
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same port and data.
+    pub fn restart(&mut self) {
+        self.stop();
+        self.child = Command::new("docker-registry")
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(self.dir.path().join("registry.log")).unwrap())
+            .spawn()
+            .expect("starting docker-registry");
+        wait_for_registry(self.port);
     }
 
     /// Path of a blob in the registry's own storage (to corrupt it).
@@ -147,6 +154,84 @@ impl Registry {
             "skopeo push failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+fn wait_for_registry(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", port)) {
+            let _ = s.write_all(b"GET /v2/ HTTP/1.0\r\n\r\n");
+            let mut resp = String::new();
+            let _ = s.read_to_string(&mut resp);
+            if resp.starts_with("HTTP/1.") {
+                return;
+            }
+        }
+        assert!(Instant::now() < deadline, "registry did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// `../shared/slow-proxy.py` in front of a registry: counts the bytes sent to clients.
+pub struct Proxy {
+    pub port: u16,
+    bytes_file: PathBuf,
+    _dir: tempfile::TempDir,
+    child: Child,
+}
+
+impl Proxy {
+    /// A proxy to 127.0.0.1:`target` at `mbit` Mbit/s with `rtt_ms` round trips.
+    pub fn start(target: u16, mbit: u32, rtt_ms: u32) -> Proxy {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/slow-proxy.py");
+        assert!(script.exists(), "{} not found", script.display());
+        let dir = tempfile::tempdir().unwrap();
+        let bytes_file = dir.path().join("bytes");
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .arg(&script)
+            .args([port.to_string(), target.to_string(), mbit.to_string(), rtt_ms.to_string()])
+            .arg("--bytes-file")
+            .arg(&bytes_file)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "proxy did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Proxy {
+            port,
+            bytes_file,
+            _dir: dir,
+            child,
+        }
+    }
+
+    pub fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Bytes sent to clients so far.
+    pub fn bytes(&self) -> u64 {
+        std::fs::read_to_string(&self.bytes_file)
+            .ok()
+            .and_then(|s| s.trim().parse().ok())
+            .unwrap_or(0)
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }
 

@@ -1,0 +1,57 @@
+//! The one seam between the read path and where a layer's compressed bytes come from.
+//!
+//! A [`LayerReader`](super::LayerReader) asks its blob for byte ranges of the compressed layer.
+//! A stored blob is a plain file: every range is local. A lazily fetched blob (see
+//! [`crate::lazy`]) is a sparse file that fills in as ranges are fetched and verified; before
+//! decompressing, the reader calls [`Blob::ensure`] for the range it needs. Nothing above the
+//! layer reader knows which kind it has.
+
+use std::fs::File;
+use std::io;
+use std::ops::Range;
+use std::os::unix::fs::FileExt;
+
+/// Compressed bytes of one layer, readable at any offset once [`Blob::ensure`]d.
+pub trait Blob: Send + Sync {
+    /// Reads at `off` (short only at the end of the blob).
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize>;
+    /// The blob's size.
+    fn len(&self) -> u64;
+    /// Whether the blob is empty.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Whether `range` can be read without waiting (on the network).
+    fn is_local(&self, _range: Range<u64>) -> bool {
+        true
+    }
+    /// Makes `range` readable: fetches and verifies what is missing, waiting at most the
+    /// blob's deadline. Errors name the cause (a registry error, a timeout, a bad digest).
+    fn ensure(&self, _range: Range<u64>) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+/// A blob stored whole in the store.
+pub struct LocalBlob {
+    file: File,
+    len: u64,
+}
+
+impl LocalBlob {
+    /// Opens the file at `path`.
+    pub fn open(path: &std::path::Path) -> io::Result<LocalBlob> {
+        let file = File::open(path)?;
+        let len = file.metadata()?.len();
+        Ok(LocalBlob { file, len })
+    }
+}
+
+impl Blob for LocalBlob {
+    fn read_at(&self, buf: &mut [u8], off: u64) -> io::Result<usize> {
+        self.file.read_at(buf, off)
+    }
+    fn len(&self) -> u64 {
+        self.len
+    }
+}

@@ -1,0 +1,319 @@
+//! The layer index as published to a registry (`bux-fuse push-index`), so that another host can
+//! mount the image before downloading its layers.
+//!
+//! One blob per layer holds what a pull would have computed — the file table, the checkpoints,
+//! the sizes and `diff_id` — plus a **chunk table**: the compressed blob cut into ranges, each
+//! with its sha256. A lazy mount fetches chunks by HTTP range and verifies each before any byte
+//! of it is served. Chunks follow the read path's spans: for gzip, chunk `i` runs from the byte
+//! holding checkpoint `i`'s primed bits to checkpoint `i + 1` (so neighbours share one byte), so
+//! decoding one span needs exactly one chunk; for plain tar they are 1 MiB slices.
+//!
+//! Trust: the chunk digests make every byte served match what the index says; the index itself
+//! is trusted only when the image manifest's digest covers it (see [`crate::publish`]), and the
+//! table it states is compared with the layer's real tar when the layer completes.
+
+use std::io::Read;
+use std::ops::Range;
+
+use serde::{Deserialize, Serialize};
+
+use super::blob::Blob;
+use super::tar_scan::{normalize_path, MAX_ENTRIES, MAX_METADATA_BYTES};
+use super::{Access, Compression, EntryKind, LayerIndex, TarEntry};
+use crate::digest::Hasher;
+use crate::{Digest, Error, Result};
+
+/// Media type of a published layer index blob.
+pub const MEDIA_TYPE: &str = "application/vnd.bux-fuse.layer-index.v1";
+const MAGIC: &[u8; 8] = b"BUXPUB\x00\x01";
+/// Slice size of plain-tar layers.
+pub const TAR_CHUNK: u64 = 1 << 20;
+
+/// A verified range of the compressed blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Chunk {
+    /// First byte.
+    pub start: u64,
+    /// One past the last byte.
+    pub end: u64,
+    /// sha256 of those bytes.
+    pub digest: Digest,
+}
+
+/// A layer's published index.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PublishedLayer {
+    /// Digest of the layer blob.
+    pub digest: Digest,
+    /// Digest of its uncompressed tar stream.
+    pub diff_id: Digest,
+    /// Its compression.
+    pub compression: Compression,
+    /// Blob size.
+    pub compressed_size: u64,
+    /// Uncompressed stream size.
+    pub uncompressed_size: u64,
+    /// Checkpoints (gzip) or nothing (plain tar).
+    pub access: Access,
+    /// The file table, in tar order.
+    pub entries: Vec<TarEntry>,
+    /// The chunk table, ascending, covering the whole blob.
+    pub chunks: Vec<Chunk>,
+}
+
+/// The chunk boundaries for a layer's access method (digests filled in by the caller).
+pub fn chunk_ranges(access: &Access, blob_len: u64) -> Result<Vec<Range<u64>>> {
+    match access {
+        Access::Tar => Ok((0..blob_len.div_ceil(TAR_CHUNK))
+            .map(|i| i * TAR_CHUNK..((i + 1) * TAR_CHUNK).min(blob_len))
+            .collect()),
+        Access::Gzip(cps) => Ok(cps
+            .iter()
+            .enumerate()
+            .map(|(i, cp)| {
+                let start = cp.coff - u64::from(cp.bits > 0);
+                let end = cps.get(i + 1).map_or(blob_len, |n| n.coff);
+                start..end
+            })
+            .collect()),
+        Access::Zstd(_) => Err(Error::InvalidManifest {
+            what: "layer index".into(),
+            detail: "zstd layers are served from a re-framed copy, which has no registry \
+                     counterpart: publish them as zstd:chunked instead"
+                .into(),
+        }),
+    }
+}
+
+impl PublishedLayer {
+    /// Builds the published index of a stored layer from its index and blob.
+    pub fn build(idx: &LayerIndex, blob: &dyn Blob) -> Result<PublishedLayer> {
+        let mut chunks = Vec::new();
+        for r in chunk_ranges(&idx.access, blob.len())? {
+            let mut h = Hasher::default();
+            let mut left = r.end - r.start;
+            let mut buf = vec![0u8; (1 << 20).min(left as usize)];
+            let mut pos = r.start;
+            while left > 0 {
+                let n = blob
+                    .read_at(&mut buf[..(left as usize).min(1 << 20)], pos)
+                    .map_err(|e| Error::io(format!("reading layer {}", idx.digest), e))?;
+                if n == 0 {
+                    return Err(Error::CorruptLayer {
+                        layer: idx.digest,
+                        detail: "blob shorter than its index".into(),
+                    });
+                }
+                h.update(&buf[..n]);
+                pos += n as u64;
+                left -= n as u64;
+            }
+            chunks.push(Chunk {
+                start: r.start,
+                end: r.end,
+                digest: h.finish(),
+            });
+        }
+        Ok(PublishedLayer {
+            digest: idx.digest,
+            diff_id: idx.diff_id,
+            compression: idx.compression,
+            compressed_size: blob.len(),
+            uncompressed_size: idx.uncompressed_size,
+            access: idx.access.clone(),
+            entries: idx.entries.clone(),
+            chunks,
+        })
+    }
+
+    /// The blob pushed to the registry.
+    pub fn encode(&self) -> Result<Vec<u8>> {
+        let mut out = MAGIC.to_vec();
+        let body = postcard::to_allocvec(self).map_err(|e| Error::InvalidManifest {
+            what: "layer index".into(),
+            detail: format!("encoding: {e}"),
+        })?;
+        // zstd: a file table is mostly names and repeats well (~4x).
+        out.extend(zstd::bulk::compress(&body, 3).map_err(|e| Error::io("compressing index", e))?);
+        Ok(out)
+    }
+
+    /// Parses and checks a published index for the layer `layer` of `size` bytes (both from the
+    /// image manifest). Anything inconsistent is refused: it came from the network.
+    pub fn decode(bytes: &[u8], layer: Digest, size: u64) -> Result<PublishedLayer> {
+        let bad = |detail: String| Error::CorruptLayer {
+            layer,
+            detail: format!("published index: {detail}"),
+        };
+        let body = bytes
+            .strip_prefix(&MAGIC[..])
+            .ok_or_else(|| bad("not a bux-fuse layer index of this version".into()))?;
+        let mut raw = Vec::new();
+        zstd::stream::read::Decoder::new(body)
+            .and_then(|d| d.take(2 * MAX_METADATA_BYTES as u64).read_to_end(&mut raw))
+            .map_err(|e| bad(format!("decompressing: {e}")))?;
+        let p: PublishedLayer =
+            postcard::from_bytes(&raw).map_err(|e| bad(format!("decoding: {e}")))?;
+        p.validate(layer, size).map_err(bad)?;
+        Ok(p)
+    }
+
+    fn validate(&self, layer: Digest, size: u64) -> std::result::Result<(), String> {
+        if self.digest != layer || self.compressed_size != size {
+            return Err(format!(
+                "describes {} ({} bytes), not this layer",
+                self.digest, self.compressed_size
+            ));
+        }
+        if self.compression == Compression::Zstd {
+            return Err("zstd layers are not published this way".into());
+        }
+        // The chunks must be exactly what the checkpoints imply, so a read never needs a byte
+        // that no chunk vouches for.
+        let want = chunk_ranges(&self.access, size).map_err(|e| e.to_string())?;
+        if want.len() != self.chunks.len()
+            || want
+                .iter()
+                .zip(&self.chunks)
+                .any(|(r, c)| r.start != c.start || r.end != c.end || r.start > r.end)
+        {
+            return Err("chunk table does not match the checkpoints".into());
+        }
+        if let Access::Gzip(cps) = &self.access {
+            let ok = cps.first().is_some_and(|c| c.uoff == 0 && c.coff == 0)
+                && cps.windows(2).all(|w| w[0].uoff < w[1].uoff && w[0].coff < w[1].coff)
+                && cps.iter().all(|c| c.coff <= size && c.uoff <= self.uncompressed_size)
+                && cps.iter().all(|c| c.bits < 8 && (c.bits == 0 || c.coff > 0));
+            if !ok {
+                return Err("checkpoints out of order or out of range".into());
+            }
+        }
+        if let Access::Tar = self.access {
+            if self.uncompressed_size != size {
+                return Err("plain tar layer whose stream size differs from its blob".into());
+            }
+        }
+        if self.entries.len() > MAX_ENTRIES {
+            return Err("too many entries".into());
+        }
+        let mut meta = 0usize;
+        for e in &self.entries {
+            let name = String::from_utf8_lossy(&e.path);
+            if normalize_path(&e.path).ok().as_deref() != Some(&e.path[..]) {
+                return Err(format!("entry {name:?}: path not normalized"));
+            }
+            if e.kind == EntryKind::Hardlink
+                && normalize_path(&e.link).ok().as_deref() != Some(&e.link[..])
+            {
+                return Err(format!("entry {name:?}: hardlink target not normalized"));
+            }
+            let end = e.offset.checked_add(e.size);
+            let in_stream = |o: u64, l: u64| o.checked_add(l).is_some_and(|x| x <= self.uncompressed_size);
+            match &e.sparse {
+                None if e.kind == EntryKind::File => {
+                    if !end.is_some_and(|x| x <= self.uncompressed_size) {
+                        return Err(format!("entry {name:?}: data outside the stream"));
+                    }
+                }
+                Some(ext) => {
+                    if ext.iter().any(|x| {
+                        !in_stream(x.stream_off, x.len)
+                            || x.file_off.checked_add(x.len).is_none_or(|y| y > e.size)
+                    }) || ext.windows(2).any(|w| w[0].file_off + w[0].len > w[1].file_off)
+                    {
+                        return Err(format!("entry {name:?}: sparse map out of range"));
+                    }
+                }
+                None => {}
+            }
+            meta += e.path.len()
+                + e.link.len()
+                + e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+        }
+        if meta > MAX_METADATA_BYTES {
+            return Err("too many bytes of names".into());
+        }
+        Ok(())
+    }
+
+    /// The layer index a mount and the merge use.
+    pub fn to_index(&self) -> LayerIndex {
+        LayerIndex {
+            digest: self.digest,
+            diff_id: self.diff_id,
+            compression: self.compression,
+            compressed_size: self.compressed_size,
+            uncompressed_size: self.uncompressed_size,
+            access: self.access.clone(),
+            entries: self.entries.clone(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+
+    fn gzip_tar(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            h.set_cksum();
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let tar = b.into_inner().unwrap();
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        e.write_all(&tar).unwrap();
+        e.finish().unwrap()
+    }
+
+    fn noise(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|_| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                (x % 7) as u8 + b'a'
+            })
+            .collect()
+    }
+
+    #[test]
+    fn round_trip_and_chunks_cover_each_span() {
+        let gz = gzip_tar(&[("a", noise(3 << 20, 1)), ("b", b"hello".to_vec())]);
+        let digest = Digest::of(&gz);
+        let idx = crate::index::build(&gz[..], Compression::Gzip, digest, None).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let blob = super::super::blob::LocalBlob::open(&path).unwrap();
+        let p = PublishedLayer::build(&idx, &blob).unwrap();
+        assert!(p.chunks.len() > 1);
+        assert_eq!(p.chunks.last().unwrap().end, gz.len() as u64);
+        for c in &p.chunks {
+            assert_eq!(c.digest, Digest::of(&gz[c.start as usize..c.end as usize]));
+        }
+        let bytes = p.encode().unwrap();
+        let back = PublishedLayer::decode(&bytes, digest, gz.len() as u64).unwrap();
+        assert_eq!(back.entries, idx.entries);
+        // Wrong layer, wrong size, tampered chunk table, a `..` path: refused.
+        assert!(PublishedLayer::decode(&bytes, Digest::of(b"x"), gz.len() as u64).is_err());
+        assert!(PublishedLayer::decode(&bytes, digest, 1).is_err());
+        let mut t = back.clone();
+        t.chunks[0].end += 1;
+        assert!(PublishedLayer::decode(&t.encode().unwrap(), digest, gz.len() as u64).is_err());
+        let mut t = back.clone();
+        t.entries[0].path = b"../etc/passwd".to_vec();
+        let err = PublishedLayer::decode(&t.encode().unwrap(), digest, gz.len() as u64)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("not normalized"), "{err}");
+        let mut t = back;
+        t.entries[1].offset = u64::MAX - 2;
+        assert!(PublishedLayer::decode(&t.encode().unwrap(), digest, gz.len() as u64).is_err());
+    }
+}

@@ -1,0 +1,299 @@
+//! Lazy start end to end: an image pushed to Debian's docker-registry on 127.0.0.1, its index
+//! published by one store (`push-index`), mounted by another with `mount --lazy` before any
+//! layer is downloaded, read through the kernel. Bytes fetched are counted at a proxy in front
+//! of the registry (`../shared/slow-proxy.py`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+/// Three layers (gzip, gzip, plain tar) of ~40 MB in all, mostly in a few large files, plus
+/// small files like those a boot reads.
+fn image() -> Image {
+    let mut l1 = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/os-release", b"NAME=bux-lazy\nID=bux\n")
+        .file("etc/hostname", b"lazy\n")
+        .dir("usr/lib", 0o755)
+        .file("usr/lib/big1.bin", &test_bytes(16 << 20, 1))
+        .file_with("usr/bin/sudo", b"#!/bin/sh\n", 0o4755, 0, 0)
+        .hardlink("usr/bin/sudo-alias", "usr/bin/sudo")
+        .symlink("usr/bin/sh", "busybox");
+    for i in 0..40 {
+        l1 = l1.file(&format!("usr/share/doc/f{i}.txt"), format!("doc {i}\n").as_bytes());
+    }
+    let l2 = LayerBuilder::new()
+        .file("usr/lib/big2.bin", &test_bytes(12 << 20, 2))
+        .whiteout("usr/share/doc", "f3.txt")
+        .file_xattrs("usr/bin/ping", b"ping\n", &[("user.origin", b"layer2")])
+        .finish();
+    let l3 = LayerBuilder::new()
+        .file("opt/data.bin", &test_bytes(6 << 20, 3))
+        .file("etc/motd", b"hello from a lazy layer\n")
+        .finish();
+    Image::new(vec![
+        (l1.finish(), Comp::Gzip),
+        (l2, Comp::Gzip),
+        (l3, Comp::Plain),
+    ])
+}
+
+struct Setup {
+    reg: Registry,
+    layout: tempfile::TempDir,
+    /// The publishing store.
+    publisher: Bux,
+    /// `host/repo:tag` of the pinned (indexed) image.
+    pinned: String,
+    /// Digest of the original manifest (without the index annotation).
+    original: String,
+    compressed: u64,
+}
+
+fn setup() -> Setup {
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    let desc = write_layout(layout.path(), "v1", &image());
+    reg.push(layout.path(), "v1", "lazy/app", None);
+    let reference = format!("{}/lazy/app:v1", reg.host());
+    let publisher = Bux::new();
+    publisher.ok(&["pull", "-q", &reference]);
+    let out = publisher.ok(&["push-index", &reference]);
+    assert!(out.contains("3 layers indexed"), "{out}");
+    let compressed = std::fs::read_dir(layout.path().join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .filter(|&l| l > 1 << 20)
+        .sum();
+    Setup {
+        original: desc["digest"].as_str().unwrap().to_string(),
+        reg,
+        layout,
+        publisher,
+        pinned: reference,
+        compressed,
+    }
+}
+
+fn lazy_mount(bux: &Bux, reference: &str, extra: &[&str]) -> (MountGuard, String) {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let mut args = vec!["mount", "--lazy", reference, mnt.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    let out = bux.run(&args);
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert!(out.status.success(), "mount --lazy failed: {stderr}");
+    (MountGuard::adopt(mnt, dir), stderr)
+}
+
+fn through(proxy: &Proxy, reference: &str, reg: &Registry) -> String {
+    reference.replace(&reg.host(), &proxy.host())
+}
+
+fn cat(path: &Path) -> std::io::Result<Vec<u8>> {
+    std::fs::read(path)
+}
+
+#[test]
+fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert!(!stderr.contains("pulled whole"), "{stderr}");
+    // Nothing of the layers is stored: the mount serves from the published index.
+    assert!(!bux.store.path().join("blobs/sha256").read_dir().unwrap().any(|e| {
+        e.unwrap().metadata().unwrap().len() > 1 << 20
+    }));
+    let at_mount = proxy.bytes();
+    let os = cat(&m.path.join("etc/os-release"))
+        .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+    assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
+    assert_eq!(cat(&m.path.join("etc/motd")).unwrap(), b"hello from a lazy layer\n");
+    let after_cat = proxy.bytes();
+    eprintln!(
+        "image {} bytes compressed; fetched {at_mount} to mount, {} more for two small files",
+        s.compressed,
+        after_cat - at_mount
+    );
+    assert!(
+        after_cat * 20 < s.compressed,
+        "fetched {after_cat} of {} bytes (>= 5%) for a mount and two small files",
+        s.compressed
+    );
+
+    // gc while mounted must not take the partial layers from under the mount.
+    bux.ok(&["gc"]);
+
+    // Every file, read through the kernel, equals umoci's unpack of the same image.
+    let unpacked = tempfile::tempdir().unwrap();
+    umoci_unpack(s.layout.path(), "v1", &unpacked.path().join("b"));
+    // umoci does not restore the mtime of implied parents or of a directory it changed.
+    let mut args = vec!["--ignore-root"];
+    for d in ["opt", "usr", "usr/share", "usr/share/doc", "usr/bin", "usr/lib"] {
+        args.extend(["--ignore-mtime-of", d]);
+    }
+    let (same, diff) = treediff(&m.path, &unpacked.path().join("b"), &args);
+    assert!(same, "{diff}");
+    assert!(diff.contains("0 differences"), "{diff}");
+    let total = proxy.bytes();
+    assert!(
+        total < s.compressed + s.compressed / 10,
+        "reading everything fetched {total} bytes for a {} byte image",
+        s.compressed
+    );
+}
+
+#[test]
+fn without_a_pinned_index_lazy_pulls_whole_and_says_so() {
+    let s = setup();
+    // The original manifest has the index only as a referrer: not trusted by default.
+    let by_digest = format!("{}/lazy/app@{}", s.reg.host(), s.original);
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &by_digest, &[]);
+    assert!(stderr.contains("only as a referrer"), "{stderr}");
+    assert!(stderr.contains("pulled whole"), "{stderr}");
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    drop(m);
+
+    // Trusted explicitly, the referrer's index is used and the mount is lazy.
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &by_digest, &["--trust-index", "--prefetch", "none"]);
+    assert!(stderr.contains("trusted by request"), "{stderr}");
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    assert!(bux
+        .store
+        .path()
+        .join("layers/sha256")
+        .read_dir()
+        .unwrap()
+        .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+    drop(m);
+
+    // An image that was never indexed: pulled whole, said so, works.
+    let other = tempfile::tempdir().unwrap();
+    write_layout(
+        other.path(),
+        "plain",
+        &Image::new(vec![(
+            LayerBuilder::new().file("hello", b"world\n").finish(),
+            Comp::Gzip,
+        )]),
+    );
+    s.reg.push(other.path(), "plain", "lazy/plain", None);
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &format!("{}/lazy/plain:plain", s.reg.host()), &[]);
+    assert!(stderr.contains("no bux-fuse index"), "{stderr}");
+    assert_eq!(cat(&m.path.join("hello")).unwrap(), b"world\n");
+    drop(s.publisher);
+}
+
+/// The layer blob stored by the registry, with the largest size (the 16 MiB file's layer).
+fn largest_layer_in_registry(reg: &Registry, layout: &Path) -> (String, PathBuf) {
+    let (hex, _) = std::fs::read_dir(layout.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .max_by_key(|(_, l)| *l)
+        .unwrap();
+    let path = reg.blob_data_path(&hex);
+    (hex, path)
+}
+
+#[test]
+fn a_corrupted_chunk_is_never_served() {
+    let s = setup();
+    let (_, path) = largest_layer_in_registry(&s.reg, s.layout.path());
+    // Flip bytes in the middle of the big file's compressed data.
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none", "--read-timeout", "3"]);
+    // The small files (other chunks) read fine; the big file fails rather than lie.
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    let err = cat(&m.path.join("usr/lib/big1.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = daemon_log(&bux);
+    assert!(log.contains("do not match their published digest"), "{log}");
+}
+
+fn daemon_log(bux: &Bux) -> String {
+    let mut out = String::new();
+    for e in std::fs::read_dir(bux.store.path().join("logs")).unwrap().flatten() {
+        out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+    }
+    out
+}
+
+#[test]
+fn registry_down_fails_reads_within_the_deadline_and_recovers() {
+    let mut s = setup();
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none", "--read-timeout", "2"]);
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    s.reg.stop();
+    let t = Instant::now();
+    let err = cat(&m.path.join("usr/lib/big2.bin")).unwrap_err();
+    let waited = t.elapsed();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    assert!(waited < Duration::from_secs(15), "EIO after {waited:?}");
+    // What is local keeps working meanwhile.
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    s.reg.restart();
+    let big2 = cat(&m.path.join("usr/lib/big2.bin")).unwrap();
+    assert_eq!(big2, test_bytes(12 << 20, 2));
+}
+
+#[test]
+fn killed_daemon_keeps_what_it_verified() {
+    let s = setup();
+    let bux = Bux::new();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    let pid = daemon_pid(&m.path);
+    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    drop(m); // umount of the dead mount
+    let before = proxy.bytes();
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    let again = proxy.bytes() - before;
+    assert!(again < 64 << 10, "{again} bytes fetched again after kill -9");
+}
+
+fn daemon_pid(mnt: &Path) -> u32 {
+    let needle = mnt.as_os_str().as_encoded_bytes().to_vec();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { continue };
+        if cmd.split(|&b| b == 0).any(|a| a == needle.as_slice())
+            && cmd.windows(12).any(|w| w == b"notify-ready")
+        {
+            return p.file_name().to_string_lossy().parse().unwrap();
+        }
+    }
+    panic!("no daemon for {}", mnt.display());
+}
+
+#[test]
+fn background_completion_makes_ordinary_layers() {
+    let mut s = setup();
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--wait-complete"]);
+    drop(m);
+    // Every layer is stored whole now: a plain mount works with the registry gone.
+    s.reg.stop();
+    let m = bux.mount(&s.pinned);
+    assert_eq!(cat(&m.path.join("usr/lib/big1.bin")).unwrap(), test_bytes(16 << 20, 1));
+    assert_eq!(cat(&m.path.join("etc/motd")).unwrap(), b"hello from a lazy layer\n");
+}
