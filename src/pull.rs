@@ -300,6 +300,10 @@ impl Store {
                 }
             }
         }
+        if let Some(rec) = self.image(&name)? {
+            // Forgetting an image marked bad clears the mark: the next pull starts afresh.
+            let _ = std::fs::remove_file(self.bad_path(&rec.manifest_digest));
+        }
         self.remove_image(&name)
     }
 
@@ -497,10 +501,6 @@ impl Store {
                 .unwrap_or(0),
         };
         self.put_image(record.clone())?;
-        if lazy.is_empty() {
-            // Pulled whole and verified: whatever a lazy mount once found wrong is gone.
-            let _ = std::fs::remove_file(self.bad_path(&digest));
-        }
         Ok(PulledImage {
             reference: record.reference.clone(),
             manifest_digest: digest,

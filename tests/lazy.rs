@@ -297,3 +297,96 @@ fn background_completion_makes_ordinary_layers() {
     assert_eq!(cat(&m.path.join("usr/lib/big1.bin")).unwrap(), test_bytes(16 << 20, 1));
     assert_eq!(cat(&m.path.join("etc/motd")).unwrap(), b"hello from a lazy layer\n");
 }
+
+/// A self-consistent lying index: every chunk digest is right, but the table makes
+/// `etc/hostname` setuid root. Found as a referrer it is not used; trusted by request it is
+/// served, then caught when the layer completes, and the image is refused from then on.
+#[test]
+fn a_lying_index_is_refused_unless_trusted_and_caught_at_completion() {
+    use bux_fuse::index::blob::LocalBlob;
+    use bux_fuse::index::published::PublishedLayer;
+    use bux_fuse::index::LayerIndex;
+    use std::os::unix::fs::PermissionsExt;
+
+    let s = setup();
+    let store = bux_fuse::Store::open(s.publisher.store.path()).unwrap();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.layout.path().join("blobs/sha256").join(&s.original[7..])).unwrap(),
+    )
+    .unwrap();
+    let mut index_layers = Vec::new();
+    let mut blobs = Vec::new();
+    for l in manifest["layers"].as_array().unwrap() {
+        let digest: bux_fuse::Digest = l["digest"].as_str().unwrap().parse().unwrap();
+        let idx = LayerIndex::load(&store.index_path(&digest)).unwrap();
+        let blob = LocalBlob::open(&store.blob_path(&digest)).unwrap();
+        let mut p = PublishedLayer::build(&idx, &blob).unwrap();
+        for e in &mut p.entries {
+            if e.path == b"etc/hostname" {
+                e.mode = 0o4755;
+                e.uid = 0;
+            }
+        }
+        let bytes = p.encode().unwrap();
+        index_layers.push(serde_json::json!({
+            "mediaType": bux_fuse::index::published::MEDIA_TYPE,
+            "digest": format!("sha256:{}", sha256_hex(&bytes)),
+            "size": bytes.len(),
+            "annotations": { bux_fuse::publish::ANNOTATION_LAYER: digest.to_string() },
+        }));
+        blobs.push(bytes);
+    }
+    blobs.push(b"{}".to_vec());
+    let index = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": bux_fuse::publish::ARTIFACT_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                   "digest": format!("sha256:{}", sha256_hex(b"{}")), "size": 2},
+        "layers": index_layers,
+        "subject": {"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                    "digest": s.original, "size": 0},
+    }))
+    .unwrap();
+    raw_push(&s.reg, "lazy/app", "lying-index", &blobs, &index, "application/vnd.oci.image.manifest.v1+json");
+    // Replace the referrers list of the original image with the lying index alone.
+    let referrers = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.index.v1+json",
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                       "digest": format!("sha256:{}", sha256_hex(&index)), "size": index.len(),
+                       "artifactType": bux_fuse::publish::ARTIFACT_TYPE}],
+    }))
+    .unwrap();
+    let tag = format!("sha256-{}", &s.original[7..]);
+    raw_push(&s.reg, "lazy/app", &tag, &[], &referrers, "application/vnd.oci.image.index.v1+json");
+
+    let by_digest = format!("{}/lazy/app@{}", s.reg.host(), s.original);
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &by_digest, &[]);
+    assert!(stderr.contains("not trusted"), "{stderr}");
+    let mode = std::fs::metadata(m.path.join("etc/hostname")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o644, "the untrusted index was used");
+    drop(m);
+
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux.run(&[
+        "mount", "--lazy", "--trust-index", "--wait-complete", &by_digest, mnt.to_str().unwrap(),
+    ]);
+    let m = MountGuard::adopt(mnt.clone(), dir);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "completion did not catch the lie: {stderr}");
+    assert!(stderr.contains("marked bad"), "{stderr}");
+    assert!(stderr.contains("etc/hostname"), "{stderr}");
+    drop(m);
+    let again = tempfile::tempdir().unwrap();
+    let err = bux.fails(&["mount", &by_digest, again.path().join("r").to_str().unwrap()]);
+    assert!(err.contains("marked bad"), "{err}");
+    // Forgotten and pulled again (whole, untrusted referrer ignored), it is the real image.
+    bux.ok(&["rm", &by_digest]);
+    let m = bux.mount(&by_digest);
+    let mode = std::fs::metadata(m.path.join("etc/hostname")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o7777, 0o644);
+}
