@@ -344,17 +344,19 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or(0)
                 .max("REFERENCE".len());
             println!(
-                "{:width$}  {:12}  {:>6}  {:>10}  PLATFORM",
-                "REFERENCE", "MANIFEST", "LAYERS", "SIZE"
+                "{:width$}  {:12}  {:>6}  {:>10}  {:>6}  PLATFORM",
+                "REFERENCE", "MANIFEST", "LAYERS", "SIZE", "LOCAL"
             );
             for i in images {
                 let size: u64 = i.layers.iter().map(|l| l.size).sum();
+                let local = store.local_bytes(&i);
                 println!(
-                    "{:width$}  {:12}  {:>6}  {:>10}  {}",
+                    "{:width$}  {:12}  {:>6}  {:>10}  {:>5}%  {}",
                     i.reference,
                     i.manifest_digest.short(),
                     i.layers.len(),
                     human(size),
+                    if size == 0 { 100 } else { local * 100 / size },
                     i.platform
                 );
             }

@@ -201,6 +201,26 @@ impl Store {
             .join(format!("{}.tree", d.hex()))
     }
 
+    /// Bytes of an image's layers that are local: whole blobs, and what lazy mounts fetched
+    /// (the allocated part of each sparse partial blob).
+    pub fn local_bytes(&self, record: &ImageRecord) -> u64 {
+        use std::os::unix::fs::MetadataExt;
+        record
+            .layers
+            .iter()
+            .map(|l| {
+                if self.blob_path(&l.digest).exists() || self.seekable_path(&l.digest).exists() {
+                    return l.size;
+                }
+                let partial = self
+                    .root
+                    .join("layers/sha256")
+                    .join(format!("{}.partial", l.digest.hex()));
+                fs::metadata(partial).map_or(0, |m| (m.blocks() * 512).min(l.size))
+            })
+            .sum()
+    }
+
     /// Present when a lazily served image proved different from its published index; holds why.
     pub fn bad_path(&self, manifest: &Digest) -> PathBuf {
         self.root

@@ -48,6 +48,8 @@ pub struct Remote {
     pub fetched: AtomicU64,
     /// Range requests sent.
     pub requests: AtomicU64,
+    /// Fetches that a read waits for, in flight: background completion yields to them.
+    demand: std::sync::atomic::AtomicUsize,
 }
 
 impl Remote {
@@ -64,6 +66,7 @@ impl Remote {
             deadline,
             fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
+            demand: std::sync::atomic::AtomicUsize::new(0),
         }))
     }
 
@@ -246,6 +249,14 @@ impl LazyBlob {
     }
 
     async fn fetch_run(self: Arc<Self>, run: Range<usize>) {
+        struct Demand<'a>(&'a std::sync::atomic::AtomicUsize);
+        impl Drop for Demand<'_> {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.remote.demand.fetch_add(1, Ordering::SeqCst);
+        let _demand = Demand(&self.remote.demand);
         let start = self.chunks[run.start].start;
         let end = self.chunks[run.end - 1].end;
         let mut last = String::new();
@@ -366,7 +377,13 @@ impl LazyBlob {
             pending.clear();
             Ok(())
         };
-        while let Some(b) = stream.next().await {
+        loop {
+            // Background completion yields the link to reads that wait (demand first): not
+            // reading lets TCP flow control hold the sender back.
+            while tee.is_some() && self.remote.demand.load(Ordering::SeqCst) > 0 {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+            let Some(b) = stream.next().await else { break };
             if self.poisoned.load(Ordering::Relaxed) {
                 return Err("stopped".into());
             }

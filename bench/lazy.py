@@ -1,0 +1,171 @@
+#!/usr/bin/env python3
+"""Lazy start benchmark: an image served by a local docker-registry behind
+../shared/slow-proxy.py (a simulated distant link), mounted three ways in the same run:
+
+* lazy, --prefetch none   (only what is read is fetched)
+* lazy, default prefetch  (the rest completes in the background)
+* full pull, then mount   (today's path)
+
+For each: seconds until the mount is ready, until each first command (run in a chroot of the
+mount) has finished, bytes the proxy sent by then, and (default prefetch and full pull) seconds
+until every layer is local. Medians of --runs runs; the page cache is dropped before each.
+Writes bench/RESULTS-lazy.md and bench/results-lazy.json. Run through bench/lazy.sh.
+"""
+import argparse, datetime, json, os, shutil, statistics, subprocess, sys, tempfile, time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run as h  # the main harness: registry, bux wrapper, timers  # noqa: E402
+
+PROXY = os.path.join(h.ROOT, "../shared/slow-proxy.py")
+
+
+class Proxy:
+    def __init__(self, target, mbit, rtt, work):
+        self.port = h.free_port()
+        self.bytes_file = os.path.join(work, f"proxy-{self.port}.bytes")
+        self.proc = subprocess.Popen(
+            ["python3", PROXY, str(self.port), str(target), str(mbit), str(rtt), "--bytes-file", self.bytes_file],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        for _ in range(200):
+            try:
+                h.socket.create_connection(("127.0.0.1", self.port), 0.1).close(); return
+            except OSError:
+                time.sleep(0.05)
+        raise SystemExit("proxy did not start")
+
+    def bytes(self):
+        try:
+            with open(self.bytes_file) as f:
+                return int(f.read().strip() or 0)
+        except (OSError, ValueError):
+            return 0
+
+    def stop(self):
+        self.proc.kill(); self.proc.wait()
+
+
+def all_local(store, layers):
+    blobs = os.path.join(store, "blobs/sha256")
+    return all(os.path.exists(os.path.join(blobs, d.split(":")[1])) for d in layers)
+
+
+def one_run(mode, ref, layers, cmds, work, proxy, compressed):
+    store = tempfile.mkdtemp(prefix=f"store-{mode}-", dir=work)
+    mnt = os.path.join(work, f"mnt-{mode}")
+    os.makedirs(mnt, exist_ok=True)
+    h.drop_caches()
+    b0 = proxy.bytes()
+    t = h.Timer()
+    args = {"lazy-none": ["--lazy", "--prefetch", "none"], "lazy-all": ["--lazy"], "full": []}[mode]
+    h.bux(store, "mount", "--quiet", *args, ref, mnt)
+    os.listdir(mnt)
+    out = {"ready": t.s(), "ready_bytes": proxy.bytes() - b0}
+    for name, cmd in cmds:
+        r = subprocess.run(["chroot", mnt, "/bin/sh", "-c", cmd], capture_output=True, text=True)
+        if r.returncode != 0:
+            raise SystemExit(f"{mode}: {cmd!r} failed: {r.stderr.strip()}")
+        out[f"cmd:{name}"] = t.s()
+        out[f"bytes:{name}"] = proxy.bytes() - b0
+    if mode != "lazy-none":
+        while not all_local(store, layers):
+            time.sleep(0.05)
+        out["local"] = t.s()
+    out["bytes_total"] = proxy.bytes() - b0
+    h.umount(store, mnt)
+    shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--image", required=True, help="NAME=LAYOUT:TAG")
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mbit", type=float, default=200)
+    ap.add_argument("--rtt", type=float, default=10)
+    ap.add_argument("--cmd", action="append", default=[], help="NAME=SHELL COMMAND run in the mount")
+    args = ap.parse_args()
+    cmds = [tuple(c.split("=", 1)) for c in args.cmd] or [("python3", "python3 -c 'import json'")]
+    name, rest = args.image.split("=", 1)
+    layout, tag = rest.rsplit(":", 1)
+    work = tempfile.mkdtemp(prefix="bux-lazy-bench-", dir=os.path.join(h.ROOT, "target"))
+    reg = h.Registry(work)
+    proxy = None
+    try:
+        direct = reg.push(layout, tag, "bench/lazy")
+        layers = [l["digest"] for l in h.manifest_layers(layout, tag)]
+        compressed = sum(l["size"] for l in h.manifest_layers(layout, tag))
+        publisher = tempfile.mkdtemp(prefix="publisher-", dir=work)
+        h.bux(publisher, "pull", "--quiet", direct)
+        h.bux(publisher, "push-index", direct)
+        proxy = Proxy(reg.port, args.mbit, args.rtt, work)
+        ref = direct.replace(f"127.0.0.1:{reg.port}", f"127.0.0.1:{proxy.port}")
+        results = {m: [] for m in ["lazy-none", "lazy-all", "full"]}
+        for i in range(args.runs):
+            for mode in results:  # interleaved, so drift in machine load hits all alike
+                print(f"bench: run {i + 1}/{args.runs} {mode}", file=sys.stderr)
+                results[mode].append(one_run(mode, ref, layers, cmds, work, proxy, compressed))
+        report(name, args, cmds, compressed, results)
+    finally:
+        if proxy:
+            proxy.stop()
+        reg.stop()
+        for d in os.listdir(work):
+            p = os.path.join(work, d)
+            if d.startswith("mnt-") and os.path.ismount(p):
+                subprocess.run([h.BUX, "umount", p])
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def med(rs, key):
+    xs = [r[key] for r in rs if key in r]
+    return (statistics.median(xs), min(xs), max(xs)) if xs else None
+
+
+def report(name, args, cmds, compressed, results):
+    def s(v):
+        return "-" if v is None else f"{v[0]:.2f} s ({v[1]:.2f}–{v[2]:.2f})"
+
+    def b(v):
+        return "-" if v is None else f"{v[0] / 2**20:.1f} MiB ({100 * v[0] / compressed:.1f}%)"
+
+    rows = []
+    for mode, rs in results.items():
+        row = [mode, s(med(rs, "ready")), b(med(rs, "ready_bytes"))]
+        for n, _ in cmds:
+            row += [s(med(rs, f"cmd:{n}")), b(med(rs, f"bytes:{n}"))]
+        row += [s(med(rs, "local"))]
+        rows.append(row)
+    head = ["mode", "ready", "fetched at ready"]
+    for n, _ in cmds:
+        head += [f"`{n}` done", f"fetched by then"]
+    head += ["fully local"]
+    full_local = med(results["full"], "local")
+    lazy_local = med(results["lazy-all"], "local")
+    ratio = (lazy_local[0] / full_local[0]) if full_local and lazy_local else None
+    lines = [
+        f"# Lazy start — {name}",
+        "",
+        f"{datetime.date.today()}, `bash bench/lazy.sh`, {args.runs} runs (median, min–max), page cache "
+        f"dropped before each; registry behind `slow-proxy.py` at {args.mbit:g} Mbit/s, {args.rtt:g} ms RTT; "
+        f"image {compressed / 2**20:.1f} MiB compressed. Times count from the start of `bux-fuse mount`; "
+        "bytes are what the proxy sent (manifests, index and layer bytes).",
+        "",
+        "| " + " | ".join(head) + " |",
+        "|" + "---|" * len(head),
+    ] + ["| " + " | ".join(r) + " |" for r in rows] + [
+        "",
+        f"Fully local, lazy with background completion vs full pull: "
+        f"{'-' if ratio is None else f'{ratio:.2f}x'}.",
+        "",
+        "Commands: " + "; ".join(f"`{n}` = `{c}`" for n, c in cmds),
+    ]
+    with open(os.path.join(HERE, "RESULTS-lazy.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(HERE, "results-lazy.json"), "w") as f:
+        json.dump({"image": name, "compressed": compressed, "args": vars(args), "runs": results}, f, indent=1)
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
