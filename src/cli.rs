@@ -215,10 +215,14 @@ pub fn main() -> i32 {
 }
 
 fn init_logging(level: &str) {
+    use std::io::IsTerminal;
+    // fuser warns on every request it does not implement (ioctl, flush): noise per call in a
+    // daemon's log, so only its errors are shown unless RUST_LOG asks for more.
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(format!("{level},fuser=error")));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .try_init();
 }

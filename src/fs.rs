@@ -346,6 +346,8 @@ impl Filesystem for ImageFs {
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_EXPORT_SUPPORT,
+            // The kernel then enforces the image's POSIX ACLs (system.posix_acl_* xattrs).
+            InitFlags::FUSE_POSIX_ACL,
         ] {
             let _ = config.add_capabilities(cap);
         }
@@ -360,7 +362,14 @@ impl Filesystem for ImageFs {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
-        match self.tree.lookup(parent.0, name.as_bytes()) {
+        // "." and ".." come from NFS export and open_by_handle_at (EXPORT_SUPPORT): an inode
+        // reached by handle finds its parent through "..".
+        let found = match name.as_bytes() {
+            b"." => self.tree.inode(parent.0).map(|_| parent.0),
+            b".." => self.tree.inode(parent.0).map(|i| i.parent),
+            n => self.tree.lookup(parent.0, n),
+        };
+        match found {
             Some(ino) => match self.tree.inode(ino) {
                 Some(i) => reply.entry(&TTL, &self.attr(ino, i), Generation(0)),
                 None => reply.error(Errno::EIO),

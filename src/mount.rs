@@ -325,10 +325,24 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         path: dir.to_path_buf(),
         detail,
     };
-    std::fs::create_dir_all(dir).map_err(|e| mount_err(format!("creating mount point: {e}")))?;
-    let dir = dir
-        .canonicalize()
-        .map_err(|e| mount_err(format!("resolving mount point: {e}")))?;
+    let dead = |e: &io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        let stat = std::fs::metadata(dir);
+        return Err(mount_err(if dead(&e) || stat.as_ref().is_err_and(dead) {
+            "a mount whose daemon died is still here: run `bux-fuse umount` on it first".into()
+        } else if dir.exists() && !dir.is_dir() {
+            "exists and is not a directory".into()
+        } else {
+            format!("creating mount point: {e}")
+        }));
+    }
+    let dir = dir.canonicalize().map_err(|e| {
+        mount_err(if dead(&e) {
+            "a mount whose daemon died is still here: run `bux-fuse umount` on it first".into()
+        } else {
+            format!("resolving mount point: {e}")
+        })
+    })?;
     if is_mount_point(&dir) {
         return Err(mount_err(
             "already a mount point (run `bux-fuse umount` on it first)".into(),

@@ -238,7 +238,10 @@ impl Store {
                     LayerIndex::access_path(&self.index_path(&l.digest)).exists()
                         && self.layer_bytes_present(&l.digest, &l.media_type)
                 });
-                if current && self.tree_path(&record.manifest_digest).exists() {
+                if current
+                    && self.tree_path(&record.manifest_digest).exists()
+                    && platform_ok(&record, opts)
+                {
                     opts.emit(Progress::Cached {
                         reference: name.clone(),
                     });
@@ -494,7 +497,10 @@ impl Store {
                     index: lazy.iter().find(|(l, _)| *l == j.digest).map(|(_, i)| *i),
                 })
                 .collect(),
-            platform: format!("{}/{}", config.os, config.architecture),
+            platform: match &config.variant {
+                Some(v) => format!("{}/{}/{v}", config.os, config.architecture),
+                None => format!("{}/{}", config.os, config.architecture),
+            },
             pulled_at: std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .map(|d| d.as_secs())
@@ -539,7 +545,10 @@ impl Store {
                         && (self.layer_bytes_present(&l.digest, &l.media_type)
                             || l.index.is_some_and(|i| self.blob_path(&i).exists()))
                 });
-                if usable && self.tree_path(&record.manifest_digest).exists() {
+                if usable
+                    && self.tree_path(&record.manifest_digest).exists()
+                    && platform_ok(&record, opts)
+                {
                     opts.emit(Progress::Cached {
                         reference: name.clone(),
                     });
@@ -755,6 +764,18 @@ impl Store {
             }
             _ => self.blob_path(digest).exists(),
         }
+    }
+}
+
+/// Whether a stored record serves the platform asked for (none asked: any stored one does;
+/// otherwise the pull resolves the reference again for that platform).
+fn platform_ok(record: &ImageRecord, opts: &PullOptions) -> bool {
+    let Some(want) = &opts.platform else {
+        return true;
+    };
+    match record.platform.parse::<Platform>() {
+        Ok(have) => want.matches(&have),
+        Err(_) => false,
     }
 }
 

@@ -93,6 +93,13 @@ impl Drop for Lease {
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers see the old or
 /// the new content, never a part.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    write_atomic_mode(path, bytes, 0o644)
+}
+
+/// [`write_atomic`] with the file created with permission bits `mode` (never wider, even
+/// for a moment: for secrets).
+pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+    use std::os::unix::fs::OpenOptionsExt;
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let tmp = path.with_extension(format!(
         "tmp.{}.{}",
@@ -100,7 +107,11 @@ pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
         SEQ.fetch_add(1, Ordering::Relaxed)
     ));
     let res = (|| {
-        let mut f = File::create(&tmp)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(mode)
+            .open(&tmp)?;
         f.write_all(bytes)?;
         f.sync_all()?;
         fs::rename(&tmp, path)?;

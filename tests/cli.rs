@@ -71,6 +71,11 @@ fn images_inspect_rm_gc_df() {
     assert!(df.contains("shared") && df.contains(&a), "{df}");
     let usage: serde_json::Value = serde_json::from_str(&bux.ok(&["df", "--json"])).unwrap();
     assert!(usage["shared"].as_u64().unwrap() > 0);
+    assert!(usage["images"][0]["reference"].is_string(), "{usage}");
+    assert!(
+        json[0]["manifest_digest"].as_str().unwrap().starts_with("sha256:"),
+        "{json}"
+    );
 
     bux.ok(&["rm", &a]);
     assert!(bux.fails(&["rm", &a]).contains("no such image"));
@@ -79,8 +84,18 @@ fn images_inspect_rm_gc_df() {
     // b still mounts and reads after a's removal + gc (the shared layer stayed).
     let m = bux.mount(&b);
     assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), shared);
+    // A mounted image is not removed from under its mount: rm refuses; with --force the
+    // record goes but gc keeps its files until the mount ends.
+    let err = bux.fails(&["rm", &b]);
+    assert!(err.contains("in use by a mount") && err.contains("--force"), "{err}");
+    bux.ok(&["rm", "--force", &b]);
+    bux.ok(&["gc"]);
+    assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), shared);
+    assert!(std::fs::read_dir(bux.store.path().join("blobs/sha256")).unwrap().count() > 0);
+    // The JSON outputs name their fields and spell digests as strings.
+    let images: serde_json::Value = serde_json::from_str(&bux.ok(&["images", "--json"])).unwrap();
+    assert_eq!(images.as_array().unwrap().len(), 0);
     drop(m);
-    bux.ok(&["rm", &b]);
     bux.ok(&["gc"]);
     let blobs = std::fs::read_dir(bux.store.path().join("blobs/sha256"))
         .unwrap()
@@ -191,6 +206,13 @@ fn umount_clears_a_mount_whose_daemon_died() {
     std::thread::sleep(std::time::Duration::from_millis(200));
     let err = std::fs::read_dir(&mnt).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    // Mounting over the dead mount says what to do, in one line.
+    let err = bux.fails(&["mount", "-q", &r, mnt.to_str().unwrap()]);
+    assert!(err.contains("bux-fuse umount") && err.lines().count() == 1, "{err}");
+    let file = dir.path().join("a-file");
+    std::fs::write(&file, b"x").unwrap();
+    let err = bux.fails(&["mount", &r, file.to_str().unwrap()]);
+    assert!(err.contains("not a directory"), "{err}");
     bux.ok(&["umount", mnt.to_str().unwrap()]);
     assert!(!is_mounted(&mnt));
     // And the mount point is usable again.

@@ -123,6 +123,16 @@ fn multi_arch_index_resolves_to_host_or_requested_platform() {
     bux.ok(&["pull", &r, "--platform", "linux/arm64"]);
     let inspect = bux.ok(&["inspect", &r]);
     assert!(inspect.contains("linux/arm64"), "{inspect}");
+    // Asking for another platform than the one stored resolves the reference again.
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    bux.ok(&["mount", &r, mnt.to_str().unwrap(), "--platform", "linux/amd64"]);
+    let m = MountGuard::adopt(mnt, dir);
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("etc/marker")).unwrap(),
+        "amd64"
+    );
+    drop(m);
 
     let err = Bux::new().fails(&["pull", &r, "--platform", "linux/s390x"]);
     assert!(

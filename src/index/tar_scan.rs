@@ -423,9 +423,16 @@ pub fn scan<R: Read>(reader: R, layer: Digest) -> Result<(Vec<TarEntry>, R)> {
     let recent = Rc::new(RefCell::new(RecentBlocks::default()));
     let mut archive = tar::Archive::new(Tap::new(reader, recent.clone()));
     let mut out = Vec::new();
-    let io_err = |e: std::io::Error| Error::CorruptLayer {
-        layer,
-        detail: format!("reading tar stream: {e}"),
+    // Only bad data is a corrupt layer; a full disk or a lost connection is said as such.
+    let io_err = |e: std::io::Error| match e.kind() {
+        std::io::ErrorKind::InvalidData
+        | std::io::ErrorKind::UnexpectedEof
+        | std::io::ErrorKind::InvalidInput
+        | std::io::ErrorKind::Other => Error::CorruptLayer {
+            layer,
+            detail: format!("reading tar stream: {e}"),
+        },
+        _ => Error::io(format!("reading layer {layer}"), e),
     };
     let mut entries = archive.entries().map_err(io_err)?;
     let mut metadata_bytes = 0usize;

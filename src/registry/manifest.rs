@@ -191,6 +191,9 @@ pub struct ImageConfig {
     /// `architecture` of the image.
     #[serde(default)]
     pub architecture: String,
+    /// CPU `variant` (`v8`, `v7`), when the config states one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub variant: Option<String>,
     /// The runtime configuration.
     #[serde(default)]
     pub config: RuntimeConfig,

@@ -335,9 +335,7 @@ pub fn save_docker_login(
     config["auths"][registry] = serde_json::json!({ "auth": auth });
     let bytes = serde_json::to_vec_pretty(&config)
         .map_err(|e| Error::io("encoding config.json", e.into()))?;
-    crate::store::write_atomic(&path, &bytes)?;
-    use std::os::unix::fs::PermissionsExt;
-    let _ = std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600));
+    crate::store::write_atomic_mode(&path, &bytes, 0o600)?;
     Ok(path)
 }
 
@@ -400,9 +398,25 @@ fn map_error(reference: &str, e: OciDistributionError) -> Error {
         },
         other => Error::Registry {
             reference,
-            detail: other.to_string(),
+            detail: with_causes(&other),
         },
     }
+}
+
+/// An error's message followed by its causes ("error sending request: connection refused"),
+/// each said once: reqwest's top message alone hides what went wrong.
+fn with_causes(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        let m = c.to_string();
+        if !out.contains(&m) {
+            out.push_str(": ");
+            out.push_str(&m);
+        }
+        cur = c.source();
+    }
+    out
 }
 
 #[cfg(test)]
