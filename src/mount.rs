@@ -282,8 +282,9 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     let mut remote: Option<Arc<Remote>> = None;
     let mut lazy = Vec::new();
     for (i, l) in tree.layers.iter().enumerate() {
-        let path = match l.compression {
-            Compression::Zstd => store.seekable_path(&l.digest),
+        let path = match (&l.access, l.compression) {
+            (crate::index::Access::Frames(_), _) => store.blob_path(&l.digest),
+            (_, Compression::Zstd) => store.seekable_path(&l.digest),
             _ => store.blob_path(&l.digest),
         };
         let index = record

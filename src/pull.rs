@@ -14,6 +14,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::index::chunked::TocLocation;
 use crate::index::published::PublishedLayer;
 use crate::index::{self, Compression, LayerIndex};
 use crate::publish::IndexSource;
@@ -187,6 +188,41 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     }
 }
 
+/// Reads `len` bytes of a blob from `offset` (a whole-blob answer is read up to them).
+async fn fetch_range(
+    reg: &crate::registry::Registry,
+    digest: &Digest,
+    offset: u64,
+    len: u64,
+) -> Result<Vec<u8>> {
+    let (mut stream, skip) = match reg.blob_range(digest, offset, len).await? {
+        crate::registry::RangeBody::Partial(s) => (s, 0),
+        crate::registry::RangeBody::Full(s) => (s, offset),
+    };
+    let mut out = Vec::with_capacity(len as usize);
+    let mut pos = 0u64;
+    while let Some(b) = stream.next().await {
+        let b = b.map_err(|e| Error::io(format!("reading blob {digest}"), e))?;
+        let (from, to) = (pos, pos + b.len() as u64);
+        pos = to;
+        let lo = skip.max(from);
+        let hi = (skip + len).min(to);
+        if lo < hi {
+            out.extend_from_slice(&b[(lo - from) as usize..(hi - from) as usize]);
+        }
+        if pos >= skip + len {
+            break;
+        }
+    }
+    if out.len() as u64 != len {
+        return Err(Error::Registry {
+            reference: digest.to_string(),
+            detail: format!("short range: {} of {len} bytes", out.len()),
+        });
+    }
+    Ok(out)
+}
+
 /// Largest published layer index accepted (a 500k-file layer's is ~30 MB).
 const MAX_PUBLISHED_INDEX: u64 = 512 << 20;
 
@@ -197,6 +233,8 @@ pub struct LazyOutcome {
     pub index: Option<Digest>,
     /// Layers left to fetch on demand.
     pub lazy_layers: usize,
+    /// Of those, layers served from their own zstd:chunked table of contents.
+    pub chunked_layers: usize,
     /// Why the pull was (partly) not lazy, or how the index was trusted.
     pub note: Option<String>,
 }
@@ -652,6 +690,38 @@ impl Store {
                 lazy.push((job.digest, blob));
             }
         }
+        // zstd:chunked layers carry their own table of contents, which the manifest pins.
+        for job in &r.jobs {
+            if lazy.iter().any(|(l, _)| *l == job.digest)
+                || (self.index_path(&job.digest).exists()
+                    && self.layer_bytes_present(&job.digest, &job.desc.media_type))
+            {
+                continue;
+            }
+            let Some(loc) = job
+                .desc
+                .annotations
+                .as_ref()
+                .and_then(|a| TocLocation::from_annotations(a, job.desc.size))
+            else {
+                continue;
+            };
+            if job.compression != Compression::Zstd {
+                continue;
+            }
+            let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
+            let published =
+                index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id)?;
+            let bytes = published.encode()?;
+            let blob = Digest::of(&bytes);
+            self.put_blob(&blob, &bytes, "layer table")?;
+            published.to_index().save(&self.index_path(&job.digest))?;
+            lazy.push((job.digest, blob));
+            outcome.chunked_layers += 1;
+        }
+        if outcome.chunked_layers > 0 && index.is_none() {
+            outcome.note = None; // the zstd:chunked tables made it lazy after all
+        }
         outcome.lazy_layers = lazy.len();
         let whole: Vec<LayerJob> = r
             .jobs
@@ -754,14 +824,14 @@ impl Store {
     /// seekable copy, checked to end with a whole frame (a copy cut short by a crash is not).
     fn layer_bytes_present(&self, digest: &Digest, media_type: &str) -> bool {
         match Compression::from_media_type(media_type) {
-            Some(Compression::Zstd) => {
-                let Ok(index::Access::Zstd(frames)) =
-                    LayerIndex::load_access(&self.index_path(digest))
-                else {
-                    return false;
-                };
-                index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
-            }
+            Some(Compression::Zstd) => match LayerIndex::load_access(&self.index_path(digest)) {
+                Ok(index::Access::Zstd(frames)) => {
+                    index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
+                }
+                // zstd:chunked served through its own frames: the blob itself.
+                Ok(index::Access::Frames(_)) => self.blob_path(digest).exists(),
+                _ => false,
+            },
             _ => self.blob_path(digest).exists(),
         }
     }

@@ -390,3 +390,67 @@ fn a_lying_index_is_refused_unless_trusted_and_caught_at_completion() {
     let mode = std::fs::metadata(m.path.join("etc/hostname")).unwrap().permissions().mode();
     assert_eq!(mode & 0o7777, 0o644);
 }
+
+/// zstd:chunked (made by skopeo from the gzip image): mounted lazily from its own table of
+/// contents with no index pushed; equals umoci's unpack of the gzip original; completes into
+/// an ordinary stored layer.
+#[test]
+fn zstd_chunked_mounts_lazily_from_its_own_table() {
+    need("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let gz = work.path().join("gz");
+    write_layout(&gz, "v1", &image().as_gzip());
+    let zc = work.path().join("zc");
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:v1", gz.display()))
+        .arg(format!("oci:{}:v1", zc.display()))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let index: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(zc.join("index.json")).unwrap()).unwrap();
+    let mdigest = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
+    let manifest = std::fs::read_to_string(zc.join("blobs/sha256").join(mdigest)).unwrap();
+    assert!(manifest.contains("zstd-chunked.manifest-position"), "{manifest}");
+    reg.push(&zc, "v1", "lazy/chunked", None);
+    let proxy = Proxy::start(reg.port, 10_000, 0);
+    let reference = format!("{}/lazy/chunked:v1", proxy.host());
+    let compressed: u64 = std::fs::read_dir(zc.join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .filter(|&l| l > 1 << 20)
+        .sum();
+
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert!(!stderr.contains("pulled whole"), "{stderr}");
+    let os = cat(&m.path.join("etc/os-release"))
+        .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+    assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
+    let fetched = proxy.bytes();
+    assert!(
+        fetched * 20 < compressed,
+        "fetched {fetched} of {compressed} bytes (>= 5%) for a mount and a small file"
+    );
+    let unpacked = tempfile::tempdir().unwrap();
+    umoci_unpack(&gz, "v1", &unpacked.path().join("b"));
+    let mut args = vec!["--ignore-root"];
+    for d in ["opt", "usr", "usr/share", "usr/share/doc", "usr/bin", "usr/lib"] {
+        args.extend(["--ignore-mtime-of", d]);
+    }
+    let (same, diff) = treediff(&m.path, &unpacked.path().join("b"), &args);
+    assert!(same, "{diff}\n{}", daemon_log(&bux));
+    drop(m);
+
+    // Completed in the background, verified against blob digest, diff_id and the tar itself.
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &reference, &["--wait-complete"]);
+    drop(m);
+    drop(proxy);
+    drop(reg);
+    let m = bux.mount(&reference);
+    assert_eq!(cat(&m.path.join("usr/lib/big2.bin")).unwrap(), test_bytes(12 << 20, 2));
+}

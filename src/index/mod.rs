@@ -12,6 +12,7 @@
 //! * **plain tar** — the blob is the uncompressed stream; reads are `pread`s.
 
 pub mod blob;
+pub mod chunked;
 pub mod gzip;
 pub mod published;
 pub mod reader;
@@ -85,6 +86,21 @@ pub enum Access {
     Gzip(Vec<gzip::Checkpoint>),
     /// Frames of the seekable zstd copy: (uncompressed offset, compressed offset), ascending.
     Zstd(Vec<(u64, u64)>),
+    /// Independent zstd frames inside the blob itself, not back to back (zstd:chunked: each
+    /// file's content in its own frames, tar headers in others). The stream these offsets
+    /// address is the files' contents laid end to end (see [`chunked`]).
+    Frames(Vec<Frame>),
+}
+
+/// One independently decodable zstd frame of a blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frame {
+    /// Where its output starts in the layer's stream.
+    pub uoff: u64,
+    /// Its first byte in the blob.
+    pub coff: u64,
+    /// One past its last byte in the blob.
+    pub cend: u64,
 }
 
 /// What the read path needs of a layer: where its bytes are and how to reach them.

@@ -36,8 +36,28 @@ pub struct Chunk {
     pub start: u64,
     /// One past the last byte.
     pub end: u64,
-    /// sha256 of those bytes.
+    /// sha256 of those bytes, or (when `uncompressed` is set) of what they decompress to.
     pub digest: Digest,
+    /// For a zstd frame whose table gives only the digest of its content (zstd:chunked):
+    /// that content's length.
+    pub uncompressed: Option<u64>,
+}
+
+impl Chunk {
+    /// Whether `bytes` (this chunk's range) are what the table vouches for.
+    pub fn verify(&self, bytes: &[u8]) -> bool {
+        match self.uncompressed {
+            None => Digest::of(bytes) == self.digest,
+            Some(len) => {
+                let mut out = Vec::new();
+                zstd::stream::read::Decoder::new(bytes)
+                    .and_then(|d| d.take(len + 1).read_to_end(&mut out))
+                    .is_ok()
+                    && out.len() as u64 == len
+                    && Digest::of(&out) == self.digest
+            }
+        }
+    }
 }
 
 /// A layer's published index.
@@ -76,6 +96,7 @@ pub fn chunk_ranges(access: &Access, blob_len: u64) -> Result<Vec<Range<u64>>> {
                 start..end
             })
             .collect()),
+        Access::Frames(frames) => Ok(frames.iter().map(|f| f.coff..f.cend).collect()),
         Access::Zstd(_) => Err(Error::InvalidManifest {
             what: "layer index".into(),
             detail: "zstd layers are served from a re-framed copy, which has no registry \
@@ -112,6 +133,7 @@ impl PublishedLayer {
                 start: r.start,
                 end: r.end,
                 digest: h.finish(),
+                uncompressed: None,
             });
         }
         Ok(PublishedLayer {
@@ -165,19 +187,37 @@ impl PublishedLayer {
                 self.digest, self.compressed_size
             ));
         }
-        if self.compression == Compression::Zstd {
-            return Err("zstd layers are not published this way".into());
+        let frames = matches!(self.access, Access::Frames(_));
+        if (self.compression == Compression::Zstd) != frames {
+            return Err("zstd layers are served only through their own frames".into());
         }
         // The chunks must be exactly what the checkpoints imply, so a read never needs a byte
         // that no chunk vouches for.
         let want = chunk_ranges(&self.access, size).map_err(|e| e.to_string())?;
         if want.len() != self.chunks.len()
-            || want
-                .iter()
-                .zip(&self.chunks)
-                .any(|(r, c)| r.start != c.start || r.end != c.end || r.start > r.end)
+            || want.iter().zip(&self.chunks).any(|(r, c)| {
+                r.start != c.start
+                    || r.end != c.end
+                    || r.start > r.end
+                    || r.end > size
+                    || c.uncompressed.is_some() != frames
+            })
         {
             return Err("chunk table does not match the checkpoints".into());
+        }
+        if let Access::Frames(fs) = &self.access {
+            // Frames lay the contents end to end, in blob order, without overlap.
+            let mut uoff = 0;
+            for (i, (f, c)) in fs.iter().zip(&self.chunks).enumerate() {
+                let len = c.uncompressed.unwrap_or(0);
+                if f.uoff != uoff || (i > 0 && fs[i - 1].cend > f.coff) || f.coff >= f.cend {
+                    return Err("frames out of order or overlapping".into());
+                }
+                uoff += len;
+            }
+            if uoff != self.uncompressed_size {
+                return Err("frames do not add up to the stream size".into());
+            }
         }
         if let Access::Gzip(cps) = &self.access {
             let ok = cps.first().is_some_and(|c| c.uoff == 0 && c.coff == 0)

@@ -169,6 +169,10 @@ impl LayerReader {
                 let end = frames.get(last + 1).map_or(self.blob.len(), |f| f.1);
                 frames[first].1..end
             }
+            Access::Frames(frames) => {
+                let (first, last) = (self.span_of(range.start), self.span_of(end - 1));
+                frames[first].coff..frames[last].cend
+            }
         }
     }
 
@@ -232,6 +236,7 @@ impl LayerReader {
             Access::Tar => (i == 0).then_some(0),
             Access::Gzip(cps) => cps.get(i).map(|c| c.uoff),
             Access::Zstd(frames) => frames.get(i).map(|f| f.0),
+            Access::Frames(frames) => frames.get(i).map(|f| f.uoff),
         }
     }
 
@@ -240,6 +245,7 @@ impl LayerReader {
             Access::Tar => 1,
             Access::Gzip(cps) => cps.len(),
             Access::Zstd(frames) => frames.len(),
+            Access::Frames(frames) => frames.len(),
         }
     }
 
@@ -302,6 +308,31 @@ impl LayerReader {
                     ));
                 }
                 span = got;
+            }
+            Access::Frames(frames) => {
+                let f = frames[i];
+                let mut compressed = vec![0u8; (f.cend - f.coff) as usize];
+                BlobReader {
+                    blob: &*self.blob,
+                    pos: f.coff,
+                    end: f.cend,
+                }
+                .read_exact(&mut compressed)?;
+                cache
+                    .stats
+                    .blob_bytes
+                    .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                let want = span.len();
+                span.clear();
+                zstd::stream::read::Decoder::new(&compressed[..])?
+                    .take(want as u64 + 1)
+                    .read_to_end(&mut span)?;
+                if span.len() != want {
+                    return Err(io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        "zstd frame of another size than its table says",
+                    ));
+                }
             }
         }
         cache

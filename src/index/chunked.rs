@@ -1,0 +1,329 @@
+//! zstd:chunked layers (containers/storage): the blob carries its own table of contents, so it
+//! can be mounted lazily with no index of ours.
+//!
+//! Such a blob is an ordinary zstd stream of the layer's tar in which every file's content
+//! starts a new frame (large files are cut into several), followed by skippable frames holding
+//! the TOC — a zstd-compressed JSON list of every entry with its metadata, the blob range of its
+//! content frames and the sha256 of that content. The layer descriptor's annotations give the
+//! TOC's position and digest, so the manifest digest covers the TOC, which covers every file.
+//!
+//! Tar headers sit in frames of their own between contents, and the TOC gives no sizes for
+//! them, so offsets into the real tar stream are unknown until the blob is read in full. The
+//! table built here therefore addresses a stream of the files' contents laid end to end, in TOC
+//! order ([`Access::Frames`]); each content frame is a chunk whose digest is checked after it
+//! is decompressed.
+
+use std::collections::BTreeMap;
+
+use base64::Engine as _;
+use serde::Deserialize;
+
+use super::published::{Chunk, PublishedLayer};
+use super::tar_scan::normalize_path;
+use super::{Access, Compression, EntryKind, Frame, TarEntry};
+use crate::{Digest, Error, Result};
+
+/// Annotation keys of the TOC position (`offset:length:uncompressed length:type`): current
+/// containers/storage, then the older key (Debian's skopeo 1.9).
+pub const POSITION_KEYS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-position",
+    "io.containers.zstd-chunked.manifest-position",
+];
+/// Annotation keys of the TOC digest (sha256 of its compressed bytes), same order.
+pub const CHECKSUM_KEYS: [&str; 2] = [
+    "io.github.containers.zstd-chunked.manifest-checksum",
+    "io.containers.zstd-chunked.manifest-checksum",
+];
+/// Largest TOC accepted, compressed or not.
+pub const MAX_TOC: u64 = 256 << 20;
+
+/// Where a layer's TOC is, from its descriptor's annotations.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TocLocation {
+    /// First byte of the compressed TOC in the blob.
+    pub offset: u64,
+    /// Its compressed length.
+    pub length: u64,
+    /// Its uncompressed length.
+    pub uncompressed: u64,
+    /// sha256 of the compressed TOC.
+    pub digest: Digest,
+}
+
+impl TocLocation {
+    /// Reads the annotations of a zstd:chunked layer (`None` if it is not one).
+    pub fn from_annotations(a: &BTreeMap<String, String>, blob_size: u64) -> Option<TocLocation> {
+        let (pos, sum) = POSITION_KEYS
+            .iter()
+            .zip(CHECKSUM_KEYS)
+            .find_map(|(p, c)| Some((a.get(*p)?, a.get(c)?)))?;
+        let mut parts = pos.split(':').map(|p| p.parse::<u64>().ok());
+        let (offset, length, uncompressed, kind) =
+            (parts.next()??, parts.next()??, parts.next()??, parts.next()??);
+        let digest = sum.parse().ok()?;
+        let fits = offset.checked_add(length).is_some_and(|e| e <= blob_size);
+        (kind == 1 && fits && length <= MAX_TOC && uncompressed <= MAX_TOC).then_some(
+            TocLocation {
+                offset,
+                length,
+                uncompressed,
+                digest,
+            },
+        )
+    }
+}
+
+#[derive(Deserialize)]
+struct Toc {
+    version: u32,
+    entries: Vec<TocEntry>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase", default)]
+struct TocEntry {
+    #[serde(rename = "type")]
+    kind: String,
+    name: String,
+    link_name: String,
+    mode: i64,
+    size: i64,
+    #[serde(rename = "uid")]
+    uid: i64,
+    #[serde(rename = "gid")]
+    gid: i64,
+    modtime: Option<String>,
+    dev_major: i64,
+    dev_minor: i64,
+    xattrs: BTreeMap<String, String>,
+    digest: String,
+    offset: i64,
+    end_offset: i64,
+    chunk_size: i64,
+    chunk_offset: i64,
+    chunk_digest: String,
+}
+
+/// Builds the served table of a zstd:chunked layer from its compressed TOC bytes (already
+/// checked against the annotation's digest). `diff_id` is the config's, checked when the layer
+/// completes.
+pub fn parse(
+    compressed_toc: &[u8],
+    loc: &TocLocation,
+    layer: Digest,
+    blob_size: u64,
+    diff_id: Digest,
+) -> Result<PublishedLayer> {
+    let bad = |detail: String| Error::CorruptLayer {
+        layer,
+        detail: format!("zstd:chunked table of contents: {detail}"),
+    };
+    if Digest::of(compressed_toc) != loc.digest {
+        return Err(bad("does not match the digest in the manifest".into()));
+    }
+    let mut json = Vec::new();
+    use std::io::Read;
+    zstd::stream::read::Decoder::new(compressed_toc)
+        .and_then(|d| d.take(loc.uncompressed.min(MAX_TOC) + 1).read_to_end(&mut json))
+        .map_err(|e| bad(format!("decompressing: {e}")))?;
+    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    if toc.version != 1 {
+        return Err(bad(format!("version {} is not supported", toc.version)));
+    }
+    let mut entries: Vec<TarEntry> = Vec::new();
+    let mut frames: Vec<Frame> = Vec::new();
+    let mut chunks: Vec<Chunk> = Vec::new();
+    let mut uoff = 0u64;
+    let mut i = 0;
+    while i < toc.entries.len() {
+        let e = &toc.entries[i];
+        let name = e.name.trim_end_matches('/');
+        let path = normalize_path(name.as_bytes()).map_err(|why| bad(format!("{name:?}: {why}")))?;
+        let kind = match e.kind.as_str() {
+            "reg" => EntryKind::File,
+            "dir" => EntryKind::Dir,
+            "symlink" => EntryKind::Symlink,
+            "hardlink" => EntryKind::Hardlink,
+            "char" => EntryKind::Char,
+            "block" => EntryKind::Block,
+            "fifo" => EntryKind::Fifo,
+            other => return Err(bad(format!("{name:?}: unknown type {other:?}"))),
+        };
+        let num = |v: i64, what: &str| -> Result<u32> {
+            u32::try_from(v).map_err(|_| bad(format!("{name:?}: {what} {v} out of range")))
+        };
+        let size = if kind == EntryKind::File {
+            u64::try_from(e.size).map_err(|_| bad(format!("{name:?}: negative size")))?
+        } else {
+            0
+        };
+        let (mtime, mtime_nsec) = match &e.modtime {
+            Some(t) => parse_time(t).ok_or_else(|| bad(format!("{name:?}: bad time {t:?}")))?,
+            None => (0, 0),
+        };
+        let mut xattrs = Vec::new();
+        for (k, v) in &e.xattrs {
+            let v = base64::engine::general_purpose::STANDARD
+                .decode(v)
+                .map_err(|_| bad(format!("{name:?}: xattr {k} is not base64")))?;
+            xattrs.push((k.as_bytes().to_vec(), v));
+        }
+        let link = match kind {
+            EntryKind::Hardlink => normalize_path(e.link_name.trim_end_matches('/').as_bytes())
+                .map_err(|why| bad(format!("{name:?}: link {why}")))?,
+            _ => e.link_name.as_bytes().to_vec(),
+        };
+        entries.push(TarEntry {
+            path,
+            kind,
+            mode: (e.mode & 0o7777) as u32,
+            uid: num(e.uid, "uid")?,
+            gid: num(e.gid, "gid")?,
+            mtime,
+            mtime_nsec,
+            size,
+            link,
+            dev_major: num(e.dev_major, "device major")?,
+            dev_minor: num(e.dev_minor, "device minor")?,
+            xattrs,
+            offset: uoff,
+            sparse: None,
+        });
+        i += 1;
+        if kind != EntryKind::File || size == 0 {
+            continue;
+        }
+        // The content's frames: one, or one per chunk entry that follows.
+        let mut parts = vec![(e.chunk_offset, e.offset, e.chunk_size, &e.chunk_digest)];
+        while i < toc.entries.len() && toc.entries[i].kind == "chunk" {
+            let c = &toc.entries[i];
+            parts.push((c.chunk_offset, c.offset, c.chunk_size, &c.chunk_digest));
+            i += 1;
+        }
+        let whole = parts.len() == 1;
+        for (k, &(coffset, start, csize, cdigest)) in parts.iter().enumerate() {
+            let end = parts.get(k + 1).map_or(e.end_offset, |n| n.1);
+            let (len, digest) = if whole {
+                (size, &e.digest)
+            } else {
+                (u64::try_from(csize).unwrap_or(u64::MAX), cdigest)
+            };
+            let (start, end) = (
+                u64::try_from(start).map_err(|_| bad(format!("{name:?}: bad offset")))?,
+                u64::try_from(end).map_err(|_| bad(format!("{name:?}: bad offset")))?,
+            );
+            if !whole && u64::try_from(coffset).ok() != Some(uoff - entries.last().map_or(0, |l| l.offset)) {
+                return Err(bad(format!("{name:?}: chunks out of order")));
+            }
+            if start >= end || end > blob_size {
+                return Err(bad(format!("{name:?}: content outside the blob")));
+            }
+            let digest: Digest = digest
+                .parse()
+                .map_err(|_| bad(format!("{name:?}: bad content digest {digest:?}")))?;
+            frames.push(Frame {
+                uoff,
+                coff: start,
+                cend: end,
+            });
+            chunks.push(Chunk {
+                start,
+                end,
+                digest,
+                uncompressed: Some(len),
+            });
+            uoff = uoff
+                .checked_add(len)
+                .ok_or_else(|| bad(format!("{name:?}: sizes overflow")))?;
+        }
+        if uoff - entries.last().map_or(0, |l| l.offset) != size {
+            return Err(bad(format!("{name:?}: chunks do not add up to its size")));
+        }
+    }
+    let published = PublishedLayer {
+        digest: layer,
+        diff_id,
+        compression: Compression::Zstd,
+        compressed_size: blob_size,
+        uncompressed_size: uoff,
+        access: Access::Frames(frames),
+        entries,
+        chunks,
+    };
+    // Same checks as for an index from the registry (ordering, ranges, names).
+    PublishedLayer::decode(&published.encode()?, layer, blob_size)
+}
+
+/// Parses an RFC 3339 time as Go writes it (`2006-01-02T15:04:05.999999999Z07:00`).
+fn parse_time(s: &str) -> Option<(i64, u32)> {
+    let b = s.as_bytes();
+    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+        return None;
+    }
+    let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
+    let (y, mo, d, h, mi, sec) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    let mut rest = &s[19..];
+    let mut nsec = 0u32;
+    if let Some(frac) = rest.strip_prefix('.') {
+        let digits = frac.bytes().take_while(u8::is_ascii_digit).count();
+        if digits == 0 {
+            return None;
+        }
+        for (i, c) in frac[..digits].bytes().take(9).enumerate() {
+            nsec += (c - b'0') as u32 * 10u32.pow(8 - i as u32);
+        }
+        rest = &frac[digits..];
+    }
+    let offset = match rest {
+        "Z" => 0,
+        _ => {
+            let sign = match rest.as_bytes().first()? {
+                b'+' => 1,
+                b'-' => -1,
+                _ => return None,
+            };
+            let (oh, om) = (rest.get(1..3)?.parse::<i64>().ok()?, rest.get(4..6)?.parse::<i64>().ok()?);
+            sign * (oh * 3600 + om * 60)
+        }
+    };
+    if !(1..=12).contains(&mo) || !(1..=31).contains(&d) || h > 23 || mi > 59 || sec > 60 {
+        return None;
+    }
+    // Days from the civil date (Howard Hinnant's algorithm).
+    let y2 = if mo <= 2 { y - 1 } else { y };
+    let era = y2.div_euclid(400);
+    let yoe = y2 - era * 400;
+    let mp = (mo + 9) % 12;
+    let doy = (153 * mp + 2) / 5 + d - 1;
+    let doe = yoe * 365 + yoe / 4 - yoe / 100 + doy;
+    let days = era * 146097 + doe - 719468;
+    Some((days * 86400 + h * 3600 + mi * 60 + sec - offset, nsec))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn go_times() {
+        assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some((0, 0)));
+        assert_eq!(parse_time("2026-12-02T08:22:57Z"), Some((1796199777, 0)));
+        assert_eq!(parse_time("2000-02-29T12:00:00.5+01:00"), Some((951822000, 500_000_000)));
+        assert_eq!(parse_time("0001-01-01T00:00:00Z"), Some((-62135596800, 0)));
+        assert_eq!(parse_time("1969-12-31T23:59:59.000000001Z"), Some((-1, 1)));
+        assert_eq!(parse_time("yesterday"), None);
+    }
+
+    #[test]
+    fn annotations() {
+        let d = Digest::of(b"toc");
+        let mut a = BTreeMap::new();
+        a.insert(POSITION_KEYS[1].to_string(), "100:20:50:1".to_string());
+        a.insert(CHECKSUM_KEYS[1].to_string(), d.to_string());
+        let loc = TocLocation::from_annotations(&a, 200).unwrap();
+        assert_eq!((loc.offset, loc.length, loc.uncompressed, loc.digest), (100, 20, 50, d));
+        assert!(TocLocation::from_annotations(&a, 110).is_none(), "past the blob");
+        a.insert(POSITION_KEYS[1].to_string(), "100:20:50:2".to_string());
+        assert!(TocLocation::from_annotations(&a, 200).is_none(), "unknown type");
+    }
+}
