@@ -107,6 +107,9 @@ pub struct Mount {
 struct WritableLayer {
     /// Per-mount directory in the store (holds the FUSE mount point and scratch upper).
     run_dir: PathBuf,
+    /// An exclusive lock on `--upper DIR` for the life of the mount: two overlays on one upper
+    /// directory is undefined behaviour in the kernel.
+    _upper_lock: Option<std::fs::File>,
 }
 
 impl Mount {
@@ -358,7 +361,17 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         let lower = run_dir.join("lower");
         std::fs::create_dir_all(&lower)
             .map_err(|e| mount_err(format!("creating {}: {e}", lower.display())))?;
-        (lower, Some(WritableLayer { run_dir }))
+        let upper_lock = match &opts.upper {
+            Some(u) => Some(lock_upper(u).map_err(mount_err)?),
+            None => None,
+        };
+        (
+            lower,
+            Some(WritableLayer {
+                run_dir,
+                _upper_lock: upper_lock,
+            }),
+        )
     } else {
         (dir.clone(), None)
     };
@@ -430,6 +443,27 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
     }
     Ok(m)
+}
+
+/// Locks `--upper DIR` for one writable mount at a time.
+fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
+    use std::os::fd::AsRawFd;
+    std::fs::create_dir_all(base).map_err(|e| format!("creating {}: {e}", base.display()))?;
+    let path = base.join("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // SAFETY: flock on a valid, owned descriptor.
+    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        return Err(format!(
+            "--upper {} is in use by another writable mount (one upper layer, one mount)",
+            base.display()
+        ));
+    }
+    Ok(file)
 }
 
 /// Mounts a kernel overlay at `dir`: lower = the image, upper and work dirs under `base`.

@@ -32,6 +32,9 @@ const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Mode of directories that have no tar entry of their own.
 const IMPLIED_DIR_MODE: u32 = 0o755;
 const MAGIC: &[u8; 8] = b"BUXTRE\x00\x03";
+/// Deepest path accepted, in components: Linux's PATH_MAX (4096 bytes) cannot name anything
+/// deeper (`a/` per level), so no real image has one, and a hostile one costs nothing.
+pub const MAX_DEPTH: usize = 2048;
 
 /// Where a node's contents are.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -193,10 +196,11 @@ impl Builder {
             let next = match self.nodes[cur].children.get(comp) {
                 Some(&n) => n,
                 None => {
-                    let mut meta = implied_dir();
-                    meta.path = walked.clone();
+                    // Nodes are found through their parents' child maps: an implied directory
+                    // stores no path (a copy of the path walked per level would cost the
+                    // square of the depth).
                     self.nodes.push(Node {
-                        meta,
+                        meta: implied_dir(),
                         layer,
                         children: BTreeMap::new(),
                     });
@@ -267,6 +271,9 @@ impl Builder {
             return Ok(());
         }
         let (parent, name) = split_parent(&entry.path);
+        if components(parent).nth(MAX_DEPTH - 1).is_some() {
+            return Err(bad(format!("deeper than {MAX_DEPTH} levels")));
+        }
         if components(parent).any(|c| c.starts_with(WHITEOUT_PREFIX)) {
             return Err(bad("a whiteout name used as a directory".into()));
         }
@@ -677,6 +684,14 @@ mod tests {
     }
 
     #[test]
+    fn deep_but_legal_paths_merge() {
+        let deep = format!("{}file", "d/".repeat(MAX_DEPTH - 1));
+        let t = merged(&[vec![f(&deep)]]).unwrap();
+        assert_eq!(t.inodes.len(), MAX_DEPTH + 1);
+        assert!(t.resolve(deep.as_bytes()).is_some());
+    }
+
+    #[test]
     fn refuses_what_would_escape() {
         let cases: Vec<(&str, Vec<Vec<TarEntry>>, &str)> = vec![
             (
@@ -700,6 +715,11 @@ mod tests {
                 "does not exist",
             ),
             ("whiteout of ..", vec![vec![f("a/.wh...")]], "invalid name"),
+            (
+                "40,000 levels deep (was 1.6 GB of implied-parent paths)",
+                vec![vec![f(&"d/".repeat(40_000))]],
+                "deeper than 2048 levels",
+            ),
             // Found by the merge fuzzer: a whiteout name as a parent directory.
             (
                 "whiteout as a directory",

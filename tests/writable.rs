@@ -150,6 +150,17 @@ fn upper_dir_persists_and_mounts_are_isolated() {
     let upper = work.path().join("state");
 
     let a = writable_mount(&bux, &r, Some(&upper));
+    // A second mount on the same --upper is refused, in one line.
+    let other = tempfile::tempdir().unwrap();
+    let err = bux.fails(&[
+        "mount",
+        "-q",
+        "--upper",
+        upper.to_str().unwrap(),
+        &r,
+        other.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(err.contains("in use by another writable mount") && err.lines().count() == 1, "{err}");
     let b = writable_mount(&bux, &r, None);
     std::fs::write(a.path.join("etc/only-a"), b"a\n").unwrap();
     std::fs::remove_file(a.path.join("doomed")).unwrap();
