@@ -134,7 +134,8 @@ impl Store {
         let mut layers = Vec::new();
         let mut skipped = Vec::new();
         for l in &record.layers {
-            if Compression::from_media_type(&l.media_type) == Some(Compression::Zstd) {
+            let idx = LayerIndex::load(&self.index_path(&l.digest))?;
+            if idx.compression == Compression::Zstd {
                 skipped.push((l.digest, "zstd layer (publish it as zstd:chunked)".to_string()));
                 continue;
             }
@@ -145,7 +146,6 @@ impl Store {
                     e,
                 )
             })?;
-            let idx = LayerIndex::load(&self.index_path(&l.digest))?;
             let bytes = PublishedLayer::build(&idx, &blob)?.encode()?;
             let d = Digest::of(&bytes);
             let size = bytes.len();

@@ -274,7 +274,7 @@ impl Store {
                 // bytes still there.
                 let current = record.layers.iter().all(|l| {
                     LayerIndex::access_path(&self.index_path(&l.digest)).exists()
-                        && self.layer_bytes_present(&l.digest, &l.media_type)
+                        && self.layer_bytes_present(&l.digest)
                 });
                 if current
                     && self.tree_path(&record.manifest_digest).exists()
@@ -580,7 +580,7 @@ impl Store {
             if let Some(record) = self.image(&name)? {
                 let usable = record.layers.iter().all(|l| {
                     LayerIndex::access_path(&self.index_path(&l.digest)).exists()
-                        && (self.layer_bytes_present(&l.digest, &l.media_type)
+                        && (self.layer_bytes_present(&l.digest)
                             || l.index.is_some_and(|i| self.blob_path(&i).exists()))
                 });
                 if usable
@@ -593,7 +593,7 @@ impl Store {
                     let lazy_layers = record
                         .layers
                         .iter()
-                        .filter(|l| !self.layer_bytes_present(&l.digest, &l.media_type))
+                        .filter(|l| !self.layer_bytes_present(&l.digest))
                         .count();
                     return Ok((
                         self.pulled(record)?,
@@ -633,21 +633,21 @@ impl Store {
             Some(IndexSource::Pinned(d)) => Some(d),
             Some(IndexSource::Referrer(d)) if trust_referrer => {
                 outcome.note = Some(format!(
-                    "using index {} found as a referrer (trusted by request; not covered by                      the manifest digest)",
+                    "using index {} found as a referrer (trusted by request; not covered by the manifest digest)",
                     d.short()
                 ));
                 Some(d)
             }
             Some(IndexSource::Referrer(d)) => {
                 outcome.note = Some(format!(
-                    "index {} was found only as a referrer, which the manifest digest does not                      cover: not trusted, pulled whole (--trust-index to use it)",
+                    "index {} was found only as a referrer, which the manifest digest does not cover: not trusted, pulled whole (--trust-index to use it)",
                     d.short()
                 ));
                 None
             }
             None => {
                 outcome.note = Some(
-                    "no bux-fuse index was published for this image (bux-fuse push-index):                      pulled whole"
+                    "no bux-fuse index was published for this image (bux-fuse push-index): pulled whole"
                         .into(),
                 );
                 None
@@ -666,7 +666,7 @@ impl Store {
                     continue;
                 };
                 if self.index_path(&job.digest).exists()
-                    && self.layer_bytes_present(&job.digest, &job.desc.media_type)
+                    && self.layer_bytes_present(&job.digest)
                 {
                     continue; // already stored whole
                 }
@@ -678,11 +678,10 @@ impl Store {
                 }
                 let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
                 let published = PublishedLayer::decode(&bytes, job.digest, job.desc.size)?;
-                if published.compression != job.compression || published.diff_id != job.diff_id {
+                if published.diff_id != job.diff_id {
                     return Err(Error::CorruptLayer {
                         layer: job.digest,
-                        detail: "published index disagrees with the manifest and config                                  (compression or diff_id)"
-                            .into(),
+                        detail: "published index disagrees with the config's diff_id".into(),
                     });
                 }
                 self.put_blob(&blob, &bytes, "layer index")?;
@@ -694,7 +693,7 @@ impl Store {
         for job in &r.jobs {
             if lazy.iter().any(|(l, _)| *l == job.digest)
                 || (self.index_path(&job.digest).exists()
-                    && self.layer_bytes_present(&job.digest, &job.desc.media_type))
+                    && self.layer_bytes_present(&job.digest))
             {
                 continue;
             }
@@ -756,7 +755,7 @@ impl Store {
                 .map_err(|e| Error::io("lock task", io::Error::other(e)))??
         };
         let index_path = self.index_path(&digest);
-        if index_path.exists() && self.layer_bytes_present(&digest, &job.desc.media_type) {
+        if index_path.exists() && self.layer_bytes_present(&digest) {
             // An index this version cannot read (an older format) is rebuilt below.
             if let Ok(idx) = LayerIndex::load(&index_path) {
                 check_diff_id(&idx, job)?;
@@ -820,19 +819,17 @@ impl Store {
         Ok(())
     }
 
-    /// Whether the bytes a mount reads for this layer are stored: the blob, or for zstd its
-    /// seekable copy, checked to end with a whole frame (a copy cut short by a crash is not).
-    fn layer_bytes_present(&self, digest: &Digest, media_type: &str) -> bool {
-        match Compression::from_media_type(media_type) {
-            Some(Compression::Zstd) => match LayerIndex::load_access(&self.index_path(digest)) {
-                Ok(index::Access::Zstd(frames)) => {
-                    index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
-                }
-                // zstd:chunked served through its own frames: the blob itself.
-                Ok(index::Access::Frames(_)) => self.blob_path(digest).exists(),
-                _ => false,
-            },
-            _ => self.blob_path(digest).exists(),
+    /// Whether the bytes a mount reads for this layer are stored: the blob, or for a zstd
+    /// layer served from its re-framed copy that copy, checked to end with a whole frame (a
+    /// copy cut short by a crash is not). Decided by how the layer was indexed, not by its
+    /// media type, which may be wrong.
+    fn layer_bytes_present(&self, digest: &Digest) -> bool {
+        match LayerIndex::load_access(&self.index_path(digest)) {
+            Ok(index::Access::Zstd(frames)) => {
+                index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
+            }
+            Ok(_) => self.blob_path(digest).exists(),
+            Err(_) => false,
         }
     }
 }
@@ -872,6 +869,15 @@ fn index_layer(
 ) -> Result<LayerIndex> {
     let mut blob = store.blob_writer(digest, max_len)?;
     let mut seekable_tmp = None;
+    // Trust the bytes over the media type, as containerd does: a gzip or zstd magic number
+    // decides, whatever the manifest says.
+    let mut input = io::BufReader::with_capacity(1 << 16, input);
+    let compression = match io::BufRead::fill_buf(&mut input) {
+        Ok(head) if head.starts_with(&[0x1f, 0x8b]) => Compression::Gzip,
+        Ok(head) if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) => Compression::Zstd,
+        Ok(head) if head.len() >= 4 => Compression::None,
+        _ => compression,
+    };
     let mut idx = {
         let mut tee = Tee {
             inner: input,

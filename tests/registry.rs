@@ -264,3 +264,42 @@ fn chroot_into_a_mounted_busybox_root() {
     assert!(stdout.contains(&format!("{}\n", 8)), "{stdout}");
     assert!(stdout.contains(&sha256_hex(&busybox)), "{stdout}");
 }
+
+/// A layer's bytes decide its compression, not its media type (as containerd sniffs): a zstd
+/// layer labelled gzip and a gzip layer labelled plain tar pull and read correctly.
+#[test]
+fn mislabelled_layers_are_read_by_their_magic() {
+    let reg = Registry::start();
+    let a = LayerBuilder::new().file("a.txt", b"zstd inside\n").finish();
+    let b = LayerBuilder::new().file("b.txt", &test_bytes(300_000, 4)).finish();
+    let (za, gb) = (Comp::Zstd.compress(&a), Comp::Gzip.compress(&b));
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [
+            format!("sha256:{}", sha256_hex(&a)), format!("sha256:{}", sha256_hex(&b))]},
+    }))
+    .unwrap();
+    let desc = |mt: &str, blob: &[u8]| {
+        serde_json::json!({"mediaType": mt, "digest": format!("sha256:{}", sha256_hex(blob)), "size": blob.len()})
+    };
+    let manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": desc("application/vnd.oci.image.config.v1+json", &config),
+        "layers": [desc("application/vnd.oci.image.layer.v1.tar+gzip", &za),
+                   desc("application/vnd.oci.image.layer.v1.tar", &gb)],
+    }))
+    .unwrap();
+    raw_push(
+        &reg,
+        "t/mislabelled",
+        "v1",
+        &[config, za, gb],
+        &manifest,
+        "application/vnd.oci.image.manifest.v1+json",
+    );
+    let bux = Bux::new();
+    let m = bux.mount(&format!("{}/t/mislabelled:v1", reg.host()));
+    assert_eq!(std::fs::read(m.path.join("a.txt")).unwrap(), b"zstd inside\n");
+    assert_eq!(std::fs::read(m.path.join("b.txt")).unwrap(), test_bytes(300_000, 4));
+}
