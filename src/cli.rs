@@ -195,6 +195,10 @@ struct PullArgs {
     /// Print nothing but errors.
     #[arg(short, long)]
     quiet: bool,
+    /// Seconds a download may go without data before it is resumed (broken connections are
+    /// resumed at once; five failed resumptions in a row end the pull).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    stall_timeout: f64,
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -513,6 +517,7 @@ impl PullArgs {
             },
             progress: (!self.quiet).then(progress_printer),
             parallel: 3,
+            stall_timeout: Some(std::time::Duration::from_secs_f64(self.stall_timeout)),
         })
     }
 }

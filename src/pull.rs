@@ -27,6 +27,10 @@ use crate::{Digest, Error, Result, Store};
 
 /// Largest manifest or config accepted (real ones are a few KiB).
 const MAX_JSON_BLOB: u64 = 16 << 20;
+/// Consecutive failed attempts to resume a download before the pull gives up.
+const MAX_RESUMES: u32 = 5;
+/// How long a download may go without data before it is treated as broken.
+pub const DEFAULT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Compressed bytes in flight between a download and its indexer.
 const CHANNEL_CHUNKS: usize = 64;
 
@@ -103,6 +107,8 @@ pub struct PullOptions {
     pub progress: Option<ProgressFn>,
     /// Layers fetched at once (0 means 3).
     pub parallel: usize,
+    /// A download without data for this long is resumed (default [`DEFAULT_STALL`]).
+    pub stall_timeout: Option<std::time::Duration>,
 }
 
 impl std::fmt::Debug for PullOptions {
@@ -782,22 +788,66 @@ impl Store {
         let total = job.desc.size;
         let mut done = 0u64;
         let mut last_report = 0u64;
-        while let Some(chunk) = stream.next().await {
-            let failed = chunk.is_err();
-            if let Ok(c) = &chunk {
-                done += c.len() as u64;
-            }
-            // A send fails only when the indexer stopped early (it has an error to report).
-            if tx.send(chunk).is_err() || failed {
-                break;
-            }
-            if done - last_report >= 1 << 20 {
-                last_report = done;
-                opts.emit(Progress::LayerBytes {
-                    layer: digest,
-                    done,
-                    total,
-                });
+        let mut failures = 0u32;
+        let stall = opts.stall_timeout.unwrap_or(DEFAULT_STALL);
+        loop {
+            let cause = match tokio::time::timeout(stall, stream.next()).await {
+                Ok(None) => break,
+                Ok(Some(Ok(c))) => {
+                    done += c.len() as u64;
+                    failures = 0;
+                    // A send fails only when the indexer stopped early (it has an error).
+                    if tx.send(Ok(c)).is_err() {
+                        break;
+                    }
+                    if done - last_report >= 1 << 20 {
+                        last_report = done;
+                        opts.emit(Progress::LayerBytes {
+                            layer: digest,
+                            done,
+                            total,
+                        });
+                    }
+                    continue;
+                }
+                Ok(Some(Err(e))) => crate::registry::describe_io(&e),
+                Err(_) => format!("no data for {} s (stalled)", stall.as_secs_f64()),
+            };
+            // The connection broke or stalled: go on from the bytes already received (the
+            // hash and the indexer keep their state), after a pause, a few times in a row.
+            let mut cause = cause;
+            let resumed = loop {
+                failures += 1;
+                if failures > MAX_RESUMES || done >= total {
+                    break None;
+                }
+                tracing::info!("layer {}: {cause}; resuming at byte {done}", digest.short());
+                let pause = (250u64 << failures).min(2000);
+                tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
+                let attempt = tokio::time::timeout(stall, reg.blob_stream_from(&digest, done, total));
+                match attempt.await.unwrap_or_else(|_| {
+                    Err(Error::Registry {
+                        reference: digest.to_string(),
+                        detail: format!("no answer for {} s (stalled)", stall.as_secs_f64()),
+                    })
+                }) {
+                    Ok(s) => break Some(s),
+                    Err(e @ (Error::NotFound { .. } | Error::Unauthorized { .. })) => {
+                        cause = e.to_string();
+                        failures = MAX_RESUMES;
+                    }
+                    Err(e) => cause = e.to_string(),
+                }
+            };
+            match resumed {
+                Some(s) => stream = s,
+                None => {
+                    let _ = tx.send(Err(io::Error::new(
+                        io::ErrorKind::ConnectionAborted,
+                        format!("download failed after {done} of {total} bytes: {cause}"),
+                    )));
+                    break;
+                }
             }
         }
         drop(tx);

@@ -327,6 +327,45 @@ impl Source {
     }
 }
 
+impl Source {
+    /// The blob from byte `offset` on (`total` is its size): resuming a broken download.
+    pub async fn blob_stream_from(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        total: u64,
+    ) -> Result<BoxStream<'static, io::Result<bytes::Bytes>>> {
+        match self {
+            Source::Registry(reg, _) => match reg.blob_range(digest, offset, total - offset).await? {
+                registry::RangeBody::Partial(s) => Ok(s),
+                // The registry ignores Range: skip what we have.
+                registry::RangeBody::Full(s) => Ok(skip_bytes(s, offset)),
+            },
+            _ => Ok(skip_bytes(self.blob_stream(digest).await?, offset)),
+        }
+    }
+}
+
+/// Drops the first `n` bytes of a stream.
+fn skip_bytes(
+    s: BoxStream<'static, io::Result<bytes::Bytes>>,
+    n: u64,
+) -> BoxStream<'static, io::Result<bytes::Bytes>> {
+    s.scan(n, |left, item| {
+        let out = match item {
+            Ok(mut b) if *left > 0 => {
+                let k = (*left).min(b.len() as u64);
+                *left -= k;
+                Ok(b.split_off(k as usize))
+            }
+            other => other,
+        };
+        std::future::ready(Some(out))
+    })
+    .filter(|r| std::future::ready(!matches!(r, Ok(b) if b.is_empty())))
+    .boxed()
+}
+
 /// Streams `len` bytes of `file` from `off`, in chunks read off the async threads.
 fn range_stream(
     file: Arc<File>,

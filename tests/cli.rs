@@ -280,3 +280,43 @@ fn library_example_pulls_mounts_reads_unmounts() {
     );
     assert!(!is_mounted(&std::env::temp_dir()), "example left a mount");
 }
+
+/// Faults around a pull over a slow link: gc while a pull runs waits for it (the pull
+/// succeeds, nothing of it is removed); kill -9 in mid-pull leaves temp files that `df`
+/// counts and gc removes, and the next pull completes.
+#[test]
+fn gc_during_a_pull_and_kill_9_mid_pull() {
+    let reg = Registry::start();
+    let big = test_bytes(12 << 20, 11);
+    let r = push(&reg, "t/slow", &image_with("slow", &big));
+    let proxy = Proxy::start(reg.port, 40, 1);
+    let slow = r.replace(&reg.host(), &proxy.host());
+
+    let bux = Bux::new();
+    let mut pull = bux.cmd().args(["pull", "-q", &slow]).spawn().unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(600));
+    bux.ok(&["gc"]);
+    assert!(pull.wait().unwrap().success(), "pull failed next to gc");
+    let m = bux.mount(&r);
+    assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
+    drop(m);
+
+    let bux = Bux::new();
+    let mut pull = bux.cmd().args(["pull", "-q", &slow]).spawn().unwrap();
+    let tmp = bux.store.path().join("tmp");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    while std::fs::read_dir(&tmp).map_or(0, |d| d.count()) == 0 {
+        assert!(std::time::Instant::now() < deadline, "no download started");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    let df: serde_json::Value = serde_json::from_str(&bux.ok(&["df", "--json"])).unwrap();
+    assert!(df["temp"].as_u64().unwrap() > 0, "{df}");
+    bux.ok(&["gc"]);
+    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "gc left temp files");
+    bux.ok(&["pull", "-q", &slow]);
+    let m = bux.mount(&r);
+    assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
+}

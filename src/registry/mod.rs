@@ -403,6 +403,11 @@ fn map_error(reference: &str, e: OciDistributionError) -> Error {
     }
 }
 
+/// What broke a download, with the underlying causes (connection reset, timeout, ...).
+pub fn describe_io(e: &std::io::Error) -> String {
+    with_causes(e)
+}
+
 /// An error's message followed by its causes ("error sending request: connection refused"),
 /// each said once: reqwest's top message alone hides what went wrong.
 fn with_causes(e: &dyn std::error::Error) -> String {

@@ -110,6 +110,16 @@ impl Registry {
         let _ = self.child.wait();
     }
 
+    /// Freezes the registry (SIGSTOP): connections hang, as with a stalled server.
+    pub fn pause(&self) {
+        Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap();
+    }
+
+    /// Thaws a paused registry.
+    pub fn unpause(&self) {
+        Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap();
+    }
+
     /// Starts the registry again on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
