@@ -1,5 +1,5 @@
 //! Faults injected into pulls from a real registry: it dies mid-layer (the pull resumes from
-//! the bytes it has), it stalls (a clear timeout error, nothing kept).
+//! the bytes it has), the link stalls (a clear timeout error, nothing kept).
 
 mod common;
 
@@ -70,10 +70,10 @@ fn a_stalled_registry_gives_a_clear_timeout() {
         assert!(Instant::now() < deadline, "download did not start");
         std::thread::sleep(Duration::from_millis(10));
     }
-    reg.pause();
+    proxy.pause();
     let t = Instant::now();
     let out = pull.wait_with_output().unwrap();
-    reg.unpause();
+    proxy.unpause();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(err.contains("stalled"), "{err}");

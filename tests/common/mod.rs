@@ -110,16 +110,6 @@ impl Registry {
         let _ = self.child.wait();
     }
 
-    /// Freezes the registry (SIGSTOP): connections hang, as with a stalled server.
-    pub fn pause(&self) {
-        Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap();
-    }
-
-    /// Thaws a paused registry.
-    pub fn unpause(&self) {
-        Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap();
-    }
-
     /// Starts the registry again on the same port and data.
     pub fn restart(&mut self) {
         self.stop();
@@ -227,6 +217,16 @@ impl Proxy {
 
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// Freezes the proxy (SIGSTOP): the link stalls, connections stay open.
+    pub fn pause(&self) {
+        Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap();
+    }
+
+    /// Thaws a paused proxy.
+    pub fn unpause(&self) {
+        Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap();
     }
 
     /// Bytes sent to clients so far.
