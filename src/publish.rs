@@ -19,7 +19,7 @@
 use serde_json::json;
 
 use crate::index::blob::LocalBlob;
-use crate::index::published::{PublishedLayer, MEDIA_TYPE};
+use crate::index::published::{PublishedLayer, MEDIA_TYPE, WINDOWS_MEDIA_TYPE};
 use crate::index::{Compression, LayerIndex};
 use crate::registry::manifest::{ManifestOrIndex, OCI_INDEX, OCI_MANIFEST};
 use crate::registry::{self, Registry, RegistryOptions};
@@ -132,6 +132,7 @@ impl Store {
         };
 
         let mut layers = Vec::new();
+        let mut indexed = 0;
         let mut skipped = Vec::new();
         for l in &record.layers {
             let idx = LayerIndex::load(&self.index_path(&l.digest))?;
@@ -146,10 +147,23 @@ impl Store {
                     e,
                 )
             })?;
-            let bytes = PublishedLayer::build(&idx, &blob)?.encode()?;
+            let mut published = PublishedLayer::build(&idx, &blob)?;
+            if let Some(windows) = published.split_windows() {
+                let d = Digest::of(&windows);
+                let size = windows.len();
+                reg.push_blob(&d, windows).await?;
+                layers.push(json!({
+                    "mediaType": WINDOWS_MEDIA_TYPE,
+                    "digest": d.to_string(),
+                    "size": size,
+                    "annotations": { ANNOTATION_LAYER: l.digest.to_string() },
+                }));
+            }
+            let bytes = published.encode()?;
             let d = Digest::of(&bytes);
             let size = bytes.len();
             reg.push_blob(&d, bytes).await?;
+            indexed += 1;
             layers.push(json!({
                 "mediaType": MEDIA_TYPE,
                 "digest": d.to_string(),
@@ -211,7 +225,7 @@ impl Store {
             reference: target.whole(),
             manifest_digest: pinned_digest,
             index_digest,
-            layers: layers.len(),
+            layers: indexed,
             skipped,
         })
     }

@@ -30,6 +30,11 @@ pub trait Blob: Send + Sync {
     fn ensure(&self, _range: Range<u64>) -> io::Result<()> {
         Ok(())
     }
+    /// The (zstd-compressed) window of gzip checkpoint `checkpoint`, for layers whose index
+    /// keeps windows apart from its checkpoints (`None`: the checkpoint carries its own).
+    fn window(&self, _checkpoint: usize) -> io::Result<Option<Vec<u8>>> {
+        Ok(None)
+    }
 }
 
 /// A blob stored whole in the store.

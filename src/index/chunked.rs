@@ -249,6 +249,7 @@ pub fn parse(
         access: Access::Frames(frames),
         entries,
         chunks,
+        windows: None,
     };
     // Same checks as for an index from the registry (ordering, ranges, names).
     PublishedLayer::decode(&published.encode()?, layer, blob_size)

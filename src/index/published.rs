@@ -25,6 +25,8 @@ use crate::{Digest, Error, Result};
 
 /// Media type of a published layer index blob.
 pub const MEDIA_TYPE: &str = "application/vnd.bux-fuse.layer-index.v1";
+/// Media type of a layer's checkpoint windows, published beside its index.
+pub const WINDOWS_MEDIA_TYPE: &str = "application/vnd.bux-fuse.layer-windows.v1";
 const MAGIC: &[u8; 8] = b"BUXPUB\x00\x01";
 /// Slice size of plain-tar layers.
 pub const TAR_CHUNK: u64 = 1 << 20;
@@ -79,6 +81,21 @@ pub struct PublishedLayer {
     pub entries: Vec<TarEntry>,
     /// The chunk table, ascending, covering the whole blob.
     pub chunks: Vec<Chunk>,
+    /// Where the gzip checkpoints' windows are, when they are not inline in `access`.
+    pub windows: Option<Windows>,
+}
+
+/// The gzip checkpoints' 32 KiB windows, kept in a blob of their own: they are most of an
+/// index's bytes (a window per MiB of output), and a mount needs none of them to start, only
+/// the windows of the spans it reads, and those once each.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Windows {
+    /// Digest of the windows blob.
+    pub digest: Digest,
+    /// Its size.
+    pub size: u64,
+    /// Per checkpoint: (offset, length) of its zstd-compressed window in that blob.
+    pub spans: Vec<(u64, u32)>,
 }
 
 /// The chunk boundaries for a layer's access method (digests filled in by the caller).
@@ -145,7 +162,28 @@ impl PublishedLayer {
             access: idx.access.clone(),
             entries: idx.entries.clone(),
             chunks,
+            windows: None,
         })
+    }
+
+    /// Moves the checkpoints' windows out of the table into a blob of their own (returned);
+    /// `None` for layers without windows.
+    pub fn split_windows(&mut self) -> Option<Vec<u8>> {
+        let Access::Gzip(cps) = &mut self.access else {
+            return None;
+        };
+        let mut blob = Vec::new();
+        let mut spans = Vec::with_capacity(cps.len());
+        for cp in cps.iter_mut() {
+            spans.push((blob.len() as u64, cp.window.len() as u32));
+            blob.append(&mut cp.window);
+        }
+        self.windows = Some(Windows {
+            digest: Digest::of(&blob),
+            size: blob.len() as u64,
+            spans,
+        });
+        Some(blob)
     }
 
     /// The blob pushed to the registry.
@@ -220,6 +258,14 @@ impl PublishedLayer {
             }
         }
         if let Access::Gzip(cps) = &self.access {
+            if let Some(w) = &self.windows {
+                let fits = w.spans.len() == cps.len()
+                    && w.spans.iter().all(|&(o, l)| o.checked_add(l as u64).is_some_and(|e| e <= w.size))
+                    && cps.iter().all(|c| c.window.is_empty());
+                if !fits {
+                    return Err("window table does not match the checkpoints".into());
+                }
+            }
             let ok = cps.first().is_some_and(|c| c.uoff == 0 && c.coff == 0)
                 && cps.windows(2).all(|w| w[0].uoff < w[1].uoff && w[0].coff < w[1].coff)
                 && cps.iter().all(|c| c.coff <= size && c.uoff <= self.uncompressed_size)

@@ -349,7 +349,13 @@ impl LayerReader {
         let Access::Gzip(cps) = &self.access else {
             return Err(io::Error::other("not a gzip layer"));
         };
-        let cp = &cps[i];
+        let mut cp = std::borrow::Cow::Borrowed(&cps[i]);
+        if cp.window.is_empty() && !cp.member_start {
+            let window = self.blob.window(i)?.ok_or_else(|| {
+                io::Error::new(io::ErrorKind::InvalidData, "gzip checkpoint without its window")
+            })?;
+            cp.to_mut().window = window;
+        }
         let (start, end) = self.span_bounds(i);
         let range = self.compressed_range(start..end);
         GzipReader::resume(
@@ -358,7 +364,7 @@ impl LayerReader {
                 pos: range.start,
                 end: range.end,
             },
-            cp,
+            &cp,
         )
     }
 

@@ -41,6 +41,8 @@ const ATTEMPTS: u32 = 3;
 /// The registry end of lazy fetching, shared by every lazy layer of a mount.
 pub struct Remote {
     rt: Mutex<Option<tokio::runtime::Runtime>>,
+    /// For waiting on async work from the (non-async) read threads.
+    handle: tokio::runtime::Handle,
     registry: Registry,
     /// How long a read waits for its bytes before failing with `EIO`.
     pub deadline: Duration,
@@ -61,6 +63,7 @@ impl Remote {
             .enable_all()
             .build()?;
         Ok(Arc::new(Remote {
+            handle: rt.handle().clone(),
             rt: Mutex::new(Some(rt)),
             registry,
             deadline,
@@ -113,6 +116,16 @@ pub struct LazyBlob {
     /// Set when the layer proved different from its published index: nothing more is served.
     poisoned: AtomicBool,
     completing: AtomicBool,
+    /// The gzip checkpoints' windows, when published apart from the index.
+    windows: Option<WindowSource>,
+}
+
+/// A layer's windows blob: fetched whole on first need (or right after mounting), verified,
+/// kept in the store beside the layer.
+struct WindowSource {
+    meta: crate::index::published::Windows,
+    path: PathBuf,
+    data: tokio::sync::OnceCell<Arc<Vec<u8>>>,
 }
 
 fn partial_path(store: &Store, d: &Digest) -> PathBuf {
@@ -177,7 +190,16 @@ impl LazyBlob {
             map.read_exact_at(&mut present, 0)
                 .map_err(|e| Error::io(format!("reading {}", mpath.display()), e))?;
         }
+        let windows = layer.windows.clone().map(|meta| WindowSource {
+            meta,
+            path: store
+                .root()
+                .join("layers/sha256")
+                .join(format!("{}.windows", layer.digest.hex())),
+            data: tokio::sync::OnceCell::new(),
+        });
         Ok(Arc::new(LazyBlob {
+            windows,
             digest: layer.digest,
             len: layer.compressed_size,
             chunks: layer.chunks.clone(),
@@ -214,6 +236,76 @@ impl LazyBlob {
             p = self.chunks[k].end;
         }
         out
+    }
+
+    /// The windows blob, from the store or else the registry (once, however many ask).
+    async fn load_windows(&self) -> Result<Option<Arc<Vec<u8>>>, String> {
+        let Some(w) = &self.windows else {
+            return Ok(None);
+        };
+        let data = w
+            .data
+            .get_or_try_init(|| async {
+                if let Ok(bytes) = std::fs::read(&w.path) {
+                    if Digest::of(&bytes) == w.meta.digest {
+                        return Ok(Arc::new(bytes));
+                    }
+                }
+                self.remote.requests.fetch_add(1, Ordering::Relaxed);
+                let mut stream = self
+                    .remote
+                    .registry
+                    .blob_stream(&w.meta.digest)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                let mut bytes = Vec::with_capacity(w.meta.size as usize);
+                while let Some(b) = stream.next().await {
+                    let b = b.map_err(|e| e.to_string())?;
+                    self.remote.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+                    if (bytes.len() + b.len()) as u64 > w.meta.size {
+                        return Err("windows blob larger than published".to_string());
+                    }
+                    bytes.extend_from_slice(&b);
+                }
+                if Digest::of(&bytes) != w.meta.digest {
+                    return Err("windows blob does not match its published digest".into());
+                }
+                crate::store::write_atomic(&w.path, &bytes).map_err(|e| e.to_string())?;
+                Ok(Arc::new(bytes))
+            })
+            .await?;
+        Ok(Some(data.clone()))
+    }
+
+    /// [`LazyBlob::load_windows`] for the read threads, within the deadline.
+    fn windows_now(&self) -> io::Result<Option<Arc<Vec<u8>>>> {
+        match &self.windows {
+            None => return Ok(None),
+            Some(w) => {
+                if let Some(d) = w.data.get() {
+                    return Ok(Some(d.clone()));
+                }
+            }
+        }
+        let deadline = self.remote.deadline;
+        self.remote
+            .handle
+            .block_on(async { tokio::time::timeout(deadline, self.load_windows()).await })
+            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "windows not fetched in time"))?
+            .map_err(|e| io::Error::other(format!("layer {}: windows: {e}", self.digest.short())))
+    }
+
+    /// Starts fetching the windows blob in the background (mount calls it: reads then find
+    /// the windows there).
+    pub fn preload(self: &Arc<Self>) {
+        if self.windows.is_some() {
+            let me = self.clone();
+            self.remote.spawn(async move {
+                if let Err(e) = me.load_windows().await {
+                    tracing::warn!("layer {}: windows: {e}", me.digest.short());
+                }
+            });
+        }
     }
 
     /// The parts of the blob that no chunk covers.
@@ -517,6 +609,16 @@ impl LazyBlob {
         streamed?;
         let mut idx = idx.map_err(|e| e.to_string())?;
         idx.compressed_size = self.len;
+        let windows = self.load_windows().await?;
+        let mut published = (*published).clone();
+        if let (Some(data), Some(w), index::Access::Gzip(cps)) =
+            (&windows, &published.windows, &mut published.access)
+        {
+            // Put the published windows back inline to compare them with the real ones.
+            for (cp, &(off, len)) in cps.iter_mut().zip(&w.spans) {
+                cp.window = data[off as usize..off as usize + len as usize].to_vec();
+            }
+        }
         if let Some(why) = differences(&idx, &published) {
             self.poisoned.store(true, Ordering::SeqCst);
             self.cond.notify_all();
@@ -577,12 +679,25 @@ fn differences(real: &LayerIndex, published: &PublishedLayer) -> Option<String> 
             String::from_utf8_lossy(&r.path)
         ));
     }
-    if by_place
-        && postcard::to_allocvec(&real.access).ok() != postcard::to_allocvec(&published.access).ok()
-    {
+    if by_place && !same_access(&real.access, &published.access) {
         return Some("its checkpoints differ from the published ones".into());
     }
     None
+}
+
+/// Checkpoints equal, windows compared by content (two zstd builds may compress differently).
+fn same_access(a: &index::Access, b: &index::Access) -> bool {
+    let window = |w: &[u8]| zstd::bulk::decompress(w, index::gzip::WINDOW).ok();
+    match (a, b) {
+        (index::Access::Gzip(x), index::Access::Gzip(y)) => {
+            x.len() == y.len()
+                && x.iter().zip(y).all(|(p, q)| {
+                    (p.uoff, p.coff, p.bits, p.member_start) == (q.uoff, q.coff, q.bits, q.member_start)
+                        && (p.window == q.window || window(&p.window) == window(&q.window))
+                })
+        }
+        _ => postcard::to_allocvec(a).ok() == postcard::to_allocvec(b).ok(),
+    }
 }
 
 enum Fetch {
@@ -616,12 +731,27 @@ impl Blob for Arc<LazyBlob> {
         if self.poisoned.load(Ordering::Relaxed) {
             return false;
         }
+        if self.windows.as_ref().is_some_and(|w| w.data.get().is_none()) {
+            return false;
+        }
         let need = self.cover(range);
         let st = self.lock();
         need.iter().all(|&k| st.present[k])
     }
 
+    fn window(&self, checkpoint: usize) -> io::Result<Option<Vec<u8>>> {
+        let Some(data) = self.windows_now()? else {
+            return Ok(None);
+        };
+        let spans = &self.windows.as_ref().expect("loaded above").meta.spans;
+        let &(off, len) = spans
+            .get(checkpoint)
+            .ok_or_else(|| io::Error::other("checkpoint without a window"))?;
+        Ok(Some(data[off as usize..off as usize + len as usize].to_vec()))
+    }
+
     fn ensure(&self, range: Range<u64>) -> io::Result<()> {
+        self.windows_now()?;
         let need = self.cover(range);
         let deadline = Instant::now() + self.remote.deadline;
         let mut st = self.lock();
