@@ -420,18 +420,14 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     };
     if opts.prefetch == Prefetch::All {
         let bad = store.bad_path(&record.manifest_digest);
-        for (blob, published) in lazy {
-            let bad = bad.clone();
-            let digest = published.digest;
-            blob.complete(store.clone(), published, move |res, mismatch| match res {
-                Ok(()) => tracing::info!("layer {digest} is complete and verified"),
-                Err(why) if mismatch => {
-                    tracing::error!("{why}: the image is marked bad");
-                    let _ = crate::store::write_atomic(&bad, why.as_bytes());
-                }
-                Err(why) => tracing::warn!("completing layer {digest}: {why} (a later mount resumes)"),
-            });
-        }
+        LazyBlob::complete_all(lazy, store.clone(), move |digest, res, mismatch| match res {
+            Ok(()) => tracing::info!("layer {digest} is complete and verified"),
+            Err(why) if mismatch => {
+                tracing::error!("{why}: the image is marked bad");
+                let _ = crate::store::write_atomic(&bad, why.as_bytes());
+            }
+            Err(why) => tracing::warn!("completing layer {digest}: {why} (a later mount resumes)"),
+        });
     }
     if let Some(w) = &m.writable {
         let base = opts

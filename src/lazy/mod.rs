@@ -52,7 +52,14 @@ pub struct Remote {
     pub requests: AtomicU64,
     /// Fetches that a read waits for, in flight: background completion yields to them.
     demand: std::sync::atomic::AtomicUsize,
+    /// When the last of those ended (milliseconds since `started`).
+    last_demand: AtomicU64,
+    started: Instant,
 }
+
+/// Background completion waits this long after the last read that waited: reads come in
+/// bursts (a program starting), and each gap in a burst is shorter than this.
+const DEMAND_QUIET: Duration = Duration::from_millis(200);
 
 impl Remote {
     /// A fetcher for blobs of `registry`'s repository.
@@ -70,6 +77,8 @@ impl Remote {
             fetched: AtomicU64::new(0),
             requests: AtomicU64::new(0),
             demand: std::sync::atomic::AtomicUsize::new(0),
+            last_demand: AtomicU64::new(0),
+            started: Instant::now(),
         }))
     }
 
@@ -77,6 +86,14 @@ impl Remote {
         if let Some(rt) = &*self.rt.lock().unwrap_or_else(|p| p.into_inner()) {
             rt.spawn(f);
         }
+    }
+
+    /// Whether reads are waiting on fetches, or did a moment ago.
+    fn demand_active(&self) -> bool {
+        let last = self.last_demand.load(Ordering::SeqCst);
+        let now = self.started.elapsed().as_millis() as u64;
+        self.demand.load(Ordering::SeqCst) > 0
+            || (last > 0 && now.saturating_sub(last) < DEMAND_QUIET.as_millis() as u64)
     }
 
     /// Cancels every fetch in flight (unmount). Never blocks, so an async caller may call it.
@@ -361,14 +378,16 @@ impl LazyBlob {
     }
 
     async fn fetch_run(self: Arc<Self>, run: Range<usize>) {
-        struct Demand<'a>(&'a std::sync::atomic::AtomicUsize);
+        struct Demand<'a>(&'a Remote);
         impl Drop for Demand<'_> {
             fn drop(&mut self) {
-                self.0.fetch_sub(1, Ordering::SeqCst);
+                let now = self.0.started.elapsed().as_millis() as u64;
+                self.0.last_demand.store(now, Ordering::SeqCst);
+                self.0.demand.fetch_sub(1, Ordering::SeqCst);
             }
         }
         self.remote.demand.fetch_add(1, Ordering::SeqCst);
-        let _demand = Demand(&self.remote.demand);
+        let _demand = Demand(&self.remote);
         let start = self.chunks[run.start].start;
         let end = self.chunks[run.end - 1].end;
         let mut last = String::new();
@@ -496,7 +515,7 @@ impl LazyBlob {
         loop {
             // Background completion yields the link to reads that wait (demand first): not
             // reading lets TCP flow control hold the sender back.
-            while tee.is_some() && self.remote.demand.load(Ordering::SeqCst) > 0 {
+            while tee.is_some() && self.remote.demand_active() {
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             let Some(b) = stream.next().await else { break };
@@ -562,24 +581,29 @@ impl LazyBlob {
         Ok(())
     }
 
-    /// Streams the whole layer in the background (see the module docs); `done` is called
-    /// with the outcome: `Ok` once it is an ordinary stored layer.
-    pub fn complete(
-        self: &Arc<Self>,
+    /// Streams the whole layers in the background, one after the other (one connection
+    /// competes with reads, not one per layer), each as [`LazyBlob::complete_one`]; `done` is
+    /// called per layer with the outcome and whether the layer proved different from its
+    /// index.
+    pub fn complete_all(
+        layers: Vec<(Arc<LazyBlob>, Arc<PublishedLayer>)>,
         store: Store,
-        published: Arc<PublishedLayer>,
-        done: impl FnOnce(Result<(), String>, bool) + Send + 'static,
+        done: impl Fn(Digest, Result<(), String>, bool) + Send + Sync + 'static,
     ) {
-        if self.completing.swap(true, Ordering::SeqCst) {
+        let Some(remote) = layers.first().map(|(b, _)| b.remote.clone()) else {
             return;
-        }
-        let me = self.clone();
-        self.remote.spawn(async move {
-            let res = me.clone().complete_inner(store, published).await;
-            if res.is_err() {
-                me.completing.store(false, Ordering::SeqCst);
+        };
+        remote.spawn(async move {
+            for (blob, published) in layers {
+                if blob.completing.swap(true, Ordering::SeqCst) {
+                    continue;
+                }
+                let res = blob.clone().complete_inner(store.clone(), published).await;
+                if res.is_err() {
+                    blob.completing.store(false, Ordering::SeqCst);
+                }
+                done(blob.digest, res, blob.poisoned.load(Ordering::SeqCst));
             }
-            done(res, me.poisoned.load(Ordering::SeqCst));
         });
     }
 
