@@ -312,7 +312,6 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                     }
                 };
                 let blob = LazyBlob::open(store, &published, remote)?;
-                blob.preload();
                 lazy.push((blob.clone(), published));
                 LayerReader::new(i as u32, Box::new(blob), l.access.clone(), l.uncompressed_size)
             }

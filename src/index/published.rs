@@ -96,6 +96,25 @@ pub struct Windows {
     pub size: u64,
     /// Per checkpoint: (offset, length) of its zstd-compressed window in that blob.
     pub spans: Vec<(u64, u32)>,
+    /// Per checkpoint: sha256 of that window (fetched and verified one by one, on demand).
+    pub digests: Vec<Digest>,
+}
+
+impl Windows {
+    /// The windows blob's chunk table: one chunk per non-empty window.
+    pub fn chunks(&self) -> Vec<Chunk> {
+        self.spans
+            .iter()
+            .zip(&self.digests)
+            .filter(|((_, len), _)| *len > 0)
+            .map(|(&(off, len), &digest)| Chunk {
+                start: off,
+                end: off + len as u64,
+                digest,
+                uncompressed: None,
+            })
+            .collect()
+    }
 }
 
 /// The chunk boundaries for a layer's access method (digests filled in by the caller).
@@ -174,14 +193,17 @@ impl PublishedLayer {
         };
         let mut blob = Vec::new();
         let mut spans = Vec::with_capacity(cps.len());
+        let mut digests = Vec::with_capacity(cps.len());
         for cp in cps.iter_mut() {
             spans.push((blob.len() as u64, cp.window.len() as u32));
+            digests.push(Digest::of(&cp.window));
             blob.append(&mut cp.window);
         }
         self.windows = Some(Windows {
             digest: Digest::of(&blob),
             size: blob.len() as u64,
             spans,
+            digests,
         });
         Some(blob)
     }
@@ -259,8 +281,16 @@ impl PublishedLayer {
         }
         if let Access::Gzip(cps) = &self.access {
             if let Some(w) = &self.windows {
+                // Windows laid end to end in checkpoint order, as split_windows writes them.
+                let mut at = 0u64;
                 let fits = w.spans.len() == cps.len()
-                    && w.spans.iter().all(|&(o, l)| o.checked_add(l as u64).is_some_and(|e| e <= w.size))
+                    && w.digests.len() == cps.len()
+                    && w.spans.iter().all(|&(o, l)| {
+                        let ok = o == at;
+                        at += l as u64;
+                        ok
+                    })
+                    && at == w.size
                     && cps.iter().all(|c| c.window.is_empty());
                 if !fits {
                     return Err("window table does not match the checkpoints".into());

@@ -41,8 +41,6 @@ const ATTEMPTS: u32 = 3;
 /// The registry end of lazy fetching, shared by every lazy layer of a mount.
 pub struct Remote {
     rt: Mutex<Option<tokio::runtime::Runtime>>,
-    /// For waiting on async work from the (non-async) read threads.
-    handle: tokio::runtime::Handle,
     registry: Registry,
     /// How long a read waits for its bytes before failing with `EIO`.
     pub deadline: Duration,
@@ -70,7 +68,6 @@ impl Remote {
             .enable_all()
             .build()?;
         Ok(Arc::new(Remote {
-            handle: rt.handle().clone(),
             rt: Mutex::new(Some(rt)),
             registry,
             deadline,
@@ -133,16 +130,9 @@ pub struct LazyBlob {
     /// Set when the layer proved different from its published index: nothing more is served.
     poisoned: AtomicBool,
     completing: AtomicBool,
-    /// The gzip checkpoints' windows, when published apart from the index.
-    windows: Option<WindowSource>,
-}
-
-/// A layer's windows blob: fetched whole on first need (or right after mounting), verified,
-/// kept in the store beside the layer.
-struct WindowSource {
-    meta: crate::index::published::Windows,
-    path: PathBuf,
-    data: tokio::sync::OnceCell<Arc<Vec<u8>>>,
+    /// The gzip checkpoints' windows, when published apart from the index: a blob of their
+    /// own, fetched like this one, a window per chunk; and each checkpoint's range in it.
+    windows: Option<(Arc<LazyBlob>, Vec<(u64, u32)>)>,
 }
 
 fn partial_path(store: &Store, d: &Digest) -> PathBuf {
@@ -180,8 +170,42 @@ impl LazyBlob {
         layer: &PublishedLayer,
         remote: Arc<Remote>,
     ) -> crate::Result<Arc<LazyBlob>> {
-        let ppath = partial_path(store, &layer.digest);
-        let mpath = map_path(store, &layer.digest);
+        let windows = match &layer.windows {
+            Some(w) => {
+                let dir = store.root().join("layers/sha256");
+                let blob = Self::open_parts(
+                    w.digest,
+                    w.size,
+                    w.chunks(),
+                    dir.join(format!("{}.windows.partial", layer.digest.hex())),
+                    dir.join(format!("{}.windows.present", layer.digest.hex())),
+                    remote.clone(),
+                    None,
+                )?;
+                Some((blob, w.spans.clone()))
+            }
+            None => None,
+        };
+        Self::open_parts(
+            layer.digest,
+            layer.compressed_size,
+            layer.chunks.clone(),
+            partial_path(store, &layer.digest),
+            map_path(store, &layer.digest),
+            remote,
+            windows,
+        )
+    }
+
+    fn open_parts(
+        digest: Digest,
+        len: u64,
+        chunks: Vec<Chunk>,
+        ppath: PathBuf,
+        mpath: PathBuf,
+        remote: Arc<Remote>,
+        windows: Option<(Arc<LazyBlob>, Vec<(u64, u32)>)>,
+    ) -> crate::Result<Arc<LazyBlob>> {
         let open = |p: &PathBuf| {
             OpenOptions::new()
                 .read(true)
@@ -193,13 +217,13 @@ impl LazyBlob {
         };
         let file = open(&ppath)?;
         let map = open(&mpath)?;
-        let n = layer.chunks.len();
+        let n = chunks.len();
         let size = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);
         let mut present = vec![0u8; n];
-        if size(&file) != layer.compressed_size || size(&map) != n as u64 {
+        if size(&file) != len || size(&map) != n as u64 {
             // New, or from something else: start empty.
             file.set_len(0)
-                .and_then(|_| file.set_len(layer.compressed_size))
+                .and_then(|_| file.set_len(len))
                 .and_then(|_| map.set_len(0))
                 .and_then(|_| map.set_len(n as u64))
                 .map_err(|e| Error::io(format!("sizing {}", ppath.display()), e))?;
@@ -207,19 +231,11 @@ impl LazyBlob {
             map.read_exact_at(&mut present, 0)
                 .map_err(|e| Error::io(format!("reading {}", mpath.display()), e))?;
         }
-        let windows = layer.windows.clone().map(|meta| WindowSource {
-            meta,
-            path: store
-                .root()
-                .join("layers/sha256")
-                .join(format!("{}.windows", layer.digest.hex())),
-            data: tokio::sync::OnceCell::new(),
-        });
         Ok(Arc::new(LazyBlob {
             windows,
-            digest: layer.digest,
-            len: layer.compressed_size,
-            chunks: layer.chunks.clone(),
+            digest,
+            len,
+            chunks,
             file,
             map,
             partial_path: ppath,
@@ -255,74 +271,18 @@ impl LazyBlob {
         out
     }
 
-    /// The windows blob, from the store or else the registry (once, however many ask).
-    async fn load_windows(&self) -> Result<Option<Arc<Vec<u8>>>, String> {
-        let Some(w) = &self.windows else {
-            return Ok(None);
+    /// The windows' byte ranges that reading chunks `chunks` of this blob needs (chunk `k` of
+    /// a gzip layer starts at checkpoint `k`).
+    fn window_ranges(&self, chunks: &[usize]) -> Vec<Range<u64>> {
+        let Some((_, spans)) = &self.windows else {
+            return Vec::new();
         };
-        let data = w
-            .data
-            .get_or_try_init(|| async {
-                if let Ok(bytes) = std::fs::read(&w.path) {
-                    if Digest::of(&bytes) == w.meta.digest {
-                        return Ok(Arc::new(bytes));
-                    }
-                }
-                self.remote.requests.fetch_add(1, Ordering::Relaxed);
-                let mut stream = self
-                    .remote
-                    .registry
-                    .blob_stream(&w.meta.digest)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                let mut bytes = Vec::with_capacity(w.meta.size as usize);
-                while let Some(b) = stream.next().await {
-                    let b = b.map_err(|e| e.to_string())?;
-                    self.remote.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
-                    if (bytes.len() + b.len()) as u64 > w.meta.size {
-                        return Err("windows blob larger than published".to_string());
-                    }
-                    bytes.extend_from_slice(&b);
-                }
-                if Digest::of(&bytes) != w.meta.digest {
-                    return Err("windows blob does not match its published digest".into());
-                }
-                crate::store::write_atomic(&w.path, &bytes).map_err(|e| e.to_string())?;
-                Ok(Arc::new(bytes))
-            })
-            .await?;
-        Ok(Some(data.clone()))
-    }
-
-    /// [`LazyBlob::load_windows`] for the read threads, within the deadline.
-    fn windows_now(&self) -> io::Result<Option<Arc<Vec<u8>>>> {
-        match &self.windows {
-            None => return Ok(None),
-            Some(w) => {
-                if let Some(d) = w.data.get() {
-                    return Ok(Some(d.clone()));
-                }
-            }
-        }
-        let deadline = self.remote.deadline;
-        self.remote
-            .handle
-            .block_on(async { tokio::time::timeout(deadline, self.load_windows()).await })
-            .map_err(|_| io::Error::new(io::ErrorKind::TimedOut, "windows not fetched in time"))?
-            .map_err(|e| io::Error::other(format!("layer {}: windows: {e}", self.digest.short())))
-    }
-
-    /// Starts fetching the windows blob in the background (mount calls it: reads then find
-    /// the windows there).
-    pub fn preload(self: &Arc<Self>) {
-        if self.windows.is_some() {
-            let me = self.clone();
-            self.remote.spawn(async move {
-                if let Err(e) = me.load_windows().await {
-                    tracing::warn!("layer {}: windows: {e}", me.digest.short());
-                }
-            });
-        }
+        chunks
+            .iter()
+            .filter_map(|&k| spans.get(k))
+            .filter(|(_, len)| *len > 0)
+            .map(|&(off, len)| off..off + len as u64)
+            .collect()
     }
 
     /// The parts of the blob that no chunk covers.
@@ -633,7 +593,10 @@ impl LazyBlob {
         streamed?;
         let mut idx = idx.map_err(|e| e.to_string())?;
         idx.compressed_size = self.len;
-        let windows = self.load_windows().await?;
+        let windows = match &self.windows {
+            Some((w, _)) => Some(read_whole(w.clone()).await?),
+            None => None,
+        };
         let mut published = (*published).clone();
         if let (Some(data), Some(w), index::Access::Gzip(cps)) =
             (&windows, &published.windows, &mut published.access)
@@ -663,6 +626,28 @@ impl LazyBlob {
         let _ = std::fs::remove_file(map_path(&store, &self.digest));
         Ok(())
     }
+}
+
+/// All of a lazily fetched blob (waiting as long as fetching keeps making progress).
+async fn read_whole(blob: Arc<LazyBlob>) -> Result<Vec<u8>, String> {
+    tokio::task::spawn_blocking(move || {
+        let mut last = String::new();
+        for _ in 0..ATTEMPTS * 4 {
+            match blob.ensure(0..blob.len) {
+                Ok(()) => {
+                    let mut out = vec![0u8; blob.len as usize];
+                    blob.file
+                        .read_exact_at(&mut out, 0)
+                        .map_err(|e| e.to_string())?;
+                    return Ok(out);
+                }
+                Err(e) => last = e.to_string(),
+            }
+        }
+        Err(last)
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// How a layer's real index differs from its published one, if it does.
@@ -755,28 +740,73 @@ impl Blob for Arc<LazyBlob> {
         if self.poisoned.load(Ordering::Relaxed) {
             return false;
         }
-        if self.windows.as_ref().is_some_and(|w| w.data.get().is_none()) {
-            return false;
-        }
         let need = self.cover(range);
-        let st = self.lock();
-        need.iter().all(|&k| st.present[k])
+        let local = {
+            let st = self.lock();
+            need.iter().all(|&k| st.present[k])
+        };
+        local
+            && self.windows.as_ref().is_none_or(|(w, _)| {
+                self.window_ranges(&need).into_iter().all(|r| w.is_local(r))
+            })
     }
 
     fn window(&self, checkpoint: usize) -> io::Result<Option<Vec<u8>>> {
-        let Some(data) = self.windows_now()? else {
+        let Some((w, spans)) = &self.windows else {
             return Ok(None);
         };
-        let spans = &self.windows.as_ref().expect("loaded above").meta.spans;
         let &(off, len) = spans
             .get(checkpoint)
             .ok_or_else(|| io::Error::other("checkpoint without a window"))?;
-        Ok(Some(data[off as usize..off as usize + len as usize].to_vec()))
+        let r = off..off + len as u64;
+        w.ensure(r.clone())?;
+        let mut out = vec![0u8; len as usize];
+        w.file.read_exact_at(&mut out, off)?;
+        Ok(Some(out))
     }
 
     fn ensure(&self, range: Range<u64>) -> io::Result<()> {
-        self.windows_now()?;
         let need = self.cover(range);
+        // The spans' windows are fetched alongside their bytes (started first, waited last).
+        let windows = self.window_ranges(&need);
+        if let Some((w, _)) = &self.windows {
+            for r in &windows {
+                w.kick(r.clone());
+            }
+        }
+        self.wait_for(&need)?;
+        if let Some((w, _)) = &self.windows {
+            for r in windows {
+                w.ensure(r)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+impl LazyBlob {
+    /// Starts fetching what `range` needs, without waiting.
+    fn kick(self: &Arc<Self>, range: Range<u64>) {
+        let need = self.cover(range);
+        let mut st = self.lock();
+        let start: Vec<usize> = need
+            .iter()
+            .copied()
+            .filter(|&k| !st.present[k] && !st.inflight[k])
+            .collect();
+        for &k in &start {
+            st.inflight[k] = true;
+            st.error[k] = None;
+        }
+        drop(st);
+        if !start.is_empty() {
+            self.start_fetches(&start);
+        }
+    }
+
+    /// Fetches the chunks `need` (starting what is not under way) and waits for them.
+    fn wait_for(self: &Arc<Self>, need: &[usize]) -> io::Result<()> {
+        let need = need.to_vec();
         let deadline = Instant::now() + self.remote.deadline;
         let mut st = self.lock();
         let start: Vec<usize> = need
