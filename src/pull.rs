@@ -666,23 +666,31 @@ impl Store {
                 .manifest(&reference.clone_with_digest(index.to_string()))
                 .await?;
             let listed = crate::publish::index_layers(&bytes)?;
-            for job in &r.jobs {
-                let Some(&(_, blob, size)) = listed.iter().find(|(l, _, _)| *l == job.digest)
-                else {
-                    continue;
-                };
-                if self.index_path(&job.digest).exists()
-                    && self.layer_bytes_present(&job.digest)
+            // Each layer's index, all at once (a round trip each otherwise).
+            let fetches = r.jobs.iter().filter_map(|job| {
+                let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
+                if self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest)
                 {
-                    continue; // already stored whole
+                    return None; // already stored whole
                 }
-                if size > MAX_PUBLISHED_INDEX {
-                    return Err(Error::InvalidManifest {
-                        what: format!("index of layer {}", job.digest),
-                        detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
-                    });
-                }
-                let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
+                let src = src.clone();
+                Some(async move {
+                    if size > MAX_PUBLISHED_INDEX {
+                        return Err(Error::InvalidManifest {
+                            what: format!("index of layer {}", job.digest),
+                            detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
+                        });
+                    }
+                    let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
+                    Ok((job, blob, bytes))
+                })
+            });
+            let fetched: Vec<Result<_>> = futures_util::stream::iter(fetches)
+                .buffered(8)
+                .collect()
+                .await;
+            for f in fetched {
+                let (job, blob, bytes) = f?;
                 let published = PublishedLayer::decode(&bytes, job.digest, job.desc.size)?;
                 if published.diff_id != job.diff_id {
                     return Err(Error::CorruptLayer {

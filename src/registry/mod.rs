@@ -46,6 +46,19 @@ pub struct Registry {
     client: Client,
     auth: RegistryAuth,
     reference: Reference,
+    /// Registries spoken to over plain HTTP (to make a probe client like `client`).
+    plain: Vec<String>,
+    /// Whether blob requests need auth at all (see [`Registry::blob_range`]).
+    needs_auth: tokio::sync::OnceCell<bool>,
+}
+
+fn client_config(plain: Vec<String>) -> ClientConfig {
+    ClientConfig {
+        protocol: ClientProtocol::HttpsExcept(plain),
+        connect_timeout: Some(std::time::Duration::from_secs(30)),
+        read_timeout: Some(std::time::Duration::from_secs(300)),
+        ..Default::default()
+    }
 }
 
 /// Parses a reference (`[registry/]repository[:tag][@digest]`), defaulting as Docker does.
@@ -107,16 +120,12 @@ impl Registry {
             plain.push(registry.clone());
             plain.push(reference.resolve_registry().to_string());
         }
-        let config = ClientConfig {
-            protocol: ClientProtocol::HttpsExcept(plain),
-            connect_timeout: Some(std::time::Duration::from_secs(30)),
-            read_timeout: Some(std::time::Duration::from_secs(300)),
-            ..Default::default()
-        };
         Registry {
-            client: Client::new(config),
+            client: Client::new(client_config(plain.clone())),
             auth: credentials_for(&registry, &opts.credentials),
             reference: reference.clone(),
+            plain,
+            needs_auth: tokio::sync::OnceCell::new(),
         }
     }
 
@@ -165,9 +174,7 @@ impl Registry {
         digest: &Digest,
     ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>> {
         // Blob calls take no auth argument: make sure the registry's auth is stored first.
-        self.client
-            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
-            .await;
+        self.blob_auth().await;
         let d = digest.to_string();
         let sized = self
             .client
@@ -207,11 +214,42 @@ impl Registry {
         &self.reference
     }
 
-    /// Requests `len` bytes of a blob from `offset` (the caller verifies them).
-    pub async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
-        self.client
-            .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
+    /// Makes the client send blob requests with auth only if the registry wants any.
+    async fn blob_auth(&self) {
+        let needs_auth = *self
+            .needs_auth
+            .get_or_init(|| async {
+                if !matches!(self.auth, RegistryAuth::Anonymous) {
+                    return true;
+                }
+                let probe = Client::new(client_config(self.plain.clone()));
+                !matches!(
+                    probe
+                        .auth(
+                            &self.reference,
+                            &RegistryAuth::Anonymous,
+                            oci_client::RegistryOperation::Pull
+                        )
+                        .await,
+                    Ok(None)
+                )
+            })
             .await;
+        if needs_auth {
+            self.client
+                .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
+                .await;
+        }
+    }
+
+    /// Requests `len` bytes of a blob from `offset` (the caller verifies them).
+    ///
+    /// A lazy mount sends many of these. With stored credentials oci-client asks the registry
+    /// for a token before each one, and for a registry that needs no auth, gets none and asks
+    /// again next time: a round trip per read. So a registry that serves an anonymous client
+    /// without a token (probed once, by a separate client) gets requests without auth.
+    pub async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
+        self.blob_auth().await;
         let d = digest.to_string();
         let body = self
             .client
