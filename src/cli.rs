@@ -81,10 +81,17 @@ enum Cmd {
         /// manifest digest does not cover (anyone who can push to the repository can add one).
         #[arg(long, requires = "lazy")]
         trust_index: bool,
-        /// With --lazy: what to fetch besides what is read: `all` completes the layers in the
-        /// background (then they are ordinary stored layers), `none` fetches only what is read.
-        #[arg(long, default_value = "all", value_parser = ["none", "all"])]
+        /// With --lazy: what to fetch besides what is read: `trace` fetches first what the
+        /// image's read trace says a boot reads (see --record-trace), `all` does that and then
+        /// completes the layers in the background (then they are ordinary stored layers),
+        /// `none` fetches only what is read.
+        #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"])]
         prefetch: String,
+        /// Record which parts of the image reads need, in order, saved at unmount; push-index
+        /// publishes it and lazy mounts elsewhere fetch those parts first. (A lazy mount of an
+        /// image with no trace records one anyway.)
+        #[arg(long)]
+        record_trace: bool,
         /// With --lazy: seconds a read waits for its bytes before failing with EIO (that read
         /// alone; the next read tries again).
         #[arg(long, default_value_t = 5.0, value_name = "SECS")]
@@ -267,6 +274,7 @@ fn run(cli: Cli) -> Result<()> {
             lazy,
             trust_index,
             prefetch,
+            record_trace,
             read_timeout,
             wait_complete,
             notify_ready,
@@ -295,11 +303,12 @@ fn run(cli: Cli) -> Result<()> {
                 upper,
                 registry: opts.registry.clone(),
                 read_deadline: std::time::Duration::from_secs_f64(read_timeout),
-                prefetch: if prefetch == "none" {
-                    crate::mount::Prefetch::None
-                } else {
-                    crate::mount::Prefetch::All
+                prefetch: match prefetch.as_str() {
+                    "none" => crate::mount::Prefetch::None,
+                    "trace" => crate::mount::Prefetch::Trace,
+                    _ => crate::mount::Prefetch::All,
                 },
+                record_trace,
                 ..Default::default()
             };
             if foreground || notify_ready {
@@ -727,6 +736,9 @@ fn spawn_daemon(
     if opts.writable {
         cmd.arg("--writable");
     }
+    if opts.record_trace {
+        cmd.arg("--record-trace");
+    }
     if let Some(u) = &opts.upper {
         cmd.arg("--upper").arg(u);
     }
@@ -735,6 +747,7 @@ fn spawn_daemon(
             .arg(format!("--read-timeout={}", opts.read_deadline.as_secs_f64()))
             .arg(match opts.prefetch {
                 crate::mount::Prefetch::None => "--prefetch=none",
+                crate::mount::Prefetch::Trace => "--prefetch=trace",
                 crate::mount::Prefetch::All => "--prefetch=all",
             });
         for r in &pull.insecure_registry {

@@ -40,6 +40,7 @@ pub mod pull;
 pub mod registry;
 pub mod source;
 pub mod store;
+pub mod trace;
 pub mod tree;
 
 pub use digest::Digest;

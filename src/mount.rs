@@ -44,6 +44,9 @@ pub struct MountOptions {
     pub read_deadline: std::time::Duration,
     /// What to fetch of lazy layers besides what is read.
     pub prefetch: Prefetch,
+    /// Record which ranges reads need (saved at unmount for `push-index` to publish). A lazy
+    /// mount of an image with no trace records one anyway.
+    pub record_trace: bool,
 }
 
 /// Background fetching of lazily mounted layers.
@@ -51,6 +54,8 @@ pub struct MountOptions {
 pub enum Prefetch {
     /// Only what is read.
     None,
+    /// What the image's read trace says a boot reads, in that order (then only what is read).
+    Trace,
     /// Everything, in the background, after which the layers are ordinary stored layers.
     #[default]
     All,
@@ -68,6 +73,7 @@ impl Default for MountOptions {
             registry: Default::default(),
             read_deadline: std::time::Duration::from_secs(5),
             prefetch: Prefetch::All,
+            record_trace: false,
         }
     }
 }
@@ -101,6 +107,8 @@ pub struct Mount {
     _lease: crate::store::Lease,
     /// The registry end of lazily fetched layers, if any.
     remote: Option<Arc<Remote>>,
+    /// The read trace being recorded, and where it goes at unmount.
+    trace: Option<(Arc<crate::trace::Recorder>, PathBuf)>,
 }
 
 /// The overlay that makes a mount writable.
@@ -156,6 +164,14 @@ impl Mount {
     fn teardown(&mut self) -> Result<()> {
         if let Some(r) = &self.remote {
             r.shutdown();
+        }
+        if let Some((t, path)) = self.trace.take() {
+            let entries = t.entries();
+            if !entries.is_empty() {
+                if let Err(e) = crate::trace::save(&path, &entries) {
+                    tracing::warn!("saving the read trace: {e}");
+                }
+            }
         }
         if self.writable.is_some() && is_mount_point(&self.path) {
             unmount(&self.path)?;
@@ -325,6 +341,17 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         };
         layers.push(reader);
     }
+    let trace_path = store.trace_path(&record.manifest_digest);
+    let known_trace = crate::trace::load(&trace_path);
+    let trace = (opts.record_trace || (!lazy.is_empty() && known_trace.is_none())).then(|| {
+        let t = Arc::new(crate::trace::Recorder::new(
+            tree.layers.iter().map(|l| l.digest).collect(),
+        ));
+        (t, trace_path.clone())
+    });
+    if let Some((t, _)) = &trace {
+        layers = layers.into_iter().map(|r| r.with_trace(t.clone())).collect();
+    }
     let mount_err = |detail: String| Error::Mount {
         path: dir.to_path_buf(),
         detail,
@@ -416,10 +443,21 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         thread: Some(thread),
         _lease: lease,
         remote,
+        trace,
     };
-    if opts.prefetch == Prefetch::All {
+    if opts.prefetch != Prefetch::None {
+        // Reads first (they never wait behind this), then the trace, then the rest.
+        let replay: Vec<(Arc<LazyBlob>, std::ops::Range<u64>)> = known_trace
+            .unwrap_or_default()
+            .into_iter()
+            .filter_map(|e| {
+                let (blob, _) = lazy.iter().find(|(_, p)| p.digest == e.layer)?;
+                Some((blob.clone(), e.start..e.end))
+            })
+            .collect();
+        let complete = if opts.prefetch == Prefetch::All { lazy } else { Vec::new() };
         let bad = store.bad_path(&record.manifest_digest);
-        LazyBlob::complete_all(lazy, store.clone(), move |digest, res, mismatch| match res {
+        LazyBlob::prefetch(replay, complete, store.clone(), move |digest, res, mismatch| match res {
             Ok(()) => tracing::info!("layer {digest} is complete and verified"),
             Err(why) if mismatch => {
                 tracing::error!("{why}: the image is marked bad");

@@ -171,6 +171,19 @@ impl Store {
                 "annotations": { ANNOTATION_LAYER: l.digest.to_string() },
             }));
         }
+        // The read trace recorded here, if any: lazy mounts elsewhere fetch it first.
+        if let Ok(trace) = std::fs::read(self.trace_path(&record.manifest_digest)) {
+            if crate::trace::parse(&trace).is_ok() {
+                let d = Digest::of(&trace);
+                let size = trace.len();
+                reg.push_blob(&d, trace).await?;
+                layers.push(json!({
+                    "mediaType": crate::trace::MEDIA_TYPE,
+                    "digest": d.to_string(),
+                    "size": size,
+                }));
+            }
+        }
         reg.push_blob(&Digest::of(EMPTY_JSON), EMPTY_JSON.to_vec()).await?;
         let index = serde_json::to_vec(&json!({
             "schemaVersion": 2,
@@ -297,6 +310,15 @@ pub async fn find_index(
             Ok(None)
         }
     }
+}
+
+/// The read trace listed in an index manifest: (digest, size).
+pub fn index_trace(bytes: &[u8]) -> Option<(Digest, u64)> {
+    let m: ManifestOrIndex = serde_json::from_slice(bytes).ok()?;
+    m.layers?
+        .iter()
+        .find(|l| l.media_type == crate::trace::MEDIA_TYPE)
+        .and_then(|l| Some((l.digest.parse().ok()?, l.size)))
 }
 
 /// The index blobs of an index manifest: (layer digest, index blob digest, size).

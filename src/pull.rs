@@ -229,6 +229,9 @@ async fn fetch_range(
     Ok(out)
 }
 
+/// Largest published read trace accepted.
+const MAX_TRACE: u64 = 16 << 20;
+
 /// Largest published layer index accepted (a 500k-file layer's is ~30 MB).
 const MAX_PUBLISHED_INDEX: u64 = 512 << 20;
 
@@ -666,6 +669,14 @@ impl Store {
                 .manifest(&reference.clone_with_digest(index.to_string()))
                 .await?;
             let listed = crate::publish::index_layers(&bytes)?;
+            if let Some((trace, size)) = crate::publish::index_trace(&bytes) {
+                let path = self.trace_path(&r.digest);
+                if size <= MAX_TRACE && !path.exists() {
+                    let t = src.small_blob(&trace, MAX_TRACE).await?;
+                    crate::trace::parse(&t)?;
+                    crate::store::write_atomic(&path, &t)?;
+                }
+            }
             // Each layer's index, all at once (a round trip each otherwise).
             let fetches = r.jobs.iter().filter_map(|job| {
                 let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;

@@ -232,6 +232,13 @@ impl Store {
             .sum()
     }
 
+    /// The read trace of the image with this manifest (see [`crate::trace`]).
+    pub fn trace_path(&self, manifest: &Digest) -> PathBuf {
+        self.root
+            .join("trees/sha256")
+            .join(format!("{}.trace", manifest.hex()))
+    }
+
     /// Present when a lazily served image proved different from its published index; holds why.
     pub fn bad_path(&self, manifest: &Digest) -> PathBuf {
         self.root

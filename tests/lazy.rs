@@ -454,3 +454,43 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
     let m = bux.mount(&reference);
     assert_eq!(cat(&m.path.join("usr/lib/big2.bin")).unwrap(), test_bytes(12 << 20, 2));
 }
+
+/// A read trace recorded on one host (mount --record-trace), published by push-index, is
+/// fetched first by a lazy mount elsewhere: the traced files are there before anything reads
+/// them, and readable with the registry gone; files off the trace are not.
+#[test]
+fn a_published_read_trace_is_fetched_first() {
+    let mut s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    s.publisher
+        .ok(&["mount", "--record-trace", &s.pinned, mnt.to_str().unwrap()]);
+    let m = MountGuard::adopt(mnt, dir);
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    drop(m);
+    let out = s.publisher.ok(&["push-index", &s.pinned]);
+    assert!(out.contains("3 layers indexed"), "{out}");
+
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "trace"]);
+    // The trace is fetched in the background; wait until the partial layers stop growing.
+    let store = bux.store.path().to_path_buf();
+    let local = || bux_fuse::Store::open(&store).unwrap().images().unwrap()[0].clone();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut last = 0;
+    loop {
+        std::thread::sleep(Duration::from_millis(500));
+        let now = bux_fuse::Store::open(&store).unwrap().local_bytes(&local());
+        if now > 0 && now == last {
+            break;
+        }
+        last = now;
+        assert!(Instant::now() < deadline, "trace prefetch did not settle");
+    }
+    s.reg.stop();
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    let err = cat(&m.path.join("usr/lib/big2.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+}

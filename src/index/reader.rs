@@ -130,6 +130,7 @@ pub struct LayerReader {
     blob: Box<dyn Blob>,
     access: Access,
     size: u64,
+    trace: Option<std::sync::Arc<crate::trace::Recorder>>,
 }
 
 impl LayerReader {
@@ -146,7 +147,22 @@ impl LayerReader {
             blob,
             access,
             size,
+            trace: None,
         }
+    }
+
+    /// Records the compressed ranges that reads need into `trace`.
+    pub fn with_trace(mut self, trace: std::sync::Arc<crate::trace::Recorder>) -> LayerReader {
+        self.trace = Some(trace);
+        self
+    }
+
+    /// Makes a range the read path is about to decode local (and notes it in the trace).
+    fn need(&self, range: Range<u64>) -> io::Result<()> {
+        if let Some(t) = &self.trace {
+            t.record(self.id, range.clone());
+        }
+        self.blob.ensure(range)
     }
 
     /// The compressed bytes that decoding the stream range `range` needs.
@@ -194,7 +210,7 @@ impl LayerReader {
     pub fn read_at(&self, cache: &SpanCache, off: u64, buf: &mut [u8]) -> io::Result<usize> {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
         if let Access::Tar = self.access {
-            self.blob.ensure(off..off + want as u64)?;
+            self.need(off..off + want as u64)?;
             let mut done = 0;
             while done < want {
                 let n = self.blob.read_at(&mut buf[done..want], off + done as u64)?;
@@ -278,7 +294,7 @@ impl LayerReader {
         }
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (start, end) = self.span_bounds(i);
-        self.blob.ensure(self.compressed_range(start..end))?;
+        self.need(self.compressed_range(start..end))?;
         let mut span = vec![0u8; (end - start) as usize];
         match &self.access {
             Access::Tar => unreachable!("plain tar layers are read directly"),
@@ -374,7 +390,7 @@ impl LayerReader {
             return Err(io::Error::other("oversized span in a non-gzip layer"));
         };
         let (start, end) = self.span_bounds(i);
-        self.blob.ensure(self.compressed_range(start..end))?;
+        self.need(self.compressed_range(start..end))?;
         let mut gz = self.resume_gzip(i)?;
         let skip = pos - cps[i].uoff;
         io::copy(&mut (&mut gz).take(skip), &mut io::sink())?;

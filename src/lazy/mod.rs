@@ -545,15 +545,36 @@ impl LazyBlob {
     /// competes with reads, not one per layer), each as [`LazyBlob::complete_one`]; `done` is
     /// called per layer with the outcome and whether the layer proved different from its
     /// index.
-    pub fn complete_all(
+    ///
+    /// Before that, `trace` (ranges a boot read, in order) is fetched, a few ranges at a time.
+    pub fn prefetch(
+        trace: Vec<(Arc<LazyBlob>, Range<u64>)>,
         layers: Vec<(Arc<LazyBlob>, Arc<PublishedLayer>)>,
         store: Store,
         done: impl Fn(Digest, Result<(), String>, bool) + Send + Sync + 'static,
     ) {
-        let Some(remote) = layers.first().map(|(b, _)| b.remote.clone()) else {
+        let Some(remote) = trace
+            .first()
+            .map(|(b, _)| b.remote.clone())
+            .or_else(|| layers.first().map(|(b, _)| b.remote.clone()))
+        else {
             return;
         };
         remote.spawn(async move {
+            let n = trace.len();
+            let fetched = futures_util::stream::iter(trace)
+                .map(|(blob, range)| async move {
+                    // (Not held back for reads: the trace is what the reads are about to ask.)
+                    let r = range.start.min(blob.len)..range.end.min(blob.len);
+                    tokio::task::spawn_blocking(move || blob.ensure(r).is_ok())
+                        .await
+                        .unwrap_or(false)
+                })
+                .buffered(4)
+                .filter(|ok| std::future::ready(*ok))
+                .count()
+                .await;
+            tracing::info!("prefetched {fetched} of {n} traced ranges");
             for (blob, published) in layers {
                 if blob.completing.swap(true, Ordering::SeqCst) {
                     continue;
