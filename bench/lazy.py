@@ -3,8 +3,12 @@
 ../shared/slow-proxy.py (a simulated distant link), mounted three ways in the same run:
 
 * lazy, --prefetch none   (only what is read is fetched)
-* lazy, default prefetch  (the rest completes in the background)
+* lazy, --prefetch trace  (what the publisher's recorded boot read is fetched first)
+* lazy, default prefetch  (the trace, then the rest completes in the background)
 * full pull, then mount   (today's path)
+
+The publisher pulls the image, records a read trace by running the same commands in a mount
+with --record-trace, and publishes index and trace with push-index.
 
 For each: seconds until the mount is ready, until each first command (run in a chroot of the
 mount) has finished, bytes the proxy sent by then, and (default prefetch and full pull) seconds
@@ -57,7 +61,8 @@ def one_run(mode, ref, layers, cmds, work, proxy, compressed):
     h.drop_caches()
     b0 = proxy.bytes()
     t = h.Timer()
-    args = {"lazy-none": ["--lazy", "--prefetch", "none"], "lazy-all": ["--lazy"], "full": []}[mode]
+    args = {"lazy-none": ["--lazy", "--prefetch", "none"], "lazy-trace": ["--lazy", "--prefetch", "trace"],
+            "lazy-all": ["--lazy"], "full": []}[mode]
     h.bux(store, "mount", "--quiet", *args, ref, mnt)
     os.listdir(mnt)
     out = {"ready": t.s(), "ready_bytes": proxy.bytes() - b0}
@@ -67,7 +72,7 @@ def one_run(mode, ref, layers, cmds, work, proxy, compressed):
             raise SystemExit(f"{mode}: {cmd!r} failed: {r.stderr.strip()}")
         out[f"cmd:{name}"] = t.s()
         out[f"bytes:{name}"] = proxy.bytes() - b0
-    if mode != "lazy-none":
+    if mode in ("lazy-all", "full"):
         while not all_local(store, layers):
             time.sleep(0.05)
         out["local"] = t.s()
@@ -97,10 +102,17 @@ def main():
         compressed = sum(l["size"] for l in h.manifest_layers(layout, tag))
         publisher = tempfile.mkdtemp(prefix="publisher-", dir=work)
         h.bux(publisher, "pull", "--quiet", direct)
+        pmnt = os.path.join(work, "mnt-publisher")
+        os.makedirs(pmnt)
+        h.bux(publisher, "mount", "--quiet", "--record-trace", direct, pmnt)
+        for _, cmd in cmds:
+            subprocess.run(["chroot", pmnt, "/bin/sh", "-c", cmd], check=True, capture_output=True)
+        h.umount(publisher, pmnt)
+        time.sleep(0.5)  # the daemon saves the trace as it exits
         h.bux(publisher, "push-index", direct)
         proxy = Proxy(reg.port, args.mbit, args.rtt, work)
         ref = direct.replace(f"127.0.0.1:{reg.port}", f"127.0.0.1:{proxy.port}")
-        results = {m: [] for m in ["lazy-none", "lazy-all", "full"]}
+        results = {m: [] for m in ["lazy-none", "lazy-trace", "lazy-all", "full"]}
         for i in range(args.runs):
             for mode in results:  # interleaved, so drift in machine load hits all alike
                 print(f"bench: run {i + 1}/{args.runs} {mode}", file=sys.stderr)

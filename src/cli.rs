@@ -196,6 +196,11 @@ struct PullArgs {
     /// Speak plain HTTP to this registry (host[:port]); loopback registries always are.
     #[arg(long, value_name = "HOST[:PORT]")]
     insecure_registry: Vec<String>,
+    /// A mirror of the registry (same repository paths), tried first for blobs and manifests
+    /// by digest, falling back to the registry; what it serves is verified all the same.
+    /// Repeatable; also $BUX_FUSE_MIRRORS (comma-separated).
+    #[arg(long, value_name = "HOST[:PORT]", env = "BUX_FUSE_MIRRORS", value_delimiter = ',')]
+    mirror: Vec<String>,
     /// When to contact the registry: missing (default), always, never.
     #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
     pull: String,
@@ -331,6 +336,7 @@ fn run(cli: Cli) -> Result<()> {
                 registry: RegistryOptions {
                     credentials: Credentials::Auto,
                     insecure: insecure_registry,
+                    mirrors: Vec::new(),
                 },
                 tag,
             };
@@ -463,6 +469,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     vec![]
                 },
+                mirrors: Vec::new(),
             };
             runtime()?.block_on(crate::registry::verify_login(&registry, &opts))?;
             let path = crate::registry::save_docker_login(&registry, &username, &password)?;
@@ -523,6 +530,7 @@ impl PullArgs {
             registry: RegistryOptions {
                 credentials,
                 insecure: self.insecure_registry.clone(),
+                mirrors: self.mirror.clone(),
             },
             progress: (!self.quiet).then(progress_printer),
             parallel: 3,
@@ -752,6 +760,9 @@ fn spawn_daemon(
             });
         for r in &pull.insecure_registry {
             cmd.arg("--insecure-registry").arg(r);
+        }
+        for m in &pull.mirror {
+            cmd.arg("--mirror").arg(m);
         }
         if let Some(p) = &pull.platform {
             cmd.arg("--platform").arg(p);

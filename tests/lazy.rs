@@ -494,3 +494,38 @@ fn a_published_read_trace_is_fetched_first() {
     let err = cat(&m.path.join("usr/lib/big2.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }
+
+/// A mirror is tried first for everything named by digest: a lazy mount with a mirror fetches
+/// the layers' bytes from it (the origin sends only what names the image by tag), and falls
+/// back to the origin when the mirror is gone.
+#[test]
+fn mirrors_serve_blobs_and_the_origin_stays_the_fallback() {
+    let s = setup();
+    let mirror = Registry::start();
+    let copy = Command::new("skopeo")
+        .args(["copy", "--all", "--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests"])
+        .arg(format!("docker://{}", s.pinned))
+        .arg(format!("docker://{}/lazy/app:v1", mirror.host()))
+        .output()
+        .unwrap();
+    assert_success(&copy);
+    // (The index artifact is not copied: the origin serves it, by digest, after the mirror
+    // answers 404 — a fallback exercised on every mount here.)
+    let origin = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&origin, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(
+        &bux,
+        &reference,
+        &["--prefetch", "none", "--mirror", &mirror.host(), "--read-timeout", "10"],
+    );
+    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    let from_origin = origin.bytes();
+    assert!(
+        from_origin < 1 << 20,
+        "{from_origin} bytes came from the origin with a mirror in front"
+    );
+    drop(mirror);
+    assert_eq!(cat(&m.path.join("usr/lib/big2.bin")).unwrap(), test_bytes(12 << 20, 2));
+    assert!(origin.bytes() > from_origin + (4 << 20), "no fallback to the origin");
+}

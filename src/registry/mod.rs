@@ -39,6 +39,11 @@ pub struct RegistryOptions {
     pub credentials: Credentials,
     /// Extra `host[:port]`s to speak plain HTTP to.
     pub insecure: Vec<String>,
+    /// Mirrors (`host[:port]`, same repository paths) tried first for anything named by
+    /// digest — blobs, and manifests by digest — falling back to the registry itself. Whatever
+    /// they serve is verified as if it came from the registry. (Pull-through caches and P2P
+    /// distribution serve fleets this way.)
+    pub mirrors: Vec<String>,
 }
 
 /// A registry client for one repository.
@@ -50,6 +55,8 @@ pub struct Registry {
     plain: Vec<String>,
     /// Whether blob requests need auth at all (see [`Registry::blob_range`]).
     needs_auth: tokio::sync::OnceCell<bool>,
+    /// Clients for the mirrors, tried in order.
+    mirrors: Vec<Registry>,
 }
 
 fn client_config(plain: Vec<String>) -> ClientConfig {
@@ -120,12 +127,24 @@ impl Registry {
             plain.push(registry.clone());
             plain.push(reference.resolve_registry().to_string());
         }
+        let mirror_opts = RegistryOptions {
+            credentials: Credentials::Auto,
+            insecure: opts.insecure.clone(),
+            mirrors: Vec::new(),
+        };
+        let mirrors = opts
+            .mirrors
+            .iter()
+            .filter(|m| **m != registry)
+            .map(|m| Registry::new(&rehost(reference, m), &mirror_opts))
+            .collect();
         Registry {
             client: Client::new(client_config(plain.clone())),
             auth: credentials_for(&registry, &opts.credentials),
             reference: reference.clone(),
             plain,
             needs_auth: tokio::sync::OnceCell::new(),
+            mirrors,
         }
     }
 
@@ -136,6 +155,18 @@ impl Registry {
     /// Fetches the manifest (or index) `reference` names; returns its bytes and digest. A
     /// reference by digest is checked against the bytes received.
     pub async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
+        if reference.digest().is_some() {
+            for m in &self.mirrors {
+                match m.manifest_here(&rehost(reference, m.reference.registry())).await {
+                    Ok(found) => return Ok(found),
+                    Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
+                }
+            }
+        }
+        self.manifest_here(reference).await
+    }
+
+    async fn manifest_here(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
         let (bytes, _) = self
             .client
             .pull_manifest_raw(reference, &self.auth, manifest::ACCEPT)
@@ -169,10 +200,17 @@ impl Registry {
     }
 
     /// Streams a blob. The caller verifies the digest (the store does, while writing).
-    pub async fn blob_stream(
-        &self,
-        digest: &Digest,
-    ) -> Result<futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>> {
+    pub async fn blob_stream(&self, digest: &Digest) -> Result<BlobStream> {
+        for m in &self.mirrors {
+            match m.blob_stream_here(digest).await {
+                Ok(s) => return Ok(s),
+                Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
+            }
+        }
+        self.blob_stream_here(digest).await
+    }
+
+    async fn blob_stream_here(&self, digest: &Digest) -> Result<BlobStream> {
         // Blob calls take no auth argument: make sure the registry's auth is stored first.
         self.blob_auth().await;
         let d = digest.to_string();
@@ -249,6 +287,16 @@ impl Registry {
     /// again next time: a round trip per read. So a registry that serves an anonymous client
     /// without a token (probed once, by a separate client) gets requests without auth.
     pub async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
+        for m in &self.mirrors {
+            match m.blob_range_here(digest, offset, len).await {
+                Ok(s) => return Ok(s),
+                Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
+            }
+        }
+        self.blob_range_here(digest, offset, len).await
+    }
+
+    async fn blob_range_here(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
         self.blob_auth().await;
         let d = digest.to_string();
         let body = self
@@ -325,6 +373,22 @@ impl Registry {
             .await
             .map_err(|e| self.err(e))?;
         Ok(())
+    }
+}
+
+/// The same repository and tag or digest on another registry host.
+fn rehost(reference: &Reference, host: &str) -> Reference {
+    match reference.digest() {
+        Some(d) => Reference::with_digest(
+            host.to_string(),
+            reference.repository().to_string(),
+            d.to_string(),
+        ),
+        None => Reference::with_tag(
+            host.to_string(),
+            reference.repository().to_string(),
+            reference.tag().unwrap_or("latest").to_string(),
+        ),
     }
 }
 
