@@ -4,7 +4,7 @@
 set -euo pipefail
 
 pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
-      qemu-system-x86 cpio lz4 zstd
+      qemu-system-x86 cpio lz4 zstd libcap-ng-dev libseccomp-dev
       util-linux coreutils)
 missing=()
 for p in "${pkgs[@]}"; do
@@ -24,4 +24,10 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
+# The Rust virtiofsd (one worker thread, like libkrun's server) for the lazy VM test.
+root=$(cd "$(dirname "$0")/.." && pwd)
+if [ ! -x "$root/target/virtiofsd/bin/virtiofsd" ]; then
+  echo "setup: building the Rust virtiofsd (crates.io) into target/virtiofsd"
+  cargo install --quiet --locked --root "$root/target/virtiofsd" virtiofsd
+fi
 echo "setup: ok"

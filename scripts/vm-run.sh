@@ -69,9 +69,15 @@ INIT
 chmod +x "$ird/init"
 (cd "$ird" && find . | cpio -o -H newc 2>/dev/null | gzip -1 > "$work/initrd.gz")
 
-# virtio-fs server on the root directory.
+# virtio-fs server on the root directory. BUX_VIRTIOFSD=PATH selects the Rust virtiofsd, run
+# with one worker thread (--thread-pool-size=0), as libkrun serves virtio-fs.
 sock=$work/vfs.sock
-"$virtiofsd" --socket-path="$sock" -o source="$root" -o cache=auto -o xattr >"$work/virtiofsd.log" 2>&1 &
+if [ -n "${BUX_VIRTIOFSD:-}" ]; then
+  "$BUX_VIRTIOFSD" --socket-path="$sock" --shared-dir="$root" --cache=auto --xattr \
+    --thread-pool-size=0 --inode-file-handles=never >"$work/virtiofsd.log" 2>&1 &
+else
+  "$virtiofsd" --socket-path="$sock" -o source="$root" -o cache=auto -o xattr >"$work/virtiofsd.log" 2>&1 &
+fi
 vfs_pid=$!
 for _ in $(seq 100); do [ -S "$sock" ] && break; sleep 0.05; done
 

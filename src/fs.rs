@@ -242,8 +242,13 @@ impl Shared {
         let i = self.inode(ino)?;
         for (l, _, ahead) in self.stream_ranges(i, offset, size) {
             if let Some(r) = self.layers.get(l as usize) {
-                // A failed look-ahead is not the read's failure: the read itself retries.
+                // A failed look-ahead is not the read's failure (the read asks for less),
+                // except a timeout: the read has waited its deadline already.
                 if let Err(e) = r.prefetch(ahead) {
+                    if e.kind() == std::io::ErrorKind::TimedOut {
+                        tracing::warn!("read of inode {} at {offset}: {e}", ino.0);
+                        return Err(Errno::EIO);
+                    }
                     tracing::debug!("prefetch for inode {}: {e}", ino.0);
                 }
             }

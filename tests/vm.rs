@@ -110,3 +110,102 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
         b"nameserver 10.0.2.3\n"
     );
 }
+
+/// A guest on a *lazy* root, served by the Rust virtiofsd with one worker thread (as libkrun
+/// serves virtio-fs): with the registry's link stalled, a read of a file not yet fetched fails
+/// with EIO at the read deadline instead of freezing the guest's filesystem, and the files
+/// already fetched keep working — before, while and after.
+#[test]
+fn a_stalled_registry_does_not_freeze_a_guest_on_a_lazy_root() {
+    if std::env::consts::ARCH != "x86_64" || !std::path::Path::new("/usr/bin/apt-get").exists() {
+        eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
+        return;
+    }
+    let virtiofsd = concat!(env!("CARGO_MANIFEST_DIR"), "/target/virtiofsd/bin/virtiofsd");
+    assert!(
+        std::path::Path::new(virtiofsd).exists(),
+        "{virtiofsd} missing: scripts/setup.sh builds it"
+    );
+    need("busybox");
+    let busybox = std::fs::read(
+        ["/bin/busybox", "/usr/bin/busybox"]
+            .into_iter()
+            .find(|p| std::path::Path::new(p).exists())
+            .unwrap(),
+    )
+    .unwrap();
+    let mut base = LayerBuilder::new()
+        .dir("bin", 0o755)
+        .file_with("bin/busybox", &busybox, 0o755, 0, 0)
+        .dir("proc", 0o555)
+        .dir("sys", 0o555)
+        .dir("dev", 0o755)
+        .file("etc/cached", b"fetched before the stall\n");
+    for tool in ["sh", "cat", "echo", "sleep"] {
+        base = base.symlink(&format!("bin/{tool}"), "busybox");
+    }
+    let far = LayerBuilder::new()
+        .file("data/far.bin", &test_bytes(6 << 20, 17))
+        .finish();
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(base.finish(), Comp::Gzip), (far, Comp::Gzip)]),
+    );
+    reg.push(&work.path().join("l"), "v1", "t/lazyvm", None);
+    let direct = format!("{}/t/lazyvm:v1", reg.host());
+    let publisher = Bux::new();
+    publisher.ok(&["pull", "-q", &direct]);
+    publisher.ok(&["push-index", &direct]);
+
+    let proxy = Proxy::start(reg.port, 1000, 1);
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    bux.ok(&[
+        "mount",
+        "--lazy",
+        "--prefetch",
+        "none",
+        "--read-timeout",
+        "3",
+        &direct.replace(&reg.host(), &proxy.host()),
+        mnt.to_str().unwrap(),
+    ]);
+    let _guard = MountGuard::adopt(mnt.clone(), dir);
+    // What the guest needs to boot is fetched (read once on the host); then the link stalls.
+    for f in ["bin/busybox", "etc/cached"] {
+        std::fs::read(mnt.join(f)).unwrap();
+    }
+    proxy.pause();
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-run.sh");
+    let guest = "cat /etc/cached; \
+                 (cat /data/far.bin > /dev/null 2>&1; echo far-exit=$?) & sleep 1; \
+                 cat /etc/cached; wait; cat /etc/cached; echo BUX-GUEST-OK";
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&mnt)
+        .arg(guest)
+        .env("BUX_VIRTIOFSD", virtiofsd)
+        .env("BUX_VM_TIMEOUT", "300")
+        .output()
+        .unwrap();
+    proxy.unpause();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest output:\n{stdout}\n{stderr}");
+    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
+    assert_eq!(
+        stdout.matches("fetched before the stall").count(),
+        3,
+        "cached reads failed: {stdout}"
+    );
+    let far = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("far-exit="))
+        .unwrap_or_else(|| panic!("the stalled read never returned: {stdout}"));
+    assert_ne!(far, "0", "a read with the registry stalled succeeded?");
+    assert!(stdout.contains("BUX-GUEST-OK"));
+}
