@@ -434,6 +434,14 @@ fn run(cli: Cli) -> Result<()> {
             ] {
                 println!("{k:10}  {:>10}", human(v));
             }
+            if u.lazy.1 > 0 {
+                println!(
+                    "{:10}  {:>10}  of {} (lazily mounted layers fetched so far)",
+                    "lazy",
+                    human(u.lazy.0),
+                    human(u.lazy.1)
+                );
+            }
             let width = u
                 .images
                 .iter()

@@ -438,6 +438,13 @@ impl Store {
                 let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
+                if name.ends_with(".partial") {
+                    use std::os::unix::fs::MetadataExt;
+                    let alloc = entry.metadata().map(|m| m.blocks() * 512).unwrap_or(0);
+                    u.lazy.0 += alloc.min(len);
+                    u.lazy.1 += len;
+                    continue;
+                }
                 match (slot, name.ends_with(".zst")) {
                     (0, _) => u.blobs += len,
                     (1, true) => u.seekable += len,
@@ -543,6 +550,9 @@ pub struct Usage {
     pub trees: u64,
     /// Bytes of downloads in progress or left by interrupted ones (`gc` removes the latter).
     pub temp: u64,
+    /// Bytes fetched so far of lazily mounted layers (the allocated part of their partial
+    /// blobs), and the bytes those layers will take once complete.
+    pub lazy: (u64, u64),
     /// Per image.
     pub images: Vec<ImageUsage>,
     /// Bytes of layers used by more than one image.

@@ -130,6 +130,11 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
 
     // gc while mounted must not take the partial layers from under the mount.
     bux.ok(&["gc"]);
+    // images and df say how much is local.
+    let images = bux.ok(&["images"]);
+    assert!(images.contains("LOCAL") && !images.contains(" 100%"), "{images}");
+    let df = bux.ok(&["df"]);
+    assert!(df.contains("lazily mounted layers fetched so far"), "{df}");
 
     // Every file, read through the kernel, equals umoci's unpack of the same image.
     let unpacked = tempfile::tempdir().unwrap();
