@@ -534,3 +534,77 @@ fn mirrors_serve_blobs_and_the_origin_stays_the_fallback() {
     assert_eq!(cat(&m.path.join("usr/lib/big2.bin")).unwrap(), test_bytes(12 << 20, 2));
     assert!(origin.bytes() > from_origin + (4 << 20), "no fallback to the origin");
 }
+
+/// A registry that answers blob GETs with a redirect (object storage, a CDN): the target is
+/// learned once per blob, and the many range requests of a lazy mount go straight to it.
+#[test]
+fn redirect_targets_are_learned_once_per_blob() {
+    let s = setup();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("requests");
+    let script = dir.path().join("redirector.py");
+    std::fs::write(
+        &script,
+        r#"
+import http.server, sys
+port, target, log = int(sys.argv[1]), sys.argv[2], sys.argv[3]
+class H(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        with open(log, "a") as f:
+            f.write(self.path + "\n")
+        self.send_response(307)
+        self.send_header("Location", f"http://{target}{self.path}")
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+    do_HEAD = do_GET
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"#,
+    )
+    .unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut child = Command::new("python3")
+        .arg(&script)
+        .arg(port.to_string())
+        .arg(s.reg.host())
+        .arg(&log)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "redirector did not start");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let reference = s.pinned.replace(&s.reg.host(), &format!("127.0.0.1:{port}"));
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    // Many ranges of the big layers: a few MiB read at spread offsets, file by file.
+    for f in ["usr/lib/big1.bin", "usr/lib/big2.bin", "opt/data.bin", "etc/os-release"] {
+        cat(&m.path.join(f)).unwrap_or_else(|e| panic!("{f}: {e}: {}", daemon_log(&bux)));
+    }
+    let requests = std::fs::read_to_string(&log).unwrap();
+    let _ = child.kill();
+    let blob_requests: Vec<&str> = requests.lines().filter(|l| l.contains("/blobs/")).collect();
+    let mut per_blob = std::collections::HashMap::new();
+    for l in &blob_requests {
+        *per_blob.entry(l.rsplit('/').next().unwrap()).or_insert(0) += 1;
+    }
+    let layers: Vec<String> = std::fs::read_dir(s.layout.path().join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .filter(|e| e.metadata().unwrap().len() > 1 << 20)
+        .map(|e| format!("sha256:{}", e.file_name().to_string_lossy()))
+        .collect();
+    for l in &layers {
+        let n = per_blob.get(l.as_str()).copied().unwrap_or(0);
+        assert!(n <= 2, "layer {l}: {n} requests to the redirecting registry:\n{requests}");
+    }
+    // The ranges did happen: the layers are partly local.
+    let images = bux.ok(&["images"]);
+    assert!(!images.contains(" 0%"), "{images}");
+}

@@ -6,6 +6,7 @@
 //! does; [`RegistryOptions::insecure`] adds others.
 
 pub mod manifest;
+mod redirect;
 
 use futures_util::StreamExt;
 use oci_client::client::{ClientConfig, ClientProtocol};
@@ -57,6 +58,8 @@ pub struct Registry {
     needs_auth: tokio::sync::OnceCell<bool>,
     /// Clients for the mirrors, tried in order.
     mirrors: Vec<Registry>,
+    /// Redirect targets of blobs, learned once each (see [`redirect`]).
+    redirects: redirect::Redirects,
 }
 
 fn client_config(plain: Vec<String>) -> ClientConfig {
@@ -138,9 +141,20 @@ impl Registry {
             .filter(|m| **m != registry)
             .map(|m| Registry::new(&rehost(reference, m), &mirror_opts))
             .collect();
+        let auth = credentials_for(&registry, &opts.credentials);
+        let scheme = if plain.contains(&registry) { "http" } else { "https" };
+        let redirects = redirect::Redirects::new(
+            format!("{scheme}://{}", reference.resolve_registry()),
+            reference.repository().to_string(),
+            match &auth {
+                RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
+                _ => None,
+            },
+        );
         Registry {
             client: Client::new(client_config(plain.clone())),
-            auth: credentials_for(&registry, &opts.credentials),
+            redirects,
+            auth,
             reference: reference.clone(),
             plain,
             needs_auth: tokio::sync::OnceCell::new(),
@@ -297,6 +311,11 @@ impl Registry {
     }
 
     async fn blob_range_here(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
+        if !matches!(self.auth, RegistryAuth::Bearer(_)) {
+            if let Some(body) = self.redirects.range(digest, offset, len).await {
+                return Ok(body);
+            }
+        }
         self.blob_auth().await;
         let d = digest.to_string();
         let body = self
