@@ -335,12 +335,20 @@ fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
 }
 
+/// A tar time as a `SystemTime`, clamped to what the platform can represent (a hostile PAX
+/// mtime of ±2^63 seconds must not panic the server).
 fn to_system_time(secs: i64, nsec: u32) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::new(secs as u64, nsec)
+    let nsec = Duration::from_nanos(nsec.min(999_999_999) as u64);
+    let t = if secs >= 0 {
+        UNIX_EPOCH.checked_add(Duration::from_secs(secs as u64))
     } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
-    }
+        UNIX_EPOCH.checked_sub(Duration::from_secs(secs.unsigned_abs()))
+    };
+    t.and_then(|t| t.checked_add(nsec)).unwrap_or(if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(i64::MAX as u64 / 2)
+    } else {
+        UNIX_EPOCH
+    })
 }
 
 impl Filesystem for ImageFs {
@@ -584,6 +592,13 @@ mod tests {
         // makedev(8, 1) → 0x801; a minor above 255 spills into the high bits.
         assert_eq!(encode_dev(8, 1), 0x801);
         assert_eq!(encode_dev(1, 0x12345), 0x45 | (1 << 8) | (0x123 << 20));
+    }
+
+    #[test]
+    fn extreme_times_do_not_panic() {
+        for secs in [i64::MIN, i64::MIN + 1, i64::MAX, -1, 0] {
+            let _ = to_system_time(secs, u32::MAX);
+        }
     }
 
     #[test]

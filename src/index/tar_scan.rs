@@ -248,7 +248,7 @@ fn extents_from_map(
             });
         }
         file_end = end;
-        stream += len;
+        stream = stream.checked_add(len).ok_or("sparse map overflows")?;
     }
     if stream - data_start > stored {
         return Err("sparse map holds more data than the entry".into());
@@ -583,7 +583,9 @@ fn scan_entry<R: Read>(
         0
     };
     let mut sparse = None;
-    let stored = header.entry_size().unwrap_or(0);
+    // The bytes the entry stores: the PAX size where one was given (the tar crate applies it),
+    // else the header's.
+    let stored = if ps.seen { entry.size() } else { header.entry_size().unwrap_or(0) };
     let sparse_err = |e: String| bad(layer, &raw_path, e);
     if etype == EntryType::GNUSparse {
         let (map, data_start) =
@@ -597,18 +599,24 @@ fn scan_entry<R: Read>(
         let real = ps
             .size
             .ok_or_else(|| sparse_err("PAX sparse file without a size".into()))?;
-        let (map, data_start) = if ps.major == Some(1) {
+        let (map, data_start, data_len) = if ps.major == Some(1) {
+            // PAX 1.0: the map is at the start of the entry's data, not part of the file.
             let (map, map_len) = pax1_sparse_map(entry).map_err(sparse_err)?;
-            (map, offset + map_len)
+            (map, offset + map_len, stored.saturating_sub(map_len))
         } else {
             (
                 pax0_sparse_map(&ps.offsets, &ps.lengths, ps.map.as_deref()).map_err(sparse_err)?,
                 offset,
+                stored,
             )
         };
-        sparse = Some(extents_from_map(&map, data_start, real, stored).map_err(sparse_err)?);
+        sparse = Some(extents_from_map(&map, data_start, real, data_len).map_err(sparse_err)?);
         size = real;
         offset = data_start;
+    }
+    if size > i64::MAX as u64 {
+        // st_size is signed: a bigger size reads back negative.
+        return Err(bad(layer, &raw_path, format!("size {size} is beyond what a file can have")));
     }
     if kind == EntryKind::File && path.is_empty() {
         kind = EntryKind::Dir; // a "./" regular entry is nonsense; treat as the root dir
@@ -655,6 +663,18 @@ mod tests {
     }
 
     #[test]
+    fn sparse_maps_that_overflow_are_refused() {
+        let err = extents_from_map(&[(0, u64::MAX), (u64::MAX, 1)], 512, u64::MAX, 10).unwrap_err();
+        assert!(err.contains("overflow") || err.contains("out of order"), "{err}");
+        let err = extents_from_map(&[(0, 10), (20, u64::MAX - 5)], u64::MAX - 8, u64::MAX, 100)
+            .unwrap_err();
+        assert!(err.contains("overflow"), "{err}");
+        // The stored data bounds the map: 20 bytes of extents in 10 stored bytes are refused.
+        assert!(extents_from_map(&[(0, 10), (100, 10)], 0, 200, 10).is_err());
+        assert!(extents_from_map(&[(0, 10), (100, 10)], 0, 200, 20).is_ok());
+    }
+
+    #[test]
     fn parses_pax_times() {
         assert_eq!(parse_pax_time(b"1700000000"), Some((1700000000, 0)));
         assert_eq!(
@@ -666,6 +686,11 @@ mod tests {
         assert_eq!(parse_pax_time(b"-100"), Some((-100, 0)));
         assert_eq!(parse_pax_time(b"abc"), None);
         assert_eq!(parse_pax_time(b"1.2x"), None);
+        // Extremes: representable ones parse, the rest are refused, nothing overflows.
+        assert_eq!(parse_pax_time(b"-9223372036854775807.5"), Some((i64::MIN, 500_000_000)));
+        assert_eq!(parse_pax_time(b"-9223372036854775808"), None);
+        assert_eq!(parse_pax_time(b"-9223372036854775808.5"), None);
+        assert_eq!(parse_pax_time(b"9223372036854775808"), None);
     }
 
     fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
