@@ -38,7 +38,15 @@ pub struct ImageFs {
     /// waits on the network (libkrun serves virtio-fs from one worker: a stuck read there
     /// would freeze the guest's whole filesystem).
     waiting_reads: WaitingReads,
+    /// Serve the image's `trusted.overlay.*` xattrs escaped (`trusted.overlay.overlay.*`): this
+    /// tree is the lower layer of a kernel overlay, which would otherwise take them for its
+    /// own (an image built from an overlay upper carries them); the overlay (6.7+) unescapes
+    /// them, so the guest sees the image's xattrs as they are.
+    escape_overlay_xattrs: bool,
 }
+
+const OVERLAY_XATTR: &[u8] = b"trusted.overlay.";
+const ESCAPED_OVERLAY_XATTR: &[u8] = b"trusted.overlay.overlay.";
 
 /// What handlers on any thread read from.
 pub struct Shared {
@@ -111,6 +119,35 @@ impl ImageFs {
             statfs: (blocks, files),
             no_open: false,
             waiting_reads: WaitingReads::new(),
+            escape_overlay_xattrs: false,
+        }
+    }
+
+    /// Serves `trusted.overlay.*` xattrs escaped, for a tree under a kernel overlay.
+    pub fn escaping_overlay_xattrs(mut self) -> ImageFs {
+        self.escape_overlay_xattrs = true;
+        self
+    }
+
+    /// The image's xattr name for a name asked through this mount (`None`: not one of ours).
+    fn image_xattr_name<'a>(&self, asked: &'a [u8]) -> Option<std::borrow::Cow<'a, [u8]>> {
+        if !self.escape_overlay_xattrs {
+            return Some(asked.into());
+        }
+        if let Some(rest) = asked.strip_prefix(ESCAPED_OVERLAY_XATTR) {
+            return Some([OVERLAY_XATTR, rest].concat().into());
+        }
+        if asked.starts_with(OVERLAY_XATTR) {
+            return None; // the overlay's own attributes: the image has none
+        }
+        Some(asked.into())
+    }
+
+    /// The name an image xattr is listed under through this mount.
+    fn listed_xattr_name<'a>(&self, name: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
+        match name.strip_prefix(OVERLAY_XATTR) {
+            Some(rest) if self.escape_overlay_xattrs => [ESCAPED_OVERLAY_XATTR, rest].concat().into(),
+            _ => name.into(),
         }
     }
 }
@@ -550,11 +587,10 @@ impl Filesystem for ImageFs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        match i
-            .xattrs
-            .iter()
-            .find(|(k, _)| k.as_slice() == name.as_bytes())
-        {
+        let Some(name) = self.image_xattr_name(name.as_bytes()) else {
+            return reply.error(Errno::NO_XATTR);
+        };
+        match i.xattrs.iter().find(|(k, _)| k.as_slice() == &*name) {
             Some((_, v)) => Self::xattr_reply(v, size, reply),
             None => reply.error(Errno::NO_XATTR),
         }
@@ -567,7 +603,7 @@ impl Filesystem for ImageFs {
         };
         let mut names = Vec::new();
         for (k, _) in &i.xattrs {
-            names.extend_from_slice(k);
+            names.extend_from_slice(&self.listed_xattr_name(k));
             names.push(0);
         }
         Self::xattr_reply(&names, size, reply);

@@ -411,7 +411,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
-    let fs = ImageFs::new(tree, layers, cache.clone());
+    let mut fs = ImageFs::new(tree, layers, cache.clone());
+    if opts.writable {
+        fs = fs.escaping_overlay_xattrs();
+    }
     let mut config = Config::default();
     config.mount_options = vec![
         MountOption::FSName(format!("bux-fuse:{name}")),

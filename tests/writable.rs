@@ -20,6 +20,11 @@ fn image() -> Image {
         .file("srv/tree/a", b"a\n")
         .file("srv/tree/b", b"b\n")
         .file("doomed", b"to be removed\n")
+        .file_xattrs(
+            "from-an-overlay-upper",
+            b"x\n",
+            &[("trusted.overlay.origin", b"image-value"), ("user.plain", b"1")],
+        )
         .finish();
     Image::new(vec![(l, Comp::Gzip)])
 }
@@ -180,6 +185,37 @@ fn upper_dir_persists_and_mounts_are_isolated() {
         b"a\n"
     );
     assert!(!again.path.join("doomed").exists());
+}
+
+/// An image xattr in the overlay's own namespace (an image built from an overlay upper has
+/// them) reaches the guest as it is, instead of being taken by the writable overlay as its own.
+#[test]
+fn image_overlay_xattrs_survive_the_writable_overlay() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rwx", None);
+    let r = format!("{}/t/rwx:v1", reg.host());
+    let bux = Bux::new();
+    let m = writable_mount(&bux, &r, None);
+    let f = m.path.join("from-an-overlay-upper");
+    assert_eq!(get_xattr(&f, "trusted.overlay.origin").as_deref(), Some(&b"image-value"[..]));
+    assert_eq!(get_xattr(&f, "user.plain").as_deref(), Some(&b"1"[..]));
+    assert_eq!(std::fs::read(&f).unwrap(), b"x\n");
+    drop(m);
+    // Read-only mounts serve it under its own name, unescaped.
+    let ro = bux.mount(&r);
+    let f = ro.path.join("from-an-overlay-upper");
+    assert_eq!(get_xattr(&f, "trusted.overlay.origin").as_deref(), Some(&b"image-value"[..]));
+}
+
+fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let c = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = std::ffi::CString::new(name).unwrap();
+    let mut buf = vec![0u8; 256];
+    // SAFETY: valid C strings and buffer.
+    let r = unsafe { libc::getxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
 }
 
 fn set_xattr(path: &Path, name: &str, value: &[u8]) {
