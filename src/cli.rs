@@ -351,7 +351,8 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Umount { dir } => {
-            crate::mount::unmount(&dir).with_context(|| format!("unmounting {}", dir.display()))
+            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            crate::mount::unmount_all(&dir).with_context(|| format!("unmounting {}", dir.display()))
         }
         Cmd::Images { json } => {
             let store = open_store(&store_arg)?;
@@ -503,7 +504,11 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Gc => {
             let store = open_store(&store_arg)?;
             let (files, bytes) = store.gc()?;
+            let runs = crate::mount::clean_run_dir(&store.root().join("run"));
             println!("removed {files} files, freed {}", human(bytes));
+            if runs > 0 {
+                println!("cleaned {runs} writable mounts whose daemon died");
+            }
             Ok(())
         }
     }

@@ -245,6 +245,76 @@ fn unescape_mountinfo(s: &str) -> String {
     String::from_utf8_lossy(&out).into_owned()
 }
 
+/// One line of `/proc/self/mountinfo`: mount point, filesystem type, super options.
+fn mount_entry(path: &Path) -> Option<(String, String)> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let want = path.to_string_lossy();
+    info.lines().rev().find_map(|l| {
+        let (left, right) = l.split_once(" - ")?;
+        if unescape_mountinfo(left.split(' ').nth(4)?) != want {
+            return None;
+        }
+        let mut r = right.split(' ');
+        let fstype = r.next()?.to_string();
+        let _source = r.next();
+        Some((fstype, r.next().unwrap_or("").to_string()))
+    })
+}
+
+/// Unmounts what `bux-fuse mount` made at `path`: the mount itself and, for a writable mount,
+/// the read-only image mount under the store's `run/` directory that its overlay stands on and
+/// the scratch upper layer there — also when the daemon that would have done so died.
+pub fn unmount_all(path: &Path) -> Result<()> {
+    let lower = match mount_entry(path) {
+        Some((fstype, opts)) if fstype == "overlay" => opts
+            .split(',')
+            .find_map(|o| o.strip_prefix("lowerdir="))
+            .map(|l| PathBuf::from(unescape_mountinfo(l.split(':').next().unwrap_or(l)))),
+        _ => None,
+    };
+    unmount(path)?;
+    if let Some(lower) = lower {
+        let ours = lower.ends_with("lower")
+            && lower
+                .parent()
+                .and_then(Path::parent)
+                .is_some_and(|run| run.ends_with("run"));
+        if ours {
+            if mount_entry(&lower).is_some_and(|(t, _)| t.starts_with("fuse")) {
+                let _ = unmount(&lower);
+            }
+            if let Some(run_dir) = lower.parent() {
+                let _ = std::fs::remove_dir_all(run_dir);
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Removes what writable mounts whose daemon died left in `run_dir` (`$STORE/run`): their
+/// image mounts and scratch uppers. Returns how many.
+pub fn clean_run_dir(run_dir: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(run_dir) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let pid = name.rsplit('-').next().and_then(|p| p.parse::<u32>().ok());
+        if pid.is_some_and(crate::store::alive) {
+            continue; // its daemon still serves it
+        }
+        let lower = e.path().join("lower");
+        if is_mount_point(&lower) {
+            let _ = unmount(&lower);
+        }
+        if std::fs::remove_dir_all(e.path()).is_ok() {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Unmounts `path` lazily (`MNT_DETACH`): works with files open and on dead mounts.
 pub fn unmount(path: &Path) -> Result<()> {
     let err = |detail: String| Error::Mount {

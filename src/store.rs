@@ -141,9 +141,16 @@ fn temp_owner(name: &str) -> Option<u32> {
     parts.next()?.parse().ok()
 }
 
-/// Whether process `pid` is alive.
-fn alive(pid: u32) -> bool {
-    Path::new(&format!("/proc/{pid}")).exists()
+/// Whether process `pid` is alive (a zombie — killed, not yet reaped — is not).
+pub(crate) fn alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            .is_some_and(|state| state != 'Z' && state != 'X'),
+        Err(_) => false,
+    }
 }
 
 impl Store {

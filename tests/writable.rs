@@ -6,6 +6,7 @@ mod common;
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
+use std::process::Command;
 
 use common::*;
 
@@ -232,4 +233,57 @@ fn set_xattr(path: &Path, name: &str, value: &[u8]) {
         )
     };
     assert_eq!(r, 0, "setxattr: {}", std::io::Error::last_os_error());
+}
+
+/// A writable mount whose daemon was killed leaves its image mount and scratch upper under the
+/// store's run/ directory: `umount` of the mount point removes them too, and `gc` cleans up
+/// after mounts that were unmounted some other way.
+#[test]
+fn a_dead_writable_daemon_leaves_nothing_behind() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rwdead", None);
+    let r = format!("{}/t/rwdead:v1", reg.host());
+    let bux = Bux::new();
+    let run = bux.store.path().join("run");
+    let mounts_under_run = || {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let run = run.to_string_lossy().into_owned();
+        info.lines().filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&run))).count()
+    };
+    let kill_daemon = |mnt: &Path| {
+        let needle = mnt.as_os_str().as_encoded_bytes().to_vec();
+        for p in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { continue };
+            if cmd.split(|&b| b == 0).any(|a| a == needle.as_slice())
+                && cmd.windows(12).any(|w| w == b"notify-ready")
+            {
+                let pid = p.file_name().to_string_lossy().into_owned();
+                Command::new("kill").args(["-9", &pid]).status().unwrap();
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+    };
+
+    let m = writable_mount(&bux, &r, None);
+    std::fs::write(m.path.join("etc/scratch"), b"x").unwrap();
+    assert_eq!(mounts_under_run(), 1);
+    kill_daemon(&m.path);
+    bux.ok(&["umount", m.path.to_str().unwrap()]);
+    assert_eq!(mounts_under_run(), 0, "the image mount under run/ was left");
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0, "scratch upper left in run/");
+    drop(m);
+
+    // Unmounted behind our back (only the overlay): gc finds and removes the rest.
+    let m = writable_mount(&bux, &r, None);
+    kill_daemon(&m.path);
+    let c = std::ffi::CString::new(m.path.as_os_str().as_encoded_bytes()).unwrap();
+    // SAFETY: a valid path.
+    assert_eq!(unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) }, 0);
+    assert_eq!(mounts_under_run(), 1);
+    let out = bux.ok(&["gc"]);
+    assert!(out.contains("cleaned 1 writable mount"), "{out}");
+    assert_eq!(mounts_under_run(), 0);
+    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
 }
