@@ -164,6 +164,9 @@ fn login_stores_docker_credentials() {
         .output()
         .unwrap();
     assert_success(&ok);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(cfg.path().join("config.json")).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600, "credentials readable by others");
     let out = bux
         .cmd()
         .args(["pull", "-q", &r])

@@ -215,3 +215,52 @@ fn list_with_seek(dir: &Path, k: usize) -> (Vec<String>, Vec<String>) {
         (all, rest)
     }
 }
+
+/// File handles (NFS export, virtiofsd --inode-file-handles, overlay origin) decode after the
+/// kernel forgot the inode: the mount answers lookups of "." and "..", which it advertises
+/// export support for.
+#[test]
+fn file_handles_decode_after_the_inode_is_forgotten() {
+    use std::os::fd::AsRawFd;
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let l = LayerBuilder::new()
+        .file("deep/er/file", b"by handle\n")
+        .finish();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &Image::new(vec![(l, Comp::Gzip)]));
+    reg.push(&layout, "t", "test/handles", None);
+    let bux = Bux::new();
+    let m = bux.mount(&format!("{}/test/handles:t", reg.host()));
+    let root = std::fs::File::open(&m.path).unwrap();
+    let mut handles = Vec::new();
+    for p in ["deep/er/file", "deep/er"] {
+        let path = std::ffi::CString::new(m.path.join(p).as_os_str().as_encoded_bytes()).unwrap();
+        // struct file_handle { u32 handle_bytes; i32 handle_type; u8 f_handle[128] }
+        let mut buf = vec![0u8; 8 + 128];
+        buf[..4].copy_from_slice(&128u32.to_ne_bytes());
+        let mut mount_id = 0;
+        // SAFETY: buf is a file_handle with room for 128 bytes; path is a valid C string.
+        let r = unsafe {
+            libc::name_to_handle_at(
+                libc::AT_FDCWD,
+                path.as_ptr(),
+                buf.as_mut_ptr().cast(),
+                &mut mount_id,
+                0,
+            )
+        };
+        assert_eq!(r, 0, "name_to_handle_at {p}: {}", std::io::Error::last_os_error());
+        handles.push(buf);
+    }
+    // Make the kernel forget the dentries and inodes.
+    std::fs::write("/proc/sys/vm/drop_caches", "2\n").unwrap();
+    for (mut h, flags) in handles.into_iter().zip([libc::O_RDONLY, libc::O_RDONLY | libc::O_DIRECTORY]) {
+        // SAFETY: h holds the handle name_to_handle_at wrote.
+        let fd = unsafe { libc::open_by_handle_at(root.as_raw_fd(), h.as_mut_ptr().cast(), flags) };
+        assert!(fd >= 0, "open_by_handle_at: {}", std::io::Error::last_os_error());
+        // SAFETY: fd was just opened and is owned here.
+        unsafe { libc::close(fd) };
+    }
+    assert_eq!(std::fs::read(m.path.join("deep/er/file")).unwrap(), b"by handle\n");
+}
