@@ -600,9 +600,10 @@ fn progress_line(p: &Progress) -> Option<String> {
         } => {
             let total: u64 = layers.iter().map(|l| l.1).sum();
             format!(
-                "{reference}: manifest {}, {} layers, {}",
+                "{reference}: manifest {}, {} layer{}, {}",
                 manifest.short(),
                 layers.len(),
+                if layers.len() == 1 { "" } else { "s" },
                 human(total)
             )
         }
@@ -679,6 +680,7 @@ fn serve(
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
+    crate::mount::tune_allocator_for_serving();
     let m = mount(store, reference, dir, opts)?;
     if notify_ready {
         println!("ready");

@@ -295,17 +295,23 @@ impl Shared {
 
     /// A directory's entries as (offset of the next entry, inode, name): `.` and `..` first,
     /// then the children in name order, so offset `n` always resumes after the `n`th entry.
-    fn dir_entries(&self, ino: u64, i: &Inode) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
+    fn dir_entries(
+        &self,
+        ino: u64,
+        i: &Inode,
+        offset: u64,
+    ) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
         let dots = [(ino, &b"."[..]), (i.parent, &b".."[..])];
-        let children = self
-            .tree
-            .children(ino)
-            .iter()
-            .map(|d| (d.ino, d.name.as_slice()));
+        let children = self.tree.children(ino);
+        // Resume at the offset directly (no walk over the entries before it).
+        let from = offset.min(usize::MAX as u64) as usize;
+        let dots_from = from.min(2);
+        let children_from = from.saturating_sub(2).min(children.len());
         dots.into_iter()
-            .chain(children)
+            .skip(dots_from)
+            .chain(children[children_from..].iter().map(|d| (d.ino, d.name.as_slice())))
             .enumerate()
-            .map(|(pos, (ino, name))| (pos as u64 + 1, ino, name))
+            .map(move |(k, (ino, name))| ((from + k) as u64 + 1, ino, name))
     }
 
 }
@@ -514,7 +520,7 @@ impl Filesystem for ImageFs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        for (next, child, name) in self.dir_entries(ino.0, i).skip(offset as usize) {
+        for (next, child, name) in self.dir_entries(ino.0, i, offset) {
             let kind = self
                 .tree
                 .inode(child)
@@ -539,7 +545,7 @@ impl Filesystem for ImageFs {
             Ok(i) => i,
             Err(e) => return reply.error(e),
         };
-        for (next, child, name) in self.dir_entries(ino.0, i).skip(offset as usize) {
+        for (next, child, name) in self.dir_entries(ino.0, i, offset) {
             let Some(c) = self.tree.inode(child) else {
                 continue;
             };

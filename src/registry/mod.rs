@@ -417,9 +417,10 @@ pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> 
     let probe = parse_reference(&format!("{registry}/bux-fuse/login-check:probe"))?;
     match Registry::new(&probe, opts).manifest(&probe).await {
         Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
-        Err(Error::Unauthorized { detail, .. }) => Err(Error::Unauthorized {
+        // (The probe's URL is ours, not the user's: say what it means instead.)
+        Err(Error::Unauthorized { .. }) => Err(Error::Unauthorized {
             reference: registry.to_string(),
-            detail,
+            detail: "the registry refused these credentials (wrong user name or password)".into(),
         }),
         Err(e) => Err(e),
     }
