@@ -21,7 +21,10 @@ virtiofsd=$(command -v virtiofsd || true)
 [ -x "$virtiofsd" ] || { echo "vm-run: no virtiofsd (install qemu-system-x86)" >&2; exit 3; }
 
 # Kernel: an ELF vmlinux (QEMU boots it directly through its PVH note) and its virtio modules.
-if [ ! -f "$cache/vmlinux" ]; then
+# Several VMs may start at once (parallel tests): one prepares the kernel, the others wait.
+exec 9>"$cache/.lock"
+flock 9
+if [ ! -f "$cache/vmlinux" ] || [ ! -d "$cache/modules" ]; then
   (cd "$cache" && rm -rf deb x && mkdir deb && cd deb &&
    pkg=$(apt-cache depends linux-image-cloud-amd64 | awk '/Depends: linux-image/ {print $2; exit}') &&
    apt-get download "$pkg" >/dev/null 2>&1 && dpkg-deb -x ./*.deb ../x)
@@ -41,6 +44,7 @@ PY
   done
   rm -rf "$cache/deb" "$cache/x"
 fi
+flock -u 9
 
 # Initramfs: busybox, the modules, an /init that mounts the virtio-fs root and runs COMMAND.
 work=$(mktemp -d); trap 'kill $vfs_pid 2>/dev/null || true; rm -rf "$work"' EXIT

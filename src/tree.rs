@@ -9,7 +9,9 @@
 //!   any other entry over an existing one replaces it (file ↔ directory, symlink → directory);
 //! * parents with no entry of their own are created as `0755 root:root` directories;
 //! * a hardlink names an existing non-directory in the tree (this layer or below) and shares its
-//!   inode; entries beneath a symlink or a file are refused, never followed.
+//!   inode; entries beneath a file are refused;
+//! * entries beneath a symlink land where the symlink leads, resolved inside the root (an
+//!   absolute target starts at the root, `..` stops there), as containerd and moby unpack them.
 //!
 //! Frozen form: inodes are numbered in breadth-first order from the root (1) with children in
 //! name order, so numbers are stable across remounts; each directory's entries are a contiguous,
@@ -131,6 +133,19 @@ struct Builder {
     nodes: Vec<Node>,
 }
 
+/// Where a walk through the tree's directories ended.
+enum Walk {
+    /// At this directory.
+    Dir(usize),
+    /// This directory has no entry of that name.
+    Missing(usize, Vec<u8>),
+    /// A component is not a directory (nor a symlink to one).
+    NotDir(String),
+}
+
+/// Symlinks followed in one path before giving up (Linux's limit).
+const MAX_SYMLINKS: usize = 40;
+
 fn implied_dir() -> TarEntry {
     TarEntry {
         path: Vec::new(),
@@ -172,60 +187,94 @@ impl Builder {
         }
     }
 
-    /// The node at `path`, without creating anything or following symlinks.
+    /// The node at `path`. Symlinks among its parents are followed within the root (as
+    /// containerd and moby unpack layers); the last component is not.
     fn find(&self, path: &[u8]) -> Option<usize> {
-        let mut cur = 0;
-        for comp in components(path) {
-            if self.nodes[cur].meta.kind != EntryKind::Dir {
-                return None;
-            }
-            cur = *self.nodes[cur].children.get(comp)?;
+        let (parent, name) = split_parent(path);
+        if name.is_empty() {
+            return Some(0);
         }
-        Some(cur)
+        match self.walk_dirs(parent) {
+            Walk::Dir(dir) => self.nodes[dir].children.get(name).copied(),
+            _ => None,
+        }
     }
 
-    /// The directory at `path`, creating missing ones; errors if a component is not a directory.
+    /// The directory at `path`, creating missing ones (implied directories, 0755, of this
+    /// layer); errors if a component is not a directory.
     fn dir_for_add(&mut self, path: &[u8], layer: u32) -> std::result::Result<usize, String> {
-        let mut cur = 0;
-        let mut walked: Vec<u8> = Vec::new();
-        for comp in components(path) {
-            if !walked.is_empty() {
-                walked.push(b'/');
-            }
-            walked.extend_from_slice(comp);
-            let next = match self.nodes[cur].children.get(comp) {
-                Some(&n) => n,
-                None => {
+        loop {
+            match self.walk_dirs(path) {
+                Walk::Dir(dir) => return Ok(dir),
+                Walk::NotDir(why) => return Err(why),
+                Walk::Missing(parent, name) => {
                     // Nodes are found through their parents' child maps: an implied directory
-                    // stores no path (a copy of the path walked per level would cost the
-                    // square of the depth).
+                    // stores no path (a copy per level would cost the square of the depth).
                     self.nodes.push(Node {
                         meta: implied_dir(),
                         layer,
                         children: BTreeMap::new(),
                     });
                     let n = self.nodes.len() - 1;
-                    self.nodes[cur].children.insert(comp.to_vec(), n);
-                    n
-                }
-            };
-            match self.nodes[next].meta.kind {
-                EntryKind::Dir => cur = next,
-                EntryKind::Symlink => {
-                    return Err(format!(
-                        "parent {:?} is a symlink; entries beneath a symlink are refused",
-                        String::from_utf8_lossy(&walked)
-                    ))
-                }
-                _ => {
-                    return Err(format!(
-                        "parent {:?} is not a directory",
-                        String::from_utf8_lossy(&walked)
-                    ))
+                    self.nodes[parent].children.insert(name, n);
                 }
             }
         }
-        Ok(cur)
+    }
+
+    /// Walks `path` from the root through directories, following symlinks *within the root*:
+    /// a target is resolved against the link's directory (or the root, if absolute) and `..`
+    /// stops at the root, so nothing leads outside (the rules of Go's securejoin, which
+    /// containerd and moby use when they unpack a layer over `lib -> usr/lib`).
+    fn walk_dirs(&self, path: &[u8]) -> Walk {
+        let mut pending: VecDeque<Vec<u8>> = components(path).map(<[u8]>::to_vec).collect();
+        let mut cur = 0;
+        let mut walked: Vec<Vec<u8>> = Vec::new();
+        let mut links = 0;
+        while let Some(comp) = pending.pop_front() {
+            let Some(&next) = self.nodes[cur].children.get(&comp) else {
+                return Walk::Missing(cur, comp);
+            };
+            match self.nodes[next].meta.kind {
+                EntryKind::Dir => {
+                    cur = next;
+                    walked.push(comp);
+                }
+                EntryKind::Symlink => {
+                    links += 1;
+                    if links > MAX_SYMLINKS {
+                        return Walk::NotDir("too many levels of symlinks".into());
+                    }
+                    let target = &self.nodes[next].meta.link;
+                    let mut base = if target.starts_with(b"/") {
+                        Vec::new()
+                    } else {
+                        walked.clone()
+                    };
+                    for c in target.split(|&b| b == b'/') {
+                        match c {
+                            b"" | b"." => {}
+                            b".." => {
+                                base.pop();
+                            }
+                            c => base.push(c.to_vec()),
+                        }
+                    }
+                    base.extend(pending.drain(..));
+                    pending = base.into();
+                    cur = 0;
+                    walked.clear();
+                }
+                _ => {
+                    walked.push(comp);
+                    return Walk::NotDir(format!(
+                        "parent {:?} is not a directory",
+                        String::from_utf8_lossy(&walked.join(&b'/'))
+                    ));
+                }
+            }
+        }
+        Walk::Dir(cur)
     }
 
     fn apply_whiteout(&mut self, entry: &TarEntry, layer: Digest) -> Result<()> {
@@ -242,12 +291,10 @@ impl Builder {
                 detail: "whiteout of an invalid name".into(),
             });
         }
-        let Some(dir) = self.find(parent) else {
+        // The directory the whiteout is in, through symlinks like any entry.
+        let Walk::Dir(dir) = self.walk_dirs(parent) else {
             return Ok(()); // nothing below to hide
         };
-        if self.nodes[dir].meta.kind != EntryKind::Dir {
-            return Ok(());
-        }
         let children = &mut self.nodes[dir].children;
         if opaque {
             children.clear();
@@ -684,6 +731,37 @@ mod tests {
     }
 
     #[test]
+    fn entries_beneath_symlinks_land_inside_the_root() {
+        let t = merged(&[
+            vec![d("usr"), d("usr/lib"), link("lib", EntryKind::Symlink, "usr/lib")],
+            vec![
+                f("lib/x/libfoo.so"),
+                link("etc", EntryKind::Symlink, "/../../../real-etc"),
+                f("etc/passwd"),
+                link("up", EntryKind::Symlink, "../../.."),
+                f("up/top"),
+            ],
+            vec![f("lib/.wh.x")],
+        ])
+        .unwrap();
+        let dump = t.dump();
+        assert!(t.resolve(b"lib").is_some(), "{dump}");
+        // Absolute and `..`-escaping targets resolve within the root.
+        assert!(t.resolve(b"real-etc/passwd").is_some(), "{dump}");
+        assert!(t.resolve(b"etc/passwd").is_none(), "etc is a symlink: {dump}");
+        assert!(t.resolve(b"top").is_some(), "up/top belongs at the root: {dump}");
+        // The whiteout through the symlink removed usr/lib/x.
+        assert!(t.resolve(b"usr/lib/x").is_none(), "{dump}");
+        let t = merged(&[vec![
+            d("usr/lib"),
+            link("lib", EntryKind::Symlink, "usr/lib"),
+            f("lib/y"),
+        ]])
+        .unwrap();
+        assert!(t.resolve(b"usr/lib/y").is_some());
+    }
+
+    #[test]
     fn deep_but_legal_paths_merge() {
         let deep = format!("{}file", "d/".repeat(MAX_DEPTH - 1));
         let t = merged(&[vec![f(&deep)]]).unwrap();
@@ -695,9 +773,13 @@ mod tests {
     fn refuses_what_would_escape() {
         let cases: Vec<(&str, Vec<Vec<TarEntry>>, &str)> = vec![
             (
-                "beneath a symlink",
-                vec![vec![link("l", EntryKind::Symlink, "/etc"), f("l/passwd")]],
-                "symlink",
+                "symlink loop",
+                vec![vec![
+                    link("a", EntryKind::Symlink, "b"),
+                    link("b", EntryKind::Symlink, "a"),
+                    f("a/x"),
+                ]],
+                "too many levels of symlinks",
             ),
             (
                 "beneath a file",
