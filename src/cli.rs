@@ -239,8 +239,32 @@ fn init_logging(level: &str) {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
+        .with_writer(|| CappedStderr)
         .try_init();
+}
+
+/// Bytes of log a process writes at most: a daemon's stderr is its log file in the store, which
+/// must not grow without bound however long it serves (or however noisy a failure is).
+const LOG_CAP: u64 = 16 << 20;
+static LOGGED: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+static CAPPED: AtomicBool = AtomicBool::new(false);
+
+/// stderr, up to [`LOG_CAP`] bytes of log, then one line saying so.
+struct CappedStderr;
+
+impl std::io::Write for CappedStderr {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        let before = LOGGED.fetch_add(buf.len() as u64, Ordering::Relaxed);
+        if before < LOG_CAP {
+            std::io::stderr().write_all(buf)?;
+        } else if !CAPPED.swap(true, Ordering::Relaxed) {
+            let _ = writeln!(std::io::stderr(), "bux-fuse: log capped at {LOG_CAP} bytes");
+        }
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        std::io::stderr().flush()
+    }
 }
 
 fn open_store(path: &Option<PathBuf>) -> Result<Store> {
