@@ -30,6 +30,10 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
     log_level: String,
 
+    /// Print nothing but errors (before or after the subcommand).
+    #[arg(short, long, global = true)]
+    quiet: bool,
+
     #[command(subcommand)]
     command: Cmd,
 }
@@ -204,8 +208,8 @@ struct PullArgs {
     /// When to contact the registry: missing (default), always, never.
     #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
     pull: String,
-    /// Print nothing but errors.
-    #[arg(short, long)]
+    /// Set from the global --quiet.
+    #[arg(skip)]
     quiet: bool,
     /// Seconds a download may go without data before it is resumed (broken connections are
     /// resumed at once; five failed resumptions in a row end the pull).
@@ -267,6 +271,16 @@ impl std::io::Write for CappedStderr {
     }
 }
 
+/// The store, if it exists (commands that only look never create one).
+fn existing_store(path: &Option<PathBuf>) -> Result<Option<Store>> {
+    let p = path.clone().unwrap_or_else(Store::default_path);
+    if p.join("blobs").exists() {
+        open_store(path).map(Some)
+    } else {
+        Ok(None)
+    }
+}
+
 fn open_store(path: &Option<PathBuf>) -> Result<Store> {
     let path = path.clone().unwrap_or_else(Store::default_path);
     Store::open(&path).with_context(|| format!("opening store {}", path.display()))
@@ -282,8 +296,10 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 fn run(cli: Cli) -> Result<()> {
     let store_arg = cli.store.clone();
+    let quiet = cli.quiet;
     match cli.command {
-        Cmd::Pull { reference, pull } => {
+        Cmd::Pull { reference, mut pull } => {
+            pull.quiet = quiet;
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
             let image = runtime()?.block_on(store.pull(&reference, &opts))?;
@@ -307,8 +323,9 @@ fn run(cli: Cli) -> Result<()> {
             read_timeout,
             wait_complete,
             notify_ready,
-            pull,
+            mut pull,
         } => {
+            pull.quiet = quiet;
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
             let image = if lazy {
@@ -379,8 +396,12 @@ fn run(cli: Cli) -> Result<()> {
             crate::mount::unmount_all(&dir).with_context(|| format!("unmounting {}", dir.display()))
         }
         Cmd::Images { json } => {
-            let store = open_store(&store_arg)?;
-            let images = store.images()?;
+            // Listing never creates a store.
+            let store = existing_store(&store_arg)?;
+            let images = match &store {
+                Some(s) => s.images()?,
+                None => Vec::new(),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
                 return Ok(());
@@ -397,7 +418,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             for i in images {
                 let size: u64 = i.layers.iter().map(|l| l.size).sum();
-                let local = store.local_bytes(&i);
+                let local = store.as_ref().map_or(0, |s| s.local_bytes(&i));
                 println!(
                     "{:width$}  {:12}  {:>6}  {:>10}  {:>5}%  {}",
                     i.reference,
@@ -418,7 +439,9 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Inspect { reference, json } => {
-            let store = open_store(&store_arg)?;
+            let Some(store) = existing_store(&store_arg)? else {
+                bail!("{reference}: not in the local store (there is no store yet)");
+            };
             let config = store.config(&reference)?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&config)?);
@@ -442,8 +465,10 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Df { json } => {
-            let store = open_store(&store_arg)?;
-            let u = store.usage()?;
+            let u = match existing_store(&store_arg)? {
+                Some(s) => s.usage()?,
+                None => Default::default(),
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&u)?);
                 return Ok(());

@@ -323,3 +323,18 @@ fn gc_during_a_pull_and_kill_9_mid_pull() {
     let m = bux.mount(&r);
     assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
 }
+
+/// Looking never creates a store; -q works before the subcommand too.
+#[test]
+fn listing_a_missing_store_creates_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = dir.path().join("never");
+    let bin = env!("CARGO_BIN_EXE_bux-fuse");
+    for args in [&["images"][..], &["images", "--json"], &["df"], &["-q", "images"]] {
+        let out = Command::new(bin).arg("--store").arg(&store).args(args).output().unwrap();
+        assert_success(&out);
+    }
+    let out = Command::new(bin).arg("--store").arg(&store).args(["inspect", "x"]).output().unwrap();
+    assert!(!out.status.success());
+    assert!(!store.exists(), "a look created the store");
+}
