@@ -203,7 +203,12 @@ struct PullArgs {
     /// A mirror of the registry (same repository paths), tried first for blobs and manifests
     /// by digest, falling back to the registry; what it serves is verified all the same.
     /// Repeatable; also $BUX_FUSE_MIRRORS (comma-separated).
-    #[arg(long, value_name = "HOST[:PORT]", env = "BUX_FUSE_MIRRORS", value_delimiter = ',')]
+    #[arg(
+        long,
+        value_name = "HOST[:PORT]",
+        env = "BUX_FUSE_MIRRORS",
+        value_delimiter = ','
+    )]
     mirror: Vec<String>,
     /// When to contact the registry: missing (default), always, never.
     #[arg(long, default_value = "missing", value_parser = ["missing", "always", "never"])]
@@ -298,7 +303,10 @@ fn run(cli: Cli) -> Result<()> {
     let store_arg = cli.store.clone();
     let quiet = cli.quiet;
     match cli.command {
-        Cmd::Pull { reference, mut pull } => {
+        Cmd::Pull {
+            reference,
+            mut pull,
+        } => {
             pull.quiet = quiet;
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
@@ -764,9 +772,11 @@ fn wait_complete_layers(store: &Store, record: &crate::store::ImageRecord) -> Re
         if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
             bail!("{}: marked bad: {}", record.reference, why.trim());
         }
-        if record.layers.iter().all(|l| {
-            store.blob_path(&l.digest).exists() || store.seekable_path(&l.digest).exists()
-        }) {
+        if record
+            .layers
+            .iter()
+            .all(|l| store.blob_path(&l.digest).exists() || store.seekable_path(&l.digest).exists())
+        {
             return Ok(());
         }
         std::thread::sleep(std::time::Duration::from_millis(100));
@@ -816,7 +826,10 @@ fn spawn_daemon(
     }
     if lazy {
         cmd.arg("--lazy")
-            .arg(format!("--read-timeout={}", opts.read_deadline.as_secs_f64()))
+            .arg(format!(
+                "--read-timeout={}",
+                opts.read_deadline.as_secs_f64()
+            ))
             .arg(match opts.prefetch {
                 crate::mount::Prefetch::None => "--prefetch=none",
                 crate::mount::Prefetch::Trace => "--prefetch=trace",
@@ -834,7 +847,9 @@ fn spawn_daemon(
         if let (Some(u), Credentials::Basic { password, .. }) =
             (&pull.username, &opts.registry.credentials)
         {
-            cmd.arg("--username").arg(u).env("BUX_FUSE_PASSWORD", password);
+            cmd.arg("--username")
+                .arg(u)
+                .env("BUX_FUSE_PASSWORD", password);
         }
     }
     cmd.stdin(Stdio::null())

@@ -146,7 +146,9 @@ impl ImageFs {
     /// The name an image xattr is listed under through this mount.
     fn listed_xattr_name<'a>(&self, name: &'a [u8]) -> std::borrow::Cow<'a, [u8]> {
         match name.strip_prefix(OVERLAY_XATTR) {
-            Some(rest) if self.escape_overlay_xattrs => [ESCAPED_OVERLAY_XATTR, rest].concat().into(),
+            Some(rest) if self.escape_overlay_xattrs => {
+                [ESCAPED_OVERLAY_XATTR, rest].concat().into()
+            }
             _ => name.into(),
         }
     }
@@ -237,7 +239,12 @@ impl Shared {
 
     /// The layer stream ranges a read of `i` at `offset` needs, and those worth fetching with
     /// it (the rest of a small file, a window ahead in a large one).
-    fn stream_ranges(&self, i: &Inode, offset: u64, size: u32) -> Vec<(u32, std::ops::Range<u64>, std::ops::Range<u64>)> {
+    fn stream_ranges(
+        &self,
+        i: &Inode,
+        offset: u64,
+        size: u32,
+    ) -> Vec<(u32, std::ops::Range<u64>, std::ops::Range<u64>)> {
         let end = offset.saturating_add(size as u64).min(i.size);
         if offset >= end {
             return Vec::new();
@@ -248,7 +255,10 @@ impl Shared {
             end.saturating_add(FETCH_AHEAD).min(i.size)
         };
         match &i.data {
-            NodeData::File { layer, offset: base } => {
+            NodeData::File {
+                layer,
+                offset: base,
+            } => {
                 let from = if i.size <= FETCH_AHEAD { 0 } else { offset };
                 vec![(*layer, base + offset..base + end, base + from..base + ahead)]
             }
@@ -309,11 +319,14 @@ impl Shared {
         let children_from = from.saturating_sub(2).min(children.len());
         dots.into_iter()
             .skip(dots_from)
-            .chain(children[children_from..].iter().map(|d| (d.ino, d.name.as_slice())))
+            .chain(
+                children[children_from..]
+                    .iter()
+                    .map(|d| (d.ino, d.name.as_slice())),
+            )
             .enumerate()
             .map(move |(k, (ino, name))| ((from + k) as u64 + 1, ino, name))
     }
-
 }
 
 impl ImageFs {

@@ -413,7 +413,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 };
                 let blob = LazyBlob::open(store, &published, remote)?;
                 lazy.push((blob.clone(), published));
-                LayerReader::new(i as u32, Box::new(blob), l.access.clone(), l.uncompressed_size)
+                LayerReader::new(
+                    i as u32,
+                    Box::new(blob),
+                    l.access.clone(),
+                    l.uncompressed_size,
+                )
             }
             _ => LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
                 .map_err(|e| {
@@ -434,7 +439,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         (t, trace_path.clone())
     });
     if let Some((t, _)) = &trace {
-        layers = layers.into_iter().map(|r| r.with_trace(t.clone())).collect();
+        layers = layers
+            .into_iter()
+            .map(|r| r.with_trace(t.clone()))
+            .collect();
     }
     let mount_err = |detail: String| Error::Mount {
         path: dir.to_path_buf(),
@@ -534,16 +542,27 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 Some((blob.clone(), e.start..e.end))
             })
             .collect();
-        let complete = if opts.prefetch == Prefetch::All { lazy } else { Vec::new() };
+        let complete = if opts.prefetch == Prefetch::All {
+            lazy
+        } else {
+            Vec::new()
+        };
         let bad = store.bad_path(&record.manifest_digest);
-        LazyBlob::prefetch(replay, complete, store.clone(), move |digest, res, mismatch| match res {
-            Ok(()) => tracing::info!("layer {digest} is complete and verified"),
-            Err(why) if mismatch => {
-                tracing::error!("{why}: the image is marked bad");
-                let _ = crate::store::write_atomic(&bad, why.as_bytes());
-            }
-            Err(why) => tracing::warn!("completing layer {digest}: {why} (a later mount resumes)"),
-        });
+        LazyBlob::prefetch(
+            replay,
+            complete,
+            store.clone(),
+            move |digest, res, mismatch| match res {
+                Ok(()) => tracing::info!("layer {digest} is complete and verified"),
+                Err(why) if mismatch => {
+                    tracing::error!("{why}: the image is marked bad");
+                    let _ = crate::store::write_atomic(&bad, why.as_bytes());
+                }
+                Err(why) => {
+                    tracing::warn!("completing layer {digest}: {why} (a later mount resumes)")
+                }
+            },
+        );
     }
     if let Some(w) = &m.writable {
         let base = opts

@@ -90,7 +90,11 @@ impl Store {
 
     /// Publishes the index of the stored image `reference` to its registry (see the module
     /// docs). Gzip and plain-tar layers are indexed; zstd layers are listed in `skipped`.
-    pub async fn push_index(&self, reference: &str, opts: &PushIndexOptions) -> Result<PushedIndex> {
+    pub async fn push_index(
+        &self,
+        reference: &str,
+        opts: &PushIndexOptions,
+    ) -> Result<PushedIndex> {
         let loc = Location::parse(reference)?;
         let name = loc.key();
         let Location::Registry(whole) = &loc else {
@@ -112,14 +116,18 @@ impl Store {
                 what: format!("manifest {}", record.manifest_digest),
                 detail: e.to_string(),
             })?;
-        let manifest_type = manifest["mediaType"].as_str().unwrap_or(OCI_MANIFEST).to_string();
+        let manifest_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or(OCI_MANIFEST)
+            .to_string();
         // The subject is the image without any earlier pin, so re-publishing stays stable.
         let had_pin = manifest["annotations"]
             .as_object_mut()
             .is_some_and(|a| a.remove(ANNOTATION_INDEX).is_some());
         let subject = match had_pin {
             true => {
-                let bytes = serde_json::to_vec(&manifest).map_err(|e| Error::io("json", e.into()))?;
+                let bytes =
+                    serde_json::to_vec(&manifest).map_err(|e| Error::io("json", e.into()))?;
                 reg.push_manifest(
                     &r.clone_with_digest(Digest::of(&bytes).to_string()),
                     bytes.clone(),
@@ -137,13 +145,19 @@ impl Store {
         for l in &record.layers {
             let idx = LayerIndex::load(&self.index_path(&l.digest))?;
             if idx.compression == Compression::Zstd {
-                skipped.push((l.digest, "zstd layer (publish it as zstd:chunked)".to_string()));
+                skipped.push((
+                    l.digest,
+                    "zstd layer (publish it as zstd:chunked)".to_string(),
+                ));
                 continue;
             }
             let blob_path = self.blob_path(&l.digest);
             let blob = LocalBlob::open(&blob_path).map_err(|e| {
                 Error::io(
-                    format!("layer {} is not fully local (mount it with --wait-complete first)", l.digest),
+                    format!(
+                        "layer {} is not fully local (mount it with --wait-complete first)",
+                        l.digest
+                    ),
                     e,
                 )
             })?;
@@ -184,7 +198,8 @@ impl Store {
                 }));
             }
         }
-        reg.push_blob(&Digest::of(EMPTY_JSON), EMPTY_JSON.to_vec()).await?;
+        reg.push_blob(&Digest::of(EMPTY_JSON), EMPTY_JSON.to_vec())
+            .await?;
         let index = serde_json::to_vec(&json!({
             "schemaVersion": 2,
             "mediaType": OCI_MANIFEST,
@@ -195,9 +210,14 @@ impl Store {
         }))
         .map_err(|e| Error::io("json", e.into()))?;
         let index_digest = Digest::of(&index);
-        reg.push_manifest(&r.clone_with_digest(index_digest.to_string()), index.clone(), OCI_MANIFEST)
+        reg.push_manifest(
+            &r.clone_with_digest(index_digest.to_string()),
+            index.clone(),
+            OCI_MANIFEST,
+        )
+        .await?;
+        self.add_referrer(&reg, &r, &subject.0, &index_digest, index.len())
             .await?;
-        self.add_referrer(&reg, &r, &subject.0, &index_digest, index.len()).await?;
 
         // The pinned manifest: the same image, naming its index.
         if !manifest["annotations"].is_object() {
@@ -211,11 +231,8 @@ impl Store {
             .clone()
             .or_else(|| r.tag().map(str::to_string))
             .unwrap_or_else(|| "latest".into());
-        let target = registry::parse_reference(&format!(
-            "{}/{}:{tag}",
-            r.registry(),
-            r.repository()
-        ))?;
+        let target =
+            registry::parse_reference(&format!("{}/{}:{tag}", r.registry(), r.repository()))?;
         if opts.tag.is_none() {
             // Retagging an image index with one platform's manifest would drop the others.
             if let Ok((top, _)) = reg.manifest(&target).await {
@@ -230,7 +247,8 @@ impl Store {
                 }
             }
         }
-        reg.push_manifest(&target, pinned.clone(), &manifest_type).await?;
+        reg.push_manifest(&target, pinned.clone(), &manifest_type)
+            .await?;
         self.put_blob(&pinned_digest, &pinned, "pinned manifest")?;
         self.pin(&subject.0, &index_digest)?;
         self.pin(&pinned_digest, &index_digest)?;
@@ -259,8 +277,9 @@ impl Store {
             subject.hex()
         ))?;
         let mut list = match reg.manifest(&tag).await {
-            Ok((bytes, _)) => serde_json::from_slice::<serde_json::Value>(&bytes)
-                .unwrap_or_else(|_| json!({})),
+            Ok((bytes, _)) => {
+                serde_json::from_slice::<serde_json::Value>(&bytes).unwrap_or_else(|_| json!({}))
+            }
             Err(Error::NotFound { .. }) => json!({}),
             Err(e) => return Err(e),
         };
@@ -268,7 +287,10 @@ impl Store {
             list = json!({ "schemaVersion": 2, "mediaType": OCI_INDEX, "manifests": [] });
         }
         let entries = list["manifests"].as_array_mut().expect("checked above");
-        if !entries.iter().any(|m| m["digest"] == json!(index.to_string())) {
+        if !entries
+            .iter()
+            .any(|m| m["digest"] == json!(index.to_string()))
+        {
             entries.push(json!({
                 "mediaType": OCI_MANIFEST,
                 "digest": index.to_string(),

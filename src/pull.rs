@@ -499,7 +499,12 @@ impl Store {
     }
 
     /// Fetches and indexes the layers not stored yet, several at once.
-    async fn fetch_layers(&self, reg: &Arc<Source>, jobs: &[LayerJob], opts: &PullOptions) -> Result<()> {
+    async fn fetch_layers(
+        &self,
+        reg: &Arc<Source>,
+        jobs: &[LayerJob],
+        opts: &PullOptions,
+    ) -> Result<()> {
         let parallel = if opts.parallel == 0 { 3 } else { opts.parallel };
         let results: Vec<Result<()>> = futures_util::stream::iter(jobs.iter())
             .map(|job| self.ensure_layer(reg.clone(), job, opts))
@@ -511,7 +516,12 @@ impl Store {
 
     /// Merges the layers' indexes, saves the tree and records the image. `lazy` names the
     /// published index blob of each layer served lazily.
-    fn record(&self, r: Resolved, lazy: &[(Digest, Digest)], opts: &PullOptions) -> Result<PulledImage> {
+    fn record(
+        &self,
+        r: Resolved,
+        lazy: &[(Digest, Digest)],
+        opts: &PullOptions,
+    ) -> Result<PulledImage> {
         let Resolved {
             name,
             bytes,
@@ -680,8 +690,7 @@ impl Store {
             // Each layer's index, all at once (a round trip each otherwise).
             let fetches = r.jobs.iter().filter_map(|job| {
                 let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
-                if self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest)
-                {
+                if self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest) {
                     return None; // already stored whole
                 }
                 let src = src.clone();
@@ -717,8 +726,7 @@ impl Store {
         // zstd:chunked layers carry their own table of contents, which the manifest pins.
         for job in &r.jobs {
             if lazy.iter().any(|(l, _)| *l == job.digest)
-                || (self.index_path(&job.digest).exists()
-                    && self.layer_bytes_present(&job.digest))
+                || (self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest))
             {
                 continue;
             }
@@ -843,7 +851,8 @@ impl Store {
                 tracing::info!("layer {}: {cause}; resuming at byte {done}", digest.short());
                 let pause = (250u64 << failures).min(2000);
                 tokio::time::sleep(std::time::Duration::from_millis(pause)).await;
-                let attempt = tokio::time::timeout(stall, reg.blob_stream_from(&digest, done, total));
+                let attempt =
+                    tokio::time::timeout(stall, reg.blob_stream_from(&digest, done, total));
                 match attempt.await.unwrap_or_else(|_| {
                     Err(Error::Registry {
                         reference: digest.to_string(),

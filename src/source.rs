@@ -248,7 +248,10 @@ impl Source {
                     what: format!("{}/index.json", path.display()),
                     detail: format!("{e}"),
                 })?;
-                Ok((self.small_blob(&digest, manifest::MAX_MANIFEST).await?, digest))
+                Ok((
+                    self.small_blob(&digest, manifest::MAX_MANIFEST).await?,
+                    digest,
+                ))
             }
             Source::Archive(a) => Ok((a.manifest.clone(), Digest::of(&a.manifest))),
         }
@@ -336,7 +339,8 @@ impl Source {
         total: u64,
     ) -> Result<BoxStream<'static, io::Result<bytes::Bytes>>> {
         match self {
-            Source::Registry(reg, _) => match reg.blob_range(digest, offset, total - offset).await? {
+            Source::Registry(reg, _) => match reg.blob_range(digest, offset, total - offset).await?
+            {
                 registry::RangeBody::Partial(s) => Ok(s),
                 // The registry ignores Range: skip what we have.
                 registry::RangeBody::Full(s) => Ok(skip_bytes(s, offset)),

@@ -327,7 +327,9 @@ impl Store {
         };
         for entry in entries.flatten() {
             let path = entry.path();
-            let Ok(file) = File::open(&path) else { continue };
+            let Ok(file) = File::open(&path) else {
+                continue;
+            };
             // SAFETY: flock on a valid, owned descriptor.
             let free = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
             if free {
@@ -461,7 +463,10 @@ impl Store {
             }
         }
         let tmp = self.root.join("tmp");
-        for entry in fs::read_dir(&tmp).ctx(|| format!("listing {}", tmp.display()))?.flatten() {
+        for entry in fs::read_dir(&tmp)
+            .ctx(|| format!("listing {}", tmp.display()))?
+            .flatten()
+        {
             u.temp += entry.metadata().map(|m| m.len()).unwrap_or(0);
         }
         let images = self.images()?;
@@ -530,7 +535,8 @@ impl Store {
                 let hex = name.split('.').next().unwrap_or("");
                 let stale_temp = temp_owner(&name).is_some_and(|pid| !alive(pid))
                     && (dir.ends_with("tmp") || name.contains(".tmp."));
-                let orphan = !dir.ends_with("tmp") && !name.contains(".tmp.") && !keep.contains(hex);
+                let orphan =
+                    !dir.ends_with("tmp") && !name.contains(".tmp.") && !keep.contains(hex);
                 if stale_temp || orphan {
                     let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(entry.path())

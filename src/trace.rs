@@ -76,10 +76,11 @@ pub fn save(path: &Path, entries: &[Entry]) -> Result<()> {
 
 /// Parses a trace (from the store or a registry).
 pub fn parse(bytes: &[u8]) -> Result<Vec<Entry>> {
-    let entries: Vec<Entry> = serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest {
-        what: "read trace".into(),
-        detail: e.to_string(),
-    })?;
+    let entries: Vec<Entry> =
+        serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest {
+            what: "read trace".into(),
+            detail: e.to_string(),
+        })?;
     Ok(entries
         .into_iter()
         .filter(|e| e.start < e.end)

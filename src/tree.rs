@@ -733,7 +733,11 @@ mod tests {
     #[test]
     fn entries_beneath_symlinks_land_inside_the_root() {
         let t = merged(&[
-            vec![d("usr"), d("usr/lib"), link("lib", EntryKind::Symlink, "usr/lib")],
+            vec![
+                d("usr"),
+                d("usr/lib"),
+                link("lib", EntryKind::Symlink, "usr/lib"),
+            ],
             vec![
                 f("lib/x/libfoo.so"),
                 link("etc", EntryKind::Symlink, "/../../../real-etc"),
@@ -748,8 +752,14 @@ mod tests {
         assert!(t.resolve(b"lib").is_some(), "{dump}");
         // Absolute and `..`-escaping targets resolve within the root.
         assert!(t.resolve(b"real-etc/passwd").is_some(), "{dump}");
-        assert!(t.resolve(b"etc/passwd").is_none(), "etc is a symlink: {dump}");
-        assert!(t.resolve(b"top").is_some(), "up/top belongs at the root: {dump}");
+        assert!(
+            t.resolve(b"etc/passwd").is_none(),
+            "etc is a symlink: {dump}"
+        );
+        assert!(
+            t.resolve(b"top").is_some(),
+            "up/top belongs at the root: {dump}"
+        );
         // The whiteout through the symlink removed usr/lib/x.
         assert!(t.resolve(b"usr/lib/x").is_none(), "{dump}");
         let t = merged(&[vec![

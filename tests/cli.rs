@@ -73,7 +73,10 @@ fn images_inspect_rm_gc_df() {
     assert!(usage["shared"].as_u64().unwrap() > 0);
     assert!(usage["images"][0]["reference"].is_string(), "{usage}");
     assert!(
-        json[0]["manifest_digest"].as_str().unwrap().starts_with("sha256:"),
+        json[0]["manifest_digest"]
+            .as_str()
+            .unwrap()
+            .starts_with("sha256:"),
         "{json}"
     );
 
@@ -87,11 +90,19 @@ fn images_inspect_rm_gc_df() {
     // A mounted image is not removed from under its mount: rm refuses; with --force the
     // record goes but gc keeps its files until the mount ends.
     let err = bux.fails(&["rm", &b]);
-    assert!(err.contains("in use by a mount") && err.contains("--force"), "{err}");
+    assert!(
+        err.contains("in use by a mount") && err.contains("--force"),
+        "{err}"
+    );
     bux.ok(&["rm", "--force", &b]);
     bux.ok(&["gc"]);
     assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), shared);
-    assert!(std::fs::read_dir(bux.store.path().join("blobs/sha256")).unwrap().count() > 0);
+    assert!(
+        std::fs::read_dir(bux.store.path().join("blobs/sha256"))
+            .unwrap()
+            .count()
+            > 0
+    );
     // The JSON outputs name their fields and spell digests as strings.
     let images: serde_json::Value = serde_json::from_str(&bux.ok(&["images", "--json"])).unwrap();
     assert_eq!(images.as_array().unwrap().len(), 0);
@@ -165,7 +176,10 @@ fn login_stores_docker_credentials() {
         .unwrap();
     assert_success(&ok);
     use std::os::unix::fs::PermissionsExt;
-    let mode = std::fs::metadata(cfg.path().join("config.json")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(cfg.path().join("config.json"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o777, 0o600, "credentials readable by others");
     let out = bux
         .cmd()
@@ -211,7 +225,10 @@ fn umount_clears_a_mount_whose_daemon_died() {
     assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
     // Mounting over the dead mount says what to do, in one line.
     let err = bux.fails(&["mount", "-q", &r, mnt.to_str().unwrap()]);
-    assert!(err.contains("bux-fuse umount") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("bux-fuse umount") && err.lines().count() == 1,
+        "{err}"
+    );
     let file = dir.path().join("a-file");
     std::fs::write(&file, b"x").unwrap();
     let err = bux.fails(&["mount", &r, file.to_str().unwrap()]);
@@ -318,7 +335,11 @@ fn gc_during_a_pull_and_kill_9_mid_pull() {
     let df: serde_json::Value = serde_json::from_str(&bux.ok(&["df", "--json"])).unwrap();
     assert!(df["temp"].as_u64().unwrap() > 0, "{df}");
     bux.ok(&["gc"]);
-    assert_eq!(std::fs::read_dir(&tmp).unwrap().count(), 0, "gc left temp files");
+    assert_eq!(
+        std::fs::read_dir(&tmp).unwrap().count(),
+        0,
+        "gc left temp files"
+    );
     bux.ok(&["pull", "-q", &slow]);
     let m = bux.mount(&r);
     assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
@@ -330,11 +351,26 @@ fn listing_a_missing_store_creates_nothing() {
     let dir = tempfile::tempdir().unwrap();
     let store = dir.path().join("never");
     let bin = env!("CARGO_BIN_EXE_bux-fuse");
-    for args in [&["images"][..], &["images", "--json"], &["df"], &["-q", "images"]] {
-        let out = Command::new(bin).arg("--store").arg(&store).args(args).output().unwrap();
+    for args in [
+        &["images"][..],
+        &["images", "--json"],
+        &["df"],
+        &["-q", "images"],
+    ] {
+        let out = Command::new(bin)
+            .arg("--store")
+            .arg(&store)
+            .args(args)
+            .output()
+            .unwrap();
         assert_success(&out);
     }
-    let out = Command::new(bin).arg("--store").arg(&store).args(["inspect", "x"]).output().unwrap();
+    let out = Command::new(bin)
+        .arg("--store")
+        .arg(&store)
+        .args(["inspect", "x"])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(!store.exists(), "a look created the store");
 }

@@ -39,15 +39,24 @@ fn registry_killed_mid_layer_the_pull_resumes() {
     reg.stop();
     std::thread::sleep(Duration::from_millis(300));
     reg.restart();
-    assert!(pull.wait().unwrap().success(), "pull did not survive the registry restart");
+    assert!(
+        pull.wait().unwrap().success(),
+        "pull did not survive the registry restart"
+    );
     let fetched = proxy.bytes();
     assert!(
         fetched < compressed + compressed / 20,
         "fetched {fetched} bytes for a {compressed}-byte image: the retry started over"
     );
     let m = bux.mount(&r);
-    assert_eq!(std::fs::read(m.path.join("etc/marker")).unwrap(), b"faults\n");
-    assert_eq!(std::fs::read(m.path.join("big.bin")).unwrap(), test_bytes(24 << 20, 21));
+    assert_eq!(
+        std::fs::read(m.path.join("etc/marker")).unwrap(),
+        b"faults\n"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("big.bin")).unwrap(),
+        test_bytes(24 << 20, 21)
+    );
 }
 
 #[test]
@@ -78,7 +87,16 @@ fn a_stalled_registry_gives_a_clear_timeout() {
     assert!(!out.status.success());
     assert!(err.contains("stalled"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(t.elapsed() < Duration::from_secs(40), "gave up after {:?}", t.elapsed());
+    assert!(
+        t.elapsed() < Duration::from_secs(40),
+        "gave up after {:?}",
+        t.elapsed()
+    );
     assert_eq!(bux.ok(&["images", "--json"]).trim(), "[]");
-    assert_eq!(std::fs::read_dir(bux.store.path().join("tmp")).unwrap().count(), 0);
+    assert_eq!(
+        std::fs::read_dir(bux.store.path().join("tmp"))
+            .unwrap()
+            .count(),
+        0
+    );
 }

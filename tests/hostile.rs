@@ -287,13 +287,26 @@ fn entries_beneath_symlinks_resolve_inside_the_root() {
         .file("escape/planted", b"must stay inside\n")
         .finish();
     let layout = work.path().join("layout");
-    write_layout(&layout, "v1", &Image::new(vec![(base, Comp::Gzip), (top, Comp::Gzip)]));
+    write_layout(
+        &layout,
+        "v1",
+        &Image::new(vec![(base, Comp::Gzip), (top, Comp::Gzip)]),
+    );
     reg.push(&layout, "v1", "t/symlinked", None);
     let bux = Bux::new();
     let m = bux.mount(&format!("{}/t/symlinked:v1", reg.host()));
-    assert_eq!(std::fs::read(m.path.join("usr/lib/x/libfoo.so")).unwrap(), b"foo\n");
-    assert_eq!(std::fs::read(m.path.join("lib/x/libfoo.so")).unwrap(), b"foo\n");
-    assert_eq!(std::fs::read(m.path.join("tmp/planted")).unwrap(), b"must stay inside\n");
+    assert_eq!(
+        std::fs::read(m.path.join("usr/lib/x/libfoo.so")).unwrap(),
+        b"foo\n"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("lib/x/libfoo.so")).unwrap(),
+        b"foo\n"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("tmp/planted")).unwrap(),
+        b"must stay inside\n"
+    );
     assert!(!std::path::Path::new("/tmp/planted").exists());
 }
 

@@ -24,7 +24,10 @@ fn image() -> Image {
         .hardlink("usr/bin/sudo-alias", "usr/bin/sudo")
         .symlink("usr/bin/sh", "busybox");
     for i in 0..40 {
-        l1 = l1.file(&format!("usr/share/doc/f{i}.txt"), format!("doc {i}\n").as_bytes());
+        l1 = l1.file(
+            &format!("usr/share/doc/f{i}.txt"),
+            format!("doc {i}\n").as_bytes(),
+        );
     }
     let l2 = LayerBuilder::new()
         .file("usr/lib/big2.bin", &test_bytes(12 << 20, 2))
@@ -108,14 +111,21 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
     let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     assert!(!stderr.contains("pulled whole"), "{stderr}");
     // Nothing of the layers is stored: the mount serves from the published index.
-    assert!(!bux.store.path().join("blobs/sha256").read_dir().unwrap().any(|e| {
-        e.unwrap().metadata().unwrap().len() > 1 << 20
-    }));
+    assert!(!bux
+        .store
+        .path()
+        .join("blobs/sha256")
+        .read_dir()
+        .unwrap()
+        .any(|e| { e.unwrap().metadata().unwrap().len() > 1 << 20 }));
     let at_mount = proxy.bytes();
-    let os = cat(&m.path.join("etc/os-release"))
-        .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+    let os =
+        cat(&m.path.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
-    assert_eq!(cat(&m.path.join("etc/motd")).unwrap(), b"hello from a lazy layer\n");
+    assert_eq!(
+        cat(&m.path.join("etc/motd")).unwrap(),
+        b"hello from a lazy layer\n"
+    );
     let after_cat = proxy.bytes();
     eprintln!(
         "image {} bytes compressed; fetched {at_mount} to mount, {} more for two small files",
@@ -132,7 +142,10 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
     bux.ok(&["gc"]);
     // images and df say how much is local.
     let images = bux.ok(&["images"]);
-    assert!(images.contains("LOCAL") && !images.contains(" 100%"), "{images}");
+    assert!(
+        images.contains("LOCAL") && !images.contains(" 100%"),
+        "{images}"
+    );
     let df = bux.ok(&["df"]);
     assert!(df.contains("lazily mounted layers fetched so far"), "{df}");
 
@@ -141,7 +154,14 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
     umoci_unpack(s.layout.path(), "v1", &unpacked.path().join("b"));
     // umoci does not restore the mtime of implied parents or of a directory it changed.
     let mut args = vec!["--ignore-root"];
-    for d in ["opt", "usr", "usr/share", "usr/share/doc", "usr/bin", "usr/lib"] {
+    for d in [
+        "opt",
+        "usr",
+        "usr/share",
+        "usr/share/doc",
+        "usr/bin",
+        "usr/lib",
+    ] {
         args.extend(["--ignore-mtime-of", d]);
     }
     let (same, diff) = treediff(&m.path, &unpacked.path().join("b"), &args);
@@ -178,7 +198,11 @@ fn without_a_pinned_index_lazy_pulls_whole_and_says_so() {
         .join("layers/sha256")
         .read_dir()
         .unwrap()
-        .any(|e| e.unwrap().file_name().to_string_lossy().ends_with(".partial")));
+        .any(|e| e
+            .unwrap()
+            .file_name()
+            .to_string_lossy()
+            .ends_with(".partial")));
     drop(m);
 
     // An image that was never indexed: pulled whole, said so, works.
@@ -204,7 +228,12 @@ fn largest_layer_in_registry(reg: &Registry, layout: &Path) -> (String, PathBuf)
     let (hex, _) = std::fs::read_dir(layout.join("blobs/sha256"))
         .unwrap()
         .flatten()
-        .map(|e| (e.file_name().to_string_lossy().into_owned(), e.metadata().unwrap().len()))
+        .map(|e| {
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                e.metadata().unwrap().len(),
+            )
+        })
         .max_by_key(|(_, l)| *l)
         .unwrap();
     let path = reg.blob_data_path(&hex);
@@ -223,7 +252,11 @@ fn a_corrupted_chunk_is_never_served() {
     }
     std::fs::write(&path, &bytes).unwrap();
     let bux = Bux::new();
-    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none", "--read-timeout", "3"]);
+    let (m, _) = lazy_mount(
+        &bux,
+        &s.pinned,
+        &["--prefetch", "none", "--read-timeout", "3"],
+    );
     // The small files (other chunks) read fine; the big file fails rather than lie.
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
     let err = cat(&m.path.join("usr/lib/big1.bin")).unwrap_err();
@@ -234,7 +267,10 @@ fn a_corrupted_chunk_is_never_served() {
 
 fn daemon_log(bux: &Bux) -> String {
     let mut out = String::new();
-    for e in std::fs::read_dir(bux.store.path().join("logs")).unwrap().flatten() {
+    for e in std::fs::read_dir(bux.store.path().join("logs"))
+        .unwrap()
+        .flatten()
+    {
         out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
     }
     out
@@ -244,7 +280,11 @@ fn daemon_log(bux: &Bux) -> String {
 fn registry_down_fails_reads_within_the_deadline_and_recovers() {
     let mut s = setup();
     let bux = Bux::new();
-    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none", "--read-timeout", "2"]);
+    let (m, _) = lazy_mount(
+        &bux,
+        &s.pinned,
+        &["--prefetch", "none", "--read-timeout", "2"],
+    );
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
     s.reg.stop();
     let t = Instant::now();
@@ -266,21 +306,35 @@ fn killed_daemon_keeps_what_it_verified() {
     let proxy = Proxy::start(s.reg.port, 10_000, 0);
     let reference = through(&proxy, &s.pinned, &s.reg);
     let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
-    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    assert_eq!(
+        cat(&m.path.join("opt/data.bin")).unwrap(),
+        test_bytes(6 << 20, 3)
+    );
     let pid = daemon_pid(&m.path);
-    Command::new("kill").args(["-9", &pid.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
     drop(m); // umount of the dead mount
     let before = proxy.bytes();
     let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
-    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    assert_eq!(
+        cat(&m.path.join("opt/data.bin")).unwrap(),
+        test_bytes(6 << 20, 3)
+    );
     let again = proxy.bytes() - before;
-    assert!(again < 64 << 10, "{again} bytes fetched again after kill -9");
+    assert!(
+        again < 64 << 10,
+        "{again} bytes fetched again after kill -9"
+    );
 }
 
 fn daemon_pid(mnt: &Path) -> u32 {
     let needle = mnt.as_os_str().as_encoded_bytes().to_vec();
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { continue };
+        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
         if cmd.split(|&b| b == 0).any(|a| a == needle.as_slice())
             && cmd.windows(12).any(|w| w == b"notify-ready")
         {
@@ -299,8 +353,14 @@ fn background_completion_makes_ordinary_layers() {
     // Every layer is stored whole now: a plain mount works with the registry gone.
     s.reg.stop();
     let m = bux.mount(&s.pinned);
-    assert_eq!(cat(&m.path.join("usr/lib/big1.bin")).unwrap(), test_bytes(16 << 20, 1));
-    assert_eq!(cat(&m.path.join("etc/motd")).unwrap(), b"hello from a lazy layer\n");
+    assert_eq!(
+        cat(&m.path.join("usr/lib/big1.bin")).unwrap(),
+        test_bytes(16 << 20, 1)
+    );
+    assert_eq!(
+        cat(&m.path.join("etc/motd")).unwrap(),
+        b"hello from a lazy layer\n"
+    );
 }
 
 /// A self-consistent lying index: every chunk digest is right, but the table makes
@@ -353,7 +413,14 @@ fn a_lying_index_is_refused_unless_trusted_and_caught_at_completion() {
                     "digest": s.original, "size": 0},
     }))
     .unwrap();
-    raw_push(&s.reg, "lazy/app", "lying-index", &blobs, &index, "application/vnd.oci.image.manifest.v1+json");
+    raw_push(
+        &s.reg,
+        "lazy/app",
+        "lying-index",
+        &blobs,
+        &index,
+        "application/vnd.oci.image.manifest.v1+json",
+    );
     // Replace the referrers list of the original image with the lying index alone.
     let referrers = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
@@ -364,13 +431,23 @@ fn a_lying_index_is_refused_unless_trusted_and_caught_at_completion() {
     }))
     .unwrap();
     let tag = format!("sha256-{}", &s.original[7..]);
-    raw_push(&s.reg, "lazy/app", &tag, &[], &referrers, "application/vnd.oci.image.index.v1+json");
+    raw_push(
+        &s.reg,
+        "lazy/app",
+        &tag,
+        &[],
+        &referrers,
+        "application/vnd.oci.image.index.v1+json",
+    );
 
     let by_digest = format!("{}/lazy/app@{}", s.reg.host(), s.original);
     let bux = Bux::new();
     let (m, stderr) = lazy_mount(&bux, &by_digest, &[]);
     assert!(stderr.contains("not trusted"), "{stderr}");
-    let mode = std::fs::metadata(m.path.join("etc/hostname")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(m.path.join("etc/hostname"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o7777, 0o644, "the untrusted index was used");
     drop(m);
 
@@ -378,21 +455,36 @@ fn a_lying_index_is_refused_unless_trusted_and_caught_at_completion() {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("root");
     let out = bux.run(&[
-        "mount", "--lazy", "--trust-index", "--wait-complete", &by_digest, mnt.to_str().unwrap(),
+        "mount",
+        "--lazy",
+        "--trust-index",
+        "--wait-complete",
+        &by_digest,
+        mnt.to_str().unwrap(),
     ]);
     let m = MountGuard::adopt(mnt.clone(), dir);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "completion did not catch the lie: {stderr}");
+    assert!(
+        !out.status.success(),
+        "completion did not catch the lie: {stderr}"
+    );
     assert!(stderr.contains("marked bad"), "{stderr}");
     assert!(stderr.contains("etc/hostname"), "{stderr}");
     drop(m);
     let again = tempfile::tempdir().unwrap();
-    let err = bux.fails(&["mount", &by_digest, again.path().join("r").to_str().unwrap()]);
+    let err = bux.fails(&[
+        "mount",
+        &by_digest,
+        again.path().join("r").to_str().unwrap(),
+    ]);
     assert!(err.contains("marked bad"), "{err}");
     // Forgotten and pulled again (whole, untrusted referrer ignored), it is the real image.
     bux.ok(&["rm", &by_digest]);
     let m = bux.mount(&by_digest);
-    let mode = std::fs::metadata(m.path.join("etc/hostname")).unwrap().permissions().mode();
+    let mode = std::fs::metadata(m.path.join("etc/hostname"))
+        .unwrap()
+        .permissions()
+        .mode();
     assert_eq!(mode & 0o7777, 0o644);
 }
 
@@ -418,7 +510,10 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
         serde_json::from_slice(&std::fs::read(zc.join("index.json")).unwrap()).unwrap();
     let mdigest = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
     let manifest = std::fs::read_to_string(zc.join("blobs/sha256").join(mdigest)).unwrap();
-    assert!(manifest.contains("zstd-chunked.manifest-position"), "{manifest}");
+    assert!(
+        manifest.contains("zstd-chunked.manifest-position"),
+        "{manifest}"
+    );
     reg.push(&zc, "v1", "lazy/chunked", None);
     let proxy = Proxy::start(reg.port, 10_000, 0);
     let reference = format!("{}/lazy/chunked:v1", proxy.host());
@@ -432,8 +527,8 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
     let bux = Bux::new();
     let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     assert!(!stderr.contains("pulled whole"), "{stderr}");
-    let os = cat(&m.path.join("etc/os-release"))
-        .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+    let os =
+        cat(&m.path.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
     let fetched = proxy.bytes();
     assert!(
@@ -443,7 +538,14 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
     let unpacked = tempfile::tempdir().unwrap();
     umoci_unpack(&gz, "v1", &unpacked.path().join("b"));
     let mut args = vec!["--ignore-root"];
-    for d in ["opt", "usr", "usr/share", "usr/share/doc", "usr/bin", "usr/lib"] {
+    for d in [
+        "opt",
+        "usr",
+        "usr/share",
+        "usr/share/doc",
+        "usr/bin",
+        "usr/lib",
+    ] {
         args.extend(["--ignore-mtime-of", d]);
     }
     let (same, diff) = treediff(&m.path, &unpacked.path().join("b"), &args);
@@ -457,7 +559,10 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
     drop(proxy);
     drop(reg);
     let m = bux.mount(&reference);
-    assert_eq!(cat(&m.path.join("usr/lib/big2.bin")).unwrap(), test_bytes(12 << 20, 2));
+    assert_eq!(
+        cat(&m.path.join("usr/lib/big2.bin")).unwrap(),
+        test_bytes(12 << 20, 2)
+    );
 }
 
 /// A read trace recorded on one host (mount --record-trace), published by push-index, is
@@ -472,7 +577,10 @@ fn a_published_read_trace_is_fetched_first() {
         .ok(&["mount", "--record-trace", &s.pinned, mnt.to_str().unwrap()]);
     let m = MountGuard::adopt(mnt, dir);
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
-    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    assert_eq!(
+        cat(&m.path.join("opt/data.bin")).unwrap(),
+        test_bytes(6 << 20, 3)
+    );
     drop(m);
     let out = s.publisher.ok(&["push-index", &s.pinned]);
     assert!(out.contains("3 layers indexed"), "{out}");
@@ -495,7 +603,10 @@ fn a_published_read_trace_is_fetched_first() {
     }
     s.reg.stop();
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
-    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    assert_eq!(
+        cat(&m.path.join("opt/data.bin")).unwrap(),
+        test_bytes(6 << 20, 3)
+    );
     let err = cat(&m.path.join("usr/lib/big2.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
 }
@@ -508,7 +619,13 @@ fn mirrors_serve_blobs_and_the_origin_stays_the_fallback() {
     let s = setup();
     let mirror = Registry::start();
     let copy = Command::new("skopeo")
-        .args(["copy", "--all", "--src-tls-verify=false", "--dest-tls-verify=false", "--preserve-digests"])
+        .args([
+            "copy",
+            "--all",
+            "--src-tls-verify=false",
+            "--dest-tls-verify=false",
+            "--preserve-digests",
+        ])
         .arg(format!("docker://{}", s.pinned))
         .arg(format!("docker://{}/lazy/app:v1", mirror.host()))
         .output()
@@ -522,17 +639,33 @@ fn mirrors_serve_blobs_and_the_origin_stays_the_fallback() {
     let (m, _) = lazy_mount(
         &bux,
         &reference,
-        &["--prefetch", "none", "--mirror", &mirror.host(), "--read-timeout", "10"],
+        &[
+            "--prefetch",
+            "none",
+            "--mirror",
+            &mirror.host(),
+            "--read-timeout",
+            "10",
+        ],
     );
-    assert_eq!(cat(&m.path.join("opt/data.bin")).unwrap(), test_bytes(6 << 20, 3));
+    assert_eq!(
+        cat(&m.path.join("opt/data.bin")).unwrap(),
+        test_bytes(6 << 20, 3)
+    );
     let from_origin = origin.bytes();
     assert!(
         from_origin < 1 << 20,
         "{from_origin} bytes came from the origin with a mirror in front"
     );
     drop(mirror);
-    assert_eq!(cat(&m.path.join("usr/lib/big2.bin")).unwrap(), test_bytes(12 << 20, 2));
-    assert!(origin.bytes() > from_origin + (4 << 20), "no fallback to the origin");
+    assert_eq!(
+        cat(&m.path.join("usr/lib/big2.bin")).unwrap(),
+        test_bytes(12 << 20, 2)
+    );
+    assert!(
+        origin.bytes() > from_origin + (4 << 20),
+        "no fallback to the origin"
+    );
 }
 
 /// A registry that answers blob GETs with a redirect (object storage, a CDN): the target is
@@ -580,11 +713,18 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
         assert!(Instant::now() < deadline, "redirector did not start");
         std::thread::sleep(Duration::from_millis(50));
     }
-    let reference = s.pinned.replace(&s.reg.host(), &format!("127.0.0.1:{port}"));
+    let reference = s
+        .pinned
+        .replace(&s.reg.host(), &format!("127.0.0.1:{port}"));
     let bux = Bux::new();
     let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     // Many ranges of the big layers: a few MiB read at spread offsets, file by file.
-    for f in ["usr/lib/big1.bin", "usr/lib/big2.bin", "opt/data.bin", "etc/os-release"] {
+    for f in [
+        "usr/lib/big1.bin",
+        "usr/lib/big2.bin",
+        "opt/data.bin",
+        "etc/os-release",
+    ] {
         cat(&m.path.join(f)).unwrap_or_else(|e| panic!("{f}: {e}: {}", daemon_log(&bux)));
     }
     let requests = std::fs::read_to_string(&log).unwrap();
@@ -602,7 +742,10 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
         .collect();
     for l in &layers {
         let n = per_blob.get(l.as_str()).copied().unwrap_or(0);
-        assert!(n <= 2, "layer {l}: {n} requests to the redirecting registry:\n{requests}");
+        assert!(
+            n <= 2,
+            "layer {l}: {n} requests to the redirecting registry:\n{requests}"
+        );
     }
     // The ranges did happen: the layers are partly local.
     let images = bux.ok(&["images"]);

@@ -250,17 +250,32 @@ fn file_handles_decode_after_the_inode_is_forgotten() {
                 0,
             )
         };
-        assert_eq!(r, 0, "name_to_handle_at {p}: {}", std::io::Error::last_os_error());
+        assert_eq!(
+            r,
+            0,
+            "name_to_handle_at {p}: {}",
+            std::io::Error::last_os_error()
+        );
         handles.push(buf);
     }
     // Make the kernel forget the dentries and inodes.
     std::fs::write("/proc/sys/vm/drop_caches", "2\n").unwrap();
-    for (mut h, flags) in handles.into_iter().zip([libc::O_RDONLY, libc::O_RDONLY | libc::O_DIRECTORY]) {
+    for (mut h, flags) in handles
+        .into_iter()
+        .zip([libc::O_RDONLY, libc::O_RDONLY | libc::O_DIRECTORY])
+    {
         // SAFETY: h holds the handle name_to_handle_at wrote.
         let fd = unsafe { libc::open_by_handle_at(root.as_raw_fd(), h.as_mut_ptr().cast(), flags) };
-        assert!(fd >= 0, "open_by_handle_at: {}", std::io::Error::last_os_error());
+        assert!(
+            fd >= 0,
+            "open_by_handle_at: {}",
+            std::io::Error::last_os_error()
+        );
         // SAFETY: fd was just opened and is owned here.
         unsafe { libc::close(fd) };
     }
-    assert_eq!(std::fs::read(m.path.join("deep/er/file")).unwrap(), b"by handle\n");
+    assert_eq!(
+        std::fs::read(m.path.join("deep/er/file")).unwrap(),
+        b"by handle\n"
+    );
 }

@@ -126,7 +126,13 @@ fn multi_arch_index_resolves_to_host_or_requested_platform() {
     // Asking for another platform than the one stored resolves the reference again.
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("root");
-    bux.ok(&["mount", &r, mnt.to_str().unwrap(), "--platform", "linux/amd64"]);
+    bux.ok(&[
+        "mount",
+        &r,
+        mnt.to_str().unwrap(),
+        "--platform",
+        "linux/amd64",
+    ]);
     let m = MountGuard::adopt(mnt, dir);
     assert_eq!(
         std::fs::read_to_string(m.path.join("etc/marker")).unwrap(),
@@ -271,7 +277,9 @@ fn chroot_into_a_mounted_busybox_root() {
 fn mislabelled_layers_are_read_by_their_magic() {
     let reg = Registry::start();
     let a = LayerBuilder::new().file("a.txt", b"zstd inside\n").finish();
-    let b = LayerBuilder::new().file("b.txt", &test_bytes(300_000, 4)).finish();
+    let b = LayerBuilder::new()
+        .file("b.txt", &test_bytes(300_000, 4))
+        .finish();
     let (za, gb) = (Comp::Zstd.compress(&a), Comp::Gzip.compress(&b));
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux", "config": {},
@@ -279,9 +287,7 @@ fn mislabelled_layers_are_read_by_their_magic() {
             format!("sha256:{}", sha256_hex(&a)), format!("sha256:{}", sha256_hex(&b))]},
     }))
     .unwrap();
-    let desc = |mt: &str, blob: &[u8]| {
-        serde_json::json!({"mediaType": mt, "digest": format!("sha256:{}", sha256_hex(blob)), "size": blob.len()})
-    };
+    let desc = |mt: &str, blob: &[u8]| serde_json::json!({"mediaType": mt, "digest": format!("sha256:{}", sha256_hex(blob)), "size": blob.len()});
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -300,6 +306,12 @@ fn mislabelled_layers_are_read_by_their_magic() {
     );
     let bux = Bux::new();
     let m = bux.mount(&format!("{}/t/mislabelled:v1", reg.host()));
-    assert_eq!(std::fs::read(m.path.join("a.txt")).unwrap(), b"zstd inside\n");
-    assert_eq!(std::fs::read(m.path.join("b.txt")).unwrap(), test_bytes(300_000, 4));
+    assert_eq!(
+        std::fs::read(m.path.join("a.txt")).unwrap(),
+        b"zstd inside\n"
+    );
+    assert_eq!(
+        std::fs::read(m.path.join("b.txt")).unwrap(),
+        test_bytes(300_000, 4)
+    );
 }

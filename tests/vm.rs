@@ -121,7 +121,10 @@ fn a_stalled_registry_does_not_freeze_a_guest_on_a_lazy_root() {
         eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
         return;
     }
-    let virtiofsd = concat!(env!("CARGO_MANIFEST_DIR"), "/target/virtiofsd/bin/virtiofsd");
+    let virtiofsd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/virtiofsd/bin/virtiofsd"
+    );
     assert!(
         std::path::Path::new(virtiofsd).exists(),
         "{virtiofsd} missing: scripts/setup.sh builds it"

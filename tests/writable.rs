@@ -24,7 +24,10 @@ fn image() -> Image {
         .file_xattrs(
             "from-an-overlay-upper",
             b"x\n",
-            &[("trusted.overlay.origin", b"image-value"), ("user.plain", b"1")],
+            &[
+                ("trusted.overlay.origin", b"image-value"),
+                ("user.plain", b"1"),
+            ],
         )
         .finish();
     Image::new(vec![(l, Comp::Gzip)])
@@ -166,7 +169,10 @@ fn upper_dir_persists_and_mounts_are_isolated() {
         &r,
         other.path().join("r").to_str().unwrap(),
     ]);
-    assert!(err.contains("in use by another writable mount") && err.lines().count() == 1, "{err}");
+    assert!(
+        err.contains("in use by another writable mount") && err.lines().count() == 1,
+        "{err}"
+    );
     let b = writable_mount(&bux, &r, None);
     std::fs::write(a.path.join("etc/only-a"), b"a\n").unwrap();
     std::fs::remove_file(a.path.join("doomed")).unwrap();
@@ -200,14 +206,20 @@ fn image_overlay_xattrs_survive_the_writable_overlay() {
     let bux = Bux::new();
     let m = writable_mount(&bux, &r, None);
     let f = m.path.join("from-an-overlay-upper");
-    assert_eq!(get_xattr(&f, "trusted.overlay.origin").as_deref(), Some(&b"image-value"[..]));
+    assert_eq!(
+        get_xattr(&f, "trusted.overlay.origin").as_deref(),
+        Some(&b"image-value"[..])
+    );
     assert_eq!(get_xattr(&f, "user.plain").as_deref(), Some(&b"1"[..]));
     assert_eq!(std::fs::read(&f).unwrap(), b"x\n");
     drop(m);
     // Read-only mounts serve it under its own name, unescaped.
     let ro = bux.mount(&r);
     let f = ro.path.join("from-an-overlay-upper");
-    assert_eq!(get_xattr(&f, "trusted.overlay.origin").as_deref(), Some(&b"image-value"[..]));
+    assert_eq!(
+        get_xattr(&f, "trusted.overlay.origin").as_deref(),
+        Some(&b"image-value"[..])
+    );
 }
 
 fn get_xattr(path: &Path, name: &str) -> Option<Vec<u8>> {
@@ -250,12 +262,16 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
     let mounts_under_run = || {
         let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
         let run = run.to_string_lossy().into_owned();
-        info.lines().filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&run))).count()
+        info.lines()
+            .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&run)))
+            .count()
     };
     let kill_daemon = |mnt: &Path| {
         let needle = mnt.as_os_str().as_encoded_bytes().to_vec();
         for p in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else { continue };
+            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
+                continue;
+            };
             if cmd.split(|&b| b == 0).any(|a| a == needle.as_slice())
                 && cmd.windows(12).any(|w| w == b"notify-ready")
             {
@@ -272,7 +288,11 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
     kill_daemon(&m.path);
     bux.ok(&["umount", m.path.to_str().unwrap()]);
     assert_eq!(mounts_under_run(), 0, "the image mount under run/ was left");
-    assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0, "scratch upper left in run/");
+    assert_eq!(
+        std::fs::read_dir(&run).unwrap().count(),
+        0,
+        "scratch upper left in run/"
+    );
     drop(m);
 
     // Unmounted behind our back (only the overlay): gc finds and removes the rest.

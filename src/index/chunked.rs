@@ -58,18 +58,20 @@ impl TocLocation {
             .zip(CHECKSUM_KEYS)
             .find_map(|(p, c)| Some((a.get(*p)?, a.get(c)?)))?;
         let mut parts = pos.split(':').map(|p| p.parse::<u64>().ok());
-        let (offset, length, uncompressed, kind) =
-            (parts.next()??, parts.next()??, parts.next()??, parts.next()??);
+        let (offset, length, uncompressed, kind) = (
+            parts.next()??,
+            parts.next()??,
+            parts.next()??,
+            parts.next()??,
+        );
         let digest = sum.parse().ok()?;
         let fits = offset.checked_add(length).is_some_and(|e| e <= blob_size);
-        (kind == 1 && fits && length <= MAX_TOC && uncompressed <= MAX_TOC).then_some(
-            TocLocation {
-                offset,
-                length,
-                uncompressed,
-                digest,
-            },
-        )
+        (kind == 1 && fits && length <= MAX_TOC && uncompressed <= MAX_TOC).then_some(TocLocation {
+            offset,
+            length,
+            uncompressed,
+            digest,
+        })
     }
 }
 
@@ -124,9 +126,13 @@ pub fn parse(
     let mut json = Vec::new();
     use std::io::Read;
     zstd::stream::read::Decoder::new(compressed_toc)
-        .and_then(|d| d.take(loc.uncompressed.min(MAX_TOC) + 1).read_to_end(&mut json))
+        .and_then(|d| {
+            d.take(loc.uncompressed.min(MAX_TOC) + 1)
+                .read_to_end(&mut json)
+        })
         .map_err(|e| bad(format!("decompressing: {e}")))?;
-    let toc: Toc = serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    let toc: Toc =
+        serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     if toc.version != 1 {
         return Err(bad(format!("version {} is not supported", toc.version)));
     }
@@ -138,7 +144,8 @@ pub fn parse(
     while i < toc.entries.len() {
         let e = &toc.entries[i];
         let name = e.name.trim_end_matches('/');
-        let path = normalize_path(name.as_bytes()).map_err(|why| bad(format!("{name:?}: {why}")))?;
+        let path =
+            normalize_path(name.as_bytes()).map_err(|why| bad(format!("{name:?}: {why}")))?;
         let kind = match e.kind.as_str() {
             "reg" => EntryKind::File,
             "dir" => EntryKind::Dir,
@@ -212,7 +219,10 @@ pub fn parse(
                 u64::try_from(start).map_err(|_| bad(format!("{name:?}: bad offset")))?,
                 u64::try_from(end).map_err(|_| bad(format!("{name:?}: bad offset")))?,
             );
-            if !whole && u64::try_from(coffset).ok() != Some(uoff - entries.last().map_or(0, |l| l.offset)) {
+            if !whole
+                && u64::try_from(coffset).ok()
+                    != Some(uoff - entries.last().map_or(0, |l| l.offset))
+            {
                 return Err(bad(format!("{name:?}: chunks out of order")));
             }
             if start >= end || end > blob_size {
@@ -258,11 +268,24 @@ pub fn parse(
 /// Parses an RFC 3339 time as Go writes it (`2006-01-02T15:04:05.999999999Z07:00`).
 fn parse_time(s: &str) -> Option<(i64, u32)> {
     let b = s.as_bytes();
-    if b.len() < 20 || b[4] != b'-' || b[7] != b'-' || b[10] != b'T' || b[13] != b':' || b[16] != b':' {
+    if b.len() < 20
+        || b[4] != b'-'
+        || b[7] != b'-'
+        || b[10] != b'T'
+        || b[13] != b':'
+        || b[16] != b':'
+    {
         return None;
     }
     let n = |r: std::ops::Range<usize>| s.get(r)?.parse::<i64>().ok();
-    let (y, mo, d, h, mi, sec) = (n(0..4)?, n(5..7)?, n(8..10)?, n(11..13)?, n(14..16)?, n(17..19)?);
+    let (y, mo, d, h, mi, sec) = (
+        n(0..4)?,
+        n(5..7)?,
+        n(8..10)?,
+        n(11..13)?,
+        n(14..16)?,
+        n(17..19)?,
+    );
     let mut rest = &s[19..];
     let mut nsec = 0u32;
     if let Some(frac) = rest.strip_prefix('.') {
@@ -283,7 +306,10 @@ fn parse_time(s: &str) -> Option<(i64, u32)> {
                 b'-' => -1,
                 _ => return None,
             };
-            let (oh, om) = (rest.get(1..3)?.parse::<i64>().ok()?, rest.get(4..6)?.parse::<i64>().ok()?);
+            let (oh, om) = (
+                rest.get(1..3)?.parse::<i64>().ok()?,
+                rest.get(4..6)?.parse::<i64>().ok()?,
+            );
             sign * (oh * 3600 + om * 60)
         }
     };
@@ -309,7 +335,10 @@ mod tests {
     fn go_times() {
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some((0, 0)));
         assert_eq!(parse_time("2026-12-02T08:22:57Z"), Some((1796199777, 0)));
-        assert_eq!(parse_time("2000-02-29T12:00:00.5+01:00"), Some((951822000, 500_000_000)));
+        assert_eq!(
+            parse_time("2000-02-29T12:00:00.5+01:00"),
+            Some((951822000, 500_000_000))
+        );
         assert_eq!(parse_time("0001-01-01T00:00:00Z"), Some((-62135596800, 0)));
         assert_eq!(parse_time("1969-12-31T23:59:59.000000001Z"), Some((-1, 1)));
         assert_eq!(parse_time("yesterday"), None);
@@ -322,9 +351,18 @@ mod tests {
         a.insert(POSITION_KEYS[1].to_string(), "100:20:50:1".to_string());
         a.insert(CHECKSUM_KEYS[1].to_string(), d.to_string());
         let loc = TocLocation::from_annotations(&a, 200).unwrap();
-        assert_eq!((loc.offset, loc.length, loc.uncompressed, loc.digest), (100, 20, 50, d));
-        assert!(TocLocation::from_annotations(&a, 110).is_none(), "past the blob");
+        assert_eq!(
+            (loc.offset, loc.length, loc.uncompressed, loc.digest),
+            (100, 20, 50, d)
+        );
+        assert!(
+            TocLocation::from_annotations(&a, 110).is_none(),
+            "past the blob"
+        );
         a.insert(POSITION_KEYS[1].to_string(), "100:20:50:2".to_string());
-        assert!(TocLocation::from_annotations(&a, 200).is_none(), "unknown type");
+        assert!(
+            TocLocation::from_annotations(&a, 200).is_none(),
+            "unknown type"
+        );
     }
 }

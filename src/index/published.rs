@@ -297,9 +297,15 @@ impl PublishedLayer {
                 }
             }
             let ok = cps.first().is_some_and(|c| c.uoff == 0 && c.coff == 0)
-                && cps.windows(2).all(|w| w[0].uoff < w[1].uoff && w[0].coff < w[1].coff)
-                && cps.iter().all(|c| c.coff <= size && c.uoff <= self.uncompressed_size)
-                && cps.iter().all(|c| c.bits < 8 && (c.bits == 0 || c.coff > 0));
+                && cps
+                    .windows(2)
+                    .all(|w| w[0].uoff < w[1].uoff && w[0].coff < w[1].coff)
+                && cps
+                    .iter()
+                    .all(|c| c.coff <= size && c.uoff <= self.uncompressed_size)
+                && cps
+                    .iter()
+                    .all(|c| c.bits < 8 && (c.bits == 0 || c.coff > 0));
             if !ok {
                 return Err("checkpoints out of order or out of range".into());
             }
@@ -324,7 +330,10 @@ impl PublishedLayer {
                 return Err(format!("entry {name:?}: hardlink target not normalized"));
             }
             let end = e.offset.checked_add(e.size);
-            let in_stream = |o: u64, l: u64| o.checked_add(l).is_some_and(|x| x <= self.uncompressed_size);
+            let in_stream = |o: u64, l: u64| {
+                o.checked_add(l)
+                    .is_some_and(|x| x <= self.uncompressed_size)
+            };
             match &e.sparse {
                 None if e.kind == EntryKind::File => {
                     if !end.is_some_and(|x| x <= self.uncompressed_size) {
@@ -335,7 +344,9 @@ impl PublishedLayer {
                     if ext.iter().any(|x| {
                         !in_stream(x.stream_off, x.len)
                             || x.file_off.checked_add(x.len).is_none_or(|y| y > e.size)
-                    }) || ext.windows(2).any(|w| w[0].file_off + w[0].len > w[1].file_off)
+                    }) || ext
+                        .windows(2)
+                        .any(|w| w[0].file_off + w[0].len > w[1].file_off)
                     {
                         return Err(format!("entry {name:?}: sparse map out of range"));
                     }
@@ -344,7 +355,10 @@ impl PublishedLayer {
             }
             meta += e.path.len()
                 + e.link.len()
-                + e.xattrs.iter().map(|(k, v)| k.len() + v.len()).sum::<usize>();
+                + e.xattrs
+                    .iter()
+                    .map(|(k, v)| k.len() + v.len())
+                    .sum::<usize>();
         }
         if meta > MAX_METADATA_BYTES {
             return Err("too many bytes of names".into());

@@ -137,7 +137,12 @@ impl LayerReader {
     /// Opens the stored blob (or the seekable zstd copy) at `path`. `id` keys this layer in the
     /// cache.
     pub fn open(id: u32, path: &Path, access: Access, size: u64) -> io::Result<LayerReader> {
-        Ok(Self::new(id, Box::new(LocalBlob::open(path)?), access, size))
+        Ok(Self::new(
+            id,
+            Box::new(LocalBlob::open(path)?),
+            access,
+            size,
+        ))
     }
 
     /// Reads through any [`Blob`] (a stored file or a lazily fetched one).
@@ -368,7 +373,10 @@ impl LayerReader {
         let mut cp = std::borrow::Cow::Borrowed(&cps[i]);
         if cp.window.is_empty() && !cp.member_start {
             let window = self.blob.window(i)?.ok_or_else(|| {
-                io::Error::new(io::ErrorKind::InvalidData, "gzip checkpoint without its window")
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    "gzip checkpoint without its window",
+                )
             })?;
             cp.to_mut().window = window;
         }

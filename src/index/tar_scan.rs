@@ -585,7 +585,11 @@ fn scan_entry<R: Read>(
     let mut sparse = None;
     // The bytes the entry stores: the PAX size where one was given (the tar crate applies it),
     // else the header's.
-    let stored = if ps.seen { entry.size() } else { header.entry_size().unwrap_or(0) };
+    let stored = if ps.seen {
+        entry.size()
+    } else {
+        header.entry_size().unwrap_or(0)
+    };
     let sparse_err = |e: String| bad(layer, &raw_path, e);
     if etype == EntryType::GNUSparse {
         let (map, data_start) =
@@ -616,7 +620,11 @@ fn scan_entry<R: Read>(
     }
     if size > i64::MAX as u64 {
         // st_size is signed: a bigger size reads back negative.
-        return Err(bad(layer, &raw_path, format!("size {size} is beyond what a file can have")));
+        return Err(bad(
+            layer,
+            &raw_path,
+            format!("size {size} is beyond what a file can have"),
+        ));
     }
     if kind == EntryKind::File && path.is_empty() {
         kind = EntryKind::Dir; // a "./" regular entry is nonsense; treat as the root dir
@@ -665,7 +673,10 @@ mod tests {
     #[test]
     fn sparse_maps_that_overflow_are_refused() {
         let err = extents_from_map(&[(0, u64::MAX), (u64::MAX, 1)], 512, u64::MAX, 10).unwrap_err();
-        assert!(err.contains("overflow") || err.contains("out of order"), "{err}");
+        assert!(
+            err.contains("overflow") || err.contains("out of order"),
+            "{err}"
+        );
         let err = extents_from_map(&[(0, 10), (20, u64::MAX - 5)], u64::MAX - 8, u64::MAX, 100)
             .unwrap_err();
         assert!(err.contains("overflow"), "{err}");
@@ -687,7 +698,10 @@ mod tests {
         assert_eq!(parse_pax_time(b"abc"), None);
         assert_eq!(parse_pax_time(b"1.2x"), None);
         // Extremes: representable ones parse, the rest are refused, nothing overflows.
-        assert_eq!(parse_pax_time(b"-9223372036854775807.5"), Some((i64::MIN, 500_000_000)));
+        assert_eq!(
+            parse_pax_time(b"-9223372036854775807.5"),
+            Some((i64::MIN, 500_000_000))
+        );
         assert_eq!(parse_pax_time(b"-9223372036854775808"), None);
         assert_eq!(parse_pax_time(b"-9223372036854775808.5"), None);
         assert_eq!(parse_pax_time(b"9223372036854775808"), None);

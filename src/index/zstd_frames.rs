@@ -76,8 +76,7 @@ pub fn last_frame_ok(path: &std::path::Path, frames: &[(u64, u64)]) -> bool {
         return false;
     }
     let mut buf = vec![0u8; (len - start) as usize];
-    file.read_exact_at(&mut buf, start).is_ok()
-        && zstd::bulk::decompress(&buf, 64 << 20).is_ok()
+    file.read_exact_at(&mut buf, start).is_ok() && zstd::bulk::decompress(&buf, 64 << 20).is_ok()
 }
 
 #[cfg(test)]

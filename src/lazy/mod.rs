@@ -325,8 +325,7 @@ impl LazyBlob {
         for &k in chunks {
             match runs.last_mut() {
                 Some(r)
-                    if r.end == k
-                        && self.chunks[k].end - self.chunks[r.start].start <= MAX_RUN =>
+                    if r.end == k && self.chunks[k].end - self.chunks[r.start].start <= MAX_RUN =>
                 {
                     r.end = k + 1
                 }
@@ -357,9 +356,11 @@ impl LazyBlob {
             if attempt > 0 {
                 tokio::time::sleep(Duration::from_millis(200 << (2 * attempt))).await;
             }
-            let res =
-                tokio::time::timeout(self.remote.deadline, self.fetch_once(run.clone(), start, end))
-                    .await;
+            let res = tokio::time::timeout(
+                self.remote.deadline,
+                self.fetch_once(run.clone(), start, end),
+            )
+            .await;
             match res {
                 Ok(Ok(())) => return,
                 Ok(Err(Fetch::Permanent(e))) => {
@@ -384,7 +385,12 @@ impl LazyBlob {
         self.cond.notify_all();
     }
 
-    async fn fetch_once(self: &Arc<Self>, run: Range<usize>, start: u64, end: u64) -> Result<(), Fetch> {
+    async fn fetch_once(
+        self: &Arc<Self>,
+        run: Range<usize>,
+        start: u64,
+        end: u64,
+    ) -> Result<(), Fetch> {
         self.remote.requests.fetch_add(1, Ordering::Relaxed);
         let body = self
             .remote
@@ -397,15 +403,23 @@ impl LazyBlob {
             RangeBody::Full(s) => {
                 // The registry ignores Range: take the whole blob once, in order, verifying
                 // chunks as they pass, rather than once per miss.
-                return self.clone().stream_chunks(s, None).await.map_err(Fetch::Transient);
+                return self
+                    .clone()
+                    .stream_chunks(s, None)
+                    .await
+                    .map_err(Fetch::Transient);
             }
         };
         let mut buf = Vec::with_capacity((end - start) as usize);
         while let Some(b) = stream.next().await {
             let b = b.map_err(|e| Fetch::Transient(e.to_string()))?;
-            self.remote.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+            self.remote
+                .fetched
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
             if buf.len() + b.len() > (end - start) as usize {
-                return Err(Fetch::Permanent("the registry sent more than the range".into()));
+                return Err(Fetch::Permanent(
+                    "the registry sent more than the range".into(),
+                ));
             }
             buf.extend_from_slice(&b);
         }
@@ -428,7 +442,8 @@ impl LazyBlob {
             }
             good.push((k, bytes));
         }
-        self.store_chunks(&good).map_err(|e| Fetch::Transient(e.to_string()))
+        self.store_chunks(&good)
+            .map_err(|e| Fetch::Transient(e.to_string()))
     }
 
     /// Writes verified chunks, makes them durable, then marks them present.
@@ -470,7 +485,8 @@ impl LazyBlob {
         let mut gap = 0usize;
         let flush = |pending: &mut Vec<(usize, Vec<u8>)>| -> Result<(), String> {
             let refs: Vec<(usize, &[u8])> = pending.iter().map(|(k, b)| (*k, &b[..])).collect();
-            self.store_chunks(&refs).map_err(|e| format!("writing: {e}"))?;
+            self.store_chunks(&refs)
+                .map_err(|e| format!("writing: {e}"))?;
             pending.clear();
             Ok(())
         };
@@ -485,7 +501,9 @@ impl LazyBlob {
                 return Err("stopped".into());
             }
             let b = b.map_err(|e| e.to_string())?;
-            self.remote.fetched.fetch_add(b.len() as u64, Ordering::Relaxed);
+            self.remote
+                .fetched
+                .fetch_add(b.len() as u64, Ordering::Relaxed);
             total += b.len() as u64;
             if total > self.len {
                 return Err("the registry sent more than the blob's size".into());
@@ -528,7 +546,10 @@ impl LazyBlob {
                     pending.push((k, bytes.to_vec()));
                 }
                 k += 1;
-                let keep_from = self.chunks.get(k).map_or(base + buf.len() as u64, |n| n.start);
+                let keep_from = self
+                    .chunks
+                    .get(k)
+                    .map_or(base + buf.len() as u64, |n| n.start);
                 buf.drain(..((keep_from - base) as usize).min(buf.len()));
                 base = keep_from;
                 if pending.iter().map(|p| p.1.len()).sum::<usize>() >= 16 << 20 {
@@ -616,7 +637,12 @@ impl LazyBlob {
             let mut sink = io::sink();
             let copy: Option<&mut dyn io::Write> =
                 (compression == index::Compression::Zstd).then_some(&mut sink);
-            index::build(crate::pull::ChannelReader::new(rx), compression, digest, copy)
+            index::build(
+                crate::pull::ChannelReader::new(rx),
+                compression,
+                digest,
+                copy,
+            )
         });
         let streamed = self.clone().stream_chunks(stream, Some(tx)).await;
         let idx = indexer.await.map_err(|e| e.to_string())?;
@@ -731,7 +757,8 @@ fn same_access(a: &index::Access, b: &index::Access) -> bool {
         (index::Access::Gzip(x), index::Access::Gzip(y)) => {
             x.len() == y.len()
                 && x.iter().zip(y).all(|(p, q)| {
-                    (p.uoff, p.coff, p.bits, p.member_start) == (q.uoff, q.coff, q.bits, q.member_start)
+                    (p.uoff, p.coff, p.bits, p.member_start)
+                        == (q.uoff, q.coff, q.bits, q.member_start)
                         && (p.window == q.window || window(&p.window) == window(&q.window))
                 })
         }
@@ -776,9 +803,10 @@ impl Blob for Arc<LazyBlob> {
             need.iter().all(|&k| st.present[k])
         };
         local
-            && self.windows.as_ref().is_none_or(|(w, _)| {
-                self.window_ranges(&need).into_iter().all(|r| w.is_local(r))
-            })
+            && self
+                .windows
+                .as_ref()
+                .is_none_or(|(w, _)| self.window_ranges(&need).into_iter().all(|r| w.is_local(r)))
     }
 
     fn window(&self, checkpoint: usize) -> io::Result<Option<Vec<u8>>> {
@@ -861,7 +889,9 @@ impl LazyBlob {
                     continue;
                 }
                 if !st.inflight[k] {
-                    let why = st.error[k].clone().unwrap_or_else(|| "fetch abandoned".into());
+                    let why = st.error[k]
+                        .clone()
+                        .unwrap_or_else(|| "fetch abandoned".into());
                     return Err(io::Error::other(format!(
                         "layer {}: {why}",
                         self.digest.short()

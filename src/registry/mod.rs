@@ -142,7 +142,11 @@ impl Registry {
             .map(|m| Registry::new(&rehost(reference, m), &mirror_opts))
             .collect();
         let auth = credentials_for(&registry, &opts.credentials);
-        let scheme = if plain.contains(&registry) { "http" } else { "https" };
+        let scheme = if plain.contains(&registry) {
+            "http"
+        } else {
+            "https"
+        };
         let redirects = redirect::Redirects::new(
             format!("{scheme}://{}", reference.resolve_registry()),
             reference.repository().to_string(),
@@ -171,7 +175,10 @@ impl Registry {
     pub async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
         if reference.digest().is_some() {
             for m in &self.mirrors {
-                match m.manifest_here(&rehost(reference, m.reference.registry())).await {
+                match m
+                    .manifest_here(&rehost(reference, m.reference.registry()))
+                    .await
+                {
                     Ok(found) => return Ok(found),
                     Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
                 }

@@ -195,7 +195,12 @@ impl Proxy {
             .port();
         let child = Command::new("python3")
             .arg(&script)
-            .args([port.to_string(), target.to_string(), mbit.to_string(), rtt_ms.to_string()])
+            .args([
+                port.to_string(),
+                target.to_string(),
+                mbit.to_string(),
+                rtt_ms.to_string(),
+            ])
             .arg("--bytes-file")
             .arg(&bytes_file)
             .stdout(Stdio::null())
@@ -221,12 +226,18 @@ impl Proxy {
 
     /// Freezes the proxy (SIGSTOP): the link stalls, connections stay open.
     pub fn pause(&self) {
-        Command::new("kill").args(["-STOP", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status()
+            .unwrap();
     }
 
     /// Thaws a paused proxy.
     pub fn unpause(&self) {
-        Command::new("kill").args(["-CONT", &self.child.id().to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status()
+            .unwrap();
     }
 
     /// Bytes sent to clients so far.
