@@ -157,6 +157,14 @@ enum Cmd {
     },
     /// Delete blobs and indexes no stored image refers to.
     Gc,
+    /// Verify the store: every blob against its digest, every image's indexes, trees and
+    /// lazily fetched chunks. Exits 1 if something is wrong; with --repair, removes what is
+    /// damaged so the next pull or mount fetches or rebuilds it.
+    Check {
+        /// Remove what is damaged.
+        #[arg(long)]
+        repair: bool,
+    },
     /// Show the store's disk usage: blobs, indexes, per image, shared.
     Df {
         /// Print JSON instead of a table.
@@ -557,6 +565,28 @@ fn run(cli: Cli) -> Result<()> {
             clap_mangen::Man::new(Cli::command())
                 .render(&mut std::io::stdout())
                 .context("writing the man page")
+        }
+        Cmd::Check { repair } => {
+            let store = open_store(&store_arg)?;
+            let report = store.check(repair)?;
+            for p in &report.problems {
+                println!("{p}");
+            }
+            println!(
+                "checked {} files: {} problem{}{}",
+                report.checked,
+                report.problems.len(),
+                if report.problems.len() == 1 { "" } else { "s" },
+                if repair && !report.problems.is_empty() {
+                    " (removed)"
+                } else {
+                    ""
+                }
+            );
+            if !report.problems.is_empty() && !repair {
+                bail!("the store has damaged files (bux-fuse check --repair removes them)");
+            }
+            Ok(())
         }
         Cmd::Gc => {
             let store = open_store(&store_arg)?;

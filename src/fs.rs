@@ -21,7 +21,7 @@ use fuser::{
 };
 
 use crate::index::{EntryKind, LayerReader, SpanCache};
-use crate::tree::{Inode, NodeData, Tree};
+use crate::tree::{Inode, NodeData, Tree, ROOT_INO};
 
 /// The tree never changes while mounted: let the kernel cache lookups and attributes long.
 const TTL: Duration = Duration::from_secs(24 * 3600);
@@ -433,6 +433,10 @@ impl Filesystem for ImageFs {
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         // "." and ".." come from NFS export and open_by_handle_at (EXPORT_SUPPORT): an inode
         // reached by handle finds its parent through "..".
+        self.cache
+            .stats
+            .lookups
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let found = match name.as_bytes() {
             b"." => self.tree.inode(parent.0).map(|_| parent.0),
             b".." => self.tree.inode(parent.0).map(|i| i.parent),
@@ -443,6 +447,19 @@ impl Filesystem for ImageFs {
                 Some(i) => reply.entry(&TTL, &self.attr(ino, i), Generation(0)),
                 None => reply.error(Errno::EIO),
             },
+            // A name that is not there never will be (the tree is immutable): answer with a
+            // negative entry (inode 0) the kernel caches, so the probes of ld.so and Python's
+            // import path cost one round trip per name, not one per probe.
+            None if !matches!(name.as_bytes(), b"." | b"..")
+                && self
+                    .tree
+                    .inode(parent.0)
+                    .is_some_and(|p| p.kind == EntryKind::Dir) =>
+            {
+                let mut attr = self.attr(ROOT_INO, &self.tree.inodes[0]);
+                attr.ino = INodeNo(0);
+                reply.entry(&TTL, &attr, Generation(0))
+            }
             None => reply.error(Errno::ENOENT),
         }
     }

@@ -28,6 +28,7 @@
 //! ```
 #![deny(missing_docs)]
 
+pub mod check;
 pub mod cli;
 pub mod digest;
 pub mod error;

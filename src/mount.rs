@@ -89,6 +89,8 @@ pub struct MountStats {
     pub cache_hits: u64,
     /// Span cache misses.
     pub cache_misses: u64,
+    /// Lookups the kernel sent (names it found, and names it did not: those are cached too).
+    pub lookups: u64,
     /// Bytes received from the registry by lazy fetches.
     pub fetched_bytes: u64,
     /// Requests sent to the registry by lazy fetches.
@@ -134,6 +136,7 @@ impl Mount {
             decompressed_bytes: s.decompressed.load(Ordering::Relaxed),
             cache_hits: s.hits.load(Ordering::Relaxed),
             cache_misses: s.misses.load(Ordering::Relaxed),
+            lookups: s.lookups.load(Ordering::Relaxed),
             fetched_bytes: self
                 .remote
                 .as_ref()

@@ -374,3 +374,38 @@ fn listing_a_missing_store_creates_nothing() {
     assert!(!out.status.success());
     assert!(!store.exists(), "a look created the store");
 }
+
+/// `check` finds a blob damaged on disk, `--repair` removes it, the next pull fetches it again.
+#[test]
+fn check_finds_and_repairs_damage() {
+    let reg = Registry::start();
+    let big = test_bytes(300_000, 8);
+    let r = push(&reg, "t/check", &image_with("c", &big));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let out = bux.ok(&["check"]);
+    assert!(out.contains(": 0 problems"), "{out}");
+    // Flip a byte of the largest stored blob (a layer).
+    let blobs = bux.store.path().join("blobs/sha256");
+    let victim = std::fs::read_dir(&blobs)
+        .unwrap()
+        .flatten()
+        .max_by_key(|e| e.metadata().unwrap().len())
+        .unwrap()
+        .path();
+    let mut bytes = std::fs::read(&victim).unwrap();
+    let mid = bytes.len() / 2;
+    bytes[mid] ^= 1;
+    std::fs::write(&victim, &bytes).unwrap();
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "damage not reported: {text}");
+    assert!(text.contains(&*victim.to_string_lossy()), "{text}");
+    let out = bux.ok(&["check", "--repair"]);
+    assert!(out.contains("(removed)"), "{out}");
+    assert!(!victim.exists());
+    bux.ok(&["pull", "-q", &r]);
+    assert!(bux.ok(&["check"]).contains(": 0 problems"));
+    let m = bux.mount(&r);
+    assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
+}

@@ -279,3 +279,42 @@ fn file_handles_decode_after_the_inode_is_forgotten() {
         b"by handle\n"
     );
 }
+
+/// Names that are not there are answered with negative entries the kernel caches: probing the
+/// same missing names again (ld.so, Python's import path) costs no round trip.
+#[test]
+fn missing_names_are_cached_by_the_kernel() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let l = LayerBuilder::new()
+        .file("usr/lib/present.so", b"x")
+        .finish();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &Image::new(vec![(l, Comp::Gzip)]));
+    reg.push(&layout, "t", "test/negative", None);
+    let bux = Bux::new();
+    let r = format!("{}/test/negative:t", reg.host());
+    bux.ok(&["pull", "-q", &r]);
+    let store = bux_fuse::Store::open(bux.store.path()).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let m = bux_fuse::mount(
+        &store,
+        &r,
+        &dir.path().join("root"),
+        &bux_fuse::MountOptions::default(),
+    )
+    .unwrap();
+    let probe = |n: usize| {
+        for i in 0..n {
+            assert!(!m.path().join(format!("usr/lib/missing{i}.so")).exists());
+        }
+    };
+    probe(50);
+    let first = m.stats().lookups;
+    probe(50);
+    let again = m.stats().lookups - first;
+    assert!(first >= 50, "{first} lookups for 50 missing names");
+    assert_eq!(again, 0, "{again} lookups for names already known missing");
+    assert!(m.path().join("usr/lib/present.so").exists());
+    m.unmount().unwrap();
+}

@@ -32,6 +32,8 @@ pub struct ReadStats {
     pub misses: AtomicU64,
     /// Bytes read from blob files.
     pub blob_bytes: AtomicU64,
+    /// Lookups the kernel sent (the FUSE layer counts them here, with the read counters).
+    pub lookups: AtomicU64,
 }
 
 /// Decompressed spans, least recently used evicted first, bounded by total bytes.

@@ -59,7 +59,7 @@ pub struct Registry {
     /// Clients for the mirrors, tried in order.
     mirrors: Vec<Registry>,
     /// Redirect targets of blobs, learned once each (see [`redirect`]).
-    redirects: redirect::Redirects,
+    redirects: std::sync::Arc<redirect::Redirects>,
 }
 
 fn client_config(plain: Vec<String>) -> ClientConfig {
@@ -147,14 +147,14 @@ impl Registry {
         } else {
             "https"
         };
-        let redirects = redirect::Redirects::new(
+        let redirects = std::sync::Arc::new(redirect::Redirects::new(
             format!("{scheme}://{}", reference.resolve_registry()),
             reference.repository().to_string(),
             match &auth {
                 RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
                 _ => None,
             },
-        );
+        ));
         Registry {
             client: Client::new(client_config(plain.clone())),
             redirects,

@@ -24,6 +24,8 @@ const TTL: Duration = Duration::from_secs(300);
 enum Target {
     /// The registry serves the blob itself (or could not be probed): use oci-client.
     Registry,
+    /// Being probed: use oci-client meanwhile.
+    Probing,
     /// Redirected here, learned at this time.
     Url(String, Instant),
 }
@@ -59,20 +61,36 @@ impl Redirects {
         self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Where to send ranges of `digest`: `None` means through the registry (oci-client).
-    async fn target(&self, digest: &Digest) -> Option<String> {
-        let known = self.lock().get(digest).cloned();
-        match known {
-            Some(Target::Registry) => return None,
-            Some(Target::Url(u, at)) if at.elapsed() < TTL => return Some(u),
-            _ => {}
+    /// Where to send ranges of `digest`: `None` means through the registry (oci-client). An
+    /// unknown blob is probed in the background — its first ranges go through the registry
+    /// meanwhile — so learning costs no read a round trip.
+    async fn target(self: &std::sync::Arc<Self>, digest: &Digest) -> Option<String> {
+        {
+            let mut map = self.lock();
+            match map.get(digest) {
+                Some(Target::Registry) | Some(Target::Probing) => return None,
+                Some(Target::Url(u, at)) if at.elapsed() < TTL => return Some(u.clone()),
+                _ => {
+                    map.insert(*digest, Target::Probing);
+                }
+            }
         }
+        let me = self.clone();
+        let digest = *digest;
+        tokio::spawn(async move {
+            let learned = me.probe(&digest).await;
+            me.lock().insert(digest, learned);
+        });
+        None
+    }
+
+    async fn probe(&self, digest: &Digest) -> Target {
         let url = format!("{}/v2/{}/blobs/{digest}", self.base, self.repository);
         let mut req = self.client.get(&url).header("Range", "bytes=0-0");
         if let Some((u, p)) = &self.basic {
             req = req.basic_auth(u, Some(p));
         }
-        let learned = match req.send().await {
+        match req.send().await {
             Ok(r) if r.status().is_redirection() => r
                 .headers()
                 .get("location")
@@ -81,17 +99,17 @@ impl Redirects {
                 .map(|u| Target::Url(u.to_string(), Instant::now())),
             _ => None,
         }
-        .unwrap_or(Target::Registry);
-        self.lock().insert(*digest, learned.clone());
-        match learned {
-            Target::Url(u, _) => Some(u),
-            Target::Registry => None,
-        }
+        .unwrap_or(Target::Registry)
     }
 
     /// Fetches `len` bytes from `offset` straight from the learned target, if there is one
     /// (`None`: go through the registry). A target that fails is forgotten.
-    pub async fn range(&self, digest: &Digest, offset: u64, len: u64) -> Option<RangeBody> {
+    pub async fn range(
+        self: &std::sync::Arc<Self>,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Option<RangeBody> {
         let url = self.target(digest).await?;
         let end = offset + len - 1;
         let resp = self
