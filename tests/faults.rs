@@ -100,3 +100,53 @@ fn a_stalled_registry_gives_a_clear_timeout() {
         0
     );
 }
+
+/// A store on a small filesystem that fills in mid-pull: one line saying there is no space,
+/// nothing half-written kept, and the pull works once there is room.
+#[test]
+fn a_full_disk_mid_pull_is_one_clear_line_and_recoverable() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(work.path(), "v1", &big_image());
+    reg.push(work.path(), "v1", "f/full", None);
+    let store = tempfile::tempdir().unwrap();
+    let mnt = store.path().join("small");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let mount = |opts: &str| {
+        let out = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        assert_success(&out);
+    };
+    mount("size=6m");
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+        }
+    }
+    let _guard = Unmount(mnt.clone());
+    let r = format!("{}/f/full:v1", reg.host());
+    let bin = env!("CARGO_BIN_EXE_bux-fuse");
+    let pull = || {
+        std::process::Command::new(bin)
+            .arg("--store")
+            .arg(&mnt)
+            .args(["pull", "-q", &r])
+            .env("DOCKER_CONFIG", store.path().join("none"))
+            .output()
+            .unwrap()
+    };
+    let out = pull();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "pulled 12 MB into 6 MB?");
+    assert!(err.contains("No space left on device"), "{err}");
+    assert_eq!(err.lines().count(), 1, "{err}");
+    assert!(!err.contains("corrupt"), "a full disk is not a corrupt layer: {err}");
+    assert_eq!(std::fs::read_dir(mnt.join("tmp")).unwrap().count(), 0, "temp files kept");
+    mount("remount,size=128m");
+    let out = pull();
+    assert_success(&out);
+}
