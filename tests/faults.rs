@@ -124,7 +124,10 @@ fn a_full_disk_mid_pull_is_one_clear_line_and_recoverable() {
     struct Unmount(std::path::PathBuf);
     impl Drop for Unmount {
         fn drop(&mut self) {
-            let _ = std::process::Command::new("umount").arg("-l").arg(&self.0).status();
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
         }
     }
     let _guard = Unmount(mnt.clone());
@@ -144,8 +147,15 @@ fn a_full_disk_mid_pull_is_one_clear_line_and_recoverable() {
     assert!(!out.status.success(), "pulled 12 MB into 6 MB?");
     assert!(err.contains("No space left on device"), "{err}");
     assert_eq!(err.lines().count(), 1, "{err}");
-    assert!(!err.contains("corrupt"), "a full disk is not a corrupt layer: {err}");
-    assert_eq!(std::fs::read_dir(mnt.join("tmp")).unwrap().count(), 0, "temp files kept");
+    assert!(
+        !err.contains("corrupt"),
+        "a full disk is not a corrupt layer: {err}"
+    );
+    assert_eq!(
+        std::fs::read_dir(mnt.join("tmp")).unwrap().count(),
+        0,
+        "temp files kept"
+    );
     mount("remount,size=128m");
     let out = pull();
     assert_success(&out);

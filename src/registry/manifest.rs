@@ -108,7 +108,12 @@ impl Platform {
         // 32-bit arm images differ by variant (v6 binaries run on v7, not the reverse): pick
         // ours rather than the index's first linux/arm entry.
         let variant = (arch == "arm").then(|| {
-            if cfg!(target_feature = "v7") { "v7" } else { "v6" }.to_string()
+            if cfg!(target_feature = "v7") {
+                "v7"
+            } else {
+                "v6"
+            }
+            .to_string()
         });
         Platform {
             os: std::env::consts::OS.to_string(),
