@@ -525,6 +525,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         .name("bux-fuse-session".into())
         .spawn(move || session.run())
         .map_err(|e| mount_err(format!("starting session thread: {e}")))?;
+    raise_readahead(&fuse_dir);
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -578,6 +579,25 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
     }
     Ok(m)
+}
+
+/// Read-ahead the kernel uses on the mount, in KiB: FUSE's device default (128 KiB) caps
+/// sequential reads at ~144 MB/s here; 1 MiB gave ~361 MB/s (see crate-facts).
+pub const READ_AHEAD_KB: u32 = 1024;
+
+/// Raises the mount's read-ahead through sysfs (`/sys/class/bdi/0:N/read_ahead_kb`), which
+/// only root may write; elsewhere the default stays, and nothing else changes.
+fn raise_readahead(mount_point: &Path) {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(meta) = std::fs::metadata(mount_point) else {
+        return;
+    };
+    let dev = meta.dev();
+    let (major, minor) = (libc::major(dev), libc::minor(dev));
+    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
+    if let Err(e) = std::fs::write(&path, format!("{READ_AHEAD_KB}\n")) {
+        tracing::debug!("raising read-ahead through {path}: {e}");
+    }
 }
 
 /// Locks `--upper DIR` for one writable mount at a time.

@@ -14,10 +14,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
-use crate::index::chunked::TocLocation;
-use crate::index::published::PublishedLayer;
 use crate::index::{self, Compression, LayerIndex};
-use crate::publish::IndexSource;
 use crate::registry::manifest::{self, Descriptor, ImageConfig, ManifestOrIndex, Platform};
 use crate::registry::RegistryOptions;
 use crate::source::{Location, Source};
@@ -123,7 +120,7 @@ impl std::fmt::Debug for PullOptions {
 }
 
 impl PullOptions {
-    fn emit(&self, p: Progress) {
+    pub(crate) fn emit(&self, p: Progress) {
         if let Some(f) = &self.progress {
             f(p);
         }
@@ -194,75 +191,21 @@ impl<R: Read, W: Write> Read for Tee<'_, R, W> {
     }
 }
 
-/// Reads `len` bytes of a blob from `offset` (a whole-blob answer is read up to them).
-async fn fetch_range(
-    reg: &crate::registry::Registry,
-    digest: &Digest,
-    offset: u64,
-    len: u64,
-) -> Result<Vec<u8>> {
-    let (mut stream, skip) = match reg.blob_range(digest, offset, len).await? {
-        crate::registry::RangeBody::Partial(s) => (s, 0),
-        crate::registry::RangeBody::Full(s) => (s, offset),
-    };
-    let mut out = Vec::with_capacity(len as usize);
-    let mut pos = 0u64;
-    while let Some(b) = stream.next().await {
-        let b = b.map_err(|e| Error::io(format!("reading blob {digest}"), e))?;
-        let (from, to) = (pos, pos + b.len() as u64);
-        pos = to;
-        let lo = skip.max(from);
-        let hi = (skip + len).min(to);
-        if lo < hi {
-            out.extend_from_slice(&b[(lo - from) as usize..(hi - from) as usize]);
-        }
-        if pos >= skip + len {
-            break;
-        }
-    }
-    if out.len() as u64 != len {
-        return Err(Error::Registry {
-            reference: digest.to_string(),
-            detail: format!("short range: {} of {len} bytes", out.len()),
-        });
-    }
-    Ok(out)
-}
-
-/// Largest published read trace accepted.
-const MAX_TRACE: u64 = 16 << 20;
-
-/// Largest published layer index accepted (a 500k-file layer's is ~30 MB).
-const MAX_PUBLISHED_INDEX: u64 = 512 << 20;
-
-/// What a lazy pull did.
-#[derive(Debug, Clone, Default)]
-pub struct LazyOutcome {
-    /// The index manifest used, if any.
-    pub index: Option<Digest>,
-    /// Layers left to fetch on demand.
-    pub lazy_layers: usize,
-    /// Of those, layers served from their own zstd:chunked table of contents.
-    pub chunked_layers: usize,
-    /// Why the pull was (partly) not lazy, or how the index was trusted.
-    pub note: Option<String>,
-}
-
 /// A manifest resolved for the host (or chosen) platform, with its config stored.
-struct Resolved {
-    name: String,
-    bytes: Vec<u8>,
-    digest: Digest,
-    config_digest: Digest,
-    config: ImageConfig,
-    jobs: Vec<LayerJob>,
+pub(crate) struct Resolved {
+    pub(crate) name: String,
+    pub(crate) bytes: Vec<u8>,
+    pub(crate) digest: Digest,
+    pub(crate) config_digest: Digest,
+    pub(crate) config: ImageConfig,
+    pub(crate) jobs: Vec<LayerJob>,
 }
 
-struct LayerJob {
-    desc: Descriptor,
-    digest: Digest,
-    compression: Compression,
-    diff_id: Digest,
+pub(crate) struct LayerJob {
+    pub(crate) desc: Descriptor,
+    pub(crate) digest: Digest,
+    pub(crate) compression: Compression,
+    pub(crate) diff_id: Digest,
 }
 
 impl Store {
@@ -307,7 +250,7 @@ impl Store {
             .map_err(|e| e.for_image(&name))
     }
 
-    fn pulled(&self, record: ImageRecord) -> Result<PulledImage> {
+    pub(crate) fn pulled(&self, record: ImageRecord) -> Result<PulledImage> {
         let config = self.read_config(&record.config_digest)?;
         Ok(PulledImage {
             reference: record.reference.clone(),
@@ -382,7 +325,12 @@ impl Store {
     }
 
     /// Resolves the manifest (through an index to the wanted platform) and stores the config.
-    async fn resolve(&self, reg: &Source, name: &str, opts: &PullOptions) -> Result<Resolved> {
+    pub(crate) async fn resolve(
+        &self,
+        reg: &Source,
+        name: &str,
+        opts: &PullOptions,
+    ) -> Result<Resolved> {
         let name = name.to_string();
         let want = opts.platform.clone().unwrap_or_else(Platform::host);
 
@@ -499,7 +447,7 @@ impl Store {
     }
 
     /// Fetches and indexes the layers not stored yet, several at once.
-    async fn fetch_layers(
+    pub(crate) async fn fetch_layers(
         &self,
         reg: &Arc<Source>,
         jobs: &[LayerJob],
@@ -516,7 +464,7 @@ impl Store {
 
     /// Merges the layers' indexes, saves the tree and records the image. `lazy` names the
     /// published index blob of each layer served lazily.
-    fn record(
+    pub(crate) fn record(
         &self,
         r: Resolved,
         lazy: &[(Digest, Digest)],
@@ -570,205 +518,6 @@ impl Store {
             config,
             record,
         })
-    }
-
-    /// Like [`Store::pull`], but fetches only manifest, config and the image's published
-    /// index (see [`crate::publish`]), so the image mounts before its layers are downloaded;
-    /// layers are then fetched as they are read. Layers without an index (zstd, or an image
-    /// never indexed) are pulled whole, and the outcome says so. An index found only as a
-    /// referrer is used only when `trust_referrer` is set.
-    pub async fn pull_lazy(
-        &self,
-        reference: &str,
-        opts: &PullOptions,
-        trust_referrer: bool,
-    ) -> Result<(PulledImage, LazyOutcome)> {
-        let loc = Location::parse(reference)?;
-        let name = loc.key();
-        if !matches!(loc, Location::Registry(_)) {
-            let image = self.pull(reference, opts).await?;
-            return Ok((image, LazyOutcome::default()));
-        }
-        let _guard = {
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.pull_guard())
-                .await
-                .map_err(|e| Error::io("lock task", io::Error::other(e)))??
-        };
-        if opts.policy != PullPolicy::Always {
-            if let Some(record) = self.image(&name)? {
-                let usable = record.layers.iter().all(|l| {
-                    LayerIndex::access_path(&self.index_path(&l.digest)).exists()
-                        && (self.layer_bytes_present(&l.digest)
-                            || l.index.is_some_and(|i| self.blob_path(&i).exists()))
-                });
-                if usable
-                    && self.tree_path(&record.manifest_digest).exists()
-                    && platform_ok(&record, opts)
-                {
-                    opts.emit(Progress::Cached {
-                        reference: name.clone(),
-                    });
-                    let lazy_layers = record
-                        .layers
-                        .iter()
-                        .filter(|l| !self.layer_bytes_present(&l.digest))
-                        .count();
-                    return Ok((
-                        self.pulled(record)?,
-                        LazyOutcome {
-                            lazy_layers,
-                            ..Default::default()
-                        },
-                    ));
-                }
-            }
-            if opts.policy == PullPolicy::Never {
-                return Err(Error::NotFound {
-                    reference: name,
-                    detail: " in the local store (pull policy is never)".into(),
-                });
-            }
-        }
-        self.pull_lazy_from(&loc, opts, trust_referrer)
-            .await
-            .map_err(|e| e.for_image(&name))
-    }
-
-    async fn pull_lazy_from(
-        &self,
-        loc: &Location,
-        opts: &PullOptions,
-        trust_referrer: bool,
-    ) -> Result<(PulledImage, LazyOutcome)> {
-        let src = Arc::new(Source::open(loc, &opts.registry)?);
-        let r = self.resolve(&src, &loc.key(), opts).await?;
-        let Source::Registry(reg, reference) = &*src else {
-            unreachable!("checked by the caller")
-        };
-        let mut outcome = LazyOutcome::default();
-        let found = crate::publish::find_index(self, reg, &r.digest, &r.bytes).await?;
-        let index = match found {
-            Some(IndexSource::Pinned(d)) => Some(d),
-            Some(IndexSource::Referrer(d)) if trust_referrer => {
-                outcome.note = Some(format!(
-                    "using index {} found as a referrer (trusted by request; not covered by the manifest digest)",
-                    d.short()
-                ));
-                Some(d)
-            }
-            Some(IndexSource::Referrer(d)) => {
-                outcome.note = Some(format!(
-                    "index {} was found only as a referrer, which the manifest digest does not cover: not trusted, pulled whole (--trust-index to use it)",
-                    d.short()
-                ));
-                None
-            }
-            None => {
-                outcome.note = Some(
-                    "no bux-fuse index was published for this image (bux-fuse push-index): pulled whole"
-                        .into(),
-                );
-                None
-            }
-        };
-        outcome.index = index;
-        let mut lazy = Vec::new();
-        if let Some(index) = index {
-            let (bytes, _) = reg
-                .manifest(&reference.clone_with_digest(index.to_string()))
-                .await?;
-            let listed = crate::publish::index_layers(&bytes)?;
-            if let Some((trace, size)) = crate::publish::index_trace(&bytes) {
-                let path = self.trace_path(&r.digest);
-                if size <= MAX_TRACE && !path.exists() {
-                    let t = src.small_blob(&trace, MAX_TRACE).await?;
-                    crate::trace::parse(&t)?;
-                    crate::store::write_atomic(&path, &t)?;
-                }
-            }
-            // Each layer's index, all at once (a round trip each otherwise).
-            let fetches = r.jobs.iter().filter_map(|job| {
-                let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
-                if self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest) {
-                    return None; // already stored whole
-                }
-                let src = src.clone();
-                Some(async move {
-                    if size > MAX_PUBLISHED_INDEX {
-                        return Err(Error::InvalidManifest {
-                            what: format!("index of layer {}", job.digest),
-                            detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
-                        });
-                    }
-                    let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
-                    Ok((job, blob, bytes))
-                })
-            });
-            let fetched: Vec<Result<_>> = futures_util::stream::iter(fetches)
-                .buffered(8)
-                .collect()
-                .await;
-            for f in fetched {
-                let (job, blob, bytes) = f?;
-                let published = PublishedLayer::decode(&bytes, job.digest, job.desc.size)?;
-                if published.diff_id != job.diff_id {
-                    return Err(Error::CorruptLayer {
-                        layer: job.digest,
-                        detail: "published index disagrees with the config's diff_id".into(),
-                    });
-                }
-                self.put_blob(&blob, &bytes, "layer index")?;
-                published.to_index().save(&self.index_path(&job.digest))?;
-                lazy.push((job.digest, blob));
-            }
-        }
-        // zstd:chunked layers carry their own table of contents, which the manifest pins.
-        for job in &r.jobs {
-            if lazy.iter().any(|(l, _)| *l == job.digest)
-                || (self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest))
-            {
-                continue;
-            }
-            let Some(loc) = job
-                .desc
-                .annotations
-                .as_ref()
-                .and_then(|a| TocLocation::from_annotations(a, job.desc.size))
-            else {
-                continue;
-            };
-            if job.compression != Compression::Zstd {
-                continue;
-            }
-            let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
-            let published =
-                index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id)?;
-            let bytes = published.encode()?;
-            let blob = Digest::of(&bytes);
-            self.put_blob(&blob, &bytes, "layer table")?;
-            published.to_index().save(&self.index_path(&job.digest))?;
-            lazy.push((job.digest, blob));
-            outcome.chunked_layers += 1;
-        }
-        if outcome.chunked_layers > 0 && index.is_none() {
-            outcome.note = None; // the zstd:chunked tables made it lazy after all
-        }
-        outcome.lazy_layers = lazy.len();
-        let whole: Vec<LayerJob> = r
-            .jobs
-            .iter()
-            .filter(|j| !lazy.iter().any(|(l, _)| *l == j.digest))
-            .map(|j| LayerJob {
-                desc: j.desc.clone(),
-                digest: j.digest,
-                compression: j.compression,
-                diff_id: j.diff_id,
-            })
-            .collect();
-        self.fetch_layers(&src, &whole, opts).await?;
-        let image = self.record(r, &lazy, opts)?;
-        Ok((image, outcome))
     }
 
     /// Makes sure a layer's blob and index are in the store, fetching and indexing it if not.
@@ -901,7 +650,7 @@ impl Store {
     /// layer served from its re-framed copy that copy, checked to end with a whole frame (a
     /// copy cut short by a crash is not). Decided by how the layer was indexed, not by its
     /// media type, which may be wrong.
-    fn layer_bytes_present(&self, digest: &Digest) -> bool {
+    pub(crate) fn layer_bytes_present(&self, digest: &Digest) -> bool {
         match LayerIndex::load_access(&self.index_path(digest)) {
             Ok(index::Access::Zstd(frames)) => {
                 index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
@@ -914,7 +663,7 @@ impl Store {
 
 /// Whether a stored record serves the platform asked for (none asked: any stored one does;
 /// otherwise the pull resolves the reference again for that platform).
-fn platform_ok(record: &ImageRecord, opts: &PullOptions) -> bool {
+pub(crate) fn platform_ok(record: &ImageRecord, opts: &PullOptions) -> bool {
     let Some(want) = &opts.platform else {
         return true;
     };

@@ -315,6 +315,16 @@ fn missing_names_are_cached_by_the_kernel() {
     let again = m.stats().lookups - first;
     assert!(first >= 50, "{first} lookups for 50 missing names");
     assert_eq!(again, 0, "{again} lookups for names already known missing");
+    // As root, the mount's read-ahead is raised from FUSE's 128 KiB.
+    use std::os::unix::fs::MetadataExt;
+    let dev = std::fs::metadata(m.path()).unwrap().dev();
+    let ra = std::fs::read_to_string(format!(
+        "/sys/class/bdi/{}:{}/read_ahead_kb",
+        libc::major(dev),
+        libc::minor(dev)
+    ))
+    .unwrap();
+    assert_eq!(ra.trim(), bux_fuse::mount::READ_AHEAD_KB.to_string());
     assert!(m.path().join("usr/lib/present.so").exists());
     m.unmount().unwrap();
 }

@@ -21,94 +21,28 @@ use std::io;
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
+mod complete;
+mod pull;
+mod remote;
+
+pub use pull::LazyOutcome;
+pub use remote::Remote;
+
 use crate::index::blob::Blob;
 use crate::index::published::{Chunk, PublishedLayer};
-use crate::index::{self, LayerIndex};
-use crate::registry::{RangeBody, Registry};
+use crate::registry::RangeBody;
 use crate::{Digest, Error, Store};
 
 /// Most bytes asked for in one Range request (neighbouring missing chunks are coalesced).
 const MAX_RUN: u64 = 8 << 20;
-/// Layers completed at once in the background.
-const COMPLETE_PARALLEL: usize = 3;
 /// Attempts per fetch before a read gives up (the next read tries again).
 const ATTEMPTS: u32 = 3;
-
-/// The registry end of lazy fetching, shared by every lazy layer of a mount.
-pub struct Remote {
-    rt: Mutex<Option<tokio::runtime::Runtime>>,
-    registry: Registry,
-    /// How long a read waits for its bytes before failing with `EIO`.
-    pub deadline: Duration,
-    /// Bytes received from the registry.
-    pub fetched: AtomicU64,
-    /// Range requests sent.
-    pub requests: AtomicU64,
-    /// Fetches that a read waits for, in flight: background completion yields to them.
-    demand: std::sync::atomic::AtomicUsize,
-    /// When the last of those ended (milliseconds since `started`).
-    last_demand: AtomicU64,
-    started: Instant,
-}
-
-/// Background completion waits this long after the last read that waited: reads come in
-/// bursts (a program starting), and each gap in a burst is shorter than this.
-const DEMAND_QUIET: Duration = Duration::from_millis(200);
-
-impl Remote {
-    /// A fetcher for blobs of `registry`'s repository.
-    pub fn new(registry: Registry, deadline: Duration) -> io::Result<Arc<Remote>> {
-        let rt = tokio::runtime::Builder::new_multi_thread()
-            .worker_threads(2)
-            .thread_name("bux-fuse-fetch")
-            .enable_all()
-            .build()?;
-        Ok(Arc::new(Remote {
-            rt: Mutex::new(Some(rt)),
-            registry,
-            deadline,
-            fetched: AtomicU64::new(0),
-            requests: AtomicU64::new(0),
-            demand: std::sync::atomic::AtomicUsize::new(0),
-            last_demand: AtomicU64::new(0),
-            started: Instant::now(),
-        }))
-    }
-
-    fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {
-        if let Some(rt) = &*self.rt.lock().unwrap_or_else(|p| p.into_inner()) {
-            rt.spawn(f);
-        }
-    }
-
-    /// Whether reads are waiting on fetches, or did a moment ago.
-    fn demand_active(&self) -> bool {
-        let last = self.last_demand.load(Ordering::SeqCst);
-        let now = self.started.elapsed().as_millis() as u64;
-        self.demand.load(Ordering::SeqCst) > 0
-            || (last > 0 && now.saturating_sub(last) < DEMAND_QUIET.as_millis() as u64)
-    }
-
-    /// Cancels every fetch in flight (unmount). Never blocks, so an async caller may call it.
-    /// Reads waiting on a cancelled fetch fail at their deadline.
-    pub fn shutdown(&self) {
-        if let Some(rt) = self.rt.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            rt.shutdown_background();
-        }
-    }
-}
-
-impl Drop for Remote {
-    fn drop(&mut self) {
-        self.shutdown();
-    }
-}
 
 #[derive(Default)]
 struct State {
@@ -562,207 +496,6 @@ impl LazyBlob {
             return Err("the blob does not match its digest".into());
         }
         Ok(())
-    }
-
-    /// Streams the whole layers in the background ([`COMPLETE_PARALLEL`] at a time, each
-    /// yielding to reads that wait); `done` is called per layer with the outcome and whether
-    /// the layer proved different from its index.
-    ///
-    /// Before that, `trace` (ranges a boot read, in order) is fetched, a few ranges at a time.
-    pub fn prefetch(
-        trace: Vec<(Arc<LazyBlob>, Range<u64>)>,
-        layers: Vec<(Arc<LazyBlob>, Arc<PublishedLayer>)>,
-        store: Store,
-        done: impl Fn(Digest, Result<(), String>, bool) + Send + Sync + 'static,
-    ) {
-        let Some(remote) = trace
-            .first()
-            .map(|(b, _)| b.remote.clone())
-            .or_else(|| layers.first().map(|(b, _)| b.remote.clone()))
-        else {
-            return;
-        };
-        remote.spawn(async move {
-            let n = trace.len();
-            let fetched = futures_util::stream::iter(trace)
-                .map(|(blob, range)| async move {
-                    // (Not held back for reads: the trace is what the reads are about to ask.)
-                    let r = range.start.min(blob.len)..range.end.min(blob.len);
-                    tokio::task::spawn_blocking(move || blob.ensure(r).is_ok())
-                        .await
-                        .unwrap_or(false)
-                })
-                .buffered(4)
-                .filter(|ok| std::future::ready(*ok))
-                .count()
-                .await;
-            tracing::info!("prefetched {fetched} of {n} traced ranges");
-            // Several layers at once, as a pull does: checking and indexing a layer is CPU
-            // work, and one layer at a time left the link idle (measured: 1.75x a full pull).
-            let done = &done;
-            futures_util::stream::iter(layers)
-                .for_each_concurrent(COMPLETE_PARALLEL, |(blob, published)| {
-                    let store = store.clone();
-                    async move {
-                        if blob.completing.swap(true, Ordering::SeqCst) {
-                            return;
-                        }
-                        let res = blob.clone().complete_inner(store, published).await;
-                        if res.is_err() {
-                            blob.completing.store(false, Ordering::SeqCst);
-                        }
-                        done(blob.digest, res, blob.poisoned.load(Ordering::SeqCst));
-                    }
-                })
-                .await;
-        });
-    }
-
-    async fn complete_inner(
-        self: Arc<Self>,
-        store: Store,
-        published: Arc<PublishedLayer>,
-    ) -> Result<(), String> {
-        self.remote.requests.fetch_add(1, Ordering::Relaxed);
-        let stream = self
-            .remote
-            .registry
-            .blob_stream(&self.digest)
-            .await
-            .map_err(|e| e.to_string())?;
-        let (tx, rx) = std::sync::mpsc::sync_channel(64);
-        let (digest, compression) = (self.digest, published.compression);
-        let indexer = tokio::task::spawn_blocking(move || {
-            // A zstd:chunked blob is served through its own frames: no re-framed copy needed.
-            let mut sink = io::sink();
-            let copy: Option<&mut dyn io::Write> =
-                (compression == index::Compression::Zstd).then_some(&mut sink);
-            index::build(
-                crate::pull::ChannelReader::new(rx),
-                compression,
-                digest,
-                copy,
-            )
-        });
-        let streamed = self.clone().stream_chunks(stream, Some(tx)).await;
-        let idx = indexer.await.map_err(|e| e.to_string())?;
-        streamed?;
-        let mut idx = idx.map_err(|e| e.to_string())?;
-        idx.compressed_size = self.len;
-        let windows = match &self.windows {
-            Some((w, _)) => Some(read_whole(w.clone()).await?),
-            None => None,
-        };
-        let mut published = (*published).clone();
-        if let (Some(data), Some(w), index::Access::Gzip(cps)) =
-            (&windows, &published.windows, &mut published.access)
-        {
-            // Put the published windows back inline to compare them with the real ones.
-            for (cp, &(off, len)) in cps.iter_mut().zip(&w.spans) {
-                cp.window = data[off as usize..off as usize + len as usize].to_vec();
-            }
-        }
-        if let Some(why) = differences(&idx, &published) {
-            self.poisoned.store(true, Ordering::SeqCst);
-            self.cond.notify_all();
-            return Err(format!("layer {}: {why}", self.digest));
-        }
-        // An ordinary stored layer from now on: blob in place (our descriptor stays valid),
-        // index as a pull writes it, no map.
-        self.file.sync_all().map_err(|e| e.to_string())?;
-        if !matches!(published.access, index::Access::Frames(_)) {
-            // (A zstd:chunked layer keeps the table it was served with: its offsets address
-            // the contents laid end to end, which its frames serve as well as ever.)
-            idx.save(&store.index_path(&self.digest))
-                .map_err(|e| e.to_string())?;
-        }
-        let dest = store.blob_path(&self.digest);
-        std::fs::rename(&self.partial_path, &dest).map_err(|e| e.to_string())?;
-        crate::store::sync_dir(&dest);
-        let _ = std::fs::remove_file(map_path(&store, &self.digest));
-        Ok(())
-    }
-}
-
-/// All of a lazily fetched blob (waiting as long as fetching keeps making progress).
-async fn read_whole(blob: Arc<LazyBlob>) -> Result<Vec<u8>, String> {
-    tokio::task::spawn_blocking(move || {
-        let mut last = String::new();
-        for _ in 0..ATTEMPTS * 4 {
-            match blob.ensure(0..blob.len) {
-                Ok(()) => {
-                    let mut out = vec![0u8; blob.len as usize];
-                    blob.file
-                        .read_exact_at(&mut out, 0)
-                        .map_err(|e| e.to_string())?;
-                    return Ok(out);
-                }
-                Err(e) => last = e.to_string(),
-            }
-        }
-        Err(last)
-    })
-    .await
-    .map_err(|e| e.to_string())?
-}
-
-/// How a layer's real index differs from its published one, if it does.
-fn differences(real: &LayerIndex, published: &PublishedLayer) -> Option<String> {
-    if real.diff_id != published.diff_id {
-        return Some("its tar stream is not the published diff_id".into());
-    }
-    // zstd:chunked tables address a stream of contents only, not the tar stream: compare
-    // what an entry is, not where its bytes are (their digests were checked as they came).
-    let by_place = !matches!(published.access, index::Access::Frames(_));
-    if by_place && real.uncompressed_size != published.uncompressed_size {
-        return Some("its tar stream has another size than published".into());
-    }
-    if real.entries.len() != published.entries.len() {
-        return Some(format!(
-            "its tar has {} entries, the published index {}",
-            real.entries.len(),
-            published.entries.len()
-        ));
-    }
-    let same = |r: &index::TarEntry, p: &index::TarEntry| {
-        if by_place {
-            return r == p;
-        }
-        let mut r = r.clone();
-        r.offset = p.offset;
-        r.sparse = p.sparse.clone();
-        r == *p
-    };
-    if let Some((r, _)) = real
-        .entries
-        .iter()
-        .zip(&published.entries)
-        .find(|(r, p)| !same(r, p))
-    {
-        return Some(format!(
-            "entry {:?} differs from the published index",
-            String::from_utf8_lossy(&r.path)
-        ));
-    }
-    if by_place && !same_access(&real.access, &published.access) {
-        return Some("its checkpoints differ from the published ones".into());
-    }
-    None
-}
-
-/// Checkpoints equal, windows compared by content (two zstd builds may compress differently).
-fn same_access(a: &index::Access, b: &index::Access) -> bool {
-    let window = |w: &[u8]| zstd::bulk::decompress(w, index::gzip::WINDOW).ok();
-    match (a, b) {
-        (index::Access::Gzip(x), index::Access::Gzip(y)) => {
-            x.len() == y.len()
-                && x.iter().zip(y).all(|(p, q)| {
-                    (p.uoff, p.coff, p.bits, p.member_start)
-                        == (q.uoff, q.coff, q.bits, q.member_start)
-                        && (p.window == q.window || window(&p.window) == window(&q.window))
-                })
-        }
-        _ => postcard::to_allocvec(a).ok() == postcard::to_allocvec(b).ok(),
     }
 }
 
