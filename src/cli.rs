@@ -441,7 +441,7 @@ fn run(cli: Cli) -> Result<()> {
                     i.manifest_digest.short(),
                     i.layers.len(),
                     human(size),
-                    if size == 0 { 100 } else { local * 100 / size },
+                    (local * 100).checked_div(size).unwrap_or(100),
                     i.platform
                 );
             }

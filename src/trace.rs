@@ -32,8 +32,12 @@ pub struct Entry {
 /// A trace being recorded by a mount.
 pub struct Recorder {
     layers: Vec<Digest>,
-    inner: Mutex<(HashSet<(u32, u64)>, Vec<(u32, Range<u64>)>)>,
+    /// (layer, range start) already recorded, and the ranges in order.
+    inner: Mutex<(HashSet<(u32, u64)>, Vec<Recorded>)>,
 }
+
+/// A range of a layer (by its index in the mount) a read needed.
+type Recorded = (u32, Range<u64>);
 
 impl Recorder {
     /// Records for a mount of these layers (indexed as the mount's layer readers).

@@ -335,10 +335,10 @@ impl PublishedLayer {
                     .is_some_and(|x| x <= self.uncompressed_size)
             };
             match &e.sparse {
-                None if e.kind == EntryKind::File => {
-                    if !end.is_some_and(|x| x <= self.uncompressed_size) {
-                        return Err(format!("entry {name:?}: data outside the stream"));
-                    }
+                None if e.kind == EntryKind::File
+                    && end.is_none_or(|x| x > self.uncompressed_size) =>
+                {
+                    return Err(format!("entry {name:?}: data outside the stream"));
                 }
                 Some(ext) => {
                     if ext.iter().any(|x| {

@@ -68,8 +68,11 @@ pub struct LazyBlob {
     completing: AtomicBool,
     /// The gzip checkpoints' windows, when published apart from the index: a blob of their
     /// own, fetched like this one, a window per chunk; and each checkpoint's range in it.
-    windows: Option<(Arc<LazyBlob>, Vec<(u64, u32)>)>,
+    windows: Option<Windows>,
 }
+
+/// A layer's windows blob and each checkpoint's (offset, length) in it.
+type Windows = (Arc<LazyBlob>, Vec<(u64, u32)>);
 
 fn partial_path(store: &Store, d: &Digest) -> PathBuf {
     store
@@ -140,7 +143,7 @@ impl LazyBlob {
         ppath: PathBuf,
         mpath: PathBuf,
         remote: Arc<Remote>,
-        windows: Option<(Arc<LazyBlob>, Vec<(u64, u32)>)>,
+        windows: Option<Windows>,
     ) -> crate::Result<Arc<LazyBlob>> {
         let open = |p: &PathBuf| {
             OpenOptions::new()
