@@ -40,8 +40,26 @@ pub struct ReadStats {
 pub struct SpanCache {
     inner: Mutex<CacheInner>,
     limit: usize,
+    /// Spans being decompressed: a second reader of one waits for it rather than doing the
+    /// same work (a program's threads, or the kernel's read-ahead, often ask at once).
+    loading: Mutex<std::collections::HashSet<(u32, u32)>>,
+    loaded: std::sync::Condvar,
     /// Counters.
     pub stats: ReadStats,
+}
+
+/// Marks a span as being loaded; dropping it (loaded or failed) lets waiters go on.
+struct Loading<'a> {
+    cache: &'a SpanCache,
+    key: (u32, u32),
+}
+
+impl Drop for Loading<'_> {
+    fn drop(&mut self) {
+        let mut set = self.cache.loading.lock().unwrap_or_else(|p| p.into_inner());
+        set.remove(&self.key);
+        self.cache.loaded.notify_all();
+    }
 }
 
 struct CacheInner {
@@ -58,7 +76,23 @@ impl SpanCache {
                 bytes: 0,
             }),
             limit,
+            loading: Mutex::new(Default::default()),
+            loaded: std::sync::Condvar::new(),
             stats: ReadStats::default(),
+        }
+    }
+
+    /// The cached span `key`, or the right to load it: waits while another reader loads it.
+    fn get_or_claim(&self, key: (u32, u32)) -> Result<Arc<Vec<u8>>, Loading<'_>> {
+        let mut set = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        loop {
+            if let Some(span) = self.get(key) {
+                return Ok(span);
+            }
+            if set.insert(key) {
+                return Err(Loading { cache: self, key });
+            }
+            set = self.loaded.wait(set).unwrap_or_else(|p| p.into_inner());
         }
     }
 
@@ -295,10 +329,13 @@ impl LayerReader {
 
     fn span(&self, i: usize, cache: &SpanCache) -> io::Result<Arc<Vec<u8>>> {
         let key = (self.id, i as u32);
-        if let Some(span) = cache.get(key) {
-            cache.stats.hits.fetch_add(1, Ordering::Relaxed);
-            return Ok(span);
-        }
+        let _loading = match cache.get_or_claim(key) {
+            Ok(span) => {
+                cache.stats.hits.fetch_add(1, Ordering::Relaxed);
+                return Ok(span);
+            }
+            Err(claim) => claim,
+        };
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (start, end) = self.span_bounds(i);
         self.need(self.compressed_range(start..end))?;
@@ -486,6 +523,35 @@ mod tests {
         }
         assert!(cache.bytes() <= 1 << 20);
         assert!(cache.stats.misses.load(Ordering::Relaxed) > 0);
+    }
+
+    #[test]
+    fn concurrent_misses_of_one_span_decompress_it_once() {
+        let data = pseudo_random(3_000_000, 5);
+        let gz = gzip_members(&[&data]);
+        let mut r = GzipReader::new(&gz[..], Some(1 << 20)).unwrap();
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        let cps = r.take_checkpoints();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cache = SpanCache::new(16 << 20);
+        let barrier = std::sync::Barrier::new(8);
+        std::thread::scope(|s| {
+            for t in 0..8u64 {
+                let (reader, cache, barrier, data) = (&reader, &cache, &barrier, &data);
+                s.spawn(move || {
+                    barrier.wait();
+                    let mut buf = vec![0u8; 4096];
+                    let off = 1_500_000 + t * 4096;
+                    reader.read_at(cache, off, &mut buf).unwrap();
+                    assert_eq!(&buf[..], &data[off as usize..off as usize + 4096]);
+                });
+            }
+        });
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 1);
+        assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 7);
     }
 
     #[test]
