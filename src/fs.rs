@@ -53,6 +53,8 @@ pub struct Shared {
     tree: Tree,
     layers: Vec<LayerReader>,
     cache: Arc<SpanCache>,
+    /// Some layer is fetched lazily (else no read ever waits, and reads skip the check).
+    may_fetch: bool,
 }
 
 impl std::ops::Deref for ImageFs {
@@ -112,6 +114,7 @@ impl ImageFs {
         let files = tree.inodes.len() as u64;
         ImageFs {
             shared: Arc::new(Shared {
+                may_fetch: layers.iter().any(LayerReader::may_fetch),
                 tree,
                 layers,
                 cache,
@@ -278,9 +281,11 @@ impl Shared {
 
     /// Whether a read can be answered without waiting for a fetch.
     fn is_local(&self, i: &Inode, offset: u64, size: u32) -> bool {
-        self.stream_ranges(i, offset, size)
-            .into_iter()
-            .all(|(l, need, _)| self.layers.get(l as usize).is_none_or(|r| r.is_local(need)))
+        !self.may_fetch
+            || self
+                .stream_ranges(i, offset, size)
+                .into_iter()
+                .all(|(l, need, _)| self.layers.get(l as usize).is_none_or(|r| r.is_local(need)))
     }
 
     /// A read that may wait on the network: fetch what it needs (and what is worth fetching

@@ -213,30 +213,13 @@ impl Store {
     pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
         let parsed = Location::parse(reference)?;
         let name = parsed.key();
-        // gc waits while any pull holds this, and a pull waits for a running gc.
-        let _guard = {
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.pull_guard())
-                .await
-                .map_err(|e| Error::io("lock task", io::Error::other(e)))??
-        };
+        let _guard = self.hold_pull_guard().await?;
         if opts.policy != PullPolicy::Always {
-            if let Some(record) = self.image(&name)? {
-                // Every layer's access table present (the store is of this version) and its
-                // bytes still there.
-                let current = record.layers.iter().all(|l| {
-                    LayerIndex::access_path(&self.index_path(&l.digest)).exists()
-                        && self.layer_bytes_present(&l.digest)
+            if let Some(record) = self.stored_image(&name, opts, false)? {
+                opts.emit(Progress::Cached {
+                    reference: name.clone(),
                 });
-                if current
-                    && self.tree_path(&record.manifest_digest).exists()
-                    && platform_ok(&record, opts)
-                {
-                    opts.emit(Progress::Cached {
-                        reference: name.clone(),
-                    });
-                    return self.pulled(record);
-                }
+                return self.pulled(record);
             }
             if opts.policy == PullPolicy::Never {
                 return Err(Error::NotFound {
@@ -248,6 +231,38 @@ impl Store {
         self.pull_from_source(&parsed, opts)
             .await
             .map_err(|e| e.for_image(&name))
+    }
+
+    /// Waits for, then holds, the store's pull guard (gc waits while any pull holds it, and a
+    /// pull waits for a running gc), off the async threads.
+    pub(crate) async fn hold_pull_guard(&self) -> Result<crate::store::Lock> {
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || store.pull_guard())
+            .await
+            .map_err(|e| Error::io("lock task", io::Error::other(e)))?
+    }
+
+    /// The stored record of `name` if it mounts as it is: every layer indexed by this version
+    /// and its bytes there (or, when `lazy_ok`, its published index there to fetch them by),
+    /// the tree saved, and the platform asked for.
+    pub(crate) fn stored_image(
+        &self,
+        name: &str,
+        opts: &PullOptions,
+        lazy_ok: bool,
+    ) -> Result<Option<ImageRecord>> {
+        let Some(record) = self.image(name)? else {
+            return Ok(None);
+        };
+        let usable = record.layers.iter().all(|l| {
+            LayerIndex::access_path(&self.index_path(&l.digest)).exists()
+                && (self.layer_bytes_present(&l.digest)
+                    || lazy_ok && l.index.is_some_and(|i| self.blob_path(&i).exists()))
+        });
+        let ok = usable
+            && self.tree_path(&record.manifest_digest).exists()
+            && platform_ok(&record, opts);
+        Ok(ok.then_some(record))
     }
 
     pub(crate) fn pulled(&self, record: ImageRecord) -> Result<PulledImage> {
@@ -663,7 +678,7 @@ impl Store {
 
 /// Whether a stored record serves the platform asked for (none asked: any stored one does;
 /// otherwise the pull resolves the reference again for that platform).
-pub(crate) fn platform_ok(record: &ImageRecord, opts: &PullOptions) -> bool {
+fn platform_ok(record: &ImageRecord, opts: &PullOptions) -> bool {
     let Some(want) = &opts.platform else {
         return true;
     };

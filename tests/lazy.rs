@@ -98,6 +98,28 @@ fn through(proxy: &Proxy, reference: &str, reg: &Registry) -> String {
     reference.replace(&reg.host(), &proxy.host())
 }
 
+/// Compares the mount with umoci's unpack of `layout:v1` (asserting they are equal); returns
+/// treediff's report. umoci does not restore the mtime of implied parents or of a directory
+/// it changed: those mtimes are left out.
+fn diff_with_umoci(mnt: &Path, layout: &Path) -> String {
+    let unpacked = tempfile::tempdir().unwrap();
+    umoci_unpack(layout, "v1", &unpacked.path().join("b"));
+    let mut args = vec!["--ignore-root"];
+    for d in [
+        "opt",
+        "usr",
+        "usr/share",
+        "usr/share/doc",
+        "usr/bin",
+        "usr/lib",
+    ] {
+        args.extend(["--ignore-mtime-of", d]);
+    }
+    let (same, diff) = treediff(mnt, &unpacked.path().join("b"), &args);
+    assert!(same, "{diff}");
+    diff
+}
+
 fn cat(path: &Path) -> std::io::Result<Vec<u8>> {
     std::fs::read(path)
 }
@@ -150,22 +172,7 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
     assert!(df.contains("lazily mounted layers fetched so far"), "{df}");
 
     // Every file, read through the kernel, equals umoci's unpack of the same image.
-    let unpacked = tempfile::tempdir().unwrap();
-    umoci_unpack(s.layout.path(), "v1", &unpacked.path().join("b"));
-    // umoci does not restore the mtime of implied parents or of a directory it changed.
-    let mut args = vec!["--ignore-root"];
-    for d in [
-        "opt",
-        "usr",
-        "usr/share",
-        "usr/share/doc",
-        "usr/bin",
-        "usr/lib",
-    ] {
-        args.extend(["--ignore-mtime-of", d]);
-    }
-    let (same, diff) = treediff(&m.path, &unpacked.path().join("b"), &args);
-    assert!(same, "{diff}");
+    let diff = diff_with_umoci(&m.path, s.layout.path());
     assert!(diff.contains("0 differences"), "{diff}");
     let total = proxy.bytes();
     assert!(
@@ -310,11 +317,7 @@ fn killed_daemon_keeps_what_it_verified() {
         cat(&m.path.join("opt/data.bin")).unwrap(),
         test_bytes(6 << 20, 3)
     );
-    let pid = daemon_pid(&m.path);
-    Command::new("kill")
-        .args(["-9", &pid.to_string()])
-        .status()
-        .unwrap();
+    kill_daemon(&m.path);
     drop(m); // umount of the dead mount
     let before = proxy.bytes();
     let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
@@ -327,21 +330,6 @@ fn killed_daemon_keeps_what_it_verified() {
         again < 64 << 10,
         "{again} bytes fetched again after kill -9"
     );
-}
-
-fn daemon_pid(mnt: &Path) -> u32 {
-    let needle = mnt.as_os_str().as_encoded_bytes().to_vec();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        if cmd.split(|&b| b == 0).any(|a| a == needle.as_slice())
-            && cmd.windows(12).any(|w| w == b"notify-ready")
-        {
-            return p.file_name().to_string_lossy().parse().unwrap();
-        }
-    }
-    panic!("no daemon for {}", mnt.display());
 }
 
 #[test]
@@ -535,21 +523,7 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
         fetched * 20 < compressed,
         "fetched {fetched} of {compressed} bytes (>= 5%) for a mount and a small file"
     );
-    let unpacked = tempfile::tempdir().unwrap();
-    umoci_unpack(&gz, "v1", &unpacked.path().join("b"));
-    let mut args = vec!["--ignore-root"];
-    for d in [
-        "opt",
-        "usr",
-        "usr/share",
-        "usr/share/doc",
-        "usr/bin",
-        "usr/lib",
-    ] {
-        args.extend(["--ignore-mtime-of", d]);
-    }
-    let (same, diff) = treediff(&m.path, &unpacked.path().join("b"), &args);
-    assert!(same, "{diff}\n{}", daemon_log(&bux));
+    diff_with_umoci(&m.path, &gz);
     drop(m);
 
     // Completed in the background, verified against blob digest, diff_id and the tar itself.

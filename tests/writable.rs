@@ -6,7 +6,6 @@ mod common;
 use std::io::{Read, Seek, Write};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::Path;
-use std::process::Command;
 
 use common::*;
 
@@ -265,21 +264,6 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
         info.lines()
             .filter(|l| l.split(' ').nth(4).is_some_and(|p| p.starts_with(&run)))
             .count()
-    };
-    let kill_daemon = |mnt: &Path| {
-        let needle = mnt.as_os_str().as_encoded_bytes().to_vec();
-        for p in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(cmd) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            if cmd.split(|&b| b == 0).any(|a| a == needle.as_slice())
-                && cmd.windows(12).any(|w| w == b"notify-ready")
-            {
-                let pid = p.file_name().to_string_lossy().into_owned();
-                Command::new("kill").args(["-9", &pid]).status().unwrap();
-            }
-        }
-        std::thread::sleep(std::time::Duration::from_millis(300));
     };
 
     let m = writable_mount(&bux, &r, None);

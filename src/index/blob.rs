@@ -21,6 +21,10 @@ pub trait Blob: Send + Sync {
     fn is_empty(&self) -> bool {
         self.len() == 0
     }
+    /// Whether some range may have to be fetched before it can be read.
+    fn may_fetch(&self) -> bool {
+        false
+    }
     /// Whether `range` can be read without waiting (on the network).
     fn is_local(&self, _range: Range<u64>) -> bool {
         true

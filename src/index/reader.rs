@@ -84,6 +84,10 @@ impl SpanCache {
 
     /// The cached span `key`, or the right to load it: waits while another reader loads it.
     fn get_or_claim(&self, key: (u32, u32)) -> Result<Arc<Vec<u8>>, Loading<'_>> {
+        // A hit (most reads) takes the cache's lock only.
+        if let Some(span) = self.get(key) {
+            return Ok(span);
+        }
         let mut set = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(span) = self.get(key) {
@@ -235,7 +239,12 @@ impl LayerReader {
 
     /// Whether reading the stream range `range` needs no fetch.
     pub fn is_local(&self, range: Range<u64>) -> bool {
-        self.blob.is_local(self.compressed_range(range))
+        !self.blob.may_fetch() || self.blob.is_local(self.compressed_range(range))
+    }
+
+    /// Whether some read of this layer may have to wait for a fetch.
+    pub fn may_fetch(&self) -> bool {
+        self.blob.may_fetch()
     }
 
     /// Fetches what reading the stream range `range` needs (no-op for stored blobs).

@@ -529,6 +529,10 @@ impl Blob for Arc<LazyBlob> {
         self.len
     }
 
+    fn may_fetch(&self) -> bool {
+        true
+    }
+
     fn is_local(&self, range: Range<u64>) -> bool {
         if self.poisoned.load(Ordering::Relaxed) {
             return false;
@@ -581,7 +585,11 @@ impl Blob for Arc<LazyBlob> {
 impl LazyBlob {
     /// Starts fetching what `range` needs, without waiting.
     fn kick(self: &Arc<Self>, range: Range<u64>) {
-        let need = self.cover(range);
+        self.claim_and_fetch(&self.cover(range));
+    }
+
+    /// Starts fetches of the chunks of `need` that are neither present nor under way.
+    fn claim_and_fetch(self: &Arc<Self>, need: &[usize]) {
         let mut st = self.lock();
         let start: Vec<usize> = need
             .iter()
@@ -600,27 +608,15 @@ impl LazyBlob {
 
     /// Fetches the chunks `need` (starting what is not under way) and waits for them.
     fn wait_for(self: &Arc<Self>, need: &[usize]) -> io::Result<()> {
-        let need = need.to_vec();
         let deadline = Instant::now() + self.remote.deadline;
+        self.claim_and_fetch(need);
         let mut st = self.lock();
-        let start: Vec<usize> = need
-            .iter()
-            .copied()
-            .filter(|&k| !st.present[k] && !st.inflight[k])
-            .collect();
-        for &k in &start {
-            st.inflight[k] = true;
-            st.error[k] = None;
-        }
-        if !start.is_empty() {
-            self.start_fetches(&start);
-        }
         loop {
             if self.poisoned.load(Ordering::Relaxed) {
                 return Err(self.poisoned_error());
             }
             let mut waiting = false;
-            for &k in &need {
+            for &k in need {
                 if st.present[k] {
                     continue;
                 }

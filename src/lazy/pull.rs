@@ -2,16 +2,15 @@
 //! bux-fuse index, or its layers' own zstd:chunked tables of contents — so it mounts before its
 //! layers are downloaded. Layers without an index are pulled whole, and the outcome says so.
 
-use std::io;
 use std::sync::Arc;
 
 use futures_util::StreamExt;
 
 use crate::index::chunked::TocLocation;
 use crate::index::published::PublishedLayer;
-use crate::index::{self, Compression, LayerIndex};
+use crate::index::{self, Compression};
 use crate::publish::IndexSource;
-use crate::pull::{platform_ok, LayerJob, Progress, PullOptions, PullPolicy, PulledImage};
+use crate::pull::{LayerJob, Progress, PullOptions, PullPolicy, PulledImage};
 use crate::source::{Location, Source};
 use crate::{Digest, Error, Result, Store};
 
@@ -87,39 +86,24 @@ impl Store {
             let image = self.pull(reference, opts).await?;
             return Ok((image, LazyOutcome::default()));
         }
-        let _guard = {
-            let store = self.clone();
-            tokio::task::spawn_blocking(move || store.pull_guard())
-                .await
-                .map_err(|e| Error::io("lock task", io::Error::other(e)))??
-        };
+        let _guard = self.hold_pull_guard().await?;
         if opts.policy != PullPolicy::Always {
-            if let Some(record) = self.image(&name)? {
-                let usable = record.layers.iter().all(|l| {
-                    LayerIndex::access_path(&self.index_path(&l.digest)).exists()
-                        && (self.layer_bytes_present(&l.digest)
-                            || l.index.is_some_and(|i| self.blob_path(&i).exists()))
+            if let Some(record) = self.stored_image(&name, opts, true)? {
+                opts.emit(Progress::Cached {
+                    reference: name.clone(),
                 });
-                if usable
-                    && self.tree_path(&record.manifest_digest).exists()
-                    && platform_ok(&record, opts)
-                {
-                    opts.emit(Progress::Cached {
-                        reference: name.clone(),
-                    });
-                    let lazy_layers = record
-                        .layers
-                        .iter()
-                        .filter(|l| !self.layer_bytes_present(&l.digest))
-                        .count();
-                    return Ok((
-                        self.pulled(record)?,
-                        LazyOutcome {
-                            lazy_layers,
-                            ..Default::default()
-                        },
-                    ));
-                }
+                let lazy_layers = record
+                    .layers
+                    .iter()
+                    .filter(|l| !self.layer_bytes_present(&l.digest))
+                    .count();
+                return Ok((
+                    self.pulled(record)?,
+                    LazyOutcome {
+                        lazy_layers,
+                        ..Default::default()
+                    },
+                ));
             }
             if opts.policy == PullPolicy::Never {
                 return Err(Error::NotFound {

@@ -678,18 +678,28 @@ impl Drop for MountGuard {
 
 /// Whether a mount daemon for `path` still runs (it cleans up after the unmount).
 fn daemon_alive(path: &Path) -> bool {
-    let Ok(procs) = std::fs::read_dir("/proc") else {
-        return false;
-    };
+    daemon_pid(path).is_some()
+}
+
+/// The pid of the daemon serving the mount at `path` (found by its command line).
+pub fn daemon_pid(path: &Path) -> Option<u32> {
     let needle = path.as_os_str().as_encoded_bytes().to_vec();
-    procs.flatten().any(|p| {
-        std::fs::read(p.path().join("cmdline"))
-            .map(|c| {
-                c.split(|&b| b == 0).any(|a| a == needle.as_slice())
-                    && c.windows(12).any(|w| w == b"notify-ready")
-            })
-            .unwrap_or(false)
+    std::fs::read_dir("/proc").ok()?.flatten().find_map(|p| {
+        let c = std::fs::read(p.path().join("cmdline")).ok()?;
+        let ours = c.split(|&b| b == 0).any(|a| a == needle.as_slice())
+            && c.windows(12).any(|w| w == b"notify-ready");
+        ours.then(|| p.file_name().to_string_lossy().parse().ok())?
     })
+}
+
+/// Kills the daemon serving `path` with SIGKILL and gives the kernel a moment.
+pub fn kill_daemon(path: &Path) {
+    let pid = daemon_pid(path).unwrap_or_else(|| panic!("no daemon for {}", path.display()));
+    Command::new("kill")
+        .args(["-9", &pid.to_string()])
+        .status()
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(300));
 }
 
 pub fn is_mounted(path: &Path) -> bool {
