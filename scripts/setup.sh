@@ -5,7 +5,7 @@ set -euo pipefail
 
 pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
       qemu-system-x86 cpio lz4 zstd libcap-ng-dev libseccomp-dev
-      util-linux coreutils)
+      util-linux coreutils attr)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -24,6 +24,11 @@ if ! command -v cargo >/dev/null; then
   exit 1
 fi
 [ -e /dev/fuse ] || { echo "setup: /dev/fuse is missing (modprobe fuse)" >&2; exit 1; }
+# Users mount through fusermount3 and, inside user namespaces, open /dev/fuse themselves: udev's
+# default rules make it 0666; hosts without udev keep the kernel's 0600.
+if [ "$(stat -c %a /dev/fuse)" != 666 ] && [ "$(id -u)" = 0 ]; then
+  chmod 0666 /dev/fuse
+fi
 # The Rust virtiofsd (one worker thread, like libkrun's server) for the lazy VM test.
 root=$(cd "$(dirname "$0")/.." && pwd)
 if [ ! -x "$root/target/virtiofsd/bin/virtiofsd" ]; then

@@ -76,6 +76,12 @@ enum Cmd {
         /// Keep the writable layer in DIR (implies --writable); remount with it to see changes.
         #[arg(long, value_name = "DIR")]
         upper: Option<PathBuf>,
+        /// Let other users reach the mount. Root's mounts always do (virtiofsd's sandbox needs
+        /// it); a user's need `user_allow_other` in /etc/fuse.conf, and then every user of the
+        /// host reads the image's files whatever their modes (the image's owners and modes are
+        /// enforced by the kernel only on root's mounts; a guest enforces them itself).
+        #[arg(long)]
+        allow_other: bool,
         /// Mount before the layers are downloaded: fetch manifest, config and the image's
         /// published index (see push-index), then fetch by HTTP range only what is read.
         /// Without a published index the image is pulled whole, and this says so.
@@ -332,6 +338,7 @@ fn run(cli: Cli) -> Result<()> {
             cache_mb,
             writable,
             upper,
+            allow_other,
             lazy,
             trust_index,
             prefetch,
@@ -371,7 +378,7 @@ fn run(cli: Cli) -> Result<()> {
                     _ => crate::mount::Prefetch::All,
                 },
                 record_trace,
-                ..Default::default()
+                allow_other: allow_other || crate::MountOptions::default().allow_other,
             };
             if foreground || notify_ready {
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
@@ -850,6 +857,9 @@ fn spawn_daemon(
     }
     if opts.record_trace {
         cmd.arg("--record-trace");
+    }
+    if opts.allow_other {
+        cmd.arg("--allow-other");
     }
     if let Some(u) = &opts.upper {
         cmd.arg("--upper").arg(u);

@@ -43,6 +43,8 @@ pub struct ImageFs {
     /// own (an image built from an overlay upper carries them); the overlay (6.7+) unescapes
     /// them, so the guest sees the image's xattrs as they are.
     escape_overlay_xattrs: bool,
+    /// Whether the kernel checks modes against the host's credentials (host root's mounts).
+    check_permissions: bool,
 }
 
 const OVERLAY_XATTR: &[u8] = b"trusted.overlay.";
@@ -123,7 +125,16 @@ impl ImageFs {
             no_open: false,
             waiting_reads: WaitingReads::new(),
             escape_overlay_xattrs: false,
+            check_permissions: true,
         }
+    }
+
+    /// Leaves permission checks to whoever uses the mount (a VM guest enforces the image's
+    /// owners and modes itself): no POSIX ACL support, which would make the kernel check modes
+    /// against the host's credentials (FUSE_POSIX_ACL implies `default_permissions`).
+    pub fn without_permission_checks(mut self) -> ImageFs {
+        self.check_permissions = false;
+        self
     }
 
     /// Serves `trusted.overlay.*` xattrs escaped, for a tree under a kernel overlay.
@@ -420,10 +431,12 @@ impl Filesystem for ImageFs {
             InitFlags::FUSE_CACHE_SYMLINKS,
             InitFlags::FUSE_PARALLEL_DIROPS,
             InitFlags::FUSE_EXPORT_SUPPORT,
-            // The kernel then enforces the image's POSIX ACLs (system.posix_acl_* xattrs).
-            InitFlags::FUSE_POSIX_ACL,
         ] {
             let _ = config.add_capabilities(cap);
+        }
+        if self.check_permissions {
+            // The kernel then enforces the image's POSIX ACLs (system.posix_acl_* xattrs).
+            let _ = config.add_capabilities(InitFlags::FUSE_POSIX_ACL);
         }
         let _ = config
             .set_max_readahead(1 << 20)

@@ -750,3 +750,107 @@ pub fn raw_push(
             .unwrap();
     });
 }
+
+// ----------------------------------------------------------------------------------------------
+// An ordinary user (tests run as root)
+
+/// Runs bux-fuse as an unprivileged user that the test creates, with a store of its own.
+pub struct AsUser {
+    pub name: &'static str,
+    pub uid: u32,
+    /// Holds a copy of the binary and the user's store, both reachable by the user.
+    pub dir: tempfile::TempDir,
+}
+
+impl AsUser {
+    /// The user `buxfuse-test` (created if missing). `/dev/fuse` is made mode 0666, as udev's
+    /// default rules make it on hosts that run udev (these machines do not).
+    pub fn new() -> AsUser {
+        use std::os::unix::fs::PermissionsExt;
+        let name = "buxfuse-test";
+        {
+            // One creator at a time: tests run in parallel.
+            use std::os::fd::AsRawFd;
+            let lock = std::fs::File::create("/tmp/buxfuse-test-user.lock").unwrap();
+            // SAFETY: flock on an open descriptor; released when `lock` closes.
+            unsafe { libc::flock(lock.as_raw_fd(), libc::LOCK_EX) };
+            if !Command::new("id")
+                .arg(name)
+                .output()
+                .unwrap()
+                .status
+                .success()
+            {
+                let st = Command::new("useradd")
+                    .args(["--no-create-home", "--shell", "/bin/sh", name])
+                    .status()
+                    .unwrap();
+                assert!(st.success(), "useradd {name}");
+            }
+        }
+        let out = Command::new("id").args(["-u", name]).output().unwrap();
+        assert!(out.status.success(), "no user {name}");
+        let uid: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+        std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::copy(env!("CARGO_BIN_EXE_bux-fuse"), dir.path().join("bux-fuse")).unwrap();
+        let home = dir.path().join("home");
+        std::fs::create_dir(&home).unwrap();
+        std::os::unix::fs::chown(&home, Some(uid), Some(uid)).unwrap();
+        AsUser { name, uid, dir }
+    }
+
+    /// The user's home (its store lives under it, in the XDG default place).
+    pub fn home(&self) -> PathBuf {
+        self.dir.path().join("home")
+    }
+
+    pub fn bin(&self) -> PathBuf {
+        self.dir.path().join("bux-fuse")
+    }
+
+    /// A shell command run as the user, in its home, with `$BUX` the binary.
+    pub fn sh(&self, script: &str) -> Output {
+        Command::new("runuser")
+            .args(["-u", self.name, "--", "env", "-i"])
+            .arg(format!("HOME={}", self.home().display()))
+            .arg(format!("BUX={}", self.bin().display()))
+            .arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin")
+            .args(["sh", "-c"])
+            .arg(format!("cd \"$HOME\" && {script}"))
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    }
+
+    /// Like [`AsUser::sh`], asserting success; returns stdout.
+    pub fn ok(&self, script: &str) -> String {
+        let out = self.sh(script);
+        assert!(
+            out.status.success(),
+            "as {}: {script}: {}{}",
+            self.name,
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+}
+
+impl Drop for AsUser {
+    fn drop(&mut self) {
+        // Whatever the user left mounted under its home goes with it.
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+        let home = self.home();
+        let mut mounts: Vec<PathBuf> = info
+            .lines()
+            .filter_map(|l| l.split(' ').nth(4).map(PathBuf::from))
+            .filter(|p| p.starts_with(&home))
+            .collect();
+        mounts.reverse();
+        for m in mounts {
+            let _ = Command::new("umount").arg("-l").arg(&m).status();
+        }
+    }
+}

@@ -11,7 +11,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-use fuser::{Config, MountOption, Session, SessionACL};
+use fuser::{Config, Session, SessionACL};
 
 use crate::fs::ImageFs;
 use crate::index::published::PublishedLayer;
@@ -19,6 +19,9 @@ use crate::index::{Compression, LayerReader, SpanCache};
 use crate::lazy::{LazyBlob, Remote};
 use crate::pull::normalize_reference;
 use crate::{Error, Result, Store};
+
+mod connect;
+pub use connect::host_root;
 
 /// How to mount.
 #[derive(Debug, Clone)]
@@ -502,17 +505,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     if opts.writable {
         fs = fs.escaping_overlay_xattrs();
     }
+    if !connect::host_root() {
+        fs = fs.without_permission_checks();
+    }
     let mut config = Config::default();
-    config.mount_options = vec![
-        MountOption::FSName(format!("bux-fuse:{name}")),
-        MountOption::Subtype("bux-fuse".into()),
-        MountOption::RO,
-        MountOption::Dev,
-        MountOption::Suid,
-        MountOption::Exec,
-        MountOption::NoAtime,
-        MountOption::DefaultPermissions,
-    ];
     config.acl = if opts.allow_other {
         SessionACL::All
     } else {
@@ -520,7 +516,19 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     };
     config.n_threads = Some(opts.threads.max(1));
     config.clone_fd = true;
-    let session = Session::new(fs, &fuse_dir, &config).map_err(|e| mount_err(e.to_string()))?;
+    let request = connect::Request {
+        fsname: &format!("bux-fuse:{name}"),
+        allow_other: opts.allow_other,
+    };
+    let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
+    let acl = config.acl;
+    let session = match Session::from_fd(fs, fd, acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = unmount(&fuse_dir);
+            return Err(mount_err(format!("FUSE handshake: {e}")));
+        }
+    };
     let thread = std::thread::Builder::new()
         .name("bux-fuse-session".into())
         .spawn(move || session.run())
