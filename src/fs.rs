@@ -345,8 +345,32 @@ impl Shared {
     }
 }
 
+/// What a writable layer served over this tree reads of it (see [`crate::upper`]).
 impl ImageFs {
-    fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
+    /// The tree served.
+    pub(crate) fn tree(&self) -> &Tree {
+        &self.tree
+    }
+
+    /// Attributes of tree inode `ino`, reported with inode number `as_ino`.
+    pub(crate) fn lower_attr(&self, ino: u64, as_ino: u64) -> Option<FileAttr> {
+        let i = self.tree.inode(ino)?;
+        let mut a = self.attr(ino, i);
+        a.ino = INodeNo(as_ino);
+        Some(a)
+    }
+
+    /// Bytes of tree inode `ino`, waiting for lazily fetched bytes as a read does.
+    pub(crate) fn read_lower(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(INodeNo(ino))?;
+        if self.is_local(i, offset, size) {
+            self.read_file(i, offset, size)
+        } else {
+            self.fetch_and_read(INodeNo(ino), offset, size)
+        }
+    }
+
+    pub(crate) fn xattr_reply(data: &[u8], size: u32, reply: ReplyXattr) {
         if size == 0 {
             reply.size(data.len() as u32);
         } else if (size as usize) < data.len() {
@@ -391,7 +415,7 @@ fn seek_data_hole(i: &Inode, off: u64, whence: i32) -> Result<u64, Errno> {
     }
 }
 
-fn file_type(kind: EntryKind) -> FileType {
+pub(crate) fn file_type(kind: EntryKind) -> FileType {
     match kind {
         EntryKind::File | EntryKind::Hardlink => FileType::RegularFile,
         EntryKind::Dir => FileType::Directory,

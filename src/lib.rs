@@ -43,6 +43,7 @@ pub mod source;
 pub mod store;
 pub mod trace;
 pub mod tree;
+pub mod upper;
 
 pub use digest::Digest;
 pub use error::{Error, Result};

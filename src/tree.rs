@@ -503,6 +503,26 @@ impl Tree {
             .map(|i| children[i].ino)
     }
 
+    /// The `/`-separated path of directory `ino` from the root (`/` for the root).
+    pub fn path_of(&self, mut ino: u64) -> Option<Vec<u8>> {
+        let mut names = Vec::new();
+        while ino != ROOT_INO {
+            let parent = self.inode(ino)?.parent;
+            let d = self.children(parent).iter().find(|d| d.ino == ino)?;
+            names.push(d.name.as_slice());
+            ino = parent;
+        }
+        let mut p = Vec::new();
+        for n in names.iter().rev() {
+            p.push(b'/');
+            p.extend_from_slice(n);
+        }
+        if p.is_empty() {
+            p.push(b'/');
+        }
+        Some(p)
+    }
+
     /// The inode at a `/`-separated path from the root (no symlinks followed).
     pub fn resolve(&self, path: &[u8]) -> Option<u64> {
         components(path).try_fold(ROOT_INO, |dir, c| self.lookup(dir, c))

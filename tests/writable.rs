@@ -59,7 +59,79 @@ fn writable_root_behaves_like_posix_and_leaves_the_image_alone() {
     let r = format!("{}/t/rw:v1", reg.host());
     let bux = Bux::new();
     let m = writable_mount(&bux, &r, None);
-    let p = |s: &str| m.path.join(s);
+    posix_cases(&m.path);
+    drop(m);
+
+    // The image is untouched: a read-only mount shows the original bytes.
+    let ro = bux.mount(&r);
+    assert_eq!(
+        std::fs::read(ro.path.join("etc/resolv.conf")).unwrap(),
+        b"nameserver 127.0.0.53\n"
+    );
+    assert!(ro.path.join("doomed").exists() && ro.path.join("srv/tree/a").exists());
+    assert!(!ro.path.join("var").exists());
+    drop(ro);
+    // The scratch upper was removed at unmount.
+    let run = bux.store.path().join("run");
+    assert_eq!(
+        std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0),
+        0,
+        "scratch left in {}",
+        run.display()
+    );
+}
+
+#[test]
+fn upper_dir_persists_and_mounts_are_isolated() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rw2", None);
+    let r = format!("{}/t/rw2:v1", reg.host());
+    let bux = Bux::new();
+    let upper = work.path().join("state");
+
+    let a = writable_mount(&bux, &r, Some(&upper));
+    // A second mount on the same --upper is refused, in one line.
+    let other = tempfile::tempdir().unwrap();
+    let err = bux.fails(&[
+        "mount",
+        "-q",
+        "--upper",
+        upper.to_str().unwrap(),
+        &r,
+        other.path().join("r").to_str().unwrap(),
+    ]);
+    assert!(
+        err.contains("in use by another writable mount") && err.lines().count() == 1,
+        "{err}"
+    );
+    let b = writable_mount(&bux, &r, None);
+    std::fs::write(a.path.join("etc/only-a"), b"a\n").unwrap();
+    std::fs::remove_file(a.path.join("doomed")).unwrap();
+    assert!(
+        !b.path.join("etc/only-a").exists(),
+        "writable mounts share writes"
+    );
+    assert!(b.path.join("doomed").exists());
+    drop(a);
+    drop(b);
+    // The deletion is a whiteout in the upper layer; the new file is plain.
+    let wh = std::fs::symlink_metadata(upper.join("upper/doomed")).unwrap();
+    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
+    let again = writable_mount(&bux, &r, Some(&upper));
+    assert_eq!(
+        std::fs::read(again.path.join("etc/only-a")).unwrap(),
+        b"a\n"
+    );
+    assert!(!again.path.join("doomed").exists());
+}
+
+/// What a booting guest does to its root, checked through the kernel at `root` (a writable
+/// mount of [`image`]). Run as root here, and as an ordinary user by `tests/rootless.rs`
+/// (through [`posix_cases_at_env`]).
+fn posix_cases(root: &Path) {
+    let p = |s: &str| root.join(s);
 
     // Write a lower file (what a guest does to /etc/resolv.conf at boot).
     std::fs::write(p("etc/resolv.conf"), b"nameserver 10.0.2.3\n").unwrap();
@@ -126,71 +198,43 @@ fn writable_root_behaves_like_posix_and_leaves_the_image_alone() {
     set_xattr(&p("etc/resolv.conf"), "user.note", b"guest");
     // An open file keeps the filesystem alive after a lazy unmount: close it first.
     drop(open);
-    drop(m);
-
-    // The image is untouched: a read-only mount shows the original bytes.
-    let ro = bux.mount(&r);
-    assert_eq!(
-        std::fs::read(ro.path.join("etc/resolv.conf")).unwrap(),
-        b"nameserver 127.0.0.53\n"
-    );
-    assert!(ro.path.join("doomed").exists() && ro.path.join("srv/tree/a").exists());
-    assert!(!ro.path.join("var").exists());
-    drop(ro);
-    // The scratch upper was removed at unmount.
-    let run = bux.store.path().join("run");
-    assert_eq!(
-        std::fs::read_dir(&run).map(|d| d.count()).unwrap_or(0),
-        0,
-        "scratch left in {}",
-        run.display()
-    );
 }
 
+/// [`posix_cases`] at `$BUX_POSIX_ROOT`, for a run of this test binary as another user.
 #[test]
-fn upper_dir_persists_and_mounts_are_isolated() {
+#[ignore = "run by the rootless tests as an ordinary user"]
+fn posix_cases_at_env() {
+    let root = std::env::var_os("BUX_POSIX_ROOT").expect("BUX_POSIX_ROOT");
+    posix_cases(Path::new(&root));
+}
+
+/// The same cases as an ordinary user: bux-fuse serves the upper layer itself (no kernel
+/// overlay), with root semantics for what reaches it (chown to any owner included).
+#[test]
+fn writable_root_behaves_like_posix_for_a_user_too() {
     let reg = Registry::start();
     let work = tempfile::tempdir().unwrap();
     write_layout(&work.path().join("l"), "v1", &image());
-    reg.push(&work.path().join("l"), "v1", "t/rw2", None);
-    let r = format!("{}/t/rw2:v1", reg.host());
-    let bux = Bux::new();
-    let upper = work.path().join("state");
-
-    let a = writable_mount(&bux, &r, Some(&upper));
-    // A second mount on the same --upper is refused, in one line.
-    let other = tempfile::tempdir().unwrap();
-    let err = bux.fails(&[
-        "mount",
-        "-q",
-        "--upper",
-        upper.to_str().unwrap(),
-        &r,
-        other.path().join("r").to_str().unwrap(),
-    ]);
-    assert!(
-        err.contains("in use by another writable mount") && err.lines().count() == 1,
-        "{err}"
-    );
-    let b = writable_mount(&bux, &r, None);
-    std::fs::write(a.path.join("etc/only-a"), b"a\n").unwrap();
-    std::fs::remove_file(a.path.join("doomed")).unwrap();
-    assert!(
-        !b.path.join("etc/only-a").exists(),
-        "writable mounts share writes"
-    );
-    assert!(b.path.join("doomed").exists());
-    drop(a);
-    drop(b);
-    // The deletion is a whiteout in the upper layer; the new file is plain.
-    let wh = std::fs::symlink_metadata(upper.join("upper/doomed")).unwrap();
-    assert!(std::os::unix::fs::FileTypeExt::is_char_device(&wh.file_type()) && wh.rdev() == 0);
-    let again = writable_mount(&bux, &r, Some(&upper));
-    assert_eq!(
-        std::fs::read(again.path.join("etc/only-a")).unwrap(),
-        b"a\n"
-    );
-    assert!(!again.path.join("doomed").exists());
+    reg.push(&work.path().join("l"), "v1", "t/rwu", None);
+    let r = format!("{}/t/rwu:v1", reg.host());
+    let user = AsUser::new();
+    let exe = user.dir.path().join("writable-tests");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    user.ok(&format!("$BUX -q mount --writable {r} m"));
+    let m = user.home().join("m");
+    let out = user.ok(&format!(
+        "BUX_POSIX_ROOT={} {} --exact posix_cases_at_env --ignored --test-threads=1",
+        m.display(),
+        exe.display()
+    ));
+    assert!(out.contains("test posix_cases_at_env ... ok"), "{out}");
+    user.ok("$BUX umount m");
+    // The image is untouched and the scratch upper is gone.
+    let out = user.ok(&format!(
+        "$BUX -q mount {r} ro && cat ro/etc/resolv.conf ro/doomed ro/srv/tree/a && \
+         test ! -e ro/var && $BUX umount ro && ls .local/share/bux-fuse/run | wc -l"
+    ));
+    assert_eq!(out, "nameserver 127.0.0.53\nto be removed\na\n0\n");
 }
 
 /// An image xattr in the overlay's own namespace (an image built from an overlay upper has

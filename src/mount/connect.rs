@@ -24,6 +24,8 @@ pub(super) struct Request<'a> {
     pub fsname: &'a str,
     /// Let every user reach the mount (root's default; users need `user_allow_other`).
     pub allow_other: bool,
+    /// Mount read-only (all but a user's writable mount, which bux-fuse serves itself).
+    pub read_only: bool,
 }
 
 /// Whether this process is root of the initial user namespace (the host's root).
@@ -88,7 +90,10 @@ fn mount_directly(dir: &Path, fsname: &str, req: &Request) -> io::Result<OwnedFd
         // The host's users may reach it: the kernel enforces the image's modes (and ACLs).
         data.push_str(",default_permissions");
     }
-    let mut flags = libc::MS_RDONLY | libc::MS_NOATIME;
+    let mut flags = libc::MS_NOATIME;
+    if req.read_only {
+        flags |= libc::MS_RDONLY;
+    }
     if !host {
         flags |= libc::MS_NODEV | libc::MS_NOSUID;
     }
@@ -119,7 +124,10 @@ fn mount_directly(dir: &Path, fsname: &str, req: &Request) -> io::Result<OwnedFd
 fn via_fusermount(dir: &Path, fsname: &str, req: &Request) -> Result<OwnedFd, String> {
     use std::os::unix::process::CommandExt;
     let (ours, theirs) = UnixStream::pair().map_err(|e| format!("socketpair: {e}"))?;
-    let mut opts = format!("ro,noatime,exec,fsname={fsname},subtype=bux-fuse");
+    let mut opts = format!("noatime,exec,fsname={fsname},subtype=bux-fuse");
+    if req.read_only {
+        opts.insert_str(0, "ro,");
+    }
     if req.allow_other {
         opts.push_str(",allow_other");
     }

@@ -123,6 +123,9 @@ struct WritableLayer {
     /// An exclusive lock on `--upper DIR` for the life of the mount: two overlays on one upper
     /// directory is undefined behaviour in the kernel.
     _upper_lock: Option<std::fs::File>,
+    /// A kernel overlay over the image mount (root); else bux-fuse serves the upper layer
+    /// itself at the mount point ([`crate::upper`], for users).
+    kernel_overlay: bool,
 }
 
 impl Mount {
@@ -154,7 +157,8 @@ impl Mount {
     /// Whether the FUSE session has ended (unmounted from outside).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
-            || (self.writable.is_some() && !is_mount_point(&self.path))
+            || (self.writable.as_ref().is_some_and(|w| w.kernel_overlay)
+                && !is_mount_point(&self.path))
     }
 
     /// Blocks until the session ends (someone unmounted it).
@@ -179,7 +183,7 @@ impl Mount {
                 }
             }
         }
-        if self.writable.is_some() && is_mount_point(&self.path) {
+        if self.writable.as_ref().is_some_and(|w| w.kernel_overlay) && is_mount_point(&self.path) {
             unmount(&self.path)?;
         }
         if self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
@@ -477,6 +481,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             "already a mount point (run `bux-fuse umount` on it first)".into(),
         ));
     }
+    // Users cannot mount a kernel overlay: bux-fuse serves their upper layer itself.
+    let own_upper = opts.writable && !connect::host_root();
     let (fuse_dir, writable) = if opts.writable {
         let run_dir = store.root().join("run").join(format!(
             "{}-{}",
@@ -491,10 +497,11 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             None => None,
         };
         (
-            lower,
+            if own_upper { dir.clone() } else { lower },
             Some(WritableLayer {
                 run_dir,
                 _upper_lock: upper_lock,
+                kernel_overlay: !own_upper,
             }),
         )
     } else {
@@ -502,7 +509,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     };
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let mut fs = ImageFs::new(tree, layers, cache.clone());
-    if opts.writable {
+    if opts.writable && !own_upper {
         fs = fs.escaping_overlay_xattrs();
     }
     if !connect::host_root() {
@@ -519,20 +526,26 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     let request = connect::Request {
         fsname: &format!("bux-fuse:{name}"),
         allow_other: opts.allow_other,
+        read_only: !own_upper,
     };
-    let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
-    let acl = config.acl;
-    let session = match Session::from_fd(fs, fd, acl, config) {
-        Ok(s) => s,
-        Err(e) => {
-            let _ = unmount(&fuse_dir);
-            return Err(mount_err(format!("FUSE handshake: {e}")));
+    let upper_root = match (&writable, own_upper) {
+        (Some(w), true) => Some(
+            opts.upper
+                .as_ref()
+                .map_or_else(|| w.run_dir.join("scratch"), Clone::clone)
+                .join("upper"),
+        ),
+        _ => None,
+    };
+    let thread = match upper_root {
+        Some(upper) => {
+            let fs = crate::upper::UpperFs::new(fs, &upper)
+                .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?;
+            serve(fs, &fuse_dir, &request, config)
         }
-    };
-    let thread = std::thread::Builder::new()
-        .name("bux-fuse-session".into())
-        .spawn(move || session.run())
-        .map_err(|e| mount_err(format!("starting session thread: {e}")))?;
+        None => serve(fs, &fuse_dir, &request, config),
+    }
+    .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
     let mut m = Mount {
         path: dir.clone(),
@@ -576,7 +589,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             },
         );
     }
-    if let Some(w) = &m.writable {
+    if let Some(w) = m.writable.as_ref().filter(|w| w.kernel_overlay) {
         let base = opts
             .upper
             .clone()
@@ -587,6 +600,27 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
     }
     Ok(m)
+}
+
+/// Mounts `fs` at `dir` and serves it on a thread of its own.
+fn serve<FS: fuser::Filesystem + Send + 'static>(
+    fs: FS,
+    dir: &Path,
+    request: &connect::Request,
+    config: Config,
+) -> std::result::Result<JoinHandle<io::Result<()>>, String> {
+    let fd = connect::connect(dir, request)?;
+    let session = match Session::from_fd(fs, fd, config.acl, config) {
+        Ok(s) => s,
+        Err(e) => {
+            let _ = unmount(dir);
+            return Err(format!("FUSE handshake: {e}"));
+        }
+    };
+    std::thread::Builder::new()
+        .name("bux-fuse-session".into())
+        .spawn(move || session.run())
+        .map_err(|e| format!("starting session thread: {e}"))
 }
 
 /// Read-ahead the kernel uses on the mount, in KiB: FUSE's device default (128 KiB) caps

@@ -1,0 +1,175 @@
+//! How the writable layer of a user's mount is kept on disk.
+//!
+//! An unprivileged daemon can create only directories and regular files it owns, so everything
+//! else is recorded beside them (the upper directory reads as an OCI layer diff):
+//! - the served owner, mode (with the file type) and device number are the xattr
+//!   [`STAT_XATTR`]: `uid:gid:mode:rdev`, mode in octal with its type bits;
+//! - symlinks, fifos, sockets and devices are regular files: a symlink's target is its
+//!   content;
+//! - the guest's xattrs (any namespace: `security.*` and `trusted.*` too) are stored under
+//!   [`XATTR_PREFIX`];
+//! - a deleted image entry is a whiteout file `.wh.NAME`; a directory whose image contents are
+//!   hidden holds `.wh..wh..opq` (the OCI layer conventions);
+//! - an image directory renamed elsewhere records the image path it came from in
+//!   [`REDIRECT_XATTR`], so its image contents follow it.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+
+pub const STAT_XATTR: &str = "user.bux-fuse.stat";
+pub const XATTR_PREFIX: &[u8] = b"user.bux-fuse.x.";
+pub const REDIRECT_XATTR: &str = "user.bux-fuse.redirect";
+pub const WHITEOUT_PREFIX: &[u8] = b".wh.";
+pub const OPAQUE: &str = ".wh..wh..opq";
+
+/// Owner, mode (with type bits) and device number as served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stat {
+    pub uid: u32,
+    pub gid: u32,
+    pub mode: u32,
+    pub rdev: u32,
+}
+
+impl Stat {
+    pub fn encode(&self) -> String {
+        format!("{}:{}:{:o}:{}", self.uid, self.gid, self.mode, self.rdev)
+    }
+
+    pub fn decode(s: &[u8]) -> Option<Stat> {
+        let s = std::str::from_utf8(s).ok()?;
+        let mut f = s.split(':');
+        let stat = Stat {
+            uid: f.next()?.parse().ok()?,
+            gid: f.next()?.parse().ok()?,
+            mode: u32::from_str_radix(f.next()?, 8).ok()?,
+            rdev: f.next()?.parse().ok()?,
+        };
+        (f.next().is_none() && stat.mode & libc::S_IFMT != 0).then_some(stat)
+    }
+}
+
+/// The name of a whiteout for `name`.
+pub fn whiteout_name(name: &[u8]) -> std::ffi::OsString {
+    OsStr::from_bytes(&[WHITEOUT_PREFIX, name].concat()).to_os_string()
+}
+
+/// Names that are our bookkeeping, never served.
+pub fn is_reserved(name: &[u8]) -> bool {
+    name.starts_with(WHITEOUT_PREFIX)
+}
+
+fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
+    std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in path"))
+}
+
+/// One xattr of `path` (not following symlinks; there are none in the upper directory).
+pub fn get_xattr(path: &Path, name: &[u8]) -> io::Result<Option<Vec<u8>>> {
+    let p = c_path(path)?;
+    let n = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in name"))?;
+    let mut buf = vec![0u8; 256];
+    loop {
+        // SAFETY: valid C strings; buf is writable for its length.
+        let r =
+            unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(Some(buf));
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ENODATA) => return Ok(None),
+            Some(libc::ERANGE) if buf.len() < (1 << 16) => buf.resize(buf.len() * 4, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
+pub fn set_xattr(path: &Path, name: &[u8], value: &[u8], flags: i32) -> io::Result<()> {
+    let p = c_path(path)?;
+    let n = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in name"))?;
+    // SAFETY: valid C strings and value buffer.
+    let r = unsafe {
+        libc::lsetxattr(
+            p.as_ptr(),
+            n.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            flags,
+        )
+    };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+pub fn remove_xattr(path: &Path, name: &[u8]) -> io::Result<()> {
+    let p = c_path(path)?;
+    let n = std::ffi::CString::new(name).map_err(|_| io::Error::other("NUL in name"))?;
+    // SAFETY: valid C strings.
+    if unsafe { libc::lremovexattr(p.as_ptr(), n.as_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Every xattr name of `path`.
+pub fn list_xattrs(path: &Path) -> io::Result<Vec<Vec<u8>>> {
+    let p = c_path(path)?;
+    let mut buf = vec![0u8; 1024];
+    loop {
+        // SAFETY: valid C string; buf is writable for its length.
+        let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+        if r >= 0 {
+            buf.truncate(r as usize);
+            return Ok(buf
+                .split(|&b| b == 0)
+                .filter(|n| !n.is_empty())
+                .map(<[u8]>::to_vec)
+                .collect());
+        }
+        let e = io::Error::last_os_error();
+        match e.raw_os_error() {
+            Some(libc::ERANGE) if buf.len() < (1 << 20) => buf.resize(buf.len() * 4, 0),
+            _ => return Err(e),
+        }
+    }
+}
+
+/// The served stat of an upper entry: its [`STAT_XATTR`], else what the host says.
+pub fn stat_of(path: &Path, md: &std::fs::Metadata) -> Stat {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(Some(v)) = get_xattr(path, STAT_XATTR.as_bytes()) {
+        if let Some(s) = Stat::decode(&v) {
+            return s;
+        }
+    }
+    Stat {
+        uid: md.uid(),
+        gid: md.gid(),
+        mode: md.mode(),
+        rdev: md.rdev() as u32,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_round_trips_and_rejects_junk() {
+        let s = Stat {
+            uid: 1234,
+            gid: 5678,
+            mode: libc::S_IFCHR | 0o620,
+            rdev: 0x0103,
+        };
+        assert_eq!(Stat::decode(s.encode().as_bytes()), Some(s));
+        for junk in ["", "1:2:3", "1:2:0644:0", "a:b:c:d", "1:2:100644:0:9"] {
+            assert_eq!(Stat::decode(junk.as_bytes()), None, "{junk}");
+        }
+    }
+}

@@ -1,0 +1,1305 @@
+//! A writable root for users: an upper directory over the image, served by bux-fuse itself.
+//!
+//! Root's writable mounts are a kernel overlay on the read-only image mount. A user can mount
+//! neither an overlay nor (through fuse-overlayfs, measured) anything that takes a chown to
+//! another owner: fuse-overlayfs always mounts with `default_permissions`, so the kernel refuses
+//! the user a chown to root or a write into an image directory owned by someone else. Here one
+//! FUSE mount serves both layers with root semantics for whatever reaches it (the guest
+//! enforces permissions), keeping what the host cannot as metadata ([`disk`]).
+//!
+//! Entries are nodes named by (parent node, name); a node's upper path follows from its
+//! parents, so renaming a directory moves its whole subtree. Image entries are read through the
+//! [`ImageFs`] in this process (no second FUSE hop); the first write copies a file up.
+
+mod disk;
+
+use std::collections::HashMap;
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use fuser::{
+    AccessFlags, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, KernelConfig, LockOwner, OpenAccMode, OpenFlags, RenameFlags, ReplyAttr, ReplyCreate,
+    ReplyData, ReplyDirectory, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite,
+    ReplyXattr, Request, TimeOrNow, WriteFlags,
+};
+
+use crate::fs::ImageFs;
+use crate::index::EntryKind;
+use crate::tree::{NodeData, ROOT_INO};
+use disk::Stat;
+
+/// Everything changes through this mount, so the kernel's caches stay right; a short TTL
+/// bounds the damage of anything that does not.
+const TTL: Duration = Duration::from_secs(1);
+const COPY_CHUNK: u32 = 1 << 20;
+
+/// One entry of the merged tree.
+struct Node {
+    /// Names it is reached by: (parent node, name); the first is its path. Several for
+    /// hardlinks; none once unlinked (open handles keep working).
+    links: Vec<(u64, Vec<u8>)>,
+    /// The image inode it shows (a directory: the one whose entries merge into it).
+    lower: Option<u64>,
+    /// Whether it exists in the upper directory (at its path).
+    upper: bool,
+}
+
+struct State {
+    /// Node `n` is `nodes[n - 1]`; node 1 is the root.
+    nodes: Vec<Node>,
+    /// Resolved names (all changes go through us, so this stays true).
+    names: HashMap<(u64, Vec<u8>), u64>,
+    /// Image inodes with several names (hardlinks) share one node.
+    by_lower: HashMap<u64, u64>,
+    /// Upper files with several names share one node (host inode number → node).
+    by_upper: HashMap<u64, u64>,
+}
+
+enum Handle {
+    Upper(Arc<File>),
+    Lower(u64),
+    Dir(Arc<Vec<(u64, FileType, OsString)>>),
+}
+
+/// The writable filesystem.
+pub struct UpperFs {
+    lower: ImageFs,
+    root: PathBuf,
+    state: Mutex<State>,
+    handles: Mutex<HashMap<u64, Handle>>,
+    next_fh: AtomicU64,
+}
+
+fn err(e: std::io::Error) -> Errno {
+    Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
+}
+
+type Res<T> = Result<T, Errno>;
+
+impl UpperFs {
+    /// Serves `lower` with changes kept in `upper` (created if missing).
+    pub fn new(lower: ImageFs, upper: &Path) -> std::io::Result<UpperFs> {
+        std::fs::create_dir_all(upper)?;
+        let fs = UpperFs {
+            root: upper.to_path_buf(),
+            state: Mutex::new(State {
+                nodes: vec![Node {
+                    links: vec![(ROOT_INO, Vec::new())],
+                    lower: Some(ROOT_INO),
+                    upper: true,
+                }],
+                names: HashMap::new(),
+                by_lower: HashMap::new(),
+                by_upper: HashMap::new(),
+            }),
+            lower,
+            handles: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        };
+        // The root shows the image root's owner and mode until changed.
+        if disk::get_xattr(upper, disk::STAT_XATTR.as_bytes())?.is_none() {
+            if let Some(a) = fs.lower.lower_attr(ROOT_INO, ROOT_INO) {
+                let s = stat_from_attr(&a);
+                disk::set_xattr(upper, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0)?;
+            }
+        }
+        Ok(fs)
+    }
+
+    fn state(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The upper path of node `n` (relative names joined under the upper root).
+    fn path(&self, st: &State, mut n: u64) -> Res<PathBuf> {
+        let mut names = Vec::new();
+        while n != ROOT_INO {
+            let node = st.nodes.get(n as usize - 1).ok_or(Errno::ENOENT)?;
+            let (parent, name) = node.links.first().ok_or(Errno::ENOENT)?;
+            names.push(name.as_slice());
+            n = *parent;
+        }
+        let mut p = self.root.clone();
+        for name in names.iter().rev() {
+            p.push(OsStr::from_bytes(name));
+        }
+        Ok(p)
+    }
+
+    fn node<'a>(&self, st: &'a State, n: u64) -> Res<&'a Node> {
+        n.checked_sub(1)
+            .and_then(|i| st.nodes.get(i as usize))
+            .ok_or(Errno::ENOENT)
+    }
+
+    /// Whether the image shows `name` in directory node `parent` (hidden or not by the upper).
+    fn lower_child(&self, st: &State, parent: u64, name: &[u8]) -> Option<u64> {
+        let p = self.node(st, parent).ok()?;
+        self.lower.tree().lookup(p.lower?, name)
+    }
+
+    /// Resolves `name` in directory `parent` to a node, creating it on first sight.
+    fn child(&self, st: &mut State, parent: u64, name: &[u8]) -> Res<Option<u64>> {
+        if let Some(&n) = st.names.get(&(parent, name.to_vec())) {
+            return Ok(Some(n));
+        }
+        if disk::is_reserved(name) {
+            return Ok(None);
+        }
+        let p = self.node(st, parent)?;
+        let (p_upper, p_lower) = (p.upper, p.lower);
+        let mut upper_md = None;
+        if p_upper {
+            let dir = self.path(st, parent)?;
+            let at = dir.join(OsStr::from_bytes(name));
+            match std::fs::symlink_metadata(&at) {
+                Ok(md) => upper_md = Some((at, md)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if dir.join(disk::whiteout_name(name)).exists()
+                        || dir.join(disk::OPAQUE).exists()
+                    {
+                        return Ok(None);
+                    }
+                }
+                Err(e) => return Err(err(e)),
+            }
+        }
+        let image = p_lower.and_then(|d| self.lower.tree().lookup(d, name));
+        let from_image = upper_md.is_none();
+        let id = match upper_md {
+            Some((at, md)) => {
+                let lower = if md.is_dir() {
+                    self.merged_lower(&at, image)
+                } else {
+                    None
+                };
+                match st.by_upper.get(&md.ino()) {
+                    Some(&n) if !md.is_dir() => n,
+                    _ => {
+                        let n = push(st, lower, true);
+                        if !md.is_dir() && md.nlink() > 1 {
+                            st.by_upper.insert(md.ino(), n);
+                        }
+                        n
+                    }
+                }
+            }
+            None => {
+                let Some(ino) = image else { return Ok(None) };
+                let i = self.lower.tree().inode(ino).ok_or(Errno::EIO)?;
+                match st.by_lower.get(&ino) {
+                    Some(&n) if i.kind != EntryKind::Dir => n,
+                    _ => {
+                        let n = push(st, Some(ino), false);
+                        if i.kind != EntryKind::Dir && i.nlink > 1 {
+                            st.by_lower.insert(ino, n);
+                        }
+                        n
+                    }
+                }
+            }
+        };
+        st.nodes[id as usize - 1]
+            .links
+            .push((parent, name.to_vec()));
+        st.names.insert((parent, name.to_vec()), id);
+        // A hardlink of an image file copied up earlier in this mount: link it here too.
+        if from_image && st.nodes[id as usize - 1].upper {
+            let from = self.path(st, id)?;
+            self.copy_up(st, parent)?;
+            let to = self.path(st, parent)?.join(OsStr::from_bytes(name));
+            std::fs::hard_link(from, to).map_err(err)?;
+        }
+        Ok(Some(id))
+    }
+
+    /// The image directory whose entries merge into the upper directory `at`.
+    fn merged_lower(&self, at: &Path, same_name: Option<u64>) -> Option<u64> {
+        if let Ok(Some(from)) = disk::get_xattr(at, disk::REDIRECT_XATTR.as_bytes()) {
+            return self.lower.tree().resolve(&from);
+        }
+        if at.join(disk::OPAQUE).exists() {
+            return None;
+        }
+        same_name.filter(|&i| {
+            self.lower
+                .tree()
+                .inode(i)
+                .is_some_and(|i| i.kind == EntryKind::Dir)
+        })
+    }
+
+    fn attr(&self, st: &State, n: u64) -> Res<FileAttr> {
+        let node = self.node(st, n)?;
+        if !node.upper {
+            let ino = node.lower.ok_or(Errno::ENOENT)?;
+            return self.lower.lower_attr(ino, n).ok_or(Errno::EIO);
+        }
+        let path = self.path(st, n)?;
+        let md = std::fs::symlink_metadata(&path).map_err(err)?;
+        Ok(attr_from(n, &md, disk::stat_of(&path, &md)))
+    }
+
+    /// Makes node `n` exist in the upper directory (its parents first).
+    fn copy_up(&self, st: &mut State, n: u64) -> Res<()> {
+        let node = self.node(st, n)?;
+        if node.upper {
+            return Ok(());
+        }
+        let lower = node.lower.ok_or(Errno::EIO)?;
+        let parent = node.links.first().ok_or(Errno::ENOENT)?.0;
+        self.copy_up(st, parent)?;
+        let path = self.path(st, n)?;
+        let a = self.lower.lower_attr(lower, n).ok_or(Errno::EIO)?;
+        let i = self.lower.tree().inode(lower).ok_or(Errno::EIO)?;
+        if a.kind == FileType::Directory {
+            std::fs::create_dir(&path).map_err(err)?;
+        } else {
+            // Written beside, then renamed in: a crash never leaves a half copy.
+            let tmp = path.with_file_name(disk::whiteout_name(b".bux-fuse-copy-up"));
+            let f = File::create(&tmp).map_err(err)?;
+            match &i.data {
+                NodeData::Symlink(target) => f.write_all_at(target, 0).map_err(err)?,
+                NodeData::File { .. } | NodeData::Sparse { .. } => {
+                    let mut off = 0;
+                    while off < a.size {
+                        let buf = self.lower.read_lower(lower, off, COPY_CHUNK)?;
+                        if buf.is_empty() {
+                            return Err(Errno::EIO);
+                        }
+                        f.write_all_at(&buf, off).map_err(err)?;
+                        off += buf.len() as u64;
+                    }
+                }
+                _ => {}
+            }
+            f.sync_data().map_err(err)?;
+            std::fs::rename(&tmp, &path).map_err(err)?;
+        }
+        let s = stat_from_attr(&a);
+        disk::set_xattr(&path, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0)
+            .map_err(err)?;
+        for (k, v) in &i.xattrs {
+            let name = [disk::XATTR_PREFIX, k].concat();
+            disk::set_xattr(&path, &name, v, 0).map_err(err)?;
+        }
+        set_times(&path, Some(a.atime), Some(a.mtime)).map_err(err)?;
+        let node = &mut st.nodes[n as usize - 1];
+        node.upper = true;
+        if a.kind != FileType::Directory {
+            node.lower = None;
+            // Other names of this image file seen so far get the copy too.
+            let others: Vec<(u64, Vec<u8>)> = node.links.iter().skip(1).cloned().collect();
+            for (parent, name) in others {
+                self.copy_up(st, parent)?;
+                let to = self.path(st, parent)?.join(OsStr::from_bytes(&name));
+                std::fs::hard_link(&path, to).map_err(err)?;
+            }
+            if let Ok(md) = std::fs::symlink_metadata(&path) {
+                if md.nlink() > 1 {
+                    st.by_upper.insert(md.ino(), n);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Makes `name` free in directory `parent` for a new entry: no whiteout left in the way.
+    /// Returns whether the image had an entry there (then a new directory must be opaque).
+    fn prepare_new(&self, st: &mut State, parent: u64, name: &[u8]) -> Res<(PathBuf, bool)> {
+        if disk::is_reserved(name) {
+            return Err(Errno::EINVAL);
+        }
+        if self.child(st, parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        self.copy_up(st, parent)?;
+        let dir = self.path(st, parent)?;
+        let wh = dir.join(disk::whiteout_name(name));
+        if wh.exists() {
+            std::fs::remove_file(&wh).map_err(err)?;
+        }
+        let shadowed = self.lower_child(st, parent, name).is_some();
+        Ok((dir.join(OsStr::from_bytes(name)), shadowed))
+    }
+
+    /// Records a new upper entry at `path` and names it.
+    fn created(
+        &self,
+        st: &mut State,
+        parent: u64,
+        name: &[u8],
+        path: &Path,
+        stat: Stat,
+    ) -> Res<(u64, FileAttr)> {
+        disk::set_xattr(
+            path,
+            disk::STAT_XATTR.as_bytes(),
+            stat.encode().as_bytes(),
+            0,
+        )
+        .map_err(err)?;
+        let n = push(st, None, true);
+        st.nodes[n as usize - 1].links.push((parent, name.to_vec()));
+        st.names.insert((parent, name.to_vec()), n);
+        Ok((n, self.attr(st, n)?))
+    }
+
+    /// The owner and mode of something new, as a local filesystem gives them (setgid
+    /// directories pass their group, and their setgid bit to subdirectories).
+    fn new_stat(&self, st: &State, req: &Request, parent: u64, mode: u32, umask: u32) -> Stat {
+        let mut s = Stat {
+            uid: req.uid(),
+            gid: req.gid(),
+            mode: mode & !(umask & 0o777),
+            rdev: 0,
+        };
+        if let Ok(p) = self.attr(st, parent) {
+            if p.perm as u32 & libc::S_ISGID != 0 {
+                s.gid = p.gid;
+                if mode & libc::S_IFMT == libc::S_IFDIR {
+                    s.mode |= libc::S_ISGID;
+                }
+            }
+        }
+        s
+    }
+
+    /// Removes `name` from `parent`: the upper entry if any, and a whiteout if the image has
+    /// one there. `dir`: rmdir semantics.
+    fn remove(&self, st: &mut State, parent: u64, name: &[u8], dir: bool) -> Res<()> {
+        let n = self.child(st, parent, name)?.ok_or(Errno::ENOENT)?;
+        let a = self.attr(st, n)?;
+        match (dir, a.kind == FileType::Directory) {
+            (true, false) => return Err(Errno::ENOTDIR),
+            (false, true) => return Err(Errno::EISDIR),
+            (true, true) if !self.listing(st, n)?.is_empty() => return Err(Errno::ENOTEMPTY),
+            _ => {}
+        }
+        self.copy_up(st, parent)?;
+        let dir_path = self.path(st, parent)?;
+        let at = dir_path.join(OsStr::from_bytes(name));
+        let node = self.node(st, n)?;
+        // Only this name's upper entry: another name of the node may be its first link.
+        let here_upper = node.upper && std::fs::symlink_metadata(&at).is_ok();
+        if here_upper {
+            if dir {
+                std::fs::remove_dir_all(&at).map_err(err)?;
+            } else {
+                std::fs::remove_file(&at).map_err(err)?;
+            }
+        }
+        if self.lower_child(st, parent, name).is_some() {
+            File::create(dir_path.join(disk::whiteout_name(name))).map_err(err)?;
+        }
+        st.names.remove(&(parent, name.to_vec()));
+        let node = &mut st.nodes[n as usize - 1];
+        node.links.retain(|(p, nm)| !(*p == parent && nm == name));
+        Ok(())
+    }
+
+    /// A directory's entries, merged: upper ones, then image ones not deleted or shadowed.
+    fn listing(&self, st: &mut State, n: u64) -> Res<Vec<(u64, FileType, OsString)>> {
+        let node = self.node(st, n)?;
+        let (upper, lower) = (node.upper, node.lower);
+        let mut names: Vec<Vec<u8>> = Vec::new();
+        let mut hidden = std::collections::HashSet::new();
+        if upper {
+            for e in std::fs::read_dir(self.path(st, n)?).map_err(err)? {
+                let e = e.map_err(err)?;
+                let name = e.file_name().as_bytes().to_vec();
+                if let Some(gone) = name.strip_prefix(disk::WHITEOUT_PREFIX) {
+                    hidden.insert(gone.to_vec());
+                } else {
+                    hidden.insert(name.clone());
+                    names.push(name);
+                }
+            }
+        }
+        if let Some(d) = lower {
+            for e in self.lower.tree().children(d) {
+                if !hidden.contains(&e.name) {
+                    names.push(e.name.clone());
+                }
+            }
+        }
+        let mut out = Vec::with_capacity(names.len());
+        for name in names {
+            if let Some(c) = self.child(st, n, &name)? {
+                let kind = self.attr(st, c)?.kind;
+                out.push((c, kind, OsString::from_vec_bytes(name)));
+            }
+        }
+        Ok(out)
+    }
+
+    fn new_fh(&self, h: Handle) -> FileHandle {
+        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(fh, h);
+        FileHandle(fh)
+    }
+
+    fn handle_file(&self, fh: FileHandle) -> Option<Arc<File>> {
+        match self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+        {
+            Some(Handle::Upper(f)) => Some(f.clone()),
+            _ => None,
+        }
+    }
+
+    /// Changes the served stat of upper node `n`.
+    fn update_stat(&self, st: &State, n: u64, f: impl FnOnce(&mut Stat)) -> Res<()> {
+        let path = self.path(st, n)?;
+        let md = std::fs::symlink_metadata(&path).map_err(err)?;
+        let mut s = disk::stat_of(&path, &md);
+        f(&mut s);
+        disk::set_xattr(&path, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0).map_err(err)
+    }
+
+    fn do_setattr(
+        &self,
+        n: u64,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        fh: Option<FileHandle>,
+    ) -> Res<FileAttr> {
+        let mut st = self.state();
+        self.copy_up(&mut st, n)?;
+        if mode.is_some() || uid.is_some() || gid.is_some() {
+            self.update_stat(&st, n, |s| {
+                if let Some(m) = mode {
+                    s.mode = (s.mode & libc::S_IFMT) | (m & 0o7777);
+                }
+                if let Some(u) = uid {
+                    s.uid = u;
+                }
+                if let Some(g) = gid {
+                    s.gid = g;
+                }
+            })?;
+        }
+        let path = self.path(&st, n)?;
+        if let Some(size) = size {
+            match fh.and_then(|fh| self.handle_file(fh)) {
+                Some(f) => f.set_len(size).map_err(err)?,
+                None => std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&path)
+                    .and_then(|f| f.set_len(size))
+                    .map_err(err)?,
+            }
+        }
+        if atime.is_some() || mtime.is_some() {
+            let t = |t: Option<TimeOrNow>| {
+                t.map(|t| match t {
+                    TimeOrNow::SpecificTime(t) => t,
+                    TimeOrNow::Now => SystemTime::now(),
+                })
+            };
+            set_times(&path, t(atime), t(mtime)).map_err(err)?;
+        }
+        self.attr(&st, n)
+    }
+
+    fn do_rename(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+        flags: RenameFlags,
+    ) -> Res<()> {
+        if flags.contains(RenameFlags::RENAME_EXCHANGE)
+            || flags.bits() & !libc::RENAME_NOREPLACE != 0
+        {
+            return Err(Errno::EINVAL);
+        }
+        if disk::is_reserved(newname) {
+            return Err(Errno::EINVAL);
+        }
+        let mut st = self.state();
+        let n = self.child(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
+        let is_dir = self.attr(&st, n)?.kind == FileType::Directory;
+        if let Some(old) = self.child(&mut st, newparent, newname)? {
+            if old == n {
+                return Ok(()); // the same file (hardlinks, or itself)
+            }
+            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+                return Err(Errno::EEXIST);
+            }
+            let old_dir = self.attr(&st, old)?.kind == FileType::Directory;
+            match (is_dir, old_dir) {
+                (true, false) => return Err(Errno::ENOTDIR),
+                (false, true) => return Err(Errno::EISDIR),
+                _ => {}
+            }
+            self.remove(&mut st, newparent, newname, old_dir)?;
+        }
+        // A moved image directory takes its image contents along (redirect); a moved file is
+        // copied up first.
+        let lower_dir = if is_dir {
+            self.node(&st, n)?.lower
+        } else {
+            None
+        };
+        let had_upper = self.node(&st, n)?.upper;
+        self.copy_up(&mut st, n)?;
+        let from = self.path(&st, n)?;
+        if let Some(d) = lower_dir {
+            if !had_upper
+                || disk::get_xattr(&from, disk::REDIRECT_XATTR.as_bytes())
+                    .map_err(err)?
+                    .is_none()
+            {
+                let image_path = self.lower.tree().path_of(d).ok_or(Errno::EIO)?;
+                disk::set_xattr(&from, disk::REDIRECT_XATTR.as_bytes(), &image_path, 0)
+                    .map_err(err)?;
+            }
+        }
+        self.copy_up(&mut st, newparent)?;
+        let to_dir = self.path(&st, newparent)?;
+        let wh = to_dir.join(disk::whiteout_name(newname));
+        if wh.exists() {
+            std::fs::remove_file(&wh).map_err(err)?;
+        }
+        let to = to_dir.join(OsStr::from_bytes(newname));
+        // The first link may be another name of the node: move this name's entry.
+        let from_here = self.path(&st, parent)?.join(OsStr::from_bytes(name));
+        let from = if from_here.exists() || from_here.is_symlink() {
+            from_here
+        } else {
+            from
+        };
+        std::fs::rename(&from, &to).map_err(err)?;
+        // An upper directory with no image directory of its own must not merge with one that
+        // happens to have the new name.
+        if is_dir && lower_dir.is_none() && self.lower_child(&st, newparent, newname).is_some() {
+            File::create(to.join(disk::OPAQUE)).map_err(err)?;
+        }
+        if self.lower_child(&st, parent, name).is_some() {
+            File::create(self.path(&st, parent)?.join(disk::whiteout_name(name))).map_err(err)?;
+        }
+        st.names.remove(&(parent, name.to_vec()));
+        st.names.insert((newparent, newname.to_vec()), n);
+        let node = &mut st.nodes[n as usize - 1];
+        node.links.retain(|(p, nm)| !(*p == parent && nm == name));
+        node.links.insert(0, (newparent, newname.to_vec()));
+        Ok(())
+    }
+}
+
+fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
+    st.nodes.push(Node {
+        links: Vec::new(),
+        lower,
+        upper,
+    });
+    st.nodes.len() as u64
+}
+
+trait FromVecBytes {
+    fn from_vec_bytes(v: Vec<u8>) -> OsString;
+}
+
+impl FromVecBytes for OsString {
+    fn from_vec_bytes(v: Vec<u8>) -> OsString {
+        use std::os::unix::ffi::OsStringExt;
+        OsString::from_vec(v)
+    }
+}
+
+fn kind_of(mode: u32) -> FileType {
+    match mode & libc::S_IFMT {
+        libc::S_IFDIR => FileType::Directory,
+        libc::S_IFLNK => FileType::Symlink,
+        libc::S_IFCHR => FileType::CharDevice,
+        libc::S_IFBLK => FileType::BlockDevice,
+        libc::S_IFIFO => FileType::NamedPipe,
+        libc::S_IFSOCK => FileType::Socket,
+        _ => FileType::RegularFile,
+    }
+}
+
+fn type_bits(kind: FileType) -> u32 {
+    match kind {
+        FileType::Directory => libc::S_IFDIR,
+        FileType::Symlink => libc::S_IFLNK,
+        FileType::CharDevice => libc::S_IFCHR,
+        FileType::BlockDevice => libc::S_IFBLK,
+        FileType::NamedPipe => libc::S_IFIFO,
+        FileType::Socket => libc::S_IFSOCK,
+        FileType::RegularFile => libc::S_IFREG,
+    }
+}
+
+fn stat_from_attr(a: &FileAttr) -> Stat {
+    Stat {
+        uid: a.uid,
+        gid: a.gid,
+        mode: type_bits(a.kind) | a.perm as u32,
+        rdev: a.rdev,
+    }
+}
+
+fn time(secs: i64, nsec: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::new(secs as u64, nsec as u32)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs()) + Duration::from_nanos(nsec as u64)
+    }
+}
+
+fn attr_from(n: u64, md: &std::fs::Metadata, s: Stat) -> FileAttr {
+    let kind = kind_of(s.mode);
+    FileAttr {
+        ino: INodeNo(n),
+        size: md.size(),
+        blocks: md.blocks(),
+        atime: time(md.atime(), md.atime_nsec()),
+        mtime: time(md.mtime(), md.mtime_nsec()),
+        ctime: time(md.ctime(), md.ctime_nsec()),
+        crtime: time(md.ctime(), md.ctime_nsec()),
+        kind,
+        perm: (s.mode & 0o7777) as u16,
+        nlink: md.nlink() as u32,
+        uid: s.uid,
+        gid: s.gid,
+        rdev: s.rdev,
+        blksize: md.blksize() as u32,
+        flags: 0,
+    }
+}
+
+fn set_times(
+    path: &Path,
+    atime: Option<SystemTime>,
+    mtime: Option<SystemTime>,
+) -> std::io::Result<()> {
+    let ts = |t: Option<SystemTime>| match t {
+        None => libc::timespec {
+            tv_sec: 0,
+            tv_nsec: libc::UTIME_OMIT,
+        },
+        Some(t) => {
+            let (secs, nsec) = match t.duration_since(UNIX_EPOCH) {
+                Ok(d) => (d.as_secs() as i64, d.subsec_nanos() as i64),
+                Err(e) => {
+                    let d = e.duration();
+                    (-(d.as_secs() as i64), 0)
+                }
+            };
+            libc::timespec {
+                tv_sec: secs,
+                tv_nsec: nsec,
+            }
+        }
+    };
+    let times = [ts(atime), ts(mtime)];
+    let p = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("NUL in path"))?;
+    // SAFETY: valid C string and two timespecs.
+    let r = unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            p.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    if r != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+impl Filesystem for UpperFs {
+    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let mut st = self.state();
+        let r = self
+            .child(&mut st, parent.0, name.as_bytes())
+            .and_then(|c| c.ok_or(Errno::ENOENT))
+            .and_then(|n| self.attr(&st, n));
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(&self.state(), ino.0) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn setattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        mode: Option<u32>,
+        uid: Option<u32>,
+        gid: Option<u32>,
+        size: Option<u64>,
+        atime: Option<TimeOrNow>,
+        mtime: Option<TimeOrNow>,
+        _ctime: Option<SystemTime>,
+        fh: Option<FileHandle>,
+        _crtime: Option<SystemTime>,
+        _chgtime: Option<SystemTime>,
+        _bkuptime: Option<SystemTime>,
+        _flags: Option<fuser::BsdFileFlags>,
+        reply: ReplyAttr,
+    ) {
+        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+            Ok(a) => reply.attr(&TTL, &a),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let st = self.state();
+        let r = (|| {
+            let node = self.node(&st, ino.0)?;
+            if !node.upper {
+                let i = self
+                    .lower
+                    .tree()
+                    .inode(node.lower.ok_or(Errno::EIO)?)
+                    .ok_or(Errno::EIO)?;
+                return match &i.data {
+                    NodeData::Symlink(t) => Ok(t.clone()),
+                    _ => Err(Errno::EINVAL),
+                };
+            }
+            if self.attr(&st, ino.0)?.kind != FileType::Symlink {
+                return Err(Errno::EINVAL);
+            }
+            std::fs::read(self.path(&st, ino.0)?).map_err(err)
+        })();
+        match r {
+            Ok(t) => reply.data(&t),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mknod(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.state();
+        let r = (|| {
+            let (path, _) = self.prepare_new(&mut st, parent.0, name.as_bytes())?;
+            let mut s = self.new_stat(&st, req, parent.0, mode, umask);
+            s.mode |= mode & libc::S_IFMT;
+            if s.mode & libc::S_IFMT == 0 {
+                s.mode |= libc::S_IFREG;
+            }
+            s.rdev = rdev;
+            File::create_new(&path).map_err(err)?;
+            self.created(&mut st, parent.0, name.as_bytes(), &path, s)
+        })();
+        match r {
+            Ok((_, a)) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn mkdir(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.state();
+        let r = (|| {
+            let (path, shadowed) = self.prepare_new(&mut st, parent.0, name.as_bytes())?;
+            let s = self.new_stat(&st, req, parent.0, libc::S_IFDIR | (mode & 0o7777), umask);
+            std::fs::create_dir(&path).map_err(err)?;
+            if shadowed {
+                // The image's directory of that name was deleted: its entries stay hidden.
+                File::create(path.join(disk::OPAQUE)).map_err(err)?;
+            }
+            self.created(&mut st, parent.0, name.as_bytes(), &path, s)
+        })();
+        match r {
+            Ok((_, a)) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(&mut self.state(), parent.0, name.as_bytes(), false) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        match self.remove(&mut self.state(), parent.0, name.as_bytes(), true) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn symlink(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        link_name: &OsStr,
+        target: &Path,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.state();
+        let r = (|| {
+            let (path, _) = self.prepare_new(&mut st, parent.0, link_name.as_bytes())?;
+            let s = self.new_stat(&st, req, parent.0, libc::S_IFLNK | 0o777, 0);
+            std::fs::write(&path, target.as_os_str().as_bytes()).map_err(err)?;
+            self.created(&mut st, parent.0, link_name.as_bytes(), &path, s)
+        })();
+        match r {
+            Ok((_, a)) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn rename(
+        &self,
+        _req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        newparent: INodeNo,
+        newname: &OsStr,
+        flags: RenameFlags,
+        reply: ReplyEmpty,
+    ) {
+        match self.do_rename(
+            parent.0,
+            name.as_bytes(),
+            newparent.0,
+            newname.as_bytes(),
+            flags,
+        ) {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn link(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        newparent: INodeNo,
+        newname: &OsStr,
+        reply: ReplyEntry,
+    ) {
+        let mut st = self.state();
+        let r = (|| {
+            if self.attr(&st, ino.0)?.kind == FileType::Directory {
+                return Err(Errno::EPERM);
+            }
+            let (to, _) = self.prepare_new(&mut st, newparent.0, newname.as_bytes())?;
+            self.copy_up(&mut st, ino.0)?;
+            let from = self.path(&st, ino.0)?;
+            std::fs::hard_link(&from, &to).map_err(err)?;
+            let md = std::fs::symlink_metadata(&to).map_err(err)?;
+            st.by_upper.insert(md.ino(), ino.0);
+            st.nodes[ino.0 as usize - 1]
+                .links
+                .push((newparent.0, newname.as_bytes().to_vec()));
+            st.names
+                .insert((newparent.0, newname.as_bytes().to_vec()), ino.0);
+            self.attr(&st, ino.0)
+        })();
+        match r {
+            Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        let trunc = flags.0 & libc::O_TRUNC != 0;
+        let mut st = self.state();
+        let r = (|| {
+            let node = self.node(&st, ino.0)?;
+            if !node.upper && !write && !trunc {
+                return Ok(Handle::Lower(node.lower.ok_or(Errno::EIO)?));
+            }
+            self.copy_up(&mut st, ino.0)?;
+            let path = self.path(&st, ino.0)?;
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(write || trunc)
+                .truncate(trunc)
+                .open(path)
+                .map_err(err)?;
+            Ok(Handle::Upper(Arc::new(f)))
+        })();
+        drop(st);
+        match r {
+            Ok(h) => reply.opened(self.new_fh(h), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn create(
+        &self,
+        req: &Request,
+        parent: INodeNo,
+        name: &OsStr,
+        mode: u32,
+        umask: u32,
+        _flags: i32,
+        reply: ReplyCreate,
+    ) {
+        let mut st = self.state();
+        let r = (|| {
+            let (path, _) = self.prepare_new(&mut st, parent.0, name.as_bytes())?;
+            let s = self.new_stat(&st, req, parent.0, libc::S_IFREG | (mode & 0o7777), umask);
+            let f = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&path)
+                .map_err(err)?;
+            let (_, a) = self.created(&mut st, parent.0, name.as_bytes(), &path, s)?;
+            Ok((a, f))
+        })();
+        drop(st);
+        match r {
+            Ok((a, f)) => {
+                let fh = self.new_fh(Handle::Upper(Arc::new(f)));
+                reply.created(&TTL, &a, Generation(0), fh, FopenFlags::empty())
+            }
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        let lower = match self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+        {
+            Some(Handle::Lower(i)) => Some(*i),
+            Some(Handle::Upper(_)) => None,
+            _ => return reply.error(Errno::EBADF),
+        };
+        let r = match lower {
+            Some(i) => self.lower.read_lower(i, offset, size),
+            None => {
+                let f = self.handle_file(fh).ok_or(Errno::EBADF);
+                f.and_then(|f| {
+                    let mut buf = vec![0u8; size as usize];
+                    let mut got = 0;
+                    while got < buf.len() {
+                        match f.read_at(&mut buf[got..], offset + got as u64) {
+                            Ok(0) => break,
+                            Ok(k) => got += k,
+                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                            Err(e) => return Err(err(e)),
+                        }
+                    }
+                    buf.truncate(got);
+                    Ok(buf)
+                })
+            }
+        };
+        match r {
+            Ok(d) => reply.data(&d),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn write(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        data: &[u8],
+        _write_flags: WriteFlags,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyWrite,
+    ) {
+        match self.handle_file(fh) {
+            Some(f) => match f.write_all_at(data, offset) {
+                Ok(()) => reply.written(data.len() as u32),
+                Err(e) => reply.error(err(e)),
+            },
+            None => reply.error(Errno::EBADF),
+        }
+    }
+
+    fn flush(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        _fh: FileHandle,
+        _lock_owner: LockOwner,
+        reply: ReplyEmpty,
+    ) {
+        reply.ok();
+    }
+
+    fn fsync(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        let r = match self.handle_file(fh) {
+            Some(f) if datasync => f.sync_data(),
+            Some(f) => f.sync_all(),
+            None => Ok(()),
+        };
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(err(e)),
+        }
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let mut st = self.state();
+        let r = (|| {
+            let parent = self
+                .node(&st, ino.0)?
+                .links
+                .first()
+                .map_or(ROOT_INO, |l| l.0);
+            let mut all = vec![
+                (ino.0, FileType::Directory, OsString::from(".")),
+                (parent, FileType::Directory, OsString::from("..")),
+            ];
+            all.extend(self.listing(&mut st, ino.0)?);
+            Ok(all)
+        })();
+        drop(st);
+        match r {
+            Ok(all) => reply.opened(self.new_fh(Handle::Dir(Arc::new(all))), FopenFlags::empty()),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let list = match self
+            .handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&fh.0)
+        {
+            Some(Handle::Dir(l)) => l.clone(),
+            _ => return reply.error(Errno::EBADF),
+        };
+        for (k, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*ino), k as u64 + 1, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn releasedir(
+        &self,
+        _req: &Request,
+        _ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        reply: ReplyEmpty,
+    ) {
+        self.handles
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&fh.0);
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let p = std::ffi::CString::new(self.root.as_os_str().as_bytes()).unwrap_or_default();
+        // SAFETY: statvfs fills the zeroed struct.
+        let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+        if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
+            return reply.error(err(std::io::Error::last_os_error()));
+        }
+        reply.statfs(
+            s.f_blocks,
+            s.f_bfree,
+            s.f_bavail,
+            s.f_files,
+            s.f_ffree,
+            s.f_bsize as u32,
+            255,
+            s.f_frsize as u32,
+        );
+    }
+
+    fn setxattr(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        name: &OsStr,
+        value: &[u8],
+        flags: i32,
+        _position: u32,
+        reply: ReplyEmpty,
+    ) {
+        let mut st = self.state();
+        let r = (|| {
+            self.copy_up(&mut st, ino.0)?;
+            let path = self.path(&st, ino.0)?;
+            let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
+            disk::set_xattr(&path, &key, value, flags).map_err(err)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let st = self.state();
+        let r = (|| {
+            let node = self.node(&st, ino.0)?;
+            if !node.upper {
+                let i = self
+                    .lower
+                    .tree()
+                    .inode(node.lower.ok_or(Errno::EIO)?)
+                    .ok_or(Errno::EIO)?;
+                return i
+                    .xattrs
+                    .iter()
+                    .find(|(k, _)| k.as_slice() == name.as_bytes())
+                    .map(|(_, v)| v.clone())
+                    .ok_or(Errno::NO_XATTR);
+            }
+            let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
+            disk::get_xattr(&self.path(&st, ino.0)?, &key)
+                .map_err(err)?
+                .ok_or(Errno::NO_XATTR)
+        })();
+        match r {
+            Ok(v) => ImageFs::xattr_reply(&v, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let st = self.state();
+        let r = (|| {
+            let node = self.node(&st, ino.0)?;
+            let names: Vec<Vec<u8>> = if node.upper {
+                disk::list_xattrs(&self.path(&st, ino.0)?)
+                    .map_err(err)?
+                    .into_iter()
+                    .filter_map(|n| n.strip_prefix(disk::XATTR_PREFIX).map(<[u8]>::to_vec))
+                    .collect()
+            } else {
+                let i = self
+                    .lower
+                    .tree()
+                    .inode(node.lower.ok_or(Errno::EIO)?)
+                    .ok_or(Errno::EIO)?;
+                i.xattrs.iter().map(|(k, _)| k.clone()).collect()
+            };
+            Ok(names
+                .iter()
+                .flat_map(|n| n.iter().copied().chain([0]))
+                .collect::<Vec<u8>>())
+        })();
+        match r {
+            Ok(v) => ImageFs::xattr_reply(&v, size, reply),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let mut st = self.state();
+        let r = (|| {
+            self.copy_up(&mut st, ino.0)?;
+            let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
+            disk::remove_xattr(&self.path(&st, ino.0)?, &key).map_err(err)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
+        // No checks here: the guest enforces the owners and modes it is served.
+        match self.attr(&self.state(), ino.0) {
+            Ok(_) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+}
