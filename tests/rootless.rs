@@ -139,3 +139,96 @@ fn a_mount_inside_a_user_namespace_shows_the_image_owners_as_the_namespace_maps_
     );
     assert!(!is_mounted(&user.home().join("m")));
 }
+
+/// What a user's writable layer keeps: owners the host would refuse the user (chown to root and
+/// to 1234:5678), a setuid bit, a fifo, a renamed image directory, a deletion — across umount
+/// and a remount with the same `--upper`; the image itself never changes.
+#[test]
+fn a_users_writable_layer_keeps_what_the_host_would_refuse_it() {
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-rw");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m && \
+         echo new > etc/new && chown 0:0 etc/new && chmod 4755 etc/new && \
+         chown 1234:5678 etc/shadow && mkfifo run-fifo && mv root home-root && \
+         rm bin/su && echo more >> etc/owned && cd .. && $BUX umount m"
+    ));
+    let stat = "stat -c '%n %u:%g %a %F' m/etc/new m/etc/shadow m/run-fifo m/home-root \
+                m/home-root/.profile m/etc/owned";
+    let want = "m/etc/new 0:0 4755 regular file\n\
+                m/etc/shadow 1234:5678 600 regular file\n\
+                m/run-fifo 1001:1001 644 fifo\n\
+                m/home-root 0:0 700 directory\n\
+                m/home-root/.profile 0:0 600 regular file\n\
+                m/etc/owned 1234:5678 640 regular file\n";
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && {stat} && cat m/etc/owned m/home-root/.profile && \
+         test ! -e m/bin/su && test ! -e m/root && $BUX umount m"
+    ));
+    let want = want.replace("1001:1001", &format!("{0}:{0}", user.uid));
+    assert_eq!(out, format!("{want}theirs\nmore\nsecret\n"));
+    // The upper directory holds only the user's files; what the host cannot represent is
+    // metadata beside them, and deletions are OCI whiteouts.
+    let upper = user.home().join("state/upper");
+    let md = std::fs::metadata(upper.join("etc/new")).unwrap();
+    use std::os::unix::fs::MetadataExt;
+    assert_eq!((md.uid(), md.mode() & 0o7000), (user.uid, 0));
+    assert!(upper.join("bin/.wh.su").is_file() && upper.join(".wh.root").is_file());
+    // The image is as it was.
+    let out = user.ok(&format!(
+        "$BUX -q mount {r} ro && stat -c '%u:%g %a' ro/etc/shadow && cat ro/etc/owned && \
+         test -e ro/bin/su && $BUX umount ro"
+    ));
+    assert_eq!(out, "0:0 600\ntheirs\n");
+}
+
+/// Root may create device nodes on a user's `--allow-other` writable mount (the kernel refuses
+/// mknod of devices to the user before FUSE sees it); they are served back as created. Runs in
+/// a private mount namespace whose /etc/fuse.conf allows `user_allow_other`.
+#[test]
+fn root_makes_a_device_node_on_a_users_allow_other_mount() {
+    need("unshare");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-dev");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    let conf = user.dir.path().join("fuse.conf");
+    std::fs::write(&conf, "user_allow_other\n").unwrap();
+    let m = user.home().join("m");
+    let as_user = |cmd: &str| {
+        format!(
+            "runuser -u {} -- env HOME={} sh -c 'cd $HOME && {cmd}'",
+            user.name,
+            user.home().display()
+        )
+    };
+    let script = format!(
+        "mount --bind {conf} /etc/fuse.conf && \
+         {mount} && mknod {m}/dev/console c 5 1 && chown 0:5 {m}/dev/console && \
+         {umount} && {mount} && stat -c '%u:%g %a %F %t:%T' {m}/dev/console {m}/dev/null && \
+         {umount}",
+        conf = conf.display(),
+        m = m.display(),
+        mount = as_user(&format!(
+            "{} -q mount --allow-other --upper state {r} m",
+            user.bin().display()
+        )),
+        umount = as_user(&format!("{} umount m", user.bin().display())),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "0:5 644 character special file 5:1\n0:0 660 character special file 1:3\n"
+    );
+}
