@@ -2,18 +2,21 @@
 # Boots a guest whose root filesystem is DIR served over virtio-fs, runs COMMAND in it, prints
 # the guest's output and exits with the command's exit code.
 #   vm-run.sh DIR 'COMMAND'
+#   vm-run.sh --prepare        only fetch the kernel into the cache
 # With real KVM (kvm_intel/kvm_amd) QEMU uses it; otherwise software emulation (TCG), which
 # reads files at a few MB/s: keep workloads small. Kernel: Debian's cloud kernel, fetched once
-# into target/vm. Needs root (virtiofsd, memfd-backed guest RAM).
+# into target/vm ($BUX_VM_CACHE) by root. A user may boot from a prepared cache with the Rust
+# virtiofsd unsandboxed: BUX_VIRTIOFSD=PATH BUX_VIRTIOFSD_ARGS=--sandbox=none.
 set -euo pipefail
-root=$(realpath "$1"); cmd=$2
+prepare_only=false
+if [ "$1" = --prepare ]; then prepare_only=true; else root=$(realpath "$1"); cmd=$2; fi
 here=$(cd "$(dirname "$0")/.." && pwd)
 cache=${BUX_VM_CACHE:-$here/target/vm}
 mkdir -p "$cache"
 
 need() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
 missing=(); for p in qemu-system-x86 busybox-static cpio lz4; do need "$p" || missing+=("$p"); done
-if ((${#missing[@]})); then
+if ((${#missing[@]})) && [ "$(id -u)" = 0 ]; then
   DEBIAN_FRONTEND=noninteractive apt-get install -y -q --no-install-recommends "${missing[@]}" >/dev/null
 fi
 virtiofsd=$(command -v virtiofsd || true)
@@ -45,6 +48,7 @@ PY
   rm -rf "$cache/deb" "$cache/x"
 fi
 flock -u 9
+$prepare_only && exit 0
 
 # Initramfs: busybox, the modules, an /init that mounts the virtio-fs root and runs COMMAND.
 work=$(mktemp -d); trap 'kill $vfs_pid 2>/dev/null || true; rm -rf "$work"' EXIT
@@ -78,7 +82,7 @@ chmod +x "$ird/init"
 sock=$work/vfs.sock
 if [ -n "${BUX_VIRTIOFSD:-}" ]; then
   "$BUX_VIRTIOFSD" --socket-path="$sock" --shared-dir="$root" --cache=auto --xattr \
-    --thread-pool-size=0 --inode-file-handles=never >"$work/virtiofsd.log" 2>&1 &
+    --thread-pool-size=0 --inode-file-handles=never ${BUX_VIRTIOFSD_ARGS:-} >"$work/virtiofsd.log" 2>&1 &
 else
   "$virtiofsd" --socket-path="$sock" -o source="$root" -o cache=auto -o xattr >"$work/virtiofsd.log" 2>&1 &
 fi

@@ -16,6 +16,40 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
         return;
     }
     need("busybox");
+    let (r, _reg, big) = vm_image("t/vm");
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    bux.ok(&["mount", "--writable", &r, mnt.to_str().unwrap()]);
+    let _guard = MountGuard::adopt(mnt.clone(), dir);
+
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-run.sh");
+    let out = Command::new("bash")
+        .arg(script)
+        .arg(&mnt)
+        .arg(GUEST)
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest output:\n{stdout}\n{stderr}");
+    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
+    check_guest(&stdout, &big);
+    // The guest's write landed in the writable layer, visible on the host, image untouched.
+    assert_eq!(
+        std::fs::read(mnt.join("etc/resolv.conf")).unwrap(),
+        b"nameserver 10.0.2.3\n"
+    );
+}
+
+/// What the guest runs: a pipeline, a large file's bytes, a big directory, hardlinks and
+/// symlinks, and a write.
+const GUEST: &str = "echo pipeline works | tr a-z A-Z | rev; sha256sum /data/big.bin; ls /many | wc -l; \
+                     stat -c '%i %h' /links/a /links/b; readlink /links/sl; cat /links/sl; \
+                     echo nameserver 10.0.2.3 > /etc/resolv.conf && cat /etc/resolv.conf; echo BUX-GUEST-OK";
+
+/// A busybox image for [`GUEST`] pushed to a new registry: (reference, registry, big file).
+fn vm_image(repo: &str) -> (String, Registry, Vec<u8>) {
     let busybox = std::fs::read(
         ["/bin/busybox", "/usr/bin/busybox"]
             .into_iter()
@@ -66,34 +100,14 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
             (data.finish(), Comp::Zstd),
         ]),
     );
-    reg.push(&work.path().join("l"), "v1", "t/vm", None);
-    let bux = Bux::new();
-    let dir = tempfile::tempdir().unwrap();
-    let mnt = dir.path().join("root");
-    bux.ok(&[
-        "mount",
-        "--writable",
-        &format!("{}/t/vm:v1", reg.host()),
-        mnt.to_str().unwrap(),
-    ]);
-    let _guard = MountGuard::adopt(mnt.clone(), dir);
+    reg.push(&work.path().join("l"), "v1", repo, None);
+    (format!("{}/{repo}:v1", reg.host()), reg, big)
+}
 
-    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-run.sh");
-    let guest = "echo pipeline works | tr a-z A-Z | rev; sha256sum /data/big.bin; ls /many | wc -l; \
-                 stat -c '%i %h' /links/a /links/b; readlink /links/sl; cat /links/sl; \
-                 echo nameserver 10.0.2.3 > /etc/resolv.conf && cat /etc/resolv.conf; echo BUX-GUEST-OK";
-    let out = Command::new("bash")
-        .arg(script)
-        .arg(&mnt)
-        .arg(guest)
-        .output()
-        .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("guest output:\n{stdout}\n{stderr}");
-    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
+/// What [`GUEST`] must print.
+fn check_guest(stdout: &str, big: &[u8]) {
     assert!(stdout.contains("SKROW ENILEPIP"), "{stdout}");
-    assert!(stdout.contains(&sha256_hex(&big)), "{stdout}");
+    assert!(stdout.contains(&sha256_hex(big)), "{stdout}");
     assert!(stdout.lines().any(|l| l.trim() == "3000"), "{stdout}");
     let inos: Vec<&str> = stdout.lines().filter(|l| l.ends_with(" 2")).collect();
     assert_eq!(inos.len(), 2, "hardlinks: {stdout}");
@@ -104,11 +118,6 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
     assert!(stdout.contains("/links/a\nlinked\n"), "{stdout}");
     assert!(stdout.contains("nameserver 10.0.2.3"), "{stdout}");
     assert!(stdout.contains("BUX-GUEST-OK"));
-    // The guest's write landed in the writable layer, visible on the host, image untouched.
-    assert_eq!(
-        std::fs::read(mnt.join("etc/resolv.conf")).unwrap(),
-        b"nameserver 10.0.2.3\n"
-    );
 }
 
 /// A guest on a *lazy* root, served by the Rust virtiofsd with one worker thread (as libkrun
@@ -211,4 +220,83 @@ fn a_stalled_registry_does_not_freeze_a_guest_on_a_lazy_root() {
         .unwrap_or_else(|| panic!("the stalled read never returned: {stdout}"));
     assert_ne!(far, "0", "a read with the registry stalled succeeded?");
     assert!(stdout.contains("BUX-GUEST-OK"));
+}
+
+/// The guest of the first test booted by an ordinary user, as libkrun tools run: the user's
+/// writable mount (bux-fuse serves the upper layer itself), the Rust virtiofsd as that user
+/// with `--sandbox none` (libkrun serves virtio-fs in-process, unsandboxed, the same way).
+#[test]
+fn a_user_boots_a_guest_on_a_writable_root() {
+    if std::env::consts::ARCH != "x86_64" || !std::path::Path::new("/usr/bin/apt-get").exists() {
+        eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
+        return;
+    }
+    let virtiofsd = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/virtiofsd/bin/virtiofsd"
+    );
+    assert!(
+        std::path::Path::new(virtiofsd).exists(),
+        "{virtiofsd} missing: scripts/setup.sh builds it"
+    );
+    need("busybox");
+    let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-run.sh");
+    // Root fetches the kernel once; the user boots from a copy it can read and lock.
+    let prep = Command::new("bash")
+        .arg(script)
+        .arg("--prepare")
+        .output()
+        .unwrap();
+    assert_success(&prep);
+    let user = AsUser::new();
+    let cache = user.dir.path().join("vm");
+    let kernel = concat!(env!("CARGO_MANIFEST_DIR"), "/target/vm");
+    for (from, to) in [
+        (format!("{kernel}/vmlinux"), cache.join("vmlinux")),
+        (format!("{kernel}/modules"), cache.join("modules")),
+    ] {
+        std::fs::create_dir_all(&cache).unwrap();
+        let st = Command::new("cp")
+            .arg("-r")
+            .arg(&from)
+            .arg(&to)
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    for p in [
+        user.dir.path().join("vm-run.sh"),
+        user.dir.path().join("virtiofsd"),
+    ] {
+        let src = if p.ends_with("vm-run.sh") {
+            script
+        } else {
+            virtiofsd
+        };
+        std::fs::copy(src, &p).unwrap();
+    }
+    Command::new("chown")
+        .arg("-R")
+        .arg(user.name)
+        .arg(&cache)
+        .status()
+        .unwrap();
+    let (r, _reg, big) = vm_image("t/vmuser");
+    user.ok(&format!("$BUX -q mount --writable {r} root"));
+    let guest = GUEST.replace('\'', "'\\''");
+    let out = user.sh(&format!(
+        "BUX_VM_CACHE={cache} BUX_VIRTIOFSD={dir}/virtiofsd BUX_VIRTIOFSD_ARGS=--sandbox=none \
+         BUX_VM_TIMEOUT=300 bash {dir}/vm-run.sh root '{guest}'",
+        cache = cache.display(),
+        dir = user.dir.path().display(),
+    ));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest output:\n{stdout}\n{stderr}");
+    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
+    check_guest(&stdout, &big);
+    assert_eq!(
+        user.ok("cat root/etc/resolv.conf && $BUX umount root"),
+        "nameserver 10.0.2.3\n"
+    );
 }
