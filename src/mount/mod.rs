@@ -653,8 +653,15 @@ fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
         .write(true)
         .open(&path)
         .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    // A mount unmounted a moment ago may still be exiting (unmounting detaches at once): give
+    // its daemon a little time to let go.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
     // SAFETY: flock on a valid, owned descriptor.
-    if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+    while unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
+        if std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            continue;
+        }
         return Err(format!(
             "--upper {} is in use by another writable mount (one upper layer, one mount)",
             base.display()

@@ -35,9 +35,9 @@ use crate::index::EntryKind;
 use crate::tree::{NodeData, ROOT_INO};
 use disk::Stat;
 
-/// Everything changes through this mount, so the kernel's caches stay right; a short TTL
-/// bounds the damage of anything that does not.
-const TTL: Duration = Duration::from_secs(1);
+/// Everything changes through this mount and the kernel applies each change it sends to its
+/// own caches (entries, attributes, pages), so they may be kept as long as the image's.
+const TTL: Duration = Duration::from_secs(24 * 3600);
 const COPY_CHUNK: u32 = 1 << 20;
 
 /// One entry of the merged tree.
@@ -968,7 +968,8 @@ impl Filesystem for UpperFs {
         })();
         drop(st);
         match r {
-            Ok(h) => reply.opened(self.new_fh(h), FopenFlags::empty()),
+            // Pages stay valid across opens: every write to the file comes through here.
+            Ok(h) => reply.opened(self.new_fh(h), FopenFlags::FOPEN_KEEP_CACHE),
             Err(e) => reply.error(e),
         }
     }
@@ -1000,7 +1001,7 @@ impl Filesystem for UpperFs {
         match r {
             Ok((a, f)) => {
                 let fh = self.new_fh(Handle::Upper(Arc::new(f)));
-                reply.created(&TTL, &a, Generation(0), fh, FopenFlags::empty())
+                reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
             }
             Err(e) => reply.error(e),
         }
