@@ -503,6 +503,18 @@ impl Tree {
             .map(|i| children[i].ino)
     }
 
+    /// Every (directory, name) that names inode `ino` (a scan of all entries: for hardlinks).
+    pub fn links_of(&self, ino: u64) -> Vec<(u64, Vec<u8>)> {
+        (1..=self.inodes.len() as u64)
+            .flat_map(|dir| {
+                self.children(dir)
+                    .iter()
+                    .filter(move |d| d.ino == ino && dir != ino)
+                    .map(move |d| (dir, d.name.clone()))
+            })
+            .collect()
+    }
+
     /// The `/`-separated path of directory `ino` from the root (`/` for the root).
     pub fn path_of(&self, mut ino: u64) -> Option<Vec<u8>> {
         let mut names = Vec::new();

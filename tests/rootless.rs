@@ -19,6 +19,8 @@ fn image() -> Image {
         .file_with("root/.profile", b"secret\n", 0o600, 0, 0)
         .file_with("bin/su", b"#!/bin/sh\n", 0o4755, 0, 0)
         .device("dev/null", tar::EntryType::Char, 1, 3)
+        .file("usr/lib/one", b"v1\n")
+        .hardlink("usr/bin/two", "usr/lib/one")
         // cap_net_raw+ep, as `setcap` writes it (VFS_CAP_REVISION_2).
         .file_xattrs(
             "bin/ping",
@@ -153,7 +155,7 @@ fn a_users_writable_layer_keeps_what_the_host_would_refuse_it() {
         "$BUX -q mount --upper state {r} m && cd m && \
          echo new > etc/new && chown 0:0 etc/new && chmod 4755 etc/new && \
          chown 1234:5678 etc/shadow && mkfifo run-fifo && mv root home-root && \
-         rm bin/su && echo more >> etc/owned && cd .. && $BUX umount m"
+         rm bin/su && echo more >> etc/owned && echo v2 > usr/lib/one && cd .. && $BUX umount m"
     ));
     let stat = "stat -c '%n %u:%g %a %F' m/etc/new m/etc/shadow m/run-fifo m/home-root \
                 m/home-root/.profile m/etc/owned";
@@ -165,10 +167,13 @@ fn a_users_writable_layer_keeps_what_the_host_would_refuse_it() {
                 m/etc/owned 1234:5678 640 regular file\n";
     let out = user.ok(&format!(
         "$BUX -q mount --upper state {r} m && {stat} && cat m/etc/owned m/home-root/.profile && \
-         test ! -e m/bin/su && test ! -e m/root && $BUX umount m"
+         test ! -e m/bin/su && test ! -e m/root && cat m/usr/bin/two && \
+         test $(stat -c %i m/usr/bin/two) = $(stat -c %i m/usr/lib/one) && $BUX umount m"
     ));
     let want = want.replace("1001:1001", &format!("{0}:{0}", user.uid));
-    assert_eq!(out, format!("{want}theirs\nmore\nsecret\n"));
+    // A hardlinked image file written through one name: the other name, first reached in
+    // the later mount, shows the same file.
+    assert_eq!(out, format!("{want}theirs\nmore\nsecret\nv2\n"));
     // The upper directory holds only the user's files; what the host cannot represent is
     // metadata beside them, and deletions are OCI whiteouts.
     let upper = user.home().join("state/upper");

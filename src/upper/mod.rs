@@ -302,9 +302,25 @@ impl UpperFs {
                 let to = self.path(st, parent)?.join(OsStr::from_bytes(&name));
                 std::fs::hard_link(&path, to).map_err(err)?;
             }
-            if let Ok(md) = std::fs::symlink_metadata(&path) {
-                if md.nlink() > 1 {
-                    st.by_upper.insert(md.ino(), n);
+            if i.nlink > 1 {
+                st.by_upper
+                    .insert(std::fs::symlink_metadata(&path).map_err(err)?.ino(), n);
+                // And every other name of it in the image that still shows it: reaching the
+                // name links it (see `child`), so a later mount finds the same file there.
+                for (dir, name) in self.lower.tree().links_of(lower) {
+                    let Some(dir_path) = self.lower.tree().path_of(dir) else {
+                        continue;
+                    };
+                    let mut at = Some(ROOT_INO);
+                    for c in dir_path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+                        at = match at {
+                            Some(d) => self.child(st, d, c)?,
+                            None => break,
+                        };
+                    }
+                    if let Some(d) = at {
+                        self.child(st, d, &name)?;
+                    }
                 }
             }
         }
