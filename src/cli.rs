@@ -56,6 +56,10 @@ enum Cmd {
     /// an upper layer (an overlay on the image, copy-up on first write; the image is never
     /// modified) kept in a scratch directory removed at unmount, or in --upper DIR to keep them
     /// for a later mount. Device nodes and setuid binaries work, as a root filesystem needs.
+    ///
+    /// Works as an ordinary user too (through fusermount3): the image's owners and modes are
+    /// served as they are for the guest to enforce, and a writable mount keeps chown, setuid
+    /// bits and special files as metadata in the upper layer (see README, "rootless").
     Mount {
         /// Image reference.
         reference: String,

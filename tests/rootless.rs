@@ -151,12 +151,19 @@ fn a_users_writable_layer_keeps_what_the_host_would_refuse_it() {
     let r = pushed(&reg, "t/rootless-rw");
     let user = AsUser::new();
     user.ok(&format!("$BUX -q pull {r}"));
-    user.ok(&format!(
-        "$BUX -q mount --upper state {r} m && cd m && \
+    // Listings are cached by the kernel: each change must show in the next one.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m && ls etc bin && \
          echo new > etc/new && chown 0:0 etc/new && chmod 4755 etc/new && \
          chown 1234:5678 etc/shadow && mkfifo run-fifo && mv root home-root && \
-         rm bin/su && echo more >> etc/owned && echo v2 > usr/lib/one && cd .. && $BUX umount m"
+         rm bin/su && echo more >> etc/owned && echo v2 > usr/lib/one && \
+         echo -- && ls etc bin && ls | tr '\\n' ' ' && cd .. && $BUX umount m"
     ));
+    assert_eq!(
+        out,
+        "bin:\nping\nsu\n\netc:\nowned\nshadow\n--\nbin:\nping\n\netc:\nnew\nowned\nshadow\n\
+         bin dev etc home-root run-fifo usr "
+    );
     let stat = "stat -c '%n %u:%g %a %F' m/etc/new m/etc/shadow m/run-fifo m/home-root \
                 m/home-root/.profile m/etc/owned";
     let want = "m/etc/new 0:0 4755 regular file\n\

@@ -35,6 +35,7 @@ pub struct MountOptions {
     pub allow_other: bool,
     /// Make the root writable: an overlay whose lower layer is the read-only image and whose
     /// upper layer takes every change (copy-up on first write; the image is never modified).
+    /// Root gets a kernel overlay; other callers get one served by bux-fuse ([`crate::upper`]).
     pub writable: bool,
     /// Keep the writable layer here (`DIR/upper`, `DIR/work`) so a later mount with the same
     /// directory sees the changes. Without it, changes go to a scratch directory removed at

@@ -65,8 +65,10 @@ struct State {
 enum Handle {
     Upper(Arc<File>),
     Lower(u64),
-    Dir(Arc<Vec<(u64, FileType, OsString)>>),
 }
+
+/// A directory's merged entries, `.` and `..` first.
+type Listing = Arc<Vec<(u64, FileType, OsString)>>;
 
 /// The writable filesystem.
 pub struct UpperFs {
@@ -75,6 +77,9 @@ pub struct UpperFs {
     state: Mutex<State>,
     handles: Mutex<HashMap<u64, Handle>>,
     next_fh: AtomicU64,
+    /// Listings being read (directories are not opened: the kernel sends readdir with the
+    /// offset reached, and caches what it got); dropped whenever a name changes.
+    listings: Mutex<HashMap<u64, Listing>>,
 }
 
 fn err(e: std::io::Error) -> Errno {
@@ -102,6 +107,7 @@ impl UpperFs {
             lower,
             handles: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            listings: Mutex::new(HashMap::new()),
         };
         // The root shows the image root's owner and mode until changed.
         if disk::get_xattr(upper, disk::STAT_XATTR.as_bytes())?.is_none() {
@@ -362,6 +368,7 @@ impl UpperFs {
             0,
         )
         .map_err(err)?;
+        self.names_changed();
         let n = push(st, None, true);
         st.nodes[n as usize - 1].links.push((parent, name.to_vec()));
         st.names.insert((parent, name.to_vec()), n);
@@ -400,6 +407,7 @@ impl UpperFs {
             _ => {}
         }
         self.copy_up(st, parent)?;
+        self.names_changed();
         let dir_path = self.path(st, parent)?;
         let at = dir_path.join(OsStr::from_bytes(name));
         let node = self.node(st, n)?;
@@ -454,6 +462,41 @@ impl UpperFs {
             }
         }
         Ok(out)
+    }
+
+    /// Some directory's entries changed: listings must be made again.
+    fn names_changed(&self) {
+        self.listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+
+    /// Directory `ino`'s listing: the one being read, or a new one at offset 0.
+    fn listing_from(&self, ino: u64, offset: u64) -> Res<Listing> {
+        if offset > 0 {
+            if let Some(l) = self
+                .listings
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .get(&ino)
+            {
+                return Ok(l.clone());
+            }
+        }
+        let mut st = self.state();
+        let parent = self.node(&st, ino)?.links.first().map_or(ROOT_INO, |l| l.0);
+        let mut all = vec![
+            (ino, FileType::Directory, OsString::from(".")),
+            (parent, FileType::Directory, OsString::from("..")),
+        ];
+        all.extend(self.listing(&mut st, ino)?);
+        let l = Arc::new(all);
+        self.listings
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ino, l.clone());
+        Ok(l)
     }
 
     fn new_fh(&self, h: Handle) -> FileHandle {
@@ -604,6 +647,7 @@ impl UpperFs {
         } else {
             from
         };
+        self.names_changed();
         std::fs::rename(&from, &to).map_err(err)?;
         // An upper directory with no image directory of its own must not merge with one that
         // happens to have the new name.
@@ -948,6 +992,7 @@ impl Filesystem for UpperFs {
             self.copy_up(&mut st, ino.0)?;
             let from = self.path(&st, ino.0)?;
             std::fs::hard_link(&from, &to).map_err(err)?;
+            self.names_changed();
             let md = std::fs::symlink_metadata(&to).map_err(err)?;
             st.by_upper.insert(md.ino(), ino.0);
             st.nodes[ino.0 as usize - 1]
@@ -1099,7 +1144,9 @@ impl Filesystem for UpperFs {
         _lock_owner: LockOwner,
         reply: ReplyEmpty,
     ) {
-        reply.ok();
+        // Nothing to do at close (writes go straight to the upper file): ENOSYS tells the
+        // kernel to stop sending flushes, one round trip less per close.
+        reply.error(Errno::ENOSYS);
     }
 
     fn fsync(
@@ -1138,65 +1185,29 @@ impl Filesystem for UpperFs {
         reply.ok();
     }
 
-    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        let mut st = self.state();
-        let r = (|| {
-            let parent = self
-                .node(&st, ino.0)?
-                .links
-                .first()
-                .map_or(ROOT_INO, |l| l.0);
-            let mut all = vec![
-                (ino.0, FileType::Directory, OsString::from(".")),
-                (parent, FileType::Directory, OsString::from("..")),
-            ];
-            all.extend(self.listing(&mut st, ino.0)?);
-            Ok(all)
-        })();
-        drop(st);
-        match r {
-            Ok(all) => reply.opened(self.new_fh(Handle::Dir(Arc::new(all))), FopenFlags::empty()),
-            Err(e) => reply.error(e),
-        }
+    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        // No opendir: the kernel then caches listings (and drops them when a name changes
+        // through this mount) and sends no opendir/releasedir round trips.
+        reply.error(Errno::ENOSYS);
     }
 
     fn readdir(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
-        let list = match self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-        {
-            Some(Handle::Dir(l)) => l.clone(),
-            _ => return reply.error(Errno::EBADF),
+        let list = match self.listing_from(ino.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
         };
         for (k, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), k as u64 + 1, *kind, name) {
                 break;
             }
         }
-        reply.ok();
-    }
-
-    fn releasedir(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        reply: ReplyEmpty,
-    ) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
         reply.ok();
     }
 
