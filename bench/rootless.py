@@ -35,12 +35,12 @@ class Side:
             sh(f"chown {USER}: {self.home}")
         self.bux = f"{bux} --store {self.home}/store"
 
-    def run(self, script):
+    def run(self, script, check=True):
         q = script.replace("'", "'\\''")
         wrapped = f"cd {self.home} && {q}"
         if self.as_user:
-            return sh(f"runuser -u {USER} -- sh -c '{wrapped}'")
-        return sh(f"sh -c '{wrapped}'")
+            return sh(f"runuser -u {USER} -- sh -c '{wrapped}'", check)
+        return sh(f"sh -c '{wrapped}'", check)
 
     def timed(self, script):
         out = self.run(f"a=$(date +%s%N); {script} >/dev/null; b=$(date +%s%N); echo $((b - a))")
@@ -60,6 +60,16 @@ def main():
     work = tempfile.mkdtemp(prefix="bux-rootless-")
     os.chmod(work, 0o755)
     sides = [Side("root", work, bux, False), Side("user", work, bux, True)]
+    try:
+        run(a, work, sides)
+    finally:
+        # Whatever a failed run left mounted goes, then the work directory.
+        for s in sides:
+            s.run(f"{s.bux} umount m", check=False)
+        sh(f"rm -rf {work}", check=False)
+
+
+def run(a, work, sides):
     for s in sides:
         s.run(f"{s.bux} -q pull {a.image}")
     walks = {
@@ -129,7 +139,6 @@ def main():
         open(os.path.join(ROOT, "bench/results-rootless.json"), "w"),
         indent=1,
     )
-    sh(f"rm -rf {work}", check=False)
 
 
 if __name__ == "__main__":
