@@ -11,11 +11,9 @@ use common::*;
 
 #[test]
 fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
-    if std::env::consts::ARCH != "x86_64" || !std::path::Path::new("/usr/bin/apt-get").exists() {
-        eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
+    if !vm_host() {
         return;
     }
-    need("busybox");
     let (r, _reg, big) = vm_image("t/vm");
     let bux = Bux::new();
     let dir = tempfile::tempdir().unwrap();
@@ -42,6 +40,39 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
     );
 }
 
+/// Whether this host can run the VM tests (else they say why and pass).
+fn vm_host() -> bool {
+    let ok =
+        std::env::consts::ARCH == "x86_64" && std::path::Path::new("/usr/bin/apt-get").exists();
+    if !ok {
+        eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
+    }
+    ok
+}
+
+/// The Rust virtiofsd that scripts/setup.sh builds.
+fn rust_virtiofsd() -> &'static str {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/target/virtiofsd/bin/virtiofsd"
+    );
+    assert!(
+        std::path::Path::new(path).exists(),
+        "{path} missing: scripts/setup.sh builds it"
+    );
+    path
+}
+
+/// The host's static busybox, the guests' only program.
+fn busybox() -> Vec<u8> {
+    need("busybox");
+    let path = ["/bin/busybox", "/usr/bin/busybox"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists())
+        .unwrap();
+    std::fs::read(path).unwrap()
+}
+
 /// What the guest runs: a pipeline, a large file's bytes, a big directory, hardlinks and
 /// symlinks, and a write.
 const GUEST: &str = "echo pipeline works | tr a-z A-Z | rev; sha256sum /data/big.bin; ls /many | wc -l; \
@@ -50,13 +81,7 @@ const GUEST: &str = "echo pipeline works | tr a-z A-Z | rev; sha256sum /data/big
 
 /// A busybox image for [`GUEST`] pushed to a new registry: (reference, registry, big file).
 fn vm_image(repo: &str) -> (String, Registry, Vec<u8>) {
-    let busybox = std::fs::read(
-        ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap(),
-    )
-    .unwrap();
+    let busybox = busybox();
     let mut base =
         LayerBuilder::new()
             .dir("bin", 0o755)
@@ -126,26 +151,11 @@ fn check_guest(stdout: &str, big: &[u8]) {
 /// already fetched keep working — before, while and after.
 #[test]
 fn a_stalled_registry_does_not_freeze_a_guest_on_a_lazy_root() {
-    if std::env::consts::ARCH != "x86_64" || !std::path::Path::new("/usr/bin/apt-get").exists() {
-        eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
+    if !vm_host() {
         return;
     }
-    let virtiofsd = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/virtiofsd/bin/virtiofsd"
-    );
-    assert!(
-        std::path::Path::new(virtiofsd).exists(),
-        "{virtiofsd} missing: scripts/setup.sh builds it"
-    );
-    need("busybox");
-    let busybox = std::fs::read(
-        ["/bin/busybox", "/usr/bin/busybox"]
-            .into_iter()
-            .find(|p| std::path::Path::new(p).exists())
-            .unwrap(),
-    )
-    .unwrap();
+    let virtiofsd = rust_virtiofsd();
+    let busybox = busybox();
     let mut base = LayerBuilder::new()
         .dir("bin", 0o755)
         .file_with("bin/busybox", &busybox, 0o755, 0, 0)
@@ -227,19 +237,10 @@ fn a_stalled_registry_does_not_freeze_a_guest_on_a_lazy_root() {
 /// with `--sandbox none` (libkrun serves virtio-fs in-process, unsandboxed, the same way).
 #[test]
 fn a_user_boots_a_guest_on_a_writable_root() {
-    if std::env::consts::ARCH != "x86_64" || !std::path::Path::new("/usr/bin/apt-get").exists() {
-        eprintln!("SKIPPED: the VM test needs an x86_64 Debian host (QEMU from Debian's packages)");
+    if !vm_host() {
         return;
     }
-    let virtiofsd = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/target/virtiofsd/bin/virtiofsd"
-    );
-    assert!(
-        std::path::Path::new(virtiofsd).exists(),
-        "{virtiofsd} missing: scripts/setup.sh builds it"
-    );
-    need("busybox");
+    let virtiofsd = rust_virtiofsd();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-run.sh");
     // Root fetches the kernel once; the user boots from a copy it can read and lock.
     let prep = Command::new("bash")

@@ -491,8 +491,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             std::process::id()
         ));
         let lower = run_dir.join("lower");
-        std::fs::create_dir_all(&lower)
-            .map_err(|e| mount_err(format!("creating {}: {e}", lower.display())))?;
+        // The image mount point, under a kernel overlay only.
+        let made = if own_upper { &run_dir } else { &lower };
+        std::fs::create_dir_all(made)
+            .map_err(|e| mount_err(format!("creating {}: {e}", made.display())))?;
         let upper_lock = match &opts.upper {
             Some(u) => Some(lock_upper(u).map_err(mount_err)?),
             None => None,

@@ -395,6 +395,28 @@ impl UpperFs {
         s
     }
 
+    /// Makes entry `name` in `parent` with `make(path, shadowed)` (`shadowed`: the image had
+    /// one of that name, deleted since), owned and moded as a local filesystem would make it.
+    #[allow(clippy::too_many_arguments)]
+    fn make_entry<R>(
+        &self,
+        req: &Request,
+        parent: u64,
+        name: &[u8],
+        mode: u32,
+        umask: u32,
+        rdev: u32,
+        make: impl FnOnce(&Path, bool) -> Res<R>,
+    ) -> Res<(FileAttr, R)> {
+        let mut st = self.state();
+        let (path, shadowed) = self.prepare_new(&mut st, parent, name)?;
+        let mut s = self.new_stat(&st, req, parent, mode, umask);
+        s.rdev = rdev;
+        let made = make(&path, shadowed)?;
+        let (_, a) = self.created(&mut st, parent, name, &path, s)?;
+        Ok((a, made))
+    }
+
     /// Removes `name` from `parent`: the upper entry if any, and a whiteout if the image has
     /// one there. `dir`: rmdir semantics.
     fn remove(&self, st: &mut State, parent: u64, name: &[u8], dir: bool) -> Res<()> {
@@ -874,20 +896,16 @@ impl Filesystem for UpperFs {
         rdev: u32,
         reply: ReplyEntry,
     ) {
-        let mut st = self.state();
-        let r = (|| {
-            let (path, _) = self.prepare_new(&mut st, parent.0, name.as_bytes())?;
-            let mut s = self.new_stat(&st, req, parent.0, mode, umask);
-            s.mode |= mode & libc::S_IFMT;
-            if s.mode & libc::S_IFMT == 0 {
-                s.mode |= libc::S_IFREG;
-            }
-            s.rdev = rdev;
-            File::create_new(&path).map_err(err)?;
-            self.created(&mut st, parent.0, name.as_bytes(), &path, s)
-        })();
+        // Every type is a regular file in the upper directory; the type is metadata.
+        let mode = match mode & libc::S_IFMT {
+            0 => mode | libc::S_IFREG,
+            _ => mode,
+        };
+        let r = self.make_entry(req, parent.0, name.as_bytes(), mode, umask, rdev, |p, _| {
+            File::create_new(p).map(drop).map_err(err)
+        });
         match r {
-            Ok((_, a)) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -901,19 +919,25 @@ impl Filesystem for UpperFs {
         umask: u32,
         reply: ReplyEntry,
     ) {
-        let mut st = self.state();
-        let r = (|| {
-            let (path, shadowed) = self.prepare_new(&mut st, parent.0, name.as_bytes())?;
-            let s = self.new_stat(&st, req, parent.0, libc::S_IFDIR | (mode & 0o7777), umask);
-            std::fs::create_dir(&path).map_err(err)?;
-            if shadowed {
-                // The image's directory of that name was deleted: its entries stay hidden.
-                File::create(path.join(disk::OPAQUE)).map_err(err)?;
-            }
-            self.created(&mut st, parent.0, name.as_bytes(), &path, s)
-        })();
+        let mode = libc::S_IFDIR | (mode & 0o7777);
+        let r = self.make_entry(
+            req,
+            parent.0,
+            name.as_bytes(),
+            mode,
+            umask,
+            0,
+            |p, shadowed| {
+                std::fs::create_dir(p).map_err(err)?;
+                if shadowed {
+                    // The image's directory of that name was deleted: its entries stay hidden.
+                    File::create(p.join(disk::OPAQUE)).map_err(err)?;
+                }
+                Ok(())
+            },
+        );
         match r {
-            Ok((_, a)) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -940,15 +964,12 @@ impl Filesystem for UpperFs {
         target: &Path,
         reply: ReplyEntry,
     ) {
-        let mut st = self.state();
-        let r = (|| {
-            let (path, _) = self.prepare_new(&mut st, parent.0, link_name.as_bytes())?;
-            let s = self.new_stat(&st, req, parent.0, libc::S_IFLNK | 0o777, 0);
-            std::fs::write(&path, target.as_os_str().as_bytes()).map_err(err)?;
-            self.created(&mut st, parent.0, link_name.as_bytes(), &path, s)
-        })();
+        let mode = libc::S_IFLNK | 0o777;
+        let r = self.make_entry(req, parent.0, link_name.as_bytes(), mode, 0, 0, |p, _| {
+            std::fs::write(p, target.as_os_str().as_bytes()).map_err(err)
+        });
         match r {
-            Ok((_, a)) => reply.entry(&TTL, &a, Generation(0)),
+            Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
         }
     }
@@ -1045,20 +1066,15 @@ impl Filesystem for UpperFs {
         _flags: i32,
         reply: ReplyCreate,
     ) {
-        let mut st = self.state();
-        let r = (|| {
-            let (path, _) = self.prepare_new(&mut st, parent.0, name.as_bytes())?;
-            let s = self.new_stat(&st, req, parent.0, libc::S_IFREG | (mode & 0o7777), umask);
-            let f = std::fs::OpenOptions::new()
+        let mode = libc::S_IFREG | (mode & 0o7777);
+        let r = self.make_entry(req, parent.0, name.as_bytes(), mode, umask, 0, |p, _| {
+            std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .create_new(true)
-                .open(&path)
-                .map_err(err)?;
-            let (_, a) = self.created(&mut st, parent.0, name.as_bytes(), &path, s)?;
-            Ok((a, f))
-        })();
-        drop(st);
+                .open(p)
+                .map_err(err)
+        });
         match r {
             Ok((a, f)) => {
                 let fh = self.new_fh(Handle::Upper(Arc::new(f)));
