@@ -171,6 +171,22 @@ fn posix_cases(root: &Path) {
     let mut s = String::new();
     open.read_to_string(&mut s).unwrap();
     assert_eq!(s, "to be removed\n");
+    // Unlink of an open file written in this mount: the descriptor still writes and reads it.
+    std::fs::write(p("etc/scratch"), b"one\n").unwrap();
+    let mut scratch = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(p("etc/scratch"))
+        .unwrap();
+    std::fs::remove_file(p("etc/scratch")).unwrap();
+    scratch.seek(std::io::SeekFrom::End(0)).unwrap();
+    scratch.write_all(b"two\n").unwrap();
+    scratch.sync_all().unwrap();
+    scratch.seek(std::io::SeekFrom::Start(0)).unwrap();
+    let mut s = String::new();
+    scratch.read_to_string(&mut s).unwrap();
+    assert_eq!(s, "one\ntwo\n");
+    drop(scratch);
     // Directory rename of a lower directory with children.
     std::fs::rename(p("srv/tree"), p("srv/moved")).unwrap();
     assert_eq!(std::fs::read(p("srv/moved/b")).unwrap(), b"b\n");

@@ -19,7 +19,6 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -39,6 +38,11 @@ use disk::Stat;
 /// own caches (entries, attributes, pages), so they may be kept as long as the image's.
 const TTL: Duration = Duration::from_secs(24 * 3600);
 const COPY_CHUNK: u32 = 1 << 20;
+/// Upper files kept open (well under the usual 1024-descriptor limit).
+const OPEN_FILES: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(256) {
+    Some(n) => n,
+    None => unreachable!(),
+};
 
 /// One entry of the merged tree.
 struct Node {
@@ -62,11 +66,6 @@ struct State {
     by_upper: HashMap<u64, u64>,
 }
 
-enum Handle {
-    Upper(Arc<File>),
-    Lower(u64),
-}
-
 /// A directory's merged entries, `.` and `..` first.
 type Listing = Arc<Vec<(u64, FileType, OsString)>>;
 
@@ -75,8 +74,12 @@ pub struct UpperFs {
     lower: ImageFs,
     root: PathBuf,
     state: Mutex<State>,
-    handles: Mutex<HashMap<u64, Handle>>,
-    next_fh: AtomicU64,
+    /// Upper files by node, open: files are not opened through FUSE (the kernel sends no
+    /// open when the filesystem declines them), so reads and writes find them here.
+    files: Mutex<lru::LruCache<u64, Arc<File>>>,
+    /// The kernel takes "no open" (FUSE_NO_OPEN_SUPPORT): one round trip less per open and
+    /// none at close. Older kernels open, and get a handle-less answer.
+    no_open: bool,
     /// Listings being read (directories are not opened: the kernel sends readdir with the
     /// offset reached, and caches what it got); dropped whenever a name changes.
     listings: Mutex<HashMap<u64, Listing>>,
@@ -105,10 +108,21 @@ impl UpperFs {
                 by_upper: HashMap::new(),
             }),
             lower,
-            handles: Mutex::new(HashMap::new()),
-            next_fh: AtomicU64::new(1),
+            files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
+            no_open: false,
             listings: Mutex::new(HashMap::new()),
         };
+        // Orphans of a mount that ended without the kernel forgetting them.
+        for e in std::fs::read_dir(upper)?.flatten() {
+            let name = e.file_name();
+            let orphan = name
+                .as_bytes()
+                .strip_prefix(disk::WHITEOUT_PREFIX)
+                .is_some_and(|n| n.starts_with(ORPHAN.as_bytes()));
+            if orphan {
+                std::fs::remove_file(e.path())?;
+            }
+        }
         // The root shows the image root's owner and mode until changed.
         if disk::get_xattr(upper, disk::STAT_XATTR.as_bytes())?.is_none() {
             if let Some(a) = fs.lower.lower_attr(ROOT_INO, ROOT_INO) {
@@ -255,6 +269,12 @@ impl UpperFs {
 
     /// Makes node `n` exist in the upper directory (its parents first).
     fn copy_up(&self, st: &mut State, n: u64) -> Res<()> {
+        self.copy_up_as(st, n, true)
+    }
+
+    /// [`UpperFs::copy_up`]; without `data` a file's bytes are not copied (it is about to be
+    /// truncated to nothing).
+    fn copy_up_as(&self, st: &mut State, n: u64, data: bool) -> Res<()> {
         let node = self.node(st, n)?;
         if node.upper {
             return Ok(());
@@ -273,7 +293,7 @@ impl UpperFs {
             let f = File::create(&tmp).map_err(err)?;
             match &i.data {
                 NodeData::Symlink(target) => f.write_all_at(target, 0).map_err(err)?,
-                NodeData::File { .. } | NodeData::Sparse { .. } => {
+                NodeData::File { .. } | NodeData::Sparse { .. } if data => {
                     let mut off = 0;
                     while off < a.size {
                         let buf = self.lower.read_lower(lower, off, COPY_CHUNK)?;
@@ -434,8 +454,17 @@ impl UpperFs {
         let at = dir_path.join(OsStr::from_bytes(name));
         let node = self.node(st, n)?;
         // Only this name's upper entry: another name of the node may be its first link.
-        let here_upper = node.upper && std::fs::symlink_metadata(&at).is_ok();
-        if here_upper {
+        let on_disk = node
+            .upper
+            .then(|| std::fs::symlink_metadata(&at).ok())
+            .flatten();
+        let here_upper = on_disk.is_some();
+        let orphan = !dir && on_disk.is_some_and(|md| md.nlink() == 1);
+        if orphan {
+            // Its last name: the file may still be open, so it moves aside (a hidden name)
+            // until the kernel forgets it, and everything keeps working on it meanwhile.
+            std::fs::rename(&at, self.root.join(orphan_name(n))).map_err(err)?;
+        } else if here_upper {
             if dir {
                 std::fs::remove_dir_all(&at).map_err(err)?;
             } else {
@@ -448,6 +477,9 @@ impl UpperFs {
         st.names.remove(&(parent, name.to_vec()));
         let node = &mut st.nodes[n as usize - 1];
         node.links.retain(|(p, nm)| !(*p == parent && nm == name));
+        if orphan {
+            node.links = vec![(ROOT_INO, orphan_name(n).as_bytes().to_vec())];
+        }
         Ok(())
     }
 
@@ -521,25 +553,41 @@ impl UpperFs {
         Ok(l)
     }
 
-    fn new_fh(&self, h: Handle) -> FileHandle {
-        let fh = self.next_fh.fetch_add(1, Ordering::Relaxed);
-        self.handles
+    /// Upper node `n`'s file, open (kept in [`UpperFs::files`]).
+    fn upper_file(&self, st: &State, n: u64) -> Res<Arc<File>> {
+        if let Some(f) = self.open_file(n) {
+            return Ok(f);
+        }
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(self.path(st, n)?)
+            .map_err(err)?;
+        let f = Arc::new(f);
+        self.files
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(fh, h);
-        FileHandle(fh)
+            .put(n, f.clone());
+        Ok(f)
     }
 
-    fn handle_file(&self, fh: FileHandle) -> Option<Arc<File>> {
-        match self
-            .handles
+    /// Node `n`'s upper file if it is open already.
+    fn open_file(&self, n: u64) -> Option<Arc<File>> {
+        self.files
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-        {
-            Some(Handle::Upper(f)) => Some(f.clone()),
-            _ => None,
+            .get(&n)
+            .cloned()
+    }
+
+    /// Node `n`'s file for writing: copied up first (without its bytes if `empty`).
+    fn writable_file(&self, n: u64, empty: bool) -> Res<Arc<File>> {
+        if let Some(f) = self.open_file(n) {
+            return Ok(f);
         }
+        let mut st = self.state();
+        self.copy_up_as(&mut st, n, !empty)?;
+        self.upper_file(&st, n)
     }
 
     /// Changes the served stat of upper node `n`.
@@ -551,6 +599,7 @@ impl UpperFs {
         disk::set_xattr(&path, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0).map_err(err)
     }
 
+    #[allow(clippy::too_many_arguments)]
     fn do_setattr(
         &self,
         n: u64,
@@ -560,10 +609,10 @@ impl UpperFs {
         size: Option<u64>,
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
-        fh: Option<FileHandle>,
     ) -> Res<FileAttr> {
         let mut st = self.state();
-        self.copy_up(&mut st, n)?;
+        // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
+        self.copy_up_as(&mut st, n, size != Some(0))?;
         if mode.is_some() || uid.is_some() || gid.is_some() {
             self.update_stat(&st, n, |s| {
                 if let Some(m) = mode {
@@ -579,14 +628,7 @@ impl UpperFs {
         }
         let path = self.path(&st, n)?;
         if let Some(size) = size {
-            match fh.and_then(|fh| self.handle_file(fh)) {
-                Some(f) => f.set_len(size).map_err(err)?,
-                None => std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .and_then(|f| f.set_len(size))
-                    .map_err(err)?,
-            }
+            self.upper_file(&st, n)?.set_len(size).map_err(err)?;
         }
         if atime.is_some() || mtime.is_some() {
             let t = |t: Option<TimeOrNow>| {
@@ -687,6 +729,14 @@ impl UpperFs {
         Ok(())
     }
 }
+
+/// Where an upper file whose last name was removed waits until the kernel forgets it (a
+/// hidden name in the upper root).
+fn orphan_name(n: u64) -> OsString {
+    disk::whiteout_name(format!("{ORPHAN}{n}").as_bytes())
+}
+
+const ORPHAN: &str = ".bux-fuse-orphan-";
 
 fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
     st.nodes.push(Node {
@@ -813,8 +863,29 @@ fn set_times(
 }
 
 impl Filesystem for UpperFs {
-    fn init(&mut self, _req: &Request, _config: &mut KernelConfig) -> std::io::Result<()> {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        self.no_open = config
+            .capabilities()
+            .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT);
         Ok(())
+    }
+
+    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
+        // The kernel dropped the inode: no open file of it is left, and an orphan can go.
+        self.files
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .pop(&ino.0);
+        let mut st = self.state();
+        let Ok(node) = self.node(&st, ino.0) else {
+            return;
+        };
+        if node.links.first().map(|(_, name)| name.as_slice())
+            == Some(orphan_name(ino.0).as_bytes())
+        {
+            let _ = std::fs::remove_file(self.root.join(orphan_name(ino.0)));
+            st.nodes[ino.0 as usize - 1].links.clear();
+        }
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
@@ -847,14 +918,14 @@ impl Filesystem for UpperFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        fh: Option<FileHandle>,
+        _fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime, fh) {
+        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime) {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
         }
@@ -1030,30 +1101,19 @@ impl Filesystem for UpperFs {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        let trunc = flags.0 & libc::O_TRUNC != 0;
-        let mut st = self.state();
-        let r = (|| {
-            let node = self.node(&st, ino.0)?;
-            if !node.upper && !write && !trunc {
-                return Ok(Handle::Lower(node.lower.ok_or(Errno::EIO)?));
-            }
-            self.copy_up(&mut st, ino.0)?;
-            let path = self.path(&st, ino.0)?;
-            let f = std::fs::OpenOptions::new()
-                .read(true)
-                .write(write || trunc)
-                .truncate(trunc)
-                .open(path)
-                .map_err(err)?;
-            Ok(Handle::Upper(Arc::new(f)))
-        })();
-        drop(st);
-        match r {
-            // Pages stay valid across opens: every write to the file comes through here.
-            Ok(h) => reply.opened(self.new_fh(h), FopenFlags::FOPEN_KEEP_CACHE),
-            Err(e) => reply.error(e),
+        if self.no_open {
+            // Reads and writes find their file by node; the first write copies up, and
+            // O_TRUNC arrives as a truncation.
+            return reply.error(Errno::ENOSYS);
         }
+        let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        if write {
+            if let Err(e) = self.writable_file(ino.0, flags.0 & libc::O_TRUNC != 0) {
+                return reply.error(e);
+            }
+        }
+        // Pages stay valid across opens: every write to the file comes through here.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
     }
 
     fn create(
@@ -1077,8 +1137,12 @@ impl Filesystem for UpperFs {
         });
         match r {
             Ok((a, f)) => {
-                let fh = self.new_fh(Handle::Upper(Arc::new(f)));
-                reply.created(&TTL, &a, Generation(0), fh, FopenFlags::FOPEN_KEEP_CACHE)
+                self.files
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .put(a.ino.0, Arc::new(f));
+                let flags = FopenFlags::FOPEN_KEEP_CACHE;
+                reply.created(&TTL, &a, Generation(0), FileHandle(0), flags)
             }
             Err(e) => reply.error(e),
         }
@@ -1087,44 +1151,41 @@ impl Filesystem for UpperFs {
     fn read(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         size: u32,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
-        let lower = match self
-            .handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&fh.0)
-        {
-            Some(Handle::Lower(i)) => Some(*i),
-            Some(Handle::Upper(_)) => None,
-            _ => return reply.error(Errno::EBADF),
-        };
-        let r = match lower {
-            Some(i) => self.lower.read_lower(i, offset, size),
-            None => {
-                let f = self.handle_file(fh).ok_or(Errno::EBADF);
-                f.and_then(|f| {
-                    let mut buf = vec![0u8; size as usize];
-                    let mut got = 0;
-                    while got < buf.len() {
-                        match f.read_at(&mut buf[got..], offset + got as u64) {
-                            Ok(0) => break,
-                            Ok(k) => got += k,
-                            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                            Err(e) => return Err(err(e)),
-                        }
+        let r = (|| {
+            let f = match self.open_file(ino.0) {
+                Some(f) => f,
+                None => {
+                    let st = self.state();
+                    let node = self.node(&st, ino.0)?;
+                    if !node.upper {
+                        let lower = node.lower.ok_or(Errno::EIO)?;
+                        drop(st);
+                        return self.lower.read_lower(lower, offset, size);
                     }
-                    buf.truncate(got);
-                    Ok(buf)
-                })
+                    self.upper_file(&st, ino.0)?
+                }
+            };
+            let mut buf = vec![0u8; size as usize];
+            let mut got = 0;
+            while got < buf.len() {
+                match f.read_at(&mut buf[got..], offset + got as u64) {
+                    Ok(0) => break,
+                    Ok(k) => got += k,
+                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                    Err(e) => return Err(err(e)),
+                }
             }
-        };
+            buf.truncate(got);
+            Ok(buf)
+        })();
         match r {
             Ok(d) => reply.data(&d),
             Err(e) => reply.error(e),
@@ -1134,8 +1195,8 @@ impl Filesystem for UpperFs {
     fn write(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         offset: u64,
         data: &[u8],
         _write_flags: WriteFlags,
@@ -1143,12 +1204,12 @@ impl Filesystem for UpperFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        match self.handle_file(fh) {
-            Some(f) => match f.write_all_at(data, offset) {
-                Ok(()) => reply.written(data.len() as u32),
-                Err(e) => reply.error(err(e)),
-            },
-            None => reply.error(Errno::EBADF),
+        let r = self
+            .writable_file(ino.0, false)
+            .and_then(|f| f.write_all_at(data, offset).map_err(err));
+        match r {
+            Ok(()) => reply.written(data.len() as u32),
+            Err(e) => reply.error(e),
         }
     }
 
@@ -1168,37 +1229,33 @@ impl Filesystem for UpperFs {
     fn fsync(
         &self,
         _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
+        ino: INodeNo,
+        _fh: FileHandle,
         datasync: bool,
         reply: ReplyEmpty,
     ) {
-        let r = match self.handle_file(fh) {
-            Some(f) if datasync => f.sync_data(),
-            Some(f) => f.sync_all(),
-            None => Ok(()),
-        };
+        let r = (|| {
+            let f = match self.open_file(ino.0) {
+                Some(f) => f,
+                None => {
+                    let st = self.state();
+                    if !self.node(&st, ino.0)?.upper {
+                        return Ok(()); // the image's bytes, never written
+                    }
+                    self.upper_file(&st, ino.0)?
+                }
+            };
+            if datasync {
+                f.sync_data()
+            } else {
+                f.sync_all()
+            }
+            .map_err(err)
+        })();
         match r {
             Ok(()) => reply.ok(),
-            Err(e) => reply.error(err(e)),
+            Err(e) => reply.error(e),
         }
-    }
-
-    fn release(
-        &self,
-        _req: &Request,
-        _ino: INodeNo,
-        fh: FileHandle,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
-        _flush: bool,
-        reply: ReplyEmpty,
-    ) {
-        self.handles
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&fh.0);
-        reply.ok();
     }
 
     fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
