@@ -200,8 +200,13 @@ enum Cmd {
         /// The shell.
         shell: clap_complete::Shell,
     },
-    /// Print the man page (roff) to standard output.
-    Man,
+    /// Print the man page (roff) to standard output, or write it and one page per subcommand
+    /// (bux-fuse-mount.1, ...) into --dir.
+    Man {
+        /// Write bux-fuse.1 and the subcommands' pages here (e.g. /usr/local/share/man/man1).
+        #[arg(long, value_name = "DIR")]
+        dir: Option<PathBuf>,
+    },
 }
 
 #[derive(Args, Debug, Clone)]
@@ -329,6 +334,8 @@ fn run(cli: Cli) -> Result<()> {
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
             let image = runtime()?.block_on(store.pull(&reference, &opts))?;
+            // The progress bars end (their last line completed) before the result is printed.
+            drop(opts);
             if !pull.quiet {
                 println!("{} {}", image.reference, image.manifest_digest);
             }
@@ -571,11 +578,20 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Man => {
+        Cmd::Man { dir } => {
             use clap::CommandFactory;
-            clap_mangen::Man::new(Cli::command())
-                .render(&mut std::io::stdout())
-                .context("writing the man page")
+            let Some(dir) = dir else {
+                return clap_mangen::Man::new(Cli::command())
+                    .render(&mut std::io::stdout())
+                    .context("writing the man page");
+            };
+            std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+            clap_mangen::generate_to(Cli::command(), &dir)
+                .with_context(|| format!("writing man pages into {}", dir.display()))?;
+            if !quiet {
+                println!("man pages written to {}", dir.display());
+            }
+            Ok(())
         }
         Cmd::Check { repair } => {
             let store = open_store(&store_arg)?;
@@ -717,16 +733,35 @@ fn progress_line(p: &Progress) -> Option<String> {
 
 fn bars() -> crate::pull::ProgressFn {
     use indicatif::{MultiProgress, ProgressBar, ProgressStyle};
-    let multi = MultiProgress::new();
-    let bars: std::sync::Mutex<std::collections::HashMap<crate::Digest, ProgressBar>> =
-        Default::default();
+    /// The bars of one pull: once they are gone, the terminal's cursor goes below them (the
+    /// last redraw leaves it at the end of the bottom bar, where the next output would follow).
+    struct Bars {
+        multi: MultiProgress,
+        bars: std::sync::Mutex<std::collections::HashMap<crate::Digest, ProgressBar>>,
+    }
+    impl Drop for Bars {
+        fn drop(&mut self) {
+            let bars = self.bars.get_mut().unwrap_or_else(|e| e.into_inner());
+            if !bars.is_empty() && !self.multi.is_hidden() {
+                eprintln!();
+            }
+        }
+    }
+    let state = Bars {
+        multi: MultiProgress::new(),
+        bars: Default::default(),
+    };
+    // One bar per line at any terminal width: the bar takes what the numbers leave.
     let style = ProgressStyle::with_template(
-        "  {prefix} [{bar:30}] {bytes:>10}/{total_bytes:10} {bytes_per_sec:>12} {msg}",
+        "{prefix} {bytes:>9}/{total_bytes:<9} {bytes_per_sec:>11} [{wide_bar}] {msg}",
     )
     .unwrap_or_else(|_| ProgressStyle::default_bar())
     .progress_chars("=> ");
     Arc::new(move |p: Progress| {
-        let mut bars = bars.lock().unwrap_or_else(|e| e.into_inner());
+        let (multi, mut bars) = (
+            &state.multi,
+            state.bars.lock().unwrap_or_else(|e| e.into_inner()),
+        );
         match &p {
             Progress::Resolved { layers, .. } => {
                 let _ = multi.println(progress_line(&p).unwrap_or_default());

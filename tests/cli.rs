@@ -261,6 +261,22 @@ fn help_completions_and_man_page() {
     }
     let man = bux.ok(&["man"]);
     assert!(man.contains(".TH bux-fuse") && man.contains("mount"));
+    // Every page the main page points to exists with --dir.
+    let dir = tempfile::tempdir().unwrap();
+    bux.ok(&["-q", "man", "--dir", dir.path().to_str().unwrap()]);
+    let main = std::fs::read_to_string(dir.path().join("bux-fuse.1")).unwrap();
+    let refs: Vec<String> = main
+        .lines()
+        .filter_map(|l| l.strip_suffix("(1)"))
+        .filter(|l| l.starts_with("bux\\-fuse\\-"))
+        .map(|l| l.replace("\\-", "-"))
+        .collect();
+    assert!(refs.len() >= 10, "{refs:?}");
+    for r in refs {
+        let page = std::fs::read_to_string(dir.path().join(format!("{r}.1")))
+            .unwrap_or_else(|e| panic!("{r}.1: {e}"));
+        assert!(page.contains(&format!(".TH {r} 1")), "{r}");
+    }
     let bad = bux.run(&["mount"]);
     assert_eq!(bad.status.code(), Some(2));
 }
@@ -408,4 +424,83 @@ fn check_finds_and_repairs_damage() {
     assert!(bux.ok(&["check"]).contains(": 0 problems"));
     let m = bux.mount(&r);
     assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
+}
+
+/// On a terminal, progress is a bar per layer: on an 80-column terminal no line is wider (a
+/// wider one wraps and the redraws scroll).
+#[test]
+fn progress_bars_fit_an_80_column_terminal() {
+    need("script");
+    let reg = Registry::start();
+    let r = push(
+        &reg,
+        "t/progress",
+        &image_with("b", &test_bytes(4 << 20, 9)),
+    );
+    let bux = Bux::new();
+    let cmd = format!(
+        "stty cols 80 rows 24; {} --store {} pull {r}",
+        env!("CARGO_BIN_EXE_bux-fuse"),
+        bux.store.path().display()
+    );
+    let out = std::process::Command::new("script")
+        .args(["-qec", &cmd, "/dev/null"])
+        .env("DOCKER_CONFIG", bux.store.path().join("no-docker-config"))
+        .env("TERM", "xterm")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // What the terminal shows, roughly: escape sequences (cursor moves, clears), \r and \n
+    // all start a new piece; no piece may be wider than the terminal.
+    let raw = String::from_utf8_lossy(&out.stdout);
+    let mut text = String::new();
+    let mut chars = raw.chars().peekable();
+    while let Some(c) = chars.next() {
+        if c == '\u{1b}' {
+            if chars.peek() == Some(&'[') {
+                chars.next();
+                for c in chars.by_ref() {
+                    if c.is_ascii_alphabetic() {
+                        break;
+                    }
+                }
+            }
+            text.push('\n');
+            continue;
+        }
+        text.push(if c == '\r' { '\n' } else { c });
+    }
+    assert!(text.contains("indexed"), "no bar drawn: {text}");
+    // indicatif pads a printed line to the terminal's width and lets the terminal wrap, so a
+    // bar may follow on the same piece: cut before each bar's 12-hex-digit layer prefix.
+    // The result (reference and digest, on stdout) is data, not progress.
+    for piece in text.lines().filter(|l| !l.contains(" sha256:")) {
+        let b = piece.as_bytes();
+        let mut starts = vec![0];
+        for i in 1..b.len().saturating_sub(12) {
+            let word = &b[i..i + 12];
+            if b[i - 1] == b' '
+                && b[i + 12] == b' '
+                && word
+                    .iter()
+                    .all(|c| c.is_ascii_digit() || (b'a'..=b'f').contains(c))
+            {
+                starts.push(i);
+            }
+        }
+        starts.push(b.len());
+        for w in starts.windows(2) {
+            let seg = piece[w[0]..w[1]].trim_end();
+            assert!(
+                seg.chars().count() <= 80,
+                "a {}-column line: {seg}",
+                seg.chars().count()
+            );
+        }
+    }
 }
