@@ -149,13 +149,13 @@ impl Read for PosReader<'_> {
 /// a span's last byte inflate goes on to parse the next block's header, which lies past the
 /// bytes fetched for this span; stopping the input there keeps it from reading (and choking
 /// on) what is not there yet.
-struct BlobReader<'a> {
-    blob: &'a dyn Blob,
+struct BlobReader {
+    blob: Arc<dyn Blob>,
     pos: u64,
     end: u64,
 }
 
-impl Read for BlobReader<'_> {
+impl Read for BlobReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         let room = self.end.saturating_sub(self.pos).min(buf.len() as u64) as usize;
         let n = self.blob.read_at(&mut buf[..room], self.pos)?;
@@ -167,11 +167,23 @@ impl Read for BlobReader<'_> {
 /// Random access to one layer's uncompressed stream.
 pub struct LayerReader {
     id: u32,
-    blob: Box<dyn Blob>,
+    blob: Arc<dyn Blob>,
     access: Access,
     size: u64,
     trace: Option<std::sync::Arc<crate::trace::Recorder>>,
+    /// Inflaters left where the last read of an oversized span ended, so that reading one on
+    /// (sequentially) goes on from there instead of inflating the span again from its start.
+    streams: Mutex<Vec<Stream>>,
 }
+
+/// An inflater inside an oversized span (see [`MAX_CACHED_SPAN`]).
+struct Stream {
+    span: usize,
+    gz: GzipReader<BlobReader>,
+}
+
+/// Oversized spans read on at once (one per sequential reader, oldest dropped first).
+const STREAMS: usize = 4;
 
 impl LayerReader {
     /// Opens the stored blob (or the seekable zstd copy) at `path`. `id` keys this layer in the
@@ -189,10 +201,11 @@ impl LayerReader {
     pub fn new(id: u32, blob: Box<dyn Blob>, access: Access, size: u64) -> LayerReader {
         LayerReader {
             id,
-            blob,
+            blob: Arc::from(blob),
             access,
             size,
             trace: None,
+            streams: Mutex::new(Vec::new()),
         }
     }
 
@@ -360,7 +373,7 @@ impl LayerReader {
                 let cend = frames.get(i + 1).map(|f| f.1).unwrap_or(self.blob.len());
                 let mut compressed = vec![0u8; (cend - cstart) as usize];
                 BlobReader {
-                    blob: &*self.blob,
+                    blob: self.blob.clone(),
                     pos: cstart,
                     end: cend,
                 }
@@ -382,7 +395,7 @@ impl LayerReader {
                 let f = frames[i];
                 let mut compressed = vec![0u8; (f.cend - f.coff) as usize];
                 BlobReader {
-                    blob: &*self.blob,
+                    blob: self.blob.clone(),
                     pos: f.coff,
                     end: f.cend,
                 }
@@ -414,7 +427,7 @@ impl LayerReader {
     }
 
     /// Inflates span `i` from its checkpoint, reading no further than the span's bytes.
-    fn resume_gzip(&self, i: usize) -> io::Result<GzipReader<BlobReader<'_>>> {
+    fn resume_gzip(&self, i: usize) -> io::Result<GzipReader<BlobReader>> {
         let Access::Gzip(cps) = &self.access else {
             return Err(io::Error::other("not a gzip layer"));
         };
@@ -432,7 +445,7 @@ impl LayerReader {
         let range = self.compressed_range(start..end);
         GzipReader::resume(
             BlobReader {
-                blob: &*self.blob,
+                blob: self.blob.clone(),
                 pos: range.start,
                 end: range.end,
             },
@@ -440,21 +453,44 @@ impl LayerReader {
         )
     }
 
-    /// Uncached path for oversized spans: inflate from the checkpoint, discard up to `pos`.
+    /// Uncached path for oversized spans: go on from an inflater left at or before `pos` in
+    /// span `i` (a sequential reader's previous read), else inflate from the checkpoint;
+    /// discard up to `pos`, and leave the inflater after `out` for the next read.
     fn stream_from(&self, i: usize, cache: &SpanCache, pos: u64, out: &mut [u8]) -> io::Result<()> {
-        let Access::Gzip(cps) = &self.access else {
+        if !matches!(self.access, Access::Gzip(_)) {
             return Err(io::Error::other("oversized span in a non-gzip layer"));
-        };
+        }
         let (start, end) = self.span_bounds(i);
         self.need(self.compressed_range(start..end))?;
-        let mut gz = self.resume_gzip(i)?;
-        let skip = pos - cps[i].uoff;
+        let kept = {
+            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            // The closest one behind `pos` (another reader's, further back, stays theirs).
+            streams
+                .iter()
+                .enumerate()
+                .filter(|(_, s)| s.span == i && s.gz.uncompressed_offset() <= pos)
+                .max_by_key(|(_, s)| s.gz.uncompressed_offset())
+                .map(|(k, _)| k)
+                .map(|k| streams.remove(k))
+        };
+        let mut gz = match kept {
+            Some(s) => s.gz,
+            None => self.resume_gzip(i)?,
+        };
+        let skip = pos - gz.uncompressed_offset();
         io::copy(&mut (&mut gz).take(skip), &mut io::sink())?;
         gz.read_exact(out)?;
         cache
             .stats
             .decompressed
             .fetch_add(skip + out.len() as u64, Ordering::Relaxed);
+        if gz.uncompressed_offset() < end {
+            let mut streams = self.streams.lock().unwrap_or_else(|p| p.into_inner());
+            if streams.len() >= STREAMS {
+                streams.remove(0);
+            }
+            streams.push(Stream { span: i, gz });
+        }
         Ok(())
     }
 }
@@ -494,6 +530,105 @@ mod tests {
             out.extend(e.finish().unwrap());
         }
         out
+    }
+
+    /// A gzip stream that is one fixed-Huffman deflate block of `groups` runs: a literal
+    /// (varying), then `run` matches of 258 bytes at distance 1. Returns (gzip, content).
+    fn one_huge_block(groups: usize, run: usize) -> (Vec<u8>, Vec<u8>) {
+        struct Bits {
+            out: Vec<u8>,
+            acc: u64,
+            n: u32,
+        }
+        impl Bits {
+            // LSB-first bit packing; Huffman codes go in most significant bit first.
+            fn put(&mut self, v: u64, n: u32) {
+                self.acc |= v << self.n;
+                self.n += n;
+                while self.n >= 8 {
+                    self.out.push(self.acc as u8);
+                    self.acc >>= 8;
+                    self.n -= 8;
+                }
+            }
+            fn code(&mut self, code: u64, n: u32) {
+                let rev = (0..n).fold(0, |r, i| r | ((code >> i) & 1) << (n - 1 - i));
+                self.put(rev, n);
+            }
+        }
+        let mut b = Bits {
+            out: Vec::new(),
+            acc: 0,
+            n: 0,
+        };
+        let mut content = Vec::new();
+        b.put(1, 1); // BFINAL
+        b.put(1, 2); // fixed Huffman
+        for g in 0..groups {
+            let lit = (g % 143) as u64 + 1; // fixed 8-bit literal codes cover 0..=143
+            b.code(0x30 + lit, 8);
+            content.push(lit as u8);
+            for _ in 0..run {
+                b.code(0b1100_0101, 8); // length 258 (code 285)
+                b.code(0, 5); // distance 1
+                content.extend(std::iter::repeat_n(lit as u8, 258));
+            }
+        }
+        b.code(0, 7); // end of block
+        b.put(0, 7);
+        let mut crc = flate2::Crc::new();
+        crc.update(&content);
+        let mut gz = vec![0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 0xff];
+        gz.extend(&b.out);
+        gz.extend(crc.sum().to_le_bytes());
+        gz.extend((content.len() as u32).to_le_bytes());
+        (gz, content)
+    }
+
+    /// A span too big to cache (one deflate block of 20 MiB) read sequentially costs one
+    /// inflation of it, not one per read from its start; a reader elsewhere in it too.
+    #[test]
+    fn sequential_reads_of_an_oversized_span_inflate_it_once() {
+        let (gz, data) = one_huge_block(800, 100);
+        assert!(data.len() as u64 > MAX_CACHED_SPAN, "{}", data.len());
+        let mut r = GzipReader::new(&gz[..], Some(1 << 20)).unwrap();
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).unwrap();
+        assert_eq!(all, data);
+        let cps = r.take_checkpoints();
+        let first_span = cps.get(1).map_or(data.len() as u64, |c| c.uoff);
+        assert!(
+            first_span > MAX_CACHED_SPAN,
+            "one block, one span: {first_span}"
+        );
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cache = SpanCache::new(1 << 20);
+        let chunk = 128 << 10;
+        let mut other = 5_000_000;
+        for off in (0..data.len()).step_by(chunk) {
+            let mut buf = vec![0u8; chunk.min(data.len() - off)];
+            assert_eq!(
+                reader.read_at(&cache, off as u64, &mut buf).unwrap(),
+                buf.len()
+            );
+            assert!(buf == data[off..off + buf.len()], "at {off}");
+            // A second sequential reader, interleaved.
+            if off % (8 * chunk) == 0 && other + 1000 < data.len() {
+                let mut buf = vec![0u8; 1000];
+                reader.read_at(&cache, other as u64, &mut buf).unwrap();
+                assert!(buf == data[other..other + 1000], "other at {other}");
+                other += 1000;
+            }
+        }
+        let inflated = cache.stats.decompressed.load(Ordering::Relaxed);
+        assert!(
+            inflated < 2 * data.len() as u64,
+            "{inflated} bytes inflated to read {} sequentially",
+            data.len()
+        );
     }
 
     #[test]
