@@ -1,0 +1,11 @@
+#!/usr/bin/env bash
+# Soak: 64 parallel readers over a read-only mount of the large Debian image for 10 minutes;
+# no error, no mismatch, daemon RSS bounded. Writes bench/RESULTS-soak.md.
+#   bash bench/soak.sh [--minutes M] [--readers N]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+cargo build --release --locked --bin bux-fuse
+layout=target/debian/layout-large
+[ -f "$layout/index.json" ] || bash scripts/debian-image.sh "$layout" bookworm large
+exec python3 bench/soak.py --image "oci:$PWD/$layout:bookworm" "$@"
