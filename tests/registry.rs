@@ -315,3 +315,62 @@ fn mislabelled_layers_are_read_by_their_magic() {
         test_bytes(300_000, 4)
     );
 }
+
+/// A Docker identity token (what `docker login` stores as `identitytoken` for OAuth2
+/// registries) is a refresh token: exchanged at the registry's token endpoint for an access
+/// token, never sent to the registry itself. A refused one is one clear line.
+#[test]
+fn identity_tokens_are_exchanged_at_the_token_endpoint() {
+    let tr = Registry::start_with_token_server("alice", "s3cret", "refresh-0123");
+    let r = push_small(&tr.reg, "t/identity", Some(("alice", "s3cret")));
+    let bux = Bux::new();
+    let docker = tempfile::tempdir().unwrap();
+    let config = |token: &str| {
+        let json = serde_json::json!({ "auths": { tr.reg.host(): { "identitytoken": token } } });
+        std::fs::write(docker.path().join("config.json"), json.to_string()).unwrap();
+    };
+    config("refresh-0123");
+    let out = bux
+        .cmd()
+        .env("DOCKER_CONFIG", docker.path())
+        .args(["pull", "-q", &r])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let log = std::fs::read_to_string(&tr.log).unwrap();
+    assert!(
+        log.lines().any(|l| l.contains(
+            r#""how": "refresh_token", "ok": true, "scope": "repository:t/identity:pull""#
+        )),
+        "{log}"
+    );
+    // A mount reads through the same exchanged token.
+    let m = {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("root");
+        let out = bux
+            .cmd()
+            .env("DOCKER_CONFIG", docker.path())
+            .args(["mount", "--pull", "always", &r, mnt.to_str().unwrap()])
+            .output()
+            .unwrap();
+        assert_success(&out);
+        MountGuard::adopt(mnt, dir)
+    };
+    assert!(m.path.join("etc").exists());
+    drop(m);
+    // A refused identity token: one line saying what to do.
+    config("expired");
+    let out = bux
+        .cmd()
+        .env("DOCKER_CONFIG", docker.path())
+        .args(["pull", "--pull", "always", &r])
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains("refused the identity token") && err.trim().lines().count() == 1,
+        "{err}"
+    );
+}

@@ -5,6 +5,7 @@
 //! Registries on `localhost`, `127.0.0.0/8` and `::1` are spoken to over plain HTTP, as Docker
 //! does; [`RegistryOptions::insecure`] adds others.
 
+mod identity;
 pub mod manifest;
 mod redirect;
 
@@ -58,6 +59,11 @@ pub struct Registry {
     needs_auth: tokio::sync::OnceCell<bool>,
     /// Clients for the mirrors, tried in order.
     mirrors: Vec<Registry>,
+    /// A Docker identity token (an OAuth2 refresh token) from config.json, exchanged for the
+    /// access tokens below on first use instead of being sent itself.
+    identity: Option<String>,
+    /// Access tokens got for `identity`: to pull, and to push.
+    exchanged: [tokio::sync::OnceCell<RegistryAuth>; 2],
     /// Redirect targets of blobs, learned once each (see [`redirect`]).
     redirects: std::sync::Arc<redirect::Redirects>,
 }
@@ -96,8 +102,9 @@ pub fn is_loopback(registry: &str) -> bool {
             .is_ok_and(|ip| ip.is_loopback())
 }
 
-fn credentials_for(registry: &str, creds: &Credentials) -> RegistryAuth {
-    match creds {
+/// The auth to send, or a Docker identity token to exchange for it.
+fn credentials_for(registry: &str, creds: &Credentials) -> (RegistryAuth, Option<String>) {
+    let auth = match creds {
         Credentials::Anonymous => RegistryAuth::Anonymous,
         Credentials::Basic { username, password } => {
             RegistryAuth::Basic(username.clone(), password.clone())
@@ -113,12 +120,13 @@ fn credentials_for(registry: &str, creds: &Credentials) -> RegistryAuth {
                     RegistryAuth::Basic(u, p)
                 }
                 Ok(docker_credential::DockerCredential::IdentityToken(t)) => {
-                    RegistryAuth::Bearer(t)
+                    return (RegistryAuth::Anonymous, Some(t));
                 }
                 Err(_) => RegistryAuth::Anonymous,
             }
         }
-    }
+    };
+    (auth, None)
 }
 
 impl Registry {
@@ -141,7 +149,7 @@ impl Registry {
             .filter(|m| **m != registry)
             .map(|m| Registry::new(&rehost(reference, m), &mirror_opts))
             .collect();
-        let auth = credentials_for(&registry, &opts.credentials);
+        let (auth, identity) = credentials_for(&registry, &opts.credentials);
         let scheme = if plain.contains(&registry) {
             "http"
         } else {
@@ -163,7 +171,36 @@ impl Registry {
             plain,
             needs_auth: tokio::sync::OnceCell::new(),
             mirrors,
+            identity,
+            exchanged: Default::default(),
         }
+    }
+
+    /// The auth for pulls (`push`: for pushes): the configured one, or an access token got for
+    /// the identity token.
+    async fn auth(&self, push: bool) -> Result<RegistryAuth> {
+        let Some(identity) = &self.identity else {
+            return Ok(self.auth.clone());
+        };
+        let scheme = if self.plain.iter().any(|p| p == self.reference.registry()) {
+            "http"
+        } else {
+            "https"
+        };
+        let token = self.exchanged[push as usize]
+            .get_or_try_init(|| async {
+                identity::exchange(
+                    &format!("{scheme}://{}", self.reference.resolve_registry()),
+                    self.reference.registry(),
+                    self.reference.repository(),
+                    push,
+                    identity,
+                )
+                .await
+                .map(RegistryAuth::Bearer)
+            })
+            .await?;
+        Ok(token.clone())
     }
 
     fn err(&self, e: OciDistributionError) -> Error {
@@ -188,9 +225,10 @@ impl Registry {
     }
 
     async fn manifest_here(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
+        let auth = self.auth(false).await?;
         let (bytes, _) = self
             .client
-            .pull_manifest_raw(reference, &self.auth, manifest::ACCEPT)
+            .pull_manifest_raw(reference, &auth, manifest::ACCEPT)
             .await
             .map_err(|e| self.err(e))?;
         if bytes.len() as u64 > manifest::MAX_MANIFEST {
@@ -233,7 +271,7 @@ impl Registry {
 
     async fn blob_stream_here(&self, digest: &Digest) -> Result<BlobStream> {
         // Blob calls take no auth argument: make sure the registry's auth is stored first.
-        self.blob_auth().await;
+        self.blob_auth().await?;
         let d = digest.to_string();
         let sized = self
             .client
@@ -274,11 +312,12 @@ impl Registry {
     }
 
     /// Makes the client send blob requests with auth only if the registry wants any.
-    async fn blob_auth(&self) {
+    async fn blob_auth(&self) -> Result<()> {
+        let auth = self.auth(false).await?;
         let needs_auth = *self
             .needs_auth
             .get_or_init(|| async {
-                if !matches!(self.auth, RegistryAuth::Anonymous) {
+                if !matches!(auth, RegistryAuth::Anonymous) {
                     return true;
                 }
                 let probe = Client::new(client_config(self.plain.clone()));
@@ -296,9 +335,10 @@ impl Registry {
             .await;
         if needs_auth {
             self.client
-                .store_auth_if_needed(self.reference.resolve_registry(), &self.auth)
+                .store_auth_if_needed(self.reference.resolve_registry(), &auth)
                 .await;
         }
+        Ok(())
     }
 
     /// Requests `len` bytes of a blob from `offset` (the caller verifies them).
@@ -318,12 +358,12 @@ impl Registry {
     }
 
     async fn blob_range_here(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
-        if !matches!(self.auth, RegistryAuth::Bearer(_)) {
+        if !matches!(self.auth, RegistryAuth::Bearer(_)) && self.identity.is_none() {
             if let Some(body) = self.redirects.range(digest, offset, len).await {
                 return Ok(body);
             }
         }
-        self.blob_auth().await;
+        self.blob_auth().await?;
         let d = digest.to_string();
         let body = self
             .client
@@ -340,6 +380,7 @@ impl Registry {
     /// else the `sha256-<hex>` tag schema); empty when there are none.
     pub async fn referrers(&self, subject: &Digest, artifact_type: &str) -> Result<Vec<Digest>> {
         let r = self.reference.clone_with_digest(subject.to_string());
+        self.blob_auth().await?;
         let index = self
             .client
             .pull_referrers(&r, Some(artifact_type))
@@ -358,7 +399,7 @@ impl Registry {
         self.client
             .auth(
                 &self.reference,
-                &self.auth,
+                &self.auth(true).await?,
                 oci_client::RegistryOperation::Push,
             )
             .await
@@ -387,7 +428,11 @@ impl Registry {
         media_type: &str,
     ) -> Result<()> {
         self.client
-            .auth(reference, &self.auth, oci_client::RegistryOperation::Push)
+            .auth(
+                reference,
+                &self.auth(true).await?,
+                oci_client::RegistryOperation::Push,
+            )
             .await
             .map_err(|e| self.err(e))?;
         let ct = http::HeaderValue::from_str(media_type).map_err(|e| Error::InvalidManifest {

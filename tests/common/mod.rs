@@ -62,6 +62,10 @@ impl Registry {
     }
 
     fn start_with(auth: Option<(&str, &str)>) -> Registry {
+        Registry::start_with_config(auth, "")
+    }
+
+    fn start_with_config(auth: Option<(&str, &str)>, extra: &str) -> Registry {
         need("docker-registry");
         let dir = tempfile::tempdir().unwrap();
         let port = std::net::TcpListener::bind("127.0.0.1:0")
@@ -86,6 +90,7 @@ impl Registry {
                 htpasswd.display()
             ));
         }
+        config.push_str(extra);
         let cfg = dir.path().join("config.yml");
         std::fs::write(&cfg, config).unwrap();
         let child = Command::new("docker-registry")
@@ -102,6 +107,57 @@ impl Registry {
 
     pub fn host(&self) -> String {
         format!("127.0.0.1:{}", self.port)
+    }
+
+    /// A registry with token auth, as Docker Hub and cloud registries have: bearer JWTs from
+    /// `tests/token_server.py`, which issues them to `user:password` (basic auth) and for the
+    /// refresh token `identity` (Docker identity tokens).
+    pub fn start_with_token_server(user: &str, password: &str, identity: &str) -> TokenRegistry {
+        need("openssl");
+        let keys = tempfile::tempdir().unwrap();
+        let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1",
+            ])
+            .args(["-subj", "/CN=bux-fuse-test-tokens", "-keyout"])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .unwrap();
+        assert_success(&out);
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let log = keys.path().join("requests.log");
+        let server = Command::new("python3")
+            .arg(concat!(
+                env!("CARGO_MANIFEST_DIR"),
+                "/tests/token_server.py"
+            ))
+            .arg(port.to_string())
+            .args([&key, &cert])
+            .args(["bux-test", user, password, identity])
+            .arg(&log)
+            .stdout(Stdio::null())
+            .spawn()
+            .unwrap();
+        wait_for_port(port);
+        let auth = format!(
+            "auth:\n  token:\n    realm: http://127.0.0.1:{port}/token\n    service: bux-test\n    \
+             issuer: bux-test-issuer\n    rootcertbundle: {}\n",
+            cert.display()
+        );
+        let reg = Registry::start_with_config(None, &auth);
+        TokenRegistry {
+            reg,
+            server,
+            log,
+            _keys: keys,
+        }
     }
 
     /// Stops the registry (its data stays, see [`Registry::restart`]).
@@ -154,6 +210,31 @@ impl Registry {
             "skopeo push failed: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+}
+
+/// A registry with token auth and its token server (see
+/// [`Registry::start_with_token_server`]).
+pub struct TokenRegistry {
+    pub reg: Registry,
+    server: Child,
+    /// One JSON line per request the token server answered.
+    pub log: PathBuf,
+    _keys: tempfile::TempDir,
+}
+
+impl Drop for TokenRegistry {
+    fn drop(&mut self) {
+        let _ = self.server.kill();
+        let _ = self.server.wait();
+    }
+}
+
+fn wait_for_port(port: u16) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(Instant::now() < deadline, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
