@@ -103,7 +103,7 @@ pub enum Error {
         detail: String,
     },
     /// A file of the store is damaged or from an incompatible version.
-    #[error("store file {path}: {detail}")]
+    #[error("store file {path}: {detail} (`bux-fuse check --repair` removes what is damaged)")]
     CorruptStore {
         /// The file.
         path: PathBuf,
