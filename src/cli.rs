@@ -815,6 +815,10 @@ fn serve(
     }
     crate::mount::tune_allocator_for_serving();
     let m = mount(store, reference, dir, opts)?;
+    // Mounted: what is left is serving, which needs far less than the process may do.
+    if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {
+        tracing::warn!("confining the daemon (seccomp): {e}");
+    }
     if notify_ready {
         println!("ready");
         let _ = std::io::stdout().flush();

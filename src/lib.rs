@@ -39,6 +39,7 @@ pub mod mount;
 pub mod publish;
 pub mod pull;
 pub mod registry;
+pub mod sandbox;
 pub mod source;
 pub mod store;
 pub mod trace;

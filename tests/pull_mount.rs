@@ -152,6 +152,13 @@ fn hardlinks_share_inode_and_count() {
     assert!(metas.iter().all(|x| x.ino() == metas[0].ino()));
     assert!(metas.iter().all(|x| x.nlink() == 3));
     assert_eq!(std::fs::read(m.path.join("dir/c")).unwrap(), b"same bytes");
+    // The daemon serving it is confined (seccomp, no_new_privs) once mounted.
+    let pid = daemon_pid(&m.path).expect("daemon");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+        "{status}"
+    );
 }
 
 #[test]
