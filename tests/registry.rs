@@ -374,3 +374,94 @@ fn identity_tokens_are_exchanged_at_the_token_endpoint() {
         "{err}"
     );
 }
+
+/// Access tokens expire; a lazy mount outlives them. A fetch refused with an expired token gets
+/// a new one for the identity token and goes on: the guest never sees the refusal.
+#[test]
+fn a_lazy_mount_renews_an_expired_access_token() {
+    // Tokens for the identity token are refused about 5 s after they are issued.
+    let tr = Registry::start_with_tokens("alice", "s3cret", "refresh-0123", -55);
+    let (a, b) = (test_bytes(6 << 20, 31), test_bytes(6 << 20, 32));
+    let l1 = LayerBuilder::new().file("a.bin", &a).finish();
+    let l2 = LayerBuilder::new().file("b.bin", &b).finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(l1, Comp::Gzip), (l2, Comp::Gzip)]),
+    );
+    tr.reg.push(
+        &work.path().join("l"),
+        "v1",
+        "t/renew",
+        Some(("alice", "s3cret")),
+    );
+    let r = format!("{}/t/renew:v1", tr.reg.host());
+    // The publisher logs in with a password (its tokens live long).
+    let publisher = Bux::new();
+    let login = |bux: &Bux, args: &[&str]| {
+        let out = bux
+            .cmd()
+            .env("BUX_FUSE_PASSWORD", "s3cret")
+            .args(args)
+            .output()
+            .unwrap();
+        assert_success(&out);
+    };
+    login(&publisher, &["pull", "-q", "--username", "alice", &r]);
+    let docker = tempfile::tempdir().unwrap();
+    let basic = serde_json::json!({ "auths": { tr.reg.host(): { "auth": "YWxpY2U6czNjcmV0" } } });
+    std::fs::write(docker.path().join("config.json"), basic.to_string()).unwrap();
+    let out = publisher
+        .cmd()
+        .env("DOCKER_CONFIG", docker.path())
+        .args(["push-index", &r])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    // The consumer has only an identity token.
+    let json =
+        serde_json::json!({ "auths": { tr.reg.host(): { "identitytoken": "refresh-0123" } } });
+    std::fs::write(docker.path().join("config.json"), json.to_string()).unwrap();
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux
+        .cmd()
+        .env("DOCKER_CONFIG", docker.path())
+        .args([
+            "mount",
+            "-q",
+            "--lazy",
+            "--prefetch",
+            "none",
+            &r,
+            mnt.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    assert_eq!(std::fs::read(m.path.join("a.bin")).unwrap(), a);
+    std::thread::sleep(std::time::Duration::from_secs(8));
+    let got = std::fs::read(m.path.join("b.bin")).unwrap_or_else(|e| {
+        let logs = bux.store.path().join("logs");
+        let daemon: String = std::fs::read_dir(logs)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect();
+        panic!(
+            "{e}: {daemon}\n{}",
+            std::fs::read_to_string(&tr.log).unwrap()
+        )
+    });
+    assert!(got == b);
+    let log = std::fs::read_to_string(&tr.log).unwrap();
+    let exchanges = log
+        .lines()
+        .filter(|l| l.contains(r#""how": "refresh_token", "ok": true"#))
+        .count();
+    assert!(exchanges >= 2, "the expired token was not renewed: {log}");
+}

@@ -50,7 +50,9 @@ pub struct RegistryOptions {
 
 /// A registry client for one repository.
 pub struct Registry {
-    client: Client,
+    /// Replaced when an identity token's access token is renewed (oci-client keeps the auth
+    /// it was first given per registry).
+    client: std::sync::RwLock<Client>,
     auth: RegistryAuth,
     reference: Reference,
     /// Registries spoken to over plain HTTP (to make a probe client like `client`).
@@ -62,8 +64,9 @@ pub struct Registry {
     /// A Docker identity token (an OAuth2 refresh token) from config.json, exchanged for the
     /// access tokens below on first use instead of being sent itself.
     identity: Option<String>,
-    /// Access tokens got for `identity`: to pull, and to push.
-    exchanged: [tokio::sync::OnceCell<RegistryAuth>; 2],
+    /// Access tokens got for `identity`: to pull, and to push (renewed when refused: they
+    /// expire, and a lazy mount outlives them).
+    exchanged: [tokio::sync::Mutex<Option<(RegistryAuth, std::time::Instant)>>; 2],
     /// Redirect targets of blobs, learned once each (see [`redirect`]).
     redirects: std::sync::Arc<redirect::Redirects>,
 }
@@ -164,7 +167,7 @@ impl Registry {
             },
         ));
         Registry {
-            client: Client::new(client_config(plain.clone())),
+            client: std::sync::RwLock::new(Client::new(client_config(plain.clone()))),
             redirects,
             auth,
             reference: reference.clone(),
@@ -182,25 +185,64 @@ impl Registry {
         let Some(identity) = &self.identity else {
             return Ok(self.auth.clone());
         };
+        let mut slot = self.exchanged[push as usize].lock().await;
+        if let Some((token, _)) = &*slot {
+            return Ok(token.clone());
+        }
+        let token = self.exchange(identity, push).await?;
+        *slot = Some((token.clone(), std::time::Instant::now()));
+        Ok(token)
+    }
+
+    async fn exchange(&self, identity: &str, push: bool) -> Result<RegistryAuth> {
         let scheme = if self.plain.iter().any(|p| p == self.reference.registry()) {
             "http"
         } else {
             "https"
         };
-        let token = self.exchanged[push as usize]
-            .get_or_try_init(|| async {
-                identity::exchange(
-                    &format!("{scheme}://{}", self.reference.resolve_registry()),
-                    self.reference.registry(),
-                    self.reference.repository(),
-                    push,
-                    identity,
-                )
-                .await
-                .map(RegistryAuth::Bearer)
-            })
-            .await?;
-        Ok(token.clone())
+        identity::exchange(
+            &format!("{scheme}://{}", self.reference.resolve_registry()),
+            self.reference.registry(),
+            self.reference.repository(),
+            push,
+            identity,
+        )
+        .await
+        .map(RegistryAuth::Bearer)
+    }
+
+    /// After a refusal: a new access token for the identity token, if there is one (the old
+    /// one expired). Returns whether there is something new to try.
+    async fn renew(&self) -> Result<bool> {
+        let Some(identity) = &self.identity else {
+            return Ok(false);
+        };
+        let mut slot = self.exchanged[0].lock().await;
+        // Concurrent fetches refused at once: the first renews, the others retry with it.
+        if slot
+            .as_ref()
+            .is_some_and(|(_, at)| at.elapsed() < std::time::Duration::from_secs(2))
+        {
+            return Ok(true);
+        }
+        let token = self.exchange(identity, false).await?;
+        // oci-client falls back to the auth it was first given: a new client takes the new
+        // token.
+        let fresh = Client::new(client_config(self.plain.clone()));
+        fresh
+            .store_auth_if_needed(self.reference.resolve_registry(), &token)
+            .await;
+        *self.client.write().unwrap_or_else(|p| p.into_inner()) = fresh;
+        *slot = Some((token, std::time::Instant::now()));
+        Ok(true)
+    }
+
+    /// The oci-client in use (cheap to clone: its state is shared).
+    fn client(&self) -> Client {
+        self.client
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn err(&self, e: OciDistributionError) -> Error {
@@ -225,9 +267,18 @@ impl Registry {
     }
 
     async fn manifest_here(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
+        match self.manifest_once(reference).await {
+            Err(Error::Unauthorized { .. }) if self.renew().await? => {
+                self.manifest_once(reference).await
+            }
+            r => r,
+        }
+    }
+
+    async fn manifest_once(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
         let auth = self.auth(false).await?;
         let (bytes, _) = self
-            .client
+            .client()
             .pull_manifest_raw(reference, &auth, manifest::ACCEPT)
             .await
             .map_err(|e| self.err(e))?;
@@ -270,11 +321,20 @@ impl Registry {
     }
 
     async fn blob_stream_here(&self, digest: &Digest) -> Result<BlobStream> {
+        match self.blob_stream_once(digest).await {
+            Err(Error::Unauthorized { .. }) if self.renew().await? => {
+                self.blob_stream_once(digest).await
+            }
+            r => r,
+        }
+    }
+
+    async fn blob_stream_once(&self, digest: &Digest) -> Result<BlobStream> {
         // Blob calls take no auth argument: make sure the registry's auth is stored first.
         self.blob_auth().await?;
         let d = digest.to_string();
         let sized = self
-            .client
+            .client()
             .pull_blob_stream(&self.reference, d.as_str())
             .await
             .map_err(|e| self.err(e))?;
@@ -334,7 +394,7 @@ impl Registry {
             })
             .await;
         if needs_auth {
-            self.client
+            self.client()
                 .store_auth_if_needed(self.reference.resolve_registry(), &auth)
                 .await;
         }
@@ -358,6 +418,15 @@ impl Registry {
     }
 
     async fn blob_range_here(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
+        match self.blob_range_once(digest, offset, len).await {
+            Err(Error::Unauthorized { .. }) if self.renew().await? => {
+                self.blob_range_once(digest, offset, len).await
+            }
+            r => r,
+        }
+    }
+
+    async fn blob_range_once(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
         if !matches!(self.auth, RegistryAuth::Bearer(_)) && self.identity.is_none() {
             if let Some(body) = self.redirects.range(digest, offset, len).await {
                 return Ok(body);
@@ -366,7 +435,7 @@ impl Registry {
         self.blob_auth().await?;
         let d = digest.to_string();
         let body = self
-            .client
+            .client()
             .pull_blob_stream_partial(&self.reference, d.as_str(), offset, Some(len))
             .await
             .map_err(|e| self.err(e))?;
@@ -382,7 +451,7 @@ impl Registry {
         let r = self.reference.clone_with_digest(subject.to_string());
         self.blob_auth().await?;
         let index = self
-            .client
+            .client()
             .pull_referrers(&r, Some(artifact_type))
             .await
             .map_err(|e| self.err(e))?;
@@ -396,7 +465,7 @@ impl Registry {
 
     /// Uploads a blob (skipped when the registry has it).
     pub async fn push_blob(&self, digest: &Digest, bytes: Vec<u8>) -> Result<()> {
-        self.client
+        self.client()
             .auth(
                 &self.reference,
                 &self.auth(true).await?,
@@ -406,14 +475,14 @@ impl Registry {
             .map_err(|e| self.err(e))?;
         let d = digest.to_string();
         if self
-            .client
+            .client()
             .blob_exists(&self.reference, &d)
             .await
             .unwrap_or(false)
         {
             return Ok(());
         }
-        self.client
+        self.client()
             .push_blob(&self.reference, bytes, &d)
             .await
             .map_err(|e| self.err(e))?;
@@ -427,7 +496,7 @@ impl Registry {
         bytes: Vec<u8>,
         media_type: &str,
     ) -> Result<()> {
-        self.client
+        self.client()
             .auth(
                 reference,
                 &self.auth(true).await?,
@@ -439,7 +508,7 @@ impl Registry {
             what: "manifest".into(),
             detail: e.to_string(),
         })?;
-        self.client
+        self.client()
             .push_manifest_raw(reference, bytes, ct)
             .await
             .map_err(|e| self.err(e))?;

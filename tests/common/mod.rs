@@ -113,6 +113,17 @@ impl Registry {
     /// `tests/token_server.py`, which issues them to `user:password` (basic auth) and for the
     /// refresh token `identity` (Docker identity tokens).
     pub fn start_with_token_server(user: &str, password: &str, identity: &str) -> TokenRegistry {
+        Registry::start_with_tokens(user, password, identity, 600)
+    }
+
+    /// [`Registry::start_with_token_server`] whose tokens for the identity token live
+    /// `lifetime` seconds (plus the registry's 60 s of leeway).
+    pub fn start_with_tokens(
+        user: &str,
+        password: &str,
+        identity: &str,
+        lifetime: i64,
+    ) -> TokenRegistry {
         need("openssl");
         let keys = tempfile::tempdir().unwrap();
         let (key, cert) = (keys.path().join("key.pem"), keys.path().join("cert.pem"));
@@ -142,6 +153,7 @@ impl Registry {
             .args([&key, &cert])
             .args(["bux-test", user, password, identity])
             .arg(&log)
+            .arg(lifetime.to_string())
             .stdout(Stdio::null())
             .spawn()
             .unwrap();
