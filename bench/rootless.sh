@@ -4,10 +4,7 @@
 #   bash bench/rootless.sh [--runs N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-cargo build --release --locked --bin bux-fuse
-layout=target/debian/layout-large
-[ -f "$layout/index.json" ] || bash scripts/debian-image.sh "$layout" bookworm large
+source bench/large-image.sh
 id buxfuse-bench >/dev/null 2>&1 || useradd --no-create-home --shell /bin/sh buxfuse-bench
 # The user reads the layout and runs the binary from here.
 chmod -R o+rX "$layout" target/release/bux-fuse

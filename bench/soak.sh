@@ -4,8 +4,5 @@
 #   bash bench/soak.sh [--minutes M] [--readers N]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-cargo build --release --locked --bin bux-fuse
-layout=target/debian/layout-large
-[ -f "$layout/index.json" ] || bash scripts/debian-image.sh "$layout" bookworm large
+source bench/large-image.sh
 exec python3 bench/soak.py --image "oci:$PWD/$layout:bookworm" "$@"

@@ -28,11 +28,7 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
         .arg(GUEST)
         .output()
         .unwrap();
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("guest output:\n{stdout}\n{stderr}");
-    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
-    check_guest(&stdout, &big);
+    check_guest(&out, &big);
     // The guest's write landed in the writable layer, visible on the host, image untouched.
     assert_eq!(
         std::fs::read(mnt.join("etc/resolv.conf")).unwrap(),
@@ -129,8 +125,12 @@ fn vm_image(repo: &str) -> (String, Registry, Vec<u8>) {
     (format!("{}/{repo}:v1", reg.host()), reg, big)
 }
 
-/// What [`GUEST`] must print.
-fn check_guest(stdout: &str, big: &[u8]) {
+/// What a run of [`GUEST`] must have printed.
+fn check_guest(out: &std::process::Output, big: &[u8]) {
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest output:\n{stdout}\n{stderr}");
+    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
     assert!(stdout.contains("SKROW ENILEPIP"), "{stdout}");
     assert!(stdout.contains(&sha256_hex(big)), "{stdout}");
     assert!(stdout.lines().any(|l| l.trim() == "3000"), "{stdout}");
@@ -291,11 +291,7 @@ fn a_user_boots_a_guest_on_a_writable_root() {
         cache = cache.display(),
         dir = user.dir.path().display(),
     ));
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    eprintln!("guest output:\n{stdout}\n{stderr}");
-    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
-    check_guest(&stdout, &big);
+    check_guest(&out, &big);
     assert_eq!(
         user.ok("cat root/etc/resolv.conf && $BUX umount root"),
         "nameserver 10.0.2.3\n"

@@ -256,6 +256,16 @@ impl UpperFs {
         })
     }
 
+    /// The image inode node `n` shows, when it has no upper entry (`None` when it has).
+    fn image_inode(&self, st: &State, n: u64) -> Res<Option<&crate::tree::Inode>> {
+        let node = self.node(st, n)?;
+        if node.upper {
+            return Ok(None);
+        }
+        let ino = node.lower.ok_or(Errno::EIO)?;
+        self.lower.tree().inode(ino).map(Some).ok_or(Errno::EIO)
+    }
+
     fn attr(&self, st: &State, n: u64) -> Res<FileAttr> {
         let node = self.node(st, n)?;
         if !node.upper {
@@ -934,13 +944,7 @@ impl Filesystem for UpperFs {
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.state();
         let r = (|| {
-            let node = self.node(&st, ino.0)?;
-            if !node.upper {
-                let i = self
-                    .lower
-                    .tree()
-                    .inode(node.lower.ok_or(Errno::EIO)?)
-                    .ok_or(Errno::EIO)?;
+            if let Some(i) = self.image_inode(&st, ino.0)? {
                 return match &i.data {
                     NodeData::Symlink(t) => Ok(t.clone()),
                     _ => Err(Errno::EINVAL),
@@ -1329,13 +1333,7 @@ impl Filesystem for UpperFs {
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
         let st = self.state();
         let r = (|| {
-            let node = self.node(&st, ino.0)?;
-            if !node.upper {
-                let i = self
-                    .lower
-                    .tree()
-                    .inode(node.lower.ok_or(Errno::EIO)?)
-                    .ok_or(Errno::EIO)?;
+            if let Some(i) = self.image_inode(&st, ino.0)? {
                 return i
                     .xattrs
                     .iter()
@@ -1357,20 +1355,13 @@ impl Filesystem for UpperFs {
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let st = self.state();
         let r = (|| {
-            let node = self.node(&st, ino.0)?;
-            let names: Vec<Vec<u8>> = if node.upper {
-                disk::list_xattrs(&self.path(&st, ino.0)?)
+            let names: Vec<Vec<u8>> = match self.image_inode(&st, ino.0)? {
+                Some(i) => i.xattrs.iter().map(|(k, _)| k.clone()).collect(),
+                None => disk::list_xattrs(&self.path(&st, ino.0)?)
                     .map_err(err)?
                     .into_iter()
                     .filter_map(|n| n.strip_prefix(disk::XATTR_PREFIX).map(<[u8]>::to_vec))
-                    .collect()
-            } else {
-                let i = self
-                    .lower
-                    .tree()
-                    .inode(node.lower.ok_or(Errno::EIO)?)
-                    .ok_or(Errno::EIO)?;
-                i.xattrs.iter().map(|(k, _)| k.clone()).collect()
+                    .collect(),
             };
             Ok(names
                 .iter()
