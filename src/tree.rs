@@ -207,6 +207,11 @@ impl Builder {
             match self.walk_dirs(path) {
                 Walk::Dir(dir) => return Ok(dir),
                 Walk::NotDir(why) => return Err(why),
+                // A directory a symlink's target names, implied by an entry beneath the link:
+                // the same rule as for the entry's own path.
+                Walk::Missing(_, name) if name.starts_with(WHITEOUT_PREFIX) => {
+                    return Err("a whiteout name used as a directory (through a symlink)".into());
+                }
                 Walk::Missing(parent, name) => {
                     // Nodes are found through their parents' child maps: an implied directory
                     // stores no path (a copy per level would cost the square of the depth).
@@ -849,6 +854,16 @@ mod tests {
                 "whiteout as a directory",
                 vec![vec![f(".wh..wh..opq/a")]],
                 "whiteout name used as a directory",
+            ),
+            // Found by the merge fuzzer (30 minutes with overflow checks): the same, implied by
+            // an entry beneath a symlink whose target names it.
+            (
+                "whiteout as a directory through a symlink",
+                vec![vec![
+                    link("a/b/a/b/a/b", EntryKind::Symlink, "a/b/a/b/.wh.b"),
+                    f("a/b/a/b/a/b/c"),
+                ]],
+                "whiteout name used as a directory (through a symlink)",
             ),
         ];
         for (name, layers, want) in cases {
