@@ -100,9 +100,15 @@ impl Store {
             let tree = self.tree_path(&rec.manifest_digest);
             if tree.exists() {
                 r.checked += 1;
-                if let Err(e) = Tree::load(&tree) {
-                    // Rebuilt from the layer indexes by the next mount.
-                    problem(&mut r, &tree, format!("{e}"));
+                // A mount only checks the header (so that it costs the same at any size);
+                // here every byte is checked. A damaged tree is rebuilt from the layer indexes.
+                match Tree::load(&tree) {
+                    Err(e) => problem(&mut r, &tree, format!("{e}")),
+                    Ok(t) => {
+                        if let Err(e) = t.verify() {
+                            problem(&mut r, &tree, e);
+                        }
+                    }
                 }
             }
         }

@@ -108,12 +108,9 @@ impl WaitingReads {
 impl ImageFs {
     /// Serves `tree`, reading file bytes through `layers` (indexed like `tree.layers`).
     pub fn new(tree: Tree, layers: Vec<LayerReader>, cache: Arc<SpanCache>) -> ImageFs {
-        let blocks = tree
-            .inodes
-            .iter()
-            .map(|i| i.size.div_ceil(BLOCK_SIZE as u64))
-            .sum();
-        let files = tree.inodes.len() as u64;
+        // Both from the tree's header: a mount does not walk the inodes.
+        let blocks = tree.blocks_4k();
+        let files = tree.inode_count();
         ImageFs {
             shared: Arc::new(Shared {
                 may_fetch: layers.iter().any(LayerReader::may_fetch),
@@ -173,11 +170,11 @@ impl ImageFs {
 const FETCH_AHEAD: u64 = 4 << 20;
 
 impl Shared {
-    fn inode(&self, ino: INodeNo) -> Result<&Inode, Errno> {
+    fn inode(&self, ino: INodeNo) -> Result<Inode<'_>, Errno> {
         self.tree.inode(ino.0).ok_or(Errno::ENOENT)
     }
 
-    fn attr(&self, ino: u64, i: &Inode) -> FileAttr {
+    fn attr(&self, ino: u64, i: Inode<'_>) -> FileAttr {
         let kind = file_type(i.kind);
         let mtime = to_system_time(i.mtime, i.mtime_nsec);
         let blocks = match i.kind {
@@ -209,7 +206,7 @@ impl Shared {
         }
     }
 
-    fn read_file(&self, i: &Inode, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+    fn read_file(&self, i: Inode<'_>, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         if offset >= i.size {
             return Ok(Vec::new());
         }
@@ -226,7 +223,7 @@ impl Shared {
                 // Holes stay zero; copy the parts of extents that overlap [offset, offset+len).
                 let end = offset + len as u64;
                 let first = extents.partition_point(|e| e.file_off + e.len <= offset);
-                for e in extents[first..].iter().take_while(|e| e.file_off < end) {
+                for e in extents.iter_from(first).take_while(|e| e.file_off < end) {
                     let from = e.file_off.max(offset);
                     let to = (e.file_off + e.len).min(end);
                     let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
@@ -255,7 +252,7 @@ impl Shared {
     /// it (the rest of a small file, a window ahead in a large one).
     fn stream_ranges(
         &self,
-        i: &Inode,
+        i: Inode<'_>,
         offset: u64,
         size: u32,
     ) -> Vec<(u32, std::ops::Range<u64>, std::ops::Range<u64>)> {
@@ -291,7 +288,7 @@ impl Shared {
     }
 
     /// Whether a read can be answered without waiting for a fetch.
-    fn is_local(&self, i: &Inode, offset: u64, size: u32) -> bool {
+    fn is_local(&self, i: Inode<'_>, offset: u64, size: u32) -> bool {
         !self.may_fetch
             || self
                 .stream_ranges(i, offset, size)
@@ -324,7 +321,7 @@ impl Shared {
     fn dir_entries(
         &self,
         ino: u64,
-        i: &Inode,
+        i: Inode<'_>,
         offset: u64,
     ) -> impl Iterator<Item = (u64, u64, &[u8])> + '_ {
         let dots = [(ino, &b"."[..]), (i.parent, &b".."[..])];
@@ -336,9 +333,9 @@ impl Shared {
         dots.into_iter()
             .skip(dots_from)
             .chain(
-                children[children_from..]
-                    .iter()
-                    .map(|d| (d.ino, d.name.as_slice())),
+                children
+                    .iter_from(children_from)
+                    .map(|d| (d.ino, d.name)),
             )
             .enumerate()
             .map(move |(k, (ino, name))| ((from + k) as u64 + 1, ino, name))
@@ -382,7 +379,7 @@ impl ImageFs {
 }
 
 /// `SEEK_DATA` / `SEEK_HOLE` over a file's extents (a non-sparse file is one extent).
-fn seek_data_hole(i: &Inode, off: u64, whence: i32) -> Result<u64, Errno> {
+fn seek_data_hole(i: Inode<'_>, off: u64, whence: i32) -> Result<u64, Errno> {
     if off >= i.size {
         return Err(Errno::ENXIO);
     }
@@ -391,9 +388,9 @@ fn seek_data_hole(i: &Inode, off: u64, whence: i32) -> Result<u64, Errno> {
         len: i.size,
         stream_off: 0,
     }];
-    let extents: &[crate::index::Extent] = match &i.data {
-        NodeData::Sparse { extents, .. } => extents,
-        _ => &whole,
+    let extents: Vec<crate::index::Extent> = match &i.data {
+        NodeData::Sparse { extents, .. } => extents.iter().collect(),
+        _ => whole.to_vec(),
     };
     match whence {
         libc::SEEK_DATA => extents
@@ -498,7 +495,10 @@ impl Filesystem for ImageFs {
                     .inode(parent.0)
                     .is_some_and(|p| p.kind == EntryKind::Dir) =>
             {
-                let mut attr = self.attr(ROOT_INO, &self.tree.inodes[0]);
+                let Some(root) = self.tree.inode(ROOT_INO) else {
+                    return reply.error(Errno::EIO);
+                };
+                let mut attr = self.attr(ROOT_INO, root);
                 attr.ino = INodeNo(0);
                 reply.entry(&TTL, &attr, Generation(0))
             }
@@ -514,7 +514,7 @@ impl Filesystem for ImageFs {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
-        match self.inode(ino).map(|i| &i.data) {
+        match self.inode(ino).map(|i| i.data) {
             Ok(NodeData::Symlink(target)) => reply.data(target),
             Ok(_) => reply.error(Errno::EINVAL),
             Err(e) => reply.error(e),
@@ -668,8 +668,8 @@ impl Filesystem for ImageFs {
         let Some(name) = self.image_xattr_name(name.as_bytes()) else {
             return reply.error(Errno::NO_XATTR);
         };
-        match i.xattrs.iter().find(|(k, _)| k.as_slice() == &*name) {
-            Some((_, v)) => Self::xattr_reply(v, size, reply),
+        match i.xattrs.get(&name) {
+            Some(v) => Self::xattr_reply(v, size, reply),
             None => reply.error(Errno::NO_XATTR),
         }
     }
@@ -680,7 +680,7 @@ impl Filesystem for ImageFs {
             Err(e) => return reply.error(e),
         };
         let mut names = Vec::new();
-        for (k, _) in &i.xattrs {
+        for (k, _) in i.xattrs {
             names.extend_from_slice(&self.listed_xattr_name(k));
             names.push(0);
         }

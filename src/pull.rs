@@ -501,7 +501,7 @@ impl Store {
             .collect::<Result<Vec<_>>>()?;
         let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
         opts.emit(Progress::Merged {
-            inodes: tree.inodes.len(),
+            inodes: tree.inode_count() as usize,
         });
         tree.save(&self.tree_path(&digest))?;
         let record = ImageRecord {

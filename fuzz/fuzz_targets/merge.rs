@@ -60,14 +60,13 @@ fuzz_target!(|layers: Vec<Vec<Op>>| {
         )
     });
     let Ok(tree) = merge(sources) else { return };
-    let n = tree.inodes.len() as u64;
+    let n = tree.inode_count();
     let mut refs = vec![0u32; n as usize + 1];
     let mut dir_seen = vec![false; n as usize + 1];
     dir_seen[ROOT_INO as usize] = true;
-    for (i, inode) in tree.inodes.iter().enumerate() {
-        let ino = i as u64 + 1;
+    for (ino, inode) in tree.inodes() {
         if let NodeData::Dir { .. } = inode.data {
-            let kids = tree.children(ino);
+            let kids: Vec<_> = tree.children(ino).iter().collect();
             assert!(kids.windows(2).all(|w| w[0].name < w[1].name), "unsorted or duplicate names");
             let mut subdirs = 0;
             for d in kids {
@@ -86,7 +85,8 @@ fuzz_target!(|layers: Vec<Vec<Op>>| {
             assert_eq!(inode.nlink, 2 + subdirs);
         }
     }
-    for (i, inode) in tree.inodes.iter().enumerate().skip(1) {
+    for (ino, inode) in tree.inodes().skip(1) {
+        let i = ino as usize - 1;
         assert!(refs[i + 1] > 0, "unreachable inode");
         if inode.kind != EntryKind::Dir {
             assert_eq!(inode.nlink, refs[i + 1]);

@@ -257,7 +257,7 @@ impl UpperFs {
     }
 
     /// The image inode node `n` shows, when it has no upper entry (`None` when it has).
-    fn image_inode(&self, st: &State, n: u64) -> Res<Option<&crate::tree::Inode>> {
+    fn image_inode(&self, st: &State, n: u64) -> Res<Option<crate::tree::Inode<'_>>> {
         let node = self.node(st, n)?;
         if node.upper {
             return Ok(None);
@@ -322,7 +322,7 @@ impl UpperFs {
         let s = stat_from_attr(&a);
         disk::set_xattr(&path, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0)
             .map_err(err)?;
-        for (k, v) in &i.xattrs {
+        for (k, v) in i.xattrs {
             let name = [disk::XATTR_PREFIX, k].concat();
             disk::set_xattr(&path, &name, v, 0).map_err(err)?;
         }
@@ -513,8 +513,8 @@ impl UpperFs {
         }
         if let Some(d) = lower {
             for e in self.lower.tree().children(d) {
-                if !hidden.contains(&e.name) {
-                    names.push(e.name.clone());
+                if !hidden.contains(e.name) {
+                    names.push(e.name.to_vec());
                 }
             }
         }
@@ -946,7 +946,7 @@ impl Filesystem for UpperFs {
         let r = (|| {
             if let Some(i) = self.image_inode(&st, ino.0)? {
                 return match &i.data {
-                    NodeData::Symlink(t) => Ok(t.clone()),
+                    NodeData::Symlink(t) => Ok(t.to_vec()),
                     _ => Err(Errno::EINVAL),
                 };
             }
@@ -1337,8 +1337,8 @@ impl Filesystem for UpperFs {
                 return i
                     .xattrs
                     .iter()
-                    .find(|(k, _)| k.as_slice() == name.as_bytes())
-                    .map(|(_, v)| v.clone())
+                    .find(|(k, _)| *k == name.as_bytes())
+                    .map(|(_, v)| v.to_vec())
                     .ok_or(Errno::NO_XATTR);
             }
             let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
@@ -1356,7 +1356,7 @@ impl Filesystem for UpperFs {
         let st = self.state();
         let r = (|| {
             let names: Vec<Vec<u8>> = match self.image_inode(&st, ino.0)? {
-                Some(i) => i.xattrs.iter().map(|(k, _)| k.clone()).collect(),
+                Some(i) => i.xattrs.iter().map(|(k, _)| k.to_vec()).collect(),
                 None => disk::list_xattrs(&self.path(&st, ino.0)?)
                     .map_err(err)?
                     .into_iter()

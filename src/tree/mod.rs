@@ -19,105 +19,20 @@
 
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
-use std::path::Path;
-
-use serde::{Deserialize, Serialize};
-
-use crate::error::IoContext;
-use crate::index::{EntryKind, Extent, LayerSource, TarEntry};
+use crate::index::{EntryKind, LayerSource, TarEntry};
 use crate::{Digest, Error, Result};
 
-/// Inode number of the root directory.
-pub const ROOT_INO: u64 = 1;
+mod flat;
+pub use flat::{Dirent, Dirents, Extents, Inode, NodeData, Tree, Xattrs, ROOT_INO};
+use flat::{NewData, NewInode, Writer};
+
 const WHITEOUT_PREFIX: &[u8] = b".wh.";
 const OPAQUE_MARKER: &[u8] = b".wh..wh..opq";
 /// Mode of directories that have no tar entry of their own.
 const IMPLIED_DIR_MODE: u32 = 0o755;
-const MAGIC: &[u8; 8] = b"BUXTRE\x00\x03";
 /// Deepest path accepted, in components: Linux's PATH_MAX (4096 bytes) cannot name anything
 /// deeper (`a/` per level), so no real image has one, and a hostile one costs nothing.
 pub const MAX_DEPTH: usize = 2048;
-
-/// Where a node's contents are.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub enum NodeData {
-    /// No contents (devices, fifos, empty files).
-    None,
-    /// Bytes at `offset` of layer `layer`'s uncompressed stream (`size` of them).
-    File {
-        /// Index into [`Tree::layers`].
-        layer: u32,
-        /// Offset in that layer's uncompressed tar stream.
-        offset: u64,
-    },
-    /// A sparse file: these extents of layer `layer`; the rest reads as zeros.
-    Sparse {
-        /// Index into [`Tree::layers`].
-        layer: u32,
-        /// Data extents, ascending by file offset.
-        extents: Vec<Extent>,
-    },
-    /// A symlink's target.
-    Symlink(Vec<u8>),
-    /// A directory's entries: `dirents[first..first + count]`.
-    Dir {
-        /// First entry.
-        first: u32,
-        /// Number of entries.
-        count: u32,
-    },
-}
-
-/// One inode of the merged tree.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Inode {
-    /// File type (never `Hardlink`: hardlinks are dirents sharing an inode).
-    pub kind: EntryKind,
-    /// Permission bits including setuid/setgid/sticky.
-    pub mode: u32,
-    /// Owner.
-    pub uid: u32,
-    /// Group.
-    pub gid: u32,
-    /// Modification time (seconds).
-    pub mtime: i64,
-    /// Modification time (nanoseconds).
-    pub mtime_nsec: u32,
-    /// Size in bytes (files: data; symlinks: target length).
-    pub size: u64,
-    /// Link count.
-    pub nlink: u32,
-    /// Device major number.
-    pub dev_major: u32,
-    /// Device minor number.
-    pub dev_minor: u32,
-    /// Parent directory's inode (directories; the root is its own parent).
-    pub parent: u64,
-    /// Contents.
-    pub data: NodeData,
-    /// Extended attributes, sorted by name.
-    pub xattrs: Vec<(Vec<u8>, Vec<u8>)>,
-}
-
-/// A directory entry.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Dirent {
-    /// File name.
-    pub name: Vec<u8>,
-    /// Inode number.
-    pub ino: u64,
-}
-
-/// A merged, frozen tree.
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct Tree {
-    /// The layers, bottom first; [`NodeData::File::layer`] indexes this.
-    pub layers: Vec<LayerSource>,
-    /// `inodes[ino - 1]`.
-    pub inodes: Vec<Inode>,
-    /// All directories' entries.
-    pub dirents: Vec<Dirent>,
-}
 
 // ---------------------------------------------------------------------------------------------
 // Building
@@ -366,7 +281,7 @@ impl Builder {
         self.nodes.len() - 1
     }
 
-    fn freeze(self, layers: Vec<LayerSource>) -> Tree {
+    fn freeze(self, layers: Vec<LayerSource>) -> Result<Tree> {
         // Breadth-first numbering from the root; a hardlinked node keeps its first number.
         let mut ino_of: Vec<u64> = vec![0; self.nodes.len()];
         let mut order: Vec<usize> = Vec::new();
@@ -389,53 +304,46 @@ impl Builder {
                 }
             }
         }
-        let mut inodes = Vec::with_capacity(order.len());
-        let mut dirents = Vec::new();
+        let mut w = Writer::default();
         for (i, &n) in order.iter().enumerate() {
             let node = &self.nodes[n];
             let m = &node.meta;
             let (data, size, nlink) = match m.kind {
                 EntryKind::Dir => {
-                    let first = dirents.len() as u32;
-                    let mut subdirs = 0;
-                    for (name, &child) in &node.children {
-                        if self.nodes[child].meta.kind == EntryKind::Dir {
-                            subdirs += 1;
-                        }
-                        dirents.push(Dirent {
-                            name: name.clone(),
-                            ino: ino_of[child],
-                        });
-                    }
-                    let count = node.children.len() as u32;
-                    (NodeData::Dir { first, count }, 4096, 2 + subdirs)
+                    let subdirs = node
+                        .children
+                        .values()
+                        .filter(|&&c| self.nodes[c].meta.kind == EntryKind::Dir)
+                        .count() as u32;
+                    let entries = node
+                        .children
+                        .iter()
+                        .map(|(name, &child)| (name.as_slice(), ino_of[child]))
+                        .collect();
+                    (NewData::Dir(entries), 4096, 2 + subdirs)
                 }
-                EntryKind::Symlink => (
-                    NodeData::Symlink(m.link.clone()),
-                    m.link.len() as u64,
-                    links[n],
-                ),
+                EntryKind::Symlink => (NewData::Symlink(&m.link), m.link.len() as u64, links[n]),
                 EntryKind::File if m.sparse.is_some() => (
-                    NodeData::Sparse {
+                    NewData::Sparse {
                         layer: node.layer,
-                        extents: m.sparse.clone().unwrap_or_default(),
+                        extents: m.sparse.as_deref().unwrap_or_default(),
                     },
                     m.size,
                     links[n],
                 ),
                 EntryKind::File if m.size > 0 => (
-                    NodeData::File {
+                    NewData::File {
                         layer: node.layer,
                         offset: m.offset,
                     },
                     m.size,
                     links[n],
                 ),
-                _ => (NodeData::None, 0, links[n]),
+                _ => (NewData::None, 0, links[n]),
             };
             let mut xattrs = m.xattrs.clone();
             xattrs.sort();
-            inodes.push(Inode {
+            w.inode(NewInode {
                 kind: m.kind,
                 mode: m.mode,
                 uid: m.uid,
@@ -448,14 +356,10 @@ impl Builder {
                 dev_minor: m.dev_minor,
                 parent: parent_of[i],
                 data,
-                xattrs,
+                xattrs: &xattrs,
             });
         }
-        Tree {
-            layers,
-            inodes,
-            dirents,
-        }
+        w.finish(layers)
     }
 }
 
@@ -477,45 +381,26 @@ pub fn merge<'a>(layers: impl IntoIterator<Item = (LayerSource, &'a [TarEntry])>
         }
         sources.push(source);
     }
-    Ok(b.freeze(sources))
+    b.freeze(sources)
 }
 
 // ---------------------------------------------------------------------------------------------
 // Reading
 
 impl Tree {
-    /// The inode `ino`, if it exists.
-    pub fn inode(&self, ino: u64) -> Option<&Inode> {
-        self.inodes.get(ino.checked_sub(1)? as usize)
-    }
-
-    /// A directory's entries (empty for non-directories).
-    pub fn children(&self, ino: u64) -> &[Dirent] {
-        match self.inode(ino).map(|i| &i.data) {
-            Some(NodeData::Dir { first, count }) => {
-                &self.dirents[*first as usize..(*first + *count) as usize]
-            }
-            _ => &[],
-        }
-    }
-
     /// The inode named `name` in directory `dir`.
     pub fn lookup(&self, dir: u64, name: &[u8]) -> Option<u64> {
-        let children = self.children(dir);
-        children
-            .binary_search_by(|d| d.name.as_slice().cmp(name))
-            .ok()
-            .map(|i| children[i].ino)
+        self.children(dir).find(name).map(|d| d.ino)
     }
 
     /// Every (directory, name) that names inode `ino` (a scan of all entries: for hardlinks).
     pub fn links_of(&self, ino: u64) -> Vec<(u64, Vec<u8>)> {
-        (1..=self.inodes.len() as u64)
+        (1..=self.inode_count())
             .flat_map(|dir| {
                 self.children(dir)
                     .iter()
                     .filter(move |d| d.ino == ino && dir != ino)
-                    .map(move |d| (dir, d.name.clone()))
+                    .map(move |d| (dir, d.name.to_vec()))
             })
             .collect()
     }
@@ -524,9 +409,12 @@ impl Tree {
     pub fn path_of(&self, mut ino: u64) -> Option<Vec<u8>> {
         let mut names = Vec::new();
         while ino != ROOT_INO {
+            if names.len() > MAX_DEPTH {
+                return None; // a cycle: only a damaged file has one
+            }
             let parent = self.inode(ino)?.parent;
             let d = self.children(parent).iter().find(|d| d.ino == ino)?;
-            names.push(d.name.as_slice());
+            names.push(d.name);
             ino = parent;
         }
         let mut p = Vec::new();
@@ -545,71 +433,20 @@ impl Tree {
         components(path).try_fold(ROOT_INO, |dir, c| self.lookup(dir, c))
     }
 
-    /// Writes the tree to `path` atomically.
-    pub fn save(&self, path: &Path) -> Result<()> {
-        let mut bytes = MAGIC.to_vec();
-        bytes.extend(
-            postcard::to_allocvec(self).map_err(|e| Error::CorruptStore {
-                path: path.into(),
-                detail: format!("encoding tree: {e}"),
-            })?,
-        );
-        crate::store::write_atomic(path, &bytes)
-    }
-
-    /// Reads a tree written by [`Tree::save`], checking that its references are in range.
-    pub fn load(path: &Path) -> Result<Tree> {
-        let bytes = std::fs::read(path).ctx(|| format!("reading {}", path.display()))?;
-        let corrupt = |detail: String| Error::CorruptStore {
-            path: path.into(),
-            detail,
-        };
-        let body = bytes
-            .strip_prefix(&MAGIC[..])
-            .ok_or_else(|| corrupt("not a merged tree of this version".into()))?;
-        let tree: Tree =
-            postcard::from_bytes(body).map_err(|e| corrupt(format!("decoding tree: {e}")))?;
-        tree.validate().map_err(corrupt)?;
-        Ok(tree)
-    }
-
-    fn validate(&self) -> std::result::Result<(), String> {
-        let n = self.inodes.len() as u64;
-        if n == 0 || self.inodes[0].kind != EntryKind::Dir {
-            return Err("no root directory".into());
-        }
-        for inode in &self.inodes {
-            match &inode.data {
-                NodeData::Dir { first, count } => {
-                    if (*first as usize + *count as usize) > self.dirents.len() {
-                        return Err("directory entries out of range".into());
-                    }
-                }
-                NodeData::File { layer, .. } | NodeData::Sparse { layer, .. }
-                    if *layer as usize >= self.layers.len() =>
-                {
-                    return Err("file in a layer out of range".into())
-                }
-                _ => {}
-            }
-        }
-        if self.dirents.iter().any(|d| d.ino == 0 || d.ino > n) {
-            return Err("directory entry to an inode out of range".into());
-        }
-        Ok(())
-    }
-
     /// A canonical text listing (one line per path, depth-first, sorted), for tests and
     /// `inspect --tree`.
     pub fn dump(&self) -> String {
         let mut out = String::new();
-        self.dump_dir(ROOT_INO, "", &mut out);
+        self.dump_dir(ROOT_INO, "", 0, &mut out);
         out
     }
 
-    fn dump_dir(&self, dir: u64, prefix: &str, out: &mut String) {
-        for d in self.children(dir) {
-            let path = format!("{prefix}/{}", String::from_utf8_lossy(&d.name));
+    fn dump_dir(&self, dir: u64, prefix: &str, depth: usize, out: &mut String) {
+        if depth > MAX_DEPTH {
+            return; // a cycle: only a damaged file has one
+        }
+        for d in self.children(dir).iter() {
+            let path = format!("{prefix}/{}", String::from_utf8_lossy(d.name));
             let Some(i) = self.inode(d.ino) else { continue };
             let what = match &i.data {
                 NodeData::Symlink(t) => format!(" -> {}", String::from_utf8_lossy(t)),
@@ -624,7 +461,7 @@ impl Tree {
                 i.kind, i.mode, i.uid, i.gid, i.nlink, d.ino
             ));
             if i.kind == EntryKind::Dir {
-                self.dump_dir(d.ino, &path, out);
+                self.dump_dir(d.ino, &path, depth + 1, out);
             }
         }
     }
@@ -812,7 +649,7 @@ mod tests {
     fn deep_but_legal_paths_merge() {
         let deep = format!("{}file", "d/".repeat(MAX_DEPTH - 1));
         let t = merged(&[vec![f(&deep)]]).unwrap();
-        assert_eq!(t.inodes.len(), MAX_DEPTH + 1);
+        assert_eq!(t.inode_count(), MAX_DEPTH as u64 + 1);
         assert!(t.resolve(deep.as_bytes()).is_some());
     }
 
@@ -886,5 +723,51 @@ mod tests {
         assert_eq!(t3.inode(ROOT_INO).unwrap().nlink, 4);
         std::fs::write(&p, b"garbage").unwrap();
         assert!(Tree::load(&p).is_err());
+    }
+
+    /// Every record kind round-trips through the file, and a damaged file never panics: cut
+    /// short it is refused at open; with any byte changed it opens or is refused, reads only
+    /// what its bounds allow, and fails the full check.
+    #[test]
+    fn flat_file_round_trips_and_damage_is_contained() {
+        let mut x = f("a");
+        x.xattrs = vec![(b"user.k".to_vec(), b"v".to_vec()), (b"security.c".to_vec(), vec![])];
+        let mut sparse = f("s");
+        sparse.size = 1 << 20;
+        sparse.sparse = Some(vec![crate::index::Extent { file_off: 4096, len: 10, stream_off: 512 }]);
+        let layers = vec![vec![d("b"), x, sparse, link("l", EntryKind::Symlink, "../b"), f("b/z")]];
+        let t = merged(&layers).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("tree");
+        t.save(&p).unwrap();
+        let back = Tree::load(&p).unwrap();
+        assert_eq!(t.dump(), back.dump());
+        back.verify().unwrap();
+        let a = back.inode(back.resolve(b"a").unwrap()).unwrap();
+        assert_eq!(a.xattrs.get(b"user.k"), Some(&b"v"[..]));
+        assert_eq!(a.xattrs.iter().count(), 2);
+        let s = back.inode(back.resolve(b"s").unwrap()).unwrap();
+        let NodeData::Sparse { extents, .. } = s.data else { panic!("{s:?}") };
+        assert_eq!(extents.get(0).unwrap().stream_off, 512);
+        let l = back.inode(back.resolve(b"l").unwrap()).unwrap();
+        assert_eq!(l.data, NodeData::Symlink(b"../b"));
+
+        let bytes = std::fs::read(&p).unwrap();
+        std::fs::write(&p, &bytes[..bytes.len() - 1]).unwrap();
+        let e = Tree::load(&p).unwrap_err().to_string();
+        assert!(e.contains("cut short"), "{e}");
+        for at in 0..bytes.len() {
+            for flip in [0x01u8, 0x80, 0xff] {
+                let mut b = bytes.clone();
+                b[at] ^= flip;
+                if let Ok(t) = Tree::from_vec(b) {
+                    let _ = t.dump();
+                    for (ino, i) in t.inodes() {
+                        let _ = (t.children(ino).len(), i.xattrs.iter().count(), t.path_of(ino));
+                    }
+                    assert!(t.verify().is_err(), "byte {at} changed unnoticed");
+                }
+            }
+        }
     }
 }
