@@ -113,6 +113,12 @@ enum Cmd {
         /// With --lazy: return only once every layer is local and verified.
         #[arg(long, requires = "lazy")]
         wait_complete: bool,
+        /// Serve this mount with a daemon of its own. By default root's mounts of an image
+        /// stored whole share one server (one process, one page cache, mounts in
+        /// milliseconds): each mount is a bind mount (read-only) or an overlay (writable) over
+        /// the image's one FUSE mount, and a server that dies is restarted under them.
+        #[arg(long)]
+        own_server: bool,
         /// Internal: tell the parent process when the mount is live.
         #[arg(long, hide = true)]
         notify_ready: bool,
@@ -137,6 +143,18 @@ enum Cmd {
         /// Speak plain HTTP to this registry (host[:port]); loopback registries always are.
         #[arg(long, value_name = "HOST[:PORT]")]
         insecure_registry: Vec<String>,
+    },
+    /// Internal: the image server that root's mounts of an image share (started by `mount`).
+    #[command(hide = true)]
+    ServeShared {
+        /// Manifest digest of the stored image.
+        manifest: String,
+        /// Serve this inherited FUSE connection (the supervisor's worker).
+        #[arg(long)]
+        worker_fd: Option<i32>,
+        /// The connection is live already (a worker restarted after one died).
+        #[arg(long, requires = "worker_fd")]
+        resume: bool,
     },
     /// Unmount DIR (also clears a mount whose serving process died).
     Umount {
@@ -357,6 +375,7 @@ fn run(cli: Cli) -> Result<()> {
             read_timeout,
             wait_complete,
             notify_ready,
+            own_server,
             mut pull,
         } => {
             pull.quiet = quiet;
@@ -390,7 +409,29 @@ fn run(cli: Cli) -> Result<()> {
                 },
                 record_trace,
                 allow_other: allow_other || crate::MountOptions::default().allow_other,
+                shared_server: if own_server || lazy {
+                    None
+                } else {
+                    Some(std::env::current_exe().context("finding own executable")?)
+                },
             };
+            if !foreground && crate::mount::would_share(&store, &image.reference, &mopts)? {
+                // Nothing of this process serves it: mount and leave.
+                let m = crate::mount::mount(&store, &image.reference, &dir, &mopts)?;
+                let path = m.path().to_path_buf();
+                if m.detach().is_err() {
+                    bail!("mounting {}: expected a shared mount", dir.display());
+                }
+                if !quiet {
+                    eprintln!(
+                        "{} mounted at {} (shared image server; `bux-fuse umount {}` to unmount)",
+                        image.reference,
+                        path.display(),
+                        path.display()
+                    );
+                }
+                return Ok(());
+            }
             if foreground || notify_ready {
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
@@ -424,6 +465,29 @@ fn run(cli: Cli) -> Result<()> {
                 pushed.reference, pushed.manifest_digest, pushed.index_digest, pushed.layers
             );
             Ok(())
+        }
+        Cmd::ServeShared {
+            manifest,
+            worker_fd,
+            resume,
+        } => {
+            let store = open_store(&store_arg)?;
+            let manifest: crate::Digest = manifest
+                .parse()
+                .map_err(|e| anyhow::anyhow!("bad manifest digest: {e:?}"))?;
+            match worker_fd {
+                Some(fd) => crate::mount::shared::serve_worker(&store, manifest, fd, resume)
+                    .context("image server worker"),
+                None => {
+                    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+                    unsafe {
+                        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+                        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+                    }
+                    crate::mount::shared::supervise(&store, manifest, &STOP)
+                        .context("image server")
+                }
+            }
         }
         Cmd::Umount { dir } => {
             let dir = std::path::absolute(&dir).unwrap_or(dir);

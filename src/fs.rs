@@ -45,6 +45,9 @@ pub struct ImageFs {
     escape_overlay_xattrs: bool,
     /// Whether the kernel checks modes against the host's credentials (host root's mounts).
     check_permissions: bool,
+    /// What the kernel offered at FUSE_INIT (a restarted server replays it, see
+    /// [`crate::mount::shared`]).
+    offered: Arc<std::sync::atomic::AtomicU64>,
 }
 
 const OVERLAY_XATTR: &[u8] = b"trusted.overlay.";
@@ -123,6 +126,7 @@ impl ImageFs {
             waiting_reads: WaitingReads::new(),
             escape_overlay_xattrs: false,
             check_permissions: true,
+            offered: Default::default(),
         }
     }
 
@@ -132,6 +136,11 @@ impl ImageFs {
     pub fn without_permission_checks(mut self) -> ImageFs {
         self.check_permissions = false;
         self
+    }
+
+    /// Where the capabilities the kernel offers at FUSE_INIT are stored once it has.
+    pub(crate) fn offered_capabilities(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.offered.clone()
     }
 
     /// Serves `trusted.overlay.*` xattrs escaped, for a tree under a kernel overlay.
@@ -464,6 +473,8 @@ impl Filesystem for ImageFs {
             .or_else(|max| config.set_max_readahead(max));
         // Answering ENOSYS to open/opendir is all "no open" takes, where the kernel offers it.
         let caps = config.capabilities();
+        self.offered
+            .store(caps.bits(), std::sync::atomic::Ordering::Relaxed);
         self.no_open = caps.contains(InitFlags::FUSE_NO_OPEN_SUPPORT)
             && caps.contains(InitFlags::FUSE_NO_OPENDIR_SUPPORT);
         Ok(())

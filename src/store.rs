@@ -268,6 +268,17 @@ impl Store {
         self.flock(name, libc::LOCK_EX)
     }
 
+    /// [`Store::lock`] if nobody holds it, else `None` at once.
+    pub fn try_lock(&self, name: &str) -> Result<Option<Lock>> {
+        match self.flock(name, libc::LOCK_EX | libc::LOCK_NB) {
+            Ok(l) => Ok(Some(l)),
+            Err(Error::Io { error, .. }) if error.raw_os_error() == Some(libc::EWOULDBLOCK) => {
+                Ok(None)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
     /// Held (shared) by every pull for its whole length; [`Store::gc`] takes it exclusively, so
     /// gc never deletes what a running pull has just stored but not yet recorded.
     pub fn pull_guard(&self) -> Result<Lock> {

@@ -21,6 +21,7 @@ use crate::pull::normalize_reference;
 use crate::{Error, Result, Store};
 
 mod connect;
+pub mod shared;
 pub use connect::host_root;
 
 /// How to mount.
@@ -51,6 +52,11 @@ pub struct MountOptions {
     /// Record which ranges reads need (saved at unmount for `push-index` to publish). A lazy
     /// mount of an image with no trace records one anyway.
     pub record_trace: bool,
+    /// Serve through the image's shared server, run from this `bux-fuse` executable, where
+    /// possible (host root, every layer stored, no trace recorded): one daemon and one page
+    /// cache for all mounts of an image (see [`shared`]). Else the mount has a server of its
+    /// own in this process.
+    pub shared_server: Option<PathBuf>,
 }
 
 /// Background fetching of lazily mounted layers.
@@ -78,6 +84,7 @@ impl Default for MountOptions {
             read_deadline: std::time::Duration::from_secs(5),
             prefetch: Prefetch::All,
             record_trace: false,
+            shared_server: None,
         }
     }
 }
@@ -115,6 +122,9 @@ pub struct Mount {
     remote: Option<Arc<Remote>>,
     /// The read trace being recorded, and where it goes at unmount.
     trace: Option<(Arc<crate::trace::Recorder>, PathBuf)>,
+    /// `path` is a kernel mount over the FUSE mount (an overlay, or a bind mount of the
+    /// image's shared mount), unmounted first.
+    kernel_mount: bool,
 }
 
 /// The overlay that makes a mount writable.
@@ -158,8 +168,25 @@ impl Mount {
     /// Whether the FUSE session has ended (unmounted from outside).
     pub fn is_finished(&self) -> bool {
         self.thread.as_ref().is_none_or(|t| t.is_finished())
-            || (self.writable.as_ref().is_some_and(|w| w.kernel_overlay)
-                && !is_mount_point(&self.path))
+            || (self.kernel_mount && !is_mount_point(&self.path))
+    }
+
+    /// Leaves the mount in place and forgets it, where the mount needs no serving by this
+    /// process (a mount over the image's shared server): `bux-fuse umount` (or
+    /// [`unmount_all`]) ends it. Returns the mount back otherwise.
+    pub fn detach(mut self) -> std::result::Result<(), Mount> {
+        if self.thread.is_some() || !self.kernel_mount {
+            return Err(self);
+        }
+        self.kernel_mount = false;
+        self.writable = None;
+        Ok(())
+    }
+
+    /// Whether this mount stands on the image's shared server (nothing in this process serves
+    /// it; see [`shared`]).
+    pub fn is_shared(&self) -> bool {
+        self.thread.is_none() && self.kernel_mount
     }
 
     /// Blocks until the session ends (someone unmounted it).
@@ -184,7 +211,7 @@ impl Mount {
                 }
             }
         }
-        if self.writable.as_ref().is_some_and(|w| w.kernel_overlay) && is_mount_point(&self.path) {
+        if self.kernel_mount && is_mount_point(&self.path) {
             unmount(&self.path)?;
         }
         if self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
@@ -195,6 +222,7 @@ impl Mount {
             // The scratch upper (if any) lives in run_dir; a persistent one is elsewhere.
             let _ = std::fs::remove_dir_all(&w.run_dir);
         }
+        self.kernel_mount = false;
         res
     }
 
@@ -219,7 +247,7 @@ impl Mount {
 
 impl Drop for Mount {
     fn drop(&mut self) {
-        if self.thread.is_some() || self.writable.is_some() {
+        if self.thread.is_some() || self.writable.is_some() || self.kernel_mount {
             let _ = self.teardown();
         }
     }
@@ -276,14 +304,24 @@ fn mount_entry(path: &Path) -> Option<(String, String)> {
 /// the read-only image mount under the store's `run/` directory that its overlay stands on and
 /// the scratch upper layer there — also when the daemon that would have done so died.
 pub fn unmount_all(path: &Path) -> Result<()> {
-    let lower = match mount_entry(path) {
+    let overlay_opt = |key: &str| match mount_entry(path) {
         Some((fstype, opts)) if fstype == "overlay" => opts
             .split(',')
-            .find_map(|o| o.strip_prefix("lowerdir="))
+            .find_map(|o| o.strip_prefix(key))
             .map(|l| PathBuf::from(unescape_mountinfo(l.split(':').next().unwrap_or(l)))),
         _ => None,
     };
+    let (lower, upper) = (overlay_opt("lowerdir="), overlay_opt("upperdir="));
     unmount(path)?;
+    // A writable mount over a shared image server: its scratch upper layer goes (the server
+    // itself leaves once nothing stands on it).
+    if let Some(scratch) = upper
+        .as_deref()
+        .and_then(Path::parent)
+        .filter(|s| s.parent().is_some_and(|p| p.ends_with("scratch")))
+    {
+        let _ = std::fs::remove_dir_all(scratch);
+    }
     if let Some(lower) = lower {
         let ours = lower.ends_with("lower")
             && lower
@@ -374,8 +412,11 @@ pub fn tune_allocator_for_serving() {
     }
 }
 
-/// Mounts the stored image `reference` read-only at `dir` (created if missing).
-pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) -> Result<Mount> {
+/// The stored image `reference`, leased against gc (refused if marked bad).
+fn stored_image(
+    store: &Store,
+    reference: &str,
+) -> Result<(crate::store::ImageRecord, crate::store::Lease)> {
     let name = normalize_reference(reference)?;
     let record = store.image(&name)?.ok_or_else(|| Error::NotFound {
         reference: name.clone(),
@@ -391,6 +432,26 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             detail: why.trim().to_string(),
         });
     }
+    Ok((record, lease))
+}
+
+/// A stored image opened for serving: its tree and a reader per layer.
+pub(crate) struct OpenedImage {
+    pub name: String,
+    pub record: crate::store::ImageRecord,
+    pub lease: crate::store::Lease,
+    pub tree: crate::tree::Tree,
+    pub layers: Vec<LayerReader>,
+    /// The registry end of lazily fetched layers, if any.
+    pub remote: Option<Arc<Remote>>,
+    /// Lazily fetched layers and their published indexes.
+    pub lazy: Vec<(Arc<LazyBlob>, Arc<PublishedLayer>)>,
+}
+
+/// Opens the stored image `reference` (leased against gc for the life of the result).
+pub(crate) fn open_image(store: &Store, reference: &str, opts: &MountOptions) -> Result<OpenedImage> {
+    let (record, lease) = stored_image(store, reference)?;
+    let name = record.reference.clone();
     let tree = store.tree(&record)?;
     let mut layers = Vec::with_capacity(tree.layers.len());
     let mut remote: Option<Arc<Remote>> = None;
@@ -441,6 +502,138 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         };
         layers.push(reader);
     }
+    Ok(OpenedImage {
+        name,
+        record,
+        lease,
+        tree,
+        layers,
+        remote,
+        lazy,
+    })
+}
+
+/// Creates the mount point if missing and resolves it; refuses one that is mounted already.
+fn prepare_mount_point(dir: &Path) -> Result<PathBuf> {
+    let mount_err = |detail: String| Error::Mount {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    let dead = |e: &io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
+    if let Err(e) = std::fs::create_dir_all(dir) {
+        let stat = std::fs::metadata(dir);
+        return Err(mount_err(if dead(&e) || stat.as_ref().is_err_and(dead) {
+            "a mount whose daemon died is still here: run `bux-fuse umount` on it first".into()
+        } else if dir.exists() && !dir.is_dir() {
+            "exists and is not a directory".into()
+        } else {
+            format!("creating mount point: {e}")
+        }));
+    }
+    let canonical = dir.canonicalize().map_err(|e| {
+        mount_err(if dead(&e) {
+            "a mount whose daemon died is still here: run `bux-fuse umount` on it first".into()
+        } else {
+            format!("resolving mount point: {e}")
+        })
+    })?;
+    if is_mount_point(&canonical) {
+        return Err(mount_err(
+            "already a mount point (run `bux-fuse umount` on it first)".into(),
+        ));
+    }
+    Ok(canonical)
+}
+
+/// Mounts `dir` over the image's shared server (see [`shared`]).
+fn mount_shared(
+    store: &Store,
+    record: &crate::store::ImageRecord,
+    lease: crate::store::Lease,
+    dir: &Path,
+    opts: &MountOptions,
+    exe: &Path,
+) -> Result<Mount> {
+    let mount_err = |detail: String| Error::Mount {
+        path: dir.to_path_buf(),
+        detail,
+    };
+    let dir = prepare_mount_point(dir)?;
+    // The tree's header says whether a read-only mount needs an overlay (mapped, not read).
+    let overlay_xattrs = match crate::tree::Tree::load(&store.tree_path(&record.manifest_digest)) {
+        Ok(t) => t.has_overlay_xattrs(),
+        Err(_) => store.tree(record)?.has_overlay_xattrs(), // rebuilt
+    };
+    let upper_lock = match &opts.upper {
+        Some(u) => Some(lock_upper(u).map_err(mount_err)?),
+        None => None,
+    };
+    let (lower, _image_lock) = shared::lower(store, record, exe)?;
+    let writable = if opts.writable {
+        // No process of this mount outlives it: the scratch upper is found (and removed) by
+        // `bux-fuse umount` through the overlay's options.
+        static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let scratch = store.root().join("scratch").join(format!(
+            "{}-{}-{}",
+            crate::Digest::of(dir.as_os_str().as_encoded_bytes()).short(),
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let base = opts.upper.clone().unwrap_or_else(|| scratch.clone());
+        if let Err(e) = mount_overlay(&lower, &base, &dir) {
+            let _ = std::fs::remove_dir_all(&scratch);
+            return Err(mount_err(e));
+        }
+        Some(WritableLayer {
+            run_dir: scratch,
+            _upper_lock: upper_lock,
+            kernel_overlay: true,
+        })
+    } else {
+        shared::mount_read_only(&lower, &dir, overlay_xattrs).map_err(mount_err)?;
+        None
+    };
+    Ok(Mount {
+        path: dir,
+        fuse_path: lower,
+        writable,
+        cache: Arc::new(SpanCache::new(0)),
+        thread: None,
+        _lease: lease,
+        remote: None,
+        trace: None,
+        kernel_mount: true,
+    })
+}
+
+/// Whether [`mount`] with `opts` would stand on the image's shared server.
+pub fn would_share(store: &Store, reference: &str, opts: &MountOptions) -> Result<bool> {
+    if opts.shared_server.is_none() || !connect::host_root() || opts.record_trace {
+        return Ok(false);
+    }
+    let name = normalize_reference(reference)?;
+    Ok(store
+        .image(&name)?
+        .is_some_and(|r| shared::all_local(store, &r)))
+}
+
+/// Mounts the stored image `reference` read-only at `dir` (created if missing).
+pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) -> Result<Mount> {
+    if let Some(exe) = opts.shared_server.as_deref() {
+        if would_share(store, reference, opts)? {
+            let (record, lease) = stored_image(store, reference)?;
+            return mount_shared(store, &record, lease, dir, opts, exe);
+        }
+    }
+    let OpenedImage {
+        name,
+        record,
+        lease,
+        tree,
+        mut layers,
+        remote,
+        lazy,
+    } = open_image(store, reference, opts)?;
     let trace_path = store.trace_path(&record.manifest_digest);
     let known_trace = crate::trace::load(&trace_path);
     let trace = (opts.record_trace || (!lazy.is_empty() && known_trace.is_none())).then(|| {
@@ -459,29 +652,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         path: dir.to_path_buf(),
         detail,
     };
-    let dead = |e: &io::Error| e.raw_os_error() == Some(libc::ENOTCONN);
-    if let Err(e) = std::fs::create_dir_all(dir) {
-        let stat = std::fs::metadata(dir);
-        return Err(mount_err(if dead(&e) || stat.as_ref().is_err_and(dead) {
-            "a mount whose daemon died is still here: run `bux-fuse umount` on it first".into()
-        } else if dir.exists() && !dir.is_dir() {
-            "exists and is not a directory".into()
-        } else {
-            format!("creating mount point: {e}")
-        }));
-    }
-    let dir = dir.canonicalize().map_err(|e| {
-        mount_err(if dead(&e) {
-            "a mount whose daemon died is still here: run `bux-fuse umount` on it first".into()
-        } else {
-            format!("resolving mount point: {e}")
-        })
-    })?;
-    if is_mount_point(&dir) {
-        return Err(mount_err(
-            "already a mount point (run `bux-fuse umount` on it first)".into(),
-        ));
-    }
+    let dir = prepare_mount_point(dir)?;
     // Users cannot mount a kernel overlay: bux-fuse serves their upper layer itself.
     let own_upper = opts.writable && !connect::host_root();
     let (fuse_dir, writable) = if opts.writable {
@@ -559,6 +730,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         _lease: lease,
         remote,
         trace,
+        kernel_mount: opts.writable && !own_upper,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

@@ -228,6 +228,9 @@ fn kind_of(c: u8) -> Option<EntryKind> {
     })
 }
 
+/// Header flag: see [`Tree::has_overlay_xattrs`].
+const FLAG_OVERLAY_XATTRS: u64 = 1;
+
 const DATA_NONE: u8 = 0;
 const DATA_FILE: u8 = 1;
 const DATA_SPARSE: u8 = 2;
@@ -263,6 +266,12 @@ impl Tree {
     /// The files' sizes summed in 4 KiB blocks (for `statfs`, kept in the header).
     pub fn blocks_4k(&self) -> u64 {
         u64_at(self.body(), 144)
+    }
+
+    /// Whether some inode has a `trusted.overlay.*` xattr (kept in the header): only then
+    /// does serving the tree as an overlay's lower layer change what it shows.
+    pub fn has_overlay_xattrs(&self) -> bool {
+        u64_at(self.body(), 152) & FLAG_OVERLAY_XATTRS != 0
     }
 
     /// Every inode with its number, in order.
@@ -640,6 +649,7 @@ pub(super) enum NewData<'n> {
 pub(super) struct Writer {
     inodes: Vec<u8>,
     blocks_4k: u64,
+    flags: u64,
     dirents: Vec<u8>,
     xattrs: Vec<u8>,
     extents: Vec<u8>,
@@ -682,6 +692,9 @@ impl Writer {
         };
         let xfirst = (self.xattrs.len() / XATTR) as u32;
         for (k, v) in n.xattrs {
+            if k.starts_with(b"trusted.overlay.") {
+                self.flags |= FLAG_OVERLAY_XATTRS;
+            }
             let off = self.string(k);
             self.string(v);
             self.xattrs.extend_from_slice(&off.to_le_bytes());
@@ -739,6 +752,7 @@ impl Writer {
             out[24 + 16 * k..32 + 16 * k].copy_from_slice(&count.to_le_bytes());
         }
         out[144..152].copy_from_slice(&self.blocks_4k.to_le_bytes());
+        out[152..160].copy_from_slice(&self.flags.to_le_bytes());
         let sum = checksum(&out);
         out[112..144].copy_from_slice(&sum);
         let tree = Tree::from_vec(out).map_err(|detail| Error::CorruptStore {

@@ -1,0 +1,273 @@
+//! Many mounts of one image on one host (root): one shared image server and one FUSE mount
+//! under all of them, writes kept apart, the server released by the last unmount, and a server
+//! killed with -9 restarted under its mounts without a VM-visible error.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn image(reg: &Registry, repo: &str) -> String {
+    let base = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/os-release", b"ID=density\n")
+        .file("big.bin", &test_bytes(3 << 20, 7))
+        .hardlink("big-link.bin", "big.bin")
+        .finish();
+    let top = LayerBuilder::new()
+        .dir("srv", 0o755)
+        .file("srv/marker", b"top")
+        .finish();
+    let img = Image::new(vec![(base, Comp::Gzip), (top, Comp::Zstd)]);
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &img);
+    reg.push(&work.path().join("l"), "v1", repo, None);
+    format!("{}/{repo}:v1", reg.host())
+}
+
+/// Processes of the image server (supervisor and worker) using `store`.
+fn servers(store: &Path) -> Vec<(u32, bool)> {
+    let needle = store.as_os_str().as_encoded_bytes().to_vec();
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+        if args.contains(&&b"serve-shared"[..]) && args.contains(&needle.as_slice()) {
+            out.push((pid, args.contains(&&b"--worker-fd"[..])));
+        }
+    }
+    out
+}
+
+fn worker(store: &Path) -> u32 {
+    let w: Vec<u32> = servers(store)
+        .into_iter()
+        .filter(|(_, w)| *w)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(w.len(), 1, "one worker expected: {w:?}");
+    w[0]
+}
+
+/// FUSE filesystems (distinct devices) bux-fuse mounted of image `reference`.
+fn fuse_devices(reference: &str) -> std::collections::BTreeSet<String> {
+    let source = format!(" - fuse.bux-fuse bux-fuse:{reference} ");
+    std::fs::read_to_string("/proc/self/mountinfo")
+        .unwrap()
+        .lines()
+        .filter(|l| l.contains(&source))
+        .map(|l| l.split(' ').nth(2).unwrap().to_string())
+        .collect()
+}
+
+fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        assert!(t.elapsed() < Duration::from_secs(secs), "timed out: {what}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[test]
+fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/dense");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+        let dir = tempfile::tempdir().unwrap();
+    let mut mounts: Vec<(PathBuf, bool)> = Vec::new();
+    for i in 0..100 {
+        let mnt = dir.path().join(format!("m{i}"));
+        let writable = i % 2 == 1;
+        let mut args = vec!["mount", "-q", &r, mnt.to_str().unwrap()];
+        if writable {
+            args.push("--writable");
+        }
+        bux.ok(&args);
+        mounts.push((mnt, writable));
+    }
+    // One server, one FUSE filesystem under all hundred.
+    let procs = servers(bux.store.path());
+    assert_eq!(procs.len(), 2, "supervisor and worker: {procs:?}");
+    let new = fuse_devices(&r);
+    assert_eq!(new.len(), 1, "one FUSE mount for all: {new:?}");
+    let expect = test_bytes(3 << 20, 7);
+    let big_ino = std::fs::metadata(mounts[0].0.join("big.bin")).unwrap().ino();
+    for (i, (mnt, writable)) in mounts.iter().enumerate() {
+        assert_eq!(std::fs::read(mnt.join("srv/marker")).unwrap(), b"top");
+        if i % 10 == 0 {
+            assert_eq!(std::fs::read(mnt.join("big.bin")).unwrap(), expect);
+        }
+        let link = std::fs::metadata(mnt.join("big-link.bin")).unwrap();
+        assert_eq!(link.nlink(), 2);
+        if *writable {
+            std::fs::write(mnt.join("srv/mine"), format!("{i}")).unwrap();
+            std::fs::write(mnt.join("etc/os-release"), format!("ID=vm{i}\n")).unwrap();
+        } else {
+            assert_eq!(link.ino(), big_ino, "inode numbers are the image's");
+            let e = std::fs::write(mnt.join("srv/mine"), b"x").unwrap_err();
+            assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
+        }
+    }
+    // Writes stay in their own mount.
+    for (i, (mnt, writable)) in mounts.iter().enumerate() {
+        let os = std::fs::read_to_string(mnt.join("etc/os-release")).unwrap();
+        if *writable {
+            assert_eq!(std::fs::read_to_string(mnt.join("srv/mine")).unwrap(), format!("{i}"));
+            assert_eq!(os, format!("ID=vm{i}\n"));
+        } else {
+            assert!(!mnt.join("srv/mine").exists());
+            assert_eq!(os, "ID=density\n");
+        }
+    }
+    // Unmount in a scrambled order: the server stays while anything stands on it.
+    let mut order: Vec<usize> = (0..100).collect();
+    order.sort_by_key(|i| (i * 37) % 100);
+    let scratch = bux.store.path().join("scratch");
+    for (k, i) in order.iter().enumerate() {
+        bux.ok(&["umount", mounts[*i].0.to_str().unwrap()]);
+        assert!(!is_mounted(&mounts[*i].0));
+        if k == 98 {
+            std::thread::sleep(Duration::from_millis(700));
+            assert_eq!(servers(bux.store.path()).len(), 2, "released while in use");
+            let last = &mounts[order[99]].0;
+            assert_eq!(std::fs::read(last.join("srv/marker")).unwrap(), b"top");
+        }
+    }
+    wait_until("the server leaves after the last unmount", 10, || {
+        servers(bux.store.path()).is_empty()
+    });
+    assert!(fuse_devices(&r).is_empty(), "the shared FUSE mount is gone");
+    let left = std::fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0);
+    assert_eq!(left, 0, "scratch upper layers removed");
+    // And the next mount starts a new one.
+    let again = dir.path().join("again");
+    bux.ok(&["mount", "-q", &r, again.to_str().unwrap()]);
+    assert_eq!(std::fs::read(again.join("srv/marker")).unwrap(), b"top");
+    bux.ok(&["umount", again.to_str().unwrap()]);
+    wait_until("released again", 10, || servers(bux.store.path()).is_empty());
+}
+
+#[test]
+fn a_server_killed_with_9_is_restarted_under_its_mounts() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/restart");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    let rw = dir.path().join("rw");
+    bux.ok(&["mount", "-q", &r, ro.to_str().unwrap()]);
+    bux.ok(&["mount", "-q", "--writable", &r, rw.to_str().unwrap()]);
+    let expect = test_bytes(3 << 20, 7);
+    // Open descriptors (as libkrun holds) and readers running through the kills.
+    let held = std::fs::File::open(ro.join("big.bin")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let readers: Vec<_> = [ro.clone(), rw.clone()]
+        .into_iter()
+        .map(|m| {
+            let stop = stop.clone();
+            let expect = expect.clone();
+            std::thread::spawn(move || {
+                let mut n = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    // Fresh names each time: lookups and reads reach the server (the page
+                    // cache would answer repeats).
+                    let _ = std::fs::metadata(m.join(format!("etc/missing-{n}")));
+                    let got = std::fs::read(m.join("big.bin")).map_err(|e| e.to_string())?;
+                    if got != expect {
+                        return Err("wrong bytes".to_string());
+                    }
+                    std::fs::read_dir(m.join("etc")).map_err(|e| e.to_string())?.count();
+                    n += 1;
+                }
+                Ok(n)
+            })
+        })
+        .collect();
+    for round in 0..3 {
+        let w = worker(bux.store.path());
+        // Drop the kernel's cached pages so reads must go to the server.
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        Command::new("kill").args(["-9", &w.to_string()]).status().unwrap();
+        wait_until("a new worker", 10, || {
+            servers(bux.store.path()).iter().any(|(p, wk)| *wk && *p != w)
+        });
+        std::thread::sleep(Duration::from_millis(300));
+        assert_eq!(
+            std::fs::read(rw.join("srv/marker")).unwrap(),
+            b"top",
+            "round {round}"
+        );
+    }
+    let mut buf = vec![0u8; 4096];
+    use std::os::unix::fs::FileExt;
+    held.read_exact_at(&mut buf, 1 << 20).unwrap();
+    assert_eq!(buf, expect[1 << 20..(1 << 20) + 4096]);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for r in readers {
+        let n = r.join().unwrap().expect("no reader saw an error");
+        assert!(n > 0);
+    }
+    let mut logs = String::new();
+    for d in std::fs::read_dir(bux.store.path().join("shared")).unwrap().flatten() {
+        logs += &std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
+    }
+    assert!(logs.matches("starting another on the same connection").count() >= 3, "{logs}");
+    assert!(!logs.contains("resend"), "the kernel took FUSE_NOTIFY_RESEND: {logs}");
+    // The supervisor killed: the worker serves on, and leaves once nothing uses the mount.
+    let sup = servers(bux.store.path())
+        .into_iter()
+        .find(|(_, w)| !*w)
+        .unwrap()
+        .0;
+    Command::new("kill").args(["-9", &sup.to_string()]).status().unwrap();
+    std::thread::sleep(Duration::from_millis(800));
+    assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
+    drop(held);
+    bux.ok(&["umount", ro.to_str().unwrap()]);
+    bux.ok(&["umount", rw.to_str().unwrap()]);
+    wait_until("the orphaned worker leaves", 10, || {
+        servers(bux.store.path()).is_empty()
+    });
+    // A new mount finds the dead connection, clears it and starts afresh.
+    bux.ok(&["mount", "-q", &r, ro.to_str().unwrap()]);
+    assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
+    bux.ok(&["umount", ro.to_str().unwrap()]);
+    wait_until_or_show_logs(&bux, "released", || servers(bux.store.path()).is_empty());
+}
+
+/// [`wait_until`], showing the image server's log if it times out.
+fn wait_until_or_show_logs(bux: &Bux, what: &str, mut f: impl FnMut() -> bool) {
+    let t = Instant::now();
+    while !f() {
+        if t.elapsed() > Duration::from_secs(10) {
+            let mut logs = String::new();
+            for d in std::fs::read_dir(bux.store.path().join("shared")).into_iter().flatten().flatten() {
+                logs += &std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
+            }
+            let store = bux.store.path().to_string_lossy().into_owned();
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&store) || l.contains("bux-fuse"))
+                .map(String::from)
+                .collect();
+            panic!(
+                "timed out: {what}; servers {:?}; mounts:\n{}\nlog:\n{logs}",
+                servers(bux.store.path()),
+                mounts.join("\n")
+            );
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
