@@ -415,7 +415,10 @@ fn run(cli: Cli) -> Result<()> {
                     Some(std::env::current_exe().context("finding own executable")?)
                 },
             };
-            if !foreground && crate::mount::would_share(&store, &image.reference, &mopts)? {
+            if !foreground
+                && !notify_ready
+                && crate::mount::would_share(&store, &image.reference, &mopts)?
+            {
                 // Nothing of this process serves it: mount and leave.
                 let m = crate::mount::mount(&store, &image.reference, &dir, &mopts)?;
                 let path = m.path().to_path_buf();
@@ -484,8 +487,7 @@ fn run(cli: Cli) -> Result<()> {
                         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
                         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
                     }
-                    crate::mount::shared::supervise(&store, manifest, &STOP)
-                        .context("image server")
+                    crate::mount::shared::supervise(&store, manifest, &STOP).context("image server")
                 }
             }
         }
@@ -682,7 +684,8 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Gc => {
             let store = open_store(&store_arg)?;
             let (files, bytes) = store.gc()?;
-            let runs = crate::mount::clean_run_dir(&store.root().join("run"));
+            let runs = crate::mount::clean_run_dir(&store.root().join("run"))
+                + crate::mount::clean_scratch(&store.root().join("scratch"));
             println!("removed {files} files, freed {}", human(bytes));
             if runs > 0 {
                 println!("cleaned {runs} writable mounts whose daemon died");
@@ -955,6 +958,7 @@ fn spawn_daemon(
         .arg(reference)
         .arg(&abs)
         .arg("--notify-ready")
+        .arg("--own-server")
         .arg("--pull=never")
         .arg("--quiet")
         .arg(format!("--threads={}", opts.threads))

@@ -341,11 +341,7 @@ impl Shared {
         let children_from = from.saturating_sub(2).min(children.len());
         dots.into_iter()
             .skip(dots_from)
-            .chain(
-                children
-                    .iter_from(children_from)
-                    .map(|d| (d.ino, d.name)),
-            )
+            .chain(children.iter_from(children_from).map(|d| (d.ino, d.name)))
             .enumerate()
             .map(move |(k, (ino, name))| ((from + k) as u64 + 1, ino, name))
     }

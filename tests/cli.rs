@@ -209,7 +209,7 @@ fn umount_clears_a_mount_whose_daemon_died() {
     let bux = Bux::new();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("root");
-    let out = bux.run(&["mount", &r, mnt.to_str().unwrap()]);
+    let out = bux.run(&["mount", "--own-server", &r, mnt.to_str().unwrap()]);
     assert!(out.status.success() && is_mounted(&mnt));
     // Kill the daemon serving it (mount names its pid).
     let said = String::from_utf8_lossy(&out.stderr).into_owned();

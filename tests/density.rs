@@ -83,7 +83,7 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     let r = image(&reg, "t/dense");
     let bux = Bux::new();
     bux.ok(&["pull", "-q", &r]);
-        let dir = tempfile::tempdir().unwrap();
+    let dir = tempfile::tempdir().unwrap();
     let mut mounts: Vec<(PathBuf, bool)> = Vec::new();
     for i in 0..100 {
         let mnt = dir.path().join(format!("m{i}"));
@@ -101,7 +101,9 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     let new = fuse_devices(&r);
     assert_eq!(new.len(), 1, "one FUSE mount for all: {new:?}");
     let expect = test_bytes(3 << 20, 7);
-    let big_ino = std::fs::metadata(mounts[0].0.join("big.bin")).unwrap().ino();
+    let big_ino = std::fs::metadata(mounts[0].0.join("big.bin"))
+        .unwrap()
+        .ino();
     for (i, (mnt, writable)) in mounts.iter().enumerate() {
         assert_eq!(std::fs::read(mnt.join("srv/marker")).unwrap(), b"top");
         if i % 10 == 0 {
@@ -118,11 +120,21 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
             assert_eq!(e.raw_os_error(), Some(libc::EROFS), "{e}");
         }
     }
+    // The worker serving them all is confined (seccomp, no_new_privs).
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", worker(bux.store.path()))).unwrap();
+    assert!(
+        status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+        "{status}"
+    );
     // Writes stay in their own mount.
     for (i, (mnt, writable)) in mounts.iter().enumerate() {
         let os = std::fs::read_to_string(mnt.join("etc/os-release")).unwrap();
         if *writable {
-            assert_eq!(std::fs::read_to_string(mnt.join("srv/mine")).unwrap(), format!("{i}"));
+            assert_eq!(
+                std::fs::read_to_string(mnt.join("srv/mine")).unwrap(),
+                format!("{i}")
+            );
             assert_eq!(os, format!("ID=vm{i}\n"));
         } else {
             assert!(!mnt.join("srv/mine").exists());
@@ -154,7 +166,9 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     bux.ok(&["mount", "-q", &r, again.to_str().unwrap()]);
     assert_eq!(std::fs::read(again.join("srv/marker")).unwrap(), b"top");
     bux.ok(&["umount", again.to_str().unwrap()]);
-    wait_until("released again", 10, || servers(bux.store.path()).is_empty());
+    wait_until("released again", 10, || {
+        servers(bux.store.path()).is_empty()
+    });
 }
 
 #[test]
@@ -187,7 +201,9 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
                     if got != expect {
                         return Err("wrong bytes".to_string());
                     }
-                    std::fs::read_dir(m.join("etc")).map_err(|e| e.to_string())?.count();
+                    std::fs::read_dir(m.join("etc"))
+                        .map_err(|e| e.to_string())?
+                        .count();
                     n += 1;
                 }
                 Ok(n)
@@ -198,9 +214,14 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
         let w = worker(bux.store.path());
         // Drop the kernel's cached pages so reads must go to the server.
         std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
-        Command::new("kill").args(["-9", &w.to_string()]).status().unwrap();
+        Command::new("kill")
+            .args(["-9", &w.to_string()])
+            .status()
+            .unwrap();
         wait_until("a new worker", 10, || {
-            servers(bux.store.path()).iter().any(|(p, wk)| *wk && *p != w)
+            servers(bux.store.path())
+                .iter()
+                .any(|(p, wk)| *wk && *p != w)
         });
         std::thread::sleep(Duration::from_millis(300));
         assert_eq!(
@@ -219,18 +240,32 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
         assert!(n > 0);
     }
     let mut logs = String::new();
-    for d in std::fs::read_dir(bux.store.path().join("shared")).unwrap().flatten() {
+    for d in std::fs::read_dir(bux.store.path().join("shared"))
+        .unwrap()
+        .flatten()
+    {
         logs += &std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
     }
-    assert!(logs.matches("starting another on the same connection").count() >= 3, "{logs}");
-    assert!(!logs.contains("resend"), "the kernel took FUSE_NOTIFY_RESEND: {logs}");
+    assert!(
+        logs.matches("starting another on the same connection")
+            .count()
+            >= 3,
+        "{logs}"
+    );
+    assert!(
+        !logs.contains("resend"),
+        "the kernel took FUSE_NOTIFY_RESEND: {logs}"
+    );
     // The supervisor killed: the worker serves on, and leaves once nothing uses the mount.
     let sup = servers(bux.store.path())
         .into_iter()
         .find(|(_, w)| !*w)
         .unwrap()
         .0;
-    Command::new("kill").args(["-9", &sup.to_string()]).status().unwrap();
+    Command::new("kill")
+        .args(["-9", &sup.to_string()])
+        .status()
+        .unwrap();
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
     drop(held);
@@ -252,7 +287,11 @@ fn wait_until_or_show_logs(bux: &Bux, what: &str, mut f: impl FnMut() -> bool) {
     while !f() {
         if t.elapsed() > Duration::from_secs(10) {
             let mut logs = String::new();
-            for d in std::fs::read_dir(bux.store.path().join("shared")).into_iter().flatten().flatten() {
+            for d in std::fs::read_dir(bux.store.path().join("shared"))
+                .into_iter()
+                .flatten()
+                .flatten()
+            {
                 logs += &std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
             }
             let store = bux.store.path().to_string_lossy().into_owned();

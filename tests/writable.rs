@@ -33,6 +33,10 @@ fn image() -> Image {
 }
 
 fn writable_mount(bux: &Bux, r: &str, upper: Option<&Path>) -> MountGuard {
+    writable_mount_with(bux, r, upper, &[])
+}
+
+fn writable_mount_with(bux: &Bux, r: &str, upper: Option<&Path>, extra: &[&str]) -> MountGuard {
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("root");
     let mut args = vec![
@@ -41,6 +45,7 @@ fn writable_mount(bux: &Bux, r: &str, upper: Option<&Path>) -> MountGuard {
         r.to_string(),
         mnt.display().to_string(),
     ];
+    args.extend(extra.iter().map(|e| e.to_string()));
     if let Some(u) = upper {
         args.push("--upper".into());
         args.push(u.display().to_string());
@@ -326,7 +331,7 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
             .count()
     };
 
-    let m = writable_mount(&bux, &r, None);
+    let m = writable_mount_with(&bux, &r, None, &["--own-server"]);
     std::fs::write(m.path.join("etc/scratch"), b"x").unwrap();
     assert_eq!(mounts_under_run(), 1);
     kill_daemon(&m.path);
@@ -340,7 +345,7 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
     drop(m);
 
     // Unmounted behind our back (only the overlay): gc finds and removes the rest.
-    let m = writable_mount(&bux, &r, None);
+    let m = writable_mount_with(&bux, &r, None, &["--own-server"]);
     kill_daemon(&m.path);
     let c = std::ffi::CString::new(m.path.as_os_str().as_encoded_bytes()).unwrap();
     // SAFETY: a valid path.

@@ -364,6 +364,39 @@ pub fn clean_run_dir(run_dir: &Path) -> usize {
     n
 }
 
+/// Whether a mounted overlay has `upper` as its upper layer.
+fn overlay_upper_in_use(upper: &Path) -> bool {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    let want = format!("upperdir={}", upper.display());
+    info.lines()
+        .filter_map(|l| l.split_once(" - ").map(|(_, r)| r))
+        .any(|r| r.split([' ', ',']).any(|o| unescape_mountinfo(o) == want))
+}
+
+/// Removes scratch upper layers (`$STORE/scratch/*`) of writable mounts over a shared image
+/// server that were unmounted some other way than `bux-fuse umount`: those no mounted overlay
+/// uses. Returns how many.
+pub fn clean_scratch(scratch: &Path) -> usize {
+    let Ok(entries) = std::fs::read_dir(scratch) else {
+        return 0;
+    };
+    let mut n = 0;
+    for e in entries.flatten() {
+        // One being made right now is not in use yet.
+        let young = e
+            .metadata()
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().unwrap_or_default() < std::time::Duration::from_secs(10));
+        if !young
+            && !overlay_upper_in_use(&e.path().join("upper"))
+            && std::fs::remove_dir_all(e.path()).is_ok()
+        {
+            n += 1;
+        }
+    }
+    n
+}
+
 /// Unmounts `path` lazily (`MNT_DETACH`): works with files open and on dead mounts.
 pub fn unmount(path: &Path) -> Result<()> {
     let err = |detail: String| Error::Mount {
@@ -449,7 +482,11 @@ pub(crate) struct OpenedImage {
 }
 
 /// Opens the stored image `reference` (leased against gc for the life of the result).
-pub(crate) fn open_image(store: &Store, reference: &str, opts: &MountOptions) -> Result<OpenedImage> {
+pub(crate) fn open_image(
+    store: &Store,
+    reference: &str,
+    opts: &MountOptions,
+) -> Result<OpenedImage> {
     let (record, lease) = stored_image(store, reference)?;
     let name = record.reference.clone();
     let tree = store.tree(&record)?;
@@ -568,6 +605,18 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u).map_err(mount_err)?),
         None => None,
     };
+    // No process holds that lock once the command that mounted has left: the mount table
+    // tells whether an overlay still writes there.
+    if let Some(u) = opts
+        .upper
+        .as_deref()
+        .filter(|u| overlay_upper_in_use(&u.join("upper")))
+    {
+        return Err(mount_err(format!(
+            "--upper {} is in use by another writable mount (one upper layer, one mount)",
+            u.display()
+        )));
+    }
     let (lower, _image_lock) = shared::lower(store, record, exe)?;
     let writable = if opts.writable {
         // No process of this mount outlives it: the scratch upper is found (and removed) by

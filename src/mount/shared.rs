@@ -159,7 +159,10 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
         .rev()
         .find(|l| !l.trim().is_empty())
         .unwrap_or("the image server exited without a message");
-    Err(err(format!("image server: {}", last.trim_start_matches("bux-fuse: "))))
+    Err(err(format!(
+        "image server: {}",
+        last.trim_start_matches("bux-fuse: ")
+    )))
 }
 
 /// Makes `dir` a mount of the image standing on its shared mount `lower`: a bind mount, or a
@@ -176,12 +179,9 @@ pub(crate) fn mount_read_only(
     };
     if overlay_xattrs {
         let empty = lower.with_file_name("empty");
-        let data = std::ffi::CString::new(format!(
-            "lowerdir={}:{}",
-            lower.display(),
-            empty.display()
-        ))
-        .map_err(|e| e.to_string())?;
+        let data =
+            std::ffi::CString::new(format!("lowerdir={}:{}", lower.display(), empty.display()))
+                .map_err(|e| e.to_string())?;
         // SAFETY: valid NUL-terminated strings for mount(2).
         let r = unsafe {
             libc::mount(
@@ -211,7 +211,10 @@ pub(crate) fn mount_read_only(
         )
     };
     if r != 0 {
-        return Err(format!("bind-mounting the image: {}", std::io::Error::last_os_error()));
+        return Err(format!(
+            "bind-mounting the image: {}",
+            std::io::Error::last_os_error()
+        ));
     }
     Ok(())
 }
@@ -261,7 +264,11 @@ fn users(mnt: &Path) -> usize {
 /// The supervisor (`bux-fuse serve-shared MANIFEST`): mounts the image at its shared place,
 /// runs a worker on the connection (another if it dies), and unmounts once nothing stands on
 /// the mount. Prints `ready` once the mount serves.
-pub fn supervise(store: &Store, manifest: Digest, stop: &std::sync::atomic::AtomicBool) -> Result<()> {
+pub fn supervise(
+    store: &Store,
+    manifest: Digest,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
     let place = Place::new(store, &manifest);
     let record = find_record(store, &manifest)?;
     let mut leased = vec![record.manifest_digest, record.config_digest];
@@ -324,7 +331,8 @@ pub fn supervise(store: &Store, manifest: Digest, stop: &std::sync::atomic::Atom
                 if restarts.len() > 10 {
                     let _ = unmount(&mnt);
                     return Err(mount_err(
-                        "the image server died 10 times in a minute: unmounted (see its log)".into(),
+                        "the image server died 10 times in a minute: unmounted (see its log)"
+                            .into(),
                     ));
                 }
                 resume = true;
@@ -351,7 +359,11 @@ enum Outcome {
 
 /// Waits until nothing stands on the image's shared mount (returning the image's lock, held:
 /// no client mounts on it while it is torn down) or `tick` has news.
-fn watch(store: &Store, place: &Place, mut tick: impl FnMut() -> Option<Outcome>) -> Result<Outcome> {
+fn watch(
+    store: &Store,
+    place: &Place,
+    mut tick: impl FnMut() -> Option<Outcome>,
+) -> Result<Outcome> {
     let mnt = place.mnt();
     loop {
         if let Some(o) = tick() {
@@ -464,8 +476,12 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
     }
     let opts = MountOptions::default();
     let image = open_image(store, &record.reference, &opts)?;
-    let fs = ImageFs::new(image.tree, image.layers, Arc::new(SpanCache::new(opts.cache_bytes)))
-        .escaping_overlay_xattrs();
+    let fs = ImageFs::new(
+        image.tree,
+        image.layers,
+        Arc::new(SpanCache::new(opts.cache_bytes)),
+    )
+    .escaping_overlay_xattrs();
     let offered = fs.offered_capabilities();
     let mut config = Config::default();
     config.acl = SessionACL::All;
@@ -474,20 +490,25 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
     // worker would fail the requests it holds (ECONNABORTED) instead of keeping them for a
     // resend.
     config.clone_fd = false;
-    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
+    let io =
+        |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // SAFETY: the supervisor passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
     let session = if resume {
-        let init = std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?;
+        let init =
+            std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?;
         replay_init(fs, conn, &init, config).map_err(|e| io("resuming", e))?
     } else {
-        let session = Session::from_fd(fs, conn, config.acl, config)
-            .map_err(|e| io("FUSE handshake", e))?;
+        let session =
+            Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?;
         let init = offered.load(Ordering::Relaxed).to_le_bytes();
         crate::store::write_atomic(&place.init(), &init)?;
         session
     };
-    crate::store::write_atomic(&place.worker_pid(), std::process::id().to_string().as_bytes())?;
+    crate::store::write_atomic(
+        &place.worker_pid(),
+        std::process::id().to_string().as_bytes(),
+    )?;
     orphan_watch(store.clone(), Place::new(store, &manifest));
     println!("ready");
     let _ = std::io::stdout().flush();

@@ -365,7 +365,8 @@ impl Tree {
             .metadata()
             .ctx(|| format!("reading {}", path.display()))?
             .len();
-        let bytes = Bytes::map(&file, len as usize).ctx(|| format!("mapping {}", path.display()))?;
+        let bytes =
+            Bytes::map(&file, len as usize).ctx(|| format!("mapping {}", path.display()))?;
         Tree::from_bytes(bytes).map_err(|detail| Error::CorruptStore {
             path: path.into(),
             detail,
@@ -637,8 +638,14 @@ pub(super) struct NewInode<'n> {
 /// See [`NewInode`].
 pub(super) enum NewData<'n> {
     None,
-    File { layer: u32, offset: u64 },
-    Sparse { layer: u32, extents: &'n [Extent] },
+    File {
+        layer: u32,
+        offset: u64,
+    },
+    Sparse {
+        layer: u32,
+        extents: &'n [Extent],
+    },
     Symlink(&'n [u8]),
     /// Entries (name, inode), sorted by name.
     Dir(Vec<(&'n [u8], u64)>),
@@ -698,8 +705,10 @@ impl Writer {
             let off = self.string(k);
             self.string(v);
             self.xattrs.extend_from_slice(&off.to_le_bytes());
-            self.xattrs.extend_from_slice(&(k.len() as u32).to_le_bytes());
-            self.xattrs.extend_from_slice(&(v.len() as u32).to_le_bytes());
+            self.xattrs
+                .extend_from_slice(&(k.len() as u32).to_le_bytes());
+            self.xattrs
+                .extend_from_slice(&(v.len() as u32).to_le_bytes());
         }
         self.blocks_4k += n.size.div_ceil(4096);
         let r = &mut self.inodes;

@@ -17,10 +17,10 @@
 //! name order, so numbers are stable across remounts; each directory's entries are a contiguous,
 //! sorted run of [`Dirent`]s, so a readdir offset is an index and lookups are binary searches.
 
-use std::collections::BTreeMap;
-use std::collections::VecDeque;
 use crate::index::{EntryKind, LayerSource, TarEntry};
 use crate::{Digest, Error, Result};
+use std::collections::BTreeMap;
+use std::collections::VecDeque;
 
 mod flat;
 pub use flat::{Dirent, Dirents, Extents, Inode, NodeData, Tree, Xattrs, ROOT_INO};
@@ -731,11 +731,24 @@ mod tests {
     #[test]
     fn flat_file_round_trips_and_damage_is_contained() {
         let mut x = f("a");
-        x.xattrs = vec![(b"user.k".to_vec(), b"v".to_vec()), (b"security.c".to_vec(), vec![])];
+        x.xattrs = vec![
+            (b"user.k".to_vec(), b"v".to_vec()),
+            (b"security.c".to_vec(), vec![]),
+        ];
         let mut sparse = f("s");
         sparse.size = 1 << 20;
-        sparse.sparse = Some(vec![crate::index::Extent { file_off: 4096, len: 10, stream_off: 512 }]);
-        let layers = vec![vec![d("b"), x, sparse, link("l", EntryKind::Symlink, "../b"), f("b/z")]];
+        sparse.sparse = Some(vec![crate::index::Extent {
+            file_off: 4096,
+            len: 10,
+            stream_off: 512,
+        }]);
+        let layers = vec![vec![
+            d("b"),
+            x,
+            sparse,
+            link("l", EntryKind::Symlink, "../b"),
+            f("b/z"),
+        ]];
         let t = merged(&layers).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let p = dir.path().join("tree");
@@ -747,7 +760,9 @@ mod tests {
         assert_eq!(a.xattrs.get(b"user.k"), Some(&b"v"[..]));
         assert_eq!(a.xattrs.iter().count(), 2);
         let s = back.inode(back.resolve(b"s").unwrap()).unwrap();
-        let NodeData::Sparse { extents, .. } = s.data else { panic!("{s:?}") };
+        let NodeData::Sparse { extents, .. } = s.data else {
+            panic!("{s:?}")
+        };
         assert_eq!(extents.get(0).unwrap().stream_off, 512);
         let l = back.inode(back.resolve(b"l").unwrap()).unwrap();
         assert_eq!(l.data, NodeData::Symlink(b"../b"));
@@ -763,7 +778,11 @@ mod tests {
                 if let Ok(t) = Tree::from_vec(b) {
                     let _ = t.dump();
                     for (ino, i) in t.inodes() {
-                        let _ = (t.children(ino).len(), i.xattrs.iter().count(), t.path_of(ino));
+                        let _ = (
+                            t.children(ino).len(),
+                            i.xattrs.iter().count(),
+                            t.path_of(ino),
+                        );
                     }
                     assert!(t.verify().is_err(), "byte {at} changed unnoticed");
                 }

@@ -725,9 +725,16 @@ impl Bux {
 
     /// Mounts via the CLI (background daemon); the guard unmounts.
     pub fn mount(&self, reference: &str) -> MountGuard {
+        self.mount_with(reference, &[])
+    }
+
+    /// [`Bux::mount`] with more arguments.
+    pub fn mount_with(&self, reference: &str, extra: &[&str]) -> MountGuard {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("root");
-        self.ok(&["mount", reference, mnt.to_str().unwrap()]);
+        let mut args = vec!["mount", reference, mnt.to_str().unwrap()];
+        args.extend_from_slice(extra);
+        self.ok(&args);
         MountGuard {
             bin: env!("CARGO_BIN_EXE_bux-fuse"),
             path: mnt,
