@@ -30,13 +30,17 @@ def umount(store, mnt):
     bux(store, "umount", mnt, check=False)
 
 
+STORE = None  # this run's store: processes of others are not counted
+
+
 def bux_pids():
     out = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
         try:
-            if open(f"/proc/{p}/comm").read().strip() == "bux-fuse":
+            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+            if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(STORE) in args:
                 out.append(int(p))
         except OSError:
             pass
@@ -167,6 +171,8 @@ def main():
     try:
         ref = reg.push(a.layout, a.tag, "bench/density")
         store = os.path.join(work, "store")
+        global STORE
+        STORE = store
         bux(store, "pull", "-q", ref)
         dest = os.path.join(work, "extracted")
         base.sh([base.EXTRACT, ref, dest])

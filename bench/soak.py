@@ -5,11 +5,13 @@ read is checked against the digest taken in a first pass; ranged reads are check
 same bytes of that pass (kept for a sample of files). Samples the daemon's RSS every 5 s.
 Writes bench/RESULTS-soak.md and bench/results-soak.json. Run through bench/soak.sh.
 """
-import argparse, datetime, hashlib, json, os, random, subprocess, tempfile, threading, time
+import argparse, datetime, hashlib, json, os, random, subprocess, sys, tempfile, threading, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUX = os.path.join(ROOT, "target/release/bux-fuse")
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import daemon_pid  # noqa: E402
 
 def sh(*cmd):
     return subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -39,7 +41,7 @@ def main():
     store, mnt = os.path.join(work, "store"), os.path.join(work, "m")
     sh(BUX, "--store", store, "-q", "pull", a.image)
     out = sh(BUX, "--store", store, "mount", a.image, mnt)
-    pid = int(out.stderr.split("daemon pid ")[1].split(";")[0])
+    pid = daemon_pid(out.stderr, store)
     try:
         run(a, mnt, pid)
     finally:

@@ -69,6 +69,36 @@ fn fuse_devices(reference: &str) -> std::collections::BTreeSet<String> {
         .collect()
 }
 
+/// A mount made by the test, unmounted when dropped (also when an assertion fails, so that
+/// the image server leaves).
+struct Mounted<'a> {
+    bux: &'a Bux,
+    path: PathBuf,
+}
+
+impl<'a> Mounted<'a> {
+    fn new(bux: &'a Bux, reference: &str, path: PathBuf, writable: bool) -> Mounted<'a> {
+        let mut args = vec!["mount", "-q", reference, path.to_str().unwrap()];
+        if writable {
+            args.push("--writable");
+        }
+        bux.ok(&args);
+        Mounted { bux, path }
+    }
+
+    fn unmount(self) {
+        self.bux.ok(&["umount", self.path.to_str().unwrap()]);
+        assert!(!is_mounted(&self.path));
+        std::mem::forget(self);
+    }
+}
+
+impl Drop for Mounted<'_> {
+    fn drop(&mut self) {
+        let _ = self.bux.run(&["umount", self.path.to_str().unwrap()]);
+    }
+}
+
 fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
@@ -84,15 +114,12 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     let bux = Bux::new();
     bux.ok(&["pull", "-q", &r]);
     let dir = tempfile::tempdir().unwrap();
+    let mut guards: Vec<Option<Mounted>> = Vec::new();
     let mut mounts: Vec<(PathBuf, bool)> = Vec::new();
     for i in 0..100 {
         let mnt = dir.path().join(format!("m{i}"));
         let writable = i % 2 == 1;
-        let mut args = vec!["mount", "-q", &r, mnt.to_str().unwrap()];
-        if writable {
-            args.push("--writable");
-        }
-        bux.ok(&args);
+        guards.push(Some(Mounted::new(&bux, &r, mnt.clone(), writable)));
         mounts.push((mnt, writable));
     }
     // One server, one FUSE filesystem under all hundred.
@@ -146,8 +173,7 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     order.sort_by_key(|i| (i * 37) % 100);
     let scratch = bux.store.path().join("scratch");
     for (k, i) in order.iter().enumerate() {
-        bux.ok(&["umount", mounts[*i].0.to_str().unwrap()]);
-        assert!(!is_mounted(&mounts[*i].0));
+        guards[*i].take().unwrap().unmount();
         if k == 98 {
             std::thread::sleep(Duration::from_millis(700));
             assert_eq!(servers(bux.store.path()).len(), 2, "released while in use");
@@ -162,10 +188,12 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     let left = std::fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "scratch upper layers removed");
     // And the next mount starts a new one.
-    let again = dir.path().join("again");
-    bux.ok(&["mount", "-q", &r, again.to_str().unwrap()]);
-    assert_eq!(std::fs::read(again.join("srv/marker")).unwrap(), b"top");
-    bux.ok(&["umount", again.to_str().unwrap()]);
+    let again = Mounted::new(&bux, &r, dir.path().join("again"), false);
+    assert_eq!(
+        std::fs::read(again.path.join("srv/marker")).unwrap(),
+        b"top"
+    );
+    again.unmount();
     wait_until("released again", 10, || {
         servers(bux.store.path()).is_empty()
     });
@@ -180,8 +208,8 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
     let dir = tempfile::tempdir().unwrap();
     let ro = dir.path().join("ro");
     let rw = dir.path().join("rw");
-    bux.ok(&["mount", "-q", &r, ro.to_str().unwrap()]);
-    bux.ok(&["mount", "-q", "--writable", &r, rw.to_str().unwrap()]);
+    let ro_guard = Mounted::new(&bux, &r, ro.clone(), false);
+    let rw_guard = Mounted::new(&bux, &r, rw.clone(), true);
     let expect = test_bytes(3 << 20, 7);
     // Open descriptors (as libkrun holds) and readers running through the kills.
     let held = std::fs::File::open(ro.join("big.bin")).unwrap();
@@ -269,15 +297,15 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
     std::thread::sleep(Duration::from_millis(800));
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
     drop(held);
-    bux.ok(&["umount", ro.to_str().unwrap()]);
-    bux.ok(&["umount", rw.to_str().unwrap()]);
+    ro_guard.unmount();
+    rw_guard.unmount();
     wait_until("the orphaned worker leaves", 10, || {
         servers(bux.store.path()).is_empty()
     });
     // A new mount finds the dead connection, clears it and starts afresh.
-    bux.ok(&["mount", "-q", &r, ro.to_str().unwrap()]);
+    let again = Mounted::new(&bux, &r, ro.clone(), false);
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
-    bux.ok(&["umount", ro.to_str().unwrap()]);
+    again.unmount();
     wait_until_or_show_logs(&bux, "released", || servers(bux.store.path()).is_empty());
 }
 

@@ -63,8 +63,73 @@ impl Drop for Loading<'_> {
 }
 
 struct CacheInner {
-    lru: LruCache<(u32, u32), Arc<Vec<u8>>>,
+    lru: LruCache<(u32, u32), Span>,
     bytes: usize,
+}
+
+/// A cached span: decompressed whole, or a gzip span inflated only as far as reads have asked
+/// (a random read pays for the bytes up to its end, not for the whole span; the next read
+/// further on goes on from there).
+#[derive(Clone)]
+enum Span {
+    Whole(Arc<Vec<u8>>),
+    Gzip(Arc<GzipSpan>),
+}
+
+impl Span {
+    /// Bytes it takes once whole (what the cache counts from the start).
+    fn len(&self) -> usize {
+        match self {
+            Span::Whole(v) => v.len(),
+            Span::Gzip(g) => g.len,
+        }
+    }
+}
+
+/// A gzip span and the inflater that goes on filling it.
+struct GzipSpan {
+    len: usize,
+    state: Mutex<GzipSpanState>,
+}
+
+struct GzipSpanState {
+    /// What is inflated so far (the span's first `bytes.len()` bytes).
+    bytes: Vec<u8>,
+    /// Where inflating goes on (`None` once the span is whole, or after an error).
+    gz: Option<GzipReader<BlobReader>>,
+}
+
+impl GzipSpan {
+    /// Copies the span's bytes at `at` into `out`, inflating on as far as they end.
+    fn copy_to(&self, at: usize, out: &mut [u8], stats: &ReadStats) -> io::Result<()> {
+        let end = at + out.len();
+        if end > self.len {
+            return Err(eof());
+        }
+        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let have = st.bytes.len();
+        if have < end {
+            let st = &mut *st;
+            let gz = st
+                .gz
+                .as_mut()
+                .ok_or_else(|| io::Error::other("span inflater failed earlier"))?;
+            st.bytes.resize(end, 0);
+            if let Err(e) = gz.read_exact(&mut st.bytes[have..end]) {
+                st.bytes.truncate(have);
+                st.gz = None;
+                return Err(e);
+            }
+            stats
+                .decompressed
+                .fetch_add((end - have) as u64, Ordering::Relaxed);
+            if end == self.len {
+                st.gz = None;
+            }
+        }
+        out.copy_from_slice(&st.bytes[at..end]);
+        Ok(())
+    }
 }
 
 impl SpanCache {
@@ -83,7 +148,7 @@ impl SpanCache {
     }
 
     /// The cached span `key`, or the right to load it: waits while another reader loads it.
-    fn get_or_claim(&self, key: (u32, u32)) -> Result<Arc<Vec<u8>>, Loading<'_>> {
+    fn get_or_claim(&self, key: (u32, u32)) -> Result<Span, Loading<'_>> {
         // A hit (most reads) takes the cache's lock only.
         if let Some(span) = self.get(key) {
             return Ok(span);
@@ -100,12 +165,19 @@ impl SpanCache {
         }
     }
 
-    fn get(&self, key: (u32, u32)) -> Option<Arc<Vec<u8>>> {
+    fn get(&self, key: (u32, u32)) -> Option<Span> {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         inner.lru.get(&key).cloned()
     }
 
-    fn insert(&self, key: (u32, u32), span: Arc<Vec<u8>>) {
+    fn remove(&self, key: (u32, u32)) {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(old) = inner.lru.pop(&key) {
+            inner.bytes -= old.len();
+        }
+    }
+
+    fn insert(&self, key: (u32, u32), span: Span) {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(old) = inner.lru.put(key, span.clone()) {
             inner.bytes -= old.len();
@@ -298,11 +370,22 @@ impl LayerReader {
             if end - start > MAX_CACHED_SPAN {
                 self.stream_from(i, cache, pos, &mut buf[done..done + n])?;
             } else {
-                let span = self.span(i, cache)?;
-                if span.len() < in_span + n {
-                    return Err(eof());
+                match self.span(i, cache)? {
+                    Span::Whole(span) => {
+                        if span.len() < in_span + n {
+                            return Err(eof());
+                        }
+                        buf[done..done + n].copy_from_slice(&span[in_span..in_span + n]);
+                    }
+                    Span::Gzip(span) => {
+                        let out = &mut buf[done..done + n];
+                        if let Err(e) = span.copy_to(in_span, out, &cache.stats) {
+                            // The next read starts the span afresh.
+                            cache.remove((self.id, i as u32));
+                            return Err(e);
+                        }
+                    }
                 }
-                buf[done..done + n].copy_from_slice(&span[in_span..in_span + n]);
             }
             done += n;
         }
@@ -349,7 +432,7 @@ impl LayerReader {
         )
     }
 
-    fn span(&self, i: usize, cache: &SpanCache) -> io::Result<Arc<Vec<u8>>> {
+    fn span(&self, i: usize, cache: &SpanCache) -> io::Result<Span> {
         let key = (self.id, i as u32);
         let _loading = match cache.get_or_claim(key) {
             Ok(span) => {
@@ -365,8 +448,16 @@ impl LayerReader {
         match &self.access {
             Access::Tar => unreachable!("plain tar layers are read directly"),
             Access::Gzip(_) => {
-                let mut gz = self.resume_gzip(i)?;
-                gz.read_exact(&mut span)?;
+                let len = (end - start) as usize;
+                let span = Span::Gzip(Arc::new(GzipSpan {
+                    len,
+                    state: Mutex::new(GzipSpanState {
+                        bytes: Vec::with_capacity(len),
+                        gz: Some(self.resume_gzip(i)?),
+                    }),
+                }));
+                cache.insert(key, span.clone());
+                return Ok(span);
             }
             Access::Zstd(frames) => {
                 let cstart = frames[i].1;
@@ -421,7 +512,7 @@ impl LayerReader {
             .stats
             .decompressed
             .fetch_add(span.len() as u64, Ordering::Relaxed);
-        let span = Arc::new(span);
+        let span = Span::Whole(Arc::new(span));
         cache.insert(key, span.clone());
         Ok(span)
     }
@@ -696,6 +787,36 @@ mod tests {
         });
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 1);
         assert_eq!(cache.stats.hits.load(Ordering::Relaxed), 7);
+    }
+
+    /// A read inflates its span only as far as the read ends; a read further on goes on from
+    /// there (nothing inflated twice); a read behind it is a copy.
+    #[test]
+    fn gzip_spans_inflate_only_to_the_end_of_the_read() {
+        let data = pseudo_random(3_000_000, 9);
+        let gz = gzip_members(&[&data]);
+        let mut r = GzipReader::new(&gz[..], Some(1 << 30)).unwrap();
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        let cps = r.take_checkpoints();
+        assert_eq!(cps.len(), 1, "one span");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cache = SpanCache::new(16 << 20);
+        let inflated = || cache.stats.decompressed.load(Ordering::Relaxed);
+        let mut buf = vec![0u8; 131072];
+        for (off, inflated_after) in [
+            (1_000_000u64, 1_131_072u64),
+            (2_000_000, 2_131_072),
+            (10, 2_131_072),
+            (2_500_000, 2_631_072),
+        ] {
+            reader.read_at(&cache, off, &mut buf).unwrap();
+            assert_eq!(&buf[..], &data[off as usize..off as usize + buf.len()]);
+            assert_eq!(inflated(), inflated_after, "after the read at {off}");
+        }
+        assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 1);
     }
 
     #[test]

@@ -174,9 +174,9 @@ impl Mount {
     /// Leaves the mount in place and forgets it, where the mount needs no serving by this
     /// process (a mount over the image's shared server): `bux-fuse umount` (or
     /// [`unmount_all`]) ends it. Returns the mount back otherwise.
-    pub fn detach(mut self) -> std::result::Result<(), Mount> {
+    pub fn detach(mut self) -> std::result::Result<(), Box<Mount>> {
         if self.thread.is_some() || !self.kernel_mount {
-            return Err(self);
+            return Err(Box::new(self));
         }
         self.kernel_mount = false;
         self.writable = None;
