@@ -666,11 +666,15 @@ impl Store {
     /// copy cut short by a crash is not). Decided by how the layer was indexed, not by its
     /// media type, which may be wrong.
     pub(crate) fn layer_bytes_present(&self, digest: &Digest) -> bool {
-        match LayerIndex::load_access(&self.index_path(digest)) {
-            Ok(index::Access::Zstd(frames)) => {
-                index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
-            }
-            Ok(_) => self.blob_path(digest).exists(),
+        let index = self.index_path(digest);
+        match LayerIndex::access_is_zstd(&index) {
+            Ok(true) => match LayerIndex::load_access(&index) {
+                Ok(index::Access::Zstd(frames)) => {
+                    index::zstd_frames::last_frame_ok(&self.seekable_path(digest), &frames)
+                }
+                _ => false,
+            },
+            Ok(false) => self.blob_path(digest).exists(),
             Err(_) => false,
         }
     }

@@ -272,6 +272,26 @@ impl LayerIndex {
         })
     }
 
+    /// Whether the access table at `index_path` is [`Access::Zstd`] (read from its first
+    /// bytes: the tables of large gzip layers run to megabytes, and a mount asks this of every
+    /// layer).
+    pub fn access_is_zstd(index_path: &Path) -> Result<bool> {
+        use std::io::Read;
+        let path = Self::access_path(index_path);
+        let mut head = [0u8; ACCESS_MAGIC.len() + 1];
+        std::fs::File::open(&path)
+            .and_then(|mut f| f.read_exact(&mut head))
+            .ctx(|| format!("reading {}", path.display()))?;
+        if head[..ACCESS_MAGIC.len()] != ACCESS_MAGIC[..] {
+            return Err(Error::CorruptStore {
+                path,
+                detail: "not an access table of this version".into(),
+            });
+        }
+        // postcard writes the variant's index first (a one-byte varint here).
+        Ok(head[ACCESS_MAGIC.len()] == 2)
+    }
+
     /// Reads an index written by [`LayerIndex::save`].
     pub fn load(path: &Path) -> Result<LayerIndex> {
         let bytes = std::fs::read(path).ctx(|| format!("reading {}", path.display()))?;
@@ -287,5 +307,38 @@ impl LayerIndex {
         })?;
         idx.access = Self::load_access(path)?;
         Ok(idx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The quick look at an access table's first bytes agrees with decoding it whole.
+    #[test]
+    fn access_kind_from_the_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.idx");
+        let frame = Frame {
+            uoff: 0,
+            coff: 0,
+            cend: 1,
+        };
+        for access in [
+            Access::Tar,
+            Access::Gzip(Vec::new()),
+            Access::Zstd(vec![(0, 0), (1 << 20, 4096)]),
+            Access::Frames(vec![frame]),
+        ] {
+            let mut bytes = ACCESS_MAGIC.to_vec();
+            bytes.extend(postcard::to_allocvec(&access).unwrap());
+            std::fs::write(LayerIndex::access_path(&index), bytes).unwrap();
+            let whole = LayerIndex::load_access(&index).unwrap();
+            assert_eq!(
+                LayerIndex::access_is_zstd(&index).unwrap(),
+                matches!(whole, Access::Zstd(_)),
+                "{access:?}"
+            );
+        }
     }
 }
