@@ -38,6 +38,10 @@ pub struct ImageFs {
     /// waits on the network (libkrun serves virtio-fs from one worker: a stuck read there
     /// would freeze the guest's whole filesystem).
     waiting_reads: WaitingReads,
+    /// Threads that answer reads which must first decompress (a span not cached, or not
+    /// inflated that far), so that one VM's cold reads never hold the FUSE workers that answer
+    /// every VM's lookups.
+    decoding_reads: WaitingReads,
     /// Serve the image's `trusted.overlay.*` xattrs escaped (`trusted.overlay.overlay.*`): this
     /// tree is the lower layer of a kernel overlay, which would otherwise take them for its
     /// own (an image built from an overlay upper carries them); the overlay (6.7+) unescapes
@@ -77,15 +81,20 @@ struct WaitingReads {
 /// Threads for waiting reads: a read waits at most its deadline, so this many slow reads at
 /// once is plenty; more queue.
 const WAITING_READ_THREADS: usize = 8;
+/// Threads for decompressing reads: decompression is CPU work, so one per CPU (at least two,
+/// so one long span does not hold up the rest).
+fn decoding_read_threads() -> usize {
+    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
 
 impl WaitingReads {
-    fn new() -> WaitingReads {
+    fn new(name: &str, threads: usize) -> WaitingReads {
         let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
-        for n in 0..WAITING_READ_THREADS {
+        for n in 0..threads {
             let rx = rx.clone();
             let _ = std::thread::Builder::new()
-                .name(format!("bux-fuse-wait-{n}"))
+                .name(format!("bux-fuse-{name}-{n}"))
                 .spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     match job {
@@ -123,7 +132,8 @@ impl ImageFs {
             }),
             statfs: (blocks, files),
             no_open: false,
-            waiting_reads: WaitingReads::new(),
+            waiting_reads: WaitingReads::new("wait", WAITING_READ_THREADS),
+            decoding_reads: WaitingReads::new("decode", decoding_read_threads()),
             escape_overlay_xattrs: false,
             check_permissions: true,
             offered: Default::default(),
@@ -303,6 +313,17 @@ impl Shared {
                 .stream_ranges(i, offset, size)
                 .into_iter()
                 .all(|(l, need, _)| self.layers.get(l as usize).is_none_or(|r| r.is_local(need)))
+    }
+
+    /// Whether a read can be answered from what is decompressed already (or needs none).
+    fn is_decoded(&self, i: Inode<'_>, offset: u64, size: u32) -> bool {
+        self.stream_ranges(i, offset, size)
+            .into_iter()
+            .all(|(l, need, _)| {
+                self.layers
+                    .get(l as usize)
+                    .is_none_or(|r| r.is_decoded(&self.cache, need))
+            })
     }
 
     /// A read that may wait on the network: fetch what it needs (and what is worth fetching
@@ -562,6 +583,18 @@ impl Filesystem for ImageFs {
             let shared = self.shared.clone();
             return self.waiting_reads.run(move || {
                 match shared.fetch_and_read(ino, offset, size) {
+                    Ok(data) => reply.data(&data),
+                    Err(e) => reply.error(e),
+                }
+            });
+        }
+        if !self.is_decoded(i, offset, size) {
+            let shared = self.shared.clone();
+            return self.decoding_reads.run(move || {
+                match shared
+                    .inode(ino)
+                    .and_then(|i| shared.read_file(i, offset, size))
+                {
                     Ok(data) => reply.data(&data),
                     Err(e) => reply.error(e),
                 }

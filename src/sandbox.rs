@@ -5,11 +5,31 @@
 //! processes, keyrings, changing ids or namespaces, mounting, changing the clock, rebooting —
 //! and, for root's daemons, running programs at all. `no_new_privs` is set with it.
 //!
-//! What it does not do (see the README): the daemon stays uid 0, so files root owns stay
-//! writable to it. Capabilities and Landlock are per thread and the FUSE workers exist before
-//! the mount is live; Landlock would also refuse the `umount` that ends the mount.
+//! The worker of an image's shared server (root's mounts, see [`crate::mount::shared`]) goes
+//! further: its supervisor mounts and unmounts, so once its files are open it gives up root
+//! altogether ([`drop_to_nobody`]): uid and gid 65534, no supplementary groups, no
+//! capabilities. A daemon of its own (`--own-server`, lazy mounts) stays uid 0, so files root
+//! owns stay writable to it: it unmounts itself at the end, and fetches into the store.
 
 use std::io;
+
+/// The ids [`drop_to_nobody`] takes (the traditional `nobody`).
+pub const NOBODY: u32 = 65534;
+
+/// Gives up root for good, on every thread: no supplementary groups, gid and uid
+/// [`NOBODY`] (real, effective and saved), which also clears every capability.
+pub fn drop_to_nobody() -> io::Result<()> {
+    // SAFETY: plain id-changing calls; glibc applies them to every thread of the process.
+    unsafe {
+        if libc::setgroups(0, std::ptr::null()) != 0
+            || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
+            || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
+        {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
 
 /// Confines this process (all its threads). `host_root`: the daemon runs as the host's root,
 /// which never needs to run a program after mounting (users' daemons run `fusermount3 -u`).

@@ -77,6 +77,12 @@ pub struct Lock {
     _file: File,
 }
 
+/// Takes the exclusive lock on `file` if nobody holds it (kept until the file is closed).
+pub fn try_flock(file: &File) -> bool {
+    // SAFETY: flock on a valid, owned descriptor.
+    unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
+}
+
 /// A live mount's claim on its image's files (see [`Store::lease`]); released when dropped.
 #[derive(Debug)]
 pub struct Lease {
@@ -266,6 +272,18 @@ impl Store {
     /// Takes the exclusive lock `name`, waiting for other processes that hold it.
     pub fn lock(&self, name: &str) -> Result<Lock> {
         self.flock(name, libc::LOCK_EX)
+    }
+
+    /// The file behind lock `name`, opened (for [`try_flock`] by a process that may no longer
+    /// open it later).
+    pub fn lock_file(&self, name: &str) -> Result<File> {
+        let path = self.root.join("locks").join(format!("{name}.lock"));
+        OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .ctx(|| format!("opening lock {}", path.display()))
     }
 
     /// [`Store::lock`] if nobody holds it, else `None` at once.

@@ -154,6 +154,13 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
         status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
         "{status}"
     );
+    // And holds no privilege: uid 65534, no capabilities (its supervisor mounts).
+    assert!(
+        status.contains("Uid:\t65534\t65534\t65534\t65534"),
+        "{status}"
+    );
+    assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
+    assert!(status.contains("CapPrm:\t0000000000000000"), "{status}");
     // Writes stay in their own mount.
     for (i, (mnt, writable)) in mounts.iter().enumerate() {
         let os = std::fs::read_to_string(mnt.join("etc/os-release")).unwrap();

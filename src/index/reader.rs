@@ -327,6 +327,30 @@ impl LayerReader {
         !self.blob.may_fetch() || self.blob.is_local(self.compressed_range(range))
     }
 
+    /// Whether the stream range `range` can be read without decompressing anything (a plain
+    /// tar layer; or spans cached, and inflated that far).
+    pub fn is_decoded(&self, cache: &SpanCache, range: Range<u64>) -> bool {
+        let end = range.end.min(self.size);
+        if range.start >= end || matches!(self.access, Access::Tar) {
+            return true;
+        }
+        (self.span_of(range.start)..=self.span_of(end - 1)).all(|i| {
+            let (start, span_end) = self.span_bounds(i);
+            if span_end - start > MAX_CACHED_SPAN {
+                return false;
+            }
+            match cache.get((self.id, i as u32)) {
+                Some(Span::Whole(_)) => true,
+                // Being inflated by another reader: not ready (do not wait here).
+                Some(Span::Gzip(g)) => g
+                    .state
+                    .try_lock()
+                    .is_ok_and(|st| st.bytes.len() >= (end.min(span_end) - start) as usize),
+                None => false,
+            }
+        })
+    }
+
     /// Whether some read of this layer may have to wait for a fetch.
     pub fn may_fetch(&self) -> bool {
         self.blob.may_fetch()

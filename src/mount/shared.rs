@@ -338,17 +338,27 @@ pub fn supervise(
                 resume = true;
             }
             Outcome::WorkerDied(_) => break, // unmounted from outside
-            Outcome::Stop | Outcome::Unused(_) => {
-                let _ = unmount(&mnt);
-                // SAFETY: signalling our own child.
-                unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
-                let _ = worker.wait();
+            Outcome::Stop => {
+                stop_serving(&mnt, &mut worker);
                 break;
+            }
+            Outcome::Unused(lock) => {
+                stop_serving(&mnt, &mut worker);
+                let _ = std::fs::remove_file(place.pid());
+                drop(lock); // now a client may start a new server
+                return Ok(());
             }
         }
     }
     let _ = std::fs::remove_file(place.pid());
     Ok(())
+}
+
+fn stop_serving(mnt: &Path, worker: &mut std::process::Child) {
+    let _ = unmount(mnt);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    let _ = worker.wait();
 }
 
 enum Outcome {
@@ -509,7 +519,11 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         &place.worker_pid(),
         std::process::id().to_string().as_bytes(),
     )?;
-    orphan_watch(store.clone(), Place::new(store, &manifest));
+    // What the orphan watch needs of the store, opened while it still may.
+    let lock = store.lock_file(&place.lock)?;
+    orphan_watch(lock, Place::new(store, &manifest));
+    // Everything it serves is open: serving needs no privilege (the supervisor mounts).
+    crate::sandbox::drop_to_nobody().map_err(|e| io("giving up root", e))?;
     println!("ready");
     let _ = std::io::stdout().flush();
     silence_stdout();
@@ -523,7 +537,7 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
 /// If the supervisor dies, nobody would restart this worker, nor notice when the mount is no
 /// longer used: serve on (the VMs keep their roots) until nothing stands on the mount, then
 /// exit, which ends the connection (the next mount starts a new server).
-fn orphan_watch(store: Store, place: Place) {
+fn orphan_watch(lock: std::fs::File, place: Place) {
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() };
     let _ = std::thread::Builder::new()
@@ -534,9 +548,13 @@ fn orphan_watch(store: Store, place: Place) {
                 std::thread::sleep(Duration::from_millis(500));
             }
             tracing::warn!("the image server's supervisor died: serving until unused");
-            if let Ok(Outcome::Unused(_lock)) = watch(&store, &place, || None) {
-                let _ = std::fs::remove_file(place.worker_pid());
-                std::process::exit(0);
+            let mnt = place.mnt();
+            loop {
+                // Held from here to exit: no client mounts on what is about to end.
+                if users(&mnt) == 0 && crate::store::try_flock(&lock) && users(&mnt) == 0 {
+                    std::process::exit(0);
+                }
+                wait_for_mount_change(Duration::from_millis(500));
             }
         });
 }
