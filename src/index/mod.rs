@@ -31,9 +31,12 @@ use crate::digest::Hasher;
 use crate::error::IoContext;
 use crate::{Digest, Error, Result};
 
-/// Output between two gzip checkpoints. 1 MiB keeps a cold random read to about half a MiB of
-/// inflate (~1 ms with zlib-rs) at a cost of one compressed 32 KiB window per MiB.
-pub const GZIP_SPACING: u64 = 1 << 20;
+/// Output between two gzip checkpoints. A cold random read inflates from the checkpoint before
+/// it to its own end: a quarter MiB on average here. Measured on the large Debian image against
+/// 1 MiB: random 128 KiB cold read p50 1.62 ms instead of 2.39 ms, for 15 MB more of windows in
+/// the store (1.073× the compressed image instead of 1.040×; one ~15 KiB compressed window per
+/// checkpoint).
+pub const GZIP_SPACING: u64 = 512 << 10;
 /// Uncompressed size of each frame of the seekable zstd copy.
 pub const ZSTD_FRAME: usize = 1 << 20;
 /// zstd level for the seekable copy (the fast default).
