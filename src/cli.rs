@@ -1,8 +1,8 @@
 //! The `bux-fuse` command line: argument parsing and one library call per command.
 
-use std::io::{BufRead, IsTerminal, Read, Write};
+use std::io::{IsTerminal, Read, Write};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
@@ -940,7 +940,6 @@ fn spawn_daemon(
     lazy: bool,
 ) -> Result<()> {
     let quiet = pull.quiet;
-    use std::os::unix::process::CommandExt;
     let logs = store.root().join("logs");
     std::fs::create_dir_all(&logs).context("creating log directory")?;
     let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
@@ -948,8 +947,6 @@ fn spawn_daemon(
         "mount-{}.log",
         crate::Digest::of(abs.as_os_str().as_encoded_bytes()).short()
     ));
-    let log = std::fs::File::create(&log_path)
-        .with_context(|| format!("creating {}", log_path.display()))?;
     let exe = std::env::current_exe().context("finding own executable")?;
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
@@ -1003,40 +1000,15 @@ fn spawn_daemon(
                 .env("BUX_FUSE_PASSWORD", password);
         }
     }
-    cmd.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
-    // SAFETY: setsid is async-signal-safe; it detaches the daemon from our terminal/session.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
+    let child = crate::mount::start_detached(cmd, &log_path, "the mount daemon")
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !quiet {
+        eprintln!(
+            "{reference} mounted at {} (daemon pid {}; `bux-fuse umount {}` to unmount)",
+            abs.display(),
+            child.id(),
+            abs.display()
+        );
     }
-    let mut child = cmd.spawn().context("starting the mount daemon")?;
-    let mut line = String::new();
-    let stdout = child.stdout.take().context("daemon stdout")?;
-    std::io::BufReader::new(stdout)
-        .read_line(&mut line)
-        .context("waiting for the mount daemon")?;
-    if line.trim() == "ready" {
-        if !quiet {
-            eprintln!(
-                "{reference} mounted at {} (daemon pid {}; `bux-fuse umount {}` to unmount)",
-                abs.display(),
-                child.id(),
-                abs.display()
-            );
-        }
-        return Ok(());
-    }
-    let _ = child.wait();
-    let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("the mount daemon exited without a message")
-        .trim_start_matches("bux-fuse: ");
-    bail!("{last}")
+    Ok(())
 }

@@ -315,12 +315,21 @@ impl Store {
         self.remove_image(&name)
     }
 
-    /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone.
+    /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone
+    /// or damaged. Its checksum is verified here, once per server (a mount over a running
+    /// shared server does not come here), so that a flipped byte is not served.
     pub fn tree(&self, record: &ImageRecord) -> Result<Tree> {
         let path = self.tree_path(&record.manifest_digest);
-        let mut tree = match Tree::load(&path) {
+        let loaded = Tree::load(&path).and_then(|t| {
+            t.verify().map_err(|detail| Error::CorruptStore {
+                path: path.clone(),
+                detail,
+            })?;
+            Ok(t)
+        });
+        let mut tree = match loaded {
             Ok(t) => t,
-            Err(_) => {
+            Err(e) => {
                 let indexes = record
                     .layers
                     .iter()
@@ -328,6 +337,10 @@ impl Store {
                     .collect::<Result<Vec<_>>>()?;
                 let t = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
                 t.save(&path)?;
+                if !matches!(&e, Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
+                {
+                    tracing::warn!("{e}: rebuilt it from the layer indexes");
+                }
                 t
             }
         };

@@ -397,6 +397,44 @@ pub fn clean_scratch(scratch: &Path) -> usize {
     n
 }
 
+/// Starts `cmd` detached (its own session, stdin closed, stderr to the file `log`) and waits
+/// for it to print `ready`. Else: the last line it logged (`what` if none).
+pub(crate) fn start_detached(
+    mut cmd: std::process::Command,
+    log: &Path,
+    what: &str,
+) -> std::result::Result<std::process::Child, String> {
+    use std::io::BufRead;
+    use std::os::unix::process::CommandExt;
+    let file =
+        std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(file);
+    // SAFETY: setsid is async-signal-safe; the process outlives whoever started it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("starting {what}: {e}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = io::BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(child);
+    }
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(log).unwrap_or_default();
+    let last = logged.lines().rev().find(|l| !l.trim().is_empty());
+    Err(last.map_or_else(
+        || format!("{what} exited without a message"),
+        |l| l.trim_start_matches("bux-fuse: ").to_string(),
+    ))
+}
+
 /// Unmounts `path` lazily (`MNT_DETACH`): works with files open and on dead mounts.
 pub fn unmount(path: &Path) -> Result<()> {
     let err = |detail: String| Error::Mount {

@@ -114,7 +114,6 @@ pub(crate) fn lower(
 
 /// Starts a detached supervisor (`bux-fuse serve-shared`) and waits until it serves.
 fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Result<()> {
-    use std::os::unix::process::CommandExt;
     let err = |detail: String| Error::Mount {
         path: place.mnt(),
         detail,
@@ -125,44 +124,14 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
     for d in [place.mnt(), place.empty()] {
         std::fs::create_dir_all(&d).map_err(|e| err(format!("creating {}: {e}", d.display())))?;
     }
-    let log = std::fs::File::create(place.log())
-        .map_err(|e| err(format!("creating {}: {e}", place.log().display())))?;
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
         .arg(store.root())
         .arg("serve-shared")
-        .arg(record.manifest_digest.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::from(log));
-    // SAFETY: setsid is async-signal-safe; the server outlives whoever started it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| err(format!("starting {}: {e}", exe.display())))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
-    if line.trim() == "ready" {
-        return Ok(());
-    }
-    let _ = child.wait();
-    let log = std::fs::read_to_string(place.log()).unwrap_or_default();
-    let last = log
-        .lines()
-        .rev()
-        .find(|l| !l.trim().is_empty())
-        .unwrap_or("the image server exited without a message");
-    Err(err(format!(
-        "image server: {}",
-        last.trim_start_matches("bux-fuse: ")
-    )))
+        .arg(record.manifest_digest.to_string());
+    super::start_detached(cmd, &place.log(), "the image server")
+        .map_err(|e| err(format!("image server: {e}")))?;
+    Ok(())
 }
 
 /// Makes `dir` a mount of the image standing on its shared mount `lower`: a bind mount, or a
