@@ -35,6 +35,7 @@ pub mod error;
 pub mod fs;
 pub mod index;
 pub mod lazy;
+mod mapped;
 pub mod mount;
 pub mod publish;
 pub mod pull;

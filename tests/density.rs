@@ -161,6 +161,7 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     );
     assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
     assert!(status.contains("CapPrm:\t0000000000000000"), "{status}");
+
     // Writes stay in their own mount.
     for (i, (mnt, writable)) in mounts.iter().enumerate() {
         let os = std::fs::read_to_string(mnt.join("etc/os-release")).unwrap();

@@ -10,6 +10,7 @@
 //! needs no window.
 
 use std::io::{self, Read};
+use std::sync::Arc;
 
 use libz_rs_sys as z;
 use serde::{Deserialize, Serialize};
@@ -30,7 +31,74 @@ pub struct Checkpoint {
     /// `coff` is the first byte of a gzip member header; no window is needed.
     pub member_start: bool,
     /// The 32 KiB of output before `uoff`, zstd-compressed (empty for a member start).
-    pub window: Vec<u8>,
+    pub window: Window,
+}
+
+/// A checkpoint's compressed window: held in memory (just made, or decoded), or a slice of the
+/// mapped access table it was loaded from, so that a mount's checkpoints cost it no memory of
+/// their own however large the layer. Serialized exactly as a `Vec<u8>`.
+#[derive(Clone, Default)]
+pub struct Window(WindowBytes);
+
+#[derive(Clone)]
+enum WindowBytes {
+    Owned(Vec<u8>),
+    /// `range` of a mapped file.
+    Mapped(Arc<crate::mapped::Mapped>, std::ops::Range<usize>),
+}
+
+impl Default for WindowBytes {
+    fn default() -> Self {
+        WindowBytes::Owned(Vec::new())
+    }
+}
+
+impl Window {
+    /// The window at `range` of `map` (checked in range by the caller).
+    pub(crate) fn mapped(map: Arc<crate::mapped::Mapped>, range: std::ops::Range<usize>) -> Window {
+        Window(WindowBytes::Mapped(map, range))
+    }
+}
+
+impl std::ops::Deref for Window {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match &self.0 {
+            WindowBytes::Owned(v) => v,
+            WindowBytes::Mapped(m, r) => &m.as_slice()[r.clone()],
+        }
+    }
+}
+
+impl From<Vec<u8>> for Window {
+    fn from(v: Vec<u8>) -> Window {
+        Window(WindowBytes::Owned(v))
+    }
+}
+
+impl PartialEq for Window {
+    fn eq(&self, o: &Window) -> bool {
+        **self == **o
+    }
+}
+impl Eq for Window {}
+
+impl std::fmt::Debug for Window {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Window({} bytes)", self.len())
+    }
+}
+
+impl Serialize for Window {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(self.iter())
+    }
+}
+
+impl<'de> Deserialize<'de> for Window {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Window, D::Error> {
+        Vec::<u8>::deserialize(d).map(Window::from)
+    }
 }
 
 /// Owns a raw (header-less) zlib-rs inflate stream.
@@ -208,7 +276,7 @@ impl<R: Read> GzipReader<R> {
                 coff: 0,
                 bits: 0,
                 member_start: true,
-                window: Vec::new(),
+                window: Window::default(),
             }],
         });
         Ok(GzipReader {
@@ -409,7 +477,7 @@ impl<R: Read> GzipReader<R> {
                         coff: self.coff,
                         bits: (data_type & 7) as u8,
                         member_start: false,
-                        window: zstd::bulk::compress(&rec.ring.contents(), 1)?,
+                        window: zstd::bulk::compress(&rec.ring.contents(), 1)?.into(),
                     });
                 }
             }
@@ -437,7 +505,7 @@ impl<R: Read> Read for GzipReader<R> {
                                 coff: self.coff,
                                 bits: 0,
                                 member_start: true,
-                                window: Vec::new(),
+                                window: Window::default(),
                             });
                         }
                     }

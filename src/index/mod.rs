@@ -21,6 +21,7 @@ pub mod zstd_frames;
 
 use std::io::{self, Read, Write};
 use std::path::Path;
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -43,7 +44,21 @@ pub const ZSTD_FRAME: usize = 1 << 20;
 pub const ZSTD_LEVEL: i32 = 3;
 
 const MAGIC: &[u8; 8] = b"BUXIDX\x00\x03";
-const ACCESS_MAGIC: &[u8; 8] = b"BUXACC\x00\x01";
+/// Access tables of the first format: the whole table postcard-encoded (windows inline).
+const ACCESS_MAGIC_V1: &[u8; 8] = b"BUXACC\x00\x01";
+/// Access tables now: `ACCESS_MAGIC`, the length of the table (u64 LE), the table
+/// postcard-encoded ([`AccessFile`]: gzip windows left out), then the windows end to end. A
+/// mount maps the file and reads each window where it lies.
+const ACCESS_MAGIC: &[u8; 8] = b"BUXACC\x00\x02";
+
+/// The table part of an access file.
+#[derive(Serialize, Deserialize)]
+struct AccessFile {
+    /// The access method, gzip checkpoints without their windows.
+    access: Access,
+    /// Per gzip checkpoint: (offset, length) of its window after the table.
+    windows: Vec<(u64, u32)>,
+}
 
 /// How a layer blob is compressed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -243,15 +258,35 @@ impl LayerIndex {
             detail: format!("encoding index: {e}"),
         })?;
         bytes.extend_from_slice(&body);
-        let mut access = ACCESS_MAGIC.to_vec();
-        access.extend(
-            postcard::to_allocvec(&self.access).map_err(|e| Error::CorruptStore {
-                path: path.into(),
-                detail: format!("encoding access: {e}"),
-            })?,
-        );
-        crate::store::write_atomic(&Self::access_path(path), &access)?;
+        Self::save_access(path, &self.access)?;
         crate::store::write_atomic(path, &bytes)
+    }
+
+    fn save_access(index_path: &Path, access: &Access) -> Result<()> {
+        let path = Self::access_path(index_path);
+        let mut table = AccessFile {
+            access: access.clone(),
+            windows: Vec::new(),
+        };
+        let mut blob = Vec::new();
+        if let Access::Gzip(cps) = &mut table.access {
+            for cp in cps {
+                table
+                    .windows
+                    .push((blob.len() as u64, cp.window.len() as u32));
+                blob.extend_from_slice(&cp.window);
+                cp.window = Default::default();
+            }
+        }
+        let encoded = postcard::to_allocvec(&table).map_err(|e| Error::CorruptStore {
+            path: path.clone(),
+            detail: format!("encoding access: {e}"),
+        })?;
+        let mut bytes = ACCESS_MAGIC.to_vec();
+        bytes.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&encoded);
+        bytes.extend_from_slice(&blob);
+        crate::store::write_atomic(&path, &bytes)
     }
 
     /// Where the random-access table of the index at `index_path` lives.
@@ -260,19 +295,54 @@ impl LayerIndex {
     }
 
     /// Reads only the random-access table of the index at `index_path` (what a mount needs).
+    /// The table is mapped, and gzip windows are read from the map where they lie: what a
+    /// mount holds of it is a few dozen bytes per checkpoint. A table of the first format is
+    /// converted (rewritten) on the way.
     pub fn load_access(index_path: &Path) -> Result<Access> {
         let path = Self::access_path(index_path);
-        let bytes = std::fs::read(&path).ctx(|| format!("reading {}", path.display()))?;
+        let corrupt = |detail: String| Error::CorruptStore {
+            path: path.clone(),
+            detail,
+        };
+        let map = Arc::new(
+            crate::mapped::Mapped::open(&path).ctx(|| format!("reading {}", path.display()))?,
+        );
+        let bytes = map.as_slice();
+        if let Some(body) = bytes.strip_prefix(&ACCESS_MAGIC_V1[..]) {
+            let access: Access = postcard::from_bytes(body)
+                .map_err(|e| corrupt(format!("decoding access table: {e}")))?;
+            if let Err(e) = Self::save_access(index_path, &access) {
+                tracing::debug!("converting {}: {e}", path.display());
+            }
+            return Ok(access);
+        }
         let body = bytes
             .strip_prefix(&ACCESS_MAGIC[..])
-            .ok_or_else(|| Error::CorruptStore {
-                path: path.clone(),
-                detail: "not an access table of this version".into(),
-            })?;
-        postcard::from_bytes(body).map_err(|e| Error::CorruptStore {
-            path: path.clone(),
-            detail: format!("decoding access table: {e}"),
-        })
+            .ok_or_else(|| corrupt("not an access table of this version".into()))?;
+        let table_len = body
+            .get(..8)
+            .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")) as usize)
+            .filter(|&n| n <= body.len() - 8)
+            .ok_or_else(|| corrupt("access table cut short".into()))?;
+        let mut table: AccessFile = postcard::from_bytes(&body[8..8 + table_len])
+            .map_err(|e| corrupt(format!("decoding access table: {e}")))?;
+        let blob_start = ACCESS_MAGIC.len() + 8 + table_len;
+        if let Access::Gzip(cps) = &mut table.access {
+            if table.windows.len() != cps.len() {
+                return Err(corrupt(
+                    "window table does not match the checkpoints".into(),
+                ));
+            }
+            for (cp, &(off, len)) in cps.iter_mut().zip(&table.windows) {
+                let start = blob_start.saturating_add(off as usize);
+                let end = start.saturating_add(len as usize);
+                if end > bytes.len() {
+                    return Err(corrupt("a window lies outside the file".into()));
+                }
+                cp.window = gzip::Window::mapped(map.clone(), start..end);
+            }
+        }
+        Ok(table.access)
     }
 
     /// Whether the access table at `index_path` is [`Access::Zstd`] (read from its first
@@ -281,18 +351,21 @@ impl LayerIndex {
     pub fn access_is_zstd(index_path: &Path) -> Result<bool> {
         use std::io::Read;
         let path = Self::access_path(index_path);
-        let mut head = [0u8; ACCESS_MAGIC.len() + 1];
+        let mut head = Vec::with_capacity(ACCESS_MAGIC.len() + 9);
         std::fs::File::open(&path)
-            .and_then(|mut f| f.read_exact(&mut head))
+            .and_then(|f| f.take(ACCESS_MAGIC.len() as u64 + 9).read_to_end(&mut head))
             .ctx(|| format!("reading {}", path.display()))?;
-        if head[..ACCESS_MAGIC.len()] != ACCESS_MAGIC[..] {
-            return Err(Error::CorruptStore {
-                path,
-                detail: "not an access table of this version".into(),
-            });
-        }
-        // postcard writes the variant's index first (a one-byte varint here).
-        Ok(head[ACCESS_MAGIC.len()] == 2)
+        // postcard writes the variant's index first (a one-byte varint here), after the table's
+        // length in this format, right after the magic in the first.
+        let variant = match head.get(..ACCESS_MAGIC.len()) {
+            Some(m) if m == ACCESS_MAGIC => head.get(ACCESS_MAGIC.len() + 8),
+            Some(m) if m == ACCESS_MAGIC_V1 => head.get(ACCESS_MAGIC.len()),
+            _ => None,
+        };
+        variant.map(|&v| v == 2).ok_or_else(|| Error::CorruptStore {
+            path,
+            detail: "not an access table of this version".into(),
+        })
     }
 
     /// Reads an index written by [`LayerIndex::save`].
@@ -317,7 +390,8 @@ impl LayerIndex {
 mod tests {
     use super::*;
 
-    /// The quick look at an access table's first bytes agrees with decoding it whole.
+    /// Access tables round-trip (gzip windows read from the map), tables of the first format
+    /// are read and converted, and the quick look at a table's first bytes agrees with both.
     #[test]
     fn access_kind_from_the_first_bytes() {
         let dir = tempfile::tempdir().unwrap();
@@ -327,21 +401,43 @@ mod tests {
             coff: 0,
             cend: 1,
         };
+        let cp = |uoff: u64, window: &[u8]| gzip::Checkpoint {
+            uoff,
+            coff: uoff / 2,
+            bits: 3,
+            member_start: window.is_empty(),
+            window: window.to_vec().into(),
+        };
         for access in [
             Access::Tar,
             Access::Gzip(Vec::new()),
+            Access::Gzip(vec![
+                cp(0, b""),
+                cp(1 << 19, b"first window"),
+                cp(1 << 20, b"2nd"),
+            ]),
             Access::Zstd(vec![(0, 0), (1 << 20, 4096)]),
             Access::Frames(vec![frame]),
         ] {
-            let mut bytes = ACCESS_MAGIC.to_vec();
+            // A table of the first format, as older stores have: read, and converted.
+            let mut bytes = ACCESS_MAGIC_V1.to_vec();
             bytes.extend(postcard::to_allocvec(&access).unwrap());
-            std::fs::write(LayerIndex::access_path(&index), bytes).unwrap();
-            let whole = LayerIndex::load_access(&index).unwrap();
-            assert_eq!(
-                LayerIndex::access_is_zstd(&index).unwrap(),
-                matches!(whole, Access::Zstd(_)),
-                "{access:?}"
-            );
+            let path = LayerIndex::access_path(&index);
+            std::fs::write(&path, bytes).unwrap();
+            for format in ["first", "converted"] {
+                assert_eq!(
+                    LayerIndex::access_is_zstd(&index).unwrap(),
+                    matches!(access, Access::Zstd(_)),
+                    "{access:?}, {format}"
+                );
+                let whole = LayerIndex::load_access(&index).unwrap();
+                assert_eq!(
+                    postcard::to_allocvec(&whole).unwrap(),
+                    postcard::to_allocvec(&access).unwrap(),
+                    "{format}"
+                );
+            }
+            assert!(std::fs::read(&path).unwrap().starts_with(ACCESS_MAGIC));
         }
     }
 }

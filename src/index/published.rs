@@ -197,7 +197,8 @@ impl PublishedLayer {
         for cp in cps.iter_mut() {
             spans.push((blob.len() as u64, cp.window.len() as u32));
             digests.push(Digest::of(&cp.window));
-            blob.append(&mut cp.window);
+            blob.extend_from_slice(&cp.window);
+            cp.window = Default::default();
         }
         self.windows = Some(Windows {
             digest: Digest::of(&blob),

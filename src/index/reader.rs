@@ -554,7 +554,7 @@ impl LayerReader {
                     "gzip checkpoint without its window",
                 )
             })?;
-            cp.to_mut().window = window;
+            cp.to_mut().window = window.into();
         }
         let (start, end) = self.span_bounds(i);
         let range = self.compressed_range(start..end);

@@ -115,7 +115,9 @@ impl LazyBlob {
         {
             // Put the published windows back inline to compare them with the real ones.
             for (cp, &(off, len)) in cps.iter_mut().zip(&w.spans) {
-                cp.window = data[off as usize..off as usize + len as usize].to_vec();
+                cp.window = data[off as usize..off as usize + len as usize]
+                    .to_vec()
+                    .into();
             }
         }
         if let Some(why) = differences(&idx, &published) {

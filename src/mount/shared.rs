@@ -433,10 +433,24 @@ fn spawn_worker(
     if let Some(out) = child.stdout.take() {
         let _ = std::io::BufReader::new(out).read_line(&mut line);
     }
-    if line.trim() != "ready" {
+    let offered = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|caps| u64::from_str_radix(caps, 16).ok());
+    let Some(offered) = offered else {
         let _ = child.kill();
         let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
         return Err(format!("the worker did not start ({status}; see the log)"));
+    };
+    // What the kernel offered the first worker, for the ones that take over (a taking-over
+    // worker reports what it was given again).
+    if !resume {
+        let place = Place::new(store, manifest);
+        if let Err(e) = crate::store::write_atomic(&place.init(), &offered.to_le_bytes()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("recording FUSE_INIT: {e}"));
+        }
     }
     Ok(child)
 }
@@ -454,7 +468,27 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         });
     }
     let opts = MountOptions::default();
+    let io =
+        |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
+    // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
     let image = open_image(store, &record.reference, &opts)?;
+    let replay = match resume {
+        true => {
+            Some(std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?)
+        }
+        false => None,
+    };
+    crate::store::write_atomic(
+        &place.worker_pid(),
+        std::process::id().to_string().as_bytes(),
+    )?;
+    let lock = store.lock_file(&place.lock)?;
+    // Before any thread starts: Landlock binds the threads that exist and what they start.
+    match crate::sandbox::open_nothing_more() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
+        Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
+    }
     let fs = ImageFs::new(
         image.tree,
         image.layers,
@@ -469,31 +503,19 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
     // worker would fail the requests it holds (ECONNABORTED) instead of keeping them for a
     // resend.
     config.clone_fd = false;
-    let io =
-        |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // SAFETY: the supervisor passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-    let session = if resume {
-        let init =
-            std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?;
-        replay_init(fs, conn, &init, config).map_err(|e| io("resuming", e))?
-    } else {
-        let session =
-            Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?;
-        let init = offered.load(Ordering::Relaxed).to_le_bytes();
-        crate::store::write_atomic(&place.init(), &init)?;
-        session
+    let session = match &replay {
+        Some(init) => replay_init(fs, conn, init, config).map_err(|e| io("resuming", e))?,
+        None => {
+            Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?
+        }
     };
-    crate::store::write_atomic(
-        &place.worker_pid(),
-        std::process::id().to_string().as_bytes(),
-    )?;
-    // What the orphan watch needs of the store, opened while it still may.
-    let lock = store.lock_file(&place.lock)?;
     orphan_watch(lock, Place::new(store, &manifest));
-    // Everything it serves is open: serving needs no privilege (the supervisor mounts).
+    // Serving needs no privilege (the supervisor mounts and unmounts).
     crate::sandbox::drop_to_nobody().map_err(|e| io("giving up root", e))?;
-    println!("ready");
+    // The supervisor records what the kernel offered, for a worker that takes over.
+    println!("ready {:x}", offered.load(Ordering::Relaxed));
     let _ = std::io::stdout().flush();
     silence_stdout();
     if let Err(e) = crate::sandbox::confine(true) {

@@ -26,6 +26,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::error::IoContext;
 use crate::index::{EntryKind, Extent, LayerSource};
+use crate::mapped::Mapped;
 use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"BUXTRE\x00\x04";
@@ -108,59 +109,6 @@ pub struct Dirent<'a> {
     pub ino: u64,
 }
 
-/// The bytes of a tree: a read-only map of its file, or a buffer just built.
-enum Bytes {
-    Mapped(*const u8, usize),
-    Owned(Vec<u8>),
-}
-
-// SAFETY: the map is read-only and owned by this value, which unmaps it on drop.
-unsafe impl Send for Bytes {}
-// SAFETY: as above; nothing writes through the pointer.
-unsafe impl Sync for Bytes {}
-
-impl Bytes {
-    fn as_slice(&self) -> &[u8] {
-        match self {
-            // SAFETY: `p` maps `len` readable bytes for as long as `self` lives. The store only
-            // replaces tree files by rename, so the mapped file is never truncated under us.
-            Bytes::Mapped(p, len) => unsafe { std::slice::from_raw_parts(*p, *len) },
-            Bytes::Owned(v) => v,
-        }
-    }
-
-    fn map(file: &std::fs::File, len: usize) -> std::io::Result<Bytes> {
-        use std::os::fd::AsRawFd;
-        if len == 0 {
-            return Ok(Bytes::Owned(Vec::new()));
-        }
-        // SAFETY: a fresh read-only mapping of a file we hold open; checked below.
-        let p = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ,
-                libc::MAP_SHARED,
-                file.as_raw_fd(),
-                0,
-            )
-        };
-        if p == libc::MAP_FAILED {
-            return Err(std::io::Error::last_os_error());
-        }
-        Ok(Bytes::Mapped(p as *const u8, len))
-    }
-}
-
-impl Drop for Bytes {
-    fn drop(&mut self) {
-        if let Bytes::Mapped(p, len) = *self {
-            // SAFETY: unmaps exactly what `map` mapped, once.
-            unsafe { libc::munmap(p as *mut libc::c_void, len) };
-        }
-    }
-}
-
 /// Section bounds, from the header.
 #[derive(Debug, Clone, Copy, Default)]
 struct Sections {
@@ -173,7 +121,7 @@ struct Sections {
 
 /// A merged, frozen tree.
 pub struct Tree {
-    bytes: Arc<Bytes>,
+    bytes: Arc<Mapped>,
     at: Sections,
     /// The layers, bottom first; [`NodeData::File::layer`] indexes this.
     pub layers: Vec<LayerSource>,
@@ -366,7 +314,7 @@ impl Tree {
             .ctx(|| format!("reading {}", path.display()))?
             .len();
         let bytes =
-            Bytes::map(&file, len as usize).ctx(|| format!("mapping {}", path.display()))?;
+            Mapped::map(&file, len as usize).ctx(|| format!("mapping {}", path.display()))?;
         Tree::from_bytes(bytes).map_err(|detail| Error::CorruptStore {
             path: path.into(),
             detail,
@@ -375,10 +323,10 @@ impl Tree {
 
     /// Opens an encoded tree held in memory.
     pub(crate) fn from_vec(v: Vec<u8>) -> std::result::Result<Tree, String> {
-        Tree::from_bytes(Bytes::Owned(v))
+        Tree::from_bytes(Mapped::Owned(v))
     }
 
-    fn from_bytes(bytes: Bytes) -> std::result::Result<Tree, String> {
+    fn from_bytes(bytes: Mapped) -> std::result::Result<Tree, String> {
         let b = bytes.as_slice();
         if b.len() < HEADER || &b[..8] != MAGIC {
             return Err("not a merged tree of this version".into());
