@@ -711,8 +711,17 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
     // A first read of each big file: its blob's target is learned (in the background).
     spread_reads("usr/lib/big1.bin", 16 << 20, &[0]);
     spread_reads("usr/lib/big2.bin", 12 << 20, &[0]);
-    std::thread::sleep(Duration::from_millis(500));
-    let learned = blob_requests();
+    // Wait for those reads' fetches (and look-ahead) to settle: no new request for a second.
+    let mut learned = blob_requests();
+    let settle = Instant::now() + Duration::from_secs(15);
+    loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now = blob_requests();
+        if now == learned || Instant::now() > settle {
+            break;
+        }
+        learned = now;
+    }
     // More ranges, far apart (each its own fetch): none goes through the registry.
     let mib = 1u64 << 20;
     spread_reads("usr/lib/big1.bin", 16 << 20, &[5 * mib, 10 * mib, 15 * mib]);
