@@ -1,0 +1,268 @@
+//! One image server for all of root's mounts of an image.
+//!
+//! A hundred VMs of one image should cost one daemon and one copy of the image's pages, not a
+//! hundred. So (host root, image stored whole) the image is served once, read-only, at
+//! `$STORE/shared/<manifest>/mnt`, and each mount is a kernel mount over it: a bind mount
+//! (read-only), or an overlay with the mount's own upper layer (writable). The kernel keeps one
+//! page cache for the FUSE mount, whichever VM reads a page first.
+//!
+//! Sharing must not widen the blast radius, so the server is two processes:
+//! - a **supervisor** that mounts, holds the `/dev/fuse` descriptor, and never reads it;
+//! - a **worker** that serves the descriptor it inherits. If the worker dies (a crash, `kill -9`,
+//!   an upgrade), the supervisor starts another onto the same connection: the kernel keeps the
+//!   connection as long as one descriptor is open, so VMs keep their roots (libkrun holds
+//!   O_PATH descriptors there; a remount would lose them). Inode numbers are the tree's, so
+//!   the new worker needs no state; it replays the INIT the kernel sent the first one (fuser
+//!   insists on a handshake) and asks the kernel (FUSE_NOTIFY_RESEND, Linux 6.9+) to send again
+//!   the requests the dead worker had read but not answered.
+//!
+//! The supervisor counts the mounts that stand on its mount (bind mounts of it and overlays
+//! whose lower layer it is) in the mount table, and when none is left it unmounts and exits.
+//! Clients hold the image's lock from "is the server up?" to "my mount is made", and the
+//! supervisor takes it before it tears down, so neither race the other.
+
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use super::{is_mount_point, mount_entry, unescape_mountinfo, unmount};
+use crate::store::ImageRecord;
+use crate::{Digest, Error, Result, Store};
+
+mod supervisor;
+mod worker;
+pub use supervisor::supervise;
+pub use worker::serve_worker;
+
+/// Where an image's server keeps its state.
+pub(crate) struct Place {
+    dir: PathBuf,
+    lock: String,
+}
+
+impl Place {
+    pub(crate) fn new(store: &Store, manifest: &Digest) -> Place {
+        Place {
+            dir: store.root().join("shared").join(manifest.hex()),
+            lock: format!("shared-{}", manifest.hex()),
+        }
+    }
+    /// The image's FUSE mount, which every mount of it stands on.
+    pub(crate) fn mnt(&self) -> PathBuf {
+        self.dir.join("mnt")
+    }
+    /// An empty directory: the second lower layer of a read-only overlay.
+    fn empty(&self) -> PathBuf {
+        self.dir.join("empty")
+    }
+    /// The supervisor's pid.
+    fn pid(&self) -> PathBuf {
+        self.dir.join("pid")
+    }
+    /// The worker's pid.
+    fn worker_pid(&self) -> PathBuf {
+        self.dir.join("worker-pid")
+    }
+    /// What the kernel offered at FUSE_INIT (for a restarted worker to replay).
+    fn init(&self) -> PathBuf {
+        self.dir.join("init")
+    }
+    fn log(&self) -> PathBuf {
+        self.dir.join("log")
+    }
+}
+
+/// Whether the image's server is up: its supervisor alive and its FUSE mount in place.
+/// (A worker whose supervisor died serves on until its mount is unused.)
+fn server_alive(place: &Place) -> bool {
+    let alive = |p: PathBuf| {
+        std::fs::read_to_string(p)
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .is_some_and(crate::store::alive)
+    };
+    (alive(place.pid()) || alive(place.worker_pid()))
+        && mount_entry(&place.mnt()).is_some_and(|(t, _)| t.starts_with("fuse"))
+}
+
+/// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
+/// mount of its own, with its fetcher).
+pub(crate) fn all_local(store: &Store, record: &ImageRecord) -> bool {
+    record
+        .layers
+        .iter()
+        .all(|l| store.blob_path(&l.digest).exists() || store.seekable_path(&l.digest).exists())
+}
+
+/// The image's shared mount, started if it is not up, with the image's lock: hold it until the
+/// mount standing on it is made.
+pub(crate) fn lower(
+    store: &Store,
+    record: &ImageRecord,
+    exe: &Path,
+) -> Result<(PathBuf, crate::store::Lock)> {
+    let place = Place::new(store, &record.manifest_digest);
+    let lock = store.lock(&place.lock)?;
+    if !server_alive(&place) {
+        start(store, record, exe, &place)?;
+    }
+    Ok((place.mnt(), lock))
+}
+
+/// Starts a detached supervisor (`bux-fuse serve-shared`) and waits until it serves.
+fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Result<()> {
+    let err = |detail: String| Error::Mount {
+        path: place.mnt(),
+        detail,
+    };
+    if is_mount_point(&place.mnt()) {
+        let _ = unmount(&place.mnt()); // a server that died
+    }
+    for d in [place.mnt(), place.empty()] {
+        std::fs::create_dir_all(&d).map_err(|e| err(format!("creating {}: {e}", d.display())))?;
+    }
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store.root())
+        .arg("serve-shared")
+        .arg(record.manifest_digest.to_string());
+    super::start_detached(cmd, &place.log(), "the image server")
+        .map_err(|e| err(format!("image server: {e}")))?;
+    Ok(())
+}
+
+/// Makes `dir` a mount of the image standing on its shared mount `lower`: a bind mount, or a
+/// two-lower read-only overlay where the image has `trusted.overlay.*` xattrs (the shared mount
+/// serves them escaped for overlays, and only an overlay shows them as they are).
+pub(crate) fn mount_read_only(
+    lower: &Path,
+    dir: &Path,
+    overlay_xattrs: bool,
+) -> std::result::Result<(), String> {
+    let c = |p: &Path| {
+        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
+            .map_err(|_| "NUL in path".to_string())
+    };
+    if overlay_xattrs {
+        let empty = lower.with_file_name("empty");
+        let data =
+            std::ffi::CString::new(format!("lowerdir={}:{}", lower.display(), empty.display()))
+                .map_err(|e| e.to_string())?;
+        // SAFETY: valid NUL-terminated strings for mount(2).
+        let r = unsafe {
+            libc::mount(
+                c"overlay".as_ptr(),
+                c(dir)?.as_ptr(),
+                c"overlay".as_ptr(),
+                libc::MS_RDONLY,
+                data.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            return Err(format!(
+                "mounting the read-only overlay: {}",
+                std::io::Error::last_os_error()
+            ));
+        }
+        return Ok(());
+    }
+    // SAFETY: valid NUL-terminated strings for mount(2); a bind mount takes no data.
+    let r = unsafe {
+        libc::mount(
+            c(lower)?.as_ptr(),
+            c(dir)?.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        )
+    };
+    if r != 0 {
+        return Err(format!(
+            "bind-mounting the image: {}",
+            std::io::Error::last_os_error()
+        ));
+    }
+    Ok(())
+}
+
+/// How many mounts stand on the shared mount at `mnt`: bind mounts of it (same device) and
+/// overlays whose first lower layer it is.
+fn users(mnt: &Path) -> usize {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return 1; // unknown: keep serving
+    };
+    let want = mnt.to_string_lossy();
+    let mut dev = None;
+    let mut lines = Vec::new();
+    for l in info.lines() {
+        let Some((left, right)) = l.split_once(" - ") else {
+            continue;
+        };
+        let f: Vec<&str> = left.split(' ').collect();
+        let (Some(devno), Some(point)) = (f.get(2), f.get(4)) else {
+            continue;
+        };
+        let point = unescape_mountinfo(point);
+        if point == want {
+            dev = Some(devno.to_string());
+        }
+        lines.push((devno.to_string(), point, right.to_string()));
+    }
+    let Some(dev) = dev else { return 0 };
+    lines
+        .iter()
+        .filter(|(devno, point, right)| {
+            let bind = *devno == dev && *point != want;
+            let mut r = right.split(' ');
+            let over = r.next() == Some("overlay")
+                && r.nth(1).is_some_and(|opts| {
+                    opts.split(',').any(|o| {
+                        o.strip_prefix("lowerdir=").is_some_and(|l| {
+                            unescape_mountinfo(l.split(':').next().unwrap_or(l)) == want
+                        })
+                    })
+                });
+            bind || over
+        })
+        .count()
+}
+
+/// Sleeps until the mount table changes or `timeout` passes.
+fn wait_for_mount_change(timeout: Duration) {
+    let Ok(f) = std::fs::File::open("/proc/self/mountinfo") else {
+        std::thread::sleep(timeout);
+        return;
+    };
+    // The first poll reports the table as changed; the next waits for a change.
+    let mut p = libc::pollfd {
+        fd: f.as_raw_fd(),
+        events: libc::POLLPRI,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd.
+    unsafe {
+        libc::poll(&mut p, 1, 0);
+        p.revents = 0;
+        libc::poll(&mut p, 1, timeout.as_millis() as i32);
+    }
+}
+
+fn silence_stdout() {
+    // The parent stops reading once told; later writes must not fail (or SIGPIPE) us.
+    if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+        // SAFETY: both descriptors are valid; dup2 onto stdout.
+        unsafe { libc::dup2(null.as_raw_fd(), 1) };
+    }
+}
+
+fn find_record(store: &Store, manifest: &Digest) -> Result<ImageRecord> {
+    store
+        .images()?
+        .into_iter()
+        .find(|r| r.manifest_digest == *manifest)
+        .ok_or_else(|| Error::NotFound {
+            reference: manifest.to_string(),
+            detail: " in the local store".into(),
+        })
+}

@@ -1,0 +1,199 @@
+//! The supervisor: mounts the image's shared FUSE mount, holds its `/dev/fuse` descriptor, runs
+//! a worker on it (another when one dies) and leaves once nothing stands on the mount.
+
+use std::io::{BufRead, Write};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use super::{find_record, silence_stdout, users, wait_for_mount_change, Place};
+use crate::mount::{connect, is_mount_point, unmount};
+use crate::{Digest, Error, Result, Store};
+
+/// The supervisor (`bux-fuse serve-shared MANIFEST`): mounts the image at its shared place,
+/// runs a worker on the connection (another if it dies), and unmounts once nothing stands on
+/// the mount. Prints `ready` once the mount serves.
+pub fn supervise(
+    store: &Store,
+    manifest: Digest,
+    stop: &std::sync::atomic::AtomicBool,
+) -> Result<()> {
+    let place = Place::new(store, &manifest);
+    let record = find_record(store, &manifest)?;
+    let mut leased = vec![record.manifest_digest, record.config_digest];
+    leased.extend(record.layers.iter().map(|l| l.digest));
+    let _lease = store.lease(&leased)?;
+    let mnt = place.mnt();
+    let mount_err = |detail: String| Error::Mount {
+        path: mnt.clone(),
+        detail,
+    };
+    crate::store::write_atomic(&place.pid(), std::process::id().to_string().as_bytes())?;
+    let request = connect::Request {
+        fsname: &format!("bux-fuse:{}", record.reference),
+        allow_other: true,
+        read_only: true,
+    };
+    let fd = connect::connect(&mnt, &request).map_err(mount_err)?;
+    let exe = std::env::current_exe().map_err(|e| Error::io("finding own executable", e))?;
+    let mut resume = false;
+    let mut restarts: Vec<Instant> = Vec::new();
+    loop {
+        let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume) {
+            Ok(w) => w,
+            Err(e) if !resume => {
+                let _ = unmount(&mnt);
+                return Err(mount_err(e));
+            }
+            Err(e) => {
+                // The VMs' requests wait (they are not lost): try again shortly, as long as
+                // somebody still uses the mount.
+                tracing::error!("restarting the image server: {e}");
+                std::thread::sleep(Duration::from_secs(1));
+                if users(&mnt) == 0 {
+                    let _ = unmount(&mnt);
+                    return Ok(());
+                }
+                continue;
+            }
+        };
+        if !resume {
+            crate::mount::raise_readahead(&mnt);
+            println!("ready");
+            let _ = std::io::stdout().flush();
+            silence_stdout();
+        }
+        let outcome = watch(store, &place, || {
+            if stop.load(Ordering::SeqCst) {
+                return Some(Outcome::Stop);
+            }
+            match worker.try_wait() {
+                Ok(Some(status)) => Some(Outcome::WorkerDied(status)),
+                _ => None,
+            }
+        })?;
+        match outcome {
+            Outcome::WorkerDied(status) if is_mount_point(&mnt) && !stop.load(Ordering::SeqCst) => {
+                tracing::warn!("image server worker exited ({status}): starting another on the same connection");
+                restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
+                restarts.push(Instant::now());
+                if restarts.len() > 10 {
+                    let _ = unmount(&mnt);
+                    return Err(mount_err(
+                        "the image server died 10 times in a minute: unmounted (see its log)"
+                            .into(),
+                    ));
+                }
+                resume = true;
+            }
+            Outcome::WorkerDied(_) => break, // unmounted from outside
+            Outcome::Stop => {
+                stop_serving(&mnt, &mut worker);
+                break;
+            }
+            Outcome::Unused(lock) => {
+                stop_serving(&mnt, &mut worker);
+                let _ = std::fs::remove_file(place.pid());
+                drop(lock); // now a client may start a new server
+                return Ok(());
+            }
+        }
+    }
+    let _ = std::fs::remove_file(place.pid());
+    Ok(())
+}
+
+fn stop_serving(mnt: &Path, worker: &mut std::process::Child) {
+    let _ = unmount(mnt);
+    // SAFETY: signalling our own child.
+    unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
+    let _ = worker.wait();
+}
+
+enum Outcome {
+    WorkerDied(std::process::ExitStatus),
+    Unused(crate::store::Lock),
+    Stop,
+}
+
+/// Waits until nothing stands on the image's shared mount (returning the image's lock, held:
+/// no client mounts on it while it is torn down) or `tick` has news.
+fn watch(
+    store: &Store,
+    place: &Place,
+    mut tick: impl FnMut() -> Option<Outcome>,
+) -> Result<Outcome> {
+    let mnt = place.mnt();
+    loop {
+        if let Some(o) = tick() {
+            return Ok(o);
+        }
+        // The client that started the server holds the lock until its mount stands on it.
+        if users(&mnt) == 0 {
+            if let Some(lock) = store.try_lock(&place.lock)? {
+                if users(&mnt) == 0 {
+                    return Ok(Outcome::Unused(lock));
+                }
+            }
+        }
+        wait_for_mount_change(Duration::from_millis(500));
+    }
+}
+
+fn spawn_worker(
+    store: &Store,
+    exe: &Path,
+    manifest: &Digest,
+    fd: RawFd,
+    resume: bool,
+) -> std::result::Result<std::process::Child, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store.root())
+        .arg("serve-shared")
+        .arg("--worker-fd")
+        .arg(fd.to_string())
+        .arg(manifest.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    if resume {
+        cmd.arg("--resume");
+    }
+    // SAFETY: fcntl on a descriptor we own, in the child before exec: the worker inherits it.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().map_err(|e| format!("starting worker: {e}"))?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = std::io::BufReader::new(out).read_line(&mut line);
+    }
+    let offered = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|caps| u64::from_str_radix(caps, 16).ok());
+    let Some(offered) = offered else {
+        let _ = child.kill();
+        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
+        return Err(format!("the worker did not start ({status}; see the log)"));
+    };
+    // What the kernel offered the first worker, for the ones that take over (a taking-over
+    // worker reports what it was given again).
+    if !resume {
+        let place = Place::new(store, manifest);
+        if let Err(e) = crate::store::write_atomic(&place.init(), &offered.to_le_bytes()) {
+            let _ = child.kill();
+            let _ = child.wait();
+            return Err(format!("recording FUSE_INIT: {e}"));
+        }
+    }
+    Ok(child)
+}

@@ -1,0 +1,178 @@
+//! The worker: serves the supervisor's FUSE connection from files it opened before giving up
+//! every privilege; a worker that takes over from a dead one resumes the live connection.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{Config, Session, SessionACL};
+
+use super::{all_local, find_record, silence_stdout, users, wait_for_mount_change, Place};
+use crate::fs::ImageFs;
+use crate::index::SpanCache;
+use crate::mount::open_image;
+use crate::{Digest, Error, MountOptions, Result, Store};
+
+/// The worker (`bux-fuse serve-shared --worker-fd N MANIFEST`): serves the connection `fd`.
+/// With `resume` the connection is live already: replay its INIT, then have the kernel resend
+/// what a dead worker left unanswered.
+pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) -> Result<()> {
+    let place = Place::new(store, &manifest);
+    let record = find_record(store, &manifest)?;
+    if !all_local(store, &record) {
+        return Err(Error::Mount {
+            path: place.mnt(),
+            detail: "the image's layers are not all stored".into(),
+        });
+    }
+    let opts = MountOptions::default();
+    let io =
+        |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
+    // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
+    let image = open_image(store, &record.reference, &opts)?;
+    let replay = match resume {
+        true => {
+            Some(std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?)
+        }
+        false => None,
+    };
+    crate::store::write_atomic(
+        &place.worker_pid(),
+        std::process::id().to_string().as_bytes(),
+    )?;
+    let lock = store.lock_file(&place.lock)?;
+    // Before any thread starts: Landlock binds the threads that exist and what they start.
+    match crate::sandbox::open_nothing_more() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
+        Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
+    }
+    let fs = ImageFs::new(
+        image.tree,
+        image.layers,
+        Arc::new(SpanCache::new(opts.cache_bytes)),
+    )
+    .escaping_overlay_xattrs();
+    let offered = fs.offered_capabilities();
+    let mut config = Config::default();
+    config.acl = SessionACL::All;
+    config.n_threads = Some(opts.threads.max(1));
+    // Threads read the supervisor's descriptor itself, not clones: a clone closed by a dying
+    // worker would fail the requests it holds (ECONNABORTED) instead of keeping them for a
+    // resend.
+    config.clone_fd = false;
+    // SAFETY: the supervisor passed this descriptor for us to own.
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let session = match &replay {
+        Some(init) => replay_init(fs, conn, init, config).map_err(|e| io("resuming", e))?,
+        None => {
+            Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?
+        }
+    };
+    orphan_watch(lock, Place::new(store, &manifest));
+    // Serving needs no privilege (the supervisor mounts and unmounts).
+    crate::sandbox::drop_to_nobody().map_err(|e| io("giving up root", e))?;
+    // The supervisor records what the kernel offered, for a worker that takes over.
+    println!("ready {:x}", offered.load(Ordering::Relaxed));
+    let _ = std::io::stdout().flush();
+    silence_stdout();
+    if let Err(e) = crate::sandbox::confine(true) {
+        tracing::warn!("confining the image server (seccomp): {e}");
+    }
+    crate::mount::tune_allocator_for_serving();
+    session.run().map_err(|e| io("serving", e))
+}
+
+/// If the supervisor dies, nobody would restart this worker, nor notice when the mount is no
+/// longer used: serve on (the VMs keep their roots) until nothing stands on the mount, then
+/// exit, which ends the connection (the next mount starts a new server).
+fn orphan_watch(lock: std::fs::File, place: Place) {
+    // SAFETY: getppid has no preconditions.
+    let parent = unsafe { libc::getppid() };
+    let _ = std::thread::Builder::new()
+        .name("bux-fuse-orphan".into())
+        .spawn(move || {
+            // SAFETY: as above.
+            while unsafe { libc::getppid() } == parent {
+                std::thread::sleep(Duration::from_millis(500));
+            }
+            tracing::warn!("the image server's supervisor died: serving until unused");
+            let mnt = place.mnt();
+            loop {
+                // Held from here to exit: no client mounts on what is about to end.
+                if users(&mnt) == 0 && crate::store::try_flock(&lock) && users(&mnt) == 0 {
+                    std::process::exit(0);
+                }
+                wait_for_mount_change(Duration::from_millis(500));
+            }
+        });
+}
+
+const FUSE_INIT: u32 = 26;
+const FUSE_INIT_EXT: u64 = 1 << 30;
+const FUSE_NOTIFY_RESEND: i32 = 7;
+
+/// A session on connection `conn` that has already been initialised: fuser only starts after a
+/// handshake, so it is given the INIT the kernel sent the first worker (the capabilities it
+/// offered, recorded then) through a pipe, and the pipe's descriptor is then replaced by the
+/// connection. Its answer to the replayed INIT goes nowhere; the kernel keeps the first one.
+fn replay_init<FS: fuser::Filesystem>(
+    fs: FS,
+    conn: OwnedFd,
+    recorded: &[u8],
+    config: Config,
+) -> std::io::Result<Session<FS>> {
+    let caps = u64::from_le_bytes(
+        recorded
+            .try_into()
+            .map_err(|_| std::io::Error::other("recorded FUSE_INIT is damaged"))?,
+    );
+    let mut msg = Vec::with_capacity(104);
+    msg.extend_from_slice(&104u32.to_le_bytes()); // len
+    msg.extend_from_slice(&FUSE_INIT.to_le_bytes()); // opcode
+    msg.extend_from_slice(&1u64.to_le_bytes()); // unique
+    msg.extend_from_slice(&0u64.to_le_bytes()); // nodeid
+    msg.extend_from_slice(&[0; 16]); // uid, gid, pid, extlen, padding
+    msg.extend_from_slice(&7u32.to_le_bytes()); // major
+    msg.extend_from_slice(&40u32.to_le_bytes()); // minor
+    msg.extend_from_slice(&(1u32 << 20).to_le_bytes()); // max_readahead
+    msg.extend_from_slice(&((caps as u32 as u64 | FUSE_INIT_EXT) as u32).to_le_bytes());
+    msg.extend_from_slice(&((caps >> 32) as u32).to_le_bytes());
+    msg.extend_from_slice(&[0; 44]);
+    let mut fds = [0; 2];
+    // SAFETY: a valid two-element array for pipe2.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: pipe2 just returned these two descriptors, ours to own.
+    let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    std::fs::File::from(wr).write_all(&msg)?;
+    let rd_fd = rd.as_raw_fd();
+    let session = Session::from_fd(fs, rd, SessionACL::All, config)?;
+    // SAFETY: both descriptors are open; dup3 atomically makes `rd_fd` the connection.
+    if unsafe { libc::dup3(conn.as_raw_fd(), rd_fd, libc::O_CLOEXEC) } < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    drop(conn);
+    if let Err(e) = notify_resend(rd_fd) {
+        tracing::warn!("asking the kernel to resend lost requests (Linux 6.9+): {e}");
+    }
+    Ok(session)
+}
+
+/// FUSE_NOTIFY_RESEND: the kernel queues again every request it had handed out and not had
+/// answered (a dead worker's), marked as resent.
+fn notify_resend(fd: RawFd) -> std::io::Result<()> {
+    let mut hdr = Vec::with_capacity(16);
+    hdr.extend_from_slice(&16u32.to_le_bytes());
+    hdr.extend_from_slice(&FUSE_NOTIFY_RESEND.to_le_bytes());
+    hdr.extend_from_slice(&0u64.to_le_bytes());
+    // SAFETY: writing a 16-byte buffer to an open descriptor.
+    let r = unsafe { libc::write(fd, hdr.as_ptr().cast(), hdr.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
