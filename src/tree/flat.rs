@@ -321,8 +321,8 @@ impl Tree {
         })
     }
 
-    /// Opens an encoded tree held in memory.
-    pub(crate) fn from_vec(v: Vec<u8>) -> std::result::Result<Tree, String> {
+    /// Opens an encoded tree held in memory, checking its header as [`Tree::load`] does.
+    pub fn from_vec(v: Vec<u8>) -> std::result::Result<Tree, String> {
         Tree::from_bytes(Mapped::Owned(v))
     }
 

@@ -437,13 +437,23 @@ impl Tree {
     /// `inspect --tree`.
     pub fn dump(&self) -> String {
         let mut out = String::new();
-        self.dump_dir(ROOT_INO, "", 0, &mut out);
+        let mut seen = std::collections::HashSet::from([ROOT_INO]);
+        self.dump_dir(ROOT_INO, "", 0, &mut seen, &mut out);
         out
     }
 
-    fn dump_dir(&self, dir: u64, prefix: &str, depth: usize, out: &mut String) {
+    /// Each directory is listed once: a directory reached again (only a damaged file links one
+    /// twice, or into itself) is not walked again, which bounds the listing by the file's size.
+    fn dump_dir(
+        &self,
+        dir: u64,
+        prefix: &str,
+        depth: usize,
+        seen: &mut std::collections::HashSet<u64>,
+        out: &mut String,
+    ) {
         if depth > MAX_DEPTH {
-            return; // a cycle: only a damaged file has one
+            return;
         }
         for d in self.children(dir).iter() {
             let path = format!("{prefix}/{}", String::from_utf8_lossy(d.name));
@@ -460,8 +470,8 @@ impl Tree {
                 "{path} {:?} {:o} {}:{} nlink={} ino={}{what}\n",
                 i.kind, i.mode, i.uid, i.gid, i.nlink, d.ino
             ));
-            if i.kind == EntryKind::Dir {
-                self.dump_dir(d.ino, &path, depth + 1, out);
+            if i.kind == EntryKind::Dir && seen.insert(d.ino) {
+                self.dump_dir(d.ino, &path, depth + 1, seen, out);
             }
         }
     }
@@ -787,6 +797,38 @@ mod tests {
                     assert!(t.verify().is_err(), "byte {at} changed unnoticed");
                 }
             }
+        }
+    }
+
+    /// A damaged file whose directories all link back to the root (a cycle in every branch;
+    /// found by the `tree_file` fuzzer as an exponential listing): walks stay bounded.
+    #[test]
+    fn directory_cycles_in_a_damaged_file_stay_bounded() {
+        let layers = vec![vec![
+            d("a"),
+            d("a/b"),
+            d("a/b/c"),
+            f("a/b/c/x"),
+            d("e"),
+            d("e/f"),
+        ]];
+        let t = merged(&layers).unwrap();
+        let mut bytes = t.as_bytes().to_vec();
+        let word = |b: &[u8], at: usize| u64::from_le_bytes(b[at..at + 8].try_into().unwrap());
+        let (first, count) = (word(&bytes, 32) as usize, word(&bytes, 40) as usize);
+        for k in 0..count {
+            let at = first + 24 * k + 8;
+            let ino = word(&bytes, at);
+            if t.inode(ino).is_some_and(|i| i.kind == EntryKind::Dir) {
+                bytes[at..at + 8].copy_from_slice(&ROOT_INO.to_le_bytes());
+            }
+        }
+        let damaged = Tree::from_vec(bytes).unwrap();
+        assert!(damaged.verify().is_err());
+        let listing = damaged.dump();
+        assert!(listing.lines().count() <= 16, "{listing}");
+        for (ino, _) in damaged.inodes() {
+            let _ = damaged.path_of(ino);
         }
     }
 }
