@@ -493,7 +493,13 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Umount { dir } => {
             let dir = std::path::absolute(&dir).unwrap_or(dir);
-            crate::mount::unmount_all(&dir).with_context(|| format!("unmounting {}", dir.display()))
+            crate::mount::unmount_all(&dir)
+                .with_context(|| format!("unmounting {}", dir.display()))?;
+            if let Some(store) = existing_store(&store_arg)? {
+                let run = store.root().join("run");
+                crate::mount::wait_for_cleanup(&run, &dir, std::time::Duration::from_secs(5));
+            }
+            Ok(())
         }
         Cmd::Images { json } => {
             // Listing never creates a store.

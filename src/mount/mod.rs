@@ -340,6 +340,34 @@ pub fn unmount_all(path: &Path) -> Result<()> {
     Ok(())
 }
 
+/// Waits (at most `timeout`) until the daemon that served the writable mount at `dir` has
+/// removed its directory under `run_dir` (`$STORE/run`), which it does once its mount is gone:
+/// so that `umount` returns with the scratch upper layer removed. A daemon that died leaves its
+/// directory for [`clean_run_dir`].
+pub fn wait_for_cleanup(run_dir: &Path, dir: &Path, timeout: std::time::Duration) {
+    let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
+    let prefix = format!(
+        "{}-",
+        crate::Digest::of(dir.as_os_str().as_encoded_bytes()).short()
+    );
+    let busy = || {
+        std::fs::read_dir(run_dir)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .any(|e| {
+                let name = e.file_name().to_string_lossy().into_owned();
+                name.strip_prefix(&prefix)
+                    .and_then(|pid| pid.parse::<u32>().ok())
+                    .is_some_and(crate::store::alive)
+            })
+    };
+    let deadline = std::time::Instant::now() + timeout;
+    while busy() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+}
+
 /// Removes what writable mounts whose daemon died left in `run_dir` (`$STORE/run`): their
 /// image mounts and scratch uppers. Returns how many.
 pub fn clean_run_dir(run_dir: &Path) -> usize {
