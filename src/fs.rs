@@ -226,6 +226,18 @@ impl Shared {
     }
 
     fn read_file(&self, i: Inode<'_>, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
+        self.read_file_with(i, offset, size, true)
+    }
+
+    /// With `decode` false, reads only what is decompressed already, else fails with `EAGAIN`
+    /// (see [`LayerReader::read_decoded_at`]).
+    fn read_file_with(
+        &self,
+        i: Inode<'_>,
+        offset: u64,
+        size: u32,
+        decode: bool,
+    ) -> Result<Vec<u8>, Errno> {
         if offset >= i.size {
             return Ok(Vec::new());
         }
@@ -236,7 +248,7 @@ impl Shared {
                 layer,
                 offset: base,
             } => {
-                self.read_layer(*layer, base + offset, &mut buf)?;
+                self.read_layer(*layer, base + offset, &mut buf, decode)?;
             }
             NodeData::Sparse { layer, extents } => {
                 // Holes stay zero; copy the parts of extents that overlap [offset, offset+len).
@@ -246,7 +258,8 @@ impl Shared {
                     let from = e.file_off.max(offset);
                     let to = (e.file_off + e.len).min(end);
                     let dst = &mut buf[(from - offset) as usize..(to - offset) as usize];
-                    self.read_layer(*layer, e.stream_off + (from - e.file_off), dst)?;
+                    let at = e.stream_off + (from - e.file_off);
+                    self.read_layer(*layer, at, dst, decode)?;
                 }
             }
             _ => buf.clear(),
@@ -254,9 +267,16 @@ impl Shared {
         Ok(buf)
     }
 
-    fn read_layer(&self, layer: u32, at: u64, buf: &mut [u8]) -> Result<(), Errno> {
+    fn read_layer(&self, layer: u32, at: u64, buf: &mut [u8], decode: bool) -> Result<(), Errno> {
         let reader = self.layers.get(layer as usize).ok_or(Errno::EIO)?;
-        let n = reader.read_at(&self.cache, at, buf).map_err(|e| {
+        let read = match decode {
+            true => reader.read_at(&self.cache, at, buf),
+            false => reader.read_decoded_at(&self.cache, at, buf),
+        };
+        let n = read.map_err(|e| {
+            if e.kind() == std::io::ErrorKind::WouldBlock {
+                return Errno::EAGAIN;
+            }
             tracing::error!("read of layer {layer} at {at}: {e}");
             Errno::EIO
         })?;
@@ -313,17 +333,6 @@ impl Shared {
                 .stream_ranges(i, offset, size)
                 .into_iter()
                 .all(|(l, need, _)| self.layers.get(l as usize).is_none_or(|r| r.is_local(need)))
-    }
-
-    /// Whether a read can be answered from what is decompressed already (or needs none).
-    fn is_decoded(&self, i: Inode<'_>, offset: u64, size: u32) -> bool {
-        self.stream_ranges(i, offset, size)
-            .into_iter()
-            .all(|(l, need, _)| {
-                self.layers
-                    .get(l as usize)
-                    .is_none_or(|r| r.is_decoded(&self.cache, need))
-            })
     }
 
     /// A read that may wait on the network: fetch what it needs (and what is worth fetching
@@ -588,20 +597,21 @@ impl Filesystem for ImageFs {
                 }
             });
         }
-        if !self.is_decoded(i, offset, size) {
-            let shared = self.shared.clone();
-            return self.decoding_reads.run(move || {
-                match shared
-                    .inode(ino)
-                    .and_then(|i| shared.read_file(i, offset, size))
-                {
-                    Ok(data) => reply.data(&data),
-                    Err(e) => reply.error(e),
-                }
-            });
-        }
-        match self.read_file(i, offset, size) {
+        match self.read_file_with(i, offset, size, false) {
             Ok(data) => reply.data(&data),
+            // It must decompress first: on a decoding thread, not this FUSE worker.
+            Err(Errno::EAGAIN) => {
+                let shared = self.shared.clone();
+                self.decoding_reads.run(move || {
+                    match shared
+                        .inode(ino)
+                        .and_then(|i| shared.read_file(i, offset, size))
+                    {
+                        Ok(data) => reply.data(&data),
+                        Err(e) => reply.error(e),
+                    }
+                })
+            }
             Err(e) => reply.error(e),
         }
     }

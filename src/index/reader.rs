@@ -100,6 +100,15 @@ struct GzipSpanState {
 }
 
 impl GzipSpan {
+    /// Copies the span's bytes at `at` into `out` if they are inflated already and no reader
+    /// is inflating the span (never waits).
+    fn copy_decoded(&self, at: usize, out: &mut [u8]) -> io::Result<()> {
+        let st = self.state.try_lock().map_err(|_| would_block())?;
+        let bytes = st.bytes.get(at..at + out.len()).ok_or_else(would_block)?;
+        out.copy_from_slice(bytes);
+        Ok(())
+    }
+
     /// Copies the span's bytes at `at` into `out`, inflating on as far as they end.
     fn copy_to(&self, at: usize, out: &mut [u8], stats: &ReadStats) -> io::Result<()> {
         let end = at + out.len();
@@ -327,30 +336,6 @@ impl LayerReader {
         !self.blob.may_fetch() || self.blob.is_local(self.compressed_range(range))
     }
 
-    /// Whether the stream range `range` can be read without decompressing anything (a plain
-    /// tar layer; or spans cached, and inflated that far).
-    pub fn is_decoded(&self, cache: &SpanCache, range: Range<u64>) -> bool {
-        let end = range.end.min(self.size);
-        if range.start >= end || matches!(self.access, Access::Tar) {
-            return true;
-        }
-        (self.span_of(range.start)..=self.span_of(end - 1)).all(|i| {
-            let (start, span_end) = self.span_bounds(i);
-            if span_end - start > MAX_CACHED_SPAN {
-                return false;
-            }
-            match cache.get((self.id, i as u32)) {
-                Some(Span::Whole(_)) => true,
-                // Being inflated by another reader: not ready (do not wait here).
-                Some(Span::Gzip(g)) => g
-                    .state
-                    .try_lock()
-                    .is_ok_and(|st| st.bytes.len() >= (end.min(span_end) - start) as usize),
-                None => false,
-            }
-        })
-    }
-
     /// Whether some read of this layer may have to wait for a fetch.
     pub fn may_fetch(&self) -> bool {
         self.blob.may_fetch()
@@ -367,6 +352,29 @@ impl LayerReader {
 
     /// Fills `buf` with the bytes at `off` of the uncompressed stream (short only at its end).
     pub fn read_at(&self, cache: &SpanCache, off: u64, buf: &mut [u8]) -> io::Result<usize> {
+        self.read_with(cache, off, buf, true)
+    }
+
+    /// [`LayerReader::read_at`] from what is decompressed already: fails with
+    /// [`io::ErrorKind::WouldBlock`] where it would have to decompress (a span not cached, not
+    /// inflated that far, or being inflated by another reader), so that a caller who must not
+    /// wait can hand the read to one who may.
+    pub fn read_decoded_at(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        buf: &mut [u8],
+    ) -> io::Result<usize> {
+        self.read_with(cache, off, buf, false)
+    }
+
+    fn read_with(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        buf: &mut [u8],
+        decode: bool,
+    ) -> io::Result<usize> {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
         if let Access::Tar = self.access {
             self.need(off..off + want as u64)?;
@@ -391,24 +399,35 @@ impl LayerReader {
             let (start, end) = self.span_bounds(i);
             let in_span = (pos - start) as usize;
             let n = (want - done).min((end - pos) as usize);
+            let out = &mut buf[done..done + n];
             if end - start > MAX_CACHED_SPAN {
-                self.stream_from(i, cache, pos, &mut buf[done..done + n])?;
+                if !decode {
+                    return Err(would_block());
+                }
+                self.stream_from(i, cache, pos, out)?;
             } else {
-                match self.span(i, cache)? {
+                let span = match decode {
+                    true => self.span(i, cache)?,
+                    false => cache.get((self.id, i as u32)).ok_or_else(would_block)?,
+                };
+                match span {
                     Span::Whole(span) => {
                         if span.len() < in_span + n {
                             return Err(eof());
                         }
-                        buf[done..done + n].copy_from_slice(&span[in_span..in_span + n]);
+                        out.copy_from_slice(&span[in_span..in_span + n]);
                     }
+                    Span::Gzip(span) if !decode => span.copy_decoded(in_span, out)?,
                     Span::Gzip(span) => {
-                        let out = &mut buf[done..done + n];
                         if let Err(e) = span.copy_to(in_span, out, &cache.stats) {
                             // The next read starts the span afresh.
                             cache.remove((self.id, i as u32));
                             return Err(e);
                         }
                     }
+                }
+                if !decode {
+                    cache.stats.hits.fetch_add(1, Ordering::Relaxed); // `span` counts its own
                 }
             }
             done += n;
@@ -608,6 +627,13 @@ impl LayerReader {
         }
         Ok(())
     }
+}
+
+fn would_block() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::WouldBlock,
+        "the bytes are not decompressed yet",
+    )
 }
 
 fn eof() -> io::Error {
@@ -841,6 +867,41 @@ mod tests {
             assert_eq!(inflated(), inflated_after, "after the read at {off}");
         }
         assert_eq!(cache.stats.misses.load(Ordering::Relaxed), 1);
+    }
+
+    /// Reading only what is decompressed never decompresses: it says `WouldBlock` until a
+    /// decoding read has inflated the span that far, then copies.
+    #[test]
+    fn decoded_only_reads_never_decompress() {
+        let data = pseudo_random(3_000_000, 11);
+        let gz = gzip_members(&[&data]);
+        let mut r = GzipReader::new(&gz[..], Some(1 << 30)).unwrap();
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        let cps = r.take_checkpoints();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cache = SpanCache::new(16 << 20);
+        let mut buf = vec![0u8; 4096];
+        let blocked =
+            |r: io::Result<usize>| r.is_err_and(|e| e.kind() == io::ErrorKind::WouldBlock);
+        assert!(
+            blocked(reader.read_decoded_at(&cache, 1_000_000, &mut buf)),
+            "not cached"
+        );
+        reader.read_at(&cache, 500_000, &mut buf).unwrap();
+        assert!(
+            blocked(reader.read_decoded_at(&cache, 1_000_000, &mut buf)),
+            "not that far"
+        );
+        assert_eq!(cache.stats.decompressed.load(Ordering::Relaxed), 504_096);
+        assert_eq!(
+            reader.read_decoded_at(&cache, 400_000, &mut buf).unwrap(),
+            4096
+        );
+        assert_eq!(&buf[..], &data[400_000..404_096]);
+        assert_eq!(cache.stats.decompressed.load(Ordering::Relaxed), 504_096);
     }
 
     #[test]
