@@ -22,6 +22,7 @@ use crate::{Error, Result, Store};
 
 mod connect;
 pub mod shared;
+mod table;
 pub use connect::host_root;
 
 /// How to mount.
@@ -134,9 +135,6 @@ struct WritableLayer {
     /// An exclusive lock on `--upper DIR` for the life of the mount: two overlays on one upper
     /// directory is undefined behaviour in the kernel.
     _upper_lock: Option<std::fs::File>,
-    /// A kernel overlay over the image mount (root); else bux-fuse serves the upper layer
-    /// itself at the mount point ([`crate::upper`], for users).
-    kernel_overlay: bool,
 }
 
 impl Mount {
@@ -181,12 +179,6 @@ impl Mount {
         self.kernel_mount = false;
         self.writable = None;
         Ok(())
-    }
-
-    /// Whether this mount stands on the image's shared server (nothing in this process serves
-    /// it; see [`shared`]).
-    pub fn is_shared(&self) -> bool {
-        self.thread.is_none() && self.kernel_mount
     }
 
     /// Blocks until the session ends (someone unmounted it).
@@ -255,63 +247,16 @@ impl Drop for Mount {
 
 /// Whether `path` is a mount point (per `/proc/self/mountinfo`).
 pub fn is_mount_point(path: &Path) -> bool {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return false;
-    };
-    let want = path.to_string_lossy();
-    info.lines().any(|l| {
-        l.split(' ')
-            .nth(4)
-            .is_some_and(|m| unescape_mountinfo(m) == want)
-    })
-}
-
-fn unescape_mountinfo(s: &str) -> String {
-    // mountinfo escapes space, tab, newline and backslash as \ooo.
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        if b[i] == b'\\' && i + 3 < b.len() && b[i + 1..i + 4].iter().all(u8::is_ascii_digit) {
-            let v = u8::from_str_radix(&s[i + 1..i + 4], 8).unwrap_or(b'?');
-            out.push(v);
-            i += 4;
-        } else {
-            out.push(b[i]);
-            i += 1;
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
-}
-
-/// One line of `/proc/self/mountinfo`: mount point, filesystem type, super options.
-fn mount_entry(path: &Path) -> Option<(String, String)> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    let want = path.to_string_lossy();
-    info.lines().rev().find_map(|l| {
-        let (left, right) = l.split_once(" - ")?;
-        if unescape_mountinfo(left.split(' ').nth(4)?) != want {
-            return None;
-        }
-        let mut r = right.split(' ');
-        let fstype = r.next()?.to_string();
-        let _source = r.next();
-        Some((fstype, r.next().unwrap_or("").to_string()))
-    })
+    table::read().iter().any(|m| m.is_at(path))
 }
 
 /// Unmounts what `bux-fuse mount` made at `path`: the mount itself and, for a writable mount,
 /// the read-only image mount under the store's `run/` directory that its overlay stands on and
 /// the scratch upper layer there — also when the daemon that would have done so died.
 pub fn unmount_all(path: &Path) -> Result<()> {
-    let overlay_opt = |key: &str| match mount_entry(path) {
-        Some((fstype, opts)) if fstype == "overlay" => opts
-            .split(',')
-            .find_map(|o| o.strip_prefix(key))
-            .map(|l| PathBuf::from(unescape_mountinfo(l.split(':').next().unwrap_or(l)))),
-        _ => None,
-    };
-    let (lower, upper) = (overlay_opt("lowerdir="), overlay_opt("upperdir="));
+    let overlay = table::at(path).filter(|m| m.fstype == "overlay");
+    let option = |key: &str| overlay.as_ref().and_then(|m| m.path_option(key));
+    let (lower, upper) = (option("lowerdir"), option("upperdir"));
     unmount(path)?;
     // A writable mount over a shared image server: its scratch upper layer goes (the server
     // itself leaves once nothing stands on it).
@@ -329,7 +274,7 @@ pub fn unmount_all(path: &Path) -> Result<()> {
                 .and_then(Path::parent)
                 .is_some_and(|run| run.ends_with("run"));
         if ours {
-            if mount_entry(&lower).is_some_and(|(t, _)| t.starts_with("fuse")) {
+            if table::at(&lower).is_some_and(|m| m.fstype.starts_with("fuse")) {
                 let _ = unmount(&lower);
             }
             if let Some(run_dir) = lower.parent() {
@@ -394,11 +339,9 @@ pub fn clean_run_dir(run_dir: &Path) -> usize {
 
 /// Whether a mounted overlay has `upper` as its upper layer.
 fn overlay_upper_in_use(upper: &Path) -> bool {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
-    let want = format!("upperdir={}", upper.display());
-    info.lines()
-        .filter_map(|l| l.split_once(" - ").map(|(_, r)| r))
-        .any(|r| r.split([' ', ',']).any(|o| unescape_mountinfo(o) == want))
+    table::read()
+        .iter()
+        .any(|m| m.fstype == "overlay" && m.path_option("upperdir").as_deref() == Some(upper))
 }
 
 /// Removes scratch upper layers (`$STORE/scratch/*`) of writable mounts over a shared image
@@ -702,7 +645,6 @@ fn mount_shared(
         Some(WritableLayer {
             run_dir: scratch,
             _upper_lock: upper_lock,
-            kernel_overlay: true,
         })
     } else {
         shared::mount_read_only(&lower, &dir, overlay_xattrs).map_err(mount_err)?;
@@ -790,7 +732,6 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             Some(WritableLayer {
                 run_dir,
                 _upper_lock: upper_lock,
-                kernel_overlay: !own_upper,
             }),
         )
     } else {
@@ -879,7 +820,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             },
         );
     }
-    if let Some(w) = m.writable.as_ref().filter(|w| w.kernel_overlay) {
+    if let Some(w) = m.writable.as_ref().filter(|_| m.kernel_mount) {
         let base = opts
             .upper
             .clone()
@@ -1008,8 +949,8 @@ mod tests {
 
     #[test]
     fn mountinfo_escapes() {
-        assert_eq!(unescape_mountinfo(r"/mnt/a\040b"), "/mnt/a b");
-        assert_eq!(unescape_mountinfo("/plain"), "/plain");
+        assert_eq!(table::unescape(r"/mnt/a\040b"), "/mnt/a b");
+        assert_eq!(table::unescape("/plain"), "/plain");
         assert!(is_mount_point(Path::new("/proc")));
         assert!(!is_mount_point(Path::new("/proc/self")));
     }

@@ -26,7 +26,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{is_mount_point, mount_entry, unescape_mountinfo, unmount};
+use super::{is_mount_point, table, unmount};
 use crate::store::ImageRecord;
 use crate::{Digest, Error, Result, Store};
 
@@ -83,7 +83,7 @@ fn server_alive(place: &Place) -> bool {
             .is_some_and(crate::store::alive)
     };
     (alive(place.pid()) || alive(place.worker_pid()))
-        && mount_entry(&place.mnt()).is_some_and(|(t, _)| t.starts_with("fuse"))
+        && table::at(&place.mnt()).is_some_and(|m| m.fstype.starts_with("fuse"))
 }
 
 /// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
@@ -189,40 +189,18 @@ pub(crate) fn mount_read_only(
 /// How many mounts stand on the shared mount at `mnt`: bind mounts of it (same device) and
 /// overlays whose first lower layer it is.
 fn users(mnt: &Path) -> usize {
-    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
-        return 1; // unknown: keep serving
-    };
-    let want = mnt.to_string_lossy();
-    let mut dev = None;
-    let mut lines = Vec::new();
-    for l in info.lines() {
-        let Some((left, right)) = l.split_once(" - ") else {
-            continue;
-        };
-        let f: Vec<&str> = left.split(' ').collect();
-        let (Some(devno), Some(point)) = (f.get(2), f.get(4)) else {
-            continue;
-        };
-        let point = unescape_mountinfo(point);
-        if point == want {
-            dev = Some(devno.to_string());
-        }
-        lines.push((devno.to_string(), point, right.to_string()));
+    let table = table::read();
+    if table.is_empty() {
+        return 1; // unreadable: keep serving
     }
-    let Some(dev) = dev else { return 0 };
-    lines
+    let Some(dev) = table.iter().rev().find(|m| m.is_at(mnt)).map(|m| &m.dev) else {
+        return 0;
+    };
+    table
         .iter()
-        .filter(|(devno, point, right)| {
-            let bind = *devno == dev && *point != want;
-            let mut r = right.split(' ');
-            let over = r.next() == Some("overlay")
-                && r.nth(1).is_some_and(|opts| {
-                    opts.split(',').any(|o| {
-                        o.strip_prefix("lowerdir=").is_some_and(|l| {
-                            unescape_mountinfo(l.split(':').next().unwrap_or(l)) == want
-                        })
-                    })
-                });
+        .filter(|m| {
+            let bind = m.dev == *dev && !m.is_at(mnt);
+            let over = m.fstype == "overlay" && m.path_option("lowerdir").as_deref() == Some(mnt);
             bind || over
         })
         .count()
