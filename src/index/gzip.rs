@@ -34,6 +34,19 @@ pub struct Checkpoint {
     pub window: Window,
 }
 
+/// Moves the checkpoints' windows out, laid end to end in checkpoint order: returns them and
+/// each one's (offset, length) there (how access tables and published indexes store them).
+pub fn take_windows(cps: &mut [Checkpoint]) -> (Vec<u8>, Vec<(u64, u32)>) {
+    let mut blob = Vec::new();
+    let mut spans = Vec::with_capacity(cps.len());
+    for cp in cps {
+        spans.push((blob.len() as u64, cp.window.len() as u32));
+        blob.extend_from_slice(&cp.window);
+        cp.window = Window::default();
+    }
+    (blob, spans)
+}
+
 /// A checkpoint's compressed window: held in memory (just made, or decoded), or a slice of the
 /// mapped access table it was loaded from, so that a mount's checkpoints cost it no memory of
 /// their own however large the layer. Serialized exactly as a `Vec<u8>`.

@@ -270,13 +270,7 @@ impl LayerIndex {
         };
         let mut blob = Vec::new();
         if let Access::Gzip(cps) = &mut table.access {
-            for cp in cps {
-                table
-                    .windows
-                    .push((blob.len() as u64, cp.window.len() as u32));
-                blob.extend_from_slice(&cp.window);
-                cp.window = Default::default();
-            }
+            (blob, table.windows) = gzip::take_windows(cps);
         }
         let encoded = postcard::to_allocvec(&table).map_err(|e| Error::CorruptStore {
             path: path.clone(),

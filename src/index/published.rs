@@ -191,15 +191,11 @@ impl PublishedLayer {
         let Access::Gzip(cps) = &mut self.access else {
             return None;
         };
-        let mut blob = Vec::new();
-        let mut spans = Vec::with_capacity(cps.len());
-        let mut digests = Vec::with_capacity(cps.len());
-        for cp in cps.iter_mut() {
-            spans.push((blob.len() as u64, cp.window.len() as u32));
-            digests.push(Digest::of(&cp.window));
-            blob.extend_from_slice(&cp.window);
-            cp.window = Default::default();
-        }
+        let (blob, spans) = super::gzip::take_windows(cps);
+        let digests = spans
+            .iter()
+            .map(|&(off, len)| Digest::of(&blob[off as usize..off as usize + len as usize]))
+            .collect();
         self.windows = Some(Windows {
             digest: Digest::of(&blob),
             size: blob.len() as u64,
