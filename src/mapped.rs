@@ -15,7 +15,7 @@ unsafe impl Sync for Mapped {}
 
 impl Mapped {
     /// Maps the first `len` bytes of `file`.
-    pub(crate) fn map(file: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
+    fn map(file: &std::fs::File, len: usize) -> std::io::Result<Mapped> {
         use std::os::fd::AsRawFd;
         if len == 0 {
             return Ok(Mapped::Owned(Vec::new()));

@@ -120,6 +120,7 @@ struct Sections {
 }
 
 /// A merged, frozen tree.
+#[derive(Clone)]
 pub struct Tree {
     bytes: Arc<Mapped>,
     at: Sections,
@@ -133,16 +134,6 @@ impl std::fmt::Debug for Tree {
             .field("inodes", &self.at.inodes.1)
             .field("layers", &self.layers.len())
             .finish()
-    }
-}
-
-impl Clone for Tree {
-    fn clone(&self) -> Tree {
-        Tree {
-            bytes: self.bytes.clone(),
-            at: self.at,
-            layers: self.layers.clone(),
-        }
     }
 }
 
@@ -308,13 +299,7 @@ impl Tree {
 
     /// Reads a tree written by [`Tree::save`] (mapped, not copied), checking its header.
     pub fn load(path: &Path) -> Result<Tree> {
-        let file = std::fs::File::open(path).ctx(|| format!("opening {}", path.display()))?;
-        let len = file
-            .metadata()
-            .ctx(|| format!("reading {}", path.display()))?
-            .len();
-        let bytes =
-            Mapped::map(&file, len as usize).ctx(|| format!("mapping {}", path.display()))?;
+        let bytes = Mapped::open(path).ctx(|| format!("reading {}", path.display()))?;
         Tree::from_bytes(bytes).map_err(|detail| Error::CorruptStore {
             path: path.into(),
             detail,
@@ -340,13 +325,12 @@ impl Tree {
         }
         let section = |at: usize, record: usize| -> std::result::Result<(usize, u64), String> {
             let (off, count) = (u64_at(b, at), u64_at(b, at + 8));
-            let end = count
+            count
                 .checked_mul(record as u64)
                 .and_then(|n| n.checked_add(off))
                 .filter(|&end| off >= HEADER as u64 && end <= file_len)
-                .ok_or("a section lies outside the file")?;
-            let _ = end;
-            Ok((off as usize, count))
+                .map(|_| (off as usize, count))
+                .ok_or_else(|| "a section lies outside the file".into())
         };
         let at = Sections {
             inodes: section(16, INODE)?,
@@ -375,7 +359,7 @@ impl Tree {
     /// Checks the checksum of the whole tree (a scan of every byte, unlike opening).
     pub fn verify(&self) -> std::result::Result<(), String> {
         let b = self.body();
-        if checksum(b) != b[112..144.min(b.len())] {
+        if checksum(b) != b[112..144] {
             return Err("checksum mismatch (the file was changed after it was written)".into());
         }
         Ok(())
@@ -392,13 +376,12 @@ impl Tree {
     }
 }
 
-/// SHA-256 of everything but the checksum field (bytes 112..144 of the header).
+/// SHA-256 of everything but the checksum field (bytes 112..144 of the header; `b` is at
+/// least a header long).
 fn checksum(b: &[u8]) -> [u8; 32] {
     let mut h = Sha256::new();
-    h.update(&b[..112.min(b.len())]);
-    if b.len() > 144 {
-        h.update(&b[144..]);
-    }
+    h.update(&b[..112]);
+    h.update(&b[144..]);
     h.finalize().into()
 }
 
