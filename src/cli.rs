@@ -482,11 +482,7 @@ fn run(cli: Cli) -> Result<()> {
                 Some(fd) => crate::mount::shared::serve_worker(&store, manifest, fd, resume)
                     .context("image server worker"),
                 None => {
-                    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
-                    unsafe {
-                        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-                        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-                    }
+                    stop_on_signals();
                     crate::mount::shared::supervise(&store, manifest, &STOP).context("image server")
                 }
             }
@@ -873,6 +869,15 @@ extern "C" fn on_signal(_: libc::c_int) {
     STOP.store(true, Ordering::SeqCst);
 }
 
+/// SIGINT and SIGTERM set [`STOP`]: a serving process then unmounts and ends.
+fn stop_on_signals() {
+    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
 /// Serves a mount in this process until a signal or an external unmount.
 fn serve(
     store: &Store,
@@ -881,11 +886,7 @@ fn serve(
     opts: &crate::MountOptions,
     notify_ready: bool,
 ) -> Result<()> {
-    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
-    unsafe {
-        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
-        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
-    }
+    stop_on_signals();
     crate::mount::tune_allocator_for_serving();
     let m = mount(store, reference, dir, opts)?;
     // Mounted: what is left is serving, which needs far less than the process may do.

@@ -464,10 +464,7 @@ fn stored_image(
         reference: name.clone(),
         detail: " in the local store (pull it first)".into(),
     })?;
-    let mut leased = vec![record.manifest_digest, record.config_digest];
-    leased.extend(record.layers.iter().map(|l| l.digest));
-    leased.extend(record.layers.iter().filter_map(|l| l.index));
-    let lease = store.lease(&leased)?;
+    let lease = lease_image(store, &record)?;
     if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
         return Err(Error::BadImage {
             reference: name,
@@ -475,6 +472,17 @@ fn stored_image(
         });
     }
     Ok((record, lease))
+}
+
+/// Keeps gc (and `rm` without --force) off every file of the image while the lease lives.
+pub(crate) fn lease_image(
+    store: &Store,
+    record: &crate::store::ImageRecord,
+) -> Result<crate::store::Lease> {
+    let mut leased = vec![record.manifest_digest, record.config_digest];
+    leased.extend(record.layers.iter().map(|l| l.digest));
+    leased.extend(record.layers.iter().filter_map(|l| l.index));
+    store.lease(&leased)
 }
 
 /// A stored image opened for serving: its tree and a reader per layer.

@@ -22,9 +22,7 @@ pub fn supervise(
 ) -> Result<()> {
     let place = Place::new(store, &manifest);
     let record = find_record(store, &manifest)?;
-    let mut leased = vec![record.manifest_digest, record.config_digest];
-    leased.extend(record.layers.iter().map(|l| l.digest));
-    let _lease = store.lease(&leased)?;
+    let _lease = crate::mount::lease_image(store, &record)?;
     let mnt = place.mnt();
     let mount_err = |detail: String| Error::Mount {
         path: mnt.clone(),
