@@ -450,11 +450,7 @@ fn progress_bars_fit_an_80_column_terminal() {
         .stdin(std::process::Stdio::null())
         .output()
         .unwrap();
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    assert_success(&out);
     // What the terminal shows, roughly: escape sequences (cursor moves, clears), \r and \n
     // all start a new piece; no piece may be wider than the terminal.
     let raw = String::from_utf8_lossy(&out.stdout);

@@ -99,10 +99,35 @@ impl Drop for Mounted<'_> {
     }
 }
 
-fn wait_until(what: &str, secs: u64, mut f: impl FnMut() -> bool) {
+/// The image servers' logs of `bux`'s store.
+fn server_logs(bux: &Bux) -> String {
+    let dirs = std::fs::read_dir(bux.store.path().join("shared"));
+    dirs.into_iter()
+        .flatten()
+        .flatten()
+        .map(|d| std::fs::read_to_string(d.path().join("log")).unwrap_or_default())
+        .collect()
+}
+
+/// Waits up to 10 s for `f`; on a timeout, shows the servers, the mounts and their logs.
+fn wait_until(bux: &Bux, what: &str, mut f: impl FnMut() -> bool) {
     let t = Instant::now();
     while !f() {
-        assert!(t.elapsed() < Duration::from_secs(secs), "timed out: {what}");
+        if t.elapsed() > Duration::from_secs(10) {
+            let store = bux.store.path().to_string_lossy().into_owned();
+            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
+                .unwrap()
+                .lines()
+                .filter(|l| l.contains(&store) || l.contains("bux-fuse"))
+                .map(String::from)
+                .collect();
+            panic!(
+                "timed out: {what}; servers {:?}; mounts:\n{}\nlog:\n{}",
+                servers(bux.store.path()),
+                mounts.join("\n"),
+                server_logs(bux)
+            );
+        }
         std::thread::sleep(Duration::from_millis(50));
     }
 }
@@ -189,7 +214,7 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
             assert_eq!(std::fs::read(last.join("srv/marker")).unwrap(), b"top");
         }
     }
-    wait_until("the server leaves after the last unmount", 10, || {
+    wait_until(&bux, "the server leaves after the last unmount", || {
         servers(bux.store.path()).is_empty()
     });
     assert!(fuse_devices(&r).is_empty(), "the shared FUSE mount is gone");
@@ -202,7 +227,7 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
         b"top"
     );
     again.unmount();
-    wait_until("released again", 10, || {
+    wait_until(&bux, "released again", || {
         servers(bux.store.path()).is_empty()
     });
 }
@@ -254,7 +279,7 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
             .args(["-9", &w.to_string()])
             .status()
             .unwrap();
-        wait_until("a new worker", 10, || {
+        wait_until(&bux, "a new worker", || {
             servers(bux.store.path())
                 .iter()
                 .any(|(p, wk)| *wk && *p != w)
@@ -275,13 +300,7 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
         let n = r.join().unwrap().expect("no reader saw an error");
         assert!(n > 0);
     }
-    let mut logs = String::new();
-    for d in std::fs::read_dir(bux.store.path().join("shared"))
-        .unwrap()
-        .flatten()
-    {
-        logs += &std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
-    }
+    let logs = server_logs(&bux);
     assert!(
         logs.matches("starting another on the same connection")
             .count()
@@ -307,42 +326,12 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
     drop(held);
     ro_guard.unmount();
     rw_guard.unmount();
-    wait_until("the orphaned worker leaves", 10, || {
+    wait_until(&bux, "the orphaned worker leaves", || {
         servers(bux.store.path()).is_empty()
     });
     // A new mount finds the dead connection, clears it and starts afresh.
     let again = Mounted::new(&bux, &r, ro.clone(), false);
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
     again.unmount();
-    wait_until_or_show_logs(&bux, "released", || servers(bux.store.path()).is_empty());
-}
-
-/// [`wait_until`], showing the image server's log if it times out.
-fn wait_until_or_show_logs(bux: &Bux, what: &str, mut f: impl FnMut() -> bool) {
-    let t = Instant::now();
-    while !f() {
-        if t.elapsed() > Duration::from_secs(10) {
-            let mut logs = String::new();
-            for d in std::fs::read_dir(bux.store.path().join("shared"))
-                .into_iter()
-                .flatten()
-                .flatten()
-            {
-                logs += &std::fs::read_to_string(d.path().join("log")).unwrap_or_default();
-            }
-            let store = bux.store.path().to_string_lossy().into_owned();
-            let mounts: Vec<String> = std::fs::read_to_string("/proc/self/mountinfo")
-                .unwrap()
-                .lines()
-                .filter(|l| l.contains(&store) || l.contains("bux-fuse"))
-                .map(String::from)
-                .collect();
-            panic!(
-                "timed out: {what}; servers {:?}; mounts:\n{}\nlog:\n{logs}",
-                servers(bux.store.path()),
-                mounts.join("\n")
-            );
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
 }
