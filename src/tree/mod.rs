@@ -22,6 +22,7 @@ use crate::{Digest, Error, Result};
 use std::collections::BTreeMap;
 use std::collections::VecDeque;
 
+pub mod erofs;
 mod flat;
 pub use flat::{Dirent, Dirents, Extents, Inode, NodeData, Tree, Xattrs, ROOT_INO};
 use flat::{NewData, NewInode, Writer};

@@ -1,0 +1,787 @@
+//! The tree as an EROFS metadata image, for the kernel to walk instead of asking FUSE.
+//!
+//! A cold `find` over FUSE pays a round trip per directory however fast the daemon answers. The
+//! way past that (composefs's) is to let the kernel hold the metadata: this module writes the
+//! merged tree as an EROFS image that has every directory, name, mode, owner, time, xattr,
+//! symlink and device but no file data. Each regular file with data is instead marked for
+//! overlayfs as a metadata-only copy (`trusted.overlay.metacopy`) whose data lives at its own
+//! path in a data-only lower layer (`trusted.overlay.redirect`): the image's FUSE mount. So
+//!
+//! ```text
+//! mount -t erofs meta.erofs meta
+//! mount -t overlay -o ro,metacopy=on,redirect_dir=follow,lowerdir=meta::fuse root
+//! ```
+//!
+//! answers lookups, `stat`, `readdir` and `getxattr` in the kernel from the (shared, page
+//! cached) image file, and goes to FUSE only to open and read a file's data (Linux 6.5+ looks
+//! the data file up lazily, at open).
+//!
+//! Layout: 4 KiB blocks; the superblock in block 0; from block 1 the inodes, each an extended
+//! (64-byte) inode followed by its inline xattrs and, for directories and symlinks, the last
+//! partial block of its data (kept inside one block); then the full data blocks. Regular files
+//! are chunk-based with a single null chunk: sparse, no data. Image xattrs named
+//! `trusted.overlay.*` are written escaped (`trusted.overlay.overlay.*`), which overlayfs shows
+//! as they were. What overlayfs would misread and cannot be escaped here (a 0/0 character
+//! device, which it takes for a whiteout) makes the writer refuse: the image is then served by
+//! FUSE alone.
+
+use super::{Inode, NodeData, Tree, ROOT_INO};
+use crate::index::EntryKind;
+
+const BLOCK: usize = 4096;
+const BLOCK_BITS: u8 = 12;
+const MAGIC: u32 = 0xE0F5_E1E2;
+const SUPER_OFFSET: usize = 1024;
+const INODE_SIZE: usize = 64;
+const DIRENT_SIZE: usize = 12;
+const XATTR_HEADER: usize = 12;
+const NULL_ADDR: u32 = u32::MAX;
+/// Metadata (inodes) starts at this block; nids count 32-byte slots from it.
+const META_BLOCK: usize = 1;
+
+const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+
+/// `i_format`: bit 0 the inode version (1 = extended), bits 1–3 the data layout.
+const LAYOUT_FLAT_PLAIN: u16 = 0;
+const LAYOUT_FLAT_INLINE: u16 = 2;
+const LAYOUT_CHUNK_BASED: u16 = 4;
+const EXTENDED: u16 = 1;
+
+/// Directory entry file types.
+const FT_REG: u8 = 1;
+const FT_DIR: u8 = 2;
+const FT_CHR: u8 = 3;
+const FT_BLK: u8 = 4;
+const FT_FIFO: u8 = 5;
+const FT_LNK: u8 = 7;
+
+/// Why a tree cannot be written as a metadata image.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unsupported(pub String);
+
+impl std::fmt::Display for Unsupported {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One inode of the image being laid out.
+struct Node {
+    ino: u64,
+    /// Inline xattrs, encoded (empty: none).
+    xattrs: Vec<u8>,
+    /// Directory or symlink data (directories: filled in once every nid is known).
+    data: Vec<u8>,
+    /// Length of the data (directories: known before their bytes are).
+    size: u64,
+    layout: u16,
+    /// Byte offset of the inode in the image.
+    pos: usize,
+    /// First block of its data out of line (`FLAT_*` layouts).
+    blkaddr: u32,
+}
+
+impl Node {
+    fn nid(&self) -> u64 {
+        ((self.pos - META_BLOCK * BLOCK) / 32) as u64
+    }
+    /// Bytes of data that sit inline after the inode (the tail of a `FLAT_INLINE` inode).
+    fn tail(&self) -> usize {
+        match self.layout {
+            LAYOUT_FLAT_INLINE => self.size as usize % BLOCK,
+            _ => 0,
+        }
+    }
+    /// Full blocks of data out of line.
+    fn out_of_line_blocks(&self) -> usize {
+        match self.layout {
+            LAYOUT_FLAT_INLINE => self.size as usize / BLOCK,
+            LAYOUT_FLAT_PLAIN => (self.size as usize).div_ceil(BLOCK),
+            _ => 0,
+        }
+    }
+    /// Everything stored with the inode, in the metadata area.
+    fn body_len(&self) -> usize {
+        let chunk_index = if self.layout == LAYOUT_CHUNK_BASED {
+            4
+        } else {
+            0
+        };
+        INODE_SIZE + self.xattrs.len() + chunk_index + self.tail()
+    }
+}
+
+/// Writes `tree` as an EROFS metadata image whose regular files redirect to their own paths in
+/// a data-only lower layer (the image's FUSE mount).
+pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
+    // Nodes in depth-first order from the root, so the root gets the first (small) nid, and a
+    // directory's entries sit near it.
+    let mut order: Vec<Node> = Vec::new();
+    let mut slot = vec![usize::MAX; tree.inode_count() as usize + 1];
+    let mut stack: Vec<(u64, Vec<u8>)> = vec![(ROOT_INO, b"/".to_vec())];
+    while let Some((ino, path)) = stack.pop() {
+        if slot[ino as usize] != usize::MAX {
+            continue; // a hardlink seen already (a directory twice only in a damaged tree)
+        }
+        let inode = tree
+            .inode(ino)
+            .ok_or_else(|| Unsupported(format!("inode {ino} is unreadable")))?;
+        slot[ino as usize] = order.len();
+        order.push(node(ino, &inode, &path)?);
+        if let NodeData::Dir { .. } = inode.data {
+            let children: Vec<_> = tree.children(ino).iter().collect();
+            for d in children.into_iter().rev() {
+                let mut p = path.clone();
+                if p.len() > 1 {
+                    p.push(b'/');
+                }
+                p.extend_from_slice(d.name);
+                stack.push((d.ino, p));
+            }
+        }
+    }
+    // Directory sizes depend on names only, so the layout can be fixed before any nid is.
+    for n in order.iter_mut() {
+        if tree.inode(n.ino).is_some_and(|i| i.kind == EntryKind::Dir) {
+            let blocks = dir_blocks(&dir_names(tree, n.ino));
+            let last = blocks.last().map_or(0, |b| b.len);
+            n.size = ((blocks.len() - 1) * BLOCK + last) as u64;
+        }
+    }
+    // Inodes from block 1 (nid 1: nid 0 would read as inode 0, which tools skip).
+    let mut at = META_BLOCK * BLOCK + 32;
+    for n in order.iter_mut() {
+        at = at.next_multiple_of(32);
+        if n.layout == LAYOUT_FLAT_INLINE && at % BLOCK + n.body_len() > BLOCK {
+            if n.body_len() <= BLOCK {
+                at = at.next_multiple_of(BLOCK); // the inline tail must not cross a block
+            } else {
+                n.layout = LAYOUT_FLAT_PLAIN; // too big to keep inline at all
+            }
+        } else if at % BLOCK + n.body_len() > BLOCK && n.body_len() <= BLOCK {
+            at = at.next_multiple_of(BLOCK);
+        }
+        n.pos = at;
+        at += n.body_len();
+    }
+    let mut block = at.div_ceil(BLOCK);
+    for n in order.iter_mut() {
+        if n.out_of_line_blocks() > 0 {
+            n.blkaddr = u32::try_from(block)
+                .map_err(|_| Unsupported("the metadata image would exceed 16 TiB".into()))?;
+            block += n.out_of_line_blocks();
+        }
+    }
+    let root_nid = order[0].nid();
+    if root_nid > u16::MAX as u64 {
+        return Err(Unsupported("the root's xattrs are too large".into()));
+    }
+    // Directory contents, now that every nid is known.
+    let nid_of = |ino: u64| order[slot[ino as usize]].nid();
+    let dirs: Vec<(usize, Vec<u8>)> = order
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| tree.inode(n.ino).is_some_and(|i| i.kind == EntryKind::Dir))
+        .map(|(i, n)| {
+            let parent = tree.inode(n.ino).map_or(ROOT_INO, |i| i.parent);
+            let parent = if slot.get(parent as usize).is_some_and(|s| *s != usize::MAX) {
+                parent
+            } else {
+                ROOT_INO
+            };
+            (i, dir_bytes(tree, n.ino, n.nid(), nid_of(parent), &nid_of))
+        })
+        .collect();
+    for (i, bytes) in dirs {
+        debug_assert_eq!(bytes.len() as u64, order[i].size);
+        order[i].data = bytes;
+    }
+
+    let mut out = vec![0u8; block * BLOCK];
+    for n in &order {
+        let inode = tree.inode(n.ino).expect("read above");
+        write_inode(&mut out, n, &inode);
+    }
+    write_super(&mut out, root_nid as u16, order.len() as u64, block as u32);
+    Ok(out)
+}
+
+/// The node for `inode`, its xattrs encoded and (symlinks) its data; directories get theirs
+/// once every nid is known.
+fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
+    let mut xattrs: Vec<(u8, Vec<u8>, &[u8])> = Vec::new();
+    for (name, value) in inode.xattrs.iter() {
+        if let Some(x) = xattr_entry(name, value) {
+            xattrs.push(x);
+        }
+    }
+    let (layout, data, size) = match inode.data {
+        NodeData::Symlink(target) => (LAYOUT_FLAT_INLINE, target.to_vec(), target.len() as u64),
+        NodeData::Dir { .. } => (LAYOUT_FLAT_INLINE, Vec::new(), 0),
+        _ if inode.kind == EntryKind::File && inode.size > 0 => {
+            xattrs.push((4, b"overlay.metacopy".to_vec(), b""));
+            xattrs.push((4, b"overlay.redirect".to_vec(), path));
+            (LAYOUT_CHUNK_BASED, Vec::new(), inode.size)
+        }
+        _ => (LAYOUT_FLAT_PLAIN, Vec::new(), 0),
+    };
+    if inode.kind == EntryKind::Char && inode.dev_major == 0 && inode.dev_minor == 0 {
+        return Err(Unsupported(
+            "the image has a 0/0 character device, which overlayfs reads as a whiteout".into(),
+        ));
+    }
+    let mut encoded = Vec::new();
+    if !xattrs.is_empty() {
+        encoded.resize(XATTR_HEADER, 0);
+        for (index, suffix, value) in &xattrs {
+            let name_len = u8::try_from(suffix.len())
+                .map_err(|_| Unsupported("an xattr name is over 255 bytes".into()))?;
+            let value_len = u16::try_from(value.len())
+                .map_err(|_| Unsupported("an xattr value is over 64 KiB".into()))?;
+            encoded.push(name_len);
+            encoded.push(*index);
+            encoded.extend_from_slice(&value_len.to_le_bytes());
+            encoded.extend_from_slice(suffix);
+            encoded.extend_from_slice(value);
+            encoded.resize(encoded.len().next_multiple_of(4), 0);
+        }
+    }
+    Ok(Node {
+        ino,
+        xattrs: encoded,
+        data,
+        size,
+        layout,
+        pos: 0,
+        blkaddr: 0,
+    })
+}
+
+/// An image xattr as EROFS stores it: (prefix index, name after the prefix, value); `None`
+/// for names outside the namespaces Linux lets a filesystem carry.
+fn xattr_entry<'a>(name: &[u8], value: &'a [u8]) -> Option<(u8, Vec<u8>, &'a [u8])> {
+    const PREFIXES: [(&[u8], u8); 5] = [
+        (b"user.", 1),
+        (b"system.posix_acl_access", 2),
+        (b"system.posix_acl_default", 3),
+        (b"trusted.", 4),
+        (b"security.", 6),
+    ];
+    let (prefix, index) = PREFIXES.iter().find(|(p, _)| name.starts_with(p))?;
+    let mut suffix = name[prefix.len()..].to_vec();
+    if *index == 4 && suffix.starts_with(b"overlay.") {
+        suffix.splice(0..0, b"overlay.".iter().copied()); // escaped: overlayfs shows it as is
+    }
+    if matches!(index, 2 | 3) && !suffix.is_empty() {
+        return None;
+    }
+    Some((*index, suffix, value))
+}
+
+/// A directory's names with their inodes, `.` and `..` included, in EROFS order (bytewise).
+fn dir_names(tree: &Tree, ino: u64) -> Vec<(Vec<u8>, u64)> {
+    let mut names: Vec<(Vec<u8>, u64)> = tree
+        .children(ino)
+        .iter()
+        .map(|d| (d.name.to_vec(), d.ino))
+        .collect();
+    names.push((b".".to_vec(), ino));
+    names.push((b"..".to_vec(), 0));
+    names.sort_by(|a, b| a.0.cmp(&b.0));
+    names
+}
+
+/// How a directory's entries fall into blocks: a block holds a run of entries (12-byte
+/// records, then their names); `len` is the bytes it uses.
+struct DirBlock {
+    first: usize,
+    count: usize,
+    len: usize,
+}
+
+fn dir_blocks(names: &[(Vec<u8>, u64)]) -> Vec<DirBlock> {
+    let mut blocks = vec![DirBlock {
+        first: 0,
+        count: 0,
+        len: 0,
+    }];
+    for (i, (name, _)) in names.iter().enumerate() {
+        let need = DIRENT_SIZE + name.len();
+        let b = blocks.last_mut().expect("one block at least");
+        if b.len + need > BLOCK && b.count > 0 {
+            blocks.push(DirBlock {
+                first: i,
+                count: 0,
+                len: 0,
+            });
+        }
+        let b = blocks.last_mut().expect("one block at least");
+        b.count += 1;
+        b.len += need;
+    }
+    blocks
+}
+
+/// A directory's data: its blocks, each full but the last.
+fn dir_bytes(tree: &Tree, ino: u64, own: u64, parent: u64, nid_of: &dyn Fn(u64) -> u64) -> Vec<u8> {
+    let names = dir_names(tree, ino);
+    let blocks = dir_blocks(&names);
+    let mut out = Vec::new();
+    for (k, b) in blocks.iter().enumerate() {
+        let start = out.len();
+        let entries = &names[b.first..b.first + b.count];
+        let mut nameoff = b.count * DIRENT_SIZE;
+        for (name, child) in entries {
+            let (nid, ft) = match name.as_slice() {
+                b"." => (own, FT_DIR),
+                b".." => (parent, FT_DIR),
+                _ => (
+                    nid_of(*child),
+                    tree.inode(*child).map_or(0, |i| file_type(i.kind)),
+                ),
+            };
+            out.extend_from_slice(&nid.to_le_bytes());
+            out.extend_from_slice(&(nameoff as u16).to_le_bytes());
+            out.push(ft);
+            out.push(0);
+            nameoff += name.len();
+        }
+        for (name, _) in entries {
+            out.extend_from_slice(name);
+        }
+        if k + 1 < blocks.len() {
+            out.resize(start + BLOCK, 0); // a full block; the kernel stops at the NULs
+        }
+    }
+    out
+}
+
+fn file_type(kind: EntryKind) -> u8 {
+    match kind {
+        EntryKind::File | EntryKind::Hardlink => FT_REG,
+        EntryKind::Dir => FT_DIR,
+        EntryKind::Symlink => FT_LNK,
+        EntryKind::Char => FT_CHR,
+        EntryKind::Block => FT_BLK,
+        EntryKind::Fifo => FT_FIFO,
+    }
+}
+
+fn mode_type(kind: EntryKind) -> u32 {
+    match kind {
+        EntryKind::File | EntryKind::Hardlink => libc::S_IFREG,
+        EntryKind::Dir => libc::S_IFDIR,
+        EntryKind::Symlink => libc::S_IFLNK,
+        EntryKind::Char => libc::S_IFCHR,
+        EntryKind::Block => libc::S_IFBLK,
+        EntryKind::Fifo => libc::S_IFIFO,
+    }
+}
+
+fn write_inode(out: &mut [u8], n: &Node, inode: &Inode<'_>) {
+    let mut b = [0u8; INODE_SIZE];
+    b[0..2].copy_from_slice(&(EXTENDED | n.layout << 1).to_le_bytes());
+    let icount = match n.xattrs.len() {
+        0 => 0,
+        len => (len - XATTR_HEADER) / 4 + 1,
+    };
+    b[2..4].copy_from_slice(&(icount as u16).to_le_bytes());
+    let mode = mode_type(inode.kind) | (inode.mode & 0o7777);
+    b[4..6].copy_from_slice(&(mode as u16).to_le_bytes());
+    b[8..16].copy_from_slice(&n.size.to_le_bytes());
+    let i_u = match (inode.kind, n.layout) {
+        (EntryKind::Char | EntryKind::Block, _) => {
+            let (major, minor) = (inode.dev_major, inode.dev_minor);
+            (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12) // Linux's new_encode_dev
+        }
+        // Chunks of 2^(12 + bits) bytes, as few bits as make one chunk hold the file.
+        (_, LAYOUT_CHUNK_BASED) => {
+            let bits = 64 - (n.size.max(1) - 1).leading_zeros();
+            bits.saturating_sub(BLOCK_BITS as u32).min(31)
+        }
+        (_, LAYOUT_FLAT_PLAIN | LAYOUT_FLAT_INLINE) if n.out_of_line_blocks() > 0 => n.blkaddr,
+        _ => 0,
+    };
+    b[16..20].copy_from_slice(&i_u.to_le_bytes());
+    b[20..24].copy_from_slice(&(n.ino as u32).to_le_bytes());
+    b[24..28].copy_from_slice(&inode.uid.to_le_bytes());
+    b[28..32].copy_from_slice(&inode.gid.to_le_bytes());
+    b[32..40].copy_from_slice(&(inode.mtime as u64).to_le_bytes());
+    b[40..44].copy_from_slice(&inode.mtime_nsec.to_le_bytes());
+    b[44..48].copy_from_slice(&inode.nlink.max(1).to_le_bytes());
+    let mut at = n.pos;
+    out[at..at + INODE_SIZE].copy_from_slice(&b);
+    at += INODE_SIZE;
+    out[at..at + n.xattrs.len()].copy_from_slice(&n.xattrs);
+    at += n.xattrs.len();
+    match n.layout {
+        LAYOUT_CHUNK_BASED => {
+            // One chunk index: no block (a hole), for the data lives in the lower layer.
+            let chunks = n.size.div_ceil((BLOCK as u64) << (i_u & 31)) as usize;
+            debug_assert_eq!(chunks, 1);
+            out[at..at + 4].copy_from_slice(&NULL_ADDR.to_le_bytes());
+        }
+        _ => {
+            let blocks_len = n.out_of_line_blocks() * BLOCK;
+            let in_blocks = blocks_len.min(n.data.len());
+            let start = n.blkaddr as usize * BLOCK;
+            out[start..start + in_blocks].copy_from_slice(&n.data[..in_blocks]);
+            let tail = &n.data[in_blocks..];
+            out[at..at + tail.len()].copy_from_slice(tail);
+        }
+    }
+}
+
+fn write_super(out: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
+    let s = &mut out[SUPER_OFFSET..SUPER_OFFSET + 128];
+    s[0..4].copy_from_slice(&MAGIC.to_le_bytes());
+    s[12] = BLOCK_BITS;
+    s[14..16].copy_from_slice(&root_nid.to_le_bytes());
+    s[16..24].copy_from_slice(&inodes.to_le_bytes());
+    s[36..40].copy_from_slice(&blocks.to_le_bytes());
+    s[40..44].copy_from_slice(&(META_BLOCK as u32).to_le_bytes());
+    s[64..72].copy_from_slice(b"bux-fuse");
+    s[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::{LayerSource, TarEntry};
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+    use std::path::Path;
+
+    fn entry(path: &str, kind: EntryKind) -> TarEntry {
+        TarEntry {
+            path: path.as_bytes().to_vec(),
+            kind,
+            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
+            uid: 0,
+            gid: 0,
+            mtime: 1_700_000_000,
+            mtime_nsec: 0,
+            size: 0,
+            link: Vec::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+            offset: 0,
+            sparse: None,
+        }
+    }
+
+    /// Every kind of entry, and the corners of the format: directories over several blocks,
+    /// long symlinks, large files, large ids, negative times, escaped overlay xattrs.
+    fn sample() -> Tree {
+        let mut l = vec![entry("d", EntryKind::Dir)];
+        for i in 0..700 {
+            let mut f = entry(&format!("d/{:0>40}", i), EntryKind::File);
+            f.size = i;
+            l.push(f);
+        }
+        let mut big = entry("big", EntryKind::File);
+        big.size = 5 << 30;
+        big.uid = 100_000;
+        big.gid = 200_000;
+        big.mtime = -86_400;
+        big.mtime_nsec = 123_456_789;
+        big.xattrs = vec![
+            (b"user.note".to_vec(), b"hello".to_vec()),
+            (
+                b"security.capability".to_vec(),
+                // v2, effective, CAP_NET_BIND_SERVICE permitted (the kernel checks the format)
+                [[1, 0, 0, 2, 0, 4, 0, 0], [0; 8]]
+                    .concat()
+                    .into_iter()
+                    .chain([0; 4])
+                    .collect(),
+            ),
+            (b"trusted.overlay.opaque".to_vec(), b"y".to_vec()),
+        ];
+        l.push(big);
+        let mut one = entry("one", EntryKind::File);
+        one.size = 1;
+        l.push(one);
+        l.push(entry("empty", EntryKind::File));
+        let mut hard = entry("hard", EntryKind::Hardlink);
+        hard.link = b"one".to_vec();
+        l.push(hard);
+        let mut s = entry("short", EntryKind::Symlink);
+        s.link = b"d/x".to_vec();
+        l.push(s);
+        let mut s = entry("long", EntryKind::Symlink);
+        s.link = vec![b'a'; 4000];
+        l.push(s);
+        let mut c = entry("null", EntryKind::Char);
+        (c.dev_major, c.dev_minor) = (1, 3);
+        l.push(c);
+        let mut b = entry("disk", EntryKind::Block);
+        (b.dev_major, b.dev_minor) = (259, 300_000);
+        l.push(b);
+        l.push(entry("fifo", EntryKind::Fifo));
+        let mut o = entry("o", EntryKind::Dir);
+        o.mode = 0o1777;
+        o.xattrs = vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())];
+        l.push(o);
+        let source = LayerSource {
+            digest: crate::Digest::of(b"l"),
+            compression: crate::index::Compression::None,
+            uncompressed_size: 0,
+            access: crate::index::Access::Tar,
+        };
+        super::super::merge([(source, l.as_slice())]).unwrap()
+    }
+
+    fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        let mut names = vec![0u8; 65536];
+        // SAFETY: valid path and buffer.
+        let n = unsafe { libc::llistxattr(c.as_ptr(), names.as_mut_ptr().cast(), names.len()) };
+        assert!(n >= 0, "listxattr {}", p.display());
+        let mut out: Vec<_> = names[..n as usize]
+            .split(|&b| b == 0)
+            .filter(|n| !n.is_empty() && !n.starts_with(b"system.posix_acl"))
+            .map(|name| {
+                let cn = CString::new(name).unwrap();
+                let mut v = vec![0u8; 65536];
+                // SAFETY: valid path, name and buffer.
+                let len = unsafe {
+                    libc::lgetxattr(c.as_ptr(), cn.as_ptr(), v.as_mut_ptr().cast(), v.len())
+                };
+                assert!(
+                    len >= 0,
+                    "getxattr {} {}: {}",
+                    p.display(),
+                    String::from_utf8_lossy(name),
+                    std::io::Error::last_os_error()
+                );
+                v.truncate(len as usize);
+                (name.to_vec(), v)
+            })
+            .collect();
+        out.sort();
+        out
+    }
+
+    /// One line per path: what `stat`, `readlink` and the xattr calls say.
+    fn listing(root: &Path) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![root.to_path_buf()];
+        while let Some(p) = stack.pop() {
+            let m = std::fs::symlink_metadata(&p).unwrap();
+            let size = if m.is_dir() { 0 } else { m.size() }; // the format's own business
+            let rel = p.strip_prefix(root).unwrap().display().to_string();
+            let link = match m.file_type().is_symlink() {
+                true => std::fs::read_link(&p).unwrap().as_os_str().len(),
+                false => 0,
+            };
+            let dev = match m.file_type().is_block_device() || m.file_type().is_char_device() {
+                true => format!("{}:{}", libc::major(m.rdev()), libc::minor(m.rdev())),
+                false => String::new(),
+            };
+            out.push(format!(
+                "/{rel} {:o} {}:{} size={} {}.{} nlink={} {dev} link={link} {:?}",
+                m.mode(),
+                m.uid(),
+                m.gid(),
+                size,
+                m.mtime(),
+                m.mtime_nsec(),
+                m.nlink(),
+                xattrs(&p)
+            ));
+            if m.is_dir() {
+                let mut names: Vec<_> = std::fs::read_dir(&p)
+                    .unwrap()
+                    .map(|e| e.unwrap().path())
+                    .collect();
+                names.sort();
+                stack.extend(names.into_iter().rev());
+            }
+        }
+        out
+    }
+
+    fn mount(src: &Path, dir: &Path, fstype: &str, data: &str) -> std::io::Result<()> {
+        let c = |s: &[u8]| CString::new(s).unwrap();
+        let (src, dir) = (c(src.as_os_str().as_bytes()), c(dir.as_os_str().as_bytes()));
+        let (fstype, data) = (c(fstype.as_bytes()), c(data.as_bytes()));
+        // SAFETY: valid NUL-terminated strings.
+        let r = unsafe {
+            libc::mount(
+                src.as_ptr(),
+                dir.as_ptr(),
+                fstype.as_ptr(),
+                libc::MS_RDONLY,
+                data.as_ptr().cast(),
+            )
+        };
+        match r {
+            0 => Ok(()),
+            _ => Err(std::io::Error::last_os_error()),
+        }
+    }
+
+    fn umount(dir: &Path) {
+        let c = CString::new(dir.as_os_str().as_bytes()).unwrap();
+        // SAFETY: a valid path.
+        unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+
+    #[test]
+    fn layout_keeps_inline_data_within_a_block() {
+        let tree = sample();
+        let img = metadata_image(&tree).unwrap();
+        assert_eq!(img.len() % BLOCK, 0);
+        assert_eq!(
+            u32::from_le_bytes(img[1024..1028].try_into().unwrap()),
+            MAGIC
+        );
+        let blocks = u32::from_le_bytes(img[1060..1064].try_into().unwrap()) as usize;
+        assert_eq!(blocks * BLOCK, img.len());
+        // Writing is deterministic: the same tree, the same bytes (and so stable inode numbers).
+        assert_eq!(img, metadata_image(&tree).unwrap());
+    }
+
+    #[test]
+    fn a_whiteout_shaped_device_is_refused() {
+        let mut c = entry("w", EntryKind::Char);
+        (c.dev_major, c.dev_minor) = (0, 0);
+        let source = LayerSource {
+            digest: crate::Digest::of(b"l"),
+            compression: crate::index::Compression::None,
+            uncompressed_size: 0,
+            access: crate::index::Access::Tar,
+        };
+        let tree = super::super::merge([(source, [c].as_slice())]).unwrap();
+        assert!(metadata_image(&tree).unwrap_err().0.contains("whiteout"));
+    }
+
+    /// The kernel reads the image as the tree says, through the overlay that serves it, with
+    /// data from a data-only lower layer.
+    #[test]
+    fn the_kernel_reads_the_tree_back_through_an_overlay() {
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let erofs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("erofs"));
+        if !root || !erofs {
+            eprintln!("skipped: needs root and EROFS (root {root}, erofs {erofs})");
+            return;
+        }
+        let tree = sample();
+        let tmp = tempfile::tempdir().unwrap();
+        let image = tmp.path().join("meta.erofs");
+        std::fs::write(&image, metadata_image(&tree).unwrap()).unwrap();
+        if let Ok(out) = std::process::Command::new("fsck.erofs")
+            .arg(&image)
+            .output()
+        {
+            assert!(out.status.success(), "fsck.erofs: {out:?}");
+        }
+        // The data-only layer: each file's bytes at its path (here: its path, repeated).
+        let data = tmp.path().join("data");
+        let (meta, merged) = (tmp.path().join("meta"), tmp.path().join("merged"));
+        for d in [&data, &meta, &merged] {
+            std::fs::create_dir_all(d).unwrap();
+        }
+        let mut expected = Vec::new();
+        for line in tree.dump().lines() {
+            let path = line.split(' ').next().unwrap();
+            let ino = tree.resolve(path.as_bytes()).unwrap();
+            let i = tree.inode(ino).unwrap();
+            if i.kind == EntryKind::File && i.size > 0 {
+                let p = data.join(&path[1..]);
+                std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+                let f = std::fs::File::create(&p).unwrap();
+                if i.size < 1 << 20 {
+                    let bytes: Vec<u8> = path.bytes().cycle().take(i.size as usize).collect();
+                    std::fs::write(&p, &bytes).unwrap();
+                    expected.push((path.to_string(), bytes));
+                } else {
+                    f.set_len(i.size).unwrap();
+                }
+            }
+        }
+        mount(&image, &meta, "erofs", "").unwrap();
+        let opts = format!(
+            "metacopy=on,redirect_dir=follow,lowerdir={}::{}",
+            meta.display(),
+            data.display()
+        );
+        let mounted =
+            mount(Path::new("overlay"), &merged, "overlay", &opts).map_err(|e| e.to_string());
+        let result = std::panic::catch_unwind(|| {
+            mounted.unwrap();
+            let seen = listing(&merged);
+            // The same listing from the tree itself, extracted to a plain directory.
+            let want: Vec<String> = tree_listing(&tree);
+            let differ: Vec<_> = seen
+                .iter()
+                .zip(&want)
+                .filter(|(a, b)| a != b)
+                .take(3)
+                .collect();
+            assert!(differ.is_empty(), "kernel vs tree: {differ:#?}");
+            assert_eq!(seen.len(), want.len());
+            for (path, bytes) in &expected {
+                assert_eq!(
+                    &std::fs::read(merged.join(&path[1..])).unwrap(),
+                    bytes,
+                    "{path}"
+                );
+            }
+            let ino = |p: &str| std::fs::metadata(merged.join(p)).unwrap().ino();
+            assert_eq!(ino("one"), ino("hard"));
+        });
+        umount(&merged);
+        umount(&meta);
+        result.unwrap();
+    }
+
+    /// What [`listing`] should print for `tree`.
+    fn tree_listing(tree: &Tree) -> Vec<String> {
+        let mut out = Vec::new();
+        let mut stack = vec![(ROOT_INO, String::new())];
+        while let Some((ino, rel)) = stack.pop() {
+            let i = tree.inode(ino).unwrap();
+            let dev = match i.kind {
+                EntryKind::Char | EntryKind::Block => format!("{}:{}", i.dev_major, i.dev_minor),
+                _ => String::new(),
+            };
+            let link = match i.data {
+                NodeData::Symlink(t) => t.len(),
+                _ => 0,
+            };
+            let mut x: Vec<(Vec<u8>, Vec<u8>)> = i
+                .xattrs
+                .iter()
+                .map(|(n, v)| (n.to_vec(), v.to_vec()))
+                .collect();
+            x.sort();
+            out.push(format!(
+                "/{rel} {:o} {}:{} size={} {}.{} nlink={} {dev} link={link} {x:?}",
+                mode_type(i.kind) | i.mode,
+                i.uid,
+                i.gid,
+                if i.kind == EntryKind::Dir { 0 } else { i.size },
+                i.mtime,
+                i.mtime_nsec,
+                i.nlink,
+            ));
+            let mut children: Vec<_> = tree.children(ino).iter().collect();
+            children.sort_by(|a, b| a.name.cmp(b.name));
+            for d in children.into_iter().rev() {
+                let name = String::from_utf8_lossy(d.name);
+                let p = if rel.is_empty() {
+                    name.to_string()
+                } else {
+                    format!("{rel}/{name}")
+                };
+                stack.push((d.ino, p));
+            }
+        }
+        out
+    }
+}
