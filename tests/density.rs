@@ -78,11 +78,26 @@ struct Mounted<'a> {
 
 impl<'a> Mounted<'a> {
     fn new(bux: &'a Bux, reference: &str, path: PathBuf, writable: bool) -> Mounted<'a> {
-        let mut args = vec!["mount", "-q", reference, path.to_str().unwrap()];
+        Mounted::with(bux, reference, path, writable, Metadata::Kernel)
+    }
+
+    /// A mount whose server (if this mount starts it) takes its metadata from `metadata`.
+    fn with(
+        bux: &'a Bux,
+        reference: &str,
+        path: PathBuf,
+        writable: bool,
+        metadata: Metadata,
+    ) -> Mounted<'a> {
+        let mut cmd = bux.cmd();
+        cmd.args(["mount", "-q", reference, path.to_str().unwrap()]);
         if writable {
-            args.push("--writable");
+            cmd.arg("--writable");
         }
-        bux.ok(&args);
+        if metadata == Metadata::Fuse {
+            cmd.env("BUX_FUSE_METADATA", "fuse");
+        }
+        assert_success(&cmd.output().unwrap());
         Mounted { bux, path }
     }
 
@@ -97,6 +112,37 @@ impl Drop for Mounted<'_> {
     fn drop(&mut self) {
         let _ = self.bux.run(&["umount", self.path.to_str().unwrap()]);
     }
+}
+
+/// Where a shared server takes the image's metadata from.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Metadata {
+    /// An EROFS image under an overlay: walks stay in the kernel (the default).
+    Kernel,
+    /// The FUSE mount (`BUX_FUSE_METADATA=fuse`, and kernels without EROFS files).
+    Fuse,
+}
+
+/// The filesystem type at `path` and its overlay `lowerdir`, from the mount table.
+fn mounted_as(path: &Path) -> (String, String) {
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let at = format!(" {} ", path.display());
+    let line = info
+        .lines()
+        .rev()
+        .find(|l| l.contains(&at))
+        .expect("mounted");
+    let (_, sup) = line.split_once(" - ").unwrap();
+    let mut f = sup.split(' ');
+    let fstype = f.next().unwrap().to_string();
+    let lower = f
+        .nth(1)
+        .unwrap_or("")
+        .split(',')
+        .find_map(|o| o.strip_prefix("lowerdir="))
+        .unwrap_or("")
+        .to_string();
+    (fstype, lower)
 }
 
 /// The image servers' logs of `bux`'s store.
@@ -134,6 +180,15 @@ fn wait_until(bux: &Bux, what: &str, mut f: impl FnMut() -> bool) {
 
 #[test]
 fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
+    a_hundred_mounts(Metadata::Kernel);
+}
+
+#[test]
+fn a_hundred_mounts_with_metadata_from_fuse() {
+    a_hundred_mounts(Metadata::Fuse);
+}
+
+fn a_hundred_mounts(metadata: Metadata) {
     let reg = Registry::start();
     let r = image(&reg, "t/dense");
     let bux = Bux::new();
@@ -144,8 +199,30 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
     for i in 0..100 {
         let mnt = dir.path().join(format!("m{i}"));
         let writable = i % 2 == 1;
-        guards.push(Some(Mounted::new(&bux, &r, mnt.clone(), writable)));
+        guards.push(Some(Mounted::with(
+            &bux,
+            &r,
+            mnt.clone(),
+            writable,
+            metadata,
+        )));
         mounts.push((mnt, writable));
+    }
+    // Each mount stands on the image's metadata as asked: every one an overlay over the EROFS
+    // image and the FUSE mount, or a bind mount of (read-only) / an overlay over the FUSE mount.
+    for (mnt, writable) in &mounts {
+        let (fstype, lower) = mounted_as(mnt);
+        match (metadata, writable) {
+            (Metadata::Kernel, _) => {
+                assert_eq!(fstype, "overlay", "{}", mnt.display());
+                assert!(
+                    lower.ends_with("/mnt") && lower.contains("/meta::"),
+                    "{lower}"
+                );
+            }
+            (Metadata::Fuse, false) => assert_eq!(fstype, "fuse.bux-fuse"),
+            (Metadata::Fuse, true) => assert!(lower.ends_with("/mnt") && !lower.contains("::")),
+        }
     }
     // One server, one FUSE filesystem under all hundred.
     let procs = servers(bux.store.path());
@@ -218,6 +295,12 @@ fn a_hundred_mounts_share_one_server_and_the_last_unmount_releases_it() {
         servers(bux.store.path()).is_empty()
     });
     assert!(fuse_devices(&r).is_empty(), "the shared FUSE mount is gone");
+    let erofs = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    let shared = bux.store.path().join("shared");
+    assert!(
+        !erofs.contains(shared.to_str().unwrap()),
+        "the metadata image and its overlay are gone: {erofs}"
+    );
     let left = std::fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0);
     assert_eq!(left, 0, "scratch upper layers removed");
     // And the next mount starts a new one.
@@ -334,4 +417,73 @@ fn a_server_killed_with_9_is_restarted_under_its_mounts() {
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
     again.unmount();
     wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
+}
+
+/// With metadata in the kernel, walking the tree (`find`, `stat`, `readdir`, `readlink`,
+/// xattrs) never reaches the server: it completes with the server's worker stopped, from cold
+/// caches, where over FUSE every directory would wait for it.
+#[test]
+fn metadata_walks_never_reach_the_server() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/walk");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    let rw = Mounted::new(&bux, &r, dir.path().join("rw"), true);
+    let w = worker(bux.store.path());
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let signal = |sig: &str| {
+        let s = Command::new("kill").args([sig, &w.to_string()]).status();
+        assert!(s.unwrap().success());
+    };
+    signal("-STOP");
+    let roots = [ro.path.clone(), rw.path.clone()];
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let walked: Vec<Vec<String>> = roots.iter().map(|r| walk(r)).collect();
+        let _ = tx.send(walked);
+    });
+    let walked = rx.recv_timeout(Duration::from_secs(20));
+    signal("-CONT");
+    let walked = walked.expect("the walk finished with the server stopped");
+    assert_eq!(walked[0], walked[1]);
+    for want in [
+        "/big-link.bin 3145728 2",
+        "/etc/os-release 11 1",
+        "/srv/marker 3 1",
+    ] {
+        assert!(
+            walked[0].iter().any(|l| l == want),
+            "{want} in {:?}",
+            walked[0]
+        );
+    }
+    // And data still comes from the server, now running again.
+    assert_eq!(
+        std::fs::read(ro.path.join("big.bin")).unwrap(),
+        test_bytes(3 << 20, 7)
+    );
+    assert_eq!(std::fs::read(rw.path.join("srv/marker")).unwrap(), b"top");
+    ro.unmount();
+    rw.unmount();
+}
+
+/// Every path under `root` with its size and link count (files), depth first.
+fn walk(root: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let m = std::fs::symlink_metadata(&p).unwrap();
+        let rel = p.strip_prefix(root).unwrap().display().to_string();
+        if m.is_dir() {
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else {
+            out.push(format!("/{rel} {} {}", m.len(), m.nlink()));
+        }
+    }
+    out.sort();
+    out
 }

@@ -406,6 +406,36 @@ pub(crate) fn start_detached(
     ))
 }
 
+/// mount(2): `source` (a path, or a name such as `overlay`) at `dir`, with `data` options.
+pub(crate) fn kernel_mount(
+    source: &Path,
+    dir: &Path,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: &str,
+) -> io::Result<()> {
+    let c = |b: &[u8]| std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"));
+    let (source, dir) = (
+        c(source.as_os_str().as_encoded_bytes())?,
+        c(dir.as_os_str().as_encoded_bytes())?,
+    );
+    let (fstype, data) = (c(fstype.as_bytes())?, c(data.as_bytes())?);
+    // SAFETY: valid NUL-terminated strings for mount(2).
+    let r = unsafe {
+        libc::mount(
+            source.as_ptr(),
+            dir.as_ptr(),
+            fstype.as_ptr(),
+            flags,
+            data.as_ptr().cast(),
+        )
+    };
+    match r {
+        0 => Ok(()),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Unmounts `path` lazily (`MNT_DETACH`): works with files open and on dead mounts.
 pub fn unmount(path: &Path) -> Result<()> {
     let err = |detail: String| Error::Mount {
@@ -646,7 +676,7 @@ fn mount_shared(
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
         let base = opts.upper.clone().unwrap_or_else(|| scratch.clone());
-        if let Err(e) = mount_overlay(&lower, &base, &dir) {
+        if let Err(e) = mount_overlay(&lower.lowerdir(), lower.in_kernel(), &base, &dir) {
             let _ = std::fs::remove_dir_all(&scratch);
             return Err(mount_err(e));
         }
@@ -660,7 +690,7 @@ fn mount_shared(
     };
     Ok(Mount {
         path: dir,
-        fuse_path: lower,
+        fuse_path: lower.mnt,
         writable,
         cache: Arc::new(SpanCache::new(0)),
         thread: None,
@@ -833,7 +863,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             .upper
             .clone()
             .unwrap_or_else(|| w.run_dir.join("scratch"));
-        if let Err(e) = mount_overlay(&fuse_dir, &base, &dir) {
+        let lowerdir = fuse_dir.display().to_string();
+        if let Err(e) = mount_overlay(&lowerdir, false, &base, &dir) {
             let _ = m.teardown();
             return Err(mount_err(e));
         }
@@ -909,42 +940,42 @@ fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
     Ok(file)
 }
 
-/// Mounts a kernel overlay at `dir`: lower = the image, upper and work dirs under `base`.
-fn mount_overlay(lower: &Path, base: &Path, dir: &Path) -> std::result::Result<(), String> {
+/// Mounts a kernel overlay at `dir`: lower layers `lowerdir` (the image), upper and work dirs
+/// under `base`. `data_only` (a `meta::data` lower whose files redirect into `data`) needs
+/// metacopy; otherwise older kernels without it get a plain overlay.
+fn mount_overlay(
+    lowerdir: &str,
+    data_only: bool,
+    base: &Path,
+    dir: &Path,
+) -> std::result::Result<(), String> {
     let (upper, work) = (base.join("upper"), base.join("work"));
     for d in [&upper, &work] {
         std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| "NUL in path".to_string())
-    };
     let base_opts = format!(
-        "lowerdir={},upperdir={},workdir={}",
-        lower.display(),
+        "lowerdir={lowerdir},upperdir={},workdir={}",
         upper.display(),
         work.display()
     );
     // redirect_dir lets lower directories be renamed; metacopy keeps chmod/chown from copying
-    // file data. Older kernels may lack them: fall back to plain overlay.
+    // file data.
+    let tries: &[&str] = match data_only {
+        true => &[",redirect_dir=on,metacopy=on"],
+        false => &[",redirect_dir=on,metacopy=on", ",redirect_dir=on", ""],
+    };
     let mut last = String::new();
-    for extra in [",redirect_dir=on,metacopy=on", ",redirect_dir=on", ""] {
-        let data =
-            std::ffi::CString::new(format!("{base_opts}{extra}")).map_err(|e| e.to_string())?;
-        // SAFETY: valid NUL-terminated strings for mount(2).
-        let r = unsafe {
-            libc::mount(
-                c"overlay".as_ptr(),
-                c(dir)?.as_ptr(),
-                c"overlay".as_ptr(),
-                0,
-                data.as_ptr().cast(),
-            )
-        };
-        if r == 0 {
-            return Ok(());
+    for extra in tries {
+        match kernel_mount(
+            Path::new("overlay"),
+            dir,
+            "overlay",
+            0,
+            &format!("{base_opts}{extra}"),
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e.to_string(),
         }
-        last = io::Error::last_os_error().to_string();
     }
     Err(format!(
         "mounting the writable overlay (needs root): {last}"

@@ -26,10 +26,11 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use super::{is_mount_point, table, unmount};
+use super::{kernel_mount, table};
 use crate::store::ImageRecord;
 use crate::{Digest, Error, Result, Store};
 
+mod kernel_meta;
 mod supervisor;
 mod worker;
 pub use supervisor::supervise;
@@ -51,6 +52,18 @@ impl Place {
     /// The image's FUSE mount, which every mount of it stands on.
     pub(crate) fn mnt(&self) -> PathBuf {
         self.dir.join("mnt")
+    }
+    /// The image's metadata as EROFS (when the kernel serves metadata).
+    fn meta_image(&self) -> PathBuf {
+        self.dir.join("meta.erofs")
+    }
+    /// Where that image is mounted.
+    fn meta(&self) -> PathBuf {
+        self.dir.join("meta")
+    }
+    /// The read-only overlay of metadata (`meta`) and data (`mnt`) that read-only mounts bind.
+    fn root(&self) -> PathBuf {
+        self.dir.join("root")
     }
     /// An empty directory: the second lower layer of a read-only overlay.
     fn empty(&self) -> PathBuf {
@@ -95,19 +108,48 @@ pub(crate) fn all_local(store: &Store, record: &ImageRecord) -> bool {
         .all(|l| store.blob_path(&l.digest).exists() || store.seekable_path(&l.digest).exists())
 }
 
+/// What a mount of the image stands on.
+pub(crate) struct Lower {
+    /// The image's FUSE mount.
+    pub mnt: PathBuf,
+    /// With metadata in the kernel: the EROFS mount and the read-only overlay of it over `mnt`.
+    kernel: Option<(PathBuf, PathBuf)>,
+}
+
+impl Lower {
+    /// An overlay's `lowerdir` for the image (`meta::mnt` with metadata in the kernel).
+    pub(crate) fn lowerdir(&self) -> String {
+        match &self.kernel {
+            Some((meta, _)) => format!("{}::{}", meta.display(), self.mnt.display()),
+            None => self.mnt.display().to_string(),
+        }
+    }
+    /// Whether metadata comes from the kernel (EROFS) rather than FUSE.
+    pub(crate) fn in_kernel(&self) -> bool {
+        self.kernel.is_some()
+    }
+}
+
 /// The image's shared mount, started if it is not up, with the image's lock: hold it until the
 /// mount standing on it is made.
 pub(crate) fn lower(
     store: &Store,
     record: &ImageRecord,
     exe: &Path,
-) -> Result<(PathBuf, crate::store::Lock)> {
+) -> Result<(Lower, crate::store::Lock)> {
     let place = Place::new(store, &record.manifest_digest);
     let lock = store.lock(&place.lock)?;
     if !server_alive(&place) {
         start(store, record, exe, &place)?;
     }
-    Ok((place.mnt(), lock))
+    let kernel = kernel_meta::in_kernel(&place).then(|| (place.meta(), place.root()));
+    Ok((
+        Lower {
+            mnt: place.mnt(),
+            kernel,
+        },
+        lock,
+    ))
 }
 
 /// Starts a detached supervisor (`bux-fuse serve-shared`) and waits until it serves.
@@ -116,9 +158,7 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
         path: place.mnt(),
         detail,
     };
-    if is_mount_point(&place.mnt()) {
-        let _ = unmount(&place.mnt()); // a server that died
-    }
+    kernel_meta::tear_down(place); // what a server that died left
     for d in [place.mnt(), place.empty()] {
         std::fs::create_dir_all(&d).map_err(|e| err(format!("creating {}: {e}", d.display())))?;
     }
@@ -132,75 +172,57 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
     Ok(())
 }
 
-/// Makes `dir` a mount of the image standing on its shared mount `lower`: a bind mount, or a
-/// two-lower read-only overlay where the image has `trusted.overlay.*` xattrs (the shared mount
-/// serves them escaped for overlays, and only an overlay shows them as they are).
+/// Makes `dir` a read-only mount of the image standing on `lower`: a bind mount of its
+/// overlay (metadata in the kernel) or of its FUSE mount; or, where the image has
+/// `trusted.overlay.*` xattrs and FUSE serves metadata, a two-lower read-only overlay (the FUSE
+/// mount serves them escaped for overlays, and only an overlay shows them as they are).
 pub(crate) fn mount_read_only(
-    lower: &Path,
+    lower: &Lower,
     dir: &Path,
     overlay_xattrs: bool,
 ) -> std::result::Result<(), String> {
-    let c = |p: &Path| {
-        std::ffi::CString::new(p.as_os_str().as_encoded_bytes())
-            .map_err(|_| "NUL in path".to_string())
-    };
+    if let Some((_, root)) = &lower.kernel {
+        return kernel_mount(root, dir, "", libc::MS_BIND, "")
+            .map_err(|e| format!("bind-mounting the image: {e}"));
+    }
     if overlay_xattrs {
-        let empty = lower.with_file_name("empty");
-        let data =
-            std::ffi::CString::new(format!("lowerdir={}:{}", lower.display(), empty.display()))
-                .map_err(|e| e.to_string())?;
-        // SAFETY: valid NUL-terminated strings for mount(2).
-        let r = unsafe {
-            libc::mount(
-                c"overlay".as_ptr(),
-                c(dir)?.as_ptr(),
-                c"overlay".as_ptr(),
-                libc::MS_RDONLY,
-                data.as_ptr().cast(),
-            )
-        };
-        if r != 0 {
-            return Err(format!(
-                "mounting the read-only overlay: {}",
-                std::io::Error::last_os_error()
-            ));
-        }
-        return Ok(());
+        let empty = lower.mnt.with_file_name("empty");
+        let data = format!("lowerdir={}:{}", lower.mnt.display(), empty.display());
+        return kernel_mount(Path::new("overlay"), dir, "overlay", libc::MS_RDONLY, &data)
+            .map_err(|e| format!("mounting the read-only overlay: {e}"));
     }
-    // SAFETY: valid NUL-terminated strings for mount(2); a bind mount takes no data.
-    let r = unsafe {
-        libc::mount(
-            c(lower)?.as_ptr(),
-            c(dir)?.as_ptr(),
-            std::ptr::null(),
-            libc::MS_BIND,
-            std::ptr::null(),
-        )
-    };
-    if r != 0 {
-        return Err(format!(
-            "bind-mounting the image: {}",
-            std::io::Error::last_os_error()
-        ));
-    }
-    Ok(())
+    kernel_mount(&lower.mnt, dir, "", libc::MS_BIND, "")
+        .map_err(|e| format!("bind-mounting the image: {e}"))
 }
 
-/// How many mounts stand on the shared mount at `mnt`: bind mounts of it (same device) and
-/// overlays whose first lower layer it is.
-fn users(mnt: &Path) -> usize {
+/// How many mounts stand on the image's server at `place`: bind mounts of its FUSE mount or of
+/// its overlay, and overlays whose first lower layer is one of its mounts (0 once the FUSE
+/// mount is gone).
+fn users(place: &Place) -> usize {
     let table = table::read();
     if table.is_empty() {
         return 1; // unreadable: keep serving
     }
-    let Some(dev) = table.iter().rev().find(|m| m.is_at(mnt)).map(|m| &m.dev) else {
+    let dev_at = |p: &Path| {
+        table
+            .iter()
+            .rev()
+            .find(|m| m.is_at(p))
+            .map(|m| m.dev.clone())
+    };
+    let Some(fuse) = dev_at(&place.mnt()) else {
         return 0;
     };
+    let devs = [Some(fuse), dev_at(&place.root())];
+    let lowers = [place.mnt(), place.meta()];
     table
         .iter()
+        .filter(|m| !Path::new(&m.point).starts_with(&place.dir))
         .filter(|m| {
-            let bind = m.dev == *dev && !m.is_at(mnt);
-            let over = m.fstype == "overlay" && m.path_option("lowerdir").as_deref() == Some(mnt);
+            let bind = devs.contains(&Some(m.dev.clone()));
+            let over = m.fstype == "overlay"
+                && m.path_option("lowerdir")
+                    .is_some_and(|l| lowers.contains(&l));
             bind || over
         })
         .count()

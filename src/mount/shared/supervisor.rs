@@ -8,8 +8,8 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{find_record, silence_stdout, users, wait_for_mount_change, Place};
-use crate::mount::{connect, is_mount_point, unmount};
+use super::{find_record, kernel_meta, silence_stdout, users, wait_for_mount_change, Place};
+use crate::mount::{connect, is_mount_point};
 use crate::{Digest, Error, Result, Store};
 
 /// The supervisor (`bux-fuse serve-shared MANIFEST`): mounts the image at its shared place,
@@ -42,7 +42,7 @@ pub fn supervise(
         let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume) {
             Ok(w) => w,
             Err(e) if !resume => {
-                let _ = unmount(&mnt);
+                kernel_meta::tear_down(&place);
                 return Err(mount_err(e));
             }
             Err(e) => {
@@ -50,8 +50,8 @@ pub fn supervise(
                 // somebody still uses the mount.
                 tracing::error!("restarting the image server: {e}");
                 std::thread::sleep(Duration::from_secs(1));
-                if users(&mnt) == 0 {
-                    let _ = unmount(&mnt);
+                if users(&place) == 0 {
+                    kernel_meta::tear_down(&place);
                     return Ok(());
                 }
                 continue;
@@ -59,6 +59,10 @@ pub fn supervise(
         };
         if !resume {
             crate::mount::raise_readahead(&mnt);
+            match kernel_meta::set_up(store, &record, &place) {
+                Ok(()) => tracing::info!("metadata served by the kernel (EROFS), data by FUSE"),
+                Err(e) => tracing::warn!("metadata served by FUSE: {e}"),
+            }
             println!("ready");
             let _ = std::io::stdout().flush();
             silence_stdout();
@@ -78,7 +82,7 @@ pub fn supervise(
                 restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
                 restarts.push(Instant::now());
                 if restarts.len() > 10 {
-                    let _ = unmount(&mnt);
+                    kernel_meta::tear_down(&place);
                     return Err(mount_err(
                         "the image server died 10 times in a minute: unmounted (see its log)"
                             .into(),
@@ -88,11 +92,11 @@ pub fn supervise(
             }
             Outcome::WorkerDied(_) => break, // unmounted from outside
             Outcome::Stop => {
-                stop_serving(&mnt, &mut worker);
+                stop_serving(&place, &mut worker);
                 break;
             }
             Outcome::Unused(lock) => {
-                stop_serving(&mnt, &mut worker);
+                stop_serving(&place, &mut worker);
                 let _ = std::fs::remove_file(place.pid());
                 drop(lock); // now a client may start a new server
                 return Ok(());
@@ -103,8 +107,8 @@ pub fn supervise(
     Ok(())
 }
 
-fn stop_serving(mnt: &Path, worker: &mut std::process::Child) {
-    let _ = unmount(mnt);
+fn stop_serving(place: &Place, worker: &mut std::process::Child) {
+    kernel_meta::tear_down(place);
     // SAFETY: signalling our own child.
     unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
     let _ = worker.wait();
@@ -123,15 +127,14 @@ fn watch(
     place: &Place,
     mut tick: impl FnMut() -> Option<Outcome>,
 ) -> Result<Outcome> {
-    let mnt = place.mnt();
     loop {
         if let Some(o) = tick() {
             return Ok(o);
         }
         // The client that started the server holds the lock until its mount stands on it.
-        if users(&mnt) == 0 {
+        if users(&place) == 0 {
             if let Some(lock) = store.try_lock(&place.lock)? {
-                if users(&mnt) == 0 {
+                if users(&place) == 0 {
                     return Ok(Outcome::Unused(lock));
                 }
             }

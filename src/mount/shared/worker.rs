@@ -99,10 +99,9 @@ fn orphan_watch(lock: std::fs::File, place: Place) {
                 std::thread::sleep(Duration::from_millis(500));
             }
             tracing::warn!("the image server's supervisor died: serving until unused");
-            let mnt = place.mnt();
             loop {
                 // Held from here to exit: no client mounts on what is about to end.
-                if users(&mnt) == 0 && crate::store::try_flock(&lock) && users(&mnt) == 0 {
+                if users(&place) == 0 && crate::store::try_flock(&lock) && users(&place) == 0 {
                     std::process::exit(0);
                 }
                 wait_for_mount_change(Duration::from_millis(500));

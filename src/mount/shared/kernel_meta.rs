@@ -1,0 +1,73 @@
+//! Metadata in the kernel: the image's tree as an EROFS image, under a read-only overlay whose
+//! data-only lower layer is the image's FUSE mount.
+//!
+//! Over FUSE alone a cold walk of the tree costs a round trip per directory; with the metadata
+//! in EROFS, lookups, `stat`, `readdir` and xattrs never leave the kernel, and FUSE is asked
+//! only to open and read files' data (see [`crate::tree::erofs`]). The supervisor sets it up
+//! when the server starts; a kernel without file-backed EROFS (Linux 6.12) or overlay
+//! data-only layers (6.5), or an image the format cannot carry, keeps the FUSE-only layout,
+//! with the reason in the server's log. `BUX_FUSE_METADATA=fuse` asks for that layout (to
+//! compare the two).
+
+use std::path::Path;
+
+use super::Place;
+use crate::mount::{is_mount_point, kernel_mount, table, unmount};
+use crate::store::ImageRecord;
+use crate::Store;
+
+/// Whether the server at `place` serves metadata from the kernel (its overlay is up).
+pub(crate) fn in_kernel(place: &Place) -> bool {
+    table::at(&place.root()).is_some_and(|m| m.fstype == "overlay")
+}
+
+/// Writes the image's metadata image and mounts it with the overlay over it (after the FUSE
+/// mount serves). An error leaves nothing mounted: the server then serves through FUSE alone.
+pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Result<(), String> {
+    if std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse") {
+        return Err("BUX_FUSE_METADATA=fuse".into());
+    }
+    let tree = store.tree(record).map_err(|e| e.to_string())?;
+    let image = crate::tree::erofs::metadata_image(&tree).map_err(|e| e.to_string())?;
+    crate::store::write_atomic(&place.meta_image(), &image).map_err(|e| e.to_string())?;
+    for d in [place.meta(), place.root()] {
+        std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
+    }
+    kernel_mount(
+        &place.meta_image(),
+        &place.meta(),
+        "erofs",
+        libc::MS_RDONLY,
+        "",
+    )
+    .map_err(|e| format!("mounting the EROFS metadata image (Linux 6.12+): {e}"))?;
+    let options = format!(
+        "lowerdir={}::{},metacopy=on,redirect_dir=follow",
+        place.meta().display(),
+        place.mnt().display()
+    );
+    if let Err(e) = kernel_mount(
+        Path::new("overlay"),
+        &place.root(),
+        "overlay",
+        libc::MS_RDONLY,
+        &options,
+    ) {
+        let _ = unmount(&place.meta());
+        return Err(format!(
+            "mounting the overlay with a data-only layer (Linux 6.5+): {e}"
+        ));
+    }
+    Ok(())
+}
+
+/// Unmounts what stands at `place` (the overlay, the metadata image, the FUSE mount) and
+/// removes the metadata image, which the next server writes anew.
+pub(crate) fn tear_down(place: &Place) {
+    for p in [place.root(), place.meta(), place.mnt()] {
+        if is_mount_point(&p) {
+            let _ = unmount(&p);
+        }
+    }
+    let _ = std::fs::remove_file(place.meta_image());
+}
