@@ -41,24 +41,32 @@ pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Resu
         "",
     )
     .map_err(|e| format!("mounting the EROFS metadata image (Linux 6.12+): {e}"))?;
-    let options = format!(
-        "lowerdir={}::{},metacopy=on,redirect_dir=follow",
-        place.meta().display(),
-        place.mnt().display()
-    );
-    if let Err(e) = kernel_mount(
-        Path::new("overlay"),
-        &place.root(),
-        "overlay",
-        libc::MS_RDONLY,
-        &options,
-    ) {
-        let _ = unmount(&place.meta());
-        return Err(format!(
-            "mounting the overlay with a data-only layer (Linux 6.5+): {e}"
-        ));
+    // Data-only layers alone enable data redirects (Linux 6.16+), which leaves room for file
+    // handles (virtiofsd --inode-file-handles, NFS), for which a read-only overlay must not
+    // follow directory redirects (the image has none). Earlier kernels need metacopy=on, which
+    // rules file handles out.
+    let lowerdir = format!("{}::{}", place.meta().display(), place.mnt().display());
+    let mut last = String::new();
+    for extra in [
+        "redirect_dir=nofollow,nfs_export=on",
+        "metacopy=on,redirect_dir=follow",
+    ] {
+        let options = format!("lowerdir={lowerdir},{extra}");
+        match kernel_mount(
+            Path::new("overlay"),
+            &place.root(),
+            "overlay",
+            libc::MS_RDONLY,
+            &options,
+        ) {
+            Ok(()) => return Ok(()),
+            Err(e) => last = e.to_string(),
+        }
     }
-    Ok(())
+    let _ = unmount(&place.meta());
+    Err(format!(
+        "mounting the overlay with a data-only layer (Linux 6.5+): {last}"
+    ))
 }
 
 /// Unmounts what stands at `place` (the overlay, the metadata image, the FUSE mount) and

@@ -1,0 +1,42 @@
+//! Where a read of a mount spends its work: mounts REF from STORE in this process (a server of
+//! its own), runs a shell command against it with caches dropped, and prints the wall time with
+//! the read path's counters (bytes inflated against bytes the command read).
+//!
+//! `read_profile STORE REF DIR 'tar -C "$MNT" -cf - . | wc -c'`
+use std::path::Path;
+use std::time::Instant;
+
+use bux_fuse::{MountOptions, Store};
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args: Vec<String> = std::env::args().collect();
+    let [_, store, reference, dir, cmd] = &args[..] else {
+        return Err("usage: read_profile STORE REF DIR COMMAND".into());
+    };
+    let store = Store::open(store.as_str())?;
+    let mut opts = MountOptions::default();
+    if let Ok(c) = std::env::var("CACHE_MIB") {
+        opts.cache_bytes = c.parse::<usize>()? << 20;
+    }
+    let mount = bux_fuse::mount(&store, reference, Path::new(dir), &opts)?;
+    std::fs::write("/proc/sys/vm/drop_caches", "3")?;
+    let t = Instant::now();
+    let out = std::process::Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .env("MNT", dir)
+        .output()?;
+    let secs = t.elapsed().as_secs_f64();
+    let s = mount.stats();
+    println!(
+        "{secs:.2} s  out={}  inflated={:.0} MB  blob={:.0} MB  hits={} misses={} lookups={}",
+        String::from_utf8_lossy(&out.stdout).trim(),
+        s.decompressed_bytes as f64 / 1e6,
+        s.blob_bytes as f64 / 1e6,
+        s.cache_hits,
+        s.cache_misses,
+        s.lookups
+    );
+    mount.unmount()?;
+    Ok(())
+}
