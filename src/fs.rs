@@ -64,6 +64,10 @@ pub struct Shared {
     cache: Arc<SpanCache>,
     /// Some layer is fetched lazily (else no read ever waits, and reads skip the check).
     may_fetch: bool,
+    /// A decoding thread is decompressing ahead of the reads (see [`Shared::claim_ahead`]).
+    inflating_ahead: std::sync::atomic::AtomicBool,
+    /// Where the reads it follows are: layer (top 16 bits) and stream offset.
+    ahead_at: std::sync::atomic::AtomicU64,
 }
 
 impl std::ops::Deref for ImageFs {
@@ -129,6 +133,8 @@ impl ImageFs {
                 tree,
                 layers,
                 cache,
+                inflating_ahead: Default::default(),
+                ahead_at: Default::default(),
             }),
             statfs: (blocks, files),
             no_open: false,
@@ -265,6 +271,49 @@ impl Shared {
             _ => buf.clear(),
         }
         Ok(buf)
+    }
+
+    /// After a read of `ino` up to `end`: whether to decompress ahead in its layer's stream
+    /// (see [`LayerReader::span_ahead`]). Records where the reads are and claims the one job
+    /// that does it (one at a time, so that the decoding threads stay free for reads that
+    /// wait); the caller runs [`Shared::inflate_ahead`] on a decoding thread.
+    fn claim_ahead(&self, ino: INodeNo, end: u64) -> bool {
+        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        let Ok(i) = self.inode(ino) else { return false };
+        let NodeData::File { layer, offset } = i.data else {
+            return false;
+        };
+        let pos = offset + end.min(i.size).saturating_sub(1);
+        let Some(reader) = self.layers.get(layer as usize) else {
+            return false;
+        };
+        if reader.span_ahead(&self.cache, pos).is_none() {
+            return false;
+        }
+        self.ahead_at
+            .store((layer as u64) << 48 | pos.min((1 << 48) - 1), Relaxed);
+        !self.inflating_ahead.swap(true, AcqRel)
+    }
+
+    /// Decompresses ahead of the reads (claimed by [`Shared::claim_ahead`]), following them
+    /// as they go on, until nothing is left to do ahead of where they are.
+    fn inflate_ahead(&self) {
+        use std::sync::atomic::Ordering::{Relaxed, Release};
+        loop {
+            let at = self.ahead_at.load(Relaxed);
+            let (layer, pos) = ((at >> 48) as usize, at & ((1 << 48) - 1));
+            let Some(reader) = self.layers.get(layer) else {
+                break;
+            };
+            let Some(span) = reader.span_ahead(&self.cache, pos) else {
+                break;
+            };
+            if let Err(e) = reader.inflate_span(&self.cache, span) {
+                tracing::debug!("decompressing ahead in layer {layer}: {e}");
+                break;
+            }
+        }
+        self.inflating_ahead.store(false, Release);
     }
 
     fn read_layer(&self, layer: u32, at: u64, buf: &mut [u8], decode: bool) -> Result<(), Errno> {
@@ -597,8 +646,15 @@ impl Filesystem for ImageFs {
                 }
             });
         }
+        let end = offset + size as u64;
         match self.read_file_with(i, offset, size, false) {
-            Ok(data) => reply.data(&data),
+            Ok(data) => {
+                reply.data(&data);
+                if self.shared.claim_ahead(ino, end) {
+                    let shared = self.shared.clone();
+                    self.decoding_reads.run(move || shared.inflate_ahead());
+                }
+            }
             // It must decompress first: on a decoding thread, not this FUSE worker.
             Err(Errno::EAGAIN) => {
                 let shared = self.shared.clone();
@@ -608,7 +664,10 @@ impl Filesystem for ImageFs {
                         .and_then(|i| shared.read_file(i, offset, size))
                     {
                         Ok(data) => reply.data(&data),
-                        Err(e) => reply.error(e),
+                        Err(e) => return reply.error(e),
+                    }
+                    if shared.claim_ahead(ino, end) {
+                        shared.inflate_ahead();
                     }
                 })
             }
