@@ -3,6 +3,10 @@
 //! the read path's counters (bytes inflated against bytes the command read).
 //!
 //! `read_profile STORE REF DIR 'tar -C "$MNT" -cf - . | wc -c'`
+//!
+//! `CACHE_MIB=N` sets the span cache; `TUNE=daemon` tunes the allocator as the daemons do,
+//! `TUNE=arena[,MIB]` two arenas (and that mapping threshold), anything else leaves it as is.
+//! The process's RSS at the end is printed too.
 use std::path::Path;
 use std::time::Instant;
 
@@ -17,6 +21,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut opts = MountOptions::default();
     if let Ok(c) = std::env::var("CACHE_MIB") {
         opts.cache_bytes = c.parse::<usize>()? << 20;
+    }
+    match std::env::var("TUNE").as_deref() {
+        Ok("daemon") => bux_fuse::mount::tune_allocator_for_serving(), // as the daemons do
+        // SAFETY: mallopt only tunes the allocator.
+        Ok(t) if t.starts_with("arena") => unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+            if let Some(mb) = t.strip_prefix("arena,") {
+                libc::mallopt(libc::M_MMAP_THRESHOLD, mb.parse::<i32>().unwrap() << 20);
+            }
+        },
+        _ => {}
     }
     let mount = bux_fuse::mount(&store, reference, Path::new(dir), &opts)?;
     std::fs::write("/proc/sys/vm/drop_caches", "3")?;
@@ -37,6 +52,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.cache_misses,
         s.lookups
     );
+    let status = std::fs::read_to_string("/proc/self/status")?;
+    for l in status
+        .lines()
+        .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
+    {
+        println!("  {l}");
+    }
     mount.unmount()?;
     Ok(())
 }

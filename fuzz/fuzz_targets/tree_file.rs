@@ -1,6 +1,7 @@
 //! A merged tree file damaged in arbitrary ways: opening checks only the header, so whatever
-//! opens must then read without panicking or looping (every record bounds-checked, walks
-//! bounded), and bytes that are not what was written must fail the full check.
+//! opens must then read (and be written as an EROFS metadata image) without panicking or
+//! looping (every record bounds-checked, walks bounded), and bytes that are not what was
+//! written must fail the full check.
 //!
 //! The input is a list of edits (offset, xor) to a real tree file with every kind of record, so
 //! that the fuzzer starts past the header instead of guessing one.
@@ -75,6 +76,9 @@ fuzz_target!(|edits: Vec<(u16, u8)>| {
     let changed = changed && bytes != base();
     let Ok(tree) = Tree::from_vec(bytes) else { return };
     let _ = tree.dump();
+    // The EROFS metadata image is written from verified trees only; still, a damaged one must
+    // give an error, not a panic or a loop.
+    let _ = bux_fuse::tree::erofs::metadata_image(&tree);
     if changed {
         assert!(tree.verify().is_err(), "a changed tree passed the full check");
     }

@@ -179,6 +179,17 @@ impl SpanCache {
         }
     }
 
+    /// Whether span `key` is cached and decompressed to its end (without making it recently
+    /// used; a span being inflated right now is not).
+    fn is_whole(&self, key: (u32, u32)) -> bool {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.lru.peek(&key) {
+            Some(Span::Whole(_)) => true,
+            Some(Span::Gzip(g)) => g.state.try_lock().is_ok_and(|st| st.bytes.len() == g.len),
+            None => false,
+        }
+    }
+
     /// Whether span `key` is cached (without making it recently used).
     fn contains(&self, key: (u32, u32)) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -448,8 +459,9 @@ impl LayerReader {
 
     /// The span worth decompressing ahead of a read that reached `pos`: the first of the next
     /// [`AHEAD_SPANS`] not cached, when a reader walks this layer's stream in order (the span
-    /// before `pos`'s is cached too), unless it is too large to cache or far away (a fetch).
-    /// Cheap: it decompresses nothing.
+    /// before `pos`'s was read whole, and the one before it is cached), unless it is too large
+    /// to cache or far away (a fetch). Cheap: it decompresses nothing. A few reads of nearby
+    /// files (a VM's boot) do not look like a walk, so they cost nothing ahead.
     ///
     /// A full read of an image (`tar`, `cp -a`, a VM's first boot) visits files in about the
     /// order the layer's tar holds them, one at a time: decompressing ahead on another core
@@ -458,8 +470,12 @@ impl LayerReader {
         if let Access::Tar = self.access {
             return None;
         }
+        // In order: the reads took in the whole span before this one, and the one before that.
         let i = self.span_of(pos);
-        if !(i == 0 || cache.contains((self.id, i as u32 - 1))) {
+        let walking = i >= 1
+            && cache.is_whole((self.id, i as u32 - 1))
+            && (i < 2 || cache.contains((self.id, i as u32 - 2)));
+        if !walking {
             return None;
         }
         let next = (i + 1..=i + AHEAD_SPANS)
@@ -935,12 +951,18 @@ mod tests {
         reader.read_at(&cache, starts[5], &mut buf).unwrap();
         assert_eq!(reader.span_ahead(&cache, starts[5]), None);
 
-        // In order: spans 0 and 1 read, so 2..=1+AHEAD_SPANS come ahead, one by one.
+        // Parts of spans 0 and 1 (a few nearby files) are not a walk either.
         let cache = SpanCache::new(64 << 20);
         reader.read_at(&cache, 0, &mut buf).unwrap();
         reader.read_at(&cache, starts[1], &mut buf).unwrap();
+        assert_eq!(reader.span_ahead(&cache, starts[1]), None);
+
+        // In order: spans 0 and 1 read whole, so 2..=1+AHEAD_SPANS come ahead, one by one.
+        let cache = SpanCache::new(64 << 20);
+        let mut whole = vec![0u8; starts[2] as usize];
+        reader.read_at(&cache, 0, &mut whole).unwrap();
         let mut ahead = Vec::new();
-        while let Some(i) = reader.span_ahead(&cache, starts[1]) {
+        while let Some(i) = reader.span_ahead(&cache, starts[2] - 1) {
             reader.inflate_span(&cache, i).unwrap();
             ahead.push(i);
         }
