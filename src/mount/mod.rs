@@ -476,8 +476,9 @@ pub fn unmount(path: &Path) -> Result<()> {
 /// spans stay below the mapping threshold, since mapping each one afresh (page faults,
 /// zeroing, an unmap per span) made a cold full read of the large image 20% slower
 /// (`bench/read_profile.rs`: 3.6–3.7 s with a 256 KiB threshold, 3.0–3.2 s with 2 MiB, for
-/// +9 MiB RSS: 61 MiB at the end of the read, against 79 MiB untuned). The `bux-fuse` daemon calls it; a library caller decides for its own process
-/// (it changes the whole process's allocator).
+/// +9 MiB RSS: 61 MiB at the end of the read, against 79 MiB untuned). The `bux-fuse` daemon
+/// calls it; a library caller decides for its own process (it changes the whole process's
+/// allocator).
 pub fn tune_allocator_for_serving() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only tunes the allocator.
