@@ -28,8 +28,15 @@ pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Resu
         return Err("BUX_FUSE_METADATA=fuse".into());
     }
     let tree = store.tree(record).map_err(|e| e.to_string())?;
+    let started = std::time::Instant::now();
     let image = crate::tree::erofs::metadata_image(&tree).map_err(|e| e.to_string())?;
     crate::store::write_atomic(&place.meta_image(), &image).map_err(|e| e.to_string())?;
+    tracing::info!(
+        "metadata image: {} inodes, {} KiB, written in {} ms",
+        tree.inode_count(),
+        image.len() >> 10,
+        started.elapsed().as_millis()
+    );
     for d in [place.meta(), place.root()] {
         std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
