@@ -40,6 +40,9 @@ const NULL_ADDR: u32 = u32::MAX;
 const META_BLOCK: usize = 1;
 
 const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+/// The largest file one chunk describes (2^(12 + 31) bytes): larger ones (only a hostile
+/// sparse entry claims such a size) make the writer refuse.
+const MAX_FILE: u64 = (BLOCK as u64) << 31;
 
 /// `i_format`: bit 0 the inode version (1 = extended), bits 1–3 the data layout.
 const LAYOUT_FLAT_PLAIN: u16 = 0;
@@ -218,6 +221,12 @@ fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
     let (layout, data, size) = match inode.data {
         NodeData::Symlink(target) => (LAYOUT_FLAT_INLINE, target.to_vec(), target.len() as u64),
         NodeData::Dir { .. } => (LAYOUT_FLAT_INLINE, Vec::new(), 0),
+        _ if inode.kind == EntryKind::File && inode.size > MAX_FILE => {
+            return Err(Unsupported(format!(
+                "a file of {} bytes (one chunk holds at most 8 TiB)",
+                inode.size
+            )));
+        }
         _ if inode.kind == EntryKind::File && inode.size > 0 => {
             xattrs.push((4, b"overlay.metacopy".to_vec(), b""));
             xattrs.push((4, b"overlay.redirect".to_vec(), path));
@@ -394,10 +403,11 @@ fn write_inode(out: &mut [u8], n: &Node, inode: &Inode<'_>) {
             let (major, minor) = (inode.dev_major, inode.dev_minor);
             (minor & 0xff) | (major << 8) | ((minor & !0xff) << 12) // Linux's new_encode_dev
         }
-        // Chunks of 2^(12 + bits) bytes, as few bits as make one chunk hold the file.
+        // Chunks of 2^(12 + bits) bytes, as few bits as make one chunk hold the file (at most
+        // MAX_FILE, checked in `node`).
         (_, LAYOUT_CHUNK_BASED) => {
             let bits = 64 - (n.size.max(1) - 1).leading_zeros();
-            bits.saturating_sub(BLOCK_BITS as u32).min(31)
+            bits.saturating_sub(BLOCK_BITS as u32)
         }
         (_, LAYOUT_FLAT_PLAIN | LAYOUT_FLAT_INLINE) if n.out_of_line_blocks() > 0 => n.blkaddr,
         _ => 0,
@@ -417,8 +427,6 @@ fn write_inode(out: &mut [u8], n: &Node, inode: &Inode<'_>) {
     match n.layout {
         LAYOUT_CHUNK_BASED => {
             // One chunk index: no block (a hole), for the data lives in the lower layer.
-            let chunks = n.size.div_ceil((BLOCK as u64) << (i_u & 31)) as usize;
-            debug_assert_eq!(chunks, 1);
             out[at..at + 4].copy_from_slice(&NULL_ADDR.to_le_bytes());
         }
         _ => {
@@ -446,31 +454,12 @@ fn write_super(out: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::{entry, merged};
     use super::*;
-    use crate::index::{LayerSource, TarEntry};
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
     use std::os::unix::fs::{FileTypeExt, MetadataExt};
     use std::path::Path;
-
-    fn entry(path: &str, kind: EntryKind) -> TarEntry {
-        TarEntry {
-            path: path.as_bytes().to_vec(),
-            kind,
-            mode: if kind == EntryKind::Dir { 0o755 } else { 0o644 },
-            uid: 0,
-            gid: 0,
-            mtime: 1_700_000_000,
-            mtime_nsec: 0,
-            size: 0,
-            link: Vec::new(),
-            dev_major: 0,
-            dev_minor: 0,
-            xattrs: Vec::new(),
-            offset: 0,
-            sparse: None,
-        }
-    }
 
     /// Every kind of entry, and the corners of the format: directories over several blocks,
     /// long symlinks, large files, large ids, negative times, escaped overlay xattrs.
@@ -504,7 +493,9 @@ mod tests {
         let mut one = entry("one", EntryKind::File);
         one.size = 1;
         l.push(one);
-        l.push(entry("empty", EntryKind::File));
+        let mut empty = entry("empty", EntryKind::File);
+        empty.size = 0;
+        l.push(empty);
         let mut hard = entry("hard", EntryKind::Hardlink);
         hard.link = b"one".to_vec();
         l.push(hard);
@@ -525,13 +516,7 @@ mod tests {
         o.mode = 0o1777;
         o.xattrs = vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())];
         l.push(o);
-        let source = LayerSource {
-            digest: crate::Digest::of(b"l"),
-            compression: crate::index::Compression::None,
-            uncompressed_size: 0,
-            access: crate::index::Access::Tar,
-        };
-        super::super::merge([(source, l.as_slice())]).unwrap()
+        merged(&[l]).unwrap()
     }
 
     fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -646,17 +631,19 @@ mod tests {
     }
 
     #[test]
-    fn a_whiteout_shaped_device_is_refused() {
+    fn what_overlayfs_or_one_chunk_cannot_carry_is_refused() {
         let mut c = entry("w", EntryKind::Char);
         (c.dev_major, c.dev_minor) = (0, 0);
-        let source = LayerSource {
-            digest: crate::Digest::of(b"l"),
-            compression: crate::index::Compression::None,
-            uncompressed_size: 0,
-            access: crate::index::Access::Tar,
-        };
-        let tree = super::super::merge([(source, [c].as_slice())]).unwrap();
+        let tree = merged(&[vec![c]]).unwrap();
         assert!(metadata_image(&tree).unwrap_err().0.contains("whiteout"));
+        // As is a file beyond what one chunk describes (a sparse entry may claim any size).
+        let mut huge = entry("huge", EntryKind::File);
+        huge.size = MAX_FILE + 1;
+        let tree = merged(&[vec![huge]]).unwrap();
+        assert!(metadata_image(&tree).unwrap_err().0.contains("8 TiB"));
+        let mut largest = entry("largest", EntryKind::File);
+        largest.size = MAX_FILE;
+        assert!(metadata_image(&merged(&[vec![largest]]).unwrap()).is_ok());
     }
 
     /// The kernel reads the image as the tree says, through the overlay that serves it, with

@@ -478,11 +478,13 @@ impl Tree {
     }
 }
 
+/// Entries and merged trees for the tests of the tree and of what is written from it.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_support {
     use super::*;
 
-    fn e(path: &str, kind: EntryKind) -> TarEntry {
+    /// An entry of `kind` at `path`: 0755 directories, 0644 one-byte files.
+    pub fn entry(path: &str, kind: EntryKind) -> TarEntry {
         TarEntry {
             path: path.as_bytes().to_vec(),
             kind,
@@ -491,6 +493,26 @@ mod tests {
             ..implied_dir()
         }
     }
+
+    /// `layers` merged bottom first, each a plain tar layer.
+    pub fn merged(layers: &[Vec<TarEntry>]) -> Result<Tree> {
+        merge(layers.iter().enumerate().map(|(i, l)| {
+            let source = LayerSource {
+                digest: Digest::of(&[i as u8]),
+                compression: crate::index::Compression::None,
+                uncompressed_size: 0,
+                access: crate::index::Access::Tar,
+            };
+            (source, l.as_slice())
+        }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{entry as e, merged};
+    use super::*;
+
     fn f(path: &str) -> TarEntry {
         e(path, EntryKind::File)
     }
@@ -502,18 +524,6 @@ mod tests {
             link: target.as_bytes().to_vec(),
             ..e(path, kind)
         }
-    }
-
-    fn merged(layers: &[Vec<TarEntry>]) -> Result<Tree> {
-        merge(layers.iter().enumerate().map(|(i, l)| {
-            let source = LayerSource {
-                digest: Digest::of(&[i as u8]),
-                compression: crate::index::Compression::None,
-                uncompressed_size: 0,
-                access: crate::index::Access::Tar,
-            };
-            (source, l.as_slice())
-        }))
     }
 
     fn paths(layers: &[Vec<TarEntry>]) -> Vec<String> {
