@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # Installs what bux-fuse needs on a fresh Debian/Ubuntu machine: FUSE tools, the reference
-# registry, image tools used as independent oracles in tests, and busybox for sample images.
+# registry, image tools used as independent oracles in tests (umoci, skopeo, fsck.erofs), and
+# busybox for sample images.
 set -euo pipefail
 
 pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
       qemu-system-x86 cpio lz4 zstd libcap-ng-dev libseccomp-dev
-      util-linux coreutils attr)
+      util-linux coreutils attr erofs-utils)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -661,11 +661,10 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("meta.erofs");
         std::fs::write(&image, metadata_image(&tree).unwrap()).unwrap();
-        if let Ok(out) = std::process::Command::new("fsck.erofs")
-            .arg(&image)
-            .output()
-        {
-            assert!(out.status.success(), "fsck.erofs: {out:?}");
+        // erofs-utils' own checker, an independent reader (scripts/setup.sh installs it).
+        match std::process::Command::new("fsck.erofs").arg(&image).output() {
+            Ok(out) => assert!(out.status.success(), "fsck.erofs: {out:?}"),
+            Err(e) => eprintln!("fsck.erofs not run: {e}"),
         }
         // The data-only layer: each file's bytes at its path (here: its path, repeated).
         let data = tmp.path().join("data");
