@@ -487,3 +487,43 @@ fn walk(root: &Path) -> Vec<String> {
     out.sort();
     out
 }
+
+/// An image the EROFS layout cannot carry (a 0/0 character device, which overlayfs takes for a
+/// whiteout) is served with metadata from FUSE, with the reason in the server's log.
+#[test]
+fn an_image_the_metadata_image_cannot_carry_is_served_by_fuse() {
+    let reg = Registry::start();
+    let layer = LayerBuilder::new()
+        .file("etc/os-release", b"ID=odd\n")
+        .device("dev/odd", tar::EntryType::Char, 0, 0)
+        .finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(layer, Comp::Gzip)]),
+    );
+    reg.push(&work.path().join("l"), "v1", "t/odd", None);
+    let r = format!("{}/t/odd:v1", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    let rw = Mounted::new(&bux, &r, dir.path().join("rw"), true);
+    assert_eq!(mounted_as(&ro.path).0, "fuse.bux-fuse");
+    assert!(!mounted_as(&rw.path).1.contains("::"));
+    assert!(
+        server_logs(&bux).contains("metadata served by FUSE"),
+        "{}",
+        server_logs(&bux)
+    );
+    use std::os::unix::fs::FileTypeExt;
+    let odd = std::fs::symlink_metadata(ro.path.join("dev/odd")).unwrap();
+    assert!(odd.file_type().is_char_device());
+    assert_eq!(
+        std::fs::read(rw.path.join("etc/os-release")).unwrap(),
+        b"ID=odd\n"
+    );
+    ro.unmount();
+    rw.unmount();
+}

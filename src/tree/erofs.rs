@@ -22,8 +22,8 @@
 //! are chunk-based with a single null chunk: sparse, no data. Image xattrs named
 //! `trusted.overlay.*` are written escaped (`trusted.overlay.overlay.*`), which overlayfs shows
 //! as they were. What overlayfs would misread and cannot be escaped here (a 0/0 character
-//! device, which it takes for a whiteout) makes the writer refuse: the image is then served by
-//! FUSE alone.
+//! device, which it takes for a whiteout), or that EROFS cannot (a name over 255 bytes, a file
+//! over 8 TiB), makes the writer refuse: the image is then served by FUSE alone.
 
 use super::{Inode, NodeData, Tree, ROOT_INO};
 use crate::index::EntryKind;
@@ -43,6 +43,8 @@ const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 /// The largest file one chunk describes (2^(12 + 31) bytes): larger ones (only a hostile
 /// sparse entry claims such a size) make the writer refuse.
 const MAX_FILE: u64 = (BLOCK as u64) << 31;
+/// The longest name Linux passes (a directory block holds any entry up to it).
+const NAME_MAX: usize = 255;
 
 /// `i_format`: bit 0 the inode version (1 = extended), bits 1–3 the data layout.
 const LAYOUT_FLAT_PLAIN: u16 = 0;
@@ -134,6 +136,12 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
         if let NodeData::Dir { .. } = inode.data {
             let children: Vec<_> = tree.children(ino).iter().collect();
             for d in children.into_iter().rev() {
+                if d.name.len() > NAME_MAX {
+                    return Err(Unsupported(format!(
+                        "a name of {} bytes (Linux allows {NAME_MAX})",
+                        d.name.len()
+                    )));
+                }
                 let mut p = path.clone();
                 if p.len() > 1 {
                     p.push(b'/');
@@ -641,6 +649,10 @@ mod tests {
         huge.size = MAX_FILE + 1;
         let tree = merged(&[vec![huge]]).unwrap();
         assert!(metadata_image(&tree).unwrap_err().0.contains("8 TiB"));
+        // And a name no Linux filesystem can carry (a tar may hold one).
+        let long = entry(&"n".repeat(NAME_MAX + 1), EntryKind::File);
+        let tree = merged(&[vec![long]]).unwrap();
+        assert!(metadata_image(&tree).unwrap_err().0.contains("256 bytes"));
         let mut largest = entry("largest", EntryKind::File);
         largest.size = MAX_FILE;
         assert!(metadata_image(&merged(&[vec![largest]]).unwrap()).is_ok());
@@ -662,7 +674,10 @@ mod tests {
         let image = tmp.path().join("meta.erofs");
         std::fs::write(&image, metadata_image(&tree).unwrap()).unwrap();
         // erofs-utils' own checker, an independent reader (scripts/setup.sh installs it).
-        match std::process::Command::new("fsck.erofs").arg(&image).output() {
+        match std::process::Command::new("fsck.erofs")
+            .arg(&image)
+            .output()
+        {
             Ok(out) => assert!(out.status.success(), "fsck.erofs: {out:?}"),
             Err(e) => eprintln!("fsck.erofs not run: {e}"),
         }
