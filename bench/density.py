@@ -7,7 +7,7 @@ extracted on the local disk. Writes bench/RESULTS-density.md and bench/results-d
 Run through bench/density.sh. Timings are medians of --runs runs; caches are dropped before
 every cold measurement; ratios compare numbers of this run only.
 """
-import argparse, datetime, json, os, random, shutil, statistics, subprocess, sys, tempfile, threading, time
+import argparse, datetime, glob, json, os, random, shutil, statistics, subprocess, sys, tempfile, threading, time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import run as base  # noqa: E402  (registry, timers, caches, random reads)
@@ -160,11 +160,64 @@ def restart_under_load(store, ref, work, kills):
     return {"killed": killed, "errors": errors, "bytes_equal": len(set(sizes)) == 1, "bytes": sizes[0]}
 
 
+def many_files(reg, work, n_files, runs):
+    """Mount latency and a cold find on an image of n_files small files (1000 per directory)."""
+    global STORE
+    saved, store = STORE, os.path.join(work, "store-synthetic")
+    STORE = store
+    try:
+        ref = reg.push(base.synthetic_layout(work, n_files), "v1", "bench/synthetic")
+        bux(store, "pull", "-q", ref)
+        keep, m = os.path.join(work, "syn-keep"), os.path.join(work, "syn-m")
+        os.makedirs(keep); os.makedirs(m)
+        first, ro, rw, build, finds, ffinds = [], [], [], [], [], []
+        for _ in range(runs):
+            base.drop_caches()
+            first.append(mount(store, ref, keep, env={"RUST_LOG": "info"}))
+            logged = [l for l in open(glob.glob(os.path.join(store, "shared", "*", "log"))[0])
+                      if "metadata image" in l]
+            if logged:  # this server's line is the last
+                build.append(float(logged[-1].split("written in ")[1].split()[0]) / 1000)
+            for _ in range(10):
+                ro.append(mount(store, ref, m)); umount(store, m)
+                rw.append(mount(store, ref, m, "--writable")); umount(store, m)
+            mount(store, ref, m, "--writable")
+            finds.append(cold(["find", m, "-printf", ""]))
+            umount(store, m); umount(store, keep)
+            wait_servers_gone()
+            mount(store, ref, m, "--writable", env={"BUX_FUSE_METADATA": "fuse"})
+            ffinds.append(cold(["find", m, "-printf", ""]))
+            umount(store, m)
+            wait_servers_gone()
+        return {"files": n_files, "first": base.stats(first), "ro": base.stats(ro), "rw": base.stats(rw),
+                "metadata_image_s": base.stats(build) if build else {"n": 0}, "find": base.stats(finds),
+                "find_fuse_metadata": base.stats(ffinds)}
+    finally:
+        STORE = saved
+
+
+def synthetic_lines(syn, ms, sec):
+    if not syn:
+        return []
+    return [
+        "", f"An image of {syn['files']:,} small files (1000 per directory, one gzip layer), shared server:", "",
+        "| measurement | bux-fuse | goal |", "|---|---|---|",
+        f"| mount p50, writable | {ms(syn['rw'])} | ≤ 50 ms |",
+        f"| mount p50, read-only | {ms(syn['ro'])} | ≤ 50 ms |",
+        f"| first mount (starts the server, writes the metadata image) | {ms(syn['first'])} | |",
+        f"| of which writing the EROFS metadata image | {ms(syn['metadata_image_s']) if syn['metadata_image_s']['n'] else 'n/a'} | |",
+        f"| find, cold, metadata in the kernel | {sec(syn['find'])} | |",
+        f"| find, cold, metadata from FUSE | {sec(syn['find_fuse_metadata'])} | |",
+    ]
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--layout", required=True)
     ap.add_argument("--tag", default="bookworm")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--synthetic-files", type=int, default=500_000,
+                    help="also measure an image of this many small files (0: skip)")
     a = ap.parse_args()
     work = tempfile.mkdtemp(prefix="bux-density-", dir=os.path.join(base.ROOT, "target"))
     reg = base.Registry(work)
@@ -261,6 +314,10 @@ def main():
                      "rand128_p50_ms": statistics.median(rr) , "rand128_native_p50_ms": statistics.median(nrr)}
         print("read", r["read"], flush=True)
 
+        if a.synthetic_files:
+            r["synthetic"] = many_files(reg, work, a.synthetic_files, a.runs)
+            print("synthetic", r["synthetic"], flush=True)
+
         r["restart"] = restart_under_load(store, ref, work, 3)
         print("restart", r["restart"], flush=True)
     finally:
@@ -300,6 +357,7 @@ def main():
         f"| find, cold, metadata from FUSE (`BUX_FUSE_METADATA=fuse`) | {sec(rd['find_fuse_metadata'])} | {sec(rd['find_native'])} | {rd['find_fuse_metadata']['median']/rd['find_native']['median']:.2f}× | |",
         f"| find, cold, while another mount is read in full | {sec(rd['find_busy'])} | {sec(rd['find_native'])} | {rd['find_busy']['median']/rd['find_native']['median']:.2f}× | |",
         f"| full read (tar), cold | {sec(rd['full'])} | {sec(rd['full_native'])} | {rd['full']['median']/rd['full_native']['median']:.2f}× | ≤ 1.0× |",
+        *synthetic_lines(r.get("synthetic"), ms, sec),
         "", f"Server restart under load: 4 mounts read in full while the worker was killed with -9 "
         f"{r['restart']['killed']} times: **{r['restart']['errors']} errors** seen by the readers; "
         f"all read the same {r['restart']['bytes']} bytes: {r['restart']['bytes_equal']}.", "",
