@@ -336,7 +336,7 @@ def main():
         "# bux-fuse density results", "",
         f"- date: {datetime.datetime.utcnow():%Y-%m-%d %H:%M} UTC", f"- commit: {commit}",
         f"- runs: {a.runs}; median (min–max); caches dropped before every cold measurement",
-        "- command: `bash bench/density.sh` (large Debian image, 26k files, 1.1 GB)", "",
+        "- command: `bash bench/density.sh` (large Debian image: 16k inodes, 1.08 GB)", "",
         "Shared = the default for root: one image server per image; its metadata is an EROFS image in the",
         "kernel and its data the one FUSE mount (a data-only overlay layer); a read-only mount binds the",
         "image's read-only overlay, a writable mount is an overlay over both with its own upper layer.",
