@@ -16,14 +16,17 @@
 //! cached) image file, and goes to FUSE only to open and read a file's data (Linux 6.5+ looks
 //! the data file up lazily, at open).
 //!
-//! Layout: 4 KiB blocks; the superblock in block 0; from block 1 the inodes, each an extended
-//! (64-byte) inode followed by its inline xattrs and, for directories and symlinks, the last
+//! Layout: 4 KiB blocks; the superblock in block 0; the one shared xattr (the metacopy mark) in
+//! block 1; from block 2 the inodes, each an extended (64-byte) inode followed by its xattrs
+//! (inline, and a reference to the shared one) and, for directories and symlinks, the last
 //! partial block of its data (kept inside one block); then the full data blocks. Regular files
 //! are chunk-based with a single null chunk: sparse, no data. Image xattrs named
 //! `trusted.overlay.*` are written escaped (`trusted.overlay.overlay.*`), which overlayfs shows
 //! as they were. What overlayfs would misread and cannot be escaped here (a 0/0 character
 //! device, which it takes for a whiteout), or that EROFS cannot (a name over 255 bytes, a file
 //! over 8 TiB), makes the writer refuse: the image is then served by FUSE alone.
+
+use std::borrow::Cow;
 
 use super::{Inode, NodeData, Tree, ROOT_INO};
 use crate::index::EntryKind;
@@ -36,8 +39,13 @@ const INODE_SIZE: usize = 64;
 const DIRENT_SIZE: usize = 12;
 const XATTR_HEADER: usize = 12;
 const NULL_ADDR: u32 = u32::MAX;
+/// The shared xattrs' block: every file with data refers to the one `trusted.overlay.metacopy`
+/// there (4 bytes each instead of 20 inline).
+const XATTR_BLOCK: usize = 1;
 /// Metadata (inodes) starts at this block; nids count 32-byte slots from it.
-const META_BLOCK: usize = 1;
+const META_BLOCK: usize = 2;
+/// Shared xattr id (4-byte units from the shared block) of `trusted.overlay.metacopy`.
+const METACOPY_ID: u32 = 0;
 
 const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 /// The largest file one chunk describes (2^(12 + 31) bytes): larger ones (only a hostile
@@ -123,17 +131,32 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
     // directory's entries sit near it.
     let mut order: Vec<Node> = Vec::new();
     let mut slot = vec![usize::MAX; tree.inode_count() as usize + 1];
-    let mut stack: Vec<(u64, Vec<u8>)> = vec![(ROOT_INO, b"/".to_vec())];
-    while let Some((ino, path)) = stack.pop() {
+    // Directories' paths ("" for the root), and what is still to visit: (inode, index of its
+    // directory's path, its name).
+    let mut dir_paths: Vec<Vec<u8>> = Vec::new();
+    let mut stack: Vec<(u64, usize, &[u8])> = vec![(ROOT_INO, usize::MAX, b"")];
+    let mut path = Vec::new();
+    while let Some((ino, dir, name)) = stack.pop() {
         if slot[ino as usize] != usize::MAX {
             continue; // a hardlink seen already (a directory twice only in a damaged tree)
         }
         let inode = tree
             .inode(ino)
             .ok_or_else(|| Unsupported(format!("inode {ino} is unreadable")))?;
+        path.clear();
+        if let Some(parent) = dir_paths.get(dir) {
+            path.extend_from_slice(parent);
+        }
+        path.push(b'/');
+        path.extend_from_slice(name);
         slot[ino as usize] = order.len();
         order.push(node(ino, &inode, &path)?);
         if let NodeData::Dir { .. } = inode.data {
+            dir_paths.push(if ino == ROOT_INO {
+                Vec::new()
+            } else {
+                path.clone()
+            });
             let children: Vec<_> = tree.children(ino).iter().collect();
             for d in children.into_iter().rev() {
                 if d.name.len() > NAME_MAX {
@@ -142,12 +165,7 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
                         d.name.len()
                     )));
                 }
-                let mut p = path.clone();
-                if p.len() > 1 {
-                    p.push(b'/');
-                }
-                p.extend_from_slice(d.name);
-                stack.push((d.ino, p));
+                stack.push((d.ino, dir_paths.len() - 1, d.name));
             }
         }
     }
@@ -159,7 +177,7 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
             n.size = ((blocks.len() - 1) * BLOCK + last) as u64;
         }
     }
-    // Inodes from block 1 (nid 1: nid 0 would read as inode 0, which tools skip).
+    // Inodes from the metadata block at nid 1 (nid 0 would read as inode 0, which tools skip).
     let mut at = META_BLOCK * BLOCK + 32;
     for n in order.iter_mut() {
         at = at.next_multiple_of(32);
@@ -213,6 +231,11 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
         let inode = tree.inode(n.ino).expect("read above");
         write_inode(&mut out, n, &inode);
     }
+    // The shared xattr: trusted.overlay.metacopy, empty (name length, prefix index, value
+    // length, name).
+    let shared = &mut out[XATTR_BLOCK * BLOCK + METACOPY_ID as usize * 4..];
+    shared[..4].copy_from_slice(&[16, 4, 0, 0]);
+    shared[4..20].copy_from_slice(b"overlay.metacopy");
     write_super(&mut out, root_nid as u16, order.len() as u64, block as u32);
     Ok(out)
 }
@@ -220,7 +243,7 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
 /// The node for `inode`, its xattrs encoded and (symlinks) its data; directories get theirs
 /// once every nid is known.
 fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
-    let mut xattrs: Vec<(u8, Vec<u8>, &[u8])> = Vec::new();
+    let mut xattrs: Vec<(u8, Cow<[u8]>, &[u8])> = Vec::new();
     for (name, value) in inode.xattrs.iter() {
         if let Some(x) = xattr_entry(name, value) {
             xattrs.push(x);
@@ -236,8 +259,7 @@ fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
             )));
         }
         _ if inode.kind == EntryKind::File && inode.size > 0 => {
-            xattrs.push((4, b"overlay.metacopy".to_vec(), b""));
-            xattrs.push((4, b"overlay.redirect".to_vec(), path));
+            xattrs.push((4, Cow::Borrowed(b"overlay.redirect"), path));
             (LAYOUT_CHUNK_BASED, Vec::new(), inode.size)
         }
         _ => (LAYOUT_FLAT_PLAIN, Vec::new(), 0),
@@ -247,9 +269,14 @@ fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
             "the image has a 0/0 character device, which overlayfs reads as a whiteout".into(),
         ));
     }
+    let metacopy = layout == LAYOUT_CHUNK_BASED;
     let mut encoded = Vec::new();
-    if !xattrs.is_empty() {
+    if !xattrs.is_empty() || metacopy {
         encoded.resize(XATTR_HEADER, 0);
+        if metacopy {
+            encoded[4] = 1; // h_shared_count
+            encoded.extend_from_slice(&METACOPY_ID.to_le_bytes());
+        }
         for (index, suffix, value) in &xattrs {
             let name_len = u8::try_from(suffix.len())
                 .map_err(|_| Unsupported("an xattr name is over 255 bytes".into()))?;
@@ -276,7 +303,7 @@ fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
 
 /// An image xattr as EROFS stores it: (prefix index, name after the prefix, value); `None`
 /// for names outside the namespaces Linux lets a filesystem carry.
-fn xattr_entry<'a>(name: &[u8], value: &'a [u8]) -> Option<(u8, Vec<u8>, &'a [u8])> {
+fn xattr_entry<'a>(name: &'a [u8], value: &'a [u8]) -> Option<(u8, Cow<'a, [u8]>, &'a [u8])> {
     const PREFIXES: [(&[u8], u8); 5] = [
         (b"user.", 1),
         (b"system.posix_acl_access", 2),
@@ -285,26 +312,23 @@ fn xattr_entry<'a>(name: &[u8], value: &'a [u8]) -> Option<(u8, Vec<u8>, &'a [u8
         (b"security.", 6),
     ];
     let (prefix, index) = PREFIXES.iter().find(|(p, _)| name.starts_with(p))?;
-    let mut suffix = name[prefix.len()..].to_vec();
-    if *index == 4 && suffix.starts_with(b"overlay.") {
-        suffix.splice(0..0, b"overlay.".iter().copied()); // escaped: overlayfs shows it as is
-    }
+    let suffix = &name[prefix.len()..];
     if matches!(index, 2 | 3) && !suffix.is_empty() {
         return None;
     }
-    Some((*index, suffix, value))
+    if *index == 4 && suffix.starts_with(b"overlay.") {
+        // Escaped: overlayfs shows it as it is.
+        return Some((4, Cow::Owned([b"overlay.", suffix].concat()), value));
+    }
+    Some((*index, Cow::Borrowed(suffix), value))
 }
 
 /// A directory's names with their inodes, `.` and `..` included, in EROFS order (bytewise).
-fn dir_names(tree: &Tree, ino: u64) -> Vec<(Vec<u8>, u64)> {
-    let mut names: Vec<(Vec<u8>, u64)> = tree
-        .children(ino)
-        .iter()
-        .map(|d| (d.name.to_vec(), d.ino))
-        .collect();
-    names.push((b".".to_vec(), ino));
-    names.push((b"..".to_vec(), 0));
-    names.sort_by(|a, b| a.0.cmp(&b.0));
+fn dir_names(tree: &Tree, ino: u64) -> Vec<(&[u8], u64)> {
+    let mut names: Vec<(&[u8], u64)> = tree.children(ino).iter().map(|d| (d.name, d.ino)).collect();
+    names.push((b".", ino));
+    names.push((b"..", 0));
+    names.sort_by(|a, b| a.0.cmp(b.0));
     names
 }
 
@@ -316,7 +340,7 @@ struct DirBlock {
     len: usize,
 }
 
-fn dir_blocks(names: &[(Vec<u8>, u64)]) -> Vec<DirBlock> {
+fn dir_blocks(names: &[(&[u8], u64)]) -> Vec<DirBlock> {
     let mut blocks = vec![DirBlock {
         first: 0,
         count: 0,
@@ -349,7 +373,7 @@ fn dir_bytes(tree: &Tree, ino: u64, own: u64, parent: u64, nid_of: &dyn Fn(u64) 
         let entries = &names[b.first..b.first + b.count];
         let mut nameoff = b.count * DIRENT_SIZE;
         for (name, child) in entries {
-            let (nid, ft) = match name.as_slice() {
+            let (nid, ft) = match *name {
                 b"." => (own, FT_DIR),
                 b".." => (parent, FT_DIR),
                 _ => (
@@ -456,6 +480,7 @@ fn write_super(out: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
     s[16..24].copy_from_slice(&inodes.to_le_bytes());
     s[36..40].copy_from_slice(&blocks.to_le_bytes());
     s[40..44].copy_from_slice(&(META_BLOCK as u32).to_le_bytes());
+    s[44..48].copy_from_slice(&(XATTR_BLOCK as u32).to_le_bytes());
     s[64..72].copy_from_slice(b"bux-fuse");
     s[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
 }
