@@ -243,7 +243,7 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
 /// The node for `inode`, its xattrs encoded and (symlinks) its data; directories get theirs
 /// once every nid is known.
 fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
-    let mut xattrs: Vec<(u8, Cow<[u8]>, &[u8])> = Vec::new();
+    let mut xattrs: Vec<XattrEntry> = Vec::new();
     for (name, value) in inode.xattrs.iter() {
         if let Some(x) = xattr_entry(name, value) {
             xattrs.push(x);
@@ -301,9 +301,12 @@ fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
     })
 }
 
-/// An image xattr as EROFS stores it: (prefix index, name after the prefix, value); `None`
+/// An xattr as EROFS stores it: (prefix index, name after the prefix, value).
+type XattrEntry<'a> = (u8, Cow<'a, [u8]>, &'a [u8]);
+
+/// An image xattr as EROFS stores it; `None`
 /// for names outside the namespaces Linux lets a filesystem carry.
-fn xattr_entry<'a>(name: &'a [u8], value: &'a [u8]) -> Option<(u8, Cow<'a, [u8]>, &'a [u8])> {
+fn xattr_entry<'a>(name: &'a [u8], value: &'a [u8]) -> Option<XattrEntry<'a>> {
     const PREFIXES: [(&[u8], u8); 5] = [
         (b"user.", 1),
         (b"system.posix_acl_access", 2),
