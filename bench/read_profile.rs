@@ -43,7 +43,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .output()?;
     let secs = t.elapsed().as_secs_f64();
     let s = mount.stats();
-    println!(
+    use std::io::Write;
+    let mut stdout = std::io::stdout();
+    // A closed pipe (`| head`) must not stop us before the unmount.
+    let _ = writeln!(
+        stdout,
         "{secs:.2} s  out={}  inflated={:.0} MB  blob={:.0} MB  hits={} misses={} lookups={}",
         String::from_utf8_lossy(&out.stdout).trim(),
         s.decompressed_bytes as f64 / 1e6,
@@ -57,7 +61,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .lines()
         .filter(|l| l.starts_with("VmRSS") || l.starts_with("VmHWM"))
     {
-        println!("  {l}");
+        let _ = writeln!(stdout, "  {l}");
     }
     mount.unmount()?;
     Ok(())

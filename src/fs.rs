@@ -278,7 +278,7 @@ impl Shared {
     /// that does it (one at a time, so that the decoding threads stay free for reads that
     /// wait); the caller runs [`Shared::inflate_ahead`] on a decoding thread.
     fn claim_ahead(&self, ino: INodeNo, end: u64) -> bool {
-        use std::sync::atomic::Ordering::{AcqRel, Relaxed};
+        use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
         let Ok(i) = self.inode(ino) else { return false };
         let NodeData::File { layer, offset } = i.data else {
             return false;
@@ -287,11 +287,16 @@ impl Shared {
         let Some(reader) = self.layers.get(layer as usize) else {
             return false;
         };
+        let at = (layer as u64) << 48 | pos.min((1 << 48) - 1);
+        // Every read comes here: while a job runs, it only learns where the reads are.
+        if self.inflating_ahead.load(Acquire) {
+            self.ahead_at.store(at, Relaxed);
+            return false;
+        }
         if reader.span_ahead(&self.cache, pos).is_none() {
             return false;
         }
-        self.ahead_at
-            .store((layer as u64) << 48 | pos.min((1 << 48) - 1), Relaxed);
+        self.ahead_at.store(at, Relaxed);
         !self.inflating_ahead.swap(true, AcqRel)
     }
 

@@ -190,6 +190,13 @@ impl SpanCache {
         }
     }
 
+    /// The first span of layer `id` in `spans` not cached (one look under the lock; nothing is
+    /// made recently used).
+    fn first_uncached(&self, id: u32, spans: std::ops::RangeInclusive<u32>) -> Option<u32> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        spans.into_iter().find(|&k| !inner.lru.contains(&(id, k)))
+    }
+
     /// Whether span `key` is cached (without making it recently used).
     fn contains(&self, key: (u32, u32)) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
@@ -478,9 +485,8 @@ impl LayerReader {
         if !walking {
             return None;
         }
-        let next = (i + 1..=i + AHEAD_SPANS)
-            .take_while(|&k| k < self.span_count())
-            .find(|&k| !cache.contains((self.id, k as u32)))?;
+        let last = (i + AHEAD_SPANS).min(self.span_count() - 1);
+        let next = cache.first_uncached(self.id, i as u32 + 1..=last as u32)? as usize;
         let (start, end) = self.span_bounds(next);
         (end - start <= MAX_CACHED_SPAN && self.is_local(start..end)).then_some(next)
     }
@@ -723,6 +729,27 @@ mod tests {
             .collect()
     }
 
+    /// Checkpoints of gzip stream `gz`, every `spacing` bytes of output.
+    fn checkpoints(gz: &[u8], spacing: u64) -> Vec<crate::index::gzip::Checkpoint> {
+        let mut r = GzipReader::new(gz, Some(spacing)).unwrap();
+        io::copy(&mut r, &mut io::sink()).unwrap();
+        r.take_checkpoints()
+    }
+
+    /// A stored gzip layer (`size` bytes uncompressed) and its reader; the directory holds the
+    /// blob for as long as the reader is used.
+    fn open_layer(
+        gz: &[u8],
+        cps: Vec<crate::index::gzip::Checkpoint>,
+        size: usize,
+    ) -> (tempfile::TempDir, LayerReader) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, gz).unwrap();
+        let reader = LayerReader::open(0, &path, Access::Gzip(cps), size as u64).unwrap();
+        (dir, reader)
+    }
+
     fn gzip_members(parts: &[&[u8]]) -> Vec<u8> {
         let mut out = Vec::new();
         for p in parts {
@@ -802,10 +829,7 @@ mod tests {
             first_span > MAX_CACHED_SPAN,
             "one block, one span: {first_span}"
         );
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
         let cache = SpanCache::new(1 << 20);
         let chunk = 128 << 10;
         let mut other = 5_000_000;
@@ -849,10 +873,7 @@ mod tests {
             "no primed checkpoint exercised"
         );
 
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
         let cache = SpanCache::new(1 << 20);
         for (off, len) in [
             (0u64, 10usize),
@@ -874,13 +895,8 @@ mod tests {
     fn concurrent_misses_of_one_span_decompress_it_once() {
         let data = pseudo_random(3_000_000, 5);
         let gz = gzip_members(&[&data]);
-        let mut r = GzipReader::new(&gz[..], Some(1 << 20)).unwrap();
-        io::copy(&mut r, &mut io::sink()).unwrap();
-        let cps = r.take_checkpoints();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cps = checkpoints(&gz, 1 << 20);
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
         let cache = SpanCache::new(16 << 20);
         let barrier = std::sync::Barrier::new(8);
         std::thread::scope(|s| {
@@ -905,14 +921,9 @@ mod tests {
     fn gzip_spans_inflate_only_to_the_end_of_the_read() {
         let data = pseudo_random(3_000_000, 9);
         let gz = gzip_members(&[&data]);
-        let mut r = GzipReader::new(&gz[..], Some(1 << 30)).unwrap();
-        io::copy(&mut r, &mut io::sink()).unwrap();
-        let cps = r.take_checkpoints();
+        let cps = checkpoints(&gz, 1 << 30);
         assert_eq!(cps.len(), 1, "one span");
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
         let cache = SpanCache::new(16 << 20);
         let inflated = || cache.stats.decompressed.load(Ordering::Relaxed);
         let mut buf = vec![0u8; 131072];
@@ -935,15 +946,10 @@ mod tests {
     fn in_order_walks_are_decompressed_ahead_and_random_reads_are_not() {
         let data = pseudo_random(4_000_000, 12);
         let gz = gzip_members(&[&data]);
-        let mut r = GzipReader::new(&gz[..], Some(256 << 10)).unwrap();
-        io::copy(&mut r, &mut io::sink()).unwrap();
-        let cps = r.take_checkpoints();
+        let cps = checkpoints(&gz, 256 << 10);
         assert!(cps.len() > AHEAD_SPANS + 4, "{} spans", cps.len());
         let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
 
         // Out of order: a read in span 5 alone says nothing about what comes next.
         let cache = SpanCache::new(64 << 20);
@@ -981,13 +987,8 @@ mod tests {
     fn decoded_only_reads_never_decompress() {
         let data = pseudo_random(3_000_000, 11);
         let gz = gzip_members(&[&data]);
-        let mut r = GzipReader::new(&gz[..], Some(1 << 30)).unwrap();
-        io::copy(&mut r, &mut io::sink()).unwrap();
-        let cps = r.take_checkpoints();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let reader = LayerReader::open(0, &path, Access::Gzip(cps), data.len() as u64).unwrap();
+        let cps = checkpoints(&gz, 1 << 30);
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
         let cache = SpanCache::new(16 << 20);
         let mut buf = vec![0u8; 4096];
         let blocked =

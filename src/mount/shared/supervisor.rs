@@ -90,7 +90,11 @@ pub fn supervise(
                 }
                 resume = true;
             }
-            Outcome::WorkerDied(_) => break, // unmounted from outside
+            Outcome::WorkerDied(_) => {
+                // Unmounted from outside: what stood over the FUSE mount goes too.
+                kernel_meta::tear_down(&place);
+                break;
+            }
             Outcome::Stop => {
                 stop_serving(&place, &mut worker);
                 break;
