@@ -252,11 +252,14 @@ pub fn is_mount_point(path: &Path) -> bool {
 
 /// Unmounts what `bux-fuse mount` made at `path`: the mount itself and, for a writable mount,
 /// the read-only image mount under the store's `run/` directory that its overlay stands on and
-/// the scratch upper layer there — also when the daemon that would have done so died.
+/// the scratch upper layer there — also when the daemon that would have done so died. Over a
+/// shared image server that nothing else stands on, it returns once the server has left (at
+/// most 5 s), so that the image is free for `rm` and `gc`.
 pub fn unmount_all(path: &Path) -> Result<()> {
     let overlay = table::at(path).filter(|m| m.fstype == "overlay");
     let option = |key: &str| overlay.as_ref().and_then(|m| m.path_option(key));
     let (lower, upper) = (option("lowerdir"), option("upperdir"));
+    let server = shared::server_under(path);
     unmount(path)?;
     // A writable mount over a shared image server: its scratch upper layer goes (the server
     // itself leaves once nothing stands on it).
@@ -281,6 +284,9 @@ pub fn unmount_all(path: &Path) -> Result<()> {
                 let _ = std::fs::remove_dir_all(run_dir);
             }
         }
+    }
+    if let Some(server) = server {
+        shared::wait_until_unused_server_left(&server, std::time::Duration::from_secs(5));
     }
     Ok(())
 }

@@ -86,17 +86,60 @@ impl Place {
     }
 }
 
+/// The directory of the image server the mount at `path` stands on, if it stands on one: a
+/// bind mount of the server's FUSE mount or overlay, or an overlay over them.
+pub(crate) fn server_under(path: &Path) -> Option<PathBuf> {
+    let table = table::read();
+    let mount = table.iter().rev().find(|m| m.is_at(path))?;
+    let place_of = |p: &Path| {
+        let dir = p.parent()?;
+        let ours = matches!(p.file_name()?.to_str()?, "mnt" | "meta" | "root")
+            && dir.parent()?.file_name()? == "shared";
+        ours.then(|| dir.to_path_buf())
+    };
+    if let Some(lower) = mount.path_option("lowerdir") {
+        if let Some(dir) = place_of(&lower) {
+            return Some(dir);
+        }
+    }
+    table
+        .iter()
+        .filter(|m| m.dev == mount.dev && !m.is_at(path))
+        .find_map(|m| place_of(Path::new(&m.point)))
+}
+
+/// Waits (at most `timeout`) until the image server in `dir` has gone if nothing stands on it
+/// any more: so that `umount` returns with the image free for `rm` and `gc` (the server holds
+/// a lease on the image until it has torn its mounts down).
+pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    let place = Place {
+        dir: dir.to_path_buf(),
+        lock: String::new(), // not taken here
+    };
+    // The pid read once: the server removes its pid file a moment before it lets go.
+    let Some(pid) = read_pid(&place.pid()) else {
+        return;
+    };
+    while crate::store::alive(pid) && users(&place) == 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
 /// Whether the image's server is up: its supervisor alive and its FUSE mount in place.
 /// (A worker whose supervisor died serves on until its mount is unused.)
 fn server_alive(place: &Place) -> bool {
-    let alive = |p: PathBuf| {
-        std::fs::read_to_string(p)
-            .ok()
-            .and_then(|p| p.trim().parse::<u32>().ok())
-            .is_some_and(crate::store::alive)
-    };
-    (alive(place.pid()) || alive(place.worker_pid()))
+    (pid_alive(&place.pid()) || pid_alive(&place.worker_pid()))
         && table::at(&place.mnt()).is_some_and(|m| m.fstype.starts_with("fuse"))
+}
+
+fn read_pid(file: &Path) -> Option<u32> {
+    std::fs::read_to_string(file).ok()?.trim().parse().ok()
+}
+
+/// Whether the process whose pid the file holds is alive.
+fn pid_alive(file: &Path) -> bool {
+    read_pid(file).is_some_and(crate::store::alive)
 }
 
 /// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
