@@ -1026,4 +1026,91 @@ mod tests {
             .unwrap_err();
         assert!(err.to_string().contains("not a gzip stream"), "{err}");
     }
+
+    /// Every span inflates from the span's compressed bytes alone (as the read path gives
+    /// them: up to the next checkpoint), in pieces as reads come.
+    #[test]
+    fn each_span_inflates_from_its_own_bytes_in_pieces() {
+        let parts: Vec<Vec<u8>> = (0..4).map(|k| pseudo_random(1_500_000, 20 + k)).collect();
+        let gz = gzip_members(&parts.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let data = parts.concat();
+        let cps = checkpoints(&gz, 16 << 10);
+        assert!(cps.len() > 50, "{} checkpoints", cps.len());
+        let (_dir, reader) = open_layer(&gz, cps.clone(), data.len());
+        for i in 0..cps.len() {
+            let (start, end) = reader.span_bounds(i);
+            let mut span = vec![0u8; (end - start) as usize];
+            let mut gz = reader.resume_gzip(i).unwrap();
+            let piece = [4096, 131_072, 1 << 20][i % 3];
+            for chunk in span.chunks_mut(piece) {
+                gz.read_exact(chunk)
+                    .unwrap_or_else(|e| panic!("span {i} of {}: {e}", cps.len()));
+            }
+            assert!(span == data[start as usize..end as usize], "span {i}");
+        }
+    }
+
+    /// A reader that hands out its bytes a few at a time (as a network stream may), so that
+    /// members end anywhere relative to the decoder's input buffer.
+    struct Trickle<'a>(&'a [u8], usize);
+
+    impl io::Read for Trickle<'_> {
+        fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+            self.1 = self.1 * 7 % 13 + 1; // 1..=13
+            let n = self.1.min(buf.len()).min(self.0.len());
+            buf[..n].copy_from_slice(&self.0[..n]);
+            self.0 = &self.0[n..];
+            Ok(n)
+        }
+    }
+
+    /// Restarted at every checkpoint of a stream of members of every kind (stored, fast,
+    /// best, empty, one byte), read in odd-sized pieces from an input that trickles in, the
+    /// decoder gives exactly the stream's bytes from there, ends where the stream ends, and
+    /// refuses what follows a member that is not a member.
+    #[test]
+    fn resumes_at_every_checkpoint_across_members_of_every_kind() {
+        let parts: Vec<(Vec<u8>, u32)> = vec![
+            (pseudo_random(400_000, 11), 6),
+            (pseudo_random(100_000, 12), 0),
+            (Vec::new(), 6),
+            (pseudo_random(400_000, 13), 1),
+            (b"x".to_vec(), 9),
+            (pseudo_random(150_000, 14), 9),
+        ];
+        let mut gz = Vec::new();
+        for (p, level) in &parts {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
+            e.write_all(p).unwrap();
+            gz.extend(e.finish().unwrap());
+        }
+        let data: Vec<u8> = parts.iter().flat_map(|(p, _)| p.iter().copied()).collect();
+        let cps = checkpoints(&gz, 16 << 10);
+        assert!(
+            cps.len() > 15 && cps.iter().any(|c| c.bits != 0),
+            "{} checkpoints",
+            cps.len()
+        );
+        assert!(cps.iter().filter(|c| c.member_start).count() > 2);
+        let mut garbage = gz.clone();
+        garbage.extend(b"\x1f\x8bnot a member");
+        for (n, cp) in cps.iter().enumerate() {
+            let start = (cp.coff - u64::from(cp.bits > 0)) as usize;
+            let piece = [1000, 4096, 65_537][n % 3];
+            let mut r = GzipReader::resume(Trickle(&gz[start..], n), cp).unwrap();
+            let mut out = Vec::new();
+            let mut buf = vec![0u8; piece];
+            loop {
+                let k = r.read(&mut buf).unwrap_or_else(|e| panic!("at {n}: {e}"));
+                if k == 0 {
+                    break;
+                }
+                out.extend_from_slice(&buf[..k]);
+            }
+            assert!(out == data[cp.uoff as usize..], "from checkpoint {n}");
+            let mut r = GzipReader::resume(&garbage[start..], cp).unwrap();
+            let err = r.read_to_end(&mut Vec::new()).unwrap_err();
+            assert!(err.to_string().contains("gzip"), "at {n}: {err}");
+        }
+    }
 }
