@@ -415,12 +415,12 @@ fn run(cli: Cli) -> Result<()> {
                     Some(std::env::current_exe().context("finding own executable")?)
                 },
             };
-            if !foreground
-                && !notify_ready
-                && crate::mount::would_share(&store, &image.reference, &mopts)?
-            {
-                // Nothing of this process serves it: mount and leave.
-                let m = crate::mount::mount(&store, &image.reference, &dir, &mopts)?;
+            let shared = match foreground || notify_ready {
+                true => None,
+                false => crate::mount::mount_if_shared(&store, &image.reference, &dir, &mopts)?,
+            };
+            if let Some(m) = shared {
+                // Nothing of this process serves it: leave it mounted.
                 let path = m.path().to_path_buf();
                 if m.detach().is_err() {
                     bail!("mounting {}: expected a shared mount", dir.display());

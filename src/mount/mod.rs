@@ -711,24 +711,32 @@ fn mount_shared(
     })
 }
 
-/// Whether [`mount`] with `opts` would stand on the image's shared server.
-pub fn would_share(store: &Store, reference: &str, opts: &MountOptions) -> Result<bool> {
-    if opts.shared_server.is_none() || !connect::host_root() || opts.record_trace {
-        return Ok(false);
+/// Mounts `dir` over the image's shared server when this mount would stand on one (`opts`
+/// names the server's executable, host root, no trace to record, the image stored whole):
+/// `None` otherwise, with nothing done.
+pub fn mount_if_shared(
+    store: &Store,
+    reference: &str,
+    dir: &Path,
+    opts: &MountOptions,
+) -> Result<Option<Mount>> {
+    let Some(exe) = opts.shared_server.as_deref() else {
+        return Ok(None);
+    };
+    if !connect::host_root() || opts.record_trace {
+        return Ok(None);
     }
-    let name = normalize_reference(reference)?;
-    Ok(store
-        .image(&name)?
-        .is_some_and(|r| shared::all_local(store, &r)))
+    let (record, lease) = stored_image(store, reference)?;
+    if !shared::all_local(store, &record) {
+        return Ok(None);
+    }
+    mount_shared(store, &record, lease, dir, opts, exe).map(Some)
 }
 
 /// Mounts the stored image `reference` read-only at `dir` (created if missing).
 pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) -> Result<Mount> {
-    if let Some(exe) = opts.shared_server.as_deref() {
-        if would_share(store, reference, opts)? {
-            let (record, lease) = stored_image(store, reference)?;
-            return mount_shared(store, &record, lease, dir, opts, exe);
-        }
+    if let Some(m) = mount_if_shared(store, reference, dir, opts)? {
+        return Ok(m);
     }
     let OpenedImage {
         name,
