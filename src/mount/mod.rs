@@ -204,7 +204,7 @@ impl Mount {
             }
         }
         if self.kernel_mount && is_mount_point(&self.path) {
-            unmount(&self.path)?;
+            unmount_over_server(&self.path)?;
         }
         if self.thread.as_ref().is_some_and(|t| !t.is_finished()) {
             unmount(&self.fuse_path)?;
@@ -259,8 +259,7 @@ pub fn unmount_all(path: &Path) -> Result<()> {
     let overlay = table::at(path).filter(|m| m.fstype == "overlay");
     let option = |key: &str| overlay.as_ref().and_then(|m| m.path_option(key));
     let (lower, upper) = (option("lowerdir"), option("upperdir"));
-    let server = shared::server_under(path);
-    unmount(path)?;
+    unmount_over_server(path)?;
     // A writable mount over a shared image server: its scratch upper layer goes (the server
     // itself leaves once nothing stands on it).
     if let Some(scratch) = upper
@@ -285,6 +284,14 @@ pub fn unmount_all(path: &Path) -> Result<()> {
             }
         }
     }
+    Ok(())
+}
+
+/// Unmounts `path`. Over a shared image server that nothing else stands on, returns once the
+/// server has left (at most 5 s), so that the image is free for `rm` and `gc`.
+fn unmount_over_server(path: &Path) -> Result<()> {
+    let server = shared::server_under(path);
+    unmount(path)?;
     if let Some(server) = server {
         shared::wait_until_unused_server_left(&server, std::time::Duration::from_secs(5));
     }

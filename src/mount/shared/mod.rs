@@ -44,10 +44,13 @@ pub(crate) struct Place {
 
 impl Place {
     pub(crate) fn new(store: &Store, manifest: &Digest) -> Place {
-        Place {
-            dir: store.root().join("shared").join(manifest.hex()),
-            lock: format!("shared-{}", manifest.hex()),
-        }
+        Place::at(store.root().join("shared").join(manifest.hex()))
+    }
+    /// The place in `dir` (`$STORE/shared/<manifest hex>`).
+    fn at(dir: PathBuf) -> Place {
+        let hex = dir.file_name().unwrap_or_default().to_string_lossy();
+        let lock = format!("shared-{hex}");
+        Place { dir, lock }
     }
     /// The image's FUSE mount, which every mount of it stands on.
     pub(crate) fn mnt(&self) -> PathBuf {
@@ -113,10 +116,7 @@ pub(crate) fn server_under(path: &Path) -> Option<PathBuf> {
 /// a lease on the image until it has torn its mounts down).
 pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
     let deadline = std::time::Instant::now() + timeout;
-    let place = Place {
-        dir: dir.to_path_buf(),
-        lock: String::new(), // not taken here
-    };
+    let place = Place::at(dir.to_path_buf());
     // The pid read once: the server removes its pid file a moment before it lets go.
     let Some(pid) = read_pid(&place.pid()) else {
         return;
