@@ -6,7 +6,8 @@
 //!
 //! `CACHE_MIB=N` sets the span cache; `TUNE=daemon` tunes the allocator as the daemons do,
 //! `TUNE=arena[,MIB]` two arenas (and that mapping threshold), anything else leaves it as is.
-//! The process's RSS at the end is printed too.
+//! The process's RSS at the end is printed too, and the command's errors if it had any (it
+//! runs under bash with `pipefail`, so that a pipeline's first failure counts).
 use std::path::Path;
 use std::time::Instant;
 
@@ -36,9 +37,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mount = bux_fuse::mount(&store, reference, Path::new(dir), &opts)?;
     std::fs::write("/proc/sys/vm/drop_caches", "3")?;
     let t = Instant::now();
-    let out = std::process::Command::new("sh")
+    let out = std::process::Command::new("bash")
         .arg("-c")
-        .arg(cmd)
+        .arg(format!("set -o pipefail; {cmd}"))
         .env("MNT", dir)
         .output()?;
     let secs = t.elapsed().as_secs_f64();
@@ -56,6 +57,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         s.cache_misses,
         s.lookups
     );
+    // A read error must not pass for a result: tar, for one, pads a file that reads short with
+    // zeros and goes on, so the byte count stays the same.
+    let errors = String::from_utf8_lossy(&out.stderr);
+    if !out.status.success() || !errors.trim().is_empty() {
+        let first = errors.lines().next().unwrap_or("");
+        let n = errors.lines().count();
+        let _ = writeln!(
+            stdout,
+            "  FAILED ({}): {n} lines on stderr, first: {first}",
+            out.status
+        );
+    }
     let status = std::fs::read_to_string("/proc/self/status")?;
     for l in status
         .lines()

@@ -17,6 +17,17 @@ def sh(cmd, **kw):
     return subprocess.run(cmd, shell=isinstance(cmd, str), check=True, capture_output=True, text=True, **kw)
 
 
+def tar_read(root):
+    """Reads every byte of the tree at `root` (tar into a pipe); returns the bytes tar wrote.
+    Fails on any read error: tar pads a file that reads short with zeros and goes on, so the
+    byte count alone would not show one."""
+    r = subprocess.run(["bash", "-c", 'set -o pipefail; tar -C "$1" -cf - . | wc -c', "tar_read", root],
+                       capture_output=True, text=True)
+    if r.returncode != 0 or r.stderr.strip():
+        raise RuntimeError(f"reading {root}: {r.stderr.strip() or f'exit {r.returncode}'}")
+    return int(r.stdout)
+
+
 def drop_caches():
     subprocess.run("sync", shell=True)
     with open("/proc/sys/vm/drop_caches", "w") as f:
@@ -212,16 +223,15 @@ def bench_image(name, layout, tag, reg, work, runs, full):
         drop_caches()
         t = Timer(); sh(["find", mnt, "-printf", ""]); finds.append(t.s())
         drop_caches()
-        t = Timer(); out = sh(f"tar -C {mnt} -cf - . | wc -c"); cold.append(t.s())
-        total_bytes = int(out.stdout)
-        t = Timer(); sh(f"tar -C {mnt} -cf - . | wc -c"); warm.append(t.s())
+        t = Timer(); total_bytes = tar_read(mnt); cold.append(t.s())
+        t = Timer(); tar_read(mnt); warm.append(t.s())
         rss.append(vm_hwm_kib(pid))
         umount(store, mnt)
         drop_caches()
         t = Timer(); sh(["find", dest, "-printf", ""]); nfinds.append(t.s())
         drop_caches()
-        t = Timer(); sh(f"tar -C {dest} -cf - . | wc -c"); ncold.append(t.s())
-        t = Timer(); sh(f"tar -C {dest} -cf - . | wc -c"); nwarm.append(t.s())
+        t = Timer(); tar_read(dest); ncold.append(t.s())
+        t = Timer(); tar_read(dest); nwarm.append(t.s())
     r.update(find=stats(finds), find_native=stats(nfinds), read_cold=stats(cold), read_warm=stats(warm),
              read_native_cold=stats(ncold), read_native_warm=stats(nwarm), tar_bytes=total_bytes,
              rss_kib=max(rss))
