@@ -751,9 +751,14 @@ mod tests {
     }
 
     fn gzip_members(parts: &[&[u8]]) -> Vec<u8> {
+        gzip_members_at(&parts.iter().map(|p| (*p, 6)).collect::<Vec<_>>())
+    }
+
+    /// One gzip member per part, each compressed at its own level.
+    fn gzip_members_at(parts: &[(&[u8], u32)]) -> Vec<u8> {
         let mut out = Vec::new();
-        for p in parts {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(6));
+        for (p, level) in parts {
+            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
             e.write_all(p).unwrap();
             out.extend(e.finish().unwrap());
         }
@@ -1078,12 +1083,12 @@ mod tests {
             (b"x".to_vec(), 9),
             (pseudo_random(150_000, 14), 9),
         ];
-        let mut gz = Vec::new();
-        for (p, level) in &parts {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
-            e.write_all(p).unwrap();
-            gz.extend(e.finish().unwrap());
-        }
+        let gz = gzip_members_at(
+            &parts
+                .iter()
+                .map(|(p, level)| (p.as_slice(), *level))
+                .collect::<Vec<_>>(),
+        );
         let data: Vec<u8> = parts.iter().flat_map(|(p, _)| p.iter().copied()).collect();
         let cps = checkpoints(&gz, 16 << 10);
         assert!(

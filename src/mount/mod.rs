@@ -320,6 +320,11 @@ pub fn wait_for_cleanup(run_dir: &Path, dir: &Path, timeout: std::time::Duration
                     .is_some_and(crate::store::alive)
             })
     };
+    wait_while(timeout, busy);
+}
+
+/// Polls `busy` every 10 ms while it holds, for at most `timeout`.
+pub(crate) fn wait_while(timeout: std::time::Duration, mut busy: impl FnMut() -> bool) {
     let deadline = std::time::Instant::now() + timeout;
     while busy() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));

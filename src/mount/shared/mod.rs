@@ -115,15 +115,12 @@ pub(crate) fn server_under(path: &Path) -> Option<PathBuf> {
 /// any more: so that `umount` returns with the image free for `rm` and `gc` (the server holds
 /// a lease on the image until it has torn its mounts down).
 pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
-    let deadline = std::time::Instant::now() + timeout;
     let place = Place::at(dir.to_path_buf());
     // The pid read once: the server removes its pid file a moment before it lets go.
     let Some(pid) = read_pid(&place.pid()) else {
         return;
     };
-    while crate::store::alive(pid) && users(&place) == 0 && std::time::Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    super::wait_while(timeout, || crate::store::alive(pid) && users(&place) == 0);
 }
 
 /// Whether the image's server is up: its supervisor alive and its FUSE mount in place.
