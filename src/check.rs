@@ -79,6 +79,14 @@ impl Store {
                         continue;
                     }
                 };
+                let small = crate::index::small::SmallFiles::path(&idx_path);
+                if small.exists() {
+                    r.checked += 1;
+                    if let Err(e) = crate::index::small::SmallFiles::load(&idx_path) {
+                        // Without it the layer's small files are read through FUSE.
+                        problem(&mut r, &small, format!("{e}"));
+                    }
+                }
                 let partial = self
                     .root()
                     .join("layers/sha256")
@@ -109,6 +117,15 @@ impl Store {
                             problem(&mut r, &tree, e);
                         }
                     }
+                }
+            }
+            // The metadata image, compared with what it should hold; a damaged one is written
+            // anew by the next server of the image.
+            let meta = self.meta_image_path(&rec.manifest_digest);
+            if meta.exists() {
+                r.checked += 1;
+                if let Err(e) = crate::mount::shared::check_metadata_image(self, &rec) {
+                    problem(&mut r, &meta, e);
                 }
             }
         }

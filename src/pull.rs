@@ -540,6 +540,10 @@ impl Store {
                 .unwrap_or(0),
         };
         self.put_image(record.clone())?;
+        if lazy.is_empty() {
+            // What root's first mount would write: done here, so that the mount is quick.
+            crate::mount::shared::prepare(self, &record);
+        }
         Ok(PulledImage {
             reference: record.reference.clone(),
             manifest_digest: digest,

@@ -6,7 +6,9 @@
 //! ├── layers/sha256/<hex>.idx    layer index: the file table             (key: layer blob digest)
 //! ├── layers/sha256/<hex>.access checkpoints / zstd frame table           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.zst    seekable copy of a zstd layer           (key: layer blob digest)
+//! ├── layers/sha256/<hex>.small  small files' bytes, zstd-compressed      (key: layer blob digest)
 //! ├── trees/sha256/<hex>.tree    merged tree of an image                 (key: manifest digest)
+//! ├── trees/sha256/<hex>.erofs   its metadata (and small files) as EROFS (key: manifest digest)
 //! ├── images.json                reference → manifest, config and layers, replaced atomically
 //! ├── locks/                     flock(2) files: one per blob being fetched, one for images.json
 //! └── tmp/                       downloads in progress; renamed into place once verified
@@ -223,6 +225,14 @@ impl Store {
         self.root
             .join("trees/sha256")
             .join(format!("{}.tree", d.hex()))
+    }
+
+    /// Where the EROFS metadata image of the image with manifest `d` lives (root's shared
+    /// mounts: see [`crate::tree::erofs`]).
+    pub fn meta_image_path(&self, d: &Digest) -> PathBuf {
+        self.root
+            .join("trees/sha256")
+            .join(format!("{}.erofs", d.hex()))
     }
 
     /// Bytes of an image's layers that are local: whole blobs, and what lazy mounts fetched
@@ -506,7 +516,12 @@ impl Store {
             }
         }
         let layer_bytes = |d: &Digest| {
-            size(&self.blob_path(d)) + size(&self.index_path(d)) + size(&self.seekable_path(d))
+            let index = self.index_path(d);
+            size(&self.blob_path(d))
+                + size(&index)
+                + size(&crate::index::LayerIndex::access_path(&index))
+                + size(&crate::index::small::SmallFiles::path(&index))
+                + size(&self.seekable_path(d))
         };
         for (d, n) in &users {
             if *n > 1 {
@@ -514,7 +529,8 @@ impl Store {
             }
         }
         for rec in images {
-            let tree = size(&self.tree_path(&rec.manifest_digest));
+            let tree = size(&self.tree_path(&rec.manifest_digest))
+                + size(&self.meta_image_path(&rec.manifest_digest));
             let all: u64 = rec
                 .layers
                 .iter()
@@ -584,11 +600,11 @@ impl Store {
 pub struct Usage {
     /// Bytes of blobs (manifests, configs, gzip/tar layers).
     pub blobs: u64,
-    /// Bytes of layer indexes.
+    /// Bytes of layer indexes (file tables, access tables, small files' bytes).
     pub indexes: u64,
     /// Bytes of seekable zstd copies.
     pub seekable: u64,
-    /// Bytes of merged trees.
+    /// Bytes of merged trees (and their EROFS metadata images).
     pub trees: u64,
     /// Bytes of downloads in progress or left by interrupted ones (`gc` removes the latter).
     pub temp: u64,

@@ -401,6 +401,37 @@ fn check_finds_and_repairs_damage() {
     bux.ok(&["pull", "-q", &r]);
     let out = bux.ok(&["check"]);
     assert!(out.contains(": 0 problems"), "{out}");
+    // What a pull derives beside the blobs: a layer's small files, the metadata image.
+    let derived = |dir: &str, ext: &str| {
+        std::fs::read_dir(bux.store.path().join(dir))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.extension().is_some_and(|e| e == ext))
+            .unwrap_or_else(|| panic!("no .{ext} in {dir}"))
+    };
+    let small = derived("layers/sha256", "small");
+    let meta = derived("trees/sha256", "erofs");
+    let len = std::fs::metadata(&small).unwrap().len();
+    std::fs::File::options()
+        .write(true)
+        .open(&small)
+        .unwrap()
+        .set_len(len - 1)
+        .unwrap();
+    let mut bytes = std::fs::read(&meta).unwrap();
+    let last = bytes.len() - 1;
+    bytes[last] ^= 1; // the size and superblock still agree: only a comparison sees it
+    std::fs::write(&meta, &bytes).unwrap();
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "damage not reported: {text}");
+    for p in [&small, &meta] {
+        assert!(text.contains(&*p.to_string_lossy()), "{p:?} in {text}");
+    }
+    bux.ok(&["check", "--repair"]);
+    assert!(!small.exists() && !meta.exists());
+    assert!(bux.ok(&["check"]).contains(": 0 problems"));
     // Flip a byte of the largest stored blob (a layer).
     let blobs = bux.store.path().join("blobs/sha256");
     let victim = std::fs::read_dir(&blobs)

@@ -16,6 +16,7 @@ pub mod chunked;
 pub mod gzip;
 pub mod published;
 pub mod reader;
+pub mod small;
 pub mod tar_scan;
 pub mod zstd_frames;
 
@@ -153,6 +154,9 @@ pub struct LayerIndex {
     pub access: Access,
     /// The entries, in tar order.
     pub entries: Vec<TarEntry>,
+    /// The bytes of its small files (saved beside the index, see [`small`]).
+    #[serde(skip)]
+    pub small: small::SmallFiles,
 }
 
 /// Counts and hashes what passes through (the uncompressed stream, for the diff_id).
@@ -187,14 +191,15 @@ pub fn build<R: Read>(
         io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => corrupt(e.to_string()),
         _ => Error::io(format!("reading layer {digest}"), e),
     };
+    let mut small = small::SmallFiles::default();
     let (entries, uncompressed_size, diff_id, access) = match compression {
         Compression::None => {
-            let (entries, m) = scan_and_drain(blob, digest)?;
+            let (entries, m) = scan_and_drain(blob, digest, &mut small)?;
             (entries, m.bytes, m.hasher.finish(), Access::Tar)
         }
         Compression::Gzip => {
             let gz = gzip::GzipReader::new(blob, Some(GZIP_SPACING)).map_err(decode_err)?;
-            let (entries, m) = scan_and_drain(gz, digest)?;
+            let (entries, m) = scan_and_drain(gz, digest, &mut small)?;
             let mut gz = m.inner;
             let checkpoints = gz.take_checkpoints();
             (
@@ -208,7 +213,7 @@ pub fn build<R: Read>(
             let out = seekable.ok_or_else(|| corrupt("no output for the seekable copy".into()))?;
             let decoder = zstd::stream::read::Decoder::new(blob).map_err(decode_err)?;
             let framer = zstd_frames::Reframer::new(decoder, out, ZSTD_FRAME, ZSTD_LEVEL);
-            let (entries, m) = scan_and_drain(framer, digest)?;
+            let (entries, m) = scan_and_drain(framer, digest, &mut small)?;
             let frames = m.inner.finish().map_err(decode_err)?;
             (entries, m.bytes, m.hasher.finish(), Access::Zstd(frames))
         }
@@ -221,16 +226,21 @@ pub fn build<R: Read>(
         uncompressed_size,
         access,
         entries,
+        small,
     })
 }
 
-fn scan_and_drain<R: Read>(reader: R, digest: Digest) -> Result<(Vec<TarEntry>, Measured<R>)> {
+fn scan_and_drain<R: Read>(
+    reader: R,
+    digest: Digest,
+    small: &mut small::SmallFiles,
+) -> Result<(Vec<TarEntry>, Measured<R>)> {
     let measured = Measured {
         inner: reader,
         hasher: Hasher::default(),
         bytes: 0,
     };
-    let (entries, mut measured) = tar_scan::scan(measured, digest)?;
+    let (entries, mut measured) = tar_scan::scan_keeping(measured, digest, Some(small))?;
     // Whatever follows the end-of-archive marker still belongs to the stream and its diff_id.
     io::copy(&mut measured, &mut io::sink()).map_err(|e| Error::CorruptLayer {
         layer: digest,
@@ -259,6 +269,7 @@ impl LayerIndex {
         })?;
         bytes.extend_from_slice(&body);
         Self::save_access(path, &self.access)?;
+        self.small.save(path)?;
         crate::store::write_atomic(path, &bytes)
     }
 
@@ -383,6 +394,67 @@ impl LayerIndex {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Indexing keeps the bytes of exactly the regular files up to `SMALL_MAX`, at the
+    /// offsets the entries give, for every compression; they are saved beside the index.
+    #[test]
+    fn indexing_keeps_small_files_bytes() {
+        let max = small::SMALL_MAX as usize;
+        let files: Vec<(&str, Vec<u8>)> = vec![
+            ("a", b"tiny".to_vec()),
+            ("empty", Vec::new()),
+            ("edge", (0..max).map(|i| (i % 251) as u8).collect()),
+            ("over", vec![9; max + 1]),
+            ("d/b", (0..5000).map(|i| (i % 13) as u8).collect()),
+        ];
+        let mut b = tar::Builder::new(Vec::new());
+        for (name, data) in &files {
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            b.append_data(&mut h, name, &data[..]).unwrap();
+        }
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Link);
+        h.set_size(0);
+        b.append_link(&mut h, "hard", "a").unwrap();
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Symlink);
+        h.set_size(0);
+        b.append_link(&mut h, "sym", "a").unwrap();
+        let plain = b.into_inner().unwrap();
+        let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+        gz.write_all(&plain).unwrap();
+        let gz = gz.finish().unwrap();
+        let zst = zstd::bulk::compress(&plain, 1).unwrap();
+        let digest = Digest::of(b"layer");
+        for (compression, blob) in [
+            (Compression::None, &plain),
+            (Compression::Gzip, &gz),
+            (Compression::Zstd, &zst),
+        ] {
+            let mut seekable = Vec::new();
+            let idx = build(&blob[..], compression, digest, Some(&mut seekable)).unwrap();
+            let kept: Vec<&str> = idx
+                .entries
+                .iter()
+                .filter(|e| idx.small.get(e.offset, e.size).is_some() && e.size > 0)
+                .map(|e| std::str::from_utf8(&e.path).unwrap())
+                .collect();
+            assert_eq!(kept, ["a", "edge", "d/b"], "{compression:?}");
+            assert_eq!(idx.small.len(), 3);
+            for e in &idx.entries {
+                if let Some(bytes) = idx.small.get(e.offset, e.size) {
+                    let at = e.offset as usize;
+                    assert_eq!(bytes, &plain[at..at + e.size as usize]);
+                }
+            }
+            let dir = tempfile::tempdir().unwrap();
+            let path = dir.path().join("l.idx");
+            idx.save(&path).unwrap();
+            assert_eq!(small::SmallFiles::load(&path).unwrap().unwrap(), idx.small);
+        }
+    }
 
     /// Access tables round-trip (gzip windows read from the map), tables of the first format
     /// are read and converted, and the quick look at a table's first bytes agrees with both.

@@ -373,6 +373,8 @@ impl PublishedLayer {
             uncompressed_size: self.uncompressed_size,
             access: self.access.clone(),
             entries: self.entries.clone(),
+            // Only an indexing pass over the whole layer keeps them.
+            small: Default::default(),
         }
     }
 }

@@ -420,6 +420,16 @@ fn bad(layer: Digest, path: &[u8], detail: impl Into<String>) -> Error {
 /// Reads every entry of the tar stream; returns the table and the reader, positioned after the
 /// end-of-archive marker (the caller drains the rest to finish the stream's digest).
 pub fn scan<R: Read>(reader: R, layer: Digest) -> Result<(Vec<TarEntry>, R)> {
+    scan_keeping(reader, layer, None)
+}
+
+/// [`scan`], keeping in `small` the bytes of every regular file up to
+/// [`super::small::SMALL_MAX`] (bytes the scan reads anyway).
+pub fn scan_keeping<R: Read>(
+    reader: R,
+    layer: Digest,
+    mut small: Option<&mut super::small::SmallFiles>,
+) -> Result<(Vec<TarEntry>, R)> {
     let recent = Rc::new(RefCell::new(RecentBlocks::default()));
     let mut archive = tar::Archive::new(Tap::new(reader, recent.clone()));
     let mut out = Vec::new();
@@ -453,6 +463,21 @@ pub fn scan<R: Read>(reader: R, layer: Digest) -> Result<(Vec<TarEntry>, R)> {
                          (refused as a tar bomb)"
                     ),
                 });
+            }
+            if let Some(small) = small.as_deref_mut() {
+                let keep = e.kind == EntryKind::File
+                    && e.sparse.is_none()
+                    && (1..=super::small::SMALL_MAX).contains(&e.size);
+                if keep {
+                    let mut bytes = Vec::with_capacity(e.size as usize);
+                    (&mut entry)
+                        .take(e.size)
+                        .read_to_end(&mut bytes)
+                        .map_err(io_err)?;
+                    if bytes.len() as u64 == e.size {
+                        small.push(e.offset, &bytes);
+                    }
+                }
             }
             out.push(e);
         }

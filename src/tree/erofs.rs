@@ -16,11 +16,15 @@
 //! cached) image file, and goes to FUSE only to open and read a file's data (Linux 6.5+ looks
 //! the data file up lazily, at open).
 //!
+//! Small files whose bytes the caller has (see [`crate::index::small`]) are not redirected:
+//! the image holds their data (the last partial block inline after the inode, full blocks out
+//! of line, as mkfs.erofs lays them out), so reading them never leaves the kernel either.
+//!
 //! Layout: 4 KiB blocks; the superblock in block 0; the one shared xattr (the metacopy mark) in
 //! block 1; from block 2 the inodes, each an extended (64-byte) inode followed by its xattrs
 //! (inline, and a reference to the shared one) and, for directories and symlinks, the last
 //! partial block of its data (kept inside one block); then the full data blocks. Regular files
-//! are chunk-based with a single null chunk: sparse, no data. Image xattrs named
+//! served by FUSE are chunk-based with a single null chunk: sparse, no data. Image xattrs named
 //! `trusted.overlay.*` are written escaped (`trusted.overlay.overlay.*`), which overlayfs shows
 //! as they were. What overlayfs would misread and cannot be escaped here (a 0/0 character
 //! device, which it takes for a whiteout), or that EROFS cannot (a name over 255 bytes, a file
@@ -68,6 +72,30 @@ const FT_BLK: u8 = 4;
 const FT_FIFO: u8 = 5;
 const FT_LNK: u8 = 7;
 
+/// The volume name: says which writer made an image, so that an image written by an earlier
+/// version is written anew rather than used.
+const VOLUME: &[u8] = b"bux-fuse 2";
+
+/// Whether `path` holds an image this version wrote, whole (its size is what its superblock
+/// says). Cheap: reads the superblock only; the kernel checks the rest when it mounts it.
+pub fn is_current(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; SUPER_OFFSET + 128];
+    let Ok(mut f) = std::fs::File::open(path) else {
+        return false;
+    };
+    let len = f.metadata().map_or(0, |m| m.len());
+    if f.read_exact(&mut head).is_err() {
+        return false;
+    }
+    let s = &head[SUPER_OFFSET..];
+    let blocks = u32::from_le_bytes(s[36..40].try_into().expect("4 bytes")) as u64;
+    s[..4] == MAGIC.to_le_bytes()
+        && s[64..80].starts_with(VOLUME)
+        && s[64 + VOLUME.len()] == 0
+        && blocks * BLOCK as u64 == len
+}
+
 /// Why a tree cannot be written as a metadata image.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Unsupported(pub String);
@@ -78,13 +106,17 @@ impl std::fmt::Display for Unsupported {
     }
 }
 
+/// The bytes of a small file the image holds, given its layer, offset in that layer's stream
+/// and size; `None` for a file FUSE serves.
+pub type SmallBytes<'a> = dyn Fn(u32, u64, u64) -> Option<&'a [u8]> + 'a;
+
 /// One inode of the image being laid out.
-struct Node {
+struct Node<'a> {
     ino: u64,
     /// Inline xattrs, encoded (empty: none).
     xattrs: Vec<u8>,
-    /// Directory or symlink data (directories: filled in once every nid is known).
-    data: Vec<u8>,
+    /// Directory, symlink or small file data (directories: filled in once every nid is known).
+    data: Cow<'a, [u8]>,
     /// Length of the data (directories: known before their bytes are).
     size: u64,
     layout: u16,
@@ -94,7 +126,7 @@ struct Node {
     blkaddr: u32,
 }
 
-impl Node {
+impl Node<'_> {
     fn nid(&self) -> u64 {
         ((self.pos - META_BLOCK * BLOCK) / 32) as u64
     }
@@ -125,11 +157,12 @@ impl Node {
 }
 
 /// Writes `tree` as an EROFS metadata image whose regular files redirect to their own paths in
-/// a data-only lower layer (the image's FUSE mount).
-pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
+/// a data-only lower layer (the image's FUSE mount), but for those whose bytes `small` gives,
+/// which the image holds.
+pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>, Unsupported> {
     // Nodes in depth-first order from the root, so the root gets the first (small) nid, and a
     // directory's entries sit near it.
-    let mut order: Vec<Node> = Vec::new();
+    let mut order: Vec<Node<'a>> = Vec::new();
     let mut slot = vec![usize::MAX; tree.inode_count() as usize + 1];
     // Directories' paths ("" for the root), and what is still to visit: (inode, index of its
     // directory's path, its name).
@@ -150,7 +183,7 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
         path.push(b'/');
         path.extend_from_slice(name);
         slot[ino as usize] = order.len();
-        order.push(node(ino, &inode, &path)?);
+        order.push(node(ino, &inode, &path, small)?);
         if let NodeData::Dir { .. } = inode.data {
             dir_paths.push(if ino == ROOT_INO {
                 Vec::new()
@@ -181,6 +214,11 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
     let mut at = META_BLOCK * BLOCK + 32;
     for n in order.iter_mut() {
         at = at.next_multiple_of(32);
+        if n.layout == LAYOUT_FLAT_INLINE && n.size % BLOCK as u64 == 0 {
+            // The kernel takes the last block of a FLAT_INLINE inode to be inline, full or not:
+            // data that ends on a block boundary is all out of line.
+            n.layout = LAYOUT_FLAT_PLAIN;
+        }
         if n.layout == LAYOUT_FLAT_INLINE && at % BLOCK + n.body_len() > BLOCK {
             if n.body_len() <= BLOCK {
                 at = at.next_multiple_of(BLOCK); // the inline tail must not cross a block
@@ -223,7 +261,7 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
         .collect();
     for (i, bytes) in dirs {
         debug_assert_eq!(bytes.len() as u64, order[i].size);
-        order[i].data = bytes;
+        order[i].data = Cow::Owned(bytes);
     }
 
     let mut out = vec![0u8; block * BLOCK];
@@ -242,16 +280,35 @@ pub fn metadata_image(tree: &Tree) -> Result<Vec<u8>, Unsupported> {
 
 /// The node for `inode`, its xattrs encoded and (symlinks) its data; directories get theirs
 /// once every nid is known.
-fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
+fn node<'a>(
+    ino: u64,
+    inode: &Inode<'_>,
+    path: &[u8],
+    small: &SmallBytes<'a>,
+) -> Result<Node<'a>, Unsupported> {
     let mut xattrs: Vec<XattrEntry> = Vec::new();
     for (name, value) in inode.xattrs.iter() {
         if let Some(x) = xattr_entry(name, value) {
             xattrs.push(x);
         }
     }
+    let held = match inode.data {
+        NodeData::File { layer, offset } if inode.kind == EntryKind::File && inode.size > 0 => {
+            small(layer, offset, inode.size).filter(|b| b.len() as u64 == inode.size)
+        }
+        _ => None,
+    };
     let (layout, data, size) = match inode.data {
-        NodeData::Symlink(target) => (LAYOUT_FLAT_INLINE, target.to_vec(), target.len() as u64),
-        NodeData::Dir { .. } => (LAYOUT_FLAT_INLINE, Vec::new(), 0),
+        NodeData::Symlink(target) => (
+            LAYOUT_FLAT_INLINE,
+            Cow::Owned(target.to_vec()),
+            target.len() as u64,
+        ),
+        NodeData::Dir { .. } => (LAYOUT_FLAT_INLINE, Cow::Borrowed(&[][..]), 0),
+        _ if held.is_some() => {
+            let bytes = held.expect("checked");
+            (LAYOUT_FLAT_INLINE, Cow::Borrowed(bytes), bytes.len() as u64)
+        }
         _ if inode.kind == EntryKind::File && inode.size > MAX_FILE => {
             return Err(Unsupported(format!(
                 "a file of {} bytes (one chunk holds at most 8 TiB)",
@@ -260,9 +317,9 @@ fn node(ino: u64, inode: &Inode<'_>, path: &[u8]) -> Result<Node, Unsupported> {
         }
         _ if inode.kind == EntryKind::File && inode.size > 0 => {
             xattrs.push((4, Cow::Borrowed(b"overlay.redirect"), path));
-            (LAYOUT_CHUNK_BASED, Vec::new(), inode.size)
+            (LAYOUT_CHUNK_BASED, Cow::Borrowed(&[][..]), inode.size)
         }
-        _ => (LAYOUT_FLAT_PLAIN, Vec::new(), 0),
+        _ => (LAYOUT_FLAT_PLAIN, Cow::Borrowed(&[][..]), 0),
     };
     if inode.kind == EntryKind::Char && inode.dev_major == 0 && inode.dev_minor == 0 {
         return Err(Unsupported(
@@ -484,7 +541,7 @@ fn write_super(out: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
     s[36..40].copy_from_slice(&blocks.to_le_bytes());
     s[40..44].copy_from_slice(&(META_BLOCK as u32).to_le_bytes());
     s[44..48].copy_from_slice(&(XATTR_BLOCK as u32).to_le_bytes());
-    s[64..72].copy_from_slice(b"bux-fuse");
+    s[64..64 + VOLUME.len()].copy_from_slice(VOLUME);
     s[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
 }
 
@@ -548,11 +605,36 @@ mod tests {
         (b.dev_major, b.dev_minor) = (259, 300_000);
         l.push(b);
         l.push(entry("fifo", EntryKind::Fifo));
+        // Small files the image holds: sizes around block boundaries (see `held`).
+        l.push(entry("small", EntryKind::Dir));
+        for (k, size) in SMALL_SIZES.iter().enumerate() {
+            let mut f = entry(&format!("small/{size}"), EntryKind::File);
+            f.size = *size;
+            f.offset = (k as u64 + 1) << 20;
+            l.push(f);
+        }
         let mut o = entry("o", EntryKind::Dir);
         o.mode = 0o1777;
         o.xattrs = vec![(b"trusted.overlay.opaque".to_vec(), b"y".to_vec())];
         l.push(o);
         merged(&[l]).unwrap()
+    }
+
+    const SMALL_SIZES: [u64; 10] = [1, 100, 3000, 4095, 4096, 4097, 8192, 12_000, 16_384, 65_536];
+
+    /// The bytes the image holds for `sample`'s small files, by stream offset.
+    fn held(tree: &Tree) -> std::collections::HashMap<u64, Vec<u8>> {
+        SMALL_SIZES
+            .iter()
+            .map(|size| {
+                let ino = tree.resolve(format!("/small/{size}").as_bytes()).unwrap();
+                let NodeData::File { offset, .. } = tree.inode(ino).unwrap().data else {
+                    panic!("not a file")
+                };
+                let bytes = (0..*size).map(|i| (i * 7 + size) as u8).collect();
+                (offset, bytes)
+            })
+            .collect()
     }
 
     fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
@@ -654,7 +736,14 @@ mod tests {
     #[test]
     fn layout_keeps_inline_data_within_a_block() {
         let tree = sample();
-        let img = metadata_image(&tree).unwrap();
+        let small = held(&tree);
+        let by_offset = |_, off, size| {
+            small
+                .get(&off)
+                .filter(|b| b.len() as u64 == size)
+                .map(|b| &b[..])
+        };
+        let img = metadata_image(&tree, &by_offset).unwrap();
         assert_eq!(img.len() % BLOCK, 0);
         assert_eq!(
             u32::from_le_bytes(img[1024..1028].try_into().unwrap()),
@@ -663,7 +752,11 @@ mod tests {
         let blocks = u32::from_le_bytes(img[1060..1064].try_into().unwrap()) as usize;
         assert_eq!(blocks * BLOCK, img.len());
         // Writing is deterministic: the same tree, the same bytes (and so stable inode numbers).
-        assert_eq!(img, metadata_image(&tree).unwrap());
+        assert_eq!(img, metadata_image(&tree, &by_offset).unwrap());
+        // Without the small files' bytes, it is smaller by at least theirs.
+        let lean = metadata_image(&tree, &|_, _, _| None).unwrap();
+        let bytes: u64 = SMALL_SIZES.iter().sum();
+        assert!(lean.len() as u64 + bytes <= img.len() as u64);
     }
 
     #[test]
@@ -671,19 +764,28 @@ mod tests {
         let mut c = entry("w", EntryKind::Char);
         (c.dev_major, c.dev_minor) = (0, 0);
         let tree = merged(&[vec![c]]).unwrap();
-        assert!(metadata_image(&tree).unwrap_err().0.contains("whiteout"));
+        assert!(metadata_image(&tree, &|_, _, _| None)
+            .unwrap_err()
+            .0
+            .contains("whiteout"));
         // As is a file beyond what one chunk describes (a sparse entry may claim any size).
         let mut huge = entry("huge", EntryKind::File);
         huge.size = MAX_FILE + 1;
         let tree = merged(&[vec![huge]]).unwrap();
-        assert!(metadata_image(&tree).unwrap_err().0.contains("8 TiB"));
+        assert!(metadata_image(&tree, &|_, _, _| None)
+            .unwrap_err()
+            .0
+            .contains("8 TiB"));
         // And a name no Linux filesystem can carry (a tar may hold one).
         let long = entry(&"n".repeat(NAME_MAX + 1), EntryKind::File);
         let tree = merged(&[vec![long]]).unwrap();
-        assert!(metadata_image(&tree).unwrap_err().0.contains("256 bytes"));
+        assert!(metadata_image(&tree, &|_, _, _| None)
+            .unwrap_err()
+            .0
+            .contains("256 bytes"));
         let mut largest = entry("largest", EntryKind::File);
         largest.size = MAX_FILE;
-        assert!(metadata_image(&merged(&[vec![largest]]).unwrap()).is_ok());
+        assert!(metadata_image(&merged(&[vec![largest]]).unwrap(), &|_, _, _| None).is_ok());
     }
 
     /// The kernel reads the image as the tree says, through the overlay that serves it, with
@@ -700,7 +802,14 @@ mod tests {
         let tree = sample();
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("meta.erofs");
-        std::fs::write(&image, metadata_image(&tree).unwrap()).unwrap();
+        let small = held(&tree);
+        let by_offset = |_, off, size| {
+            small
+                .get(&off)
+                .filter(|b| b.len() as u64 == size)
+                .map(|b| &b[..])
+        };
+        std::fs::write(&image, metadata_image(&tree, &by_offset).unwrap()).unwrap();
         // erofs-utils' own checker, an independent reader (scripts/setup.sh installs it).
         match std::process::Command::new("fsck.erofs")
             .arg(&image)
@@ -720,6 +829,13 @@ mod tests {
             let path = line.split(' ').next().unwrap();
             let ino = tree.resolve(path.as_bytes()).unwrap();
             let i = tree.inode(ino).unwrap();
+            if let (EntryKind::File, NodeData::File { offset, .. }) = (i.kind, i.data) {
+                if let Some(bytes) = small.get(&offset) {
+                    // Not in the data layer: only the image has these.
+                    expected.push((path.to_string(), bytes.clone()));
+                    continue;
+                }
+            }
             if i.kind == EntryKind::File && i.size > 0 {
                 let p = data.join(&path[1..]);
                 std::fs::create_dir_all(p.parent().unwrap()).unwrap();

@@ -3,17 +3,20 @@
 //!
 //! Over FUSE alone a cold walk of the tree costs a round trip per directory; with the metadata
 //! in EROFS, lookups, `stat`, `readdir` and xattrs never leave the kernel, and FUSE is asked
-//! only to open and read files' data (see [`crate::tree::erofs`]). The supervisor sets it up
+//! only to open and read files' data (see [`crate::tree::erofs`]) — and not even that for small
+//! files, whose bytes the image holds (see [`crate::index::small`]). The supervisor sets it up
 //! when the server starts; a kernel without file-backed EROFS (Linux 6.12) or overlay
 //! data-only layers (6.5), or an image the format cannot carry, keeps the FUSE-only layout,
 //! with the reason in the server's log. `BUX_FUSE_METADATA=fuse` asks for that layout (to
 //! compare the two).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use super::Place;
+use crate::index::small::SmallFiles;
 use crate::mount::{is_mount_point, kernel_mount, table, unmount};
 use crate::store::ImageRecord;
+use crate::tree::erofs;
 use crate::Store;
 
 /// Whether the server at `place` serves metadata from the kernel (its overlay is up).
@@ -21,37 +24,70 @@ pub(crate) fn in_kernel(place: &Place) -> bool {
     table::at(&place.root()).is_some_and(|m| m.fstype == "overlay")
 }
 
-/// Writes the image's metadata image and mounts it with the overlay over it (after the FUSE
-/// mount serves). An error leaves nothing mounted: the server then serves through FUSE alone.
+/// The image's metadata image in the store, written first if it is not there (or not of this
+/// version): written once per image, since with small files' data it runs to a tenth of the
+/// image (100 MiB for the large Debian image, 0.4–0.8 s to write), and mounted from there by
+/// every server after.
+pub(crate) fn image(store: &Store, record: &ImageRecord) -> Result<PathBuf, String> {
+    let path = store.meta_image_path(&record.manifest_digest);
+    if erofs::is_current(&path) {
+        return Ok(path);
+    }
+    write_image(store, record, &path)?;
+    Ok(path)
+}
+
+fn write_image(store: &Store, record: &ImageRecord, path: &Path) -> Result<(), String> {
+    let started = std::time::Instant::now();
+    let (image, inodes) = image_bytes(store, record)?;
+    crate::store::write_atomic(path, &image).map_err(|e| e.to_string())?;
+    tracing::info!(
+        "metadata image: {inodes} inodes, {} KiB, written in {} ms",
+        image.len() >> 10,
+        started.elapsed().as_millis()
+    );
+    Ok(())
+}
+
+/// What the image's metadata image holds (and how many inodes).
+pub(crate) fn image_bytes(store: &Store, record: &ImageRecord) -> Result<(Vec<u8>, u64), String> {
+    let tree = store.tree(record).map_err(|e| e.to_string())?;
+    // Small files' bytes, for the layers indexed whole (a damaged table only costs its layer
+    // the shortcut: its files stay with FUSE).
+    let small: Vec<Option<SmallFiles>> = tree
+        .layers
+        .iter()
+        .map(|l| {
+            SmallFiles::load(&store.index_path(&l.digest)).unwrap_or_else(|e| {
+                tracing::warn!("small files of layer {}: {e}", l.digest);
+                None
+            })
+        })
+        .collect();
+    let held =
+        |layer: u32, offset: u64, size: u64| small.get(layer as usize)?.as_ref()?.get(offset, size);
+    let image = erofs::metadata_image(&tree, &held).map_err(|e| e.to_string())?;
+    Ok((image, tree.inode_count()))
+}
+
+/// Mounts the image's metadata image with the overlay over it (after the FUSE mount serves).
+/// An error leaves nothing mounted: the server then serves through FUSE alone.
 pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Result<(), String> {
     if std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse") {
         return Err("BUX_FUSE_METADATA=fuse".into());
     }
-    let tree = store.tree(record).map_err(|e| e.to_string())?;
-    let started = std::time::Instant::now();
-    let image = crate::tree::erofs::metadata_image(&tree).map_err(|e| e.to_string())?;
-    // Not synced: it is written anew at every start, and read only by this server's mount.
-    let tmp = place.meta_image().with_extension("tmp");
-    std::fs::write(&tmp, &image)
-        .and_then(|()| std::fs::rename(&tmp, place.meta_image()))
-        .map_err(|e| format!("writing {}: {e}", place.meta_image().display()))?;
-    tracing::info!(
-        "metadata image: {} inodes, {} KiB, written in {} ms",
-        tree.inode_count(),
-        image.len() >> 10,
-        started.elapsed().as_millis()
-    );
+    let image = image(store, record)?;
     for d in [place.meta(), place.root()] {
         std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    kernel_mount(
-        &place.meta_image(),
-        &place.meta(),
-        "erofs",
-        libc::MS_RDONLY,
-        "",
-    )
-    .map_err(|e| format!("mounting the EROFS metadata image (Linux 6.12+): {e}"))?;
+    let mount_image = || kernel_mount(&image, &place.meta(), "erofs", libc::MS_RDONLY, "");
+    if let Err(e) = mount_image() {
+        // A damaged file the kernel refuses is written anew, once.
+        tracing::warn!("mounting {}: {e}; writing it anew", image.display());
+        write_image(store, record, &image)?;
+        mount_image()
+            .map_err(|e| format!("mounting the EROFS metadata image (Linux 6.12+): {e}"))?;
+    }
     // Data-only layers alone enable data redirects (Linux 6.16+), which leaves room for file
     // handles (virtiofsd --inode-file-handles, NFS), for which a read-only overlay must not
     // follow directory redirects (the image has none). Earlier kernels need metacopy=on, which
@@ -80,13 +116,11 @@ pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Resu
     ))
 }
 
-/// Unmounts what stands at `place` (the overlay, the metadata image, the FUSE mount) and
-/// removes the metadata image, which the next server writes anew.
+/// Unmounts what stands at `place` (the overlay, the metadata image, the FUSE mount).
 pub(crate) fn tear_down(place: &Place) {
     for p in [place.root(), place.meta(), place.mnt()] {
         if is_mount_point(&p) {
             let _ = unmount(&p);
         }
     }
-    let _ = std::fs::remove_file(place.meta_image());
 }

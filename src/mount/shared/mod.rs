@@ -56,10 +56,6 @@ impl Place {
     pub(crate) fn mnt(&self) -> PathBuf {
         self.dir.join("mnt")
     }
-    /// The image's metadata as EROFS (when the kernel serves metadata).
-    fn meta_image(&self) -> PathBuf {
-        self.dir.join("meta.erofs")
-    }
     /// Where that image is mounted.
     fn meta(&self) -> PathBuf {
         self.dir.join("meta")
@@ -190,6 +186,41 @@ pub(crate) fn lower(
         },
         lock,
     ))
+}
+
+/// Writes the image's metadata image into the store ahead of its first shared mount, where
+/// such mounts can be (root, a kernel with EROFS). Best effort: the server writes it at start
+/// if it is not there.
+pub(crate) fn prepare(store: &Store, record: &ImageRecord) {
+    // SAFETY: geteuid has no preconditions.
+    let root = unsafe { libc::geteuid() } == 0;
+    let erofs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("\terofs"));
+    let fuse_only = std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse");
+    if root && erofs && !fuse_only {
+        if let Err(e) = kernel_meta::image(store, record) {
+            tracing::debug!("metadata image of {}: {e}", record.reference);
+        }
+    }
+}
+
+/// Whether the image's metadata image in the store (if there is one) holds what it should: it
+/// is written anew in memory and compared (for `check`). `Err` says what is wrong.
+pub(crate) fn check_metadata_image(store: &Store, record: &ImageRecord) -> Result<(), String> {
+    let path = store.meta_image_path(&record.manifest_digest);
+    let on_disk = match std::fs::read(&path) {
+        Ok(b) => b,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
+        Err(e) => return Err(format!("unreadable: {e}")),
+    };
+    if !crate::tree::erofs::is_current(&path) {
+        return Err("not an image of this version, or cut short".into());
+    }
+    match kernel_meta::image_bytes(store, record) {
+        Ok((want, _)) if want == on_disk => Ok(()),
+        Ok(_) => Err("differs from what the tree and small files give".into()),
+        // Not this file's fault (the tree's, reported on its own).
+        Err(_) => Ok(()),
+    }
 }
 
 /// Starts a detached supervisor (`bux-fuse serve-shared`) and waits until it serves.
