@@ -553,11 +553,10 @@ impl LayerReader {
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (start, end) = self.span_bounds(i);
         self.need(self.compressed_range(start..end))?;
-        let mut span = vec![0u8; (end - start) as usize];
-        match &self.access {
+        let len = (end - start) as usize;
+        let span = match &self.access {
             Access::Tar => unreachable!("plain tar layers are read directly"),
             Access::Gzip(_) => {
-                let len = (end - start) as usize;
                 let span = Span::Gzip(Arc::new(GzipSpan {
                     len,
                     state: Mutex::new(GzipSpanState {
@@ -582,14 +581,14 @@ impl LayerReader {
                     .stats
                     .blob_bytes
                     .fetch_add(compressed.len() as u64, Ordering::Relaxed);
-                let got = zstd::bulk::decompress(&compressed, span.len())?;
-                if got.len() != span.len() {
+                let got = zstd::bulk::decompress(&compressed, len)?;
+                if got.len() != len {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "zstd frame shorter than indexed",
                     ));
                 }
-                span = got;
+                got
             }
             Access::Frames(frames) => {
                 let f = frames[i];
@@ -604,19 +603,19 @@ impl LayerReader {
                     .stats
                     .blob_bytes
                     .fetch_add(compressed.len() as u64, Ordering::Relaxed);
-                let want = span.len();
-                span.clear();
+                let mut span = Vec::with_capacity(len);
                 zstd::stream::read::Decoder::new(&compressed[..])?
-                    .take(want as u64 + 1)
+                    .take(len as u64 + 1)
                     .read_to_end(&mut span)?;
-                if span.len() != want {
+                if span.len() != len {
                     return Err(io::Error::new(
                         io::ErrorKind::InvalidData,
                         "zstd frame of another size than its table says",
                     ));
                 }
+                span
             }
-        }
+        };
         cache
             .stats
             .decompressed
