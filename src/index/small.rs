@@ -22,10 +22,14 @@ use crate::{Error, Result};
 /// round trip brings up to 1 MiB.
 pub const SMALL_MAX: u64 = 64 << 10;
 
+/// The most bytes kept per layer: past them (a layer of a great many small files, or a
+/// hostile one), files are read through FUSE, and indexing holds no more than this in memory.
+pub const KEEP_MAX: usize = 256 << 20;
+
 const MAGIC: &[u8; 8] = b"BUXSML\x00\x01";
-/// Bound on what a `.small` file may claim to hold once decompressed (the files of one layer
-/// under [`SMALL_MAX`] each).
-const MAX_TOTAL: u64 = 4 << 30;
+/// Bound on what a `.small` file may claim to hold once decompressed: the bytes, and a record
+/// per file (of one byte at least).
+const MAX_TOTAL: u64 = 8 + (KEEP_MAX * (RECORD + 1)) as u64;
 const RECORD: usize = 12;
 
 /// The kept bytes of a layer's small files, by their offset in the layer's stream.
@@ -51,10 +55,14 @@ impl std::fmt::Debug for SmallFiles {
 }
 
 impl SmallFiles {
-    /// Keeps `bytes`, the whole data of the file at `offset` of the stream. Offsets come in
-    /// stream order; one out of order (not possible from a tar scan) is not kept.
+    /// Keeps `bytes`, the whole data of the file at `offset` of the stream, unless that would
+    /// pass [`KEEP_MAX`]. Offsets come in stream order; one out of order (not possible from a
+    /// tar scan) is not kept.
     pub fn push(&mut self, offset: u64, bytes: &[u8]) {
-        if bytes.len() as u64 > SMALL_MAX || self.at.last().is_some_and(|&(o, _)| o >= offset) {
+        if bytes.len() as u64 > SMALL_MAX
+            || self.data.len() + bytes.len() > KEEP_MAX
+            || self.at.last().is_some_and(|&(o, _)| o >= offset)
+        {
             return;
         }
         self.at.push((offset, self.data.len()));
@@ -190,6 +198,13 @@ mod tests {
         s.push(4000, b"out of order: not kept");
         s.push(1 << 30, &vec![1u8; SMALL_MAX as usize + 1]); // too large: not kept
         assert_eq!(s.len(), 3);
+        // Past what a layer keeps, nothing more is.
+        let mut full = SmallFiles::default();
+        let chunk = vec![3u8; SMALL_MAX as usize];
+        for i in 0..(KEEP_MAX / chunk.len() + 5) as u64 {
+            full.push(i << 20, &chunk);
+        }
+        assert_eq!(full.len(), KEEP_MAX / chunk.len());
         s.save(&index).unwrap();
         let back = SmallFiles::load(&index).unwrap().unwrap();
         assert_eq!(back, s);

@@ -24,6 +24,9 @@ pub(crate) fn in_kernel(place: &Place) -> bool {
     table::at(&place.root()).is_some_and(|m| m.fstype == "overlay")
 }
 
+/// The most bytes of small files one metadata image holds.
+const IMAGE_SMALL_MAX: u64 = 1 << 30;
+
 /// The image's metadata image in the store, written first if it is not there (or not of this
 /// version): written once per image, since with small files' data it runs to a tenth of the
 /// image (100 MiB for the large Debian image, 0.4–0.8 s to write), and mounted from there by
@@ -64,8 +67,14 @@ pub(crate) fn image_bytes(store: &Store, record: &ImageRecord) -> Result<(Vec<u8
             })
         })
         .collect();
-    let held =
-        |layer: u32, offset: u64, size: u64| small.get(layer as usize)?.as_ref()?.get(offset, size);
+    // The image is built in memory: past IMAGE_SMALL_MAX bytes of small files, the rest are
+    // read through FUSE (the walk's order, so the same files each time).
+    let given = std::cell::Cell::new(0u64);
+    let held = |layer: u32, offset: u64, size: u64| {
+        let bytes = small.get(layer as usize)?.as_ref()?.get(offset, size)?;
+        given.set(given.get() + size);
+        (given.get() <= IMAGE_SMALL_MAX).then_some(bytes)
+    };
     let image = erofs::metadata_image(&tree, &held).map_err(|e| e.to_string())?;
     Ok((image, tree.inode_count()))
 }
