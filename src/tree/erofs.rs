@@ -655,6 +655,17 @@ mod tests {
             .collect()
     }
 
+    /// The image of `tree` holding the small files of `small` (bytes by stream offset).
+    fn image_holding(tree: &Tree, small: &std::collections::HashMap<u64, Vec<u8>>) -> Vec<u8> {
+        let by_offset = |_, off, size| {
+            small
+                .get(&off)
+                .filter(|b: &&Vec<u8>| b.len() as u64 == size)
+                .map(|b| &b[..])
+        };
+        metadata_image(tree, &by_offset).unwrap()
+    }
+
     fn xattrs(p: &Path) -> Vec<(Vec<u8>, Vec<u8>)> {
         let c = CString::new(p.as_os_str().as_bytes()).unwrap();
         let mut names = vec![0u8; 65536];
@@ -755,13 +766,7 @@ mod tests {
     fn layout_keeps_inline_data_within_a_block() {
         let tree = sample();
         let small = held(&tree);
-        let by_offset = |_, off, size| {
-            small
-                .get(&off)
-                .filter(|b| b.len() as u64 == size)
-                .map(|b| &b[..])
-        };
-        let img = metadata_image(&tree, &by_offset).unwrap();
+        let img = image_holding(&tree, &small);
         assert_eq!(img.len() % BLOCK, 0);
         assert_eq!(
             u32::from_le_bytes(img[1024..1028].try_into().unwrap()),
@@ -770,7 +775,7 @@ mod tests {
         let blocks = u32::from_le_bytes(img[1060..1064].try_into().unwrap()) as usize;
         assert_eq!(blocks * BLOCK, img.len());
         // Writing is deterministic: the same tree, the same bytes (and so stable inode numbers).
-        assert_eq!(img, metadata_image(&tree, &by_offset).unwrap());
+        assert_eq!(img, image_holding(&tree, &small));
         // Without the small files' bytes, it is smaller by at least theirs.
         let lean = metadata_image(&tree, &|_, _, _| None).unwrap();
         let bytes: u64 = SMALL_SIZES.iter().sum();
@@ -821,13 +826,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("meta.erofs");
         let small = held(&tree);
-        let by_offset = |_, off, size| {
-            small
-                .get(&off)
-                .filter(|b| b.len() as u64 == size)
-                .map(|b| &b[..])
-        };
-        std::fs::write(&image, metadata_image(&tree, &by_offset).unwrap()).unwrap();
+        std::fs::write(&image, image_holding(&tree, &small)).unwrap();
         // erofs-utils' own checker, an independent reader (scripts/setup.sh installs it).
         match std::process::Command::new("fsck.erofs")
             .arg(&image)
