@@ -797,6 +797,12 @@ fn progress_line(p: &Progress) -> Option<String> {
             format!("  {} pulled and indexed ({entries} entries)", layer.short())
         }
         Progress::Merged { inodes } => format!("  merged tree: {inodes} inodes"),
+        Progress::MetadataImage { bytes } => {
+            format!(
+                "  metadata image (EROFS, small files included): {}",
+                human(*bytes)
+            )
+        }
     })
 }
 

@@ -86,6 +86,11 @@ pub enum Progress {
         /// Number of inodes.
         inodes: usize,
     },
+    /// The image's EROFS metadata image is in the store (root's shared mounts stand on it).
+    MetadataImage {
+        /// Its size.
+        bytes: u64,
+    },
 }
 
 /// A progress callback.
@@ -542,7 +547,9 @@ impl Store {
         self.put_image(record.clone())?;
         if lazy.is_empty() {
             // What root's first mount would write: done here, so that the mount is quick.
-            crate::mount::shared::prepare(self, &record);
+            if let Some(bytes) = crate::mount::shared::prepare(self, &record) {
+                opts.emit(Progress::MetadataImage { bytes });
+            }
         }
         Ok(PulledImage {
             reference: record.reference.clone(),
@@ -660,10 +667,13 @@ impl Store {
             }
         }
         drop(tx);
-        let idx = indexer
+        let mut idx = indexer
             .await
             .map_err(|e| Error::io("indexer task", io::Error::other(e)))??;
         check_diff_id(&idx, job)?;
+        if !crate::mount::shared::kernel_metadata_possible() {
+            idx.small = Default::default(); // only a metadata image uses them
+        }
         idx.save(&index_path)?;
         drop(lock);
         opts.emit(Progress::LayerBytes {

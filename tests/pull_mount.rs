@@ -74,7 +74,14 @@ fn mounted_tree_matches_umoci_unpack() {
 
     let bux = Bux::new();
     let r = format!("{}/test/sample:v1", reg.host());
-    bux.ok(&["pull", &r]);
+    let out = bux.run(&["pull", &r]);
+    assert_success(&out);
+    // As root, the pull also writes the metadata image root's shared mounts stand on.
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("metadata image (EROFS, small files included)"),
+        "{said}"
+    );
     let m = bux.mount(&r);
     let root = &m.path;
 

@@ -131,6 +131,9 @@ impl LazyBlob {
         if !matches!(published.access, index::Access::Frames(_)) {
             // (A zstd:chunked layer keeps the table it was served with: its offsets address
             // the contents laid end to end, which its frames serve as well as ever.)
+            if !crate::mount::shared::kernel_metadata_possible() {
+                idx.small = Default::default(); // only a metadata image uses them
+            }
             idx.save(&store.index_path(&self.digest))
                 .map_err(|e| e.to_string())?;
         }

@@ -188,17 +188,27 @@ pub(crate) fn lower(
     ))
 }
 
-/// Writes the image's metadata image into the store ahead of its first shared mount, where
-/// such mounts can be (root, a kernel with EROFS). Best effort: the server writes it at start
-/// if it is not there.
-pub(crate) fn prepare(store: &Store, record: &ImageRecord) {
+/// Whether this process's mounts can have metadata in the kernel (root, a kernel with EROFS):
+/// else there is no use in metadata images, nor in keeping small files' bytes for them.
+pub(crate) fn kernel_metadata_possible() -> bool {
     // SAFETY: geteuid has no preconditions.
     let root = unsafe { libc::geteuid() } == 0;
-    let erofs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("\terofs"));
+    root && std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("\terofs"))
+}
+
+/// Writes the image's metadata image into the store ahead of its first shared mount, where
+/// such mounts can be (root, a kernel with EROFS). Best effort: the server writes it at start
+/// if it is not there. Returns its size, if it is there.
+pub(crate) fn prepare(store: &Store, record: &ImageRecord) -> Option<u64> {
     let fuse_only = std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse");
-    if root && erofs && !fuse_only {
-        if let Err(e) = kernel_meta::image(store, record) {
+    if !kernel_metadata_possible() || fuse_only {
+        return None;
+    }
+    match kernel_meta::image(store, record) {
+        Ok(path) => std::fs::metadata(path).ok().map(|m| m.len()),
+        Err(e) => {
             tracing::debug!("metadata image of {}: {e}", record.reference);
+            None
         }
     }
 }
