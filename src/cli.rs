@@ -261,6 +261,11 @@ struct PullArgs {
     /// resumed at once; five failed resumptions in a row end the pull).
     #[arg(long, default_value_t = 30.0, value_name = "SECS")]
     stall_timeout: f64,
+    /// Keep the bytes of files up to this size (KiB) in the store, for root's shared mounts
+    /// to read them in the kernel, without FUSE: fastest for images of many small files, for
+    /// about a third of the compressed image more on disk. 0 keeps none; 64 at most.
+    #[arg(long, default_value_t = 64, value_name = "KIB")]
+    small_files: u64,
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -715,6 +720,10 @@ impl PullArgs {
             None if self.password_stdin => bail!("--password-stdin needs --username"),
             None => Credentials::Auto,
         };
+        let most = crate::index::small::SMALL_MAX >> 10;
+        if self.small_files > most {
+            bail!("--small-files: at most {most} (KiB)");
+        }
         let policy = match self.pull.as_str() {
             "always" => PullPolicy::Always,
             "never" => PullPolicy::Never,
@@ -731,6 +740,7 @@ impl PullArgs {
             progress: (!self.quiet).then(progress_printer),
             parallel: 3,
             stall_timeout: Some(std::time::Duration::from_secs_f64(self.stall_timeout)),
+            small_files: Some(self.small_files << 10),
         })
     }
 }

@@ -111,6 +111,12 @@ pub struct PullOptions {
     pub parallel: usize,
     /// A download without data for this long is resumed (default [`DEFAULT_STALL`]).
     pub stall_timeout: Option<std::time::Duration>,
+    /// The largest file whose bytes the store keeps for the metadata image of root's shared
+    /// mounts (see [`crate::index::small`]), for the layers this pull indexes. Default
+    /// [`SMALL_MAX`](crate::index::small::SMALL_MAX) (64 KiB: reads of small files never reach
+    /// FUSE; the large Debian image's store grows by 0.35× its compressed size); `Some(0)`
+    /// keeps none (the store stays at about 1.04× the compressed image).
+    pub small_files: Option<u64>,
 }
 
 impl std::fmt::Debug for PullOptions {
@@ -120,6 +126,7 @@ impl std::fmt::Debug for PullOptions {
             .field("platform", &self.platform)
             .field("registry", &self.registry)
             .field("parallel", &self.parallel)
+            .field("small_files", &self.small_files)
             .finish()
     }
 }
@@ -671,9 +678,11 @@ impl Store {
             .await
             .map_err(|e| Error::io("indexer task", io::Error::other(e)))??;
         check_diff_id(&idx, job)?;
-        if !crate::mount::shared::kernel_metadata_possible() {
-            idx.small = Default::default(); // only a metadata image uses them
-        }
+        let keep = match crate::mount::shared::kernel_metadata_possible() {
+            true => opts.small_files.unwrap_or(index::small::SMALL_MAX),
+            false => 0, // only a metadata image uses them
+        };
+        idx.small.keep_up_to(keep);
         idx.save(&index_path)?;
         drop(lock);
         opts.emit(Progress::LayerBytes {

@@ -391,6 +391,31 @@ fn listing_a_missing_store_creates_nothing() {
     assert!(!store.exists(), "a look created the store");
 }
 
+/// `--small-files` sets which files' bytes the store keeps for the metadata image: none with 0
+/// (the store as lean as before), and no more than the index holds.
+#[test]
+fn small_files_kept_as_asked() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/small", &image_with("s", &test_bytes(100_000, 5)));
+    let kept = |bux: &Bux| {
+        std::fs::read_dir(bux.store.path().join("layers/sha256"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.path().extension().is_some_and(|x| x == "small"))
+            .count()
+    };
+    let (default, lean) = (Bux::new(), Bux::new());
+    default.ok(&["pull", "-q", &r]);
+    lean.ok(&["pull", "-q", "--small-files", "0", &r]);
+    assert_eq!((kept(&default), kept(&lean)), (1, 0)); // etc/marker's layer; shared.bin is 100 kB
+    for bux in [&default, &lean] {
+        let m = bux.mount(&r);
+        assert_eq!(std::fs::read(m.path.join("etc/marker")).unwrap(), b"s");
+    }
+    let err = lean.fails(&["pull", "--small-files", "65", &r]);
+    assert!(err.contains("--small-files: at most 64"), "{err}");
+}
+
 /// `check` finds a blob damaged on disk, `--repair` removes it, the next pull fetches it again.
 #[test]
 fn check_finds_and_repairs_damage() {

@@ -69,6 +69,18 @@ impl SmallFiles {
         self.data.extend_from_slice(bytes);
     }
 
+    /// Keeps only the files of at most `max` bytes.
+    pub fn keep_up_to(&mut self, max: u64) {
+        if self.iter().all(|(_, b)| b.len() as u64 <= max) {
+            return;
+        }
+        let mut kept = SmallFiles::default();
+        for (offset, bytes) in self.iter().filter(|(_, b)| b.len() as u64 <= max) {
+            kept.push(offset, bytes);
+        }
+        *self = kept;
+    }
+
     /// The bytes of the file at `offset`, if they were kept and are `len` long.
     pub fn get(&self, offset: u64, len: u64) -> Option<&[u8]> {
         let i = self.at.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
@@ -213,6 +225,12 @@ mod tests {
         assert_eq!(back.get(2048, 0), Some(&b""[..]));
         assert_eq!(back.get(4096, SMALL_MAX).map(|b| b[0]), Some(7));
         assert_eq!(back.get(513, 5), None);
+        let mut fewer = back.clone();
+        fewer.keep_up_to(5);
+        assert_eq!((fewer.len(), fewer.get(512, 5)), (2, Some(&b"hello"[..])));
+        assert_eq!(fewer.get(4096, SMALL_MAX), None);
+        fewer.keep_up_to(0);
+        assert_eq!((fewer.len(), fewer.get(2048, 0)), (1, Some(&b""[..])));
         // None kept: no file, and loading says so.
         let other = dir.path().join("y.idx");
         SmallFiles::default().save(&other).unwrap();
