@@ -287,8 +287,8 @@ pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>
     Ok(out)
 }
 
-/// The node for `inode`, its xattrs encoded and (symlinks) its data; directories get theirs
-/// once every nid is known.
+/// The node for `inode`, its xattrs encoded and (symlinks, small files) its data; directories
+/// get theirs once every nid is known.
 fn node<'a>(
     ino: u64,
     inode: &Inode<'_>,
@@ -307,23 +307,19 @@ fn node<'a>(
         }
         _ => None,
     };
-    let (layout, data, size) = match inode.data {
-        NodeData::Symlink(target) => (
+    let (layout, data, size) = match (inode.data, held) {
+        (NodeData::Symlink(target), _) => (
             LAYOUT_FLAT_INLINE,
             Cow::Owned(target.to_vec()),
             target.len() as u64,
         ),
-        NodeData::Dir { .. } => (LAYOUT_FLAT_INLINE, Cow::Borrowed(&[][..]), 0),
-        _ if held.is_some() => {
-            let bytes = held.expect("checked");
-            (
-                match bytes.len() <= INLINE_FILE_MAX {
-                    true => LAYOUT_FLAT_INLINE,
-                    false => LAYOUT_FLAT_PLAIN,
-                },
-                Cow::Borrowed(bytes),
-                bytes.len() as u64,
-            )
+        (NodeData::Dir { .. }, _) => (LAYOUT_FLAT_INLINE, Cow::Borrowed(&[][..]), 0),
+        (_, Some(bytes)) => {
+            let layout = match bytes.len() <= INLINE_FILE_MAX {
+                true => LAYOUT_FLAT_INLINE,
+                false => LAYOUT_FLAT_PLAIN,
+            };
+            (layout, Cow::Borrowed(bytes), bytes.len() as u64)
         }
         _ if inode.kind == EntryKind::File && inode.size > MAX_FILE => {
             return Err(Unsupported(format!(

@@ -29,7 +29,7 @@ const IMAGE_SMALL_MAX: u64 = 1 << 30;
 
 /// The image's metadata image in the store, written first if it is not there (or not of this
 /// version): written once per image, since with small files' data it runs to a tenth of the
-/// image (100 MiB for the large Debian image, 0.4–0.8 s to write), and mounted from there by
+/// image (125 MB for the large Debian image, 0.4–0.8 s to write), and mounted from there by
 /// every server after.
 pub(crate) fn image(store: &Store, record: &ImageRecord) -> Result<PathBuf, String> {
     let path = store.meta_image_path(&record.manifest_digest);
