@@ -193,7 +193,8 @@ enum Cmd {
         #[arg(long)]
         repair: bool,
     },
-    /// Show the store's disk usage: blobs, indexes, per image, shared.
+    /// Show the store's disk usage: blobs, indexes, small files' bytes and metadata images (see
+    /// pull --small-files), trees, per image, shared.
     Df {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -585,7 +586,9 @@ fn run(cli: Cli) -> Result<()> {
                 ("blobs", u.blobs),
                 ("indexes", u.indexes),
                 ("seekable", u.seekable),
+                ("small", u.small_files),
                 ("trees", u.trees),
+                ("metadata", u.metadata_images),
                 ("temp", u.temp),
                 ("shared", u.shared),
             ] {

@@ -493,10 +493,13 @@ impl Store {
                     u.lazy.1 += len;
                     continue;
                 }
-                match (slot, name.ends_with(".zst")) {
+                let ext = name.rsplit('.').next().unwrap_or("");
+                match (slot, ext) {
                     (0, _) => u.blobs += len,
-                    (1, true) => u.seekable += len,
-                    (1, false) => u.indexes += len,
+                    (1, "zst") => u.seekable += len,
+                    (1, "small") => u.small_files += len,
+                    (1, _) => u.indexes += len,
+                    (_, "erofs") => u.metadata_images += len,
                     _ => u.trees += len,
                 }
             }
@@ -600,12 +603,16 @@ impl Store {
 pub struct Usage {
     /// Bytes of blobs (manifests, configs, gzip/tar layers).
     pub blobs: u64,
-    /// Bytes of layer indexes (file tables, access tables, small files' bytes).
+    /// Bytes of layer indexes (file tables, access tables).
     pub indexes: u64,
+    /// Bytes of small files' bytes kept for metadata images (`pull --small-files`).
+    pub small_files: u64,
     /// Bytes of seekable zstd copies.
     pub seekable: u64,
-    /// Bytes of merged trees (and their EROFS metadata images).
+    /// Bytes of merged trees.
     pub trees: u64,
+    /// Bytes of EROFS metadata images (what root's shared mounts stand on).
+    pub metadata_images: u64,
     /// Bytes of downloads in progress or left by interrupted ones (`gc` removes the latter).
     pub temp: u64,
     /// Bytes fetched so far of lazily mounted layers (the allocated part of their partial

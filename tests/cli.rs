@@ -72,6 +72,11 @@ fn images_inspect_rm_gc_df() {
     let usage: serde_json::Value = serde_json::from_str(&bux.ok(&["df", "--json"])).unwrap();
     assert!(usage["shared"].as_u64().unwrap() > 0);
     assert!(usage["images"][0]["reference"].is_string(), "{usage}");
+    // What the metadata image costs is shown on its own (root's pull writes one per image).
+    assert!(df.contains("small") && df.contains("metadata"), "{df}");
+    for kind in ["small_files", "metadata_images"] {
+        assert!(usage[kind].as_u64().unwrap() > 0, "{kind}: {usage}");
+    }
     assert!(
         json[0]["manifest_digest"]
             .as_str()
