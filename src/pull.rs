@@ -115,7 +115,7 @@ pub struct PullOptions {
     /// mounts (see [`crate::index::small`]), for the layers this pull indexes. Default
     /// [`SMALL_MAX`](crate::index::small::SMALL_MAX) (64 KiB: reads of small files never reach
     /// FUSE; the large Debian image's store grows by 0.35× its compressed size); `Some(0)`
-    /// keeps none (the store stays at about 1.04× the compressed image).
+    /// keeps none (the store stays at 1.08× the compressed image, as before).
     pub small_files: Option<u64>,
 }
 
@@ -595,12 +595,14 @@ impl Store {
         let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
         let compression = job.compression;
         let max_len = job.desc.size;
+        let small_max = crate::mount::shared::small_files_kept(opts.small_files);
         let indexer = tokio::task::spawn_blocking(move || {
             index_layer(
                 &store,
                 digest,
                 compression,
                 max_len,
+                small_max,
                 ChannelReader {
                     rx,
                     cur: bytes::Bytes::new(),
@@ -674,15 +676,10 @@ impl Store {
             }
         }
         drop(tx);
-        let mut idx = indexer
+        let idx = indexer
             .await
             .map_err(|e| Error::io("indexer task", io::Error::other(e)))??;
         check_diff_id(&idx, job)?;
-        let keep = match crate::mount::shared::kernel_metadata_possible() {
-            true => opts.small_files.unwrap_or(index::small::SMALL_MAX),
-            false => 0, // only a metadata image uses them
-        };
-        idx.small.keep_up_to(keep);
         idx.save(&index_path)?;
         drop(lock);
         opts.emit(Progress::LayerBytes {
@@ -747,6 +744,7 @@ fn index_layer(
     digest: Digest,
     compression: Compression,
     max_len: u64,
+    small_max: u64,
     input: ChannelReader,
 ) -> Result<LayerIndex> {
     let mut blob = store.blob_writer(digest, max_len)?;
@@ -772,7 +770,7 @@ fn index_layer(
                     .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
                 seekable_tmp = Some(TempFile(tmp));
                 let mut out = io::BufWriter::new(file);
-                let idx = index::build(&mut tee, compression, digest, Some(&mut out))?;
+                let idx = index::build(&mut tee, compression, digest, Some(&mut out), small_max)?;
                 let file = out
                     .into_inner()
                     .map_err(|e| Error::io("writing seekable copy", e.into_error()))?;
@@ -780,7 +778,7 @@ fn index_layer(
                     .map_err(|e| Error::io("syncing seekable copy", e))?;
                 idx
             }
-            _ => index::build(&mut tee, compression, digest, None)?,
+            _ => index::build(&mut tee, compression, digest, None, small_max)?,
         }
     };
     idx.compressed_size = blob.len();

@@ -176,12 +176,14 @@ impl<R: Read> Read for Measured<R> {
 }
 
 /// Scans a layer blob streamed through `blob`, in one pass. `seekable` receives the seekable
-/// zstd copy for zstd layers (unused otherwise). `blob` is read to its end.
+/// zstd copy for zstd layers (unused otherwise). The bytes of regular files of at most
+/// `small_max` bytes are kept (see [`small`]; 0 keeps none). `blob` is read to its end.
 pub fn build<R: Read>(
     blob: R,
     compression: Compression,
     digest: Digest,
     seekable: Option<&mut dyn Write>,
+    small_max: u64,
 ) -> Result<LayerIndex> {
     let corrupt = |detail: String| Error::CorruptLayer {
         layer: digest,
@@ -191,7 +193,7 @@ pub fn build<R: Read>(
         io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => corrupt(e.to_string()),
         _ => Error::io(format!("reading layer {digest}"), e),
     };
-    let mut small = small::SmallFiles::default();
+    let mut small = small::SmallFiles::up_to(small_max);
     let (entries, uncompressed_size, diff_id, access) = match compression {
         Compression::None => {
             let (entries, m) = scan_and_drain(blob, digest, &mut small)?;
@@ -434,7 +436,14 @@ mod tests {
             (Compression::Zstd, &zst),
         ] {
             let mut seekable = Vec::new();
-            let idx = build(&blob[..], compression, digest, Some(&mut seekable)).unwrap();
+            let idx = build(
+                &blob[..],
+                compression,
+                digest,
+                Some(&mut seekable),
+                max as u64,
+            )
+            .unwrap();
             let kept: Vec<&str> = idx
                 .entries
                 .iter()
@@ -453,6 +462,12 @@ mod tests {
             let path = dir.path().join("l.idx");
             idx.save(&path).unwrap();
             assert_eq!(small::SmallFiles::load(&path).unwrap().unwrap(), idx.small);
+            // Asked for files of at most 4 bytes, it keeps only those.
+            let idx = build(&blob[..], compression, digest, Some(&mut Vec::new()), 4).unwrap();
+            assert_eq!(
+                idx.small.iter().map(|(_, b)| b).collect::<Vec<_>>(),
+                [b"tiny"]
+            );
         }
     }
 

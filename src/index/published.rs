@@ -415,7 +415,7 @@ mod tests {
     fn round_trip_and_chunks_cover_each_span() {
         let gz = gzip_tar(&[("a", noise(3 << 20, 1)), ("b", b"hello".to_vec())]);
         let digest = Digest::of(&gz);
-        let idx = crate::index::build(&gz[..], Compression::Gzip, digest, None).unwrap();
+        let idx = crate::index::build(&gz[..], Compression::Gzip, digest, None, 0).unwrap();
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("blob");
         std::fs::write(&path, &gz).unwrap();

@@ -12,7 +12,7 @@
 //! ascending offset order, then the files' bytes end to end. A layer indexed before this file
 //! existed (or fetched lazily) has none: its files are read through FUSE, as before.
 
-use std::io;
+use std::io::{self, Read};
 use std::path::{Path, PathBuf};
 
 use crate::error::IoContext;
@@ -33,12 +33,20 @@ const MAX_TOTAL: u64 = 8 + (KEEP_MAX * (RECORD + 1)) as u64;
 const RECORD: usize = 12;
 
 /// The kept bytes of a layer's small files, by their offset in the layer's stream.
-#[derive(Default, Clone)]
+#[derive(Clone)]
 pub struct SmallFiles {
     /// (offset in the stream, start in `data`), ascending by offset; a file ends where the
     /// next one starts.
     at: Vec<(u64, usize)>,
     data: Vec<u8>,
+    /// The largest file kept (at most [`SMALL_MAX`]).
+    max: u64,
+}
+
+impl Default for SmallFiles {
+    fn default() -> SmallFiles {
+        SmallFiles::up_to(SMALL_MAX)
+    }
 }
 
 impl PartialEq for SmallFiles {
@@ -55,30 +63,41 @@ impl std::fmt::Debug for SmallFiles {
 }
 
 impl SmallFiles {
-    /// Keeps `bytes`, the whole data of the file at `offset` of the stream, unless that would
-    /// pass [`KEEP_MAX`]. Offsets come in stream order; one out of order (not possible from a
-    /// tar scan) is not kept.
-    pub fn push(&mut self, offset: u64, bytes: &[u8]) {
-        if bytes.len() as u64 > SMALL_MAX
-            || self.data.len() + bytes.len() > KEEP_MAX
-            || self.at.last().is_some_and(|&(o, _)| o >= offset)
-        {
-            return;
+    /// None kept yet; files of at most `max` bytes (and [`SMALL_MAX`]) will be.
+    pub fn up_to(max: u64) -> SmallFiles {
+        SmallFiles {
+            at: Vec::new(),
+            data: Vec::new(),
+            max: max.min(SMALL_MAX),
         }
-        self.at.push((offset, self.data.len()));
-        self.data.extend_from_slice(bytes);
     }
 
-    /// Keeps only the files of at most `max` bytes.
-    pub fn keep_up_to(&mut self, max: u64) {
-        if self.iter().all(|(_, b)| b.len() as u64 <= max) {
-            return;
+    /// Keeps `bytes`, the whole data of the file at `offset` of the stream (see
+    /// [`SmallFiles::push_from`]).
+    pub fn push(&mut self, offset: u64, bytes: &[u8]) {
+        let _ = self.push_from(offset, bytes.len() as u64, bytes);
+    }
+
+    /// Keeps the `size` bytes `data` gives, the whole data of the file at `offset` of the
+    /// stream, read straight into the kept bytes — unless the file is larger than this table
+    /// keeps, or would take it past [`KEEP_MAX`] (then nothing is read). Offsets come in stream
+    /// order; one out of order (not possible from a tar scan) is not kept. Fewer bytes than
+    /// `size` keep nothing.
+    pub fn push_from(&mut self, offset: u64, size: u64, data: impl io::Read) -> io::Result<()> {
+        if size > self.max
+            || self.data.len() as u64 + size > KEEP_MAX as u64
+            || self.at.last().is_some_and(|&(o, _)| o >= offset)
+        {
+            return Ok(());
         }
-        let mut kept = SmallFiles::default();
-        for (offset, bytes) in self.iter().filter(|(_, b)| b.len() as u64 <= max) {
-            kept.push(offset, bytes);
+        let start = self.data.len();
+        let read = data.take(size).read_to_end(&mut self.data);
+        if read.is_err() || self.data.len() - start != size as usize {
+            self.data.truncate(start);
+            return read.map(|_| ());
         }
-        *self = kept;
+        self.at.push((offset, start));
+        Ok(())
     }
 
     /// The bytes of the file at `offset`, if they were kept and are `len` long.
@@ -191,7 +210,11 @@ impl SmallFiles {
         if start != body.len() {
             return Err("the lengths do not add up to the bytes");
         }
-        Ok(SmallFiles { at, data: body })
+        Ok(SmallFiles {
+            at,
+            data: body,
+            max: SMALL_MAX,
+        })
     }
 }
 
@@ -225,12 +248,20 @@ mod tests {
         assert_eq!(back.get(2048, 0), Some(&b""[..]));
         assert_eq!(back.get(4096, SMALL_MAX).map(|b| b[0]), Some(7));
         assert_eq!(back.get(513, 5), None);
-        let mut fewer = back.clone();
-        fewer.keep_up_to(5);
+        // A table that keeps files up to 5 bytes, and one that keeps only empty ones.
+        let (mut fewer, mut none) = (SmallFiles::up_to(5), SmallFiles::up_to(0));
+        for (offset, bytes) in back.iter() {
+            fewer.push(offset, bytes);
+            none.push(offset, bytes);
+        }
         assert_eq!((fewer.len(), fewer.get(512, 5)), (2, Some(&b"hello"[..])));
         assert_eq!(fewer.get(4096, SMALL_MAX), None);
-        fewer.keep_up_to(0);
-        assert_eq!((fewer.len(), fewer.get(2048, 0)), (1, Some(&b""[..])));
+        assert_eq!((none.len(), none.get(2048, 0)), (1, Some(&b""[..])));
+        // A file whose data ends early is not kept, and leaves nothing behind.
+        let mut short = SmallFiles::default();
+        short.push_from(1, 10, &b"four"[..]).unwrap();
+        short.push(2, b"ok");
+        assert_eq!((short.len(), short.get(2, 2)), (1, Some(&b"ok"[..])));
         // None kept: no file, and loading says so.
         let other = dir.path().join("y.idx");
         SmallFiles::default().save(&other).unwrap();

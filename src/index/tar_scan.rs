@@ -423,8 +423,8 @@ pub fn scan<R: Read>(reader: R, layer: Digest) -> Result<(Vec<TarEntry>, R)> {
     scan_keeping(reader, layer, None)
 }
 
-/// [`scan`], keeping in `small` the bytes of every regular file up to
-/// [`super::small::SMALL_MAX`] (bytes the scan reads anyway).
+/// [`scan`], keeping in `small` the bytes of every regular file it keeps (bytes the scan reads
+/// anyway).
 pub fn scan_keeping<R: Read>(
     reader: R,
     layer: Digest,
@@ -465,18 +465,10 @@ pub fn scan_keeping<R: Read>(
                 });
             }
             if let Some(small) = small.as_deref_mut() {
-                let keep = e.kind == EntryKind::File
-                    && e.sparse.is_none()
-                    && (1..=super::small::SMALL_MAX).contains(&e.size);
-                if keep {
-                    let mut bytes = Vec::with_capacity(e.size as usize);
-                    (&mut entry)
-                        .take(e.size)
-                        .read_to_end(&mut bytes)
+                if e.kind == EntryKind::File && e.sparse.is_none() && e.size > 0 {
+                    small
+                        .push_from(e.offset, e.size, &mut entry)
                         .map_err(io_err)?;
-                    if bytes.len() as u64 == e.size {
-                        small.push(e.offset, &bytes);
-                    }
                 }
             }
             out.push(e);

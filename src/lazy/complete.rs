@@ -88,6 +88,7 @@ impl LazyBlob {
             .map_err(|e| e.to_string())?;
         let (tx, rx) = std::sync::mpsc::sync_channel(64);
         let (digest, compression) = (self.digest, published.compression);
+        let small_max = crate::mount::shared::small_files_kept(None);
         let indexer = tokio::task::spawn_blocking(move || {
             // A zstd:chunked blob is served through its own frames: no re-framed copy needed.
             let mut sink = io::sink();
@@ -98,6 +99,7 @@ impl LazyBlob {
                 compression,
                 digest,
                 copy,
+                small_max,
             )
         });
         let streamed = self.clone().stream_chunks(stream, Some(tx)).await;
@@ -131,9 +133,6 @@ impl LazyBlob {
         if !matches!(published.access, index::Access::Frames(_)) {
             // (A zstd:chunked layer keeps the table it was served with: its offsets address
             // the contents laid end to end, which its frames serve as well as ever.)
-            if !crate::mount::shared::kernel_metadata_possible() {
-                idx.small = Default::default(); // only a metadata image uses them
-            }
             idx.save(&store.index_path(&self.digest))
                 .map_err(|e| e.to_string())?;
         }

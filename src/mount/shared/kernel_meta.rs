@@ -82,7 +82,7 @@ pub(crate) fn image_bytes(store: &Store, record: &ImageRecord) -> Result<(Vec<u8
 /// Mounts the image's metadata image with the overlay over it (after the FUSE mount serves).
 /// An error leaves nothing mounted: the server then serves through FUSE alone.
 pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Result<(), String> {
-    if std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse") {
+    if super::metadata_from_fuse() {
         return Err("BUX_FUSE_METADATA=fuse".into());
     }
     let image = image(store, record)?;

@@ -196,12 +196,25 @@ pub(crate) fn kernel_metadata_possible() -> bool {
     root && std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("\terofs"))
 }
 
+/// The largest file whose bytes indexing keeps, for what the user `asked` (default
+/// [`SMALL_MAX`](crate::index::small::SMALL_MAX)): 0 where no metadata image can be mounted.
+pub(crate) fn small_files_kept(asked: Option<u64>) -> u64 {
+    match kernel_metadata_possible() {
+        true => asked.unwrap_or(crate::index::small::SMALL_MAX),
+        false => 0, // only a metadata image uses them
+    }
+}
+
+/// `BUX_FUSE_METADATA=fuse`: metadata served by FUSE, no metadata image (to compare the two).
+pub(crate) fn metadata_from_fuse() -> bool {
+    std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse")
+}
+
 /// Writes the image's metadata image into the store ahead of its first shared mount, where
 /// such mounts can be (root, a kernel with EROFS). Best effort: the server writes it at start
 /// if it is not there. Returns its size, if it is there.
 pub(crate) fn prepare(store: &Store, record: &ImageRecord) -> Option<u64> {
-    let fuse_only = std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse");
-    if !kernel_metadata_possible() || fuse_only {
+    if !kernel_metadata_possible() || metadata_from_fuse() {
         return None;
     }
     match kernel_meta::image(store, record) {
