@@ -68,14 +68,16 @@ impl Store {
                     ));
                 }
             }
+            let mut indexes = Some(Vec::new());
             for l in &rec.layers {
-                let idx_path = self.index_path(&l.digest);
+                let idx_path = self.layer_index_path(l);
                 r.checked += 1;
-                let access = match LayerIndex::load(&idx_path) {
-                    Ok(idx) => idx.access,
+                let idx = match LayerIndex::load(&idx_path) {
+                    Ok(idx) => idx,
                     Err(e) => {
                         problem(&mut r, &idx_path, format!("{e}"));
                         let _ = repair.then(|| fs::remove_file(LayerIndex::access_path(&idx_path)));
+                        indexes = None;
                         continue;
                     }
                 };
@@ -87,22 +89,47 @@ impl Store {
                         problem(&mut r, &small, format!("{e}"));
                     }
                 }
-                let partial = self
-                    .root()
-                    .join("layers/sha256")
-                    .join(format!("{}.partial", l.digest.hex()));
-                match access {
-                    Access::Zstd(frames) => {
-                        let p = self.seekable_path(&l.digest);
-                        if !crate::index::zstd_frames::last_frame_ok(&p, &frames) && p.exists() {
-                            problem(&mut r, &p, "seekable copy cut short".into());
+                if let Some(index) = &l.index {
+                    // A lazily served layer reads by what its published index says, and by
+                    // nothing else: the table and the fetched chunks are checked against it.
+                    r.checked += 1;
+                    match self.published(l, index) {
+                        Err(e) => r.problems.push(format!("{}: {e}", rec.reference)),
+                        Ok(published) => {
+                            if !same_index(&idx, &published.to_index()) {
+                                problem(
+                                    &mut r,
+                                    &idx_path,
+                                    format!(
+                                        "is not what the image's published index {} says",
+                                        index.short()
+                                    ),
+                                );
+                                let _ = repair
+                                    .then(|| fs::remove_file(LayerIndex::access_path(&idx_path)));
+                                indexes = None;
+                                continue;
+                            }
+                            for windows in [false, true] {
+                                let partial = self.partial_path(&l.digest, index, windows);
+                                if partial.exists() {
+                                    r.checked += 1;
+                                    self.check_partial(
+                                        &mut r, &published, &partial, windows, repair,
+                                    );
+                                }
+                            }
                         }
                     }
-                    _ if partial.exists() => {
-                        r.checked += 1;
-                        self.check_partial(&mut r, l, &partial, repair);
+                }
+                if let Access::Zstd(frames) = &idx.access {
+                    let p = self.seekable_path(&l.digest);
+                    if !crate::index::zstd_frames::last_frame_ok(&p, frames) && p.exists() {
+                        problem(&mut r, &p, "seekable copy cut short".into());
                     }
-                    _ => {}
+                }
+                if let Some(list) = indexes.as_mut() {
+                    list.push(idx);
                 }
             }
             let tree = self.tree_path(&rec.manifest_digest);
@@ -115,6 +142,19 @@ impl Store {
                     Ok(t) => {
                         if let Err(e) = t.verify() {
                             problem(&mut r, &tree, e);
+                        } else if let Some(list) = &indexes {
+                            // Whole, but is it this image's? (A tree merged from indexes that
+                            // another image named would be whole too.)
+                            let merged = crate::tree::merge(
+                                list.iter().map(|i| (i.source(), i.entries.as_slice())),
+                            );
+                            if !merged.is_ok_and(|m| m.same_as(&t)) {
+                                problem(
+                                    &mut r,
+                                    &tree,
+                                    "is not the merge of the image's layer indexes".into(),
+                                );
+                            }
                         }
                     }
                 }
@@ -132,28 +172,35 @@ impl Store {
         Ok(r)
     }
 
-    /// A lazily fetched layer: every chunk marked present matches its digest.
+    /// The published index `index` of lazily served layer `l`, checked against its digest.
+    fn published(&self, l: &crate::store::LayerRecord, index: &Digest) -> Result<PublishedLayer> {
+        let bytes = self.read_verified_blob(index, "published layer index")?;
+        PublishedLayer::decode(&bytes, l.digest, l.size)
+    }
+
+    /// A lazily fetched layer (or, with `windows`, its gzip windows): every chunk marked
+    /// present matches its digest in the published index. With `repair` the bad ones are
+    /// unmarked, so they are fetched again.
     fn check_partial(
         &self,
         r: &mut CheckReport,
-        l: &crate::store::LayerRecord,
+        published: &PublishedLayer,
         partial: &std::path::Path,
+        windows: bool,
         repair: bool,
     ) {
         use std::os::unix::fs::FileExt;
-        let Some(index) = l.index else { return };
-        let Ok(bytes) = fs::read(self.blob_path(&index)) else {
-            return;
-        };
-        let Ok(published) = PublishedLayer::decode(&bytes, l.digest, l.size) else {
-            return;
+        let chunks = match (&published.windows, windows) {
+            (_, false) => published.chunks.clone(),
+            (Some(w), true) => w.chunks(),
+            (None, true) => Vec::new(),
         };
         let map_path = partial.with_extension("present");
         let (Ok(file), Ok(mut map)) = (fs::File::open(partial), fs::read(&map_path)) else {
             return;
         };
         let mut bad = 0;
-        for (k, c) in published.chunks.iter().enumerate() {
+        for (k, c) in chunks.iter().enumerate() {
             if map.get(k) != Some(&1) {
                 continue;
             }
@@ -162,6 +209,10 @@ impl Store {
                 bad += 1;
                 map[k] = 0;
             }
+        }
+        if map.len() > chunks.len() && map[chunks.len()..].contains(&1) {
+            bad += 1;
+            map.truncate(chunks.len());
         }
         if bad > 0 {
             if repair {
@@ -173,4 +224,27 @@ impl Store {
             ));
         }
     }
+}
+
+/// Two layer indexes say the same: entries, and checkpoints (windows compared by content).
+fn same_index(a: &LayerIndex, b: &LayerIndex) -> bool {
+    let access = |x: &Access| match x {
+        Access::Gzip(cps) => Some(
+            cps.iter()
+                .map(|c| {
+                    let w = zstd::bulk::decompress(&c.window, crate::index::gzip::WINDOW).ok();
+                    (c.uoff, c.coff, c.bits, c.member_start, w)
+                })
+                .collect::<Vec<_>>(),
+        ),
+        _ => None,
+    };
+    a.entries == b.entries
+        && a.compression == b.compression
+        && a.uncompressed_size == b.uncompressed_size
+        && a.diff_id == b.diff_id
+        && match (&a.access, &b.access) {
+            (Access::Gzip(_), Access::Gzip(_)) => access(&a.access) == access(&b.access),
+            (x, y) => postcard::to_allocvec(x).ok() == postcard::to_allocvec(y).ok(),
+        }
 }

@@ -143,7 +143,7 @@ impl Store {
         let mut indexed = 0;
         let mut skipped = Vec::new();
         for l in &record.layers {
-            let idx = LayerIndex::load(&self.index_path(&l.digest))?;
+            let idx = LayerIndex::load(&self.layer_index_path(l))?;
             if idx.compression == Compression::Zstd {
                 skipped.push((
                     l.digest,

@@ -14,6 +14,7 @@ use std::sync::Arc;
 use futures_util::StreamExt;
 use serde::{Deserialize, Serialize};
 
+use crate::index::published::PublishedLayer;
 use crate::index::{self, Compression, LayerIndex};
 use crate::registry::manifest::{self, Descriptor, ImageConfig, ManifestOrIndex, Platform};
 use crate::registry::RegistryOptions;
@@ -267,9 +268,8 @@ impl Store {
             return Ok(None);
         };
         let usable = record.layers.iter().all(|l| {
-            LayerIndex::access_path(&self.index_path(&l.digest)).exists()
-                && (self.layer_bytes_present(&l.digest)
-                    || lazy_ok && l.index.is_some_and(|i| self.blob_path(&i).exists()))
+            self.ensure_layer_index(l).is_ok()
+                && (self.layer_local(l) || lazy_ok && l.index.is_some())
         });
         let ok = usable
             && self.tree_path(&record.manifest_digest).exists()
@@ -345,7 +345,10 @@ impl Store {
                 let indexes = record
                     .layers
                     .iter()
-                    .map(|l| LayerIndex::load(&self.index_path(&l.digest)))
+                    .map(|l| {
+                        self.ensure_layer_index(l)?;
+                        LayerIndex::load(&self.layer_index_path(l))
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 let t = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
                 t.save(&path)?;
@@ -357,11 +360,66 @@ impl Store {
             }
         };
         // Trees do not carry the layers' checkpoints (each layer's are stored once, beside
-        // its index): attach them for reading.
-        for layer in &mut tree.layers {
-            layer.access = LayerIndex::load_access(&self.index_path(&layer.digest))?;
+        // its index): attach them for reading — those of the index this image vouches for.
+        if tree.layers.len() != record.layers.len() {
+            return Err(Error::CorruptStore {
+                path,
+                detail: format!(
+                    "{} layers in the tree, {} in the image record",
+                    tree.layers.len(),
+                    record.layers.len()
+                ),
+            });
+        }
+        for (layer, l) in tree.layers.iter_mut().zip(&record.layers) {
+            self.ensure_layer_index(l)?;
+            layer.access = LayerIndex::load_access(&self.layer_index_path(l))?;
         }
         Ok(tree)
+    }
+
+    /// Makes sure the index a mount of layer `l` reads by is there: a lazily served layer's
+    /// is derived from its published index blob when missing (a store from before indexes
+    /// were keyed by the published index, which kept one per layer). The blob is checked
+    /// against its digest as it is read.
+    pub(crate) fn ensure_layer_index(&self, l: &LayerRecord) -> Result<()> {
+        let path = self.layer_index_path(l);
+        if LayerIndex::access_path(&path).exists() && path.exists() {
+            return Ok(());
+        }
+        let Some(index) = l.index else {
+            return Err(Error::io(
+                format!("index of layer {}", l.digest),
+                io::Error::new(io::ErrorKind::NotFound, "not stored"),
+            ));
+        };
+        let bytes = self.read_verified_blob(&index, "published layer index")?;
+        let published = PublishedLayer::decode(&bytes, l.digest, l.size)?;
+        published.to_index().save(&path)
+    }
+
+    /// A stored blob, checked against its digest.
+    pub(crate) fn read_verified_blob(&self, d: &Digest, what: &str) -> Result<Vec<u8>> {
+        let path = self.blob_path(d);
+        let bytes =
+            std::fs::read(&path).map_err(|e| Error::io(format!("reading {what} {d}"), e))?;
+        if Digest::of(&bytes) != *d {
+            return Err(Error::CorruptStore {
+                path,
+                detail: format!("{what} does not match its digest (`bux-fuse check --repair`)"),
+            });
+        }
+        Ok(bytes)
+    }
+
+    /// Whether the bytes a mount reads for layer `l` of an image are stored: for a lazily
+    /// served layer the whole blob (promoted only once it hashed to its digest), else as
+    /// [`Store::layer_bytes_present`] says.
+    pub(crate) fn layer_local(&self, l: &LayerRecord) -> bool {
+        match l.index {
+            Some(_) => self.blob_path(&l.digest).exists(),
+            None => self.layer_bytes_present(&l.digest),
+        }
     }
 
     /// Resolves the manifest (through an index to the wanted platform) and stores the config.
@@ -520,9 +578,18 @@ impl Store {
         } = r;
         // Merge and record.
         self.put_blob(&digest, &bytes, "manifest")?;
-        let indexes = jobs
+        let layers: Vec<LayerRecord> = jobs
             .iter()
-            .map(|j| LayerIndex::load(&self.index_path(&j.digest)))
+            .map(|j| LayerRecord {
+                digest: j.digest,
+                media_type: j.desc.media_type.clone(),
+                size: j.desc.size,
+                index: lazy.iter().find(|(l, _)| *l == j.digest).map(|(_, i)| *i),
+            })
+            .collect();
+        let indexes = layers
+            .iter()
+            .map(|l| LayerIndex::load(&self.layer_index_path(l)))
             .collect::<Result<Vec<_>>>()?;
         let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
         opts.emit(Progress::Merged {
@@ -533,15 +600,7 @@ impl Store {
             reference: name,
             manifest_digest: digest,
             config_digest,
-            layers: jobs
-                .iter()
-                .map(|j| LayerRecord {
-                    digest: j.digest,
-                    media_type: j.desc.media_type.clone(),
-                    size: j.desc.size,
-                    index: lazy.iter().find(|(l, _)| *l == j.digest).map(|(_, i)| *i),
-                })
-                .collect(),
+            layers,
             platform: match &config.variant {
                 Some(v) => format!("{}/{}/{v}", config.os, config.architecture),
                 None => format!("{}/{}", config.os, config.architecture),

@@ -7,6 +7,10 @@
 //! ├── layers/sha256/<hex>.access checkpoints / zstd frame table           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.zst    seekable copy of a zstd layer           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.small  small files' bytes, zstd-compressed      (key: layer blob digest)
+//! ├── layers/sha256/<hex>.<ix>.{idx,access}     a lazily served layer's index as the image's
+//! │                                              published index <ix> gives it
+//! ├── layers/sha256/<hex>.<ix>.{partial,present} its bytes fetched so far, and which chunks
+//! │                                              (the windows': `.windows.partial`, ...)
 //! ├── trees/sha256/<hex>.tree    merged tree of an image                 (key: manifest digest)
 //! ├── trees/sha256/<hex>.erofs   its metadata (and small files) as EROFS (key: manifest digest)
 //! ├── images.json                reference → manifest, config and layers, replaced atomically
@@ -213,6 +217,40 @@ impl Store {
             .join(format!("{}.idx", d.hex()))
     }
 
+    /// Where the index of layer `layer` as `index` (a published index blob) described it lives:
+    /// a lazily served layer reads by the index its image vouched for, never by one another
+    /// image named for the same layer (`<layer>.idx` is written only from bytes that hashed
+    /// to the layer's digest).
+    pub fn lazy_index_path(&self, layer: &Digest, index: &Digest) -> PathBuf {
+        self.root
+            .join("layers/sha256")
+            .join(format!("{}.{}.idx", layer.hex(), index.hex()))
+    }
+
+    /// Where the index a mount of this layer of an image reads by lives: its own published
+    /// index's for a lazily served layer, else the one built from the layer's bytes.
+    pub fn layer_index_path(&self, layer: &LayerRecord) -> PathBuf {
+        match &layer.index {
+            Some(index) => self.lazy_index_path(&layer.digest, index),
+            None => self.index_path(&layer.digest),
+        }
+    }
+
+    /// Where the bytes of layer `layer` fetched so far by the index `index` live (a sparse
+    /// file; `<..>.present` beside it marks the chunks verified and written), and with
+    /// `windows` those of its gzip windows. Keyed by the index as well as the layer: another
+    /// image naming the same layer with another index never shares them.
+    pub fn partial_path(&self, layer: &Digest, index: &Digest, windows: bool) -> PathBuf {
+        let kind = if windows {
+            "windows.partial"
+        } else {
+            "partial"
+        };
+        self.root
+            .join("layers/sha256")
+            .join(format!("{}.{}.{kind}", layer.hex(), index.hex()))
+    }
+
     /// Where the seekable copy of zstd layer `d` lives.
     pub fn seekable_path(&self, d: &Digest) -> PathBuf {
         self.root
@@ -246,10 +284,8 @@ impl Store {
                 if self.blob_path(&l.digest).exists() || self.seekable_path(&l.digest).exists() {
                     return l.size;
                 }
-                let partial = self
-                    .root
-                    .join("layers/sha256")
-                    .join(format!("{}.partial", l.digest.hex()));
+                let Some(index) = &l.index else { return 0 };
+                let partial = self.partial_path(&l.digest, index, false);
                 fs::metadata(partial).map_or(0, |m| (m.blocks() * 512).min(l.size))
             })
             .sum()
@@ -563,7 +599,8 @@ impl Store {
         let _pulls = self.flock("store", libc::LOCK_EX)?;
         let _lock = self.lock("images")?;
         let images = self.read_images()?;
-        let mut keep = self.leased()?;
+        let leased = self.leased()?;
+        let mut keep = leased.clone();
         for rec in images.images.values() {
             keep.insert(rec.manifest_digest.hex());
             keep.insert(rec.config_digest.hex());
@@ -580,11 +617,22 @@ impl Store {
             for entry in fs::read_dir(&dir).ctx(|| format!("listing {}", dir.display()))? {
                 let entry = entry.ctx(|| format!("listing {}", dir.display()))?;
                 let name = entry.file_name().to_string_lossy().into_owned();
-                let hex = name.split('.').next().unwrap_or("");
+                let mut parts = name.split('.');
+                let hex = parts.next().unwrap_or("");
+                let second = parts.next().unwrap_or("");
                 let stale_temp = temp_owner(&name).is_some_and(|pid| !alive(pid))
                     && (dir.ends_with("tmp") || name.contains(".tmp."));
-                let orphan =
-                    !dir.ends_with("tmp") && !name.contains(".tmp.") && !keep.contains(hex);
+                // A lazily served layer's files are keyed by layer and index: both must be
+                // kept. Those of earlier versions, keyed by the layer alone (any image's
+                // index could have filled them), go once no live mount holds the layer.
+                let by_index = second.len() == 64 && second.bytes().all(|b| b.is_ascii_hexdigit());
+                let unkeyed_lazy =
+                    matches!(second, "partial" | "present" | "windows") && !leased.contains(hex);
+                let orphan = !dir.ends_with("tmp")
+                    && !name.contains(".tmp.")
+                    && (!keep.contains(hex)
+                        || (by_index && !keep.contains(second))
+                        || unkeyed_lazy);
                 if stale_temp || orphan {
                     let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(entry.path())

@@ -737,3 +737,177 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
     let images = bux.ok(&["images"]);
     assert!(!images.contains(" 0%"), "{images}");
 }
+
+/// Hardening II, finding 1: an image E (from a registry that lies about a layer's bytes) that
+/// lists the layer L of a trusted image V with a forged index of its own (chunk digests of the
+/// lie) must not change what V serves. Before the fix E's chunks went into the one partial
+/// blob of L, and V, mounted again, served E's bytes; `check` saw nothing.
+#[test]
+fn another_image_naming_the_same_layer_cannot_change_what_it_serves() {
+    use bux_fuse::index::blob::LocalBlob;
+    use bux_fuse::index::published::PublishedLayer;
+    use bux_fuse::index::Compression;
+
+    let s = setup();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.layout.path().join("blobs/sha256").join(&s.original[7..])).unwrap(),
+    )
+    .unwrap();
+    // L: the plain tar layer (opt/data.bin, etc/motd).
+    let l = &manifest["layers"][2];
+    let l_digest: bux_fuse::Digest = l["digest"].as_str().unwrap().parse().unwrap();
+    let real = std::fs::read(s.layout.path().join("blobs/sha256").join(l_digest.hex())).unwrap();
+    let data = test_bytes(6 << 20, 3);
+    let at = real
+        .windows(64)
+        .position(|w| w == &data[4096..4096 + 64])
+        .unwrap()
+        - 4096;
+    let lie = test_bytes(6 << 20, 99);
+    let mut forged = real.clone();
+    forged[at..at + data.len()].copy_from_slice(&lie);
+
+    // E's index: L's entries, chunk digests of the forged bytes.
+    let tmp = tempfile::tempdir().unwrap();
+    let forged_path = tmp.path().join("forged");
+    std::fs::write(&forged_path, &forged).unwrap();
+    let mut idx =
+        bux_fuse::index::build(&forged[..], Compression::None, l_digest, None, 0).unwrap();
+    idx.compressed_size = forged.len() as u64;
+    let published = PublishedLayer::build(&idx, &LocalBlob::open(&forged_path).unwrap()).unwrap();
+    let index_blob = published.encode().unwrap();
+    let empty = b"{}".to_vec();
+    let index_manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "artifactType": bux_fuse::publish::ARTIFACT_TYPE,
+        "config": {"mediaType": "application/vnd.oci.empty.v1+json",
+                   "digest": format!("sha256:{}", sha256_hex(&empty)), "size": 2},
+        "layers": [{
+            "mediaType": bux_fuse::index::published::MEDIA_TYPE,
+            "digest": format!("sha256:{}", sha256_hex(&index_blob)),
+            "size": index_blob.len(),
+            "annotations": { bux_fuse::publish::ANNOTATION_LAYER: l_digest.to_string() },
+        }],
+    }))
+    .unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {},
+        "rootfs": {"type": "layers", "diff_ids": [format!("sha256:{}", sha256_hex(&forged))]},
+    }))
+    .unwrap();
+    let e_manifest = serde_json::to_vec(&serde_json::json!({
+        "schemaVersion": 2,
+        "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                   "digest": format!("sha256:{}", sha256_hex(&config)), "size": config.len()},
+        "layers": [l.clone()],
+        "annotations": { bux_fuse::publish::ANNOTATION_INDEX:
+                         format!("sha256:{}", sha256_hex(&index_manifest)) },
+    }))
+    .unwrap();
+    let evil = Registry::start();
+    let oci = "application/vnd.oci.image.manifest.v1+json";
+    raw_push(
+        &evil,
+        "evil/app",
+        "index",
+        &[index_blob, empty],
+        &index_manifest,
+        oci,
+    );
+    raw_push(
+        &evil,
+        "evil/app",
+        "v1",
+        &[config, real.clone()],
+        &e_manifest,
+        oci,
+    );
+    // The lying registry: its copy of L is the forged bytes (same length).
+    std::fs::write(evil.blob_data_path(&l_digest.hex()), &forged).unwrap();
+    let e_ref = format!("{}/evil/app:v1", evil.host());
+
+    let bux = Bux::new();
+    // V, partly fetched.
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none"]);
+    assert_eq!(
+        cat(&m.path.join("etc/motd")).unwrap(),
+        b"hello from a lazy layer\n"
+    );
+    drop(m);
+    // E serves what its own index vouches for (the lie: that is E's business alone) ...
+    let (m, _) = lazy_mount(&bux, &e_ref, &["--prefetch", "none"]);
+    assert!(cat(&m.path.join("opt/data.bin")).unwrap() == lie);
+    drop(m);
+    // ... and V, mounted again, still serves L's real bytes.
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none"]);
+    let got = cat(&m.path.join("opt/data.bin")).unwrap();
+    assert!(
+        got == data,
+        "V served bytes another image's index vouched for"
+    );
+    drop(m);
+    let out = bux.ok(&["check"]);
+    assert!(out.contains(": 0 problems"), "{out}");
+
+    // An index file a mount of V reads by that is not what V's published index says (as an
+    // earlier version's shared `<L>.idx` could be): `check` names it, `--repair` removes it,
+    // and the next mount derives it again from V's index blob.
+    let layers = bux.store.path().join("layers/sha256");
+    let keyed: Vec<_> = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.starts_with(&l_digest.hex()) && n.ends_with(".idx")
+        })
+        .collect();
+    assert_eq!(
+        keyed.len(),
+        2,
+        "one index of L per published index: {keyed:?}"
+    );
+    let (v_idx, e_idx) = {
+        let v_index = bux_fuse::Store::open(bux.store.path())
+            .unwrap()
+            .image(&s.pinned)
+            .unwrap()
+            .unwrap()
+            .layers[2]
+            .index
+            .unwrap();
+        let v = keyed
+            .iter()
+            .find(|p| p.to_string_lossy().contains(&v_index.hex()))
+            .unwrap()
+            .clone();
+        let e = keyed.iter().find(|p| **p != v).unwrap().clone();
+        (v, e)
+    };
+    // Entries that differ: E's index says data.bin is setuid.
+    let mut tampered = bux_fuse::index::LayerIndex::load(&e_idx).unwrap();
+    for e in &mut tampered.entries {
+        if e.path.ends_with(b"data.bin") {
+            e.mode |= 0o4000;
+        }
+    }
+    tampered.save(&v_idx).unwrap();
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "a foreign index went unseen: {text}");
+    assert!(
+        text.contains(&*v_idx.to_string_lossy()) && text.contains("published index"),
+        "{text}"
+    );
+    bux.ok(&["check", "--repair"]);
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none"]);
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(m.path.join("opt/data.bin"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o4000, 0, "the tampered index was served");
+    assert!(cat(&m.path.join("opt/data.bin")).unwrap() == data);
+}

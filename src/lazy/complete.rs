@@ -127,20 +127,87 @@ impl LazyBlob {
             self.cond.notify_all();
             return Err(format!("layer {}: {why}", self.digest));
         }
-        // An ordinary stored layer from now on: blob in place (our descriptor stays valid),
-        // index as a pull writes it, no map.
+        // The file is what gets promoted, not the stream: chunks fetched earlier were skipped
+        // above, and a wrong byte among them (disk damage, a bug) must not become a blob
+        // named by a digest it does not have.
         self.file.sync_all().map_err(|e| e.to_string())?;
-        if !matches!(published.access, index::Access::Frames(_)) {
+        let file_digest = {
+            let me = self.clone();
+            tokio::task::spawn_blocking(move || me.file_digest())
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| format!("reading back: {e}"))?
+        };
+        if file_digest != self.digest {
+            let bad = self.forget_bad_chunks().map_err(|e| e.to_string())?;
+            return Err(format!(
+                "the fetched file does not match the layer digest (it is {file_digest}); \
+                 {bad} chunks failed their digests and will be fetched again; not promoted"
+            ));
+        }
+        // An ordinary stored layer from now on: blob in place (our descriptor stays valid),
+        // index as a pull writes it (its bytes hashed to the layer's digest), no map.
+        let by_place = !matches!(published.access, index::Access::Frames(_));
+        if by_place {
             // (A zstd:chunked layer keeps the table it was served with: its offsets address
             // the contents laid end to end, which its frames serve as well as ever.)
             idx.save(&store.index_path(&self.digest))
                 .map_err(|e| e.to_string())?;
         }
+        if let Some(keyed) = self.index_path.as_ref().filter(|_| by_place) {
+            // Its entries proved the published ones, offsets and all: the small files kept
+            // from the real bytes serve the image that mounted it lazily too.
+            idx.small.save(keyed).map_err(|e| e.to_string())?;
+        }
         let dest = store.blob_path(&self.digest);
         std::fs::rename(&self.partial_path, &dest).map_err(|e| e.to_string())?;
         crate::store::sync_dir(&dest);
-        let _ = std::fs::remove_file(map_path(&store, &self.digest));
+        let _ = std::fs::remove_file(map_path(&self.partial_path));
         Ok(())
+    }
+
+    /// The digest of the partial file as it is on disk.
+    fn file_digest(&self) -> std::io::Result<Digest> {
+        let mut h = crate::digest::Hasher::default();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut off = 0u64;
+        while off < self.len {
+            let n = self.file.read_at(&mut buf, off)?;
+            if n == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "file cut short",
+                ));
+            }
+            h.update(&buf[..n]);
+            off += n as u64;
+        }
+        Ok(h.finish())
+    }
+
+    /// Re-verifies every chunk marked present and unmarks those whose bytes fail (in memory
+    /// and in the map), so they are fetched again; returns how many failed.
+    pub(super) fn forget_bad_chunks(&self) -> io::Result<usize> {
+        let mut bad = Vec::new();
+        for (k, c) in self.chunks.iter().enumerate() {
+            if !self.lock().present[k] {
+                continue;
+            }
+            let mut buf = vec![0u8; (c.end - c.start) as usize];
+            self.file.read_exact_at(&mut buf, c.start)?;
+            if !c.verify(&buf) {
+                bad.push(k);
+            }
+        }
+        for &k in &bad {
+            self.map.write_all_at(&[0], k as u64)?;
+        }
+        self.map.sync_data()?;
+        let mut st = self.lock();
+        for &k in &bad {
+            st.present[k] = false;
+        }
+        Ok(bad.len())
     }
 }
 

@@ -60,6 +60,8 @@ pub struct LazyBlob {
     file: File,
     map: File,
     partial_path: PathBuf,
+    /// Where the layer's index as the published index gives it lives (none for a windows blob).
+    index_path: Option<PathBuf>,
     state: Mutex<State>,
     cond: Condvar,
     remote: Arc<Remote>,
@@ -74,23 +76,20 @@ pub struct LazyBlob {
 /// A layer's windows blob and each checkpoint's (offset, length) in it.
 type Windows = (Arc<LazyBlob>, Vec<(u64, u32)>);
 
-fn partial_path(store: &Store, d: &Digest) -> PathBuf {
-    store
-        .root()
-        .join("layers/sha256")
-        .join(format!("{}.partial", d.hex()))
+/// The chunk map beside a partial blob (`<..>.partial` → `<..>.present`).
+fn map_path(partial: &std::path::Path) -> PathBuf {
+    partial.with_extension("present")
 }
 
-fn map_path(store: &Store, d: &Digest) -> PathBuf {
-    store
-        .root()
-        .join("layers/sha256")
-        .join(format!("{}.present", d.hex()))
-}
-
-/// Bytes of a lazily fetched layer already local (`None` if the layer is not partial).
-pub fn local_bytes(store: &Store, layer: &Digest, published: &PublishedLayer) -> Option<u64> {
-    let map = std::fs::read(map_path(store, layer)).ok()?;
+/// Bytes of a lazily fetched layer already local (`None` if the layer is not partial), as
+/// fetched by the published index `index`.
+pub fn local_bytes(store: &Store, index: &Digest, published: &PublishedLayer) -> Option<u64> {
+    let map = std::fs::read(map_path(&store.partial_path(
+        &published.digest,
+        index,
+        false,
+    )))
+    .ok()?;
     Some(
         published
             .chunks
@@ -103,21 +102,23 @@ pub fn local_bytes(store: &Store, layer: &Digest, published: &PublishedLayer) ->
 }
 
 impl LazyBlob {
-    /// Opens (creating if needed) the partial blob of `layer` in `store`.
+    /// Opens (creating if needed) the partial blob of `layer`, as described by the published
+    /// index blob `index`, in `store`. What is fetched by one index is never read by another
+    /// (see [`Store::partial_path`]): a chunk is marked present only once it matched a digest
+    /// of this index.
     pub fn open(
         store: &Store,
         layer: &PublishedLayer,
+        index: &Digest,
         remote: Arc<Remote>,
     ) -> crate::Result<Arc<LazyBlob>> {
         let windows = match &layer.windows {
             Some(w) => {
-                let dir = store.root().join("layers/sha256");
                 let blob = Self::open_parts(
                     w.digest,
                     w.size,
                     w.chunks(),
-                    dir.join(format!("{}.windows.partial", layer.digest.hex())),
-                    dir.join(format!("{}.windows.present", layer.digest.hex())),
+                    store.partial_path(&layer.digest, index, true),
                     remote.clone(),
                     None,
                 )?;
@@ -125,15 +126,18 @@ impl LazyBlob {
             }
             None => None,
         };
-        Self::open_parts(
+        let mut blob = Self::open_parts(
             layer.digest,
             layer.compressed_size,
             layer.chunks.clone(),
-            partial_path(store, &layer.digest),
-            map_path(store, &layer.digest),
+            store.partial_path(&layer.digest, index, false),
             remote,
             windows,
-        )
+        )?;
+        if let Some(b) = Arc::get_mut(&mut blob) {
+            b.index_path = Some(store.lazy_index_path(&layer.digest, index));
+        }
+        Ok(blob)
     }
 
     fn open_parts(
@@ -141,10 +145,10 @@ impl LazyBlob {
         len: u64,
         chunks: Vec<Chunk>,
         ppath: PathBuf,
-        mpath: PathBuf,
         remote: Arc<Remote>,
         windows: Option<Windows>,
     ) -> crate::Result<Arc<LazyBlob>> {
+        let mpath = map_path(&ppath);
         let open = |p: &PathBuf| {
             OpenOptions::new()
                 .read(true)
@@ -178,6 +182,7 @@ impl LazyBlob {
             file,
             map,
             partial_path: ppath,
+            index_path: None,
             state: Mutex::new(State {
                 present: present.iter().map(|&b| b == 1).collect(),
                 inflight: vec![false; n],

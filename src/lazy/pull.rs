@@ -95,7 +95,7 @@ impl Store {
                 let lazy_layers = record
                     .layers
                     .iter()
-                    .filter(|l| !self.layer_bytes_present(&l.digest))
+                    .filter(|l| !self.layer_local(l))
                     .count();
                 return Ok((
                     self.pulled(record)?,
@@ -201,7 +201,11 @@ impl Store {
                     });
                 }
                 self.put_blob(&blob, &bytes, "layer index")?;
-                published.to_index().save(&self.index_path(&job.digest))?;
+                // Keyed by this index too: another image naming the same layer with another
+                // index (honest or forged) never replaces what this one reads by.
+                published
+                    .to_index()
+                    .save(&self.lazy_index_path(&job.digest, &blob))?;
                 lazy.push((job.digest, blob));
             }
         }
@@ -229,7 +233,9 @@ impl Store {
             let bytes = published.encode()?;
             let blob = Digest::of(&bytes);
             self.put_blob(&blob, &bytes, "layer table")?;
-            published.to_index().save(&self.index_path(&job.digest))?;
+            published
+                .to_index()
+                .save(&self.lazy_index_path(&job.digest, &blob))?;
             lazy.push((job.digest, blob));
             outcome.chunked_layers += 1;
         }

@@ -557,6 +557,18 @@ pub(crate) fn open_image(
     opts: &MountOptions,
 ) -> Result<OpenedImage> {
     let (record, lease) = stored_image(store, reference)?;
+    open_record(store, record, lease, opts)
+}
+
+/// Opens the stored image `record` describes (`lease` holds its files against gc): what an
+/// image server's restarted worker serves, found by the manifest its supervisor leased, even
+/// once the name was re-tagged or removed.
+pub(crate) fn open_record(
+    store: &Store,
+    record: crate::store::ImageRecord,
+    lease: crate::store::Lease,
+    opts: &MountOptions,
+) -> Result<OpenedImage> {
     let name = record.reference.clone();
     let tree = store.tree(&record)?;
     let mut layers = Vec::with_capacity(tree.layers.len());
@@ -575,8 +587,7 @@ pub(crate) fn open_image(
             .and_then(|r| r.index.map(|d| (d, r.size)));
         let reader = match index {
             Some((index, size)) if !path.exists() => {
-                let bytes = std::fs::read(store.blob_path(&index))
-                    .map_err(|e| Error::io(format!("reading index of layer {}", l.digest), e))?;
+                let bytes = store.read_verified_blob(&index, "published layer index")?;
                 let published = Arc::new(PublishedLayer::decode(&bytes, l.digest, size)?);
                 let remote = match &remote {
                     Some(r) => r.clone(),
@@ -589,7 +600,7 @@ pub(crate) fn open_image(
                         made
                     }
                 };
-                let blob = LazyBlob::open(store, &published, remote)?;
+                let blob = LazyBlob::open(store, &published, &index, remote)?;
                 lazy.push((blob.clone(), published));
                 LayerReader::new(
                     i as u32,

@@ -181,6 +181,11 @@ impl Tree {
         self.bytes.as_slice()
     }
 
+    /// Whether two trees are the same, byte for byte (as saved).
+    pub fn same_as(&self, other: &Tree) -> bool {
+        self.body() == other.body()
+    }
+
     fn string(&self, off: u64, len: u64) -> Option<&[u8]> {
         let (start, size) = self.at.strings;
         let end = off.checked_add(len)?;

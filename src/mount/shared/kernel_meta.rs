@@ -57,11 +57,11 @@ pub(crate) fn image_bytes(store: &Store, record: &ImageRecord) -> Result<(Vec<u8
     let tree = store.tree(record).map_err(|e| e.to_string())?;
     // Small files' bytes, for the layers indexed whole (a damaged table only costs its layer
     // the shortcut: its files stay with FUSE).
-    let small: Vec<Option<SmallFiles>> = tree
+    let small: Vec<Option<SmallFiles>> = record
         .layers
         .iter()
         .map(|l| {
-            SmallFiles::load(&store.index_path(&l.digest)).unwrap_or_else(|e| {
+            SmallFiles::load(&store.layer_index_path(l)).unwrap_or_else(|e| {
                 tracing::warn!("small files of layer {}: {e}", l.digest);
                 None
             })

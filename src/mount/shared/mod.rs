@@ -83,6 +83,11 @@ impl Place {
     fn log(&self) -> PathBuf {
         self.dir.join("log")
     }
+    /// The image record the supervisor leased: what every worker serves, whatever the store's
+    /// names say by then (the image may have been re-tagged or removed with `rm --force`).
+    fn record(&self) -> PathBuf {
+        self.dir.join("record.json")
+    }
 }
 
 /// The directory of the image server the mount at `path` stands on, if it stands on one: a
@@ -348,6 +353,24 @@ fn silence_stdout() {
         // SAFETY: both descriptors are valid; dup2 onto stdout.
         unsafe { libc::dup2(null.as_raw_fd(), 1) };
     }
+}
+
+/// The record the supervisor of `place` leased for the image with this manifest.
+fn leased_record(place: &Place, manifest: &Digest) -> Result<ImageRecord> {
+    let path = place.record();
+    let bytes =
+        std::fs::read(&path).map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+    let record: ImageRecord = serde_json::from_slice(&bytes).map_err(|e| Error::CorruptStore {
+        path: path.clone(),
+        detail: e.to_string(),
+    })?;
+    if record.manifest_digest != *manifest {
+        return Err(Error::CorruptStore {
+            path,
+            detail: format!("records image {}, not {manifest}", record.manifest_digest),
+        });
+    }
+    Ok(record)
 }
 
 fn find_record(store: &Store, manifest: &Digest) -> Result<ImageRecord> {

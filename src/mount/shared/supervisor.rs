@@ -12,6 +12,9 @@ use super::{find_record, kernel_meta, silence_stdout, users, wait_for_mount_chan
 use crate::mount::{connect, is_mount_point};
 use crate::{Digest, Error, Result, Store};
 
+/// Tries at starting a worker in a row (a second apart) before the supervisor gives up.
+const MAX_START_FAILURES: u32 = 60;
+
 /// The supervisor (`bux-fuse serve-shared MANIFEST`): mounts the image at its shared place,
 /// runs a worker on the connection (another if it dies), and unmounts once nothing stands on
 /// the mount. Prints `ready` once the mount serves.
@@ -23,6 +26,10 @@ pub fn supervise(
     let place = Place::new(store, &manifest);
     let record = find_record(store, &manifest)?;
     let _lease = crate::mount::lease_image(store, &record)?;
+    // What the workers serve: this record, leased, found by its manifest (not by its name).
+    let json = serde_json::to_vec(&record)
+        .map_err(|e| Error::io("encoding the image record", e.into()))?;
+    crate::store::write_atomic(&place.record(), &json)?;
     let mnt = place.mnt();
     let mount_err = |detail: String| Error::Mount {
         path: mnt.clone(),
@@ -38,6 +45,7 @@ pub fn supervise(
     let exe = std::env::current_exe().map_err(|e| Error::io("finding own executable", e))?;
     let mut resume = false;
     let mut restarts: Vec<Instant> = Vec::new();
+    let mut failures = 0u32;
     loop {
         let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume) {
             Ok(w) => w,
@@ -47,8 +55,17 @@ pub fn supervise(
             }
             Err(e) => {
                 // The VMs' requests wait (they are not lost): try again shortly, as long as
-                // somebody still uses the mount.
+                // somebody still uses the mount — but not forever: a worker that cannot start
+                // for a minute will not, and failing the requests beats hanging them.
                 tracing::error!("restarting the image server: {e}");
+                failures += 1;
+                if failures >= MAX_START_FAILURES {
+                    kernel_meta::tear_down(&place);
+                    let _ = std::fs::remove_file(place.pid());
+                    return Err(mount_err(format!(
+                        "no worker could be started in {MAX_START_FAILURES} tries ({e}): unmounted"
+                    )));
+                }
                 std::thread::sleep(Duration::from_secs(1));
                 if users(&place) == 0 {
                     kernel_meta::tear_down(&place);
@@ -57,6 +74,7 @@ pub fn supervise(
                 continue;
             }
         };
+        failures = 0;
         if !resume {
             crate::mount::raise_readahead(&mnt);
             match kernel_meta::set_up(store, &record, &place) {

@@ -9,10 +9,10 @@ use std::time::Duration;
 
 use fuser::{Config, Session, SessionACL};
 
-use super::{all_local, find_record, silence_stdout, users, wait_for_mount_change, Place};
+use super::{all_local, leased_record, silence_stdout, users, wait_for_mount_change, Place};
 use crate::fs::ImageFs;
 use crate::index::SpanCache;
-use crate::mount::open_image;
+use crate::mount::open_record;
 use crate::{Digest, Error, MountOptions, Result, Store};
 
 /// The worker (`bux-fuse serve-shared --worker-fd N MANIFEST`): serves the connection `fd`.
@@ -20,7 +20,8 @@ use crate::{Digest, Error, MountOptions, Result, Store};
 /// what a dead worker left unanswered.
 pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) -> Result<()> {
     let place = Place::new(store, &manifest);
-    let record = find_record(store, &manifest)?;
+    // The record the supervisor leased (its name may point elsewhere by now, or nowhere).
+    let record = leased_record(&place, &manifest)?;
     if !all_local(store, &record) {
         return Err(Error::Mount {
             path: place.mnt(),
@@ -31,7 +32,14 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
     let io =
         |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
-    let image = open_image(store, &record.reference, &opts)?;
+    let lease = crate::mount::lease_image(store, &record)?;
+    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
+        return Err(Error::BadImage {
+            reference: record.reference,
+            detail: why.trim().to_string(),
+        });
+    }
+    let image = open_record(store, record, lease, &opts)?;
     let replay = match resume {
         true => {
             Some(std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?)
