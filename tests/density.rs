@@ -539,3 +539,58 @@ fn an_image_the_metadata_image_cannot_carry_is_served_by_fuse() {
     ro.unmount();
     rw.unmount();
 }
+
+/// Hardening II, finding 3: a worker that takes over finds the image by the manifest its
+/// supervisor leased, not by the name in `images.json`: here the name was re-tagged to another
+/// image and then removed with `rm --force`. Before the fix the new worker could not find
+/// the image, the supervisor retried every second forever, and every read hung.
+#[test]
+fn a_restarted_worker_serves_its_image_after_a_retag_and_rm_force() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/retag");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = dir.path().join("ro");
+    let guard = Mounted::new(&bux, &r, ro.clone(), false);
+    assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
+    // The name now means another image (pushed under the same tag), then nothing at all.
+    let other = LayerBuilder::new().file("srv/marker", b"other").finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(other, Comp::Gzip)]),
+    );
+    reg.push(&work.path().join("l"), "v1", "t/retag", None);
+    bux.ok(&["pull", "-q", "--pull", "always", &r]);
+    bux.ok(&["rm", "--force", &r]);
+    let w = worker(bux.store.path());
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    Command::new("kill")
+        .args(["-9", &w.to_string()])
+        .status()
+        .unwrap();
+    wait_until(&bux, "a new worker", || {
+        servers(bux.store.path())
+            .iter()
+            .any(|(p, wk)| *wk && *p != w)
+    });
+    // Read in a thread: a hang must fail the test, not stall it.
+    let path = ro.join("big.bin");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(std::fs::read(path).map_err(|e| e.to_string()));
+    });
+    let got = rx
+        .recv_timeout(Duration::from_secs(30))
+        .expect("a read hung after the worker restarted")
+        .unwrap();
+    assert!(
+        got == test_bytes(3 << 20, 7),
+        "the worker serves another image"
+    );
+    assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
+    guard.unmount();
+    wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
+}

@@ -911,3 +911,54 @@ fn another_image_naming_the_same_layer_cannot_change_what_it_serves() {
     assert_eq!(mode & 0o4000, 0, "the tampered index was served");
     assert!(cat(&m.path.join("opt/data.bin")).unwrap() == data);
 }
+
+/// Hardening II, finding 2: background completion skips the chunks fetched before, so a wrong
+/// byte among them (here: flipped on disk) must not be promoted into `blobs/` under the
+/// layer's digest. Before the fix the damaged file was renamed into place unhashed: `check`
+/// found the blob's content wrong and a plain mount served the flipped byte.
+#[test]
+fn completion_never_promotes_bytes_that_do_not_hash_to_the_layer() {
+    let s = setup();
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none"]);
+    let data = test_bytes(6 << 20, 3);
+    assert!(cat(&m.path.join("opt/data.bin")).unwrap() == data);
+    drop(m);
+    // The plain tar layer's partial blob: flip a byte of data.bin in it (a chunk marked present).
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.layout.path().join("blobs/sha256").join(&s.original[7..])).unwrap(),
+    )
+    .unwrap();
+    let hex = manifest["layers"][2]["digest"].as_str().unwrap()[7..].to_string();
+    let partial = std::fs::read_dir(bux.store.path().join("layers/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| {
+            let n = p.file_name().unwrap().to_string_lossy().into_owned();
+            n.starts_with(&hex) && n.ends_with(".partial") && !n.contains("windows")
+        })
+        .expect("a partial blob of the plain layer");
+    let mut bytes = std::fs::read(&partial).unwrap();
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &data[4096..4096 + 64])
+        .unwrap();
+    bytes[at + 100] ^= 0x40;
+    std::fs::write(&partial, &bytes).unwrap();
+
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--wait-complete"]);
+    drop(m);
+    let blob = bux.store.path().join("blobs/sha256").join(&hex);
+    assert_eq!(sha256_hex(&std::fs::read(&blob).unwrap()), hex);
+    let log = daemon_log(&bux);
+    assert!(log.contains("does not match the layer digest"), "{log}");
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(": 0 problems"),
+        "{text}"
+    );
+    let m = bux.mount(&s.pinned);
+    assert!(cat(&m.path.join("opt/data.bin")).unwrap() == data);
+}

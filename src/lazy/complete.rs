@@ -63,7 +63,28 @@ impl LazyBlob {
                         if blob.completing.swap(true, Ordering::SeqCst) {
                             return;
                         }
-                        let res = blob.clone().complete_inner(store, published).await;
+                        // A failure that is not a mismatch (the link, chunks that failed
+                        // their digests on disk and were unmarked) is worth another pass.
+                        let mut res = Err(String::new());
+                        for attempt in 0..ATTEMPTS {
+                            if attempt > 0 {
+                                tokio::time::sleep(std::time::Duration::from_secs(1 << attempt))
+                                    .await;
+                            }
+                            res = blob
+                                .clone()
+                                .complete_inner(store.clone(), published.clone())
+                                .await;
+                            if res.is_ok() || blob.poisoned.load(Ordering::SeqCst) {
+                                break;
+                            }
+                            tracing::warn!(
+                                "completing layer {}: {} (attempt {} of {ATTEMPTS})",
+                                blob.digest,
+                                res.as_ref().err().map_or("", |e| e.as_str()),
+                                attempt + 1
+                            );
+                        }
                         if res.is_err() {
                             blob.completing.store(false, Ordering::SeqCst);
                         }
@@ -155,9 +176,10 @@ impl LazyBlob {
                 .map_err(|e| e.to_string())?;
         }
         if let Some(keyed) = self.index_path.as_ref().filter(|_| by_place) {
-            // Its entries proved the published ones, offsets and all: the small files kept
-            // from the real bytes serve the image that mounted it lazily too.
-            idx.small.save(keyed).map_err(|e| e.to_string())?;
+            // It proved to say what the published index says, offsets and checkpoints alike:
+            // from now on the image reads the whole blob by it (with the windows inline, which
+            // a published index may keep apart, and the small files kept from the bytes).
+            idx.save(keyed).map_err(|e| e.to_string())?;
         }
         let dest = store.blob_path(&self.digest);
         std::fs::rename(&self.partial_path, &dest).map_err(|e| e.to_string())?;
