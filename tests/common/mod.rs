@@ -3,6 +3,11 @@
 //! unpacks with `umoci`.
 #![allow(dead_code)]
 
+pub mod treediff;
+
+#[allow(unused_imports)] // not every test file compares trees
+pub use treediff::treediff;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -642,31 +647,6 @@ pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) {
         "umoci unpack failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Runs `../shared/treediff.py A B args...`; returns (equal, output).
-pub fn treediff(a: &Path, b: &Path, args: &[&str]) -> (bool, String) {
-    let script = std::env::var("BUX_TREEDIFF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/treediff.py"));
-    assert!(
-        script.exists(),
-        "treediff.py not found at {}",
-        script.display()
-    );
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 // ----------------------------------------------------------------------------------------------
