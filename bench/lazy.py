@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
-"""Lazy start benchmark: an image served by a local docker-registry behind
-../shared/slow-proxy.py (a simulated distant link), mounted three ways in the same run:
+"""Lazy start benchmark: an image served by a local docker-registry behind the project's slow
+link (bench/slow_link.rs, a simulated distant link), mounted three ways in the same run:
 
 * lazy, --prefetch none   (only what is read is fetched)
 * lazy, --prefetch trace  (what the publisher's recorded boot read is fetched first)
@@ -21,32 +21,34 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import run as h  # the main harness: registry, bux wrapper, timers  # noqa: E402
 
-PROXY = os.path.join(h.ROOT, "../shared/slow-proxy.py")
+SLOW_LINK = os.path.join(h.ROOT, "target/release/examples/slow_link")  # built by bench/lazy.sh
 
 
 class Proxy:
-    def __init__(self, target, mbit, rtt, work):
-        self.port = h.free_port()
-        self.bytes_file = os.path.join(work, f"proxy-{self.port}.bytes")
-        self.proc = subprocess.Popen(
-            ["python3", PROXY, str(self.port), str(target), str(mbit), str(rtt), "--bytes-file", self.bytes_file],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        for _ in range(200):
-            try:
-                h.socket.create_connection(("127.0.0.1", self.port), 0.1).close(); return
-            except OSError:
-                time.sleep(0.05)
-        raise SystemExit("proxy did not start")
+    """The slow link in front of the registry: told what to do, and asked for the bytes it sent
+    to clients, one line at a time on its stdin; it stops when its stdin closes."""
+
+    def __init__(self, target, mbit, rtt):
+        if not os.access(SLOW_LINK, os.X_OK):
+            raise SystemExit(f"{SLOW_LINK} missing: cargo build --release --locked --example slow_link")
+        self.proc = subprocess.Popen([SLOW_LINK, str(target), f"{mbit:g}", f"{rtt:g}"],
+                                     stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            raise SystemExit("slow link did not start")
+        self.port = int(line)
 
     def bytes(self):
-        try:
-            with open(self.bytes_file) as f:
-                return int(f.read().strip() or 0)
-        except (OSError, ValueError):
-            return 0
+        self.proc.stdin.write("bytes\n")
+        self.proc.stdin.flush()
+        return int(self.proc.stdout.readline())
 
     def stop(self):
-        self.proc.kill(); self.proc.wait()
+        self.proc.stdin.close()
+        try:
+            self.proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            self.proc.kill(); self.proc.wait()
 
 
 def all_local(store, layers):
@@ -110,7 +112,7 @@ def main():
         h.umount(publisher, pmnt)
         time.sleep(0.5)  # the daemon saves the trace as it exits
         h.bux(publisher, "push-index", direct)
-        proxy = Proxy(reg.port, args.mbit, args.rtt, work)
+        proxy = Proxy(reg.port, args.mbit, args.rtt)
         ref = direct.replace(f"127.0.0.1:{reg.port}", f"127.0.0.1:{proxy.port}")
         results = {m: [] for m in ["lazy-none", "lazy-trace", "lazy-all", "full"]}
         for i in range(args.runs):
@@ -159,7 +161,7 @@ def report(name, args, cmds, compressed, results):
         f"# Lazy start — {name}",
         "",
         f"{datetime.date.today()}, `bash bench/lazy.sh`, {args.runs} runs (median, min–max), page cache "
-        f"dropped before each; registry behind `slow-proxy.py` at {args.mbit:g} Mbit/s, {args.rtt:g} ms RTT; "
+        f"dropped before each; registry behind the slow link (`bench/slow_link.rs`) at {args.mbit:g} Mbit/s, {args.rtt:g} ms RTT; "
         f"image {compressed / 2**20:.1f} MiB compressed. Times count from the start of `bux-fuse mount`; "
         "bytes are what the proxy sent (manifests, index and layer bytes).",
         "",

@@ -6,7 +6,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 profile=${1:-large}; shift || true
 bash scripts/setup.sh
-cargo build --release --locked --bin bux-fuse
+cargo build --release --locked --bin bux-fuse --example slow_link
 layout=target/debian/layout-$profile
 [ -f "$layout/index.json" ] || bash scripts/debian-image.sh "$layout" bookworm "$profile"
 cmds=(--cmd "python3=python3 -c 'import json'")

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A real Debian image end to end: build it (scripts/debian-image.sh, cached in target/debian),
 # serve it from a local docker-registry, pull + mount it with bux-fuse, run dpkg in a chroot, and
-# compare the mount with umoci's unpack using ../shared/treediff.py.
+# compare the mount with umoci's unpack using the project's tree comparison (examples/treediff.rs).
 #   debian-e2e.sh [small|large]
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -9,6 +9,8 @@ profile=${1:-small}
 bash scripts/setup.sh >/dev/null
 bux=${BUX:-$PWD/target/release/bux-fuse}
 [ -x "$bux" ] || cargo build --release --locked
+cargo build --release --locked --quiet --example treediff
+treediff=$PWD/target/release/examples/treediff
 cache=$PWD/target/debian
 layout=$cache/layout-$profile
 [ -f "$layout/index.json" ] || bash scripts/debian-image.sh "$layout" bookworm "$profile"
@@ -26,5 +28,5 @@ echo "== chroot: os-release, dpkg -l | wc -l, python3"
 chroot "$work/root" /bin/sh -c 'grep PRETTY /etc/os-release; dpkg -l | wc -l; python3 -c "import sys; print(sys.version.split()[0])" 2>/dev/null || true'
 echo "== umoci raw unpack + treediff"
 umoci raw unpack --image "$layout:bookworm" "$work/ref" >/dev/null
-python3 ../shared/treediff.py --ignore-root "$work/root" "$work/ref" | tail -5
+"$treediff" --ignore-root "$work/root" "$work/ref" | tail -5
 echo "== store: $(du -sh "$BUX_FUSE_HOME" | cut -f1), image blobs: $(du -sh "$layout/blobs" | cut -f1)"

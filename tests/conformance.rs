@@ -1,6 +1,6 @@
 //! Conformance: images built here that cover the tar and whiteout corners of real images, each
 //! compared through the mounted FUSE tree with umoci's unpack of the same image, field by field
-//! (`../shared/treediff.py`). Where umoci is wrong, the test says so instead of matching it.
+//! (`common::treediff`, `tests/common/treediff.rs`). Where umoci is wrong, the test says so instead of matching it.
 
 mod common;
 

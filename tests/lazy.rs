@@ -1,7 +1,7 @@
 //! Lazy start end to end: an image pushed to Debian's docker-registry on 127.0.0.1, its index
 //! published by one store (`push-index`), mounted by another with `mount --lazy` before any
 //! layer is downloaded, read through the kernel. Bytes fetched are counted at a proxy in front
-//! of the registry (`../shared/slow-proxy.py`).
+//! of the registry (`common::Proxy`, the slow link of `tests/common/slow_link.rs`).
 
 mod common;
 

@@ -85,7 +85,7 @@ fn mounted_tree_matches_umoci_unpack() {
     let m = bux.mount(&r);
     let root = &m.path;
 
-    // umoci is wrong on three mtimes (see shared/README): implied parents (usr/share, opt) keep
+    // umoci is wrong on three mtimes: implied parents (usr/share, opt) keep
     // unpack time, and so does `usr`, whose mtime umoci does not restore after creating the
     // implied usr/share in it. bux-fuse gives implied parents mtime 0 and `usr` its tar mtime.
     let (equal, report) = treediff(

@@ -3,6 +3,12 @@
 //! unpacks with `umoci`.
 #![allow(dead_code)]
 
+pub mod slow_link;
+pub mod treediff;
+
+#[allow(unused_imports)] // not every test file compares trees
+pub use treediff::treediff;
+
 use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -266,50 +272,21 @@ fn wait_for_registry(port: u16) {
     }
 }
 
-/// `../shared/slow-proxy.py` in front of a registry: counts the bytes sent to clients.
+/// The project's slow link ([`slow_link::SlowLink`]) in front of a registry: counts the bytes
+/// sent to clients, and can stall.
 pub struct Proxy {
     pub port: u16,
-    bytes_file: PathBuf,
-    _dir: tempfile::TempDir,
-    child: Child,
+    link: slow_link::SlowLink,
 }
 
 impl Proxy {
     /// A proxy to 127.0.0.1:`target` at `mbit` Mbit/s with `rtt_ms` round trips.
     pub fn start(target: u16, mbit: u32, rtt_ms: u32) -> Proxy {
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/slow-proxy.py");
-        assert!(script.exists(), "{} not found", script.display());
-        let dir = tempfile::tempdir().unwrap();
-        let bytes_file = dir.path().join("bytes");
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .arg(&script)
-            .args([
-                port.to_string(),
-                target.to_string(),
-                mbit.to_string(),
-                rtt_ms.to_string(),
-            ])
-            .arg("--bytes-file")
-            .arg(&bytes_file)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "proxy did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let link = slow_link::SlowLink::start(target, mbit.into(), rtt_ms.into())
+            .expect("starting the slow link");
         Proxy {
-            port,
-            bytes_file,
-            _dir: dir,
-            child,
+            port: link.port(),
+            link,
         }
     }
 
@@ -317,35 +294,19 @@ impl Proxy {
         format!("127.0.0.1:{}", self.port)
     }
 
-    /// Freezes the proxy (SIGSTOP): the link stalls, connections stay open.
+    /// Stalls the link: nothing passes, connections stay open.
     pub fn pause(&self) {
-        Command::new("kill")
-            .args(["-STOP", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        self.link.pause();
     }
 
-    /// Thaws a paused proxy.
+    /// Resumes a paused link.
     pub fn unpause(&self) {
-        Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
-            .status()
-            .unwrap();
+        self.link.unpause();
     }
 
     /// Bytes sent to clients so far.
     pub fn bytes(&self) -> u64 {
-        std::fs::read_to_string(&self.bytes_file)
-            .ok()
-            .and_then(|s| s.trim().parse().ok())
-            .unwrap_or(0)
-    }
-}
-
-impl Drop for Proxy {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.link.bytes_sent()
     }
 }
 
@@ -642,31 +603,6 @@ pub fn umoci_unpack(layout: &Path, tag: &str, dest: &Path) {
         "umoci unpack failed: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// Runs `../shared/treediff.py A B args...`; returns (equal, output).
-pub fn treediff(a: &Path, b: &Path, args: &[&str]) -> (bool, String) {
-    let script = std::env::var("BUX_TREEDIFF")
-        .map(PathBuf::from)
-        .unwrap_or_else(|_| Path::new(env!("CARGO_MANIFEST_DIR")).join("../shared/treediff.py"));
-    assert!(
-        script.exists(),
-        "treediff.py not found at {}",
-        script.display()
-    );
-    let out = Command::new("python3")
-        .arg(&script)
-        .args(args)
-        .arg(a)
-        .arg(b)
-        .output()
-        .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    (out.status.success(), text)
 }
 
 // ----------------------------------------------------------------------------------------------
