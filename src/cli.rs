@@ -494,7 +494,14 @@ fn run(cli: Cli) -> Result<()> {
             }
         }
         Cmd::Umount { dir } => {
-            let dir = std::path::absolute(&dir).unwrap_or(dir);
+            // What the mount table says is there: only bux-fuse's own mounts are unmounted.
+            let dir = crate::mount::mount_path(&dir);
+            if let Some(fstype) = crate::mount::foreign_mount(&dir) {
+                bail!(
+                    "{} is not a bux-fuse mount (it is {fstype}); not unmounting",
+                    dir.display()
+                );
+            }
             crate::mount::unmount_all(&dir)
                 .with_context(|| format!("unmounting {}", dir.display()))?;
             if let Some(store) = existing_store(&store_arg)? {

@@ -249,6 +249,52 @@ fn umount_clears_a_mount_whose_daemon_died() {
         .contains("not a mount point"));
 }
 
+/// `umount` unmounts only what bux-fuse mounted: anything else (as root, `bux-fuse umount /proc`
+/// once detached the host's /proc) is refused in one line and left mounted, however its path is
+/// spelled.
+#[test]
+fn umount_refuses_what_bux_fuse_did_not_mount() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("skipped: needs root (to mount a tmpfs)");
+        return;
+    }
+    struct Tmpfs(PathBuf);
+    impl Drop for Tmpfs {
+        fn drop(&mut self) {
+            let _ = Command::new("umount").arg(&self.0).status();
+        }
+    }
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("tmp");
+    std::fs::create_dir_all(dir.path().join("sub")).unwrap();
+    std::fs::create_dir(&mnt).unwrap();
+    let out = Command::new("mount")
+        .args(["-t", "tmpfs", "not-bux", mnt.to_str().unwrap()])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let _tmpfs = Tmpfs(mnt.clone());
+    std::fs::write(mnt.join("kept"), b"x").unwrap();
+    let link = dir.path().join("link");
+    std::os::unix::fs::symlink(&mnt, &link).unwrap();
+    let dotted = dir.path().join("sub/../tmp");
+    for p in [&mnt, &link, &dotted] {
+        let err = bux.fails(&["umount", p.to_str().unwrap()]);
+        assert_eq!(
+            err,
+            format!(
+                "bux-fuse: {} is not a bux-fuse mount (it is tmpfs); not unmounting\n",
+                mnt.display()
+            ),
+            "umount {}",
+            p.display()
+        );
+        assert!(is_mounted(&mnt) && mnt.join("kept").exists());
+    }
+}
+
 #[test]
 fn help_completions_and_man_page() {
     let bux = Bux::new();

@@ -593,4 +593,117 @@ fn a_restarted_worker_serves_its_image_after_a_retag_and_rm_force() {
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
     guard.unmount();
     wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
+
+/// Images whose metadata image the kernel would misread or overlayfs could not follow: one
+/// with a file of over 256 KiB of xattrs (past the 16-bit count of an EROFS inode's xattrs; a
+/// PAX header may hold a MiB), one with a large file at a path of over 4 KiB (past what an
+/// overlay redirect can name). Both are served with metadata from FUSE, the reason in the
+/// server's log, and the file whole: its data, its xattrs, and it opens.
+#[test]
+fn files_the_metadata_image_cannot_carry_are_served_whole_by_fuse() {
+    let reg = Registry::start();
+    let data = test_bytes(300_000, 11);
+    let values: Vec<(String, Vec<u8>)> = (0..5u8)
+        .map(|i| (format!("user.big{i}"), vec![b'a' + i; 60_000]))
+        .collect();
+    let xattrs: Vec<(&str, &[u8])> = values
+        .iter()
+        .map(|(k, v)| (k.as_str(), v.as_slice()))
+        .collect();
+    let dirs: Vec<String> = (0..17).map(|i| format!("{i:d>250}")).collect();
+    let long = format!("{}/file", dirs.join("/"));
+    assert!(long.len() > 4200);
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    for (repo, layer, why) in [
+        (
+            "t/xattrs",
+            LayerBuilder::new().file_xattrs("x", &data, &xattrs),
+            "xattrs of",
+        ),
+        (
+            "t/long",
+            LayerBuilder::new().file(&long, &data),
+            "a path of",
+        ),
+    ] {
+        let layer = layer.file("etc/os-release", b"ID=odd\n").finish();
+        let work = tempfile::tempdir().unwrap();
+        let img = Image::new(vec![(layer, Comp::Gzip)]);
+        write_layout(&work.path().join("l"), "v1", &img);
+        reg.push(&work.path().join("l"), "v1", repo, None);
+        let r = format!("{}/{repo}:v1", reg.host());
+        bux.ok(&["pull", "-q", &r]);
+        let m = Mounted::new(&bux, &r, dir.path().join(repo.replace('/', "-")), false);
+        if repo == "t/xattrs" {
+            let x = m.path.join("x");
+            assert_eq!(std::fs::read(&x).unwrap(), data);
+            for (name, value) in &values {
+                assert_eq!(&get_xattr(&x, name).unwrap(), value, "{name}");
+            }
+        } else {
+            let mut f = open_long(&m.path, &long).unwrap();
+            let mut got = Vec::new();
+            std::io::Read::read_to_end(&mut f, &mut got).unwrap();
+            assert!(got == data, "the long path's data differs");
+        }
+        let log = server_logs(&bux);
+        assert!(
+            log.contains("metadata served by FUSE") && log.contains(why),
+            "{log}"
+        );
+        m.unmount();
+    }
+}
+
+/// lgetxattr(2).
+fn get_xattr(path: &Path, name: &str) -> std::io::Result<Vec<u8>> {
+    use std::ffi::CString;
+    let c = CString::new(path.as_os_str().as_encoded_bytes()).unwrap();
+    let n = CString::new(name).unwrap();
+    let mut buf = vec![0u8; 65_536];
+    // SAFETY: valid path, name and buffer.
+    let r = unsafe { libc::lgetxattr(c.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    if r < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    buf.truncate(r as usize);
+    Ok(buf)
+}
+
+/// Opens `rel` under `root`, a path too long for open(2): its directories a few at a time.
+fn open_long(root: &Path, rel: &str) -> std::io::Result<std::fs::File> {
+    use std::ffi::CString;
+    use std::os::fd::FromRawFd;
+    let c = |s: &[u8]| CString::new(s).unwrap();
+    let root = c(root.as_os_str().as_encoded_bytes());
+    // SAFETY: a valid path.
+    let mut fd = unsafe { libc::open(root.as_ptr(), libc::O_PATH | libc::O_DIRECTORY) };
+    let parts: Vec<&str> = rel.split('/').collect();
+    let (dirs, name) = parts.split_at(parts.len() - 1);
+    let steps: Vec<(&[&str], libc::c_int)> = dirs
+        .chunks(8)
+        .map(|c| (c, libc::O_PATH | libc::O_DIRECTORY))
+        .chain([(name, libc::O_RDONLY)])
+        .collect();
+    for (chunk, flags) in steps {
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let p = c(chunk.join("/").as_bytes());
+        // SAFETY: fd is an open directory, p a valid relative path.
+        let next = unsafe { libc::openat(fd, p.as_ptr(), flags) };
+        let err = std::io::Error::last_os_error();
+        // SAFETY: fd is ours.
+        unsafe { libc::close(fd) };
+        if next < 0 {
+            return Err(err);
+        }
+        fd = next;
+    }
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: fd is an open file, ours.
+    Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }

@@ -255,8 +255,26 @@ pub fn is_mount_point(path: &Path) -> bool {
 /// the scratch upper layer there — also when the daemon that would have done so died. Over a
 /// shared image server that nothing else stands on, it returns once the server has left (at
 /// most 5 s), so that the image is free for `rm` and `gc`.
+///
+/// Anything else at `path` is left mounted: an error says what it is (see [`foreign_mount`]).
 pub fn unmount_all(path: &Path) -> Result<()> {
-    let overlay = table::at(path).filter(|m| m.fstype == "overlay");
+    let refuse = |detail: String| {
+        Err(Error::Mount {
+            path: path.to_path_buf(),
+            detail,
+        })
+    };
+    let here = match table::at(path) {
+        None => return refuse("not a mount point".into()),
+        Some(m) if !is_ours(&m) => {
+            return refuse(format!(
+                "not a bux-fuse mount (it is {}); not unmounting",
+                m.fstype
+            ))
+        }
+        Some(m) => m,
+    };
+    let overlay = Some(here).filter(|m| m.fstype == "overlay");
     let option = |key: &str| overlay.as_ref().and_then(|m| m.path_option(key));
     let (lower, upper) = (option("lowerdir"), option("upperdir"));
     unmount_over_server(path)?;
@@ -285,6 +303,56 @@ pub fn unmount_all(path: &Path) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// `path` as the mount table names it: absolute, with `..` and symlinks resolved (but for its
+/// last component where that cannot be reached: a mount whose daemon died).
+pub fn mount_path(path: &Path) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Ok(p) = abs.canonicalize() {
+        return p;
+    }
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => dir.canonicalize().map_or(abs.clone(), |d| d.join(name)),
+        _ => abs,
+    }
+}
+
+/// The filesystem type of what is mounted at `path` (as [`mount_path`] gives it) if bux-fuse
+/// did not mount it: `None` for a mount of bux-fuse's, or nothing mounted there.
+pub fn foreign_mount(path: &Path) -> Option<String> {
+    table::at(path).filter(|m| !is_ours(m)).map(|m| m.fstype)
+}
+
+/// Whether bux-fuse made mount `m`: one of its FUSE mounts (or a bind mount of one), an overlay
+/// standing on one of its mounts (a writable mount's, a shared image server's, or a bind mount
+/// of that), or a shared image server's metadata image.
+fn is_ours(m: &table::MountInfo) -> bool {
+    // $STORE/shared/<image>/{mnt,meta,root}: a shared image server's mounts.
+    let server_mount = |p: &Path| {
+        p.file_name()
+            .is_some_and(|n| n == "mnt" || n == "meta" || n == "root")
+            && p.parent()
+                .and_then(Path::parent)
+                .is_some_and(|s| s.file_name().is_some_and(|n| n == "shared"))
+    };
+    // $STORE/run/<mount>/lower: a writable mount's image mount.
+    let run_lower = |p: &Path| {
+        p.file_name().is_some_and(|n| n == "lower")
+            && p.parent()
+                .and_then(Path::parent)
+                .is_some_and(|r| r.file_name().is_some_and(|n| n == "run"))
+    };
+    match m.fstype.as_str() {
+        "fuse.bux-fuse" => true,
+        "overlay" => m.path_option("lowerdir").is_some_and(|lower| {
+            server_mount(&lower)
+                || run_lower(&lower)
+                || table::at(&lower).is_some_and(|l| l.fstype == "fuse.bux-fuse")
+        }),
+        "erofs" => server_mount(Path::new(&m.point)),
+        _ => false,
+    }
 }
 
 /// Unmounts `path`. Over a shared image server that nothing else stands on, returns once the

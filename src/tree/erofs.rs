@@ -33,8 +33,10 @@
 //! served by FUSE are chunk-based with a single null chunk: sparse, no data. Image xattrs named
 //! `trusted.overlay.*` are written escaped (`trusted.overlay.overlay.*`), which overlayfs shows
 //! as they were. What overlayfs would misread and cannot be escaped here (a 0/0 character
-//! device, which it takes for a whiteout), or that EROFS cannot (a name over 255 bytes, a file
-//! over 8 TiB), makes the writer refuse: the image is then served by FUSE alone.
+//! device, which it takes for a whiteout; a file to redirect at a path of `PATH_MAX` bytes or
+//! more, which it cannot open), or that EROFS cannot (a name over 255 bytes, a file over 8 TiB,
+//! over 256 KiB of xattrs on one inode), makes the writer refuse: the image is then served by
+//! FUSE alone.
 
 use std::borrow::Cow;
 
@@ -63,6 +65,13 @@ const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
 const MAX_FILE: u64 = (BLOCK as u64) << 31;
 /// The longest name Linux passes (a directory block holds any entry up to it).
 const NAME_MAX: usize = 255;
+/// The most bytes of inline xattrs an inode has: `i_xattr_icount` (16 bits) counts them in
+/// 4-byte units after the 12-byte header, which the first unit covers. Past it the count
+/// would wrap, and the kernel read the file's xattrs (and chunk index) short.
+const XATTRS_MAX: usize = XATTR_HEADER + 4 * (u16::MAX as usize - 1);
+/// Redirect paths overlayfs can look up are shorter than this (PATH_MAX, with the NUL): a
+/// longer one lists and stats but fails to open (`ENAMETOOLONG`).
+const REDIRECT_MAX: usize = libc::PATH_MAX as usize;
 
 /// `i_format`: bit 0 the inode version (1 = extended), bits 1–3 the data layout.
 const LAYOUT_FLAT_PLAIN: u16 = 0;
@@ -327,6 +336,13 @@ fn node<'a>(
                 inode.size
             )));
         }
+        _ if inode.kind == EntryKind::File && inode.size > 0 && path.len() >= REDIRECT_MAX => {
+            return Err(Unsupported(format!(
+                "a file at a path of {} bytes (overlayfs opens a redirect of at most {})",
+                path.len(),
+                REDIRECT_MAX - 1
+            )));
+        }
         _ if inode.kind == EntryKind::File && inode.size > 0 => {
             xattrs.push((4, Cow::Borrowed(b"overlay.redirect"), path));
             (LAYOUT_CHUNK_BASED, Cow::Borrowed(&[][..]), inode.size)
@@ -358,6 +374,13 @@ fn node<'a>(
             encoded.extend_from_slice(value);
             encoded.resize(encoded.len().next_multiple_of(4), 0);
         }
+        if encoded.len() > XATTRS_MAX {
+            return Err(Unsupported(format!(
+                "{}: xattrs of {} bytes (an EROFS inode holds at most {XATTRS_MAX})",
+                shown(path),
+                encoded.len()
+            )));
+        }
     }
     Ok(Node {
         ino,
@@ -368,6 +391,15 @@ fn node<'a>(
         pos: 0,
         blkaddr: 0,
     })
+}
+
+/// `path` for a message: lossy, and cut short past 200 bytes (a path may run to megabytes).
+fn shown(path: &[u8]) -> String {
+    let s = String::from_utf8_lossy(&path[..path.len().min(200)]);
+    match path.len() > 200 {
+        true => format!("{s}… ({} bytes)", path.len()),
+        false => s.into_owned(),
+    }
 }
 
 /// An xattr as EROFS stores it: (prefix index, name after the prefix, value).
@@ -805,6 +837,99 @@ mod tests {
         let mut largest = entry("largest", EntryKind::File);
         largest.size = MAX_FILE;
         assert!(metadata_image(&merged(&[vec![largest]]).unwrap(), &|_, _, _| None).is_ok());
+    }
+
+    /// A path of `len` bytes (with its leading `/`): directories of 250 bytes, then the file.
+    fn long_path(len: usize) -> String {
+        let dirs = (len - 2) / 251;
+        let mut p: Vec<String> = (0..dirs).map(|i| format!("{i:a>250}")).collect();
+        p.push("f".repeat(len - 1 - dirs * 251));
+        let p = p.join("/");
+        assert_eq!(p.len() + 1, len);
+        p
+    }
+
+    /// Xattrs of a file with data at `/x`, encoded in `len` bytes (a multiple of 4), header,
+    /// metacopy reference and redirect (24 bytes) included.
+    fn xattrs_of_len(len: usize) -> Vec<(Vec<u8>, Vec<u8>)> {
+        let mut left = len - XATTR_HEADER - 4 - 24;
+        let mut out = Vec::new();
+        while left > 0 {
+            // An entry: 4 bytes, a one-byte name, the value, padded to 4 bytes.
+            let entry = left.min(65_536);
+            let value = if entry == left { entry - 5 } else { 65_531 };
+            out.push((
+                format!("user.{}", out.len()).into_bytes(),
+                vec![b'v'; value],
+            ));
+            left -= entry;
+        }
+        out
+    }
+
+    /// What EROFS inodes or overlayfs redirects cannot carry: inline xattrs past the 16 bits
+    /// that count them (a PAX header may hold a MiB of xattrs), and a redirect path over
+    /// PATH_MAX (which overlayfs cannot look up: the file would fail to open).
+    #[test]
+    fn what_an_inode_or_a_redirect_cannot_carry_is_refused() {
+        let refused = |tree: &Tree| match metadata_image(tree, &|_, _, _| None) {
+            Ok(img) => panic!("written ({} bytes) rather than refused", img.len()),
+            Err(e) => e.0,
+        };
+        let mut f = entry("x", EntryKind::File);
+        f.size = 1 << 20;
+        f.xattrs = xattrs_of_len(XATTR_HEADER + 4 * u16::MAX as usize);
+        let why = refused(&merged(&[vec![f.clone()]]).unwrap());
+        assert!(why.contains("xattrs") && why.contains("/x"), "{why}");
+        // As many as the count holds are written (and read back: see below).
+        f.xattrs = xattrs_of_len(XATTR_HEADER + 4 * (u16::MAX as usize - 1));
+        let most = merged(&[vec![f]]).unwrap();
+        let img = metadata_image(&most, &|_, _, _| None).unwrap();
+        // A redirect: at most PATH_MAX - 1 bytes.
+        let mut long = entry(&long_path(libc::PATH_MAX as usize), EntryKind::File);
+        long.size = 1 << 20;
+        let why = refused(&merged(&[vec![long.clone()]]).unwrap());
+        assert!(why.contains("path of 4096 bytes"), "{why}");
+        long.path = long_path(libc::PATH_MAX as usize - 1).into_bytes();
+        assert!(metadata_image(&merged(&[vec![long.clone()]]).unwrap(), &|_, _, _| None).is_ok());
+        // A file the image holds has no redirect, whatever its path.
+        long.path = long_path(libc::PATH_MAX as usize + 100).into_bytes();
+        long.size = 3;
+        let tree = merged(&[vec![long]]).unwrap();
+        assert!(metadata_image(&tree, &|_, _, size| Some(&b"abc"[..size as usize])).is_ok());
+
+        // The kernel reads the most xattrs back, and the redirect after them.
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let erofs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("erofs"));
+        if !root || !erofs {
+            eprintln!("kernel read skipped: needs root and EROFS (root {root}, erofs {erofs})");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let (image, meta) = (tmp.path().join("meta.erofs"), tmp.path().join("meta"));
+        std::fs::write(&image, &img).unwrap();
+        std::fs::create_dir(&meta).unwrap();
+        if let Ok(out) = std::process::Command::new("fsck.erofs")
+            .arg(&image)
+            .output()
+        {
+            assert!(out.status.success(), "fsck.erofs: {out:?}");
+        }
+        mount(&image, &meta, "erofs", "").unwrap();
+        let seen = std::panic::catch_unwind(|| xattrs(&meta.join("x")));
+        umount(&meta);
+        let mut want: Vec<_> = most
+            .inode(most.resolve(b"/x").unwrap())
+            .unwrap()
+            .xattrs
+            .iter()
+            .map(|(n, v)| (n.to_vec(), v.to_vec()))
+            .collect();
+        want.push((b"trusted.overlay.metacopy".to_vec(), Vec::new()));
+        want.push((b"trusted.overlay.redirect".to_vec(), b"/x".to_vec()));
+        want.sort();
+        assert!(seen.unwrap() == want, "the xattrs read back differ");
     }
 
     /// The kernel reads the image as the tree says, through the overlay that serves it, with
