@@ -356,3 +356,38 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
     assert_eq!(mounts_under_run(), 0);
     assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
 }
+
+/// A persistent `--upper` whose grandparent happens to be named `scratch` is the user's, not a
+/// scratch layer: `umount` keeps it (only the store's own scratch layer goes).
+#[test]
+fn umount_keeps_an_upper_under_a_directory_named_scratch() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rwscratch", None);
+    let r = format!("{}/t/rwscratch:v1", reg.host());
+    let bux = Bux::new();
+    let upper = work.path().join("scratch/mine");
+    let m = writable_mount(&bux, &r, Some(&upper));
+    std::fs::write(m.path.join("etc/kept"), b"kept\n").unwrap();
+    drop(m);
+    assert_eq!(
+        std::fs::read(upper.join("upper/etc/kept")).unwrap(),
+        b"kept\n",
+        "umount removed the user's --upper"
+    );
+    // A scratch mount's layer still goes at umount.
+    let m = writable_mount(&bux, &r, None);
+    std::fs::write(m.path.join("etc/gone"), b"x\n").unwrap();
+    drop(m);
+    let scratch = bux.store.path().join("scratch");
+    assert_eq!(
+        std::fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0),
+        0,
+        "scratch left in {}",
+        scratch.display()
+    );
+    // And the persistent one mounts again with the change.
+    let m = writable_mount(&bux, &r, Some(&upper));
+    assert_eq!(std::fs::read(m.path.join("etc/kept")).unwrap(), b"kept\n");
+}

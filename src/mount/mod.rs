@@ -262,11 +262,7 @@ pub fn unmount_all(path: &Path) -> Result<()> {
     unmount_over_server(path)?;
     // A writable mount over a shared image server: its scratch upper layer goes (the server
     // itself leaves once nothing stands on it).
-    if let Some(scratch) = upper
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|s| s.parent().is_some_and(|p| p.ends_with("scratch")))
-    {
+    if let Some(scratch) = upper.as_deref().and_then(recorded_scratch) {
         let _ = std::fs::remove_dir_all(scratch);
     }
     if let Some(lower) = lower {
@@ -360,6 +356,36 @@ fn overlay_upper_in_use(upper: &Path) -> bool {
     table::read()
         .iter()
         .any(|m| m.fstype == "overlay" && m.path_option("upperdir").as_deref() == Some(upper))
+}
+
+/// The file by which the store records, in a scratch layer's directory it made, that the
+/// directory is its own: it holds the directory's device and inode number, so a copy or a
+/// look-alike path (a user's `--upper .../scratch/x`) is never taken for one.
+const SCRATCH_RECORD: &str = "bux-fuse-scratch";
+
+/// Makes `dir` (a new scratch layer's directory) and records it as the store's.
+fn make_scratch(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(dir)?;
+    let md = std::fs::symlink_metadata(dir)?;
+    std::fs::write(
+        dir.join(SCRATCH_RECORD),
+        format!("{}:{}\n", md.dev(), md.ino()),
+    )
+}
+
+/// The scratch layer directory whose upper layer is `upper`, if the store recorded it as one
+/// it made ([`make_scratch`]); `None` for anything else (a user's `--upper`).
+fn recorded_scratch(upper: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if upper.file_name()? != "upper" {
+        return None;
+    }
+    let dir = upper.parent()?;
+    let md = std::fs::symlink_metadata(dir).ok()?;
+    let record = std::fs::read_to_string(dir.join(SCRATCH_RECORD)).ok()?;
+    (md.is_dir() && record.trim() == format!("{}:{}", md.dev(), md.ino()))
+        .then(|| dir.to_path_buf())
 }
 
 /// Removes scratch upper layers (`$STORE/scratch/*`) of writable mounts over a shared image
@@ -697,6 +723,10 @@ fn mount_shared(
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        if opts.upper.is_none() {
+            make_scratch(&scratch)
+                .map_err(|e| mount_err(format!("creating {}: {e}", scratch.display())))?;
+        }
         let base = opts.upper.clone().unwrap_or_else(|| scratch.clone());
         if let Err(e) = mount_overlay(&lower.lowerdir(), lower.in_kernel(), &base, &dir) {
             let _ = std::fs::remove_dir_all(&scratch);
