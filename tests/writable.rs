@@ -391,3 +391,49 @@ fn umount_keeps_an_upper_under_a_directory_named_scratch() {
     let m = writable_mount(&bux, &r, Some(&upper));
     assert_eq!(std::fs::read(m.path.join("etc/kept")).unwrap(), b"kept\n");
 }
+
+/// The same `--upper` directory reached through a symlink is the same upper layer: a second
+/// mount on it is refused, and the first keeps working.
+#[test]
+fn an_upper_reached_through_a_symlink_is_still_in_use() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rwlink", None);
+    let r = format!("{}/t/rwlink:v1", reg.host());
+    let bux = Bux::new();
+    let upper = work.path().join("state");
+    let link = work.path().join("link");
+    std::fs::create_dir(&upper).unwrap();
+    std::os::unix::fs::symlink(&upper, &link).unwrap();
+
+    let a = writable_mount(&bux, &r, Some(&upper));
+    let other = tempfile::tempdir().unwrap();
+    let second = other.path().join("r");
+    for extra in [&[][..], &["--own-server"][..]] {
+        let mut args = vec![
+            "mount",
+            "-q",
+            "--upper",
+            link.to_str().unwrap(),
+            &r,
+            second.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = bux.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            let _ = bux.run(&["umount", second.to_str().unwrap()]);
+        }
+        assert!(
+            !out.status.success() && err.contains("in use by another writable mount"),
+            "a second mount on the same upper through a symlink ({extra:?}): {err}"
+        );
+    }
+    std::fs::write(a.path.join("etc/still"), b"ok\n").unwrap();
+    assert_eq!(std::fs::read(a.path.join("etc/still")).unwrap(), b"ok\n");
+    drop(a);
+    // Through the symlink, once free.
+    let b = writable_mount(&bux, &r, Some(&link));
+    assert_eq!(std::fs::read(b.path.join("etc/still")).unwrap(), b"ok\n");
+}

@@ -351,11 +351,20 @@ pub fn clean_run_dir(run_dir: &Path) -> usize {
     n
 }
 
-/// Whether a mounted overlay has `upper` as its upper layer.
+/// Whether a mounted overlay has `upper` as its upper layer: the same directory (device and
+/// inode), whatever path reaches it.
 fn overlay_upper_in_use(upper: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(upper) else {
+        return false; // no overlay writes to a directory that is not there
+    };
     table::read()
         .iter()
-        .any(|m| m.fstype == "overlay" && m.path_option("upperdir").as_deref() == Some(upper))
+        .filter(|m| m.fstype == "overlay")
+        .filter_map(|m| m.path_option("upperdir"))
+        .any(|u| {
+            std::fs::metadata(u).is_ok_and(|md| (md.dev(), md.ino()) == (want.dev(), want.ino()))
+        })
 }
 
 /// The file by which the store records, in a scratch layer's directory it made, that the
@@ -700,18 +709,6 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u).map_err(mount_err)?),
         None => None,
     };
-    // No process holds that lock once the command that mounted has left: the mount table
-    // tells whether an overlay still writes there.
-    if let Some(u) = opts
-        .upper
-        .as_deref()
-        .filter(|u| overlay_upper_in_use(&u.join("upper")))
-    {
-        return Err(mount_err(format!(
-            "--upper {} is in use by another writable mount (one upper layer, one mount)",
-            u.display()
-        )));
-    }
     let (lower, _image_lock) = shared::lower(store, record, exe)?;
     let writable = if opts.writable {
         // No process of this mount outlives it: the scratch upper is found (and removed) by
@@ -972,17 +969,20 @@ fn raise_readahead(mount_point: &Path) {
     }
 }
 
-/// Locks `--upper DIR` for one writable mount at a time.
+/// Locks `--upper DIR` for one writable mount at a time: the directory itself (so every path
+/// to it takes the same lock), held for the life of a mount served by this process. No process
+/// holds it once the command that mounted an overlay over a shared server has left: the mount
+/// table then tells whether an overlay still writes there.
 fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(base).map_err(|e| format!("creating {}: {e}", base.display()))?;
-    let path = base.join("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let file = std::fs::File::open(base).map_err(|e| format!("opening {}: {e}", base.display()))?;
+    let in_use = || {
+        format!(
+            "--upper {} is in use by another writable mount (one upper layer, one mount)",
+            base.display()
+        )
+    };
     // A mount unmounted a moment ago may still be exiting (unmounting detaches at once): give
     // its daemon a little time to let go.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -992,10 +992,10 @@ fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
             std::thread::sleep(std::time::Duration::from_millis(20));
             continue;
         }
-        return Err(format!(
-            "--upper {} is in use by another writable mount (one upper layer, one mount)",
-            base.display()
-        ));
+        return Err(in_use());
+    }
+    if overlay_upper_in_use(&base.join("upper")) {
+        return Err(in_use());
     }
     Ok(file)
 }
