@@ -251,3 +251,60 @@ fn root_makes_a_device_node_on_a_users_allow_other_mount() {
         "0:5 644 character special file 5:1\n0:0 660 character special file 1:3\n"
     );
 }
+
+/// Image names of 252–255 bytes: their whiteout (`.wh.` + name) would not fit in a name, so
+/// deleting or moving them away fails cleanly and changes nothing, now and after a remount;
+/// names the upper layer alone has come and go as usual.
+#[test]
+fn a_name_too_long_for_its_whiteout_is_refused_and_nothing_changes() {
+    let (f253, d254, e255) = ("f".repeat(253), "d".repeat(254), "e".repeat(255));
+    let l = LayerBuilder::new()
+        .dir("long", 0o755)
+        .file(&format!("long/{f253}"), b"image\n")
+        .dir(&format!("long/{d254}"), 0o755)
+        .file(&format!("long/{d254}/inside"), b"inside\n")
+        .dir(&format!("long/{e255}"), 0o755)
+        .file("long/short", b"short\n")
+        .finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let reg = Registry::start();
+    reg.push(&work.path().join("l"), "v1", "t/rootless-long", None);
+    let r = format!("{}/t/rootless-long:v1", reg.host());
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    // Each refused change says so, and the next line shows nothing changed.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m/long && echo edit >> {f253} && \
+         (rm {f253} 2>&1 || true) && cat {f253} && \
+         (mv {f253} moved 2>&1 || true) && cat {f253} && test ! -e moved && \
+         (rm -r {d254} 2>&1 || true) && ls {d254} | wc -l && \
+         (rmdir {e255} 2>&1 || true) && test -d {e255} && \
+         touch {e255}/new && rm {e255}/new && \
+         touch n{f253} && rm n{f253} && rm short && \
+         ls | wc -l && cd ../.. && $BUX umount m"
+    ));
+    let long = "File name too long";
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 10, "{out}");
+    assert!(lines[0].contains(long), "{out}");
+    assert_eq!(lines[1..3], ["image", "edit"], "{out}");
+    assert!(lines[3].contains(long), "{out}");
+    assert_eq!(lines[4..6], ["image", "edit"], "{out}");
+    assert!(lines[6].contains(long), "{out}");
+    // `rm -r` removed what it could (the entry inside), and the directory stays.
+    assert_eq!(lines[7], "0", "{out}");
+    assert!(lines[8].contains(long), "{out}");
+    assert_eq!(lines[9], "3", "{out}");
+    // After a remount: the edit kept, the refused deletions never happened, the one that was
+    // allowed did.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cat m/long/{f253} && ls m/long/{d254} | wc -l && \
+         test -d m/long/{e255} && test ! -e m/long/short && ls m/long | wc -l && $BUX umount m"
+    ));
+    assert_eq!(out, "image\nedit\n0\n3\n");
+}

@@ -83,6 +83,9 @@ pub struct UpperFs {
     /// Listings being read (directories are not opened: the kernel sends readdir with the
     /// offset reached, and caches what it got); dropped whenever a name changes.
     listings: Mutex<HashMap<u64, Listing>>,
+    /// The longest name the upper directory's filesystem takes (a whiteout is 4 bytes longer
+    /// than the name it hides).
+    name_max: usize,
 }
 
 fn err(e: std::io::Error) -> Errno {
@@ -111,6 +114,7 @@ impl UpperFs {
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
             no_open: false,
             listings: Mutex::new(HashMap::new()),
+            name_max: name_max(upper)?,
         };
         // Orphans of a mount that ended without the kernel forgetting them.
         for e in std::fs::read_dir(upper)?.flatten() {
@@ -447,10 +451,22 @@ impl UpperFs {
         Ok((a, made))
     }
 
+    /// Fails (`ENAMETOOLONG`) when `name` leaving directory `parent` would need a whiteout
+    /// (the image has an entry of that name) that no name can hold: checked before anything
+    /// changes, so a refused removal or rename changes nothing.
+    fn whiteout_fits(&self, st: &State, parent: u64, name: &[u8]) -> Res<()> {
+        let needed = self.lower_child(st, parent, name).is_some();
+        if needed && disk::whiteout_name(name).len() > self.name_max {
+            return Err(Errno::ENAMETOOLONG);
+        }
+        Ok(())
+    }
+
     /// Removes `name` from `parent`: the upper entry if any, and a whiteout if the image has
     /// one there. `dir`: rmdir semantics.
     fn remove(&self, st: &mut State, parent: u64, name: &[u8], dir: bool) -> Res<()> {
         let n = self.child(st, parent, name)?.ok_or(Errno::ENOENT)?;
+        self.whiteout_fits(st, parent, name)?;
         let a = self.attr(st, n)?;
         match (dir, a.kind == FileType::Directory) {
             (true, false) => return Err(Errno::ENOTDIR),
@@ -670,6 +686,7 @@ impl UpperFs {
         }
         let mut st = self.state();
         let n = self.child(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
+        self.whiteout_fits(&st, parent, name)?;
         let is_dir = self.attr(&st, n)?.kind == FileType::Directory;
         if let Some(old) = self.child(&mut st, newparent, newname)? {
             if old == n {
@@ -738,6 +755,18 @@ impl UpperFs {
         node.links.insert(0, (newparent, newname.to_vec()));
         Ok(())
     }
+}
+
+/// The longest name the filesystem of `dir` takes.
+fn name_max(dir: &Path) -> std::io::Result<usize> {
+    let p = std::ffi::CString::new(dir.as_os_str().as_bytes())
+        .map_err(|_| std::io::Error::other("NUL in path"))?;
+    // SAFETY: statvfs fills the zeroed struct from a valid C string.
+    let mut s: libc::statvfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statvfs(p.as_ptr(), &mut s) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(s.f_namemax as usize)
 }
 
 /// Where an upper file whose last name was removed waits until the kernel forgets it (a
