@@ -308,3 +308,48 @@ fn a_name_too_long_for_its_whiteout_is_refused_and_nothing_changes() {
     ));
     assert_eq!(out, "image\nedit\n0\n3\n");
 }
+
+/// The upper directory holds the guest's files owner-only (0600, directories 0700) whatever
+/// mode the guest gave them: `/root`, `/etc/shadow` and keys are not for other host users.
+/// The guest is served the modes it set. The same directory through a symlink is one upper
+/// layer: a second mount on it is refused.
+#[test]
+fn a_users_upper_layer_is_owner_only_on_the_host() {
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-modes");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    let out = user.ok(&format!(
+        "umask 022 && $BUX -q mount --upper state {r} m && cd m && \
+         echo new > etc/new && mkdir -p var/lib/d && mkfifo var/fifo && ln -s /x var/sl && \
+         echo more >> root/.profile && chown 1234:5678 etc/shadow && rm bin/su && \
+         mkdir etc/ssh && echo key > etc/ssh/key && chmod 600 etc/ssh/key && \
+         stat -c '%n %a' / etc/new var var/lib/d var/fifo root root/.profile etc/shadow \
+         etc/ssh etc/ssh/key && cd .. && \
+         ( ln -s state link && $BUX -q mount --upper link {r} m2 2>&1 || true ) && \
+         $BUX umount m && find state/upper -perm /077 | wc -l && stat -c %a state/upper"
+    ));
+    let (served, rest) = out.split_at(out.find("bux-fuse: ").unwrap_or(0));
+    assert_eq!(
+        served,
+        "/ 755\netc/new 644\nvar 755\nvar/lib/d 755\nvar/fifo 644\nroot 700\n\
+         root/.profile 600\netc/shadow 600\netc/ssh 755\netc/ssh/key 600\n",
+    );
+    let rest: Vec<&str> = rest.lines().collect();
+    assert!(
+        rest.len() == 3 && rest[0].contains("link is in use by another writable mount"),
+        "{out}"
+    );
+    // On the host: nothing in the upper directory for the group or others.
+    assert_eq!(rest[1..], ["0", "700"], "{out}");
+    // Served the same after a remount.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m && \
+         stat -c '%n %a' etc/new var/lib/d root root/.profile etc/ssh/key && cd .. && \
+         $BUX umount m"
+    ));
+    assert_eq!(
+        out,
+        "etc/new 644\nvar/lib/d 755\nroot 700\nroot/.profile 600\netc/ssh/key 600\n"
+    );
+}

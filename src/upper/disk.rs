@@ -51,6 +51,35 @@ impl Stat {
     }
 }
 
+/// Mode of every file in the upper directory: the served mode is [`STAT_XATTR`], and the
+/// guest's `/etc/shadow` or keys must not be readable by other host users.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory in the upper directory (the guest's `/root` is 0700 too).
+pub const DIR_MODE: u32 = 0o700;
+
+/// Opens `path` for reading and writing, created owner-only if missing (truncated if
+/// `truncate`, refused if there if `new`).
+pub fn create_file(path: &Path, new: bool, truncate: bool) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true).mode(FILE_MODE);
+    if new {
+        o.create_new(true);
+    } else {
+        o.create(true).truncate(truncate);
+    }
+    o.open(path)
+}
+
+/// Makes directory `path`, owner-only (`recursive`: and its missing parents).
+pub fn create_dir(path: &Path, recursive: bool) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(DIR_MODE)
+        .create(path)
+}
+
 /// The name of a whiteout for `name`.
 pub fn whiteout_name(name: &[u8]) -> std::ffi::OsString {
     OsStr::from_bytes(&[WHITEOUT_PREFIX, name].concat()).to_os_string()

@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, MetadataExt};
+use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -97,7 +97,9 @@ type Res<T> = Result<T, Errno>;
 impl UpperFs {
     /// Serves `lower` with changes kept in `upper` (created if missing).
     pub fn new(lower: ImageFs, upper: &Path) -> std::io::Result<UpperFs> {
-        std::fs::create_dir_all(upper)?;
+        disk::create_dir(upper, true)?;
+        // Owner-only, as everything in it (made so by older versions, too).
+        std::fs::set_permissions(upper, std::fs::Permissions::from_mode(disk::DIR_MODE))?;
         let fs = UpperFs {
             root: upper.to_path_buf(),
             state: Mutex::new(State {
@@ -300,11 +302,11 @@ impl UpperFs {
         let a = self.lower.lower_attr(lower, n).ok_or(Errno::EIO)?;
         let i = self.lower.tree().inode(lower).ok_or(Errno::EIO)?;
         if a.kind == FileType::Directory {
-            std::fs::create_dir(&path).map_err(err)?;
+            disk::create_dir(&path, false).map_err(err)?;
         } else {
             // Written beside, then renamed in: a crash never leaves a half copy.
             let tmp = path.with_file_name(disk::whiteout_name(b".bux-fuse-copy-up"));
-            let f = File::create(&tmp).map_err(err)?;
+            let f = disk::create_file(&tmp, false, true).map_err(err)?;
             match &i.data {
                 NodeData::Symlink(target) => f.write_all_at(target, 0).map_err(err)?,
                 NodeData::File { .. } | NodeData::Sparse { .. } if data => {
@@ -498,7 +500,8 @@ impl UpperFs {
             }
         }
         if self.lower_child(st, parent, name).is_some() {
-            File::create(dir_path.join(disk::whiteout_name(name))).map_err(err)?;
+            disk::create_file(&dir_path.join(disk::whiteout_name(name)), false, true)
+                .map_err(err)?;
         }
         st.names.remove(&(parent, name.to_vec()));
         let node = &mut st.nodes[n as usize - 1];
@@ -743,10 +746,11 @@ impl UpperFs {
         // An upper directory with no image directory of its own must not merge with one that
         // happens to have the new name.
         if is_dir && lower_dir.is_none() && self.lower_child(&st, newparent, newname).is_some() {
-            File::create(to.join(disk::OPAQUE)).map_err(err)?;
+            disk::create_file(&to.join(disk::OPAQUE), false, true).map_err(err)?;
         }
         if self.lower_child(&st, parent, name).is_some() {
-            File::create(self.path(&st, parent)?.join(disk::whiteout_name(name))).map_err(err)?;
+            let wh = self.path(&st, parent)?.join(disk::whiteout_name(name));
+            disk::create_file(&wh, false, true).map_err(err)?;
         }
         st.names.remove(&(parent, name.to_vec()));
         st.names.insert((newparent, newname.to_vec()), n);
@@ -1006,7 +1010,7 @@ impl Filesystem for UpperFs {
             _ => mode,
         };
         let r = self.make_entry(req, parent.0, name.as_bytes(), mode, umask, rdev, |p, _| {
-            File::create_new(p).map(drop).map_err(err)
+            disk::create_file(p, true, false).map(drop).map_err(err)
         });
         match r {
             Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
@@ -1032,10 +1036,10 @@ impl Filesystem for UpperFs {
             umask,
             0,
             |p, shadowed| {
-                std::fs::create_dir(p).map_err(err)?;
+                disk::create_dir(p, false).map_err(err)?;
                 if shadowed {
                     // The image's directory of that name was deleted: its entries stay hidden.
-                    File::create(p.join(disk::OPAQUE)).map_err(err)?;
+                    disk::create_file(&p.join(disk::OPAQUE), false, true).map_err(err)?;
                 }
                 Ok(())
             },
@@ -1070,7 +1074,9 @@ impl Filesystem for UpperFs {
     ) {
         let mode = libc::S_IFLNK | 0o777;
         let r = self.make_entry(req, parent.0, link_name.as_bytes(), mode, 0, 0, |p, _| {
-            std::fs::write(p, target.as_os_str().as_bytes()).map_err(err)
+            let f = disk::create_file(p, true, false).map_err(err)?;
+            f.write_all_at(target.as_os_str().as_bytes(), 0)
+                .map_err(err)
         });
         match r {
             Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
@@ -1161,12 +1167,7 @@ impl Filesystem for UpperFs {
     ) {
         let mode = libc::S_IFREG | (mode & 0o7777);
         let r = self.make_entry(req, parent.0, name.as_bytes(), mode, umask, 0, |p, _| {
-            std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .create_new(true)
-                .open(p)
-                .map_err(err)
+            disk::create_file(p, true, false).map_err(err)
         });
         match r {
             Ok((a, f)) => {
