@@ -353,3 +353,59 @@ fn a_users_upper_layer_is_owner_only_on_the_host() {
         "etc/new 644\nvar/lib/d 755\nroot 700\nroot/.profile 600\netc/ssh/key 600\n"
     );
 }
+
+/// A guest's fsync of a directory (after a rename, say) reaches the upper directory: the
+/// daemon syncs that directory. An image directory never written has nothing to sync.
+#[test]
+fn fsync_of_a_directory_syncs_the_upper_directory() {
+    need("strace");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-fsyncdir");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && echo x > m/etc/new"
+    ));
+    let m = user.home().join("m");
+    let pid = daemon_pid(&m).expect("the mount's daemon");
+    let log = user.dir.path().join("strace.log");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&log)
+        .arg("-p")
+        .arg(pid.to_string())
+        .spawn()
+        .unwrap();
+    // Attached once the daemon's threads show a tracer.
+    let traced = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !traced() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fsync = |d: &str| {
+        format!("python3 -c 'import os; fd = os.open(\"m/{d}\", os.O_RDONLY); os.fsync(fd)'")
+    };
+    user.ok(&format!(
+        "{} && {} && {}",
+        fsync("etc"),
+        fsync("usr"),
+        fsync("etc")
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signals the strace this test started.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    user.ok("$BUX umount m");
+    let log = std::fs::read_to_string(&log).unwrap();
+    let synced = log
+        .lines()
+        .filter(|l| l.contains("fsync(") && l.contains("/state/upper/etc>"))
+        .count();
+    assert_eq!(synced, 2, "{log}");
+}

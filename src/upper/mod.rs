@@ -301,38 +301,15 @@ impl UpperFs {
         let path = self.path(st, n)?;
         let a = self.lower.lower_attr(lower, n).ok_or(Errno::EIO)?;
         let i = self.lower.tree().inode(lower).ok_or(Errno::EIO)?;
-        if a.kind == FileType::Directory {
-            disk::create_dir(&path, false).map_err(err)?;
-        } else {
-            // Written beside, then renamed in: a crash never leaves a half copy.
-            let tmp = path.with_file_name(disk::whiteout_name(b".bux-fuse-copy-up"));
-            let f = disk::create_file(&tmp, false, true).map_err(err)?;
-            match &i.data {
-                NodeData::Symlink(target) => f.write_all_at(target, 0).map_err(err)?,
-                NodeData::File { .. } | NodeData::Sparse { .. } if data => {
-                    let mut off = 0;
-                    while off < a.size {
-                        let buf = self.lower.read_lower(lower, off, COPY_CHUNK)?;
-                        if buf.is_empty() {
-                            return Err(Errno::EIO);
-                        }
-                        f.write_all_at(&buf, off).map_err(err)?;
-                        off += buf.len() as u64;
-                    }
-                }
-                _ => {}
-            }
-            f.sync_data().map_err(err)?;
-            std::fs::rename(&tmp, &path).map_err(err)?;
+        // Made beside with all its metadata, then renamed in: a crash never leaves a half
+        // copy, nor one described by the host (its owner and mode, a symlink as a file).
+        let tmp = path.with_file_name(disk::whiteout_name(COPY_UP_TMP));
+        disk::clear(&tmp).map_err(err)?;
+        let made = self.copy_up_at(&tmp, lower, &a, &i, data);
+        if let Err(e) = made.and_then(|()| disk::publish(&tmp, &path).map_err(err)) {
+            let _ = disk::clear(&tmp);
+            return Err(e);
         }
-        let s = stat_from_attr(&a);
-        disk::set_xattr(&path, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0)
-            .map_err(err)?;
-        for (k, v) in i.xattrs {
-            let name = [disk::XATTR_PREFIX, k].concat();
-            disk::set_xattr(&path, &name, v, 0).map_err(err)?;
-        }
-        set_times(&path, Some(a.atime), Some(a.mtime)).map_err(err)?;
         let node = &mut st.nodes[n as usize - 1];
         node.upper = true;
         if a.kind != FileType::Directory {
@@ -369,6 +346,46 @@ impl UpperFs {
         Ok(())
     }
 
+    /// Makes at `tmp` the upper copy of image inode `lower` (attributes `a`) with its served
+    /// stat, xattrs and times; without `data` a file's bytes are not copied.
+    fn copy_up_at(
+        &self,
+        tmp: &Path,
+        lower: u64,
+        a: &FileAttr,
+        i: &crate::tree::Inode<'_>,
+        data: bool,
+    ) -> Res<()> {
+        if a.kind == FileType::Directory {
+            disk::create_dir(tmp, false).map_err(err)?;
+        } else {
+            let f = disk::create_file(tmp, true, false).map_err(err)?;
+            match &i.data {
+                NodeData::Symlink(target) => f.write_all_at(target, 0).map_err(err)?,
+                NodeData::File { .. } | NodeData::Sparse { .. } if data => {
+                    let mut off = 0;
+                    while off < a.size {
+                        let buf = self.lower.read_lower(lower, off, COPY_CHUNK)?;
+                        if buf.is_empty() {
+                            return Err(Errno::EIO);
+                        }
+                        f.write_all_at(&buf, off).map_err(err)?;
+                        off += buf.len() as u64;
+                    }
+                }
+                _ => {}
+            }
+            f.sync_data().map_err(err)?;
+        }
+        let s = stat_from_attr(a);
+        disk::set_xattr(tmp, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0).map_err(err)?;
+        for (k, v) in i.xattrs.iter() {
+            let name = [disk::XATTR_PREFIX, k].concat();
+            disk::set_xattr(tmp, &name, v, 0).map_err(err)?;
+        }
+        set_times(tmp, Some(a.atime), Some(a.mtime)).map_err(err)
+    }
+
     /// Makes `name` free in directory `parent` for a new entry: no whiteout left in the way.
     /// Returns whether the image had an entry there (then a new directory must be opaque).
     fn prepare_new(&self, st: &mut State, parent: u64, name: &[u8]) -> Res<(PathBuf, bool)> {
@@ -389,21 +406,7 @@ impl UpperFs {
     }
 
     /// Records a new upper entry at `path` and names it.
-    fn created(
-        &self,
-        st: &mut State,
-        parent: u64,
-        name: &[u8],
-        path: &Path,
-        stat: Stat,
-    ) -> Res<(u64, FileAttr)> {
-        disk::set_xattr(
-            path,
-            disk::STAT_XATTR.as_bytes(),
-            stat.encode().as_bytes(),
-            0,
-        )
-        .map_err(err)?;
+    fn created(&self, st: &mut State, parent: u64, name: &[u8]) -> Res<(u64, FileAttr)> {
         self.names_changed();
         let n = push(st, None, true);
         st.nodes[n as usize - 1].links.push((parent, name.to_vec()));
@@ -448,8 +451,20 @@ impl UpperFs {
         let (path, shadowed) = self.prepare_new(&mut st, parent, name)?;
         let mut s = self.new_stat(&st, req, parent, mode, umask);
         s.rdev = rdev;
-        let made = make(&path, shadowed)?;
-        let (_, a) = self.created(&mut st, parent, name, &path, s)?;
+        // Made beside with its stat, then renamed in: a crash never leaves an entry the host
+        // describes (a host-owned file, a symlink or device as a plain file).
+        let tmp = path.with_file_name(disk::whiteout_name(NEW_TMP));
+        disk::clear(&tmp).map_err(err)?;
+        let made = make(&tmp, shadowed).and_then(|made| {
+            disk::set_xattr(&tmp, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0)
+                .and_then(|()| disk::publish(&tmp, &path))
+                .map_err(err)
+                .map(|()| made)
+        });
+        let made = made.inspect_err(|_| {
+            let _ = disk::clear(&tmp);
+        })?;
+        let (_, a) = self.created(&mut st, parent, name)?;
         Ok((a, made))
     }
 
@@ -488,20 +503,30 @@ impl UpperFs {
             .flatten();
         let here_upper = on_disk.is_some();
         let orphan = !dir && on_disk.is_some_and(|md| md.nlink() == 1);
-        if orphan {
+        // The whiteout first: an upper entry of the name shows over it until it goes, so a
+        // crash in between never brings the image's entry back.
+        let wh = self
+            .lower_child(st, parent, name)
+            .map(|_| dir_path.join(disk::whiteout_name(name)));
+        if let Some(wh) = &wh {
+            disk::create_file(wh, false, true).map_err(err)?;
+        }
+        let gone = if orphan {
             // Its last name: the file may still be open, so it moves aside (a hidden name)
             // until the kernel forgets it, and everything keeps working on it meanwhile.
-            std::fs::rename(&at, self.root.join(orphan_name(n))).map_err(err)?;
+            std::fs::rename(&at, self.root.join(orphan_name(n)))
+        } else if here_upper && dir {
+            std::fs::remove_dir_all(&at)
         } else if here_upper {
-            if dir {
-                std::fs::remove_dir_all(&at).map_err(err)?;
-            } else {
-                std::fs::remove_file(&at).map_err(err)?;
+            std::fs::remove_file(&at)
+        } else {
+            Ok(())
+        };
+        if let Err(e) = gone {
+            if let Some(wh) = wh.filter(|_| here_upper) {
+                let _ = std::fs::remove_file(wh);
             }
-        }
-        if self.lower_child(st, parent, name).is_some() {
-            disk::create_file(&dir_path.join(disk::whiteout_name(name)), false, true)
-                .map_err(err)?;
+            return Err(err(e));
         }
         st.names.remove(&(parent, name.to_vec()));
         let node = &mut st.nodes[n as usize - 1];
@@ -742,11 +767,20 @@ impl UpperFs {
             from
         };
         self.names_changed();
-        std::fs::rename(&from, &to).map_err(err)?;
         // An upper directory with no image directory of its own must not merge with one that
-        // happens to have the new name.
-        if is_dir && lower_dir.is_none() && self.lower_child(&st, newparent, newname).is_some() {
-            disk::create_file(&to.join(disk::OPAQUE), false, true).map_err(err)?;
+        // happens to have the new name: marked before it moves (it hides nothing where it is).
+        let opaque =
+            (is_dir && lower_dir.is_none() && self.lower_child(&st, newparent, newname).is_some())
+                .then(|| from.join(disk::OPAQUE))
+                .filter(|o| !o.exists());
+        if let Some(o) = &opaque {
+            disk::create_file(o, false, true).map_err(err)?;
+        }
+        if let Err(e) = std::fs::rename(&from, &to) {
+            if let Some(o) = &opaque {
+                let _ = std::fs::remove_file(o);
+            }
+            return Err(err(e));
         }
         if self.lower_child(&st, parent, name).is_some() {
             let wh = self.path(&st, parent)?.join(disk::whiteout_name(name));
@@ -780,6 +814,9 @@ fn orphan_name(n: u64) -> OsString {
 }
 
 const ORPHAN: &str = ".bux-fuse-orphan-";
+/// Temporary names (hidden: whiteout names of these) of entries being made.
+const COPY_UP_TMP: &[u8] = b".bux-fuse-copy-up";
+const NEW_TMP: &[u8] = b".bux-fuse-new";
 
 fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
     st.nodes.push(Node {
@@ -1283,6 +1320,37 @@ impl Filesystem for UpperFs {
                 f.sync_data()
             } else {
                 f.sync_all()
+            }
+            .map_err(err)
+        })();
+        match r {
+            Ok(()) => reply.ok(),
+            Err(e) => reply.error(e),
+        }
+    }
+
+    fn fsyncdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        datasync: bool,
+        reply: ReplyEmpty,
+    ) {
+        // A guest syncs a directory to make its names durable (after a rename, say): the
+        // upper directory's are.
+        let r = (|| {
+            let dir = {
+                let st = self.state();
+                if !self.node(&st, ino.0)?.upper {
+                    return Ok(()); // the image's entries, never changed
+                }
+                File::open(self.path(&st, ino.0)?).map_err(err)?
+            };
+            if datasync {
+                dir.sync_data()
+            } else {
+                dir.sync_all()
             }
             .map_err(err)
         })();
