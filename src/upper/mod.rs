@@ -53,11 +53,18 @@ struct Node {
     lower: Option<u64>,
     /// Whether it exists in the upper directory (at its path).
     upper: bool,
+    /// How many times the kernel was handed it (entries replied) and has not forgotten: at 0
+    /// with no name left, the node goes.
+    lookups: u64,
+    /// Whether [`State::by_lower`] or [`State::by_upper`] may name it.
+    shared: bool,
 }
 
 struct State {
-    /// Node `n` is `nodes[n - 1]`; node 1 is the root.
-    nodes: Vec<Node>,
+    /// Nodes by number; node 1 is the root. Numbers are never reused.
+    nodes: HashMap<u64, Node>,
+    /// The number of the next new node.
+    next: u64,
     /// Resolved names (all changes go through us, so this stays true).
     names: HashMap<(u64, Vec<u8>), u64>,
     /// Image inodes with several names (hardlinks) share one node.
@@ -73,7 +80,8 @@ type Listing = Arc<Vec<(u64, FileType, OsString)>>;
 pub struct UpperFs {
     lower: ImageFs,
     root: PathBuf,
-    state: Mutex<State>,
+    /// Shared only with the tests, which count nodes while the session has the filesystem.
+    state: Arc<Mutex<State>>,
     /// Upper files by node, open: files are not opened through FUSE (the kernel sends no
     /// open when the filesystem declines them), so reads and writes find them here.
     files: Mutex<lru::LruCache<u64, Arc<File>>>,
@@ -102,16 +110,22 @@ impl UpperFs {
         std::fs::set_permissions(upper, std::fs::Permissions::from_mode(disk::DIR_MODE))?;
         let fs = UpperFs {
             root: upper.to_path_buf(),
-            state: Mutex::new(State {
-                nodes: vec![Node {
-                    links: vec![(ROOT_INO, Vec::new())],
-                    lower: Some(ROOT_INO),
-                    upper: true,
-                }],
+            state: Arc::new(Mutex::new(State {
+                nodes: HashMap::from([(
+                    ROOT_INO,
+                    Node {
+                        links: vec![(ROOT_INO, Vec::new())],
+                        lower: Some(ROOT_INO),
+                        upper: true,
+                        lookups: 0,
+                        shared: false,
+                    },
+                )]),
+                next: ROOT_INO + 1,
                 names: HashMap::new(),
                 by_lower: HashMap::new(),
                 by_upper: HashMap::new(),
-            }),
+            })),
             lower,
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
             no_open: false,
@@ -147,7 +161,7 @@ impl UpperFs {
     fn path(&self, st: &State, mut n: u64) -> Res<PathBuf> {
         let mut names = Vec::new();
         while n != ROOT_INO {
-            let node = st.nodes.get(n as usize - 1).ok_or(Errno::ENOENT)?;
+            let node = st.nodes.get(&n).ok_or(Errno::ENOENT)?;
             let (parent, name) = node.links.first().ok_or(Errno::ENOENT)?;
             names.push(name.as_slice());
             n = *parent;
@@ -160,9 +174,7 @@ impl UpperFs {
     }
 
     fn node<'a>(&self, st: &'a State, n: u64) -> Res<&'a Node> {
-        n.checked_sub(1)
-            .and_then(|i| st.nodes.get(i as usize))
-            .ok_or(Errno::ENOENT)
+        st.nodes.get(&n).ok_or(Errno::ENOENT)
     }
 
     /// Whether the image shows `name` in directory node `parent` (hidden or not by the upper).
@@ -212,6 +224,7 @@ impl UpperFs {
                         let n = push(st, lower, true);
                         if !md.is_dir() && md.nlink() > 1 {
                             st.by_upper.insert(md.ino(), n);
+                            st.at(n)?.shared = true;
                         }
                         n
                     }
@@ -226,18 +239,17 @@ impl UpperFs {
                         let n = push(st, Some(ino), false);
                         if i.kind != EntryKind::Dir && i.nlink > 1 {
                             st.by_lower.insert(ino, n);
+                            st.at(n)?.shared = true;
                         }
                         n
                     }
                 }
             }
         };
-        st.nodes[id as usize - 1]
-            .links
-            .push((parent, name.to_vec()));
+        st.at(id)?.links.push((parent, name.to_vec()));
         st.names.insert((parent, name.to_vec()), id);
         // A hardlink of an image file copied up earlier in this mount: link it here too.
-        if from_image && st.nodes[id as usize - 1].upper {
+        if from_image && st.at(id)?.upper {
             let from = self.path(st, id)?;
             self.copy_up(st, parent)?;
             let to = self.path(st, parent)?.join(OsStr::from_bytes(name));
@@ -310,7 +322,7 @@ impl UpperFs {
             let _ = disk::clear(&tmp);
             return Err(e);
         }
-        let node = &mut st.nodes[n as usize - 1];
+        let node = st.at(n)?;
         node.upper = true;
         if a.kind != FileType::Directory {
             node.lower = None;
@@ -409,7 +421,9 @@ impl UpperFs {
     fn created(&self, st: &mut State, parent: u64, name: &[u8]) -> Res<(u64, FileAttr)> {
         self.names_changed();
         let n = push(st, None, true);
-        st.nodes[n as usize - 1].links.push((parent, name.to_vec()));
+        let node = st.at(n)?;
+        node.links.push((parent, name.to_vec()));
+        node.lookups += 1; // replied as an entry
         st.names.insert((parent, name.to_vec()), n);
         Ok((n, self.attr(st, n)?))
     }
@@ -529,7 +543,7 @@ impl UpperFs {
             return Err(err(e));
         }
         st.names.remove(&(parent, name.to_vec()));
-        let node = &mut st.nodes[n as usize - 1];
+        let node = st.at(n)?;
         node.links.retain(|(p, nm)| !(*p == parent && nm == name));
         if orphan {
             node.links = vec![(ROOT_INO, orphan_name(n).as_bytes().to_vec())];
@@ -788,7 +802,7 @@ impl UpperFs {
         }
         st.names.remove(&(parent, name.to_vec()));
         st.names.insert((newparent, newname.to_vec()), n);
-        let node = &mut st.nodes[n as usize - 1];
+        let node = st.at(n)?;
         node.links.retain(|(p, nm)| !(*p == parent && nm == name));
         node.links.insert(0, (newparent, newname.to_vec()));
         Ok(())
@@ -819,12 +833,49 @@ const COPY_UP_TMP: &[u8] = b".bux-fuse-copy-up";
 const NEW_TMP: &[u8] = b".bux-fuse-new";
 
 fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
-    st.nodes.push(Node {
-        links: Vec::new(),
-        lower,
-        upper,
-    });
-    st.nodes.len() as u64
+    let n = st.next;
+    st.next += 1;
+    st.nodes.insert(
+        n,
+        Node {
+            links: Vec::new(),
+            lower,
+            upper,
+            lookups: 0,
+            shared: false,
+        },
+    );
+    n
+}
+
+impl State {
+    fn at(&mut self, n: u64) -> Res<&mut Node> {
+        self.nodes.get_mut(&n).ok_or(Errno::ENOENT)
+    }
+
+    /// The kernel forgot `count` of its lookups of node `n`: once none is left, an orphan's
+    /// file goes, and a node no name leads to is dropped. Returns the orphan file to remove.
+    fn forget(&mut self, n: u64, count: u64) -> Option<OsString> {
+        let node = self.nodes.get_mut(&n)?;
+        node.lookups = node.lookups.saturating_sub(count);
+        if node.lookups > 0 {
+            return None;
+        }
+        let orphan = orphan_name(n);
+        let gone = node.links.first().map(|(_, name)| name.as_slice()) == Some(orphan.as_bytes());
+        if gone {
+            node.links.clear();
+        }
+        if n != ROOT_INO && node.links.is_empty() {
+            let shared = node.shared;
+            self.nodes.remove(&n);
+            if shared {
+                self.by_lower.retain(|_, v| *v != n);
+                self.by_upper.retain(|_, v| *v != n);
+            }
+        }
+        gone.then_some(orphan)
+    }
 }
 
 trait FromVecBytes {
@@ -950,21 +1001,20 @@ impl Filesystem for UpperFs {
         Ok(())
     }
 
-    fn forget(&self, _req: &Request, ino: INodeNo, _nlookup: u64) {
-        // The kernel dropped the inode: no open file of it is left, and an orphan can go.
-        self.files
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .pop(&ino.0);
+    fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let mut st = self.state();
-        let Ok(node) = self.node(&st, ino.0) else {
+        let Some(node) = st.nodes.get(&ino.0) else {
             return;
         };
-        if node.links.first().map(|(_, name)| name.as_slice())
-            == Some(orphan_name(ino.0).as_bytes())
-        {
-            let _ = std::fs::remove_file(self.root.join(orphan_name(ino.0)));
-            st.nodes[ino.0 as usize - 1].links.clear();
+        if node.lookups <= nlookup {
+            // The kernel dropped the inode: no open file of it is left.
+            self.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .pop(&ino.0);
+        }
+        if let Some(orphan) = st.forget(ino.0, nlookup) {
+            let _ = std::fs::remove_file(self.root.join(orphan));
         }
     }
 
@@ -973,7 +1023,11 @@ impl Filesystem for UpperFs {
         let r = self
             .child(&mut st, parent.0, name.as_bytes())
             .and_then(|c| c.ok_or(Errno::ENOENT))
-            .and_then(|n| self.attr(&st, n));
+            .and_then(|n| {
+                let a = self.attr(&st, n)?;
+                st.at(n)?.lookups += 1; // replied as an entry
+                Ok(a)
+            });
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -1163,9 +1217,10 @@ impl Filesystem for UpperFs {
             self.names_changed();
             let md = std::fs::symlink_metadata(&to).map_err(err)?;
             st.by_upper.insert(md.ino(), ino.0);
-            st.nodes[ino.0 as usize - 1]
-                .links
-                .push((newparent.0, newname.as_bytes().to_vec()));
+            let node = st.at(ino.0)?;
+            node.shared = true;
+            node.lookups += 1; // replied as an entry
+            node.links.push((newparent.0, newname.as_bytes().to_vec()));
             st.names
                 .insert((newparent.0, newname.as_bytes().to_vec()), ino.0);
             self.attr(&st, ino.0)
@@ -1491,5 +1546,65 @@ impl Filesystem for UpperFs {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::index::EntryKind;
+    use crate::tree::test_support::{entry, merged};
+
+    /// Files made and removed over and over leave no nodes behind once the kernel forgets them
+    /// (the daemon's memory stays flat however long the guest runs).
+    #[test]
+    fn forgotten_unlinked_nodes_are_dropped() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let tree = merged(&[vec![
+            entry("etc", EntryKind::Dir),
+            entry("etc/hosts", EntryKind::File),
+        ]])
+        .unwrap();
+        let image = ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)));
+        let (upper, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let fs = UpperFs::new(image, &upper.path().join("upper")).unwrap();
+        let state = fs.state.clone();
+        let nodes = || state.lock().unwrap().nodes.len();
+        let session = fuser::spawn_mount(fs, mnt.path(), &fuser::Config::default()).unwrap();
+        let etc = mnt.path().join("etc");
+        for i in 0..2000 {
+            let f = etc.join(format!("f{i}"));
+            std::fs::write(&f, b"x").unwrap();
+            std::fs::remove_file(&f).unwrap();
+            // A directory made and removed, and an image file deleted and made again.
+            if i % 100 == 0 {
+                std::fs::create_dir(etc.join("d")).unwrap();
+                std::fs::remove_dir(etc.join("d")).unwrap();
+                std::fs::remove_file(etc.join("hosts")).unwrap();
+                std::fs::write(etc.join("hosts"), b"h").unwrap();
+            }
+        }
+        // The kernel sends its forgets in the background.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while nodes() > 10 && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        assert!(
+            nodes() <= 10,
+            "{} nodes after 2000 files came and went",
+            nodes()
+        );
+        assert_eq!(std::fs::read(etc.join("hosts")).unwrap(), b"h");
+        // Their files went too (an unlinked file waits under a hidden name until forgotten).
+        let left: Vec<_> = std::fs::read_dir(upper.path().join("upper"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(left, ["etc"], "{left:?}");
+        drop(session);
     }
 }
