@@ -251,3 +251,161 @@ fn root_makes_a_device_node_on_a_users_allow_other_mount() {
         "0:5 644 character special file 5:1\n0:0 660 character special file 1:3\n"
     );
 }
+
+/// Image names of 252–255 bytes: their whiteout (`.wh.` + name) would not fit in a name, so
+/// deleting or moving them away fails cleanly and changes nothing, now and after a remount;
+/// names the upper layer alone has come and go as usual.
+#[test]
+fn a_name_too_long_for_its_whiteout_is_refused_and_nothing_changes() {
+    let (f253, d254, e255) = ("f".repeat(253), "d".repeat(254), "e".repeat(255));
+    let l = LayerBuilder::new()
+        .dir("long", 0o755)
+        .file(&format!("long/{f253}"), b"image\n")
+        .dir(&format!("long/{d254}"), 0o755)
+        .file(&format!("long/{d254}/inside"), b"inside\n")
+        .dir(&format!("long/{e255}"), 0o755)
+        .file("long/short", b"short\n")
+        .finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let reg = Registry::start();
+    reg.push(&work.path().join("l"), "v1", "t/rootless-long", None);
+    let r = format!("{}/t/rootless-long:v1", reg.host());
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    // Each refused change says so, and the next line shows nothing changed.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m/long && echo edit >> {f253} && \
+         (rm {f253} 2>&1 || true) && cat {f253} && \
+         (mv {f253} moved 2>&1 || true) && cat {f253} && test ! -e moved && \
+         (rm -r {d254} 2>&1 || true) && ls {d254} | wc -l && \
+         (rmdir {e255} 2>&1 || true) && test -d {e255} && \
+         touch {e255}/new && rm {e255}/new && \
+         touch n{f253} && rm n{f253} && rm short && \
+         ls | wc -l && cd ../.. && $BUX umount m"
+    ));
+    let long = "File name too long";
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 10, "{out}");
+    assert!(lines[0].contains(long), "{out}");
+    assert_eq!(lines[1..3], ["image", "edit"], "{out}");
+    assert!(lines[3].contains(long), "{out}");
+    assert_eq!(lines[4..6], ["image", "edit"], "{out}");
+    assert!(lines[6].contains(long), "{out}");
+    // `rm -r` removed what it could (the entry inside), and the directory stays.
+    assert_eq!(lines[7], "0", "{out}");
+    assert!(lines[8].contains(long), "{out}");
+    assert_eq!(lines[9], "3", "{out}");
+    // After a remount: the edit kept, the refused deletions never happened, the one that was
+    // allowed did.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cat m/long/{f253} && ls m/long/{d254} | wc -l && \
+         test -d m/long/{e255} && test ! -e m/long/short && ls m/long | wc -l && $BUX umount m"
+    ));
+    assert_eq!(out, "image\nedit\n0\n3\n");
+}
+
+/// The upper directory holds the guest's files owner-only (0600, directories 0700) whatever
+/// mode the guest gave them: `/root`, `/etc/shadow` and keys are not for other host users.
+/// The guest is served the modes it set. The same directory through a symlink is one upper
+/// layer: a second mount on it is refused.
+#[test]
+fn a_users_upper_layer_is_owner_only_on_the_host() {
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-modes");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    let out = user.ok(&format!(
+        "umask 022 && $BUX -q mount --upper state {r} m && cd m && \
+         echo new > etc/new && mkdir -p var/lib/d && mkfifo var/fifo && ln -s /x var/sl && \
+         echo more >> root/.profile && chown 1234:5678 etc/shadow && rm bin/su && \
+         mkdir etc/ssh && echo key > etc/ssh/key && chmod 600 etc/ssh/key && \
+         stat -c '%n %a' / etc/new var var/lib/d var/fifo root root/.profile etc/shadow \
+         etc/ssh etc/ssh/key && cd .. && \
+         ( ln -s state link && $BUX -q mount --upper link {r} m2 2>&1 || true ) && \
+         $BUX umount m && find state/upper -perm /077 | wc -l && stat -c %a state/upper"
+    ));
+    let (served, rest) = out.split_at(out.find("bux-fuse: ").unwrap_or(0));
+    assert_eq!(
+        served,
+        "/ 755\netc/new 644\nvar 755\nvar/lib/d 755\nvar/fifo 644\nroot 700\n\
+         root/.profile 600\netc/shadow 600\netc/ssh 755\netc/ssh/key 600\n",
+    );
+    let rest: Vec<&str> = rest.lines().collect();
+    assert!(
+        rest.len() == 3 && rest[0].contains("link is in use by another writable mount"),
+        "{out}"
+    );
+    // On the host: nothing in the upper directory for the group or others.
+    assert_eq!(rest[1..], ["0", "700"], "{out}");
+    // Served the same after a remount.
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m && \
+         stat -c '%n %a' etc/new var/lib/d root root/.profile etc/ssh/key && cd .. && \
+         $BUX umount m"
+    ));
+    assert_eq!(
+        out,
+        "etc/new 644\nvar/lib/d 755\nroot 700\nroot/.profile 600\netc/ssh/key 600\n"
+    );
+}
+
+/// A guest's fsync of a directory (after a rename, say) reaches the upper directory: the
+/// daemon syncs that directory. An image directory never written has nothing to sync.
+#[test]
+fn fsync_of_a_directory_syncs_the_upper_directory() {
+    need("strace");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-fsyncdir");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && echo x > m/etc/new"
+    ));
+    let m = user.home().join("m");
+    let pid = daemon_pid(&m).expect("the mount's daemon");
+    let log = user.dir.path().join("strace.log");
+    let mut strace = std::process::Command::new("strace")
+        .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
+        .arg(&log)
+        .arg("-p")
+        .arg(pid.to_string())
+        .spawn()
+        .unwrap();
+    // Attached once the daemon's threads show a tracer.
+    let traced = || {
+        std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/status")).is_ok_and(|s| {
+            s.lines()
+                .any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
+        })
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !traced() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let fsync = |d: &str| {
+        format!("python3 -c 'import os; fd = os.open(\"m/{d}\", os.O_RDONLY); os.fsync(fd)'")
+    };
+    user.ok(&format!(
+        "{} && {} && {}",
+        fsync("etc"),
+        fsync("usr"),
+        fsync("etc")
+    ));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    // SAFETY: signals the strace this test started.
+    unsafe { libc::kill(strace.id() as i32, libc::SIGINT) };
+    let _ = strace.wait();
+    user.ok("$BUX umount m");
+    let log = std::fs::read_to_string(&log).unwrap();
+    let synced = log
+        .lines()
+        .filter(|l| l.contains("fsync(") && l.contains("/state/upper/etc>"))
+        .count();
+    assert_eq!(synced, 2, "{log}");
+}

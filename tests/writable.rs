@@ -356,3 +356,84 @@ fn a_dead_writable_daemon_leaves_nothing_behind() {
     assert_eq!(mounts_under_run(), 0);
     assert_eq!(std::fs::read_dir(&run).unwrap().count(), 0);
 }
+
+/// A persistent `--upper` whose grandparent happens to be named `scratch` is the user's, not a
+/// scratch layer: `umount` keeps it (only the store's own scratch layer goes).
+#[test]
+fn umount_keeps_an_upper_under_a_directory_named_scratch() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rwscratch", None);
+    let r = format!("{}/t/rwscratch:v1", reg.host());
+    let bux = Bux::new();
+    let upper = work.path().join("scratch/mine");
+    let m = writable_mount(&bux, &r, Some(&upper));
+    std::fs::write(m.path.join("etc/kept"), b"kept\n").unwrap();
+    drop(m);
+    assert_eq!(
+        std::fs::read(upper.join("upper/etc/kept")).unwrap(),
+        b"kept\n",
+        "umount removed the user's --upper"
+    );
+    // A scratch mount's layer still goes at umount.
+    let m = writable_mount(&bux, &r, None);
+    std::fs::write(m.path.join("etc/gone"), b"x\n").unwrap();
+    drop(m);
+    let scratch = bux.store.path().join("scratch");
+    assert_eq!(
+        std::fs::read_dir(&scratch).map(|d| d.count()).unwrap_or(0),
+        0,
+        "scratch left in {}",
+        scratch.display()
+    );
+    // And the persistent one mounts again with the change.
+    let m = writable_mount(&bux, &r, Some(&upper));
+    assert_eq!(std::fs::read(m.path.join("etc/kept")).unwrap(), b"kept\n");
+}
+
+/// The same `--upper` directory reached through a symlink is the same upper layer: a second
+/// mount on it is refused, and the first keeps working.
+#[test]
+fn an_upper_reached_through_a_symlink_is_still_in_use() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", "t/rwlink", None);
+    let r = format!("{}/t/rwlink:v1", reg.host());
+    let bux = Bux::new();
+    let upper = work.path().join("state");
+    let link = work.path().join("link");
+    std::fs::create_dir(&upper).unwrap();
+    std::os::unix::fs::symlink(&upper, &link).unwrap();
+
+    let a = writable_mount(&bux, &r, Some(&upper));
+    let other = tempfile::tempdir().unwrap();
+    let second = other.path().join("r");
+    for extra in [&[][..], &["--own-server"][..]] {
+        let mut args = vec![
+            "mount",
+            "-q",
+            "--upper",
+            link.to_str().unwrap(),
+            &r,
+            second.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        let out = bux.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            let _ = bux.run(&["umount", second.to_str().unwrap()]);
+        }
+        assert!(
+            !out.status.success() && err.contains("in use by another writable mount"),
+            "a second mount on the same upper through a symlink ({extra:?}): {err}"
+        );
+    }
+    std::fs::write(a.path.join("etc/still"), b"ok\n").unwrap();
+    assert_eq!(std::fs::read(a.path.join("etc/still")).unwrap(), b"ok\n");
+    drop(a);
+    // Through the symlink, once free.
+    let b = writable_mount(&bux, &r, Some(&link));
+    assert_eq!(std::fs::read(b.path.join("etc/still")).unwrap(), b"ok\n");
+}

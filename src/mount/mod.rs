@@ -280,11 +280,7 @@ pub fn unmount_all(path: &Path) -> Result<()> {
     unmount_over_server(path)?;
     // A writable mount over a shared image server: its scratch upper layer goes (the server
     // itself leaves once nothing stands on it).
-    if let Some(scratch) = upper
-        .as_deref()
-        .and_then(Path::parent)
-        .filter(|s| s.parent().is_some_and(|p| p.ends_with("scratch")))
-    {
+    if let Some(scratch) = upper.as_deref().and_then(recorded_scratch) {
         let _ = std::fs::remove_dir_all(scratch);
     }
     if let Some(lower) = lower {
@@ -423,11 +419,50 @@ pub fn clean_run_dir(run_dir: &Path) -> usize {
     n
 }
 
-/// Whether a mounted overlay has `upper` as its upper layer.
+/// Whether a mounted overlay has `upper` as its upper layer: the same directory (device and
+/// inode), whatever path reaches it.
 fn overlay_upper_in_use(upper: &Path) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(want) = std::fs::metadata(upper) else {
+        return false; // no overlay writes to a directory that is not there
+    };
     table::read()
         .iter()
-        .any(|m| m.fstype == "overlay" && m.path_option("upperdir").as_deref() == Some(upper))
+        .filter(|m| m.fstype == "overlay")
+        .filter_map(|m| m.path_option("upperdir"))
+        .any(|u| {
+            std::fs::metadata(u).is_ok_and(|md| (md.dev(), md.ino()) == (want.dev(), want.ino()))
+        })
+}
+
+/// The file by which the store records, in a scratch layer's directory it made, that the
+/// directory is its own: it holds the directory's device and inode number, so a copy or a
+/// look-alike path (a user's `--upper .../scratch/x`) is never taken for one.
+const SCRATCH_RECORD: &str = "bux-fuse-scratch";
+
+/// Makes `dir` (a new scratch layer's directory) and records it as the store's.
+fn make_scratch(dir: &Path) -> io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    std::fs::create_dir_all(dir)?;
+    let md = std::fs::symlink_metadata(dir)?;
+    std::fs::write(
+        dir.join(SCRATCH_RECORD),
+        format!("{}:{}\n", md.dev(), md.ino()),
+    )
+}
+
+/// The scratch layer directory whose upper layer is `upper`, if the store recorded it as one
+/// it made ([`make_scratch`]); `None` for anything else (a user's `--upper`).
+fn recorded_scratch(upper: &Path) -> Option<PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    if upper.file_name()? != "upper" {
+        return None;
+    }
+    let dir = upper.parent()?;
+    let md = std::fs::symlink_metadata(dir).ok()?;
+    let record = std::fs::read_to_string(dir.join(SCRATCH_RECORD)).ok()?;
+    (md.is_dir() && record.trim() == format!("{}:{}", md.dev(), md.ino()))
+        .then(|| dir.to_path_buf())
 }
 
 /// Removes scratch upper layers (`$STORE/scratch/*`) of writable mounts over a shared image
@@ -753,18 +788,6 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u).map_err(mount_err)?),
         None => None,
     };
-    // No process holds that lock once the command that mounted has left: the mount table
-    // tells whether an overlay still writes there.
-    if let Some(u) = opts
-        .upper
-        .as_deref()
-        .filter(|u| overlay_upper_in_use(&u.join("upper")))
-    {
-        return Err(mount_err(format!(
-            "--upper {} is in use by another writable mount (one upper layer, one mount)",
-            u.display()
-        )));
-    }
     let (lower, _image_lock) = shared::lower(store, record, exe)?;
     let writable = if opts.writable {
         // No process of this mount outlives it: the scratch upper is found (and removed) by
@@ -776,6 +799,10 @@ fn mount_shared(
             std::process::id(),
             SEQ.fetch_add(1, Ordering::Relaxed)
         ));
+        if opts.upper.is_none() {
+            make_scratch(&scratch)
+                .map_err(|e| mount_err(format!("creating {}: {e}", scratch.display())))?;
+        }
         let base = opts.upper.clone().unwrap_or_else(|| scratch.clone());
         if let Err(e) = mount_overlay(&lower.lowerdir(), lower.in_kernel(), &base, &dir) {
             let _ = std::fs::remove_dir_all(&scratch);
@@ -1021,17 +1048,20 @@ fn raise_readahead(mount_point: &Path) {
     }
 }
 
-/// Locks `--upper DIR` for one writable mount at a time.
+/// Locks `--upper DIR` for one writable mount at a time: the directory itself (so every path
+/// to it takes the same lock), held for the life of a mount served by this process. No process
+/// holds it once the command that mounted an overlay over a shared server has left: the mount
+/// table then tells whether an overlay still writes there.
 fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(base).map_err(|e| format!("creating {}: {e}", base.display()))?;
-    let path = base.join("lock");
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&path)
-        .map_err(|e| format!("opening {}: {e}", path.display()))?;
+    let file = std::fs::File::open(base).map_err(|e| format!("opening {}: {e}", base.display()))?;
+    let in_use = || {
+        format!(
+            "--upper {} is in use by another writable mount (one upper layer, one mount)",
+            base.display()
+        )
+    };
     // A mount unmounted a moment ago may still be exiting (unmounting detaches at once): give
     // its daemon a little time to let go.
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
@@ -1041,10 +1071,10 @@ fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
             std::thread::sleep(std::time::Duration::from_millis(20));
             continue;
         }
-        return Err(format!(
-            "--upper {} is in use by another writable mount (one upper layer, one mount)",
-            base.display()
-        ));
+        return Err(in_use());
+    }
+    if overlay_upper_in_use(&base.join("upper")) {
+        return Err(in_use());
     }
     Ok(file)
 }

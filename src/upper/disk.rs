@@ -51,6 +51,59 @@ impl Stat {
     }
 }
 
+/// Mode of every file in the upper directory: the served mode is [`STAT_XATTR`], and the
+/// guest's `/etc/shadow` or keys must not be readable by other host users.
+pub const FILE_MODE: u32 = 0o600;
+/// Mode of every directory in the upper directory (the guest's `/root` is 0700 too).
+pub const DIR_MODE: u32 = 0o700;
+
+/// Opens `path` for reading and writing, created owner-only if missing (truncated if
+/// `truncate`, refused if there if `new`).
+pub fn create_file(path: &Path, new: bool, truncate: bool) -> io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut o = std::fs::OpenOptions::new();
+    o.read(true).write(true).mode(FILE_MODE);
+    if new {
+        o.create_new(true);
+    } else {
+        o.create(true).truncate(truncate);
+    }
+    o.open(path)
+}
+
+/// Makes directory `path`, owner-only (`recursive`: and its missing parents).
+pub fn create_dir(path: &Path, recursive: bool) -> io::Result<()> {
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(recursive)
+        .mode(DIR_MODE)
+        .create(path)
+}
+
+/// Removes whatever an interrupted operation left at the temporary name `tmp`.
+pub fn clear(tmp: &Path) -> io::Result<()> {
+    match std::fs::symlink_metadata(tmp) {
+        Ok(md) if md.is_dir() => std::fs::remove_dir_all(tmp),
+        Ok(_) => std::fs::remove_file(tmp),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+        Err(e) => Err(e),
+    }
+}
+
+/// Moves `tmp`, made and described in full (its [`STAT_XATTR`] set), into place at `to`: a
+/// crash leaves either nothing or the whole entry, never one the host would describe (a
+/// host-owned file, a symlink or device as a plain file). `tmp` is removed if that fails.
+pub fn publish(tmp: &Path, to: &Path) -> io::Result<()> {
+    debug_assert!(
+        matches!(get_xattr(tmp, STAT_XATTR.as_bytes()), Ok(Some(_))),
+        "{} published without its stat",
+        to.display()
+    );
+    std::fs::rename(tmp, to).inspect_err(|_| {
+        let _ = clear(tmp);
+    })
+}
+
 /// The name of a whiteout for `name`.
 pub fn whiteout_name(name: &[u8]) -> std::ffi::OsString {
     OsStr::from_bytes(&[WHITEOUT_PREFIX, name].concat()).to_os_string()
@@ -158,6 +211,40 @@ pub fn stat_of(path: &Path, md: &std::fs::Metadata) -> Stat {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_entry_is_published_with_its_stat() {
+        let d = tempfile::tempdir().unwrap();
+        let (tmp, to) = (d.path().join(".wh.tmp"), d.path().join("to"));
+        create_dir(&tmp, false).unwrap();
+        create_file(&tmp.join("inside"), true, false).unwrap();
+        let s = Stat {
+            uid: 0,
+            gid: 0,
+            mode: libc::S_IFDIR | 0o700,
+            rdev: 0,
+        };
+        set_xattr(&tmp, STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0).unwrap();
+        publish(&tmp, &to).unwrap();
+        assert!(!tmp.exists() && to.join("inside").exists());
+        let md = std::fs::symlink_metadata(&to).unwrap();
+        assert_eq!(stat_of(&to, &md), s);
+        // A failed move leaves nothing behind at the temporary name.
+        create_file(&tmp, true, false).unwrap();
+        set_xattr(&tmp, STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0).unwrap();
+        assert!(publish(&tmp, &d.path().join("missing/to")).is_err());
+        assert!(!tmp.exists());
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "published without its stat")]
+    fn an_entry_without_its_stat_is_not_published() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = d.path().join(".wh.tmp");
+        create_file(&tmp, true, false).unwrap();
+        let _ = publish(&tmp, &d.path().join("to"));
+    }
 
     #[test]
     fn stat_round_trips_and_rejects_junk() {
