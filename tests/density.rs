@@ -593,6 +593,7 @@ fn a_restarted_worker_serves_its_image_after_a_retag_and_rm_force() {
     assert_eq!(std::fs::read(ro.join("srv/marker")).unwrap(), b"top");
     guard.unmount();
     wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
+}
 
 /// Images whose metadata image the kernel would misread or overlayfs could not follow: one
 /// with a file of over 256 KiB of xattrs (past the 16-bit count of an EROFS inode's xattrs; a
