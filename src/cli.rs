@@ -703,7 +703,15 @@ fn run(cli: Cli) -> Result<()> {
             let (files, bytes) = store.gc()?;
             let runs = crate::mount::clean_run_dir(&store.root().join("run"))
                 + crate::mount::clean_scratch(&store.root().join("scratch"));
+            let places = crate::mount::shared::remove_idle_places(&store);
             println!("removed {files} files, freed {}", human(bytes));
+            if places > 0 {
+                let servers = if places == 1 { "server" } else { "servers" };
+                println!(
+                    "removed the state of {places} image {servers} that {}",
+                    if places == 1 { "has left" } else { "have left" }
+                );
+            }
             if runs > 0 {
                 println!("cleaned {runs} writable mounts whose daemon died");
             }

@@ -708,3 +708,37 @@ fn open_long(root: &Path, rel: &str) -> std::io::Result<std::fs::File> {
     // SAFETY: fd is an open file, ours.
     Ok(unsafe { std::fs::File::from_raw_fd(fd) })
 }
+
+/// `gc` removes what an image server that has left kept (its log, recorded FUSE_INIT, pid
+/// files, leased record, mount points), and keeps that of a live one. Before, `shared/<hex>/`
+/// stayed for good.
+#[test]
+fn gc_removes_the_state_of_servers_that_have_left() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/gcplace");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let m = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    let places = || -> Vec<PathBuf> {
+        std::fs::read_dir(bux.store.path().join("shared"))
+            .map(|d| d.flatten().map(|e| e.path()).collect())
+            .unwrap_or_default()
+    };
+    assert_eq!(places().len(), 1);
+    bux.ok(&["gc"]);
+    assert_eq!(places().len(), 1, "a live server's state was removed");
+    assert!(places()[0].join("log").exists());
+    m.unmount();
+    wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
+    let out = bux.ok(&["gc"]);
+    assert!(out.contains("state of 1 image server that"), "{out}");
+    assert_eq!(places(), Vec::<PathBuf>::new());
+    // And the image mounts again as ever.
+    let m = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    assert_eq!(
+        std::fs::read(dir.path().join("ro/srv/marker")).unwrap(),
+        b"top"
+    );
+    m.unmount();
+}

@@ -140,6 +140,41 @@ fn pid_alive(file: &Path) -> bool {
     read_pid(file).is_some_and(crate::store::alive)
 }
 
+/// Removes the state of image servers that have left (`shared/<manifest>/`: their log, the
+/// recorded FUSE_INIT, pid files, the leased record and the empty mount points), as `gc` does;
+/// a place with a live server or anything mounted under it stays. Returns how many went.
+pub fn remove_idle_places(store: &Store) -> usize {
+    let Ok(entries) = std::fs::read_dir(store.root().join("shared")) else {
+        return 0;
+    };
+    let table = table::read();
+    if table.is_empty() {
+        return 0; // unreadable: nothing is known to be unmounted
+    }
+    let mut removed = 0;
+    for entry in entries.flatten() {
+        let place = Place::at(entry.path());
+        if pid_alive(&place.pid()) || pid_alive(&place.worker_pid()) {
+            continue;
+        }
+        // Held while it is checked and removed: a client starting a server takes it first.
+        let Ok(Some(_lock)) = store.try_lock(&place.lock) else {
+            continue;
+        };
+        let dir = place.dir.to_string_lossy().into_owned();
+        let mounted = table
+            .iter()
+            .any(|m| m.point == dir || m.point.starts_with(&format!("{dir}/")));
+        if mounted {
+            continue;
+        }
+        if std::fs::remove_dir_all(&place.dir).is_ok() {
+            removed += 1;
+        }
+    }
+    removed
+}
+
 /// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
 /// mount of its own, with its fetcher).
 pub(crate) fn all_local(store: &Store, record: &ImageRecord) -> bool {
