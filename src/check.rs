@@ -132,7 +132,7 @@ impl Store {
                     list.push(idx);
                 }
             }
-            let tree = self.tree_path(&rec.manifest_digest);
+            let tree = self.tree_path(&rec.view());
             if tree.exists() {
                 r.checked += 1;
                 // A mount only checks the header (so that it costs the same at any size);
@@ -161,7 +161,7 @@ impl Store {
             }
             // The metadata image, compared with what it should hold; a damaged one is written
             // anew by the next server of the image.
-            let meta = self.meta_image_path(&rec.manifest_digest);
+            let meta = self.meta_image_path(&rec.view());
             if meta.exists() {
                 r.checked += 1;
                 if let Err(e) = crate::mount::shared::check_metadata_image(self, &rec) {

@@ -147,7 +147,7 @@ enum Cmd {
     /// Internal: the image server that root's mounts of an image share (started by `mount`).
     #[command(hide = true)]
     ServeShared {
-        /// Manifest digest of the stored image.
+        /// The stored image's view digest (its manifest digest unless layers are lazy).
         manifest: String,
         /// Serve this inherited FUSE connection (the supervisor's worker).
         #[arg(long)]
@@ -957,7 +957,7 @@ fn serve(
 /// or the image is marked bad.
 fn wait_complete_layers(store: &Store, record: &crate::store::ImageRecord) -> Result<()> {
     loop {
-        if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
+        if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
             bail!("{}: marked bad: {}", record.reference, why.trim());
         }
         if record

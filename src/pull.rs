@@ -271,9 +271,7 @@ impl Store {
             self.ensure_layer_index(l).is_ok()
                 && (self.layer_local(l) || lazy_ok && l.index.is_some())
         });
-        let ok = usable
-            && self.tree_path(&record.manifest_digest).exists()
-            && platform_ok(&record, opts);
+        let ok = usable && self.tree_path(&record.view()).exists() && platform_ok(&record, opts);
         Ok(ok.then_some(record))
     }
 
@@ -322,7 +320,7 @@ impl Store {
         }
         if let Some(rec) = self.image(&name)? {
             // Forgetting an image marked bad clears the mark: the next pull starts afresh.
-            let _ = std::fs::remove_file(self.bad_path(&rec.manifest_digest));
+            let _ = std::fs::remove_file(self.bad_path(&rec.view()));
         }
         self.remove_image(&name)
     }
@@ -331,7 +329,7 @@ impl Store {
     /// or damaged. Its checksum is verified here, once per server (a mount over a running
     /// shared server does not come here), so that a flipped byte is not served.
     pub fn tree(&self, record: &ImageRecord) -> Result<Tree> {
-        let path = self.tree_path(&record.manifest_digest);
+        let path = self.tree_path(&record.view());
         let loaded = Tree::load(&path).and_then(|t| {
             t.verify().map_err(|detail| Error::CorruptStore {
                 path: path.clone(),
@@ -606,7 +604,6 @@ impl Store {
         opts.emit(Progress::Merged {
             inodes: tree.inode_count() as usize,
         });
-        tree.save(&self.tree_path(&digest))?;
         let record = ImageRecord {
             reference: name,
             manifest_digest: digest,
@@ -621,6 +618,7 @@ impl Store {
                 .map(|d| d.as_secs())
                 .unwrap_or(0),
         };
+        tree.save(&self.tree_path(&record.view()))?;
         self.put_image(record.clone())?;
         if lazy.is_empty() {
             // What root's first mount would write: done here, so that the mount is quick.

@@ -52,6 +52,27 @@ pub struct ImageRecord {
     pub pulled_at: u64,
 }
 
+impl ImageRecord {
+    /// What the image's merged tree, metadata image, bad mark and shared server are keyed
+    /// by: the manifest digest when no layer is served lazily; else a digest of the manifest
+    /// and the published index of each layer, because one manifest may be stored under two
+    /// names with two indexes (a referrer trusted for one name), and neither may change what
+    /// the other serves.
+    pub fn view(&self) -> Digest {
+        if self.layers.iter().all(|l| l.index.is_none()) {
+            return self.manifest_digest;
+        }
+        let mut text = format!("bux-fuse view\n{}\n", self.manifest_digest);
+        for l in &self.layers {
+            match &l.index {
+                Some(i) => text.push_str(&format!("{} {i}\n", l.digest)),
+                None => text.push_str(&format!("{} -\n", l.digest)),
+            }
+        }
+        Digest::of(text.as_bytes())
+    }
+}
+
 /// One layer of an image record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LayerRecord {
@@ -568,8 +589,8 @@ impl Store {
             }
         }
         for rec in images {
-            let tree = size(&self.tree_path(&rec.manifest_digest))
-                + size(&self.meta_image_path(&rec.manifest_digest));
+            let tree =
+                size(&self.tree_path(&rec.view())) + size(&self.meta_image_path(&rec.view()));
             let all: u64 = rec
                 .layers
                 .iter()
@@ -603,6 +624,7 @@ impl Store {
         let mut keep = leased.clone();
         for rec in images.images.values() {
             keep.insert(rec.manifest_digest.hex());
+            keep.insert(rec.view().hex());
             keep.insert(rec.config_digest.hex());
             for l in &rec.layers {
                 keep.insert(l.digest.hex());

@@ -962,3 +962,86 @@ fn completion_never_promotes_bytes_that_do_not_hash_to_the_layer() {
     let m = bux.mount(&s.pinned);
     assert!(cat(&m.path.join("opt/data.bin")).unwrap() == data);
 }
+
+/// Hardening II, finding 1 (found in review): one manifest stored under two names with two
+/// indexes — an honest referrer trusted for V, a forged one (data.bin setuid) trusted for E
+/// on another registry. Trees, bad marks and servers are keyed by the manifest and the
+/// indexes together, so E neither changes V's tree nor gets V refused when E's lie is caught.
+/// Before, E's pull replaced `trees/<manifest>.tree` (V served the setuid bit) and E's
+/// completion marked the manifest bad for V too.
+#[test]
+fn one_manifest_under_two_indexes_keeps_them_apart() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    let manifest: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(s.layout.path().join("blobs/sha256").join(&s.original[7..])).unwrap(),
+    )
+    .unwrap();
+    let l_hex = manifest["layers"][2]["digest"].as_str().unwrap()[7..].to_string();
+    // The attacker: the same manifest on its registry, with a forged referrer index.
+    let evil = Registry::start();
+    evil.push(s.layout.path(), "v1", "evil/app", None);
+    let attacker = Bux::new();
+    let e_tag = format!("{}/evil/app:v1", evil.host());
+    attacker.ok(&["pull", "-q", &e_tag]);
+    let idx_path = attacker
+        .store
+        .path()
+        .join("layers/sha256")
+        .join(format!("{l_hex}.idx"));
+    let mut idx = bux_fuse::index::LayerIndex::load(&idx_path).unwrap();
+    for e in &mut idx.entries {
+        if e.path.ends_with(b"data.bin") {
+            e.mode |= 0o4000;
+        }
+    }
+    idx.save(&idx_path).unwrap();
+    attacker.ok(&["push-index", &e_tag]);
+
+    let bux = Bux::new();
+    let v_ref = format!("{}/lazy/app@{}", s.reg.host(), s.original);
+    let e_ref = format!("{}/evil/app@{}", evil.host(), s.original);
+    let mode = |m: &MountGuard| {
+        std::fs::metadata(m.path.join("opt/data.bin"))
+            .unwrap()
+            .permissions()
+            .mode()
+    };
+    let (m, _) = lazy_mount(&bux, &v_ref, &["--trust-index", "--prefetch", "none"]);
+    assert_eq!(mode(&m) & 0o4000, 0);
+    drop(m);
+    let (m, _) = lazy_mount(&bux, &e_ref, &["--trust-index", "--prefetch", "none"]);
+    assert_eq!(
+        mode(&m) & 0o4000,
+        0o4000,
+        "E serves what its own index says"
+    );
+    drop(m);
+    let (m, _) = lazy_mount(&bux, &v_ref, &["--trust-index", "--prefetch", "none"]);
+    assert_eq!(
+        mode(&m) & 0o4000,
+        0,
+        "V serves another image's forged index"
+    );
+    drop(m);
+    // E's lie is caught at completion: E alone is refused from then on.
+    let dir = tempfile::tempdir().unwrap();
+    let out = bux.run(&[
+        "mount",
+        "--lazy",
+        "--trust-index",
+        "--wait-complete",
+        &e_ref,
+        dir.path().join("e").to_str().unwrap(),
+    ]);
+    let _e = MountGuard::adopt(dir.path().join("e"), tempfile::tempdir().unwrap());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("marked bad"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    drop(_e);
+    let (m, _) = lazy_mount(&bux, &v_ref, &["--trust-index", "--prefetch", "none"]);
+    assert_eq!(mode(&m) & 0o4000, 0);
+    assert!(cat(&m.path.join("opt/data.bin")).unwrap() == test_bytes(6 << 20, 3));
+}

@@ -620,7 +620,7 @@ fn stored_image(
         detail: " in the local store (pull it first)".into(),
     })?;
     let lease = lease_image(store, &record)?;
-    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
+    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
         return Err(Error::BadImage {
             reference: name,
             detail: why.trim().to_string(),
@@ -634,7 +634,7 @@ pub(crate) fn lease_image(
     store: &Store,
     record: &crate::store::ImageRecord,
 ) -> Result<crate::store::Lease> {
-    let mut leased = vec![record.manifest_digest, record.config_digest];
+    let mut leased = vec![record.manifest_digest, record.config_digest, record.view()];
     leased.extend(record.layers.iter().map(|l| l.digest));
     leased.extend(record.layers.iter().filter_map(|l| l.index));
     store.lease(&leased)
@@ -780,7 +780,7 @@ fn mount_shared(
     };
     let dir = prepare_mount_point(dir)?;
     // The tree's header says whether a read-only mount needs an overlay (mapped, not read).
-    let overlay_xattrs = match crate::tree::Tree::load(&store.tree_path(&record.manifest_digest)) {
+    let overlay_xattrs = match crate::tree::Tree::load(&store.tree_path(&record.view())) {
         Ok(t) => t.has_overlay_xattrs(),
         Err(_) => store.tree(record)?.has_overlay_xattrs(), // rebuilt
     };
@@ -977,7 +977,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         } else {
             Vec::new()
         };
-        let bad = store.bad_path(&record.manifest_digest);
+        let bad = store.bad_path(&record.view());
         LazyBlob::prefetch(
             replay,
             complete,

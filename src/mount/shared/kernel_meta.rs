@@ -32,7 +32,7 @@ const IMAGE_SMALL_MAX: u64 = 1 << 30;
 /// image (125 MB for the large Debian image, 0.4–0.8 s to write), and mounted from there by
 /// every server after.
 pub(crate) fn image(store: &Store, record: &ImageRecord) -> Result<PathBuf, String> {
-    let path = store.meta_image_path(&record.manifest_digest);
+    let path = store.meta_image_path(&record.view());
     if erofs::is_current(&path) {
         return Ok(path);
     }

@@ -213,7 +213,7 @@ pub(crate) fn lower(
     record: &ImageRecord,
     exe: &Path,
 ) -> Result<(Lower, crate::store::Lock)> {
-    let place = Place::new(store, &record.manifest_digest);
+    let place = Place::new(store, &record.view());
     let lock = store.lock(&place.lock)?;
     if !server_alive(&place) {
         start(store, record, exe, &place)?;
@@ -269,7 +269,7 @@ pub(crate) fn prepare(store: &Store, record: &ImageRecord) -> Option<u64> {
 /// Whether the image's metadata image in the store (if there is one) holds what it should: it
 /// is written anew in memory and compared (for `check`). `Err` says what is wrong.
 pub(crate) fn check_metadata_image(store: &Store, record: &ImageRecord) -> Result<(), String> {
-    let path = store.meta_image_path(&record.manifest_digest);
+    let path = store.meta_image_path(&record.view());
     let on_disk = match std::fs::read(&path) {
         Ok(b) => b,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(()),
@@ -300,7 +300,7 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
     cmd.arg("--store")
         .arg(store.root())
         .arg("serve-shared")
-        .arg(record.manifest_digest.to_string());
+        .arg(record.view().to_string());
     super::start_detached(cmd, &place.log(), "the image server")
         .map_err(|e| err(format!("image server: {e}")))?;
     Ok(())
@@ -399,22 +399,24 @@ fn leased_record(place: &Place, manifest: &Digest) -> Result<ImageRecord> {
         path: path.clone(),
         detail: e.to_string(),
     })?;
-    if record.manifest_digest != *manifest {
+    if record.view() != *manifest {
         return Err(Error::CorruptStore {
             path,
-            detail: format!("records image {}, not {manifest}", record.manifest_digest),
+            detail: format!("records image {}, not {manifest}", record.view()),
         });
     }
     Ok(record)
 }
 
-fn find_record(store: &Store, manifest: &Digest) -> Result<ImageRecord> {
+/// The stored image whose view ([`ImageRecord::view`]: the manifest digest, or that with its
+/// lazily served layers' indexes) is `view`.
+fn find_record(store: &Store, view: &Digest) -> Result<ImageRecord> {
     store
         .images()?
         .into_iter()
-        .find(|r| r.manifest_digest == *manifest)
+        .find(|r| r.view() == *view)
         .ok_or_else(|| Error::NotFound {
-            reference: manifest.to_string(),
+            reference: view.to_string(),
             detail: " in the local store".into(),
         })
 }

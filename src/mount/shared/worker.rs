@@ -9,7 +9,9 @@ use std::time::Duration;
 
 use fuser::{Config, Session, SessionACL};
 
-use super::{all_local, leased_record, silence_stdout, users, wait_for_mount_change, Place};
+use super::{
+    all_local, find_record, leased_record, silence_stdout, users, wait_for_mount_change, Place,
+};
 use crate::fs::ImageFs;
 use crate::index::SpanCache;
 use crate::mount::open_record;
@@ -21,7 +23,13 @@ use crate::{Digest, Error, MountOptions, Result, Store};
 pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) -> Result<()> {
     let place = Place::new(store, &manifest);
     // The record the supervisor leased (its name may point elsewhere by now, or nowhere).
-    let record = leased_record(&place, &manifest)?;
+    let record = match leased_record(&place, &manifest) {
+        Err(Error::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
+            // Started by a supervisor of an earlier version, which records none.
+            find_record(store, &manifest)?
+        }
+        r => r?,
+    };
     if !all_local(store, &record) {
         return Err(Error::Mount {
             path: place.mnt(),
@@ -33,7 +41,7 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
     let lease = crate::mount::lease_image(store, &record)?;
-    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.manifest_digest)) {
+    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
         return Err(Error::BadImage {
             reference: record.reference,
             detail: why.trim().to_string(),
