@@ -97,6 +97,15 @@ pub struct UpperFs {
     name_max: usize,
 }
 
+/// Whether `upper` is an upper directory a user's writable mount kept (bux-fuse marks its root
+/// with its served stat; a kernel overlay's upper directory never has it).
+pub fn kept_by_bux_fuse(upper: &Path) -> bool {
+    matches!(
+        disk::get_xattr(upper, disk::STAT_XATTR.as_bytes()),
+        Ok(Some(_))
+    )
+}
+
 fn err(e: std::io::Error) -> Errno {
     Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))
 }
