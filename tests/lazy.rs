@@ -1045,3 +1045,83 @@ fn one_manifest_under_two_indexes_keeps_them_apart() {
     assert_eq!(mode(&m) & 0o4000, 0);
     assert!(cat(&m.path.join("opt/data.bin")).unwrap() == test_bytes(6 << 20, 3));
 }
+
+/// A user's writable lazy mount served by one FUSE worker: a copy-up (a write to an image file)
+/// and a read, both waiting for bytes from a stalled registry, hold up nothing else — lookups,
+/// stats, listings and new files answer at once — and both complete with the right bytes once
+/// the registry answers.
+#[test]
+fn a_copy_up_waiting_for_the_registry_holds_up_nothing_else() {
+    need("fusermount3");
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let user = std::sync::Arc::new(AsUser::new());
+    let out = user.ok(&format!(
+        "$BUX -q mount --lazy --writable --prefetch none --threads 1 --read-timeout 60 \
+         {reference} m && cat m/etc/hostname"
+    ));
+    assert_eq!(out, "lazy\n");
+    let in_background = |script: &'static str| {
+        let user = user.clone();
+        std::thread::spawn(move || user.sh(script))
+    };
+    // Unrelated requests, each path looked up for the first time; they must answer within 5 s
+    // (the registry is unpaused either way, so a failure does not hang).
+    let others_answer = |round: u32| {
+        let user = user.clone();
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let out = user.sh(&format!(
+                "stat -c %s m/etc/os-release m/usr/bin/sudo-alias >/dev/null && \
+                 ls m/usr/share/doc m/opt m/usr/bin >/dev/null && cat m/etc/hostname && \
+                 mkdir m/dir{round} && echo {round} > m/dir{round}/new && cat m/dir{round}/new"
+            ));
+            let _ = tx.send(out);
+        });
+        let t = Instant::now();
+        match rx.recv_timeout(Duration::from_secs(5)) {
+            Ok(out) => {
+                assert_success(&out);
+                assert_eq!(
+                    String::from_utf8_lossy(&out.stdout),
+                    format!("lazy\n{round}\n")
+                );
+            }
+            Err(_) => {
+                proxy.unpause();
+                panic!(
+                    "round {round}: other requests blocked for {:?}",
+                    t.elapsed()
+                );
+            }
+        }
+    };
+    proxy.pause();
+    let writer = in_background("echo tail >> m/usr/lib/big1.bin");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !writer.is_finished(),
+        "the copy-up did not wait for the registry"
+    );
+    others_answer(1);
+    let reader = in_background("sha256sum < m/opt/data.bin");
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the registry"
+    );
+    others_answer(2);
+    proxy.unpause();
+    assert_success(&writer.join().unwrap());
+    let read = reader.join().unwrap();
+    assert_success(&read);
+    assert!(
+        String::from_utf8_lossy(&read.stdout).starts_with(&sha256_hex(&test_bytes(6 << 20, 3))),
+        "{read:?}"
+    );
+    let mut big1 = test_bytes(16 << 20, 1);
+    big1.extend_from_slice(b"tail\n");
+    let out = user.ok("sha256sum < m/usr/lib/big1.bin && $BUX umount m");
+    assert!(out.starts_with(&sha256_hex(&big1)), "{out}");
+}

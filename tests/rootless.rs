@@ -409,3 +409,106 @@ fn fsync_of_a_directory_syncs_the_upper_directory() {
         .count();
     assert_eq!(synced, 2, "{log}");
 }
+
+/// Everything in `dir`: each entry's path, type, mode, owner, size and mtime.
+fn snapshot(dir: &std::path::Path) -> Vec<String> {
+    use std::os::unix::fs::MetadataExt;
+    let mut out = Vec::new();
+    let mut todo = vec![dir.to_path_buf()];
+    while let Some(d) = todo.pop() {
+        let md = std::fs::symlink_metadata(&d).unwrap();
+        out.push(format!(
+            "{} {:o} {}:{} {} {}.{}",
+            d.strip_prefix(dir).unwrap().display(),
+            md.mode(),
+            md.uid(),
+            md.gid(),
+            md.size(),
+            md.mtime(),
+            md.mtime_nsec()
+        ));
+        if md.is_dir() {
+            todo.extend(std::fs::read_dir(&d).unwrap().map(|e| e.unwrap().path()));
+        }
+    }
+    out.sort();
+    out
+}
+
+/// An `--upper` directory holds one kind of writable layer: one a user's mount kept (bux-fuse's
+/// own format: whiteouts as `.wh.` files, symlinks as files) is refused by root's kernel
+/// overlay, and one root's overlay kept is refused by a user's mount — in one line, with
+/// nothing in it changed.
+#[test]
+fn an_upper_of_one_kind_is_refused_by_the_other() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/upper-kind");
+    let user = AsUser::new();
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --upper state {r} m && rm m/bin/su && \
+         ln -s shadow m/etc/link && $BUX umount m"
+    ));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let state = user.home().join("state");
+    let mnt = user.dir.path().join("root-mnt");
+    let root_refused = || {
+        let before = snapshot(&state);
+        let out = bux.run(&[
+            "mount",
+            "-q",
+            "--upper",
+            state.to_str().unwrap(),
+            &r,
+            mnt.to_str().unwrap(),
+        ]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        if out.status.success() {
+            bux.ok(&["umount", mnt.to_str().unwrap()]);
+        }
+        assert!(
+            !out.status.success()
+                && err.contains("was used by a user's (FUSE) writable mount")
+                && err.lines().count() == 1,
+            "root's overlay on a user's upper: {err}"
+        );
+        assert_eq!(snapshot(&state), before);
+    };
+    root_refused();
+    // An upper directory from before the kind was recorded: told by what is in it.
+    std::fs::remove_file(state.join("format")).unwrap();
+    root_refused();
+
+    // The reverse: root's overlay kept its layer there, then handed it to the user.
+    let root_state = user.home().join("root-state");
+    {
+        let m = bux.mount_with(&r, &["--upper", root_state.to_str().unwrap()]);
+        std::fs::remove_file(m.path.join("bin/su")).unwrap();
+        std::os::unix::fs::symlink("shadow", m.path.join("etc/link")).unwrap();
+    }
+    let chown = std::process::Command::new("chown")
+        .args(["-R", user.name])
+        .arg(&root_state)
+        .status()
+        .unwrap();
+    assert!(chown.success());
+    let user_refused = || {
+        let before = snapshot(&root_state);
+        let out = user.sh(&format!(
+            "$BUX -q mount --upper root-state {r} m2 || exit 1; ls m2/bin m2/etc; $BUX umount m2"
+        ));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            !out.status.success()
+                && err.contains("was used by root's kernel overlay")
+                && err.lines().count() == 1,
+            "a user's mount on root's overlay upper: {}{err}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert_eq!(snapshot(&root_state), before);
+    };
+    user_refused();
+    std::fs::remove_file(root_state.join("format")).unwrap();
+    user_refused();
+}

@@ -785,7 +785,7 @@ fn mount_shared(
         Err(_) => store.tree(record)?.has_overlay_xattrs(), // rebuilt
     };
     let upper_lock = match &opts.upper {
-        Some(u) => Some(lock_upper(u).map_err(mount_err)?),
+        Some(u) => Some(lock_upper(u, UpperKind::Overlay).map_err(mount_err)?),
         None => None,
     };
     let (lower, _image_lock) = shared::lower(store, record, exe)?;
@@ -898,7 +898,13 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         std::fs::create_dir_all(made)
             .map_err(|e| mount_err(format!("creating {}: {e}", made.display())))?;
         let upper_lock = match &opts.upper {
-            Some(u) => Some(lock_upper(u).map_err(mount_err)?),
+            Some(u) => {
+                let kind = match own_upper {
+                    true => UpperKind::User,
+                    false => UpperKind::Overlay,
+                };
+                Some(lock_upper(u, kind).map_err(mount_err)?)
+            }
             None => None,
         };
         (
@@ -1048,11 +1054,73 @@ fn raise_readahead(mount_point: &Path) {
     }
 }
 
+/// The two kinds of writable layer an `--upper DIR` can hold: their upper directories do not
+/// read alike (whiteouts, symlinks, owners), so one never mounts the other's.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum UpperKind {
+    /// bux-fuse's own format, served by bux-fuse for a user ([`crate::upper`]).
+    User,
+    /// Root's kernel overlay (`DIR/upper` + `DIR/work`).
+    Overlay,
+}
+
+/// The file in `--upper DIR` (beside `upper` and `work`, so never served) naming the kind of
+/// layer kept there.
+const UPPER_FORMAT: &str = "format";
+
+impl UpperKind {
+    fn marker(self) -> &'static str {
+        match self {
+            UpperKind::User => "bux-fuse-user",
+            UpperKind::Overlay => "kernel-overlay",
+        }
+    }
+
+    fn describe(self) -> &'static str {
+        match self {
+            UpperKind::User => "a user's (FUSE) writable mount",
+            UpperKind::Overlay => "root's kernel overlay",
+        }
+    }
+
+    /// The kind recorded in `base`, or inferred for a directory from before the record: the
+    /// overlay's work directory, or bux-fuse's stat on the upper root. `None`: unused, or
+    /// nothing tells.
+    fn of(base: &Path) -> std::result::Result<Option<UpperKind>, String> {
+        let marker = base.join(UPPER_FORMAT);
+        match std::fs::read_to_string(&marker) {
+            Ok(m) => {
+                return [UpperKind::User, UpperKind::Overlay]
+                    .into_iter()
+                    .find(|k| k.marker() == m.trim())
+                    .map(Some)
+                    .ok_or_else(|| {
+                        format!(
+                            "{} names an unknown upper layer format {:?}",
+                            marker.display(),
+                            m.trim()
+                        )
+                    });
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => return Err(format!("reading {}: {e}", marker.display())),
+        }
+        let overlay = base.join("work").is_dir();
+        let user = crate::upper::kept_by_bux_fuse(&base.join("upper"));
+        Ok(match (user, overlay) {
+            (true, false) => Some(UpperKind::User),
+            (false, true) => Some(UpperKind::Overlay),
+            _ => None,
+        })
+    }
+}
+
 /// Locks `--upper DIR` for one writable mount at a time: the directory itself (so every path
 /// to it takes the same lock), held for the life of a mount served by this process. No process
 /// holds it once the command that mounted an overlay over a shared server has left: the mount
-/// table then tells whether an overlay still writes there.
-fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
+/// table then tells whether an overlay still writes there. A directory that holds the other
+/// `kind` of layer is refused, unchanged; one of no kind yet is marked as `kind`.
+fn lock_upper(base: &Path, kind: UpperKind) -> std::result::Result<std::fs::File, String> {
     use std::os::fd::AsRawFd;
     std::fs::create_dir_all(base).map_err(|e| format!("creating {}: {e}", base.display()))?;
     let file = std::fs::File::open(base).map_err(|e| format!("opening {}: {e}", base.display()))?;
@@ -1075,6 +1143,23 @@ fn lock_upper(base: &Path) -> std::result::Result<std::fs::File, String> {
     }
     if overlay_upper_in_use(&base.join("upper")) {
         return Err(in_use());
+    }
+    match UpperKind::of(base)? {
+        Some(k) if k != kind => {
+            return Err(format!(
+                "--upper {} was used by {}; {} cannot use it",
+                base.display(),
+                k.describe(),
+                kind.describe()
+            ))
+        }
+        Some(_) if base.join(UPPER_FORMAT).exists() => {}
+        _ => {
+            let tmp = base.join(format!(".{UPPER_FORMAT}.tmp"));
+            std::fs::write(&tmp, format!("{}\n", kind.marker()))
+                .and_then(|()| std::fs::rename(&tmp, base.join(UPPER_FORMAT)))
+                .map_err(|e| format!("marking {}: {e}", base.display()))?;
+        }
     }
     Ok(file)
 }

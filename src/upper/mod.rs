@@ -77,8 +77,19 @@ struct State {
 /// A directory's merged entries, `.` and `..` first.
 type Listing = Arc<Vec<(u64, FileType, OsString)>>;
 
-/// The writable filesystem.
-pub struct UpperFs {
+/// The writable filesystem. Requests that copy an image file's bytes up run on threads of its
+/// own, which hold this.
+pub struct UpperFs(Arc<Upper>);
+
+impl std::ops::Deref for UpperFs {
+    type Target = Upper;
+    fn deref(&self) -> &Upper {
+        &self.0
+    }
+}
+
+/// What [`UpperFs`] serves from, shared with its copy threads.
+pub struct Upper {
     lower: ImageFs,
     root: PathBuf,
     /// Shared only with the tests, which count nodes while the session has the filesystem.
@@ -88,13 +99,67 @@ pub struct UpperFs {
     files: Mutex<lru::LruCache<u64, Arc<File>>>,
     /// The kernel takes "no open" (FUSE_NO_OPEN_SUPPORT): one round trip less per open and
     /// none at close. Older kernels open, and get a handle-less answer.
-    no_open: bool,
+    no_open: std::sync::atomic::AtomicBool,
     /// Listings being read (directories are not opened: the kernel sends readdir with the
     /// offset reached, and caches what it got); dropped whenever a name changes.
     listings: Mutex<HashMap<u64, Listing>>,
     /// The longest name the upper directory's filesystem takes (a whiteout is 4 bytes longer
     /// than the name it hides).
     name_max: usize,
+    /// Threads for requests that copy an image file's bytes up: the bytes may have to be
+    /// fetched, and no FUSE worker waits for the network.
+    copiers: Copiers,
+    /// One lock per node being copied up on those threads (a second request for the node
+    /// waits there, never under the state lock).
+    copying: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
+    /// Copies of image files' bytes made without the state lock, by node: (image inode, the
+    /// copy, a hidden name in the upper root). Copy-up publishes one instead of copying.
+    staged: Mutex<HashMap<u64, (u64, PathBuf)>>,
+}
+
+/// Threads that run jobs handed to them (see [`Upper::copiers`]).
+struct Copiers {
+    tx: Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
+}
+
+/// Copies waiting for the network at once; more queue (each wait has its deadline).
+const COPY_THREADS: usize = 4;
+
+impl Copiers {
+    fn new() -> Copiers {
+        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
+        let rx = Arc::new(Mutex::new(rx));
+        for k in 0..COPY_THREADS {
+            let rx = rx.clone();
+            let _ = std::thread::Builder::new()
+                .name(format!("bux-fuse-copy-up-{k}"))
+                .spawn(move || loop {
+                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                    match job {
+                        Ok(job) => job(),
+                        Err(_) => return, // the filesystem is gone
+                    }
+                });
+        }
+        Copiers { tx: Mutex::new(tx) }
+    }
+
+    fn run(&self, job: impl FnOnce() + Send + 'static) {
+        let _ = self
+            .tx
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .send(Box::new(job));
+    }
+}
+
+/// Whether `upper` is an upper directory a user's writable mount kept (bux-fuse marks its root
+/// with its served stat; a kernel overlay's upper directory never has it).
+pub fn kept_by_bux_fuse(upper: &Path) -> bool {
+    matches!(
+        disk::get_xattr(upper, disk::STAT_XATTR.as_bytes()),
+        Ok(Some(_))
+    )
 }
 
 fn err(e: std::io::Error) -> Errno {
@@ -109,7 +174,7 @@ impl UpperFs {
         disk::create_dir(upper, true)?;
         // Owner-only, as everything in it (made so by older versions, too).
         std::fs::set_permissions(upper, std::fs::Permissions::from_mode(disk::DIR_MODE))?;
-        let fs = UpperFs {
+        let fs = Upper {
             root: upper.to_path_buf(),
             state: Arc::new(Mutex::new(State {
                 nodes: HashMap::from([(
@@ -129,17 +194,21 @@ impl UpperFs {
             })),
             lower,
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
-            no_open: false,
+            no_open: false.into(),
             listings: Mutex::new(HashMap::new()),
             name_max: name_max(upper)?,
+            copiers: Copiers::new(),
+            copying: Mutex::new(HashMap::new()),
+            staged: Mutex::new(HashMap::new()),
         };
-        // Orphans of a mount that ended without the kernel forgetting them.
+        // Orphans of a mount that ended without the kernel forgetting them, and copies it
+        // had not published.
         for e in std::fs::read_dir(upper)?.flatten() {
             let name = e.file_name();
             let orphan = name
                 .as_bytes()
                 .strip_prefix(disk::WHITEOUT_PREFIX)
-                .is_some_and(|n| n.starts_with(ORPHAN.as_bytes()));
+                .is_some_and(|n| n.starts_with(ORPHAN.as_bytes()) || n.starts_with(STAGED));
             if orphan {
                 std::fs::remove_file(e.path())?;
             }
@@ -151,9 +220,46 @@ impl UpperFs {
                 disk::set_xattr(upper, disk::STAT_XATTR.as_bytes(), s.encode().as_bytes(), 0)?;
             }
         }
-        Ok(fs)
+        Ok(UpperFs(Arc::new(fs)))
     }
 
+    /// Whether copying node `n` up copies bytes of an image file (which may have to be
+    /// fetched): then the request runs through [`UpperFs::copy_then`].
+    fn copies_bytes(&self, n: u64) -> bool {
+        let st = self.state();
+        matches!(self.image_inode(&st, n), Ok(Some(i)) if i.size > 0
+            && matches!(i.data, NodeData::File { .. } | NodeData::Sparse { .. }))
+    }
+
+    /// Runs `job` on a copy thread once node `n`'s image bytes are copied beside the upper
+    /// directory (see [`Upper::stage`]) — not on this FUSE worker, nor under the state lock,
+    /// so a copy waiting for the network holds up no other request. `job` gets how the copy
+    /// went; its copy-up of `n` publishes the copy.
+    fn copy_then(&self, n: u64, job: impl FnOnce(&Upper, Res<()>) + Send + 'static) {
+        let fs = self.0.clone();
+        self.copiers.run(move || {
+            let lock = {
+                let mut copying = fs.copying.lock().unwrap_or_else(|p| p.into_inner());
+                copying.retain(|_, l| Arc::strong_count(l) > 1);
+                copying.entry(n).or_default().clone()
+            };
+            let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
+            let staged = fs.stage(n);
+            job(&fs, staged);
+            // A copy the job did not publish (it failed, or the node went).
+            let left = fs
+                .staged
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .remove(&n);
+            if let Some((_, tmp)) = left {
+                let _ = disk::clear(&tmp);
+            }
+        });
+    }
+}
+
+impl Upper {
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -296,6 +402,36 @@ impl UpperFs {
         Ok(attr_from(n, &md, disk::stat_of(&path, &md)))
     }
 
+    /// Copies image node `n` (if not copied up yet) to a hidden name in the upper root with
+    /// its metadata, holding no lock that other requests take: reading its bytes may wait for
+    /// the network. Copy-up then publishes it (see [`Upper::copy_up_as`]).
+    fn stage(&self, n: u64) -> Res<()> {
+        let (lower, a) = {
+            let st = self.state();
+            let node = self.node(&st, n)?;
+            if node.upper {
+                return Ok(());
+            }
+            let lower = node.lower.ok_or(Errno::EIO)?;
+            (lower, self.lower.lower_attr(lower, n).ok_or(Errno::EIO)?)
+        };
+        // The image's tree never changes.
+        let i = self.lower.tree().inode(lower).ok_or(Errno::EIO)?;
+        let tmp = self.root.join(disk::whiteout_name(
+            [STAGED, n.to_string().as_bytes()].concat().as_slice(),
+        ));
+        disk::clear(&tmp).map_err(err)?;
+        if let Err(e) = self.copy_up_at(&tmp, lower, &a, &i, true) {
+            let _ = disk::clear(&tmp);
+            return Err(e);
+        }
+        self.staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(n, (lower, tmp));
+        Ok(())
+    }
+
     /// Makes node `n` exist in the upper directory (its parents first).
     fn copy_up(&self, st: &mut State, n: u64) -> Res<()> {
         self.copy_up_as(st, n, true)
@@ -315,14 +451,29 @@ impl UpperFs {
         let a = self.lower.lower_attr(lower, n).ok_or(Errno::EIO)?;
         let i = self.lower.tree().inode(lower).ok_or(Errno::EIO)?;
         // Made beside with all its metadata, then renamed in: a crash never leaves a half
-        // copy, nor one described by the host (its owner and mode, a symlink as a file).
-        let tmp = path.with_file_name(disk::whiteout_name(COPY_UP_TMP));
-        disk::clear(&tmp).map_err(err)?;
-        let made = self.copy_up_at(&tmp, lower, &a, &i, data);
-        if let Err(e) = made.and_then(|()| disk::publish(&tmp, &path).map_err(err)) {
-            let _ = disk::clear(&tmp);
-            return Err(e);
-        }
+        // copy, nor one described by the host (its owner and mode, a symlink as a file). A
+        // file's bytes were copied already, without the state lock (see `stage`).
+        let staged = self
+            .staged
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&n);
+        let tmp = match staged {
+            Some((of, tmp)) if data && of == lower => tmp,
+            other => {
+                if let Some((_, t)) = other {
+                    let _ = disk::clear(&t);
+                }
+                let tmp = path.with_file_name(disk::whiteout_name(COPY_UP_TMP));
+                disk::clear(&tmp).map_err(err)?;
+                if let Err(e) = self.copy_up_at(&tmp, lower, &a, &i, data) {
+                    let _ = disk::clear(&tmp);
+                    return Err(e);
+                }
+                tmp
+            }
+        };
+        disk::publish(&tmp, &path).map_err(err)?;
         let node = st.at(n)?;
         node.upper = true;
         if a.kind != FileType::Directory {
@@ -711,6 +862,32 @@ impl UpperFs {
         self.attr(&st, n)
     }
 
+    /// Hardlinks node `n` as `newname` in `newparent`.
+    fn do_link(&self, n: u64, newparent: u64, newname: &[u8]) -> Res<FileAttr> {
+        let mut st = self.state();
+        if self.attr(&st, n)?.kind == FileType::Directory {
+            return Err(Errno::EPERM);
+        }
+        let (to, _) = self.prepare_new(&mut st, newparent, newname)?;
+        self.copy_up(&mut st, n)?;
+        let from = self.path(&st, n)?;
+        std::fs::hard_link(&from, &to).map_err(err)?;
+        self.names_changed();
+        let md = std::fs::symlink_metadata(&to).map_err(err)?;
+        st.by_upper.insert(md.ino(), n);
+        let node = st.at(n)?;
+        node.shared = true;
+        node.lookups += 1; // replied as an entry
+        node.links.push((newparent, newname.to_vec()));
+        st.names.insert((newparent, newname.to_vec()), n);
+        self.attr(&st, n)
+    }
+
+    /// The node `name` in `parent` resolves to, if any.
+    fn named(&self, parent: u64, name: &[u8]) -> Option<u64> {
+        self.child(&mut self.state(), parent, name).ok().flatten()
+    }
+
     fn do_rename(
         &self,
         parent: u64,
@@ -819,6 +996,9 @@ fn orphan_name(n: u64) -> OsString {
 const ORPHAN: &str = ".bux-fuse-orphan-";
 /// Temporary names (hidden: whiteout names of these) of entries being made.
 const COPY_UP_TMP: &[u8] = b".bux-fuse-copy-up";
+/// Copies of image files' bytes made outside the state lock (hidden names in the upper root,
+/// followed by the node number).
+const STAGED: &[u8] = b".bux-fuse-staged-";
 const NEW_TMP: &[u8] = b".bux-fuse-new";
 
 fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {

@@ -6,13 +6,16 @@ use fuser::{
     ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, WriteFlags,
 };
 
+use std::sync::atomic::Ordering;
+
 use super::*;
 
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        self.no_open = config
+        let no_open = config
             .capabilities()
             .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT);
+        self.no_open.store(no_open, Ordering::Relaxed);
         Ok(())
     }
 
@@ -74,10 +77,22 @@ impl Filesystem for UpperFs {
         _flags: Option<fuser::BsdFileFlags>,
         reply: ReplyAttr,
     ) {
-        match self.do_setattr(ino.0, mode, uid, gid, size, atime, mtime) {
+        let n = ino.0;
+        let done = |r: Res<FileAttr>, reply: ReplyAttr| match r {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
+        };
+        // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
+        if size != Some(0) && self.copies_bytes(n) {
+            return self.copy_then(n, move |fs, staged| {
+                let r = staged.and_then(|()| fs.do_setattr(n, mode, uid, gid, size, atime, mtime));
+                done(r, reply)
+            });
         }
+        done(
+            self.do_setattr(n, mode, uid, gid, size, atime, mtime),
+            reply,
+        )
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -200,15 +215,25 @@ impl Filesystem for UpperFs {
         flags: RenameFlags,
         reply: ReplyEmpty,
     ) {
-        match self.do_rename(
+        // A file moved is copied up first.
+        let moved = self.named(parent.0, name.as_bytes());
+        let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let rename = move |fs: &Upper, reply: ReplyEmpty| match fs.do_rename(
             parent.0,
-            name.as_bytes(),
+            &name,
             newparent.0,
-            newname.as_bytes(),
+            &newname,
             flags,
         ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
+        };
+        match moved {
+            Some(n) if self.copies_bytes(n) => self.copy_then(n, move |fs, staged| match staged {
+                Ok(()) => rename(fs, reply),
+                Err(e) => reply.error(e),
+            }),
+            _ => rename(self, reply),
         }
     }
 
@@ -220,46 +245,42 @@ impl Filesystem for UpperFs {
         newname: &OsStr,
         reply: ReplyEntry,
     ) {
-        let mut st = self.state();
-        let r = (|| {
-            if self.attr(&st, ino.0)?.kind == FileType::Directory {
-                return Err(Errno::EPERM);
-            }
-            let (to, _) = self.prepare_new(&mut st, newparent.0, newname.as_bytes())?;
-            self.copy_up(&mut st, ino.0)?;
-            let from = self.path(&st, ino.0)?;
-            std::fs::hard_link(&from, &to).map_err(err)?;
-            self.names_changed();
-            let md = std::fs::symlink_metadata(&to).map_err(err)?;
-            st.by_upper.insert(md.ino(), ino.0);
-            let node = st.at(ino.0)?;
-            node.shared = true;
-            node.lookups += 1; // replied as an entry
-            node.links.push((newparent.0, newname.as_bytes().to_vec()));
-            st.names
-                .insert((newparent.0, newname.as_bytes().to_vec()), ino.0);
-            self.attr(&st, ino.0)
-        })();
-        match r {
+        let n = ino.0;
+        let newname = newname.as_bytes().to_vec();
+        let link = move |fs: &Upper, staged: Res<()>, reply: ReplyEntry| match staged
+            .and_then(|()| fs.do_link(n, newparent.0, &newname))
+        {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
+        };
+        if self.copies_bytes(n) {
+            return self.copy_then(n, move |fs, staged| link(fs, staged, reply));
         }
+        link(self, Ok(()), reply)
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_open {
+        if self.no_open.load(Ordering::Relaxed) {
             // Reads and writes find their file by node; the first write copies up, and
             // O_TRUNC arrives as a truncation.
             return reply.error(Errno::ENOSYS);
         }
+        let n = ino.0;
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
-        if write {
-            if let Err(e) = self.writable_file(ino.0, flags.0 & libc::O_TRUNC != 0) {
-                return reply.error(e);
+        let truncate = flags.0 & libc::O_TRUNC != 0;
+        let open = move |fs: &Upper, staged: Res<()>, reply: ReplyOpen| {
+            if write {
+                if let Err(e) = staged.and_then(|()| fs.writable_file(n, truncate)) {
+                    return reply.error(e);
+                }
             }
+            // Pages stay valid across opens: every write to the file comes through here.
+            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+        };
+        if write && !truncate && self.open_file(n).is_none() && self.copies_bytes(n) {
+            return self.copy_then(n, move |fs, staged| open(fs, staged, reply));
         }
-        // Pages stay valid across opens: every write to the file comes through here.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+        open(self, Ok(()), reply)
     }
 
     fn create(
@@ -291,29 +312,40 @@ impl Filesystem for UpperFs {
 
     fn read(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         offset: u64,
         size: u32,
-        _flags: OpenFlags,
-        _lock_owner: Option<LockOwner>,
+        flags: OpenFlags,
+        lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        // The upper file, or the image inode the node shows.
+        let at = (|| {
+            if let Some(f) = self.open_file(ino.0) {
+                return Ok(Ok(f));
+            }
+            let st = self.state();
+            let node = self.node(&st, ino.0)?;
+            if !node.upper {
+                return Ok(Err(node.lower.ok_or(Errno::EIO)?));
+            }
+            self.upper_file(&st, ino.0).map(Ok)
+        })();
+        let f = match at {
+            Ok(Ok(f)) => f,
+            // As the image's own mount reads it: bytes still to be fetched (or decompressed)
+            // are waited for off this FUSE worker.
+            Ok(Err(lower)) => {
+                let lower = INodeNo(lower);
+                return self
+                    .lower
+                    .read(req, lower, fh, offset, size, flags, lock_owner, reply);
+            }
+            Err(e) => return reply.error(e),
+        };
         let r = (|| {
-            let f = match self.open_file(ino.0) {
-                Some(f) => f,
-                None => {
-                    let st = self.state();
-                    let node = self.node(&st, ino.0)?;
-                    if !node.upper {
-                        let lower = node.lower.ok_or(Errno::EIO)?;
-                        drop(st);
-                        return self.lower.read_lower(lower, offset, size);
-                    }
-                    self.upper_file(&st, ino.0)?
-                }
-            };
             let mut buf = vec![0u8; size as usize];
             let mut got = 0;
             while got < buf.len() {
@@ -345,13 +377,25 @@ impl Filesystem for UpperFs {
         _lock_owner: Option<LockOwner>,
         reply: ReplyWrite,
     ) {
-        let r = self
-            .writable_file(ino.0, false)
-            .and_then(|f| f.write_all_at(data, offset).map_err(err));
-        match r {
-            Ok(()) => reply.written(data.len() as u32),
+        let n = ino.0;
+        let done = |r: Res<()>, len: usize, reply: ReplyWrite| match r {
+            Ok(()) => reply.written(len as u32),
             Err(e) => reply.error(e),
+        };
+        // The first write copies the file up.
+        if self.open_file(n).is_none() && self.copies_bytes(n) {
+            let data = data.to_vec();
+            return self.copy_then(n, move |fs, staged| {
+                let r = staged
+                    .and_then(|()| fs.writable_file(n, false))
+                    .and_then(|f| f.write_all_at(&data, offset).map_err(err));
+                done(r, data.len(), reply)
+            });
         }
+        let r = self
+            .writable_file(n, false)
+            .and_then(|f| f.write_all_at(data, offset).map_err(err));
+        done(r, data.len(), reply)
     }
 
     fn flush(
@@ -485,17 +529,25 @@ impl Filesystem for UpperFs {
         _position: u32,
         reply: ReplyEmpty,
     ) {
-        let mut st = self.state();
-        let r = (|| {
-            self.copy_up(&mut st, ino.0)?;
-            let path = self.path(&st, ino.0)?;
-            let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
-            disk::set_xattr(&path, &key, value, flags).map_err(err)
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+        let n = ino.0;
+        let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
+        let value = value.to_vec();
+        let set = move |fs: &Upper, staged: Res<()>, reply: ReplyEmpty| {
+            let r = staged.and_then(|()| {
+                let mut st = fs.state();
+                fs.copy_up(&mut st, n)?;
+                let path = fs.path(&st, n)?;
+                disk::set_xattr(&path, &key, &value, flags).map_err(err)
+            });
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        };
+        if self.copies_bytes(n) {
+            return self.copy_then(n, move |fs, staged| set(fs, staged, reply));
         }
+        set(self, Ok(()), reply)
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
@@ -543,16 +595,23 @@ impl Filesystem for UpperFs {
     }
 
     fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        let mut st = self.state();
-        let r = (|| {
-            self.copy_up(&mut st, ino.0)?;
-            let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
-            disk::remove_xattr(&self.path(&st, ino.0)?, &key).map_err(err)
-        })();
-        match r {
-            Ok(()) => reply.ok(),
-            Err(e) => reply.error(e),
+        let n = ino.0;
+        let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
+        let remove = move |fs: &Upper, staged: Res<()>, reply: ReplyEmpty| {
+            let r = staged.and_then(|()| {
+                let mut st = fs.state();
+                fs.copy_up(&mut st, n)?;
+                disk::remove_xattr(&fs.path(&st, n)?, &key).map_err(err)
+            });
+            match r {
+                Ok(()) => reply.ok(),
+                Err(e) => reply.error(e),
+            }
+        };
+        if self.copies_bytes(n) {
+            return self.copy_then(n, move |fs, staged| remove(fs, staged, reply));
         }
+        remove(self, Ok(()), reply)
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
