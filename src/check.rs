@@ -72,6 +72,14 @@ impl Store {
             for l in &rec.layers {
                 let idx_path = self.layer_index_path(l);
                 r.checked += 1;
+                if l.index.is_some() && !idx_path.exists() {
+                    // A store from before lazy indexes were keyed: derived as a mount would.
+                    if let Err(e) = self.ensure_layer_index(l) {
+                        r.problems.push(format!("{}: {e}", rec.reference));
+                        indexes = None;
+                        continue;
+                    }
+                }
                 let idx = match LayerIndex::load(&idx_path) {
                     Ok(idx) => idx,
                     Err(e) => {

@@ -960,6 +960,13 @@ fn wait_complete_layers(store: &Store, record: &crate::store::ImageRecord) -> Re
         if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
             bail!("{}: marked bad: {}", record.reference, why.trim());
         }
+        if let Ok(why) = std::fs::read_to_string(store.incomplete_path(&record.view())) {
+            bail!(
+                "{}: completing the image gave up: {} (the mount stays; a later mount resumes)",
+                record.reference,
+                why.trim()
+            );
+        }
         if record
             .layers
             .iter()

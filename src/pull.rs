@@ -394,17 +394,59 @@ impl Store {
         let bytes = self.read_verified_blob(&index, "published layer index")?;
         let published = PublishedLayer::decode(&bytes, l.digest, l.size)?;
         let derived = published.to_index();
-        // A layer completed by an earlier version: its blob is whole, and its index built
-        // from those bytes (with the gzip windows a published index may keep apart) serves
-        // the image if it says what the published one says.
-        if self.layer_local(l) {
-            if let Ok(real) = LayerIndex::load(&self.index_path(&l.digest)) {
-                if real.entries == derived.entries && real.diff_id == derived.diff_id {
+        let windows_apart = published.windows.is_some();
+        if windows_apart && self.layer_local(l) {
+            // A layer an earlier version completed: whole, but the published index keeps its
+            // gzip windows apart, and what the earlier version left beside it cannot be
+            // trusted. Index the blob once, after hashing it, and keep that if it proves to be
+            // what the published index says (as a completion does).
+            match self.index_whole_blob(l, published.compression) {
+                Ok(real) if crate::lazy::same_as_published(&real, &published) => {
+                    real.save(&self.index_path(&l.digest))?;
                     return real.save(&path);
                 }
+                Ok(_) => tracing::warn!(
+                    "layer {}: its bytes are not what the published index {} says",
+                    l.digest,
+                    index.short()
+                ),
+                Err(e) => tracing::warn!("layer {}: {e}", l.digest),
             }
         }
         derived.save(&path)
+    }
+
+    /// The index of a whole stored layer blob, built from its bytes once they hashed to the
+    /// layer's digest.
+    fn index_whole_blob(&self, l: &LayerRecord, compression: Compression) -> Result<LayerIndex> {
+        let path = self.blob_path(&l.digest);
+        let open = || {
+            std::fs::File::open(&path)
+                .map(io::BufReader::new)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))
+        };
+        let mut hasher = crate::digest::Hasher::default();
+        let mut f = open()?;
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = f
+                .read(&mut buf)
+                .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
+            if n == 0 {
+                break;
+            }
+            hasher.update(&buf[..n]);
+        }
+        if hasher.finish() != l.digest {
+            return Err(Error::CorruptStore {
+                path,
+                detail: "the blob does not match its digest (`bux-fuse check --repair`)".into(),
+            });
+        }
+        let small_max = crate::mount::shared::small_files_kept(None);
+        let mut idx = index::build(open()?, compression, l.digest, None, small_max)?;
+        idx.compressed_size = l.size;
+        Ok(idx)
     }
 
     /// A stored blob, checked against its digest.

@@ -326,6 +326,14 @@ impl Store {
             .join(format!("{}.bad", manifest.hex()))
     }
 
+    /// Present when the background completion of a lazily served image gave up (the next
+    /// mount tries again); holds why, for `mount --wait-complete` to say.
+    pub fn incomplete_path(&self, view: &Digest) -> PathBuf {
+        self.root
+            .join("trees/sha256")
+            .join(format!("{}.incomplete", view.hex()))
+    }
+
     /// A fresh temporary path in the store (same filesystem, so renames are atomic).
     pub fn temp_path(&self, what: &str) -> PathBuf {
         static SEQ: AtomicU64 = AtomicU64::new(0);

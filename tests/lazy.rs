@@ -460,8 +460,12 @@ fn a_lying_index_is_refused_unless_trusted_and_caught_at_completion() {
     assert!(stderr.contains("etc/hostname"), "{stderr}");
     drop(m);
     let again = tempfile::tempdir().unwrap();
+    // The image as that index describes it is refused from then on. (A plain pull of the
+    // manifest would be another view of it — whole, the referrer ignored — and is not.)
     let err = bux.fails(&[
         "mount",
+        "--lazy",
+        "--trust-index",
         &by_digest,
         again.path().join("r").to_str().unwrap(),
     ]);
@@ -1124,4 +1128,146 @@ fn a_copy_up_waiting_for_the_registry_holds_up_nothing_else() {
     big1.extend_from_slice(b"tail\n");
     let out = user.ok("sha256sum < m/usr/lib/big1.bin && $BUX umount m");
     assert!(out.starts_with(&sha256_hex(&big1)), "{out}");
+}
+
+/// Found in review of #19.2: two mounts of one image completing it at once. One completes
+/// each layer while the other waits for it, then finds the layer whole: the image is fetched
+/// about once, no completion retries, and the store checks clean. Before, the second
+/// process's rename failed (the first had moved the file), it retried, streamed every layer
+/// again and wrote into the promoted blob (71 MB fetched for a 21 MB image).
+#[test]
+fn two_mounts_completing_at_once_fetch_the_image_once() {
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 200, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m1, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    drop(m1);
+    let before = proxy.bytes();
+    let (r1, store) = (reference.clone(), bux.store.path().to_path_buf());
+    let other = std::thread::spawn(move || {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("root");
+        let out = Command::new(env!("CARGO_BIN_EXE_bux-fuse"))
+            .arg("--store")
+            .arg(&store)
+            .args(["mount", "--lazy", "--wait-complete", &r1])
+            .arg(&mnt)
+            .output()
+            .unwrap();
+        (MountGuard::adopt(mnt, dir), out)
+    });
+    let (m2, _) = lazy_mount(&bux, &reference, &["--wait-complete"]);
+    let (m1, out) = other.join().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let fetched = proxy.bytes() - before;
+    let log = daemon_log(&bux);
+    assert!(!log.contains("attempt"), "{log}");
+    assert!(
+        fetched < s.compressed * 3 / 2,
+        "{fetched} bytes fetched for a {} byte image",
+        s.compressed
+    );
+    drop((m1, m2));
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(": 0 problems"),
+        "{text}"
+    );
+}
+
+/// Found in review of #19.2: `mount --wait-complete` returns, with the reason, once the
+/// background completion gives up (here the registry's copy of a layer is damaged), instead
+/// of waiting for good; the mount stays up.
+#[test]
+fn wait_complete_returns_when_completion_gives_up() {
+    let s = setup();
+    let (_, path) = largest_layer_in_registry(&s.reg, s.layout.path());
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let bux = Bux::new();
+    let (store, r) = (bux.store.path().to_path_buf(), s.pinned.clone());
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let m2 = mnt.clone();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let out = Command::new(env!("CARGO_BIN_EXE_bux-fuse"))
+            .arg("--store")
+            .arg(&store)
+            .args(["mount", "--lazy", "--wait-complete", &r])
+            .arg(&m2)
+            .output()
+            .unwrap();
+        let _ = tx.send(out);
+    });
+    let got = rx.recv_timeout(Duration::from_secs(90));
+    let m = MountGuard::adopt(mnt, dir);
+    let out = got.expect("mount --wait-complete still waiting after completion gave up");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("completing the image gave up"), "{stderr}");
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+}
+
+/// Found in review of #19.1: a store from before lazy indexes were keyed by their published
+/// index (`<L>.idx`, `<L>.partial`, ... for a lazily pulled image) checks clean before any
+/// mount, and mounts as before. Before, `check` reported every lazy layer's keyed index
+/// missing until the image had been mounted once.
+#[test]
+fn an_older_stores_lazy_image_checks_and_mounts() {
+    let s = setup();
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none"]);
+    assert_eq!(
+        cat(&m.path.join("etc/motd")).unwrap(),
+        b"hello from a lazy layer\n"
+    );
+    drop(m);
+    // Back to the older names: <L>.<I>.x -> <L>.x
+    let dir = bux.store.path().join("layers/sha256");
+    let mut renamed = 0;
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let n = e.file_name().to_string_lossy().into_owned();
+        let parts: Vec<&str> = n.splitn(3, '.').collect();
+        if parts.len() == 3 && parts[1].len() == 64 {
+            std::fs::rename(e.path(), dir.join(format!("{}.{}", parts[0], parts[2]))).unwrap();
+            renamed += 1;
+        }
+    }
+    assert!(renamed >= 6, "{renamed}");
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success() && text.contains(": 0 problems"),
+        "{text}"
+    );
+    let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "none"]);
+    assert_eq!(
+        cat(&m.path.join("opt/data.bin")).unwrap(),
+        test_bytes(6 << 20, 3)
+    );
+    drop(m);
+    // The older, unkeyed partial files go at gc (no mount holds them).
+    bux.ok(&["gc"]);
+    let left: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| {
+            n.split('.')
+                .nth(1)
+                .is_some_and(|x| x == "partial" || x == "present" || x == "windows")
+        })
+        .collect();
+    assert!(left.is_empty(), "{left:?}");
 }

@@ -100,6 +100,26 @@ impl LazyBlob {
         store: Store,
         published: Arc<PublishedLayer>,
     ) -> Result<(), String> {
+        let dest = store.blob_path(&self.digest);
+        if dest.exists() {
+            return Ok(()); // completed (and verified) by another mount, or pulled whole
+        }
+        // One completion of a partial blob at a time, across processes: two mounts of the
+        // image would otherwise stream it twice, and the later rename would fail.
+        let name = self
+            .partial_path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let lock_store = store.clone();
+        let _lock =
+            tokio::task::spawn_blocking(move || lock_store.lock(&format!("complete-{name}")))
+                .await
+                .map_err(|e| e.to_string())?
+                .map_err(|e| e.to_string())?;
+        if dest.exists() {
+            return Ok(());
+        }
         self.remote.requests.fetch_add(1, Ordering::Relaxed);
         let stream = self
             .remote
@@ -181,10 +201,23 @@ impl LazyBlob {
             // a published index may keep apart, and the small files kept from the bytes).
             idx.save(keyed).map_err(|e| e.to_string())?;
         }
-        let dest = store.blob_path(&self.digest);
-        std::fs::rename(&self.partial_path, &dest).map_err(|e| e.to_string())?;
+        if let Err(e) = std::fs::rename(&self.partial_path, &dest) {
+            if dest.exists() {
+                return Ok(());
+            }
+            return Err(format!(
+                "renaming {} into {}: {e}",
+                self.partial_path.display(),
+                dest.display()
+            ));
+        }
         crate::store::sync_dir(&dest);
         let _ = std::fs::remove_file(map_path(&self.partial_path));
+        if let Some((w, _)) = self.windows.as_ref().filter(|_| by_place) {
+            // The windows are inline in the image's index now.
+            let _ = std::fs::remove_file(&w.partial_path);
+            let _ = std::fs::remove_file(map_path(&w.partial_path));
+        }
         Ok(())
     }
 
@@ -253,6 +286,20 @@ async fn read_whole(blob: Arc<LazyBlob>) -> Result<Vec<u8>, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// Whether a layer's index built from its bytes says what its published index says (with the
+/// published windows, if kept apart, not compared: the caller has none).
+pub fn same_as_published(real: &LayerIndex, published: &PublishedLayer) -> bool {
+    let mut published = published.clone();
+    if let (Some(_), index::Access::Gzip(cps), index::Access::Gzip(real_cps)) =
+        (&published.windows, &mut published.access, &real.access)
+    {
+        for (p, r) in cps.iter_mut().zip(real_cps) {
+            p.window = r.window.clone();
+        }
+    }
+    differences(real, &published).is_none()
 }
 
 /// How a layer's real index differs from its published one, if it does.

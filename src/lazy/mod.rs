@@ -31,6 +31,7 @@ mod complete;
 mod pull;
 mod remote;
 
+pub use complete::same_as_published;
 pub use pull::LazyOutcome;
 pub use remote::Remote;
 
@@ -164,7 +165,22 @@ impl LazyBlob {
         let size = |f: &File| f.metadata().map(|m| m.len()).unwrap_or(0);
         let mut present = vec![0u8; n];
         if size(&file) != len || size(&map) != n as u64 {
-            // New, or from something else: start empty.
+            // New, or from something else: start empty — unless the file opened was promoted
+            // into a blob meanwhile (a completion's rename), which must not be touched.
+            use std::os::unix::fs::MetadataExt;
+            let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+                (a.dev(), a.ino()) == (b.dev(), b.ino())
+            };
+            let still = match (file.metadata(), std::fs::metadata(&ppath)) {
+                (Ok(a), Ok(b)) => same(&a, &b),
+                _ => false,
+            };
+            if !still {
+                return Err(Error::io(
+                    format!("opening {}", ppath.display()),
+                    io::Error::other("it was completed meanwhile: open the layer again"),
+                ));
+            }
             file.set_len(0)
                 .and_then(|_| file.set_len(len))
                 .and_then(|_| map.set_len(0))

@@ -703,14 +703,27 @@ pub(crate) fn open_record(
                         made
                     }
                 };
-                let blob = LazyBlob::open(store, &published, &index, remote)?;
-                lazy.push((blob.clone(), published));
-                LayerReader::new(
-                    i as u32,
-                    Box::new(blob),
-                    l.access.clone(),
-                    l.uncompressed_size,
-                )
+                match LazyBlob::open(store, &published, &index, remote) {
+                    Ok(blob) => {
+                        lazy.push((blob.clone(), published));
+                        LayerReader::new(
+                            i as u32,
+                            Box::new(blob),
+                            l.access.clone(),
+                            l.uncompressed_size,
+                        )
+                    }
+                    // Completed by another mount while this one opened it: whole now, read
+                    // by the index that completion wrote (its gzip windows inline).
+                    Err(_) if path.exists() => {
+                        let rec = &record.layers[i];
+                        let access =
+                            crate::index::LayerIndex::load_access(&store.layer_index_path(rec))?;
+                        LayerReader::open(i as u32, &path, access, l.uncompressed_size)
+                            .map_err(|e| Error::io(format!("opening layer {}", l.digest), e))?
+                    }
+                    Err(e) => return Err(e),
+                }
             }
             _ => LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
                 .map_err(|e| {
@@ -984,6 +997,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             Vec::new()
         };
         let bad = store.bad_path(&record.view());
+        let incomplete = store.incomplete_path(&record.view());
+        let _ = std::fs::remove_file(&incomplete);
         LazyBlob::prefetch(
             replay,
             complete,
@@ -995,7 +1010,9 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                     let _ = crate::store::write_atomic(&bad, why.as_bytes());
                 }
                 Err(why) => {
-                    tracing::warn!("completing layer {digest}: {why} (a later mount resumes)")
+                    tracing::warn!("completing layer {digest}: {why} (a later mount resumes)");
+                    let why = format!("layer {digest}: {why}");
+                    let _ = crate::store::write_atomic(&incomplete, why.as_bytes());
                 }
             },
         );
