@@ -821,6 +821,16 @@ fn progress_line(p: &Progress) -> Option<String> {
         Progress::Cached { reference } => format!("{reference}: already in the store"),
         Progress::LayerCached { layer } => format!("  {} already stored", layer.short()),
         Progress::LayerBytes { .. } => return None,
+        Progress::LayerResumed {
+            layer,
+            offset,
+            total,
+        } => format!(
+            "  {} resuming at {} of {} (left by an earlier pull)",
+            layer.short(),
+            human(*offset),
+            human(*total)
+        ),
         Progress::LayerDone { layer, entries } => {
             format!("  {} pulled and indexed ({entries} entries)", layer.short())
         }

@@ -5,7 +5,9 @@
 //! that tees the compressed bytes into the store's temp file while decompressing them into the
 //! tar scanner. Nothing is listed in `images.json` until every layer is verified (blob digest and
 //! `diff_id`) and the merged tree is on disk, so a failed pull leaves the store as it was, apart
-//! from whole verified layers that a retry reuses.
+//! from whole verified layers that a retry reuses, and the part of a layer a broken download got
+//! (`tmp/<hex>.ingest`), which the next pull resumes by Range: it reads those bytes back into the
+//! hash and the indexer, then requests the rest.
 
 use std::io::{self, Read, Write};
 use std::sync::mpsc;
@@ -31,6 +33,9 @@ const MAX_RESUMES: u32 = 5;
 pub const DEFAULT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
 /// Compressed bytes in flight between a download and its indexer.
 const CHANNEL_CHUNKS: usize = 64;
+/// A partial download left by an earlier pull is resumed if it has at least this many bytes
+/// (less is not worth the extra request), and kept after a failure only then.
+const MIN_RESUME: u64 = 1 << 20;
 
 /// When to go to the registry.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -65,6 +70,16 @@ pub enum Progress {
     LayerCached {
         /// The layer.
         layer: Digest,
+    },
+    /// A layer's download goes on from the bytes an earlier pull (one that failed or was
+    /// killed) left: they are read back and indexed, the rest is requested by Range.
+    LayerResumed {
+        /// The layer.
+        layer: Digest,
+        /// Bytes already there.
+        offset: u64,
+        /// Expected size.
+        total: u64,
     },
     /// Bytes of a layer downloaded (and indexed) so far.
     LayerBytes {
@@ -688,7 +703,7 @@ impl Store {
         // One process fetches a given layer at a time; the others wait, then find it done.
         let lock = {
             let store = store.clone();
-            tokio::task::spawn_blocking(move || store.lock(&format!("layer-{}", digest.hex())))
+            tokio::task::spawn_blocking(move || store.lock(&Store::layer_lock_name(&digest)))
                 .await
                 .map_err(|e| Error::io("lock task", io::Error::other(e)))??
         };
@@ -701,28 +716,118 @@ impl Store {
                 return Ok(());
             }
         }
-        let mut stream = reg.blob_stream(&digest).await?;
+        // What a fetch of this layer killed mid-way left (its partial download is resumed).
+        let freed = self.clear_layer_temps(&digest);
+        if freed > 0 {
+            tracing::debug!(
+                "layer {}: removed {freed} bytes of stale temp files",
+                digest.short()
+            );
+        }
+        let idx = match self.download_layer(&reg, job, opts, true).await {
+            Ok(idx) => idx,
+            Err(Failed {
+                resumed: true,
+                network: false,
+                error,
+            }) => {
+                // The bytes kept from an earlier pull did not make the layer with the rest (a
+                // partial download damaged on disk, say): once more from the start.
+                tracing::warn!(
+                    "layer {}: {error}; fetching it again from the start",
+                    digest.short()
+                );
+                self.download_layer(&reg, job, opts, false)
+                    .await
+                    .map_err(|f| f.error)?
+            }
+            Err(f) => return Err(f.error),
+        };
+        check_diff_id(&idx, job)?;
+        idx.save(&index_path)?;
+        drop(lock);
+        opts.emit(Progress::LayerDone {
+            layer: digest,
+            entries: idx.entries.len(),
+        });
+        Ok(())
+    }
+
+    /// Downloads, verifies, stores and indexes a layer in one pass (the caller holds its
+    /// lock). The download goes to the layer's partial download file
+    /// ([`Store::ingest_path`]); with `resume`, bytes left there by an earlier pull are read
+    /// back (and indexed) first and only the rest is requested, by Range. A download that
+    /// fails on the network (the registry gone, the link stalled) keeps what it got there for
+    /// the next pull; any other failure removes it.
+    async fn download_layer(
+        &self,
+        reg: &Arc<Source>,
+        job: &LayerJob,
+        opts: &PullOptions,
+        resume: bool,
+    ) -> std::result::Result<LayerIndex, Failed> {
+        let digest = job.digest;
+        let total = job.desc.size;
+        let min_resume = if resume { MIN_RESUME } else { u64::MAX };
+        let (blob, kept) = self
+            .ingest(digest, total, min_resume)
+            .map_err(|error| Failed {
+                error,
+                resumed: false,
+                network: false,
+            })?;
+        let offset = blob.on_disk();
+        let opened = if offset == 0 {
+            reg.blob_stream(&digest).await
+        } else if offset < total {
+            reg.blob_stream_from(&digest, offset, total).await
+        } else {
+            Ok(futures_util::stream::empty().boxed())
+        };
+        let mut stream = match opened {
+            Ok(s) => s,
+            Err(e) => {
+                // Nothing changed on disk: what an earlier pull left stays for the next.
+                if offset == 0 {
+                    self.discard_ingest(&digest);
+                }
+                return Err(Failed {
+                    error: e,
+                    resumed: offset > 0,
+                    network: true,
+                });
+            }
+        };
+        if offset > 0 {
+            tracing::info!(
+                "layer {}: resuming at byte {offset} of {total}",
+                digest.short()
+            );
+            opts.emit(Progress::LayerResumed {
+                layer: digest,
+                offset,
+                total,
+            });
+            opts.emit(Progress::LayerBytes {
+                layer: digest,
+                done: offset,
+                total,
+            });
+        }
         let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
         let compression = job.compression;
-        let max_len = job.desc.size;
         let small_max = crate::mount::shared::small_files_kept(opts.small_files);
+        let store = self.clone();
         let indexer = tokio::task::spawn_blocking(move || {
-            index_layer(
-                &store,
-                digest,
-                compression,
-                max_len,
-                small_max,
-                ChannelReader {
-                    rx,
-                    cur: bytes::Bytes::new(),
-                },
-            )
+            // The bytes on disk first (the writer hashes them without writing them again),
+            // then the network's: the indexer reads the whole blob in one pass.
+            let input = kept.chain(ChannelReader::new(rx));
+            index_layer(&store, digest, compression, small_max, blob, input)
         });
-        let total = job.desc.size;
-        let mut done = 0u64;
-        let mut last_report = 0u64;
+        let mut done = offset;
+        let mut last_report = offset;
         let mut failures = 0u32;
+        let mut network_failed = false;
         let stall = opts.stall_timeout.unwrap_or(DEFAULT_STALL);
         loop {
             let cause = match tokio::time::timeout(stall, stream.next()).await {
@@ -777,6 +882,7 @@ impl Store {
             match resumed {
                 Some(s) => stream = s,
                 None => {
+                    network_failed = true;
                     let _ = tx.send(Err(io::Error::new(
                         io::ErrorKind::ConnectionAborted,
                         format!("download failed after {done} of {total} bytes: {cause}"),
@@ -786,22 +892,41 @@ impl Store {
             }
         }
         drop(tx);
-        let idx = indexer
+        let result = indexer
             .await
-            .map_err(|e| Error::io("indexer task", io::Error::other(e)))??;
-        check_diff_id(&idx, job)?;
-        idx.save(&index_path)?;
-        drop(lock);
-        opts.emit(Progress::LayerBytes {
-            layer: digest,
-            done,
-            total,
-        });
-        opts.emit(Progress::LayerDone {
-            layer: digest,
-            entries: idx.entries.len(),
-        });
-        Ok(())
+            .map_err(|e| Error::io("indexer task", io::Error::other(e)))
+            .and_then(|r| r);
+        match result {
+            Ok(idx) => {
+                opts.emit(Progress::LayerBytes {
+                    layer: digest,
+                    done,
+                    total,
+                });
+                Ok(idx)
+            }
+            Err(error) => {
+                let path = self.ingest_path(&digest);
+                let len = std::fs::metadata(&path).map_or(0, |m| m.len());
+                if network_failed && len >= MIN_RESUME {
+                    // Kept for the next pull to resume: made durable first.
+                    if let Ok(f) = std::fs::File::open(&path) {
+                        let _ = f.sync_all();
+                    }
+                    tracing::info!(
+                        "layer {}: kept {len} bytes downloaded for the next pull to resume",
+                        digest.short()
+                    );
+                } else {
+                    self.discard_ingest(&digest);
+                }
+                Err(Failed {
+                    error,
+                    resumed: offset > 0,
+                    network: network_failed,
+                })
+            }
+        }
     }
 
     /// Whether the bytes a mount reads for this layer are stored: the blob, or for a zstd
@@ -848,16 +973,25 @@ fn check_diff_id(idx: &LayerIndex, job: &LayerJob) -> Result<()> {
     Ok(())
 }
 
-/// Blocking half of a layer pull: verify + store the blob while indexing it.
+/// Why a layer's download failed.
+struct Failed {
+    error: Error,
+    /// It went on from bytes an earlier pull left.
+    resumed: bool,
+    /// The download gave up on the network (what it got is kept to resume).
+    network: bool,
+}
+
+/// Blocking half of a layer pull: verify + store the blob (`blob`, a writer of the layer's
+/// partial download) while indexing it; `input` is the whole blob from its first byte.
 fn index_layer(
     store: &Store,
     digest: Digest,
     compression: Compression,
-    max_len: u64,
     small_max: u64,
-    input: ChannelReader,
+    mut blob: crate::store::BlobWriter,
+    input: impl Read,
 ) -> Result<LayerIndex> {
-    let mut blob = store.blob_writer(digest, max_len)?;
     let mut seekable_tmp = None;
     // Trust the bytes over the media type, as containerd does: a gzip or zstd magic number
     // decides, whatever the manifest says.

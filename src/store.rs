@@ -16,15 +16,18 @@
 //! ├── images.json                reference → manifest, config and layers, replaced atomically
 //! ├── locks/                     flock(2) files: one per blob being fetched, one for images.json
 //! └── tmp/                       downloads in progress; renamed into place once verified
+//!     └── <hex>.ingest           a layer's download, kept when a pull fails or dies to be
+//!                                resumed by the next pull (held under `locks/layer-<hex>`)
 //! ```
 //!
 //! Everything under `blobs/`, `layers/` and `trees/` is immutable once renamed into place, so
-//! readers need no locks; a crash leaves at most files in `tmp/`, which the next open clears
-//! when no other process holds them.
+//! readers need no locks; a crash leaves at most files in `tmp/`: a layer's partial download
+//! (`<hex>.ingest`), which the next pull of that layer resumes, and temp files that the next
+//! pull of the same layer, or [`Store::gc`], removes.
 
 use std::collections::BTreeMap;
 use std::fs::{self, File, OpenOptions};
-use std::io::Write;
+use std::io::{Read, Seek, Write};
 use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -344,6 +347,96 @@ impl Store {
         ))
     }
 
+    /// The name of the lock held by whoever fetches layer `d` (and so writes its partial
+    /// download, [`Store::ingest_path`]).
+    pub fn layer_lock_name(d: &Digest) -> String {
+        format!("layer-{}", d.hex())
+    }
+
+    /// Where the download of blob `d` in progress, or left by a pull that failed or died, is
+    /// kept: a prefix of the blob, resumed by the next pull (see [`Store::ingest`]).
+    pub fn ingest_path(&self, d: &Digest) -> PathBuf {
+        self.root.join("tmp").join(format!("{}.ingest", d.hex()))
+    }
+
+    /// Removes the partial download of blob `d` (the caller holds its layer lock).
+    pub fn discard_ingest(&self, d: &Digest) {
+        let _ = fs::remove_file(self.ingest_path(d));
+    }
+
+    /// Removes the temp files an earlier fetch of layer `d` left (a process killed mid-pull:
+    /// its blob and seekable copy in progress, `<hex>.PID.SEQ` and `<hex>.zst.PID.SEQ`). The
+    /// caller holds the layer's lock ([`Store::layer_lock_name`]), which whoever writes them
+    /// holds too, so none of them is being written. Returns the bytes freed.
+    pub fn clear_layer_temps(&self, d: &Digest) -> u64 {
+        let prefix = format!("{}.", d.hex());
+        let dir = self.root.join("tmp");
+        let Ok(entries) = fs::read_dir(&dir) else {
+            return 0;
+        };
+        let mut freed = 0;
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if name.starts_with(&prefix) && temp_owner(&name).is_some() {
+                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                if fs::remove_file(entry.path()).is_ok() {
+                    freed += len;
+                }
+            }
+        }
+        freed
+    }
+
+    /// Opens the resumable download of blob `expected` ([`Store::ingest_path`]); the caller
+    /// holds its layer lock. A partial download already there is kept if it has at least
+    /// `min_resume` bytes and no more than `max_len` (the descriptor's size), else emptied.
+    ///
+    /// Returns the writer and a reader of the bytes already on disk (empty when starting
+    /// afresh): those must be written to the writer first, as read — it hashes them again
+    /// (sha256 state cannot be saved) without writing them — then the rest of the blob. The
+    /// caller feeds the same bytes to whatever else consumes the blob (the indexer), so the
+    /// resumed blob is still read in one pass. Dropped uncommitted, the writer leaves the file
+    /// (for the next pull to resume); [`Store::discard_ingest`] removes it.
+    pub fn ingest(
+        &self,
+        expected: Digest,
+        max_len: u64,
+        min_resume: u64,
+    ) -> Result<(BlobWriter, Box<dyn Read + Send>)> {
+        let path = self.ingest_path(&expected);
+        let ctx = || format!("opening {}", path.display());
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&path)
+            .ctx(ctx)?;
+        let mut len = file.metadata().ctx(ctx)?.len();
+        if len > max_len || len < min_resume {
+            file.set_len(0).ctx(ctx)?;
+            len = 0;
+        }
+        file.seek(std::io::SeekFrom::Start(len)).ctx(ctx)?;
+        let kept: Box<dyn Read + Send> = if len > 0 {
+            Box::new(File::open(&path).ctx(ctx)?.take(len))
+        } else {
+            Box::new(std::io::empty())
+        };
+        let writer = BlobWriter {
+            file: Some(file),
+            tmp: path,
+            dest: self.blob_path(&expected),
+            expected,
+            hasher: Hasher::default(),
+            bytes: 0,
+            max_len,
+            on_disk: len,
+            keep: true,
+        };
+        Ok((writer, kept))
+    }
+
     /// Takes the exclusive lock `name`, waiting for other processes that hold it.
     pub fn lock(&self, name: &str) -> Result<Lock> {
         self.flock(name, libc::LOCK_EX)
@@ -481,6 +574,8 @@ impl Store {
             hasher: Hasher::default(),
             bytes: 0,
             max_len,
+            on_disk: 0,
+            keep: false,
         })
     }
 
@@ -622,7 +717,8 @@ impl Store {
     }
 
     /// Deletes blobs, indexes and trees that neither an image record nor a live mount refers
-    /// to, and temp files whose process is gone. Waits for running pulls to finish first.
+    /// to, temp files whose process is gone, and partial downloads nobody holds (left by
+    /// pulls that failed or died). Waits for running pulls to finish first.
     /// Returns (files removed, bytes freed).
     pub fn gc(&self) -> Result<(u64, u64)> {
         let _pulls = self.flock("store", libc::LOCK_EX)?;
@@ -652,6 +748,16 @@ impl Store {
                 let second = parts.next().unwrap_or("");
                 let stale_temp = temp_owner(&name).is_some_and(|pid| !alive(pid))
                     && (dir.ends_with("tmp") || name.contains(".tmp."));
+                // A partial download whose layer lock is free: no pull is writing it (the
+                // lock is held while it is removed, so none starts to).
+                let mut ingest_lock = None;
+                if dir.ends_with("tmp") && second == "ingest" && parts.next().is_none() {
+                    ingest_lock = match format!("sha256:{hex}").parse::<Digest>() {
+                        Ok(d) => self.try_lock(&Store::layer_lock_name(&d))?.map(Some),
+                        Err(_) => Some(None),
+                    };
+                }
+                let abandoned_ingest = ingest_lock.is_some();
                 // A lazily served layer's files are keyed by layer and index: both must be
                 // kept. Those of earlier versions, keyed by the layer alone (any image's
                 // index could have filled them), go once no live mount holds the layer.
@@ -663,7 +769,7 @@ impl Store {
                     && (!keep.contains(hex)
                         || (by_index && !keep.contains(second))
                         || unkeyed_lazy);
-                if stale_temp || orphan {
+                if stale_temp || orphan || abandoned_ingest {
                     let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(entry.path())
                         .ctx(|| format!("removing {}", entry.path().display()))?;
@@ -723,9 +829,19 @@ pub struct BlobWriter {
     hasher: Hasher,
     bytes: u64,
     max_len: u64,
+    /// Bytes already in the file (a resumed download): hashed as they are written again,
+    /// not written.
+    on_disk: u64,
+    /// Left in place when dropped uncommitted (a resumable download).
+    keep: bool,
 }
 
 impl BlobWriter {
+    /// Bytes that were on disk already when the writer was opened (a resumed download).
+    pub fn on_disk(&self) -> u64 {
+        self.on_disk
+    }
+
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
         self.bytes
@@ -770,6 +886,13 @@ impl Write for BlobWriter {
                 ),
             ));
         }
+        if self.bytes < self.on_disk {
+            // The bytes a resumed download had on disk, read back: hash, do not rewrite.
+            let n = buf.len().min((self.on_disk - self.bytes) as usize);
+            self.hasher.update(&buf[..n]);
+            self.bytes += n as u64;
+            return Ok(n);
+        }
         let n = file.write(buf)?;
         self.hasher.update(&buf[..n]);
         self.bytes += n as u64;
@@ -782,7 +905,7 @@ impl Write for BlobWriter {
 
 impl Drop for BlobWriter {
     fn drop(&mut self) {
-        if self.file.is_some() {
+        if self.file.is_some() && !self.keep {
             let _ = fs::remove_file(&self.tmp);
         }
     }
@@ -838,6 +961,104 @@ mod tests {
         assert!(!store.in_use(&used).unwrap());
         store.gc().unwrap();
         assert!(!store.blob_path(&used).exists());
+    }
+
+    #[test]
+    fn an_ingest_is_kept_and_resumed() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let blob: Vec<u8> = (0..100_000u32).map(|i| (i * 7 % 251) as u8).collect();
+        let d = Digest::of(&blob);
+        let len = blob.len() as u64;
+        // A first download gets 40 000 bytes and fails: the writer is dropped, the bytes stay.
+        let (mut w, mut kept) = store.ingest(d, len, 1).unwrap();
+        assert_eq!(w.on_disk(), 0);
+        assert_eq!(std::io::copy(&mut kept, &mut std::io::sink()).unwrap(), 0);
+        w.write_all(&blob[..40_000]).unwrap();
+        drop(w);
+        assert_eq!(fs::metadata(store.ingest_path(&d)).unwrap().len(), 40_000);
+        // Too few bytes to be worth resuming: emptied.
+        let (w, _) = store.ingest(d, len, 50_000).unwrap();
+        assert_eq!(w.on_disk(), 0);
+        drop(w);
+        assert_eq!(fs::metadata(store.ingest_path(&d)).unwrap().len(), 0);
+        // Resumed: the bytes on disk are read back and hashed, the rest written after them.
+        let (mut w, _) = store.ingest(d, len, 1).unwrap();
+        w.write_all(&blob[..40_000]).unwrap();
+        drop(w);
+        let (mut w, mut kept) = store.ingest(d, len, 1).unwrap();
+        assert_eq!(w.on_disk(), 40_000);
+        let mut back = Vec::new();
+        kept.read_to_end(&mut back).unwrap();
+        assert_eq!(back, &blob[..40_000]);
+        w.write_all(&back).unwrap();
+        w.write_all(&blob[40_000..]).unwrap();
+        assert_eq!(w.commit("test").unwrap(), store.blob_path(&d));
+        assert_eq!(fs::read(store.blob_path(&d)).unwrap(), blob);
+        assert!(!store.ingest_path(&d).exists());
+        // A partial longer than the blob is not resumed.
+        fs::write(store.ingest_path(&d), vec![0u8; 100_001]).unwrap();
+        let (w, _) = store.ingest(d, len, 1).unwrap();
+        assert_eq!(w.on_disk(), 0);
+        drop(w);
+        // Damaged bytes on disk fail the digest: nothing lands.
+        fs::write(store.ingest_path(&d), vec![0u8; 40_000]).unwrap();
+        let (mut w, mut kept) = store.ingest(d, len, 1).unwrap();
+        std::io::copy(&mut kept, &mut w).unwrap();
+        w.write_all(&blob[40_000..]).unwrap();
+        fs::remove_file(store.blob_path(&d)).unwrap();
+        assert!(w.commit("test").is_err());
+        assert!(!store.blob_path(&d).exists());
+    }
+
+    #[test]
+    fn gc_removes_abandoned_ingests_and_keeps_held_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (held, abandoned) = (Digest::of(b"held"), Digest::of(b"abandoned"));
+        for d in [held, abandoned] {
+            let (mut w, _) = store.ingest(d, 1 << 20, 1).unwrap();
+            w.write_all(&[7u8; 1000]).unwrap();
+        }
+        // A live pull of `held` holds its layer lock (another process's would: flock
+        // conflicts between open files, in one process too).
+        let lock = store.lock(&Store::layer_lock_name(&held)).unwrap();
+        assert_eq!(store.usage().unwrap().temp, 2000);
+        assert_eq!(store.gc().unwrap(), (1, 1000));
+        assert!(store.ingest_path(&held).exists());
+        assert!(!store.ingest_path(&abandoned).exists());
+        drop(lock);
+        assert_eq!(store.gc().unwrap(), (1, 1000));
+        assert!(!store.ingest_path(&held).exists());
+    }
+
+    #[test]
+    fn a_layers_stale_temp_files_are_cleared() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let (d, other) = (Digest::of(b"layer"), Digest::of(b"other"));
+        let tmp = dir.path().join("tmp");
+        for name in [
+            format!("{}.999999999.0", d.hex()),
+            format!("{}.zst.999999999.1", d.hex()),
+            format!("{}.999999999.2", other.hex()),
+        ] {
+            fs::write(tmp.join(name), b"12345").unwrap();
+        }
+        let (mut w, _) = store.ingest(d, 100, 1).unwrap();
+        w.write_all(b"kept").unwrap();
+        assert_eq!(store.clear_layer_temps(&d), 10);
+        let mut left: Vec<_> = fs::read_dir(&tmp)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        left.sort();
+        let mut want = vec![
+            format!("{}.999999999.2", other.hex()),
+            format!("{}.ingest", d.hex()),
+        ];
+        want.sort();
+        assert_eq!(left, want);
     }
 
     #[test]

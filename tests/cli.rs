@@ -607,3 +607,63 @@ fn progress_bars_fit_an_80_column_terminal() {
         }
     }
 }
+
+/// #19.16: a layer's partial download left in the store (`tmp/<hex>.ingest`) is resumed by
+/// the next pull: only the rest is fetched (by Range), and the image is whole. One whose bytes
+/// are damaged is fetched again from the start; one longer than the layer is discarded.
+#[test]
+fn a_partial_download_is_resumed_or_discarded() {
+    let reg = Registry::start();
+    let big = test_bytes(8 << 20, 31);
+    let work = tempfile::tempdir().unwrap();
+    write_layout(work.path(), "v1", &image_with("partial", &big));
+    reg.push(work.path(), "v1", "t/partial", None);
+    // The large layer's blob, as the registry serves it.
+    let (hex, layer) = std::fs::read_dir(work.path().join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            (name, std::fs::read(e.path()).unwrap())
+        })
+        .max_by_key(|(_, b)| b.len())
+        .unwrap();
+    let proxy = Proxy::start(reg.port, 0, 0);
+    let r = format!("{}/t/partial:v1", proxy.host());
+    let pull_with = |partial: &[u8]| {
+        let bux = Bux::new();
+        let tmp = bux.store.path().join("tmp");
+        std::fs::create_dir_all(&tmp).unwrap();
+        std::fs::write(tmp.join(format!("{hex}.ingest")), partial).unwrap();
+        let before = proxy.bytes();
+        let out = bux.run(&["pull", &r]);
+        assert_success(&out);
+        let fetched = proxy.bytes() - before;
+        assert_eq!(
+            std::fs::read_dir(&tmp).unwrap().count(),
+            0,
+            "temp files left"
+        );
+        let m = bux.mount(&r);
+        assert!(std::fs::read(m.path.join("shared.bin")).unwrap() == big);
+        drop(m);
+        (String::from_utf8_lossy(&out.stderr).into_owned(), fetched)
+    };
+    let len = layer.len() as u64;
+
+    let (err, fetched) = pull_with(&layer[..layer.len() * 7 / 10]);
+    assert!(err.contains("resuming at"), "{err}");
+    assert!(fetched < len / 2, "fetched {fetched} of a {len}-byte layer");
+
+    let mut damaged = layer[..layer.len() * 7 / 10].to_vec();
+    damaged[layer.len() / 3] ^= 0x55;
+    let (err, fetched) = pull_with(&damaged);
+    assert!(err.contains("fetching it again from the start"), "{err}");
+    assert!(fetched > len, "fetched {fetched} of a {len}-byte layer");
+
+    let mut longer = layer.clone();
+    longer.push(0);
+    let (err, fetched) = pull_with(&longer);
+    assert!(!err.contains("resuming at"), "{err}");
+    assert!(fetched > len, "fetched {fetched} of a {len}-byte layer");
+}

@@ -1,5 +1,6 @@
 //! Faults injected into pulls from a real registry: it dies mid-layer (the pull resumes from
-//! the bytes it has), the link stalls (a clear timeout error, nothing kept).
+//! the bytes it has), the link stalls (a clear timeout error, the bytes kept to resume), a pull
+//! gives up or is killed (the next one resumes from its partial blob by Range).
 
 mod common;
 
@@ -93,12 +94,9 @@ fn a_stalled_registry_gives_a_clear_timeout() {
         t.elapsed()
     );
     assert_eq!(bux.ok(&["images", "--json"]).trim(), "[]");
-    assert_eq!(
-        std::fs::read_dir(bux.store.path().join("tmp"))
-            .unwrap()
-            .count(),
-        0
-    );
+    // What arrived is kept as a resumable partial blob, nothing else.
+    let left = temp_names(&bux);
+    assert!(left.iter().all(|n| n.ends_with(".ingest")), "{left:?}");
 }
 
 /// A store on a small filesystem that fills in mid-pull: one line saying there is no space,
@@ -159,4 +157,141 @@ fn a_full_disk_mid_pull_is_one_clear_line_and_recoverable() {
     mount("remount,size=128m");
     let out = pull();
     assert_success(&out);
+}
+
+/// The names in the store's `tmp/`.
+fn temp_names(bux: &Bux) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(bux.store.path().join("tmp"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// An image with one large layer (`big.bin`: 48 MiB, half compressible), pushed as `repo:v1`;
+/// returns the layer's compressed size and `big.bin`.
+fn push_large(reg: &Registry, repo: &str, comp: Comp) -> (u64, Vec<u8>) {
+    let big = test_bytes(48 << 20, 22);
+    let l = LayerBuilder::new()
+        .file("big.bin", &big)
+        .file("etc/marker", b"resumed\n")
+        .finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(work.path(), "v1", &Image::new(vec![(l, comp)]));
+    reg.push(work.path(), "v1", repo, None);
+    let layer = std::fs::read_dir(work.path().join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .max()
+        .unwrap();
+    (layer, big)
+}
+
+fn wait_for_bytes(proxy: &Proxy, n: u64) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while proxy.bytes() < n {
+        assert!(Instant::now() < deadline, "download did not get that far");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+}
+
+/// The pulled image mounts and reads as pushed.
+fn assert_image(bux: &Bux, r: &str, big: &[u8]) {
+    let m = bux.mount(r);
+    assert_eq!(
+        std::fs::read(m.path.join("etc/marker")).unwrap(),
+        b"resumed\n"
+    );
+    assert!(
+        std::fs::read(m.path.join("big.bin")).unwrap() == big,
+        "big.bin differs"
+    );
+}
+
+/// #19.16: the registry dies, the pull retries, gives up and fails; the partial blob stays, and
+/// the next `pull` (another process) resumes it by Range instead of fetching it all again.
+#[test]
+fn a_pull_that_gave_up_is_resumed_by_the_next_pull() {
+    let mut reg = Registry::start();
+    let (layer, big) = push_large(&reg, "f/giveup", Comp::Gzip);
+    let proxy = Proxy::start(reg.port, 80, 1);
+    let r = format!("{}/f/giveup:v1", proxy.host());
+    let bux = Bux::new();
+    let pull = bux
+        .cmd()
+        .args(["pull", "-q", &r])
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for_bytes(&proxy, layer / 2);
+    reg.stop();
+    let out = pull.wait_with_output().unwrap();
+    assert!(!out.status.success(), "pulled from a dead registry?");
+    let left = temp_names(&bux);
+    assert_eq!(left.len(), 1, "one partial blob, nothing else: {left:?}");
+    assert!(left[0].ends_with(".ingest"), "{left:?}");
+    let kept = std::fs::metadata(bux.store.path().join("tmp").join(&left[0]))
+        .unwrap()
+        .len();
+    assert!(kept >= layer / 3, "kept {kept} of {layer} bytes");
+
+    reg.restart();
+    let before = proxy.bytes();
+    let out = bux.cmd().args(["pull", &r]).output().unwrap();
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("resuming at"), "{err}");
+    let again = proxy.bytes() - before;
+    eprintln!("layer {layer}, kept {kept}, fetched again {again}");
+    assert!(
+        again < layer * 6 / 10 && again < layer - kept + layer / 20,
+        "the second pull fetched {again} bytes of a {layer}-byte layer ({kept} kept)"
+    );
+    assert_eq!(temp_names(&bux), Vec::<String>::new());
+    assert_image(&bux, &r, &big);
+}
+
+/// #19.16, #19.21: a pull killed mid-layer (SIGKILL: nothing cleaned up) leaves its partial
+/// blob; the next pull resumes it, removes what else the killed one left (the seekable copy
+/// of a zstd layer being written), and the image is whole.
+#[test]
+fn a_killed_pull_is_resumed_and_its_temp_files_cleared() {
+    let reg = Registry::start();
+    let (layer, big) = push_large(&reg, "f/killed", Comp::Zstd);
+    let proxy = Proxy::start(reg.port, 80, 1);
+    let r = format!("{}/f/killed:v1", proxy.host());
+    let bux = Bux::new();
+    let mut pull = bux.cmd().args(["pull", "-q", &r]).spawn().unwrap();
+    // Late enough that what was received but not yet written (in flight to the indexer)
+    // when the pull dies leaves well over 40% on disk.
+    wait_for_bytes(&proxy, layer * 3 / 4);
+    pull.kill().unwrap();
+    pull.wait().unwrap();
+    let left = temp_names(&bux);
+    let ingest = left.iter().find(|n| n.ends_with(".ingest"));
+    let ingest = ingest.unwrap_or_else(|| panic!("no partial blob kept: {left:?}"));
+    // The killed pull's seekable copy of the zstd layer, cut short: the next pull removes it.
+    assert!(left.iter().any(|n| n.contains(".zst.")), "{left:?}");
+    let kept = std::fs::metadata(bux.store.path().join("tmp").join(ingest))
+        .unwrap()
+        .len();
+
+    let before = proxy.bytes();
+    let out = bux.cmd().args(["pull", "-q", &r]).output().unwrap();
+    assert_success(&out);
+    let again = proxy.bytes() - before;
+    eprintln!("layer {layer}, kept {kept}, fetched again {again}");
+    assert!(
+        again < layer * 6 / 10 && again < layer - kept + layer / 20,
+        "the second pull fetched {again} bytes of a {layer}-byte layer ({kept} kept)"
+    );
+    assert_eq!(
+        temp_names(&bux),
+        Vec::<String>::new(),
+        "left before: {left:?}"
+    );
+    assert_image(&bux, &r, &big);
 }
