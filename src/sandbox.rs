@@ -8,8 +8,11 @@
 //! The worker of an image's shared server (root's mounts, see [`crate::mount::shared`]) goes
 //! further: its supervisor mounts and unmounts, so once its files are open it may open no
 //! other file ([`open_nothing_more`], Landlock) and gives up root altogether
-//! ([`drop_to_nobody`]): uid and gid 65534, no supplementary groups, no capabilities. A daemon of its own (`--own-server`, lazy mounts) stays uid 0, so files root
-//! owns stay writable to it: it unmounts itself at the end, and fetches into the store.
+//! ([`drop_to_worker_ids`]): uid and gid of its own ([`worker_id`], one per image, so that the
+//! workers of two images are two users, and one cannot signal the other), no supplementary
+//! groups, no capabilities. A daemon of its own (`--own-server`, lazy mounts) stays uid 0, so
+//! files root owns stay writable to it: it unmounts itself at the end, and fetches into the
+//! store.
 
 use std::io;
 
@@ -85,17 +88,31 @@ pub fn open_nothing_more() -> io::Result<bool> {
     Ok(true)
 }
 
-/// The ids [`drop_to_nobody`] takes (the traditional `nobody`).
-pub const NOBODY: u32 = 65534;
+/// First id of the range shared image workers run as (see [`worker_id`]): 0x7F000000, above
+/// the ranges systemd hands to containers (up to 0x6FFFFFFF) and below its "foreign" range
+/// (0x7FFE0000) and 2^31, where ids trouble software that keeps them signed.
+pub const WORKER_ID_BASE: u32 = 0x7F00_0000;
+/// How many ids that range holds (2^23): two of a hundred images share one with odds of
+/// 1 in 1,700.
+pub const WORKER_IDS: u32 = 1 << 23;
 
-/// Gives up root for good, on every thread: no supplementary groups, gid and uid
-/// [`NOBODY`] (real, effective and saved), which also clears every capability.
-pub fn drop_to_nobody() -> io::Result<()> {
+/// The uid and gid the worker serving the image `manifest` runs as: [`WORKER_ID_BASE`] plus the
+/// digest's first 23 bits. No account has them: a worker owns no file, and as a user of its
+/// own it may signal no other image's worker (nor a `nobody` daemon), nor they it.
+pub fn worker_id(manifest: &crate::Digest) -> u32 {
+    let hex = manifest.hex();
+    let n = u32::from_str_radix(&hex[..8], 16).expect("a digest is hex");
+    WORKER_ID_BASE + (n >> 9) % WORKER_IDS
+}
+
+/// Gives up root for good, on every thread: no supplementary groups, gid and uid `id` (real,
+/// effective and saved), which also clears every capability.
+pub fn drop_to_worker_ids(id: u32) -> io::Result<()> {
     // SAFETY: plain id-changing calls; glibc applies them to every thread of the process.
     unsafe {
         if libc::setgroups(0, std::ptr::null()) != 0
-            || libc::setresgid(NOBODY, NOBODY, NOBODY) != 0
-            || libc::setresuid(NOBODY, NOBODY, NOBODY) != 0
+            || libc::setresgid(id, id, id) != 0
+            || libc::setresuid(id, id, id) != 0
         {
             return Err(io::Error::last_os_error());
         }
@@ -239,6 +256,18 @@ fn program(denied: &[i64]) -> Vec<libc::sock_filter> {
 mod tests {
     use super::*;
 
+    #[test]
+    fn worker_ids_are_per_image_and_in_range() {
+        let a = worker_id(&crate::Digest::of(b"a"));
+        let b = worker_id(&crate::Digest::of(b"b"));
+        assert_ne!(a, b);
+        for id in [a, b] {
+            assert!((WORKER_ID_BASE..WORKER_ID_BASE + WORKER_IDS).contains(&id));
+            assert!(id < 0x7FFE_0000, "{id:#x}");
+        }
+        assert_eq!(a, worker_id(&crate::Digest::of(b"a")));
+    }
+
     /// In a child process (the filter cannot be undone): this test binary again, running
     /// [`confined_child`] alone.
     /// Runs the ignored test `name` in a process of its own (confinement is for good).
@@ -290,6 +319,66 @@ mod tests {
         std::thread::spawn(|| ()).join().unwrap();
         std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let _ = std::time::SystemTime::now();
+    }
+
+    /// What is refused of writing another process's memory through `/proc/PID/mem` (no
+    /// syscall of the filter's list is involved): the seccomp filter alone leaves it to the
+    /// kernel's ptrace rules, which let root write (a daemon of its own); Landlock refuses
+    /// the open whatever the ids (a shared worker, which is also another user).
+    #[test]
+    fn proc_mem_writes_under_each_confinement() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("not root: skipped");
+            return;
+        }
+        in_child("proc_mem_child_seccomp");
+        in_child("proc_mem_child_landlock");
+    }
+
+    /// Writes back one byte of a writable mapping of a `sleep` it started, through its
+    /// `/proc/PID/mem`, after confining itself as `how` says.
+    fn write_victims_memory(how: &str) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        let mut victim = std::process::Command::new("sleep").arg("30").spawn()?;
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let pid = victim.id();
+        let maps = std::fs::read_to_string(format!("/proc/{pid}/maps"))?;
+        let addr = maps
+            .lines()
+            .find(|l| l.split_whitespace().nth(1) == Some("rw-p"))
+            .and_then(|l| u64::from_str_radix(l.split('-').next()?, 16).ok())
+            .expect("a writable mapping");
+        match how {
+            "seccomp" => confine(true)?,
+            _ => assert!(open_nothing_more()?, "no Landlock"),
+        }
+        let r = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(format!("/proc/{pid}/mem"))
+            .and_then(|mem| {
+                let mut b = [0u8];
+                mem.read_exact_at(&mut b, addr)?;
+                mem.write_all_at(&b, addr)
+            });
+        let _ = victim.kill();
+        r
+    }
+
+    #[test]
+    #[ignore = "run by proc_mem_writes_under_each_confinement in a process of its own"]
+    fn proc_mem_child_seccomp() {
+        assert!(std::env::var_os("BUX_SANDBOX_CHILD").is_some());
+        write_victims_memory("seccomp").expect("root's confined daemon writes /proc/PID/mem");
+    }
+
+    #[test]
+    #[ignore = "run by proc_mem_writes_under_each_confinement in a process of its own"]
+    fn proc_mem_child_landlock() {
+        assert!(std::env::var_os("BUX_SANDBOX_CHILD").is_some());
+        let e = write_victims_memory("landlock").expect_err("Landlock refuses /proc/PID/mem");
+        assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
     }
 
     #[test]

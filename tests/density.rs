@@ -256,9 +256,14 @@ fn a_hundred_mounts(metadata: Metadata) {
         status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
         "{status}"
     );
-    // And holds no privilege: uid 65534, no capabilities (its supervisor mounts).
+    // And holds no privilege: the image's own ids, no capabilities (its supervisor mounts).
+    let uid = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:\t"))
+        .unwrap();
+    let first: u32 = uid.split('\t').next().unwrap().parse().unwrap();
     assert!(
-        status.contains("Uid:\t65534\t65534\t65534\t65534"),
+        (0x7F00_0000..0x7F80_0000).contains(&first) && uid == vec![first.to_string(); 4].join("\t"),
         "{status}"
     );
     assert!(status.contains("CapEff:\t0000000000000000"), "{status}");
@@ -741,4 +746,96 @@ fn gc_removes_the_state_of_servers_that_have_left() {
         b"top"
     );
     m.unmount();
+}
+
+/// #14: each image's worker runs as ids of its own, derived from its manifest digest, so a
+/// worker subverted by one image cannot signal (nor, being another user, touch) the worker of
+/// another: `kill -0` from the first one's ids at the second is refused.
+#[test]
+fn workers_of_two_images_run_as_ids_of_their_own() {
+    let reg = Registry::start();
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let a = image(&reg, "t/ids-a");
+    let b = {
+        let layer = LayerBuilder::new().file("other", b"another image").finish();
+        let work = tempfile::tempdir().unwrap();
+        write_layout(
+            &work.path().join("l"),
+            "v1",
+            &Image::new(vec![(layer, Comp::Gzip)]),
+        );
+        reg.push(&work.path().join("l"), "v1", "t/ids-b", None);
+        format!("{}/t/ids-b:v1", reg.host())
+    };
+    bux.ok(&["pull", "-q", &a]);
+    bux.ok(&["pull", "-q", &b]);
+    let _ma = Mounted::new(&bux, &a, dir.path().join("a"), false);
+    let _mb = Mounted::new(&bux, &b, dir.path().join("b"), false);
+    let workers: Vec<u32> = servers(bux.store.path())
+        .into_iter()
+        .filter(|(_, w)| *w)
+        .map(|(p, _)| p)
+        .collect();
+    assert_eq!(workers.len(), 2, "a worker per image: {workers:?}");
+    let ids = |pid: u32| -> (String, String) {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let field = |k: &str| {
+            s.lines()
+                .find_map(|l| l.strip_prefix(k))
+                .unwrap()
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        };
+        (field("Uid:"), field("Gid:"))
+    };
+    let (ua, ga) = ids(workers[0]);
+    let (ub, gb) = ids(workers[1]);
+    for (u, g) in [(&ua, &ga), (&ub, &gb)] {
+        let first = u.split(' ').next().unwrap();
+        assert!(first != "0" && first != "65534", "uid {u}");
+        assert_eq!(u, &[first; 4].join(" "), "real, effective, saved, fs: {u}");
+        assert_eq!(g, u, "gid as uid");
+    }
+    assert_ne!(ua, ub, "two images' workers share their uid");
+    let uid_a = ua.split(' ').next().unwrap();
+    let out = Command::new("setpriv")
+        .args(["--reuid", uid_a, "--regid", uid_a, "--clear-groups"])
+        .args(["kill", "-0", &workers[1].to_string()])
+        .output()
+        .unwrap();
+    assert!(
+        !out.status.success(),
+        "the first worker's ids may signal the second"
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not permitted"), "{err}");
+    // A worker's ids can signal itself (the check above is about ids, not about kill).
+    let own = Command::new("setpriv")
+        .args(["--reuid", uid_a, "--regid", uid_a, "--clear-groups"])
+        .args(["kill", "-0", &workers[0].to_string()])
+        .output()
+        .unwrap();
+    assert!(own.status.success(), "{own:?}");
+}
+
+/// #14: what confines a daemon of its own (`--own-server`; lazy mounts likewise), as the
+/// README states it: `no_new_privs` and the seccomp filter, and nothing else: it stays uid 0
+/// with root's capabilities (so the kernel's ptrace rules let it write other processes'
+/// memory through `/proc/PID/mem`; see `sandbox::tests::proc_mem_writes_under_each_confinement`).
+#[test]
+fn a_daemon_of_its_own_is_root_under_the_seccomp_filter() {
+    let reg = Registry::start();
+    let bux = Bux::new();
+    let r = image(&reg, "t/own");
+    let m = bux.mount_with(&r, &["--own-server"]);
+    let pid = daemon_pid(&m.path).expect("the mount's daemon");
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(
+        status.contains("NoNewPrivs:\t1") && status.contains("Seccomp:\t2"),
+        "{status}"
+    );
+    assert!(status.contains("Uid:\t0\t0\t0\t0"), "{status}");
+    assert!(!status.contains("CapEff:\t0000000000000000"), "{status}");
 }

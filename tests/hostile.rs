@@ -408,3 +408,113 @@ fn run_with_peak_rss(mut cmd: Command) -> (bool, i64) {
         std::thread::sleep(std::time::Duration::from_millis(5));
     }
 }
+
+/// Counts the heap bytes each thread holds, and the most it held since [`alloc_peak_reset`]
+/// (the tests of this file that measure run on one thread each).
+mod alloc_meter {
+    use std::alloc::{GlobalAlloc, Layout, System};
+    use std::cell::Cell;
+
+    pub struct Meter;
+
+    thread_local! {
+        static HELD: Cell<isize> = const { Cell::new(0) };
+        static PEAK: Cell<isize> = const { Cell::new(0) };
+    }
+
+    fn add(n: isize) {
+        let _ = HELD.try_with(|h| {
+            let v = h.get() + n;
+            h.set(v);
+            let _ = PEAK.try_with(|p| p.set(p.get().max(v)));
+        });
+    }
+
+    unsafe impl GlobalAlloc for Meter {
+        unsafe fn alloc(&self, l: Layout) -> *mut u8 {
+            add(l.size() as isize);
+            unsafe { System.alloc(l) }
+        }
+        unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+            add(-(l.size() as isize));
+            unsafe { System.dealloc(p, l) }
+        }
+        unsafe fn alloc_zeroed(&self, l: Layout) -> *mut u8 {
+            add(l.size() as isize);
+            unsafe { System.alloc_zeroed(l) }
+        }
+        unsafe fn realloc(&self, p: *mut u8, l: Layout, new: usize) -> *mut u8 {
+            add(new as isize - l.size() as isize);
+            unsafe { System.realloc(p, l, new) }
+        }
+    }
+
+    /// Starts a measurement on this thread.
+    pub fn reset() {
+        let held = HELD.with(|h| h.get());
+        PEAK.with(|p| p.set(held));
+    }
+
+    /// The most this thread held since [`reset`], above what it held then.
+    pub fn peak_above(base: isize) -> isize {
+        PEAK.with(|p| p.get()) - base
+    }
+
+    pub fn held() -> isize {
+        HELD.with(|h| h.get())
+    }
+}
+
+#[global_allocator]
+static METER: alloc_meter::Meter = alloc_meter::Meter;
+
+/// #15: checking a zstd:chunked chunk hashes what its frame decompresses to without holding
+/// it: a few KiB of frame for 64 MiB of zeros (what a hole chunk of a sparse file is) is checked
+/// in a few MiB of heap, and one that runs past its stated length is refused.
+#[test]
+fn verifying_a_zstd_chunk_holds_no_more_than_a_buffer() {
+    use bux_fuse::index::published::Chunk;
+    let len = 64u64 << 20;
+    let (frame, digest) = {
+        let mut enc = zstd::stream::write::Encoder::new(Vec::new(), 3).unwrap();
+        let mut h = bux_fuse::digest::Hasher::default();
+        let block = vec![0u8; 1 << 20];
+        for _ in 0..len >> 20 {
+            std::io::Write::write_all(&mut enc, &block).unwrap();
+            h.update(&block);
+        }
+        (enc.finish().unwrap(), h.finish())
+    };
+    assert!(frame.len() < 64 << 10, "{}", frame.len());
+    let chunk = Chunk {
+        start: 0,
+        end: frame.len() as u64,
+        digest,
+        uncompressed: Some(len),
+    };
+    let base = alloc_meter::held();
+    alloc_meter::reset();
+    assert!(chunk.verify(&frame));
+    let peak = alloc_meter::peak_above(base);
+    eprintln!("verifying a chunk of {len} bytes held {peak} bytes at most");
+    assert!(peak < 8 << 20, "verifying held {peak} bytes");
+    // Stated shorter or longer than it is, or another digest: refused, within the same bound.
+    for c in [
+        Chunk {
+            uncompressed: Some(len - 1),
+            ..chunk
+        },
+        Chunk {
+            uncompressed: Some(len + 1),
+            ..chunk
+        },
+        Chunk {
+            digest: bux_fuse::Digest::of(b"other"),
+            ..chunk
+        },
+    ] {
+        alloc_meter::reset();
+        assert!(!c.verify(&frame));
+        assert!(alloc_meter::peak_above(base) < 8 << 20);
+    }
+}

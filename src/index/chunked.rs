@@ -18,8 +18,8 @@ use std::collections::BTreeMap;
 use base64::Engine as _;
 use serde::Deserialize;
 
-use super::published::{Chunk, PublishedLayer};
-use super::tar_scan::normalize_path;
+use super::published::{body_limit, Chunk, PublishedLayer, MAX_CHUNKS};
+use super::tar_scan::{normalize_path, MAX_ENTRIES};
 use super::{Access, Compression, EntryKind, Frame, TarEntry};
 use crate::{Digest, Error, Result};
 
@@ -75,9 +75,14 @@ impl TocLocation {
     }
 }
 
+/// Most entries of a table of contents: the entries a pull accepts, and a chunk entry for each
+/// chunk a table may have. Each costs some 300 bytes parsed.
+const MAX_TOC_ENTRIES: usize = MAX_ENTRIES + MAX_CHUNKS;
+
 #[derive(Deserialize)]
 struct Toc {
     version: u32,
+    #[serde(deserialize_with = "super::bounded_vec::<_, _, MAX_TOC_ENTRIES>")]
     entries: Vec<TocEntry>,
 }
 
@@ -125,12 +130,21 @@ pub fn parse(
     }
     let mut json = Vec::new();
     use std::io::Read;
+    // As for our own indexes, bounded by what a real table compresses from (JSON with a hex
+    // digest per file compresses less than they do) before anything is parsed.
+    let limit = body_limit(compressed_toc.len()).min(MAX_TOC);
     zstd::stream::read::Decoder::new(compressed_toc)
         .and_then(|d| {
-            d.take(loc.uncompressed.min(MAX_TOC) + 1)
+            d.take(loc.uncompressed.min(limit) + 1)
                 .read_to_end(&mut json)
         })
         .map_err(|e| bad(format!("decompressing: {e}")))?;
+    if json.len() as u64 > limit {
+        return Err(bad(format!(
+            "{} compressed bytes that inflate to more than {limit}: no real table does",
+            compressed_toc.len()
+        )));
+    }
     let toc: Toc =
         serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     if toc.version != 1 {
@@ -331,6 +345,14 @@ fn parse_time(s: &str) -> Option<(i64, u32)> {
 mod tests {
     use super::*;
 
+    /// The error of a decode that must fail (an accepted one is not printed whole).
+    fn refused<T>(r: Result<T>) -> String {
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
+
     #[test]
     fn go_times() {
         assert_eq!(parse_time("1970-01-01T00:00:00Z"), Some((0, 0)));
@@ -342,6 +364,33 @@ mod tests {
         assert_eq!(parse_time("0001-01-01T00:00:00Z"), Some((-62135596800, 0)));
         assert_eq!(parse_time("1969-12-31T23:59:59.000000001Z"), Some((-1, 1)));
         assert_eq!(parse_time("yesterday"), None);
+    }
+
+    /// #15: a table of contents that inflates far beyond what a real one compresses from
+    /// (here 300,000 identical entries in a few KiB) is refused before it is parsed, naming
+    /// the layer: each parsed entry costs some 300 bytes of memory.
+    #[test]
+    fn tocs_that_inflate_far_beyond_a_real_one_are_refused() {
+        let layer = Digest::of(b"toc bomb");
+        let toc = |n: usize| {
+            let entries = vec![r#"{"type":"dir","name":"d"}"#; n].join(",");
+            let json = format!(r#"{{"version":1,"entries":[{entries}]}}"#);
+            let z = zstd::bulk::compress(json.as_bytes(), 19).unwrap();
+            let loc = TocLocation {
+                offset: 0,
+                length: z.len() as u64,
+                uncompressed: json.len() as u64,
+                digest: Digest::of(&z),
+            };
+            (z, loc)
+        };
+        let (z, loc) = toc(300_000);
+        assert!(z.len() < 16 << 10, "{}", z.len());
+        let err = refused(parse(&z, &loc, layer, 1 << 20, Digest::of(b"diff")));
+        assert!(err.contains(&layer.to_string()), "{err}");
+        assert!(err.contains("inflate to more than"), "{err}");
+        let (z, loc) = toc(3);
+        parse(&z, &loc, layer, 1 << 20, Digest::of(b"diff")).unwrap();
     }
 
     #[test]

@@ -52,6 +52,40 @@ const ACCESS_MAGIC_V1: &[u8; 8] = b"BUXACC\x00\x01";
 /// mount maps the file and reads each window where it lies.
 const ACCESS_MAGIC: &[u8; 8] = b"BUXACC\x00\x02";
 
+/// Deserializes a sequence of at most `N` elements, refusing a longer one as soon as it
+/// passes `N` (before holding more): for tables read from the network, whose lengths are
+/// stated by whoever wrote them.
+pub(crate) fn bounded_vec<'de, D, T, const N: usize>(d: D) -> std::result::Result<Vec<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    use serde::de::{Error as _, SeqAccess, Visitor};
+    struct Bounded<T, const N: usize>(std::marker::PhantomData<T>);
+    impl<'de, T: Deserialize<'de>, const N: usize> Visitor<'de> for Bounded<T, N> {
+        type Value = Vec<T>;
+        fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+            write!(f, "a sequence of at most {N} elements")
+        }
+        fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> std::result::Result<Vec<T>, A::Error> {
+            let too_many = || A::Error::custom(format!("more than {N} elements"));
+            let hint = seq.size_hint().unwrap_or(0);
+            if hint > N {
+                return Err(too_many());
+            }
+            let mut out = Vec::with_capacity(hint.min(4096));
+            while let Some(x) = seq.next_element()? {
+                if out.len() == N {
+                    return Err(too_many());
+                }
+                out.push(x);
+            }
+            Ok(out)
+        }
+    }
+    d.deserialize_seq(Bounded::<T, N>(std::marker::PhantomData))
+}
+
 /// The table part of an access file.
 #[derive(Serialize, Deserialize)]
 struct AccessFile {
@@ -468,6 +502,29 @@ mod tests {
                 idx.small.iter().map(|(_, b)| b).collect::<Vec<_>>(),
                 [b"tiny"]
             );
+        }
+    }
+
+    /// A bounded sequence is refused once it passes its bound, in postcard (length first)
+    /// and in JSON (no length), and read whole up to it.
+    #[test]
+    fn bounded_sequences() {
+        #[derive(Serialize, Deserialize, Debug)]
+        struct T {
+            #[serde(deserialize_with = "bounded_vec::<_, _, 3>")]
+            v: Vec<u32>,
+        }
+        for n in 0..=4 {
+            let t = T { v: vec![7; n] };
+            let pc = postcard::from_bytes::<T>(&postcard::to_allocvec(&t).unwrap());
+            let js = serde_json::from_slice::<T>(&serde_json::to_vec(&t).unwrap());
+            if n <= 3 {
+                assert_eq!(pc.unwrap().v.len(), n);
+                assert_eq!(js.unwrap().v.len(), n);
+            } else {
+                assert!(pc.is_err());
+                assert!(js.unwrap_err().to_string().contains("more than 3"));
+            }
         }
     }
 

@@ -31,6 +31,39 @@ const MAGIC: &[u8; 8] = b"BUXPUB\x00\x01";
 /// Slice size of plain-tar layers.
 pub const TAR_CHUNK: u64 = 1 << 20;
 
+/// Largest chunk accepted (compressed bytes), in a published index or a zstd:chunked table. A
+/// fetch holds a chunk whole in memory to check it before any byte is served, so a table whose
+/// chunks are most of the blob (one gzip checkpoint for the whole layer) would buffer the blob.
+/// What real tables make: plain tar slices of [`TAR_CHUNK`] (1 MiB); gzip spans of
+/// [`super::GZIP_SPACING`] (512 KiB) of output plus the deflate block that crosses it (zlib
+/// and the other common encoders close a block every 16-64 Ki symbols, under 1 MiB even for
+/// incompressible data); zstd:chunked frames cut by containers/storage's rolling checksum (16
+/// bits: 64 KiB on average). 64 times the largest of those.
+pub const MAX_CHUNK: u64 = 64 << 20;
+/// Largest chunk of a windows blob: one zstd-compressed 32 KiB window (zstd's bound for
+/// 32 KiB is 32 KiB + 140 bytes).
+pub const MAX_WINDOW_CHUNK: u32 = 64 << 10;
+/// Most chunks in a table: gzip checkpoints every 512 KiB of output for 2 TiB, 1 MiB slices
+/// for 4 TiB, 64 KiB zstd:chunked frames for 256 GiB. As many as the entries a pull accepts.
+pub const MAX_CHUNKS: usize = MAX_ENTRIES;
+/// How many times its compressed size an index body may inflate to. A real one: 8x for a
+/// 400,000-file layer (the names of a Debian root), 12x for as many empty files (only the
+/// names differ); zeros compress 1000x and more. Bodies under [`MIN_BODY_LIMIT`] are not
+/// held to it.
+pub const MAX_BODY_RATIO: u64 = 64;
+/// See [`MAX_BODY_RATIO`].
+pub const MIN_BODY_LIMIT: u64 = 1 << 20;
+/// Largest index body at all: the names a pull accepts ([`MAX_METADATA_BYTES`]), and 64 bytes
+/// of fixed fields for each entry and chunk it accepts.
+pub const MAX_BODY: u64 = (MAX_METADATA_BYTES + 64 * MAX_ENTRIES + 64 * MAX_CHUNKS) as u64;
+
+/// How many bytes a body of `compressed` bytes may decompress to (see [`MAX_BODY_RATIO`]).
+pub fn body_limit(compressed: usize) -> u64 {
+    (compressed as u64)
+        .saturating_mul(MAX_BODY_RATIO)
+        .clamp(MIN_BODY_LIMIT, MAX_BODY)
+}
+
 /// A verified range of the compressed blob.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Chunk {
@@ -46,19 +79,35 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Whether `bytes` (this chunk's range) are what the table vouches for.
+    /// Whether `bytes` (this chunk's range) are what the table vouches for. A zstd frame is
+    /// hashed as it decompresses, a buffer at a time, and refused as soon as it runs past its
+    /// stated length: what it inflates to is never held (a hole of a sparse file is a few KiB
+    /// of frame for gigabytes of zeros).
     pub fn verify(&self, bytes: &[u8]) -> bool {
-        match self.uncompressed {
-            None => Digest::of(bytes) == self.digest,
-            Some(len) => {
-                let mut out = Vec::new();
-                zstd::stream::read::Decoder::new(bytes)
-                    .and_then(|d| d.take(len + 1).read_to_end(&mut out))
-                    .is_ok()
-                    && out.len() as u64 == len
-                    && Digest::of(&out) == self.digest
+        let Some(len) = self.uncompressed else {
+            return Digest::of(bytes) == self.digest;
+        };
+        let Ok(mut d) = zstd::stream::read::Decoder::with_buffer(bytes) else {
+            return false;
+        };
+        let mut h = Hasher::default();
+        let mut buf = vec![0u8; 128 << 10];
+        let mut total = 0u64;
+        loop {
+            match d.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => {
+                    total += n as u64;
+                    if total > len {
+                        return false;
+                    }
+                    h.update(&buf[..n]);
+                }
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(_) => return false,
             }
         }
+        total == len && h.finish() == self.digest
     }
 }
 
@@ -78,8 +127,10 @@ pub struct PublishedLayer {
     /// Checkpoints (gzip) or nothing (plain tar).
     pub access: Access,
     /// The file table, in tar order.
+    #[serde(deserialize_with = "super::bounded_vec::<_, _, MAX_ENTRIES>")]
     pub entries: Vec<TarEntry>,
     /// The chunk table, ascending, covering the whole blob.
+    #[serde(deserialize_with = "super::bounded_vec::<_, _, MAX_CHUNKS>")]
     pub chunks: Vec<Chunk>,
     /// Where the gzip checkpoints' windows are, when they are not inline in `access`.
     pub windows: Option<Windows>,
@@ -147,6 +198,19 @@ impl PublishedLayer {
     pub fn build(idx: &LayerIndex, blob: &dyn Blob) -> Result<PublishedLayer> {
         let mut chunks = Vec::new();
         for r in chunk_ranges(&idx.access, blob.len())? {
+            if r.end - r.start > MAX_CHUNK {
+                // A mount would refuse the index (see [`MAX_CHUNK`]): say so now.
+                return Err(Error::CorruptLayer {
+                    layer: idx.digest,
+                    detail: format!(
+                        "cannot be published: bytes {}..{} hold no checkpoint ({} bytes, more \
+                         than {MAX_CHUNK} in one chunk)",
+                        r.start,
+                        r.end,
+                        r.end - r.start
+                    ),
+                });
+            }
             let mut h = Hasher::default();
             let mut left = r.end - r.start;
             let mut buf = vec![0u8; (1 << 20).min(left as usize)];
@@ -227,10 +291,18 @@ impl PublishedLayer {
         let body = bytes
             .strip_prefix(&MAGIC[..])
             .ok_or_else(|| bad("not a bux-fuse layer index of this version".into()))?;
+        // Bounded by what a real index compresses from, before anything is decoded.
+        let limit = body_limit(body.len());
         let mut raw = Vec::new();
         zstd::stream::read::Decoder::new(body)
-            .and_then(|d| d.take(2 * MAX_METADATA_BYTES as u64).read_to_end(&mut raw))
+            .and_then(|d| d.take(limit + 1).read_to_end(&mut raw))
             .map_err(|e| bad(format!("decompressing: {e}")))?;
+        if raw.len() as u64 > limit {
+            return Err(bad(format!(
+                "{} compressed bytes that inflate to more than {limit}: no real index does",
+                body.len()
+            )));
+        }
         let p: PublishedLayer =
             postcard::from_bytes(&raw).map_err(|e| bad(format!("decoding: {e}")))?;
         p.validate(layer, size).map_err(bad)?;
@@ -251,6 +323,20 @@ impl PublishedLayer {
         // The chunks must be exactly what the checkpoints imply, so a read never needs a byte
         // that no chunk vouches for.
         let want = chunk_ranges(&self.access, size).map_err(|e| e.to_string())?;
+        if let Some((i, c)) = self
+            .chunks
+            .iter()
+            .enumerate()
+            .find(|(_, c)| c.end.saturating_sub(c.start) > MAX_CHUNK)
+        {
+            return Err(format!(
+                "chunk {i} is {} bytes (bytes {}..{}), more than the {MAX_CHUNK} a real index \
+                 makes: a fetch would hold it whole",
+                c.end - c.start,
+                c.start,
+                c.end
+            ));
+        }
         if want.len() != self.chunks.len()
             || want.iter().zip(&self.chunks).any(|(r, c)| {
                 r.start != c.start
@@ -292,6 +378,12 @@ impl PublishedLayer {
                 if !fits {
                     return Err("window table does not match the checkpoints".into());
                 }
+                if let Some(i) = w.spans.iter().position(|&(_, l)| l > MAX_WINDOW_CHUNK) {
+                    return Err(format!(
+                        "window {i} is {} bytes, more than a compressed 32 KiB window can be",
+                        w.spans[i].1
+                    ));
+                }
             }
             let ok = cps.first().is_some_and(|c| c.uoff == 0 && c.coff == 0)
                 && cps
@@ -314,6 +406,15 @@ impl PublishedLayer {
         }
         if self.entries.len() > MAX_ENTRIES {
             return Err("too many entries".into());
+        }
+        // Each entry of a tar stream takes a 512-byte header of it (zstd:chunked tables
+        // address the files' contents only).
+        if !frames && self.entries.len() as u64 > self.uncompressed_size / 512 + 1 {
+            return Err(format!(
+                "{} entries in a stream of {} bytes",
+                self.entries.len(),
+                self.uncompressed_size
+            ));
         }
         let mut meta = 0usize;
         for e in &self.entries {
@@ -382,6 +483,14 @@ impl PublishedLayer {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The error of a decode that must fail (an accepted one is not printed whole).
+    fn refused<T>(r: Result<T>) -> String {
+        match r {
+            Ok(_) => panic!("accepted"),
+            Err(e) => e.to_string(),
+        }
+    }
     use std::io::Write;
 
     fn gzip_tar(files: &[(&str, Vec<u8>)]) -> Vec<u8> {
@@ -411,6 +520,169 @@ mod tests {
             .collect()
     }
 
+    /// A gzip layer's index with the given checkpoints (compressed offsets), empty windows
+    /// split out, and no entries.
+    fn gzip_index(layer: Digest, size: u64, coffs: &[u64]) -> PublishedLayer {
+        let cps: Vec<_> = coffs
+            .iter()
+            .enumerate()
+            .map(|(i, &coff)| super::super::gzip::Checkpoint {
+                uoff: 2 * coff + i as u64,
+                coff,
+                bits: 0,
+                member_start: true,
+                window: Default::default(),
+            })
+            .collect();
+        let access = Access::Gzip(cps);
+        let chunks = chunk_ranges(&access, size)
+            .unwrap()
+            .into_iter()
+            .map(|r| Chunk {
+                start: r.start,
+                end: r.end,
+                digest: Digest::of(b"c"),
+                uncompressed: None,
+            })
+            .collect();
+        PublishedLayer {
+            digest: layer,
+            diff_id: Digest::of(b"diff"),
+            compression: Compression::Gzip,
+            compressed_size: size,
+            uncompressed_size: 4 * size,
+            access,
+            entries: Vec::new(),
+            chunks,
+            windows: None,
+        }
+    }
+
+    /// #15: a checkpoint table so sparse that one chunk is most of the blob (here one
+    /// checkpoint for 100 MiB) is refused at decode, naming the layer: a fetch buffers a chunk
+    /// whole. Honest chunks are a checkpoint spacing of output, far below [`MAX_CHUNK`].
+    #[test]
+    fn chunks_larger_than_a_real_index_makes_are_refused() {
+        let layer = Digest::of(b"sparse layer");
+        let size = 100 << 20;
+        let sparse = gzip_index(layer, size, &[0]).encode().unwrap();
+        let err = refused(PublishedLayer::decode(&sparse, layer, size));
+        assert!(err.contains(&layer.to_string()), "{err}");
+        assert!(err.contains("chunk"), "{err}");
+        // Checkpoints every MiB of the same blob: accepted.
+        let coffs: Vec<u64> = (0..100).map(|i| i << 20).collect();
+        let dense = gzip_index(layer, size, &coffs).encode().unwrap();
+        PublishedLayer::decode(&dense, layer, size).unwrap();
+        // A zstd:chunked frame of 100 MiB, likewise.
+        let frames = PublishedLayer {
+            compression: Compression::Zstd,
+            access: Access::Frames(vec![super::super::Frame {
+                uoff: 0,
+                coff: 0,
+                cend: size,
+            }]),
+            chunks: vec![Chunk {
+                start: 0,
+                end: size,
+                digest: Digest::of(b"c"),
+                uncompressed: Some(1),
+            }],
+            uncompressed_size: 1,
+            ..gzip_index(layer, size, &[0])
+        };
+        let err = refused(PublishedLayer::decode(
+            &frames.encode().unwrap(),
+            layer,
+            size,
+        ));
+        assert!(
+            err.contains(&layer.to_string()) && err.contains("chunk"),
+            "{err}"
+        );
+    }
+
+    /// #15: a window span (a chunk of the windows blob) is a zstd-compressed 32 KiB window;
+    /// one of a GiB is refused.
+    #[test]
+    fn oversized_window_spans_are_refused() {
+        let layer = Digest::of(b"windows layer");
+        let size = 4 << 20;
+        let coffs: Vec<u64> = (0..4).map(|i| i << 20).collect();
+        let mut p = gzip_index(layer, size, &coffs);
+        let spans = vec![
+            (0, 100),
+            (100, 1 << 30),
+            (100 + (1 << 30), 0),
+            (100 + (1 << 30), 7),
+        ];
+        p.windows = Some(Windows {
+            digest: Digest::of(b"w"),
+            size: 107 + (1 << 30),
+            spans,
+            digests: vec![Digest::of(b"w"); 4],
+        });
+        let err = refused(PublishedLayer::decode(&p.encode().unwrap(), layer, size));
+        assert!(
+            err.contains(&layer.to_string()) && err.contains("window"),
+            "{err}"
+        );
+        let w = p.windows.as_mut().unwrap();
+        w.spans = vec![(0, 100), (100, 20000), (20100, 0), (20100, 7)];
+        w.size = 20107;
+        PublishedLayer::decode(&p.encode().unwrap(), layer, size).unwrap();
+    }
+
+    /// #15: the index body may not decompress to far more than an index's bytes compress
+    /// from (a real one: 8-12x, see [`MAX_BODY_RATIO`]): a few KiB that inflate into a
+    /// million entries are refused before they are decoded.
+    #[test]
+    fn index_bodies_that_inflate_far_beyond_a_real_index_are_refused() {
+        let layer = Digest::of(b"bomb layer");
+        let size = 4 << 20;
+        let chunks = chunk_ranges(&Access::Tar, size)
+            .unwrap()
+            .into_iter()
+            .map(|r| Chunk {
+                start: r.start,
+                end: r.end,
+                digest: Digest::of(b"c"),
+                uncompressed: None,
+            })
+            .collect();
+        let mut p = PublishedLayer {
+            compression: Compression::None,
+            uncompressed_size: size,
+            access: Access::Tar,
+            chunks,
+            ..gzip_index(layer, size, &[0])
+        };
+        let dir = TarEntry {
+            path: Vec::new(),
+            kind: EntryKind::Dir,
+            mode: 0o755,
+            uid: 0,
+            gid: 0,
+            mtime: 0,
+            mtime_nsec: 0,
+            size: 0,
+            link: Vec::new(),
+            dev_major: 0,
+            dev_minor: 0,
+            xattrs: Vec::new(),
+            offset: 0,
+            sparse: None,
+        };
+        p.entries = vec![dir.clone(); 1 << 20];
+        let bytes = p.encode().unwrap();
+        assert!(bytes.len() < 64 << 10, "{}", bytes.len());
+        let err = refused(PublishedLayer::decode(&bytes, layer, size));
+        assert!(err.contains(&layer.to_string()), "{err}");
+        assert!(err.contains("inflate to more than"), "{err}");
+        // A few of them: fine.
+        p.entries = vec![dir; 3];
+        PublishedLayer::decode(&p.encode().unwrap(), layer, size).unwrap();
+    }
+
     #[test]
     fn round_trip_and_chunks_cover_each_span() {
         let gz = gzip_tar(&[("a", noise(3 << 20, 1)), ("b", b"hello".to_vec())]);
@@ -437,9 +709,11 @@ mod tests {
         assert!(PublishedLayer::decode(&t.encode().unwrap(), digest, gz.len() as u64).is_err());
         let mut t = back.clone();
         t.entries[0].path = b"../etc/passwd".to_vec();
-        let err = PublishedLayer::decode(&t.encode().unwrap(), digest, gz.len() as u64)
-            .unwrap_err()
-            .to_string();
+        let err = refused(PublishedLayer::decode(
+            &t.encode().unwrap(),
+            digest,
+            gz.len() as u64,
+        ));
         assert!(err.contains("not normalized"), "{err}");
         let mut t = back;
         t.entries[1].offset = u64::MAX - 2;

@@ -88,8 +88,10 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         }
     };
     orphan_watch(lock, Place::new(store, &manifest));
-    // Serving needs no privilege (the supervisor mounts and unmounts).
-    crate::sandbox::drop_to_nobody().map_err(|e| io("giving up root", e))?;
+    // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
+    // own keep it apart from other images' workers.
+    crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
+        .map_err(|e| io("giving up root", e))?;
     // The supervisor records what the kernel offered, for a worker that takes over.
     println!("ready {:x}", offered.load(Ordering::Relaxed));
     let _ = std::io::stdout().flush();
