@@ -127,6 +127,26 @@ impl Store {
                                     );
                                 }
                             }
+                            // Once the layer is whole (completed or pulled by any image), its
+                            // own index says what it holds: the image's must agree, or the
+                            // image was never completed against it (a mismatch a completion
+                            // of this image would have marked bad).
+                            let by_place = !matches!(published.access, Access::Frames(_));
+                            let real = self.index_path(&l.digest);
+                            if by_place && self.layer_local(l) && real.exists() {
+                                r.checked += 1;
+                                match LayerIndex::load(&real) {
+                                    Ok(real) if !crate::lazy::same_as_published(&real, &published) => {
+                                        r.problems.push(format!(
+                                            "{}: layer {} is whole and not what the image's published index {} says",
+                                            rec.reference,
+                                            l.digest.short(),
+                                            index.short()
+                                        ))
+                                    }
+                                    _ => {}
+                                }
+                            }
                         }
                     }
                 }

@@ -973,16 +973,14 @@ fn completion_never_promotes_bytes_that_do_not_hash_to_the_layer() {
 /// indexes together, so E neither changes V's tree nor gets V refused when E's lie is caught.
 /// Before, E's pull replaced `trees/<manifest>.tree` (V served the setuid bit) and E's
 /// completion marked the manifest bad for V too.
-#[test]
-fn one_manifest_under_two_indexes_keeps_them_apart() {
-    use std::os::unix::fs::PermissionsExt;
-    let s = setup();
+/// The image's manifest on another registry (the attacker's), with a forged referrer index
+/// that makes `opt/data.bin` setuid; returns the registry and `host/evil/app@<manifest>`.
+fn forged_referrer(s: &Setup) -> (Registry, String) {
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(s.layout.path().join("blobs/sha256").join(&s.original[7..])).unwrap(),
     )
     .unwrap();
     let l_hex = manifest["layers"][2]["digest"].as_str().unwrap()[7..].to_string();
-    // The attacker: the same manifest on its registry, with a forged referrer index.
     let evil = Registry::start();
     evil.push(s.layout.path(), "v1", "evil/app", None);
     let attacker = Bux::new();
@@ -1001,10 +999,17 @@ fn one_manifest_under_two_indexes_keeps_them_apart() {
     }
     idx.save(&idx_path).unwrap();
     attacker.ok(&["push-index", &e_tag]);
+    let e_ref = format!("{}/evil/app@{}", evil.host(), s.original);
+    (evil, e_ref)
+}
 
+#[test]
+fn one_manifest_under_two_indexes_keeps_them_apart() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    let (_evil, e_ref) = forged_referrer(&s);
     let bux = Bux::new();
     let v_ref = format!("{}/lazy/app@{}", s.reg.host(), s.original);
-    let e_ref = format!("{}/evil/app@{}", evil.host(), s.original);
     let mode = |m: &MountGuard| {
         std::fs::metadata(m.path.join("opt/data.bin"))
             .unwrap()
@@ -1270,4 +1275,49 @@ fn an_older_stores_lazy_image_checks_and_mounts() {
         })
         .collect();
     assert!(left.is_empty(), "{left:?}");
+}
+
+/// Found in review of #19.1: an image whose forged index names a layer another image already
+/// completed (so it is never streamed again) is still compared with that layer's own index
+/// at its next mount, refused and marked bad; `check` names the mismatch too. Before, the
+/// lie was served for good (its completion found the blob whole and returned). (An image
+/// pulled lazily after its layers are whole is not lazy at all: its index is not used.)
+#[test]
+fn a_forged_index_for_a_layer_already_whole_is_caught() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = setup();
+    let (_evil, e_ref) = forged_referrer(&s);
+    let bux = Bux::new();
+    let v_ref = format!("{}/lazy/app@{}", s.reg.host(), s.original);
+    // E, lazily, nothing completed: it serves its lie (its own business so far) ...
+    let (m, _) = lazy_mount(&bux, &e_ref, &["--trust-index", "--prefetch", "none"]);
+    let mode = std::fs::metadata(m.path.join("opt/data.bin"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o4000, 0o4000);
+    drop(m);
+    // ... then V completes every layer (E's, too).
+    let (m, _) = lazy_mount(&bux, &v_ref, &["--trust-index", "--wait-complete"]);
+    drop(m);
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        !out.status.success() && text.contains("is whole and not what the image's published index"),
+        "{text}"
+    );
+    // E's next mount finds its layers whole and compares: refused, and marked bad.
+    let dir = tempfile::tempdir().unwrap();
+    let err = bux.fails(&[
+        "mount",
+        "--lazy",
+        "--trust-index",
+        &e_ref,
+        dir.path().join("e").to_str().unwrap(),
+    ]);
+    assert!(err.contains("marked bad") || err.contains("bad"), "{err}");
+    assert!(err.contains("data.bin"), "{err}");
+    // V is served as ever.
+    let (m, _) = lazy_mount(&bux, &v_ref, &["--trust-index", "--prefetch", "none"]);
+    assert!(cat(&m.path.join("opt/data.bin")).unwrap() == test_bytes(6 << 20, 3));
 }

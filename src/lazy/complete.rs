@@ -102,7 +102,9 @@ impl LazyBlob {
     ) -> Result<(), String> {
         let dest = store.blob_path(&self.digest);
         if dest.exists() {
-            return Ok(()); // completed (and verified) by another mount, or pulled whole
+            // Completed (and verified) by another mount, or pulled whole: its own index says
+            // what the layer holds, and this image's published index must agree.
+            return self.check_against_whole(&store, &published);
         }
         // One completion of a partial blob at a time, across processes: two mounts of the
         // image would otherwise stream it twice, and the later rename would fail.
@@ -118,7 +120,7 @@ impl LazyBlob {
                 .map_err(|e| e.to_string())?
                 .map_err(|e| e.to_string())?;
         if dest.exists() {
-            return Ok(());
+            return self.check_against_whole(&store, &published);
         }
         self.remote.requests.fetch_add(1, Ordering::Relaxed);
         let stream = self
@@ -221,6 +223,25 @@ impl LazyBlob {
         Ok(())
     }
 
+    /// A layer stored whole by someone else: this image's published index is compared with
+    /// the index of those bytes (written only from bytes that hashed to the layer), and a
+    /// difference stops serving, as a completion that streamed the layer itself would.
+    fn check_against_whole(&self, store: &Store, published: &PublishedLayer) -> Result<(), String> {
+        if matches!(published.access, index::Access::Frames(_)) {
+            return Ok(()); // its table addresses the contents, not the tar: chunks vouch
+        }
+        let Ok(real) = LayerIndex::load(&store.index_path(&self.digest)) else {
+            return Ok(());
+        };
+        if same_as_published(&real, published) {
+            return Ok(());
+        }
+        let why = differences(&real, published).unwrap_or_default();
+        self.poisoned.store(true, Ordering::SeqCst);
+        self.cond.notify_all();
+        Err(format!("layer {}: {why}", self.digest))
+    }
+
     /// The digest of the partial file as it is on disk.
     fn file_digest(&self) -> std::io::Result<Digest> {
         let mut h = crate::digest::Hasher::default();
@@ -286,6 +307,51 @@ async fn read_whole(blob: Arc<LazyBlob>) -> Result<Vec<u8>, String> {
     })
     .await
     .map_err(|e| e.to_string())?
+}
+
+/// A lazily served layer of an image that is stored whole now (completed by any mount, or
+/// pulled whole): the index the image reads by (its published one) must say what the index
+/// of the layer's bytes says — else the image's tree describes another layer. Agreeing, the
+/// image reads by the latter from then on (same entries, its gzip windows inline).
+pub fn whole_layer_agrees(store: &Store, l: &crate::store::LayerRecord) -> Result<(), String> {
+    let keyed = store.layer_index_path(l);
+    let real = store.index_path(&l.digest);
+    let (Ok(a), Ok(b)) = (std::fs::read(&keyed), std::fs::read(&real)) else {
+        return Ok(()); // no index of its bytes (a zstd:chunked layer keeps its table)
+    };
+    if a == b {
+        return Ok(());
+    }
+    let (Ok(k), Ok(r)) = (LayerIndex::load(&keyed), LayerIndex::load(&real)) else {
+        return Ok(());
+    };
+    if matches!(k.access, index::Access::Frames(_)) {
+        return Ok(()); // its table addresses the contents, not the tar: its chunks vouch
+    }
+    let positions = |x: &index::Access| match x {
+        index::Access::Gzip(cps) => cps.iter().map(|c| (c.uoff, c.coff, c.bits)).collect(),
+        _ => Vec::new(),
+    };
+    if k.diff_id != r.diff_id || k.uncompressed_size != r.uncompressed_size {
+        return Err(format!(
+            "layer {}: its tar stream is not the published one",
+            l.digest
+        ));
+    }
+    if let Some((e, _)) = k.entries.iter().zip(&r.entries).find(|(a, b)| a != b) {
+        return Err(format!(
+            "layer {}: entry {:?} differs from the published index",
+            l.digest,
+            String::from_utf8_lossy(&e.path)
+        ));
+    }
+    if k.entries.len() != r.entries.len() || positions(&k.access) != positions(&r.access) {
+        return Err(format!(
+            "layer {}: it differs from the published index",
+            l.digest
+        ));
+    }
+    r.save(&keyed).map_err(|e| e.to_string())
 }
 
 /// Whether a layer's index built from its bytes says what its published index says (with the

@@ -31,7 +31,7 @@ mod complete;
 mod pull;
 mod remote;
 
-pub use complete::same_as_published;
+pub use complete::{same_as_published, whole_layer_agrees};
 pub use pull::LazyOutcome;
 pub use remote::Remote;
 
@@ -477,8 +477,10 @@ impl LazyBlob {
                     .write_all_at(&b[(from - at) as usize..(to - at) as usize], from)
                     .map_err(|e| format!("writing: {e}"))?;
             }
-            // Keep what the chunks from `base` on need (base may lie ahead, past a gap).
-            if total > base {
+            // Keep what the chunks from `base` on need (base may lie ahead, past a gap); past
+            // the last chunk nothing is (a zstd:chunked blob's table of contents and tar-split
+            // follow it, as large as the blob's producer made them).
+            if total > base && k < self.chunks.len() {
                 let from = base.max(at) - at;
                 if buf.is_empty() && at > base {
                     base = at;

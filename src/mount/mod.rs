@@ -626,7 +626,26 @@ fn stored_image(
             detail: why.trim().to_string(),
         });
     }
+    check_whole_layers(store, &record)?;
     Ok((record, lease))
+}
+
+/// Refuses (and marks bad) an image whose published index disagrees with the index of a
+/// layer of it that is stored whole by now (see [`crate::lazy::whole_layer_agrees`]).
+fn check_whole_layers(store: &Store, record: &crate::store::ImageRecord) -> Result<()> {
+    for l in record.layers.iter().filter(|l| l.index.is_some()) {
+        if store.layer_local(l) {
+            if let Err(why) = crate::lazy::whole_layer_agrees(store, l) {
+                tracing::error!("{why}: the image is marked bad");
+                let _ = crate::store::write_atomic(&store.bad_path(&record.view()), why.as_bytes());
+                return Err(Error::BadImage {
+                    reference: record.reference.clone(),
+                    detail: why,
+                });
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Keeps gc (and `rm` without --force) off every file of the image while the lease lives.
@@ -673,6 +692,7 @@ pub(crate) fn open_record(
     opts: &MountOptions,
 ) -> Result<OpenedImage> {
     let name = record.reference.clone();
+    check_whole_layers(store, &record)?;
     let tree = store.tree(&record)?;
     let mut layers = Vec::with_capacity(tree.layers.len());
     let mut remote: Option<Arc<Remote>> = None;
