@@ -817,6 +817,7 @@ fn progress_line(p: &Progress) -> Option<String> {
             format!("  {} pulled and indexed ({entries} entries)", layer.short())
         }
         Progress::Merged { inodes } => format!("  merged tree: {inodes} inodes"),
+        Progress::Warning { reference, message } => format!("{reference}: warning: {message}"),
         Progress::MetadataImage { bytes } => {
             format!(
                 "  metadata image (EROFS, small files included): {}",
