@@ -30,7 +30,8 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
     log_level: String,
 
-    /// Print nothing but errors (before or after the subcommand).
+    /// Print nothing but errors (before or after the subcommand); `images -q` prints only
+    /// the references.
     #[arg(short, long, global = true)]
     quiet: bool,
 
@@ -161,7 +162,7 @@ enum Cmd {
         /// Mount point.
         dir: PathBuf,
     },
-    /// List stored images.
+    /// List stored images (with -q, only their references, one a line).
     Images {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -519,6 +520,12 @@ fn run(cli: Cli) -> Result<()> {
             };
             if json {
                 println!("{}", serde_json::to_string_pretty(&images)?);
+                return Ok(());
+            }
+            if quiet {
+                for i in images {
+                    println!("{}", i.reference);
+                }
                 return Ok(());
             }
             let width = images

@@ -607,3 +607,17 @@ fn progress_bars_fit_an_80_column_terminal() {
         }
     }
 }
+
+/// `images -q` prints the references alone, one a line, as `docker images -q` prints IDs.
+#[test]
+fn images_quiet_prints_only_references() {
+    let reg = Registry::start();
+    let a = push(&reg, "t/qa", &image_with("a", b"a"));
+    let b = push(&reg, "t/qb", &image_with("b", b"b"));
+    let bux = Bux::new();
+    assert_eq!(bux.ok(&["images", "-q"]), "");
+    bux.ok(&["pull", "-q", &a]);
+    bux.ok(&["pull", "-q", &b]);
+    assert_eq!(bux.ok(&["images", "-q"]), format!("{a}\n{b}\n"));
+    assert_eq!(bux.ok(&["-q", "images"]), format!("{a}\n{b}\n"));
+}
