@@ -168,7 +168,10 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Forget an image (its blobs stay until no image uses them; see `gc`).
+    /// Forget an image name (its blobs stay until no image uses them; see `gc`).
+    ///
+    /// A name of an image that has other names too only goes itself (it is untagged), even
+    /// while the image is mounted; the last name of a mounted image needs --force.
     Rm {
         /// Image reference.
         reference: String,

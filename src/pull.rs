@@ -385,21 +385,24 @@ impl Store {
     }
 
     /// Forgets the image `reference` (as the user wrote it); returns whether it was stored.
-    /// Its blobs stay until [`Store::gc`] (other images may share them). An image that a live
-    /// mount uses is refused ([`Error::InUse`]) unless `force`; even then gc keeps its files
-    /// until the mount ends.
+    /// Its blobs stay until [`Store::gc`] (other images may share them). A name of an image
+    /// that other names have too is only untagged (as podman's `rmi` does), mounted or not;
+    /// the last name of an image a live mount uses is refused ([`Error::InUse`]) unless
+    /// `force`, and even then gc keeps its files until the mount ends.
     pub fn remove(&self, reference: &str, force: bool) -> Result<bool> {
         let name = normalize_reference(reference)?;
-        if !force {
-            if let Some(rec) = self.image(&name)? {
-                if self.in_use(&rec.manifest_digest)? {
+        if let Some(rec) = self.image(&name)? {
+            let named_otherwise = self
+                .images()?
+                .iter()
+                .any(|i| i.reference != name && i.manifest_digest == rec.manifest_digest);
+            if !named_otherwise {
+                if !force && self.in_use(&rec.manifest_digest)? {
                     return Err(Error::InUse { reference: name });
                 }
+                // Forgetting an image marked bad clears the mark: the next pull starts afresh.
+                let _ = std::fs::remove_file(self.bad_path(&rec.manifest_digest));
             }
-        }
-        if let Some(rec) = self.image(&name)? {
-            // Forgetting an image marked bad clears the mark: the next pull starts afresh.
-            let _ = std::fs::remove_file(self.bad_path(&rec.manifest_digest));
         }
         self.remove_image(&name)
     }

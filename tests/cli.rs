@@ -621,3 +621,29 @@ fn images_quiet_prints_only_references() {
     assert_eq!(bux.ok(&["images", "-q"]), format!("{a}\n{b}\n"));
     assert_eq!(bux.ok(&["-q", "images"]), format!("{a}\n{b}\n"));
 }
+
+/// Removing one name of an image that is mounted under another name only removes that name (as
+/// podman's `rmi` untags); the last name of a mounted image is still refused without --force.
+#[test]
+fn rm_of_one_name_of_a_mounted_image_untags_it() {
+    let reg = Registry::start();
+    let img = image_with("u", b"u");
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &img);
+    reg.push(&work.path().join("l"), "v1", "t/one", None);
+    reg.push(&work.path().join("l"), "v1", "t/two", None);
+    let (one, two) = (
+        format!("{}/t/one:v1", reg.host()),
+        format!("{}/t/two:v1", reg.host()),
+    );
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &one]);
+    bux.ok(&["pull", "-q", &two]);
+    let m = bux.mount(&one);
+    bux.ok(&["rm", &two]);
+    let images = bux.ok(&["images", "-q"]);
+    assert_eq!(images, format!("{one}\n"));
+    assert_eq!(std::fs::read(m.path.join("etc/marker")).unwrap(), b"u");
+    let err = bux.fails(&["rm", &one]);
+    assert!(err.contains("in use by a mount"), "{err}");
+}
