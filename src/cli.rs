@@ -565,9 +565,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Inspect { reference, json } => {
             let Some(store) = existing_store(&store_arg)? else {
-                bail!("{reference}: not in the local store (there is no store yet)");
+                bail!(
+                    "{reference}: not in the local store (there is no store yet); pull it first: \
+                     bux-fuse pull {reference}"
+                );
             };
-            let config = store.config(&reference)?;
+            let config = match store.config(&reference) {
+                Err(e @ crate::Error::NotFound { .. }) => {
+                    bail!("{e}; pull it first: bux-fuse pull {reference}")
+                }
+                r => r?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());

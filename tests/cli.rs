@@ -647,3 +647,19 @@ fn rm_of_one_name_of_a_mounted_image_untags_it() {
     let err = bux.fails(&["rm", &one]);
     assert!(err.contains("in use by a mount"), "{err}");
 }
+
+/// `inspect` of an image not in the store says how to get it.
+#[test]
+fn inspect_of_a_missing_image_says_pull_it_first() {
+    let bux = Bux::new();
+    let err = bux.fails(&["inspect", "127.0.0.1:1/t/missing:v1"]);
+    assert!(err.contains("pull it first"), "{err}");
+    let reg = Registry::start();
+    let a = push(&reg, "t/there", &image_with("a", b"a"));
+    bux.ok(&["pull", "-q", &a]);
+    let err = bux.fails(&["inspect", "127.0.0.1:1/t/missing:v1"]);
+    assert!(
+        err.contains("pull it first") && err.contains("bux-fuse pull 127.0.0.1:1/t/missing:v1"),
+        "{err}"
+    );
+}
