@@ -198,7 +198,8 @@ enum Cmd {
         repair: bool,
     },
     /// Show the store's disk usage: blobs, indexes, small files' bytes and metadata images (see
-    /// pull --small-files), trees, per image, shared.
+    /// pull --small-files), trees, their total and how much of it layers several images use
+    /// take, and per image.
     Df {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -607,7 +608,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             println!("{:10}  {:>10}", "KIND", "SIZE");
-            for (k, v) in [
+            let kinds = [
                 ("blobs", u.blobs),
                 ("indexes", u.indexes),
                 ("seekable", u.seekable),
@@ -615,8 +616,8 @@ fn run(cli: Cli) -> Result<()> {
                 ("trees", u.trees),
                 ("metadata", u.metadata_images),
                 ("temp", u.temp),
-                ("shared", u.shared),
-            ] {
+            ];
+            for (k, v) in kinds {
                 println!("{k:10}  {:>10}", human(v));
             }
             if u.lazy.1 > 0 {
@@ -625,6 +626,17 @@ fn run(cli: Cli) -> Result<()> {
                     "lazy",
                     human(u.lazy.0),
                     human(u.lazy.1)
+                );
+            }
+            let total = kinds.iter().map(|(_, v)| v).sum::<u64>() + u.lazy.0;
+            println!("{:10}  {:>10}", "total", human(total));
+            // Part of the kinds above, not one more: the layers (blobs and their indexes)
+            // that more than one image uses.
+            if u.shared > 0 {
+                println!(
+                    "{:10}  {:>10}  of which shared by several images",
+                    "",
+                    human(u.shared)
                 );
             }
             let width = u

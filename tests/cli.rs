@@ -663,3 +663,27 @@ fn inspect_of_a_missing_image_says_pull_it_first() {
         "{err}"
     );
 }
+
+/// `df` shows the bytes of layers several images share apart from the kinds it sums.
+#[test]
+fn df_shows_shared_bytes_as_a_note_not_a_kind() {
+    let reg = Registry::start();
+    let shared = test_bytes(200_000, 8);
+    let a = push(&reg, "t/da", &image_with("a", &shared));
+    let b = push(&reg, "t/db", &image_with("b", &shared));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &a]);
+    bux.ok(&["pull", "-q", &b]);
+    let df = bux.ok(&["df"]);
+    let kinds: Vec<&str> = df
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!kinds.contains(&"shared"), "shared listed as a kind: {df}");
+    assert!(
+        df.contains("of which shared by several images"),
+        "no note on shared bytes: {df}"
+    );
+    assert!(kinds.contains(&"total"), "no total: {df}");
+}
