@@ -100,7 +100,7 @@ enum Cmd {
         /// image's read trace says a boot reads (see --record-trace), `all` does that and then
         /// completes the layers in the background (then they are ordinary stored layers),
         /// `none` fetches only what is read.
-        #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"])]
+        #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"], requires = "lazy")]
         prefetch: String,
         /// Record which parts of the image reads need, in order, saved at unmount; push-index
         /// publishes it and lazy mounts elsewhere fetch those parts first. (A lazy mount of an
@@ -109,7 +109,7 @@ enum Cmd {
         record_trace: bool,
         /// With --lazy: seconds a read waits for its bytes before failing with EIO (that read
         /// alone; the next read tries again).
-        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        #[arg(long, default_value_t = 5.0, value_name = "SECS", requires = "lazy")]
         read_timeout: f64,
         /// With --lazy: return only once every layer is local and verified.
         #[arg(long, requires = "lazy")]

@@ -687,3 +687,22 @@ fn df_shows_shared_bytes_as_a_note_not_a_kind() {
     );
     assert!(kinds.contains(&"total"), "no total: {df}");
 }
+
+/// The flags that only mean something for a lazy mount are refused without --lazy.
+#[test]
+fn lazy_only_flags_need_lazy() {
+    let bux = Bux::new();
+    for flag in [
+        &["--prefetch", "none"][..],
+        &["--trust-index"],
+        &["--read-timeout", "3"],
+        &["--wait-complete"],
+    ] {
+        let mut args = vec!["mount", "127.0.0.1:1/t/x:v1", "/nonexistent/mnt"];
+        args.extend_from_slice(flag);
+        let out = bux.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}: {err}");
+        assert!(err.contains("--lazy"), "{flag:?}: {err}");
+    }
+}
