@@ -215,9 +215,10 @@ enum Cmd {
         /// Read the password from standard input (else $BUX_FUSE_PASSWORD).
         #[arg(long)]
         password_stdin: bool,
-        /// Speak plain HTTP to this registry (loopback registries always are).
-        #[arg(long)]
-        insecure: bool,
+        /// Speak plain HTTP to this registry (loopback registries always are); also spelled
+        /// --insecure.
+        #[arg(long, alias = "insecure")]
+        insecure_registry: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -661,7 +662,7 @@ fn run(cli: Cli) -> Result<()> {
             registry,
             username,
             password_stdin,
-            insecure,
+            insecure_registry,
         } => {
             let password = read_password(password_stdin)?;
             let opts = RegistryOptions {
@@ -669,7 +670,7 @@ fn run(cli: Cli) -> Result<()> {
                     username: username.clone(),
                     password: password.clone(),
                 },
-                insecure: if insecure {
+                insecure: if insecure_registry {
                     vec![registry.clone()]
                 } else {
                     vec![]

@@ -706,3 +706,42 @@ fn lazy_only_flags_need_lazy() {
         assert!(err.contains("--lazy"), "{flag:?}: {err}");
     }
 }
+
+/// `login` spells the plain-HTTP flag as the other commands do (the old `--insecure` stays as
+/// an alias), and its errors name the registry, not an internal probe.
+#[test]
+fn login_flags_and_errors_name_the_registry() {
+    let reg = Registry::start_with_auth("bob", "pw");
+    let bux = Bux::new();
+    let cfg = tempfile::tempdir().unwrap();
+    for flag in ["--insecure-registry", "--insecure"] {
+        let out = bux
+            .cmd()
+            .args(["login", flag, &reg.host(), "-u", "bob"])
+            .env("BUX_FUSE_PASSWORD", "pw")
+            .env("DOCKER_CONFIG", cfg.path())
+            .output()
+            .unwrap();
+        assert_success(&out);
+    }
+    // Nothing listens on this port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = format!("127.0.0.1:{closed}");
+    let out = bux
+        .cmd()
+        .args(["login", &host, "-u", "bob"])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .env("DOCKER_CONFIG", cfg.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&host) && !err.contains("login-check") && !err.contains("probe"),
+        "{err}"
+    );
+}
