@@ -141,6 +141,13 @@ enum Cmd {
         /// Tag for the indexed image (default: the image's own tag).
         #[arg(long)]
         tag: Option<String>,
+        /// User name for the registry (password from --password-stdin or $BUX_FUSE_PASSWORD);
+        /// default: the credentials `login` or Docker stored.
+        #[arg(long, short = 'u')]
+        username: Option<String>,
+        /// Read the registry password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
         /// Speak plain HTTP to this registry (host[:port]); loopback registries always are.
         #[arg(long, value_name = "HOST[:PORT]")]
         insecure_registry: Vec<String>,
@@ -460,12 +467,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::PushIndex {
             reference,
             tag,
+            username,
+            password_stdin,
             insecure_registry,
         } => {
             let store = open_store(&store_arg)?;
             let opts = crate::publish::PushIndexOptions {
                 registry: RegistryOptions {
-                    credentials: Credentials::Auto,
+                    credentials: credentials(username.as_deref(), password_stdin)?,
                     insecure: insecure_registry,
                     mirrors: Vec::new(),
                 },
@@ -476,8 +485,11 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("layer {}: not indexed: {why}", layer.short());
             }
             println!(
-                "{}@{} (index {}, {} layers indexed)",
-                pushed.reference, pushed.manifest_digest, pushed.index_digest, pushed.layers
+                "{}@{} (index {}, {} indexed)",
+                pushed.reference,
+                pushed.manifest_digest,
+                pushed.index_digest,
+                plural(pushed.layers as u64, "layer")
             );
             Ok(())
         }
@@ -714,10 +726,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{p}");
             }
             println!(
-                "checked {} files: {} problem{}{}",
-                report.checked,
-                report.problems.len(),
-                if report.problems.len() == 1 { "" } else { "s" },
+                "checked {}: {}{}",
+                plural(report.checked, "file"),
+                plural(report.problems.len() as u64, "problem"),
                 if repair && !report.problems.is_empty() {
                     " (removed)"
                 } else {
@@ -734,9 +745,12 @@ fn run(cli: Cli) -> Result<()> {
             let (files, bytes) = store.gc()?;
             let runs = crate::mount::clean_run_dir(&store.root().join("run"))
                 + crate::mount::clean_scratch(&store.root().join("scratch"));
-            println!("removed {files} files, freed {}", human(bytes));
+            println!("removed {}, freed {}", plural(files, "file"), human(bytes));
             if runs > 0 {
-                println!("cleaned {runs} writable mounts whose daemon died");
+                println!(
+                    "cleaned {} whose daemon died",
+                    plural(runs as u64, "writable mount")
+                );
             }
             Ok(())
         }
@@ -750,17 +764,7 @@ impl PullArgs {
             .as_deref()
             .map(|p| p.parse::<Platform>().map_err(anyhow::Error::msg))
             .transpose()?;
-        let credentials = match &self.username {
-            Some(user) => {
-                let password = read_password(self.password_stdin)?;
-                Credentials::Basic {
-                    username: user.clone(),
-                    password,
-                }
-            }
-            None if self.password_stdin => bail!("--password-stdin needs --username"),
-            None => Credentials::Auto,
-        };
+        let credentials = credentials(self.username.as_deref(), self.password_stdin)?;
         let most = crate::index::small::SMALL_MAX >> 10;
         if self.small_files > most {
             bail!("--small-files: at most {most} (KiB)");
@@ -784,6 +788,29 @@ impl PullArgs {
             small_files: Some(self.small_files << 10),
         })
     }
+}
+
+/// Credentials from --username and --password-stdin (or $BUX_FUSE_PASSWORD); without a user
+/// name, those `login` or Docker stored.
+fn credentials(username: Option<&str>, password_stdin: bool) -> Result<Credentials> {
+    Ok(match username {
+        Some(user) => Credentials::Basic {
+            username: user.to_string(),
+            password: read_password(password_stdin)?,
+        },
+        None if password_stdin => bail!("--password-stdin needs --username"),
+        None => Credentials::Auto,
+    })
+}
+
+/// `1 layer`, `2 layers`.
+fn plural(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// `1 entry`, `2 entries`.
+fn entries_word(n: usize) -> String {
+    format!("{n} {}", if n == 1 { "entry" } else { "entries" })
 }
 
 fn read_password(from_stdin: bool) -> Result<String> {
@@ -834,10 +861,9 @@ fn progress_line(p: &Progress) -> Option<String> {
         } => {
             let total: u64 = layers.iter().map(|l| l.1).sum();
             format!(
-                "{reference}: manifest {}, {} layer{}, {}",
+                "{reference}: manifest {}, {}, {}",
                 manifest.short(),
-                layers.len(),
-                if layers.len() == 1 { "" } else { "s" },
+                plural(layers.len() as u64, "layer"),
                 human(total)
             )
         }
@@ -845,7 +871,11 @@ fn progress_line(p: &Progress) -> Option<String> {
         Progress::LayerCached { layer } => format!("  {} already stored", layer.short()),
         Progress::LayerBytes { .. } => return None,
         Progress::LayerDone { layer, entries } => {
-            format!("  {} pulled and indexed ({entries} entries)", layer.short())
+            format!(
+                "  {} pulled and indexed ({})",
+                layer.short(),
+                entries_word(*entries)
+            )
         }
         Progress::Merged { inodes } => format!("  merged tree: {inodes} inodes"),
         Progress::Warning { reference, message } => format!("{reference}: warning: {message}"),
@@ -906,7 +936,7 @@ fn bars() -> crate::pull::ProgressFn {
             }
             Progress::LayerDone { layer, entries } => {
                 if let Some(b) = bars.get(layer) {
-                    b.finish_with_message(format!("indexed, {entries} entries"));
+                    b.finish_with_message(format!("indexed, {}", entries_word(*entries)));
                 }
             }
             Progress::LayerCached { layer } => {

@@ -745,3 +745,76 @@ fn login_flags_and_errors_name_the_registry() {
         "{err}"
     );
 }
+
+/// `push-index` takes credentials as `pull` and `login` do.
+#[test]
+fn push_index_takes_username_and_password_stdin() {
+    let reg = Registry::start_with_auth("bob", "pw");
+    let r = push_auth(&reg);
+    let bux = Bux::new();
+    let out = bux
+        .cmd()
+        .args(["pull", "-q", "-u", "bob", &r])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let out = bux
+        .cmd()
+        .args(["push-index", "-u", "bob", &r])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let mut child = bux
+        .cmd()
+        .args(["push-index", "--username", "bob", "--password-stdin", &r])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"pw\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_success(&out);
+    // An image of two layers: "2 layers"; one of one layer: "1 layer", not "1 layers".
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("2 layers indexed"), "{said}");
+    let one = LayerBuilder::new().file("only", b"one").finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(one, Comp::Gzip)]),
+    );
+    reg.push(
+        &work.path().join("l"),
+        "v1",
+        "t/single",
+        Some(("bob", "pw")),
+    );
+    let single = format!("{}/t/single:v1", reg.host());
+    for args in [
+        &["pull", "-u", "bob"][..],
+        &["push-index", "-u", "bob"],
+    ] {
+        let out = bux
+            .cmd()
+            .args(args)
+            .arg(&single)
+            .env("BUX_FUSE_PASSWORD", "pw")
+            .output()
+            .unwrap();
+        assert_success(&out);
+        if args[0] == "push-index" {
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains("1 layer indexed"), "{said}");
+        } else {
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                said.contains(", 1 layer,") && said.contains("(1 entry)"),
+                "{said}"
+            );
+        }
+    }
+}
