@@ -13,7 +13,8 @@ use crate::registry::manifest::Platform;
 use crate::registry::{Credentials, RegistryOptions};
 use crate::{mount, Progress, PullOptions, PullPolicy, Store};
 
-/// Mount OCI container images as read-only root filesystems, without extracting them.
+/// Mount OCI container images as root filesystems, without extracting them: read-only, or
+/// writable with --writable (changes go to an upper layer; the image is never modified).
 ///
 /// Layers are pulled once into a content-addressed store, indexed (a per-file offset table plus
 /// random-access checkpoints into the compressed stream) and merged with OCI whiteouts; a mount
@@ -48,7 +49,7 @@ enum Cmd {
         #[command(flatten)]
         pull: PullArgs,
     },
-    /// Mount an image read-only at DIR (pulling it first if missing).
+    /// Mount an image at DIR, read-only or with --writable (pulling it first if missing).
     ///
     /// Returns once the mount is live; a background process serves it until `bux-fuse umount
     /// DIR`. With --foreground it stays attached and unmounts on Ctrl-C or SIGTERM.
@@ -434,6 +435,19 @@ fn run(cli: Cli) -> Result<()> {
                     Some(std::env::current_exe().context("finding own executable")?)
                 },
             };
+            if !quiet && !notify_ready {
+                if let Some(n) = std::fs::read_dir(&dir)
+                    .ok()
+                    .map(|d| d.count())
+                    .filter(|n| *n > 0)
+                {
+                    eprintln!(
+                        "warning: {} is not empty: the mount hides its {} until it is unmounted",
+                        dir.display(),
+                        entries_word(n)
+                    );
+                }
+            }
             let shared = match foreground || notify_ready {
                 true => None,
                 false => crate::mount::mount_if_shared(&store, &image.reference, &dir, &mopts)?,
@@ -451,6 +465,9 @@ fn run(cli: Cli) -> Result<()> {
                         path.display(),
                         path.display()
                     );
+                    if let Some(note) = writable_note(&mopts) {
+                        eprintln!("{note}");
+                    }
                 }
                 return Ok(());
             }
@@ -995,6 +1012,9 @@ fn serve(
             "{reference} mounted at {}; Ctrl-C to unmount",
             m.path().display()
         );
+        if let Some(note) = writable_note(opts) {
+            eprintln!("{note}");
+        }
     }
     while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1104,6 +1124,22 @@ fn spawn_daemon(
             child.id(),
             abs.display()
         );
+        if let Some(note) = writable_note(opts) {
+            eprintln!("{note}");
+        }
     }
     Ok(())
+}
+
+/// Where a writable mount's changes go, for the message that it is mounted.
+fn writable_note(opts: &crate::MountOptions) -> Option<String> {
+    if !opts.writable {
+        return None;
+    }
+    Some(match &opts.upper {
+        Some(upper) => format!("writable: changes are kept in {}", upper.display()),
+        None => "writable: changes go to a scratch layer, discarded at unmount (--upper DIR keeps \
+                 them)"
+            .to_string(),
+    })
 }

@@ -818,3 +818,76 @@ fn push_index_takes_username_and_password_stdin() {
         }
     }
 }
+
+/// Mounting over a directory with files in it says that the mount hides them; a writable
+/// mount says where its changes go.
+#[test]
+fn mount_messages_warn_of_hidden_files_and_say_where_changes_go() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/msg", &image_with("m", b"m"));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::write(mnt.join("mine"), b"x").unwrap();
+    let out = bux.run(&["mount", &r, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt.clone(), dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not empty") && err.contains("hides"),
+        "no warning: {err}"
+    );
+    drop(m);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux.run(&["mount", "--writable", &r, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writable") && err.contains("discarded at unmount"),
+        "{err}"
+    );
+    assert!(!err.contains("is not empty"), "{err}");
+    drop(m);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let upper = dir.path().join("upper");
+    let out = bux.run(&[
+        "mount",
+        "--upper",
+        upper.to_str().unwrap(),
+        &r,
+        mnt.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("kept in {}", upper.display())),
+        "{err}"
+    );
+    drop(m);
+}
+
+/// Help, man page and the crate's description do not call every mount read-only, now that
+/// --writable exists.
+#[test]
+fn help_mentions_writable_mounts() {
+    let bux = Bux::new();
+    let help = bux.ok(&["--help"]);
+    assert!(help.contains("writable"), "{help}");
+    let mount = bux.ok(&["mount", "--help"]);
+    assert!(!mount.starts_with("Mount an image read-only"), "{mount}");
+    let man = bux.ok(&["man"]);
+    assert!(man.contains("writable"), "{man}");
+    let description = env!("CARGO_PKG_DESCRIPTION");
+    assert!(
+        !description.contains("read-only") || description.contains("writable"),
+        "{description}"
+    );
+}
