@@ -400,10 +400,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             pull.quiet = quiet;
             let store = open_store(&store_arg)?;
-            let opts = pull.options(false)?;
+            let mut opts = pull.options(false)?;
             let image = if lazy {
                 let (image, outcome) =
                     runtime()?.block_on(store.pull_lazy(&reference, &opts, trust_index))?;
+                opts.progress = None; // the bars end before what follows is said
                 if let Some(note) = outcome.note.filter(|_| !pull.quiet) {
                     eprintln!("{}: {note}", image.reference);
                 }
@@ -411,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 runtime()?.block_on(store.pull(&reference, &opts))?
             };
+            opts.progress = None;
             if !(read_timeout > 0.0 && read_timeout < 86400.0) {
                 bail!("--read-timeout must be between 0 and 86400 seconds");
             }
@@ -938,7 +940,7 @@ fn bars() -> crate::pull::ProgressFn {
         );
         match &p {
             Progress::Resolved { layers, .. } => {
-                let _ = multi.println(progress_line(&p).unwrap_or_default());
+                multi.suspend(|| terminal_line(&progress_line(&p).unwrap_or_default()));
                 for (d, size) in layers {
                     let bar = multi.add(ProgressBar::new(*size));
                     bar.set_style(style.clone());
@@ -962,10 +964,21 @@ fn bars() -> crate::pull::ProgressFn {
                 }
             }
             _ => {
-                let _ = multi.println(progress_line(&p).unwrap_or_default());
+                multi.suspend(|| terminal_line(&progress_line(&p).unwrap_or_default()));
             }
         }
     })
+}
+
+/// Writes a line on the terminal below the bars (which `suspend` takes away and draws again):
+/// from the line's start, clearing what was there, and ended with a newline. (indicatif's
+/// `println` pads a line to the width it reads from the terminal instead of ending it, for the
+/// terminal to wrap: where that width is wrong, as on a terminal that reports none, the next
+/// output runs on in the same line.)
+fn terminal_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\r\x1b[K{line}\n");
+    let _ = err.flush();
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);

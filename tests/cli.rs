@@ -891,3 +891,64 @@ fn help_mentions_writable_mounts() {
         "{description}"
     );
 }
+
+/// A progress line is ended with a newline, not padded to the terminal's width for the
+/// terminal to wrap: on a terminal wider than the one reported (or reported as none), the
+/// next output would otherwise run on in the same line.
+#[test]
+fn progress_lines_end_with_a_newline() {
+    need("script");
+    let reg = Registry::start();
+    let r = push(&reg, "t/lines", &image_with("l", &test_bytes(1 << 20, 10)));
+    let bux = Bux::new();
+    let run = |args: &str| {
+        let cmd = format!(
+            "stty cols 200 rows 24; {} --store {} {args}",
+            env!("CARGO_BIN_EXE_bux-fuse"),
+            bux.store.path().display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("DOCKER_CONFIG", bux.store.path().join("no-docker-config"))
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // After each message, only blanks and escape sequences may come before the line ends.
+    let ended = |raw: &str, what: &str, end: &str| {
+        let at = raw
+            .find(what)
+            .unwrap_or_else(|| panic!("{what:?} not shown: {raw:?}"));
+        let rest = &raw[at + what.len()..];
+        let rest = &rest[rest.find(end).unwrap() + end.len()..];
+        let line = rest.split(['\n', '\r']).next().unwrap();
+        let mut visible = String::new();
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            visible.push(c);
+        }
+        assert!(
+            visible.trim().is_empty() && !visible.contains("  "),
+            "{what:?} runs on into {visible:?}: {raw:?}"
+        );
+    };
+    let first = run(&format!("pull {r}"));
+    ended(&first, "layers, ", "B");
+    ended(&first, "merged tree: ", "inodes");
+    let again = run(&format!("pull {r}"));
+    ended(&again, "already in the store", "");
+}
