@@ -794,10 +794,7 @@ fn push_index_takes_username_and_password_stdin() {
         Some(("bob", "pw")),
     );
     let single = format!("{}/t/single:v1", reg.host());
-    for args in [
-        &["pull", "-u", "bob"][..],
-        &["push-index", "-u", "bob"],
-    ] {
+    for args in [&["pull", "-u", "bob"][..], &["push-index", "-u", "bob"]] {
         let out = bux
             .cmd()
             .args(args)
