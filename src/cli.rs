@@ -13,7 +13,8 @@ use crate::registry::manifest::Platform;
 use crate::registry::{Credentials, RegistryOptions};
 use crate::{mount, Progress, PullOptions, PullPolicy, Store};
 
-/// Mount OCI container images as read-only root filesystems, without extracting them.
+/// Mount OCI container images as root filesystems, without extracting them: read-only, or
+/// writable with --writable (changes go to an upper layer; the image is never modified).
 ///
 /// Layers are pulled once into a content-addressed store, indexed (a per-file offset table plus
 /// random-access checkpoints into the compressed stream) and merged with OCI whiteouts; a mount
@@ -30,7 +31,8 @@ pub struct Cli {
     #[arg(long, global = true, default_value = "warn", value_name = "LEVEL")]
     log_level: String,
 
-    /// Print nothing but errors (before or after the subcommand).
+    /// Print nothing but errors (before or after the subcommand); `images -q` prints only
+    /// the references.
     #[arg(short, long, global = true)]
     quiet: bool,
 
@@ -47,7 +49,7 @@ enum Cmd {
         #[command(flatten)]
         pull: PullArgs,
     },
-    /// Mount an image read-only at DIR (pulling it first if missing).
+    /// Mount an image at DIR, read-only or with --writable (pulling it first if missing).
     ///
     /// Returns once the mount is live; a background process serves it until `bux-fuse umount
     /// DIR`. With --foreground it stays attached and unmounts on Ctrl-C or SIGTERM.
@@ -99,7 +101,7 @@ enum Cmd {
         /// image's read trace says a boot reads (see --record-trace), `all` does that and then
         /// completes the layers in the background (then they are ordinary stored layers),
         /// `none` fetches only what is read.
-        #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"])]
+        #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"], requires = "lazy")]
         prefetch: String,
         /// Record which parts of the image reads need, in order, saved at unmount; push-index
         /// publishes it and lazy mounts elsewhere fetch those parts first. (A lazy mount of an
@@ -108,7 +110,7 @@ enum Cmd {
         record_trace: bool,
         /// With --lazy: seconds a read waits for its bytes before failing with EIO (that read
         /// alone; the next read tries again).
-        #[arg(long, default_value_t = 5.0, value_name = "SECS")]
+        #[arg(long, default_value_t = 5.0, value_name = "SECS", requires = "lazy")]
         read_timeout: f64,
         /// With --lazy: return only once every layer is local and verified.
         #[arg(long, requires = "lazy")]
@@ -140,6 +142,13 @@ enum Cmd {
         /// Tag for the indexed image (default: the image's own tag).
         #[arg(long)]
         tag: Option<String>,
+        /// User name for the registry (password from --password-stdin or $BUX_FUSE_PASSWORD);
+        /// default: the credentials `login` or Docker stored.
+        #[arg(long, short = 'u')]
+        username: Option<String>,
+        /// Read the registry password from standard input.
+        #[arg(long)]
+        password_stdin: bool,
         /// Speak plain HTTP to this registry (host[:port]); loopback registries always are.
         #[arg(long, value_name = "HOST[:PORT]")]
         insecure_registry: Vec<String>,
@@ -161,13 +170,16 @@ enum Cmd {
         /// Mount point.
         dir: PathBuf,
     },
-    /// List stored images.
+    /// List stored images (with -q, only their references, one a line).
     Images {
         /// Print JSON instead of a table.
         #[arg(long)]
         json: bool,
     },
-    /// Forget an image (its blobs stay until no image uses them; see `gc`).
+    /// Forget an image name (its blobs stay until no image uses them; see `gc`).
+    ///
+    /// A name of an image that has other names too only goes itself (it is untagged), even
+    /// while the image is mounted; the last name of a mounted image needs --force.
     Rm {
         /// Image reference.
         reference: String,
@@ -194,7 +206,8 @@ enum Cmd {
         repair: bool,
     },
     /// Show the store's disk usage: blobs, indexes, small files' bytes and metadata images (see
-    /// pull --small-files), trees, per image, shared.
+    /// pull --small-files), trees, their total and how much of it layers several images use
+    /// take, and per image.
     Df {
         /// Print JSON instead of a table.
         #[arg(long)]
@@ -210,9 +223,10 @@ enum Cmd {
         /// Read the password from standard input (else $BUX_FUSE_PASSWORD).
         #[arg(long)]
         password_stdin: bool,
-        /// Speak plain HTTP to this registry (loopback registries always are).
-        #[arg(long)]
-        insecure: bool,
+        /// Speak plain HTTP to this registry (loopback registries always are); also spelled
+        /// --insecure.
+        #[arg(long, alias = "insecure")]
+        insecure_registry: bool,
     },
     /// Print a shell completion script (bash, zsh, fish, elvish, powershell).
     Completions {
@@ -386,10 +400,11 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             pull.quiet = quiet;
             let store = open_store(&store_arg)?;
-            let opts = pull.options(false)?;
+            let mut opts = pull.options(false)?;
             let image = if lazy {
                 let (image, outcome) =
                     runtime()?.block_on(store.pull_lazy(&reference, &opts, trust_index))?;
+                opts.progress = None; // the bars end before what follows is said
                 if let Some(note) = outcome.note.filter(|_| !pull.quiet) {
                     eprintln!("{}: {note}", image.reference);
                 }
@@ -397,6 +412,7 @@ fn run(cli: Cli) -> Result<()> {
             } else {
                 runtime()?.block_on(store.pull(&reference, &opts))?
             };
+            opts.progress = None;
             if !(read_timeout > 0.0 && read_timeout < 86400.0) {
                 bail!("--read-timeout must be between 0 and 86400 seconds");
             }
@@ -421,6 +437,19 @@ fn run(cli: Cli) -> Result<()> {
                     Some(std::env::current_exe().context("finding own executable")?)
                 },
             };
+            if !quiet && !notify_ready {
+                if let Some(n) = std::fs::read_dir(&dir)
+                    .ok()
+                    .map(|d| d.count())
+                    .filter(|n| *n > 0)
+                {
+                    eprintln!(
+                        "warning: {} is not empty: the mount hides its {} until it is unmounted",
+                        dir.display(),
+                        entries_word(n)
+                    );
+                }
+            }
             let shared = match foreground || notify_ready {
                 true => None,
                 false => crate::mount::mount_if_shared(&store, &image.reference, &dir, &mopts)?,
@@ -438,6 +467,9 @@ fn run(cli: Cli) -> Result<()> {
                         path.display(),
                         path.display()
                     );
+                    if let Some(note) = writable_note(&mopts) {
+                        eprintln!("{note}");
+                    }
                 }
                 return Ok(());
             }
@@ -454,12 +486,14 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::PushIndex {
             reference,
             tag,
+            username,
+            password_stdin,
             insecure_registry,
         } => {
             let store = open_store(&store_arg)?;
             let opts = crate::publish::PushIndexOptions {
                 registry: RegistryOptions {
-                    credentials: Credentials::Auto,
+                    credentials: credentials(username.as_deref(), password_stdin)?,
                     insecure: insecure_registry,
                     mirrors: Vec::new(),
                 },
@@ -470,8 +504,11 @@ fn run(cli: Cli) -> Result<()> {
                 eprintln!("layer {}: not indexed: {why}", layer.short());
             }
             println!(
-                "{}@{} (index {}, {} layers indexed)",
-                pushed.reference, pushed.manifest_digest, pushed.index_digest, pushed.layers
+                "{}@{} (index {}, {} indexed)",
+                pushed.reference,
+                pushed.manifest_digest,
+                pushed.index_digest,
+                plural(pushed.layers as u64, "layer")
             );
             Ok(())
         }
@@ -521,6 +558,12 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&images)?);
                 return Ok(());
             }
+            if quiet {
+                for i in images {
+                    println!("{}", i.reference);
+                }
+                return Ok(());
+            }
             let width = images
                 .iter()
                 .map(|i| i.reference.len())
@@ -555,9 +598,17 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Inspect { reference, json } => {
             let Some(store) = existing_store(&store_arg)? else {
-                bail!("{reference}: not in the local store (there is no store yet)");
+                bail!(
+                    "{reference}: not in the local store (there is no store yet); pull it first: \
+                     bux-fuse pull {reference}"
+                );
             };
-            let config = store.config(&reference)?;
+            let config = match store.config(&reference) {
+                Err(e @ crate::Error::NotFound { .. }) => {
+                    bail!("{e}; pull it first: bux-fuse pull {reference}")
+                }
+                r => r?,
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&config)?);
                 return Ok(());
@@ -589,7 +640,7 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             println!("{:10}  {:>10}", "KIND", "SIZE");
-            for (k, v) in [
+            let kinds = [
                 ("blobs", u.blobs),
                 ("indexes", u.indexes),
                 ("seekable", u.seekable),
@@ -597,8 +648,8 @@ fn run(cli: Cli) -> Result<()> {
                 ("trees", u.trees),
                 ("metadata", u.metadata_images),
                 ("temp", u.temp),
-                ("shared", u.shared),
-            ] {
+            ];
+            for (k, v) in kinds {
                 println!("{k:10}  {:>10}", human(v));
             }
             if u.lazy.1 > 0 {
@@ -607,6 +658,17 @@ fn run(cli: Cli) -> Result<()> {
                     "lazy",
                     human(u.lazy.0),
                     human(u.lazy.1)
+                );
+            }
+            let total = kinds.iter().map(|(_, v)| v).sum::<u64>() + u.lazy.0;
+            println!("{:10}  {:>10}", "total", human(total));
+            // Part of the kinds above, not one more: the layers (blobs and their indexes)
+            // that more than one image uses.
+            if u.shared > 0 {
+                println!(
+                    "{:10}  {:>10}  of which shared by several images",
+                    "",
+                    human(u.shared)
                 );
             }
             let width = u
@@ -631,7 +693,7 @@ fn run(cli: Cli) -> Result<()> {
             registry,
             username,
             password_stdin,
-            insecure,
+            insecure_registry,
         } => {
             let password = read_password(password_stdin)?;
             let opts = RegistryOptions {
@@ -639,7 +701,7 @@ fn run(cli: Cli) -> Result<()> {
                     username: username.clone(),
                     password: password.clone(),
                 },
-                insecure: if insecure {
+                insecure: if insecure_registry {
                     vec![registry.clone()]
                 } else {
                     vec![]
@@ -683,10 +745,9 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{p}");
             }
             println!(
-                "checked {} files: {} problem{}{}",
-                report.checked,
-                report.problems.len(),
-                if report.problems.len() == 1 { "" } else { "s" },
+                "checked {}: {}{}",
+                plural(report.checked, "file"),
+                plural(report.problems.len() as u64, "problem"),
                 if repair && !report.problems.is_empty() {
                     " (removed)"
                 } else {
@@ -704,16 +765,19 @@ fn run(cli: Cli) -> Result<()> {
             let runs = crate::mount::clean_run_dir(&store.root().join("run"))
                 + crate::mount::clean_scratch(&store.root().join("scratch"));
             let places = crate::mount::shared::remove_idle_places(&store);
-            println!("removed {files} files, freed {}", human(bytes));
+            println!("removed {}, freed {}", plural(files, "file"), human(bytes));
             if places > 0 {
-                let servers = if places == 1 { "server" } else { "servers" };
                 println!(
-                    "removed the state of {places} image {servers} that {}",
+                    "removed the state of {} that {}",
+                    plural(places as u64, "image server"),
                     if places == 1 { "has left" } else { "have left" }
                 );
             }
             if runs > 0 {
-                println!("cleaned {runs} writable mounts whose daemon died");
+                println!(
+                    "cleaned {} whose daemon died",
+                    plural(runs as u64, "writable mount")
+                );
             }
             Ok(())
         }
@@ -727,17 +791,7 @@ impl PullArgs {
             .as_deref()
             .map(|p| p.parse::<Platform>().map_err(anyhow::Error::msg))
             .transpose()?;
-        let credentials = match &self.username {
-            Some(user) => {
-                let password = read_password(self.password_stdin)?;
-                Credentials::Basic {
-                    username: user.clone(),
-                    password,
-                }
-            }
-            None if self.password_stdin => bail!("--password-stdin needs --username"),
-            None => Credentials::Auto,
-        };
+        let credentials = credentials(self.username.as_deref(), self.password_stdin)?;
         let most = crate::index::small::SMALL_MAX >> 10;
         if self.small_files > most {
             bail!("--small-files: at most {most} (KiB)");
@@ -761,6 +815,29 @@ impl PullArgs {
             small_files: Some(self.small_files << 10),
         })
     }
+}
+
+/// Credentials from --username and --password-stdin (or $BUX_FUSE_PASSWORD); without a user
+/// name, those `login` or Docker stored.
+fn credentials(username: Option<&str>, password_stdin: bool) -> Result<Credentials> {
+    Ok(match username {
+        Some(user) => Credentials::Basic {
+            username: user.to_string(),
+            password: read_password(password_stdin)?,
+        },
+        None if password_stdin => bail!("--password-stdin needs --username"),
+        None => Credentials::Auto,
+    })
+}
+
+/// `1 layer`, `2 layers`.
+fn plural(n: u64, what: &str) -> String {
+    format!("{n} {what}{}", if n == 1 { "" } else { "s" })
+}
+
+/// `1 entry`, `2 entries`.
+fn entries_word(n: usize) -> String {
+    format!("{n} {}", if n == 1 { "entry" } else { "entries" })
 }
 
 fn read_password(from_stdin: bool) -> Result<String> {
@@ -811,10 +888,9 @@ fn progress_line(p: &Progress) -> Option<String> {
         } => {
             let total: u64 = layers.iter().map(|l| l.1).sum();
             format!(
-                "{reference}: manifest {}, {} layer{}, {}",
+                "{reference}: manifest {}, {}, {}",
                 manifest.short(),
-                layers.len(),
-                if layers.len() == 1 { "" } else { "s" },
+                plural(layers.len() as u64, "layer"),
                 human(total)
             )
         }
@@ -832,9 +908,14 @@ fn progress_line(p: &Progress) -> Option<String> {
             human(*total)
         ),
         Progress::LayerDone { layer, entries } => {
-            format!("  {} pulled and indexed ({entries} entries)", layer.short())
+            format!(
+                "  {} pulled and indexed ({})",
+                layer.short(),
+                entries_word(*entries)
+            )
         }
         Progress::Merged { inodes } => format!("  merged tree: {inodes} inodes"),
+        Progress::Warning { reference, message } => format!("{reference}: warning: {message}"),
         Progress::MetadataImage { bytes } => {
             format!(
                 "  metadata image (EROFS, small files included): {}",
@@ -877,7 +958,7 @@ fn bars() -> crate::pull::ProgressFn {
         );
         match &p {
             Progress::Resolved { layers, .. } => {
-                let _ = multi.println(progress_line(&p).unwrap_or_default());
+                multi.suspend(|| terminal_line(&progress_line(&p).unwrap_or_default()));
                 for (d, size) in layers {
                     let bar = multi.add(ProgressBar::new(*size));
                     bar.set_style(style.clone());
@@ -892,7 +973,7 @@ fn bars() -> crate::pull::ProgressFn {
             }
             Progress::LayerDone { layer, entries } => {
                 if let Some(b) = bars.get(layer) {
-                    b.finish_with_message(format!("indexed, {entries} entries"));
+                    b.finish_with_message(format!("indexed, {}", entries_word(*entries)));
                 }
             }
             Progress::LayerCached { layer } => {
@@ -901,10 +982,21 @@ fn bars() -> crate::pull::ProgressFn {
                 }
             }
             _ => {
-                let _ = multi.println(progress_line(&p).unwrap_or_default());
+                multi.suspend(|| terminal_line(&progress_line(&p).unwrap_or_default()));
             }
         }
     })
+}
+
+/// Writes a line on the terminal below the bars (which `suspend` takes away and draws again):
+/// from the line's start, clearing what was there, and ended with a newline. (indicatif's
+/// `println` pads a line to the width it reads from the terminal instead of ending it, for the
+/// terminal to wrap: where that width is wrong, as on a terminal that reports none, the next
+/// output runs on in the same line.)
+fn terminal_line(line: &str) {
+    let mut err = std::io::stderr().lock();
+    let _ = write!(err, "\r\x1b[K{line}\n");
+    let _ = err.flush();
 }
 
 static STOP: AtomicBool = AtomicBool::new(false);
@@ -951,6 +1043,9 @@ fn serve(
             "{reference} mounted at {}; Ctrl-C to unmount",
             m.path().display()
         );
+        if let Some(note) = writable_note(opts) {
+            eprintln!("{note}");
+        }
     }
     while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
@@ -1067,6 +1162,22 @@ fn spawn_daemon(
             child.id(),
             abs.display()
         );
+        if let Some(note) = writable_note(opts) {
+            eprintln!("{note}");
+        }
     }
     Ok(())
+}
+
+/// Where a writable mount's changes go, for the message that it is mounted.
+fn writable_note(opts: &crate::MountOptions) -> Option<String> {
+    if !opts.writable {
+        return None;
+    }
+    Some(match &opts.upper {
+        Some(upper) => format!("writable: changes are kept in {}", upper.display()),
+        None => "writable: changes go to a scratch layer, discarded at unmount (--upper DIR keeps \
+                 them)"
+            .to_string(),
+    })
 }

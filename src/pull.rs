@@ -107,6 +107,15 @@ pub enum Progress {
         /// Its size.
         bytes: u64,
     },
+    /// Something the user should know, though the pull goes on: the image's platform is not
+    /// the one asked for (the host's when none was), or a stored image serves because the
+    /// reference could not be resolved again.
+    Warning {
+        /// Normalized reference.
+        reference: String,
+        /// What is the matter, in a sentence.
+        message: String,
+    },
 }
 
 /// A progress callback.
@@ -244,10 +253,7 @@ impl Store {
         let _guard = self.hold_pull_guard().await?;
         if opts.policy != PullPolicy::Always {
             if let Some(record) = self.stored_image(&name, opts, false)? {
-                opts.emit(Progress::Cached {
-                    reference: name.clone(),
-                });
-                return self.pulled(record);
+                return self.serve_stored(record, opts);
             }
             if opts.policy == PullPolicy::Never {
                 return Err(Error::NotFound {
@@ -255,10 +261,81 @@ impl Store {
                     detail: " in the local store (pull policy is never)".into(),
                 });
             }
+            // Stored for another platform than the host's, with none asked for: resolved
+            // again for the host (see `platform_ok`).
+            if opts.platform.is_none() {
+                let any = PullOptions {
+                    policy: PullPolicy::Never,
+                    progress: None,
+                    ..opts.clone()
+                };
+                if let Some(record) = self.stored_image(&name, &any, false)? {
+                    return self.resolve_for_host(&parsed, record, opts).await;
+                }
+            }
         }
         self.pull_from_source(&parsed, opts)
             .await
             .map_err(|e| e.for_image(&name))
+    }
+
+    /// A stored image, as it is: said to be cached, and warned about when its platform is
+    /// not the one asked for.
+    fn serve_stored(&self, record: ImageRecord, opts: &PullOptions) -> Result<PulledImage> {
+        if let Ok(have) = record.platform.parse::<Platform>() {
+            if let Some(message) = platform_warning(&have, opts) {
+                opts.emit(Progress::Warning {
+                    reference: record.reference.clone(),
+                    message,
+                });
+            }
+        }
+        opts.emit(Progress::Cached {
+            reference: record.reference.clone(),
+        });
+        self.pulled(record)
+    }
+
+    /// Resolves `loc` again for the host when the store has it for another platform: a
+    /// multi-platform image is pulled for the host (the stored record is replaced); an image
+    /// that is only there for another platform is served as stored, with a warning — also
+    /// when the source cannot be reached.
+    async fn resolve_for_host(
+        &self,
+        loc: &Location,
+        record: ImageRecord,
+        opts: &PullOptions,
+    ) -> Result<PulledImage> {
+        let name = loc.key();
+        let probe = PullOptions {
+            progress: None,
+            ..opts.clone()
+        };
+        let resolved = match Source::open(loc, &opts.registry) {
+            Ok(src) => self.resolve(&src, &name, &probe).await,
+            Err(e) => Err(e),
+        };
+        match resolved {
+            Ok(r) if r.digest != record.manifest_digest => {
+                return self
+                    .pull_from_source(loc, opts)
+                    .await
+                    .map_err(|e| e.for_image(&name));
+            }
+            Ok(_) => {}
+            Err(e) => {
+                let why = e.to_string();
+                let why = why.strip_prefix(&format!("{name}: ")).unwrap_or(&why);
+                opts.emit(Progress::Warning {
+                    reference: name.clone(),
+                    message: format!(
+                        "not resolved again for this host ({why}); the stored {} image serves",
+                        record.platform
+                    ),
+                })
+            }
+        }
+        self.serve_stored(record, opts)
     }
 
     /// Waits for, then holds, the store's pull guard (gc waits while any pull holds it, and a
@@ -321,21 +398,24 @@ impl Store {
     }
 
     /// Forgets the image `reference` (as the user wrote it); returns whether it was stored.
-    /// Its blobs stay until [`Store::gc`] (other images may share them). An image that a live
-    /// mount uses is refused ([`Error::InUse`]) unless `force`; even then gc keeps its files
-    /// until the mount ends.
+    /// Its blobs stay until [`Store::gc`] (other images may share them). A name of an image
+    /// that other names have too is only untagged (as podman's `rmi` does), mounted or not;
+    /// the last name of an image a live mount uses is refused ([`Error::InUse`]) unless
+    /// `force`, and even then gc keeps its files until the mount ends.
     pub fn remove(&self, reference: &str, force: bool) -> Result<bool> {
         let name = normalize_reference(reference)?;
-        if !force {
-            if let Some(rec) = self.image(&name)? {
-                if self.in_use(&rec.manifest_digest)? {
+        if let Some(rec) = self.image(&name)? {
+            let named_otherwise = self
+                .images()?
+                .iter()
+                .any(|i| i.reference != name && i.manifest_digest == rec.manifest_digest);
+            if !named_otherwise {
+                if !force && self.in_use(&rec.manifest_digest)? {
                     return Err(Error::InUse { reference: name });
                 }
+                // Forgetting an image marked bad clears the mark: the next pull starts afresh.
+                let _ = std::fs::remove_file(self.bad_path(&rec.view()));
             }
-        }
-        if let Some(rec) = self.image(&name)? {
-            // Forgetting an image marked bad clears the mark: the next pull starts afresh.
-            let _ = std::fs::remove_file(self.bad_path(&rec.view()));
         }
         self.remove_image(&name)
     }
@@ -501,6 +581,7 @@ impl Store {
         // Manifest, through an index if there is one.
         let (mut bytes, mut digest) = reg.top_manifest().await?;
         let mut parsed = parse_manifest(&bytes, &name)?;
+        let single_platform = !parsed.is_index();
         if parsed.is_index() {
             let entries = parsed.manifests.clone().unwrap_or_default();
             let chosen =
@@ -571,6 +652,21 @@ impl Store {
             self.put_blob(&config_digest, &bytes, "config")?;
         }
         let config = self.read_config(&config_digest)?;
+        // An image of one platform is what it is: said, as Docker says it, when it is not
+        // the platform asked for (an index offers the one asked for, or the pull fails).
+        if single_platform {
+            let have = Platform {
+                os: config.os.clone(),
+                architecture: config.architecture.clone(),
+                variant: config.variant.clone(),
+            };
+            if let Some(message) = platform_warning(&have, opts) {
+                opts.emit(Progress::Warning {
+                    reference: name.clone(),
+                    message,
+                });
+            }
+        }
         if config.rootfs.diff_ids.len() != jobs.len() {
             return Err(Error::InvalidManifest {
                 what: format!("config {config_digest}"),
@@ -948,15 +1044,34 @@ impl Store {
     }
 }
 
-/// Whether a stored record serves the platform asked for (none asked: any stored one does;
-/// otherwise the pull resolves the reference again for that platform).
+/// Whether a stored record serves the platform asked for, else the pull resolves the
+/// reference again for that platform. None asked means the host's: a record for another
+/// platform (left by `pull --platform`) is resolved again for the host, unless the pull may
+/// not look beyond the store (policy never: whatever is stored serves).
 fn platform_ok(record: &ImageRecord, opts: &PullOptions) -> bool {
-    let Some(want) = &opts.platform else {
-        return true;
-    };
-    match record.platform.parse::<Platform>() {
-        Ok(have) => want.matches(&have),
-        Err(_) => false,
+    let have = record.platform.parse::<Platform>();
+    match (&opts.platform, have) {
+        (Some(want), Ok(have)) => want.matches(&have),
+        (Some(_), Err(_)) => false,
+        (None, _) if opts.policy == PullPolicy::Never => true,
+        (None, Ok(have)) => Platform::host().matches(&have),
+        // A record whose platform is unreadable: nothing to compare.
+        (None, Err(_)) => true,
+    }
+}
+
+/// What to say when an image's platform is not the one asked for (the host's when none was),
+/// in Docker's words.
+fn platform_warning(have: &Platform, opts: &PullOptions) -> Option<String> {
+    match &opts.platform {
+        Some(want) if !want.matches(have) => Some(format!(
+            "the image's platform ({have}) does not match the requested platform ({want})"
+        )),
+        None if !Platform::host().matches(have) => Some(format!(
+            "the image's platform ({have}) does not match the host's ({})",
+            Platform::host()
+        )),
+        _ => None,
     }
 }
 

@@ -41,9 +41,54 @@ pub enum Location {
     },
 }
 
+/// skopeo's transports that bux-fuse does not read (`TRANSPORT:...`).
+const OTHER_TRANSPORTS: &[&str] = &[
+    "oci-archive",
+    "containers-storage",
+    "docker-daemon",
+    "dir",
+    "ostree",
+    "sif",
+    "tarball",
+];
+
+/// The locations bux-fuse reads, for errors.
+const SUPPORTED: &str =
+    "a registry reference (REF or docker://REF), oci:DIR[:TAG] or docker-archive:FILE[:NAME:TAG]";
+
 impl Location {
-    /// Parses `oci:PATH[:TAG]`, `docker-archive:PATH[:NAME:TAG]` or a registry reference.
+    /// Parses `oci:PATH[:TAG]`, `docker-archive:PATH[:NAME:TAG]` or a registry reference
+    /// (plain, or as skopeo writes it: `docker://REF`). skopeo's other transports are refused
+    /// in a sentence naming what is read.
     pub fn parse(s: &str) -> Result<Location> {
+        if let Some(rest) = s.strip_prefix("docker://") {
+            return match quick_normalize(rest) {
+                Some(n) => Ok(Location::Registry(n)),
+                None => registry::parse_reference(rest)
+                    .map(|r| Location::Registry(r.whole()))
+                    .map_err(|e| Error::InvalidReference {
+                        reference: s.to_string(),
+                        detail: match e {
+                            Error::InvalidReference { detail, .. } => detail,
+                            e => e.to_string(),
+                        },
+                    }),
+            };
+        }
+        for t in OTHER_TRANSPORTS {
+            let Some(rest) = s.strip_prefix(t).and_then(|r| r.strip_prefix(':')) else {
+                continue;
+            };
+            // `dir:5000/app` is a registry on a host called `dir`, port 5000.
+            let port = rest.split('/').next().unwrap_or("");
+            if rest.contains('/') && !port.is_empty() && port.bytes().all(|b| b.is_ascii_digit()) {
+                break;
+            }
+            return Err(Error::InvalidReference {
+                reference: s.to_string(),
+                detail: format!("the {t}: transport is not supported (bux-fuse reads {SUPPORTED})"),
+            });
+        }
         let abs = |p: &str| {
             std::path::absolute(p).map_err(|e| Error::InvalidReference {
                 reference: s.to_string(),
@@ -545,5 +590,39 @@ mod tests {
             assert_eq!(quick_normalize(bad), None, "{bad}");
         }
         assert!(quick_normalize("127.0.0.1:5000/library/debian:bookworm").is_some());
+    }
+
+    #[test]
+    fn skopeo_transports() {
+        let key = |s: &str| Location::parse(s).map(|l| l.key());
+        assert_eq!(
+            key("docker://debian").unwrap(),
+            "docker.io/library/debian:latest"
+        );
+        assert_eq!(
+            key("docker://127.0.0.1:5000/a/b:v1").unwrap(),
+            "127.0.0.1:5000/a/b:v1"
+        );
+        assert!(key("oci:/tmp/layout:v1")
+            .unwrap()
+            .starts_with("oci:/tmp/layout"));
+        assert!(key("docker-archive:/tmp/a.tar")
+            .unwrap()
+            .starts_with("docker-archive:"));
+        for unsupported in [
+            "oci-archive:/tmp/a.tar",
+            "oci-archive:a.tar:v1",
+            "containers-storage:debian",
+            "docker-daemon:debian:latest",
+            "dir:/tmp/x",
+        ] {
+            let err = key(unsupported).unwrap_err().to_string();
+            assert!(
+                err.contains("not supported") && err.contains("docker-archive:"),
+                "{unsupported}: {err}"
+            );
+        }
+        // A registry host that happens to be called like a transport, with a port, stays one.
+        assert_eq!(key("dir:5000/a:v1").unwrap(), "dir:5000/a:v1");
     }
 }

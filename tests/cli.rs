@@ -667,3 +667,345 @@ fn a_partial_download_is_resumed_or_discarded() {
     assert!(!err.contains("resuming at"), "{err}");
     assert!(fetched > len, "fetched {fetched} of a {len}-byte layer");
 }
+
+/// `images -q` prints the references alone, one a line, as `docker images -q` prints IDs.
+#[test]
+fn images_quiet_prints_only_references() {
+    let reg = Registry::start();
+    let a = push(&reg, "t/qa", &image_with("a", b"a"));
+    let b = push(&reg, "t/qb", &image_with("b", b"b"));
+    let bux = Bux::new();
+    assert_eq!(bux.ok(&["images", "-q"]), "");
+    bux.ok(&["pull", "-q", &a]);
+    bux.ok(&["pull", "-q", &b]);
+    assert_eq!(bux.ok(&["images", "-q"]), format!("{a}\n{b}\n"));
+    assert_eq!(bux.ok(&["-q", "images"]), format!("{a}\n{b}\n"));
+}
+
+/// Removing one name of an image that is mounted under another name only removes that name (as
+/// podman's `rmi` untags); the last name of a mounted image is still refused without --force.
+#[test]
+fn rm_of_one_name_of_a_mounted_image_untags_it() {
+    let reg = Registry::start();
+    let img = image_with("u", b"u");
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &img);
+    reg.push(&work.path().join("l"), "v1", "t/one", None);
+    reg.push(&work.path().join("l"), "v1", "t/two", None);
+    let (one, two) = (
+        format!("{}/t/one:v1", reg.host()),
+        format!("{}/t/two:v1", reg.host()),
+    );
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &one]);
+    bux.ok(&["pull", "-q", &two]);
+    let m = bux.mount(&one);
+    bux.ok(&["rm", &two]);
+    let images = bux.ok(&["images", "-q"]);
+    assert_eq!(images, format!("{one}\n"));
+    assert_eq!(std::fs::read(m.path.join("etc/marker")).unwrap(), b"u");
+    let err = bux.fails(&["rm", &one]);
+    assert!(err.contains("in use by a mount"), "{err}");
+}
+
+/// `inspect` of an image not in the store says how to get it.
+#[test]
+fn inspect_of_a_missing_image_says_pull_it_first() {
+    let bux = Bux::new();
+    let err = bux.fails(&["inspect", "127.0.0.1:1/t/missing:v1"]);
+    assert!(err.contains("pull it first"), "{err}");
+    let reg = Registry::start();
+    let a = push(&reg, "t/there", &image_with("a", b"a"));
+    bux.ok(&["pull", "-q", &a]);
+    let err = bux.fails(&["inspect", "127.0.0.1:1/t/missing:v1"]);
+    assert!(
+        err.contains("pull it first") && err.contains("bux-fuse pull 127.0.0.1:1/t/missing:v1"),
+        "{err}"
+    );
+}
+
+/// `df` shows the bytes of layers several images share apart from the kinds it sums.
+#[test]
+fn df_shows_shared_bytes_as_a_note_not_a_kind() {
+    let reg = Registry::start();
+    let shared = test_bytes(200_000, 8);
+    let a = push(&reg, "t/da", &image_with("a", &shared));
+    let b = push(&reg, "t/db", &image_with("b", &shared));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &a]);
+    bux.ok(&["pull", "-q", &b]);
+    let df = bux.ok(&["df"]);
+    let kinds: Vec<&str> = df
+        .lines()
+        .take_while(|l| !l.is_empty())
+        .filter_map(|l| l.split_whitespace().next())
+        .collect();
+    assert!(!kinds.contains(&"shared"), "shared listed as a kind: {df}");
+    assert!(
+        df.contains("of which shared by several images"),
+        "no note on shared bytes: {df}"
+    );
+    assert!(kinds.contains(&"total"), "no total: {df}");
+}
+
+/// The flags that only mean something for a lazy mount are refused without --lazy.
+#[test]
+fn lazy_only_flags_need_lazy() {
+    let bux = Bux::new();
+    for flag in [
+        &["--prefetch", "none"][..],
+        &["--trust-index"],
+        &["--read-timeout", "3"],
+        &["--wait-complete"],
+    ] {
+        let mut args = vec!["mount", "127.0.0.1:1/t/x:v1", "/nonexistent/mnt"];
+        args.extend_from_slice(flag);
+        let out = bux.run(&args);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{flag:?}: {err}");
+        assert!(err.contains("--lazy"), "{flag:?}: {err}");
+    }
+}
+
+/// `login` spells the plain-HTTP flag as the other commands do (the old `--insecure` stays as
+/// an alias), and its errors name the registry, not an internal probe.
+#[test]
+fn login_flags_and_errors_name_the_registry() {
+    let reg = Registry::start_with_auth("bob", "pw");
+    let bux = Bux::new();
+    let cfg = tempfile::tempdir().unwrap();
+    for flag in ["--insecure-registry", "--insecure"] {
+        let out = bux
+            .cmd()
+            .args(["login", flag, &reg.host(), "-u", "bob"])
+            .env("BUX_FUSE_PASSWORD", "pw")
+            .env("DOCKER_CONFIG", cfg.path())
+            .output()
+            .unwrap();
+        assert_success(&out);
+    }
+    // Nothing listens on this port.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let host = format!("127.0.0.1:{closed}");
+    let out = bux
+        .cmd()
+        .args(["login", &host, "-u", "bob"])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .env("DOCKER_CONFIG", cfg.path())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&host) && !err.contains("login-check") && !err.contains("probe"),
+        "{err}"
+    );
+}
+
+/// `push-index` takes credentials as `pull` and `login` do.
+#[test]
+fn push_index_takes_username_and_password_stdin() {
+    let reg = Registry::start_with_auth("bob", "pw");
+    let r = push_auth(&reg);
+    let bux = Bux::new();
+    let out = bux
+        .cmd()
+        .args(["pull", "-q", "-u", "bob", &r])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let out = bux
+        .cmd()
+        .args(["push-index", "-u", "bob", &r])
+        .env("BUX_FUSE_PASSWORD", "pw")
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let mut child = bux
+        .cmd()
+        .args(["push-index", "--username", "bob", "--password-stdin", &r])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    std::io::Write::write_all(child.stdin.as_mut().unwrap(), b"pw\n").unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert_success(&out);
+    // An image of two layers: "2 layers"; one of one layer: "1 layer", not "1 layers".
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("2 layers indexed"), "{said}");
+    let one = LayerBuilder::new().file("only", b"one").finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(one, Comp::Gzip)]),
+    );
+    reg.push(
+        &work.path().join("l"),
+        "v1",
+        "t/single",
+        Some(("bob", "pw")),
+    );
+    let single = format!("{}/t/single:v1", reg.host());
+    for args in [&["pull", "-u", "bob"][..], &["push-index", "-u", "bob"]] {
+        let out = bux
+            .cmd()
+            .args(args)
+            .arg(&single)
+            .env("BUX_FUSE_PASSWORD", "pw")
+            .output()
+            .unwrap();
+        assert_success(&out);
+        if args[0] == "push-index" {
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(said.contains("1 layer indexed"), "{said}");
+        } else {
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(
+                said.contains(", 1 layer,") && said.contains("(1 entry)"),
+                "{said}"
+            );
+        }
+    }
+}
+
+/// Mounting over a directory with files in it says that the mount hides them; a writable
+/// mount says where its changes go.
+#[test]
+fn mount_messages_warn_of_hidden_files_and_say_where_changes_go() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/msg", &image_with("m", b"m"));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    std::fs::create_dir(&mnt).unwrap();
+    std::fs::write(mnt.join("mine"), b"x").unwrap();
+    let out = bux.run(&["mount", &r, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt.clone(), dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("is not empty") && err.contains("hides"),
+        "no warning: {err}"
+    );
+    drop(m);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux.run(&["mount", "--writable", &r, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("writable") && err.contains("discarded at unmount"),
+        "{err}"
+    );
+    assert!(!err.contains("is not empty"), "{err}");
+    drop(m);
+
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let upper = dir.path().join("upper");
+    let out = bux.run(&[
+        "mount",
+        "--upper",
+        upper.to_str().unwrap(),
+        &r,
+        mnt.to_str().unwrap(),
+    ]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains(&format!("kept in {}", upper.display())),
+        "{err}"
+    );
+    drop(m);
+}
+
+/// Help, man page and the crate's description do not call every mount read-only, now that
+/// --writable exists.
+#[test]
+fn help_mentions_writable_mounts() {
+    let bux = Bux::new();
+    let help = bux.ok(&["--help"]);
+    assert!(help.contains("writable"), "{help}");
+    let mount = bux.ok(&["mount", "--help"]);
+    assert!(!mount.starts_with("Mount an image read-only"), "{mount}");
+    let man = bux.ok(&["man"]);
+    assert!(man.contains("writable"), "{man}");
+    let description = env!("CARGO_PKG_DESCRIPTION");
+    assert!(
+        !description.contains("read-only") || description.contains("writable"),
+        "{description}"
+    );
+}
+
+/// A progress line is ended with a newline, not padded to the terminal's width for the
+/// terminal to wrap: on a terminal wider than the one reported (or reported as none), the
+/// next output would otherwise run on in the same line.
+#[test]
+fn progress_lines_end_with_a_newline() {
+    need("script");
+    let reg = Registry::start();
+    let r = push(&reg, "t/lines", &image_with("l", &test_bytes(1 << 20, 10)));
+    let bux = Bux::new();
+    let run = |args: &str| {
+        let cmd = format!(
+            "stty cols 200 rows 24; {} --store {} {args}",
+            env!("CARGO_BIN_EXE_bux-fuse"),
+            bux.store.path().display()
+        );
+        let out = std::process::Command::new("script")
+            .args(["-qec", &cmd, "/dev/null"])
+            .env("DOCKER_CONFIG", bux.store.path().join("no-docker-config"))
+            .env("TERM", "xterm")
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert_success(&out);
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    // After each message, only blanks and escape sequences may come before the line ends.
+    let ended = |raw: &str, what: &str, end: &str| {
+        let at = raw
+            .find(what)
+            .unwrap_or_else(|| panic!("{what:?} not shown: {raw:?}"));
+        let rest = &raw[at + what.len()..];
+        let rest = &rest[rest.find(end).unwrap() + end.len()..];
+        let line = rest.split(['\n', '\r']).next().unwrap();
+        let mut visible = String::new();
+        let mut chars = line.chars().peekable();
+        while let Some(c) = chars.next() {
+            if c == '\u{1b}' {
+                if chars.peek() == Some(&'[') {
+                    chars.next();
+                    for c in chars.by_ref() {
+                        if c.is_ascii_alphabetic() {
+                            break;
+                        }
+                    }
+                }
+                continue;
+            }
+            visible.push(c);
+        }
+        assert!(
+            visible.trim().is_empty() && !visible.contains("  "),
+            "{what:?} runs on into {visible:?}: {raw:?}"
+        );
+    };
+    let first = run(&format!("pull {r}"));
+    ended(&first, "layers, ", "B");
+    ended(&first, "merged tree: ", "inodes");
+    let again = run(&format!("pull {r}"));
+    ended(&again, "already in the store", "");
+}

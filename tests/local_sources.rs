@@ -88,3 +88,55 @@ fn docker_archive_tarball() {
     ]);
     assert!(err.contains("no image tagged"), "{err}");
 }
+
+/// The transport names skopeo users type: `docker://REF` is the registry reference REF (stored
+/// under its plain name), `oci:` and `docker-archive:` are read, and an archive kind bux-fuse
+/// does not read (`oci-archive:`) is one clear line naming those it does, not a reference
+/// with a `:latest` the user never typed.
+#[test]
+fn skopeo_transport_names() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "v1", &image());
+    reg.push(&layout, "v1", "t/skopeo", None);
+    let plain = format!("{}/t/skopeo:v1", reg.host());
+    let bux = Bux::new();
+    let out = bux.ok(&["pull", &format!("docker://{plain}")]);
+    assert!(out.starts_with(&format!("{plain} sha256:")), "{out}");
+    assert_eq!(bux.ok(&["images", "-q"]), format!("{plain}\n"));
+    let m = bux.mount(&format!("docker://{plain}"));
+    assert_eq!(
+        std::fs::read(m.path.join("etc/hello")).unwrap(),
+        b"from a local source\n"
+    );
+    drop(m);
+    bux.ok(&["rm", &format!("docker://{plain}")]);
+
+    let tar = work.path().join("image.tar");
+    std::fs::write(&tar, b"not read").unwrap();
+    for (what, kind) in [
+        (format!("oci-archive:{}", tar.display()), "oci-archive"),
+        (format!("oci-archive:{}:v1", tar.display()), "oci-archive"),
+        (
+            "containers-storage:debian".to_string(),
+            "containers-storage",
+        ),
+        (format!("dir:{}", layout.display()), "dir"),
+    ] {
+        let err = bux.fails(&["pull", &what]);
+        assert!(
+            err.lines().count() == 1
+                && err.contains(&format!("{kind}:"))
+                && err.contains("not supported")
+                && err.contains("docker://")
+                && err.contains("oci:")
+                && err.contains("docker-archive:")
+                && !err.contains("latest"),
+            "{what}: {err}"
+        );
+    }
+    // docker:// needs the two slashes skopeo writes; what follows is a reference.
+    let err = bux.fails(&["pull", "docker://"]);
+    assert!(err.lines().count() == 1, "{err}");
+}

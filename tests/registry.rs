@@ -149,6 +149,79 @@ fn multi_arch_index_resolves_to_host_or_requested_platform() {
     assert!(err.contains("os/arch"), "{err}");
 }
 
+/// Platform mismatches are said, as Docker says them, and a plain pull or mount (no
+/// --platform) resolves a multi-platform image for the host even when another platform of it
+/// is stored; an image that exists only for another platform is served with a warning (also
+/// with the registry gone).
+#[test]
+fn platform_mismatches_warn_and_a_plain_mount_resolves_for_the_host() {
+    let mut reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    // A single-platform amd64 image asked for as arm64.
+    let amd_only = push_small(&reg, "t/amd-only", None);
+    let bux = Bux::new();
+    let out = bux.run(&["pull", &amd_only, "--platform", "linux/arm64"]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("platform (linux/amd64) does not match the requested platform (linux/arm64)"),
+        "no warning: {err}"
+    );
+
+    // A multi-platform image pulled for arm64, then mounted plainly: the host's platform.
+    let layout = work.path().join("multi");
+    let mut arm = small_image("arm64");
+    arm.arch = "arm64".into();
+    let amd = small_image("amd64");
+    write_multiarch_layout(&layout, "multi", &[&arm, &amd]);
+    reg.push(&layout, "multi", "t/multi", None);
+    let multi = format!("{}/t/multi:multi", reg.host());
+    bux.ok(&["pull", "-q", &multi, "--platform", "linux/arm64"]);
+    let m = bux.mount(&multi);
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("etc/marker")).unwrap(),
+        "amd64",
+        "a plain mount served another platform than the host's"
+    );
+    drop(m);
+    let images: serde_json::Value = serde_json::from_str(&bux.ok(&["images", "--json"])).unwrap();
+    let rec = images
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["reference"] == multi.as_str())
+        .unwrap();
+    assert_eq!(rec["platform"], "linux/amd64", "{images}");
+
+    // A single-platform arm64 image: pulled and mounted with a warning, also offline.
+    let arm_layout = work.path().join("arm");
+    write_layout(&arm_layout, "v1", &arm);
+    reg.push(&arm_layout, "v1", "t/arm-only", None);
+    let arm_only = format!("{}/t/arm-only:v1", reg.host());
+    let out = bux.run(&["pull", &arm_only]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("platform (linux/arm64) does not match the host's (linux/amd64)"),
+        "no warning: {err}"
+    );
+    reg.stop();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux.run(&["mount", &arm_only, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("platform (linux/arm64) does not match the host's (linux/amd64)"),
+        "no warning: {err}"
+    );
+    assert_eq!(
+        std::fs::read_to_string(m.path.join("etc/marker")).unwrap(),
+        "arm64"
+    );
+}
+
 #[test]
 fn corrupted_blob_is_refused_and_nothing_is_kept() {
     let reg = Registry::start();

@@ -535,15 +535,32 @@ fn rehost(reference: &Reference, host: &str) -> Reference {
 /// Checks credentials against `registry` (`host[:port]`): a manifest request for a repository
 /// that need not exist answers 401 to bad credentials and 404 to good ones.
 pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> {
-    let probe = parse_reference(&format!("{registry}/bux-fuse/login-check:probe"))?;
+    // The probe's name and URL are ours, not the user's: errors name the registry instead.
+    let probe_name = format!("{registry}/bux-fuse/login-check:probe");
+    let probe = parse_reference(&probe_name).map_err(|_| Error::Registry {
+        reference: registry.to_string(),
+        detail: "not a registry host[:port]".into(),
+    })?;
     match Registry::new(&probe, opts).manifest(&probe).await {
         Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
-        // (The probe's URL is ours, not the user's: say what it means instead.)
         Err(Error::Unauthorized { .. }) => Err(Error::Unauthorized {
             reference: registry.to_string(),
             detail: "the registry refused these credentials (wrong user name or password)".into(),
         }),
-        Err(e) => Err(e),
+        Err(e) => {
+            let said = e
+                .to_string()
+                .replace("/v2/bux-fuse/login-check/manifests/probe", "/v2/")
+                .replace(&probe_name, registry)
+                .replace(&probe.whole(), registry);
+            let prefix = format!("{registry}: ");
+            let said = said.strip_prefix(&prefix).unwrap_or(&said);
+            let said = said.strip_prefix("registry error: ").unwrap_or(said);
+            Err(Error::Registry {
+                reference: registry.to_string(),
+                detail: said.to_string(),
+            })
+        }
     }
 }
 
