@@ -737,7 +737,10 @@ fn gc_removes_the_state_of_servers_that_have_left() {
     m.unmount();
     wait_until(&bux, "released", || servers(bux.store.path()).is_empty());
     let out = bux.ok(&["gc"]);
-    assert!(out.contains("state of 1 image server that has left"), "{out}");
+    assert!(
+        out.contains("state of 1 image server that has left"),
+        "{out}"
+    );
     assert_eq!(places(), Vec::<PathBuf>::new());
     // And the image mounts again as ever.
     let m = Mounted::new(&bux, &r, dir.path().join("ro"), false);

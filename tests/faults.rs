@@ -279,13 +279,17 @@ fn a_killed_pull_is_resumed_and_its_temp_files_cleared() {
         .unwrap()
         .len();
 
+    // How much was on disk when SIGKILL came depends on the load (what was received but
+    // still in flight to the indexer is lost); that the next pull fetches only the rest does not.
+    assert!(kept >= layer / 10, "kept {kept} of {layer} bytes");
+
     let before = proxy.bytes();
     let out = bux.cmd().args(["pull", "-q", &r]).output().unwrap();
     assert_success(&out);
     let again = proxy.bytes() - before;
     eprintln!("layer {layer}, kept {kept}, fetched again {again}");
     assert!(
-        again < layer * 6 / 10 && again < layer - kept + layer / 20,
+        again < layer - kept + layer / 20,
         "the second pull fetched {again} bytes of a {layer}-byte layer ({kept} kept)"
     );
     assert_eq!(
