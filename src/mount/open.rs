@@ -1,0 +1,168 @@
+//! Opening a stored image for serving: finding it (refused if marked bad), leasing its files
+//! against gc, and opening its merged tree and a reader per layer (lazily fetched ones too).
+
+use std::sync::Arc;
+
+use super::MountOptions;
+use crate::index::published::PublishedLayer;
+use crate::index::{Compression, LayerReader};
+use crate::lazy::{LazyBlob, Remote};
+use crate::pull::normalize_reference;
+use crate::{Error, Result, Store};
+
+/// The stored image `reference`, leased against gc (refused if marked bad).
+pub(super) fn stored_image(
+    store: &Store,
+    reference: &str,
+) -> Result<(crate::store::ImageRecord, crate::store::Lease)> {
+    let name = normalize_reference(reference)?;
+    let record = store.image(&name)?.ok_or_else(|| Error::NotFound {
+        reference: name.clone(),
+        detail: " in the local store (pull it first)".into(),
+    })?;
+    let lease = lease_image(store, &record)?;
+    if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
+        return Err(Error::BadImage {
+            reference: name,
+            detail: why.trim().to_string(),
+        });
+    }
+    check_whole_layers(store, &record)?;
+    Ok((record, lease))
+}
+
+/// Refuses (and marks bad) an image whose published index disagrees with the index of a
+/// layer of it that is stored whole by now (see [`crate::lazy::whole_layer_agrees`]).
+fn check_whole_layers(store: &Store, record: &crate::store::ImageRecord) -> Result<()> {
+    for l in record.layers.iter().filter(|l| l.index.is_some()) {
+        if store.layer_local(l) {
+            if let Err(why) = crate::lazy::whole_layer_agrees(store, l) {
+                tracing::error!("{why}: the image is marked bad");
+                let _ = crate::store::write_atomic(&store.bad_path(&record.view()), why.as_bytes());
+                return Err(Error::BadImage {
+                    reference: record.reference.clone(),
+                    detail: why,
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Keeps gc (and `rm` without --force) off every file of the image while the lease lives.
+pub(crate) fn lease_image(
+    store: &Store,
+    record: &crate::store::ImageRecord,
+) -> Result<crate::store::Lease> {
+    let mut leased = vec![record.manifest_digest, record.config_digest, record.view()];
+    leased.extend(record.layers.iter().map(|l| l.digest));
+    leased.extend(record.layers.iter().filter_map(|l| l.index));
+    store.lease(&leased)
+}
+
+/// A stored image opened for serving: its tree and a reader per layer.
+pub(crate) struct OpenedImage {
+    pub name: String,
+    pub record: crate::store::ImageRecord,
+    pub lease: crate::store::Lease,
+    pub tree: crate::tree::Tree,
+    pub layers: Vec<LayerReader>,
+    /// The registry end of lazily fetched layers, if any.
+    pub remote: Option<Arc<Remote>>,
+    /// Lazily fetched layers and their published indexes.
+    pub lazy: Vec<(Arc<LazyBlob>, Arc<PublishedLayer>)>,
+}
+
+/// Opens the stored image `reference` (leased against gc for the life of the result).
+pub(crate) fn open_image(
+    store: &Store,
+    reference: &str,
+    opts: &MountOptions,
+) -> Result<OpenedImage> {
+    let (record, lease) = stored_image(store, reference)?;
+    open_record(store, record, lease, opts)
+}
+
+/// Opens the stored image `record` describes (`lease` holds its files against gc): what an
+/// image server's restarted worker serves, found by the manifest its supervisor leased, even
+/// once the name was re-tagged or removed.
+pub(crate) fn open_record(
+    store: &Store,
+    record: crate::store::ImageRecord,
+    lease: crate::store::Lease,
+    opts: &MountOptions,
+) -> Result<OpenedImage> {
+    let name = record.reference.clone();
+    check_whole_layers(store, &record)?;
+    let tree = store.tree(&record)?;
+    let mut layers = Vec::with_capacity(tree.layers.len());
+    let mut remote: Option<Arc<Remote>> = None;
+    let mut lazy = Vec::new();
+    for (i, l) in tree.layers.iter().enumerate() {
+        let path = match (&l.access, l.compression) {
+            (crate::index::Access::Frames(_), _) => store.blob_path(&l.digest),
+            (_, Compression::Zstd) => store.seekable_path(&l.digest),
+            _ => store.blob_path(&l.digest),
+        };
+        let index = record
+            .layers
+            .iter()
+            .find(|r| r.digest == l.digest)
+            .and_then(|r| r.index.map(|d| (d, r.size)));
+        let reader = match index {
+            Some((index, size)) if !path.exists() => {
+                let bytes = store.read_verified_blob(&index, "published layer index")?;
+                let published = Arc::new(PublishedLayer::decode(&bytes, l.digest, size)?);
+                let remote = match &remote {
+                    Some(r) => r.clone(),
+                    None => {
+                        let r = crate::registry::parse_reference(&record.reference)?;
+                        let reg = crate::registry::Registry::new(&r, &opts.registry);
+                        let made = Remote::new(reg, opts.read_deadline)
+                            .map_err(|e| Error::io("starting the fetcher", e))?;
+                        remote = Some(made.clone());
+                        made
+                    }
+                };
+                match LazyBlob::open(store, &published, &index, remote) {
+                    Ok(blob) => {
+                        lazy.push((blob.clone(), published));
+                        LayerReader::new(
+                            i as u32,
+                            Box::new(blob),
+                            l.access.clone(),
+                            l.uncompressed_size,
+                        )
+                    }
+                    // Completed by another mount while this one opened it: whole now, read
+                    // by the index that completion wrote (its gzip windows inline).
+                    Err(_) if path.exists() => {
+                        let rec = &record.layers[i];
+                        let access =
+                            crate::index::LayerIndex::load_access(&store.layer_index_path(rec))?;
+                        LayerReader::open(i as u32, &path, access, l.uncompressed_size)
+                            .map_err(|e| Error::io(format!("opening layer {}", l.digest), e))?
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            _ => LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
+                .map_err(|e| {
+                    Error::io(
+                        format!("opening layer {} ({})", l.digest, path.display()),
+                        e,
+                    )
+                })?,
+        };
+        layers.push(reader);
+    }
+    Ok(OpenedImage {
+        name,
+        record,
+        lease,
+        tree,
+        layers,
+        remote,
+        lazy,
+    })
+}
