@@ -281,7 +281,11 @@ impl Store {
 
     /// A stored image, as it is: said to be cached, and warned about when its platform is
     /// not the one asked for.
-    fn serve_stored(&self, record: ImageRecord, opts: &PullOptions) -> Result<PulledImage> {
+    pub(crate) fn serve_stored(
+        &self,
+        record: ImageRecord,
+        opts: &PullOptions,
+    ) -> Result<PulledImage> {
         if let Ok(have) = record.platform.parse::<Platform>() {
             if let Some(message) = platform_warning(&have, opts) {
                 opts.emit(Progress::Warning {
@@ -306,23 +310,47 @@ impl Store {
         record: ImageRecord,
         opts: &PullOptions,
     ) -> Result<PulledImage> {
+        if self.host_resolves_elsewhere(loc, &record, opts).await {
+            let name = loc.key();
+            return self
+                .pull_from_source(loc, opts)
+                .await
+                .map_err(|e| e.for_image(&name));
+        }
+        self.serve_stored(record, opts)
+    }
+
+    /// Whether `loc` resolves for the host to another manifest than the stored `record` (of
+    /// another platform). Asked of the source for at most [`HOST_PROBE`]: a source that cannot
+    /// be reached, or answers late, leaves the stored image serving, with a warning — a mount
+    /// that worked offline keeps working.
+    pub(crate) async fn host_resolves_elsewhere(
+        &self,
+        loc: &Location,
+        record: &ImageRecord,
+        opts: &PullOptions,
+    ) -> bool {
         let name = loc.key();
         let probe = PullOptions {
             progress: None,
             ..opts.clone()
         };
         let resolved = match Source::open(loc, &opts.registry) {
-            Ok(src) => self.resolve(&src, &name, &probe).await,
+            Ok(src) => tokio::time::timeout(HOST_PROBE, self.resolve(&src, &name, &probe))
+                .await
+                .unwrap_or_else(|_| {
+                    Err(Error::io(
+                        "asking the registry",
+                        io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!("no answer in {HOST_PROBE:?}"),
+                        ),
+                    ))
+                }),
             Err(e) => Err(e),
         };
         match resolved {
-            Ok(r) if r.digest != record.manifest_digest => {
-                return self
-                    .pull_from_source(loc, opts)
-                    .await
-                    .map_err(|e| e.for_image(&name));
-            }
-            Ok(_) => {}
+            Ok(r) => r.digest != record.manifest_digest,
             Err(e) => {
                 let why = e.to_string();
                 let why = why.strip_prefix(&format!("{name}: ")).unwrap_or(&why);
@@ -332,10 +360,10 @@ impl Store {
                         "not resolved again for this host ({why}); the stored {} image serves",
                         record.platform
                     ),
-                })
+                });
+                false
             }
         }
-        self.serve_stored(record, opts)
     }
 
     /// Waits for, then holds, the store's pull guard (gc waits while any pull holds it, and a
@@ -1043,6 +1071,10 @@ impl Store {
         }
     }
 }
+
+/// How long a mount of an image stored for another platform asks the registry whether the
+/// host has a manifest of its own before serving what is stored.
+const HOST_PROBE: std::time::Duration = std::time::Duration::from_secs(5);
 
 /// Whether a stored record serves the platform asked for, else the pull resolves the
 /// reference again for that platform. None asked means the host's: a record for another

@@ -538,3 +538,50 @@ fn a_lazy_mount_renews_an_expired_access_token() {
         .count();
     assert!(exchanges >= 2, "the expired token was not renewed: {log}");
 }
+
+/// Found in review of #19.19: an image stored only for another platform than the host's
+/// mounts (plainly and lazily) with the registry gone or stalled, with the platform warning,
+/// in a bounded time. Before, a lazy mount failed with the registry down ("Connection
+/// refused"), and a plain mount waited on a stalled registry for minutes (killed at 45 s).
+#[test]
+fn an_image_stored_for_another_platform_mounts_offline_and_with_a_stalled_registry() {
+    let mut reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut arm = small_image("arm64");
+    arm.arch = "arm64".into();
+    write_layout(&work.path().join("arm"), "v1", &arm);
+    reg.push(&work.path().join("arm"), "v1", "t/arm-only", None);
+    let proxy = Proxy::start(reg.port, 1000, 1);
+    let arm_ref = format!("{}/t/arm-only:v1", proxy.host());
+    let bux = Bux::new();
+    assert_success(&bux.run(&["pull", "-q", &arm_ref]));
+    let mount = |extra: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        let mnt = dir.path().join("root");
+        let t = std::time::Instant::now();
+        let mut args = vec!["mount"];
+        args.extend_from_slice(extra);
+        args.extend([arm_ref.as_str(), mnt.to_str().unwrap()]);
+        let out = bux.run(&args);
+        let took = t.elapsed();
+        let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert!(out.status.success(), "mount {extra:?}: {stderr}");
+        let m = MountGuard::adopt(mnt, dir);
+        assert_eq!(std::fs::read(m.path.join("etc/marker")).unwrap(), b"arm64");
+        assert!(stderr.contains("does not match the host's"), "{stderr}");
+        (took, stderr)
+    };
+    proxy.pause();
+    for extra in [&[][..], &["--lazy"][..]] {
+        let (took, _) = mount(extra);
+        assert!(
+            took < std::time::Duration::from_secs(20),
+            "{extra:?}: {took:?}"
+        );
+    }
+    proxy.unpause();
+    reg.stop();
+    for extra in [&[][..], &["--lazy"][..]] {
+        mount(extra);
+    }
+}

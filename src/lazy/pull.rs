@@ -111,6 +111,32 @@ impl Store {
                     detail: " in the local store (pull policy is never)".into(),
                 });
             }
+            // Stored for another platform than the host's, none asked for: as `pull` does,
+            // resolved again for the host, and served as stored if the answer is the same or
+            // does not come.
+            if opts.platform.is_none() {
+                let any = PullOptions {
+                    policy: PullPolicy::Never,
+                    progress: None,
+                    ..opts.clone()
+                };
+                if let Some(record) = self.stored_image(&name, &any, true)? {
+                    if !self.host_resolves_elsewhere(&loc, &record, opts).await {
+                        let lazy_layers = record
+                            .layers
+                            .iter()
+                            .filter(|l| !self.layer_local(l))
+                            .count();
+                        return Ok((
+                            self.serve_stored(record, opts)?,
+                            LazyOutcome {
+                                lazy_layers,
+                                ..Default::default()
+                            },
+                        ));
+                    }
+                }
+            }
         }
         self.pull_lazy_from(&loc, opts, trust_referrer)
             .await
