@@ -547,3 +547,44 @@ fn an_upper_of_one_kind_is_refused_by_the_other() {
     std::fs::remove_file(root_state.join("format")).unwrap();
     user_refused();
 }
+
+/// A user's mount that fails (here: on a mount point the user cannot write) claims its
+/// `--upper` directory for no kind: root's overlay takes it afterwards. A record of the kind
+/// left empty (by a crash, say) is as good as none: what is in the directory tells.
+#[test]
+fn a_failed_mount_leaves_its_upper_unclaimed() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/upper-unclaimed");
+    let user = AsUser::new();
+    let ro = user.home().join("ro");
+    std::fs::create_dir(&ro).unwrap(); // root's, 0755
+    let out = user.sh(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --upper state {r} ro"
+    ));
+    assert!(
+        !out.status.success(),
+        "a mount on a directory the user cannot write"
+    );
+    let state = user.home().join("state");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let root_mount = || {
+        let m = bux.mount_with(&r, &["--upper", state.to_str().unwrap()]);
+        std::fs::write(m.path.join("etc/new"), b"root\n").unwrap();
+    };
+    root_mount();
+    assert_eq!(
+        std::fs::read_to_string(state.join("format")).unwrap(),
+        "kernel-overlay\n"
+    );
+    std::fs::write(state.join("format"), b"").unwrap();
+    root_mount();
+    // Still root's: a user's mount is refused.
+    let out = user.sh(&format!("$BUX -q mount --upper state {r} m2"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("was used by root's kernel overlay"),
+        "{err}"
+    );
+}
