@@ -309,6 +309,41 @@ fn a_name_too_long_for_its_whiteout_is_refused_and_nothing_changes() {
     assert_eq!(out, "image\nedit\n0\n3\n");
 }
 
+/// A rename onto an image entry of a name too long for its whiteout needs none (the moved
+/// entry hides the image's): it replaces the file, or the empty directory, now and after a
+/// remount.
+#[test]
+fn a_rename_onto_a_name_too_long_for_its_whiteout_replaces_it() {
+    let (f253, d254) = ("f".repeat(253), "d".repeat(254));
+    let l = LayerBuilder::new()
+        .dir("long", 0o755)
+        .file(&format!("long/{f253}"), b"image\n")
+        .dir(&format!("long/{d254}"), 0o755)
+        .finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let reg = Registry::start();
+    reg.push(&work.path().join("l"), "v1", "t/rootless-long-mv", None);
+    let r = format!("{}/t/rootless-long-mv:v1", reg.host());
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cd m/long && echo moved > x && mv x {f253} && \
+         mkdir y && touch y/in && mv -T y {d254} && cat {f253} && ls {d254} && ls | wc -l && \
+         cd ../.. && $BUX umount m"
+    ));
+    assert_eq!(out, "moved\nin\n2\n");
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && cat m/long/{f253} && ls m/long/{d254} && \
+         ls m/long | wc -l && $BUX umount m"
+    ));
+    assert_eq!(out, "moved\nin\n2\n");
+}
+
 /// The upper directory holds the guest's files owner-only (0600, directories 0700) whatever
 /// mode the guest gave them: `/root`, `/etc/shadow` and keys are not for other host users.
 /// The guest is served the modes it set. The same directory through a symlink is one upper
@@ -511,4 +546,45 @@ fn an_upper_of_one_kind_is_refused_by_the_other() {
     user_refused();
     std::fs::remove_file(root_state.join("format")).unwrap();
     user_refused();
+}
+
+/// A user's mount that fails (here: on a mount point the user cannot write) claims its
+/// `--upper` directory for no kind: root's overlay takes it afterwards. A record of the kind
+/// left empty (by a crash, say) is as good as none: what is in the directory tells.
+#[test]
+fn a_failed_mount_leaves_its_upper_unclaimed() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/upper-unclaimed");
+    let user = AsUser::new();
+    let ro = user.home().join("ro");
+    std::fs::create_dir(&ro).unwrap(); // root's, 0755
+    let out = user.sh(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --upper state {r} ro"
+    ));
+    assert!(
+        !out.status.success(),
+        "a mount on a directory the user cannot write"
+    );
+    let state = user.home().join("state");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let root_mount = || {
+        let m = bux.mount_with(&r, &["--upper", state.to_str().unwrap()]);
+        std::fs::write(m.path.join("etc/new"), b"root\n").unwrap();
+    };
+    root_mount();
+    assert_eq!(
+        std::fs::read_to_string(state.join("format")).unwrap(),
+        "kernel-overlay\n"
+    );
+    std::fs::write(state.join("format"), b"").unwrap();
+    root_mount();
+    // Still root's: a user's mount is refused.
+    let out = user.sh(&format!("$BUX -q mount --upper state {r} m2"));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && err.contains("was used by root's kernel overlay"),
+        "{err}"
+    );
 }

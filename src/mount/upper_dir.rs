@@ -83,26 +83,24 @@ impl UpperKind {
     }
 
     /// The kind recorded in `base`, or inferred for a directory from before the record: the
-    /// overlay's work directory, or bux-fuse's stat on the upper root. `None`: unused, or
-    /// nothing tells.
+    /// overlay's work directory, or bux-fuse's stat on the upper root. `None`: unused (nothing
+    /// in its upper and work directories, whatever the record says: a mount that failed wrote
+    /// it), or nothing tells. An empty record (a crash before it reached the disk) is none.
     fn of(base: &Path) -> std::result::Result<Option<UpperKind>, String> {
-        let marker = base.join(UPPER_FORMAT);
-        match std::fs::read_to_string(&marker) {
-            Ok(m) => {
-                return [UpperKind::User, UpperKind::Overlay]
-                    .into_iter()
-                    .find(|k| k.marker() == m.trim())
-                    .map(Some)
-                    .ok_or_else(|| {
-                        format!(
-                            "{} names an unknown upper layer format {:?}",
-                            marker.display(),
-                            m.trim()
-                        )
-                    });
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => return Err(format!("reading {}: {e}", marker.display())),
+        if unused_upper(base) {
+            return Ok(None);
+        }
+        if let Some(m) = recorded_kind(base)? {
+            return [UpperKind::User, UpperKind::Overlay]
+                .into_iter()
+                .find(|k| k.marker() == m)
+                .map(Some)
+                .ok_or_else(|| {
+                    format!(
+                        "{} names an unknown upper layer format {m:?}",
+                        base.join(UPPER_FORMAT).display()
+                    )
+                });
         }
         let overlay = base.join("work").is_dir();
         let user = crate::upper::kept_by_bux_fuse(&base.join("upper"));
@@ -114,11 +112,36 @@ impl UpperKind {
     }
 }
 
+/// The kind of layer `base`'s record names, if it has one that is not empty.
+fn recorded_kind(base: &Path) -> std::result::Result<Option<String>, String> {
+    let marker = base.join(UPPER_FORMAT);
+    match std::fs::read_to_string(&marker) {
+        Ok(m) if m.trim().is_empty() => Ok(None),
+        Ok(m) => Ok(Some(m.trim().to_owned())),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(format!("reading {}: {e}", marker.display())),
+    }
+}
+
+/// Whether `base`'s upper and work directories hold nothing (or are missing): no mount of
+/// either kind has kept anything there (a kernel overlay that was mounted leaves its
+/// `work/work`).
+fn unused_upper(base: &Path) -> bool {
+    ["upper", "work"]
+        .iter()
+        .all(|d| match std::fs::read_dir(base.join(d)) {
+            Ok(mut entries) => entries.next().is_none(),
+            Err(e) => e.kind() == io::ErrorKind::NotFound,
+        })
+}
+
+/// `kind` of layer is refused, unchanged; one of no kind yet (or unused) is marked as `kind`.
+
 /// Locks `--upper DIR` for one writable mount at a time: the directory itself (so every path
 /// to it takes the same lock), held for the life of a mount served by this process. No process
 /// holds it once the command that mounted an overlay over a shared server has left: the mount
 /// table then tells whether an overlay still writes there. A directory that holds the other
-/// `kind` of layer is refused, unchanged; one of no kind yet is marked as `kind`.
+/// `kind` of layer is refused, unchanged; one of no kind yet (or unused) is marked as `kind`.
 pub(super) fn lock_upper(
     base: &Path,
     kind: UpperKind,
@@ -155,11 +178,18 @@ pub(super) fn lock_upper(
                 kind.describe()
             ))
         }
-        Some(_) if base.join(UPPER_FORMAT).exists() => {}
+        Some(_) if recorded_kind(base)?.is_some() => {}
         _ => {
+            // Synced before it takes the name, and the name synced: a crash leaves the old
+            // record or the new one.
             let tmp = base.join(format!(".{UPPER_FORMAT}.tmp"));
-            std::fs::write(&tmp, format!("{}\n", kind.marker()))
+            std::fs::File::create(&tmp)
+                .and_then(|mut f| {
+                    io::Write::write_all(&mut f, format!("{}\n", kind.marker()).as_bytes())?;
+                    f.sync_all()
+                })
                 .and_then(|()| std::fs::rename(&tmp, base.join(UPPER_FORMAT)))
+                .and_then(|()| file.sync_all())
                 .map_err(|e| format!("marking {}: {e}", base.display()))?;
         }
     }

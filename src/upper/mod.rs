@@ -201,8 +201,8 @@ impl UpperFs {
             copying: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
         };
-        // Orphans of a mount that ended without the kernel forgetting them, and copies it
-        // had not published.
+        // Orphans of a mount that ended without the kernel forgetting them, copies it had not
+        // published, and directories a rename it did not finish had replaced.
         for e in std::fs::read_dir(upper)?.flatten() {
             let name = e.file_name();
             let orphan = name
@@ -211,6 +211,13 @@ impl UpperFs {
                 .is_some_and(|n| n.starts_with(ORPHAN.as_bytes()) || n.starts_with(STAGED));
             if orphan {
                 std::fs::remove_file(e.path())?;
+            }
+            let replaced = name
+                .as_bytes()
+                .strip_prefix(disk::WHITEOUT_PREFIX)
+                .is_some_and(|n| n.starts_with(REPLACED.as_bytes()));
+            if replaced {
+                std::fs::remove_dir_all(e.path())?;
             }
         }
         // The root shows the image root's owner and mode until changed.
@@ -908,21 +915,29 @@ impl Upper {
         let n = self.child(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
         self.whiteout_fits(&st, parent, name)?;
         let is_dir = self.attr(&st, n)?.kind == FileType::Directory;
-        if let Some(old) = self.child(&mut st, newparent, newname)? {
-            if old == n {
-                return Ok(()); // the same file (hardlinks, or itself)
-            }
-            if flags.contains(RenameFlags::RENAME_NOREPLACE) {
+        // The entry replaced, if any. It needs no whiteout, whatever its name's length: the
+        // moved entry hides the image's.
+        let old = match self.child(&mut st, newparent, newname)? {
+            Some(old) if old == n => return Ok(()), // the same file (hardlinks, or itself)
+            Some(_) if flags.contains(RenameFlags::RENAME_NOREPLACE) => {
                 return Err(Errno::EEXIST);
             }
-            let old_dir = self.attr(&st, old)?.kind == FileType::Directory;
-            match (is_dir, old_dir) {
-                (true, false) => return Err(Errno::ENOTDIR),
-                (false, true) => return Err(Errno::EISDIR),
-                _ => {}
+            Some(old) => {
+                let old_dir = self.attr(&st, old)?.kind == FileType::Directory;
+                match (is_dir, old_dir) {
+                    (true, false) => return Err(Errno::ENOTDIR),
+                    (false, true) => return Err(Errno::EISDIR),
+                    (true, true) if !self.listing(&mut st, old)?.is_empty() => {
+                        return Err(Errno::ENOTEMPTY);
+                    }
+                    _ => {}
+                }
+                Some(old)
             }
-            self.remove(&mut st, newparent, newname, old_dir)?;
-        }
+            None => None,
+        };
+        // Every step that can fail comes before the one rename(2) that makes the change, and
+        // is taken back if a later one fails: a rename that fails changes nothing.
         // A moved image directory takes its image contents along (redirect); a moved file is
         // copied up first.
         let lower_dir = if is_dir {
@@ -946,37 +961,94 @@ impl Upper {
         }
         self.copy_up(&mut st, newparent)?;
         let to_dir = self.path(&st, newparent)?;
-        let wh = to_dir.join(disk::whiteout_name(newname));
-        if wh.exists() {
-            std::fs::remove_file(&wh).map_err(err)?;
-        }
         let to = to_dir.join(OsStr::from_bytes(newname));
+        let from_dir = self.path(&st, parent)?;
         // The first link may be another name of the node: move this name's entry.
-        let from_here = self.path(&st, parent)?.join(OsStr::from_bytes(name));
+        let from_here = from_dir.join(OsStr::from_bytes(name));
         let from = if from_here.exists() || from_here.is_symlink() {
             from_here
         } else {
             from
         };
         self.names_changed();
+        let mut undo = Vec::new();
+        let undone = |undo: Vec<Undo>, e: Errno| {
+            for u in undo.into_iter().rev() {
+                u.run();
+            }
+            Err(e)
+        };
         // An upper directory with no image directory of its own must not merge with one that
         // happens to have the new name: marked before it moves (it hides nothing where it is).
-        let opaque =
-            (is_dir && lower_dir.is_none() && self.lower_child(&st, newparent, newname).is_some())
-                .then(|| from.join(disk::OPAQUE))
-                .filter(|o| !o.exists());
-        if let Some(o) = &opaque {
-            disk::create_file(o, false, true).map_err(err)?;
+        if is_dir && lower_dir.is_none() && self.lower_child(&st, newparent, newname).is_some() {
+            let o = from.join(disk::OPAQUE);
+            if !o.exists() {
+                if let Err(e) = disk::create_file(&o, false, true) {
+                    return undone(undo, err(e));
+                }
+                undo.push(Undo::Remove(o));
+            }
+        }
+        // The whiteout of the image's entry of the old name: the upper entry shows over it
+        // until it moves.
+        if self.lower_child(&st, parent, name).is_some() {
+            let wh = from_dir.join(disk::whiteout_name(name));
+            if !wh.exists() {
+                if let Err(e) = disk::create_file(&wh, false, true) {
+                    return undone(undo, err(e));
+                }
+                undo.push(Undo::Remove(wh));
+            }
+        }
+        // The replaced entry: a directory (empty, but for whiteouts) moves aside, as rename(2)
+        // replaces only an empty one; a file's last name is linked to an orphan name first, as
+        // it may still be open.
+        let mut aside = None;
+        let mut orphan = false;
+        if let Some(old) = old {
+            let on_disk = self
+                .node(&st, old)?
+                .upper
+                .then(|| std::fs::symlink_metadata(&to).ok())
+                .flatten();
+            match on_disk {
+                Some(md) if md.is_dir() => {
+                    let a = self
+                        .root
+                        .join(disk::whiteout_name(format!("{REPLACED}{old}").as_bytes()));
+                    if let Err(e) = std::fs::rename(&to, &a) {
+                        return undone(undo, err(e));
+                    }
+                    undo.push(Undo::Move(a.clone(), to.clone()));
+                    aside = Some(a);
+                }
+                Some(md) if md.nlink() == 1 => {
+                    let o = self.root.join(orphan_name(old));
+                    if let Err(e) = std::fs::hard_link(&to, &o) {
+                        return undone(undo, err(e));
+                    }
+                    undo.push(Undo::Remove(o));
+                    orphan = true;
+                }
+                _ => {}
+            }
         }
         if let Err(e) = std::fs::rename(&from, &to) {
-            if let Some(o) = &opaque {
-                let _ = std::fs::remove_file(o);
-            }
-            return Err(err(e));
+            return undone(undo, err(e));
         }
-        if self.lower_child(&st, parent, name).is_some() {
-            let wh = self.path(&st, parent)?.join(disk::whiteout_name(name));
-            disk::create_file(&wh, false, true).map_err(err)?;
+        // Done: the replaced directory shows nowhere any more, nor does a whiteout under the
+        // moved entry (a leftover of either is harmless).
+        if let Some(a) = aside {
+            let _ = std::fs::remove_dir_all(a);
+        }
+        let _ = std::fs::remove_file(to_dir.join(disk::whiteout_name(newname)));
+        if let Some(old) = old {
+            let node = st.at(old)?;
+            node.links
+                .retain(|(p, nm)| !(*p == newparent && nm == newname));
+            if orphan {
+                node.links = vec![(ROOT_INO, orphan_name(old).as_bytes().to_vec())];
+            }
         }
         st.names.remove(&(parent, name.to_vec()));
         st.names.insert((newparent, newname.to_vec()), n);
@@ -987,6 +1059,21 @@ impl Upper {
     }
 }
 
+/// A step of a rename to take back if a later one fails.
+enum Undo {
+    Remove(PathBuf),
+    Move(PathBuf, PathBuf),
+}
+
+impl Undo {
+    fn run(self) {
+        let _ = match self {
+            Undo::Remove(p) => std::fs::remove_file(p),
+            Undo::Move(a, b) => std::fs::rename(a, b),
+        };
+    }
+}
+
 /// Where an upper file whose last name was removed waits until the kernel forgets it (a
 /// hidden name in the upper root).
 fn orphan_name(n: u64) -> OsString {
@@ -994,6 +1081,9 @@ fn orphan_name(n: u64) -> OsString {
 }
 
 const ORPHAN: &str = ".bux-fuse-orphan-";
+/// Where a directory a rename replaced waits until the rename is done (a hidden name in the
+/// upper root, followed by the node number).
+const REPLACED: &str = ".bux-fuse-replaced-";
 /// Temporary names (hidden: whiteout names of these) of entries being made.
 const COPY_UP_TMP: &[u8] = b".bux-fuse-copy-up";
 /// Copies of image files' bytes made outside the state lock (hidden names in the upper root,
@@ -1115,5 +1205,128 @@ mod tests {
             .collect();
         assert_eq!(left, ["etc"], "{left:?}");
         drop(session);
+    }
+
+    /// A rename replaces a file that is still open (which keeps its bytes) and a directory
+    /// that is empty though its upper directory is not (whiteouts), leaving nothing aside.
+    #[test]
+    fn a_rename_replaces_open_files_and_emptied_directories() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let tree = merged(&[vec![
+            entry("srv", EntryKind::Dir),
+            entry("srv/d", EntryKind::Dir),
+            entry("srv/d/f", EntryKind::File),
+        ]])
+        .unwrap();
+        let image = ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)));
+        let (t, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let upper = t.path().join("upper");
+        let fs = UpperFs::new(image, &upper).unwrap();
+        let session = fuser::spawn_mount(fs, mnt.path(), &fuser::Config::default()).unwrap();
+        let srv = mnt.path().join("srv");
+        std::fs::remove_file(srv.join("d/f")).unwrap();
+        std::fs::create_dir(srv.join("e")).unwrap();
+        std::fs::write(srv.join("e/g"), b"g").unwrap();
+        std::fs::rename(srv.join("e"), srv.join("d")).unwrap();
+        let names: Vec<_> = std::fs::read_dir(srv.join("d"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert_eq!(names, ["g"]);
+        assert!(!srv.join("e").exists());
+        std::fs::write(srv.join("x"), b"x").unwrap();
+        std::fs::write(srv.join("y"), b"y").unwrap();
+        let mut open = std::fs::File::open(srv.join("y")).unwrap();
+        std::fs::rename(srv.join("x"), srv.join("y")).unwrap();
+        let mut kept = String::new();
+        std::io::Read::read_to_string(&mut open, &mut kept).unwrap();
+        assert_eq!(kept, "y");
+        assert_eq!(std::fs::read(srv.join("y")).unwrap(), b"x");
+        assert!(!srv.join("x").exists());
+        drop(open);
+        drop(session);
+        let leftovers: Vec<_> = std::fs::read_dir(&upper)
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n.as_bytes().starts_with(b".wh..bux-fuse-replaced"))
+            .collect();
+        assert!(leftovers.is_empty(), "{leftovers:?}");
+    }
+
+    /// A tmpfs mounted on `dir` for as long as this lives.
+    struct Tmpfs<'a>(&'a Path);
+
+    impl<'a> Tmpfs<'a> {
+        fn mount(dir: &'a Path, opts: &str) -> Self {
+            let st = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+                .arg(dir)
+                .status()
+                .unwrap();
+            assert!(st.success());
+            Tmpfs(dir)
+        }
+    }
+
+    impl Drop for Tmpfs<'_> {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount").arg(self.0).status();
+        }
+    }
+
+    /// Makes empty files in `dir` until the filesystem has no inode left.
+    fn fill_inodes(dir: &Path) {
+        std::fs::create_dir_all(dir).unwrap();
+        for k in 0.. {
+            if let Err(e) = std::fs::File::create(dir.join(format!("f{k}"))) {
+                assert_eq!(e.raw_os_error(), Some(libc::ENOSPC), "{e}");
+                return;
+            }
+        }
+    }
+
+    /// A rename that fails changes nothing: here nothing is left to make the whiteout of the
+    /// source's image name with (no inode), and the file it would replace keeps its bytes, the
+    /// source its name, and the image's file stays hidden.
+    #[test]
+    fn a_rename_that_fails_changes_nothing() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            eprintln!("skipped: mounting needs root");
+            return;
+        }
+        let tree = merged(&[vec![
+            entry("etc", EntryKind::Dir),
+            entry("etc/hosts", EntryKind::File),
+        ]])
+        .unwrap();
+        let image = ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)));
+        let (t, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let _tmpfs = Tmpfs::mount(t.path(), "nr_inodes=200,size=4m");
+        let upper = t.path().join("upper");
+        let fs = UpperFs::new(image, &upper).unwrap();
+        let session = fuser::spawn_mount(fs, mnt.path(), &fuser::Config::default()).unwrap();
+        let etc = mnt.path().join("etc");
+        std::fs::write(etc.join("hosts"), b"new").unwrap();
+        std::fs::write(etc.join("b"), b"keep").unwrap();
+        fill_inodes(&t.path().join("filler"));
+        let r = std::fs::rename(etc.join("hosts"), etc.join("b"));
+        assert_eq!(r.unwrap_err().raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(std::fs::read(etc.join("b")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(etc.join("hosts")).unwrap(), b"new");
+        drop(session);
+        // On disk too (what the next mount shows).
+        let mut names: Vec<_> = std::fs::read_dir(upper.join("etc"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["b", "hosts"]);
+        assert_eq!(std::fs::read(upper.join("etc/b")).unwrap(), b"keep");
+        assert_eq!(std::fs::read(upper.join("etc/hosts")).unwrap(), b"new");
     }
 }
