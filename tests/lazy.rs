@@ -1321,3 +1321,50 @@ fn a_forged_index_for_a_layer_already_whole_is_caught() {
     let (m, _) = lazy_mount(&bux, &v_ref, &["--trust-index", "--prefetch", "none"]);
     assert!(cat(&m.path.join("opt/data.bin")).unwrap() == test_bytes(6 << 20, 3));
 }
+
+/// Found in review of #19.15: a zstd:chunked layer whose table of contents is past this
+/// version's bounds (thousands of sequentially named empty files compress their TOC ~190×,
+/// beyond the 64× a published index may inflate) is pulled whole, and the image mounts lazily
+/// all the same, saying so. Before, `mount --lazy` failed outright.
+#[test]
+fn a_zstd_chunked_table_past_the_bounds_costs_its_layer_laziness_not_the_mount() {
+    need("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let mut many = LayerBuilder::new().dir("many", 0o755);
+    for i in 0..8000 {
+        many = many.file(&format!("many/f{i:06}"), b"");
+    }
+    let other = LayerBuilder::new()
+        .file("etc/motd", b"still lazy\n")
+        .file("big.bin", &test_bytes(4 << 20, 5))
+        .finish();
+    let gz = work.path().join("gz");
+    write_layout(
+        &gz,
+        "v1",
+        &Image::new(vec![(many.finish(), Comp::Gzip), (other, Comp::Gzip)]),
+    );
+    let zc = work.path().join("zc");
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:v1", gz.display()))
+        .arg(format!("oci:{}:v1", zc.display()))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    reg.push(&zc, "v1", "lazy/many", None);
+    let reference = format!("{}/lazy/many:v1", reg.host());
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert!(
+        stderr.contains("zstd:chunked table was not used") && stderr.contains("pulled whole"),
+        "{stderr}"
+    );
+    assert_eq!(cat(&m.path.join("etc/motd")).unwrap(), b"still lazy\n");
+    assert_eq!(
+        std::fs::read_dir(m.path.join("many")).unwrap().count(),
+        8000
+    );
+    assert!(cat(&m.path.join("big.bin")).unwrap() == test_bytes(4 << 20, 5));
+}

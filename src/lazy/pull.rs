@@ -236,6 +236,7 @@ impl Store {
             }
         }
         // zstd:chunked layers carry their own table of contents, which the manifest pins.
+        let mut refused = Vec::new();
         for job in &r.jobs {
             if lazy.iter().any(|(l, _)| *l == job.digest)
                 || (self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest))
@@ -255,7 +256,19 @@ impl Store {
             }
             let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
             let published =
-                index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id)?;
+                match index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id) {
+                    Ok(p) => p,
+                    Err(e) => {
+                        // A table this version will not serve from (past its bounds, or
+                        // broken) costs the layer its laziness, not the image its mount.
+                        tracing::warn!("layer {}: {e}: pulled whole", job.digest);
+                        refused.push(format!(
+                            "layer {}: its zstd:chunked table was not used ({e}): pulled whole",
+                            job.digest.short()
+                        ));
+                        continue;
+                    }
+                };
             let bytes = published.encode()?;
             let blob = Digest::of(&bytes);
             self.put_blob(&blob, &bytes, "layer table")?;
@@ -267,6 +280,17 @@ impl Store {
         }
         if outcome.chunked_layers > 0 && index.is_none() {
             outcome.note = None; // the zstd:chunked tables made it lazy after all
+        }
+        if !refused.is_empty() {
+            outcome.note = Some(
+                outcome
+                    .note
+                    .take()
+                    .into_iter()
+                    .chain(refused)
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            );
         }
         outcome.lazy_layers = lazy.len();
         let whole: Vec<LayerJob> = r
