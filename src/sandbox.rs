@@ -123,15 +123,40 @@ pub fn drop_to_worker_ids(id: u32) -> io::Result<()> {
 /// Confines this process (all its threads). `host_root`: the daemon runs as the host's root,
 /// which never needs to run a program after mounting (users' daemons run `fusermount3 -u`).
 pub fn confine(host_root: bool) -> io::Result<()> {
-    // SAFETY: prctl with integer arguments.
-    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
-        return Err(io::Error::last_os_error());
-    }
     let mut denied: Vec<i64> = DENIED.to_vec();
     if host_root {
         denied.extend([libc::SYS_execve, libc::SYS_execveat]);
     }
-    let filter = program(&denied);
+    install(&denied)
+}
+
+/// Confines a shared image server's worker: as [`confine`] for root, and it may send no
+/// signal at all (it has no one to signal; the supervisor watches it). Its uid is hashed from
+/// the image's digest, so another image's worker may share it: without this, a worker
+/// subverted by one image could stop another image's (SIGSTOP hangs every mount of it).
+pub fn confine_worker() -> io::Result<()> {
+    let mut denied: Vec<i64> = DENIED.to_vec();
+    denied.extend([libc::SYS_execve, libc::SYS_execveat]);
+    denied.extend(SIGNALS);
+    install(&denied)
+}
+
+/// The system calls that send a signal to a process or thread.
+const SIGNALS: [i64; 6] = [
+    libc::SYS_kill,
+    libc::SYS_tkill,
+    libc::SYS_tgkill,
+    libc::SYS_rt_sigqueueinfo,
+    libc::SYS_rt_tgsigqueueinfo,
+    libc::SYS_pidfd_send_signal,
+];
+
+fn install(denied: &[i64]) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let filter = program(denied);
     let prog = libc::sock_fprog {
         len: filter.len() as u16,
         filter: filter.as_ptr() as *mut libc::sock_filter,
@@ -379,6 +404,52 @@ mod tests {
         assert!(std::env::var_os("BUX_SANDBOX_CHILD").is_some());
         let e = write_victims_memory("landlock").expect_err("Landlock refuses /proc/PID/mem");
         assert_eq!(e.kind(), std::io::ErrorKind::PermissionDenied, "{e}");
+    }
+
+    /// A worker's filter refuses every way to signal another process (review of #19.14: two
+    /// images' workers may share a hashed uid). Before, `kill(pid, SIGSTOP)` of a process of
+    /// the same uid went through.
+    #[test]
+    fn a_confined_worker_signals_no_one() {
+        in_child("worker_signals_child");
+    }
+
+    #[test]
+    #[ignore = "run by a_confined_worker_signals_no_one in a process of its own"]
+    fn worker_signals_child() {
+        assert!(std::env::var_os("BUX_SANDBOX_CHILD").is_some());
+        let mut victim = std::process::Command::new("sleep")
+            .arg("10")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let pid = victim.id() as i32;
+        // SAFETY: signal 0 only checks that the signal could be sent.
+        assert_eq!(unsafe { libc::kill(pid, 0) }, 0, "before: may signal");
+        confine_worker().unwrap();
+        for (what, r) in [
+            // SAFETY (each): syscalls on plain integers; signal 0 sends nothing.
+            ("kill", unsafe { libc::kill(pid, libc::SIGSTOP) }),
+            (
+                "tgkill",
+                unsafe { libc::syscall(libc::SYS_tgkill, pid, pid, libc::SIGSTOP) } as i32,
+            ),
+            (
+                "tkill",
+                unsafe { libc::syscall(libc::SYS_tkill, pid, libc::SIGSTOP) } as i32,
+            ),
+        ] {
+            let e = io::Error::last_os_error();
+            assert_eq!(r, -1, "{what} went through");
+            assert_eq!(e.raw_os_error(), Some(libc::EPERM), "{what}: {e}");
+        }
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(
+            !status.contains("State:\tT"),
+            "the victim was stopped: {status}"
+        );
+        let _ = victim.kill(); // (our own child: the std call may fail under the filter)
     }
 
     #[test]

@@ -96,7 +96,7 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
     println!("ready {:x}", offered.load(Ordering::Relaxed));
     let _ = std::io::stdout().flush();
     silence_stdout();
-    if let Err(e) = crate::sandbox::confine(true) {
+    if let Err(e) = crate::sandbox::confine_worker() {
         tracing::warn!("confining the image server (seccomp): {e}");
     }
     crate::mount::tune_allocator_for_serving();
