@@ -135,8 +135,6 @@ fn unused_upper(base: &Path) -> bool {
         })
 }
 
-/// `kind` of layer is refused, unchanged; one of no kind yet (or unused) is marked as `kind`.
-
 /// Locks `--upper DIR` for one writable mount at a time: the directory itself (so every path
 /// to it takes the same lock), held for the life of a mount served by this process. No process
 /// holds it once the command that mounted an overlay over a shared server has left: the mount
