@@ -1009,3 +1009,27 @@ fn progress_lines_end_with_a_newline() {
     let again = run(&format!("pull {r}"));
     ended(&again, "already in the store", "");
 }
+
+/// #19.22: the shipped binary is lean — the release profile keeps no debug info (the
+/// `profiling` profile does, for debuggers) — and README installs with the locked dependency
+/// versions. Before: `debug = 1` (a 97 MB binary) and `cargo install --path .`.
+#[test]
+fn the_release_profile_ships_no_debug_info_and_install_is_locked() {
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let cargo = std::fs::read_to_string(root.join("Cargo.toml")).unwrap();
+    let release: Vec<&str> = cargo
+        .lines()
+        .skip_while(|l| l.trim() != "[profile.release]")
+        .skip(1)
+        .take_while(|l| !l.trim_start().starts_with('['))
+        .map(str::trim)
+        .collect();
+    assert!(release.contains(&"debug = false"), "{release:?}");
+    assert!(
+        release.iter().any(|l| l.starts_with("strip = ")),
+        "{release:?}"
+    );
+    let readme = std::fs::read_to_string(root.join("README.md")).unwrap();
+    assert!(readme.contains("cargo install --locked --path ."));
+    assert!(!readme.contains("cargo install --path ."));
+}
