@@ -588,3 +588,55 @@ fn a_failed_mount_leaves_its_upper_unclaimed() {
         "{err}"
     );
 }
+
+/// An image file open for writing keeps working once its name is gone (the kernel declines
+/// opens, so it is copied up only at the first write): the write lands on the open file, which
+/// reads back its bytes around it, a hardlink's other name shows it too, the removed name stays
+/// gone, and the file's hidden copy goes once the kernel forgets it.
+#[test]
+fn an_image_file_written_after_its_name_is_removed() {
+    need("python3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-unlinked");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    let script = "import os\n\
+                  for name, other in (('m/etc/owned', None), ('m/usr/lib/one', 'm/usr/bin/two')):\n\
+                  \x20   fd = os.open(name, os.O_RDWR)\n\
+                  \x20   os.unlink(name)\n\
+                  \x20   os.pwrite(fd, b'XY', 1)\n\
+                  \x20   print(os.pread(fd, 64, 0), os.path.exists(name))\n\
+                  \x20   if other:\n\
+                  \x20       print(open(other, 'rb').read())\n\
+                  \x20   os.close(fd)\n";
+    std::fs::write(user.home().join("t.py"), script).unwrap();
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && python3 t.py"
+    ));
+    assert_eq!(
+        out, "b'tXYirs\\n' False\nb'vXY' False\nb'vXY'\n",
+        "writes through the open files"
+    );
+    // Once the kernel forgets the file, its hidden copy goes.
+    let upper = user.home().join("state/upper");
+    let orphans = || -> Vec<_> {
+        std::fs::read_dir(&upper)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .filter(|n| n.contains("orphan"))
+            .collect()
+    };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !orphans().is_empty() && std::time::Instant::now() < deadline {
+        let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(orphans(), Vec::<String>::new());
+    user.ok("$BUX umount m");
+    let out = user.ok(&format!(
+        "$BUX -q mount --upper state {r} m && ls m/etc m/usr/lib m/usr/bin && cat m/usr/bin/two \
+         && $BUX umount m"
+    ));
+    assert_eq!(out, "m/etc:\nshadow\n\nm/usr/bin:\ntwo\n\nm/usr/lib:\nvXY");
+    assert_eq!(orphans(), Vec::<String>::new());
+}

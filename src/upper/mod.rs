@@ -452,11 +452,24 @@ impl Upper {
             return Ok(());
         }
         let lower = node.lower.ok_or(Errno::EIO)?;
-        let parent = node.links.first().ok_or(Errno::ENOENT)?.0;
-        self.copy_up(st, parent)?;
-        let path = self.path(st, n)?;
+        let nameless = node.links.is_empty();
         let a = self.lower.lower_attr(lower, n).ok_or(Errno::EIO)?;
         let i = self.lower.tree().inode(lower).ok_or(Errno::EIO)?;
+        if nameless && a.kind != FileType::Directory {
+            // Its names were all removed while it was open (the kernel declines opens, so
+            // the first write copies up): the image's other names of it, if any still show
+            // it, get the copy; else it is an orphan until the kernel forgets it.
+            if i.nlink > 1 {
+                self.link_image_names(st, lower)?;
+            }
+            let node = st.at(n)?;
+            if node.links.is_empty() {
+                node.links = vec![(ROOT_INO, orphan_name(n).as_bytes().to_vec())];
+            }
+        }
+        let parent = self.node(st, n)?.links.first().ok_or(Errno::ENOENT)?.0;
+        self.copy_up(st, parent)?;
+        let path = self.path(st, n)?;
         // Made beside with all its metadata, then renamed in: a crash never leaves a half
         // copy, nor one described by the host (its owner and mode, a symlink as a file). A
         // file's bytes were copied already, without the state lock (see `stage`).
@@ -497,21 +510,28 @@ impl Upper {
                     .insert(std::fs::symlink_metadata(&path).map_err(err)?.ino(), n);
                 // And every other name of it in the image that still shows it: reaching the
                 // name links it (see `child`), so a later mount finds the same file there.
-                for (dir, name) in self.lower.tree().links_of(lower) {
-                    let Some(dir_path) = self.lower.tree().path_of(dir) else {
-                        continue;
-                    };
-                    let mut at = Some(ROOT_INO);
-                    for c in dir_path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
-                        at = match at {
-                            Some(d) => self.child(st, d, c)?,
-                            None => break,
-                        };
-                    }
-                    if let Some(d) = at {
-                        self.child(st, d, &name)?;
-                    }
-                }
+                self.link_image_names(st, lower)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Resolves every name of image inode `lower` that still shows it (each becomes a link of
+    /// its node, see [`Upper::child`]).
+    fn link_image_names(&self, st: &mut State, lower: u64) -> Res<()> {
+        for (dir, name) in self.lower.tree().links_of(lower) {
+            let Some(dir_path) = self.lower.tree().path_of(dir) else {
+                continue;
+            };
+            let mut at = Some(ROOT_INO);
+            for c in dir_path.split(|&b| b == b'/').filter(|c| !c.is_empty()) {
+                at = match at {
+                    Some(d) => self.child(st, d, c)?,
+                    None => break,
+                };
+            }
+            if let Some(d) = at {
+                self.child(st, d, &name)?;
             }
         }
         Ok(())
