@@ -247,17 +247,22 @@ fn largest_layer_in_registry(reg: &Registry, layout: &Path) -> (String, PathBuf)
     (hex, path)
 }
 
-#[test]
-fn a_corrupted_chunk_is_never_served() {
-    let s = setup();
+/// Flips 64 bytes in the middle of the registry's copy of the largest layer (the big file's
+/// compressed data).
+fn damage_largest_layer_in_registry(s: &Setup) {
     let (_, path) = largest_layer_in_registry(&s.reg, s.layout.path());
-    // Flip bytes in the middle of the big file's compressed data.
     let mut bytes = std::fs::read(&path).unwrap();
     let mid = bytes.len() / 2;
     for b in &mut bytes[mid..mid + 64] {
         *b ^= 0xff;
     }
     std::fs::write(&path, &bytes).unwrap();
+}
+
+#[test]
+fn a_corrupted_chunk_is_never_served() {
+    let s = setup();
+    damage_largest_layer_in_registry(&s);
     let bux = Bux::new();
     let (m, _) = lazy_mount(
         &bux,
@@ -1192,13 +1197,7 @@ fn two_mounts_completing_at_once_fetch_the_image_once() {
 #[test]
 fn wait_complete_returns_when_completion_gives_up() {
     let s = setup();
-    let (_, path) = largest_layer_in_registry(&s.reg, s.layout.path());
-    let mut bytes = std::fs::read(&path).unwrap();
-    let mid = bytes.len() / 2;
-    for b in &mut bytes[mid..mid + 64] {
-        *b ^= 0xff;
-    }
-    std::fs::write(&path, &bytes).unwrap();
+    damage_largest_layer_in_registry(&s);
     let bux = Bux::new();
     let (store, r) = (bux.store.path().to_path_buf(), s.pinned.clone());
     let dir = tempfile::tempdir().unwrap();
