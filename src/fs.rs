@@ -37,11 +37,11 @@ pub struct ImageFs {
     /// Threads that answer reads whose bytes must first be fetched, so a FUSE worker never
     /// waits on the network (libkrun serves virtio-fs from one worker: a stuck read there
     /// would freeze the guest's whole filesystem).
-    waiting_reads: WaitingReads,
+    waiting_reads: JobThreads,
     /// Threads that answer reads which must first decompress (a span not cached, or not
     /// inflated that far), so that one VM's cold reads never hold the FUSE workers that answer
     /// every VM's lookups.
-    decoding_reads: WaitingReads,
+    decoding_reads: JobThreads,
     /// Serve the image's `trusted.overlay.*` xattrs escaped (`trusted.overlay.overlay.*`): this
     /// tree is the lower layer of a kernel overlay, which would otherwise take them for its
     /// own (an image built from an overlay upper carries them); the overlay (6.7+) unescapes
@@ -77,8 +77,9 @@ impl std::ops::Deref for ImageFs {
     }
 }
 
-/// Reads that first wait for bytes to be fetched, run off the FUSE workers.
-struct WaitingReads {
+/// Threads that run the jobs handed to them, off the FUSE workers: reads that first wait for
+/// bytes to be fetched or decompressed here, copy-ups in the user's writable layer.
+pub(crate) struct JobThreads {
     tx: std::sync::Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
 }
 
@@ -91,8 +92,9 @@ fn decoding_read_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
 }
 
-impl WaitingReads {
-    fn new(name: &str, threads: usize) -> WaitingReads {
+impl JobThreads {
+    /// `threads` threads named `bux-fuse-<name>-<n>`; more jobs than that queue.
+    pub(crate) fn new(name: &str, threads: usize) -> JobThreads {
         let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
         let rx = Arc::new(std::sync::Mutex::new(rx));
         for n in 0..threads {
@@ -107,12 +109,12 @@ impl WaitingReads {
                     }
                 });
         }
-        WaitingReads {
+        JobThreads {
             tx: std::sync::Mutex::new(tx),
         }
     }
 
-    fn run(&self, job: impl FnOnce() + Send + 'static) {
+    pub(crate) fn run(&self, job: impl FnOnce() + Send + 'static) {
         let _ = self
             .tx
             .lock()
@@ -138,8 +140,8 @@ impl ImageFs {
             }),
             statfs: (blocks, files),
             no_open: false,
-            waiting_reads: WaitingReads::new("wait", WAITING_READ_THREADS),
-            decoding_reads: WaitingReads::new("decode", decoding_read_threads()),
+            waiting_reads: JobThreads::new("wait", WAITING_READ_THREADS),
+            decoding_reads: JobThreads::new("decode", decoding_read_threads()),
             escape_overlay_xattrs: false,
             check_permissions: true,
             offered: Default::default(),

@@ -263,15 +263,8 @@ impl Store {
             }
             // Stored for another platform than the host's, with none asked for: resolved
             // again for the host (see `platform_ok`).
-            if opts.platform.is_none() {
-                let any = PullOptions {
-                    policy: PullPolicy::Never,
-                    progress: None,
-                    ..opts.clone()
-                };
-                if let Some(record) = self.stored_image(&name, &any, false)? {
-                    return self.resolve_for_host(&parsed, record, opts).await;
-                }
+            if let Some(record) = self.stored_for_another_platform(&name, opts, false)? {
+                return self.resolve_for_host(&parsed, record, opts).await;
             }
         }
         self.pull_from_source(&parsed, opts)
@@ -298,6 +291,25 @@ impl Store {
             reference: record.reference.clone(),
         });
         self.pulled(record)
+    }
+
+    /// The stored record of `name` when no platform was asked for and it would mount but for
+    /// its platform (another than the host's): what a pull or mount resolves again for the host.
+    pub(crate) fn stored_for_another_platform(
+        &self,
+        name: &str,
+        opts: &PullOptions,
+        lazy_ok: bool,
+    ) -> Result<Option<ImageRecord>> {
+        if opts.platform.is_some() {
+            return Ok(None);
+        }
+        let any = PullOptions {
+            policy: PullPolicy::Never,
+            progress: None,
+            ..opts.clone()
+        };
+        self.stored_image(name, &any, lazy_ok)
     }
 
     /// Resolves `loc` again for the host when the store has it for another platform: a

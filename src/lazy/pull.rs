@@ -92,18 +92,8 @@ impl Store {
                 opts.emit(Progress::Cached {
                     reference: name.clone(),
                 });
-                let lazy_layers = record
-                    .layers
-                    .iter()
-                    .filter(|l| !self.layer_local(l))
-                    .count();
-                return Ok((
-                    self.pulled(record)?,
-                    LazyOutcome {
-                        lazy_layers,
-                        ..Default::default()
-                    },
-                ));
+                let outcome = self.stored_outcome(&record);
+                return Ok((self.pulled(record)?, outcome));
             }
             if opts.policy == PullPolicy::Never {
                 return Err(Error::NotFound {
@@ -114,33 +104,24 @@ impl Store {
             // Stored for another platform than the host's, none asked for: as `pull` does,
             // resolved again for the host, and served as stored if the answer is the same or
             // does not come.
-            if opts.platform.is_none() {
-                let any = PullOptions {
-                    policy: PullPolicy::Never,
-                    progress: None,
-                    ..opts.clone()
-                };
-                if let Some(record) = self.stored_image(&name, &any, true)? {
-                    if !self.host_resolves_elsewhere(&loc, &record, opts).await {
-                        let lazy_layers = record
-                            .layers
-                            .iter()
-                            .filter(|l| !self.layer_local(l))
-                            .count();
-                        return Ok((
-                            self.serve_stored(record, opts)?,
-                            LazyOutcome {
-                                lazy_layers,
-                                ..Default::default()
-                            },
-                        ));
-                    }
+            if let Some(record) = self.stored_for_another_platform(&name, opts, true)? {
+                if !self.host_resolves_elsewhere(&loc, &record, opts).await {
+                    let outcome = self.stored_outcome(&record);
+                    return Ok((self.serve_stored(record, opts)?, outcome));
                 }
             }
         }
         self.pull_lazy_from(&loc, opts, trust_referrer)
             .await
             .map_err(|e| e.for_image(&name))
+    }
+
+    /// What a lazy pull that found the image stored did: its layers not yet whole.
+    fn stored_outcome(&self, record: &crate::store::ImageRecord) -> LazyOutcome {
+        LazyOutcome {
+            lazy_layers: record.layers.iter().filter(|l| !self.layer_local(l)).count(),
+            ..Default::default()
+        }
     }
 
     async fn pull_lazy_from(

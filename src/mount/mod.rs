@@ -467,6 +467,8 @@ pub fn mount_if_shared(
     if !shared::all_local(store, &record) {
         return Ok(None);
     }
+    // (The worker checks again as it opens the image; here the refusal reaches the caller.)
+    open::check_whole_layers(store, &record)?;
     mount_shared(store, &record, lease, dir, opts, exe).map(Some)
 }
 

@@ -108,7 +108,7 @@ pub struct Upper {
     name_max: usize,
     /// Threads for requests that copy an image file's bytes up: the bytes may have to be
     /// fetched, and no FUSE worker waits for the network.
-    copiers: Copiers,
+    copiers: crate::fs::JobThreads,
     /// One lock per node being copied up on those threads (a second request for the node
     /// waits there, never under the state lock).
     copying: Mutex<HashMap<u64, Arc<Mutex<()>>>>,
@@ -117,41 +117,8 @@ pub struct Upper {
     staged: Mutex<HashMap<u64, (u64, PathBuf)>>,
 }
 
-/// Threads that run jobs handed to them (see [`Upper::copiers`]).
-struct Copiers {
-    tx: Mutex<std::sync::mpsc::Sender<Box<dyn FnOnce() + Send>>>,
-}
-
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
 const COPY_THREADS: usize = 4;
-
-impl Copiers {
-    fn new() -> Copiers {
-        let (tx, rx) = std::sync::mpsc::channel::<Box<dyn FnOnce() + Send>>();
-        let rx = Arc::new(Mutex::new(rx));
-        for k in 0..COPY_THREADS {
-            let rx = rx.clone();
-            let _ = std::thread::Builder::new()
-                .name(format!("bux-fuse-copy-up-{k}"))
-                .spawn(move || loop {
-                    let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                    match job {
-                        Ok(job) => job(),
-                        Err(_) => return, // the filesystem is gone
-                    }
-                });
-        }
-        Copiers { tx: Mutex::new(tx) }
-    }
-
-    fn run(&self, job: impl FnOnce() + Send + 'static) {
-        let _ = self
-            .tx
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .send(Box::new(job));
-    }
-}
 
 /// Whether `upper` is an upper directory a user's writable mount kept (bux-fuse marks its root
 /// with its served stat; a kernel overlay's upper directory never has it).
@@ -197,7 +164,7 @@ impl UpperFs {
             no_open: false.into(),
             listings: Mutex::new(HashMap::new()),
             name_max: name_max(upper)?,
-            copiers: Copiers::new(),
+            copiers: crate::fs::JobThreads::new("copy-up", COPY_THREADS),
             copying: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
         };

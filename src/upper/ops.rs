@@ -430,12 +430,7 @@ impl Filesystem for UpperFs {
                     self.upper_file(&st, ino.0)?
                 }
             };
-            if datasync {
-                f.sync_data()
-            } else {
-                f.sync_all()
-            }
-            .map_err(err)
+            sync(&f, datasync).map_err(err)
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -461,12 +456,7 @@ impl Filesystem for UpperFs {
                 }
                 File::open(self.path(&st, ino.0)?).map_err(err)?
             };
-            if datasync {
-                dir.sync_data()
-            } else {
-                dir.sync_all()
-            }
-            .map_err(err)
+            sync(&dir, datasync).map_err(err)
         })();
         match r {
             Ok(()) => reply.ok(),
@@ -620,5 +610,14 @@ impl Filesystem for UpperFs {
             Ok(_) => reply.ok(),
             Err(e) => reply.error(e),
         }
+    }
+}
+
+/// fsync(2) or fdatasync(2) of an upper file or directory, as the guest asked.
+fn sync(f: &File, datasync: bool) -> std::io::Result<()> {
+    if datasync {
+        f.sync_data()
+    } else {
+        f.sync_all()
     }
 }
