@@ -119,7 +119,11 @@ impl Store {
     /// What a lazy pull that found the image stored did: its layers not yet whole.
     fn stored_outcome(&self, record: &crate::store::ImageRecord) -> LazyOutcome {
         LazyOutcome {
-            lazy_layers: record.layers.iter().filter(|l| !self.layer_local(l)).count(),
+            lazy_layers: record
+                .layers
+                .iter()
+                .filter(|l| !self.layer_local(l))
+                .count(),
             ..Default::default()
         }
     }
