@@ -754,8 +754,13 @@ impl Store {
         opts: &PullOptions,
     ) -> Result<()> {
         let parallel = if opts.parallel == 0 { 3 } else { opts.parallel };
-        let results: Vec<Result<()>> = futures_util::stream::iter(jobs.iter())
+        // The futures are made before they are streamed: a closure inside the stream's type
+        // would make this future (and `Store::pull`) not `Send` (rust-lang/rust#102211).
+        let fetches: Vec<_> = jobs
+            .iter()
             .map(|job| self.ensure_layer(reg.clone(), job, opts))
+            .collect();
+        let results: Vec<Result<()>> = futures_util::stream::iter(fetches)
             .buffer_unordered(parallel)
             .collect()
             .await;

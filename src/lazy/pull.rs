@@ -181,23 +181,31 @@ impl Store {
                 }
             }
             // Each layer's index, all at once (a round trip each otherwise).
-            let fetches = r.jobs.iter().filter_map(|job| {
-                let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
-                if self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest) {
-                    return None; // already stored whole
-                }
-                let src = src.clone();
-                Some(async move {
-                    if size > MAX_PUBLISHED_INDEX {
-                        return Err(Error::InvalidManifest {
-                            what: format!("index of layer {}", job.digest),
-                            detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
-                        });
+            // (Collected before streaming: a closure in the stream's type makes the future
+            // not `Send`.)
+            let fetches: Vec<_> = r
+                .jobs
+                .iter()
+                .filter_map(|job| {
+                    let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
+                    if self.index_path(&job.digest).exists()
+                        && self.layer_bytes_present(&job.digest)
+                    {
+                        return None; // already stored whole
                     }
-                    let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
-                    Ok((job, blob, bytes))
+                    let src = src.clone();
+                    Some(async move {
+                        if size > MAX_PUBLISHED_INDEX {
+                            return Err(Error::InvalidManifest {
+                                what: format!("index of layer {}", job.digest),
+                                detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
+                            });
+                        }
+                        let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
+                        Ok((job, blob, bytes))
+                    })
                 })
-            });
+                .collect();
             let fetched: Vec<Result<_>> = futures_util::stream::iter(fetches)
                 .buffered(8)
                 .collect()
