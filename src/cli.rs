@@ -274,8 +274,14 @@ struct PullArgs {
     quiet: bool,
     /// Seconds a download may go without data before it is resumed (broken connections are
     /// resumed at once; five failed resumptions in a row end the pull).
-    #[arg(long, default_value_t = 30.0, value_name = "SECS")]
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = seconds)]
     stall_timeout: f64,
+    /// Seconds to wait for a connection to the registry.
+    #[arg(long, default_value_t = 10.0, value_name = "SECS", value_parser = seconds)]
+    connect_timeout: f64,
+    /// Seconds the registry may take to answer a request (or to send more of an answer).
+    #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = seconds)]
+    request_timeout: f64,
     /// Keep the bytes of files up to this size (KiB) in the store, for root's shared mounts
     /// to read them in the kernel, without FUSE: fastest for images of many small files, for
     /// about a third of the compressed image more on disk. 0 keeps none; 64 at most.
@@ -294,10 +300,37 @@ pub fn main() -> i32 {
     match run(cli) {
         Ok(()) => 0,
         Err(e) => {
-            eprintln!("bux-fuse: {e:#}");
+            eprintln!("bux-fuse: {}", one_line(&e));
             1
         }
     }
+}
+
+/// A duration in seconds: positive, and short of forever.
+fn seconds(s: &str) -> std::result::Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if v > 0.0 && v <= 86_400.0 => Ok(v),
+        _ => Err(format!(
+            "{s:?} is not a number of seconds between 0 and 86400"
+        )),
+    }
+}
+
+/// The error and its causes on one line, each said once: the library's messages already
+/// carry their causes' words, which `source()` also hands to callers that match on them.
+fn one_line(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let said = cause.to_string();
+        if out.contains(&said) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&said);
+    }
+    out
 }
 
 fn init_logging(level: &str) {
@@ -495,7 +528,7 @@ fn run(cli: Cli) -> Result<()> {
                 registry: RegistryOptions {
                     credentials: credentials(username.as_deref(), password_stdin)?,
                     insecure: insecure_registry,
-                    mirrors: Vec::new(),
+                    ..Default::default()
                 },
                 tag,
             };
@@ -706,7 +739,7 @@ fn run(cli: Cli) -> Result<()> {
                 } else {
                     vec![]
                 },
-                mirrors: Vec::new(),
+                ..Default::default()
             };
             runtime()?.block_on(crate::registry::verify_login(&registry, &opts))?;
             let path = crate::registry::save_docker_login(&registry, &username, &password)?;
@@ -808,6 +841,8 @@ impl PullArgs {
                 credentials,
                 insecure: self.insecure_registry.clone(),
                 mirrors: self.mirror.clone(),
+                connect_timeout: Some(std::time::Duration::from_secs_f64(self.connect_timeout)),
+                request_timeout: Some(std::time::Duration::from_secs_f64(self.request_timeout)),
             },
             progress: (!self.quiet).then(progress_printer),
             parallel: 3,

@@ -36,13 +36,25 @@ pub enum Error {
         /// The registry's words.
         detail: String,
     },
-    /// Any other failure talking to the registry.
+    /// Any other failure talking to the registry: the connection (refused, reset, timed out,
+    /// name not resolved), or an answer that is neither the thing asked for nor "not found" /
+    /// "unauthorized". [`Error::is_transient`] says whether trying again later may help;
+    /// [`Error::status`] gives the HTTP status when the registry answered; `source()` the
+    /// transport's error.
     #[error("{reference}: registry error: {detail}")]
     Registry {
-        /// The image reference.
+        /// The image reference (or the blob's digest).
         reference: String,
-        /// The registry's or the transport's words.
+        /// The registry's or the transport's words, causes included.
         detail: String,
+        /// The HTTP status of the registry's answer, if it answered.
+        status: Option<u16>,
+        /// Whether the failure is of the kind that passes: the connection (refused, reset, no
+        /// answer within the timeout, name not resolved), 408, 429 or a 5xx status.
+        transient: bool,
+        /// The transport's error, when there is one.
+        #[source]
+        source: Option<Box<dyn std::error::Error + Send + Sync + 'static>>,
     },
     /// A manifest, config or layer of a type bux-fuse cannot serve as a root filesystem.
     #[error("{reference}: unsupported {what} media type {media_type:?}{hint}")]
@@ -115,7 +127,8 @@ pub enum Error {
     Image {
         /// The image reference.
         reference: String,
-        /// The underlying error (its message is part of this one's).
+        /// The underlying error (its message is part of this one's; [`Error::inner`]).
+        #[source]
         inner: Box<Error>,
     },
     /// Mounting or unmounting failed.
@@ -145,7 +158,8 @@ pub enum Error {
     Io {
         /// What was being done, naming the file.
         context: String,
-        /// The OS error (its message is part of this one's).
+        /// The OS error (its message is part of this one's; its kind says what happened).
+        #[source]
         error: std::io::Error,
     },
 }
@@ -156,6 +170,65 @@ impl Error {
         Error::Io {
             context: context.into(),
             error: source,
+        }
+    }
+
+    /// A registry failure that is not worth retrying as such (a malformed answer, say).
+    pub(crate) fn registry(reference: impl Into<String>, detail: impl Into<String>) -> Error {
+        Error::Registry {
+            reference: reference.into(),
+            detail: detail.into(),
+            status: None,
+            transient: false,
+            source: None,
+        }
+    }
+
+    /// A registry failure that may pass (the connection broke, nothing answered in time).
+    pub(crate) fn registry_transient(
+        reference: impl Into<String>,
+        detail: impl Into<String>,
+    ) -> Error {
+        Error::Registry {
+            reference: reference.into(),
+            detail: detail.into(),
+            status: None,
+            transient: true,
+            source: None,
+        }
+    }
+
+    /// Whether the same call may succeed if tried again later, unchanged: the registry could
+    /// not be reached or did not answer in time, the connection broke, or it answered 408, 429
+    /// or 5xx. Not for "not found", "unauthorized", bad or corrupt content, local disk errors
+    /// or a refused mount: those need something changed first.
+    ///
+    /// A pull already resumes broken downloads by itself ([`crate::PullOptions::stall_timeout`]);
+    /// a transient error is what is left when the registry stayed away.
+    pub fn is_transient(&self) -> bool {
+        match self {
+            Error::Registry { transient, .. } => *transient,
+            Error::Image { inner, .. } => inner.is_transient(),
+            _ => false,
+        }
+    }
+
+    /// The HTTP status the registry answered with, where the error is its answer (404 for
+    /// [`Error::NotFound`] from the registry is not reported: the variant says it).
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            Error::Registry { status, .. } => *status,
+            Error::Image { inner, .. } => inner.status(),
+            _ => None,
+        }
+    }
+
+    /// The error itself, without the image it is wrapped with ([`Error::Image`]): what to
+    /// match on.
+    pub fn inner(&self) -> &Error {
+        match self {
+            Error::Image { inner, .. } => inner.inner(),
+            e => e,
         }
     }
 

@@ -969,6 +969,7 @@ impl Store {
         let mut last_report = offset;
         let mut failures = 0u32;
         let mut network_failed = false;
+        let mut network_cause = None;
         let stall = opts.stall_timeout.unwrap_or(DEFAULT_STALL);
         loop {
             let cause = match tokio::time::timeout(stall, stream.next()).await {
@@ -1007,10 +1008,10 @@ impl Store {
                 let attempt =
                     tokio::time::timeout(stall, reg.blob_stream_from(&digest, done, total));
                 match attempt.await.unwrap_or_else(|_| {
-                    Err(Error::Registry {
-                        reference: digest.to_string(),
-                        detail: format!("no answer for {} s (stalled)", stall.as_secs_f64()),
-                    })
+                    Err(Error::registry_transient(
+                        digest.to_string(),
+                        format!("no answer for {} s (stalled)", stall.as_secs_f64()),
+                    ))
                 }) {
                     Ok(s) => break Some(s),
                     Err(e @ (Error::NotFound { .. } | Error::Unauthorized { .. })) => {
@@ -1024,10 +1025,9 @@ impl Store {
                 Some(s) => stream = s,
                 None => {
                     network_failed = true;
-                    let _ = tx.send(Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!("download failed after {done} of {total} bytes: {cause}"),
-                    )));
+                    let said = format!("download failed after {done} of {total} bytes: {cause}");
+                    network_cause = Some(said.clone());
+                    let _ = tx.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, said)));
                     break;
                 }
             }
@@ -1061,6 +1061,19 @@ impl Store {
                 } else {
                     self.discard_ingest(&digest);
                 }
+                // Given up on the network: a registry error the caller may retry (the next
+                // pull resumes), with what the indexer saw as its cause.
+                let error = if network_failed {
+                    Error::Registry {
+                        reference: format!("layer {digest}"),
+                        detail: network_cause.unwrap_or_else(|| error.to_string()),
+                        status: None,
+                        transient: true,
+                        source: Some(Box::new(error)),
+                    }
+                } else {
+                    error
+                };
                 Err(Failed {
                     error,
                     resumed: offset > 0,

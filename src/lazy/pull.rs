@@ -41,10 +41,10 @@ async fn fetch_range(
         }
     }
     if out.len() as u64 != len {
-        return Err(Error::Registry {
-            reference: digest.to_string(),
-            detail: format!("short range: {} of {len} bytes", out.len()),
-        });
+        return Err(Error::registry_transient(
+            digest.to_string(),
+            format!("short range: {} of {len} bytes", out.len()),
+        ));
     }
     Ok(out)
 }

@@ -15,6 +15,8 @@ use oci_client::errors::{DigestError, OciDistributionError, OciErrorCode};
 use oci_client::secrets::RegistryAuth;
 use oci_client::{Client, Reference};
 
+use std::time::Duration;
+
 use crate::{Digest, Error, Result};
 
 /// Who we are to the registry.
@@ -46,6 +48,36 @@ pub struct RegistryOptions {
     /// they serve is verified as if it came from the registry. (Pull-through caches and P2P
     /// distribution serve fleets this way.)
     pub mirrors: Vec<String>,
+    /// How long to wait for a connection (default [`CONNECT_TIMEOUT`]).
+    pub connect_timeout: Option<Duration>,
+    /// How long the registry may take to answer a request, and to send more of an answer
+    /// that has started (default [`REQUEST_TIMEOUT`]). Past it the call fails with a
+    /// transient [`Error::Registry`]; a layer download resumes instead, up to
+    /// [`crate::PullOptions::stall_timeout`].
+    pub request_timeout: Option<Duration>,
+}
+
+/// How long a connection to a registry may take by default (a registry that is up accepts in
+/// milliseconds; one that is down should not hold a VM's start for long).
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a registry may take to answer by default (or to send the next bytes of an answer).
+pub const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The timeouts in effect for one registry.
+#[derive(Debug, Clone, Copy)]
+struct Timeouts {
+    connect: Duration,
+    request: Duration,
+}
+
+impl Timeouts {
+    fn of(opts: &RegistryOptions) -> Timeouts {
+        Timeouts {
+            connect: opts.connect_timeout.unwrap_or(CONNECT_TIMEOUT),
+            request: opts.request_timeout.unwrap_or(REQUEST_TIMEOUT),
+        }
+    }
 }
 
 /// A registry client for one repository.
@@ -69,13 +101,14 @@ pub struct Registry {
     exchanged: [tokio::sync::Mutex<Option<(RegistryAuth, std::time::Instant)>>; 2],
     /// Redirect targets of blobs, learned once each (see [`redirect`]).
     redirects: std::sync::Arc<redirect::Redirects>,
+    timeouts: Timeouts,
 }
 
-fn client_config(plain: Vec<String>) -> ClientConfig {
+fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
     ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain),
-        connect_timeout: Some(std::time::Duration::from_secs(30)),
-        read_timeout: Some(std::time::Duration::from_secs(300)),
+        connect_timeout: Some(t.connect),
+        read_timeout: Some(t.request),
         ..Default::default()
     }
 }
@@ -141,10 +174,12 @@ impl Registry {
             plain.push(registry.clone());
             plain.push(reference.resolve_registry().to_string());
         }
+        let timeouts = Timeouts::of(opts);
         let mirror_opts = RegistryOptions {
             credentials: Credentials::Auto,
             insecure: opts.insecure.clone(),
             mirrors: Vec::new(),
+            ..opts.clone()
         };
         let mirrors = opts
             .mirrors
@@ -165,9 +200,10 @@ impl Registry {
                 RegistryAuth::Basic(u, p) => Some((u.clone(), p.clone())),
                 _ => None,
             },
+            timeouts.connect,
         ));
         Registry {
-            client: std::sync::RwLock::new(Client::new(client_config(plain.clone()))),
+            client: std::sync::RwLock::new(Client::new(client_config(plain.clone(), timeouts))),
             redirects,
             auth,
             reference: reference.clone(),
@@ -176,6 +212,30 @@ impl Registry {
             mirrors,
             identity,
             exchanged: Default::default(),
+            timeouts,
+        }
+    }
+
+    /// `call`, or a transient error once the registry has taken longer than the request
+    /// timeout to answer it (a server that accepts and never answers holds nothing).
+    async fn answered<T>(
+        &self,
+        what: &str,
+        call: impl std::future::Future<Output = Result<T>>,
+    ) -> Result<T> {
+        match tokio::time::timeout(self.timeouts.request, call).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::Registry {
+                reference: self.reference.whole(),
+                detail: format!(
+                    "no answer to {what} from {} within {} s",
+                    self.reference.registry(),
+                    self.timeouts.request.as_secs_f64()
+                ),
+                status: None,
+                transient: true,
+                source: Some(Box::new(std::io::Error::from(std::io::ErrorKind::TimedOut))),
+            }),
         }
     }
 
@@ -228,7 +288,7 @@ impl Registry {
         let token = self.exchange(identity, false).await?;
         // oci-client falls back to the auth it was first given: a new client takes the new
         // token.
-        let fresh = Client::new(client_config(self.plain.clone()));
+        let fresh = Client::new(client_config(self.plain.clone(), self.timeouts));
         fresh
             .store_auth_if_needed(self.reference.resolve_registry(), &token)
             .await;
@@ -267,10 +327,9 @@ impl Registry {
     }
 
     async fn manifest_here(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
-        match self.manifest_once(reference).await {
-            Err(Error::Unauthorized { .. }) if self.renew().await? => {
-                self.manifest_once(reference).await
-            }
+        let once = || self.answered("a manifest request", self.manifest_once(reference));
+        match once().await {
+            Err(Error::Unauthorized { .. }) if self.renew().await? => once().await,
             r => r,
         }
     }
@@ -321,10 +380,9 @@ impl Registry {
     }
 
     async fn blob_stream_here(&self, digest: &Digest) -> Result<BlobStream> {
-        match self.blob_stream_once(digest).await {
-            Err(Error::Unauthorized { .. }) if self.renew().await? => {
-                self.blob_stream_once(digest).await
-            }
+        let once = || self.answered("a blob request", self.blob_stream_once(digest));
+        match once().await {
+            Err(Error::Unauthorized { .. }) if self.renew().await? => once().await,
             r => r,
         }
     }
@@ -380,7 +438,7 @@ impl Registry {
                 if !matches!(auth, RegistryAuth::Anonymous) {
                     return true;
                 }
-                let probe = Client::new(client_config(self.plain.clone()));
+                let probe = Client::new(client_config(self.plain.clone(), self.timeouts));
                 !matches!(
                     probe
                         .auth(
@@ -418,10 +476,9 @@ impl Registry {
     }
 
     async fn blob_range_here(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
-        match self.blob_range_once(digest, offset, len).await {
-            Err(Error::Unauthorized { .. }) if self.renew().await? => {
-                self.blob_range_once(digest, offset, len).await
-            }
+        let once = || self.answered("a range request", self.blob_range_once(digest, offset, len));
+        match once().await {
+            Err(Error::Unauthorized { .. }) if self.renew().await? => once().await,
             r => r,
         }
     }
@@ -537,10 +594,8 @@ fn rehost(reference: &Reference, host: &str) -> Reference {
 pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> {
     // The probe's name and URL are ours, not the user's: errors name the registry instead.
     let probe_name = format!("{registry}/bux-fuse/login-check:probe");
-    let probe = parse_reference(&probe_name).map_err(|_| Error::Registry {
-        reference: registry.to_string(),
-        detail: "not a registry host[:port]".into(),
-    })?;
+    let probe = parse_reference(&probe_name)
+        .map_err(|_| Error::registry(registry, "not a registry host[:port]"))?;
     match Registry::new(&probe, opts).manifest(&probe).await {
         Ok(_) | Err(Error::NotFound { .. }) => Ok(()),
         Err(Error::Unauthorized { .. }) => Err(Error::Unauthorized {
@@ -559,6 +614,9 @@ pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> 
             Err(Error::Registry {
                 reference: registry.to_string(),
                 detail: said.to_string(),
+                status: e.status(),
+                transient: e.is_transient(),
+                source: Some(Box::new(e)),
             })
         }
     }
@@ -641,7 +699,16 @@ fn map_error(reference: &str, e: OciDistributionError) -> Error {
             {
                 Error::Unauthorized { reference, detail }
             } else {
-                Error::Registry { reference, detail }
+                let too_many = codes
+                    .iter()
+                    .any(|c| matches!(c, OciErrorCode::Toomanyrequests));
+                Error::Registry {
+                    reference,
+                    detail,
+                    status: too_many.then_some(429),
+                    transient: too_many,
+                    source: None,
+                }
             }
         }
         OciDistributionError::ServerError { code: 404, .. } => Error::NotFound {
@@ -656,11 +723,75 @@ fn map_error(reference: &str, e: OciDistributionError) -> Error {
             reference,
             detail: message,
         },
+        OciDistributionError::ServerError { code, url, message } => Error::Registry {
+            reference,
+            detail: format!("{url} answered {code}{}", said(&message)),
+            status: Some(code),
+            transient: transient_status(code),
+            source: None,
+        },
+        OciDistributionError::RequestError(e) => {
+            let status = e.status().map(|s| s.as_u16());
+            Error::Registry {
+                reference,
+                detail: with_causes(&e),
+                status,
+                transient: status.map_or_else(|| transient_request(&e), transient_status),
+                source: Some(Box::new(e)),
+            }
+        }
+        OciDistributionError::IoError(e) => Error::Registry {
+            reference,
+            detail: with_causes(&e),
+            status: None,
+            transient: transient_io(e.kind()),
+            source: Some(Box::new(e)),
+        },
         other => Error::Registry {
             reference,
             detail: with_causes(&other),
+            status: None,
+            transient: false,
+            source: Some(Box::new(other)),
         },
     }
+}
+
+/// `": message"`, or nothing for an empty message.
+fn said(message: &str) -> String {
+    let m = message.trim();
+    if m.is_empty() {
+        String::new()
+    } else {
+        format!(": {m}")
+    }
+}
+
+/// Statuses that say "later": request timeout, too many requests, the server's own trouble.
+pub(crate) fn transient_status(code: u16) -> bool {
+    code == 408 || code == 429 || (500..600).contains(&code)
+}
+
+/// A request that got no answer: nothing listening, the name not resolved, no answer in time,
+/// the connection broken while the answer came.
+fn transient_request(e: &reqwest::Error) -> bool {
+    e.is_connect() || e.is_timeout() || e.is_body() || e.is_request() && !e.is_builder()
+}
+
+/// I/O failures of the connection (not of the local disk).
+pub(crate) fn transient_io(kind: std::io::ErrorKind) -> bool {
+    use std::io::ErrorKind::*;
+    matches!(
+        kind,
+        ConnectionRefused
+            | ConnectionReset
+            | ConnectionAborted
+            | NotConnected
+            | BrokenPipe
+            | TimedOut
+            | UnexpectedEof
+            | Interrupted
+    )
 }
 
 /// What broke a download, with the underlying causes (connection reset, timeout, ...).

@@ -42,10 +42,15 @@ pub struct Redirects {
 
 impl Redirects {
     /// For blobs of `repository` at `base` (`http://host:port` or `https://host`).
-    pub fn new(base: String, repository: String, basic: Option<(String, String)>) -> Redirects {
+    pub fn new(
+        base: String,
+        repository: String,
+        basic: Option<(String, String)>,
+        connect_timeout: Duration,
+    ) -> Redirects {
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(Duration::from_secs(30))
+            .connect_timeout(connect_timeout)
             .build()
             .unwrap_or_default();
         Redirects {
