@@ -170,6 +170,14 @@ enum Cmd {
         /// Mount point.
         dir: PathBuf,
     },
+    /// List the mounts this store made that are still mounted: where, of what, by which
+    /// process, and whether each still serves (a dead one: `bux-fuse umount` it, or mount
+    /// there again).
+    Mounts {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
     /// List stored images (with -q, only their references, one a line).
     Images {
         /// Print JSON instead of a table.
@@ -562,6 +570,45 @@ fn run(cli: Cli) -> Result<()> {
                     crate::mount::shared::supervise(&store, manifest, &STOP).context("image server")
                 }
             }
+        }
+        Cmd::Mounts { json } => {
+            let mounts = match existing_store(&store_arg)? {
+                Some(s) => s.mounts()?,
+                None => Vec::new(),
+            };
+            let state = |m: &crate::mount::StoreMount| match m.state {
+                crate::mount::MountState::Live => "live",
+                crate::mount::MountState::Dead => "dead",
+            };
+            if json {
+                let list: Vec<serde_json::Value> = mounts
+                    .iter()
+                    .map(|m| {
+                        let mut v = serde_json::to_value(&m.record).unwrap_or_default();
+                        v["state"] = state(m).into();
+                        v
+                    })
+                    .collect();
+                println!("{}", serde_json::to_string_pretty(&list)?);
+                return Ok(());
+            }
+            println!(
+                "{:5}  {:>8}  {:16}  {:8}  IMAGE  PATH",
+                "STATE", "PID", "PROGRAM", "MODE"
+            );
+            for m in &mounts {
+                let r = &m.record;
+                println!(
+                    "{:5}  {:>8}  {:16}  {:8}  {}  {}",
+                    state(m),
+                    r.pid,
+                    r.program,
+                    if r.writable { "writable" } else { "ro" },
+                    r.reference,
+                    r.path.display()
+                );
+            }
+            Ok(())
         }
         Cmd::Umount { dir } => {
             // What the mount table says is there: only bux-fuse's own mounts are unmounted.

@@ -139,6 +139,16 @@ pub enum Error {
         /// What failed.
         detail: String,
     },
+    /// Something is mounted at the mount point already (a live mount: one whose server died
+    /// is replaced by [`crate::mount`] by itself).
+    #[error("mount {path}: already mounted ({what}): unmount it first")]
+    AlreadyMounted {
+        /// The mount point.
+        path: PathBuf,
+        /// What is mounted there ("docker.io/library/debian:12 by myvmm (pid 42)", "a tmpfs
+        /// mount").
+        what: String,
+    },
     /// The image is mounted: removing it would pull its files from under the mount.
     #[error("{reference} is in use by a mount (unmount it first, or --force)")]
     InUse {

@@ -20,6 +20,7 @@ use crate::{Error, Result, Store};
 
 mod connect;
 mod open;
+mod records;
 pub mod shared;
 mod table;
 mod unmount;
@@ -27,6 +28,7 @@ mod upper_dir;
 pub use connect::host_root;
 use open::stored_image;
 pub(crate) use open::{lease_image, open_image, open_record, OpenedImage};
+pub use records::{MountRecord, MountState, StoreMount};
 use unmount::unmount_over_server;
 pub use unmount::{
     clean_run_dir, clean_scratch, foreign_mount, mount_path, unmount, unmount_all, wait_for_cleanup,
@@ -134,6 +136,8 @@ pub struct Mount {
     /// `path` is a kernel mount over the FUSE mount (an overlay, or a bind mount of the
     /// image's shared mount), unmounted first.
     kernel_mount: bool,
+    /// The store's record of this mount (see [`Store::mounts`]), removed at unmount.
+    record: Option<PathBuf>,
 }
 
 /// The overlay that makes a mount writable.
@@ -223,7 +227,27 @@ impl Mount {
             let _ = std::fs::remove_dir_all(&w.run_dir);
         }
         self.kernel_mount = false;
+        if let Some(record) = self.record.take() {
+            let _ = std::fs::remove_file(record);
+        }
         res
+    }
+
+    /// Records the mount in the store (see [`Store::mounts`]); a record that cannot be written
+    /// costs the listing only, not the mount.
+    fn recorded(
+        mut self,
+        store: &Store,
+        reference: &str,
+        manifest: crate::Digest,
+        opts: &MountOptions,
+        shared: bool,
+    ) -> Mount {
+        match records::write(store, &self.path, reference, manifest, opts, shared) {
+            Ok(file) => self.record = Some(file),
+            Err(e) => tracing::warn!("recording the mount at {}: {e}", self.path.display()),
+        }
+        self
     }
 
     fn join(&mut self) -> Result<()> {
@@ -353,7 +377,8 @@ pub fn tune_allocator_for_serving() {
 }
 
 /// Creates the mount point if missing and resolves it; refuses one that is mounted already.
-fn prepare_mount_point(dir: &Path) -> Result<PathBuf> {
+fn prepare_mount_point(store: &Store, dir: &Path) -> Result<PathBuf> {
+    records::clear(store, dir)?;
     let mount_err = |detail: String| Error::Mount {
         path: dir.to_path_buf(),
         detail,
@@ -376,10 +401,11 @@ fn prepare_mount_point(dir: &Path) -> Result<PathBuf> {
             format!("resolving mount point: {e}")
         })
     })?;
-    if is_mount_point(&canonical) {
-        return Err(mount_err(
-            "already a mount point (run `bux-fuse umount` on it first)".into(),
-        ));
+    if let Some(here) = table::at(&canonical) {
+        return Err(Error::AlreadyMounted {
+            path: canonical,
+            what: format!("a {} mount", here.fstype),
+        });
     }
     Ok(canonical)
 }
@@ -397,7 +423,7 @@ fn mount_shared(
         path: dir.to_path_buf(),
         detail,
     };
-    let dir = prepare_mount_point(dir)?;
+    let dir = prepare_mount_point(store, dir)?;
     // The tree's header says whether a read-only mount needs an overlay (mapped, not read).
     let overlay_xattrs = match crate::tree::Tree::load(&store.tree_path(&record.view())) {
         Ok(t) => t.has_overlay_xattrs(),
@@ -445,7 +471,9 @@ fn mount_shared(
         remote: None,
         trace: None,
         kernel_mount: true,
-    })
+        record: None,
+    }
+    .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
 
 /// Mounts `dir` over the image's shared server when this mount would stand on one (`opts`
@@ -504,7 +532,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         path: dir.to_path_buf(),
         detail,
     };
-    let dir = prepare_mount_point(dir)?;
+    let dir = prepare_mount_point(store, dir)?;
     // Users cannot mount a kernel overlay: bux-fuse serves their upper layer itself.
     let own_upper = opts.writable && !connect::host_root();
     let (fuse_dir, writable) = if opts.writable {
@@ -588,6 +616,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         remote,
         trace,
         kernel_mount: opts.writable && !own_upper,
+        record: None,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.
@@ -636,7 +665,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             return Err(mount_err(e));
         }
     }
-    Ok(m)
+    Ok(m.recorded(store, &name, record.manifest_digest, opts, false))
 }
 
 /// Mounts `fs` at `dir` and serves it on a thread of its own.

@@ -81,7 +81,7 @@ pub fn foreign_mount(path: &Path) -> Option<String> {
 /// Whether bux-fuse made mount `m`: one of its FUSE mounts (or a bind mount of one), an overlay
 /// standing on one of its mounts (a writable mount's, a shared image server's, or a bind mount
 /// of that), or a shared image server's metadata image.
-fn is_ours(m: &table::MountInfo) -> bool {
+pub(crate) fn is_ours(m: &table::MountInfo) -> bool {
     // $STORE/shared/<image>/{mnt,meta,root}: a shared image server's mounts.
     let server_mount = |p: &Path| {
         p.file_name()
