@@ -10,13 +10,18 @@ use std::process::Command;
 use common::*;
 
 fn example() -> PathBuf {
+    built("runtime")
+}
+
+fn built(name: &str) -> PathBuf {
     let exe = std::env::current_exe()
         .unwrap()
         .parent()
         .unwrap()
         .parent()
         .unwrap()
-        .join("examples/runtime");
+        .join("examples")
+        .join(name);
     assert!(
         exe.exists(),
         "build the example first (cargo build --examples): {}",
@@ -96,4 +101,44 @@ fn as_an_ordinary_user() {
         reg.host()
     ));
     check(&out);
+}
+
+/// The adapters of a3s-box's `ImageRegistry` and bux's `bux-oci` over the library, run.
+#[test]
+fn the_adapters_run() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(work.path(), "v1", &image());
+    reg.push(work.path(), "v1", "rt/img", None);
+    let reference = format!("{}/rt/img:v1", reg.host());
+    let dirs = tempfile::tempdir().unwrap();
+    let out = Command::new(built("a3s_box_registry"))
+        .arg(dirs.path().join("a3s"))
+        .arg(dirs.path().join("mounts"))
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        said.contains("cached: true") && said.contains("removed: true"),
+        "{said}"
+    );
+    let out = Command::new(built("bux_oci"))
+        .arg(dirs.path().join("oci"))
+        .arg(&reference)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{said}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(said.contains("entrypoint: Some([\"/bin/app\"])"), "{said}");
+    assert!(!is_mounted(&dirs.path().join("mounts")));
 }
