@@ -140,7 +140,7 @@ pub enum Error {
         detail: String,
     },
     /// Something is mounted at the mount point already (a live mount: one whose server died
-    /// is replaced by [`crate::mount`] by itself).
+    /// is replaced by [`crate::mount()`] by itself).
     #[error("mount {path}: already mounted ({what}): unmount it first")]
     AlreadyMounted {
         /// The mount point.

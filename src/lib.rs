@@ -15,7 +15,7 @@
 //! * [`tree`] folds the layers' tables into one tree with OCI whiteouts applied.
 //! * [`fs`] serves a tree through FUSE.
 //!
-//! [`Store::pull`] and [`mount`] tie them together; the `bux-fuse` binary is a thin CLI on top.
+//! [`Store::pull`] and [`mount()`] tie them together; the `bux-fuse` binary is a thin CLI on top.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), bux_fuse::Error> {
@@ -28,27 +28,48 @@
 //! ```
 #![deny(missing_docs)]
 
+// The API: what a runtime calls. Stable within a minor version.
 pub mod check;
-pub mod cli;
 pub mod digest;
 pub mod error;
-pub mod fs;
-pub mod index;
-pub mod lazy;
-mod mapped;
 pub mod mount;
 pub mod publish;
 pub mod pull;
 pub mod registry;
-pub mod sandbox;
-pub mod source;
 pub mod store;
+
+// The stages underneath, public only for the project's own binary, tests, fuzzers and
+// benchmarks: not part of the API, and may change in any release.
+#[doc(hidden)]
+pub mod cli;
+#[doc(hidden)]
+pub mod fs;
+#[doc(hidden)]
+pub mod index;
+#[doc(hidden)]
+pub mod lazy;
+mod mapped;
+#[doc(hidden)]
+pub mod sandbox;
+#[doc(hidden)]
+pub mod source;
+#[doc(hidden)]
 pub mod trace;
+#[doc(hidden)]
 pub mod tree;
+#[doc(hidden)]
 pub mod upper;
 
+pub use check::CheckReport;
 pub use digest::Digest;
 pub use error::{Error, Result};
-pub use mount::{mount, Mount, MountOptions};
-pub use pull::{Progress, PullOptions, PullPolicy, PulledImage};
-pub use store::Store;
+pub use lazy::LazyOutcome;
+pub use mount::{
+    mount, unmount_all, Mount, MountOptions, MountRecord, MountState, MountStats, Prefetch,
+    StoreMount,
+};
+pub use publish::{PushIndexOptions, PushedIndex};
+pub use pull::{Progress, ProgressFn, PullOptions, PullPolicy, PulledImage};
+pub use registry::manifest::{ImageConfig, Platform, RuntimeConfig};
+pub use registry::{Credentials, RegistryOptions};
+pub use store::{ImageRecord, ImageUsage, LayerRecord, Lease, Store, Usage};

@@ -61,7 +61,7 @@ pub struct PushedIndex {
 
 /// Where a lazy mount found an image's index.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum IndexSource {
+pub(crate) enum IndexSource {
     /// Named by the manifest itself (covered by its digest), or pinned in the local store.
     Pinned(Digest),
     /// Found as a referrer only.
@@ -74,7 +74,7 @@ impl Store {
     }
 
     /// The index pinned locally for this manifest (by a `push-index` from this store).
-    pub fn pinned_index(&self, manifest: &Digest) -> Option<Digest> {
+    pub(crate) fn pinned_index(&self, manifest: &Digest) -> Option<Digest> {
         std::fs::read_to_string(self.pin_path(manifest))
             .ok()?
             .trim()
@@ -305,7 +305,7 @@ impl Store {
 
 /// Finds the index of the image with manifest `digest` (`bytes`): named by the manifest,
 /// pinned in the store, or (last) listed as a referrer.
-pub async fn find_index(
+pub(crate) async fn find_index(
     store: &Store,
     reg: &Registry,
     digest: &Digest,
@@ -335,7 +335,7 @@ pub async fn find_index(
 }
 
 /// The read trace listed in an index manifest: (digest, size).
-pub fn index_trace(bytes: &[u8]) -> Option<(Digest, u64)> {
+pub(crate) fn index_trace(bytes: &[u8]) -> Option<(Digest, u64)> {
     let m: ManifestOrIndex = serde_json::from_slice(bytes).ok()?;
     m.layers?
         .iter()
@@ -344,7 +344,7 @@ pub fn index_trace(bytes: &[u8]) -> Option<(Digest, u64)> {
 }
 
 /// The index blobs of an index manifest: (layer digest, index blob digest, size).
-pub fn index_layers(bytes: &[u8]) -> Result<Vec<(Digest, Digest, u64)>> {
+pub(crate) fn index_layers(bytes: &[u8]) -> Result<Vec<(Digest, Digest, u64)>> {
     let m: ManifestOrIndex = serde_json::from_slice(bytes).map_err(|e| Error::InvalidManifest {
         what: "bux-fuse index manifest".into(),
         detail: e.to_string(),

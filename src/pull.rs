@@ -463,7 +463,7 @@ impl Store {
     /// The merged tree of a stored image, re-merged from the layer indexes if its file is gone
     /// or damaged. Its checksum is verified here, once per server (a mount over a running
     /// shared server does not come here), so that a flipped byte is not served.
-    pub fn tree(&self, record: &ImageRecord) -> Result<Tree> {
+    pub(crate) fn tree(&self, record: &ImageRecord) -> Result<Tree> {
         let path = self.tree_path(&record.view());
         let loaded = Tree::load(&path).and_then(|t| {
             t.verify().map_err(|detail| Error::CorruptStore {

@@ -20,7 +20,7 @@ use crate::{Digest, Store};
 const COMPLETE_PARALLEL: usize = 3;
 
 impl LazyBlob {
-    /// Streams the whole layers in the background ([`COMPLETE_PARALLEL`] at a time, each
+    /// Streams the whole layers in the background (`COMPLETE_PARALLEL` at a time, each
     /// yielding to reads that wait); `done` is called per layer with the outcome and whether
     /// the layer proved different from its index.
     ///

@@ -11,7 +11,7 @@
 //! fails that read alone with `EIO` and the cause logged, and the next read tries again.
 //! Concurrent reads of one chunk share its fetch.
 //!
-//! [`LazyBlob::complete`] streams the whole blob in order in the background: it fills the
+//! `LazyBlob::prefetch` streams the whole blob in order in the background: it fills the
 //! missing chunks, checks the blob's digest, and re-indexes the tar as a pull would; if the
 //! layer's real table differs from the published one the image is marked bad and reads stop.
 //! A complete blob becomes an ordinary stored blob.

@@ -21,17 +21,21 @@ use crate::{Error, Result, Store};
 mod connect;
 mod open;
 mod records;
+#[doc(hidden)]
 pub mod shared;
 mod table;
 mod unmount;
 mod upper_dir;
+#[doc(hidden)]
 pub use connect::host_root;
 use open::stored_image;
 pub(crate) use open::{lease_image, open_image, open_record, OpenedImage};
 pub use records::{MountRecord, MountState, StoreMount};
+pub use unmount::unmount_all;
 use unmount::unmount_over_server;
+#[doc(hidden)]
 pub use unmount::{
-    clean_run_dir, clean_scratch, foreign_mount, mount_path, unmount, unmount_all, wait_for_cleanup,
+    clean_run_dir, clean_scratch, foreign_mount, mount_path, unmount, wait_for_cleanup,
 };
 use upper_dir::{lock_upper, make_scratch, UpperKind};
 
@@ -278,6 +282,7 @@ impl Drop for Mount {
 }
 
 /// Whether `path` is a mount point (per `/proc/self/mountinfo`).
+#[doc(hidden)]
 pub fn is_mount_point(path: &Path) -> bool {
     table::read().iter().any(|m| m.is_at(path))
 }
@@ -367,6 +372,7 @@ pub(crate) fn kernel_mount(
 /// +9 MiB RSS: 61 MiB at the end of the read, against 79 MiB untuned). The `bux-fuse` daemon
 /// calls it; a library caller decides for its own process (it changes the whole process's
 /// allocator).
+#[doc(hidden)]
 pub fn tune_allocator_for_serving() {
     #[cfg(target_env = "gnu")]
     // SAFETY: mallopt only tunes the allocator.
@@ -479,6 +485,7 @@ fn mount_shared(
 /// Mounts `dir` over the image's shared server when this mount would stand on one (`opts`
 /// names the server's executable, host root, no trace to record, the image stored whole):
 /// `None` otherwise, with nothing done.
+#[doc(hidden)]
 pub fn mount_if_shared(
     store: &Store,
     reference: &str,
@@ -691,6 +698,7 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
 
 /// Read-ahead the kernel uses on the mount, in KiB: FUSE's device default (128 KiB) caps
 /// sequential reads at ~144 MB/s here; 1 MiB gave ~361 MB/s (see crate-facts).
+#[doc(hidden)]
 pub const READ_AHEAD_KB: u32 = 1024;
 
 /// Raises the mount's read-ahead through sysfs (`/sys/class/bdi/0:N/read_ahead_kb`), which

@@ -46,7 +46,7 @@ pub enum MountState {
     /// Mounted and answering.
     Live,
     /// Still in the mount table, but its server is gone: every access fails with "Transport
-    /// endpoint is not connected". [`Store::tear_down`] removes it; [`crate::mount`] at its
+    /// endpoint is not connected". [`Store::tear_down`] removes it; [`crate::mount()`] at its
     /// path replaces it by itself.
     Dead,
 }

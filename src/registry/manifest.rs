@@ -28,6 +28,7 @@ pub const IMAGE_CONFIGS: &[&str] = &[
 /// A content descriptor.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[doc(hidden)]
 pub struct Descriptor {
     /// Media type (may be absent in old Docker lists).
     #[serde(default)]
@@ -58,6 +59,7 @@ impl Descriptor {
 /// An image manifest or an index, told apart by which fields it has.
 #[derive(Debug, Clone, Deserialize)]
 #[serde(rename_all = "camelCase")]
+#[doc(hidden)]
 pub struct ManifestOrIndex {
     /// Declared media type (optional in OCI).
     #[serde(default)]
@@ -173,6 +175,7 @@ impl FromStr for Platform {
 }
 
 /// Picks the manifest for `want` from an index's entries.
+#[doc(hidden)]
 pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Option<&'a Descriptor> {
     entries
         .iter()
@@ -180,6 +183,7 @@ pub fn select<'a>(entries: &'a [Descriptor], want: &Platform) -> Option<&'a Desc
 }
 
 /// The platforms an index offers, for error messages.
+#[doc(hidden)]
 pub fn offered(entries: &[Descriptor]) -> String {
     let list: Vec<String> = entries
         .iter()
@@ -248,6 +252,7 @@ pub struct RootFs {
 }
 
 /// A hint for well-known non-image artifacts.
+#[doc(hidden)]
 pub fn media_type_hint(media_type: &str) -> &'static str {
     if media_type.contains("wasm") {
         " (a WebAssembly artifact, not a container image)"

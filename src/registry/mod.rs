@@ -81,6 +81,7 @@ impl Timeouts {
 }
 
 /// A registry client for one repository.
+#[doc(hidden)]
 pub struct Registry {
     /// Replaced when an identity token's access token is renewed (oci-client keeps the auth
     /// it was first given per registry).
@@ -114,6 +115,7 @@ fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
 }
 
 /// Parses a reference (`[registry/]repository[:tag][@digest]`), defaulting as Docker does.
+#[doc(hidden)]
 pub fn parse_reference(s: &str) -> Result<Reference> {
     s.parse::<Reference>().map_err(|e| Error::InvalidReference {
         reference: s.to_string(),
@@ -122,6 +124,7 @@ pub fn parse_reference(s: &str) -> Result<Reference> {
 }
 
 /// Whether `registry` (`host[:port]`) is on the loopback interface.
+#[doc(hidden)]
 pub fn is_loopback(registry: &str) -> bool {
     let host = if let Some(rest) = registry.strip_prefix('[') {
         rest.split(']').next().unwrap_or("")
@@ -413,6 +416,7 @@ impl Registry {
 }
 
 /// What a Range request got back.
+#[doc(hidden)]
 pub enum RangeBody {
     /// `206`: just the range asked for.
     Partial(BlobStream),
@@ -421,6 +425,7 @@ pub enum RangeBody {
 }
 
 /// A blob's bytes as they arrive.
+#[doc(hidden)]
 pub type BlobStream = futures_util::stream::BoxStream<'static, std::io::Result<bytes::Bytes>>;
 
 impl Registry {
@@ -795,6 +800,7 @@ pub(crate) fn transient_io(kind: std::io::ErrorKind) -> bool {
 }
 
 /// What broke a download, with the underlying causes (connection reset, timeout, ...).
+#[doc(hidden)]
 pub fn describe_io(e: &std::io::Error) -> String {
     with_causes(e)
 }

@@ -14,18 +14,18 @@ use crate::{Digest, Error, Result};
 impl Store {
     /// The name of the lock held by whoever fetches layer `d` (and so writes its partial
     /// download, [`Store::ingest_path`]).
-    pub fn layer_lock_name(d: &Digest) -> String {
+    pub(crate) fn layer_lock_name(d: &Digest) -> String {
         format!("layer-{}", d.hex())
     }
 
     /// Where the download of blob `d` in progress, or left by a pull that failed or died, is
     /// kept: a prefix of the blob, resumed by the next pull (see [`Store::ingest`]).
-    pub fn ingest_path(&self, d: &Digest) -> PathBuf {
+    pub(crate) fn ingest_path(&self, d: &Digest) -> PathBuf {
         self.root.join("tmp").join(format!("{}.ingest", d.hex()))
     }
 
     /// Removes the partial download of blob `d` (the caller holds its layer lock).
-    pub fn discard_ingest(&self, d: &Digest) {
+    pub(crate) fn discard_ingest(&self, d: &Digest) {
         let _ = fs::remove_file(self.ingest_path(d));
     }
 
@@ -33,7 +33,7 @@ impl Store {
     /// its blob and seekable copy in progress, `<hex>.PID.SEQ` and `<hex>.zst.PID.SEQ`). The
     /// caller holds the layer's lock ([`Store::layer_lock_name`]), which whoever writes them
     /// holds too, so none of them is being written. Returns the bytes freed.
-    pub fn clear_layer_temps(&self, d: &Digest) -> u64 {
+    pub(crate) fn clear_layer_temps(&self, d: &Digest) -> u64 {
         let prefix = format!("{}.", d.hex());
         let dir = self.root.join("tmp");
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -62,7 +62,7 @@ impl Store {
     /// caller feeds the same bytes to whatever else consumes the blob (the indexer), so the
     /// resumed blob is still read in one pass. Dropped uncommitted, the writer leaves the file
     /// (for the next pull to resume); [`Store::discard_ingest`] removes it.
-    pub fn ingest(
+    pub(crate) fn ingest(
         &self,
         expected: Digest,
         max_len: u64,
@@ -104,7 +104,8 @@ impl Store {
 
     /// Starts writing a blob that will be verified against `expected` when committed. Writing
     /// more than `max_len` bytes (the descriptor's size) fails at once.
-    pub fn blob_writer(&self, expected: Digest, max_len: u64) -> Result<BlobWriter> {
+    #[cfg(test)]
+    fn blob_writer(&self, expected: Digest, max_len: u64) -> Result<BlobWriter> {
         let tmp = self.temp_path(&expected.hex());
         let file = File::create(&tmp).ctx(|| format!("creating {}", tmp.display()))?;
         Ok(BlobWriter {
@@ -123,7 +124,7 @@ impl Store {
 
 /// A blob being written: bytes go to a temp file and are hashed; [`BlobWriter::commit`] renames
 /// the file into place only if the digest matches. Dropped uncommitted, the temp file is removed.
-pub struct BlobWriter {
+pub(crate) struct BlobWriter {
     file: Option<File>,
     tmp: PathBuf,
     dest: PathBuf,
@@ -147,11 +148,6 @@ impl BlobWriter {
     /// Bytes written so far.
     pub fn len(&self) -> u64 {
         self.bytes
-    }
-
-    /// Whether nothing was written yet.
-    pub fn is_empty(&self) -> bool {
-        self.bytes == 0
     }
 
     /// Checks the digest and renames the blob into place.

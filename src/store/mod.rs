@@ -40,7 +40,7 @@ use crate::{Digest, Error, Result};
 mod gc;
 mod ingest;
 pub use gc::{ImageUsage, Lease, Usage};
-pub use ingest::BlobWriter;
+pub(crate) use ingest::BlobWriter;
 
 /// One pulled image, as recorded in `images.json`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -107,25 +107,25 @@ pub struct Store {
 
 /// A `flock(2)` held until dropped.
 #[derive(Debug)]
-pub struct Lock {
+pub(crate) struct Lock {
     _file: File,
 }
 
 /// Takes the exclusive lock on `file` if nobody holds it (kept until the file is closed).
-pub fn try_flock(file: &File) -> bool {
+pub(crate) fn try_flock(file: &File) -> bool {
     // SAFETY: flock on a valid, owned descriptor.
     unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 }
 }
 
 /// Writes `bytes` to `path` through a temporary file and a rename, so readers see the old or
 /// the new content, never a part.
-pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
     write_atomic_mode(path, bytes, 0o644)
 }
 
 /// [`write_atomic`] with the file created with permission bits `mode` (never wider, even
 /// for a moment: for secrets).
-pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
+pub(crate) fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
     use std::os::unix::fs::OpenOptionsExt;
     static SEQ: AtomicU64 = AtomicU64::new(0);
     let tmp = path.with_extension(format!(
@@ -152,7 +152,7 @@ pub fn write_atomic_mode(path: &Path, bytes: &[u8], mode: u32) -> Result<()> {
 }
 
 /// Makes a rename into `path`'s directory durable (best effort: some filesystems refuse).
-pub fn sync_dir(path: &Path) {
+pub(crate) fn sync_dir(path: &Path) {
     if let Some(dir) = path.parent() {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
@@ -221,11 +221,13 @@ impl Store {
     }
 
     /// Where the blob `d` lives.
+    #[doc(hidden)]
     pub fn blob_path(&self, d: &Digest) -> PathBuf {
         self.root.join("blobs/sha256").join(d.hex())
     }
 
     /// Where the index of layer `d` lives.
+    #[doc(hidden)]
     pub fn index_path(&self, d: &Digest) -> PathBuf {
         self.root
             .join("layers/sha256")
@@ -236,7 +238,7 @@ impl Store {
     /// a lazily served layer reads by the index its image vouched for, never by one another
     /// image named for the same layer (`<layer>.idx` is written only from bytes that hashed
     /// to the layer's digest).
-    pub fn lazy_index_path(&self, layer: &Digest, index: &Digest) -> PathBuf {
+    pub(crate) fn lazy_index_path(&self, layer: &Digest, index: &Digest) -> PathBuf {
         self.root
             .join("layers/sha256")
             .join(format!("{}.{}.idx", layer.hex(), index.hex()))
@@ -244,7 +246,7 @@ impl Store {
 
     /// Where the index a mount of this layer of an image reads by lives: its own published
     /// index's for a lazily served layer, else the one built from the layer's bytes.
-    pub fn layer_index_path(&self, layer: &LayerRecord) -> PathBuf {
+    pub(crate) fn layer_index_path(&self, layer: &LayerRecord) -> PathBuf {
         match &layer.index {
             Some(index) => self.lazy_index_path(&layer.digest, index),
             None => self.index_path(&layer.digest),
@@ -255,7 +257,7 @@ impl Store {
     /// file; `<..>.present` beside it marks the chunks verified and written), and with
     /// `windows` those of its gzip windows. Keyed by the index as well as the layer: another
     /// image naming the same layer with another index never shares them.
-    pub fn partial_path(&self, layer: &Digest, index: &Digest, windows: bool) -> PathBuf {
+    pub(crate) fn partial_path(&self, layer: &Digest, index: &Digest, windows: bool) -> PathBuf {
         let kind = if windows {
             "windows.partial"
         } else {
@@ -267,14 +269,14 @@ impl Store {
     }
 
     /// Where the seekable copy of zstd layer `d` lives.
-    pub fn seekable_path(&self, d: &Digest) -> PathBuf {
+    pub(crate) fn seekable_path(&self, d: &Digest) -> PathBuf {
         self.root
             .join("layers/sha256")
             .join(format!("{}.zst", d.hex()))
     }
 
     /// Where the merged tree of the image with manifest `d` lives.
-    pub fn tree_path(&self, d: &Digest) -> PathBuf {
+    pub(crate) fn tree_path(&self, d: &Digest) -> PathBuf {
         self.root
             .join("trees/sha256")
             .join(format!("{}.tree", d.hex()))
@@ -282,7 +284,7 @@ impl Store {
 
     /// Where the EROFS metadata image of the image with manifest `d` lives (root's shared
     /// mounts: see [`crate::tree::erofs`]).
-    pub fn meta_image_path(&self, d: &Digest) -> PathBuf {
+    pub(crate) fn meta_image_path(&self, d: &Digest) -> PathBuf {
         self.root
             .join("trees/sha256")
             .join(format!("{}.erofs", d.hex()))
@@ -307,14 +309,14 @@ impl Store {
     }
 
     /// The read trace of the image with this manifest (see [`crate::trace`]).
-    pub fn trace_path(&self, manifest: &Digest) -> PathBuf {
+    pub(crate) fn trace_path(&self, manifest: &Digest) -> PathBuf {
         self.root
             .join("trees/sha256")
             .join(format!("{}.trace", manifest.hex()))
     }
 
     /// Present when a lazily served image proved different from its published index; holds why.
-    pub fn bad_path(&self, manifest: &Digest) -> PathBuf {
+    pub(crate) fn bad_path(&self, manifest: &Digest) -> PathBuf {
         self.root
             .join("trees/sha256")
             .join(format!("{}.bad", manifest.hex()))
@@ -322,14 +324,14 @@ impl Store {
 
     /// Present when the background completion of a lazily served image gave up (the next
     /// mount tries again); holds why, for `mount --wait-complete` to say.
-    pub fn incomplete_path(&self, view: &Digest) -> PathBuf {
+    pub(crate) fn incomplete_path(&self, view: &Digest) -> PathBuf {
         self.root
             .join("trees/sha256")
             .join(format!("{}.incomplete", view.hex()))
     }
 
     /// A fresh temporary path in the store (same filesystem, so renames are atomic).
-    pub fn temp_path(&self, what: &str) -> PathBuf {
+    pub(crate) fn temp_path(&self, what: &str) -> PathBuf {
         static SEQ: AtomicU64 = AtomicU64::new(0);
         self.root.join("tmp").join(format!(
             "{what}.{}.{}",
@@ -339,13 +341,13 @@ impl Store {
     }
 
     /// Takes the exclusive lock `name`, waiting for other processes that hold it.
-    pub fn lock(&self, name: &str) -> Result<Lock> {
+    pub(crate) fn lock(&self, name: &str) -> Result<Lock> {
         self.flock(name, libc::LOCK_EX)
     }
 
     /// The file behind lock `name`, opened (for [`try_flock`] by a process that may no longer
     /// open it later).
-    pub fn lock_file(&self, name: &str) -> Result<File> {
+    pub(crate) fn lock_file(&self, name: &str) -> Result<File> {
         let path = self.root.join("locks").join(format!("{name}.lock"));
         OpenOptions::new()
             .create(true)
@@ -356,7 +358,7 @@ impl Store {
     }
 
     /// [`Store::lock`] if nobody holds it, else `None` at once.
-    pub fn try_lock(&self, name: &str) -> Result<Option<Lock>> {
+    pub(crate) fn try_lock(&self, name: &str) -> Result<Option<Lock>> {
         match self.flock(name, libc::LOCK_EX | libc::LOCK_NB) {
             Ok(l) => Ok(Some(l)),
             Err(Error::Io { error, .. }) if error.raw_os_error() == Some(libc::EWOULDBLOCK) => {
@@ -368,7 +370,7 @@ impl Store {
 
     /// Held (shared) by every pull for its whole length; [`Store::gc`] takes it exclusively, so
     /// gc never deletes what a running pull has just stored but not yet recorded.
-    pub fn pull_guard(&self) -> Result<Lock> {
+    pub(crate) fn pull_guard(&self) -> Result<Lock> {
         self.flock("store", libc::LOCK_SH)
     }
 
@@ -394,7 +396,7 @@ impl Store {
     }
 
     /// Stores `bytes` as a blob after checking that they hash to `expected`.
-    pub fn put_blob(&self, expected: &Digest, bytes: &[u8], what: &str) -> Result<PathBuf> {
+    pub(crate) fn put_blob(&self, expected: &Digest, bytes: &[u8], what: &str) -> Result<PathBuf> {
         let actual = Digest::of(bytes);
         if &actual != expected {
             return Err(Error::DigestMismatch {
@@ -439,7 +441,7 @@ impl Store {
     }
 
     /// Records (or replaces) an image.
-    pub fn put_image(&self, record: ImageRecord) -> Result<()> {
+    pub(crate) fn put_image(&self, record: ImageRecord) -> Result<()> {
         self.update_images(|f| {
             f.images.insert(record.reference.clone(), record);
         })
@@ -456,6 +458,7 @@ impl Store {
     }
 
     /// Forgets an image; returns whether it was there. Its blobs stay until [`Store::gc`].
+    #[doc(hidden)]
     pub fn remove_image(&self, reference: &str) -> Result<bool> {
         self.update_images(|f| f.images.remove(reference).is_some())
     }

@@ -23,7 +23,7 @@
 //! (no read-ahead), so tails among the inodes made a cold `find` of the large Debian image read
 //! 28 MB of metadata instead of 3 (0.14 s against 0.07 s), and a cold full read slower too
 //! (medians 5.5 s against 4.5 s), where data blocks are read ahead in order. Only files of at
-//! most [`INLINE_FILE_MAX`] bytes sit inline: they cost the metadata little, and a block each
+//! most `INLINE_FILE_MAX` bytes sit inline: they cost the metadata little, and a block each
 //! out of line.
 //!
 //! Layout: 4 KiB blocks; the superblock in block 0; the one shared xattr (the metacopy mark) in

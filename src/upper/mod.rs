@@ -5,7 +5,7 @@
 //! another owner: fuse-overlayfs always mounts with `default_permissions`, so the kernel refuses
 //! the user a chown to root or a write into an image directory owned by someone else. Here one
 //! FUSE mount serves both layers with root semantics for whatever reaches it (the guest
-//! enforces permissions), keeping what the host cannot as metadata ([`disk`]).
+//! enforces permissions), keeping what the host cannot as metadata (`disk`).
 //!
 //! Entries are nodes named by (parent node, name); a node's upper path follows from its
 //! parents, so renaming a directory moves its whole subtree. Image entries are read through the
