@@ -31,6 +31,7 @@
 pub mod check;
 pub mod cli;
 pub mod digest;
+pub mod embed;
 pub mod error;
 pub mod fs;
 pub mod index;
@@ -48,6 +49,7 @@ pub mod tree;
 pub mod upper;
 
 pub use digest::Digest;
+pub use embed::{serve_if_requested, server_executable};
 pub use error::{Error, Result};
 pub use mount::{mount, Mount, MountOptions};
 pub use pull::{Progress, PullOptions, PullPolicy, PulledImage};
