@@ -55,6 +55,7 @@ pub(crate) fn hello() -> String {
 ///
 /// A program that forgets to call it gets an error from the first shared mount, naming this
 /// function, within [`HELLO_TIMEOUT`] at worst.
+#[allow(clippy::needless_doctest_main)] // main is the point
 pub fn serve_if_requested() {
     if !started_as_server() {
         return;
