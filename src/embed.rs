@@ -11,7 +11,8 @@
 //! The handshake: a server's first line on its standard output is a hello naming this protocol;
 //! a mount that starts a server and does not get it (the process exits, says something else,
 //! or says nothing for [`HELLO_TIMEOUT`]) fails at once with an error that names
-//! [`serve_if_requested`], instead of waiting for a server that is not coming.
+//! [`serve_if_requested`], instead of waiting for a server that is not coming. (A `bux-fuse`
+//! binary from before the hello, which answers `ready` straight away, is still taken.)
 
 use std::path::PathBuf;
 use std::time::Duration;

@@ -356,8 +356,11 @@ fn start_detached(
         return Err("no pipe to the image server".into());
     };
     let mut lines = spawn::Lines::new(out);
-    spawn::await_hello(&mut child, &mut lines, exe, true)?;
-    if lines.next(None).is_ok_and(|l| l.trim() == "ready") {
+    let said = match spawn::await_hello(&mut child, &mut lines, exe, true)? {
+        Some(line) => Ok(line),
+        None => lines.next(None),
+    };
+    if said.is_ok_and(|l| l.trim() == "ready") {
         return Ok(child);
     }
     let _ = child.wait();

@@ -83,15 +83,18 @@ pub(super) fn as_server(cmd: &mut Command) {
 }
 
 /// Waits for the hello of the server `child` started from `exe`; kills `child` (its process
-/// group too, if it leads one) and says why if none comes.
+/// group too, if it leads one) and says why if none comes. A `bux-fuse` from before the hello
+/// answers `ready` at once (to the same arguments): that line is returned, for the caller to
+/// take as the next.
 pub(super) fn await_hello(
     child: &mut Child,
     lines: &mut Lines,
     exe: &Path,
     group: bool,
-) -> Result<(), String> {
+) -> Result<Option<String>, String> {
     let why = match lines.next(Some(Instant::now() + HELLO_TIMEOUT)) {
-        Ok(line) if line == hello() => return Ok(()),
+        Ok(line) if line == hello() => return Ok(None),
+        Ok(line) if line == "ready" || line.starts_with("ready ") => return Ok(Some(line)),
         Ok(line) if line.starts_with("bux-fuse-server ") => format!(
             "it speaks protocol {:?}, this library {PROTOCOL:?} (different versions)",
             line.trim_start_matches("bux-fuse-server ")

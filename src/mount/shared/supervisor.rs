@@ -201,8 +201,10 @@ fn spawn_worker(
         return Err("no pipe to the worker".into());
     };
     let mut lines = spawn::Lines::new(out);
-    spawn::await_hello(&mut child, &mut lines, exe, false)?;
-    let line = lines.next(None).unwrap_or_default();
+    let line = match spawn::await_hello(&mut child, &mut lines, exe, false)? {
+        Some(line) => line,
+        None => lines.next(None).unwrap_or_default(),
+    };
     let offered = line
         .trim()
         .strip_prefix("ready ")
