@@ -141,6 +141,11 @@ impl Run {
 
     /// Processes that serve an image of this run's store.
     fn servers(&self) -> Vec<u32> {
+        self.server_roles().into_iter().map(|(p, _)| p).collect()
+    }
+
+    /// Processes that serve an image of this run's store, and whether each is a worker.
+    fn server_roles(&self) -> Vec<(u32, bool)> {
         let needle = self.store.path().as_os_str().as_encoded_bytes().to_vec();
         let mut out = Vec::new();
         for p in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -152,7 +157,7 @@ impl Run {
             };
             let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
             if args.contains(&&b"serve-shared"[..]) && args.contains(&needle.as_slice()) {
-                out.push(pid);
+                out.push((pid, args.contains(&&b"--worker-fd"[..])));
             }
         }
         out
@@ -330,5 +335,82 @@ fn a_bux_fuse_helper_serves_an_embedder_without_the_hook() {
         "{said}"
     );
     assert!(said.contains("finished: false"), "{said}");
+    run.assert_no_server_left();
+}
+
+/// The worker's pid, once there is exactly one other than `not`.
+fn worker_other_than(run: &Run, not: Option<u32>) -> u32 {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let w: Vec<u32> = run
+            .server_roles()
+            .into_iter()
+            .filter(|&(p, w)| w && Some(p) != not)
+            .map(|(p, _)| p)
+            .collect();
+        if w.len() == 1 {
+            return w[0];
+        }
+        assert!(Instant::now() < deadline, "workers: {w:?}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_mount_over_the_shared_server_is_live_and_counted_until_unmounted_from_outside() {
+    use bux_fuse::mount::StatsScope;
+    let run = Run::new("embed/live");
+    let bux = env!("CARGO_BIN_EXE_bux-fuse");
+    let out = Command::new(bux)
+        .arg("--store")
+        .arg(run.store.path())
+        .args(["pull", "-q", &run.reference])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    // This test's harness cannot call the hook first in its main: a bux-fuse binary serves.
+    let store = bux_fuse::Store::open(run.store.path()).unwrap();
+    let opts = bux_fuse::MountOptions {
+        shared_server: Some(PathBuf::from(bux)),
+        ..Default::default()
+    };
+    let m = bux_fuse::mount(&store, &run.reference, &run.mnt(), &opts).unwrap();
+    assert!(!m.is_finished(), "a live mount over the shared server");
+    assert_eq!(m.stats().scope, StatsScope::Image);
+    let big = std::fs::read(m.path().join("big.bin")).unwrap();
+    assert_eq!(big, test_bytes(2 << 20, 3));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while m.stats().decompressed_bytes < 2 << 20 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let before = m.stats();
+    assert!(before.decompressed_bytes >= 2 << 20, "{before:?}");
+    // The worker killed: the supervisor starts another, the mount stays live, and the new
+    // worker counts on from what the dead one published.
+    let first = worker_other_than(&run, None);
+    Command::new("kill")
+        .args(["-9", &first.to_string()])
+        .status()
+        .unwrap();
+    assert!(!m.is_finished(), "live while the worker is replaced");
+    worker_other_than(&run, Some(first));
+    assert!(!m.is_finished(), "live under the new worker");
+    let after = m.stats();
+    assert_eq!(after.scope, StatsScope::Image);
+    assert!(
+        after.decompressed_bytes >= before.decompressed_bytes,
+        "{before:?} then {after:?}"
+    );
+    // Unmounted from outside.
+    let out = Command::new(bux)
+        .arg("--store")
+        .arg(run.store.path())
+        .arg("umount")
+        .arg(run.mnt())
+        .output()
+        .unwrap();
+    assert_success(&out);
+    assert!(m.is_finished(), "unmounted from outside");
+    m.unmount().unwrap();
     run.assert_no_server_left();
 }
