@@ -26,11 +26,35 @@
 //! println!("hand {} to krun_set_root", mount.path().display());
 //! # Ok(()) }
 //! ```
+//!
+//! **Embedding.** By default a mount is served from the calling process. Root's mounts can
+//! instead stand on the image's shared server (one daemon and one page cache for every VM of
+//! an image): set [`MountOptions::shared_server`] to [`server_executable()`], and call
+//! [`serve_if_requested()`] first thing in `main`, before parsing arguments or starting
+//! threads: the server runs as this program's executable, started again with
+//! `BUX_FUSE_SERVE` in its environment, and that call serves and exits there (it returns at
+//! once otherwise). A program that cannot (a test harness, say) sets `$BUX_FUSE_HELPER` to a
+//! `bux-fuse` binary, which then runs the server. Forgetting the call fails the mount with an
+//! error naming it (see [`embed`]).
+//!
+//! ```no_run
+//! fn main() -> Result<(), bux_fuse::Error> {
+//!     bux_fuse::serve_if_requested(); // first: in an image server, serves and exits
+//!     let store = bux_fuse::Store::open_default()?;
+//!     let opts = bux_fuse::MountOptions {
+//!         shared_server: Some(bux_fuse::server_executable()?),
+//!         ..Default::default()
+//!     };
+//!     let mount = bux_fuse::mount(&store, "debian:bookworm", "/run/vm1/root".as_ref(), &opts)?;
+//!     assert!(!mount.is_finished());
+//!     # Ok(()) }
+//! ```
 #![deny(missing_docs)]
 
 // The API: what a runtime calls. Stable within a minor version.
 pub mod check;
 pub mod digest;
+pub mod embed;
 pub mod error;
 pub mod mount;
 pub mod publish;
@@ -62,6 +86,7 @@ pub mod upper;
 
 pub use check::CheckReport;
 pub use digest::Digest;
+pub use embed::{serve_if_requested, server_executable};
 pub use error::{Error, Result};
 pub use lazy::LazyOutcome;
 pub use mount::{

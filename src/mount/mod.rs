@@ -67,10 +67,12 @@ pub struct MountOptions {
     /// Record which ranges reads need (saved at unmount for `push-index` to publish). A lazy
     /// mount of an image with no trace records one anyway.
     pub record_trace: bool,
-    /// Serve through the image's shared server, run from this `bux-fuse` executable, where
-    /// possible (host root, every layer stored, no trace recorded): one daemon and one page
-    /// cache for all mounts of an image (see [`shared`]). Else the mount has a server of its
-    /// own in this process.
+    /// Serve through the image's shared server, run from this executable, where possible
+    /// (host root, every layer stored, no trace recorded): one daemon and one page cache for
+    /// all mounts of an image (see [`shared`]). Else the mount has a server of its own in this
+    /// process. The executable is `bux-fuse`, or a program whose `main` calls
+    /// [`crate::serve_if_requested`] first: [`crate::server_executable`] names this program,
+    /// or `$BUX_FUSE_HELPER`.
     pub shared_server: Option<PathBuf>,
 }
 
@@ -104,7 +106,8 @@ impl Default for MountOptions {
     }
 }
 
-/// Counters of a live mount.
+/// Counters of a live mount. [`MountStats::scope`] says whose: a mount over the image's
+/// shared server reports the server's, which count the reads of every mount of the image.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct MountStats {
     /// Bytes read from blob files.
@@ -121,6 +124,26 @@ pub struct MountStats {
     pub fetched_bytes: u64,
     /// Requests sent to the registry by lazy fetches.
     pub fetch_requests: u64,
+    /// What the counters count.
+    pub scope: StatsScope,
+}
+
+/// What a mount's [`MountStats`] count.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum StatsScope {
+    /// This mount's reads: it is served from this process.
+    #[default]
+    Mount,
+    /// The reads of every mount of the image since its shared server started (across worker
+    /// restarts): the mount stands on that server ([`shared`]), which counts them together
+    /// and publishes them every 0.2 s. Reads the kernel serves without FUSE (metadata, and
+    /// small files' bytes, from the image's EROFS metadata image) are not counted; a shared
+    /// server never fetches (`fetched_bytes` and `fetch_requests` are 0: its images are stored
+    /// whole).
+    Image,
+    /// None: the mount stands on a shared server that publishes no counters (one started by
+    /// an earlier version of bux-fuse). Every counter is 0.
+    Unavailable,
 }
 
 /// A live mount. Dropping it unmounts.
@@ -159,8 +182,11 @@ impl Mount {
         &self.path
     }
 
-    /// Read-path counters.
+    /// Read-path counters: this mount's, or its image server's ([`MountStats::scope`]).
     pub fn stats(&self) -> MountStats {
+        if self.thread.is_none() && self.kernel_mount {
+            return shared::server_stats(&self.fuse_path);
+        }
         let s = &self.cache.stats;
         MountStats {
             blob_bytes: s.blob_bytes.load(Ordering::Relaxed),
@@ -176,13 +202,18 @@ impl Mount {
                 .remote
                 .as_ref()
                 .map_or(0, |r| r.requests.load(Ordering::Relaxed)),
+            scope: StatsScope::Mount,
         }
     }
 
-    /// Whether the FUSE session has ended (unmounted from outside).
+    /// Whether the mount has ended: unmounted from outside, or its server gone (the FUSE
+    /// session in this process, or the image's shared server).
     pub fn is_finished(&self) -> bool {
-        self.thread.as_ref().is_none_or(|t| t.is_finished())
-            || (self.kernel_mount && !is_mount_point(&self.path))
+        let gone = self.kernel_mount && !is_mount_point(&self.path);
+        match &self.thread {
+            Some(t) => t.is_finished() || gone,
+            None => !self.kernel_mount || gone || !shared::serving(&self.fuse_path),
+        }
     }
 
     /// Leaves the mount in place and forgets it, where the mount needs no serving by this

@@ -31,6 +31,8 @@ use crate::store::ImageRecord;
 use crate::{Digest, Error, Result, Store};
 
 mod kernel_meta;
+mod spawn;
+mod stats;
 mod supervisor;
 mod worker;
 pub use supervisor::supervise;
@@ -80,6 +82,10 @@ impl Place {
     fn init(&self) -> PathBuf {
         self.dir.join("init")
     }
+    /// The worker's read counters ([`stats`]).
+    fn stats(&self) -> PathBuf {
+        self.dir.join("stats")
+    }
     fn log(&self) -> PathBuf {
         self.dir.join("log")
     }
@@ -122,6 +128,20 @@ pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
         return;
     };
     super::wait_while(timeout, || crate::store::alive(pid) && users(&place) == 0);
+}
+
+/// The counters of the image server whose FUSE mount is `mnt` (see [`Mount::stats`]).
+///
+/// [`Mount::stats`]: crate::Mount::stats
+pub(crate) fn server_stats(mnt: &Path) -> crate::mount::MountStats {
+    stats::read(&mnt.with_file_name("stats"))
+}
+
+/// Whether the image server whose FUSE mount is `mnt` serves: its FUSE mount in place and its
+/// supervisor or worker alive (a dead worker is being replaced while the supervisor lives).
+pub(crate) fn serving(mnt: &Path) -> bool {
+    mnt.parent()
+        .is_some_and(|dir| server_alive(&Place::at(dir.to_path_buf())))
 }
 
 /// Whether the image's server is up: its supervisor alive and its FUSE mount in place.
@@ -296,14 +316,60 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
     for d in [place.mnt(), place.empty()] {
         std::fs::create_dir_all(&d).map_err(|e| err(format!("creating {}: {e}", d.display())))?;
     }
+    spawn::refuse_if_hookless().map_err(err)?;
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
         .arg(store.root())
         .arg("serve-shared")
         .arg(record.view().to_string());
-    super::start_detached(cmd, &place.log(), "the image server")
-        .map_err(|e| err(format!("image server: {e}")))?;
+    spawn::as_server(&mut cmd);
+    start_detached(cmd, &place.log(), exe).map_err(|e| err(format!("image server: {e}")))?;
     Ok(())
+}
+
+/// Starts the supervisor `cmd` (from `exe`) detached: its own session, stdin closed, stderr to
+/// the file `log`; waits for its hello, then for it to print `ready`. Else: why not (the last
+/// line it logged, if it said hello).
+fn start_detached(
+    mut cmd: Command,
+    log: &Path,
+    exe: &Path,
+) -> std::result::Result<std::process::Child, String> {
+    use std::os::unix::process::CommandExt;
+    let file =
+        std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
+    cmd.stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(file);
+    // SAFETY: setsid is async-signal-safe; the process outlives whoever started it.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let Some(out) = child.stdout.take() else {
+        spawn::kill(&mut child, true);
+        return Err("no pipe to the image server".into());
+    };
+    let mut lines = spawn::Lines::new(out);
+    let said = match spawn::await_hello(&mut child, &mut lines, exe, true)? {
+        Some(line) => Ok(line),
+        None => lines.next(None),
+    };
+    if said.is_ok_and(|l| l.trim() == "ready") {
+        return Ok(child);
+    }
+    let _ = child.wait();
+    let logged = std::fs::read_to_string(log).unwrap_or_default();
+    let last = logged.lines().rev().find(|l| !l.trim().is_empty());
+    Err(last.map_or_else(
+        || "the image server exited without a message".to_string(),
+        |l| l.trim_start_matches("bux-fuse: ").to_string(),
+    ))
 }
 
 /// Makes `dir` a read-only mount of the image standing on `lower`: a bind mount of its

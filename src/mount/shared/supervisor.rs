@@ -1,14 +1,14 @@
 //! The supervisor: mounts the image's shared FUSE mount, holds its `/dev/fuse` descriptor, runs
 //! a worker on it (another when one dies) and leaves once nothing stands on the mount.
 
-use std::io::{BufRead, Write};
+use std::io::Write;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{find_record, kernel_meta, silence_stdout, users, wait_for_mount_change, Place};
+use super::{find_record, kernel_meta, silence_stdout, spawn, users, wait_for_mount_change, Place};
 use crate::mount::{connect, is_mount_point};
 use crate::{Digest, Error, Result, Store};
 
@@ -185,6 +185,7 @@ fn spawn_worker(
     if resume {
         cmd.arg("--resume");
     }
+    spawn::as_server(&mut cmd);
     // SAFETY: fcntl on a descriptor we own, in the child before exec: the worker inherits it.
     unsafe {
         cmd.pre_exec(move || {
@@ -195,10 +196,15 @@ fn spawn_worker(
         });
     }
     let mut child = cmd.spawn().map_err(|e| format!("starting worker: {e}"))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = std::io::BufReader::new(out).read_line(&mut line);
-    }
+    let Some(out) = child.stdout.take() else {
+        spawn::kill(&mut child, false);
+        return Err("no pipe to the worker".into());
+    };
+    let mut lines = spawn::Lines::new(out);
+    let line = match spawn::await_hello(&mut child, &mut lines, exe, false)? {
+        Some(line) => line,
+        None => lines.next(None).unwrap_or_default(),
+    };
     let offered = line
         .trim()
         .strip_prefix("ready ")

@@ -59,18 +59,16 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         std::process::id().to_string().as_bytes(),
     )?;
     let lock = store.lock_file(&place.lock)?;
+    let stats = super::stats::Publisher::open(&place.stats(), resume)
+        .map_err(|e| io("opening the server's counters", e))?;
     // Before any thread starts: Landlock binds the threads that exist and what they start.
     match crate::sandbox::open_nothing_more() {
         Ok(true) => {}
         Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
         Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
     }
-    let fs = ImageFs::new(
-        image.tree,
-        image.layers,
-        Arc::new(SpanCache::new(opts.cache_bytes)),
-    )
-    .escaping_overlay_xattrs();
+    let cache = Arc::new(SpanCache::new(opts.cache_bytes));
+    let fs = ImageFs::new(image.tree, image.layers, cache.clone()).escaping_overlay_xattrs();
     let offered = fs.offered_capabilities();
     let mut config = Config::default();
     config.acl = SessionACL::All;
@@ -88,6 +86,7 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         }
     };
     orphan_watch(lock, Place::new(store, &manifest));
+    stats.start(cache);
     // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
     // own keep it apart from other images' workers.
     crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))

@@ -1,0 +1,167 @@
+//! Starting a server process (supervisor or worker) from an executable that may not be one: the
+//! handshake of [`crate::embed`].
+
+use std::io::Read;
+use std::os::fd::AsRawFd;
+use std::path::Path;
+use std::process::{Child, ChildStdout, Command};
+use std::time::Instant;
+
+use crate::embed::{hello, HELLO_TIMEOUT, PROTOCOL, SERVE_ENV};
+
+/// Lines from a child's standard output, each read with a deadline or without.
+pub(super) struct Lines {
+    out: ChildStdout,
+    buf: Vec<u8>,
+}
+
+/// Why no line came.
+pub(super) enum NoLine {
+    /// The child closed its output (it exited, as a rule).
+    Closed,
+    /// Nothing for as long as the deadline allowed.
+    TimedOut,
+    Io(std::io::Error),
+}
+
+impl Lines {
+    pub(super) fn new(out: ChildStdout) -> Lines {
+        Lines {
+            out,
+            buf: Vec::new(),
+        }
+    }
+
+    /// The next line (without its newline), waiting until `deadline` if one is given.
+    pub(super) fn next(&mut self, deadline: Option<Instant>) -> Result<String, NoLine> {
+        loop {
+            if let Some(n) = self.buf.iter().position(|&b| b == b'\n') {
+                let line: Vec<u8> = self.buf.drain(..=n).collect();
+                return Ok(String::from_utf8_lossy(&line[..n]).into_owned());
+            }
+            if let Some(deadline) = deadline {
+                let left = deadline.saturating_duration_since(Instant::now());
+                let mut p = libc::pollfd {
+                    fd: self.out.as_raw_fd(),
+                    events: libc::POLLIN,
+                    revents: 0,
+                };
+                // SAFETY: one valid pollfd.
+                let r =
+                    unsafe { libc::poll(&mut p, 1, left.as_millis().min(i32::MAX as u128) as i32) };
+                if r < 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.kind() == std::io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    return Err(NoLine::Io(e));
+                }
+                if r == 0 {
+                    return Err(NoLine::TimedOut);
+                }
+            }
+            let mut chunk = [0u8; 256];
+            match self.out.read(&mut chunk) {
+                Ok(0) => return Err(NoLine::Closed),
+                Ok(n) => self.buf.extend_from_slice(&chunk[..n]),
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(NoLine::Io(e)),
+            }
+            if self.buf.len() > 4096 && !self.buf.contains(&b'\n') {
+                // Not a server's hello, whatever it is.
+                let line = String::from_utf8_lossy(&self.buf[..80]).into_owned();
+                self.buf.clear();
+                return Ok(line);
+            }
+        }
+    }
+}
+
+/// Sets `cmd` up to start a server: the variable that tells [`crate::serve_if_requested`] so.
+pub(super) fn as_server(cmd: &mut Command) {
+    cmd.env(SERVE_ENV, PROTOCOL);
+}
+
+/// Waits for the hello of the server `child` started from `exe`; kills `child` (its process
+/// group too, if it leads one) and says why if none comes. A `bux-fuse` from before the hello
+/// answers `ready` at once (to the same arguments): that line is returned, for the caller to
+/// take as the next.
+pub(super) fn await_hello(
+    child: &mut Child,
+    lines: &mut Lines,
+    exe: &Path,
+    group: bool,
+) -> Result<Option<String>, String> {
+    let why = match lines.next(Some(Instant::now() + HELLO_TIMEOUT)) {
+        Ok(line) if line == hello() => return Ok(None),
+        Ok(line) if line == "ready" || line.starts_with("ready ") => return Ok(Some(line)),
+        Ok(line) if line.starts_with("bux-fuse-server ") => format!(
+            "it speaks protocol {:?}, this library {PROTOCOL:?} (different versions)",
+            line.trim_start_matches("bux-fuse-server ")
+        ),
+        Ok(line) => format!(
+            "it printed {:?} instead of the server's hello",
+            truncate(&line)
+        ),
+        Err(NoLine::Closed) => {
+            // It exits, as a rule: its status says more (but do not wait on one that lingers).
+            let deadline = Instant::now() + std::time::Duration::from_secs(1);
+            let mut status = None;
+            while status.is_none() && Instant::now() < deadline {
+                status = child.try_wait().ok().flatten();
+                std::thread::sleep(std::time::Duration::from_millis(10));
+            }
+            match status {
+                Some(s) => format!("it exited ({s}) without the server's hello"),
+                None => "it closed its output without the server's hello".into(),
+            }
+        }
+        Err(NoLine::TimedOut) => {
+            format!("no hello in {} s", HELLO_TIMEOUT.as_secs())
+        }
+        Err(NoLine::Io(e)) => format!("reading its output: {e}"),
+    };
+    kill(child, group);
+    Err(format!(
+        "{} did not start as bux-fuse's image server ({why}): a program that mounts through the \
+         shared server must call bux_fuse::serve_if_requested() first in main, or set \
+         MountOptions::shared_server (or $BUX_FUSE_HELPER) to a bux-fuse executable",
+        exe.display()
+    ))
+}
+
+fn truncate(s: &str) -> String {
+    match s.char_indices().nth(60) {
+        Some((i, _)) => format!("{}…", &s[..i]),
+        None => s.to_string(),
+    }
+}
+
+/// Kills `child` (and its process group) and reaps it.
+pub(super) fn kill(child: &mut Child, group: bool) {
+    if let Ok(None) = child.try_wait() {
+        let pid = child.id() as i32;
+        // SAFETY: signalling our own child (and the group it leads, created by setsid).
+        unsafe {
+            if group {
+                libc::kill(-pid, libc::SIGKILL);
+            }
+            libc::kill(pid, libc::SIGKILL);
+        }
+    }
+    let _ = child.wait();
+}
+
+/// Refuses to start a server from a process that was itself started as one: its `main` did not
+/// call [`crate::serve_if_requested`] and went on as the program usually does (to a mount,
+/// here): starting another would only repeat that.
+pub(super) fn refuse_if_hookless() -> Result<(), String> {
+    if crate::embed::started_as_server() {
+        return Err(
+            "this process was started as bux-fuse's image server, but its main did not call \
+             bux_fuse::serve_if_requested() first"
+                .into(),
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,189 @@
+//! The image server's read counters, published for the mounts standing on it: the worker
+//! rewrites a small file (`$STORE/shared/<manifest>/stats`, opened before it may open nothing
+//! more) at most every [`EVERY`] while they change; a mount reads it.
+//!
+//! The record: eight little-endian u64s — a magic number with the format's version, the five
+//! counters of [`MountStats`] a shared server has, and a checksum of the rest (a read that
+//! overlaps a write is retried rather than believed).
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::index::SpanCache;
+use crate::mount::{MountStats, StatsScope};
+
+/// How often the worker publishes its counters (when they changed).
+pub(super) const EVERY: Duration = Duration::from_millis(200);
+
+const MAGIC: u64 = 0x6275_7873_7461_7401; // "buxstat", version 1
+const LEN: usize = 8 * 8;
+
+fn checksum(values: &[u64]) -> u64 {
+    values.iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
+        (h ^ v).wrapping_mul(0x0000_0100_0000_01b3).rotate_left(17)
+    })
+}
+
+fn encode(counters: [u64; 5]) -> [u8; LEN] {
+    let mut values = [0u64; 8];
+    values[0] = MAGIC;
+    values[1..6].copy_from_slice(&counters);
+    values[7] = checksum(&values[..7]);
+    let mut out = [0u8; LEN];
+    for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
+        chunk.copy_from_slice(&v.to_le_bytes());
+    }
+    out
+}
+
+fn decode(bytes: &[u8]) -> Option<[u64; 5]> {
+    let values: Vec<u64> = bytes
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
+        .collect();
+    if values.len() != 8 || values[0] != MAGIC || values[7] != checksum(&values[..7]) {
+        return None;
+    }
+    let mut counters = [0u64; 5];
+    counters.copy_from_slice(&values[1..6]);
+    Some(counters)
+}
+
+fn counters(cache: &SpanCache) -> [u64; 5] {
+    let s = &cache.stats;
+    [
+        s.blob_bytes.load(Ordering::Relaxed),
+        s.decompressed.load(Ordering::Relaxed),
+        s.hits.load(Ordering::Relaxed),
+        s.misses.load(Ordering::Relaxed),
+        s.lookups.load(Ordering::Relaxed),
+    ]
+}
+
+/// The worker's end: opens the file at `path` now (a worker that takes over (`resume`) counts
+/// on from what its predecessor published; a new server starts from zero). [`Publisher::start`]
+/// then publishes from a thread.
+pub(super) struct Publisher {
+    file: File,
+    base: [u64; 5],
+}
+
+impl Publisher {
+    pub(super) fn open(path: &Path, resume: bool) -> std::io::Result<Publisher> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(path)?;
+        let mut base = [0; 5];
+        if resume {
+            if let Some(c) = read_file(&file) {
+                base = c;
+            }
+        }
+        file.write_all_at(&encode(base), 0)?;
+        file.set_len(LEN as u64)?;
+        Ok(Publisher { file, base })
+    }
+
+    /// Publishes `cache`'s counters (plus those it took over) from a thread of their own.
+    pub(super) fn start(self, cache: Arc<SpanCache>) {
+        let _ = std::thread::Builder::new()
+            .name("bux-fuse-stats".into())
+            .spawn(move || {
+                let mut last = [0u64; 5];
+                loop {
+                    std::thread::sleep(EVERY);
+                    let now = counters(&cache);
+                    if now == last {
+                        continue;
+                    }
+                    last = now;
+                    let mut total = self.base;
+                    for (t, n) in total.iter_mut().zip(now) {
+                        *t = t.wrapping_add(n);
+                    }
+                    if let Err(e) = self.file.write_all_at(&encode(total), 0) {
+                        tracing::debug!("publishing the image server's counters: {e}");
+                    }
+                }
+            });
+    }
+}
+
+fn read_file(file: &File) -> Option<[u64; 5]> {
+    for _ in 0..5 {
+        let mut buf = [0u8; LEN];
+        file.read_exact_at(&mut buf, 0).ok()?;
+        if let Some(c) = decode(&buf) {
+            return Some(c);
+        }
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    None
+}
+
+/// The counters the image server at `place_dir` published ([`StatsScope::Unavailable`], all
+/// zero, if it publishes none: one started by an older version).
+pub(super) fn read(path: &Path) -> MountStats {
+    let counters = File::open(path).ok().and_then(|f| read_file(&f));
+    let Some([blob_bytes, decompressed_bytes, cache_hits, cache_misses, lookups]) = counters else {
+        return MountStats {
+            scope: StatsScope::Unavailable,
+            ..MountStats::default()
+        };
+    };
+    MountStats {
+        blob_bytes,
+        decompressed_bytes,
+        cache_hits,
+        cache_misses,
+        lookups,
+        // Only images stored whole are served by a shared server: nothing is fetched.
+        fetched_bytes: 0,
+        fetch_requests: 0,
+        scope: StatsScope::Image,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_round_trip_and_damage_is_seen() {
+        let rec = encode([1, 2, 3, 4, u64::MAX]);
+        assert_eq!(decode(&rec), Some([1, 2, 3, 4, u64::MAX]));
+        for i in 0..LEN {
+            let mut bad = rec;
+            bad[i] ^= 0x10;
+            assert_eq!(decode(&bad), None, "byte {i} flipped");
+        }
+        assert_eq!(decode(&rec[..40]), None);
+    }
+
+    #[test]
+    fn a_taking_over_worker_counts_on() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("stats");
+        let p = Publisher::open(&path, false).unwrap();
+        p.file.write_all_at(&encode([10, 20, 3, 4, 5]), 0).unwrap();
+        drop(p);
+        let p = Publisher::open(&path, true).unwrap();
+        assert_eq!(p.base, [10, 20, 3, 4, 5]);
+        assert_eq!(read(&path).blob_bytes, 10);
+        drop(p);
+        let p = Publisher::open(&path, false).unwrap();
+        assert_eq!(p.base, [0; 5]);
+        assert_eq!(read(&path).scope, StatsScope::Image);
+        assert_eq!(
+            read(&dir.path().join("none")).scope,
+            StatsScope::Unavailable
+        );
+    }
+}
