@@ -24,8 +24,9 @@ use bux_fuse::{Error, MountOptions, Progress, PullOptions, Store};
 type AnyError = Box<dyn std::error::Error + Send + Sync>;
 
 fn main() -> Result<(), AnyError> {
-    // A runtime that embeds the shared image server calls this first (it serves and exits
-    // when this process was started as the server; returns at once otherwise).
+    // First, before threads: where this program was started as the image's shared server,
+    // this serves and exits; elsewhere it returns at once.
+    bux_fuse::serve_if_requested();
     let args: Vec<String> = std::env::args().skip(1).collect();
     if args.first().map(String::as_str) == Some("child-mount") {
         return child_mount(&args[1..]);
@@ -103,9 +104,14 @@ fn main() -> Result<(), AnyError> {
         config.working_dir.unwrap_or_default()
     );
 
-    // 4. Two VMs of the image: a read-only root and a writable one.
+    // 4. Two VMs of the image: a read-only root and a writable one. The read-only one stands
+    // on the image's shared server where it can (root), run from this program's executable.
     let (vm1, vm2) = (vms.join("vm1"), vms.join("vm2"));
-    let ro = bux_fuse::mount(&store, reference, &vm1, &MountOptions::default())?;
+    let ro_opts = MountOptions {
+        shared_server: Some(bux_fuse::server_executable()?),
+        ..Default::default()
+    };
+    let ro = bux_fuse::mount(&store, reference, &vm1, &ro_opts)?;
     let rw_opts = MountOptions {
         writable: true,
         ..Default::default()
@@ -120,8 +126,12 @@ fn main() -> Result<(), AnyError> {
         return Err("a write to vm2 shows in vm1".into());
     }
     println!(
-        "ok: two roots at {} (read-only) and {} (writable); vm1 {}, reads {} bytes of /etc/os-release",
+        "ok: two roots at {} (read-only, {}) and {} (writable); vm1 {}, reads {} bytes of /etc/os-release",
         ro.path().display(),
+        match ro.stats().scope {
+            bux_fuse::mount::StatsScope::Image => "shared server",
+            _ => "served here",
+        },
         rw.path().display(),
         if ro.is_finished() { "finished" } else { "live" },
         release.len()

@@ -1,6 +1,6 @@
 //! bux-fuse: OCI container images as read-only FUSE root filesystems, without extraction.
 //!
-//! The data flows one way through the modules:
+//! The data flows one way through the stages:
 //!
 //! ```text
 //! registry ──► store ──► index ──► tree ──► fs (FUSE)
@@ -8,14 +8,31 @@
 //!                        checkpoints)   whiteouts)   from spans)
 //! ```
 //!
-//! * [`registry`] resolves a reference to a manifest and streams blobs.
-//! * [`store`] keeps blobs by digest, layer indexes, merged trees and image records on disk.
-//! * [`index`] scans a layer once into a per-file offset table plus random-access checkpoints
-//!   into the compressed stream, and reads any byte range back from those checkpoints.
-//! * [`tree`] folds the layers' tables into one tree with OCI whiteouts applied.
-//! * [`fs`] serves a tree through FUSE.
+//! # The API
 //!
-//! [`Store::pull`] and [`mount()`] tie them together; the `bux-fuse` binary is a thin CLI on top.
+//! What a VM runtime calls is re-exported here; the stages underneath (`index`, `tree`, `fs`,
+//! `lazy`, `source`, `upper`, …) are public only for the project's own binary, tests and
+//! fuzzers, hidden from these docs, and not part of the API.
+//!
+//! * [`Store`]: the content-addressed store on disk. [`Store::pull`] (and
+//!   [`Store::pull_lazy`]) fetch and index an image; [`Store::config`] gives what
+//!   `krun_set_exec` wants; [`Store::images`], [`Store::remove`], [`Store::gc`],
+//!   [`Store::usage`] and [`Store::check`] manage the store.
+//! * [`mount()`]: a read-only or writable root at a directory, for `krun_set_root`; the
+//!   [`Mount`] unmounts when dropped. [`Store::mounts`] lists the mounts a store made (after a
+//!   crash: dead ones too), [`Store::tear_down`] removes one, and a mount over a dead mount of
+//!   the store's replaces it by itself.
+//! * [`Error`]: typed, one line each. [`Error::is_transient`] says whether a retry may help
+//!   (the registry unreachable or slow to answer, 408/429/5xx); [`Error::status`] gives the
+//!   registry's HTTP status; [`Error::inner`] strips the image context to match on;
+//!   `source()` chains to the transport's or the OS's error.
+//! * Every future is `Send` (spawn a pull on any executor); the blocking work of a pull runs on
+//!   tokio's blocking threads. A pull never waits on the network for longer than
+//!   [`RegistryOptions::connect_timeout`] / [`RegistryOptions::request_timeout`] (10 s / 30 s by
+//!   default) without an answer.
+//!
+//! Defaults ([`PullOptions::default`], [`MountOptions::default`]) are what the `bux-fuse` CLI
+//! uses; each field's docs say its default.
 //!
 //! ```no_run
 //! # async fn demo() -> Result<(), bux_fuse::Error> {

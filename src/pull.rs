@@ -124,21 +124,22 @@ pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 /// How to pull.
 #[derive(Clone, Default)]
 pub struct PullOptions {
-    /// When to contact the registry.
+    /// When to contact the registry. Default [`PullPolicy::IfMissing`].
     pub policy: PullPolicy,
     /// Platform to pick from an image index (default: the host's).
     pub platform: Option<Platform>,
-    /// Credentials and plain-HTTP registries.
+    /// Credentials, plain-HTTP registries, mirrors, timeouts. Default: Docker's `config.json`
+    /// credentials, loopback registries over HTTP, no mirrors, timeouts of 10 s to connect and
+    /// 30 s to answer.
     pub registry: RegistryOptions,
-    /// Called with progress events (from several threads).
+    /// Called with progress events (from several threads). Default none.
     pub progress: Option<ProgressFn>,
     /// Layers fetched at once (0 means 3).
     pub parallel: usize,
     /// A download without data for this long is resumed (default [`DEFAULT_STALL`]).
     pub stall_timeout: Option<std::time::Duration>,
     /// The largest file whose bytes the store keeps for the metadata image of root's shared
-    /// mounts (see [`crate::index::small`]), for the layers this pull indexes. Default
-    /// [`SMALL_MAX`](crate::index::small::SMALL_MAX) (64 KiB: reads of small files never reach
+    /// mounts, for the layers this pull indexes. Default 64 KiB (reads of small files never reach
     /// FUSE; the large Debian image's store grows by 0.35× its compressed size); `Some(0)`
     /// keeps none (the store stays at 1.08× the compressed image, as before).
     pub small_files: Option<u64>,

@@ -78,7 +78,8 @@ fn as_root() {
         .arg(format!("{}/rt/absent:v1", reg.host()))
         .output()
         .unwrap();
-    check(&out);
+    let said = check(&out);
+    assert!(said.contains("(read-only, shared server)"), "{said}");
     assert!(
         !is_mounted(&dirs.path().join("vms/vm3")),
         "the example left a mount"

@@ -42,37 +42,38 @@ use upper_dir::{lock_upper, make_scratch, UpperKind};
 /// How to mount.
 #[derive(Debug, Clone)]
 pub struct MountOptions {
-    /// FUSE worker threads (a slow read then does not stall `ls`).
+    /// FUSE worker threads (a slow read then does not stall `ls`). Default 4.
     pub threads: usize,
-    /// Bytes of decompressed spans kept in memory.
+    /// Bytes of decompressed spans kept in memory. Default 16 MiB.
     pub cache_bytes: usize,
     /// Let other users (and virtiofsd's sandbox) use the mount; needs root or
-    /// `user_allow_other` in `/etc/fuse.conf`.
+    /// `user_allow_other` in `/etc/fuse.conf`. Default: true for root, false otherwise.
     pub allow_other: bool,
     /// Make the root writable: an overlay whose lower layer is the read-only image and whose
     /// upper layer takes every change (copy-up on first write; the image is never modified).
-    /// Root gets a kernel overlay; other callers get one served by bux-fuse ([`crate::upper`]).
+    /// Root gets a kernel overlay; other callers get one served by bux-fuse. Default false.
     pub writable: bool,
     /// Keep the writable layer here (`DIR/upper`, `DIR/work`) so a later mount with the same
     /// directory sees the changes. Without it, changes go to a scratch directory removed at
-    /// unmount (`docker run --rm` semantics).
+    /// unmount (`docker run --rm` semantics). Default none.
     pub upper: Option<PathBuf>,
-    /// Registry access for layers fetched lazily (credentials, plain-HTTP registries).
+    /// Registry access for layers fetched lazily (credentials, plain-HTTP registries,
+    /// timeouts). Default: [`RegistryOptions::default`](crate::RegistryOptions).
     pub registry: crate::registry::RegistryOptions,
     /// How long a read waits for lazily fetched bytes before failing with `EIO` (keep it
-    /// below the kernel's `fs.fuse.default_request_timeout` where that is set).
+    /// below the kernel's `fs.fuse.default_request_timeout` where that is set). Default 5 s.
     pub read_deadline: std::time::Duration,
-    /// What to fetch of lazy layers besides what is read.
+    /// What to fetch of lazy layers besides what is read. Default [`Prefetch::All`].
     pub prefetch: Prefetch,
     /// Record which ranges reads need (saved at unmount for `push-index` to publish). A lazy
-    /// mount of an image with no trace records one anyway.
+    /// mount of an image with no trace records one anyway. Default false.
     pub record_trace: bool,
     /// Serve through the image's shared server, run from this executable, where possible
     /// (host root, every layer stored, no trace recorded): one daemon and one page cache for
-    /// all mounts of an image (see [`shared`]). Else the mount has a server of its own in this
+    /// all mounts of an image. Else the mount has a server of its own in this
     /// process. The executable is `bux-fuse`, or a program whose `main` calls
     /// [`crate::serve_if_requested`] first: [`crate::server_executable`] names this program,
-    /// or `$BUX_FUSE_HELPER`.
+    /// or `$BUX_FUSE_HELPER`. Default none (the `bux-fuse` CLI sets it for root).
     pub shared_server: Option<PathBuf>,
 }
 
