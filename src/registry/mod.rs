@@ -5,6 +5,7 @@
 //! Registries on `localhost`, `127.0.0.0/8` and `::1` are spoken to over plain HTTP, as Docker
 //! does; [`RegistryOptions::insecure`] adds others.
 
+pub mod conf;
 mod identity;
 pub mod manifest;
 mod redirect;
