@@ -170,6 +170,10 @@ enum Cmd {
         /// Mount point.
         dir: PathBuf,
     },
+    /// Print the configuration in effect: the store, the registries.conf files read and what
+    /// they say (search registries, short-name mode, registries with their locations and
+    /// mirrors, aliases).
+    Info,
     /// List the mounts this store made that are still mounted: where, of what, by which
     /// process, and whether each still serves (a dead one: `bux-fuse umount` it, or mount
     /// there again).
@@ -570,6 +574,56 @@ fn run(cli: Cli) -> Result<()> {
                     crate::mount::shared::supervise(&store, manifest, &STOP).context("image server")
                 }
             }
+        }
+        Cmd::Info => {
+            let store = store_arg.clone().unwrap_or_else(Store::default_path);
+            println!("store: {}", store.display());
+            let Some(conf) = crate::registry::conf::global()? else {
+                println!(
+                    "registries.conf: none (short names are Docker Hub's: docker.io/library/NAME)"
+                );
+                return Ok(());
+            };
+            println!("registries.conf: {}", conf.sources());
+            match &conf.search {
+                Some(s) => println!("unqualified-search-registries: {}", s.join(", ")),
+                None => println!("unqualified-search-registries: none"),
+            }
+            let mode = conf
+                .mode
+                .unwrap_or(crate::registry::conf::ShortNameMode::Enforcing);
+            println!("short-name-mode: {}", format!("{mode:?}").to_lowercase());
+            for r in conf.registries.values() {
+                let mut flags = Vec::new();
+                if r.blocked {
+                    flags.push("blocked".to_string());
+                }
+                if r.insecure {
+                    flags.push("insecure".to_string());
+                }
+                for m in &r.mirrors {
+                    let how = match m.pull_from {
+                        crate::registry::conf::PullFromMirror::All => "",
+                        crate::registry::conf::PullFromMirror::DigestOnly => ", digest-only",
+                        crate::registry::conf::PullFromMirror::TagOnly => ", tag-only",
+                    };
+                    let plain = if m.insecure { ", insecure" } else { "" };
+                    flags.push(format!("mirror {}{how}{plain}", m.location));
+                }
+                let location = if r.location.is_empty() || r.location == r.prefix {
+                    String::new()
+                } else {
+                    format!(" -> {}", r.location)
+                };
+                println!(
+                    "registry {}{location}{}{}",
+                    r.prefix,
+                    if flags.is_empty() { "" } else { ": " },
+                    flags.join("; ")
+                );
+            }
+            println!("aliases: {}", conf.aliases.len());
+            Ok(())
         }
         Cmd::Mounts { json } => {
             let mounts = match existing_store(&store_arg)? {

@@ -178,6 +178,15 @@ pub struct PulledImage {
     pub record: ImageRecord,
 }
 
+/// The store keys `reference` may stand for, in the order to try them (one, but for a short
+/// name with several search registries).
+pub(crate) fn candidate_names(reference: &str) -> Result<Vec<String>> {
+    Ok(Location::candidates(reference)?
+        .iter()
+        .map(Location::key)
+        .collect())
+}
+
 /// Normalizes a user's reference the way the store keys it.
 pub fn normalize_reference(reference: &str) -> Result<String> {
     Ok(Location::parse(reference)?.key())
@@ -248,7 +257,37 @@ pub(crate) struct LayerJob {
 
 impl Store {
     /// Pulls `reference` according to `opts` and returns it ready to mount.
+    ///
+    /// A short name (`ubuntu:24.04`) resolves as registries.conf says (see
+    /// [`crate::registry::conf`]); with several search registries to try (permissive mode),
+    /// the first that has the image serves it (one stored already, first).
     pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
+        let names = candidate_names(reference)?;
+        if names.len() == 1 {
+            return self.pull_one(reference, opts).await;
+        }
+        if opts.policy != PullPolicy::Always {
+            if let Some(stored) = names
+                .iter()
+                .find(|n| self.image(n).is_ok_and(|i| i.is_some()))
+            {
+                return self.pull_one(stored, opts).await;
+            }
+        }
+        let mut tried = Vec::new();
+        for name in &names {
+            match self.pull_one(name, opts).await {
+                Err(e) if matches!(e.inner(), Error::NotFound { .. }) => tried.push(e.to_string()),
+                r => return r,
+            }
+        }
+        Err(Error::NotFound {
+            reference: reference.to_string(),
+            detail: format!(" in any search registry ({})", tried.join("; ")),
+        })
+    }
+
+    async fn pull_one(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
         let parsed = Location::parse(reference)?;
         let name = parsed.key();
         let _guard = self.hold_pull_guard().await?;

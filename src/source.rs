@@ -116,11 +116,28 @@ impl Location {
                 name,
             });
         }
+        // A short name resolves as registries.conf says, where there is one (the first of its
+        // candidates: see `Location::candidates`).
+        if let Some(first) = short_name_candidates(s)?.and_then(|c| c.into_iter().next()) {
+            return Location::parse(&format!("docker://{first}"));
+        }
         // The full grammar check compiles a large regex (~80 ms): only pay it when the quick
         // normalization cannot vouch for the string.
         match quick_normalize(s) {
             Some(n) => Ok(Location::Registry(n)),
             None => Ok(Location::Registry(registry::parse_reference(s)?.whole())),
+        }
+    }
+
+    /// The locations `s` may name, in the order to try them: one, unless `s` is a short name
+    /// that registries.conf resolves through several search registries (permissive mode).
+    pub fn candidates(s: &str) -> Result<Vec<Location>> {
+        match short_name_candidates(s)? {
+            Some(c) if c.len() > 1 => c
+                .iter()
+                .map(|n| Location::parse(&format!("docker://{n}")))
+                .collect(),
+            _ => Ok(vec![Location::parse(s)?]),
         }
     }
 
@@ -137,6 +154,15 @@ impl Location {
                 None => format!("docker-archive:{}", path.display()),
             },
         }
+    }
+}
+
+/// What registries.conf makes of `s` if it is a short name (`ubuntu:24.04`, no registry host)
+/// and there is a registries.conf: its fully qualified candidates, or why there are none.
+fn short_name_candidates(s: &str) -> Result<Option<Vec<String>>> {
+    match registry::conf::global()? {
+        Some(conf) => conf.resolve_short(s).transpose(),
+        None => Ok(None),
     }
 }
 
@@ -246,8 +272,10 @@ impl Source {
     pub fn open(loc: &Location, opts: &RegistryOptions) -> Result<Source> {
         Ok(match loc {
             Location::Registry(r) => {
-                let r = registry::parse_reference(r)?;
-                Source::Registry(Registry::new(&r, opts), r)
+                // Asked where registries.conf sends it (the same name when it says nothing).
+                let reg = Registry::for_pull(&registry::parse_reference(r)?, opts)?;
+                let at = reg.reference().clone();
+                Source::Registry(reg, at)
             }
             Location::Layout { path, tag } => {
                 if !path.join("index.json").exists() {

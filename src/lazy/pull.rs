@@ -80,6 +80,29 @@ impl Store {
         opts: &PullOptions,
         trust_referrer: bool,
     ) -> Result<(PulledImage, LazyOutcome)> {
+        // A short name with several search registries to try: each in turn, as `pull` does.
+        let names = crate::pull::candidate_names(reference)?;
+        if names.len() > 1 {
+            if opts.policy != PullPolicy::Always {
+                if let Some(n) = names
+                    .iter()
+                    .find(|n| self.image(n).is_ok_and(|i| i.is_some()))
+                {
+                    return Box::pin(self.pull_lazy(n, opts, trust_referrer)).await;
+                }
+            }
+            let mut last = None;
+            for n in &names {
+                match Box::pin(self.pull_lazy(n, opts, trust_referrer)).await {
+                    Err(e) if matches!(e.inner(), Error::NotFound { .. }) => last = Some(e),
+                    r => return r,
+                }
+            }
+            return Err(last.unwrap_or_else(|| Error::NotFound {
+                reference: reference.to_string(),
+                detail: String::new(),
+            }));
+        }
         let loc = Location::parse(reference)?;
         let name = loc.key();
         if !matches!(loc, Location::Registry(_)) {

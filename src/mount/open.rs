@@ -116,7 +116,7 @@ pub(crate) fn open_record(
                     Some(r) => r.clone(),
                     None => {
                         let r = crate::registry::parse_reference(&record.reference)?;
-                        let reg = crate::registry::Registry::new(&r, &opts.registry);
+                        let reg = crate::registry::Registry::for_pull(&r, &opts.registry)?;
                         let made = Remote::new(reg, opts.read_deadline)
                             .map_err(|e| Error::io("starting the fetcher", e))?;
                         remote = Some(made.clone());

@@ -152,11 +152,20 @@ impl RegistriesConf {
             .as_ref()
             .map(|h| h.join(".config/containers/registries.conf.d"));
         let (main, dirs): (PathBuf, Vec<PathBuf>) = match (&paths.env_file, &user_file) {
-            (Some(f), _) => (f.clone(), [Some(paths.system_dir.clone()), user_dir].into_iter().flatten().collect()),
+            (Some(f), _) => (
+                f.clone(),
+                [Some(paths.system_dir.clone()), user_dir]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
+            ),
             (None, Some(u)) if u.exists() => (u.clone(), user_dir.into_iter().collect()),
             (None, _) => (
                 paths.system_file.clone(),
-                [Some(paths.system_dir.clone()), user_dir].into_iter().flatten().collect(),
+                [Some(paths.system_dir.clone()), user_dir]
+                    .into_iter()
+                    .flatten()
+                    .collect(),
             ),
         };
         let mut conf = RegistriesConf::default();
@@ -219,26 +228,28 @@ impl RegistriesConf {
                 format!("{registry}/{repo}{suffix}")
             }
         };
-        Some(match (search.len(), self.mode.unwrap_or(ShortNameMode::Enforcing)) {
-            (0, _) => Err(Error::InvalidReference {
-                reference: name.to_string(),
-                detail: format!(
+        Some(
+            match (search.len(), self.mode.unwrap_or(ShortNameMode::Enforcing)) {
+                (0, _) => Err(Error::InvalidReference {
+                    reference: name.to_string(),
+                    detail: format!(
                     "a short name, with no alias for it and no unqualified-search-registries in {}",
                     self.sources()
                 ),
-            }),
-            (1, _) => Ok(vec![qualify(&search[0])]),
-            (_, ShortNameMode::Enforcing) => Err(Error::InvalidReference {
-                reference: name.to_string(),
-                detail: format!(
-                    "an ambiguous short name: it may be on any of {} (short-name-mode is \
+                }),
+                (1, _) => Ok(vec![qualify(&search[0])]),
+                (_, ShortNameMode::Enforcing) => Err(Error::InvalidReference {
+                    reference: name.to_string(),
+                    detail: format!(
+                        "an ambiguous short name: it may be on any of {} (short-name-mode is \
                      enforcing in {}): name the registry, or add an [aliases] entry",
-                    search.join(", "),
-                    self.sources()
-                ),
-            }),
-            _ => Ok(search.iter().map(|r| qualify(r)).collect()),
-        })
+                        search.join(", "),
+                        self.sources()
+                    ),
+                }),
+                _ => Ok(search.iter().map(|r| qualify(r)).collect()),
+            },
+        )
     }
 
     /// The `[[registry]]` whose prefix matches `reference` (`host/repo:tag` or `@digest`)
@@ -317,8 +328,14 @@ pub fn is_short(name: &str) -> bool {
 /// `repo` and its `:tag` / `@digest` suffix.
 fn split_suffix(name: &str) -> (&str, &str) {
     let cut = match name.find('@') {
-        Some(at) => name[..at].rfind(':').filter(|c| !name[c + 1..at].contains('/')).unwrap_or(at),
-        None => name.rfind(':').filter(|c| !name[c + 1..].contains('/')).unwrap_or(name.len()),
+        Some(at) => name[..at]
+            .rfind(':')
+            .filter(|c| !name[c + 1..at].contains('/'))
+            .unwrap_or(at),
+        None => name
+            .rfind(':')
+            .filter(|c| !name[c + 1..].contains('/'))
+            .unwrap_or(name.len()),
     };
     name.split_at(cut)
 }
@@ -387,7 +404,12 @@ fn parse(path: &Path, text: &str) -> Result<RegistriesConf> {
             "enforcing" => ShortNameMode::Enforcing,
             "permissive" => ShortNameMode::Permissive,
             "disabled" => ShortNameMode::Disabled,
-            m => return Err(bad(path, format!("short-name-mode {m:?}: not enforcing, permissive or disabled"))),
+            m => {
+                return Err(bad(
+                    path,
+                    format!("short-name-mode {m:?}: not enforcing, permissive or disabled"),
+                ))
+            }
         });
     }
     if let Some(aliases) = doc.get("aliases") {
@@ -399,7 +421,10 @@ fn parse(path: &Path, text: &str) -> Result<RegistriesConf> {
                 .as_str()
                 .ok_or_else(|| bad(path, format!("alias {k:?}: not a string")))?;
             if is_short(v) {
-                return Err(bad(path, format!("alias {k:?} = {v:?}: not a fully qualified name")));
+                return Err(bad(
+                    path,
+                    format!("alias {k:?} = {v:?}: not a fully qualified name"),
+                ));
             }
             conf.aliases.insert(k.to_string(), v.to_string());
         }
@@ -407,7 +432,11 @@ fn parse(path: &Path, text: &str) -> Result<RegistriesConf> {
     // Version 1: [registries.search] registries = [...], and .insecure / .block.
     if let Some(v1) = doc.get("registries").and_then(Item::as_table_like) {
         let list = |key: &str| -> Result<Vec<String>> {
-            match v1.get(key).and_then(Item::as_table_like).and_then(|t| t.get("registries")) {
+            match v1
+                .get(key)
+                .and_then(Item::as_table_like)
+                .and_then(|t| t.get("registries"))
+            {
                 Some(i) => strings(i, &format!("registries.{key}")),
                 None => Ok(Vec::new()),
             }
@@ -449,24 +478,44 @@ fn parse(path: &Path, text: &str) -> Result<RegistriesConf> {
                 _ => prefix,
             };
             if t.get("pull-from-mirror").is_some() {
-                return Err(bad(path, format!("[[registry]] {prefix:?}: pull-from-mirror belongs to a mirror")));
+                return Err(bad(
+                    path,
+                    format!("[[registry]] {prefix:?}: pull-from-mirror belongs to a mirror"),
+                ));
             }
             let by_digest_only = boolean(t.get("mirror-by-digest-only"), "mirror-by-digest-only")?;
             let mut mirrors = Vec::new();
             if let Some(ms) = t.get("mirror") {
-                let ms = ms
-                    .as_array_of_tables()
-                    .ok_or_else(|| bad(path, format!("[[registry]] {prefix:?}: mirror: not [[registry.mirror]] tables")))?;
+                let ms = ms.as_array_of_tables().ok_or_else(|| {
+                    bad(
+                        path,
+                        format!("[[registry]] {prefix:?}: mirror: not [[registry.mirror]] tables"),
+                    )
+                })?;
                 for m in ms.iter() {
                     let location = string(m.get("location"), "mirror location")?
                         .filter(|l| !l.is_empty())
-                        .ok_or_else(|| bad(path, format!("[[registry]] {prefix:?}: a mirror without a location")))?;
-                    let pull_from = match string(m.get("pull-from-mirror"), "pull-from-mirror")?.as_deref() {
-                        None | Some("") | Some("all") if by_digest_only => PullFromMirror::DigestOnly,
+                        .ok_or_else(|| {
+                            bad(
+                                path,
+                                format!("[[registry]] {prefix:?}: a mirror without a location"),
+                            )
+                        })?;
+                    let pull_from = match string(m.get("pull-from-mirror"), "pull-from-mirror")?
+                        .as_deref()
+                    {
+                        None | Some("") | Some("all") if by_digest_only => {
+                            PullFromMirror::DigestOnly
+                        }
                         None | Some("") | Some("all") => PullFromMirror::All,
                         Some("digest-only") => PullFromMirror::DigestOnly,
                         Some("tag-only") => PullFromMirror::TagOnly,
-                        Some(p) => return Err(bad(path, format!("pull-from-mirror {p:?}: not all, digest-only or tag-only"))),
+                        Some(p) => {
+                            return Err(bad(
+                                path,
+                                format!("pull-from-mirror {p:?}: not all, digest-only or tag-only"),
+                            ))
+                        }
                     };
                     mirrors.push(Mirror {
                         location: location.trim_end_matches('/').to_string(),
@@ -551,7 +600,10 @@ insecure = true
         assert!(e.mirrors[1].0.starts_with("digests.local/app@sha256:"));
         // "example.com/foobar" is not under the prefix "example.com/foo".
         assert!(c.endpoints("example.com/foobar:1", false).is_err());
-        assert!(c.endpoints("example.com/other:1", false).is_err(), "blocked");
+        assert!(
+            c.endpoints("example.com/other:1", false).is_err(),
+            "blocked"
+        );
         let e = c.endpoints("a.wild.io/x:1", false).unwrap();
         assert_eq!(e.primary, "a.wild.io/x:1");
         assert!(e.insecure);
@@ -598,14 +650,23 @@ insecure = true
         )]);
         let c = RegistriesConf::load(&paths).unwrap().unwrap();
         let e = c.resolve_short("app:1").unwrap().unwrap_err().to_string();
-        assert!(e.contains("ambiguous") && e.contains("quay.io, docker.io"), "{e}");
+        assert!(
+            e.contains("ambiguous") && e.contains("quay.io, docker.io"),
+            "{e}"
+        );
     }
 
     #[test]
     fn the_users_file_replaces_the_systems() {
         let (_d, paths) = conf(&[
-            ("etc/registries.conf", "unqualified-search-registries = [\"sys.io\"]\n"),
-            ("etc/registries.conf.d/a.conf", "[aliases]\n\"x\" = \"sys.io/x\"\n"),
+            (
+                "etc/registries.conf",
+                "unqualified-search-registries = [\"sys.io\"]\n",
+            ),
+            (
+                "etc/registries.conf.d/a.conf",
+                "[aliases]\n\"x\" = \"sys.io/x\"\n",
+            ),
             (
                 "home/.config/containers/registries.conf",
                 "unqualified-search-registries = [\"user.io\"]\n",
@@ -613,7 +674,10 @@ insecure = true
         ]);
         let c = RegistriesConf::load(&paths).unwrap().unwrap();
         assert_eq!(c.search, Some(vec!["user.io".to_string()]));
-        assert!(c.aliases.is_empty(), "the system's drop-ins are not read then");
+        assert!(
+            c.aliases.is_empty(),
+            "the system's drop-ins are not read then"
+        );
     }
 
     #[test]

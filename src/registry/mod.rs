@@ -104,6 +104,8 @@ pub struct Registry {
     /// Redirect targets of blobs, learned once each (see [`redirect`]).
     redirects: std::sync::Arc<redirect::Redirects>,
     timeouts: Timeouts,
+    /// A mirror asked for tags too (a registries.conf mirror), not only for digests.
+    serves_tags: bool,
 }
 
 fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
@@ -217,7 +219,46 @@ impl Registry {
             identity,
             exchanged: Default::default(),
             timeouts,
+            serves_tags: false,
         }
+    }
+
+    /// A client to pull `reference` (the name the store keys it by) from where
+    /// registries.conf sends it ([`conf`]): its registry's `location`, with the mirrors the
+    /// `[[registry]]` lists asked first (for tags too, as podman does) and then those of
+    /// [`RegistryOptions::mirrors`]. A blocked registry is refused.
+    pub fn for_pull(reference: &Reference, opts: &RegistryOptions) -> Result<Registry> {
+        let Some(conf) = conf::global()? else {
+            return Ok(Registry::new(reference, opts));
+        };
+        let whole = reference.whole();
+        let ends = conf.endpoints(&whole, reference.digest().is_some())?;
+        let primary = parse_reference(&ends.primary)?;
+        let with_insecure = |host: &str, insecure: bool| {
+            let mut o = opts.clone();
+            if insecure {
+                o.insecure.push(host.to_string());
+            }
+            o
+        };
+        let mut reg = Registry::new(&primary, &with_insecure(primary.registry(), ends.insecure));
+        let mut mirrors = Vec::new();
+        for (location, insecure) in &ends.mirrors {
+            let m = parse_reference(location)?;
+            let mut mirror = Registry::new(
+                &m,
+                &RegistryOptions {
+                    credentials: Credentials::Auto,
+                    mirrors: Vec::new(),
+                    ..with_insecure(m.registry(), *insecure)
+                },
+            );
+            mirror.serves_tags = true;
+            mirrors.push(mirror);
+        }
+        mirrors.append(&mut reg.mirrors);
+        reg.mirrors = mirrors;
+        Ok(reg)
     }
 
     /// `call`, or a transient error once the registry has taken longer than the request
@@ -316,12 +357,10 @@ impl Registry {
     /// Fetches the manifest (or index) `reference` names; returns its bytes and digest. A
     /// reference by digest is checked against the bytes received.
     pub async fn manifest(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
-        if reference.digest().is_some() {
-            for m in &self.mirrors {
-                match m
-                    .manifest_here(&rehost(reference, m.reference.registry()))
-                    .await
-                {
+        for m in &self.mirrors {
+            if reference.digest().is_some() || m.serves_tags {
+                let there = retarget(reference, m.reference.registry(), m.reference.repository());
+                match m.manifest_here(&there).await {
                     Ok(found) => return Ok(found),
                     Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
                 }
@@ -581,15 +620,16 @@ impl Registry {
 
 /// The same repository and tag or digest on another registry host.
 fn rehost(reference: &Reference, host: &str) -> Reference {
+    retarget(reference, host, reference.repository())
+}
+
+/// The tag or digest of `reference` in another repository (a mirror's).
+fn retarget(reference: &Reference, host: &str, repository: &str) -> Reference {
     match reference.digest() {
-        Some(d) => Reference::with_digest(
-            host.to_string(),
-            reference.repository().to_string(),
-            d.to_string(),
-        ),
+        Some(d) => Reference::with_digest(host.to_string(), repository.to_string(), d.to_string()),
         None => Reference::with_tag(
             host.to_string(),
-            reference.repository().to_string(),
+            repository.to_string(),
             reference.tag().unwrap_or("latest").to_string(),
         ),
     }
