@@ -19,6 +19,10 @@ use crate::{Digest, Store};
 /// Layers completed at once in the background.
 const COMPLETE_PARALLEL: usize = 3;
 
+/// How long a completion waits for a pull-through cache to hold a blob it is fetching before
+/// asking for the blob anyway.
+const MIRROR_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+
 impl LazyBlob {
     /// Streams the whole layers in the background (`COMPLETE_PARALLEL` at a time, each
     /// yielding to reads that wait); `done` is called per layer with the outcome and whether
@@ -122,13 +126,28 @@ impl LazyBlob {
         if dest.exists() {
             return self.check_against_whole(&store, &published);
         }
-        self.remote.requests.fetch_add(1, Ordering::Relaxed);
-        let stream = self
-            .remote
-            .registry
-            .blob_stream(&self.digest)
-            .await
-            .map_err(|e| e.to_string())?;
+        // From a mirror that holds the blob, or the registry; a pull-through cache that is
+        // fetching it is waited for (MIRROR_WAIT at most): asked now, it would have the origin
+        // send the blob a second time.
+        let waited = std::time::Instant::now();
+        let stream = loop {
+            self.remote.requests.fetch_add(1, Ordering::Relaxed);
+            match self.remote.registry.blob_stream_held(&self.digest).await {
+                Ok(Some(s)) => break s,
+                Ok(None) if waited.elapsed() < MIRROR_WAIT => {
+                    tokio::time::sleep(std::time::Duration::from_secs(1)).await
+                }
+                Ok(None) => {
+                    break self
+                        .remote
+                        .registry
+                        .blob_stream(&self.digest)
+                        .await
+                        .map_err(|e| e.to_string())?
+                }
+                Err(e) => return Err(e.to_string()),
+            }
+        };
         let (tx, rx) = std::sync::mpsc::sync_channel(64);
         let (digest, compression) = (self.digest, published.compression);
         let small_max = crate::mount::shared::small_files_kept(None);

@@ -6,6 +6,7 @@
 //! does; [`RegistryOptions::insecure`] adds others.
 
 pub mod conf;
+mod held;
 mod identity;
 pub mod manifest;
 mod redirect;
@@ -106,6 +107,8 @@ pub struct Registry {
     timeouts: Timeouts,
     /// A mirror asked for tags too (a registries.conf mirror), not only for digests.
     serves_tags: bool,
+    /// As a mirror: which blobs it holds, as far as its answers told.
+    holding: held::Holding,
 }
 
 fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
@@ -220,6 +223,7 @@ impl Registry {
             exchanged: Default::default(),
             timeouts,
             serves_tags: false,
+            holding: Default::default(),
         }
     }
 
@@ -510,14 +514,86 @@ impl Registry {
     /// for a token before each one, and for a registry that needs no auth, gets none and asks
     /// again next time: a round trip per read. So a registry that serves an anonymous client
     /// without a token (probed once, by a separate client) gets requests without auth.
+    ///
+    /// A mirror that answers a range with the whole blob does not hold the blob yet: a
+    /// pull-through cache (the Distribution registry's proxy mode) then fetches it from the
+    /// origin to store it, and streams another copy from the origin to the client. That answer
+    /// is dropped at once (the cache's own copy goes on), the range is asked of the next mirror
+    /// or the registry itself, and the mirror is not asked for that blob again for a while
+    /// (see [`held`]): a cache then costs the origin one copy of each blob.
     pub async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
         for m in &self.mirrors {
-            match m.blob_range_here(digest, offset, len).await {
-                Ok(s) => return Ok(s),
+            match m.blob_range_if_held(digest, offset, len).await {
+                Ok(Some(s)) => return Ok(s),
+                Ok(None) => {}
                 Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
             }
         }
         self.blob_range_here(digest, offset, len).await
+    }
+
+    /// The range from this mirror if it holds the blob (`None`: it does not, yet).
+    async fn blob_range_if_held(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+    ) -> Result<Option<RangeBody>> {
+        let cell = self.holding.cell(digest);
+        let mut verdict = cell.lock().await;
+        if verdict.holds() {
+            drop(verdict);
+            return match self.blob_range_here(digest, offset, len).await? {
+                RangeBody::Partial(s) => Ok(Some(RangeBody::Partial(s))),
+                RangeBody::Full(_) => Ok(None),
+            };
+        }
+        if verdict.wait() {
+            return Ok(None);
+        }
+        // Unknown (or asked long enough ago): one request at a time finds out, so that
+        // concurrent reads do not each start a copy from the origin.
+        match self.blob_range_here(digest, offset, len).await? {
+            RangeBody::Partial(s) => {
+                *verdict = held::Verdict::Holds;
+                Ok(Some(RangeBody::Partial(s)))
+            }
+            RangeBody::Full(whole) => {
+                drop(whole); // closes the connection: the cache's copy to us stops
+                verdict.not_yet();
+                tracing::info!(
+                    "mirror {} does not hold blob {} yet (it answered a range with the whole \
+                     blob): asking elsewhere",
+                    self.reference.registry(),
+                    digest.short()
+                );
+                Ok(None)
+            }
+        }
+    }
+
+    /// The whole blob from a mirror that holds it, else from the registry, except where a
+    /// mirror is fetching it: then `None`, to ask again later (a lazy layer's completion, which
+    /// is in no hurry, waits for the cache rather than have the origin send the blob twice).
+    /// Mirrors are asked for one byte first: only a mirror that holds a blob answers a range
+    /// with just that range.
+    pub async fn blob_stream_held(&self, digest: &Digest) -> Result<Option<BlobStream>> {
+        let mut fetching = None;
+        for m in &self.mirrors {
+            match m.blob_range_if_held(digest, 0, 1).await {
+                Ok(Some(_probe)) => match m.blob_stream_here(digest).await {
+                    Ok(s) => return Ok(Some(s)),
+                    Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
+                },
+                Ok(None) => fetching = Some(m.reference.registry().to_string()),
+                Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
+            }
+        }
+        if let Some(mirror) = fetching {
+            tracing::debug!("mirror {mirror} does not hold blob {} yet", digest.short());
+            return Ok(None);
+        }
+        self.blob_stream_here(digest).await.map(Some)
     }
 
     async fn blob_range_here(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {

@@ -115,6 +115,12 @@ impl Registry {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// A pull-through cache (the registry's proxy mode) of the registry at `remote`
+    /// (`host:port`, plain HTTP).
+    pub fn start_pull_through(remote: &str) -> Registry {
+        Registry::start_with_config(None, &format!("proxy:\n  remoteurl: http://{remote}\n"))
+    }
+
     /// A registry with token auth, as Docker Hub and cloud registries have: bearer JWTs from
     /// `tests/token_server.py`, which issues them to `user:password` (basic auth) and for the
     /// refresh token `identity` (Docker identity tokens).
