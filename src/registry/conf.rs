@@ -130,12 +130,19 @@ fn bad(path: &Path, detail: impl std::fmt::Display) -> Error {
 
 /// The configuration of this process's environment, read once; `None` when no file exists.
 pub fn global() -> Result<Option<&'static RegistriesConf>> {
-    static CONF: OnceLock<std::result::Result<Option<RegistriesConf>, String>> = OnceLock::new();
-    match CONF.get_or_init(|| RegistriesConf::load(&Paths::from_env()).map_err(|e| e.to_string())) {
+    type Failure = (String, String); // the error's `what` and `detail`, kept to say it again
+    static CONF: OnceLock<std::result::Result<Option<RegistriesConf>, Failure>> = OnceLock::new();
+    let loaded = CONF.get_or_init(|| {
+        RegistriesConf::load(&Paths::from_env()).map_err(|e| match e {
+            Error::InvalidManifest { what, detail } => (what, detail),
+            e => ("registries configuration".into(), e.to_string()),
+        })
+    });
+    match loaded {
         Ok(c) => Ok(c.as_ref()),
-        Err(e) => Err(Error::InvalidManifest {
-            what: "registries configuration".into(),
-            detail: e.clone(),
+        Err((what, detail)) => Err(Error::InvalidManifest {
+            what: what.clone(),
+            detail: detail.clone(),
         }),
     }
 }
