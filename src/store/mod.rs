@@ -37,8 +37,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::IoContext;
 use crate::{Digest, Error, Result};
 
+mod budget;
 mod gc;
 mod ingest;
+pub use budget::{
+    budget_from_env, parse_size, BudgetAction, BudgetPlan, BudgetReport, BudgetStep, Settings,
+    BUDGET_ENV,
+};
 pub use gc::{ImageUsage, Lease, Usage};
 pub use ingest::BlobWriter;
 
