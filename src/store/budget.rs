@@ -239,12 +239,17 @@ impl Store {
 
     /// When the image was last pulled or mounted (seconds since the epoch).
     pub fn last_used(&self, record: &ImageRecord) -> u64 {
+        (self.last_used_ns(record) / 1_000_000_000) as u64
+    }
+
+    /// [`Store::last_used`] in nanoseconds (the order of uses within a second counts).
+    fn last_used_ns(&self, record: &ImageRecord) -> u128 {
         let marked = fs::metadata(self.used_path(&record.reference))
             .ok()
             .and_then(|m| m.modified().ok())
             .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
-            .map_or(0, |d| d.as_secs());
-        marked.max(record.pulled_at)
+            .map_or(0, |d| d.as_nanos());
+        marked.max(record.pulled_at as u128 * 1_000_000_000)
     }
 
     /// Removes the last-use marks of images no longer stored.
@@ -316,10 +321,10 @@ impl Store {
         let in_use = |r: &ImageRecord| {
             leased.contains(&r.manifest_digest.hex()) || leased.contains(&r.view().hex())
         };
-        let mut candidates: Vec<(u64, &ImageRecord)> = recs
+        let mut candidates: Vec<(u128, &ImageRecord)> = recs
             .iter()
             .filter(|r| !in_use(r) && !protect.contains(&r.reference))
-            .map(|r| (self.last_used(r), *r))
+            .map(|r| (self.last_used_ns(r), *r))
             .collect();
         candidates.sort_by(|a, b| (a.0, &a.1.reference).cmp(&(b.0, &b.1.reference)));
         let mut kept: Vec<&ImageRecord> = recs.clone();
@@ -374,7 +379,7 @@ impl Store {
                 reference: r.reference.clone(),
                 action,
                 bytes,
-                last_used: *last_used,
+                last_used: (*last_used / 1_000_000_000) as u64,
                 partials: partials.iter().map(|&i| inv[i].path.clone()).collect(),
             };
             let commit = cur > max;
