@@ -845,6 +845,11 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Config { key, value } => {
+            if let (None, None) = (&value, existing_store(&store_arg)?) {
+                // Looking never creates a store.
+                println!("max-store-size  none");
+                return Ok(());
+            }
             let store = open_store(&store_arg)?;
             if let Some(k) = key.as_deref().filter(|k| *k != "max-store-size") {
                 bail!("unknown setting '{k}' (settings: max-store-size)");
