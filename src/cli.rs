@@ -423,7 +423,7 @@ fn run(cli: Cli) -> Result<()> {
             pull.quiet = quiet;
             let store = open_store(&store_arg)?;
             let mut opts = pull.options(false)?;
-            let budget = match foreground || notify_ready {
+            let budget = match notify_ready {
                 true => None, // a daemon: its parent keeps the budget
                 false => budget(&store, pull.max_store_size.as_deref())?,
             };
@@ -505,6 +505,7 @@ fn run(cli: Cli) -> Result<()> {
             }
             if foreground || notify_ready {
                 drop(hold);
+                apply_budget(&store, budget, &[image.reference.clone()], quiet)?;
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
                 spawn_daemon(&store, &image.reference, &dir, &mopts, &pull, lazy)?;
@@ -1353,7 +1354,10 @@ fn report_budget(r: &crate::store::BudgetReport, quiet: bool) {
             what.push(format!("removed {}", r.removed.join(", ")));
         }
         if !r.dropped.is_empty() {
-            what.push(format!("dropped the fetched chunks of {}", r.dropped.join(", ")));
+            what.push(format!(
+                "dropped the fetched chunks of {}",
+                r.dropped.join(", ")
+            ));
         }
         eprintln!(
             "store budget {}: {}; {} now",

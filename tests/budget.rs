@@ -42,8 +42,14 @@ fn files_of(seed: u64, unique: usize) -> (Vec<(String, Vec<u8>)>, Vec<(String, V
         ("usr/lib/shared.bin".to_string(), random_bytes(200_000, 1)),
     ];
     let own = vec![
-        (format!("srv/{seed}/data.bin"), random_bytes(unique, 1000 + seed)),
-        (format!("srv/{seed}/small.txt"), format!("image {seed}\n").into_bytes()),
+        (
+            format!("srv/{seed}/data.bin"),
+            random_bytes(unique, 1000 + seed),
+        ),
+        (
+            format!("srv/{seed}/small.txt"),
+            format!("image {seed}\n").into_bytes(),
+        ),
         (
             format!("srv/{seed}/mid.bin"),
             random_bytes(100_000, 2000 + seed),
@@ -52,7 +58,12 @@ fn files_of(seed: u64, unique: usize) -> (Vec<(String, Vec<u8>)>, Vec<(String, V
     (base, own)
 }
 
-fn push_image(reg: &Registry, repo: &str, seed: u64, unique: usize) -> (String, Vec<(String, Vec<u8>)>) {
+fn push_image(
+    reg: &Registry,
+    repo: &str,
+    seed: u64,
+    unique: usize,
+) -> (String, Vec<(String, Vec<u8>)>) {
     let (base, own) = files_of(seed, unique);
     let mut l1 = LayerBuilder::new();
     for (p, d) in &base {
@@ -110,7 +121,10 @@ fn du_whole(store: &Path) -> u64 {
 }
 
 fn stored(bux: &Bux) -> Vec<String> {
-    bux.ok(&["images", "-q"]).lines().map(str::to_string).collect()
+    bux.ok(&["images", "-q"])
+        .lines()
+        .map(str::to_string)
+        .collect()
 }
 
 fn read_all(root: &Path, files: &[(String, Vec<u8>)]) -> Result<(), String> {
@@ -149,7 +163,11 @@ fn pulls_stay_within_the_budget_lru_first_and_a_mount_is_never_touched() {
         assert_success(&out);
         let said = String::from_utf8_lossy(&out.stderr);
         evicted_any |= said.contains("store budget");
-        let (c, d, whole) = (counted(&bux), du(bux.store.path()), du_whole(bux.store.path()));
+        let (c, d, whole) = (
+            counted(&bux),
+            du(bux.store.path()),
+            du_whole(bux.store.path()),
+        );
         eprintln!("after pull {i}: counted {c}, du {d}, du -sx {whole}; {said}");
         assert_eq!(c, d, "the budget counts what is on disk");
         assert!(c <= budget, "after pull {i}: {c} counted > budget {budget}");
@@ -160,20 +178,44 @@ fn pulls_stay_within_the_budget_lru_first_and_a_mount_is_never_touched() {
             "after pull {i}: du -sx {whole} > budget {budget}"
         );
         let have = stored(&bux);
-        assert!(have.contains(&images[0].0), "the mounted image was evicted: {have:?}");
-        assert!(have.contains(&images[i].0), "the image just pulled went: {have:?}");
-        assert!(have.contains(&images[i - 1].0), "the previous pull went first: {have:?}");
+        assert!(
+            have.contains(&images[0].0),
+            "the mounted image was evicted: {have:?}"
+        );
+        assert!(
+            have.contains(&images[i].0),
+            "the image just pulled went: {have:?}"
+        );
+        assert!(
+            have.contains(&images[i - 1].0),
+            "the previous pull went first: {have:?}"
+        );
         if i == 5 || i == 6 {
             // Without that mount, image 2 would have gone before images 3 and 4.
-            assert!(have.contains(&images[2].0), "the recently mounted image went: {have:?}");
+            assert!(
+                have.contains(&images[2].0),
+                "the recently mounted image went: {have:?}"
+            );
         }
         // Least recently used first: what is kept is the mounted image and the latest uses.
         let order: Vec<usize> = match i {
             ..5 => (1..=i).rev().collect(),
-            _ => (5..=i).rev().chain([2]).chain((1..5).rev().filter(|&k| k != 2)).collect(),
+            _ => (5..=i)
+                .rev()
+                .chain([2])
+                .chain((1..5).rev().filter(|&k| k != 2))
+                .collect(),
         };
-        let kept: Vec<usize> = order.iter().copied().filter(|&k| have.contains(&images[k].0)).collect();
-        assert_eq!(kept, order[..kept.len()], "not LRU: kept {kept:?}, use order {order:?}");
+        let kept: Vec<usize> = order
+            .iter()
+            .copied()
+            .filter(|&k| have.contains(&images[k].0))
+            .collect();
+        assert_eq!(
+            kept,
+            order[..kept.len()],
+            "not LRU: kept {kept:?}, use order {order:?}"
+        );
     }
     assert!(evicted_any, "nothing was ever evicted");
     assert!(stored(&bux).len() < 8);
@@ -184,7 +226,10 @@ fn pulls_stay_within_the_budget_lru_first_and_a_mount_is_never_touched() {
     assert_success(&out);
     let said = String::from_utf8_lossy(&out.stderr);
     assert!(
-        said.lines().filter(|l| l.contains("over its budget")).count() == 1
+        said.lines()
+            .filter(|l| l.contains("over its budget"))
+            .count()
+            == 1
             && said.contains("held by live mounts")
             && said.contains(&images[0].0),
         "{said}"
@@ -210,35 +255,68 @@ fn budget_settings_sizes_df_and_dry_run() {
     let err = bux.fails(&["pull", "--max-store-size", "lots", &a]);
     assert_eq!(err.trim().lines().count(), 1, "{err}");
     let mut cmd = bux.cmd();
-    let out = cmd.env("BUX_FUSE_MAX_STORE_SIZE", "1.5x").args(["pull", &a]).output().unwrap();
+    let out = cmd
+        .env("BUX_FUSE_MAX_STORE_SIZE", "1.5x")
+        .args(["pull", &a])
+        .output()
+        .unwrap();
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("BUX_FUSE_MAX_STORE_SIZE"));
     // Images show when they were last used.
     let table = bux.ok(&["images"]);
-    assert!(table.contains("LAST USED") && table.contains("s ago"), "{table}");
+    assert!(
+        table.contains("LAST USED") && table.contains("s ago"),
+        "{table}"
+    );
     // df names the budget and what goes next: the least recently used.
     let all = counted(&bux);
     let df_text = bux.ok(&["df"]);
-    assert!(df_text.contains("budget") && df_text.contains("none"), "{df_text}");
-    assert!(df_text.lines().any(|l| l.starts_with("next") && l.contains(&a)), "{df_text}");
+    assert!(
+        df_text.contains("budget") && df_text.contains("none"),
+        "{df_text}"
+    );
+    assert!(
+        df_text
+            .lines()
+            .any(|l| l.starts_with("next") && l.contains(&a)),
+        "{df_text}"
+    );
     // dry run: lists, removes nothing.
     let dry = bux.ok(&["gc", "--dry-run", "--max-size", &format!("{}", all - 1)]);
-    assert!(dry.contains(&format!("would remove image {a}")) && !dry.contains(&b), "{dry}");
+    assert!(
+        dry.contains(&format!("would remove image {a}")) && !dry.contains(&b),
+        "{dry}"
+    );
     assert_eq!(stored(&bux).len(), 2);
     assert_eq!(counted(&bux), all);
     // A setting kept in the store; honoured by gc and by the next pull.
     bux.ok(&["config", "max-store-size", &format!("{}", all - 1)]);
-    assert!(bux.ok(&["config"]).contains(&format!("({} bytes)", all - 1)));
-    assert_eq!(stored(&bux), vec![b.clone()], "setting the budget applies it");
+    assert!(bux
+        .ok(&["config"])
+        .contains(&format!("({} bytes)", all - 1)));
+    assert_eq!(
+        stored(&bux),
+        vec![b.clone()],
+        "setting the budget applies it"
+    );
     bux.ok(&["pull", "-q", &a]);
-    assert_eq!(stored(&bux), vec![a.clone()], "the pull honoured the setting");
+    assert_eq!(
+        stored(&bux),
+        vec![a.clone()],
+        "the pull honoured the setting"
+    );
     assert!(df(&bux)["budget"]["max_store_size"].as_u64() == Some(all - 1));
     bux.ok(&["config", "max-store-size", "none"]);
     bux.ok(&["pull", "-q", &b]);
     assert_eq!(stored(&bux).len(), 2, "unset: nothing evicted");
     // The environment wins over the setting.
     bux.ok(&["config", "max-store-size", "1T"]);
-    let out = bux.cmd().env("BUX_FUSE_MAX_STORE_SIZE", "1").args(["gc"]).output().unwrap();
+    let out = bux
+        .cmd()
+        .env("BUX_FUSE_MAX_STORE_SIZE", "1")
+        .args(["gc"])
+        .output()
+        .unwrap();
     assert_success(&out);
     assert!(stored(&bux).is_empty());
 }
@@ -309,14 +387,23 @@ fn a_hundred_mounts_read_while_pulls_force_eviction() {
         assert_success(&out);
         let said = String::from_utf8_lossy(&out.stderr);
         evictions += said.matches("store budget").count();
-        assert!(counted(&bux) <= budget || said.contains("over its budget"), "{said}");
+        assert!(
+            counted(&bux) <= budget || said.contains("over its budget"),
+            "{said}"
+        );
     }
     // And a gc that takes everything it may, while the readers go on.
     assert_success(&bux.run(&["gc", "--max-size", "0"]));
     std::thread::sleep(Duration::from_millis(300));
     stop.store(true, Ordering::Relaxed);
-    let first_errors: Vec<String> = readers.into_iter().filter_map(|h| h.join().unwrap()).collect();
-    let (reads, errors) = (reads.load(Ordering::Relaxed), errors.load(Ordering::Relaxed));
+    let first_errors: Vec<String> = readers
+        .into_iter()
+        .filter_map(|h| h.join().unwrap())
+        .collect();
+    let (reads, errors) = (
+        reads.load(Ordering::Relaxed),
+        errors.load(Ordering::Relaxed),
+    );
     eprintln!(
         "{reads} reads, {errors} errors or mismatches, {evictions} evicting pulls in {:?}",
         t.elapsed()
@@ -364,7 +451,11 @@ fn a_gc_killed_mid_eviction_leaves_a_whole_store_and_the_next_gc_finishes() {
         assert!(said.contains(": 0 problems"), "{said}");
         // Each image still listed mounts and reads whole.
         let have = stored(&bux);
-        eprintln!("killed after {pause} removals: {} images left, {} counted", have.len(), counted(&bux));
+        eprintln!(
+            "killed after {pause} removals: {} images left, {} counted",
+            have.len(),
+            counted(&bux)
+        );
         assert!(have.len() < images.len() || pause > 1, "{have:?}");
         for (r, files) in images.iter().filter(|(r, _)| have.contains(r)) {
             let m = bux.mount_with(r, &["--pull", "never"]);
@@ -398,7 +489,11 @@ fn lazy_chunks_no_mount_uses_are_dropped_and_fetched_again() {
         .file("data/other.bin", &random_bytes(2 << 20, 78))
         .finish();
     let layout = tempfile::tempdir().unwrap();
-    write_layout(layout.path(), "v1", &Image::new(vec![(l1, Comp::Gzip), (l2, Comp::Gzip)]));
+    write_layout(
+        layout.path(),
+        "v1",
+        &Image::new(vec![(l1, Comp::Gzip), (l2, Comp::Gzip)]),
+    );
     reg.push(layout.path(), "v1", "lz/app", None);
     let r = format!("{}/lz/app:v1", reg.host());
     let publisher = Bux::new();
@@ -424,7 +519,15 @@ fn lazy_chunks_no_mount_uses_are_dropped_and_fetched_again() {
     let lazy_mount = || {
         let dir = tempfile::tempdir().unwrap();
         let mnt = dir.path().join("root");
-        bux.ok(&["mount", "-q", "--lazy", "--prefetch", "none", &r, mnt.to_str().unwrap()]);
+        bux.ok(&[
+            "mount",
+            "-q",
+            "--lazy",
+            "--prefetch",
+            "none",
+            &r,
+            mnt.to_str().unwrap(),
+        ]);
         MountGuard::adopt(mnt, dir)
     };
     let m = lazy_mount();
@@ -435,7 +538,11 @@ fn lazy_chunks_no_mount_uses_are_dropped_and_fetched_again() {
     let out = bux.run(&["gc", "--max-size", "0"]);
     assert_success(&out);
     assert!(String::from_utf8_lossy(&out.stderr).contains("held by live mounts"));
-    assert_eq!(partials().values().sum::<u64>(), fetched, "chunks of a live mount dropped");
+    assert_eq!(
+        partials().values().sum::<u64>(),
+        fetched,
+        "chunks of a live mount dropped"
+    );
     read_part(&m.path);
     drop(m);
     // Unmounted: a budget that dropping the chunks meets drops them, and keeps the image.
@@ -443,15 +550,28 @@ fn lazy_chunks_no_mount_uses_are_dropped_and_fetched_again() {
     let before = counted(&bux);
     let budget = before - fetched / 2;
     let dry = bux.ok(&["gc", "--dry-run", "--max-size", &budget.to_string()]);
-    assert!(dry.contains(&format!("would drop the fetched chunks of {r}")), "{dry}");
+    assert!(
+        dry.contains(&format!("would drop the fetched chunks of {r}")),
+        "{dry}"
+    );
     let out = bux.ok(&["gc", "--max-size", &budget.to_string()]);
-    assert!(out.contains(&format!("dropped the fetched chunks of {r}")), "{out}");
+    assert!(
+        out.contains(&format!("dropped the fetched chunks of {r}")),
+        "{out}"
+    );
     let after = counted(&bux);
-    assert!(after <= budget && before - after >= fetched, "{before} -> {after}");
+    assert!(
+        after <= budget && before - after >= fetched,
+        "{before} -> {after}"
+    );
     assert_eq!(partials().values().sum::<u64>(), 0, "holes punched");
     for p in partials().keys() {
         let marks = std::fs::read(p.with_extension("present")).unwrap();
-        assert!(marks.iter().all(|&b| b == 0), "present marks left on {}", p.display());
+        assert!(
+            marks.iter().all(|&b| b == 0),
+            "present marks left on {}",
+            p.display()
+        );
     }
     assert_eq!(stored(&bux), vec![r.clone()]);
     bux.ok(&["check"]);

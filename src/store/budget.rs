@@ -58,9 +58,8 @@ pub(super) fn removed_one() {
 /// `64k`, `2T`). Units are powers of 1024 whichever way they are spelled (`G`, `GB`, `GiB`),
 /// as Docker's are.
 pub fn parse_size(text: &str) -> std::result::Result<u64, String> {
-    let bad = || {
-        format!("bad size '{text}' (expected bytes or a number with a unit: 20G, 512M, 1.5GiB)")
-    };
+    let bad =
+        || format!("bad size '{text}' (expected bytes or a number with a unit: 20G, 512M, 1.5GiB)");
     let t = text.trim();
     let split = t
         .find(|c: char| !(c.is_ascii_digit() || c == '.'))
@@ -334,7 +333,11 @@ impl Store {
         // The partial blobs of an image's lazily fetched layers that no lease holds.
         let partials_of = |r: &ImageRecord, dropped: &HashSet<usize>, gone: &HashSet<usize>| {
             let mut found = Vec::new();
-            for l in r.layers.iter().filter(|l| !leased.contains(&l.digest.hex())) {
+            for l in r
+                .layers
+                .iter()
+                .filter(|l| !leased.contains(&l.digest.hex()))
+            {
                 let Some(index) = l.index else { continue };
                 let prefix = format!("{}.{}.", l.digest.hex(), index.hex());
                 for (i, f) in inv.iter().enumerate() {
@@ -351,10 +354,10 @@ impl Store {
             found
         };
         let remove = |r: &ImageRecord,
-                          kept: &mut Vec<&ImageRecord>,
-                          gone: &mut HashSet<usize>,
-                          dropped: &HashSet<usize>,
-                          commit: bool| {
+                      kept: &mut Vec<&ImageRecord>,
+                      gone: &mut HashSet<usize>,
+                      dropped: &HashSet<usize>,
+                      commit: bool| {
             let rest: Vec<&ImageRecord> = kept
                 .iter()
                 .filter(|k| k.reference != r.reference)
@@ -437,7 +440,10 @@ impl Store {
             .iter()
             .enumerate()
             .filter(|(i, f)| {
-                !f.tmp && !gone.contains(i) && !dropped.contains(i) && orphan_file(&f.name, &keep, &none)
+                !f.tmp
+                    && !gone.contains(i)
+                    && !dropped.contains(i)
+                    && orphan_file(&f.name, &keep, &none)
             })
             .map(|(_, f)| f.alloc)
             .sum();
@@ -553,7 +559,16 @@ mod tests {
         assert_eq!(parse_size("1.5GiB"), Ok(3 << 29));
         assert_eq!(parse_size(" 64k "), Ok(64 << 10));
         assert_eq!(parse_size("0"), Ok(0));
-        for bad in ["", "G", "12X", "1.5", "-1G", "1..2G", "1e3G", "99999999999999999999T"] {
+        for bad in [
+            "",
+            "G",
+            "12X",
+            "1.5",
+            "-1G",
+            "1..2G",
+            "1e3G",
+            "99999999999999999999T",
+        ] {
             assert!(parse_size(bad).is_err(), "{bad}");
         }
         assert!(parse_size("12X").unwrap_err().contains("'12X'"));
