@@ -549,6 +549,84 @@ fn drop_chunks(partial: &std::path::Path) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::LayerRecord;
+
+    /// A blob of `n` KiB that costs as much on disk.
+    fn blob(store: &Store, tag: &str, n: usize) -> Digest {
+        let bytes: Vec<u8> = (0..n << 10)
+            .map(|i| (i * 7) as u8 ^ tag.len() as u8)
+            .collect();
+        let mut bytes = bytes;
+        bytes.extend_from_slice(tag.as_bytes());
+        let d = Digest::of(&bytes);
+        store.put_blob(&d, &bytes, "t").unwrap();
+        d
+    }
+
+    fn image(store: &Store, name: &str, layers: &[Digest]) -> ImageRecord {
+        let rec = ImageRecord {
+            reference: format!("r/{name}:1"),
+            manifest_digest: blob(store, &format!("manifest {name}"), 1),
+            config_digest: blob(store, &format!("config {name}"), 1),
+            layers: layers
+                .iter()
+                .map(|d| LayerRecord {
+                    digest: *d,
+                    media_type: "t".into(),
+                    size: 0,
+                    index: None,
+                })
+                .collect(),
+            platform: "linux/amd64".into(),
+            pulled_at: 0,
+        };
+        store.put_image(rec.clone()).unwrap();
+        store.mark_used(&rec.reference);
+        rec
+    }
+
+    #[test]
+    fn shared_layers_count_once_and_go_with_the_last_image_that_needs_them() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let shared = blob(&store, "shared", 64);
+        let (ua, ub, uc) = (
+            blob(&store, "a", 32),
+            blob(&store, "b", 32),
+            blob(&store, "c", 32),
+        );
+        let a = image(&store, "a", &[shared, ua]);
+        let b = image(&store, "b", &[shared, ub]);
+        let c = image(&store, "c", &[uc]);
+        let total = store.counted_bytes().unwrap();
+        // Each file once: 64 + 3 * 32 KiB of layers and 6 small blobs (a block or more each).
+        assert!(total >= (160 << 10) && total <= (220 << 10), "{total}");
+        // Just over: the least recently used goes, and frees only what is its own.
+        let plan = store.budget_plan(total - 1, &[]).unwrap();
+        assert_eq!(plan.steps.len(), 1);
+        assert_eq!(plan.steps[0].reference, a.reference);
+        assert!(plan.steps[0].bytes >= 32 << 10 && plan.steps[0].bytes < 64 << 10);
+        assert_eq!(plan.next.as_ref().unwrap().reference, b.reference);
+        // Image b used since: c goes before it.
+        store.mark_used(&b.reference);
+        let lease = store.lease(&[b.manifest_digest, shared, ub]).unwrap();
+        let report = store.enforce_budget(0, &[]).unwrap();
+        assert_eq!(
+            report.removed,
+            vec![a.reference.clone(), c.reference.clone()]
+        );
+        assert!(store.blob_path(&shared).exists() && !store.blob_path(&ua).exists());
+        assert!(!store.blob_path(&uc).exists());
+        // What is left is b's, held by its lease: said, and kept.
+        assert_eq!(report.over, Some(report.after));
+        assert_eq!(report.held, report.after);
+        assert_eq!(report.mounted, vec![b.reference.clone()]);
+        drop(lease);
+        let report = store.enforce_budget(0, &[]).unwrap();
+        assert_eq!(report.removed, vec![b.reference]);
+        assert_eq!((report.after, report.over), (0, None));
+        assert!(!store.blob_path(&shared).exists());
+    }
 
     #[test]
     fn sizes() {
