@@ -430,12 +430,15 @@ fn a_gc_killed_mid_eviction_leaves_a_whole_store_and_the_next_gc_finishes() {
         bux.ok(&["pull", "-q", r]);
     }
     let total = counted(&bux);
-    // Killed at several points: after the first record, in the middle of its files, later.
-    for pause in [1, 3, 5] {
+    // 60% of the store: two images go, two stay (whose files must all survive).
+    let budget = total * 6 / 10;
+    let half = budget.to_string();
+    // Killed at several points: right after the records went, then among their files.
+    for pause in [1, 2, 4, 6] {
         let mut child = bux
             .cmd()
             .env("BUX_FUSE_TEST_GC_PAUSE", pause.to_string())
-            .args(["gc", "--max-size", "0"])
+            .args(["gc", "--max-size", &half])
             .stderr(Stdio::piped())
             .stdout(Stdio::null())
             .spawn()
@@ -445,35 +448,39 @@ fn a_gc_killed_mid_eviction_leaves_a_whole_store_and_the_next_gc_finishes() {
         assert!(paused, "the gc ended before pausing");
         child.kill().unwrap(); // SIGKILL
         child.wait().unwrap();
+        let killed_at = counted(&bux);
         let out = bux.run(&["check"]);
         assert_success(&out);
         let said = String::from_utf8_lossy(&out.stdout);
         assert!(said.contains(": 0 problems"), "{said}");
-        // Each image still listed mounts and reads whole.
         let have = stored(&bux);
         eprintln!(
-            "killed after {pause} removals: {} images left, {} counted",
+            "killed after {pause} removals: {} images left, {killed_at} of {total} counted",
             have.len(),
-            counted(&bux)
         );
-        assert!(have.len() < images.len() || pause > 1, "{have:?}");
-        for (r, files) in images.iter().filter(|(r, _)| have.contains(r)) {
-            let m = bux.mount_with(r, &["--pull", "never"]);
-            read_all(&m.path, files).unwrap();
-        }
-        if pause < 5 {
-            // Pull what went back, for the next kill.
-            for (r, _) in &images {
-                bux.ok(&["pull", "-q", r]);
+        assert_eq!(have.len(), 2, "the records go first, all at once: {have:?}");
+        // Each image still listed mounts and reads whole, then and after the next gc.
+        let read_stored = || {
+            for (r, files) in images.iter().filter(|(r, _)| have.contains(r)) {
+                let m = bux.mount_with(r, &["--pull", "never"]);
+                read_all(&m.path, files).unwrap();
             }
-            assert!(counted(&bux) >= total - 64 * 1024);
+        };
+        read_stored();
+        let out = bux.ok(&["gc", "--max-size", &half]);
+        assert!(out.contains("removed"), "{out}");
+        assert_eq!(stored(&bux), have, "the next gc finished what was started");
+        let finished = counted(&bux);
+        assert!(finished <= budget, "the next gc finished");
+        assert!(finished < killed_at, "the kill left nothing for the next gc to do");
+        bux.ok(&["check"]);
+        read_stored();
+        // Pull what went back, for the next kill.
+        for (r, _) in &images {
+            bux.ok(&["pull", "-q", r]);
         }
+        assert!(counted(&bux) >= total - 64 * 1024);
     }
-    let out = bux.ok(&["gc", "--max-size", "0"]);
-    assert!(out.contains("removed"), "{out}");
-    assert!(stored(&bux).is_empty());
-    assert_eq!(counted(&bux), 0, "the next gc finished");
-    bux.ok(&["check"]);
 }
 
 /// The fetched chunks of a lazily mounted layer go once no mount uses it, and come back.

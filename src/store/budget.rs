@@ -479,10 +479,12 @@ impl Store {
             before,
             ..Default::default()
         };
+        // Chunks first (each layer's marks cleared before its holes are punched), then the
+        // records of every image that goes, in one atomic replacement of images.json, then
+        // the files no kept record or lease needs: a gc killed anywhere leaves only files
+        // nothing refers to.
+        let mut victims = Vec::new();
         for step in &plan.steps {
-            if self.counted_bytes()? <= max {
-                break;
-            }
             match step.action {
                 BudgetAction::DropChunks => {
                     for p in &step.partials {
@@ -491,15 +493,18 @@ impl Store {
                     }
                     report.dropped.push(step.reference.clone());
                 }
-                BudgetAction::Remove => {
-                    // The record first: from here on nothing refers to the files that only
-                    // this image needed, and any of them may go in any order.
-                    self.remove_image(&step.reference)?;
-                    removed_one();
-                    files += self.gc_locked()?.0;
-                    report.removed.push(step.reference.clone());
-                }
+                BudgetAction::Remove => victims.push(step.reference.clone()),
             }
+        }
+        if !victims.is_empty() {
+            self.update_images(|f| {
+                for v in &victims {
+                    f.images.remove(v);
+                }
+            })?;
+            removed_one();
+            files += self.gc_locked()?.0;
+            report.removed = victims;
         }
         report.files = files;
         report.after = self.counted_bytes()?;
