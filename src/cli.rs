@@ -505,7 +505,12 @@ fn run(cli: Cli) -> Result<()> {
             }
             if foreground || notify_ready {
                 drop(hold);
-                apply_budget(&store, budget, &[image.reference.clone()], quiet)?;
+                apply_budget(
+                    &store,
+                    budget,
+                    std::slice::from_ref(&image.reference),
+                    quiet,
+                )?;
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
                 spawn_daemon(&store, &image.reference, &dir, &mopts, &pull, lazy)?;
@@ -1348,7 +1353,7 @@ fn apply_budget(store: &Store, budget: Option<u64>, protect: &[String], quiet: b
 }
 
 fn report_budget(r: &crate::store::BudgetReport, quiet: bool) {
-    if !quiet && !(r.removed.is_empty() && r.dropped.is_empty()) {
+    if !quiet && (!r.removed.is_empty() || !r.dropped.is_empty()) {
         let mut what = Vec::new();
         if !r.removed.is_empty() {
             what.push(format!("removed {}", r.removed.join(", ")));

@@ -472,7 +472,10 @@ fn a_gc_killed_mid_eviction_leaves_a_whole_store_and_the_next_gc_finishes() {
         assert_eq!(stored(&bux), have, "the next gc finished what was started");
         let finished = counted(&bux);
         assert!(finished <= budget, "the next gc finished");
-        assert!(finished < killed_at, "the kill left nothing for the next gc to do");
+        assert!(
+            finished < killed_at,
+            "the kill left nothing for the next gc to do"
+        );
         bux.ok(&["check"]);
         read_stored();
         // Pull what went back, for the next kill.
