@@ -22,6 +22,9 @@ use std::time::{Duration, Instant};
 
 use common::*;
 
+/// An image's files: path and bytes.
+type Files = Vec<(String, Vec<u8>)>;
+
 /// Incompressible bytes (gzip keeps their size).
 fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
     let mut x = seed.wrapping_mul(0x9E3779B97F4A7C15) | 1;
@@ -36,7 +39,7 @@ fn random_bytes(n: usize, seed: u64) -> Vec<u8> {
 }
 
 /// The files of image `seed`: a shared base layer and a layer of its own.
-fn files_of(seed: u64, unique: usize) -> (Vec<(String, Vec<u8>)>, Vec<(String, Vec<u8>)>) {
+fn files_of(seed: u64, unique: usize) -> (Files, Files) {
     let base = vec![
         ("etc/os-release".to_string(), b"ID=budget\n".to_vec()),
         ("usr/lib/shared.bin".to_string(), random_bytes(200_000, 1)),
@@ -143,7 +146,7 @@ const MIB: u64 = 1 << 20;
 fn pulls_stay_within_the_budget_lru_first_and_a_mount_is_never_touched() {
     let reg = Registry::start();
     let bux = Bux::new();
-    let images: Vec<(String, Vec<(String, Vec<u8>)>)> = (0..8)
+    let images: Vec<(String, Files)> = (0..8)
         .map(|i| push_image(&reg, &format!("b/img{i}"), i, 1 << 20))
         .collect();
     // Image 0, mounted before anything else: the least recently pulled, and never evicted.
@@ -423,7 +426,7 @@ fn a_hundred_mounts_read_while_pulls_force_eviction() {
 fn a_gc_killed_mid_eviction_leaves_a_whole_store_and_the_next_gc_finishes() {
     let reg = Registry::start();
     let bux = Bux::new();
-    let images: Vec<(String, Vec<(String, Vec<u8>)>)> = (0..4)
+    let images: Vec<(String, Files)> = (0..4)
         .map(|i| push_image(&reg, &format!("k/img{i}"), 10 + i, 300_000))
         .collect();
     for (r, _) in &images {
@@ -543,7 +546,7 @@ fn lazy_chunks_no_mount_uses_are_dropped_and_fetched_again() {
     let m = lazy_mount();
     read_part(&m.path);
     let fetched: u64 = partials().values().sum();
-    assert!(fetched >= 1 << 20 && fetched < 6 << 20, "fetched {fetched}");
+    assert!((1 << 20..6 << 20).contains(&fetched), "fetched {fetched}");
     // Mounted: nothing of it goes, and gc says why.
     let out = bux.run(&["gc", "--max-size", "0"]);
     assert_success(&out);
