@@ -312,6 +312,24 @@ fn budget_settings_sizes_df_and_dry_run() {
     bux.ok(&["config", "max-store-size", "none"]);
     bux.ok(&["pull", "-q", &b]);
     assert_eq!(stored(&bux).len(), 2, "unset: nothing evicted");
+    // mount keeps the budget too, once its mount is live: what it mounts stays.
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("root");
+    let out = bux.run(&["mount", "--max-store-size", "1", &a, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(mnt, dir);
+    let said = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        said.contains("over its budget") && said.contains(&a),
+        "{said}"
+    );
+    assert_eq!(stored(&bux), vec![a.clone()]);
+    assert_eq!(
+        std::fs::read(m.path.join("srv/1/small.txt")).unwrap(),
+        b"image 1\n"
+    );
+    drop(m);
+    bux.ok(&["pull", "-q", &b]);
     // The environment wins over the setting.
     bux.ok(&["config", "max-store-size", "1T"]);
     let out = bux
