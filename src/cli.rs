@@ -207,8 +207,24 @@ enum Cmd {
         #[arg(long)]
         json: bool,
     },
-    /// Delete blobs and indexes no stored image refers to.
-    Gc,
+    /// Delete blobs and indexes no stored image refers to; with a budget (--max-size,
+    /// $BUX_FUSE_MAX_STORE_SIZE or the store's setting), also least recently used images
+    /// until the store is within it.
+    Gc {
+        /// Keep the store within SIZE this once (20G, 512M, 1.5GiB, bytes).
+        #[arg(long, value_name = "SIZE")]
+        max_size: Option<String>,
+        /// List what would be removed, and remove nothing.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    /// Show the store's settings, or set one: `config max-store-size 20G` (`none` unsets it).
+    Config {
+        /// The setting (max-store-size).
+        key: Option<String>,
+        /// Its new value.
+        value: Option<String>,
+    },
     /// Verify the store: every blob against its digest, every image's indexes, trees and
     /// lazily fetched chunks. Exits 1 if something is wrong; with --repair, removes what is
     /// damaged so the next pull or mount fetches or rebuilds it.
@@ -299,6 +315,11 @@ struct PullArgs {
     /// about a third of the compressed image more on disk. 0 keeps none; 64 at most.
     #[arg(long, default_value_t = 64, value_name = "KIB")]
     small_files: u64,
+    /// Keep the store within SIZE (20G, 512M, 1.5GiB, bytes) after the pull: least recently
+    /// used images go first, never one a live mount uses. Default: the store's setting (see
+    /// `config max-store-size`).
+    #[arg(long, value_name = "SIZE", env = "BUX_FUSE_MAX_STORE_SIZE")]
+    max_store_size: Option<String>,
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -416,13 +437,14 @@ fn run(cli: Cli) -> Result<()> {
             pull.quiet = quiet;
             let store = open_store(&store_arg)?;
             let opts = pull.options(false)?;
+            let budget = budget(&store, pull.max_store_size.as_deref())?;
             let image = runtime()?.block_on(store.pull(&reference, &opts))?;
             // The progress bars end (their last line completed) before the result is printed.
             drop(opts);
             if !pull.quiet {
                 println!("{} {}", image.reference, image.manifest_digest);
             }
-            Ok(())
+            apply_budget(&store, budget, &[image.reference], pull.quiet)
         }
         Cmd::Mount {
             reference,
@@ -446,6 +468,12 @@ fn run(cli: Cli) -> Result<()> {
             pull.quiet = quiet;
             let store = open_store(&store_arg)?;
             let mut opts = pull.options(false)?;
+            let budget = match notify_ready {
+                true => None, // a daemon: its parent keeps the budget
+                false => budget(&store, pull.max_store_size.as_deref())?,
+            };
+            // Held until the mount has leased its image: no eviction between pull and lease.
+            let hold = store.pull_guard()?;
             let image = if lazy {
                 let (image, outcome) =
                     runtime()?.block_on(store.pull_lazy(&reference, &opts, trust_index))?;
@@ -505,6 +533,8 @@ fn run(cli: Cli) -> Result<()> {
                 if m.detach().is_err() {
                     bail!("mounting {}: expected a shared mount", dir.display());
                 }
+                drop(hold);
+                apply_budget(&store, budget, &[], quiet)?;
                 if !quiet {
                     eprintln!(
                         "{} mounted at {} (shared image server; `bux-fuse umount {}` to unmount)",
@@ -519,9 +549,18 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             if foreground || notify_ready {
+                drop(hold);
+                apply_budget(
+                    &store,
+                    budget,
+                    std::slice::from_ref(&image.reference),
+                    quiet,
+                )?;
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
                 spawn_daemon(&store, &image.reference, &dir, &mopts, &pull, lazy)?;
+                drop(hold);
+                apply_budget(&store, budget, &[], quiet)?;
                 if wait_complete {
                     wait_complete_layers(&store, &image.record)?;
                 }
@@ -689,7 +728,11 @@ fn run(cli: Cli) -> Result<()> {
                 None => Vec::new(),
             };
             if json {
-                println!("{}", serde_json::to_string_pretty(&images)?);
+                let mut v = serde_json::to_value(&images)?;
+                for (j, i) in v.as_array_mut().into_iter().flatten().zip(&images) {
+                    j["last_used"] = store.as_ref().map_or(0, |s| s.last_used(i)).into();
+                }
+                println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             if quiet {
@@ -705,19 +748,21 @@ fn run(cli: Cli) -> Result<()> {
                 .unwrap_or(0)
                 .max("REFERENCE".len());
             println!(
-                "{:width$}  {:12}  {:>6}  {:>10}  {:>6}  PLATFORM",
-                "REFERENCE", "MANIFEST", "LAYERS", "SIZE", "LOCAL"
+                "{:width$}  {:12}  {:>6}  {:>10}  {:>6}  {:>9}  PLATFORM",
+                "REFERENCE", "MANIFEST", "LAYERS", "SIZE", "LOCAL", "LAST USED"
             );
             for i in images {
                 let size: u64 = i.layers.iter().map(|l| l.size).sum();
                 let local = store.as_ref().map_or(0, |s| s.local_bytes(&i));
+                let used = store.as_ref().map_or(0, |s| s.last_used(&i));
                 println!(
-                    "{:width$}  {:12}  {:>6}  {:>10}  {:>5}%  {}",
+                    "{:width$}  {:12}  {:>6}  {:>10}  {:>5}%  {:>9}  {}",
                     i.reference,
                     i.manifest_digest.short(),
                     i.layers.len(),
                     human(size),
                     (local * 100).checked_div(size).unwrap_or(100),
+                    ago(used),
                     i.platform
                 );
             }
@@ -765,12 +810,31 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::Df { json } => {
-            let u = match existing_store(&store_arg)? {
+            let store = existing_store(&store_arg)?;
+            let u = match &store {
                 Some(s) => s.usage()?,
                 None => Default::default(),
             };
+            let (max, source) = match (
+                crate::store::budget_from_env().map_err(anyhow::Error::msg)?,
+                &store,
+            ) {
+                (Some(b), _) => (Some(b), format!("${}", crate::store::BUDGET_ENV)),
+                (None, Some(s)) => (s.settings()?.max_store_size, "store setting".into()),
+                (None, None) => (None, String::new()),
+            };
+            let plan = match &store {
+                Some(s) => Some(s.budget_plan(max.unwrap_or(u64::MAX), &[])?),
+                None => None,
+            };
             if json {
-                println!("{}", serde_json::to_string_pretty(&u)?);
+                let mut v = serde_json::to_value(&u)?;
+                v["budget"] = serde_json::json!({
+                    "max_store_size": max,
+                    "counted": plan.as_ref().map_or(0, |p| p.total),
+                    "plan": plan,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
                 return Ok(());
             }
             println!("{:10}  {:>10}", "KIND", "SIZE");
@@ -804,6 +868,33 @@ fn run(cli: Cli) -> Result<()> {
                     "",
                     human(u.shared)
                 );
+            }
+            if let Some(plan) = &plan {
+                // What the budget counts: allocated bytes (sparse files as fetched), each
+                // file once.
+                println!(
+                    "{:10}  {:>10}  counted against the budget (allocated bytes)",
+                    "counted",
+                    human(plan.total)
+                );
+                match max {
+                    Some(m) => println!("{:10}  {:>10}  ({source})", "budget", human(m)),
+                    None => println!("{:10}  {:>10}", "budget", "none"),
+                }
+                let next = plan.steps.first().or(plan.next.as_ref());
+                if let Some(s) = next {
+                    println!(
+                        "{:10}  {:>10}  {} {} (last used {})",
+                        "next",
+                        human(s.bytes),
+                        match s.action {
+                            crate::store::BudgetAction::Remove => "remove",
+                            crate::store::BudgetAction::DropChunks => "drop the fetched chunks of",
+                        },
+                        s.reference,
+                        ago(s.last_used)
+                    );
+                }
             }
             let width = u
                 .images
@@ -893,9 +984,69 @@ fn run(cli: Cli) -> Result<()> {
             }
             Ok(())
         }
-        Cmd::Gc => {
+        Cmd::Config { key, value } => {
+            if let (None, None) = (&value, existing_store(&store_arg)?) {
+                // Looking never creates a store.
+                println!("max-store-size  none");
+                return Ok(());
+            }
             let store = open_store(&store_arg)?;
-            let (files, bytes) = store.gc()?;
+            if let Some(k) = key.as_deref().filter(|k| *k != "max-store-size") {
+                bail!("unknown setting '{k}' (settings: max-store-size)");
+            }
+            match value {
+                None => {
+                    let show = store
+                        .settings()?
+                        .max_store_size
+                        .map_or("none".to_string(), |b| format!("{} ({b} bytes)", human(b)));
+                    println!("max-store-size  {show}");
+                    if let Ok(v) = std::env::var(crate::store::BUDGET_ENV) {
+                        println!("  (${}={v} overrides it)", crate::store::BUDGET_ENV);
+                    }
+                }
+                Some(v) => {
+                    let max = match v.trim() {
+                        "none" | "unset" | "off" | "" => None,
+                        s => Some(crate::store::parse_size(s).map_err(anyhow::Error::msg)?),
+                    };
+                    store.set_max_store_size(max)?;
+                    if let Some(max) = max {
+                        let r = store.enforce_budget(max, &[])?;
+                        report_budget(&r, quiet);
+                    }
+                }
+            }
+            Ok(())
+        }
+        Cmd::Gc { max_size, dry_run } => {
+            let store = open_store(&store_arg)?;
+            let budget = match max_size {
+                Some(s) => Some(
+                    crate::store::parse_size(&s).map_err(|e| anyhow::anyhow!("--max-size: {e}"))?,
+                ),
+                None => match crate::store::budget_from_env().map_err(anyhow::Error::msg)? {
+                    Some(b) => Some(b),
+                    None => store.settings()?.max_store_size,
+                },
+            };
+            if dry_run {
+                return gc_dry_run(&store, budget);
+            }
+            let (files, bytes) = match budget {
+                Some(max) => {
+                    let r = store.enforce_budget(max, &[])?;
+                    for i in &r.removed {
+                        println!("removed image {i}");
+                    }
+                    for i in &r.dropped {
+                        println!("dropped the fetched chunks of {i}");
+                    }
+                    report_over(&r);
+                    (r.files, r.before.saturating_sub(r.after))
+                }
+                None => store.gc()?,
+            };
             let runs = crate::mount::clean_run_dir(&store.root().join("run"))
                 + crate::mount::clean_scratch(&store.root().join("scratch"));
             let places = crate::mount::shared::remove_idle_places(&store);
@@ -1316,4 +1467,126 @@ fn writable_note(opts: &crate::MountOptions) -> Option<String> {
                  them)"
             .to_string(),
     })
+}
+
+/// The budget: --max-store-size (or $BUX_FUSE_MAX_STORE_SIZE), else the store's setting.
+fn budget(store: &Store, given: Option<&str>) -> Result<Option<u64>> {
+    if let Some(s) = given.filter(|s| !s.trim().is_empty()) {
+        return crate::store::parse_size(s).map(Some).map_err(|e| {
+            anyhow::anyhow!("--max-store-size (or ${}): {e}", crate::store::BUDGET_ENV)
+        });
+    }
+    Ok(store.settings()?.max_store_size)
+}
+
+/// Keeps the store within `budget` (if any), `protect` kept whatever it costs.
+fn apply_budget(store: &Store, budget: Option<u64>, protect: &[String], quiet: bool) -> Result<()> {
+    if let Some(max) = budget {
+        let r = store.enforce_budget(max, protect)?;
+        report_budget(&r, quiet);
+    }
+    Ok(())
+}
+
+fn report_budget(r: &crate::store::BudgetReport, quiet: bool) {
+    if !quiet && (!r.removed.is_empty() || !r.dropped.is_empty()) {
+        let mut what = Vec::new();
+        if !r.removed.is_empty() {
+            what.push(format!("removed {}", r.removed.join(", ")));
+        }
+        if !r.dropped.is_empty() {
+            what.push(format!(
+                "dropped the fetched chunks of {}",
+                r.dropped.join(", ")
+            ));
+        }
+        eprintln!(
+            "store budget {}: {}; {} now",
+            human(r.max),
+            what.join("; "),
+            human(r.after)
+        );
+    }
+    report_over(r);
+}
+
+/// One line when the budget cannot be met: by how much, and what mounts hold.
+fn report_over(r: &crate::store::BudgetReport) {
+    if let Some(over) = r.over {
+        eprintln!(
+            "warning: the store ({}) is {} over its budget of {}: {} of it is held by live mounts{} \
+             or the image in use; kept",
+            human(r.after),
+            human(over),
+            human(r.max),
+            human(r.held),
+            match r.mounted.is_empty() {
+                true => String::new(),
+                false => format!(" ({})", r.mounted.join(", ")),
+            }
+        );
+    }
+}
+
+/// `gc --dry-run`: what gc would remove.
+fn gc_dry_run(store: &Store, budget: Option<u64>) -> Result<()> {
+    let plan = store.budget_plan(budget.unwrap_or(u64::MAX), &[])?;
+    println!(
+        "would remove {} that nothing refers to",
+        human(plan.unreferenced)
+    );
+    for s in &plan.steps {
+        let verb = match s.action {
+            crate::store::BudgetAction::Remove => "would remove image",
+            crate::store::BudgetAction::DropChunks => "would drop the fetched chunks of",
+        };
+        println!(
+            "{verb} {} ({}, last used {})",
+            s.reference,
+            human(s.bytes),
+            ago(s.last_used)
+        );
+    }
+    match budget {
+        Some(max) => {
+            println!(
+                "store {} -> {} (budget {})",
+                human(plan.total),
+                human(plan.after),
+                human(max)
+            );
+            if plan.after > max {
+                println!(
+                    "the budget cannot be met: {} over, {} held by live mounts{}",
+                    human(plan.after - max),
+                    human(plan.held),
+                    match plan.mounted.is_empty() {
+                        true => String::new(),
+                        false => format!(" ({})", plan.mounted.join(", ")),
+                    }
+                );
+            }
+        }
+        None => println!(
+            "store {} -> {} (no budget)",
+            human(plan.total),
+            human(plan.after)
+        ),
+    }
+    Ok(())
+}
+
+/// How long ago `secs` (since the epoch) was, shortly.
+fn ago(secs: u64) -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let d = now.saturating_sub(secs);
+    match d {
+        _ if secs == 0 => "never".into(),
+        0..60 => format!("{d}s ago"),
+        60..3600 => format!("{}m ago", d / 60),
+        3600..86400 => format!("{}h ago", d / 3600),
+        _ => format!("{}d ago", d / 86400),
+    }
 }

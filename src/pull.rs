@@ -448,6 +448,7 @@ impl Store {
     }
 
     pub(crate) fn pulled(&self, record: ImageRecord) -> Result<PulledImage> {
+        self.mark_used(&record.reference);
         let config = self.read_config(&record.config_digest)?;
         Ok(PulledImage {
             reference: record.reference.clone(),
@@ -858,6 +859,7 @@ impl Store {
         };
         tree.save(&self.tree_path(&record.view()))?;
         self.put_image(record.clone())?;
+        self.mark_used(&record.reference);
         if lazy.is_empty() {
             // What root's first mount would write: done here, so that the mount is quick.
             if let Some(bytes) = crate::mount::shared::prepare(self, &record) {

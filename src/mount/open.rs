@@ -16,11 +16,16 @@ pub(super) fn stored_image(
     reference: &str,
 ) -> Result<(crate::store::ImageRecord, crate::store::Lease)> {
     let name = normalize_reference(reference)?;
+    // Held from reading the record to leasing its files: a gc (budget eviction) runs before
+    // or after, never in between.
+    let guard = store.pull_guard()?;
     let record = store.image(&name)?.ok_or_else(|| Error::NotFound {
         reference: name.clone(),
         detail: " in the local store (pull it first)".into(),
     })?;
     let lease = lease_image(store, &record)?;
+    drop(guard);
+    store.mark_used(&record.reference);
     if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
         return Err(Error::BadImage {
             reference: name,

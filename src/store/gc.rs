@@ -10,7 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use serde::Serialize;
 
-use super::{alive, temp_owner, Store};
+use super::{alive, temp_owner, ImageRecord, Store};
 use crate::error::IoContext;
 use crate::{Digest, Error, Result};
 
@@ -52,7 +52,7 @@ impl Store {
     }
 
     /// Digests held by live leases (stale lease files of dead processes are removed).
-    fn leased(&self) -> Result<std::collections::HashSet<String>> {
+    pub(super) fn leased(&self) -> Result<std::collections::HashSet<String>> {
         let mut out = std::collections::HashSet::new();
         let dir = self.root.join("leases");
         let Ok(entries) = fs::read_dir(&dir) else {
@@ -173,11 +173,16 @@ impl Store {
     /// Returns (files removed, bytes freed).
     pub fn gc(&self) -> Result<(u64, u64)> {
         let _pulls = self.flock("store", libc::LOCK_EX)?;
-        let _lock = self.lock("images")?;
-        let images = self.read_images()?;
-        let leased = self.leased()?;
+        self.gc_locked()
+    }
+
+    /// The digests (hex) that `images` and the live leases `leased` keep.
+    pub(super) fn keep_set(
+        images: &[&ImageRecord],
+        leased: &std::collections::HashSet<String>,
+    ) -> std::collections::HashSet<String> {
         let mut keep = leased.clone();
-        for rec in images.images.values() {
+        for rec in images {
             keep.insert(rec.manifest_digest.hex());
             keep.insert(rec.view().hex());
             keep.insert(rec.config_digest.hex());
@@ -188,6 +193,15 @@ impl Store {
                 }
             }
         }
+        keep
+    }
+
+    /// [`Store::gc`] with the store's pull guard already held exclusively (by the caller).
+    pub(super) fn gc_locked(&self) -> Result<(u64, u64)> {
+        let _lock = self.lock("images")?;
+        let images = self.read_images()?;
+        let leased = self.leased()?;
+        let keep = Self::keep_set(&images.images.values().collect::<Vec<_>>(), &leased);
         let (mut files, mut bytes) = (0, 0);
         for dir in ["blobs/sha256", "layers/sha256", "trees/sha256", "tmp"] {
             let dir = self.root.join(dir);
@@ -209,28 +223,53 @@ impl Store {
                     };
                 }
                 let abandoned_ingest = ingest_lock.is_some();
-                // A lazily served layer's files are keyed by layer and index: both must be
-                // kept. Those of earlier versions, keyed by the layer alone (any image's
-                // index could have filled them), go once no live mount holds the layer.
-                let by_index = second.len() == 64 && second.bytes().all(|b| b.is_ascii_hexdigit());
-                let unkeyed_lazy =
-                    matches!(second, "partial" | "present" | "windows") && !leased.contains(hex);
-                let orphan = !dir.ends_with("tmp")
-                    && !name.contains(".tmp.")
-                    && (!keep.contains(hex)
-                        || (by_index && !keep.contains(second))
-                        || unkeyed_lazy);
+                let orphan = !dir.ends_with("tmp") && orphan_file(&name, &keep, &leased);
                 if stale_temp || orphan || abandoned_ingest {
                     let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
                     fs::remove_file(entry.path())
                         .ctx(|| format!("removing {}", entry.path().display()))?;
+                    super::budget::removed_one();
                     files += 1;
                     bytes += len;
                 }
             }
         }
+        // Files of the store's root written through a temp file by a process that died
+        // mid-write (`images.json.tmp.PID.SEQ`), and last-use marks of images no longer stored.
+        if let Ok(entries) = fs::read_dir(&self.root) {
+            for entry in entries.flatten() {
+                let name = entry.file_name().to_string_lossy().into_owned();
+                if name.contains(".tmp.") && temp_owner(&name).is_some_and(|pid| !alive(pid)) {
+                    let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                    if fs::remove_file(entry.path()).is_ok() {
+                        files += 1;
+                        bytes += len;
+                    }
+                }
+            }
+        }
+        self.forget_unused_marks(&images.images);
         Ok((files, bytes))
     }
+}
+
+/// Whether a file of `blobs/`, `layers/` or `trees/` named `name` is one no image in `keep`
+/// (digests kept by records and leases) nor a live lease (`leased`) needs.
+pub(super) fn orphan_file(
+    name: &str,
+    keep: &std::collections::HashSet<String>,
+    leased: &std::collections::HashSet<String>,
+) -> bool {
+    let mut parts = name.split('.');
+    let hex = parts.next().unwrap_or("");
+    let second = parts.next().unwrap_or("");
+    // A lazily served layer's files are keyed by layer and index: both must be
+    // kept. Those of earlier versions, keyed by the layer alone (any image's
+    // index could have filled them), go once no live mount holds the layer.
+    let by_index = second.len() == 64 && second.bytes().all(|b| b.is_ascii_hexdigit());
+    let unkeyed_lazy = matches!(second, "partial" | "present" | "windows") && !leased.contains(hex);
+    !name.contains(".tmp.")
+        && (!keep.contains(hex) || (by_index && !keep.contains(second)) || unkeyed_lazy)
 }
 
 /// How the store's disk space is used (see [`Store::usage`]).

@@ -14,6 +14,8 @@
 //! ├── trees/sha256/<hex>.tree    merged tree of an image                 (key: manifest digest)
 //! ├── trees/sha256/<hex>.erofs   its metadata (and small files) as EROFS (key: manifest digest)
 //! ├── images.json                reference → manifest, config and layers, replaced atomically
+//! ├── settings.json              the store's settings (its budget), replaced atomically
+//! ├── used/<sha256 of reference> when each image was last pulled or mounted (its mtime)
 //! ├── locks/                     flock(2) files: one per blob being fetched, one for images.json
 //! └── tmp/                       downloads in progress; renamed into place once verified
 //!     └── <hex>.ingest           a layer's download, kept when a pull fails or dies to be
@@ -37,8 +39,13 @@ use serde::{Deserialize, Serialize};
 use crate::error::IoContext;
 use crate::{Digest, Error, Result};
 
+mod budget;
 mod gc;
 mod ingest;
+pub use budget::{
+    budget_from_env, parse_size, BudgetAction, BudgetPlan, BudgetReport, BudgetStep, Settings,
+    BUDGET_ENV,
+};
 pub use gc::{ImageUsage, Lease, Usage};
 pub(crate) use ingest::BlobWriter;
 
