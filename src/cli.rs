@@ -1100,6 +1100,9 @@ impl PullArgs {
             parallel: 3,
             stall_timeout: Some(std::time::Duration::from_secs_f64(self.stall_timeout)),
             small_files: Some(self.small_files << 10),
+            // Kept by the command itself, with its messages (and, for a mount, once the mount
+            // holds its image).
+            budget: crate::pull::Budget::Unlimited,
         })
     }
 }

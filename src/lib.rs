@@ -111,7 +111,7 @@ pub use mount::{
     StoreMount,
 };
 pub use publish::{PushIndexOptions, PushedIndex};
-pub use pull::{Progress, ProgressFn, PullOptions, PullPolicy, PulledImage};
+pub use pull::{Budget, Progress, ProgressFn, PullOptions, PullPolicy, PulledImage};
 pub use registry::manifest::{ImageConfig, Platform, RuntimeConfig};
 pub use registry::{Credentials, RegistryOptions};
 pub use store::{ImageRecord, ImageUsage, LayerRecord, Lease, Store, Usage};

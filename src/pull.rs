@@ -143,6 +143,22 @@ pub struct PullOptions {
     /// FUSE; the large Debian image's store grows by 0.35× its compressed size); `Some(0)`
     /// keeps none (the store stays at 1.08× the compressed image, as before).
     pub small_files: Option<u64>,
+    /// The store budget kept once the pull has recorded its image (which stays, whatever it
+    /// costs): by default the store's setting (`bux-fuse config max-store-size`, see
+    /// [`Store::settings`]), none if unset.
+    pub budget: Budget,
+}
+
+/// Which store budget a pull keeps (see [`Store::enforce_budget`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum Budget {
+    /// The store's own setting, if it has one.
+    #[default]
+    Setting,
+    /// At most this many bytes.
+    Max(u64),
+    /// None: the caller keeps it (the CLI does, with its messages).
+    Unlimited,
 }
 
 impl std::fmt::Debug for PullOptions {
@@ -153,6 +169,7 @@ impl std::fmt::Debug for PullOptions {
             .field("registry", &self.registry)
             .field("parallel", &self.parallel)
             .field("small_files", &self.small_files)
+            .field("budget", &self.budget)
             .finish()
     }
 }
@@ -262,6 +279,38 @@ impl Store {
     /// [`crate::registry::conf`]); with several search registries to try (permissive mode),
     /// the first that has the image serves it (one stored already, first).
     pub async fn pull(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
+        let image = self.pull_candidates(reference, opts).await?;
+        self.keep_budget(opts.budget, &image.reference).await;
+        Ok(image)
+    }
+
+    /// Keeps the store budget after a pull of `kept` (a failure to is logged: the pull stands).
+    pub(crate) async fn keep_budget(&self, budget: Budget, kept: &str) {
+        let max = match budget {
+            Budget::Unlimited => return,
+            Budget::Max(max) => max,
+            Budget::Setting => match self.settings() {
+                Ok(s) => match s.max_store_size {
+                    Some(max) => max,
+                    None => return,
+                },
+                Err(e) => return tracing::warn!("reading the store's settings: {e}"),
+            },
+        };
+        let (store, kept) = (self.clone(), vec![kept.to_string()]);
+        match tokio::task::spawn_blocking(move || store.enforce_budget(max, &kept)).await {
+            Ok(Ok(r)) if !r.removed.is_empty() || !r.dropped.is_empty() => tracing::info!(
+                "store budget {max}: removed {:?}, dropped the chunks of {:?}",
+                r.removed,
+                r.dropped
+            ),
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => tracing::warn!("keeping the store budget: {e}"),
+            Err(e) => tracing::warn!("keeping the store budget: {e}"),
+        }
+    }
+
+    async fn pull_candidates(&self, reference: &str, opts: &PullOptions) -> Result<PulledImage> {
         let names = candidate_names(reference)?;
         if names.len() == 1 {
             return self.pull_one(reference, opts).await;

@@ -616,3 +616,47 @@ fn lazy_chunks_no_mount_uses_are_dropped_and_fetched_again() {
     drop(m);
     bux.ok(&["check"]);
 }
+
+/// The library keeps the store's budget setting after each pull by itself (a runtime that
+/// embeds it need not call anything), and `Budget::Max` / `Budget::Unlimited` override it.
+#[test]
+fn library_pulls_keep_the_stores_setting() {
+    let reg = Registry::start();
+    let images: Vec<String> = (0..3)
+        .map(|i| push_image(&reg, &format!("lib/b{i}"), 40 + i, 1_000_000).0)
+        .collect();
+    let dir = tempfile::tempdir().unwrap();
+    let store = bux_fuse::Store::open(dir.path()).unwrap();
+    store.set_max_store_size(Some(1_800_000)).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let stored = || -> Vec<String> {
+        store
+            .images()
+            .unwrap()
+            .into_iter()
+            .map(|i| i.reference)
+            .collect()
+    };
+    for r in &images {
+        rt.block_on(store.pull(r, &bux_fuse::PullOptions::default()))
+            .unwrap();
+        assert!(
+            store.counted_bytes().unwrap() <= 1_800_000,
+            "{:?}",
+            stored()
+        );
+    }
+    assert_eq!(
+        stored(),
+        vec![images[2].clone()],
+        "least recently used went first"
+    );
+    // Unlimited: the caller keeps the budget; nothing goes.
+    let unlimited = bux_fuse::PullOptions {
+        budget: bux_fuse::Budget::Unlimited,
+        ..Default::default()
+    };
+    rt.block_on(store.pull(&images[0], &unlimited)).unwrap();
+    assert_eq!(stored().len(), 2);
+    assert!(store.counted_bytes().unwrap() > 1_800_000);
+}

@@ -80,6 +80,19 @@ impl Store {
         opts: &PullOptions,
         trust_referrer: bool,
     ) -> Result<(PulledImage, LazyOutcome)> {
+        let (image, outcome) = self
+            .pull_lazy_candidates(reference, opts, trust_referrer)
+            .await?;
+        self.keep_budget(opts.budget, &image.reference).await;
+        Ok((image, outcome))
+    }
+
+    async fn pull_lazy_candidates(
+        &self,
+        reference: &str,
+        opts: &PullOptions,
+        trust_referrer: bool,
+    ) -> Result<(PulledImage, LazyOutcome)> {
         // A short name with several search registries to try: each in turn, as `pull` does.
         let names = crate::pull::candidate_names(reference)?;
         if names.len() > 1 {
@@ -88,12 +101,12 @@ impl Store {
                     .iter()
                     .find(|n| self.image(n).is_ok_and(|i| i.is_some()))
                 {
-                    return Box::pin(self.pull_lazy(n, opts, trust_referrer)).await;
+                    return Box::pin(self.pull_lazy_candidates(n, opts, trust_referrer)).await;
                 }
             }
             let mut last = None;
             for n in &names {
-                match Box::pin(self.pull_lazy(n, opts, trust_referrer)).await {
+                match Box::pin(self.pull_lazy_candidates(n, opts, trust_referrer)).await {
                     Err(e) if matches!(e.inner(), Error::NotFound { .. }) => last = Some(e),
                     r => return r,
                 }

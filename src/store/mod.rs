@@ -188,9 +188,13 @@ pub(crate) fn alive(pid: u32) -> bool {
 }
 
 impl Store {
-    /// Opens (creating if needed) the store at `root`.
+    /// Opens (creating if needed) the store at `root` (made absolute: the image servers it
+    /// starts run elsewhere).
     pub fn open(root: impl Into<PathBuf>) -> Result<Store> {
-        let store = Store { root: root.into() };
+        let root: PathBuf = root.into();
+        let root = std::path::absolute(&root)
+            .map_err(|e| Error::io(format!("resolving {}", root.display()), e))?;
+        let store = Store { root };
         for dir in [
             "blobs/sha256",
             "layers/sha256",
