@@ -672,6 +672,7 @@ fn run(cli: Cli) -> Result<()> {
             let state = |m: &crate::mount::StoreMount| match m.state {
                 crate::mount::MountState::Live => "live",
                 crate::mount::MountState::Dead => "dead",
+                crate::mount::MountState::Unresponsive => "stuck",
             };
             if json {
                 let list: Vec<serde_json::Value> = mounts
@@ -685,14 +686,20 @@ fn run(cli: Cli) -> Result<()> {
                 println!("{}", serde_json::to_string_pretty(&list)?);
                 return Ok(());
             }
+            let width = mounts
+                .iter()
+                .map(|m| m.record.reference.len())
+                .max()
+                .unwrap_or(0)
+                .max("IMAGE".len());
             println!(
-                "{:5}  {:>8}  {:16}  {:8}  IMAGE  PATH",
-                "STATE", "PID", "PROGRAM", "MODE"
+                "{:5}  {:>8}  {:16}  {:8}  {:width$}  PATH",
+                "STATE", "PID", "PROGRAM", "MODE", "IMAGE"
             );
             for m in &mounts {
                 let r = &m.record;
                 println!(
-                    "{:5}  {:>8}  {:16}  {:8}  {}  {}",
+                    "{:5}  {:>8}  {:16}  {:8}  {:width$}  {}",
                     state(m),
                     r.pid,
                     r.program,

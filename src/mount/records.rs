@@ -38,6 +38,14 @@ pub struct MountRecord {
     pub shared: bool,
     /// Seconds since the epoch when it was mounted.
     pub since: u64,
+    /// The mount table's ID of the mount at `path` when it was made: a record whose path holds
+    /// another mount now (this one gone, something else mounted there) is stale.
+    #[serde(default)]
+    pub mount_id: Option<String>,
+    /// When process `pid` started (clock ticks since boot): a pid used again by another
+    /// process is not taken for the maker.
+    #[serde(default)]
+    pub pid_start: Option<u64>,
 }
 
 /// Whether a recorded mount still serves.
@@ -49,6 +57,9 @@ pub enum MountState {
     /// endpoint is not connected". [`Store::tear_down`] removes it; [`crate::mount()`] at its
     /// path replaces it by itself.
     Dead,
+    /// Its server is there but did not answer within a second (stopped, frozen, or stuck):
+    /// neither torn down nor replaced by itself.
+    Unresponsive,
 }
 
 /// A mount the store made, and how it is.
@@ -106,6 +117,8 @@ pub(crate) fn write(
         since: std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map_or(0, |d| d.as_secs()),
+        mount_id: table::at(path).map(|m| m.id),
+        pid_start: process_start(std::process::id()),
     };
     let d = dir(store);
     std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;
@@ -125,26 +138,76 @@ fn remove(store: &Store, path: &Path) {
     let _ = std::fs::remove_file(file_for(store, path));
 }
 
-/// Whether what is mounted at `path` lost its server: the mount itself, or the image mount an
-/// overlay there stands on, answers "Transport endpoint is not connected".
-pub(crate) fn is_dead(path: &Path) -> bool {
-    // statfs, not stat: the kernel answers a stat of the root from its attribute cache even
-    // after the server is gone, while FUSE sends every statfs to the server.
-    let enotconn = |p: &Path| {
-        let Ok(c) = std::ffi::CString::new(p.as_os_str().as_encoded_bytes()) else {
-            return false;
-        };
-        // SAFETY: a valid C string and a zeroed out-struct the call fills.
-        let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
-        let failed = unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0;
-        failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
-    };
-    if enotconn(path) {
-        return true;
+/// When process `pid` started (field 22 of `/proc/PID/stat`), if it runs (a zombie does not).
+fn process_start(pid: u32) -> Option<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let (_, rest) = stat.rsplit_once(')')?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // rest starts at field 3 (state); field 22 is starttime.
+    if matches!(fields.first(), Some(&"Z") | Some(&"X")) {
+        return None;
     }
-    table::at(path).is_some_and(|m| {
-        m.fstype == "overlay" && m.path_option("lowerdir").is_some_and(|l| enotconn(&l))
-    })
+    fields.get(19)?.parse().ok()
+}
+
+/// How the server of what is mounted at `path` answers: the mount itself, or the image mount
+/// an overlay there stands on. Asked with `statfs` (FUSE sends every one to its server; a stat
+/// of the root is answered from the kernel's cache) on a thread of its own, waited for one
+/// second: a stopped or stuck server holds that thread, not the caller.
+pub(crate) fn probe(path: &Path) -> MountState {
+    let mut target = path.to_path_buf();
+    if let Some(lower) = table::at(path)
+        .filter(|m| m.fstype == "overlay")
+        .and_then(|m| m.path_option("lowerdir"))
+    {
+        target = lower;
+    }
+    let (tx, rx) = std::sync::mpsc::channel();
+    let spawned = std::thread::Builder::new()
+        .name("bux-fuse-probe".into())
+        .spawn(move || {
+            let Ok(c) = std::ffi::CString::new(target.as_os_str().as_encoded_bytes()) else {
+                let _ = tx.send(MountState::Live);
+                return;
+            };
+            // SAFETY: a valid C string and a zeroed out-struct the call fills.
+            let mut buf: libc::statfs = unsafe { std::mem::zeroed() };
+            let failed = unsafe { libc::statfs(c.as_ptr(), &mut buf) } != 0;
+            let dead =
+                failed && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN);
+            let _ = tx.send(if dead {
+                MountState::Dead
+            } else {
+                MountState::Live
+            });
+        });
+    if spawned.is_err() {
+        return MountState::Unresponsive;
+    }
+    rx.recv_timeout(std::time::Duration::from_secs(1))
+        .unwrap_or(MountState::Unresponsive)
+}
+
+impl MountRecord {
+    /// Whether the mount at its path is still the one it records (`here`: the mount table's
+    /// entry there).
+    fn matches(&self, here: &table::MountInfo) -> bool {
+        self.mount_id.as_ref().is_none_or(|id| *id == here.id)
+    }
+
+    /// How the mount serves. A mount served by its maker (not shared) is dead once that
+    /// process is gone, which needs no word with the server; one over the shared server is
+    /// asked ([`probe`]).
+    fn state(&self) -> MountState {
+        if !self.shared {
+            let alive = process_start(self.pid)
+                .is_some_and(|start| self.pid_start.is_none_or(|s| s == start));
+            if !alive {
+                return MountState::Dead;
+            }
+        }
+        probe(&self.path)
+    }
 }
 
 impl Store {
@@ -169,25 +232,33 @@ impl Store {
                 let _ = std::fs::remove_file(&file);
                 continue;
             };
-            if table::at(&record.path).is_none() {
-                let _ = std::fs::remove_file(&file);
+            if !table::at(&record.path).is_some_and(|here| record.matches(&here)) {
+                let _ = std::fs::remove_file(&file); // gone, or something else is there now
                 continue;
             }
-            let state = match is_dead(&record.path) {
-                true => MountState::Dead,
-                false => MountState::Live,
-            };
+            let state = record.state();
             out.push(StoreMount { record, state });
         }
         out.sort_by(|a, b| a.record.path.cmp(&b.record.path));
         Ok(out)
     }
 
-    /// Unmounts what bux-fuse mounted at `path`, live or dead, with what stands under it (the
-    /// image mount of a writable mount, its scratch upper layer), and drops the store's
-    /// record of it. Anything else mounted there is left, with an error saying what it is.
+    /// Unmounts a mount this store made at `path`, live or dead, with what stands under it
+    /// (the image mount of a writable mount, its scratch upper layer), and drops the store's
+    /// record of it. Anything else mounted there (another store's mount included) is left,
+    /// with an error saying what it is.
     pub fn tear_down(&self, path: &Path) -> Result<()> {
         let path = super::mount_path(path);
+        let ours = table::at(&path)
+            .is_some_and(|here| read(self, &path).is_some_and(|r| r.matches(&here)));
+        if !ours {
+            return Err(Error::Mount {
+                path,
+                detail: "not a mount this store made (`bux-fuse umount` unmounts any of \
+                         bux-fuse's)"
+                    .into(),
+            });
+        }
         super::unmount_all(&path)?;
         remove(self, &path);
         super::clean_run_dir(&self.root().join("run"));
@@ -195,31 +266,44 @@ impl Store {
     }
 }
 
-/// Before a mount at `path`: nothing mounted there is fine; a mount of bux-fuse's whose server
-/// died is torn down (a runtime killed and started again mounts its VMs' roots where they
-/// were); anything live is [`Error::AlreadyMounted`].
+/// Before a mount at `path`: nothing mounted there is fine; a mount this store made whose
+/// server died is torn down (a runtime killed and started again mounts its VMs' roots where
+/// they were); anything else is [`Error::AlreadyMounted`].
 pub(crate) fn clear(store: &Store, path: &Path) -> Result<()> {
     let path = super::mount_path(path);
     let Some(here) = table::at(&path) else {
         return Ok(());
     };
-    let ours = super::unmount::is_ours(&here);
-    if ours && is_dead(&path) {
-        tracing::info!(
-            "{}: a mount whose server died is here: unmounting it first",
-            path.display()
-        );
-        return store.tear_down(&path);
-    }
-    let what = match read(store, &path).filter(|_| ours) {
-        Some(r) => format!(
-            "{} by {} (pid {}){}",
-            r.reference,
-            r.program,
-            r.pid,
-            if r.writable { ", writable" } else { "" }
-        ),
-        None if ours => "a bux-fuse mount".into(),
+    let record = read(store, &path).filter(|r| r.matches(&here));
+    let what = match &record {
+        Some(r) => match r.state() {
+            MountState::Dead => {
+                tracing::info!(
+                    "{}: a mount whose server died is here: unmounting it first",
+                    path.display()
+                );
+                return store.tear_down(&path);
+            }
+            state => format!(
+                "{} by {} (pid {}){}{}",
+                r.reference,
+                r.program,
+                r.pid,
+                if r.writable { ", writable" } else { "" },
+                if state == MountState::Unresponsive {
+                    ", its server not answering"
+                } else {
+                    ""
+                }
+            ),
+        },
+        None if super::unmount::is_ours(&here) => match probe(&path) {
+            MountState::Dead => {
+                "a bux-fuse mount whose server died, not made by this store (`bux-fuse umount` it)"
+                    .into()
+            }
+            _ => "a bux-fuse mount not made by this store".into(),
+        },
         None => format!("a {} mount", here.fstype),
     };
     Err(Error::AlreadyMounted { path, what })

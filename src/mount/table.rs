@@ -5,6 +5,8 @@ use std::path::{Path, PathBuf};
 
 /// One line of the mount table.
 pub(crate) struct MountInfo {
+    /// The mount's ID (unique while it is mounted).
+    pub id: String,
     /// `major:minor` of the mounted filesystem (bind mounts of one share it).
     pub dev: String,
     /// Where it is mounted.
@@ -44,6 +46,7 @@ pub(crate) fn read() -> Vec<MountInfo> {
             let fstype = right.next()?.to_string();
             let _source = right.next();
             Some(MountInfo {
+                id: left.first()?.to_string(),
                 dev: left.get(2)?.to_string(),
                 point: unescape(left.get(4)?),
                 fstype,
