@@ -30,7 +30,7 @@ pub const FOOTER_SIZE: u64 = 51;
 const LEGACY_FOOTER_SIZE: u64 = 47;
 /// Bytes fetched from the end of a blob at first: footer and, usually, the whole TOC (one
 /// request). A larger TOC takes a second.
-pub const TAIL: u64 = 512 << 10;
+pub const TAIL: u64 = 64 << 10;
 
 /// The TOC digest an eStargz layer's annotations pin (`None` without the annotation; an
 /// error if it is not a digest).
