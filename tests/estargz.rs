@@ -137,7 +137,14 @@ fn converted(flags: &[&str], record: &[&str]) -> Converted {
     let ctd = Containerd::start();
     let src = format!("{}/estargz/app:v1", reg.host());
     let dst = format!("{}/estargz/app:conv", reg.host());
-    ctd.ok(&["image", "pull", "--plain-http", "--snapshotter", "native", &src]);
+    ctd.ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &src,
+    ]);
     let mut args = vec!["image", "convert", "--oci"];
     args.extend_from_slice(flags);
     let rec = ctd.dir.path().join("record.json");
@@ -272,7 +279,11 @@ fn estargz_mounts_lazily_verifies_and_completes() {
         c.compressed
     );
     // The format's own entries are not files of the image.
-    for name in ["stargz.index.json", ".no.prefetch.landmark", ".prefetch.landmark"] {
+    for name in [
+        "stargz.index.json",
+        ".no.prefetch.landmark",
+        ".prefetch.landmark",
+    ] {
         assert!(!m.path.join(name).exists(), "{name} is served");
     }
     diff_with_umoci(&m.path, c.layout.path());
@@ -315,14 +326,14 @@ fn a_corrupted_estargz_chunk_is_never_served() {
         &c.reference,
         &["--prefetch", "none", "--read-timeout", "3"],
     );
-    assert_eq!(std::fs::read(m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    assert_eq!(
+        std::fs::read(m.path.join("etc/hostname")).unwrap(),
+        b"lazy\n"
+    );
     let err = std::fs::read(m.path.join("usr/lib/big1.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
     let log = daemon_log(&bux);
-    assert!(
-        log.contains("do not match their published digest"),
-        "{log}"
-    );
+    assert!(log.contains("do not match their published digest"), "{log}");
 }
 
 /// The converted image as an OCI layout (`conv`), to craft variants of it.
@@ -367,7 +378,9 @@ fn craft(layout: &Path, edit: impl Fn(&[u8], &mut serde_json::Value) -> bool) {
         .read_to_end(&mut toc_tar)
         .unwrap();
     let size = usize::from_str_radix(
-        std::str::from_utf8(&toc_tar[124..135]).unwrap().trim_matches(char::from(0)),
+        std::str::from_utf8(&toc_tar[124..135])
+            .unwrap()
+            .trim_matches(char::from(0)),
         8,
     )
     .unwrap();
@@ -415,7 +428,11 @@ fn craft(layout: &Path, edit: impl Fn(&[u8], &mut serde_json::Value) -> bool) {
     index["manifests"][0]["digest"] = put(layout, &manifest).into();
     index["manifests"][0]["size"] = manifest.len().into();
     index["manifests"][0]["annotations"]["org.opencontainers.image.ref.name"] = "conv".into();
-    std::fs::write(layout.join("index.json"), serde_json::to_vec(&index).unwrap()).unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&index).unwrap(),
+    )
+    .unwrap();
 }
 
 /// The TOC entry named `name`.
@@ -430,11 +447,16 @@ fn entry<'a>(toc: &'a mut serde_json::Value, name: &str) -> &'a mut serde_json::
 
 /// Pushes a crafted variant and mounts it lazily, waiting for completion: returns the
 /// mount's stderr (the mount must fail) and the store.
-fn mount_crafted(c: &Converted, tag: &str, edit: impl Fn(&[u8], &mut serde_json::Value) -> bool) -> (Bux, String, String) {
+fn mount_crafted(
+    c: &Converted,
+    tag: &str,
+    edit: impl Fn(&[u8], &mut serde_json::Value) -> bool,
+) -> (Bux, String, String) {
     let dir = tempfile::tempdir().unwrap();
     fetch_layout(&c.reg, &c.reference, dir.path());
     craft(dir.path(), edit);
-    c.reg.push(dir.path(), "conv", &format!("estargz/{tag}"), None);
+    c.reg
+        .push(dir.path(), "conv", &format!("estargz/{tag}"), None);
     let reference = format!("{}/estargz/{tag}:conv", c.reg.host());
     let bux = Bux::new();
     let mdir = tempfile::tempdir().unwrap();
@@ -448,7 +470,10 @@ fn mount_crafted(c: &Converted, tag: &str, edit: impl Fn(&[u8], &mut serde_json:
     ]);
     let _m = MountGuard::adopt(mnt, mdir);
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert!(!out.status.success(), "completion did not catch the lie: {stderr}");
+    assert!(
+        !out.status.success(),
+        "completion did not catch the lie: {stderr}"
+    );
     (bux, reference, stderr)
 }
 
@@ -467,7 +492,12 @@ fn a_lying_toc_is_refused_at_completion() {
     assert!(stderr.contains("marked bad"), "{stderr}");
     assert!(stderr.contains("etc/os-release"), "{stderr}");
     let again = tempfile::tempdir().unwrap();
-    let err = bux.fails(&["mount", "--lazy", &reference, again.path().join("r").to_str().unwrap()]);
+    let err = bux.fails(&[
+        "mount",
+        "--lazy",
+        &reference,
+        again.path().join("r").to_str().unwrap(),
+    ]);
     assert!(err.contains("marked bad"), "{err}");
 
     // etc/hostname (5 bytes, the layer's first file) pointed at the blob's first member: the
@@ -476,7 +506,9 @@ fn a_lying_toc_is_refused_at_completion() {
         let e = entry(toc, "etc/hostname");
         let size = e["size"].as_u64().unwrap() as usize;
         let mut first = vec![0u8; size];
-        flate2::read::GzDecoder::new(blob).read_exact(&mut first).unwrap();
+        flate2::read::GzDecoder::new(blob)
+            .read_exact(&mut first)
+            .unwrap();
         let d = format!("sha256:{}", sha256_hex(&first));
         e["offset"] = 0.into();
         e["digest"] = d.clone().into();
@@ -503,7 +535,8 @@ fn estargz_without_its_annotation_is_pulled_whole_and_says_why() {
     let bux = Bux::new();
     let (m, stderr) = lazy_mount(&bux, &reference, &[]);
     assert!(
-        stderr.contains("containerd.io/snapshot/stargz/toc.digest") && stderr.contains("pulled whole"),
+        stderr.contains("containerd.io/snapshot/stargz/toc.digest")
+            && stderr.contains("pulled whole"),
         "{stderr}"
     );
     // Pulled whole, the layer is its tar as is: the writer's own entries are in it.
@@ -511,7 +544,12 @@ fn estargz_without_its_annotation_is_pulled_whole_and_says_why() {
     diff_with_umoci_but(
         &m.path,
         c.layout.path(),
-        &["--exclude", "stargz.index.json", "--exclude", ".no.prefetch.landmark"],
+        &[
+            "--exclude",
+            "stargz.index.json",
+            "--exclude",
+            ".no.prefetch.landmark",
+        ],
     );
 }
 
@@ -559,9 +597,16 @@ fn prefetch_landmark_contents_are_fetched_first() {
         std::fs::read(m.path.join("etc/motd")).unwrap(),
         b"hello from an estargz layer\n"
     );
-    assert_eq!(std::fs::read(m.path.join("usr/bin/ping")).unwrap(), b"ping\n");
+    assert_eq!(
+        std::fs::read(m.path.join("usr/bin/ping")).unwrap(),
+        b"ping\n"
+    );
     // Far from everything: the big files were not prefetched.
-    assert!(last * 4 < c.compressed, "{last} of {} bytes prefetched", c.compressed);
+    assert!(
+        last * 4 < c.compressed,
+        "{last} of {} bytes prefetched",
+        c.compressed
+    );
     proxy.unpause();
 }
 
@@ -581,7 +626,11 @@ fn ctr_remote_zstd_chunked_mounts_lazily() {
         b"NAME=bux-estargz\nID=bux\n"
     );
     let fetched = proxy.bytes();
-    assert!(fetched * 20 < c.compressed, "fetched {fetched} of {}", c.compressed);
+    assert!(
+        fetched * 20 < c.compressed,
+        "fetched {fetched} of {}",
+        c.compressed
+    );
     diff_with_umoci(&m.path, c.layout.path());
     drop(m);
     let bux = Bux::new();
@@ -609,7 +658,14 @@ fn an_index_of_other_layers_is_named_not_silently_ignored() {
     );
     let ctd = Containerd::start();
     let dst = format!("{}/estargz/idx:conv", reg.host());
-    ctd.ok(&["image", "pull", "--plain-http", "--snapshotter", "native", &src]);
+    ctd.ok(&[
+        "image",
+        "pull",
+        "--plain-http",
+        "--snapshotter",
+        "native",
+        &src,
+    ]);
     ctd.ok(&["image", "convert", "--oci", "--zstdchunked", &src, &dst]);
     ctd.ok(&["image", "push", "--plain-http", &dst]);
     let manifest = manifest_of(&reg, "estargz/idx", "conv");
@@ -620,9 +676,12 @@ fn an_index_of_other_layers_is_named_not_silently_ignored() {
     let bux = Bux::new();
     let (m, stderr) = lazy_mount(&bux, &dst, &[]);
     assert!(
-        stderr.contains("dev.bux-fuse.index") && stderr.contains("names 0 of this image's 2 layers"),
+        stderr.contains("dev.bux-fuse.index")
+            && stderr.contains("names 0 of this image's 2 layers"),
         "{stderr}"
     );
-    assert_eq!(std::fs::read(m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    assert_eq!(
+        std::fs::read(m.path.join("etc/hostname")).unwrap(),
+        b"lazy\n"
+    );
 }
-

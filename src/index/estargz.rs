@@ -73,11 +73,20 @@ pub fn footer(tail: &[u8], blob_size: u64) -> Option<(u64, u64)> {
     (toc < footer).then_some((toc, footer))
 }
 
+/// What an eStargz layer's TOC gives.
+pub enum Parsed {
+    /// The served table, and where the prefetch landmark's content starts if the TOC has one
+    /// (the contents before it are the ones to fetch first).
+    Table(PublishedLayer, Option<u64>),
+    /// A TOC this version does not serve from (unreadable, past its bounds, packed chunks):
+    /// the layer is pulled whole, which its digest checks.
+    Unusable(Error),
+}
+
 /// Builds the served table of an eStargz layer from its TOC member (the blob's bytes from the
 /// TOC offset to the footer), checking the TOC JSON against `toc_digest` (the annotation's)
-/// first. Also returns where the prefetch landmark's content starts, if the TOC has one: the
-/// contents before it are the ones to fetch first. `diff_id` is the config's, checked when the
-/// layer completes.
+/// first: a TOC that is not the annotated one is an error (the image contradicts itself).
+/// `diff_id` is the config's, checked when the layer completes.
 pub fn parse(
     member: &[u8],
     toc_offset: u64,
@@ -85,27 +94,37 @@ pub fn parse(
     layer: Digest,
     blob_size: u64,
     diff_id: Digest,
-) -> Result<(PublishedLayer, Option<u64>)> {
+) -> Result<Parsed> {
     let bad = |detail: String| Error::CorruptLayer {
         layer,
         detail: format!("eStargz table of contents: {detail}"),
     };
-    let json = toc_json(member).map_err(&bad)?;
+    let json = match toc_json(member) {
+        Ok(json) => json,
+        Err(e) => return Ok(Parsed::Unusable(bad(e))),
+    };
     if Digest::of(&json) != *toc_digest {
         return Err(bad(format!(
             "does not match the digest in the manifest ({TOC_DIGEST_KEY})"
         )));
     }
-    let toc: Toc =
-        serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
-    table(
-        &toc,
-        layer,
-        blob_size,
-        diff_id,
-        Compression::Gzip,
-        toc_offset,
-        &bad,
+    let toc: Toc = match serde_json::from_slice(&json) {
+        Ok(toc) => toc,
+        Err(e) => return Ok(Parsed::Unusable(bad(format!("not valid JSON: {e}")))),
+    };
+    Ok(
+        match table(
+            &toc,
+            layer,
+            blob_size,
+            diff_id,
+            Compression::Gzip,
+            toc_offset,
+            &bad,
+        ) {
+            Ok((p, prefetch)) => Parsed::Table(p, prefetch),
+            Err(e) => Parsed::Unusable(e),
+        },
     )
 }
 
@@ -179,7 +198,11 @@ pub(crate) mod tests {
         for &b in data {
             c ^= b as u32;
             for _ in 0..8 {
-                c = if c & 1 != 0 { (c >> 1) ^ 0xEDB8_8320 } else { c >> 1 };
+                c = if c & 1 != 0 {
+                    (c >> 1) ^ 0xEDB8_8320
+                } else {
+                    c >> 1
+                };
             }
         }
         !c
@@ -232,10 +255,20 @@ pub(crate) mod tests {
         };
         put(
             &mut blob,
-            [header("dir/", 0, b'5'), header(".prefetch.landmark", 1, b'0')].concat(),
+            [
+                header("dir/", 0, b'5'),
+                header(".prefetch.landmark", 1, b'0'),
+            ]
+            .concat(),
         );
-        let lm = put(&mut blob, [landmark.clone(), pad(1), header("dir/a", 5, b'0')].concat());
-        let a_off = put(&mut blob, [a.clone(), pad(5), header("dir/b", 7, b'0')].concat());
+        let lm = put(
+            &mut blob,
+            [landmark.clone(), pad(1), header("dir/a", 5, b'0')].concat(),
+        );
+        let a_off = put(
+            &mut blob,
+            [a.clone(), pad(5), header("dir/b", 7, b'0')].concat(),
+        );
         let b1 = put(&mut blob, b[..3].to_vec());
         let b2 = put(&mut blob, b[3..6].to_vec());
         let ln = link_header("dir/l", 0, b'2', Some("a"));
@@ -272,14 +305,17 @@ pub(crate) mod tests {
 
     fn parse_blob(blob: &[u8], json: &[u8]) -> Result<(PublishedLayer, Option<u64>)> {
         let (toc, end) = footer(&blob[blob.len() - 100..], blob.len() as u64).unwrap();
-        parse(
+        match parse(
             &blob[toc as usize..end as usize],
             toc,
             &Digest::of(json),
             Digest::of(blob),
             blob.len() as u64,
             Digest::of(b"diff"),
-        )
+        )? {
+            Parsed::Table(p, prefetch) => Ok((p, prefetch)),
+            Parsed::Unusable(e) => Err(e),
+        }
     }
 
     #[test]
@@ -359,9 +395,12 @@ pub(crate) mod tests {
         assert!(err.contains("does not match the digest"), "{err}");
     }
 
+    /// An edit of a TOC's JSON.
+    type Edit = Box<dyn Fn(&mut serde_json::Value)>;
+
     #[test]
     fn broken_tocs_are_refused() {
-        let cases: Vec<(&str, Box<dyn Fn(&mut serde_json::Value)>)> = vec![
+        let cases: Vec<(&str, Edit)> = vec![
             (
                 "outside the blob",
                 Box::new(|t| t["entries"][2]["offset"] = 10_000_000u64.into()),

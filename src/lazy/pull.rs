@@ -235,7 +235,9 @@ impl Store {
                 .jobs
                 .iter()
                 .filter(|j| !lazy.iter().any(|(l, _)| *l == j.digest))
-                .filter(|j| !(self.index_path(&j.digest).exists() && self.layer_bytes_present(&j.digest)))
+                .filter(|j| {
+                    !(self.index_path(&j.digest).exists() && self.layer_bytes_present(&j.digest))
+                })
                 .count();
             if unlisted > 0 {
                 outcome.note = Some(format!(
@@ -405,7 +407,10 @@ impl Store {
             return Ok(if pinned.is_some() {
                 Estargz::Refused(Error::CorruptLayer {
                     layer: job.digest,
-                    detail: format!("annotated {} but it has no eStargz footer", estargz::TOC_DIGEST_KEY),
+                    detail: format!(
+                        "annotated {} but it has no eStargz footer",
+                        estargz::TOC_DIGEST_KEY
+                    ),
                 })
             } else {
                 Estargz::Not
@@ -428,10 +433,11 @@ impl Store {
         }
         let from = (toc - (size - tail.len() as u64)) as usize;
         let member = &tail[from..from + (end - toc) as usize];
-        match estargz::parse(member, toc, &pinned, job.digest, size, job.diff_id) {
-            Ok((p, prefetch)) => Ok(Estargz::Table(p, prefetch)),
-            Err(e) if e.to_string().contains("does not match the digest") => Err(e),
-            Err(e) => Ok(Estargz::Refused(e)),
-        }
+        Ok(
+            match estargz::parse(member, toc, &pinned, job.digest, size, job.diff_id)? {
+                estargz::Parsed::Table(p, prefetch) => Estargz::Table(p, prefetch),
+                estargz::Parsed::Unusable(e) => Estargz::Refused(e),
+            },
+        )
     }
 }
