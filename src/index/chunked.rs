@@ -528,6 +528,49 @@ mod tests {
         parse(&z, &loc, layer, 1 << 20, Digest::of(b"diff")).unwrap();
     }
 
+    /// stargz-snapshotter's zstd:chunked (`ctr-remote image convert --zstdchunked`): no
+    /// `endOffset`, a `.no.prefetch.landmark` first, and the tar padding and next headers in
+    /// each content frame after the content. Before: "content outside the blob".
+    #[test]
+    fn ctr_remote_tables_without_end_offsets() {
+        let layer = Digest::of(b"ctr-remote layer");
+        let frame = |d: &[u8]| zstd::bulk::compress(d, 3).unwrap();
+        let mut blob = frame(&[0u8; 512]); // headers
+        let lm = blob.len();
+        blob.extend(frame(&[&[0xf][..], &[0u8; 1023]].concat()));
+        let a = blob.len();
+        blob.extend(frame(&[&b"hello"[..], &[0u8; 1019]].concat()));
+        let end = blob.len();
+        blob.extend([0x50, 0x2a, 0x4d, 0x18, 0, 0, 0, 0]); // the TOC's skippable frame
+        let sha = |d: &[u8]| Digest::of(d).to_string();
+        let json = serde_json::json!({"version": 1, "entries": [
+            {"name": ".no.prefetch.landmark", "type": "reg", "size": 1, "offset": lm,
+             "digest": sha(&[0xf]), "chunkDigest": sha(&[0xf])},
+            {"name": "etc", "type": "dir", "mode": 0o755},
+            {"name": "etc/a", "type": "reg", "size": 5, "offset": a, "mode": 0o644,
+             "digest": sha(b"hello"), "chunkDigest": sha(b"hello")},
+        ]})
+        .to_string();
+        let z = zstd::bulk::compress(json.as_bytes(), 3).unwrap();
+        let loc = TocLocation {
+            offset: blob.len() as u64,
+            length: z.len() as u64,
+            uncompressed: json.len() as u64,
+            digest: Digest::of(&z),
+        };
+        blob.extend(&z);
+        let p = parse(&z, &loc, layer, blob.len() as u64, Digest::of(b"diff")).unwrap();
+        let names: Vec<_> = p.entries.iter().map(|e| e.path.clone()).collect();
+        assert_eq!(names, [b"etc".to_vec(), b"etc/a".to_vec()]);
+        assert_eq!(p.chunks.len(), 1);
+        let c = p.chunks[0];
+        assert_eq!((c.start, c.end), (a as u64, end as u64));
+        assert!(c.verify(&blob[a..end]));
+        let mut other = blob[a..end].to_vec();
+        other.truncate(other.len() - 1);
+        assert!(!c.verify(&other), "a frame cut short");
+    }
+
     #[test]
     fn annotations() {
         let d = Digest::of(b"toc");
