@@ -325,9 +325,12 @@ impl Store {
                 .filter(|(_, start, end)| start < end)
                 .map(|(layer, start, end)| crate::trace::Entry { layer, start, end })
                 .collect();
-            crate::trace::save(&trace, &entries)?;
+            // (None before the landmarks: no trace, so the first mount records one.)
+            if !entries.is_empty() {
+                crate::trace::save(&trace, &entries)?;
+            }
         }
-        if outcome.chunked_layers > 0 && index.is_none() && refused.is_empty() {
+        if outcome.chunked_layers > 0 && index.is_none() {
             outcome.note = None; // the zstd:chunked tables made it lazy after all
         }
         if !refused.is_empty() {
