@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # Installs what bux-fuse needs on a fresh Debian/Ubuntu machine: FUSE tools, the reference
-# registry, image tools used as independent oracles in tests (umoci, skopeo, fsck.erofs), and
-# busybox for sample images.
+# registry, image tools used as independent oracles in tests (umoci, skopeo, fsck.erofs; containerd
+# and stargz-snapshotter's ctr-remote as the eStargz producer), and busybox for sample images.
 set -euo pipefail
 
 pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
       qemu-system-x86 cpio lz4 zstd libcap-ng-dev libseccomp-dev
-      util-linux coreutils attr erofs-utils)
+      util-linux coreutils attr erofs-utils containerd stargz-snapshotter)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -79,8 +79,9 @@ impl TocLocation {
 /// chunk a table may have. Each costs some 300 bytes parsed.
 const MAX_TOC_ENTRIES: usize = MAX_ENTRIES + MAX_CHUNKS;
 
+/// A table of contents: zstd:chunked's, which is eStargz's with `endOffset` added.
 #[derive(Deserialize)]
-struct Toc {
+pub(super) struct Toc {
     version: u32,
     #[serde(deserialize_with = "super::bounded_vec::<_, _, MAX_TOC_ENTRIES>")]
     entries: Vec<TocEntry>,
@@ -89,6 +90,7 @@ struct Toc {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct TocEntry {
+    inner_offset: i64,
     #[serde(rename = "type")]
     kind: String,
     name: String,
@@ -147,12 +149,75 @@ pub fn parse(
     }
     let toc: Toc =
         serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
+    // The last content frame ends where the TOC's skippable frame starts (its 8-byte header
+    // before `loc.offset`) at the latest.
+    let (published, _) = table(
+        &toc,
+        layer,
+        blob_size,
+        diff_id,
+        Compression::Zstd,
+        loc.offset.saturating_sub(8),
+        &bad,
+    )?;
+    Ok(published)
+}
+
+/// Names the eStargz writer (stargz-snapshotter's, which also writes zstd:chunked with
+/// `ctr-remote image convert --zstdchunked`) adds at the root of a layer: the prefetch
+/// landmarks and the TOC's own tar entry. They are not files of the image: not served.
+pub const PREFETCH_LANDMARK: &str = ".prefetch.landmark";
+/// See [`PREFETCH_LANDMARK`].
+pub const NO_PREFETCH_LANDMARK: &str = ".no.prefetch.landmark";
+/// See [`PREFETCH_LANDMARK`].
+pub const TOC_TAR_NAME: &str = "stargz.index.json";
+
+/// Whether `path` (normalized) is one of the eStargz writer's own entries, not the image's.
+pub fn is_format_entry(path: &[u8]) -> bool {
+    [PREFETCH_LANDMARK, NO_PREFETCH_LANDMARK, TOC_TAR_NAME]
+        .iter()
+        .any(|n| n.as_bytes() == path)
+}
+
+/// Builds the served table from a parsed TOC (zstd:chunked or eStargz: same entries). The
+/// stream it addresses is the files' contents laid end to end, in TOC order; each content
+/// range (a zstd frame or a gzip member, from the entry's `offset`) is a chunk whose first
+/// bytes, decompressed, are the content its digest vouches for. Where a frame ends: the
+/// entry's `endOffset` when the TOC gives one (containers/storage), else where the next
+/// content starts, or `content_end` for the last (stargz-snapshotter writes the tar headers
+/// that follow a content into its frame or member).
+///
+/// Returns the table and, when the TOC has a `.prefetch.landmark`, where in the blob its
+/// content starts: the contents before it are what the image wants prefetched.
+pub(super) fn table(
+    toc: &Toc,
+    layer: Digest,
+    blob_size: u64,
+    diff_id: Digest,
+    compression: Compression,
+    content_end: u64,
+    bad: &dyn Fn(String) -> Error,
+) -> Result<(PublishedLayer, Option<u64>)> {
     if toc.version != 1 {
         return Err(bad(format!("version {} is not supported", toc.version)));
     }
+    // Where each content starts, ascending: a frame without an end runs to the next.
+    let mut starts: Vec<u64> = toc
+        .entries
+        .iter()
+        .filter(|e| (e.kind == "reg" && e.size > 0) || e.kind == "chunk")
+        .filter_map(|e| u64::try_from(e.offset).ok())
+        .collect();
+    starts.sort_unstable();
+    starts.dedup();
+    let next_start = |start: u64| -> u64 {
+        let k = starts.partition_point(|&s| s <= start);
+        starts.get(k).copied().unwrap_or(content_end)
+    };
     let mut entries: Vec<TarEntry> = Vec::new();
     let mut frames: Vec<Frame> = Vec::new();
     let mut chunks: Vec<Chunk> = Vec::new();
+    let mut prefetch_end = None;
     let mut uoff = 0u64;
     let mut i = 0;
     while i < toc.entries.len() {
@@ -160,6 +225,21 @@ pub fn parse(
         let name = e.name.trim_end_matches('/');
         let path =
             normalize_path(name.as_bytes()).map_err(|why| bad(format!("{name:?}: {why}")))?;
+        if e.kind == "chunk" {
+            return Err(bad(format!("{name:?}: a chunk that follows no file")));
+        }
+        if is_format_entry(&path) {
+            // Not the image's: skipped with its chunks. The prefetch landmark marks where
+            // the contents to prefetch end.
+            if path == PREFETCH_LANDMARK.as_bytes() {
+                prefetch_end = u64::try_from(e.offset).ok().filter(|&o| o > 0);
+            }
+            i += 1;
+            while i < toc.entries.len() && toc.entries[i].kind == "chunk" {
+                i += 1;
+            }
+            continue;
+        }
         let kind = match e.kind.as_str() {
             "reg" => EntryKind::File,
             "dir" => EntryKind::Dir,
@@ -215,33 +295,54 @@ pub fn parse(
             continue;
         }
         // The content's frames: one, or one per chunk entry that follows.
-        let mut parts = vec![(e.chunk_offset, e.offset, e.chunk_size, &e.chunk_digest)];
+        let mut parts = vec![e];
         while i < toc.entries.len() && toc.entries[i].kind == "chunk" {
-            let c = &toc.entries[i];
-            parts.push((c.chunk_offset, c.offset, c.chunk_size, &c.chunk_digest));
+            parts.push(&toc.entries[i]);
             i += 1;
         }
         let whole = parts.len() == 1;
-        for (k, &(coffset, start, csize, cdigest)) in parts.iter().enumerate() {
-            let end = parts.get(k + 1).map_or(e.end_offset, |n| n.1);
-            let (len, digest) = if whole {
-                (size, &e.digest)
-            } else {
-                (u64::try_from(csize).unwrap_or(u64::MAX), cdigest)
-            };
-            let (start, end) = (
-                u64::try_from(start).map_err(|_| bad(format!("{name:?}: bad offset")))?,
-                u64::try_from(end).map_err(|_| bad(format!("{name:?}: bad offset")))?,
-            );
-            if !whole
-                && u64::try_from(coffset).ok()
-                    != Some(uoff - entries.last().map_or(0, |l| l.offset))
-            {
+        let first = uoff;
+        for (k, c) in parts.iter().enumerate() {
+            if c.inner_offset != 0 {
+                // (eStargz's MinChunkSize packs small files into one member.)
+                return Err(bad(format!(
+                    "{name:?}: content inside another's frame (innerOffset): not supported"
+                )));
+            }
+            let coffset = u64::try_from(c.chunk_offset)
+                .map_err(|_| bad(format!("{name:?}: bad chunk offset")))?;
+            let coffset = if whole { 0 } else { coffset };
+            if coffset != uoff - first {
                 return Err(bad(format!("{name:?}: chunks out of order")));
             }
+            let next_coffset = match parts.get(k + 1) {
+                Some(n) => u64::try_from(n.chunk_offset)
+                    .map_err(|_| bad(format!("{name:?}: bad chunk offset")))?,
+                None => size,
+            };
+            let len = next_coffset
+                .checked_sub(coffset)
+                .filter(|&l| l > 0)
+                .ok_or_else(|| bad(format!("{name:?}: chunks out of order")))?;
+            if !whole && c.chunk_size != 0 && u64::try_from(c.chunk_size).ok() != Some(len) {
+                return Err(bad(format!("{name:?}: chunk sizes do not add up")));
+            }
+            let start =
+                u64::try_from(c.offset).map_err(|_| bad(format!("{name:?}: bad offset")))?;
+            let end = match parts.get(k + 1) {
+                Some(n) => n.offset,
+                None if e.end_offset > 0 => e.end_offset,
+                None => i64::try_from(next_start(start)).unwrap_or(i64::MAX),
+            };
+            let end = u64::try_from(end).map_err(|_| bad(format!("{name:?}: bad offset")))?;
             if start >= end || end > blob_size {
                 return Err(bad(format!("{name:?}: content outside the blob")));
             }
+            let digest = if whole && !c.digest.is_empty() {
+                &c.digest
+            } else {
+                &c.chunk_digest
+            };
             let digest: Digest = digest
                 .parse()
                 .map_err(|_| bad(format!("{name:?}: bad content digest {digest:?}")))?;
@@ -260,14 +361,14 @@ pub fn parse(
                 .checked_add(len)
                 .ok_or_else(|| bad(format!("{name:?}: sizes overflow")))?;
         }
-        if uoff - entries.last().map_or(0, |l| l.offset) != size {
+        if uoff - first != size {
             return Err(bad(format!("{name:?}: chunks do not add up to its size")));
         }
     }
     let published = PublishedLayer {
         digest: layer,
         diff_id,
-        compression: Compression::Zstd,
+        compression,
         compressed_size: blob_size,
         uncompressed_size: uoff,
         access: Access::Frames(frames),
@@ -276,7 +377,41 @@ pub fn parse(
         windows: None,
     };
     // Same checks as for an index from the registry (ordering, ranges, names).
-    PublishedLayer::decode(&published.encode()?, layer, blob_size)
+    let published = PublishedLayer::decode(&published.encode()?, layer, blob_size)?;
+    Ok((published, prefetch_end))
+}
+
+/// Decompresses the first `len` bytes of a content frame — a zstd frame, or a gzip member
+/// (eStargz) — into `out`, a buffer at a time; what follows them in the frame (tar padding
+/// and headers, as stargz-snapshotter writes them) is never decompressed. Fails if the frame
+/// holds fewer.
+pub fn frame_prefix(frame: &[u8], len: u64, out: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut r: Box<dyn Read + '_> = if frame.starts_with(&[0x1f, 0x8b]) {
+        Box::new(super::gzip::GzipReader::new(frame, None)?)
+    } else {
+        Box::new(zstd::stream::read::Decoder::with_buffer(frame)?)
+    };
+    let mut buf = vec![0u8; (128 << 10).min(len as usize).max(1)];
+    let mut left = len;
+    while left > 0 {
+        let want = (buf.len() as u64).min(left) as usize;
+        match r.read(&mut buf[..want]) {
+            Ok(0) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    "frame shorter than its table says",
+                ))
+            }
+            Ok(n) => {
+                out(&buf[..n]);
+                left -= n as u64;
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Parses an RFC 3339 time as Go writes it (`2006-01-02T15:04:05.999999999Z07:00`).
@@ -391,6 +526,49 @@ mod tests {
         assert!(err.contains("inflate to more than"), "{err}");
         let (z, loc) = toc(3);
         parse(&z, &loc, layer, 1 << 20, Digest::of(b"diff")).unwrap();
+    }
+
+    /// stargz-snapshotter's zstd:chunked (`ctr-remote image convert --zstdchunked`): no
+    /// `endOffset`, a `.no.prefetch.landmark` first, and the tar padding and next headers in
+    /// each content frame after the content. Before: "content outside the blob".
+    #[test]
+    fn ctr_remote_tables_without_end_offsets() {
+        let layer = Digest::of(b"ctr-remote layer");
+        let frame = |d: &[u8]| zstd::bulk::compress(d, 3).unwrap();
+        let mut blob = frame(&[0u8; 512]); // headers
+        let lm = blob.len();
+        blob.extend(frame(&[&[0xf][..], &[0u8; 1023]].concat()));
+        let a = blob.len();
+        blob.extend(frame(&[&b"hello"[..], &[0u8; 1019]].concat()));
+        let end = blob.len();
+        blob.extend([0x50, 0x2a, 0x4d, 0x18, 0, 0, 0, 0]); // the TOC's skippable frame
+        let sha = |d: &[u8]| Digest::of(d).to_string();
+        let json = serde_json::json!({"version": 1, "entries": [
+            {"name": ".no.prefetch.landmark", "type": "reg", "size": 1, "offset": lm,
+             "digest": sha(&[0xf]), "chunkDigest": sha(&[0xf])},
+            {"name": "etc", "type": "dir", "mode": 0o755},
+            {"name": "etc/a", "type": "reg", "size": 5, "offset": a, "mode": 0o644,
+             "digest": sha(b"hello"), "chunkDigest": sha(b"hello")},
+        ]})
+        .to_string();
+        let z = zstd::bulk::compress(json.as_bytes(), 3).unwrap();
+        let loc = TocLocation {
+            offset: blob.len() as u64,
+            length: z.len() as u64,
+            uncompressed: json.len() as u64,
+            digest: Digest::of(&z),
+        };
+        blob.extend(&z);
+        let p = parse(&z, &loc, layer, blob.len() as u64, Digest::of(b"diff")).unwrap();
+        let names: Vec<_> = p.entries.iter().map(|e| e.path.clone()).collect();
+        assert_eq!(names, [b"etc".to_vec(), b"etc/a".to_vec()]);
+        assert_eq!(p.chunks.len(), 1);
+        let c = p.chunks[0];
+        assert_eq!((c.start, c.end), (a as u64, end as u64));
+        assert!(c.verify(&blob[a..end]));
+        let mut other = blob[a..end].to_vec();
+        other.truncate(other.len() - 1);
+        assert!(!c.verify(&other), "a frame cut short");
     }
 
     #[test]

@@ -13,6 +13,7 @@
 
 pub mod blob;
 pub mod chunked;
+pub mod estargz;
 pub mod gzip;
 pub mod published;
 pub mod reader;

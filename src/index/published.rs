@@ -79,35 +79,18 @@ pub struct Chunk {
 }
 
 impl Chunk {
-    /// Whether `bytes` (this chunk's range) are what the table vouches for. A zstd frame is
-    /// hashed as it decompresses, a buffer at a time, and refused as soon as it runs past its
-    /// stated length: what it inflates to is never held (a hole of a sparse file is a few KiB
-    /// of frame for gigabytes of zeros).
+    /// Whether `bytes` (this chunk's range) are what the table vouches for. A content frame
+    /// (a zstd frame, or an eStargz gzip member) is hashed as it decompresses, a buffer at a
+    /// time, up to its stated length and no further: what it inflates to is never held (a
+    /// hole of a sparse file is a few KiB of frame for gigabytes of zeros), and what follows
+    /// the content in the frame (tar headers, in stargz-snapshotter's) is never served.
     pub fn verify(&self, bytes: &[u8]) -> bool {
         let Some(len) = self.uncompressed else {
             return Digest::of(bytes) == self.digest;
         };
-        let Ok(mut d) = zstd::stream::read::Decoder::with_buffer(bytes) else {
-            return false;
-        };
         let mut h = Hasher::default();
-        let mut buf = vec![0u8; 128 << 10];
-        let mut total = 0u64;
-        loop {
-            match d.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => {
-                    total += n as u64;
-                    if total > len {
-                        return false;
-                    }
-                    h.update(&buf[..n]);
-                }
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(_) => return false,
-            }
-        }
-        total == len && h.finish() == self.digest
+        super::chunked::frame_prefix(bytes, len, &mut |b| h.update(b)).is_ok()
+            && h.finish() == self.digest
     }
 }
 
@@ -317,7 +300,9 @@ impl PublishedLayer {
             ));
         }
         let frames = matches!(self.access, Access::Frames(_));
-        if (self.compression == Compression::Zstd) != frames {
+        if (self.compression == Compression::Zstd && !frames)
+            || (self.compression == Compression::None && frames)
+        {
             return Err("zstd layers are served only through their own frames".into());
         }
         // The chunks must be exactly what the checkpoints imply, so a read never needs a byte

@@ -603,16 +603,11 @@ impl LayerReader {
                     .stats
                     .blob_bytes
                     .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                // (Its content: the frame's first `len` bytes, zstd or gzip.)
                 let mut span = Vec::with_capacity(len);
-                zstd::stream::read::Decoder::new(&compressed[..])?
-                    .take(len as u64 + 1)
-                    .read_to_end(&mut span)?;
-                if span.len() != len {
-                    return Err(io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        "zstd frame of another size than its table says",
-                    ));
-                }
+                super::chunked::frame_prefix(&compressed, len as u64, &mut |b| {
+                    span.extend_from_slice(b)
+                })?;
                 span
             }
         };

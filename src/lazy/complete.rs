@@ -207,6 +207,23 @@ impl LazyBlob {
                  {bad} chunks failed their digests and will be fetched again; not promoted"
             ));
         }
+        if matches!(published.access, index::Access::Frames(_)) {
+            // A table of contents addresses contents, not the tar: each file's bytes in the
+            // tar must be the ones its chunks vouch for, or the tree served is not the layer.
+            let (me, real, p) = (self.clone(), idx.clone(), published.clone());
+            let differ = tokio::task::spawn_blocking(move || {
+                let file = me.file.try_clone()?;
+                contents_differ(io::BufReader::new(ReadFile(file, 0)), &real, &p)
+            })
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("reading back: {e}"))?;
+            if let Some(why) = differ {
+                self.poisoned.store(true, Ordering::SeqCst);
+                self.cond.notify_all();
+                return Err(format!("layer {}: {why}", self.digest));
+            }
+        }
         // An ordinary stored layer from now on: blob in place (our descriptor stays valid),
         // index as a pull writes it (its bytes hashed to the layer's digest), no map.
         let by_place = !matches!(published.access, index::Access::Frames(_));
@@ -246,16 +263,29 @@ impl LazyBlob {
     /// the index of those bytes (written only from bytes that hashed to the layer), and a
     /// difference stops serving, as a completion that streamed the layer itself would.
     fn check_against_whole(&self, store: &Store, published: &PublishedLayer) -> Result<(), String> {
-        if matches!(published.access, index::Access::Frames(_)) {
-            return Ok(()); // its table addresses the contents, not the tar: chunks vouch
-        }
         let Ok(real) = LayerIndex::load(&store.index_path(&self.digest)) else {
             return Ok(());
         };
-        if same_as_published(&real, published) {
-            return Ok(());
-        }
-        let why = differences(&real, published).unwrap_or_default();
+        let why = if matches!(published.access, index::Access::Frames(_)) {
+            // Its table addresses the contents, not the tar: entries and contents compared.
+            let differ = match differences(&real, published) {
+                Some(why) => Some(why),
+                None => std::fs::File::open(store.blob_path(&self.digest))
+                    .and_then(|f| {
+                        contents_differ(io::BufReader::new(ReadFile(f, 0)), &real, published)
+                    })
+                    .map_err(|e| format!("reading layer {}: {e}", self.digest))?,
+            };
+            match differ {
+                None => return Ok(()),
+                Some(why) => why,
+            }
+        } else {
+            if same_as_published(&real, published) {
+                return Ok(());
+            }
+            differences(&real, published).unwrap_or_default()
+        };
         self.poisoned.store(true, Ordering::SeqCst);
         self.cond.notify_all();
         Err(format!("layer {}: {why}", self.digest))
@@ -398,10 +428,16 @@ fn differences(real: &LayerIndex, published: &PublishedLayer) -> Option<String> 
     if by_place && real.uncompressed_size != published.uncompressed_size {
         return Some("its tar stream has another size than published".into());
     }
-    if real.entries.len() != published.entries.len() {
+    // (A table of contents leaves out the eStargz writer's own entries: landmarks, itself.)
+    let real_entries: Vec<&index::TarEntry> = real
+        .entries
+        .iter()
+        .filter(|e| by_place || !index::chunked::is_format_entry(&e.path))
+        .collect();
+    if real_entries.len() != published.entries.len() {
         return Some(format!(
             "its tar has {} entries, the published index {}",
-            real.entries.len(),
+            real_entries.len(),
             published.entries.len()
         ));
     }
@@ -414,9 +450,9 @@ fn differences(real: &LayerIndex, published: &PublishedLayer) -> Option<String> 
         r.sparse = p.sparse.clone();
         r == *p
     };
-    if let Some((r, _)) = real
-        .entries
+    if let Some((r, _)) = real_entries
         .iter()
+        .copied()
         .zip(&published.entries)
         .find(|(r, p)| !same(r, p))
     {
@@ -445,4 +481,82 @@ fn same_access(a: &index::Access, b: &index::Access) -> bool {
         }
         _ => postcard::to_allocvec(a).ok() == postcard::to_allocvec(b).ok(),
     }
+}
+
+/// A file read from an offset on (a positioned reader over a shared descriptor).
+struct ReadFile(std::fs::File, u64);
+
+impl io::Read for ReadFile {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.0.read_at(buf, self.1)?;
+        self.1 += n as u64;
+        Ok(n)
+    }
+}
+
+/// Whether the files of a layer (`blob`, the whole compressed layer, and `real`, its index)
+/// hold what a table of contents (`published`, entries already compared) says: each chunk of
+/// each file's content, read from the tar stream, hashed against its chunk digest. A file
+/// whose contents the table misplaces (another file's frame, say) is named. Sparse files are
+/// compared by their metadata only.
+fn contents_differ(
+    blob: impl io::Read,
+    real: &LayerIndex,
+    published: &PublishedLayer,
+) -> io::Result<Option<String>> {
+    use io::Read;
+    let index::Access::Frames(frames) = &published.access else {
+        return Ok(None);
+    };
+    let mut stream: Box<dyn io::Read> = match published.compression {
+        index::Compression::Gzip => Box::new(index::gzip::GzipReader::new(blob, None)?),
+        index::Compression::Zstd => Box::new(zstd::stream::read::Decoder::new(blob)?),
+        index::Compression::None => Box::new(blob),
+    };
+    let real_entries = real
+        .entries
+        .iter()
+        .filter(|e| !index::chunked::is_format_entry(&e.path));
+    let mut pos = 0u64;
+    let mut buf = vec![0u8; 128 << 10];
+    for (r, p) in real_entries.zip(&published.entries) {
+        if r.kind != index::EntryKind::File || r.size == 0 || r.sparse.is_some() {
+            continue;
+        }
+        let first = frames.partition_point(|f| f.uoff < p.offset);
+        let mut at = 0u64;
+        for (f, c) in frames[first..].iter().zip(&published.chunks[first..]) {
+            if at >= r.size {
+                break;
+            }
+            let len = c.uncompressed.unwrap_or(0).min(r.size - at);
+            let from = r.offset + at;
+            if from < pos {
+                return Ok(Some(format!(
+                    "{:?}: its content overlaps another's",
+                    String::from_utf8_lossy(&r.path)
+                )));
+            }
+            io::copy(&mut (&mut stream).take(from - pos), &mut io::sink())?;
+            let mut h = crate::digest::Hasher::default();
+            let mut left = len;
+            while left > 0 {
+                let n = (buf.len() as u64).min(left) as usize;
+                stream.read_exact(&mut buf[..n])?;
+                h.update(&buf[..n]);
+                left -= n as u64;
+            }
+            pos = from + len;
+            if f.uoff != p.offset + at || h.finish() != c.digest {
+                return Ok(Some(format!(
+                    "the content of {:?} is not what its table of contents says (chunk at \
+                     blob offset {})",
+                    String::from_utf8_lossy(&r.path),
+                    c.start
+                )));
+            }
+            at += len;
+        }
+    }
+    Ok(None)
 }

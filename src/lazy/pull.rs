@@ -62,7 +62,7 @@ pub struct LazyOutcome {
     pub index: Option<Digest>,
     /// Layers left to fetch on demand.
     pub lazy_layers: usize,
-    /// Of those, layers served from their own zstd:chunked table of contents.
+    /// Of those, layers served from their own table of contents (zstd:chunked, eStargz).
     pub chunked_layers: usize,
     /// Why the pull was (partly) not lazy, or how the index was trusted.
     pub note: Option<String>,
@@ -264,40 +264,85 @@ impl Store {
                 lazy.push((job.digest, blob));
             }
         }
-        // zstd:chunked layers carry their own table of contents, which the manifest pins.
+        // An index made for other layers (one that survived a conversion of the image, say)
+        // serves none of these: say so, or the whole pull that follows looks unexplained.
+        if let Some(index) = index {
+            let unlisted = r
+                .jobs
+                .iter()
+                .filter(|j| !lazy.iter().any(|(l, _)| *l == j.digest))
+                .filter(|j| {
+                    !(self.index_path(&j.digest).exists() && self.layer_bytes_present(&j.digest))
+                })
+                .count();
+            if unlisted > 0 {
+                outcome.note = Some(format!(
+                    "index {} ({}) names {} of this image's {} layers: it was made for other layers \
+                     (e.g. before the image was converted); the others are not served from it",
+                    index.short(),
+                    crate::publish::ANNOTATION_INDEX,
+                    r.jobs.len() - unlisted,
+                    r.jobs.len()
+                ));
+            }
+        }
+        // zstd:chunked and eStargz layers carry their own table of contents, which the
+        // manifest pins.
         let mut refused = Vec::new();
+        let mut prefetch = Vec::new();
         for job in &r.jobs {
             if lazy.iter().any(|(l, _)| *l == job.digest)
                 || (self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest))
             {
                 continue;
             }
-            let Some(loc) = job
-                .desc
-                .annotations
-                .as_ref()
-                .and_then(|a| TocLocation::from_annotations(a, job.desc.size))
-            else {
-                continue;
-            };
-            if job.compression != Compression::Zstd {
-                continue;
-            }
-            let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
-            let published =
-                match index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id) {
-                    Ok(p) => p,
-                    Err(e) => {
-                        // A table this version will not serve from (past its bounds, or
-                        // broken) costs the layer its laziness, not the image its mount.
-                        tracing::warn!("layer {}: {e}: pulled whole", job.digest);
+            let annotations = job.desc.annotations.clone().unwrap_or_default();
+            let published = if let (Some(loc), Compression::Zstd) = (
+                TocLocation::from_annotations(&annotations, job.desc.size),
+                job.compression,
+            ) {
+                let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
+                index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id)
+            } else if job.compression == Compression::Gzip {
+                match self.estargz_table(reg, job, &annotations).await? {
+                    Estargz::Table(p, Some(end)) => {
+                        prefetch.push((job.digest, p.chunks.first().map_or(0, |c| c.start), end));
+                        Ok(p)
+                    }
+                    Estargz::Table(p, None) => Ok(p),
+                    Estargz::Refused(e) => Err(e),
+                    Estargz::Unpinned => {
                         refused.push(format!(
-                            "layer {}: its zstd:chunked table was not used ({e}): pulled whole",
-                            job.digest.short()
+                            "layer {} is eStargz but its descriptor has no {} annotation, so \
+                             nothing the manifest covers vouches for its table of contents: \
+                             pulled whole",
+                            job.digest.short(),
+                            index::estargz::TOC_DIGEST_KEY
                         ));
                         continue;
                     }
-                };
+                    Estargz::Not => continue,
+                }
+            } else {
+                continue;
+            };
+            let published = match published {
+                Ok(p) => p,
+                Err(e) => {
+                    // A table this version will not serve from (past its bounds, or
+                    // broken) costs the layer its laziness, not the image its mount.
+                    tracing::warn!("layer {}: {e}: pulled whole", job.digest);
+                    let kind = match job.compression {
+                        Compression::Zstd => "zstd:chunked",
+                        _ => "eStargz",
+                    };
+                    refused.push(format!(
+                        "layer {}: its {kind} table was not used ({e}): pulled whole",
+                        job.digest.short()
+                    ));
+                    continue;
+                }
+            };
             let bytes = published.encode()?;
             let blob = Digest::of(&bytes);
             self.put_blob(&blob, &bytes, "layer table")?;
@@ -306,6 +351,20 @@ impl Store {
                 .save(&self.lazy_index_path(&job.digest, &blob))?;
             lazy.push((job.digest, blob));
             outcome.chunked_layers += 1;
+        }
+        // The eStargz prefetch landmarks: what comes before them is fetched first, as a
+        // recorded trace would be (a published or recorded trace takes precedence).
+        let trace = self.trace_path(&r.digest);
+        if !prefetch.is_empty() && !trace.exists() {
+            let entries: Vec<_> = prefetch
+                .into_iter()
+                .filter(|(_, start, end)| start < end)
+                .map(|(layer, start, end)| crate::trace::Entry { layer, start, end })
+                .collect();
+            // (None before the landmarks: no trace, so the first mount records one.)
+            if !entries.is_empty() {
+                crate::trace::save(&trace, &entries)?;
+            }
         }
         if outcome.chunked_layers > 0 && index.is_none() {
             outcome.note = None; // the zstd:chunked tables made it lazy after all
@@ -336,5 +395,88 @@ impl Store {
         self.fetch_layers(&src, &whole, opts).await?;
         let image = self.record(r, &lazy, opts)?;
         Ok((image, outcome))
+    }
+}
+
+/// What a gzip layer's tail says.
+enum Estargz {
+    /// Not eStargz (no footer).
+    Not,
+    /// eStargz, but no annotation pins its TOC.
+    Unpinned,
+    /// Its TOC, pinned, that this version does not serve from (the layer is pulled whole).
+    Refused(Error),
+    /// Its table, and where its prefetch landmark starts.
+    Table(PublishedLayer, Option<u64>),
+}
+
+impl Store {
+    /// Reads an eStargz layer's TOC: the blob's tail (footer and, usually, the TOC with it)
+    /// in one request. An annotation that is not a digest, or a TOC that does not match it,
+    /// fails the pull: the image contradicts itself.
+    async fn estargz_table(
+        &self,
+        reg: &crate::registry::Registry,
+        job: &crate::pull::LayerJob,
+        annotations: &std::collections::BTreeMap<String, String>,
+    ) -> Result<Estargz> {
+        use index::estargz;
+        let size = job.desc.size;
+        let pinned = match estargz::toc_digest(annotations) {
+            Some(Ok(d)) => Some(d),
+            Some(Err(why)) => {
+                return Err(Error::CorruptLayer {
+                    layer: job.digest,
+                    detail: why,
+                })
+            }
+            None => None,
+        };
+        if size < estargz::FOOTER_SIZE {
+            return Ok(Estargz::Not);
+        }
+        // Without the annotation only the footer is read, to say why the layer is not lazy.
+        let want = if pinned.is_some() {
+            estargz::TAIL.min(size)
+        } else {
+            estargz::FOOTER_SIZE
+        };
+        let mut tail = fetch_range(reg, &job.digest, size - want, want).await?;
+        let Some((toc, end)) = estargz::footer(&tail, size) else {
+            return Ok(if pinned.is_some() {
+                Estargz::Refused(Error::CorruptLayer {
+                    layer: job.digest,
+                    detail: format!(
+                        "annotated {} but it has no eStargz footer",
+                        estargz::TOC_DIGEST_KEY
+                    ),
+                })
+            } else {
+                Estargz::Not
+            });
+        };
+        let Some(pinned) = pinned else {
+            return Ok(Estargz::Unpinned);
+        };
+        if end - toc > index::chunked::MAX_TOC {
+            return Ok(Estargz::Refused(Error::CorruptLayer {
+                layer: job.digest,
+                detail: format!("eStargz table of contents of {} bytes", end - toc),
+            }));
+        }
+        if toc < size - want {
+            // A TOC larger than the tail: the rest of it.
+            let mut head = fetch_range(reg, &job.digest, toc, size - want - toc).await?;
+            head.append(&mut tail);
+            tail = head;
+        }
+        let from = (toc - (size - tail.len() as u64)) as usize;
+        let member = &tail[from..from + (end - toc) as usize];
+        Ok(
+            match estargz::parse(member, toc, &pinned, job.digest, size, job.diff_id)? {
+                estargz::Parsed::Table(p, prefetch) => Estargz::Table(p, prefetch),
+                estargz::Parsed::Unusable(e) => Estargz::Refused(e),
+            },
+        )
     }
 }
