@@ -117,9 +117,13 @@ impl Location {
             });
         }
         // A short name resolves as registries.conf says, where there is one (the first of its
-        // candidates: see `Location::candidates`).
-        if let Some(first) = short_name_candidates(s)?.and_then(|c| c.into_iter().next()) {
-            return Location::parse(&format!("docker://{first}"));
+        // candidates: see `Location::candidates`). Where it cannot (no alias, no search
+        // registry, ambiguous, a broken file), the name keeps Docker Hub's meaning here, which
+        // finds images stored by that name; a pull of it says why it cannot resolve.
+        if let Ok(Some(c)) = short_name_candidates(s) {
+            if let Some(first) = c.first() {
+                return Location::parse(&format!("docker://{first}"));
+            }
         }
         // The full grammar check compiles a large regex (~80 ms): only pay it when the quick
         // normalization cannot vouch for the string.
@@ -160,6 +164,9 @@ impl Location {
 /// What registries.conf makes of `s` if it is a short name (`ubuntu:24.04`, no registry host)
 /// and there is a registries.conf: its fully qualified candidates, or why there are none.
 fn short_name_candidates(s: &str) -> Result<Option<Vec<String>>> {
+    if !registry::conf::is_short(s) {
+        return Ok(None);
+    }
     match registry::conf::global()? {
         Some(conf) => conf.resolve_short(s).transpose(),
         None => Ok(None),

@@ -78,7 +78,7 @@ fn five_hosts_through_a_pull_through_cache_cost_the_origin_one_copy() {
         );
         assert_success(&out);
         let _guard = MountGuard::adopt(mnt.clone(), dir);
-        // First commands: a few small files and a slice of a large one.
+        // First commands: a few small files and the start of a large one.
         assert_eq!(
             std::fs::read(mnt.join("etc/motd")).unwrap(),
             b"through the cache\n"
@@ -87,8 +87,13 @@ fn five_hosts_through_a_pull_through_cache_cost_the_origin_one_copy() {
             std::fs::read(mnt.join("etc/os-release")).unwrap(),
             b"ID=fleet\n"
         );
-        let one = std::fs::read(mnt.join("usr/lib/one.bin")).unwrap();
-        assert_eq!(one, test_bytes(3 << 20, 11), "host {host}");
+        let mut head = vec![0; 64 << 10];
+        std::io::Read::read_exact(
+            &mut std::fs::File::open(mnt.join("usr/lib/one.bin")).unwrap(),
+            &mut head,
+        )
+        .unwrap();
+        assert_eq!(head, test_bytes(3 << 20, 11)[..64 << 10], "host {host}");
         // Then the rest, completed and verified in the background (waits for the cache).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(120);
         loop {
@@ -103,18 +108,24 @@ fn five_hosts_through_a_pull_through_cache_cost_the_origin_one_copy() {
             );
             std::thread::sleep(std::time::Duration::from_millis(200));
         }
-        assert_eq!(
-            std::fs::read(mnt.join("usr/lib/two.bin")).unwrap(),
-            test_bytes(3 << 20, 12)
-        );
+        for (file, seed, len) in [
+            ("usr/lib/one.bin", 11, 3 << 20),
+            ("usr/lib/two.bin", 12, 3 << 20),
+            ("opt/three.bin", 13, 2 << 20),
+        ] {
+            let got = std::fs::read(mnt.join(file)).unwrap();
+            assert_eq!(got, test_bytes(len, seed), "host {host}: {file}");
+        }
         sent.push(link.bytes() - before);
     }
     let total: u64 = sent.iter().sum();
     eprintln!("origin sent per host: {sent:?} (layers: {layers} bytes)");
-    // One copy of each layer for the cache, plus what the first host read before the cache
-    // held it, manifests and small blobs: well under two copies.
+    // One copy of each layer for the cache, plus the ranges the first host read (with the
+    // kernel's read-ahead) before the cache held them, manifests and small blobs, and the first
+    // bytes of copies the cache started for answers that were dropped: well under two copies
+    // (1.4 measured; 2.5 when the cache's whole-blob answers were used).
     assert!(
-        total < layers + layers / 3 + (1 << 20),
+        total < layers + layers / 2 + (512 << 10),
         "the origin sent {total} bytes for {layers} bytes of layers: {sent:?}"
     );
     // Hosts after the first cost the origin nothing but manifests.

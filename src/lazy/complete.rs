@@ -19,9 +19,12 @@ use crate::{Digest, Store};
 /// Layers completed at once in the background.
 const COMPLETE_PARALLEL: usize = 3;
 
-/// How long a completion waits for a pull-through cache to hold a blob it is fetching before
-/// asking for the blob anyway.
-const MIRROR_WAIT: std::time::Duration = std::time::Duration::from_secs(600);
+/// How long a completion waits for a pull-through cache to hold a blob of `len` bytes it is
+/// fetching before asking for the blob anyway (a mirror that ignores ranges looks the same):
+/// a minute, and a second per 4 MiB, as a cache filling at 4 MB/s or more would.
+fn mirror_wait(len: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(60 + len / (4 << 20))
+}
 
 impl LazyBlob {
     /// Streams the whole layers in the background (`COMPLETE_PARALLEL` at a time, each
@@ -127,14 +130,14 @@ impl LazyBlob {
             return self.check_against_whole(&store, &published);
         }
         // From a mirror that holds the blob, or the registry; a pull-through cache that is
-        // fetching it is waited for (MIRROR_WAIT at most): asked now, it would have the origin
+        // fetching it is waited for (`mirror_wait` at most): asked now, it would have the origin
         // send the blob a second time.
         let waited = std::time::Instant::now();
         let stream = loop {
             self.remote.requests.fetch_add(1, Ordering::Relaxed);
             match self.remote.registry.blob_stream_held(&self.digest).await {
                 Ok(Some(s)) => break s,
-                Ok(None) if waited.elapsed() < MIRROR_WAIT => {
+                Ok(None) if waited.elapsed() < mirror_wait(self.len) => {
                     tokio::time::sleep(std::time::Duration::from_secs(1)).await
                 }
                 Ok(None) => {

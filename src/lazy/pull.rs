@@ -94,7 +94,16 @@ impl Store {
         trust_referrer: bool,
     ) -> Result<(PulledImage, LazyOutcome)> {
         // A short name with several search registries to try: each in turn, as `pull` does.
-        let names = crate::pull::candidate_names(reference)?;
+        let names = match crate::pull::candidate_names(reference) {
+            Ok(names) => names,
+            // Stored by Docker Hub's meaning of the name (as `pull` finds it).
+            Err(e) => match crate::pull::normalize_reference(reference) {
+                Ok(n) if opts.policy != PullPolicy::Always && self.image(&n)?.is_some() => {
+                    vec![n]
+                }
+                _ => return Err(e),
+            },
+        };
         if names.len() > 1 {
             if opts.policy != PullPolicy::Always {
                 if let Some(n) = names
@@ -104,11 +113,12 @@ impl Store {
                     return Box::pin(self.pull_lazy_candidates(n, opts, trust_referrer)).await;
                 }
             }
+            // Each search registry in turn, whatever stopped the one before (as `pull`).
             let mut last = None;
             for n in &names {
                 match Box::pin(self.pull_lazy_candidates(n, opts, trust_referrer)).await {
-                    Err(e) if matches!(e.inner(), Error::NotFound { .. }) => last = Some(e),
-                    r => return r,
+                    Ok(r) => return Ok(r),
+                    Err(e) => last = Some(e),
                 }
             }
             return Err(last.unwrap_or_else(|| Error::NotFound {

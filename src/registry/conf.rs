@@ -13,7 +13,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::{Arc, Mutex};
 
 use crate::{Error, Result};
 
@@ -128,24 +128,43 @@ fn bad(path: &Path, detail: impl std::fmt::Display) -> Error {
     }
 }
 
-/// The configuration of this process's environment, read once; `None` when no file exists.
-pub fn global() -> Result<Option<&'static RegistriesConf>> {
-    type Failure = (String, String); // the error's `what` and `detail`, kept to say it again
-    static CONF: OnceLock<std::result::Result<Option<RegistriesConf>, Failure>> = OnceLock::new();
-    let loaded = CONF.get_or_init(|| {
-        RegistriesConf::load(&Paths::from_env()).map_err(|e| match e {
+/// The configuration in effect for this process: read from the environment's files at first
+/// use ([`Paths::from_env`]), unless [`set`] chose another. `None` when there is none.
+pub fn global() -> Result<Option<Arc<RegistriesConf>>> {
+    let mut slot = CONF.lock().unwrap_or_else(|p| p.into_inner());
+    if slot.is_none() {
+        let loaded = RegistriesConf::load(&Paths::from_env());
+        *slot = Some(loaded.map(|c| c.map(Arc::new)).map_err(|e| match e {
             Error::InvalidManifest { what, detail } => (what, detail),
             e => ("registries configuration".into(), e.to_string()),
-        })
-    });
-    match loaded {
-        Ok(c) => Ok(c.as_ref()),
+        }));
+    }
+    match slot.as_ref().expect("filled above") {
+        Ok(c) => Ok(c.clone()),
         Err((what, detail)) => Err(Error::InvalidManifest {
             what: what.clone(),
             detail: detail.clone(),
         }),
     }
 }
+
+/// Chooses the configuration for this process: `Some` to use this one, `None` for none at all
+/// (short names are then Docker Hub's, nothing is rewritten), whatever the host's files say.
+pub fn set(conf: Option<RegistriesConf>) {
+    *CONF.lock().unwrap_or_else(|p| p.into_inner()) = Some(Ok(conf.map(Arc::new)));
+}
+
+/// Reads the host's files again at next use (after they changed).
+pub fn reload() {
+    *CONF.lock().unwrap_or_else(|p| p.into_inner()) = None;
+}
+
+/// What a failed read said (its `what` and `detail`), kept to say it again.
+type Failure = (String, String);
+
+type Loaded = std::result::Result<Option<Arc<RegistriesConf>>, Failure>;
+
+static CONF: Mutex<Option<Loaded>> = Mutex::new(None);
 
 impl RegistriesConf {
     /// Reads the files `paths` names; `None` when there are none.
@@ -211,7 +230,12 @@ impl RegistriesConf {
         if file.mode.is_some() {
             self.mode = file.mode;
         }
-        self.aliases.extend(file.aliases);
+        for (k, v) in file.aliases {
+            match v.is_empty() {
+                true => self.aliases.remove(&k),
+                false => self.aliases.insert(k, v),
+            };
+        }
     }
 
     /// The fully qualified names a short name (no registry host in it) stands for, in the
@@ -427,10 +451,21 @@ fn parse(path: &Path, text: &str) -> Result<RegistriesConf> {
             let v = v
                 .as_str()
                 .ok_or_else(|| bad(path, format!("alias {k:?}: not a string")))?;
+            if v.is_empty() {
+                // Resets an alias an earlier file set.
+                conf.aliases.insert(k.to_string(), String::new());
+                continue;
+            }
             if is_short(v) {
                 return Err(bad(
                     path,
                     format!("alias {k:?} = {v:?}: not a fully qualified name"),
+                ));
+            }
+            if !split_suffix(v).1.is_empty() {
+                return Err(bad(
+                    path,
+                    format!("alias {k:?} = {v:?}: names a tag or digest, not a repository"),
                 ));
             }
             conf.aliases.insert(k.to_string(), v.to_string());
@@ -508,9 +543,14 @@ fn parse(path: &Path, text: &str) -> Result<RegistriesConf> {
                                 format!("[[registry]] {prefix:?}: a mirror without a location"),
                             )
                         })?;
-                    let pull_from = match string(m.get("pull-from-mirror"), "pull-from-mirror")?
-                        .as_deref()
-                    {
+                    let per_mirror = string(m.get("pull-from-mirror"), "pull-from-mirror")?;
+                    if by_digest_only && per_mirror.as_deref().is_some_and(|p| !p.is_empty()) {
+                        return Err(bad(
+                            path,
+                            format!("[[registry]] {prefix:?}: mirror-by-digest-only and a mirror's pull-from-mirror both set"),
+                        ));
+                    }
+                    let pull_from = match per_mirror.as_deref() {
                         None | Some("") | Some("all") if by_digest_only => {
                             PullFromMirror::DigestOnly
                         }

@@ -59,6 +59,10 @@ pub struct RegistryOptions {
     pub request_timeout: Option<Duration>,
 }
 
+/// How long a mirror may take to answer a lazy read's range request before the registry is
+/// asked instead (reads wait 5 s by default).
+const MIRROR_ANSWER: Duration = Duration::from_secs(2);
+
 /// How long a connection to a registry may take by default (a registry that is up accepts in
 /// milliseconds; one that is down should not hold a VM's start for long).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -523,29 +527,52 @@ impl Registry {
     /// (see [`held`]): a cache then costs the origin one copy of each blob.
     pub async fn blob_range(&self, digest: &Digest, offset: u64, len: u64) -> Result<RangeBody> {
         for m in &self.mirrors {
-            match m.blob_range_if_held(digest, offset, len).await {
+            match m.blob_range_if_held(digest, offset, len, false).await {
                 Ok(Some(s)) => return Ok(s),
                 Ok(None) => {}
                 Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
             }
         }
-        self.blob_range_here(digest, offset, len).await
+        match self.blob_range_here(digest, offset, len).await {
+            Ok(body) => Ok(body),
+            Err(e) => {
+                // The registry failed: a mirror's whole blob beats nothing (one that ignores
+                // ranges, or a cache still filling).
+                for m in &self.mirrors {
+                    if let Ok(body) = m.blob_range_here(digest, offset, len).await {
+                        return Ok(body);
+                    }
+                }
+                Err(e)
+            }
+        }
     }
 
-    /// The range from this mirror if it holds the blob (`None`: it does not, yet).
+    /// The range from this mirror if it holds the blob (`None`: it does not, yet). `patient`:
+    /// for background work, which gives the mirror the whole request timeout to answer, not
+    /// [`MIRROR_ANSWER`].
     async fn blob_range_if_held(
         &self,
         digest: &Digest,
         offset: u64,
         len: u64,
+        patient: bool,
     ) -> Result<Option<RangeBody>> {
         let cell = self.holding.cell(digest);
         let mut verdict = cell.lock().await;
         if verdict.holds() {
             drop(verdict);
-            return match self.blob_range_here(digest, offset, len).await? {
-                RangeBody::Partial(s) => Ok(Some(RangeBody::Partial(s))),
-                RangeBody::Full(_) => Ok(None),
+            return match self.mirror_range(digest, offset, len, patient).await {
+                Ok(RangeBody::Partial(s)) => Ok(Some(RangeBody::Partial(s))),
+                // Evicted from the cache since, or the mirror failed: asked again later.
+                Ok(RangeBody::Full(_)) => {
+                    cell.lock().await.not_yet();
+                    Ok(None)
+                }
+                Err(e) => {
+                    cell.lock().await.not_yet();
+                    Err(e)
+                }
             };
         }
         if verdict.wait() {
@@ -553,7 +580,14 @@ impl Registry {
         }
         // Unknown (or asked long enough ago): one request at a time finds out, so that
         // concurrent reads do not each start a copy from the origin.
-        match self.blob_range_here(digest, offset, len).await? {
+        let answer = match self.mirror_range(digest, offset, len, patient).await {
+            Ok(a) => a,
+            Err(e) => {
+                verdict.not_yet(); // failing or slow: left alone for a while too
+                return Err(e);
+            }
+        };
+        match answer {
             RangeBody::Partial(s) => {
                 *verdict = held::Verdict::Holds;
                 Ok(Some(RangeBody::Partial(s)))
@@ -572,6 +606,27 @@ impl Registry {
         }
     }
 
+    /// A range from this mirror, given [`MIRROR_ANSWER`] to answer: a read waiting on it has
+    /// the registry to turn to.
+    async fn mirror_range(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        len: u64,
+        patient: bool,
+    ) -> Result<RangeBody> {
+        if patient {
+            return self.blob_range_here(digest, offset, len).await;
+        }
+        match tokio::time::timeout(MIRROR_ANSWER, self.blob_range_here(digest, offset, len)).await {
+            Ok(r) => r,
+            Err(_) => Err(Error::registry_transient(
+                self.reference.whole(),
+                format!("no answer to a range request within {MIRROR_ANSWER:?}"),
+            )),
+        }
+    }
+
     /// The whole blob from a mirror that holds it, else from the registry, except where a
     /// mirror is fetching it: then `None`, to ask again later (a lazy layer's completion, which
     /// is in no hurry, waits for the cache rather than have the origin send the blob twice).
@@ -580,7 +635,7 @@ impl Registry {
     pub async fn blob_stream_held(&self, digest: &Digest) -> Result<Option<BlobStream>> {
         let mut fetching = None;
         for m in &self.mirrors {
-            match m.blob_range_if_held(digest, 0, 1).await {
+            match m.blob_range_if_held(digest, 0, 1, true).await {
                 Ok(Some(_probe)) => match m.blob_stream_here(digest).await {
                     Ok(s) => return Ok(Some(s)),
                     Err(e) => tracing::debug!("mirror {}: {e}", m.reference.registry()),
@@ -897,6 +952,11 @@ pub(crate) fn transient_status(code: u16) -> bool {
 /// A request that got no answer: nothing listening, the name not resolved, no answer in time,
 /// the connection broken while the answer came.
 fn transient_request(e: &reqwest::Error) -> bool {
+    // A certificate the client does not trust fails the same way next time.
+    let said = with_causes(e).to_ascii_lowercase();
+    if said.contains("certificate") || said.contains("tls") || said.contains("handshake") {
+        return false;
+    }
     e.is_connect() || e.is_timeout() || e.is_body() || e.is_request() && !e.is_builder()
 }
 
