@@ -295,6 +295,11 @@ struct PullArgs {
     /// about a third of the compressed image more on disk. 0 keeps none; 64 at most.
     #[arg(long, default_value_t = 64, value_name = "KIB")]
     small_files: u64,
+    /// The signature policy (containers-policy.json) images must satisfy; default: the
+    /// first of $XDG_CONFIG_HOME/containers/policy.json (~/.config/…), /etc/containers/policy.json
+    /// that exists, and with none every image is accepted.
+    #[arg(long, value_name = "FILE", env = "BUX_FUSE_SIGNATURE_POLICY")]
+    signature_policy: Option<std::path::PathBuf>,
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -895,6 +900,10 @@ impl PullArgs {
             parallel: 3,
             stall_timeout: Some(std::time::Duration::from_secs_f64(self.stall_timeout)),
             small_files: Some(self.small_files << 10),
+            signature_policy: match &self.signature_policy {
+                Some(p) => crate::policy::SignaturePolicy::File(p.clone()),
+                None => crate::policy::SignaturePolicy::Auto,
+            },
         })
     }
 }

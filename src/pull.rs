@@ -143,6 +143,10 @@ pub struct PullOptions {
     /// FUSE; the large Debian image's store grows by 0.35× its compressed size); `Some(0)`
     /// keeps none (the store stays at 1.08× the compressed image, as before).
     pub small_files: Option<u64>,
+    /// Which signature policy (`containers-policy.json(5)`) the image must satisfy, checked
+    /// before anything of it is stored. Default [`crate::policy::SignaturePolicy::Auto`]: the user's or the
+    /// system's `policy.json` as podman finds it, every image accepted when there is none.
+    pub signature_policy: crate::policy::SignaturePolicy,
 }
 
 impl std::fmt::Debug for PullOptions {
@@ -153,6 +157,7 @@ impl std::fmt::Debug for PullOptions {
             .field("registry", &self.registry)
             .field("parallel", &self.parallel)
             .field("small_files", &self.small_files)
+            .field("signature_policy", &self.signature_policy)
             .finish()
     }
 }
@@ -621,6 +626,7 @@ impl Store {
 
         // Manifest, through an index if there is one.
         let (mut bytes, mut digest) = reg.top_manifest().await?;
+        crate::policy::check(&opts.signature_policy, reg, &name, &bytes, &digest, &want).await?;
         let mut parsed = parse_manifest(&bytes, &name)?;
         let single_platform = !parsed.is_index();
         if parsed.is_index() {
