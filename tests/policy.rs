@@ -860,3 +860,151 @@ fn http_get(port: u16, path: &str) -> String {
     s.read_to_string(&mut out).unwrap();
     out
 }
+
+/// skopeo (containers/image, the reference implementation of containers-policy.json) on the
+/// same registry: it finds the signatures published here (Debian's skopeo 1.9 has sigstore
+/// verification disabled — "Debian-local change: sigstore disabled" — so it cannot check them,
+/// but it says so only for an image it found a sigstore signature of; for the others "no
+/// signature exists"), and it picks the same scope as bux-fuse for every reference.
+#[test]
+fn skopeo_agrees() {
+    need("skopeo");
+    let f = Fixture::new();
+    let host = f.host();
+    let (key, public) = f.keypair("a");
+    let registries_d = f.path("registries.d");
+    std::fs::create_dir_all(&registries_d).unwrap();
+    std::fs::write(
+        registries_d.join("test.yaml"),
+        format!("docker:\n  {host}:\n    use-sigstore-attachments: true\n"),
+    )
+    .unwrap();
+    let skopeo = |reference: &str, policy: &Path, i: usize| -> (bool, String) {
+        let out = Command::new("skopeo")
+            .arg("--policy")
+            .arg(policy)
+            .arg("--registries.d")
+            .arg(&registries_d)
+            .args(["copy", "--src-tls-verify=false"])
+            .arg(format!("docker://{reference}"))
+            .arg(format!("dir:{}", f.path(&format!("copy{i}")).display()))
+            .output()
+            .unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).trim().to_string(),
+        )
+    };
+
+    // Signature format: containers/image finds those under cosign's tag; it does not read
+    // OCI referrers (skopeo 1.9), which bux-fuse also reads.
+    let signed = f.policy("signed.json", signed_by(&host, &public));
+    let d = f.image("tagged", "v1", "tagged");
+    sign_and_publish(&f.reg, "tagged", &d, &format!("{host}/tagged:v1"), &d, &key);
+    let d2 = f.image("referred", "v1", "referred");
+    let p = payload(&format!("{host}/referred:v1"), &d2);
+    let sig = sign(&key, &p);
+    publish_referrer(&f.reg, "referred", &d2, &[(p, sig)]);
+    f.image("unsigned", "v1", "unsigned");
+    for (i, (repo, skopeo_finds, accepted)) in [
+        ("tagged", true, true),
+        ("referred", false, true),
+        ("unsigned", false, false),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let r = format!("{host}/{repo}:v1");
+        let (_, err) = skopeo(&r, &signed, 100 + i);
+        if skopeo_finds {
+            assert!(err.contains("sigstore disabled"), "{repo}: {err}");
+        } else {
+            assert!(err.contains("no signature exists"), "{repo}: {err}");
+        }
+        let bux = Bux::new()
+            .run(&[
+                "-q",
+                "pull",
+                "--signature-policy",
+                signed.to_str().unwrap(),
+                &r,
+            ])
+            .status
+            .success();
+        assert_eq!(bux, accepted, "{repo}");
+    }
+
+    // Scopes: which one applies, for references at every level.
+    let accept = json!([{"type": "insecureAcceptAnything"}]);
+    let reject = json!([{"type": "reject"}]);
+    let mut images = Vec::new();
+    for (repo, tag) in [
+        ("ns/deep/app", "v1"),
+        ("ns/deep/app", "v2"),
+        ("ns/deep/other", "v1"),
+        ("ns/flat", "v1"),
+        ("top", "v1"),
+        ("top", "v2"),
+    ] {
+        images.push((repo, tag, f.image(repo, tag, &format!("{repo}:{tag}"))));
+    }
+    let top_v2 = images[5].2.clone();
+    let policies = [
+        json!({"default": reject, "transports": {"docker": {
+            format!("{host}/ns/deep/app:v1"): accept,
+            format!("{host}/ns/deep/app"): reject,
+            format!("{host}/ns/deep"): accept,
+            format!("{host}/ns"): reject,
+            &host: accept,
+            format!("{host}/top@{top_v2}"): reject,
+        }}}),
+        json!({"default": accept, "transports": {"docker": {
+            "*.0.0.1": reject,
+            format!("{host}/ns/flat"): accept,
+            "": accept,
+        }}}),
+        json!({"default": accept, "transports": {"docker": {
+            "": reject,
+            format!("{host}/ns/deep/app:v2"): accept,
+            "*.1": accept,
+        }}}),
+        json!({"default": accept, "transports": {"docker": {
+            format!("{host}/ns"): reject,
+            format!("{host}/ns/deep/other:v1"): accept,
+        }}}),
+    ];
+    let mut table = String::new();
+    let mut disagree = 0;
+    let mut n = 0;
+    for (pi, policy) in policies.iter().enumerate() {
+        let path = f.policy(&format!("scopes{pi}.json"), policy.clone());
+        for (repo, tag, digest) in &images {
+            for r in [
+                format!("{host}/{repo}:{tag}"),
+                format!("{host}/{repo}@{digest}"),
+            ] {
+                n += 1;
+                let (s, err) = skopeo(&r, &path, n);
+                let b = Bux::new()
+                    .run(&[
+                        "-q",
+                        "pull",
+                        "--signature-policy",
+                        path.to_str().unwrap(),
+                        &r,
+                    ])
+                    .status
+                    .success();
+                disagree += (s != b) as usize;
+                table.push_str(&format!(
+                    "policy {pi} {r}: skopeo {s}, bux-fuse {b} {err}\n"
+                ));
+            }
+        }
+    }
+    assert_eq!(disagree, 0, "{table}");
+    assert!(
+        table.contains("skopeo true") && table.contains("skopeo false"),
+        "{table}"
+    );
+}
