@@ -653,7 +653,7 @@ fn lazy_mounts_and_push_index() {
     let bux = Bux::new();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("root");
-    let out = bux.ok(&[
+    bux.ok(&[
         "mount",
         "--lazy",
         "--signature-policy",
@@ -664,11 +664,11 @@ fn lazy_mounts_and_push_index() {
     let m = MountGuard::adopt(mnt.clone(), dir);
     assert_eq!(std::fs::read(mnt.join("etc/seed")).unwrap(), b"lazy signed");
     drop(m);
-    let _ = out;
     let pinned = pinned_digest(&f, "app", "v1");
     assert_ne!(pinned, signed, "push-index did not pin a new manifest");
 
-    // A manifest claiming the signed one's index but with other layers is refused.
+    // A manifest claiming the signed one's index but with other layers is refused, even
+    // under the tag the signature names (pushed over the pinned one).
     let other = f.image("app", "other", "forged layers");
     let other_bytes = manifest_bytes(&f, "app", &other);
     let mut forged: serde_json::Value = serde_json::from_slice(&other_bytes).unwrap();
@@ -678,13 +678,13 @@ fn lazy_mounts_and_push_index() {
     raw_push(
         &f.reg,
         "app",
-        "forged",
+        "v1",
         &[],
         &serde_json::to_vec(&forged).unwrap(),
         OCI_MANIFEST,
     );
     let bux = Bux::new();
-    let err = refused(&bux, &format!("{host}/app:forged"), &policy);
+    let err = refused(&bux, &r, &policy);
     assert!(err.contains("beyond the index annotation"), "{err}");
     assert_nothing_stored(&bux);
 }
@@ -791,9 +791,9 @@ fn policy_files_found_missing_malformed_and_stored_images() {
             "unknown field \"keyPath\"",
         ),
         (
-            "gpg.json",
-            r#"{"default":[{"type":"signedBy","keyType":"GPGKeys","keyPath":"/k"}]}"#,
-            "not supported",
+            "typo.json",
+            r#"{"default":[{"type":"sigstoreSigned","keyPth":"/k"}]}"#,
+            "unknown field \"keyPth\"",
         ),
         ("no-default.json", r#"{"transports":{}}"#, "no \"default\""),
     ] {
@@ -809,6 +809,29 @@ fn policy_files_found_missing_malformed_and_stored_images() {
         );
         assert!(err.contains(want), "{name}: {err}");
     }
+    // Known requirements bux-fuse cannot check (GPG, Fulcio) refuse the images of their scope
+    // only: a host's policy that has them (Fedora's default) still serves the others.
+    let gpg = f.policy(
+        "gpg.json",
+        json!({"default": [{"type": "insecureAcceptAnything"}], "transports": {"docker": {
+            format!("{host}/app"): [{"type": "signedBy", "keyType": "GPGKeys", "keyPath": "/k.gpg"}],
+            format!("{host}/other"): [{"type": "sigstoreSigned", "fulcio": {"caPath": "/ca",
+                "oidcIssuer": "https://issuer", "subjectEmail": "a@b"}, "rekorPublicKeyPath": "/r.pub"}]
+        }}}),
+    );
+    let err = refused(&bux, &r, &gpg);
+    assert!(
+        err.contains(&format!(
+            "(scope \"{host}/app\": signedBy: GPG signatures are not checked"
+        )),
+        "{err}"
+    );
+    f.image("other", "v1", "other");
+    let err = refused(&bux, &format!("{host}/other:v1"), &gpg);
+    assert!(err.contains("sigstoreSigned with fulcio"), "{err}");
+    assert_nothing_stored(&bux);
+    f.image("third", "v1", "third");
+    pull_ok(&Bux::new(), &format!("{host}/third:v1"), &gpg);
     let missing = f.path("missing.json");
     let err = refused(&bux, &r, &missing);
     assert!(

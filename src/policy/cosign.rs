@@ -274,7 +274,13 @@ impl<'a> Found<'a> {
         let referrers = match self.reg.referrers(subject, ARTIFACT_TYPE).await {
             Ok(r) => r,
             Err(Error::NotFound { .. }) => Vec::new(),
-            Err(e) => return Err(e),
+            Err(e) if e.is_transient() => return Err(e),
+            // A registry that refuses the question (rather than answering 404, as the spec
+            // says one without the API does) has no referrers to offer.
+            Err(e) => {
+                tracing::debug!("referrers of {subject}: {e}");
+                Vec::new()
+            }
         };
         for d in referrers.into_iter().take(MAX_SIGNATURES) {
             let bytes = match self.src.manifest_by_digest(&d).await {

@@ -15,9 +15,12 @@
 //! `insecureAcceptAnything`, `reject`, and `sigstoreSigned` with `keyPath`, `keyPaths`,
 //! `keyData` or `keyDatas` (ECDSA P-256 public keys, as `cosign generate-key-pair` makes them)
 //! and `signedIdentity` (`matchRepoDigestOrExact` by default, `matchExact`, `matchRepository`,
-//! `exactReference`, `exactRepository`, `remapIdentity`). Anything else — `signedBy` (GPG),
-//! `fulcio`, `pki`, Rekor keys, unknown fields or transports — is refused when the file is read,
-//! in one line naming the file: a policy silently half-applied is worse than none.
+//! `exactReference`, `exactRepository`, `remapIdentity`). Requirements containers/image knows and
+//! bux-fuse cannot check — `signedBy` (GPG), `signedBaseLayer`, `sigstoreSigned` with `fulcio`,
+//! `pki` or Rekor keys — refuse the images of their scope, saying why (Fedora's default policy
+//! has `signedBy` for Red Hat's registries: the others are still served). Anything unknown —
+//! types, fields, transports — fails the file when it is read, in one line naming it: a policy
+//! silently half-applied is worse than none.
 //!
 //! Signatures are looked up as cosign stores them (see [`cosign`]), for the digest the reference
 //! resolves to, and for an image index also the digest of the platform's manifest (cosign signs
@@ -116,6 +119,9 @@ pub(crate) enum Requirement {
         keys: Vec<KeySource>,
         identity: SignedIdentity,
     },
+    /// A requirement containers/image knows and bux-fuse cannot check (GPG `signedBy`,
+    /// `signedBaseLayer`, Fulcio, Rekor, PKI): it refuses the images of its scope, saying so.
+    Unsupported(String),
 }
 
 /// Where a public key comes from.
@@ -472,6 +478,7 @@ fn describe(reqs: &[Requirement]) -> String {
                     .join(", "),
                 identity.name()
             ),
+            Requirement::Unsupported(what) => format!("{what} (unsupported: refuses)"),
         })
         .collect::<Vec<_>>()
         .join(" and ")
@@ -574,31 +581,63 @@ fn requirement(v: &Value, what: &str) -> std::result::Result<Requirement, String
             only_fields(obj, &["type"], &what)?;
             Ok(Requirement::Reject)
         }
-        "signedBy" | "signedBaseLayer" => Err(format!(
-            "{what}: not supported by bux-fuse (GPG signatures and base layers are not \
-             checked; sign with cosign and use sigstoreSigned)"
-        )),
-        "sigstoreSigned" => {
-            for k in obj.keys() {
-                if k.starts_with("rekorPublicKey") || k == "fulcio" || k == "pki" {
-                    return Err(format!(
-                        "{what}: {k:?} is not supported by bux-fuse (only public keys: keyPath, \
-                         keyPaths, keyData, keyDatas)"
-                    ));
-                }
-            }
+        "signedBy" => {
             only_fields(
                 obj,
                 &[
                     "type",
+                    "keyType",
                     "keyPath",
                     "keyPaths",
                     "keyData",
-                    "keyDatas",
                     "signedIdentity",
                 ],
                 &what,
             )?;
+            Ok(Requirement::Unsupported(
+                "signedBy: GPG signatures are not checked by bux-fuse (sign with cosign and \
+                 use sigstoreSigned)"
+                    .into(),
+            ))
+        }
+        "signedBaseLayer" => {
+            only_fields(obj, &["type", "baseLayerIdentity"], &what)?;
+            Ok(Requirement::Unsupported(
+                "signedBaseLayer: not checked by bux-fuse".into(),
+            ))
+        }
+        "sigstoreSigned" => {
+            const KNOWN: &[&str] = &[
+                "type",
+                "keyPath",
+                "keyPaths",
+                "keyData",
+                "keyDatas",
+                "fulcio",
+                "rekorPublicKeyPath",
+                "rekorPublicKeyPaths",
+                "rekorPublicKeyData",
+                "rekorPublicKeyDatas",
+                "pki",
+                "signedIdentity",
+            ];
+            only_fields(obj, KNOWN, &what)?;
+            if let Some(k) = [
+                "fulcio",
+                "pki",
+                "rekorPublicKeyPath",
+                "rekorPublicKeyPaths",
+                "rekorPublicKeyData",
+                "rekorPublicKeyDatas",
+            ]
+            .into_iter()
+            .find(|k| obj.contains_key(*k))
+            {
+                return Ok(Requirement::Unsupported(format!(
+                    "sigstoreSigned with {k}: not checked by bux-fuse (only public keys: \
+                     keyPath, keyPaths, keyData, keyDatas)"
+                )));
+            }
             let mut sources = Vec::new();
             let mut given = 0;
             if let Some(p) = string_field(obj, "keyPath", &what)? {
@@ -741,6 +780,7 @@ pub(crate) async fn check(
         match req {
             Requirement::InsecureAcceptAnything => {}
             Requirement::Reject => return Err(reject("reject")),
+            Requirement::Unsupported(what) => return Err(reject(what)),
             Requirement::SigstoreSigned { keys, identity } => {
                 let (Source::Registry(..), Some(intended)) = (src, &intended) else {
                     return Err(reject(
@@ -846,6 +886,28 @@ mod tests {
     }
 
     #[test]
+    fn known_but_unsupported_requirements_refuse_their_scope_only() {
+        // Fedora's and RHEL's default policy: GPG for Red Hat's registries, anything elsewhere.
+        let p = parse(
+            r#"{"default":[{"type":"insecureAcceptAnything"}],"transports":{
+                "docker":{"registry.redhat.io":[{"type":"signedBy","keyType":"GPGKeys",
+                    "keyPaths":["/etc/pki/rpm-gpg/RPM-GPG-KEY-redhat-release"]}],
+                    "quay.io/x":[{"type":"sigstoreSigned","fulcio":{"caPath":"/ca","oidcIssuer":"i",
+                    "subjectEmail":"e"},"rekorPublicKeyPath":"/r"}]},
+                "docker-daemon":{"":[{"type":"insecureAcceptAnything"}]}}}"#,
+        )
+        .unwrap();
+        let r = DockerRef::parse("registry.redhat.io/ubi9:latest").unwrap();
+        assert!(matches!(p.for_docker(&r).1, [Requirement::Unsupported(w)] if w.contains("GPG")));
+        let r = DockerRef::parse("quay.io/x/y:1").unwrap();
+        assert!(
+            matches!(p.for_docker(&r).1, [Requirement::Unsupported(w)] if w.contains("fulcio"))
+        );
+        let r = DockerRef::parse("docker.io/library/debian:12").unwrap();
+        assert_eq!(p.for_docker(&r).1, [Requirement::InsecureAcceptAnything]);
+    }
+
+    #[test]
     fn sigstore_requirement_parses() {
         let p = parse(
             r#"{"default":[{"type":"sigstoreSigned","keyPaths":["/a.pub","/b.pub"],
@@ -902,12 +964,12 @@ mod tests {
                 "exactly one of",
             ),
             (
-                r#"{"default":[{"type":"sigstoreSigned","keyPath":"/a","fulcio":{}}]}"#,
-                "\"fulcio\" is not supported",
+                r#"{"default":[{"type":"sigstoreSigned","keyPath":"/a","fulcia":{}}]}"#,
+                "unknown field \"fulcia\"",
             ),
             (
-                r#"{"default":[{"type":"signedBy","keyType":"GPGKeys","keyPath":"/a"}]}"#,
-                "not supported",
+                r#"{"default":[{"type":"signedBy","keyType":"GPGKeys","keyPat":"/a"}]}"#,
+                "unknown field \"keyPat\"",
             ),
             (
                 r#"{"default":[{"type":"sigstoreSigned","keyPath":"/a","signedIdentity":{"type":"matchAll"}}]}"#,
