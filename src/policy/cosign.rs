@@ -247,8 +247,7 @@ impl<'a> Found<'a> {
                 looked.push(format!("{d} (the manifest pinned by push-index)"));
             }
             return Ok(Err(format!(
-                "no signature (no {} tag or cosign referrer) for {}",
-                ".sig",
+                "no signature of {} (neither a sha256-<hex>.sig tag nor a cosign referrer)",
                 looked.join(" or ")
             )));
         }
