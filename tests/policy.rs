@@ -456,7 +456,7 @@ fn referrers_indexes_and_signed_identities() {
     refused(&bux, &r, &policy);
     assert_nothing_stored(&bux);
     sign_and_publish(&f.reg, "multi", &index_digest, &r, &index_digest, &key);
-    pull_ok(&bux, &format!("{r}"), &policy);
+    pull_ok(&bux, &r, &policy);
     // ...or only the platform's manifest (another tag of the same index, to start unsigned).
     f.reg.push(&layout, "v1", "multi2", None);
     let blob = std::fs::read(
@@ -478,7 +478,7 @@ fn referrers_indexes_and_signed_identities() {
     let r2 = format!("{host}/multi2:v1");
     let bux = Bux::new();
     sign_and_publish(&f.reg, "multi2", &amd64, &r2, &amd64, &key);
-    pull_ok(&bux, &format!("{r2}"), &policy);
+    pull_ok(&bux, &r2, &policy);
     // (The other platform's manifest is not signed: refused.)
     let err = bux.fails(&[
         "-q",
@@ -704,10 +704,10 @@ fn policy_files_found_missing_malformed_and_stored_images() {
     let bux = Bux::new();
     let out = Command::new("unshare")
         .args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(format!(
+        .arg(
             "mkdir -p /etc/containers && mount -t tmpfs none /etc/containers && \
-             ! test -e /etc/containers/policy.json && \"$0\" --store \"$1\" -q pull \"$2\""
-        ))
+             ! test -e /etc/containers/policy.json && \"$0\" --store \"$1\" -q pull \"$2\"",
+        )
         .arg(env!("CARGO_BIN_EXE_bux-fuse"))
         .arg(bux.store.path())
         .arg(&r)
