@@ -22,8 +22,9 @@
 //! types, fields, transports — fails the file when it is read, in one line naming it: a policy
 //! silently half-applied is worse than none.
 //!
-//! Signatures are looked up as cosign stores them (the `sha256-<hex>.sig` tag and OCI referrers of artifactType `application/vnd.dev.cosign.artifact.sig.v1+json`), for the digest the reference
-//! resolves to, and for an image index also the digest of the platform's manifest (cosign signs
+//! Signatures are looked up as cosign stores them (the `sha256-<hex>.sig` tag, and OCI referrers
+//! of artifactType `application/vnd.dev.cosign.artifact.sig.v1+json`), for the digest the
+//! reference resolves to, and for an image index also the digest of the platform's manifest (cosign signs
 //! what it is given: `cosign sign` of a multi-arch tag signs the index; one of a platform's
 //! manifest digest signs that). A manifest pinned by `bux-fuse push-index` (the image's own
 //! manifest with the annotation `dev.bux-fuse.index`) is a new digest no one signed: its
