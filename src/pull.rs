@@ -144,8 +144,8 @@ pub struct PullOptions {
     /// keeps none (the store stays at 1.08× the compressed image, as before).
     pub small_files: Option<u64>,
     /// Which signature policy (`containers-policy.json(5)`) the image must satisfy, checked
-    /// before anything of it is stored. Default [`crate::policy::SignaturePolicy::Auto`]: the user's or the
-    /// system's `policy.json` as podman finds it, every image accepted when there is none.
+    /// before anything of it is stored. Default [`crate::policy::SignaturePolicy::Auto`]: the
+    /// user's or the system's `policy.json` as podman finds it; none, every image accepted.
     pub signature_policy: crate::policy::SignaturePolicy,
 }
 
