@@ -320,6 +320,11 @@ struct PullArgs {
     /// `config max-store-size`).
     #[arg(long, value_name = "SIZE", env = "BUX_FUSE_MAX_STORE_SIZE")]
     max_store_size: Option<String>,
+    /// The signature policy (containers-policy.json) images must satisfy; default: the
+    /// first of $XDG_CONFIG_HOME/containers/policy.json (~/.config/…), /etc/containers/policy.json
+    /// that exists, and with none every image is accepted.
+    #[arg(long, value_name = "FILE", env = "BUX_FUSE_SIGNATURE_POLICY")]
+    signature_policy: Option<std::path::PathBuf>,
 }
 
 /// Runs the CLI; returns the process exit code.
@@ -1110,6 +1115,10 @@ impl PullArgs {
             // Kept by the command itself, with its messages (and, for a mount, once the mount
             // holds its image).
             budget: crate::pull::Budget::Unlimited,
+            signature_policy: match &self.signature_policy {
+                Some(p) => crate::policy::SignaturePolicy::File(p.clone()),
+                None => crate::policy::SignaturePolicy::Auto,
+            },
         })
     }
 }

@@ -155,6 +155,24 @@ pub enum Error {
         /// The image reference.
         reference: String,
     },
+    /// The signature policy (`containers-policy.json(5)`) does not accept the image: nothing
+    /// of it was stored. Not transient: the image, its signatures or the policy must change.
+    #[error("{reference}: rejected by signature policy {detail}")]
+    PolicyRejected {
+        /// The image reference.
+        reference: String,
+        /// The policy file, the scope matched and the rule that refused, with why
+        /// (`/etc/containers/policy.json (scope "reg/app": sigstoreSigned: …)`).
+        detail: String,
+    },
+    /// The signature policy file cannot be read or is not one bux-fuse can apply.
+    #[error("signature policy {}: {detail}", path.display())]
+    InvalidPolicy {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong with it.
+        detail: String,
+    },
     /// What a lazy mount served did not match the layer it came from; the image is refused.
     #[error("{reference}: marked bad: {detail} (`bux-fuse rm` it and pull again)")]
     BadImage {

@@ -74,6 +74,7 @@ pub mod digest;
 pub mod embed;
 pub mod error;
 pub mod mount;
+pub mod policy;
 pub mod publish;
 pub mod pull;
 pub mod registry;
@@ -110,6 +111,7 @@ pub use mount::{
     mount, unmount_all, Mount, MountOptions, MountRecord, MountState, MountStats, Prefetch,
     StoreMount,
 };
+pub use policy::{Policy, SignaturePolicy};
 pub use publish::{PushIndexOptions, PushedIndex};
 pub use pull::{Budget, Progress, ProgressFn, PullOptions, PullPolicy, PulledImage};
 pub use registry::manifest::{ImageConfig, Platform, RuntimeConfig};

@@ -143,6 +143,10 @@ pub struct PullOptions {
     /// FUSE; the large Debian image's store grows by 0.35× its compressed size); `Some(0)`
     /// keeps none (the store stays at 1.08× the compressed image, as before).
     pub small_files: Option<u64>,
+    /// Which signature policy (`containers-policy.json(5)`) the image must satisfy, checked
+    /// before anything of it is stored. Default [`crate::policy::SignaturePolicy::Auto`]: the
+    /// user's or the system's `policy.json` as podman finds it; none, every image accepted.
+    pub signature_policy: crate::policy::SignaturePolicy,
     /// The store budget kept once the pull has recorded its image (which stays, whatever it
     /// costs): by default the store's setting (`bux-fuse config max-store-size`, see
     /// [`Store::settings`]), none if unset.
@@ -170,6 +174,7 @@ impl std::fmt::Debug for PullOptions {
             .field("parallel", &self.parallel)
             .field("small_files", &self.small_files)
             .field("budget", &self.budget)
+            .field("signature_policy", &self.signature_policy)
             .finish()
     }
 }
@@ -710,6 +715,7 @@ impl Store {
 
         // Manifest, through an index if there is one.
         let (mut bytes, mut digest) = reg.top_manifest().await?;
+        crate::policy::check(&opts.signature_policy, reg, &name, &bytes, &digest, &want).await?;
         let mut parsed = parse_manifest(&bytes, &name)?;
         let single_platform = !parsed.is_index();
         if parsed.is_index() {
