@@ -31,8 +31,9 @@ const MAX_JSON_BLOB: u64 = 16 << 20;
 const MAX_RESUMES: u32 = 5;
 /// How long a download may go without data before it is treated as broken.
 pub const DEFAULT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
-/// Compressed bytes in flight between a download and its indexer.
-const CHANNEL_CHUNKS: usize = 64;
+/// Compressed bytes in flight between a download and its indexer (the download waits while
+/// the indexer is this far behind).
+const CHANNEL_BYTES: usize = 4 << 20;
 /// A partial download left by an earlier pull is resumed if it has at least this many bytes
 /// (less is not worth the extra request), and kept after a failure only then.
 const MIN_RESUME: u64 = 1 << 20;
@@ -184,16 +185,30 @@ pub fn normalize_reference(reference: &str) -> Result<String> {
 
 /// Feeds downloaded chunks to the blocking indexer as a `Read`.
 pub(crate) struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<bytes::Bytes>>,
+    rx: Chunks,
     cur: bytes::Bytes,
+    /// What `cur` holds of the byte budget of a [`chunk_channel`], given back once it is read.
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+enum Chunks {
+    Std(mpsc::Receiver<io::Result<bytes::Bytes>>),
+    Bounded(tokio::sync::mpsc::Receiver<Chunk>),
+}
+
+/// A chunk of a download, with its share of the channel's byte budget.
+type Chunk = (
+    io::Result<bytes::Bytes>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
 impl ChannelReader {
     /// Reads what is sent on `rx` until its sender is dropped.
     pub(crate) fn new(rx: mpsc::Receiver<io::Result<bytes::Bytes>>) -> ChannelReader {
         ChannelReader {
-            rx,
+            rx: Chunks::Std(rx),
             cur: bytes::Bytes::new(),
+            _held: None,
         }
     }
 }
@@ -201,10 +216,15 @@ impl ChannelReader {
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
-            match self.rx.recv() {
-                Ok(Ok(b)) => self.cur = b,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0), // sender finished: end of blob
+            self._held = None; // the chunk read: its bytes may be sent again
+            let next = match &mut self.rx {
+                Chunks::Std(rx) => rx.recv().ok().map(|c| (c, None)),
+                Chunks::Bounded(rx) => rx.blocking_recv(),
+            };
+            match next {
+                Some((Ok(b), held)) => (self.cur, self._held) = (b, held),
+                Some((Err(e), _)) => return Err(e),
+                None => return Ok(0), // sender finished: end of blob
             }
         }
         let n = buf.len().min(self.cur.len());
@@ -212,6 +232,52 @@ impl Read for ChannelReader {
         bytes::Buf::advance(&mut self.cur, n);
         Ok(n)
     }
+}
+
+/// The sending half of a [`chunk_channel`]: an async send that waits (without blocking the
+/// executor) while the reader holds [`CHANNEL_BYTES`] not read yet.
+pub(crate) struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl ChunkSender {
+    /// Sends a chunk once the budget has room for it (a chunk larger than the whole budget
+    /// waits for all of it); `Err` when the reader is gone.
+    pub(crate) async fn send(
+        &self,
+        chunk: io::Result<bytes::Bytes>,
+    ) -> std::result::Result<(), ()> {
+        let want = match &chunk {
+            Ok(b) => b.len().clamp(1, CHANNEL_BYTES) as u32,
+            Err(_) => 0,
+        };
+        let held = match want {
+            0 => None,
+            n => Some(
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| ())?,
+            ),
+        };
+        self.tx.send((chunk, held)).await.map_err(|_| ())
+    }
+}
+
+/// A channel from a download (async) to its indexer (a blocking thread), bounded by the bytes
+/// in flight ([`CHANNEL_BYTES`]) rather than the chunks, whose size is the HTTP stack's to
+/// choose.
+pub(crate) fn chunk_channel() -> (ChunkSender, ChannelReader) {
+    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_BYTES / 1024);
+    let budget = Arc::new(tokio::sync::Semaphore::new(CHANNEL_BYTES));
+    let reader = ChannelReader {
+        rx: Chunks::Bounded(rx),
+        cur: bytes::Bytes::new(),
+        _held: None,
+    };
+    (ChunkSender { tx, budget }, reader)
 }
 
 /// Copies what is read into a writer (the blob's temp file).
@@ -743,7 +809,7 @@ impl Store {
         let reg = Arc::new(Source::open(loc, &opts.registry)?);
         let r = self.resolve(&reg, &loc.key(), opts).await?;
         self.fetch_layers(&reg, &r.jobs, opts).await?;
-        self.record(r, &[], opts)
+        self.record(r, &[], opts).await
     }
 
     /// Fetches and indexes the layers not stored yet, several at once.
@@ -767,9 +833,22 @@ impl Store {
         results.into_iter().collect()
     }
 
-    /// Merges the layers' indexes, saves the tree and records the image. `lazy` names the
-    /// published index blob of each layer served lazily.
-    pub(crate) fn record(
+    /// Merges the layers' indexes, saves the tree and records the image (on the blocking
+    /// pool). `lazy` names the published index blob of each layer served lazily.
+    pub(crate) async fn record(
+        &self,
+        r: Resolved,
+        lazy: &[(Digest, Digest)],
+        opts: &PullOptions,
+    ) -> Result<PulledImage> {
+        let (store, lazy, opts) = (self.clone(), lazy.to_vec(), opts.clone());
+        off_thread("record task", move || {
+            store.record_blocking(r, &lazy, &opts)
+        })
+        .await
+    }
+
+    fn record_blocking(
         &self,
         r: Resolved,
         lazy: &[(Digest, Digest)],
@@ -849,21 +928,32 @@ impl Store {
                 .map_err(|e| Error::io("lock task", io::Error::other(e)))??
         };
         let index_path = self.index_path(&digest);
-        if index_path.exists() && self.layer_bytes_present(&digest) {
-            // An index this version cannot read (an older format) is rebuilt below.
-            if let Ok(idx) = LayerIndex::load(&index_path) {
-                check_diff_id(&idx, job)?;
-                opts.emit(Progress::LayerCached { layer: digest });
-                return Ok(());
-            }
-        }
-        // What a fetch of this layer killed mid-way left (its partial download is resumed).
-        let freed = self.clear_layer_temps(&digest);
-        if freed > 0 {
-            tracing::debug!(
-                "layer {}: removed {freed} bytes of stale temp files",
-                digest.short()
-            );
+        let cached = {
+            let (store, index_path) = (store.clone(), index_path.clone());
+            off_thread("index task", move || {
+                if index_path.exists() && store.layer_bytes_present(&digest) {
+                    // An index this version cannot read (an older format) is rebuilt below.
+                    if let Ok(idx) = LayerIndex::load(&index_path) {
+                        return Ok(Some(idx));
+                    }
+                }
+                // What a fetch of this layer killed mid-way left (its partial download is
+                // resumed).
+                let freed = store.clear_layer_temps(&digest);
+                if freed > 0 {
+                    tracing::debug!(
+                        "layer {}: removed {freed} bytes of stale temp files",
+                        digest.short()
+                    );
+                }
+                Ok(None)
+            })
+            .await?
+        };
+        if let Some(idx) = cached {
+            check_diff_id(&idx, job)?;
+            opts.emit(Progress::LayerCached { layer: digest });
+            return Ok(());
         }
         let idx = match self.download_layer(&reg, job, opts, true).await {
             Ok(idx) => idx,
@@ -885,11 +975,12 @@ impl Store {
             Err(f) => return Err(f.error),
         };
         check_diff_id(&idx, job)?;
-        idx.save(&index_path)?;
+        let entries = idx.entries.len();
+        off_thread("index task", move || idx.save(&index_path)).await?;
         drop(lock);
         opts.emit(Progress::LayerDone {
             layer: digest,
-            entries: idx.entries.len(),
+            entries,
         });
         Ok(())
     }
@@ -955,14 +1046,14 @@ impl Store {
                 total,
             });
         }
-        let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
+        let (tx, rx) = chunk_channel();
         let compression = job.compression;
         let small_max = crate::mount::shared::small_files_kept(opts.small_files);
         let store = self.clone();
         let indexer = tokio::task::spawn_blocking(move || {
             // The bytes on disk first (the writer hashes them without writing them again),
             // then the network's: the indexer reads the whole blob in one pass.
-            let input = kept.chain(ChannelReader::new(rx));
+            let input = kept.chain(rx);
             index_layer(&store, digest, compression, small_max, blob, input)
         });
         let mut done = offset;
@@ -977,7 +1068,7 @@ impl Store {
                     done += c.len() as u64;
                     failures = 0;
                     // A send fails only when the indexer stopped early (it has an error).
-                    if tx.send(Ok(c)).is_err() {
+                    if tx.send(Ok(c)).await.is_err() {
                         break;
                     }
                     if done - last_report >= 1 << 20 {
@@ -1024,10 +1115,12 @@ impl Store {
                 Some(s) => stream = s,
                 None => {
                     network_failed = true;
-                    let _ = tx.send(Err(io::Error::new(
-                        io::ErrorKind::ConnectionAborted,
-                        format!("download failed after {done} of {total} bytes: {cause}"),
-                    )));
+                    let _ = tx
+                        .send(Err(io::Error::new(
+                            io::ErrorKind::ConnectionAborted,
+                            format!("download failed after {done} of {total} bytes: {cause}"),
+                        )))
+                        .await;
                     break;
                 }
             }
@@ -1087,6 +1180,18 @@ impl Store {
             Err(_) => false,
         }
     }
+}
+
+/// Runs `f` on tokio's blocking pool: disk and CPU work (indexing, saving indexes, merging,
+/// writing the metadata image) stays off the async threads, so a pull does not stall the
+/// caller's executor.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io(what, io::Error::other(e)))?
 }
 
 /// How long a mount of an image stored for another platform asks the registry whether the
