@@ -1271,6 +1271,9 @@ fn index_layer(
         Ok(head) if head.len() >= 4 => Compression::None,
         _ => compression,
     };
+    // The small files' bytes go to disk as they are read: indexing holds their records only.
+    let small_tmp = store.temp_path(&format!("{}.small", digest.hex()));
+    let small = index::small::SmallFiles::spilling(small_max, small_tmp)?;
     let mut idx = {
         let mut tee = Tee {
             inner: input,
@@ -1283,7 +1286,8 @@ fn index_layer(
                     .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
                 seekable_tmp = Some(TempFile(tmp));
                 let mut out = io::BufWriter::new(file);
-                let idx = index::build(&mut tee, compression, digest, Some(&mut out), small_max)?;
+                let idx =
+                    index::build_keeping(&mut tee, compression, digest, Some(&mut out), small)?;
                 let file = out
                     .into_inner()
                     .map_err(|e| Error::io("writing seekable copy", e.into_error()))?;
@@ -1291,7 +1295,7 @@ fn index_layer(
                     .map_err(|e| Error::io("syncing seekable copy", e))?;
                 idx
             }
-            _ => index::build(&mut tee, compression, digest, None, small_max)?,
+            _ => index::build_keeping(&mut tee, compression, digest, None, small)?,
         }
     };
     idx.compressed_size = blob.len();

@@ -219,6 +219,19 @@ pub fn build<R: Read>(
     seekable: Option<&mut dyn Write>,
     small_max: u64,
 ) -> Result<LayerIndex> {
+    let small = small::SmallFiles::up_to(small_max);
+    build_keeping(blob, compression, digest, seekable, small)
+}
+
+/// [`build`], keeping small files' bytes in `small` (a pull's table spills them to disk as it
+/// goes: see [`small::SmallFiles::spilling`]).
+pub(crate) fn build_keeping<R: Read>(
+    blob: R,
+    compression: Compression,
+    digest: Digest,
+    seekable: Option<&mut dyn Write>,
+    mut small: small::SmallFiles,
+) -> Result<LayerIndex> {
     let corrupt = |detail: String| Error::CorruptLayer {
         layer: digest,
         detail,
@@ -227,7 +240,6 @@ pub fn build<R: Read>(
         io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => corrupt(e.to_string()),
         _ => Error::io(format!("reading layer {digest}"), e),
     };
-    let mut small = small::SmallFiles::up_to(small_max);
     let (entries, uncompressed_size, diff_id, access) = match compression {
         Compression::None => {
             let (entries, m) = scan_and_drain(blob, digest, &mut small)?;
