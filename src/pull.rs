@@ -878,6 +878,7 @@ impl Store {
             .map(|l| LayerIndex::load(&self.layer_index_path(l)))
             .collect::<Result<Vec<_>>>()?;
         let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
+        drop(indexes);
         opts.emit(Progress::Merged {
             inodes: tree.inode_count() as usize,
         });
@@ -899,7 +900,7 @@ impl Store {
         self.put_image(record.clone())?;
         if lazy.is_empty() {
             // What root's first mount would write: done here, so that the mount is quick.
-            if let Some(bytes) = crate::mount::shared::prepare(self, &record) {
+            if let Some(bytes) = self.prepare_metadata_image(&record, &tree) {
                 opts.emit(Progress::MetadataImage { bytes });
             }
         }
@@ -909,6 +910,52 @@ impl Store {
             config,
             record,
         })
+    }
+
+    /// Writes the image's metadata image into the store ahead of its first shared mount, as
+    /// the image server would at its start, where such mounts can be (root, a kernel with
+    /// EROFS). Best effort. Written from the tree at hand and the layers' small-file tables,
+    /// holding the metadata, not the files' bytes (see [`tree::erofs::write_metadata_image`]).
+    /// Returns its size, if it is there.
+    fn prepare_metadata_image(&self, record: &ImageRecord, tree: &Tree) -> Option<u64> {
+        use crate::mount::shared::{kernel_metadata_possible, metadata_from_fuse};
+        if !kernel_metadata_possible() || metadata_from_fuse() {
+            return None;
+        }
+        let path = self.meta_image_path(&record.view());
+        if !tree::erofs::is_current(&path) {
+            let started = std::time::Instant::now();
+            let tables: Vec<_> = record
+                .layers
+                .iter()
+                .map(|l| {
+                    index::small::SmallIndex::open(&self.layer_index_path(l)).unwrap_or_else(|e| {
+                        tracing::warn!("small files of layer {}: {e}", l.digest);
+                        None
+                    })
+                })
+                .collect();
+            let tmp = self.temp_path("meta.erofs");
+            let written = std::fs::File::create(&tmp)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    tree::erofs::write_metadata_image(tree, &tables, IMAGE_SMALL_MAX, &f)?;
+                    f.sync_all().map_err(|e| e.to_string())?;
+                    std::fs::rename(&tmp, &path).map_err(|e| e.to_string())
+                });
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::debug!("metadata image of {}: {e}", record.reference);
+                return None;
+            }
+            crate::store::sync_dir(&path);
+            tracing::info!(
+                "metadata image: {} inodes, written in {} ms",
+                tree.inode_count(),
+                started.elapsed().as_millis()
+            );
+        }
+        std::fs::metadata(path).ok().map(|m| m.len())
     }
 
     /// Makes sure a layer's blob and index are in the store, fetching and indexing it if not.
@@ -1193,6 +1240,10 @@ pub(crate) async fn off_thread<T: Send + 'static>(
         .await
         .map_err(|e| Error::io(what, io::Error::other(e)))?
 }
+
+/// The most bytes of small files one metadata image holds (as the image server's writer,
+/// `mount::shared::kernel_meta`, counts them: the same image either way).
+const IMAGE_SMALL_MAX: u64 = 1 << 30;
 
 /// How long a mount of an image stored for another platform asks the registry whether the
 /// host has a manifest of its own before serving what is stored.

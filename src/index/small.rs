@@ -392,6 +392,116 @@ impl SmallFiles {
     }
 }
 
+/// The records of a layer's saved small files without their bytes: what a metadata image is
+/// laid out by, holding 12 bytes a file; [`SmallIndex::each`] then reads the bytes through
+/// once, in order, without holding them.
+pub(crate) struct SmallIndex {
+    path: PathBuf,
+    /// (offset in the stream, length), ascending by offset.
+    files: Vec<(u64, u32)>,
+    body: Body,
+}
+
+enum Body {
+    /// The bytes' frame starts at this offset of the file.
+    Frame(u64),
+    /// A table of the first format, read whole.
+    Held(SmallFiles),
+}
+
+impl SmallIndex {
+    /// The records of the table beside the index at `index_path`: `None` if there is none.
+    pub(crate) fn open(index_path: &Path) -> Result<Option<SmallIndex>> {
+        let path = SmallFiles::path(index_path);
+        let mut file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
+        };
+        let corrupt = |detail: &str| Error::CorruptStore {
+            path: path.clone(),
+            detail: detail.into(),
+        };
+        let mut head = [0u8; 16];
+        file.read_exact(&mut head)
+            .map_err(|_| corrupt("cut short"))?;
+        if head[..8] == MAGIC_V1[..] {
+            let held = SmallFiles::load(index_path)?.ok_or_else(|| corrupt("gone"))?;
+            let files = held.iter().map(|(o, b)| (o, b.len() as u32)).collect();
+            return Ok(Some(SmallIndex {
+                path,
+                files,
+                body: Body::Held(held),
+            }));
+        }
+        if head[..8] != MAGIC[..] {
+            return Err(corrupt("not a small-files table of this version"));
+        }
+        let table_len = u64::from_le_bytes(head[8..].try_into().expect("8 bytes"));
+        let mut table = Vec::new();
+        (&mut file)
+            .take(table_len.min((8 + KEEP_MAX * RECORD) as u64))
+            .read_to_end(&mut table)
+            .ctx(|| format!("reading {}", path.display()))?;
+        if table.len() as u64 != table_len {
+            return Err(corrupt("cut short"));
+        }
+        let claimed = zstd::zstd_safe::get_frame_content_size(&table)
+            .ok()
+            .flatten()
+            .filter(|&n| n <= (8 + KEEP_MAX * RECORD) as u64)
+            .ok_or_else(|| corrupt("no valid frame size"))?;
+        let table = zstd::bulk::decompress(&table, claimed as usize)
+            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let (at, total) = SmallFiles::records(&table, false).map_err(corrupt)?;
+        let ends = at.iter().skip(1).map(|&(_, s)| s).chain([total]);
+        let files = at
+            .iter()
+            .zip(ends)
+            .map(|(&(o, start), end)| (o, (end - start) as u32))
+            .collect();
+        Ok(Some(SmallIndex {
+            path,
+            files,
+            body: Body::Frame(16 + table_len),
+        }))
+    }
+
+    /// The length of the file kept at `offset`, if one is.
+    pub(crate) fn len_at(&self, offset: u64) -> Option<u64> {
+        let i = self.files.binary_search_by_key(&offset, |&(o, _)| o).ok()?;
+        Some(self.files[i].1 as u64)
+    }
+
+    /// Calls `f` with each file (offset, bytes), in order, until it returns `false`.
+    pub(crate) fn each(&self, mut f: impl FnMut(u64, &[u8]) -> io::Result<bool>) -> Result<()> {
+        let ctx = || format!("reading {}", self.path.display());
+        match &self.body {
+            Body::Held(held) => {
+                for (offset, bytes) in held.iter() {
+                    if !f(offset, bytes).ctx(ctx)? {
+                        break;
+                    }
+                }
+            }
+            Body::Frame(start) => {
+                let mut file = std::fs::File::open(&self.path).ctx(ctx)?;
+                io::Seek::seek(&mut file, io::SeekFrom::Start(*start)).ctx(ctx)?;
+                let mut bytes = zstd::stream::read::Decoder::new(file).ctx(ctx)?;
+                let mut buf = vec![0u8; SMALL_MAX as usize];
+                for &(offset, len) in &self.files {
+                    let b = &mut buf[..len as usize];
+                    bytes.read_exact(b).ctx(ctx)?;
+                    if !f(offset, b).ctx(ctx)? {
+                        break;
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
