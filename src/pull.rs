@@ -696,7 +696,8 @@ impl Store {
                     platform: want.to_string(),
                     available: manifest::offered(&entries),
                 })?;
-            self.put_blob(&digest, &bytes, "image index")?;
+            self.put_blob_off_thread(digest, bytes.clone(), "image index")
+                .await?;
             digest = parse_digest(&chosen.digest, &name)?;
             bytes = reg.manifest_by_digest(&digest).await?;
             parsed = parse_manifest(&bytes, &name)?;
@@ -755,7 +756,8 @@ impl Store {
         }
         if !self.blob_path(&config_digest).exists() {
             let bytes = reg.small_blob(&config_digest, MAX_JSON_BLOB).await?;
-            self.put_blob(&config_digest, &bytes, "config")?;
+            self.put_blob_off_thread(config_digest, bytes, "config")
+                .await?;
         }
         let config = self.read_config(&config_digest)?;
         // An image of one platform is what it is: said, as Docker says it, when it is not
@@ -803,6 +805,20 @@ impl Store {
             config,
             jobs,
         })
+    }
+
+    /// [`Store::put_blob`] on the blocking pool (it syncs the file).
+    async fn put_blob_off_thread(
+        &self,
+        digest: Digest,
+        bytes: Vec<u8>,
+        what: &'static str,
+    ) -> Result<()> {
+        let store = self.clone();
+        off_thread("store task", move || {
+            store.put_blob(&digest, &bytes, what).map(|_| ())
+        })
+        .await
     }
 
     async fn pull_from_source(&self, loc: &Location, opts: &PullOptions) -> Result<PulledImage> {

@@ -589,7 +589,10 @@ fn a_pull_leaves_the_callers_executor_free() {
     let waited = waited.lock().unwrap().clone();
     assert!(!waited.is_empty(), "no merge reported");
     for (phase, ran) in waited {
-        assert!(ran, "the executor did not run while the pull was at: {phase}");
+        assert!(
+            ran,
+            "the executor did not run while the pull was at: {phase}"
+        );
     }
     let out = bux.ok(&["check"]);
     assert!(out.contains(": 0 problems"), "{out}");
