@@ -33,6 +33,8 @@ pub const SMALL_MAX: u64 = 64 << 10;
 /// hostile one), files are read through FUSE, and indexing holds no more than this in memory.
 pub const KEEP_MAX: usize = 256 << 20;
 
+/// Numbers this process's temp files apart.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 /// The first format (see the module docs).
 const MAGIC_V1: &[u8; 8] = b"BUXSML\x00\x01";
 const MAGIC: &[u8; 8] = b"BUXSML\x00\x02";
@@ -268,7 +270,11 @@ impl SmallFiles {
                         .ctx(ctx)?;
                 }
                 // Written whole beside it, then renamed over it (as `write_atomic` does).
-                let tmp = path.with_extension(format!("small-tmp.{}", std::process::id()));
+                let tmp = path.with_extension(format!(
+                    "tmp.{}.{}",
+                    std::process::id(),
+                    TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+                ));
                 let written = (|| {
                     let mut out = std::fs::File::create(&tmp)?;
                     io::Write::write_all(&mut out, &head)?;
