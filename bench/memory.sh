@@ -26,11 +26,15 @@ if [ -n "$rev" ]; then
   cp bench/pull_memory.rs "$wt/bench/"
   grep -q pull_memory "$wt/Cargo.toml" ||
     printf '\n[[example]]\nname = "pull_memory"\npath = "bench/pull_memory.rs"\n' >>"$wt/Cargo.toml"
+  # The same target dir (its dependencies built once): the two checkouts' crates share their
+  # artifacts' names, so cargo takes one for the other unless the crate is cleaned in between.
+  cargo clean --release --locked -p bux-fuse
   (cd "$wt" && CARGO_TARGET_DIR=$OLDPWD/target cargo build --release --locked --example pull_memory)
   cp target/release/examples/pull_memory "target/memory-rev/pull_memory-$rev"
   prog=$PWD/target/memory-rev/pull_memory-$rev
   [ "$label" = current ] && label=$rev
-  cargo build --release --locked --example pull_memory # this tree's again
+  cargo clean --release --locked -p bux-fuse
+  cargo build --release --locked --bin bux-fuse --example pull_memory # this tree's again
 fi
 
 work=$(mktemp -d "${TMPDIR:-/tmp}/bux-memory.XXXXXX")

@@ -17,6 +17,7 @@
 //!
 //! `pull_memory [--small-files N] [--store DIR] REF` (a registry on 127.0.0.1 is spoken to in
 //! plain HTTP). The store is made in a temp dir and removed unless `--store` names one.
+//! `TRACE=1` prints each progress event but byte counts, and the RSS every 50 ms, to stderr.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -75,6 +76,15 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let tmp = tempfile::tempdir()?;
     let root = store_dir.map_or_else(|| tmp.path().join("store"), Into::into);
 
+    let trace = std::env::var("TRACE").is_ok_and(|v| v == "1");
+    if trace {
+        let t0 = Instant::now();
+        std::thread::spawn(move || loop {
+            let rss = mb(status_kb("VmRSS"));
+            eprintln!("{:7.3} s  rss {rss:6} MB", t0.elapsed().as_secs_f64());
+            std::thread::sleep(Duration::from_millis(50));
+        });
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -85,7 +95,12 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }));
     let progress: bux_fuse::pull::ProgressFn = {
         let phases = phases.clone();
+        let t0 = Instant::now();
         Arc::new(move |p: Progress| {
+            if trace && !matches!(p, Progress::LayerBytes { .. }) {
+                let rss = mb(status_kb("VmRSS"));
+                eprintln!("{:7.3} s  rss {rss:6} MB  {p:?}", t0.elapsed().as_secs_f64());
+            }
             let mut ph = phases.lock().unwrap();
             match p {
                 Progress::Resolved { layers, .. } => {
