@@ -79,15 +79,17 @@ data = json.load(open(path)) if os.path.exists(path) else {}
 data[label] = {"date": datetime.date.today().isoformat(), "runs": runs}
 json.dump(data, open(path, "w"), indent=1)
 keys = [("peak_mb", "peak RSS (MB)"), ("retained_mb", "retained after return (MB)"),
-        ("trimmed_mb", "after malloc_trim (MB)"), ("max_stall_ms", "longest executor stall (ms)"),
-        ("secs", "pull (s)")]
+        ("trimmed_mb", "after malloc_trim (MB)"), ("settled_mb", "10 s later (MB)"),
+        ("max_stall_ms", "longest executor stall (ms)"),
+        ("max_busy_ms", "most executor CPU between ticks (ms)"), ("secs", "pull (s)")]
 rows = []
 for lab, d in data.items():
     for small in (None, 0):
         rs = [r for r in d["runs"] if r["small_files"] == small]
         if not rs:
             continue
-        med = {k: statistics.median(r[k] for r in rs) for k, _ in keys}
+        med = {k: statistics.median(r[k] for r in rs) if all(k in r for r in rs) else None
+               for k, _ in keys}
         phases = {p: statistics.median(r["phases"].get(p, 0) for r in rs) for p in rs[0]["phases"]}
         rows.append((lab, "default" if small is None else "0", len(rs), med, phases))
 with open("bench/RESULTS-memory.md", "w") as f:
@@ -98,11 +100,17 @@ with open("bench/RESULTS-memory.md", "w") as f:
             "Medians of the runs shown. Peak is VmHWM reset just before the pull; retained is VmRSS "
             "once the pull returned and all but the `PulledImage` was dropped (runtime still up); "
             "the stall is the longest gap between runs of a task that asks to run every 1 ms. "
+            "10 s later is VmRSS once tokio's idle blocking threads have left. The executor's CPU "
+            "between ticks is the CPU time its thread spent between two runs of that task: on a "
+            "shared machine a stall is also the thread waiting for a CPU, which that does not count. "
             "Root, so small files are kept for the EROFS metadata image by default.\n\n")
     f.write("| library | small_files | runs | " + " | ".join(h for _, h in keys) + " | peak per phase (MB) |\n")
     f.write("|---|---|---|" + "---|" * len(keys) + "---|\n")
     for lab, small, n, med, phases in rows:
         ph = ", ".join(f"{p} {v:g}" for p, v in phases.items())
-        f.write(f"| {lab} | {small} | {n} | " + " | ".join(f"{med[k]:g}" for k, _ in keys) + f" | {ph} |\n")
+        f.write(f"| {lab} | {small} | {n} | " + " | ".join("—" if med[k] is None else f"{med[k]:g}" for k, _ in keys) + f" | {ph} |\n")
+    notes = "bench/memory-notes.md"
+    if os.path.exists(notes):
+        f.write("\n" + open(notes).read())
 print(open("bench/RESULTS-memory.md").read())
 EOF

@@ -10,10 +10,14 @@
 //! * `retained_mb` — RSS once the pull returned and all but the `PulledImage` was dropped, the
 //!   runtime still up (as in a long-running caller); `trimmed_mb` the same after glibc's
 //!   `malloc_trim(0)`, which returns freed heap to the kernel (what the library leaves
-//!   allocated, against what the allocator keeps);
+//!   allocated, against what the allocator keeps); `*_anon_mb` the same without the pages of
+//!   files mapped (the program's own code among them: RssAnon);
 //! * `max_stall_ms` — the longest the executor went without running a task that asks to run
 //!   every millisecond (what blocking work on the async thread costs every other task);
-//!   `ticks` — how many times it ran during the pull.
+//!   `ticks` — how many times it ran during the pull; `max_busy_ms` — the most CPU time the
+//!   executor's thread spent between two of its runs (what the pull's work on that thread
+//!   cost; on a loaded machine a stall can also be the thread waiting for a CPU, which this
+//!   does not count).
 //!
 //! `pull_memory [--small-files N] [--store DIR] REF` (a registry on 127.0.0.1 is spoken to in
 //! plain HTTP). The store is made in a temp dir and removed unless `--store` names one.
@@ -31,6 +35,17 @@ fn status_kb(field: &str) -> u64 {
         .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
         .unwrap_or(0)
+}
+
+/// CPU time of the calling thread, in µs.
+fn thread_cpu_us() -> u64 {
+    let mut t = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: a valid timespec to fill.
+    unsafe { libc::clock_gettime(libc::CLOCK_THREAD_CPUTIME_ID, &mut t) };
+    t.tv_sec as u64 * 1_000_000 + t.tv_nsec as u64 / 1000
 }
 
 /// Resets VmHWM to the current RSS.
@@ -99,7 +114,10 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Arc::new(move |p: Progress| {
             if trace && !matches!(p, Progress::LayerBytes { .. }) {
                 let rss = mb(status_kb("VmRSS"));
-                eprintln!("{:7.3} s  rss {rss:6} MB  {p:?}", t0.elapsed().as_secs_f64());
+                eprintln!(
+                    "{:7.3} s  rss {rss:6} MB  {p:?}",
+                    t0.elapsed().as_secs_f64()
+                );
             }
             let mut ph = phases.lock().unwrap();
             match p {
@@ -134,21 +152,34 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let base = status_kb("VmRSS");
     let done = Arc::new(AtomicBool::new(false));
     let max_gap_us = Arc::new(AtomicU64::new(0));
+    let max_busy_us = Arc::new(AtomicU64::new(0));
     let ticks = Arc::new(AtomicU64::new(0));
     let started = Instant::now();
     let (pulled, layers) = rt.block_on(async {
         // The ticker: asks to run every millisecond, and notes the longest it waited.
         let ticker = {
             let (done, max_gap_us, ticks) = (done.clone(), max_gap_us.clone(), ticks.clone());
+            let max_busy_us = max_busy_us.clone();
             tokio::spawn(async move {
                 let mut interval = tokio::time::interval(Duration::from_millis(1));
                 interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
                 let mut last = Instant::now();
+                let mut last_cpu = thread_cpu_us();
                 while !done.load(Ordering::Relaxed) {
                     interval.tick().await;
                     let now = Instant::now();
                     let gap = now.duration_since(last).as_micros() as u64;
+                    if trace && gap > 20_000 {
+                        eprintln!(
+                            "{:7.3} s  executor stalled {} ms",
+                            started.elapsed().as_secs_f64(),
+                            gap / 1000
+                        );
+                    }
                     max_gap_us.fetch_max(gap, Ordering::Relaxed);
+                    let cpu = thread_cpu_us();
+                    max_busy_us.fetch_max(cpu - last_cpu, Ordering::Relaxed);
+                    last_cpu = cpu;
                     ticks.fetch_add(1, Ordering::Relaxed);
                     last = now;
                 }
@@ -172,6 +203,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     }
     drop(opts); // the progress callback and what it holds
     let retained = status_kb("VmRSS");
+    let retained_anon = status_kb("RssAnon");
     let trimmed = {
         #[cfg(target_env = "gnu")]
         // SAFETY: malloc_trim only returns free memory to the kernel.
@@ -180,6 +212,21 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         status_kb("VmRSS")
     };
+    let trimmed_anon = status_kb("RssAnon");
+    // Once the runtime's idle blocking threads have left (tokio keeps them 10 s), with their
+    // stacks and allocator arenas.
+    let threads_before = status_kb("Threads");
+    std::thread::sleep(Duration::from_secs(11));
+    let settled = status_kb("VmRSS");
+    let threads_after = status_kb("Threads");
+    if trace {
+        eprintln!("threads {threads_before} -> {threads_after}");
+        extern "C" {
+            fn malloc_stats();
+        }
+        // SAFETY: prints the allocator's statistics to stderr.
+        unsafe { malloc_stats() };
+    }
     let ph = phases.lock().unwrap();
     let peak = ph.peaks.iter().map(|(_, kb)| *kb).max().unwrap_or(0);
     let phase_json: Vec<String> = ph
@@ -189,14 +236,18 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         .collect();
     println!(
         "{{\"reference\": \"{reference}\", \"small_files\": {}, \"layers\": {layers}, \"secs\": {secs:.2}, \
-         \"base_mb\": {}, \"peak_mb\": {}, \"retained_mb\": {}, \"trimmed_mb\": {}, \
-         \"max_stall_ms\": {:.1}, \"ticks\": {}, \"phases\": {{{}}}}}",
+         \"base_mb\": {}, \"peak_mb\": {}, \"retained_mb\": {}, \"trimmed_mb\": {}, \"retained_anon_mb\": {}, \"trimmed_anon_mb\": {}, \"settled_mb\": {}, \
+         \"max_stall_ms\": {:.1}, \"max_busy_ms\": {:.1}, \"ticks\": {}, \"phases\": {{{}}}}}",
         small_files.map_or("null".to_string(), |n: u64| n.to_string()),
         mb(base),
         mb(peak),
         mb(retained),
         mb(trimmed),
+        mb(retained_anon),
+        mb(trimmed_anon),
+        mb(settled),
         max_gap_us.load(Ordering::Relaxed) as f64 / 1000.0,
+        max_busy_us.load(Ordering::Relaxed) as f64 / 1000.0,
         ticks.load(Ordering::Relaxed),
         phase_json.join(", "),
     );
