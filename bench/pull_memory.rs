@@ -169,11 +169,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     interval.tick().await;
                     let now = Instant::now();
                     let gap = now.duration_since(last).as_micros() as u64;
-                    if trace && gap > 20_000 {
+                    let busy = thread_cpu_us() - last_cpu;
+                    if trace && (gap > 20_000 || busy > 5_000) {
                         eprintln!(
-                            "{:7.3} s  executor stalled {} ms",
+                            "{:7.3} s  executor stalled {} ms, busy {} ms",
                             started.elapsed().as_secs_f64(),
-                            gap / 1000
+                            gap / 1000,
+                            busy / 1000
                         );
                     }
                     max_gap_us.fetch_max(gap, Ordering::Relaxed);

@@ -440,7 +440,7 @@ impl Store {
             progress: None,
             ..opts.clone()
         };
-        let resolved = match Source::open(loc, &opts.registry) {
+        let resolved = match open_source(loc, opts).await {
             Ok(src) => tokio::time::timeout(HOST_PROBE, self.resolve(&src, &name, &probe))
                 .await
                 .unwrap_or_else(|_| {
@@ -849,7 +849,7 @@ impl Store {
     }
 
     async fn pull_from_source(&self, loc: &Location, opts: &PullOptions) -> Result<PulledImage> {
-        let reg = Arc::new(Source::open(loc, &opts.registry)?);
+        let reg = Arc::new(open_source(loc, opts).await?);
         let r = self.resolve(&reg, &loc.key(), opts).await?;
         self.fetch_layers(&reg, &r.jobs, opts).await?;
         self.record(r, &[], opts).await
@@ -1272,6 +1272,13 @@ impl Store {
             Err(_) => false,
         }
     }
+}
+
+/// Opens the source of `loc` on the blocking pool (making a registry client loads and parses
+/// the system's root certificates: tens of ms of CPU).
+pub(crate) async fn open_source(loc: &Location, opts: &PullOptions) -> Result<Source> {
+    let (loc, registry) = (loc.clone(), opts.registry.clone());
+    off_thread("registry task", move || Source::open(&loc, &registry)).await
 }
 
 /// Runs `f` on tokio's blocking pool: disk and CPU work (indexing, saving indexes, merging,

@@ -10,7 +10,7 @@
 //! Format: `MAGIC`, the length of the table's frame (u64 LE), the table — one zstd frame holding
 //! the file count (u64 LE) and a record per file (its data's offset in the layer's uncompressed
 //! stream, u64 LE, and its length, u32 LE), in ascending offset order — then one zstd frame of
-//! the files' bytes end to end. (The first format, [`MAGIC_V1`], had the table and the bytes in
+//! the files' bytes end to end. (The first format, `MAGIC_V1`, had the table and the bytes in
 //! one frame; it is still read.) A layer indexed before this file existed (or fetched lazily)
 //! has none: its files are read through FUSE, as before.
 //!

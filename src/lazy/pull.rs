@@ -134,7 +134,7 @@ impl Store {
         opts: &PullOptions,
         trust_referrer: bool,
     ) -> Result<(PulledImage, LazyOutcome)> {
-        let src = Arc::new(Source::open(loc, &opts.registry)?);
+        let src = Arc::new(crate::pull::open_source(loc, opts).await?);
         let r = self.resolve(&src, &loc.key(), opts).await?;
         let Source::Registry(reg, reference) = &*src else {
             unreachable!("checked by the caller")
