@@ -141,10 +141,12 @@ pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 ///   written to its file from the small files' tables, not built in memory).
 ///
 /// Measured (`bench/memory.sh`, results in `bench/RESULTS-memory.md`): the large Debian test
-/// image (1 GiB over 7 layers, 26k files) peaks at ~100 MB RSS in the caller's process, the
-/// process's own ~20 MB included, with or without small files kept (before: 350 MB, 140 MB
+/// image (1 GiB over 7 layers, 26k files) peaks at ~80 MB RSS in the caller's process, the
+/// process's own ~20 MB included, with or without small files kept (before: 345 MB, 130 MB
 /// without). Once the pull returns it holds nothing, and the freed memory is given back to
-/// the system (glibc's `malloc_trim`: its arenas would otherwise keep it).
+/// the system (glibc's `malloc_trim`: its arenas would otherwise keep it): 35–45 MB of RSS
+/// remain (before: 130 and 100), the ~20 MB above and the stacks of tokio's idle blocking
+/// threads among them.
 ///
 /// The blocking work (hashing, decompressing, indexing, writing files, merging, the metadata
 /// image) runs on tokio's blocking pool (`spawn_blocking`), never on the async threads: a
