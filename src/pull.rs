@@ -31,8 +31,9 @@ const MAX_JSON_BLOB: u64 = 16 << 20;
 const MAX_RESUMES: u32 = 5;
 /// How long a download may go without data before it is treated as broken.
 pub const DEFAULT_STALL: std::time::Duration = std::time::Duration::from_secs(30);
-/// Compressed bytes in flight between a download and its indexer.
-const CHANNEL_CHUNKS: usize = 64;
+/// Compressed bytes in flight between a download and its indexer (the download waits while
+/// the indexer is this far behind).
+const CHANNEL_BYTES: usize = 4 << 20;
 /// A partial download left by an earlier pull is resumed if it has at least this many bytes
 /// (less is not worth the extra request), and kept after a failure only then.
 const MIN_RESUME: u64 = 1 << 20;
@@ -122,6 +123,34 @@ pub enum Progress {
 pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 
 /// How to pull.
+///
+/// # Memory and threads
+///
+/// A pull's memory in the caller's process is bounded by the layers it fetches at once
+/// ([`PullOptions::parallel`]) and the number of files, not by the image's size in bytes. It
+/// holds, roughly:
+///
+/// * per layer being fetched, ~10 MiB: at most 4 MiB of download in flight to its indexer (the
+///   download waits beyond that), the indexer's buffers, and the compressor that writes the
+///   bytes of small files (see [`PullOptions::small_files`]) to disk as they are read — they are
+///   not held; a zstd layer adds its decoder's window (8 MiB at the usual levels);
+/// * per gzip layer being indexed, its checkpoints' compressed windows until its index is
+///   saved: ~3% of its uncompressed size (one ~15 KiB window per 512 KiB);
+/// * per file of the image, a few hundred bytes (its entry in its layer's table, the merged
+///   tree, the metadata image's inodes and directories while that image is written: it is
+///   written to its file from the small files' tables, not built in memory).
+///
+/// Measured (`bench/memory.sh`, results in `bench/RESULTS-memory.md`): the large Debian test
+/// image (1 GiB over 7 layers, 26k files) peaks at ~80 MB RSS in the caller's process, the
+/// process's own ~20 MB included, with or without small files kept (before: 345 MB, 130 MB
+/// without). Once the pull returns it holds nothing, and the freed memory is given back to
+/// the system (glibc's `malloc_trim`: its arenas would otherwise keep it): 35–45 MB of RSS
+/// remain (before: 130 and 100), the ~20 MB above and the stacks of tokio's idle blocking
+/// threads among them.
+///
+/// The blocking work (hashing, decompressing, indexing, writing files, merging, the metadata
+/// image) runs on tokio's blocking pool (`spawn_blocking`), never on the async threads: a
+/// pull on a current-thread runtime leaves it free for the caller's other tasks.
 #[derive(Clone, Default)]
 pub struct PullOptions {
     /// When to contact the registry. Default [`PullPolicy::IfMissing`].
@@ -134,7 +163,8 @@ pub struct PullOptions {
     pub registry: RegistryOptions,
     /// Called with progress events (from several threads). Default none.
     pub progress: Option<ProgressFn>,
-    /// Layers fetched at once (0 means 3).
+    /// Layers fetched at once (0 means 3); each costs ~10 MiB of memory while it is fetched
+    /// (see [Memory and threads](PullOptions#memory-and-threads)).
     pub parallel: usize,
     /// A download without data for this long is resumed (default [`DEFAULT_STALL`]).
     pub stall_timeout: Option<std::time::Duration>,
@@ -216,16 +246,30 @@ pub fn normalize_reference(reference: &str) -> Result<String> {
 
 /// Feeds downloaded chunks to the blocking indexer as a `Read`.
 pub(crate) struct ChannelReader {
-    rx: mpsc::Receiver<io::Result<bytes::Bytes>>,
+    rx: Chunks,
     cur: bytes::Bytes,
+    /// What `cur` holds of the byte budget of a [`chunk_channel`], given back once it is read.
+    _held: Option<tokio::sync::OwnedSemaphorePermit>,
 }
+
+enum Chunks {
+    Std(mpsc::Receiver<io::Result<bytes::Bytes>>),
+    Bounded(tokio::sync::mpsc::Receiver<Chunk>),
+}
+
+/// A chunk of a download, with its share of the channel's byte budget.
+type Chunk = (
+    io::Result<bytes::Bytes>,
+    Option<tokio::sync::OwnedSemaphorePermit>,
+);
 
 impl ChannelReader {
     /// Reads what is sent on `rx` until its sender is dropped.
     pub(crate) fn new(rx: mpsc::Receiver<io::Result<bytes::Bytes>>) -> ChannelReader {
         ChannelReader {
-            rx,
+            rx: Chunks::Std(rx),
             cur: bytes::Bytes::new(),
+            _held: None,
         }
     }
 }
@@ -233,10 +277,15 @@ impl ChannelReader {
 impl Read for ChannelReader {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         while self.cur.is_empty() {
-            match self.rx.recv() {
-                Ok(Ok(b)) => self.cur = b,
-                Ok(Err(e)) => return Err(e),
-                Err(_) => return Ok(0), // sender finished: end of blob
+            self._held = None; // the chunk read: its bytes may be sent again
+            let next = match &mut self.rx {
+                Chunks::Std(rx) => rx.recv().ok().map(|c| (c, None)),
+                Chunks::Bounded(rx) => rx.blocking_recv(),
+            };
+            match next {
+                Some((Ok(b), held)) => (self.cur, self._held) = (b, held),
+                Some((Err(e), _)) => return Err(e),
+                None => return Ok(0), // sender finished: end of blob
             }
         }
         let n = buf.len().min(self.cur.len());
@@ -244,6 +293,52 @@ impl Read for ChannelReader {
         bytes::Buf::advance(&mut self.cur, n);
         Ok(n)
     }
+}
+
+/// The sending half of a [`chunk_channel`]: an async send that waits (without blocking the
+/// executor) while the reader holds [`CHANNEL_BYTES`] not read yet.
+pub(crate) struct ChunkSender {
+    tx: tokio::sync::mpsc::Sender<Chunk>,
+    budget: Arc<tokio::sync::Semaphore>,
+}
+
+impl ChunkSender {
+    /// Sends a chunk once the budget has room for it (a chunk larger than the whole budget
+    /// waits for all of it); `Err` when the reader is gone.
+    pub(crate) async fn send(
+        &self,
+        chunk: io::Result<bytes::Bytes>,
+    ) -> std::result::Result<(), ()> {
+        let want = match &chunk {
+            Ok(b) => b.len().clamp(1, CHANNEL_BYTES) as u32,
+            Err(_) => 0,
+        };
+        let held = match want {
+            0 => None,
+            n => Some(
+                self.budget
+                    .clone()
+                    .acquire_many_owned(n)
+                    .await
+                    .map_err(|_| ())?,
+            ),
+        };
+        self.tx.send((chunk, held)).await.map_err(|_| ())
+    }
+}
+
+/// A channel from a download (async) to its indexer (a blocking thread), bounded by the bytes
+/// in flight ([`CHANNEL_BYTES`]) rather than the chunks, whose size is the HTTP stack's to
+/// choose.
+pub(crate) fn chunk_channel() -> (ChunkSender, ChannelReader) {
+    let (tx, rx) = tokio::sync::mpsc::channel(CHANNEL_BYTES / 1024);
+    let budget = Arc::new(tokio::sync::Semaphore::new(CHANNEL_BYTES));
+    let reader = ChannelReader {
+        rx: Chunks::Bounded(rx),
+        cur: bytes::Bytes::new(),
+        _held: None,
+    };
+    (ChunkSender { tx, budget }, reader)
 }
 
 /// Copies what is read into a writer (the blob's temp file).
@@ -441,7 +536,7 @@ impl Store {
             progress: None,
             ..opts.clone()
         };
-        let resolved = match Source::open(loc, &opts.registry) {
+        let resolved = match open_source(loc, opts).await {
             Ok(src) => tokio::time::timeout(HOST_PROBE, self.resolve(&src, &name, &probe))
                 .await
                 .unwrap_or_else(|_| {
@@ -726,7 +821,8 @@ impl Store {
                     platform: want.to_string(),
                     available: manifest::offered(&entries),
                 })?;
-            self.put_blob(&digest, &bytes, "image index")?;
+            self.put_blob_off_thread(digest, bytes.clone(), "image index")
+                .await?;
             digest = parse_digest(&chosen.digest, &name)?;
             bytes = reg.manifest_by_digest(&digest).await?;
             parsed = parse_manifest(&bytes, &name)?;
@@ -785,7 +881,8 @@ impl Store {
         }
         if !self.blob_path(&config_digest).exists() {
             let bytes = reg.small_blob(&config_digest, MAX_JSON_BLOB).await?;
-            self.put_blob(&config_digest, &bytes, "config")?;
+            self.put_blob_off_thread(config_digest, bytes, "config")
+                .await?;
         }
         let config = self.read_config(&config_digest)?;
         // An image of one platform is what it is: said, as Docker says it, when it is not
@@ -835,11 +932,25 @@ impl Store {
         })
     }
 
+    /// [`Store::put_blob`] on the blocking pool (it syncs the file).
+    async fn put_blob_off_thread(
+        &self,
+        digest: Digest,
+        bytes: Vec<u8>,
+        what: &'static str,
+    ) -> Result<()> {
+        let store = self.clone();
+        off_thread("store task", move || {
+            store.put_blob(&digest, &bytes, what).map(|_| ())
+        })
+        .await
+    }
+
     async fn pull_from_source(&self, loc: &Location, opts: &PullOptions) -> Result<PulledImage> {
-        let reg = Arc::new(Source::open(loc, &opts.registry)?);
+        let reg = Arc::new(open_source(loc, opts).await?);
         let r = self.resolve(&reg, &loc.key(), opts).await?;
         self.fetch_layers(&reg, &r.jobs, opts).await?;
-        self.record(r, &[], opts)
+        self.record(r, &[], opts).await
     }
 
     /// Fetches and indexes the layers not stored yet, several at once.
@@ -863,9 +974,24 @@ impl Store {
         results.into_iter().collect()
     }
 
-    /// Merges the layers' indexes, saves the tree and records the image. `lazy` names the
-    /// published index blob of each layer served lazily.
-    pub(crate) fn record(
+    /// Merges the layers' indexes, saves the tree and records the image (on the blocking
+    /// pool). `lazy` names the published index blob of each layer served lazily.
+    pub(crate) async fn record(
+        &self,
+        r: Resolved,
+        lazy: &[(Digest, Digest)],
+        opts: &PullOptions,
+    ) -> Result<PulledImage> {
+        let (store, lazy, opts) = (self.clone(), lazy.to_vec(), opts.clone());
+        off_thread("record task", move || {
+            let recorded = store.record_blocking(r, &lazy, &opts);
+            release_freed_memory();
+            recorded
+        })
+        .await
+    }
+
+    fn record_blocking(
         &self,
         r: Resolved,
         lazy: &[(Digest, Digest)],
@@ -895,6 +1021,7 @@ impl Store {
             .map(|l| LayerIndex::load(&self.layer_index_path(l)))
             .collect::<Result<Vec<_>>>()?;
         let tree = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
+        drop(indexes);
         opts.emit(Progress::Merged {
             inodes: tree.inode_count() as usize,
         });
@@ -917,7 +1044,7 @@ impl Store {
         self.mark_used(&record.reference);
         if lazy.is_empty() {
             // What root's first mount would write: done here, so that the mount is quick.
-            if let Some(bytes) = crate::mount::shared::prepare(self, &record) {
+            if let Some(bytes) = self.prepare_metadata_image(&record, &tree) {
                 opts.emit(Progress::MetadataImage { bytes });
             }
         }
@@ -927,6 +1054,52 @@ impl Store {
             config,
             record,
         })
+    }
+
+    /// Writes the image's metadata image into the store ahead of its first shared mount, as
+    /// the image server would at its start, where such mounts can be (root, a kernel with
+    /// EROFS). Best effort. Written from the tree at hand and the layers' small-file tables,
+    /// holding the metadata, not the files' bytes (see [`tree::erofs::write_metadata_image`]).
+    /// Returns its size, if it is there.
+    fn prepare_metadata_image(&self, record: &ImageRecord, tree: &Tree) -> Option<u64> {
+        use crate::mount::shared::{kernel_metadata_possible, metadata_from_fuse};
+        if !kernel_metadata_possible() || metadata_from_fuse() {
+            return None;
+        }
+        let path = self.meta_image_path(&record.view());
+        if !tree::erofs::is_current(&path) {
+            let started = std::time::Instant::now();
+            let tables: Vec<_> = record
+                .layers
+                .iter()
+                .map(|l| {
+                    index::small::SmallIndex::open(&self.layer_index_path(l)).unwrap_or_else(|e| {
+                        tracing::warn!("small files of layer {}: {e}", l.digest);
+                        None
+                    })
+                })
+                .collect();
+            let tmp = self.temp_path("meta.erofs");
+            let written = std::fs::File::create(&tmp)
+                .map_err(|e| e.to_string())
+                .and_then(|f| {
+                    tree::erofs::write_metadata_image(tree, &tables, IMAGE_SMALL_MAX, &f)?;
+                    f.sync_all().map_err(|e| e.to_string())?;
+                    std::fs::rename(&tmp, &path).map_err(|e| e.to_string())
+                });
+            if let Err(e) = written {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::debug!("metadata image of {}: {e}", record.reference);
+                return None;
+            }
+            crate::store::sync_dir(&path);
+            tracing::info!(
+                "metadata image: {} inodes, written in {} ms",
+                tree.inode_count(),
+                started.elapsed().as_millis()
+            );
+        }
+        std::fs::metadata(path).ok().map(|m| m.len())
     }
 
     /// Makes sure a layer's blob and index are in the store, fetching and indexing it if not.
@@ -946,21 +1119,32 @@ impl Store {
                 .map_err(|e| Error::io("lock task", io::Error::other(e)))??
         };
         let index_path = self.index_path(&digest);
-        if index_path.exists() && self.layer_bytes_present(&digest) {
-            // An index this version cannot read (an older format) is rebuilt below.
-            if let Ok(idx) = LayerIndex::load(&index_path) {
-                check_diff_id(&idx, job)?;
-                opts.emit(Progress::LayerCached { layer: digest });
-                return Ok(());
-            }
-        }
-        // What a fetch of this layer killed mid-way left (its partial download is resumed).
-        let freed = self.clear_layer_temps(&digest);
-        if freed > 0 {
-            tracing::debug!(
-                "layer {}: removed {freed} bytes of stale temp files",
-                digest.short()
-            );
+        let cached = {
+            let (store, index_path) = (store.clone(), index_path.clone());
+            off_thread("index task", move || {
+                if index_path.exists() && store.layer_bytes_present(&digest) {
+                    // An index this version cannot read (an older format) is rebuilt below.
+                    if let Ok(idx) = LayerIndex::load(&index_path) {
+                        return Ok(Some(idx));
+                    }
+                }
+                // What a fetch of this layer killed mid-way left (its partial download is
+                // resumed).
+                let freed = store.clear_layer_temps(&digest);
+                if freed > 0 {
+                    tracing::debug!(
+                        "layer {}: removed {freed} bytes of stale temp files",
+                        digest.short()
+                    );
+                }
+                Ok(None)
+            })
+            .await?
+        };
+        if let Some(idx) = cached {
+            check_diff_id(&idx, job)?;
+            opts.emit(Progress::LayerCached { layer: digest });
+            return Ok(());
         }
         let idx = match self.download_layer(&reg, job, opts, true).await {
             Ok(idx) => idx,
@@ -982,11 +1166,12 @@ impl Store {
             Err(f) => return Err(f.error),
         };
         check_diff_id(&idx, job)?;
-        idx.save(&index_path)?;
+        let entries = idx.entries.len();
+        off_thread("index task", move || idx.save(&index_path)).await?;
         drop(lock);
         opts.emit(Progress::LayerDone {
             layer: digest,
-            entries: idx.entries.len(),
+            entries,
         });
         Ok(())
     }
@@ -1052,14 +1237,14 @@ impl Store {
                 total,
             });
         }
-        let (tx, rx) = mpsc::sync_channel::<io::Result<bytes::Bytes>>(CHANNEL_CHUNKS);
+        let (tx, rx) = chunk_channel();
         let compression = job.compression;
         let small_max = crate::mount::shared::small_files_kept(opts.small_files);
         let store = self.clone();
         let indexer = tokio::task::spawn_blocking(move || {
             // The bytes on disk first (the writer hashes them without writing them again),
             // then the network's: the indexer reads the whole blob in one pass.
-            let input = kept.chain(ChannelReader::new(rx));
+            let input = kept.chain(rx);
             index_layer(&store, digest, compression, small_max, blob, input)
         });
         let mut done = offset;
@@ -1075,7 +1260,7 @@ impl Store {
                     done += c.len() as u64;
                     failures = 0;
                     // A send fails only when the indexer stopped early (it has an error).
-                    if tx.send(Ok(c)).is_err() {
+                    if tx.send(Ok(c)).await.is_err() {
                         break;
                     }
                     if done - last_report >= 1 << 20 {
@@ -1124,7 +1309,9 @@ impl Store {
                     network_failed = true;
                     let said = format!("download failed after {done} of {total} bytes: {cause}");
                     network_cause = Some(said.clone());
-                    let _ = tx.send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, said)));
+                    let _ = tx
+                        .send(Err(io::Error::new(io::ErrorKind::ConnectionAborted, said)))
+                        .await;
                     break;
                 }
             }
@@ -1198,6 +1385,41 @@ impl Store {
         }
     }
 }
+
+/// Opens the source of `loc` on the blocking pool (making a registry client loads and parses
+/// the system's root certificates: tens of ms of CPU).
+pub(crate) async fn open_source(loc: &Location, opts: &PullOptions) -> Result<Source> {
+    let (loc, registry) = (loc.clone(), opts.registry.clone());
+    off_thread("registry task", move || Source::open(&loc, &registry)).await
+}
+
+/// Runs `f` on tokio's blocking pool: disk and CPU work (indexing, saving indexes, merging,
+/// writing the metadata image) stays off the async threads, so a pull does not stall the
+/// caller's executor.
+pub(crate) async fn off_thread<T: Send + 'static>(
+    what: &'static str,
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::io(what, io::Error::other(e)))?
+}
+
+/// Gives the memory the pull freed back to the system. What a pull allocates is freed when it
+/// returns, but glibc's allocator keeps freed pages in its arenas (one per thread that
+/// allocated, and the pull's indexers run on several), where the caller's RSS would go on
+/// counting them: trimmed once, at the end (a few ms, off the async threads).
+fn release_freed_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the kernel.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
+/// The most bytes of small files one metadata image holds (as the image server's writer,
+/// `mount::shared::kernel_meta`, counts them: the same image either way).
+const IMAGE_SMALL_MAX: u64 = 1 << 30;
 
 /// How long a mount of an image stored for another platform asks the registry whether the
 /// host has a manifest of its own before serving what is stored.
@@ -1276,6 +1498,9 @@ fn index_layer(
         Ok(head) if head.len() >= 4 => Compression::None,
         _ => compression,
     };
+    // The small files' bytes go to disk as they are read: indexing holds their records only.
+    let small_tmp = store.temp_path(&format!("{}.small", digest.hex()));
+    let small = index::small::SmallFiles::spilling(small_max, small_tmp)?;
     let mut idx = {
         let mut tee = Tee {
             inner: input,
@@ -1288,7 +1513,8 @@ fn index_layer(
                     .map_err(|e| Error::io(format!("creating {}", tmp.display()), e))?;
                 seekable_tmp = Some(TempFile(tmp));
                 let mut out = io::BufWriter::new(file);
-                let idx = index::build(&mut tee, compression, digest, Some(&mut out), small_max)?;
+                let idx =
+                    index::build_keeping(&mut tee, compression, digest, Some(&mut out), small)?;
                 let file = out
                     .into_inner()
                     .map_err(|e| Error::io("writing seekable copy", e.into_error()))?;
@@ -1296,7 +1522,7 @@ fn index_layer(
                     .map_err(|e| Error::io("syncing seekable copy", e))?;
                 idx
             }
-            _ => index::build(&mut tee, compression, digest, None, small_max)?,
+            _ => index::build_keeping(&mut tee, compression, digest, None, small)?,
         }
     };
     idx.compressed_size = blob.len();

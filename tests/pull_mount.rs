@@ -516,3 +516,84 @@ fn posix_acls_are_enforced_on_roots_mounts() {
     assert!(!cat("denied"), "the ACL denies what the mode bits allow");
     assert!(cat("granted"), "the ACL grants what the mode bits deny");
 }
+
+/// A pull leaves its caller's executor free: on a current-thread runtime, a task that asks to
+/// run every millisecond keeps running while the pull merges the layers, saves the tree and
+/// writes the metadata image — the progress callback, called there, waits until it has run
+/// (which it could not if that work held the executor's one thread). A count, not a time. The
+/// metadata image written at the pull is the one `check` expects.
+#[test]
+fn a_pull_leaves_the_callers_executor_free() {
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    use std::sync::Arc;
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &sample_image());
+    reg.push(&layout, "t", "test/executor", None);
+    let r = format!("{}/test/executor:t", reg.host());
+    let bux = Bux::new();
+    let store = bux_fuse::Store::open(bux.store.path()).unwrap();
+    let ticks = Arc::new(AtomicU64::new(0));
+    // Per phase waited in: whether the ticker ran meanwhile.
+    let waited = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let progress: bux_fuse::pull::ProgressFn = {
+        let (ticks, waited) = (ticks.clone(), waited.clone());
+        Arc::new(move |p| {
+            let phase = match p {
+                bux_fuse::Progress::Merged { .. } => "merged",
+                bux_fuse::Progress::MetadataImage { .. } => "metadata image",
+                _ => return,
+            };
+            let before = ticks.load(Ordering::SeqCst);
+            let mut ran = false;
+            for _ in 0..30_000 {
+                if ticks.load(Ordering::SeqCst) > before + 2 {
+                    ran = true;
+                    break;
+                }
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            waited.lock().unwrap().push((phase, ran));
+        })
+    };
+    let opts = bux_fuse::PullOptions {
+        progress: Some(progress),
+        registry: bux_fuse::registry::RegistryOptions {
+            insecure: vec![reg.host()],
+            ..Default::default()
+        },
+        ..Default::default()
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let done = Arc::new(AtomicBool::new(false));
+    rt.block_on(async {
+        let ticker = {
+            let (ticks, done) = (ticks.clone(), done.clone());
+            tokio::spawn(async move {
+                let mut every = tokio::time::interval(std::time::Duration::from_millis(1));
+                while !done.load(Ordering::SeqCst) {
+                    every.tick().await;
+                    ticks.fetch_add(1, Ordering::SeqCst);
+                }
+            })
+        };
+        let pulled = store.pull(&r, &opts).await;
+        done.store(true, Ordering::SeqCst);
+        ticker.await.unwrap();
+        pulled.unwrap();
+    });
+    let waited = waited.lock().unwrap().clone();
+    assert!(!waited.is_empty(), "no merge reported");
+    for (phase, ran) in waited {
+        assert!(
+            ran,
+            "the executor did not run while the pull was at: {phase}"
+        );
+    }
+    let out = bux.ok(&["check"]);
+    assert!(out.contains(": 0 problems"), "{out}");
+}

@@ -250,6 +250,8 @@ struct Recorder {
     last: u64,
     ring: Ring,
     checkpoints: Vec<Checkpoint>,
+    /// Compresses the windows (one context for all: not one made and freed per checkpoint).
+    windows: zstd::bulk::Compressor<'static>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -280,7 +282,12 @@ impl<R: Read> GzipReader<R> {
     /// Reads a gzip stream from its start, recording a checkpoint every `spacing` bytes of output
     /// (or none when `spacing` is `None`).
     pub fn new(inner: R, spacing: Option<u64>) -> io::Result<GzipReader<R>> {
-        let recorder = spacing.map(|spacing| Recorder {
+        let windows = match spacing {
+            Some(_) => Some(zstd::bulk::Compressor::new(1)?),
+            None => None,
+        };
+        let recorder = spacing.zip(windows).map(|(spacing, windows)| Recorder {
+            windows,
             spacing,
             last: 0,
             ring: Ring::new(),
@@ -490,7 +497,7 @@ impl<R: Read> GzipReader<R> {
                         coff: self.coff,
                         bits: (data_type & 7) as u8,
                         member_start: false,
-                        window: zstd::bulk::compress(&rec.ring.contents(), 1)?.into(),
+                        window: rec.windows.compress(&rec.ring.contents())?.into(),
                     });
                 }
             }

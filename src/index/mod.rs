@@ -45,6 +45,8 @@ pub const ZSTD_FRAME: usize = 1 << 20;
 /// zstd level for the seekable copy (the fast default).
 pub const ZSTD_LEVEL: i32 = 3;
 
+/// Numbers this process's temp files apart.
+static TMP_SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const MAGIC: &[u8; 8] = b"BUXIDX\x00\x03";
 /// Access tables of the first format: the whole table postcard-encoded (windows inline).
 const ACCESS_MAGIC_V1: &[u8; 8] = b"BUXACC\x00\x01";
@@ -220,6 +222,19 @@ pub fn build<R: Read>(
     seekable: Option<&mut dyn Write>,
     small_max: u64,
 ) -> Result<LayerIndex> {
+    let small = small::SmallFiles::up_to(small_max);
+    build_keeping(blob, compression, digest, seekable, small)
+}
+
+/// [`build`], keeping small files' bytes in `small` (a pull's table spills them to disk as it
+/// goes: see [`small::SmallFiles::spilling`]).
+pub(crate) fn build_keeping<R: Read>(
+    blob: R,
+    compression: Compression,
+    digest: Digest,
+    seekable: Option<&mut dyn Write>,
+    mut small: small::SmallFiles,
+) -> Result<LayerIndex> {
     let corrupt = |detail: String| Error::CorruptLayer {
         layer: digest,
         detail,
@@ -228,7 +243,6 @@ pub fn build<R: Read>(
         io::ErrorKind::InvalidData | io::ErrorKind::UnexpectedEof => corrupt(e.to_string()),
         _ => Error::io(format!("reading layer {digest}"), e),
     };
-    let mut small = small::SmallFiles::up_to(small_max);
     let (entries, uncompressed_size, diff_id, access) = match compression {
         Compression::None => {
             let (entries, m) = scan_and_drain(blob, digest, &mut small)?;
@@ -310,25 +324,69 @@ impl LayerIndex {
         crate::store::write_atomic(path, &bytes)
     }
 
+    /// Writes the access table: the table without the gzip windows, then the windows, each
+    /// written from where it is (not gathered into one buffer first: a large layer's run to
+    /// tens of megabytes).
     fn save_access(index_path: &Path, access: &Access) -> Result<()> {
         let path = Self::access_path(index_path);
-        let mut table = AccessFile {
-            access: access.clone(),
-            windows: Vec::new(),
+        let mut windows: Vec<&[u8]> = Vec::new();
+        let table = match access {
+            Access::Gzip(cps) => {
+                let mut spans = Vec::with_capacity(cps.len());
+                let mut at = 0u64;
+                let bare = cps
+                    .iter()
+                    .map(|cp| {
+                        spans.push((at, cp.window.len() as u32));
+                        at += cp.window.len() as u64;
+                        windows.push(&cp.window);
+                        gzip::Checkpoint {
+                            uoff: cp.uoff,
+                            coff: cp.coff,
+                            bits: cp.bits,
+                            member_start: cp.member_start,
+                            window: gzip::Window::default(),
+                        }
+                    })
+                    .collect();
+                AccessFile {
+                    access: Access::Gzip(bare),
+                    windows: spans,
+                }
+            }
+            other => AccessFile {
+                access: other.clone(),
+                windows: Vec::new(),
+            },
         };
-        let mut blob = Vec::new();
-        if let Access::Gzip(cps) = &mut table.access {
-            (blob, table.windows) = gzip::take_windows(cps);
-        }
         let encoded = postcard::to_allocvec(&table).map_err(|e| Error::CorruptStore {
             path: path.clone(),
             detail: format!("encoding access: {e}"),
         })?;
-        let mut bytes = ACCESS_MAGIC.to_vec();
-        bytes.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
-        bytes.extend_from_slice(&encoded);
-        bytes.extend_from_slice(&blob);
-        crate::store::write_atomic(&path, &bytes)
+        let mut head = ACCESS_MAGIC.to_vec();
+        head.extend_from_slice(&(encoded.len() as u64).to_le_bytes());
+        head.extend_from_slice(&encoded);
+        // Written whole beside it, then renamed over it (as `write_atomic` does).
+        let tmp = path.with_extension(format!(
+            "tmp.{}.{}",
+            std::process::id(),
+            TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        let written = (|| {
+            let mut out = io::BufWriter::new(std::fs::File::create(&tmp)?);
+            out.write_all(&head)?;
+            for w in windows {
+                out.write_all(w)?;
+            }
+            out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
+            std::fs::rename(&tmp, &path)
+        })();
+        if written.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        written.ctx(|| format!("writing {}", path.display()))?;
+        crate::store::sync_dir(&path);
+        Ok(())
     }
 
     /// Where the random-access table of the index at `index_path` lives.

@@ -180,7 +180,7 @@ impl Store {
         opts: &PullOptions,
         trust_referrer: bool,
     ) -> Result<(PulledImage, LazyOutcome)> {
-        let src = Arc::new(Source::open(loc, &opts.registry)?);
+        let src = Arc::new(crate::pull::open_source(loc, opts).await?);
         let r = self.resolve(&src, &loc.key(), opts).await?;
         let Source::Registry(reg, reference) = &*src else {
             unreachable!("checked by the caller")
@@ -256,23 +256,41 @@ impl Store {
                 .buffered(8)
                 .collect()
                 .await;
-            for f in fetched {
-                let (job, blob, bytes) = f?;
-                let published = PublishedLayer::decode(&bytes, job.digest, job.desc.size)?;
-                if published.diff_id != job.diff_id {
-                    return Err(Error::CorruptLayer {
-                        layer: job.digest,
-                        detail: "published index disagrees with the config's diff_id".into(),
-                    });
-                }
-                self.put_blob(&blob, &bytes, "layer index")?;
-                // Keyed by this index too: another image naming the same layer with another
-                // index (honest or forged) never replaces what this one reads by.
-                published
-                    .to_index()
-                    .save(&self.lazy_index_path(&job.digest, &blob))?;
-                lazy.push((job.digest, blob));
-            }
+            let fetched = fetched
+                .into_iter()
+                .map(|f| {
+                    f.map(|(job, blob, bytes)| {
+                        (job.digest, job.desc.size, job.diff_id, blob, bytes)
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            // Decoded and saved on the blocking pool (tables of large layers run to megabytes).
+            let store = self.clone();
+            lazy.extend(
+                crate::pull::off_thread("index task", move || {
+                    let mut lazy = Vec::new();
+                    for (layer, size, diff_id, blob, bytes) in fetched {
+                        let published = PublishedLayer::decode(&bytes, layer, size)?;
+                        if published.diff_id != diff_id {
+                            return Err(Error::CorruptLayer {
+                                layer,
+                                detail: "published index disagrees with the config's diff_id"
+                                    .into(),
+                            });
+                        }
+                        store.put_blob(&blob, &bytes, "layer index")?;
+                        // Keyed by this index too: another image naming the same layer with
+                        // another index (honest or forged) never replaces what this one reads
+                        // by.
+                        published
+                            .to_index()
+                            .save(&store.lazy_index_path(&layer, &blob))?;
+                        lazy.push((layer, blob));
+                    }
+                    Ok(lazy)
+                })
+                .await?,
+            );
         }
         // An index made for other layers (one that survived a conversion of the image, say)
         // serves none of these: say so, or the whole pull that follows looks unexplained.
@@ -403,7 +421,7 @@ impl Store {
             })
             .collect();
         self.fetch_layers(&src, &whole, opts).await?;
-        let image = self.record(r, &lazy, opts)?;
+        let image = self.record(r, &lazy, opts).await?;
         Ok((image, outcome))
     }
 }

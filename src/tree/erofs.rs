@@ -142,6 +142,9 @@ struct Node<'a> {
     pos: usize,
     /// First block of its data out of line (`FLAT_*` layouts).
     blkaddr: u32,
+    /// A small file whose bytes are written once the image is laid out, from the layer's
+    /// table: (layer, offset in its stream).
+    later: Option<(u32, u64)>,
 }
 
 impl Node<'_> {
@@ -178,6 +181,131 @@ impl Node<'_> {
 /// a data-only lower layer (the image's FUSE mount), but for those whose bytes `small` gives,
 /// which the image holds.
 pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>, Unsupported> {
+    let held = |layer, offset, size| small(layer, offset, size).map(Held::Now);
+    let mut layout = lay_out(tree, &held)?;
+    let mut out = vec![0u8; layout.blocks * BLOCK];
+    write(tree, &mut layout, &mut out).expect("writing to memory");
+    Ok(out)
+}
+
+/// [`metadata_image`] written to `file` (from its start; its length set), the bytes of small
+/// files taken from the layers' small-file tables (`tables`, by layer), in the walk's order
+/// until `max_bytes` of them — the image [`metadata_image`] makes from the same bytes. What it
+/// holds is the metadata blocks and the tables' records, not the files' bytes: those are read
+/// through once, a layer at a time, and written where they go. Returns the image's length.
+pub(crate) fn write_metadata_image(
+    tree: &Tree,
+    tables: &[Option<crate::index::small::SmallIndex>],
+    max_bytes: u64,
+    file: &std::fs::File,
+) -> Result<u64, String> {
+    let given = std::cell::Cell::new(0u64);
+    let held = |layer: u32, offset: u64, size: u64| {
+        let table = tables.get(layer as usize)?.as_ref()?;
+        (table.len_at(offset)? == size).then_some(())?;
+        given.set(given.get() + size);
+        (given.get() <= max_bytes).then_some(Held::Later)
+    };
+    let mut layout = lay_out(tree, &held).map_err(|e| e.0)?;
+    let len = (layout.blocks * BLOCK) as u64;
+    file.set_len(0)
+        .and_then(|_| file.set_len(len))
+        .map_err(|e| format!("sizing the image: {e}"))?;
+    let mut out = FileOut {
+        meta: vec![0u8; layout.meta_blocks * BLOCK],
+        file,
+    };
+    let io = |e: std::io::Error| format!("writing the image: {e}");
+    write(tree, &mut layout, &mut out).map_err(io)?;
+    // The small files' bytes, a layer at a time, in the order of their tables.
+    let mut wanted: Vec<(u32, u64, usize)> = layout
+        .order
+        .iter()
+        .enumerate()
+        .filter_map(|(i, n)| n.later.map(|(layer, offset)| (layer, offset, i)))
+        .collect();
+    wanted.sort_unstable();
+    for (layer, table) in tables.iter().enumerate() {
+        let mine: Vec<_> = wanted.iter().filter(|w| w.0 == layer as u32).collect();
+        let (Some(table), false) = (table, mine.is_empty()) else {
+            continue;
+        };
+        let mut next = mine.into_iter().peekable();
+        table
+            .each(|offset, bytes| {
+                while let Some(&&(_, o, i)) = next.peek() {
+                    if o > offset {
+                        break;
+                    }
+                    next.next();
+                    if o == offset {
+                        put_data(&mut out, &layout.order[i], bytes)?;
+                    }
+                }
+                Ok(next.peek().is_some())
+            })
+            .map_err(|e| e.to_string())?;
+        if next.peek().is_some() {
+            return Err("a small file's bytes are missing from its table".into());
+        }
+    }
+    use std::os::unix::fs::FileExt;
+    file.write_all_at(&out.meta, 0).map_err(io)?;
+    Ok(len)
+}
+
+/// Whether the image holds a small file's bytes: here they are, or they are written later.
+enum Held<'a> {
+    Now(&'a [u8]),
+    Later,
+}
+
+/// The image laid out: every inode placed, every block counted.
+struct Layout<'a> {
+    order: Vec<Node<'a>>,
+    root_nid: u64,
+    /// Blocks before the first one of data (superblock, shared xattr, inodes).
+    meta_blocks: usize,
+    blocks: usize,
+}
+
+/// Where an image's bytes go.
+trait Out {
+    fn put(&mut self, at: usize, bytes: &[u8]) -> std::io::Result<()>;
+}
+
+impl Out for Vec<u8> {
+    fn put(&mut self, at: usize, bytes: &[u8]) -> std::io::Result<()> {
+        self[at..at + bytes.len()].copy_from_slice(bytes);
+        Ok(())
+    }
+}
+
+/// A file: the metadata blocks gathered in memory (many small writes; written last), the data
+/// blocks written where they go.
+struct FileOut<'f> {
+    meta: Vec<u8>,
+    file: &'f std::fs::File,
+}
+
+impl Out for FileOut<'_> {
+    fn put(&mut self, at: usize, bytes: &[u8]) -> std::io::Result<()> {
+        use std::os::unix::fs::FileExt;
+        match at < self.meta.len() {
+            true => {
+                self.meta[at..at + bytes.len()].copy_from_slice(bytes);
+                Ok(())
+            }
+            false => self.file.write_all_at(bytes, at as u64),
+        }
+    }
+}
+
+/// Lays `tree` out; `small` says which small files the image holds.
+fn lay_out<'a>(
+    tree: &Tree,
+    small: &dyn Fn(u32, u64, u64) -> Option<Held<'a>>,
+) -> Result<Layout<'a>, Unsupported> {
     // Nodes in depth-first order from the root, so the root gets the first (small) nid, and a
     // directory's entries sit near it.
     let mut order: Vec<Node<'a>> = Vec::new();
@@ -220,6 +348,7 @@ pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>
             }
         }
     }
+    drop(dir_paths);
     // Directory sizes depend on names only, so the layout can be fixed before any nid is.
     for n in order.iter_mut() {
         if tree.inode(n.ino).is_some_and(|i| i.kind == EntryKind::Dir) {
@@ -249,7 +378,8 @@ pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>
         n.pos = at;
         at += n.body_len();
     }
-    let mut block = at.div_ceil(BLOCK);
+    let meta_blocks = at.div_ceil(BLOCK);
+    let mut block = meta_blocks;
     for n in order.iter_mut() {
         if n.out_of_line_blocks() > 0 {
             n.blkaddr = u32::try_from(block)
@@ -281,19 +411,36 @@ pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>
         debug_assert_eq!(bytes.len() as u64, order[i].size);
         order[i].data = Cow::Owned(bytes);
     }
+    Ok(Layout {
+        order,
+        root_nid,
+        meta_blocks,
+        blocks: block,
+    })
+}
 
-    let mut out = vec![0u8; block * BLOCK];
-    for n in &order {
+/// Writes the laid out image to `out` (whose bytes are zero), but for the data of the small
+/// files held [`Held::Later`]. Directories' data is let go of once written.
+fn write(tree: &Tree, layout: &mut Layout<'_>, out: &mut dyn Out) -> std::io::Result<()> {
+    for n in layout.order.iter_mut() {
         let inode = tree.inode(n.ino).expect("read above");
-        write_inode(&mut out, n, &inode);
+        write_inode(out, n, &inode)?;
+        if let Cow::Owned(_) = n.data {
+            n.data = Cow::Borrowed(&[]);
+        }
     }
     // The shared xattr: trusted.overlay.metacopy, empty (name length, prefix index, value
     // length, name).
-    let shared = &mut out[XATTR_BLOCK * BLOCK + METACOPY_ID as usize * 4..];
+    let mut shared = [0u8; 20];
     shared[..4].copy_from_slice(&[16, 4, 0, 0]);
     shared[4..20].copy_from_slice(b"overlay.metacopy");
-    write_super(&mut out, root_nid as u16, order.len() as u64, block as u32);
-    Ok(out)
+    out.put(XATTR_BLOCK * BLOCK + METACOPY_ID as usize * 4, &shared)?;
+    write_super(
+        out,
+        layout.root_nid as u16,
+        layout.order.len() as u64,
+        layout.blocks as u32,
+    )
 }
 
 /// The node for `inode`, its xattrs encoded and (symlinks, small files) its data; directories
@@ -302,7 +449,7 @@ fn node<'a>(
     ino: u64,
     inode: &Inode<'_>,
     path: &[u8],
-    small: &SmallBytes<'a>,
+    small: &dyn Fn(u32, u64, u64) -> Option<Held<'a>>,
 ) -> Result<Node<'a>, Unsupported> {
     let mut xattrs: Vec<XattrEntry> = Vec::new();
     for (name, value) in inode.xattrs.iter() {
@@ -310,13 +457,28 @@ fn node<'a>(
             xattrs.push(x);
         }
     }
+    let mut later = None;
     let held = match inode.data {
         NodeData::File { layer, offset } if inode.kind == EntryKind::File && inode.size > 0 => {
-            small(layer, offset, inode.size).filter(|b| b.len() as u64 == inode.size)
+            match small(layer, offset, inode.size) {
+                Some(Held::Now(b)) => Some(b).filter(|b| b.len() as u64 == inode.size),
+                Some(Held::Later) => {
+                    later = Some((layer, offset));
+                    None
+                }
+                None => None,
+            }
         }
         _ => None,
     };
     let (layout, data, size) = match (inode.data, held) {
+        (_, None) if later.is_some() => {
+            let layout = match inode.size <= INLINE_FILE_MAX as u64 {
+                true => LAYOUT_FLAT_INLINE,
+                false => LAYOUT_FLAT_PLAIN,
+            };
+            (layout, Cow::Borrowed(&[][..]), inode.size)
+        }
         (NodeData::Symlink(target), _) => (
             LAYOUT_FLAT_INLINE,
             Cow::Owned(target.to_vec()),
@@ -390,6 +552,7 @@ fn node<'a>(
         layout,
         pos: 0,
         blkaddr: 0,
+        later,
     })
 }
 
@@ -523,7 +686,7 @@ fn mode_type(kind: EntryKind) -> u32 {
     }
 }
 
-fn write_inode(out: &mut [u8], n: &Node, inode: &Inode<'_>) {
+fn write_inode(out: &mut dyn Out, n: &Node, inode: &Inode<'_>) -> std::io::Result<()> {
     let mut b = [0u8; INODE_SIZE];
     b[0..2].copy_from_slice(&(EXTENDED | n.layout << 1).to_le_bytes());
     let icount = match n.xattrs.len() {
@@ -555,29 +718,34 @@ fn write_inode(out: &mut [u8], n: &Node, inode: &Inode<'_>) {
     b[32..40].copy_from_slice(&(inode.mtime as u64).to_le_bytes());
     b[40..44].copy_from_slice(&inode.mtime_nsec.to_le_bytes());
     b[44..48].copy_from_slice(&inode.nlink.max(1).to_le_bytes());
-    let mut at = n.pos;
-    out[at..at + INODE_SIZE].copy_from_slice(&b);
-    at += INODE_SIZE;
-    out[at..at + n.xattrs.len()].copy_from_slice(&n.xattrs);
-    at += n.xattrs.len();
+    out.put(n.pos, &b)?;
+    out.put(n.pos + INODE_SIZE, &n.xattrs)?;
     match n.layout {
         LAYOUT_CHUNK_BASED => {
             // One chunk index: no block (a hole), for the data lives in the lower layer.
-            out[at..at + 4].copy_from_slice(&NULL_ADDR.to_le_bytes());
+            let at = n.pos + INODE_SIZE + n.xattrs.len();
+            out.put(at, &NULL_ADDR.to_le_bytes())
         }
-        _ => {
-            let blocks_len = n.out_of_line_blocks() * BLOCK;
-            let in_blocks = blocks_len.min(n.data.len());
-            let start = n.blkaddr as usize * BLOCK;
-            out[start..start + in_blocks].copy_from_slice(&n.data[..in_blocks]);
-            let tail = &n.data[in_blocks..];
-            out[at..at + tail.len()].copy_from_slice(tail);
-        }
+        _ => put_data(out, n, &n.data),
     }
 }
 
-fn write_super(out: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
-    let s = &mut out[SUPER_OFFSET..SUPER_OFFSET + 128];
+/// A node's data: its full blocks out of line, the rest inline after its inode and xattrs.
+fn put_data(out: &mut dyn Out, n: &Node, data: &[u8]) -> std::io::Result<()> {
+    let blocks_len = n.out_of_line_blocks() * BLOCK;
+    let in_blocks = blocks_len.min(data.len());
+    if in_blocks > 0 {
+        out.put(n.blkaddr as usize * BLOCK, &data[..in_blocks])?;
+    }
+    let tail = &data[in_blocks..];
+    match tail.is_empty() {
+        true => Ok(()),
+        false => out.put(n.pos + INODE_SIZE + n.xattrs.len(), tail),
+    }
+}
+
+fn write_super(out: &mut dyn Out, root_nid: u16, inodes: u64, blocks: u32) -> std::io::Result<()> {
+    let mut s = [0u8; 128];
     s[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     s[12] = BLOCK_BITS;
     s[14..16].copy_from_slice(&root_nid.to_le_bytes());
@@ -587,6 +755,7 @@ fn write_super(out: &mut [u8], root_nid: u16, inodes: u64, blocks: u32) {
     s[44..48].copy_from_slice(&(XATTR_BLOCK as u32).to_le_bytes());
     s[64..64 + VOLUME.len()].copy_from_slice(VOLUME);
     s[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
+    out.put(SUPER_OFFSET, &s)
 }
 
 #[cfg(test)]
@@ -788,6 +957,48 @@ mod tests {
         let c = CString::new(dir.as_os_str().as_bytes()).unwrap();
         // SAFETY: a valid path.
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    }
+
+    /// Written to a file from the layers' saved small-file tables, the image is the one made
+    /// in memory from the same bytes, with as many of them as the cap lets in.
+    #[test]
+    fn written_from_tables_as_made_in_memory() {
+        use crate::index::small::{SmallFiles, SmallIndex};
+        let tree = sample();
+        let small = held(&tree);
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("l.idx");
+        let mut table = SmallFiles::default();
+        let mut files: Vec<_> = small.iter().collect();
+        files.sort();
+        for (offset, bytes) in &files {
+            table.push(**offset, bytes);
+        }
+        table.save(&index).unwrap();
+        let tables = [SmallIndex::open(&index).unwrap()];
+        for cap in [u64::MAX, 20_000, 0] {
+            let given = std::cell::Cell::new(0u64);
+            let by_offset = |_, off, size| {
+                let b = small
+                    .get(&off)
+                    .filter(|b: &&Vec<u8>| b.len() as u64 == size)?;
+                given.set(given.get() + size);
+                (given.get() <= cap).then_some(&b[..])
+            };
+            let want = metadata_image(&tree, &by_offset).unwrap();
+            let path = dir.path().join("meta.erofs");
+            let f = std::fs::File::create(&path).unwrap();
+            let len = write_metadata_image(&tree, &tables, cap, &f).unwrap();
+            let got = std::fs::read(&path).unwrap();
+            assert_eq!(len as usize, got.len());
+            assert!(got == want, "cap {cap}: the images differ");
+        }
+        // No table: as made in memory with none held.
+        let f = tempfile::tempfile().unwrap();
+        write_metadata_image(&tree, &[None], u64::MAX, &f).unwrap();
+        let mut got = Vec::new();
+        std::io::Read::read_to_end(&mut &f, &mut got).unwrap();
+        assert!(got == metadata_image(&tree, &|_, _, _| None).unwrap());
     }
 
     #[test]

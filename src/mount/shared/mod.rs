@@ -270,22 +270,6 @@ pub(crate) fn metadata_from_fuse() -> bool {
     std::env::var("BUX_FUSE_METADATA").is_ok_and(|v| v == "fuse")
 }
 
-/// Writes the image's metadata image into the store ahead of its first shared mount, where
-/// such mounts can be (root, a kernel with EROFS). Best effort: the server writes it at start
-/// if it is not there. Returns its size, if it is there.
-pub(crate) fn prepare(store: &Store, record: &ImageRecord) -> Option<u64> {
-    if !kernel_metadata_possible() || metadata_from_fuse() {
-        return None;
-    }
-    match kernel_meta::image(store, record) {
-        Ok(path) => std::fs::metadata(path).ok().map(|m| m.len()),
-        Err(e) => {
-            tracing::debug!("metadata image of {}: {e}", record.reference);
-            None
-        }
-    }
-}
-
 /// Whether the image's metadata image in the store (if there is one) holds what it should: it
 /// is written anew in memory and compared (for `check`). `Err` says what is wrong.
 pub(crate) fn check_metadata_image(store: &Store, record: &ImageRecord) -> Result<(), String> {
