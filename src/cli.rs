@@ -170,10 +170,14 @@ enum Cmd {
         /// Mount point.
         dir: PathBuf,
     },
-    /// Print the configuration in effect: the store, the registries.conf files read and what
-    /// they say (search registries, short-name mode, registries with their locations and
-    /// mirrors, aliases).
-    Info,
+    /// Print the configuration in effect: the store, the signature policy file, the
+    /// registries.conf files read and what they say (search registries, short-name mode,
+    /// registries with their locations and mirrors, aliases).
+    Info {
+        /// Also say which policy scope and requirements apply to this image, and where its
+        /// pulls go.
+        reference: Option<String>,
+    },
     /// List the mounts this store made that are still mounted: where, of what, by which
     /// process, and whether each still serves (a dead one: `bux-fuse umount` it, or mount
     /// there again).
@@ -619,9 +623,24 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::Info => {
+        Cmd::Info { reference } => {
             let store = store_arg.clone().unwrap_or_else(Store::default_path);
             println!("store: {}", store.display());
+            let policy = std::env::var_os("BUX_FUSE_SIGNATURE_POLICY")
+                .filter(|v| !v.is_empty())
+                .map(std::path::PathBuf::from)
+                .or_else(crate::policy::default_path);
+            match policy {
+                Some(path) => {
+                    println!("signature policy: {}", path.display());
+                    if let Some(r) = &reference {
+                        let policy = crate::policy::Policy::from_file(&path)?;
+                        let name = crate::pull::normalize_reference(r)?;
+                        println!("  {name}: {}", policy.describe_scope(&name));
+                    }
+                }
+                None => println!("signature policy: none (every image accepted)"),
+            }
             let Some(conf) = crate::registry::conf::global()? else {
                 println!(
                     "registries.conf: none (short names are Docker Hub's: docker.io/library/NAME)"
@@ -667,6 +686,14 @@ fn run(cli: Cli) -> Result<()> {
                 );
             }
             println!("aliases: {}", conf.aliases.len());
+            if let Some(r) = &reference {
+                let name = crate::pull::normalize_reference(r)?;
+                let by_digest = name.contains('@');
+                let ends = conf.endpoints(&name, by_digest)?;
+                let mut via: Vec<String> = ends.mirrors.iter().map(|(m, _)| m.clone()).collect();
+                via.push(ends.primary.clone());
+                println!("  {name}: pulled from {}", via.join(", then "));
+            }
             Ok(())
         }
         Cmd::Mounts { json } => {

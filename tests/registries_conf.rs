@@ -142,6 +142,15 @@ blocked = true
         "{err}"
     );
     assert_eq!(host.ok(&["images", "-q"]), before);
+    let route = host.ok(&["info", "example.test/m/app:v1"]);
+    assert!(
+        route.contains(&format!(
+            "pulled from {}/mirrored/app:v1, then {}/nothing/here/app:v1",
+            mirror.host(),
+            origin.host()
+        )),
+        "{route}"
+    );
     let info = host.ok(&["info"]);
     assert!(
         info.contains("registry example.test/m ->")
