@@ -136,12 +136,18 @@ impl Location {
     /// The locations `s` may name, in the order to try them: one, unless `s` is a short name
     /// that registries.conf resolves through several search registries (permissive mode).
     pub fn candidates(s: &str) -> Result<Vec<Location>> {
+        let loc = Location::parse(s)?;
+        // Only a bare registry reference can be a short name (`oci:dir:tag`, `docker://x` are
+        // not).
+        if !matches!(loc, Location::Registry(_)) || s.contains("://") {
+            return Ok(vec![loc]);
+        }
         match short_name_candidates(s)? {
             Some(c) if c.len() > 1 => c
                 .iter()
                 .map(|n| Location::parse(&format!("docker://{n}")))
                 .collect(),
-            _ => Ok(vec![Location::parse(s)?]),
+            _ => Ok(vec![loc]),
         }
     }
 

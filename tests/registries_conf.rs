@@ -201,6 +201,24 @@ fn short_names_resolve_as_podman_resolves_them() {
     );
     one.ok(&["pull", "-q", "team/app:v1"]);
     assert_eq!(one.ok(&["images", "-q"]).trim(), want);
+    // Not short names: a layout named by a path without a slash, another transport.
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("lay"), "v1", &image("layout"));
+    let out = strict
+        .bux
+        .cmd()
+        .env("HOME", strict.home.path())
+        .env(
+            "CONTAINERS_REGISTRIES_CONF",
+            strict.home.path().join("registries.conf"),
+        )
+        .current_dir(work.path())
+        .args(["pull", "-q", "oci:lay:v1"])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    let err = strict.fails(&["pull", "-q", "containers-storage:app"]);
+    assert!(err.contains("transport is not supported"), "{err}");
     // A broken file: one line naming it.
     let broken = Host::new("unqualified-search-registries = 3\n", &[]);
     let err = broken.fails(&["pull", "-q", "team/app:v1"]);
