@@ -214,22 +214,32 @@ fn umount_clears_a_mount_whose_daemon_died() {
     let bux = Bux::new();
     let dir = tempfile::tempdir().unwrap();
     let mnt = dir.path().join("root");
-    let out = bux.run(&["mount", "--own-server", &r, mnt.to_str().unwrap()]);
-    assert!(out.status.success() && is_mounted(&mnt));
-    // Kill the daemon serving it (mount names its pid).
-    let said = String::from_utf8_lossy(&out.stderr).into_owned();
-    let pid = said
-        .split("daemon pid ")
-        .nth(1)
-        .and_then(|s| s.split(';').next())
-        .expect("daemon pid")
-        .to_string();
-    Command::new("kill").args(["-9", &pid]).status().unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(200));
-    let err = std::fs::read_dir(&mnt).unwrap_err();
-    assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
-    // Mounting over the dead mount says what to do, in one line.
-    let err = bux.fails(&["mount", "-q", &r, mnt.to_str().unwrap()]);
+    // Mounts with a daemon of its own and kills it (mount names its pid).
+    let mount_and_kill = |bux: &Bux| {
+        let out = bux.run(&["mount", "--own-server", &r, mnt.to_str().unwrap()]);
+        assert!(out.status.success() && is_mounted(&mnt));
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        let pid = said
+            .split("daemon pid ")
+            .nth(1)
+            .and_then(|s| s.split(';').next())
+            .expect("daemon pid")
+            .to_string();
+        Command::new("kill").args(["-9", &pid]).status().unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let err = std::fs::read_dir(&mnt).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTCONN), "{err}");
+    };
+    mount_and_kill(&bux);
+    // Mounting there again with the store that made it replaces the dead mount (a runtime
+    // restarted after a crash mounts its VMs' roots where they were).
+    bux.ok(&["mount", "-q", &r, mnt.to_str().unwrap()]);
+    assert_eq!(std::fs::read(mnt.join("etc/marker")).unwrap(), b"d");
+    bux.ok(&["umount", mnt.to_str().unwrap()]);
+    // Another store does not touch it: it says what to do, in one line.
+    mount_and_kill(&bux);
+    let other = Bux::new();
+    let err = other.fails(&["mount", "-q", &r, mnt.to_str().unwrap()]);
     assert!(
         err.contains("bux-fuse umount") && err.lines().count() == 1,
         "{err}"

@@ -330,11 +330,30 @@ pub(crate) fn wait_while(timeout: std::time::Duration, mut busy: impl FnMut() ->
 /// Starts `cmd` detached (its own session, stdin closed, stderr to the file `log`) and waits
 /// for it to print `ready`. Else: the last line it logged (`what` if none).
 pub(crate) fn start_detached(
-    mut cmd: std::process::Command,
+    cmd: std::process::Command,
     log: &Path,
     what: &str,
 ) -> std::result::Result<std::process::Child, String> {
     use std::io::BufRead;
+    let mut child = spawn_detached(cmd, log, what)?;
+    let mut line = String::new();
+    if let Some(out) = child.stdout.take() {
+        let _ = io::BufReader::new(out).read_line(&mut line);
+    }
+    if line.trim() == "ready" {
+        return Ok(child);
+    }
+    let _ = child.wait();
+    Err(last_logged(log, what))
+}
+
+/// Spawns `cmd` in a session of its own, stdin closed, stdout piped, stderr to the file `log`:
+/// a process that outlives whoever started it.
+pub(crate) fn spawn_detached(
+    mut cmd: std::process::Command,
+    log: &Path,
+    what: &str,
+) -> std::result::Result<std::process::Child, String> {
     use std::os::unix::process::CommandExt;
     let file =
         std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
@@ -348,21 +367,18 @@ pub(crate) fn start_detached(
             Ok(())
         });
     }
-    let mut child = cmd.spawn().map_err(|e| format!("starting {what}: {e}"))?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = io::BufReader::new(out).read_line(&mut line);
-    }
-    if line.trim() == "ready" {
-        return Ok(child);
-    }
-    let _ = child.wait();
+    cmd.spawn().map_err(|e| format!("starting {what}: {e}"))
+}
+
+/// The last line a detached process logged (`bux-fuse: ` left out), or that `what` exited
+/// without a message.
+pub(crate) fn last_logged(log: &Path, what: &str) -> String {
     let logged = std::fs::read_to_string(log).unwrap_or_default();
     let last = logged.lines().rev().find(|l| !l.trim().is_empty());
-    Err(last.map_or_else(
+    last.map_or_else(
         || format!("{what} exited without a message"),
         |l| l.trim_start_matches("bux-fuse: ").to_string(),
-    ))
+    )
 }
 
 /// mount(2): `source` (a path, or a name such as `overlay`) at `dir`, with `data` options.

@@ -788,12 +788,13 @@ pub async fn verify_login(registry: &str, opts: &RegistryOptions) -> Result<()> 
             let prefix = format!("{registry}: ");
             let said = said.strip_prefix(&prefix).unwrap_or(&said);
             let said = said.strip_prefix("registry error: ").unwrap_or(said);
+            // (No source: its words name the probe, which `said` has replaced.)
             Err(Error::Registry {
                 reference: registry.to_string(),
                 detail: said.to_string(),
                 status: e.status(),
                 transient: e.is_transient(),
-                source: Some(Box::new(e)),
+                source: None,
             })
         }
     }

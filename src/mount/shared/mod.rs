@@ -315,26 +315,11 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
 /// the file `log`; waits for its hello, then for it to print `ready`. Else: why not (the last
 /// line it logged, if it said hello).
 fn start_detached(
-    mut cmd: Command,
+    cmd: Command,
     log: &Path,
     exe: &Path,
 ) -> std::result::Result<std::process::Child, String> {
-    use std::os::unix::process::CommandExt;
-    let file =
-        std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(file);
-    // SAFETY: setsid is async-signal-safe; the process outlives whoever started it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("starting {}: {e}", exe.display()))?;
+    let mut child = super::spawn_detached(cmd, log, &exe.display().to_string())?;
     let Some(out) = child.stdout.take() else {
         spawn::kill(&mut child, true);
         return Err("no pipe to the image server".into());
@@ -348,12 +333,7 @@ fn start_detached(
         return Ok(child);
     }
     let _ = child.wait();
-    let logged = std::fs::read_to_string(log).unwrap_or_default();
-    let last = logged.lines().rev().find(|l| !l.trim().is_empty());
-    Err(last.map_or_else(
-        || "the image server exited without a message".to_string(),
-        |l| l.trim_start_matches("bux-fuse: ").to_string(),
-    ))
+    Err(super::last_logged(log, "the image server"))
 }
 
 /// Makes `dir` a read-only mount of the image standing on `lower`: a bind mount of its
