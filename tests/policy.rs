@@ -1031,3 +1031,27 @@ fn skopeo_agrees() {
         "{table}"
     );
 }
+
+/// A local source is matched by its own transport's `""` scope, and a refusal names that
+/// transport (it said "docker").
+#[test]
+fn a_local_layout_is_refused_under_its_own_transport() {
+    let f = Fixture::new();
+    let (_, public) = f.keypair("a");
+    let layout = f.path("layout");
+    write_layout(&layout, "v1", &image("local", "amd64"));
+    let policy = f.path("oci-policy.json");
+    std::fs::write(
+        &policy,
+        serde_json::to_vec(&json!({
+            "default": [{"type": "insecureAcceptAnything"}],
+            "transports": {"oci": {"": [{"type": "sigstoreSigned", "keyPath": public}]}}
+        }))
+        .unwrap(),
+    )
+    .unwrap();
+    let bux = Bux::new();
+    let err = refused(&bux, &format!("oci:{}:v1", layout.display()), &policy);
+    assert!(err.contains("of transport oci"), "{err}");
+    assert_nothing_stored(&bux);
+}

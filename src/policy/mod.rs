@@ -451,17 +451,21 @@ impl Policy {
         match DockerRef::parse(reference) {
             Some(r) => {
                 let (scope, reqs) = self.for_docker(&r);
-                format!("{}: {}", scope_label(scope.as_deref()), describe(reqs))
+                format!(
+                    "{}: {}",
+                    scope_label(scope.as_deref(), "docker"),
+                    describe(reqs)
+                )
             }
             None => format!("{reference:?} is not a registry reference"),
         }
     }
 }
 
-fn scope_label(scope: Option<&str>) -> String {
+fn scope_label(scope: Option<&str>, transport: &str) -> String {
     match scope {
         None => "default".into(),
-        Some("") => "scope \"\" of transport docker".into(),
+        Some("") => format!("scope \"\" of transport {transport}"),
         Some(s) => format!("scope {s:?}"),
     }
 }
@@ -750,6 +754,11 @@ pub(crate) async fn check(
     let Some(policy) = which.load()? else {
         return Ok(());
     };
+    let transport = match src {
+        Source::Registry(..) => "docker",
+        Source::Layout(..) => "oci",
+        Source::Archive(..) => "docker-archive",
+    };
     let (scope, reqs, intended) = match src {
         Source::Registry(..) => {
             let intended = DockerRef::parse(name).ok_or_else(|| Error::InvalidReference {
@@ -773,7 +782,7 @@ pub(crate) async fn check(
         detail: format!(
             "{} ({}: {rule})",
             policy.path.display(),
-            scope_label(scope.as_deref())
+            scope_label(scope.as_deref(), transport)
         ),
     };
     let mut found: Option<cosign::Found> = None;
