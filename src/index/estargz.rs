@@ -11,7 +11,7 @@
 //! digest covers the TOC, which covers every chunk.
 //!
 //! zstd:chunked borrowed this TOC, and the table is built the same way (see
-//! [`super::chunked::table`]): a stream of the files' contents laid end to end, each content
+//! `chunked::table`): a stream of the files' contents laid end to end, each content
 //! member a frame whose first bytes, inflated, are checked against their chunk digest.
 
 use std::collections::BTreeMap;

@@ -1,0 +1,190 @@
+//! Mounts that outlive the command: the daemon a mount starts, serving in the foreground,
+//! and stopping on a signal.
+
+use super::*;
+
+pub(super) static STOP: AtomicBool = AtomicBool::new(false);
+
+pub(super) extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+/// SIGINT and SIGTERM set [`STOP`]: a serving process then unmounts and ends.
+pub(super) fn stop_on_signals() {
+    // SAFETY: installing an async-signal-safe handler that only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+}
+
+/// Serves a mount in this process until a signal or an external unmount.
+pub(super) fn serve(
+    store: &Store,
+    reference: &str,
+    dir: &Path,
+    opts: &crate::MountOptions,
+    notify_ready: bool,
+) -> Result<()> {
+    stop_on_signals();
+    crate::mount::tune_allocator_for_serving();
+    let m = mount(store, reference, dir, opts)?;
+    // Mounted: what is left is serving, which needs far less than the process may do.
+    if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {
+        tracing::warn!("confining the daemon (seccomp): {e}");
+    }
+    if notify_ready {
+        println!("ready");
+        let _ = std::io::stdout().flush();
+        // The parent stops reading once told; later writes must not fail (or SIGPIPE) us.
+        if let Ok(null) = std::fs::OpenOptions::new().write(true).open("/dev/null") {
+            use std::os::fd::AsRawFd;
+            // SAFETY: both descriptors are valid; dup2 onto stdout.
+            unsafe { libc::dup2(null.as_raw_fd(), 1) };
+        }
+    } else {
+        eprintln!(
+            "{reference} mounted at {}; Ctrl-C to unmount",
+            m.path().display()
+        );
+        if let Some(note) = writable_note(opts) {
+            eprintln!("{note}");
+        }
+    }
+    while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    if m.is_finished() {
+        m.wait()?;
+    } else {
+        m.unmount()?;
+    }
+    Ok(())
+}
+
+/// Waits until every layer of `record` is stored whole (a lazy mount's background completion),
+/// or the image is marked bad.
+pub(super) fn wait_complete_layers(
+    store: &Store,
+    record: &crate::store::ImageRecord,
+) -> Result<()> {
+    loop {
+        if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
+            bail!("{}: marked bad: {}", record.reference, why.trim());
+        }
+        if let Ok(why) = std::fs::read_to_string(store.incomplete_path(&record.view())) {
+            bail!(
+                "{}: completing the image gave up: {} (the mount stays; a later mount resumes)",
+                record.reference,
+                why.trim()
+            );
+        }
+        if record
+            .layers
+            .iter()
+            .all(|l| store.blob_path(&l.digest).exists() || store.seekable_path(&l.digest).exists())
+        {
+            return Ok(());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+}
+
+/// Starts a detached `bux-fuse mount --notify-ready` and waits until its mount is live.
+pub(super) fn spawn_daemon(
+    store: &Store,
+    reference: &str,
+    dir: &Path,
+    opts: &crate::MountOptions,
+    pull: &PullArgs,
+    lazy: bool,
+) -> Result<()> {
+    let quiet = pull.quiet;
+    let logs = store.root().join("logs");
+    std::fs::create_dir_all(&logs).context("creating log directory")?;
+    let abs = std::path::absolute(dir).unwrap_or_else(|_| dir.to_path_buf());
+    let log_path = logs.join(format!(
+        "mount-{}.log",
+        crate::Digest::of(abs.as_os_str().as_encoded_bytes()).short()
+    ));
+    let exe = std::env::current_exe().context("finding own executable")?;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store.root())
+        .arg("mount")
+        .arg(reference)
+        .arg(&abs)
+        .arg("--notify-ready")
+        .arg("--own-server")
+        .arg("--pull=never")
+        .arg("--quiet")
+        .arg(format!("--threads={}", opts.threads))
+        .arg(format!("--cache-mb={}", opts.cache_bytes >> 20));
+    if opts.writable {
+        cmd.arg("--writable");
+    }
+    if opts.record_trace {
+        cmd.arg("--record-trace");
+    }
+    if opts.allow_other {
+        cmd.arg("--allow-other");
+    }
+    if let Some(u) = &opts.upper {
+        cmd.arg("--upper").arg(u);
+    }
+    if lazy {
+        cmd.arg("--lazy")
+            .arg(format!(
+                "--read-timeout={}",
+                opts.read_deadline.as_secs_f64()
+            ))
+            .arg(match opts.prefetch {
+                crate::mount::Prefetch::None => "--prefetch=none",
+                crate::mount::Prefetch::Trace => "--prefetch=trace",
+                crate::mount::Prefetch::All => "--prefetch=all",
+            });
+        for r in &pull.insecure_registry {
+            cmd.arg("--insecure-registry").arg(r);
+        }
+        for m in &pull.mirror {
+            cmd.arg("--mirror").arg(m);
+        }
+        if let Some(p) = &pull.platform {
+            cmd.arg("--platform").arg(p);
+        }
+        if let (Some(u), Credentials::Basic { password, .. }) =
+            (&pull.username, &opts.registry.credentials)
+        {
+            cmd.arg("--username")
+                .arg(u)
+                .env("BUX_FUSE_PASSWORD", password);
+        }
+    }
+    let child = crate::mount::start_detached(cmd, &log_path, "the mount daemon")
+        .map_err(|e| anyhow::anyhow!(e))?;
+    if !quiet {
+        eprintln!(
+            "{reference} mounted at {} (daemon pid {}; `bux-fuse umount {}` to unmount)",
+            abs.display(),
+            child.id(),
+            abs.display()
+        );
+        if let Some(note) = writable_note(opts) {
+            eprintln!("{note}");
+        }
+    }
+    Ok(())
+}
+
+/// Where a writable mount's changes go, for the message that it is mounted.
+pub(super) fn writable_note(opts: &crate::MountOptions) -> Option<String> {
+    if !opts.writable {
+        return None;
+    }
+    Some(match &opts.upper {
+        Some(upper) => format!("writable: changes are kept in {}", upper.display()),
+        None => "writable: changes go to a scratch layer, discarded at unmount (--upper DIR keeps \
+                 them)"
+            .to_string(),
+    })
+}
