@@ -1141,6 +1141,12 @@ mod tests {
     use crate::index::EntryKind;
     use crate::tree::test_support::{entry, merged};
 
+    /// An image of these entries, its bytes nowhere (the tests read none of them).
+    fn image_of(entries: &[(&str, EntryKind)]) -> ImageFs {
+        let tree = merged(&[entries.iter().map(|&(p, k)| entry(p, k)).collect()]).unwrap();
+        ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)))
+    }
+
     /// Files made and removed over and over leave no nodes behind once the kernel forgets them
     /// (the daemon's memory stays flat however long the guest runs).
     #[test]
@@ -1150,12 +1156,7 @@ mod tests {
             eprintln!("skipped: mounting needs root");
             return;
         }
-        let tree = merged(&[vec![
-            entry("etc", EntryKind::Dir),
-            entry("etc/hosts", EntryKind::File),
-        ]])
-        .unwrap();
-        let image = ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)));
+        let image = image_of(&[("etc", EntryKind::Dir), ("etc/hosts", EntryKind::File)]);
         let (upper, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let fs = UpperFs::new(image, &upper.path().join("upper")).unwrap();
         let state = fs.state.clone();
@@ -1203,13 +1204,11 @@ mod tests {
             eprintln!("skipped: mounting needs root");
             return;
         }
-        let tree = merged(&[vec![
-            entry("srv", EntryKind::Dir),
-            entry("srv/d", EntryKind::Dir),
-            entry("srv/d/f", EntryKind::File),
-        ]])
-        .unwrap();
-        let image = ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)));
+        let image = image_of(&[
+            ("srv", EntryKind::Dir),
+            ("srv/d", EntryKind::Dir),
+            ("srv/d/f", EntryKind::File),
+        ]);
         let (t, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let upper = t.path().join("upper");
         let fs = UpperFs::new(image, &upper).unwrap();
@@ -1286,12 +1285,7 @@ mod tests {
             eprintln!("skipped: mounting needs root");
             return;
         }
-        let tree = merged(&[vec![
-            entry("etc", EntryKind::Dir),
-            entry("etc/hosts", EntryKind::File),
-        ]])
-        .unwrap();
-        let image = ImageFs::new(tree, Vec::new(), Arc::new(crate::index::SpanCache::new(0)));
+        let image = image_of(&[("etc", EntryKind::Dir), ("etc/hosts", EntryKind::File)]);
         let (t, mnt) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
         let _tmpfs = Tmpfs::mount(t.path(), "nr_inodes=200,size=4m");
         let upper = t.path().join("upper");
