@@ -381,28 +381,29 @@ pub(super) fn table(
     Ok((published, prefetch_end))
 }
 
-/// Decompresses the first `len` bytes of a content frame — a zstd frame, or a gzip member
-/// (eStargz) — into `out`, a buffer at a time; what follows them in the frame (tar padding
-/// and headers, as stargz-snapshotter writes them) is never decompressed. Fails if the frame
-/// holds fewer.
-pub fn frame_prefix(frame: &[u8], len: u64, out: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
+/// The first `len` bytes of a content frame — a zstd frame, or a gzip member (eStargz) — as a
+/// reader; what follows them in the frame (tar padding and headers, as stargz-snapshotter
+/// writes them) is never decompressed.
+pub fn frame_reader(frame: &[u8], len: u64) -> std::io::Result<impl std::io::Read + '_> {
     use std::io::Read;
-    let mut r: Box<dyn Read + '_> = if frame.starts_with(&[0x1f, 0x8b]) {
+    let r: Box<dyn Read + '_> = if frame.starts_with(&[0x1f, 0x8b]) {
         Box::new(super::gzip::GzipReader::new(frame, None)?)
     } else {
         Box::new(zstd::stream::read::Decoder::with_buffer(frame)?)
     };
+    Ok(r.take(len))
+}
+
+/// Decompresses the first `len` bytes of a content frame (see [`frame_reader`]) into `out`, a
+/// buffer at a time. Fails if the frame holds fewer.
+pub fn frame_prefix(frame: &[u8], len: u64, out: &mut dyn FnMut(&[u8])) -> std::io::Result<()> {
+    use std::io::Read;
+    let mut r = frame_reader(frame, len)?;
     let mut buf = vec![0u8; (128 << 10).min(len as usize).max(1)];
     let mut left = len;
     while left > 0 {
-        let want = (buf.len() as u64).min(left) as usize;
-        match r.read(&mut buf[..want]) {
-            Ok(0) => {
-                return Err(std::io::Error::new(
-                    std::io::ErrorKind::InvalidData,
-                    "frame shorter than its table says",
-                ))
-            }
+        match r.read(&mut buf) {
+            Ok(0) => return Err(short_frame()),
             Ok(n) => {
                 out(&buf[..n]);
                 left -= n as u64;
@@ -412,6 +413,14 @@ pub fn frame_prefix(frame: &[u8], len: u64, out: &mut dyn FnMut(&[u8])) -> std::
         }
     }
     Ok(())
+}
+
+/// A frame that holds fewer bytes than its table says.
+pub fn short_frame() -> std::io::Error {
+    std::io::Error::new(
+        std::io::ErrorKind::InvalidData,
+        "frame shorter than its table says",
+    )
 }
 
 /// Parses an RFC 3339 time as Go writes it (`2006-01-02T15:04:05.999999999Z07:00`).

@@ -605,9 +605,10 @@ impl LayerReader {
                     .fetch_add(compressed.len() as u64, Ordering::Relaxed);
                 // (Its content: the frame's first `len` bytes, zstd or gzip.)
                 let mut span = Vec::with_capacity(len);
-                super::chunked::frame_prefix(&compressed, len as u64, &mut |b| {
-                    span.extend_from_slice(b)
-                })?;
+                super::chunked::frame_reader(&compressed, len as u64)?.read_to_end(&mut span)?;
+                if span.len() != len {
+                    return Err(super::chunked::short_frame());
+                }
                 span
             }
         };
