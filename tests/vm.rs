@@ -63,9 +63,18 @@ fn guest_boots_on_an_erofs_disk_with_an_overlay_on_a_second_disk() {
     assert_success(&out);
     let image = std::fs::read(&disk).unwrap();
     let upper = work.path().join("upper.ext4");
-    let out = vm_run_disk(&disk, &["--upper-disk", upper.to_str().unwrap()], GUEST, &[]);
+    let out = vm_run_disk(
+        &disk,
+        &["--upper-disk", upper.to_str().unwrap()],
+        GUEST,
+        &[],
+    );
     check_guest(&out, &big);
-    assert_eq!(std::fs::read(&disk).unwrap(), image, "the read-only disk changed");
+    assert_eq!(
+        std::fs::read(&disk).unwrap(),
+        image,
+        "the read-only disk changed"
+    );
     let out = Command::new("debugfs")
         .args(["-R", "cat /upper/etc/resolv.conf"])
         .arg(&upper)
