@@ -1,0 +1,367 @@
+#!/usr/bin/env python3
+"""Block root benchmark: a QEMU guest (scripts/vm-run.sh, Debian's cloud kernel, software
+emulation where no real KVM exists) runs workloads on the same image's tree three ways:
+
+  (a) virtio-fs  root = a read-only bux-fuse mount served by virtiofsd (krun_set_root)
+  (b) bux disk   root = DIR/root.erofs of `bux-fuse mount --disk` as a read-only virtio-blk
+                 disk, mounted as erofs by the guest (krun_add_disk + krun_set_root_disk_remount)
+  (c) floor      root = `mkfs.erofs` of `umoci raw unpack` of the image, a plain file, the same way
+
+Workloads, timed inside the guest, one boot per measurement, host caches dropped and bux-fuse
+remounted before each boot (the guest's caches start cold with it): `find / -xdev`, a full read
+(`tar -c --one-file-system / | wc -c`: everything but /proc, /sys, /dev) and
+`python3 -c "import json, email"`. Medians of --runs.
+
+Host side, on (b): 40 readers of the disk file keep one copy in the page cache (Cached delta of
+40 parallel whole-file reads against one), what the server read meanwhile (its rchar), the PSS
+of the bux-fuse processes, and the time from `mount --disk` to the disk's first block readable
+against today's `mount` to a file readable.
+
+Writes bench/RESULTS-disk.md and bench/results-disk.json. Run through bench/disk.sh.
+"""
+import argparse, datetime, json, os, shutil, statistics, subprocess, sys, tempfile, time
+from concurrent.futures import ThreadPoolExecutor
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import run as h  # the main harness: bux wrapper, timers, drop_caches  # noqa: E402
+
+VM_RUN = os.path.join(h.ROOT, "scripts/vm-run.sh")
+WORKLOADS = {
+    "find": "find / -xdev | wc -l",
+    "read": "tar -c --one-file-system / 2>/dev/null | wc -c",
+    "python": 'python3 -c "import json, email" && echo imported',
+}
+WAYS = {"a": "virtio-fs, bux-fuse mount", "b": "virtio-blk, bux-fuse disk", "c": "virtio-blk, mkfs.erofs floor"}
+
+
+def guest_cmd(work):
+    # The guest times its own workload (its clock follows the host's under TCG too).
+    return ('s=$(date +%s%N); out=$(' + WORKLOADS[work] + '); rc=$?; e=$(date +%s%N); '
+            'echo "BUX-T $(( (e - s) / 1000 )) $rc $out"')
+
+
+def boot(way, root, work, timeout):
+    args = ["bash", VM_RUN]
+    if way == "a":
+        args += [root]
+    else:
+        args += ["--disk", root, "--read-only"]
+    t = h.Timer()
+    r = subprocess.run(args + [guest_cmd(work)], capture_output=True, text=True,
+                       env={**os.environ, "BUX_VM_TIMEOUT": str(timeout)})
+    wall = t.s()
+    for line in r.stdout.splitlines():
+        if line.startswith("BUX-T "):
+            _, us, rc, *out = line.split()
+            if rc != "0":
+                raise SystemExit(f"({way}) {work}: exit {rc}: {r.stdout[-2000:]}")
+            return int(us) / 1e6, " ".join(out), wall
+    raise SystemExit(f"({way}) {work}: no timing from the guest: {r.stdout[-2000:]}{r.stderr[-2000:]}")
+
+
+def derive_small(large, tag, out):
+    """The large image's debootstrap and python3 layers plus its cleanup layer (whiteouts of docs
+    and apt lists): a Debian image with python3, as an OCI layout sharing the large one's blobs."""
+    blobs = lambda lay, d: os.path.join(lay, "blobs/sha256", d.split(":")[1])
+    idx = json.load(open(os.path.join(large, "index.json")))
+    d = [m for m in idx["manifests"] if m.get("annotations", {}).get("org.opencontainers.image.ref.name") == tag][0]
+    man = json.load(open(blobs(large, d["digest"])))
+    cfg = json.load(open(blobs(large, man["config"]["digest"])))
+    keep = [0, 1, len(man["layers"]) - 1]
+    os.makedirs(os.path.join(out, "blobs/sha256"), exist_ok=True)
+    for i in keep:
+        dst = blobs(out, man["layers"][i]["digest"])
+        if not os.path.exists(dst):
+            os.link(blobs(large, man["layers"][i]["digest"]), dst)
+    cfg["rootfs"]["diff_ids"] = [cfg["rootfs"]["diff_ids"][i] for i in keep]
+    hist = [x for x in cfg.get("history", []) if not x.get("empty_layer")]
+    cfg["history"] = [hist[i] for i in keep] if len(hist) == len(man["layers"]) else []
+
+    def put(obj):
+        import hashlib
+        b = json.dumps(obj, separators=(",", ":")).encode()
+        dig = "sha256:" + hashlib.sha256(b).hexdigest()
+        with open(blobs(out, dig), "wb") as f:
+            f.write(b)
+        return dig, len(b)
+    cdig, clen = put(cfg)
+    man = {**man, "config": {**man["config"], "digest": cdig, "size": clen},
+           "layers": [man["layers"][i] for i in keep]}
+    mdig, mlen = put(man)
+    with open(os.path.join(out, "oci-layout"), "w") as f:
+        f.write('{"imageLayoutVersion":"1.0.0"}')
+    with open(os.path.join(out, "index.json"), "w") as f:
+        json.dump({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
+                   "digest": mdig, "size": mlen, "annotations": {"org.opencontainers.image.ref.name": tag}}]}, f)
+
+
+def floor_disk(layout, tag, work):
+    """(c): mkfs.erofs (defaults: 4 KiB blocks, tails inline) of umoci's unpack; kept in `work`
+    across runs of the benchmark, keyed by the layout's index."""
+    key = h.sh(["sha256sum", os.path.join(layout, "index.json")]).stdout.split()[0][:12]
+    disk = os.path.join(work, f"floor-{key}.erofs")
+    if not os.path.exists(disk):
+        tree = os.path.join(work, f"tree-{key}")
+        shutil.rmtree(tree, ignore_errors=True)
+        h.sh(["umoci", "raw", "unpack", "--image", f"{layout}:{tag}", tree])
+        h.sh(["mkfs.erofs", disk + ".tmp", tree])
+        os.rename(disk + ".tmp", disk)
+        shutil.rmtree(tree)
+    return disk
+
+
+def bux_pids(store):
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+            if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args:
+                out.append(int(p))
+        except OSError:
+            pass
+    return out
+
+
+def proc_sum(pids, path, key):
+    total = 0
+    for p in pids:
+        try:
+            for line in open(f"/proc/{p}/{path}"):
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def meminfo(key):
+    for line in open("/proc/meminfo"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
+def read_all(path):
+    n = 0
+    with open(path, "rb", buffering=0) as f:
+        while True:
+            b = f.read(1 << 20)
+            if not b:
+                return n
+            n += len(b)
+
+
+class Mounts:
+    """The image's two bux-fuse roots, (a) a mount and (b) a disk mount, remounted on demand."""
+
+    def __init__(self, store, ref, work):
+        self.store, self.ref = store, ref
+        self.dirs = {"a": os.path.join(work, "mnt-a"), "b": os.path.join(work, "mnt-b")}
+        for d in self.dirs.values():
+            os.makedirs(d, exist_ok=True)
+
+    def mount(self, way):
+        self.umount(way)
+        extra = ["--disk"] if way == "b" else []
+        h.bux(self.store, "mount", "--quiet", *extra, self.ref, self.dirs[way])
+        return self.dirs[way] if way == "a" else os.path.join(self.dirs[way], "root.erofs")
+
+    def umount(self, way):
+        if os.path.ismount(self.dirs[way]):
+            h.umount(self.store, self.dirs[way])
+
+
+def bench_image(name, layout, tag, work, runs, workloads, ways, host, timeout):
+    """One image: every workload on every way, then (if `host`) the host-side measures."""
+    store = os.path.join(work, f"store-{name}")
+    ref = f"oci:{layout}:{tag}"
+    h.bux(store, "pull", "--quiet", ref)
+    m = Mounts(store, ref, work)
+    roots = {"c": floor_disk(layout, tag, work)}
+    res = {"image": name, "ref": ref, "floor_bytes": os.path.getsize(roots["c"]), "workloads": {}}
+    try:
+        for w in workloads:
+            res["workloads"][w] = {}
+            for way in ways:
+                xs, walls, outs = [], [], set()
+                for i in range(runs):
+                    root = roots["c"] if way == "c" else m.mount(way)
+                    h.drop_caches()
+                    s, out, wall = boot(way, root, w, timeout)
+                    xs.append(s); walls.append(wall); outs.add(out)
+                    print(f"  {name} {w} ({way}) run {i + 1}: {s:.2f} s in the guest ({out}), {wall:.1f} s launch to exit",
+                          file=sys.stderr)
+                    if way != "c":
+                        m.umount(way)
+                res["workloads"][w][way] = {**h.stats(xs), "boot_to_exit": h.stats(walls), "output": sorted(outs)}
+            seen = {tuple(v["output"]) for v in res["workloads"][w].values()}
+            res["workloads"][w]["same_output"] = len(seen) == 1
+        if host and "b" in ways:
+            res["host"] = host_checks(m, store, runs)
+    finally:
+        m.umount("a"); m.umount("b")
+    return res
+
+
+def host_checks(m, store, runs):
+    out = {}
+    # Time to ready: mount --disk to the first block of the disk read, against mount to a file
+    # read (each from a fresh mount, caches dropped; the image is in the store).
+    ready = {"disk": [], "mount": []}
+    for _ in range(runs):
+        for kind in ("mount", "disk"):
+            way = "b" if kind == "disk" else "a"
+            m.umount(way)
+            h.drop_caches()
+            t = h.Timer()
+            root = m.mount(way)
+            if kind == "disk":
+                with open(root, "rb") as f:
+                    assert len(f.read(4096)) == 4096
+            else:
+                open(os.path.join(root, "etc/os-release"), "rb").read()
+            ready[kind].append(t.s())
+    out["ready"] = {k: h.stats(v) for k, v in ready.items()}
+    # Page cache: one reader of the whole disk, then 40 at once (each its own open).
+    disk = m.mount("b")
+    size = os.path.getsize(disk)
+    res = {}
+    for n in (1, 40):
+        m.mount("b")
+        h.drop_caches()
+        time.sleep(0.5)
+        pids = bux_pids(store)
+        c0, r0 = meminfo("Cached"), proc_sum(pids, "io", "rchar")
+        t = h.Timer()
+        with ThreadPoolExecutor(n) as ex:
+            got = list(ex.map(lambda _: read_all(disk), range(n)))
+        el = t.s()
+        assert all(g == size for g in got), f"short reads of the disk: {got}"
+        time.sleep(0.5)
+        pids = bux_pids(store)
+        res[n] = {"cached_delta_kib": meminfo("Cached") - c0, "server_rchar": proc_sum(pids, "io", "rchar") - r0,
+                  "seconds": el, "pss_kib": proc_sum(pids, "smaps_rollup", "Pss")}
+    try:
+        fin = h.sh(["fincore", "-b", "-n", "-o", "RES", disk]).stdout.split()
+        res["fincore_res_bytes"] = int(fin[0])
+    except Exception:
+        pass
+    m.umount("b")
+    out["page_cache"] = {"disk_bytes": size, "one": res[1], "forty": res[40],
+                         "fincore_res_bytes": res.get("fincore_res_bytes")}
+    return out
+
+
+def fmt(s):
+    return f"{s['median']:.2f} s ({s['min']:.2f}–{s['max']:.2f})"
+
+
+def mib(kib):
+    return f"{kib / 1024:.1f} MiB"
+
+
+def report(results, args):
+    lines = ["# Block root benchmark (bench/disk.sh)", "",
+             f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} cores, "
+             f"QEMU {'with KVM' if kvm() else 'with software emulation (TCG), 2 vCPUs'}, Debian's cloud kernel, 512 MiB guest. "
+             f"Medians of {args.runs} runs (min–max), timed inside the guest, one boot per measurement, "
+             "host caches dropped and bux-fuse remounted before each boot. All three roots read-only "
+             "(the workloads only read; a VM would add its overlay, see docs/disk.md).", "",
+             "(a) virtio-fs root on a bux-fuse mount (virtiofsd), (b) virtio-blk root on "
+             "`bux-fuse mount --disk`'s `root.erofs`, (c) virtio-blk root on `mkfs.erofs` of `umoci raw unpack` "
+             "(the floor: a fully written local file).", ""]
+    for r in results:
+        lines += [f"## {r['image']} (`{r['ref'].split('/')[-1]}`; floor disk {r['floor_bytes'] / 2**20:.0f} MiB)", "",
+                  "| workload | (a) virtio-fs | (b) bux disk | (c) mkfs.erofs | (b)/(c) | (a)/(b) |",
+                  "|---|---|---|---|---|---|"]
+        for w, v in r["workloads"].items():
+            cell = lambda k: fmt(v[k]) if k in v else "–"
+            ratio = lambda x, y: f"{v[x]['median'] / v[y]['median']:.2f}×" if x in v and y in v else "–"
+            same = "" if v.get("same_output") else " (outputs differ!)"
+            lines.append(f"| `{WORKLOADS[w].split(' 2>')[0].split(' |')[0].split(' &&')[0]}`{same} | {cell('a')} | "
+                         f"{cell('b')} | {cell('c')} | {ratio('b', 'c')} | {ratio('a', 'b')} |")
+        outs = "; ".join(f"{w}: {', '.join(v[next(k for k in ('a', 'b', 'c') if k in v)]['output'])}"
+                         for w, v in r["workloads"].items())
+        lines += ["", f"Guest output (equal across the roots where marked so): {outs}.", ""]
+        if "host" in r:
+            hh = r["host"]
+            pc = hh["page_cache"]
+            one, forty = pc["one"], pc["forty"]
+            lines += ["Host side, on (b)'s disk:", "",
+                      "| measure | value |", "|---|---|",
+                      f"| disk size | {pc['disk_bytes'] / 2**20:.0f} MiB |",
+                      f"| page cache (Cached) growth, 1 reader of the whole disk | {mib(one['cached_delta_kib'])} |",
+                      f"| page cache (Cached) growth, 40 parallel readers (own opens) | {mib(forty['cached_delta_kib'])} "
+                      f"({forty['cached_delta_kib'] / max(1, one['cached_delta_kib']):.2f}× of one) |",
+                      f"| bytes the server read, 1 reader / 40 readers | {one['server_rchar'] / 2**20:.0f} MiB / "
+                      f"{forty['server_rchar'] / 2**20:.0f} MiB |",
+                      f"| whole-disk read, 1 reader / 40 readers | {one['seconds']:.2f} s / {forty['seconds']:.2f} s |",
+                      f"| PSS of the bux-fuse processes after 1 / 40 readers | {mib(one['pss_kib'])} / {mib(forty['pss_kib'])} |",
+                      f"| `mount --disk` to the disk's first 4 KiB read | {fmt(hh['ready']['disk'])} |",
+                      f"| `mount` to `/etc/os-release` read | {fmt(hh['ready']['mount'])} |",
+                      f"| ratio (disk / mount) | {hh['ready']['disk']['median'] / hh['ready']['mount']['median']:.2f}× |", ""]
+    lines += args.notes
+    md = "\n".join(lines) + "\n"
+    print(md)
+    with open(os.path.join(HERE, "RESULTS-disk.md"), "w") as f:
+        f.write(md)
+    with open(os.path.join(HERE, "results-disk.json"), "w") as f:
+        json.dump({"runs": args.runs, "results": results}, f, indent=1)
+
+
+def kvm():
+    try:
+        return any(l.startswith(("kvm_intel ", "kvm_amd ")) for l in open("/proc/modules"))
+    except OSError:
+        return False
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--image", action="append", default=[],
+                    help="NAME=LAYOUT:TAG[@WORKLOADS] (repeatable; WORKLOADS e.g. find,python; default all)")
+    ap.add_argument("--small-from", help="LAYOUT:TAG of the large image: derive the small one from it")
+    ap.add_argument("--ways", default="a,b,c")
+    ap.add_argument("--host-image", help="NAME of the image to take the host-side measures on "
+                    "(default: the last; `none`: skip them)")
+    ap.add_argument("--timeout", type=int, default=900, help="seconds a guest may run")
+    ap.add_argument("--work", default=os.path.join(h.ROOT, "target/disk-bench"))
+    ap.add_argument("--note", dest="notes", action="append", default=[])
+    args = ap.parse_args()
+    os.makedirs(args.work, exist_ok=True)
+    if os.geteuid() != 0:
+        raise SystemExit("bench/disk.py drops the page cache and boots QEMU: run as root")
+    ways = args.ways.split(",")
+    if "b" in ways and "--disk" not in h.sh([h.BUX, "mount", "--help"]).stdout:
+        print("bench: this bux-fuse has no `mount --disk`: (b) left out", file=sys.stderr)
+        ways.remove("b")
+    specs = list(args.image)
+    if args.small_from:
+        layout, tag = args.small_from.rsplit(":", 1)
+        small = os.path.join(args.work, "layout-small")
+        if not os.path.exists(os.path.join(small, "index.json")):
+            derive_small(layout, tag, small)
+        specs.insert(0, f"debian-python=small:{small}:{tag}")
+    results = []
+    for spec in specs:
+        name, rest = spec.split("=", 1)
+        if rest.startswith("small:"):
+            rest = rest[len("small:"):]
+        workloads = list(WORKLOADS)
+        if "@" in rest:
+            rest, wl = rest.rsplit("@", 1)
+            workloads = wl.split(",")
+        layout, tag = rest.rsplit(":", 1)
+        print(f"bench: {name}", file=sys.stderr)
+        host = args.host_image == name if args.host_image else spec == specs[-1]
+        results.append(bench_image(name, os.path.abspath(layout), tag, args.work, args.runs, workloads, ways,
+                                   host, args.timeout))
+    report(results, args)
+
+
+if __name__ == "__main__":
+    main()
