@@ -37,6 +37,236 @@ fn guest_boots_on_a_bux_fuse_root_and_writes_to_it() {
     );
 }
 
+/// The block root: a guest whose root is `bux-fuse mount --disk`'s `root.erofs` attached as a
+/// read-only virtio-blk disk (what `krun_add_disk` + `krun_set_root_disk_remount` do), mounted
+/// by the guest's own EROFS driver and made writable by an overlay on a tmpfs, passes the same
+/// checks as the guest on a virtio-fs root. The disk is the same bytes before and after the
+/// boot, and the same as `export --erofs` writes.
+#[test]
+fn guest_boots_on_a_bux_fuse_disk_and_writes_through_an_overlay() {
+    if !vm_host() {
+        return;
+    }
+    let (r, _reg, big) = vm_image("t/vmdisk");
+    let bux = Bux::new();
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("disk");
+    let exported = dir.path().join("exported.erofs");
+    bux.ok(&["mount", "--disk", &r, mnt.to_str().unwrap()]);
+    let _guard = MountGuard::adopt(mnt.clone(), dir);
+    let disk = mnt.join("root.erofs");
+    let names: Vec<_> = std::fs::read_dir(&mnt)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["root.erofs"], "the disk mount holds one file");
+    let before = std::fs::read(&disk).unwrap();
+    assert_eq!(before.len() % 4096, 0, "not whole 4 KiB blocks");
+
+    let out = vm_run_disk(&disk, &[], GUEST, &[]);
+    check_guest(&out, &big);
+    assert!(
+        sha256_hex(&std::fs::read(&disk).unwrap()) == sha256_hex(&before),
+        "the disk changed under the guest"
+    );
+    bux.ok(&["export", "--erofs", &r, exported.to_str().unwrap()]);
+    assert!(
+        sha256_hex(&std::fs::read(&exported).unwrap()) == sha256_hex(&before),
+        "export --erofs differs from the served disk"
+    );
+}
+
+/// An image for the lazy disk tests, pushed with its index published: [`vm_layers`] as gzip
+/// (lazy mounts fetch gzip spans) and a third layer of 48 MiB of incompressible data the first
+/// commands never read. Returns (setup, the far layer's digest hex).
+fn lazy_disk_image(repo: &str) -> (LazyDisk, String) {
+    let (mut layers, big) = vm_layers();
+    for l in &mut layers {
+        l.1 = Comp::Gzip;
+    }
+    let mut far = LayerBuilder::new().dir("far", 0o755);
+    for i in 0..3 {
+        far = far.file(&format!("far/f{i}.bin"), &test_bytes(16 << 20, 100 + i));
+    }
+    let far = far.finish();
+    let far_gz = Comp::Gzip.compress(&far);
+    layers.push((far, Comp::Gzip));
+    let reg = Registry::start();
+    let layout = tempfile::tempdir().unwrap();
+    write_layout(layout.path(), "v1", &Image::new(layers));
+    reg.push(layout.path(), "v1", repo, None);
+    let reference = format!("{}/{repo}:v1", reg.host());
+    let publisher = Bux::new();
+    publisher.ok(&["pull", "-q", &reference]);
+    publisher.ok(&["push-index", &reference]);
+    let compressed = std::fs::read_dir(layout.path().join("blobs/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.metadata().unwrap().len())
+        .filter(|&l| l > 64 << 10)
+        .sum();
+    (
+        LazyDisk {
+            reg,
+            _layout: layout,
+            reference,
+            compressed,
+            big,
+        },
+        sha256_hex(&far_gz),
+    )
+}
+
+struct LazyDisk {
+    reg: Registry,
+    _layout: tempfile::TempDir,
+    reference: String,
+    /// The layers' compressed bytes.
+    compressed: u64,
+    big: Vec<u8>,
+}
+
+/// What a guest's first commands on a lazy disk do: a pipeline, a big directory, hardlinks and
+/// a symlink, a write to its overlay; nothing of the big files.
+const FIRST: &str = "echo pipeline works | tr a-z A-Z | rev; ls /many | wc -l; \
+                     stat -c '%i %h' /links/a /links/b; readlink /links/sl; cat /links/sl; \
+                     echo nameserver 10.0.2.3 > /etc/resolv.conf && cat /etc/resolv.conf; echo BUX-GUEST-OK";
+
+fn lazy_disk_mount(bux: &Bux, reference: &str) -> (MountGuard, std::path::PathBuf) {
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("disk");
+    bux.ok(&[
+        "mount",
+        "--disk",
+        "--lazy",
+        "--prefetch",
+        "none",
+        "--read-timeout",
+        "5",
+        reference,
+        mnt.to_str().unwrap(),
+    ]);
+    let disk = mnt.join("root.erofs");
+    (MountGuard::adopt(mnt, dir), disk)
+}
+
+/// Lazy block root: `mount --disk --lazy` behind the slow link; a guest boots on the disk and
+/// its first commands succeed having fetched at most 8% of the image's compressed bytes
+/// (counted at the link), the mount itself nothing of the layers.
+#[test]
+fn a_guest_on_a_lazy_disk_fetches_only_what_it_reads() {
+    if !vm_host() {
+        return;
+    }
+    let (s, _) = lazy_disk_image("t/lazydisk");
+    let proxy = Proxy::start(s.reg.port, 200, 2);
+    let bux = Bux::new();
+    let (_m, disk) = lazy_disk_mount(&bux, &s.reference.replace(&s.reg.host(), &proxy.host()));
+    let at_mount = proxy.bytes();
+    let out = vm_run_disk(&disk, &[], FIRST, &[("BUX_VM_TIMEOUT", "300")]);
+    let fetched = proxy.bytes();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest output:\n{stdout}\n{stderr}");
+    eprintln!(
+        "fetched: {at_mount} bytes at mount, {fetched} after the guest, of {} compressed",
+        s.compressed
+    );
+    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
+    assert!(stdout.contains("SKROW ENILEPIP"), "{stdout}");
+    assert!(stdout.lines().any(|l| l.trim() == "3000"), "{stdout}");
+    let inos: Vec<&str> = stdout.lines().filter(|l| l.ends_with(" 2")).collect();
+    assert!(inos.len() == 2 && inos[0] == inos[1], "hardlinks: {stdout}");
+    assert!(stdout.contains("/links/a\nlinked\n"), "{stdout}");
+    assert!(stdout.contains("nameserver 10.0.2.3"), "{stdout}");
+    assert!(stdout.contains("BUX-GUEST-OK"), "{stdout}");
+    assert!(
+        fetched * 100 <= s.compressed * 8,
+        "the guest's first commands fetched {fetched} of {} bytes (> 8%)",
+        s.compressed
+    );
+    // What was not read is still there to read: the big file, fetched now, is whole.
+    let out = vm_run_disk(
+        &disk,
+        &["--read-only"],
+        "sha256sum /data/big.bin",
+        &[("BUX_VM_TIMEOUT", "300")],
+    );
+    assert_success(&out);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(stdout.contains(&sha256_hex(&s.big)), "{stdout}");
+}
+
+/// A chunk of a layer corrupted in the registry's storage is never served through a lazy
+/// disk: the guest's read of the file over it fails with EIO, its other files read on, and
+/// the mount's log names the chunk (its byte range in the layer holds the damage).
+#[test]
+fn a_guest_on_a_lazy_disk_never_reads_a_corrupted_chunk() {
+    if !vm_host() {
+        return;
+    }
+    let (s, far_hex) = lazy_disk_image("t/evildisk");
+    let path = s.reg.blob_data_path(&far_hex);
+    let mut bytes = std::fs::read(&path).unwrap();
+    let mid = bytes.len() / 2;
+    for b in &mut bytes[mid..mid + 64] {
+        *b ^= 0xff;
+    }
+    std::fs::write(&path, &bytes).unwrap();
+    let bux = Bux::new();
+    let (_m, disk) = lazy_disk_mount(&bux, &s.reference);
+    // f1 is the middle third of the far layer: the damage is in it.
+    let guest = "cat /links/a; cat /far/f1.bin > /dev/null; echo far-exit=$?; \
+                 cat /far/f0.bin | wc -c; cat /links/a; echo BUX-GUEST-OK";
+    let out = vm_run_disk(&disk, &["--read-only"], guest, &[("BUX_VM_TIMEOUT", "300")]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    eprintln!("guest output:\n{stdout}\n{stderr}");
+    assert!(out.status.success(), "guest failed: {stdout}{stderr}");
+    let far = stdout
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("far-exit="))
+        .unwrap_or_else(|| panic!("no exit code of the corrupted read: {stdout}"));
+    assert_ne!(far, "0", "the guest read a corrupted chunk: {stdout}");
+    assert!(
+        stdout.contains("Input/output error") || stdout.contains("I/O error"),
+        "not EIO: {stdout}"
+    );
+    assert!(
+        stdout
+            .lines()
+            .any(|l| l.trim() == (16u64 << 20).to_string()),
+        "f0: {stdout}"
+    );
+    assert_eq!(stdout.matches("linked").count(), 2, "{stdout}");
+    assert!(stdout.contains("BUX-GUEST-OK"), "{stdout}");
+    let log = daemon_log(&bux);
+    let named = log.lines().any(|l| {
+        l.contains("do not match their published digest")
+            && l.split("bytes ")
+                .nth(1)
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|r| r.split_once(".."))
+                .and_then(|(a, b)| Some((a.parse::<usize>().ok()?, b.parse::<usize>().ok()?)))
+                .is_some_and(|(a, b)| a <= mid + 63 && mid < b)
+    });
+    assert!(
+        named,
+        "the log does not name the damaged chunk (at {mid}): {log}"
+    );
+}
+
+/// Everything the store's daemons logged.
+fn daemon_log(bux: &Bux) -> String {
+    let mut out = String::new();
+    if let Ok(dir) = std::fs::read_dir(bux.store.path().join("logs")) {
+        for e in dir.flatten() {
+            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+        }
+    }
+    out
+}
+
 /// The floor the served disk is measured against, and the guest side of a block root on its
 /// own: `mkfs.erofs` of umoci's unpack of the image, booted as a read-only virtio-blk root,
 /// writable through an overlay whose upper layer is a second, per-VM ext4 disk. The guest's
@@ -158,6 +388,12 @@ fn vm_image(repo: &str) -> (String, Registry, Vec<u8>) {
 
 /// The image for [`GUEST`] (a gzip and a zstd layer) and its big file.
 fn vm_layout() -> (Image, Vec<u8>) {
+    let (layers, big) = vm_layers();
+    (Image::new(layers), big)
+}
+
+/// The layers of [`vm_layout`]'s image and its big file.
+fn vm_layers() -> (Vec<(Vec<u8>, Comp)>, Vec<u8>) {
     let busybox = busybox();
     let mut base =
         LayerBuilder::new()
@@ -192,11 +428,8 @@ fn vm_layout() -> (Image, Vec<u8>) {
     for i in 0..3000 {
         data = data.file(&format!("many/e{i:04}"), b"");
     }
-    let image = Image::new(vec![
-        (base.finish(), Comp::Gzip),
-        (data.finish(), Comp::Zstd),
-    ]);
-    (image, big)
+    let layers = vec![(base.finish(), Comp::Gzip), (data.finish(), Comp::Zstd)];
+    (layers, big)
 }
 
 /// What a run of [`GUEST`] must have printed.
