@@ -25,6 +25,9 @@ mod fs;
 pub use export::export;
 pub use fs::{DiskFs, DISK_FILE};
 
+/// Reads a file's data for a disk: (tree inode, offset in the file, bytes to fill).
+pub type ReadFile<'a> = dyn FnMut(u64, u64, &mut [u8]) -> io::Result<()> + 'a;
+
 /// An image's disk: its metadata bytes, and where each file's data lies.
 pub struct Disk {
     head: Vec<u8>,
@@ -141,7 +144,7 @@ impl Disk {
         &self,
         offset: u64,
         buf: &mut [u8],
-        read: &mut dyn FnMut(u64, u64, &mut [u8]) -> io::Result<()>,
+        read: &mut ReadFile,
     ) -> io::Result<usize> {
         let mut at = 0usize;
         for piece in self.pieces(offset, buf.len() as u64) {
