@@ -100,6 +100,6 @@ fn data_ranges(image: &ImageFs, ino: u64, size: u64) -> Vec<std::ops::Range<u64>
             .map(|e| e.file_off.min(size)..(e.file_off + e.len).min(size))
             .filter(|r| !r.is_empty())
             .collect(),
-        _ => Vec::from([0..size]),
+        _ => std::iter::once(0..size).collect(),
     }
 }
