@@ -131,6 +131,14 @@ pub enum Error {
         #[source]
         inner: Box<Error>,
     },
+    /// Writing an image's disk ([`crate::disk::export`]) failed; nothing is left at `path`.
+    #[error("export to {path}: {detail}")]
+    Export {
+        /// The file being written.
+        path: PathBuf,
+        /// What failed.
+        detail: String,
+    },
     /// Mounting or unmounting failed.
     #[error("mount {path}: {detail}")]
     Mount {

@@ -448,6 +448,12 @@ impl ImageFs {
         Some(a)
     }
 
+    /// Whether a read of tree inode `ino` can be answered without waiting for a fetch.
+    pub(crate) fn lower_is_local(&self, ino: u64, offset: u64, size: u32) -> bool {
+        self.inode(INodeNo(ino))
+            .is_ok_and(|i| self.is_local(i, offset, size))
+    }
+
     /// Bytes of tree inode `ino`, waiting for lazily fetched bytes as a read does.
     pub(crate) fn read_lower(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let i = self.inode(INodeNo(ino))?;

@@ -71,6 +71,7 @@
 // The API: what a runtime calls. Stable within a minor version.
 pub mod check;
 pub mod digest;
+pub mod disk;
 pub mod embed;
 pub mod error;
 pub mod mount;

@@ -189,8 +189,50 @@ fn gzip_two_members(tar: &[u8]) -> Vec<u8> {
     out
 }
 
-#[test]
-fn corner_cases_match_umoci() {
+/// The corner-case image, pushed to a registry, and umoci's unpack of it (without what umoci
+/// cannot unpack: see [`UMOCI_DIFF_ARGS`]).
+struct Corners {
+    _work: tempfile::TempDir,
+    reg: Registry,
+    /// umoci's unpack.
+    reference: std::path::PathBuf,
+}
+
+impl Corners {
+    fn name(&self) -> String {
+        format!("{}/test/conformance:v1", self.reg.host())
+    }
+}
+
+/// How a tree of the corner-case image is compared with umoci's unpack.
+const UMOCI_DIFF_ARGS: &[&str] = &[
+    "--ignore-root",
+    // umoci: implied parents get unpack time; bux-fuse gives them mtime 0.
+    "--ignore-mtime-of",
+    "links",
+    "--ignore-mtime-of",
+    "x",
+    "--ignore-mtime-of",
+    "modes",
+    "--ignore-mtime-of",
+    "dev",
+    "--ignore-mtime-of",
+    "long",
+    "--ignore-mtime-of",
+    "names",
+    "--ignore-mtime-of",
+    "times",
+    "--ignore-mtime-of",
+    "n0",
+    // umoci does not restore a directory's mtime after linking or creating in it.
+    "--ignore-dir-mtime",
+    "--exclude",
+    "sparse/gnu.img",
+    "--exclude",
+    "sparse/huge.img",
+];
+
+fn corner_image() -> Corners {
     need("tar");
     let work = tempfile::tempdir().unwrap();
     let mut layers = vec![
@@ -228,42 +270,49 @@ fn corner_cases_match_umoci() {
     let reference = work.path().join("reference");
     umoci_unpack(&gz_layout, "v1", &reference);
 
-    let bux = Bux::new();
-    let m = bux.mount(&format!("{}/test/conformance:v1", reg.host()));
-    let (equal, report) = treediff(
-        &m.path,
-        &reference,
-        &[
-            "--ignore-root",
-            // umoci: implied parents get unpack time; bux-fuse gives them mtime 0.
-            "--ignore-mtime-of",
-            "links",
-            "--ignore-mtime-of",
-            "x",
-            "--ignore-mtime-of",
-            "modes",
-            "--ignore-mtime-of",
-            "dev",
-            "--ignore-mtime-of",
-            "long",
-            "--ignore-mtime-of",
-            "names",
-            "--ignore-mtime-of",
-            "times",
-            "--ignore-mtime-of",
-            "n0",
-            // umoci does not restore a directory's mtime after linking or creating in it.
-            "--ignore-dir-mtime",
-            "--exclude",
-            "sparse/gnu.img",
-            "--exclude",
-            "sparse/huge.img",
-        ],
-    );
-    assert!(equal, "mounted tree differs from umoci's unpack:\n{report}");
+    Corners {
+        _work: work,
+        reg,
+        reference,
+    }
+}
 
-    // Spot checks through the kernel, independent of umoci.
+#[test]
+fn corner_cases_match_umoci() {
+    let c = corner_image();
+    let bux = Bux::new();
+    let m = bux.mount(&c.name());
+    let (equal, report) = treediff(&m.path, &c.reference, UMOCI_DIFF_ARGS);
+    assert!(equal, "mounted tree differs from umoci's unpack:\n{report}");
+    spot_checks(&m.path);
     let p = |s: &str| m.path.join(s);
+    let md = |s: &str| std::fs::symlink_metadata(p(s)).unwrap();
+    // Holes are visible to SEEK_DATA / SEEK_HOLE (cp --sparse, tar --sparse rely on them).
+    let huge = std::fs::File::open(p("sparse/huge.img")).unwrap();
+    use std::os::fd::AsRawFd;
+    // SAFETY: lseek on an open descriptor.
+    let (data, hole) = unsafe {
+        (
+            libc::lseek(huge.as_raw_fd(), 0, libc::SEEK_DATA),
+            libc::lseek(huge.as_raw_fd(), 0, libc::SEEK_HOLE),
+        )
+    };
+    assert_eq!(
+        (hole, data as u64 <= HUGE - 7 && data as u64 > HUGE - 8192),
+        (0, true),
+        "data at {data}"
+    );
+    for name in ["gnu", "pax00", "pax01", "pax10"] {
+        assert!(
+            md(&format!("sparse/{name}.img")).blocks() < 2048,
+            "{name}: holes counted as blocks"
+        ); // 12288 if dense
+    }
+}
+
+/// Checks through the kernel, independent of umoci, of a tree of the corner-case image.
+fn spot_checks(root: &Path) {
+    let p = |s: &str| root.join(s);
     let md = |s: &str| std::fs::symlink_metadata(p(s)).unwrap();
     assert_eq!(md("h/orig").ino(), md("h/link2").ino());
     assert_eq!(md("h/orig").nlink(), 3);
@@ -305,23 +354,8 @@ fn corner_cases_match_umoci() {
     let mut mid = [1u8; 4096];
     std::os::unix::fs::FileExt::read_exact_at(&huge, &mut mid, 5 << 30).unwrap();
     assert!(mid.iter().all(|&b| b == 0));
-    // Holes are visible to SEEK_DATA / SEEK_HOLE (cp --sparse, tar --sparse rely on them).
-    use std::os::fd::AsRawFd;
-    // SAFETY: lseek on an open descriptor.
-    let (data, hole) = unsafe {
-        (
-            libc::lseek(huge.as_raw_fd(), 0, libc::SEEK_DATA),
-            libc::lseek(huge.as_raw_fd(), 0, libc::SEEK_HOLE),
-        )
-    };
-    assert_eq!(
-        (hole, data as u64 <= HUGE - 7 && data as u64 > HUGE - 8192),
-        (0, true),
-        "data at {data}"
-    );
     for name in ["gnu", "pax00", "pax01", "pax10"] {
-        let f = p(&format!("sparse/{name}.img"));
-        let data = std::fs::read(&f).unwrap();
+        let data = std::fs::read(p(&format!("sparse/{name}.img"))).unwrap();
         assert_eq!(data.len(), 6 << 20, "{name}");
         assert_eq!(&data[7..3007], &test_bytes(3000, 0)[..], "{name}");
         assert_eq!(&data[(6 << 20) - 4..], b"tail", "{name}");
@@ -329,11 +363,98 @@ fn corner_cases_match_umoci() {
             data[3007..200_007].iter().all(|&b| b == 0),
             "{name}: hole not zero"
         );
-        assert!(
-            md(&format!("sparse/{name}.img")).blocks() < 2048,
-            "{name}: holes counted as blocks"
-        ); // 12288 if dense
     }
+}
+
+/// The same image as a disk (`mount --disk`): the kernel's EROFS driver, reading the served
+/// `root.erofs` through a loop device, sees the tree umoci unpacks; `fsck.erofs` passes; and
+/// `export --erofs` writes the same bytes.
+#[test]
+fn disk_of_the_corner_cases_matches_umoci() {
+    need("fsck.erofs");
+    let c = corner_image();
+    let bux = Bux::new();
+    let m = bux.mount_with(&c.name(), &["--disk"]);
+    let disk = m.path.join("root.erofs");
+    let names: Vec<_> = std::fs::read_dir(&m.path)
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["root.erofs"]);
+    let len = std::fs::metadata(&disk).unwrap().len();
+    assert_eq!(len % 4096, 0);
+    assert!(len > HUGE, "the 9 GiB sparse file has blocks in the image");
+    // Read-only.
+    assert!(std::fs::OpenOptions::new().write(true).open(&disk).is_err());
+
+    let out = Command::new("fsck.erofs").arg(&disk).output().unwrap();
+    assert!(out.status.success(), "fsck.erofs: {out:?}");
+
+    let loop_dir = tempfile::tempdir().unwrap();
+    let root = LoopMount::erofs(&disk, loop_dir.path());
+    let (equal, report) = treediff(&root.0, &c.reference, UMOCI_DIFF_ARGS);
+    assert!(
+        equal,
+        "the disk's tree differs from umoci's unpack:\n{report}"
+    );
+    spot_checks(&root.0);
+    drop(root);
+
+    // The exported file has the served bytes: compared where it holds data, and at the
+    // edges of its holes (which the served disk must read as zeros).
+    let exported = c._work.path().join("exported.erofs");
+    bux.ok(&["export", "--erofs", &c.name(), exported.to_str().unwrap()]);
+    assert_eq!(std::fs::metadata(&exported).unwrap().len(), len);
+    let (a, b) = (
+        std::fs::File::open(&exported).unwrap(),
+        std::fs::File::open(&disk).unwrap(),
+    );
+    let mut compared = 0u64;
+    for (data, hole) in data_runs(&a) {
+        let mut at = data;
+        while at < hole {
+            let n = (hole - at).min(1 << 20) as usize;
+            let (mut x, mut y) = (vec![0u8; n], vec![1u8; n]);
+            std::os::unix::fs::FileExt::read_exact_at(&a, &mut x, at).unwrap();
+            std::os::unix::fs::FileExt::read_exact_at(&b, &mut y, at).unwrap();
+            assert!(
+                x == y,
+                "the served disk and the export differ at {at}..{}",
+                at + n as u64
+            );
+            at += n as u64;
+            compared += n as u64;
+        }
+        if hole < len {
+            let mut z = [1u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(&b, &mut z, hole).unwrap();
+            assert!(
+                z.iter().all(|b| *b == 0),
+                "the served disk at {hole}: not zeros"
+            );
+        }
+    }
+    assert!(compared > 1 << 20, "only {compared} bytes compared");
+}
+
+/// The runs of a file that hold data: (start, end) pairs from SEEK_DATA / SEEK_HOLE.
+fn data_runs(f: &std::fs::File) -> Vec<(u64, u64)> {
+    use std::os::fd::AsRawFd;
+    let len = f.metadata().unwrap().len() as i64;
+    let mut runs = Vec::new();
+    let mut at = 0i64;
+    while at < len {
+        // SAFETY: lseek on an open descriptor.
+        let data = unsafe { libc::lseek(f.as_raw_fd(), at, libc::SEEK_DATA) };
+        if data < 0 {
+            break;
+        }
+        // SAFETY: as above.
+        let hole = unsafe { libc::lseek(f.as_raw_fd(), data, libc::SEEK_HOLE) };
+        runs.push((data as u64, hole as u64));
+        at = hole;
+    }
+    runs
 }
 
 fn rewrite_layer_blob(layout: &Path, old_hex: &str, new_blob: &[u8]) {

@@ -68,6 +68,13 @@ pub(super) enum Cmd {
         /// Make the root writable (changes kept in a scratch upper layer, see --upper).
         #[arg(short, long)]
         writable: bool,
+        /// Serve the image as a disk: DIR holds one file, root.erofs, a complete EROFS image
+        /// of the image's tree, for a VMM to attach as the guest's root block device (libkrun:
+        /// krun_add_disk + krun_set_root_disk_remount; see docs/disk.md). Its blocks are read
+        /// from the layers (with --lazy, fetched) as the guest reads them. Read-only: a guest
+        /// makes its root writable with an overlay of its own.
+        #[arg(long, conflicts_with_all = ["writable", "upper"])]
+        disk: bool,
         /// Keep the writable layer in DIR (implies --writable); remount with it to see changes.
         #[arg(long, value_name = "DIR")]
         upper: Option<PathBuf>,
@@ -113,6 +120,22 @@ pub(super) enum Cmd {
         /// Internal: tell the parent process when the mount is live.
         #[arg(long, hide = true)]
         notify_ready: bool,
+        #[command(flatten)]
+        pull: PullArgs,
+    },
+    /// Write an image as a file: with --erofs, the EROFS disk image `mount --disk` serves
+    /// (pulling the image first if missing).
+    ///
+    /// The file is written whole through a temporary file (a failure leaves nothing at FILE);
+    /// runs of zeros are left as holes. The same image gives the same bytes.
+    Export {
+        /// Image reference.
+        reference: String,
+        /// The file to write.
+        file: PathBuf,
+        /// Write an EROFS disk image (the one format there is, for now: required).
+        #[arg(long, required = true)]
+        erofs: bool,
         #[command(flatten)]
         pull: PullArgs,
     },

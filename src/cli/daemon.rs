@@ -47,7 +47,7 @@ pub(super) fn serve(
             "{reference} mounted at {}; Ctrl-C to unmount",
             m.path().display()
         );
-        if let Some(note) = writable_note(opts) {
+        if let Some(note) = writable_note(opts, dir) {
             eprintln!("{note}");
         }
     }
@@ -123,6 +123,9 @@ pub(super) fn spawn_daemon(
     if opts.writable {
         cmd.arg("--writable");
     }
+    if opts.disk {
+        cmd.arg("--disk");
+    }
     if opts.record_trace {
         cmd.arg("--record-trace");
     }
@@ -169,15 +172,24 @@ pub(super) fn spawn_daemon(
             child.id(),
             abs.display()
         );
-        if let Some(note) = writable_note(opts) {
+        if let Some(note) = writable_note(opts, dir) {
             eprintln!("{note}");
         }
     }
     Ok(())
 }
 
-/// Where a writable mount's changes go, for the message that it is mounted.
-pub(super) fn writable_note(opts: &crate::MountOptions) -> Option<String> {
+/// Where a writable mount's changes go (or where a disk is), for the message that it is
+/// mounted.
+pub(super) fn writable_note(opts: &crate::MountOptions, dir: &Path) -> Option<String> {
+    if opts.disk {
+        let disk = std::path::absolute(dir.join(crate::disk::DISK_FILE));
+        return Some(format!(
+            "disk: {} (EROFS, read-only; attach it as the guest's root, see docs/disk.md)",
+            disk.unwrap_or_else(|_| dir.join(crate::disk::DISK_FILE))
+                .display()
+        ));
+    }
     if !opts.writable {
         return None;
     }

@@ -122,6 +122,48 @@ fn run(cli: Cli) -> Result<()> {
             }
             apply_budget(&store, budget, &[image.reference], pull.quiet)
         }
+        Cmd::Export {
+            reference,
+            file,
+            erofs: _,
+            mut pull,
+        } => {
+            pull.quiet = quiet;
+            let store = open_store(&store_arg)?;
+            let opts = pull.options(false)?;
+            let budget = budget(&store, pull.max_store_size.as_deref())?;
+            let image = runtime()?.block_on(store.pull(&reference, &opts))?;
+            drop(opts);
+            let mopts = crate::MountOptions {
+                registry: pull.options(false)?.registry,
+                ..Default::default()
+            };
+            let started = std::time::Instant::now();
+            let mut shown = std::time::Instant::now();
+            let tty = !quiet && std::io::stderr().is_terminal();
+            let mut progress = |done: u64, all: u64| {
+                if tty && (shown.elapsed().as_millis() >= 250 || done == all) {
+                    shown = std::time::Instant::now();
+                    eprint!("\rexporting: {} of {} MiB ", done >> 20, all >> 20);
+                    if done == all {
+                        eprintln!();
+                    }
+                }
+            };
+            let len = crate::disk::export(&store, &image.reference, &file, &mopts, &mut progress)
+                .with_context(|| format!("exporting {}", image.reference))?;
+            apply_budget(&store, budget, &[], quiet)?;
+            if !quiet {
+                eprintln!(
+                    "{}: EROFS image of {} MiB written to {} in {:.1} s",
+                    image.reference,
+                    len >> 20,
+                    file.display(),
+                    started.elapsed().as_secs_f64()
+                );
+            }
+            Ok(())
+        }
         Cmd::Mount {
             reference,
             dir,
@@ -129,6 +171,7 @@ fn run(cli: Cli) -> Result<()> {
             threads,
             cache_mb,
             writable,
+            disk,
             upper,
             allow_other,
             lazy,
@@ -170,6 +213,7 @@ fn run(cli: Cli) -> Result<()> {
                 threads,
                 cache_bytes: cache_mb << 20,
                 writable: writable || upper.is_some(),
+                disk,
                 upper,
                 registry: opts.registry.clone(),
                 read_deadline: std::time::Duration::from_secs_f64(read_timeout),
@@ -218,7 +262,7 @@ fn run(cli: Cli) -> Result<()> {
                         path.display(),
                         path.display()
                     );
-                    if let Some(note) = writable_note(&mopts) {
+                    if let Some(note) = writable_note(&mopts, &dir) {
                         eprintln!("{note}");
                     }
                 }

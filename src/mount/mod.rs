@@ -75,6 +75,11 @@ pub struct MountOptions {
     /// [`crate::serve_if_requested`] first: [`crate::server_executable`] names this program,
     /// or `$BUX_FUSE_HELPER`. Default none (the `bux-fuse` CLI sets it for root).
     pub shared_server: Option<PathBuf>,
+    /// Serve the image as a disk: the mount point holds one file, [`crate::disk::DISK_FILE`],
+    /// a complete EROFS image of the tree whose blocks are read (or fetched) as they are read,
+    /// for a VMM to attach as the guest's root block device ([`Mount::disk`]). Read-only (not
+    /// with `writable`); served by the mount's own server. Default false.
+    pub disk: bool,
 }
 
 /// Background fetching of lazily mounted layers.
@@ -103,6 +108,7 @@ impl Default for MountOptions {
             prefetch: Prefetch::All,
             record_trace: false,
             shared_server: None,
+            disk: false,
         }
     }
 }
@@ -166,6 +172,24 @@ pub struct Mount {
     kernel_mount: bool,
     /// The store's record of this mount (see [`Store::mounts`]), removed at unmount.
     record: Option<PathBuf>,
+    /// The mount serves the image as a disk ([`MountOptions::disk`]).
+    disk: bool,
+}
+
+/// A disk for a VMM to attach as its guest's root ([`Mount::disk`]). With libkrun:
+/// `krun_add_disk(ctx, "root", path, read_only)`, then
+/// `krun_set_root_disk_remount(ctx, "/dev/vda", fs_type, options)` (the device is the guest's
+/// name for the first disk).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DiskRoot {
+    /// The image file.
+    pub path: PathBuf,
+    /// The filesystem the guest mounts: `erofs`.
+    pub fs_type: &'static str,
+    /// Attach it read-only (the image never changes; a guest overlays it to write).
+    pub read_only: bool,
+    /// Mount options for the guest (none needed).
+    pub options: Option<&'static str>,
 }
 
 /// The overlay that makes a mount writable.
@@ -178,6 +202,16 @@ struct WritableLayer {
 }
 
 impl Mount {
+    /// The disk this mount serves, if it is a disk mount ([`MountOptions::disk`]).
+    pub fn disk(&self) -> Option<DiskRoot> {
+        self.disk.then(|| DiskRoot {
+            path: self.path.join(crate::disk::DISK_FILE),
+            fs_type: "erofs",
+            read_only: true,
+            options: None,
+        })
+    }
+
     /// The mount point (hand this to `krun_set_root`).
     pub fn path(&self) -> &Path {
         &self.path
@@ -526,6 +560,7 @@ fn mount_shared(
         trace: None,
         kernel_mount: true,
         record: None,
+        disk: false,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -540,7 +575,7 @@ pub fn mount_if_shared(
     dir: &Path,
     opts: &MountOptions,
 ) -> Result<Option<Mount>> {
-    let Some(exe) = opts.shared_server.as_deref() else {
+    let Some(exe) = opts.shared_server.as_deref().filter(|_| !opts.disk) else {
         return Ok(None);
     };
     if !connect::host_root() || opts.record_trace {
@@ -587,6 +622,13 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         path: dir.to_path_buf(),
         detail,
     };
+    if opts.disk && opts.writable {
+        return Err(mount_err(
+            "a disk is read-only: a guest makes its root writable with an overlay of its own \
+             (see docs/disk.md)"
+                .into(),
+        ));
+    }
     let dir = prepare_mount_point(store, dir)?;
     // Users cannot mount a kernel overlay: bux-fuse serves their upper layer itself.
     let own_upper = opts.writable && !connect::host_root();
@@ -652,6 +694,11 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         _ => None,
     };
     let thread = match upper_root {
+        None if opts.disk => {
+            let fs = crate::disk::DiskFs::new(fs)
+                .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
+            serve(fs, &fuse_dir, &request, config)
+        }
         Some(upper) => {
             let fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?;
@@ -672,6 +719,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         trace,
         kernel_mount: opts.writable && !own_upper,
         record: None,
+        disk: opts.disk,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

@@ -93,6 +93,19 @@ const FT_LNK: u8 = 7;
 /// The volume name: says which writer made an image, so that an image written by an earlier
 /// version is written anew rather than used.
 const VOLUME: &[u8] = b"bux-fuse 2";
+/// The volume name of a disk image ([`disk_image`]).
+const DISK_VOLUME: &[u8] = b"bux-fuse disk 1";
+
+/// What an image is for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Purpose {
+    /// The metadata under an overlay whose data-only lower is the FUSE mount: regular files
+    /// redirect to it (or hold small files' bytes); `trusted.overlay.*` xattrs are escaped.
+    Metadata,
+    /// A whole filesystem: every regular file's data in blocks of its own, which the writer
+    /// only places (they are produced when read, see [`disk_image`]); xattrs as they are.
+    Disk,
+}
 
 /// Whether `path` holds an image this version wrote, whole (its size is what its superblock
 /// says). Cheap: reads the superblock only; the kernel checks the rest when it mounts it.
@@ -145,6 +158,8 @@ struct Node<'a> {
     /// A small file whose bytes are written once the image is laid out, from the layer's
     /// table: (layer, offset in its stream).
     later: Option<(u32, u64)>,
+    /// A disk's regular file: its data blocks are placed, not written.
+    served: bool,
 }
 
 impl Node<'_> {
@@ -182,7 +197,7 @@ impl Node<'_> {
 /// which the image holds.
 pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>, Unsupported> {
     let held = |layer, offset, size| small(layer, offset, size).map(Held::Now);
-    let mut layout = lay_out(tree, &held)?;
+    let mut layout = lay_out(tree, Purpose::Metadata, &held)?;
     let mut out = vec![0u8; layout.blocks * BLOCK];
     write(tree, &mut layout, &mut out).expect("writing to memory");
     Ok(out)
@@ -206,7 +221,7 @@ pub(crate) fn write_metadata_image(
         given.set(given.get() + size);
         (given.get() <= max_bytes).then_some(Held::Later)
     };
-    let mut layout = lay_out(tree, &held).map_err(|e| e.0)?;
+    let mut layout = lay_out(tree, Purpose::Metadata, &held).map_err(|e| e.0)?;
     let len = (layout.blocks * BLOCK) as u64;
     file.set_len(0)
         .and_then(|_| file.set_len(len))
@@ -260,12 +275,67 @@ enum Held<'a> {
     Later,
 }
 
+/// A regular file of a disk image: its data fills blocks `first_block..` (the last one padded
+/// with zeros).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DiskFile {
+    pub first_block: u32,
+    /// Its inode in the tree.
+    pub ino: u64,
+    pub size: u64,
+}
+
+/// A disk image laid out ([`disk_image`]).
+pub struct DiskLayout {
+    /// The image's bytes up to the first file's data: superblock, inodes, directories,
+    /// symlinks.
+    pub head: Vec<u8>,
+    /// Where each regular file with data lies, by first block (after `head`, in the walk's
+    /// order, so that a file's blocks and a directory's files are read ahead together).
+    pub files: Vec<DiskFile>,
+    /// The image's length in blocks.
+    pub blocks: u64,
+}
+
+/// The block size of the images written here.
+pub const DISK_BLOCK: u64 = BLOCK as u64;
+
+/// Lays `tree` out as a complete EROFS image (a disk, see [`crate::disk`]): everything a
+/// `mkfs.erofs` of the unpacked tree holds, regular files' data uncompressed in whole blocks.
+/// The writer holds no file data: it returns the metadata's bytes and where each file's data
+/// goes, for the caller to fill in from the layers as the blocks are read. The same tree
+/// gives the same image, byte for byte.
+pub fn disk_image(tree: &Tree) -> Result<DiskLayout, Unsupported> {
+    let mut layout = lay_out(tree, Purpose::Disk, &|_, _, _| None)?;
+    let mut head = vec![0u8; layout.head_blocks * BLOCK];
+    write(tree, &mut layout, &mut head).expect("writing to memory");
+    let mut files: Vec<DiskFile> = layout
+        .order
+        .iter()
+        .filter(|n| n.served)
+        .map(|n| DiskFile {
+            first_block: n.blkaddr,
+            ino: n.ino,
+            size: n.size,
+        })
+        .collect();
+    files.sort_unstable_by_key(|f| f.first_block);
+    Ok(DiskLayout {
+        head,
+        files,
+        blocks: layout.blocks as u64,
+    })
+}
+
 /// The image laid out: every inode placed, every block counted.
 struct Layout<'a> {
+    purpose: Purpose,
     order: Vec<Node<'a>>,
     root_nid: u64,
     /// Blocks before the first one of data (superblock, shared xattr, inodes).
     meta_blocks: usize,
+    /// Blocks before the first one of a served file (a disk's).
+    head_blocks: usize,
     blocks: usize,
 }
 
@@ -304,6 +374,7 @@ impl Out for FileOut<'_> {
 /// Lays `tree` out; `small` says which small files the image holds.
 fn lay_out<'a>(
     tree: &Tree,
+    purpose: Purpose,
     small: &dyn Fn(u32, u64, u64) -> Option<Held<'a>>,
 ) -> Result<Layout<'a>, Unsupported> {
     // Nodes in depth-first order from the root, so the root gets the first (small) nid, and a
@@ -329,7 +400,7 @@ fn lay_out<'a>(
         path.push(b'/');
         path.extend_from_slice(name);
         slot[ino as usize] = order.len();
-        order.push(node(ino, &inode, &path, small)?);
+        order.push(node(ino, &inode, &path, purpose, small)?);
         if let NodeData::Dir { .. } = inode.data {
             dir_paths.push(if ino == ROOT_INO {
                 Vec::new()
@@ -380,12 +451,22 @@ fn lay_out<'a>(
     }
     let meta_blocks = at.div_ceil(BLOCK);
     let mut block = meta_blocks;
-    for n in order.iter_mut() {
-        if n.out_of_line_blocks() > 0 {
-            n.blkaddr = u32::try_from(block)
-                .map_err(|_| Unsupported("the metadata image would exceed 16 TiB".into()))?;
-            block += n.out_of_line_blocks();
+    let mut head_blocks = block;
+    // Data written with the image first, then a disk's served files: the head is one run.
+    for served in [false, true] {
+        for n in order.iter_mut().filter(|n| n.served == served) {
+            if n.out_of_line_blocks() > 0 {
+                n.blkaddr = u32::try_from(block)
+                    .map_err(|_| Unsupported("the image would exceed 16 TiB".into()))?;
+                block += n.out_of_line_blocks();
+            }
         }
+        if !served {
+            head_blocks = block;
+        }
+    }
+    if u32::try_from(block).is_err() {
+        return Err(Unsupported("the image would exceed 16 TiB".into()));
     }
     let root_nid = order[0].nid();
     if root_nid > u16::MAX as u64 {
@@ -412,9 +493,11 @@ fn lay_out<'a>(
         order[i].data = Cow::Owned(bytes);
     }
     Ok(Layout {
+        purpose,
         order,
         root_nid,
         meta_blocks,
+        head_blocks,
         blocks: block,
     })
 }
@@ -437,6 +520,7 @@ fn write(tree: &Tree, layout: &mut Layout<'_>, out: &mut dyn Out) -> std::io::Re
     out.put(XATTR_BLOCK * BLOCK + METACOPY_ID as usize * 4, &shared)?;
     write_super(
         out,
+        layout.purpose,
         layout.root_nid as u16,
         layout.order.len() as u64,
         layout.blocks as u32,
@@ -449,13 +533,38 @@ fn node<'a>(
     ino: u64,
     inode: &Inode<'_>,
     path: &[u8],
+    purpose: Purpose,
     small: &dyn Fn(u32, u64, u64) -> Option<Held<'a>>,
 ) -> Result<Node<'a>, Unsupported> {
     let mut xattrs: Vec<XattrEntry> = Vec::new();
     for (name, value) in inode.xattrs.iter() {
-        if let Some(x) = xattr_entry(name, value) {
+        if let Some(x) = xattr_entry(name, value, purpose == Purpose::Metadata) {
             xattrs.push(x);
         }
+    }
+    if purpose == Purpose::Disk {
+        let served = inode.kind == EntryKind::File && inode.size > 0;
+        let (layout, data, size) = match inode.data {
+            NodeData::Symlink(target) => (
+                LAYOUT_FLAT_INLINE,
+                Cow::Owned(target.to_vec()),
+                target.len() as u64,
+            ),
+            NodeData::Dir { .. } => (LAYOUT_FLAT_INLINE, Cow::Borrowed(&[][..]), 0),
+            _ if served => (LAYOUT_FLAT_PLAIN, Cow::Borrowed(&[][..]), inode.size),
+            _ => (LAYOUT_FLAT_PLAIN, Cow::Borrowed(&[][..]), 0),
+        };
+        return Ok(Node {
+            ino,
+            xattrs: encode_xattrs(&xattrs, false, path)?,
+            data,
+            size,
+            layout,
+            pos: 0,
+            blkaddr: 0,
+            later: None,
+            served,
+        });
     }
     let mut later = None;
     let held = match inode.data {
@@ -517,6 +626,26 @@ fn node<'a>(
         ));
     }
     let metacopy = layout == LAYOUT_CHUNK_BASED;
+    Ok(Node {
+        ino,
+        xattrs: encode_xattrs(&xattrs, metacopy, path)?,
+        data,
+        size,
+        layout,
+        pos: 0,
+        blkaddr: 0,
+        later,
+        served: false,
+    })
+}
+
+/// An inode's xattrs as stored after it (empty: none), with a reference to the shared
+/// metacopy mark if `metacopy`.
+fn encode_xattrs(
+    xattrs: &[XattrEntry],
+    metacopy: bool,
+    path: &[u8],
+) -> Result<Vec<u8>, Unsupported> {
     let mut encoded = Vec::new();
     if !xattrs.is_empty() || metacopy {
         encoded.resize(XATTR_HEADER, 0);
@@ -524,7 +653,7 @@ fn node<'a>(
             encoded[4] = 1; // h_shared_count
             encoded.extend_from_slice(&METACOPY_ID.to_le_bytes());
         }
-        for (index, suffix, value) in &xattrs {
+        for (index, suffix, value) in xattrs {
             let name_len = u8::try_from(suffix.len())
                 .map_err(|_| Unsupported("an xattr name is over 255 bytes".into()))?;
             let value_len = u16::try_from(value.len())
@@ -544,16 +673,7 @@ fn node<'a>(
             )));
         }
     }
-    Ok(Node {
-        ino,
-        xattrs: encoded,
-        data,
-        size,
-        layout,
-        pos: 0,
-        blkaddr: 0,
-        later,
-    })
+    Ok(encoded)
 }
 
 /// `path` for a message: lossy, and cut short past 200 bytes (a path may run to megabytes).
@@ -570,7 +690,7 @@ type XattrEntry<'a> = (u8, Cow<'a, [u8]>, &'a [u8]);
 
 /// An image xattr as EROFS stores it; `None`
 /// for names outside the namespaces Linux lets a filesystem carry.
-fn xattr_entry<'a>(name: &'a [u8], value: &'a [u8]) -> Option<XattrEntry<'a>> {
+fn xattr_entry<'a>(name: &'a [u8], value: &'a [u8], escape: bool) -> Option<XattrEntry<'a>> {
     const PREFIXES: [(&[u8], u8); 5] = [
         (b"user.", 1),
         (b"system.posix_acl_access", 2),
@@ -583,7 +703,7 @@ fn xattr_entry<'a>(name: &'a [u8], value: &'a [u8]) -> Option<XattrEntry<'a>> {
     if matches!(index, 2 | 3) && !suffix.is_empty() {
         return None;
     }
-    if *index == 4 && suffix.starts_with(b"overlay.") {
+    if escape && *index == 4 && suffix.starts_with(b"overlay.") {
         // Escaped: overlayfs shows it as it is.
         return Some((4, Cow::Owned([b"overlay.", suffix].concat()), value));
     }
@@ -744,7 +864,17 @@ fn put_data(out: &mut dyn Out, n: &Node, data: &[u8]) -> std::io::Result<()> {
     }
 }
 
-fn write_super(out: &mut dyn Out, root_nid: u16, inodes: u64, blocks: u32) -> std::io::Result<()> {
+fn write_super(
+    out: &mut dyn Out,
+    purpose: Purpose,
+    root_nid: u16,
+    inodes: u64,
+    blocks: u32,
+) -> std::io::Result<()> {
+    let (volume, features) = match purpose {
+        Purpose::Metadata => (VOLUME, FEATURE_INCOMPAT_CHUNKED_FILE),
+        Purpose::Disk => (DISK_VOLUME, 0),
+    };
     let mut s = [0u8; 128];
     s[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     s[12] = BLOCK_BITS;
@@ -753,8 +883,8 @@ fn write_super(out: &mut dyn Out, root_nid: u16, inodes: u64, blocks: u32) -> st
     s[36..40].copy_from_slice(&blocks.to_le_bytes());
     s[40..44].copy_from_slice(&(META_BLOCK as u32).to_le_bytes());
     s[44..48].copy_from_slice(&(XATTR_BLOCK as u32).to_le_bytes());
-    s[64..64 + VOLUME.len()].copy_from_slice(VOLUME);
-    s[80..84].copy_from_slice(&FEATURE_INCOMPAT_CHUNKED_FILE.to_le_bytes());
+    s[64..64 + volume.len()].copy_from_slice(volume);
+    s[80..84].copy_from_slice(&features.to_le_bytes());
     out.put(SUPER_OFFSET, &s)
 }
 

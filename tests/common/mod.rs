@@ -702,6 +702,33 @@ impl MountGuard {
     }
 }
 
+/// A read-only loop mount of an EROFS image file (root only); unmounted when dropped.
+pub struct LoopMount(pub PathBuf);
+
+impl LoopMount {
+    pub fn erofs(image: &Path, at: &Path) -> LoopMount {
+        std::fs::create_dir_all(at).unwrap();
+        let out = Command::new("mount")
+            .args(["-t", "erofs", "-o", "loop,ro"])
+            .arg(image)
+            .arg(at)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "mount -t erofs {}: {out:?}",
+            image.display()
+        );
+        LoopMount(at.to_path_buf())
+    }
+}
+
+impl Drop for LoopMount {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 impl Drop for MountGuard {
     fn drop(&mut self) {
         let _ = Command::new(self.bin)

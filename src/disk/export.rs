@@ -1,0 +1,105 @@
+//! A disk written whole to a plain file: for VMMs that want a file of their own, and as the
+//! check that the served disk is what it should be (both come from [`read_disk`]).
+
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+use std::sync::Arc;
+
+use super::Disk;
+use crate::fs::ImageFs;
+use crate::index::SpanCache;
+use crate::mount::{open_image, MountOptions, OpenedImage};
+use crate::tree::erofs::DISK_BLOCK;
+use crate::tree::NodeData;
+use crate::{Error, Result, Store};
+
+/// Bytes read and written at a time.
+const CHUNK: usize = 1 << 20;
+
+/// Writes the stored image `reference` as an EROFS disk image to `path` — the bytes
+/// `bux-fuse mount --disk` serves — through a temporary file renamed over `path` once whole,
+/// so a failure leaves no partial image. Sparse files' holes and blocks' padding are left as
+/// holes. The file's data is read file by file through the same readers as the served disk's
+/// (`tests/disk.rs` checks the two agree byte for byte).
+/// `progress` is told (bytes done, bytes in all) as it goes. Lazily pulled layers are fetched
+/// as they are read (`opts.registry`, `opts.read_deadline`). Returns the image's length.
+pub fn export(
+    store: &Store,
+    reference: &str,
+    path: &Path,
+    opts: &MountOptions,
+    progress: &mut dyn FnMut(u64, u64),
+) -> Result<u64> {
+    let OpenedImage {
+        tree,
+        layers,
+        lease,
+        ..
+    } = open_image(store, reference, opts)?;
+    let failed = |detail: String| Error::Export {
+        path: path.to_path_buf(),
+        detail,
+    };
+    let image = ImageFs::new(tree, layers, Arc::new(SpanCache::new(opts.cache_bytes)));
+    let disk = Disk::new(image.tree()).map_err(failed)?;
+    let name = path
+        .file_name()
+        .ok_or_else(|| failed("not a file name".into()))?;
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp-{}",
+        name.to_string_lossy(),
+        std::process::id()
+    ));
+    let written = (|| -> std::io::Result<()> {
+        let file = std::fs::File::create(&tmp)?;
+        // Zeros throughout (holes): padding, and sparse files' holes, are never written.
+        file.set_len(disk.len())?;
+        file.write_all_at(disk.head(), 0)?;
+        let mut done = disk.head_len();
+        for f in disk.files() {
+            let start = f.first_block as u64 * DISK_BLOCK;
+            for range in data_ranges(&image, f.ino, f.size) {
+                let mut at = range.start;
+                while at < range.end {
+                    let n = (range.end - at).min(CHUNK as u64) as u32;
+                    let data = image
+                        .read_lower(f.ino, at, n)
+                        .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
+                    if data.len() != n as usize {
+                        return Err(std::io::Error::other(format!(
+                            "inode {} ends before offset {}",
+                            f.ino,
+                            at + n as u64
+                        )));
+                    }
+                    file.write_all_at(&data, start + at)?;
+                    at += n as u64;
+                }
+            }
+            done = start + f.size.div_ceil(DISK_BLOCK) * DISK_BLOCK;
+            progress(done, disk.len());
+        }
+        progress(done.max(disk.len()), disk.len());
+        file.sync_all()?;
+        std::fs::rename(&tmp, path)
+    })();
+    drop(lease);
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(failed(e.to_string()));
+    }
+    Ok(disk.len())
+}
+
+/// The parts of a file that hold data: all of it, or a sparse file's extents (its holes stay
+/// holes in the image).
+fn data_ranges(image: &ImageFs, ino: u64, size: u64) -> Vec<std::ops::Range<u64>> {
+    match image.tree().inode(ino).map(|i| i.data) {
+        Some(NodeData::Sparse { extents, .. }) => extents
+            .iter()
+            .map(|e| e.file_off.min(size)..(e.file_off + e.len).min(size))
+            .filter(|r| !r.is_empty())
+            .collect(),
+        _ => std::iter::once(0..size).collect(),
+    }
+}
