@@ -566,9 +566,29 @@ fn a_user_boots_a_guest_on_a_writable_root() {
     if !vm_host() {
         return;
     }
+    let (user, cache) = vm_user();
+    let (r, _reg, big) = vm_image("t/vmuser");
+    user.ok(&format!("$BUX -q mount --writable {r} root"));
+    let guest = GUEST.replace('\'', "'\\''");
+    let out = user.sh(&format!(
+        "BUX_VM_CACHE={cache} BUX_VIRTIOFSD={dir}/virtiofsd BUX_VIRTIOFSD_ARGS=--sandbox=none \
+         BUX_VM_TIMEOUT=300 bash {dir}/vm-run.sh root '{guest}'",
+        cache = cache.display(),
+        dir = user.dir.path().display(),
+    ));
+    check_guest(&out, &big);
+    assert_eq!(
+        user.ok("cat root/etc/resolv.conf && $BUX umount root"),
+        "nameserver 10.0.2.3\n"
+    );
+}
+
+/// An ordinary user set up to boot guests: vm-run.sh, the Rust virtiofsd and a copy of the
+/// kernel cache (root fetches the kernel once; the user boots from a copy it can read and
+/// lock) in its directory. Returns the user and its kernel cache.
+fn vm_user() -> (AsUser, std::path::PathBuf) {
     let virtiofsd = rust_virtiofsd();
     let script = concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/vm-run.sh");
-    // Root fetches the kernel once; the user boots from a copy it can read and lock.
     let prep = Command::new("bash")
         .arg(script)
         .arg("--prepare")
@@ -608,18 +628,25 @@ fn a_user_boots_a_guest_on_a_writable_root() {
         .arg(&cache)
         .status()
         .unwrap();
-    let (r, _reg, big) = vm_image("t/vmuser");
-    user.ok(&format!("$BUX -q mount --writable {r} root"));
+    (user, cache)
+}
+
+/// The block root booted by an ordinary user: the user's `mount --disk` (through fusermount3),
+/// its disk attached by the user's QEMU, the guest's writes in its overlay on a tmpfs.
+#[test]
+fn a_user_boots_a_guest_on_a_disk() {
+    if !vm_host() {
+        return;
+    }
+    let (user, cache) = vm_user();
+    let (r, _reg, big) = vm_image("t/vmuserdisk");
+    user.ok(&format!("$BUX -q mount --disk {r} disk"));
     let guest = GUEST.replace('\'', "'\\''");
     let out = user.sh(&format!(
-        "BUX_VM_CACHE={cache} BUX_VIRTIOFSD={dir}/virtiofsd BUX_VIRTIOFSD_ARGS=--sandbox=none \
-         BUX_VM_TIMEOUT=300 bash {dir}/vm-run.sh root '{guest}'",
+        "BUX_VM_CACHE={cache} BUX_VM_TIMEOUT=300 bash {dir}/vm-run.sh --disk disk/root.erofs '{guest}'",
         cache = cache.display(),
         dir = user.dir.path().display(),
     ));
     check_guest(&out, &big);
-    assert_eq!(
-        user.ok("cat root/etc/resolv.conf && $BUX umount root"),
-        "nameserver 10.0.2.3\n"
-    );
+    user.ok("$BUX umount disk");
 }
