@@ -12,10 +12,11 @@ remounted before each boot (the guest's caches start cold with it): `find / -xde
 (`tar -c --one-file-system / | wc -c`: everything but /proc, /sys, /dev) and
 `python3 -c "import json, email"`. Medians of --runs.
 
-Host side, on (b): 40 readers of the disk file keep one copy in the page cache (Cached delta of
-40 parallel whole-file reads against one), what the server read meanwhile (its rchar), the PSS
-of the bux-fuse processes, and the time from `mount --disk` to the disk's first block readable
-against today's `mount` to a file readable.
+Host side, on (b): 40 readers of one disk mount's file keep one copy in the page cache (fincore
+after 40 parallel whole-file reads against after one), what the server read meanwhile (its
+rchar), the server's PSS; the same for 40 disk mounts of the image (a mount per VM); and the
+time from `mount --disk` to the disk's first block readable against today's `mount` to a file
+readable.
 
 Writes bench/RESULTS-disk.md and bench/results-disk.json. Run through bench/disk.sh.
 """
@@ -111,14 +112,16 @@ def floor_disk(layout, tag, work):
     return disk
 
 
-def bux_pids(store):
+def bux_pids(store, serving=None):
+    """bux-fuse processes of this store (serving one of the directories `serving`, if given)."""
     out = []
     for p in os.listdir("/proc"):
         if not p.isdigit():
             continue
         try:
             args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
-            if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args:
+            if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args and (
+                    serving is None or any(os.fsencode(d) in args for d in serving)):
                 out.append(int(p))
         except OSError:
             pass
@@ -225,7 +228,10 @@ def host_checks(m, store, runs):
                 open(os.path.join(root, "etc/os-release"), "rb").read()
             ready[kind].append(t.s())
     out["ready"] = {k: h.stats(v) for k, v in ready.items()}
-    # Page cache: one reader of the whole disk, then 40 at once (each its own open).
+    # Page cache, one disk mount: one reader of the whole disk, then 40 at once (each its own
+    # open, as 40 VMs attaching the same file). What the page cache holds of the disk is read
+    # with fincore right after (Cached in /proc/meminfo is machine-wide: other processes' and
+    # their drop_caches move it by more than the disk).
     disk = m.mount("b")
     size = os.path.getsize(disk)
     res = {}
@@ -233,26 +239,50 @@ def host_checks(m, store, runs):
         m.mount("b")
         h.drop_caches()
         time.sleep(0.5)
-        pids = bux_pids(store)
-        c0, r0 = meminfo("Cached"), proc_sum(pids, "io", "rchar")
+        pids = bux_pids(store, [m.dirs["b"]])
+        r0 = proc_sum(pids, "io", "rchar")
         t = h.Timer()
         with ThreadPoolExecutor(n) as ex:
             got = list(ex.map(lambda _: read_all(disk), range(n)))
         el = t.s()
+        resident = fincore([disk])
         assert all(g == size for g in got), f"short reads of the disk: {got}"
-        time.sleep(0.5)
-        pids = bux_pids(store)
-        res[n] = {"cached_delta_kib": meminfo("Cached") - c0, "server_rchar": proc_sum(pids, "io", "rchar") - r0,
+        res[n] = {"resident": resident, "server_rchar": proc_sum(pids, "io", "rchar") - r0,
                   "seconds": el, "pss_kib": proc_sum(pids, "smaps_rollup", "Pss")}
-    try:
-        fin = h.sh(["fincore", "-b", "-n", "-o", "RES", disk]).stdout.split()
-        res["fincore_res_bytes"] = int(fin[0])
-    except Exception:
-        pass
     m.umount("b")
-    out["page_cache"] = {"disk_bytes": size, "one": res[1], "forty": res[40],
-                         "fincore_res_bytes": res.get("fincore_res_bytes")}
+    out["page_cache"] = {"disk_bytes": size, "one": res[1], "forty": res[40]}
+    # 40 VMs that each mount the image's disk themselves: 40 mounts, each read (its first
+    # PREFIX bytes) once.
+    prefix = min(size, 64 << 20)
+    dirs = [os.path.join(m.dirs["b"] + f"-{i}") for i in range(40)]
+    h.drop_caches()
+    time.sleep(0.5)
+    try:
+        for d in dirs:
+            os.makedirs(d, exist_ok=True)
+            h.bux(store, "mount", "--quiet", "--disk", m.ref, d)
+        pids = bux_pids(store, dirs)
+        r0 = proc_sum(pids, "io", "rchar")
+        files = [os.path.join(d, "root.erofs") for d in dirs]
+        for f in files:
+            with open(f, "rb", buffering=0) as fh:
+                left = prefix
+                while left:
+                    left -= len(fh.read(min(left, 1 << 20)))
+        out["forty_mounts"] = {"prefix": prefix, "resident_one": fincore(files[:1]), "resident_all": fincore(files),
+                               "server_rchar": proc_sum(pids, "io", "rchar") - r0,
+                               "pss_kib": proc_sum(pids, "smaps_rollup", "Pss"), "processes": len(pids)}
+    finally:
+        for d in dirs:
+            if os.path.ismount(d):
+                h.umount(store, d)
     return out
+
+
+def fincore(files):
+    """Bytes of these files in the page cache."""
+    r = h.sh(["fincore", "-b", "-n", "-o", "RES", *files]).stdout.split()
+    return sum(int(x) for x in r)
 
 
 def fmt(s):
@@ -293,14 +323,21 @@ def report(results, args):
             lines += ["Host side, on (b)'s disk:", "",
                       "| measure | value |", "|---|---|",
                       f"| disk size | {pc['disk_bytes'] / 2**20:.0f} MiB |",
-                      f"| page cache (Cached) growth, 1 reader of the whole disk | {mib(one['cached_delta_kib'])} |",
-                      f"| page cache (Cached) growth, 40 parallel readers (own opens) | {mib(forty['cached_delta_kib'])} "
-                      f"({forty['cached_delta_kib'] / max(1, one['cached_delta_kib']):.2f}× of one) |",
-                      f"| bytes the server read, 1 reader / 40 readers | {one['server_rchar'] / 2**20:.0f} MiB / "
+                      f"| one disk mount, 1 reader of the whole disk: disk in the page cache (fincore) | "
+                      f"{one['resident'] / 2**20:.0f} MiB |",
+                      f"| one disk mount, 40 parallel readers (own opens): disk in the page cache | "
+                      f"{forty['resident'] / 2**20:.0f} MiB ({forty['resident'] / max(1, one['resident']):.2f}× of one reader) |",
+                      f"| bytes the server read from the store, 1 reader / 40 readers | {one['server_rchar'] / 2**20:.0f} MiB / "
                       f"{forty['server_rchar'] / 2**20:.0f} MiB |",
                       f"| whole-disk read, 1 reader / 40 readers | {one['seconds']:.2f} s / {forty['seconds']:.2f} s |",
-                      f"| PSS of the bux-fuse processes after 1 / 40 readers | {mib(one['pss_kib'])} / {mib(forty['pss_kib'])} |",
-                      f"| `mount --disk` to the disk's first 4 KiB read | {fmt(hh['ready']['disk'])} |",
+                      f"| PSS of the server after 1 / 40 readers | {mib(one['pss_kib'])} / {mib(forty['pss_kib'])} |"]
+            if "forty_mounts" in hh:
+                fm = hh["forty_mounts"]
+                lines += [f"| 40 disk mounts of the image (a mount per VM), each read {fm['prefix'] >> 20} MiB: "
+                          f"in the page cache | {fm['resident_all'] / 2**20:.0f} MiB ({fm['resident_all'] / max(1, fm['resident_one']):.1f}× of one mount's) |",
+                          f"| 40 disk mounts: server processes, their PSS, bytes they read | {fm['processes']}, {mib(fm['pss_kib'])}, "
+                          f"{fm['server_rchar'] / 2**20:.0f} MiB |"]
+            lines += [f"| `mount --disk` to the disk's first 4 KiB read | {fmt(hh['ready']['disk'])} |",
                       f"| `mount` to `/etc/os-release` read | {fmt(hh['ready']['mount'])} |",
                       f"| ratio (disk / mount) | {hh['ready']['disk']['median'] / hh['ready']['mount']['median']:.2f}× |", ""]
     lines += args.notes
@@ -323,7 +360,8 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--image", action="append", default=[],
-                    help="NAME=LAYOUT:TAG[@WORKLOADS] (repeatable; WORKLOADS e.g. find,python; default all)")
+                    help="NAME=LAYOUT:TAG[@WORKLOADS] (repeatable; WORKLOADS e.g. find,python, or none; "
+                         "default all)")
     ap.add_argument("--small-from", help="LAYOUT:TAG of the large image: derive the small one from it")
     ap.add_argument("--ways", default="a,b,c")
     ap.add_argument("--host-image", help="NAME of the image to take the host-side measures on "
@@ -354,7 +392,7 @@ def main():
         workloads = list(WORKLOADS)
         if "@" in rest:
             rest, wl = rest.rsplit("@", 1)
-            workloads = wl.split(",")
+            workloads = [] if wl == "none" else wl.split(",")
         layout, tag = rest.rsplit(":", 1)
         print(f"bench: {name}", file=sys.stderr)
         host = args.host_image == name if args.host_image else spec == specs[-1]
