@@ -177,7 +177,7 @@ class Mounts:
             h.umount(self.store, self.dirs[way])
 
 
-def bench_image(name, layout, tag, work, runs, workloads, ways, host, timeout):
+def bench_image(name, layout, tag, work, runs, runs_for, workloads, ways, host, timeout):
     """One image: every workload on every way, then (if `host`) the host-side measures."""
     store = os.path.join(work, f"store-{name}")
     ref = f"oci:{layout}:{tag}"
@@ -187,19 +187,21 @@ def bench_image(name, layout, tag, work, runs, workloads, ways, host, timeout):
     res = {"image": name, "ref": ref, "floor_bytes": os.path.getsize(roots["c"]), "workloads": {}}
     try:
         for w in workloads:
-            res["workloads"][w] = {}
-            for way in ways:
-                xs, walls, outs = [], [], set()
-                for i in range(runs):
+            # Runs interleave the roots (a, b, c, a, b, c, ...): a shared machine's load drifts.
+            n = runs_for.get(w, runs)
+            xs, walls, outs = ({way: [] for way in ways} for _ in range(3))
+            for i in range(n):
+                for way in ways:
                     root = roots["c"] if way == "c" else m.mount(way)
                     h.drop_caches()
                     s, out, wall = boot(way, root, w, timeout)
-                    xs.append(s); walls.append(wall); outs.add(out)
+                    xs[way].append(s); walls[way].append(wall); outs[way].append(out)
                     print(f"  {name} {w} ({way}) run {i + 1}: {s:.2f} s in the guest ({out}), {wall:.1f} s launch to exit",
                           file=sys.stderr)
                     if way != "c":
                         m.umount(way)
-                res["workloads"][w][way] = {**h.stats(xs), "boot_to_exit": h.stats(walls), "output": sorted(outs)}
+            res["workloads"][w] = {way: {**h.stats(xs[way]), "boot_to_exit": h.stats(walls[way]),
+                                         "output": sorted(set(outs[way]))} for way in ways}
             seen = {tuple(v["output"]) for v in res["workloads"][w].values()}
             res["workloads"][w]["same_output"] = len(seen) == 1
         if host and "b" in ways:
@@ -297,7 +299,8 @@ def report(results, args):
     lines = ["# Block root benchmark (bench/disk.sh)", "",
              f"Run {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')} on {os.cpu_count()} cores, "
              f"QEMU {'with KVM' if kvm() else 'with software emulation (TCG), 2 vCPUs'}, Debian's cloud kernel, 512 MiB guest. "
-             f"Medians of {args.runs} runs (min–max), timed inside the guest, one boot per measurement, "
+             f"Medians of {args.runs} runs (min–max; {args.runs_for or 'every workload alike'}), timed inside the guest, "
+             "one boot per measurement, the roots' runs interleaved, "
              "host caches dropped and bux-fuse remounted before each boot. All three roots read-only "
              "(the workloads only read; a VM would add its overlay, see docs/disk.md).", "",
              "(a) virtio-fs root on a bux-fuse mount (virtiofsd), (b) virtio-blk root on "
@@ -363,6 +366,7 @@ def main():
                     help="NAME=LAYOUT:TAG[@WORKLOADS] (repeatable; WORKLOADS e.g. find,python, or none; "
                          "default all)")
     ap.add_argument("--small-from", help="LAYOUT:TAG of the large image: derive the small one from it")
+    ap.add_argument("--runs-for", default="", help="WORKLOAD=N,... runs of particular workloads (e.g. read=5)")
     ap.add_argument("--ways", default="a,b,c")
     ap.add_argument("--host-image", help="NAME of the image to take the host-side measures on "
                     "(default: the last; `none`: skip them)")
@@ -374,6 +378,7 @@ def main():
     if os.geteuid() != 0:
         raise SystemExit("bench/disk.py drops the page cache and boots QEMU: run as root")
     ways = args.ways.split(",")
+    runs_for = {k: int(v) for k, v in (x.split("=") for x in args.runs_for.split(",") if x)}
     if "b" in ways and "--disk" not in h.sh([h.BUX, "mount", "--help"]).stdout:
         print("bench: this bux-fuse has no `mount --disk`: (b) left out", file=sys.stderr)
         ways.remove("b")
@@ -396,7 +401,7 @@ def main():
         layout, tag = rest.rsplit(":", 1)
         print(f"bench: {name}", file=sys.stderr)
         host = args.host_image == name if args.host_image else spec == specs[-1]
-        results.append(bench_image(name, os.path.abspath(layout), tag, args.work, args.runs, workloads, ways,
+        results.append(bench_image(name, os.path.abspath(layout), tag, args.work, args.runs, runs_for, workloads, ways,
                                    host, args.timeout))
     report(results, args)
 

@@ -11,4 +11,4 @@ cd "$(dirname "$0")/.."
 source bench/large-image.sh
 bash scripts/vm-run.sh --prepare
 exec python3 bench/disk.py --small-from "$layout:bookworm" \
-  --image "debian-large=$layout:bookworm@find,python" "$@"
+  --image "debian-large=$layout:bookworm@find,python" --runs-for read=5 "$@"
