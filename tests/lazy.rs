@@ -1367,3 +1367,69 @@ fn a_zstd_chunked_table_past_the_bounds_costs_its_layer_laziness_not_the_mount()
     );
     assert!(cat(&m.path.join("big.bin")).unwrap() == test_bytes(4 << 20, 5));
 }
+
+/// `mount --disk --lazy`: the disk is served before any layer is downloaded; a guest's (here
+/// the host kernel's, through a loop device) reads of the EROFS image fetch only what they
+/// touch, and the whole tree read through it equals umoci's unpack.
+#[test]
+fn a_lazy_disk_fetches_what_is_read_and_equals_umoci() {
+    need("fsck.erofs");
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--disk", "--prefetch", "none"]);
+    assert!(!stderr.contains("pulled whole"), "{stderr}");
+    let at_mount = proxy.bytes();
+    let loop_dir = tempfile::tempdir().unwrap();
+    let root = LoopMount::erofs(&m.path.join("root.erofs"), loop_dir.path());
+    let os =
+        cat(&root.0.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+    assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
+    assert_eq!(
+        std::fs::read_dir(root.0.join("usr/share/doc"))
+            .unwrap()
+            .count(),
+        39
+    );
+    let first = proxy.bytes();
+    eprintln!(
+        "image {} bytes compressed; fetched {at_mount} to mount, {first} after a lookup, a \
+         directory listing and a small file",
+        s.compressed
+    );
+    assert!(
+        first * 20 < s.compressed,
+        "fetched {first} of {} bytes (>= 5%) for a mount and a small file",
+        s.compressed
+    );
+    let diff = diff_with_umoci(&root.0, s.layout.path());
+    assert!(diff.contains("0 differences"), "{diff}");
+    let total = proxy.bytes();
+    assert!(
+        total < s.compressed + s.compressed / 10,
+        "reading everything fetched {total} bytes for a {} byte image",
+        s.compressed
+    );
+}
+
+/// A disk never serves a block whose bytes do not match the published digests: the kernel
+/// reading it gets EIO, and the log names the chunk.
+#[test]
+fn a_corrupted_chunk_is_never_served_on_a_disk() {
+    let s = setup();
+    damage_largest_layer_in_registry(&s);
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(
+        &bux,
+        &s.pinned,
+        &["--disk", "--prefetch", "none", "--read-timeout", "3"],
+    );
+    let loop_dir = tempfile::tempdir().unwrap();
+    let root = LoopMount::erofs(&m.path.join("root.erofs"), loop_dir.path());
+    assert_eq!(cat(&root.0.join("etc/hostname")).unwrap(), b"lazy\n");
+    let err = cat(&root.0.join("usr/lib/big1.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = daemon_log(&bux);
+    assert!(log.contains("do not match their published digest"), "{log}");
+}
