@@ -1433,3 +1433,61 @@ fn a_corrupted_chunk_is_never_served_on_a_disk() {
     let log = daemon_log(&bux);
     assert!(log.contains("do not match their published digest"), "{log}");
 }
+
+/// A read of a lazy disk's blocks that waits for the registry holds up nothing else: with one
+/// FUSE worker, the metadata and the mount's directory still answer while it waits.
+#[test]
+fn a_disk_read_waiting_for_the_registry_holds_up_nothing_else() {
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(
+        &bux,
+        &reference,
+        &[
+            "--disk",
+            "--prefetch",
+            "none",
+            "--threads",
+            "1",
+            "--read-timeout",
+            "60",
+        ],
+    );
+    let disk = m.path.join("root.erofs");
+    let len = std::fs::metadata(&disk).unwrap().len();
+    proxy.pause();
+    // The image's last MiB: file data (the plain layer's, fetched by range).
+    let reader = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(disk).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, len - (1 << 20)).map(|_| buf)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the registry"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (disk, dir) = (disk.clone(), m.path.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&disk).unwrap();
+            let mut head = [0u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+            let listed = std::fs::read_dir(dir).unwrap().count();
+            let _ = tx.send((head[1024..1028].to_vec(), listed));
+        });
+    }
+    let answer = rx.recv_timeout(Duration::from_secs(5));
+    proxy.unpause();
+    let (magic, listed) = answer.expect("the superblock and the listing waited behind the read");
+    assert_eq!(magic, 0xE0F5_E1E2u32.to_le_bytes());
+    assert_eq!(listed, 1);
+    let tail = reader.join().unwrap().unwrap();
+    assert!(tail.iter().any(|b| *b != 0), "the file data read as zeros");
+}
