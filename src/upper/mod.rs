@@ -17,6 +17,7 @@
 mod attr;
 mod disk;
 mod ops;
+mod perm;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -34,6 +35,7 @@ use crate::index::EntryKind;
 use crate::tree::{NodeData, ROOT_INO};
 use attr::{attr_from, name_max, set_times, stat_from_attr};
 use disk::Stat;
+use perm::Caller;
 
 /// Everything changes through this mount and the kernel applies each change it sends to its
 /// own caches (entries, attributes, pages), so they may be kept as long as the image's.
@@ -115,6 +117,12 @@ pub struct Upper {
     /// Copies of image files' bytes made without the state lock, by node: (image inode, the
     /// copy, a hidden name in the upper root). Copy-up publishes one instead of copying.
     staged: Mutex<HashMap<u64, (u64, PathBuf)>>,
+    /// The mount's owner (this process's user): its requests are never checked, as its guest
+    /// checks permissions itself. Anyone else's are (see `perm`).
+    owner: u32,
+    /// Whether users other than the owner reach the mount (`allow_other`): opens then come
+    /// through, so they can be checked (with "no open" the kernel sends none).
+    others: bool,
 }
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
@@ -167,6 +175,9 @@ impl UpperFs {
             copiers: crate::fs::JobThreads::new("copy-up", COPY_THREADS),
             copying: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
+            // SAFETY: geteuid has no preconditions.
+            owner: unsafe { libc::geteuid() },
+            others: false,
         };
         // Orphans of a mount that ended without the kernel forgetting them, copies it had not
         // published, and directories a rename it did not finish had replaced.
@@ -195,6 +206,15 @@ impl UpperFs {
             }
         }
         Ok(UpperFs(Arc::new(fs)))
+    }
+
+    /// Lets users other than the owner use the mount (it is mounted `allow_other`): their
+    /// requests are checked as a kernel checks a local filesystem's, opens included.
+    pub fn serving_others(mut self, others: bool) -> UpperFs {
+        if let Some(fs) = Arc::get_mut(&mut self.0) {
+            fs.others = others;
+        }
+        self
     }
 
     /// Whether copying node `n` up copies bytes of an image file (which may have to be
@@ -608,6 +628,9 @@ impl Upper {
         make: impl FnOnce(&Path, bool) -> Res<R>,
     ) -> Res<(FileAttr, R)> {
         let mut st = self.state();
+        if let Some(c) = self.checked(req) {
+            self.may_create(&mut st, &c, parent, name)?;
+        }
         let (path, shadowed) = self.prepare_new(&mut st, parent, name)?;
         let mut s = self.new_stat(&st, req, parent, mode, umask);
         s.rdev = rdev;
@@ -628,6 +651,16 @@ impl Upper {
         Ok((a, made))
     }
 
+    /// What creating `name` in `parent` checks, in the kernel's order: search on the path,
+    /// then (the name being free) write to `parent`.
+    fn may_create(&self, st: &mut State, c: &Caller, parent: u64, name: &[u8]) -> Res<()> {
+        self.search(st, c, parent)?;
+        if self.child(st, parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        self.may_change_in(st, c, parent)
+    }
+
     /// Fails (`ENAMETOOLONG`) when `name` leaving directory `parent` would need a whiteout
     /// (the image has an entry of that name) that no name can hold: checked before anything
     /// changes, so a refused removal or rename changes nothing.
@@ -641,8 +674,21 @@ impl Upper {
 
     /// Removes `name` from `parent`: the upper entry if any, and a whiteout if the image has
     /// one there. `dir`: rmdir semantics.
-    fn remove(&self, st: &mut State, parent: u64, name: &[u8], dir: bool) -> Res<()> {
+    fn remove(
+        &self,
+        st: &mut State,
+        c: Option<&Caller>,
+        parent: u64,
+        name: &[u8],
+        dir: bool,
+    ) -> Res<()> {
+        if let Some(c) = c {
+            self.search(st, c, parent)?;
+        }
         let n = self.child(st, parent, name)?.ok_or(Errno::ENOENT)?;
+        if let Some(c) = c {
+            self.may_remove(st, c, parent, n)?;
+        }
         self.whiteout_fits(st, parent, name)?;
         let a = self.attr(st, n)?;
         match (dir, a.kind == FileType::Directory) {
@@ -857,8 +903,12 @@ impl Upper {
     }
 
     /// Hardlinks node `n` as `newname` in `newparent`.
-    fn do_link(&self, n: u64, newparent: u64, newname: &[u8]) -> Res<FileAttr> {
+    fn do_link(&self, c: Option<&Caller>, n: u64, newparent: u64, newname: &[u8]) -> Res<FileAttr> {
         let mut st = self.state();
+        if let Some(c) = c {
+            self.reach(&st, c, n)?;
+            self.may_create(&mut st, c, newparent, newname)?;
+        }
         if self.attr(&st, n)?.kind == FileType::Directory {
             return Err(Errno::EPERM);
         }
@@ -877,6 +927,30 @@ impl Upper {
         self.attr(&st, n)
     }
 
+    /// What rename checks of `c`, in the kernel's order: removing node `n` from its
+    /// directory (`from`), removing what `newname` names in `newparent` or creating it there,
+    /// and, for a directory changing parent, writing its `..`.
+    fn may_rename(
+        &self,
+        st: &mut State,
+        c: &Caller,
+        (parent, n): (u64, u64),
+        newparent: u64,
+        newname: &[u8],
+        is_dir: bool,
+    ) -> Res<()> {
+        self.may_remove(st, c, parent, n)?;
+        match self.child(st, newparent, newname)? {
+            Some(old) if old != n => self.may_remove(st, c, newparent, old)?,
+            Some(_) => {}
+            None => self.may_change_in(st, c, newparent)?,
+        }
+        if is_dir && parent != newparent {
+            c.need(&self.attr(st, n)?, perm::W)?;
+        }
+        Ok(())
+    }
+
     /// The node `name` in `parent` resolves to, if any.
     fn named(&self, parent: u64, name: &[u8]) -> Option<u64> {
         self.child(&mut self.state(), parent, name).ok().flatten()
@@ -884,6 +958,7 @@ impl Upper {
 
     fn do_rename(
         &self,
+        c: Option<&Caller>,
         parent: u64,
         name: &[u8],
         newparent: u64,
@@ -899,9 +974,16 @@ impl Upper {
             return Err(Errno::EINVAL);
         }
         let mut st = self.state();
+        if let Some(c) = c {
+            self.search(&st, c, parent)?;
+            self.search(&st, c, newparent)?;
+        }
         let n = self.child(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
-        self.whiteout_fits(&st, parent, name)?;
         let is_dir = self.attr(&st, n)?.kind == FileType::Directory;
+        if let Some(c) = c {
+            self.may_rename(&mut st, c, (parent, n), newparent, newname, is_dir)?;
+        }
+        self.whiteout_fits(&st, parent, name)?;
         // The entry replaced, if any. It needs no whiteout, whatever its name's length: the
         // moved entry hides the image's.
         let old = match self.child(&mut st, newparent, newname)? {
