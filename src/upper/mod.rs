@@ -74,6 +74,11 @@ struct State {
     by_lower: HashMap<u64, u64>,
     /// Upper files with several names share one node (host inode number → node).
     by_upper: HashMap<u64, u64>,
+    /// Descriptors of upper directories deep enough that paths through them would pass the
+    /// host's PATH_MAX (see [`Upper::path`]), by node. A descriptor follows its directory
+    /// through renames; it is closed when the directory goes, under the state lock, as every
+    /// path made from it is used under that lock.
+    dir_fds: std::cell::RefCell<HashMap<u64, std::os::fd::OwnedFd>>,
 }
 
 /// A directory's merged entries, `.` and `..` first.
@@ -166,6 +171,7 @@ impl UpperFs {
                 names: HashMap::new(),
                 by_lower: HashMap::new(),
                 by_upper: HashMap::new(),
+                dir_fds: Default::default(),
             })),
             lower,
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
@@ -258,8 +264,44 @@ impl Upper {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The upper path of node `n` (relative names joined under the upper root).
-    fn path(&self, st: &State, mut n: u64) -> Res<PathBuf> {
+    /// The upper path of node `n` (relative names joined under the upper root). A guest's
+    /// path may be as long as the host's PATH_MAX, which the upper root's own path would push
+    /// past: a long one goes through a descriptor of its directory
+    /// (`/proc/self/fd/N/name`).
+    fn path(&self, st: &State, n: u64) -> Res<PathBuf> {
+        let p = self.full_path(st, n)?;
+        if p.as_os_str().len() <= LONG_PATH || n == ROOT_INO {
+            return Ok(p);
+        }
+        let (parent, name) = self.node(st, n)?.links.first().ok_or(Errno::ENOENT)?;
+        Ok(self
+            .dir_handle(st, *parent, p.parent())?
+            .join(OsStr::from_bytes(name)))
+    }
+
+    /// A short path of upper directory node `d` (whose full path is `full` if known): through
+    /// a descriptor kept in [`State::dir_fds`].
+    fn dir_handle(&self, st: &State, d: u64, full: Option<&Path>) -> Res<PathBuf> {
+        let through = |fd: &std::os::fd::OwnedFd| {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        };
+        if let Some(fd) = st.dir_fds.borrow().get(&d) {
+            return Ok(through(fd));
+        }
+        let p = self.path(st, d)?;
+        if !self.node(st, d)?.upper || st.dir_fds.borrow().len() >= DIR_FDS {
+            // Not there to open (or too many kept): the long path, refused by the host.
+            return Ok(full.map_or(p, Path::to_path_buf));
+        }
+        let fd = disk::open_dir_path(&p).map_err(err)?;
+        let short = through(&fd);
+        st.dir_fds.borrow_mut().insert(d, fd);
+        Ok(short)
+    }
+
+    /// The upper path of node `n`, however long.
+    fn full_path(&self, st: &State, mut n: u64) -> Res<PathBuf> {
         let mut names = Vec::new();
         while n != ROOT_INO {
             let node = st.nodes.get(&n).ok_or(Errno::ENOENT)?;
@@ -387,13 +429,25 @@ impl Upper {
 
     fn attr(&self, st: &State, n: u64) -> Res<FileAttr> {
         let node = self.node(st, n)?;
-        if !node.upper {
+        let mut a = if !node.upper {
             let ino = node.lower.ok_or(Errno::ENOENT)?;
-            return self.lower.lower_attr(ino, n).ok_or(Errno::EIO);
+            self.lower.lower_attr(ino, n).ok_or(Errno::EIO)?
+        } else {
+            let path = self.path(st, n)?;
+            let md = std::fs::symlink_metadata(&path).map_err(err)?;
+            attr_from(n, &md, disk::stat_of(&path, &md))
+        };
+        // Every name removed (open files keep it, the upper file under a hidden name): no
+        // link left, as fstat(2) of an unlinked file says.
+        let unlinked = match &node.links[..] {
+            [] => true,
+            [(ROOT_INO, name)] => name[..] == *orphan_name(n).as_bytes(),
+            _ => false,
+        };
+        if unlinked {
+            a.nlink = 0;
         }
-        let path = self.path(st, n)?;
-        let md = std::fs::symlink_metadata(&path).map_err(err)?;
-        Ok(attr_from(n, &md, disk::stat_of(&path, &md)))
+        Ok(a)
     }
 
     /// Copies image node `n` (if not copied up yet) to a hidden name in the upper root with
@@ -735,6 +789,9 @@ impl Upper {
             return Err(err(e));
         }
         st.names.remove(&(parent, name.to_vec()));
+        if dir {
+            st.dir_fds.get_mut().remove(&n);
+        }
         let node = st.at(n)?;
         node.links.retain(|(p, nm)| !(*p == parent && nm == name));
         if orphan {
@@ -1112,6 +1169,7 @@ impl Upper {
         }
         let _ = std::fs::remove_file(to_dir.join(disk::whiteout_name(newname)));
         if let Some(old) = old {
+            st.dir_fds.get_mut().remove(&old);
             let node = st.at(old)?;
             node.links
                 .retain(|(p, nm)| !(*p == newparent && nm == newname));
@@ -1150,6 +1208,12 @@ fn orphan_name(n: u64) -> OsString {
 }
 
 const ORPHAN: &str = ".bux-fuse-orphan-";
+/// Upper paths longer than this go through a directory descriptor (the host's PATH_MAX is
+/// 4096, and a guest's path of up to that much is joined to the upper root's).
+const LONG_PATH: usize = 2048;
+/// Directory descriptors kept for long paths, at most (well under the usual 1024-descriptor
+/// limit, with [`OPEN_FILES`]).
+const DIR_FDS: usize = 256;
 /// Where a directory a rename replaced waits until the rename is done (a hidden name in the
 /// upper root, followed by the node number).
 const REPLACED: &str = ".bux-fuse-replaced-";
@@ -1197,6 +1261,7 @@ impl State {
         if n != ROOT_INO && node.links.is_empty() {
             let shared = node.shared;
             self.nodes.remove(&n);
+            self.dir_fds.get_mut().remove(&n);
             if shared {
                 self.by_lower.retain(|_, v| *v != n);
                 self.by_upper.retain(|_, v| *v != n);
