@@ -358,8 +358,10 @@ mod tests {
             caller(10, 20, &[]).setattr(&f, &chmod(0o2700)),
             Ok(Some(0o2700))
         );
-        // Clearing setgid (a write by someone else) needs no ownership.
-        assert_eq!(other.setattr(&f, &chmod(0o755)), Ok(Some(0o755)));
+        // Clearing setgid (a write by someone else) needs write permission, not ownership.
+        assert_eq!(other.setattr(&f, &chmod(0o755)), Err(Errno::EPERM));
+        let shared = attr(FileType::RegularFile, 0o2757, 10, 20);
+        assert_eq!(other.setattr(&shared, &chmod(0o757)), Ok(Some(0o757)));
         let times = |a, m| Change {
             atime: a,
             mtime: m,
