@@ -138,7 +138,7 @@ md += ["", "Before other users' requests were checked (1f2a329; `BUX=its binary 
       "uids that its mode refuses (O_RDWR, O_RDONLY|O_NONBLOCK). The kernel opens fifos and "
       "device nodes itself and sends the FUSE server no open, and without `default_permissions` "
       "(which would check the mount's owner, the VMM, too) it checks no mode: no FUSE server "
-      "of a user's mount can refuse them. See docs/rootless.md."]
+      "of a user's mount can refuse them (with RUST_LOG=fuser=debug, such an open of a 0177 fifo by uid 65534 logs no request at all, where the same open of a regular file arrives as OPEN and is refused). See docs/rootless.md."]
 open(f"{bench}/RESULTS-pjdfstest.md", "w").write("\n".join(md) + "\n")
 EOF
 mkdir -p "${LOGDIR:=$repo/target/posix}"
