@@ -701,7 +701,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
         Some(upper) => {
             let fs = crate::upper::UpperFs::new(fs, &upper)
-                .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?;
+                .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
+                .serving_others(opts.allow_other);
             serve(fs, &fuse_dir, &request, config)
         }
         None => serve(fs, &fuse_dir, &request, config),
