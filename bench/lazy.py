@@ -195,7 +195,7 @@ def report(name, args, cmds, compressed, results):
         "`chunked-*`: the same image converted by `skopeo copy --dest-compress-format zstd:chunked` "
         "(its layers are larger; percentages are of the gzip image's size), mounted lazily from "
         "its own tables of contents, without push-index.",
-    ]
+    ])
     with open(os.path.join(HERE, "RESULTS-lazy.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(HERE, "results-lazy.json"), "w") as f:
