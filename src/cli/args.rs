@@ -176,6 +176,9 @@ pub(super) enum Cmd {
         /// The connection is live already (a worker restarted after one died).
         #[arg(long, requires = "worker_fd")]
         resume: bool,
+        /// Serve the image's disk (`mount --disk`) rather than its tree.
+        #[arg(long)]
+        disk: bool,
     },
     /// Unmount DIR (also clears a mount whose serving process died).
     Umount {

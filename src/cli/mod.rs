@@ -320,17 +320,19 @@ fn run(cli: Cli) -> Result<()> {
             manifest,
             worker_fd,
             resume,
+            disk,
         } => {
             let store = open_store(&store_arg)?;
             let manifest: crate::Digest = manifest
                 .parse()
                 .map_err(|e| anyhow::anyhow!("bad manifest digest: {e:?}"))?;
             match worker_fd {
-                Some(fd) => crate::mount::shared::serve_worker(&store, manifest, fd, resume)
+                Some(fd) => crate::mount::shared::serve_worker(&store, manifest, fd, resume, disk)
                     .context("image server worker"),
                 None => {
                     stop_on_signals();
-                    crate::mount::shared::supervise(&store, manifest, &STOP).context("image server")
+                    crate::mount::shared::supervise(&store, manifest, &STOP, disk)
+                        .context("image server")
                 }
             }
         }
