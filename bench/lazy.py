@@ -6,6 +6,8 @@ link (bench/slow_link.rs, a simulated distant link), mounted three ways in the s
 * lazy, --prefetch trace  (what the publisher's recorded boot read is fetched first)
 * lazy, default prefetch  (the trace, then the rest completes in the background)
 * full pull, then mount   (today's path)
+* with --chunked: the same image converted to zstd:chunked by skopeo, mounted lazily from its
+  own tables of contents (no push-index), --prefetch none and default
 
 The publisher pulls the image, records a read trace by running the same commands in a mount
 with --record-trace, and publishes index and trace with push-index.
@@ -56,7 +58,9 @@ def all_local(store, layers):
     return all(os.path.exists(os.path.join(blobs, d.split(":")[1])) for d in layers)
 
 
-def one_run(mode, ref, layers, cmds, work, proxy, compressed):
+def one_run(mode, refs, layers, cmds, work, proxy, compressed):
+    ref = refs["chunked"] if mode.startswith("chunked") else refs["gzip"]
+    layers = layers["chunked"] if mode.startswith("chunked") else layers["gzip"]
     store = tempfile.mkdtemp(prefix=f"store-{mode}-", dir=work)
     mnt = os.path.join(work, f"mnt-{mode}")
     os.makedirs(mnt, exist_ok=True)
@@ -64,7 +68,8 @@ def one_run(mode, ref, layers, cmds, work, proxy, compressed):
     b0 = proxy.bytes()
     t = h.Timer()
     args = {"lazy-none": ["--lazy", "--prefetch", "none"], "lazy-trace": ["--lazy", "--prefetch", "trace"],
-            "lazy-all": ["--lazy"], "full": []}[mode]
+            "lazy-all": ["--lazy"], "full": [],
+            "chunked-none": ["--lazy", "--prefetch", "none"], "chunked-all": ["--lazy"]}[mode]
     h.bux(store, "mount", "--quiet", *args, ref, mnt)
     os.listdir(mnt)
     out = {"ready": t.s(), "ready_bytes": proxy.bytes() - b0}
@@ -74,7 +79,7 @@ def one_run(mode, ref, layers, cmds, work, proxy, compressed):
             raise SystemExit(f"{mode}: {cmd!r} failed: {r.stderr.strip()}")
         out[f"cmd:{name}"] = t.s()
         out[f"bytes:{name}"] = proxy.bytes() - b0
-    if mode in ("lazy-all", "full"):
+    if mode in ("lazy-all", "full", "chunked-all"):
         while not all_local(store, layers):
             time.sleep(0.05)
         out["local"] = t.s()
@@ -91,6 +96,8 @@ def main():
     ap.add_argument("--mbit", type=float, default=200)
     ap.add_argument("--rtt", type=float, default=10)
     ap.add_argument("--cmd", action="append", default=[], help="NAME=SHELL COMMAND run in the mount")
+    ap.add_argument("--chunked", help="LAYOUT:TAG of the image converted to zstd:chunked (skopeo)")
+    ap.add_argument("--modes", help="comma-separated subset of the modes to run")
     args = ap.parse_args()
     cmds = [tuple(c.split("=", 1)) for c in args.cmd] or [("python3", "python3 -c 'import json'")]
     name, rest = args.image.split("=", 1)
@@ -113,12 +120,22 @@ def main():
         time.sleep(0.5)  # the daemon saves the trace as it exits
         h.bux(publisher, "push-index", direct)
         proxy = Proxy(reg.port, args.mbit, args.rtt)
-        ref = direct.replace(f"127.0.0.1:{reg.port}", f"127.0.0.1:{proxy.port}")
-        results = {m: [] for m in ["lazy-none", "lazy-trace", "lazy-all", "full"]}
+        through = lambda r: r.replace(f"127.0.0.1:{reg.port}", f"127.0.0.1:{proxy.port}")
+        refs = {"gzip": through(direct)}
+        all_layers = {"gzip": layers}
+        modes = ["lazy-none", "lazy-trace", "lazy-all", "full"]
+        if args.chunked:
+            clayout, ctag = args.chunked.rsplit(":", 1)
+            refs["chunked"] = through(reg.push(clayout, ctag, "bench/lazy-chunked"))
+            all_layers["chunked"] = [l["digest"] for l in h.manifest_layers(clayout, ctag)]
+            modes += ["chunked-none", "chunked-all"]
+        if args.modes:
+            modes = [m for m in modes if m in args.modes.split(",")]
+        results = {m: [] for m in modes}
         for i in range(args.runs):
             for mode in results:  # interleaved, so drift in machine load hits all alike
                 print(f"bench: run {i + 1}/{args.runs} {mode}", file=sys.stderr)
-                results[mode].append(one_run(mode, ref, layers, cmds, work, proxy, compressed))
+                results[mode].append(one_run(mode, refs, all_layers, cmds, work, proxy, compressed))
         report(name, args, cmds, compressed, results)
     finally:
         if proxy:
@@ -154,8 +171,8 @@ def report(name, args, cmds, compressed, results):
     for n, _ in cmds:
         head += [f"`{n}` done", f"fetched by then"]
     head += ["fully local"]
-    full_local = med(results["full"], "local")
-    lazy_local = med(results["lazy-all"], "local")
+    full_local = med(results.get("full", []), "local")
+    lazy_local = med(results.get("lazy-all", []), "local")
     ratio = (lazy_local[0] / full_local[0]) if full_local and lazy_local else None
     lines = [
         f"# Lazy start — {name}",
@@ -173,7 +190,12 @@ def report(name, args, cmds, compressed, results):
         f"{'-' if ratio is None else f'{ratio:.2f}x'}.",
         "",
         "Commands: " + "; ".join(f"`{n}` = `{c}`" for n, c in cmds),
-    ]
+    ] + ([] if not args.chunked else [
+        "",
+        "`chunked-*`: the same image converted by `skopeo copy --dest-compress-format zstd:chunked` "
+        "(its layers are larger; percentages are of the gzip image's size), mounted lazily from "
+        "its own tables of contents, without push-index.",
+    ])
     with open(os.path.join(HERE, "RESULTS-lazy.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(HERE, "results-lazy.json"), "w") as f:

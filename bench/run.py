@@ -9,7 +9,7 @@ every "cold" measurement. Ratios compare numbers taken in this run only.
 import argparse, datetime, json, os, random, shutil, socket, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUX = os.path.join(ROOT, "target/release/bux-fuse")
+BUX = os.environ.get("BUX_FUSE_BENCH_BIN") or os.path.join(ROOT, "target/release/bux-fuse")
 EXTRACT = os.path.join(ROOT, "target/release/examples/extract_baseline")
 
 

@@ -23,7 +23,7 @@ pub(crate) const SERVE_ENV: &str = "BUX_FUSE_SERVE";
 
 /// The version of the protocol between the library and the servers it starts (the arguments
 /// they are given, what they print): a server of another version is refused.
-pub(crate) const PROTOCOL: &str = "1";
+pub(crate) const PROTOCOL: &str = "2";
 
 /// The variable naming an executable to run image servers from (see [`server_executable`]).
 pub const HELPER_ENV: &str = "BUX_FUSE_HELPER";

@@ -109,8 +109,8 @@ pub use embed::{serve_if_requested, server_executable};
 pub use error::{Error, Result};
 pub use lazy::LazyOutcome;
 pub use mount::{
-    mount, unmount_all, Mount, MountOptions, MountRecord, MountState, MountStats, Prefetch,
-    StoreMount,
+    mount, unmount_all, DiskRoot, Mount, MountOptions, MountRecord, MountState, MountStats,
+    Prefetch, StoreMount,
 };
 pub use policy::{Policy, SignaturePolicy};
 pub use publish::{PushIndexOptions, PushedIndex};

@@ -1043,3 +1043,44 @@ fn the_release_profile_ships_no_debug_info_and_install_is_locked() {
     assert!(readme.contains("cargo install --locked --path ."));
     assert!(!readme.contains("cargo install --path ."));
 }
+
+/// `--timings` prints the pull's timeline: each step with the seconds since the command began,
+/// never going back, ending with the pull done (and, for `mount`, the mount made).
+#[test]
+fn timings_print_the_pulls_timeline() {
+    let reg = Registry::start();
+    let r = push(&reg, "t/timings", &image_with("t", b"shared"));
+    let bux = Bux::new();
+    let out = bux.run(&["pull", "--timings", &r]);
+    assert_success(&out);
+    let err = String::from_utf8_lossy(&out.stderr);
+    let steps: Vec<(f64, &str)> = err
+        .lines()
+        .map(|l| {
+            let (secs, what) = l
+                .trim_start()
+                .split_once(" s  ")
+                .unwrap_or_else(|| panic!("{l}"));
+            (secs.parse().unwrap_or_else(|_| panic!("{l}")), what)
+        })
+        .collect();
+    assert!(steps.windows(2).all(|w| w[0].0 <= w[1].0), "{err}");
+    assert!(
+        steps.iter().any(|(_, w)| w.contains("pulled and indexed")),
+        "{err}"
+    );
+    assert!(
+        steps.iter().any(|(_, w)| w.starts_with("merged tree")),
+        "{err}"
+    );
+    assert_eq!(steps.last().map(|s| s.1), Some("pulled"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let mnt = dir.path().join("m");
+    let out = bux.run(&["mount", "--timings", &r, mnt.to_str().unwrap()]);
+    assert_success(&out);
+    let _guard = MountGuard::adopt(mnt, dir);
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains(" s  mounted"),
+        "{out:?}"
+    );
+}

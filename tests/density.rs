@@ -842,3 +842,63 @@ fn a_daemon_of_its_own_is_root_under_the_seccomp_filter() {
     assert!(status.contains("Uid:\t0\t0\t0\t0"), "{status}");
     assert!(!status.contains("CapEff:\t0000000000000000"), "{status}");
 }
+
+/// Root's disk mounts of one image stand on one disk server: every `mount --disk` binds its
+/// one FUSE mount, so all VMs open the same `root.erofs` (one inode, one page cache, one
+/// server); a worker killed with -9 is replaced under them; the server leaves with the last
+/// mount. A disk mount beside a directory mount of the image: two servers, one each.
+#[test]
+fn disk_mounts_of_an_image_share_one_disk_server() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/disk-density");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dirs = tempfile::tempdir().unwrap();
+    let mount = |name: &str| {
+        let path = dirs.path().join(name);
+        bux.ok(&["mount", "-q", "--disk", &r, path.to_str().unwrap()]);
+        Mounted { bux: &bux, path }
+    };
+    let (a, b, c) = (mount("a"), mount("b"), mount("c"));
+    let disk = |m: &Mounted| m.path.join("root.erofs");
+    let ids: std::collections::BTreeSet<(u64, u64)> = [&a, &b, &c]
+        .iter()
+        .map(|m| {
+            let md = std::fs::metadata(disk(m)).unwrap();
+            (md.dev(), md.ino())
+        })
+        .collect();
+    assert_eq!(ids.len(), 1, "three disks, not one: {ids:?}");
+    assert_eq!(fuse_devices(&r).len(), 1);
+    let servers_now = servers(bux.store.path());
+    assert_eq!(servers_now.len(), 2, "{servers_now:?}"); // a supervisor and its worker
+    let want = std::fs::read(disk(&a)).unwrap();
+    assert!(want.len() > 3 << 20);
+
+    // A worker killed with -9: the supervisor starts another on the same connection.
+    let w = worker(bux.store.path());
+    // SAFETY: sending a signal to a process of this test's.
+    unsafe { libc::kill(w as i32, libc::SIGKILL) };
+    wait_until(&bux, "a new worker", || {
+        servers(bux.store.path())
+            .iter()
+            .any(|(p, is_worker)| *is_worker && *p != w)
+    });
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert!(std::fs::read(disk(&b)).unwrap() == want, "the disk changed");
+
+    // A directory mount of the image has a server of its own.
+    let dir = Mounted::new(&bux, &r, dirs.path().join("dir"), false);
+    assert_eq!(servers(bux.store.path()).len(), 4);
+    dir.unmount();
+
+    // The first mount goes; the others still read; the last one takes the server with it.
+    a.unmount();
+    assert!(std::fs::read(disk(&c)).unwrap() == want);
+    b.unmount();
+    c.unmount();
+    wait_until(&bux, "the disk server leaves", || {
+        servers(bux.store.path()).is_empty()
+    });
+    assert!(fuse_devices(&r).is_empty());
+}

@@ -171,8 +171,13 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
     let df = bux.ok(&["df"]);
     assert!(df.contains("lazily mounted layers fetched so far"), "{df}");
 
-    // Every file, read through the kernel, equals umoci's unpack of the same image.
-    let diff = diff_with_umoci(&m.path, s.layout.path());
+    reads_as_umoci_fetched_once(&m.path, &s, &proxy);
+}
+
+/// Every file under `root`, read through the kernel, equals umoci's unpack of the image, and
+/// the whole image came through `proxy` about once.
+fn reads_as_umoci_fetched_once(root: &Path, s: &Setup, proxy: &Proxy) {
+    let diff = diff_with_umoci(root, s.layout.path());
     assert!(diff.contains("0 differences"), "{diff}");
     let total = proxy.bytes();
     assert!(
@@ -1366,4 +1371,121 @@ fn a_zstd_chunked_table_past_the_bounds_costs_its_layer_laziness_not_the_mount()
         8000
     );
     assert!(cat(&m.path.join("big.bin")).unwrap() == test_bytes(4 << 20, 5));
+}
+
+/// `mount --disk --lazy`: the disk is served before any layer is downloaded; a guest's (here
+/// the host kernel's, through a loop device) reads of the EROFS image fetch only what they
+/// touch, and the whole tree read through it equals umoci's unpack.
+#[test]
+fn a_lazy_disk_fetches_what_is_read_and_equals_umoci() {
+    need("fsck.erofs");
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--disk", "--prefetch", "none"]);
+    assert!(!stderr.contains("pulled whole"), "{stderr}");
+    let at_mount = proxy.bytes();
+    let loop_dir = tempfile::tempdir().unwrap();
+    let root = LoopMount::erofs(&m.path.join("root.erofs"), loop_dir.path());
+    let os =
+        cat(&root.0.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+    assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
+    assert_eq!(
+        std::fs::read_dir(root.0.join("usr/share/doc"))
+            .unwrap()
+            .count(),
+        39
+    );
+    let first = proxy.bytes();
+    eprintln!(
+        "image {} bytes compressed; fetched {at_mount} to mount, {first} after a lookup, a \
+         directory listing and a small file",
+        s.compressed
+    );
+    assert!(
+        first * 20 < s.compressed,
+        "fetched {first} of {} bytes (>= 5%) for a mount and a small file",
+        s.compressed
+    );
+    reads_as_umoci_fetched_once(&root.0, &s, &proxy);
+}
+
+/// A disk never serves a block whose bytes do not match the published digests: the kernel
+/// reading it gets EIO, and the log names the chunk.
+#[test]
+fn a_corrupted_chunk_is_never_served_on_a_disk() {
+    let s = setup();
+    damage_largest_layer_in_registry(&s);
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(
+        &bux,
+        &s.pinned,
+        &["--disk", "--prefetch", "none", "--read-timeout", "3"],
+    );
+    let loop_dir = tempfile::tempdir().unwrap();
+    let root = LoopMount::erofs(&m.path.join("root.erofs"), loop_dir.path());
+    assert_eq!(cat(&root.0.join("etc/hostname")).unwrap(), b"lazy\n");
+    let err = cat(&root.0.join("usr/lib/big1.bin")).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
+    let log = daemon_log(&bux);
+    assert!(log.contains("do not match their published digest"), "{log}");
+}
+
+/// A read of a lazy disk's blocks that waits for the registry holds up nothing else: with one
+/// FUSE worker, the metadata and the mount's directory still answer while it waits.
+#[test]
+fn a_disk_read_waiting_for_the_registry_holds_up_nothing_else() {
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(
+        &bux,
+        &reference,
+        &[
+            "--disk",
+            "--prefetch",
+            "none",
+            "--threads",
+            "1",
+            "--read-timeout",
+            "60",
+        ],
+    );
+    let disk = m.path.join("root.erofs");
+    let len = std::fs::metadata(&disk).unwrap().len();
+    proxy.pause();
+    // The image's last MiB: file data (the plain layer's, fetched by range).
+    let reader = {
+        let disk = disk.clone();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(disk).unwrap();
+            let mut buf = vec![0u8; 1 << 20];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut buf, len - (1 << 20)).map(|_| buf)
+        })
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        !reader.is_finished(),
+        "the read did not wait for the registry"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    {
+        let (disk, dir) = (disk.clone(), m.path.clone());
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&disk).unwrap();
+            let mut head = [0u8; 4096];
+            std::os::unix::fs::FileExt::read_exact_at(&f, &mut head, 0).unwrap();
+            let listed = std::fs::read_dir(dir).unwrap().count();
+            let _ = tx.send((head[1024..1028].to_vec(), listed));
+        });
+    }
+    let answer = rx.recv_timeout(Duration::from_secs(5));
+    proxy.unpause();
+    let (magic, listed) = answer.expect("the superblock and the listing waited behind the read");
+    assert_eq!(magic, 0xE0F5_E1E2u32.to_le_bytes());
+    assert_eq!(listed, 1);
+    let tail = reader.join().unwrap().unwrap();
+    assert!(tail.iter().any(|b| *b != 0), "the file data read as zeros");
 }

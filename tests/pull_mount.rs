@@ -597,3 +597,51 @@ fn a_pull_leaves_the_callers_executor_free() {
     let out = bux.ok(&["check"]);
     assert!(out.contains(": 0 problems"), "{out}");
 }
+
+/// What a runtime calls for a block root: `mount` with `disk` set gives the disk's path and the
+/// guest's mount arguments; many readers of the disk at once (a VM each) read the same bytes,
+/// which are what `export` writes; a writable disk is refused in one line.
+#[test]
+fn a_library_disk_mount_names_its_disk_for_the_vmm() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &sample_image());
+    reg.push(&layout, "t", "test/disk", None);
+    let r = format!("{}/test/disk:t", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let store = bux_fuse::Store::open(bux.store.path()).unwrap();
+    let opts = bux_fuse::MountOptions {
+        disk: true,
+        ..Default::default()
+    };
+    let m = bux_fuse::mount(&store, &r, &work.path().join("d"), &opts).unwrap();
+    let disk = m.disk().expect("a disk mount names its disk");
+    assert_eq!(disk.path, work.path().join("d/root.erofs"));
+    assert_eq!((disk.fs_type, disk.read_only), ("erofs", true));
+    let exported = work.path().join("exported.erofs");
+    bux_fuse::disk::export(&store, &r, &exported, &Default::default(), &mut |_, _| {}).unwrap();
+    let want = std::fs::read(&exported).unwrap();
+    let readers: Vec<_> = (0..40)
+        .map(|_| {
+            let path = disk.path.clone();
+            std::thread::spawn(move || std::fs::read(path).unwrap())
+        })
+        .collect();
+    for r in readers {
+        assert!(r.join().unwrap() == want, "a reader saw other bytes");
+    }
+    // A mount that is not a disk names none.
+    let plain = bux_fuse::mount(&store, &r, &work.path().join("p"), &Default::default()).unwrap();
+    assert!(plain.disk().is_none());
+    let writable = bux_fuse::MountOptions {
+        disk: true,
+        writable: true,
+        ..Default::default()
+    };
+    let Err(e) = bux_fuse::mount(&store, &r, &work.path().join("w"), &writable) else {
+        panic!("a writable disk was mounted");
+    };
+    assert!(e.to_string().contains("a disk is read-only"), "{e}");
+}

@@ -640,3 +640,35 @@ fn an_image_file_written_after_its_name_is_removed() {
     assert_eq!(out, "m/etc:\nshadow\n\nm/usr/bin:\ntwo\n\nm/usr/lib:\nvXY");
     assert_eq!(orphans(), Vec::<String>::new());
 }
+
+/// An ordinary user serves an image as a disk (what a rootless VMM attaches): the served
+/// `root.erofs` is the user's, passes `fsck.erofs`, and has the very bytes root's store
+/// exports of the same image (one manifest, one disk, whoever serves it).
+#[test]
+fn a_user_serves_the_same_disk_as_root() {
+    need("fusermount3");
+    need("fsck.erofs");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-disk");
+    let user = AsUser::new();
+    let out = user.ok(&format!(
+        "$BUX -q mount --disk {r} d && stat -c '%U %a %s' d/root.erofs && \
+         fsck.erofs d/root.erofs >/dev/null && sha256sum < d/root.erofs && $BUX umount d"
+    ));
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), 2, "{out}");
+    let user_name = user.ok("id -un");
+    assert!(
+        lines[0].starts_with(&format!("{} 444 ", user_name.trim())),
+        "{out}"
+    );
+    let root = Bux::new();
+    let file = root.store.path().join("root.erofs");
+    root.ok(&["export", "--erofs", &r, file.to_str().unwrap()]);
+    let len = std::fs::metadata(&file).unwrap().len();
+    assert_eq!(lines[0].rsplit(' ').next(), Some(len.to_string().as_str()));
+    assert_eq!(
+        lines[1].split(' ').next().unwrap(),
+        sha256_hex(&std::fs::read(&file).unwrap())
+    );
+}

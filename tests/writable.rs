@@ -437,3 +437,238 @@ fn an_upper_reached_through_a_symlink_is_still_in_use() {
     let b = writable_mount(&bux, &r, Some(&link));
     assert_eq!(std::fs::read(b.path.join("etc/still")).unwrap(), b"ok\n");
 }
+
+// ----------------------------------------------------------------------------------------------
+// Other users in a user's --allow-other writable mount (pjdfstest's classes of failures, #20)
+
+/// Runs `script` (sh) as root inside an ordinary user's `mount --writable --allow-other` of
+/// [`image`], at its root; returns what it printed (stdout and stderr). `as UID CMD...` runs a
+/// command as another uid (gid the same, no other groups); `owner CMD...` as the mount's owner.
+/// Runs in a private mount namespace whose /etc/fuse.conf allows `user_allow_other`.
+fn in_a_users_shared_mount(repo: &str, script: &str) -> String {
+    need("unshare");
+    need("setpriv");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", repo, None);
+    let r = format!("{}/{repo}:v1", reg.host());
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    let conf = user.dir.path().join("fuse.conf");
+    std::fs::write(&conf, "user_allow_other\n").unwrap();
+    let owner = format!(
+        "runuser -u {} -- env HOME={} PATH=/usr/bin:/bin",
+        user.name,
+        user.home().display()
+    );
+    let bin = user.bin();
+    let m = user.home().join("m");
+    let full = format!(
+        "export PATH=/usr/sbin:/usr/bin:/sbin:/bin && \
+         mount --bind {conf} /etc/fuse.conf && cd {home} && \
+         {owner} {bin} -q mount --writable --allow-other {r} m && cd m && \
+         as() {{ u=$1; shift; setpriv --reuid=$u --regid=$u --clear-groups \"$@\"; }} && \
+         owner() {{ {owner} \"$@\"; }} && \
+         ( {script} ) 2>&1; cd / && {owner} {bin} umount {m}",
+        conf = conf.display(),
+        home = user.home().display(),
+        bin = bin.display(),
+        m = m.display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &full])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(
+        out.status.success(),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    text
+}
+
+/// The lines of `out`, one for each `want`, each containing every `*`-separated part of it
+/// (tools quote names differently by locale).
+fn assert_lines(out: &str, want: &[&str]) {
+    let lines: Vec<&str> = out.lines().collect();
+    assert_eq!(lines.len(), want.len(), "{out}");
+    for (l, w) in lines.iter().zip(want) {
+        for part in w.split('*') {
+            assert!(l.contains(part), "{l:?} lacks {part:?} in:\n{out}");
+        }
+    }
+}
+
+/// A sticky directory: another uid may neither remove nor rename a file it does not own there
+/// (EPERM); the file's owner may. (Unchecked before: anyone could.)
+#[test]
+fn others_cannot_remove_or_rename_in_a_sticky_directory() {
+    let out = in_a_users_shared_mount(
+        "t/rw-sticky",
+        "mkdir -m 1777 tmp2 && as 65533 touch tmp2/f && \
+         (as 65534 rm -f tmp2/f || true) && (as 65534 mv tmp2/f tmp2/g || true) && ls tmp2 && \
+         as 65533 mv tmp2/f tmp2/g && as 65533 rm tmp2/g && ls tmp2 | wc -l",
+    );
+    assert_lines(
+        &out,
+        &[
+            "cannot remove*tmp2/f*Operation not permitted",
+            "cannot move*tmp2/f*Operation not permitted",
+            "f",
+            "0",
+        ],
+    );
+}
+
+/// chown and chmod by someone who does not own the file fail (EPERM), chgrp to a group the
+/// owner is not in too, and chmod by someone outside the file's group drops setgid; the
+/// mount's owner (the VMM) stays unchecked and may chown anything to anyone.
+#[test]
+fn chown_and_chmod_follow_the_owner_rules_for_others_only() {
+    let out = in_a_users_shared_mount(
+        "t/rw-chown",
+        "touch f && chmod 644 f && (as 65534 chown 65534 f || true) && \
+         (as 65534 chmod 777 f || true) && chown 65534:65534 f && \
+         (as 65534 chgrp 65533 f || true) && as 65534 chmod 2755 f && stat -c '%u:%g %a' f && \
+         chgrp 65533 f && as 65534 chmod 2755 f && stat -c '%u:%g %a' f && \
+         owner chown 1234:5678 etc/hosts && owner chmod 4700 etc/hosts && \
+         stat -c '%u:%g %a' etc/hosts",
+    );
+    assert_lines(
+        &out,
+        &[
+            "changing ownership of*Operation not permitted",
+            "changing permissions of*Operation not permitted",
+            "changing group of*Operation not permitted",
+            "65534:65534 2755",
+            "65534:65533 755",
+            "1234:5678 4700",
+        ],
+    );
+}
+
+/// Opens are checked against the mode for the access asked, O_TRUNC included (it needs write
+/// permission even with O_RDONLY), and a file may be executed only with its x bit for the
+/// caller's class.
+#[test]
+fn others_open_files_as_their_modes_allow() {
+    let out = in_a_users_shared_mount(
+        "t/rw-open",
+        "echo secret > s && chmod 600 s && echo data > r && chmod 644 r && \
+         cp /bin/true x && chmod 744 x && \
+         (as 65534 cat s || true) && as 65534 cat r && (as 65534 sh -c 'echo > r' || true) && \
+         (as 65534 python3 -c 'import os; os.open(\"r\", os.O_RDONLY | os.O_TRUNC)' 2>&1 \
+            | tail -1 || true) && \
+         (as 65534 ./x || echo refused) && cat r",
+    );
+    assert_lines(
+        &out,
+        &[
+            "s: Permission denied",
+            "data",
+            "cannot create r: Permission denied",
+            "PermissionError",
+            "failed to execute*Permission denied",
+            "refused",
+            "data",
+        ],
+    );
+}
+
+/// Creating or removing a name needs write and search permission on its directory, and
+/// reaching a file needs search permission on every directory of its path, even where the
+/// kernel has the names cached (it then asks nothing but the operation itself).
+#[test]
+fn others_need_write_and_search_on_directories() {
+    let out = in_a_users_shared_mount(
+        "t/rw-dirs",
+        "mkdir -m 755 d && echo in > d/f && chmod 644 d/f && mkdir -m 700 p && \
+         echo deep > p/g && chmod 644 p/g && cat p/g >/dev/null && \
+         (as 65534 touch d/new || true) && (as 65534 mkdir d/sub || true) && \
+         (as 65534 rm -f d/f || true) && (as 65534 ln -s f d/l || true) && \
+         (as 65534 cat p/g || true) && (as 65534 sh -c 'cd p' || true) && \
+         chmod 711 p && as 65534 cat p/g && ls d",
+    );
+    assert_lines(
+        &out,
+        &[
+            "cannot touch*d/new*Permission denied",
+            "cannot create directory*d/sub*Permission denied",
+            "cannot remove*d/f*Permission denied",
+            "failed to create symbolic link*d/l*Permission denied",
+            "p/g: Permission denied",
+            "can't cd to p",
+            "deep",
+            "f",
+        ],
+    );
+}
+
+/// truncate(2) needs write permission; utimensat(2) to now needs ownership or write
+/// permission, to a time of one's choosing ownership.
+#[test]
+fn others_truncate_and_set_times_as_linux_allows() {
+    let out = in_a_users_shared_mount(
+        "t/rw-times",
+        "echo keep > k && chmod 644 k && echo open > w && chmod 666 w && \
+         (as 65534 python3 -c 'import os; os.truncate(\"k\", 0)' 2>&1 | tail -1) && \
+         as 65534 python3 -c 'import os; os.truncate(\"w\", 2)' && \
+         touch -d 2001-01-01 k w && (as 65534 touch k || true) && as 65534 touch w && \
+         (as 65534 touch -d 2002-02-02 w || true) && \
+         stat -c '%s %y' k | cut -c1-12 && stat -c '%s %y' w | cut -c1-4",
+    );
+    assert_lines(
+        &out,
+        &[
+            "PermissionError",
+            "cannot touch*k*Permission denied",
+            "setting times of*w*Operation not permitted",
+            "5 2001-01-01",
+            "2 20",
+        ],
+    );
+    assert!(!out.contains("2 2001") && !out.contains("2 2002"), "{out}");
+}
+
+/// Runs `script` (sh) as an ordinary user whose writable mount of [`image`] is at `m`;
+/// returns its output.
+fn as_user_with_a_writable_mount(repo: &str, script: &str) -> String {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &image());
+    reg.push(&work.path().join("l"), "v1", repo, None);
+    let r = format!("{}/{repo}:v1", reg.host());
+    let user = AsUser::new();
+    user.ok(&format!(
+        "$BUX -q mount --writable {r} m && ( {script} ) 2>&1; $BUX umount m"
+    ))
+}
+
+/// A guest's path may be as long as PATH_MAX though the upper directory's own path comes
+/// before it on the host: entries that deep are made, read, renamed and removed.
+#[test]
+fn paths_as_long_as_path_max_work_in_a_users_writable_mount() {
+    // 16 names of 250 bytes: 4016 bytes under m/srv, and more than 4096 on the host.
+    let out = as_user_with_a_writable_mount(
+        "t/rw-long",
+        "d=m/srv; for i in $(seq 16); do d=$d/$(printf %0250d $i); done; \
+         mkdir -p $d && echo deep > $d/f && cat $d/f && mv $d/f $d/g && ls $d && \
+         stat -c %s $d/g && rm $d/g && ls $d | wc -l",
+    );
+    assert_eq!(out, "deep\ng\n5\n0\n");
+}
+
+/// fstat(2) of an open file whose last name was removed says it has no link left.
+#[test]
+fn an_unlinked_open_file_has_no_link_left() {
+    need("python3");
+    let out = as_user_with_a_writable_mount(
+        "t/rw-nlink",
+        "python3 -c 'import os; f = open(\"m/etc/x\", \"w\"); os.unlink(\"m/etc/x\"); \
+         g = open(\"m/etc/hosts\"); os.unlink(\"m/etc/hosts\"); \
+         print(os.fstat(f.fileno()).st_nlink, os.fstat(g.fileno()).st_nlink)'",
+    );
+    assert_eq!(out, "0 0\n");
+}

@@ -176,6 +176,9 @@ pub(super) enum Cmd {
         /// The connection is live already (a worker restarted after one died).
         #[arg(long, requires = "worker_fd")]
         resume: bool,
+        /// Serve the image's disk (`mount --disk`) rather than its tree.
+        #[arg(long)]
+        disk: bool,
     },
     /// Unmount DIR (also clears a mount whose serving process died).
     Umount {
@@ -288,6 +291,10 @@ pub(super) enum Cmd {
 
 #[derive(Args, Debug, Clone)]
 pub(super) struct PullArgs {
+    /// Print the pull's timeline: each step's line (resolved, each layer fetched and indexed,
+    /// the tree merged, the metadata image written) with the seconds since the command began.
+    #[arg(long)]
+    pub(super) timings: bool,
     /// Platform to pick from a multi-arch image (os/arch[/variant]); default: this host's.
     #[arg(long, value_name = "OS/ARCH[/VARIANT]")]
     pub(super) platform: Option<String>,
@@ -380,7 +387,7 @@ impl PullArgs {
                 connect_timeout: Some(std::time::Duration::from_secs_f64(self.connect_timeout)),
                 request_timeout: Some(std::time::Duration::from_secs_f64(self.request_timeout)),
             },
-            progress: (!self.quiet).then(progress_printer),
+            progress: (!self.quiet).then(|| progress_printer(self.timings)),
             parallel: 3,
             stall_timeout: Some(std::time::Duration::from_secs_f64(self.stall_timeout)),
             small_files: Some(self.small_files << 10),

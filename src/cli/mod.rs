@@ -117,6 +117,9 @@ fn run(cli: Cli) -> Result<()> {
             let image = runtime()?.block_on(store.pull(&reference, &opts))?;
             // The progress bars end (their last line completed) before the result is printed.
             drop(opts);
+            if pull.timings && !pull.quiet {
+                eprintln!("{:>8.3} s  pulled", since_start());
+            }
             if !pull.quiet {
                 println!("{} {}", image.reference, image.manifest_digest);
             }
@@ -255,6 +258,9 @@ fn run(cli: Cli) -> Result<()> {
                 }
                 drop(hold);
                 apply_budget(&store, budget, &[], quiet)?;
+                if pull.timings && !quiet {
+                    eprintln!("{:>8.3} s  mounted", since_start());
+                }
                 if !quiet {
                     eprintln!(
                         "{} mounted at {} (shared image server; `bux-fuse umount {}` to unmount)",
@@ -279,6 +285,9 @@ fn run(cli: Cli) -> Result<()> {
                 serve(&store, &image.reference, &dir, &mopts, notify_ready)
             } else {
                 spawn_daemon(&store, &image.reference, &dir, &mopts, &pull, lazy)?;
+                if pull.timings && !quiet {
+                    eprintln!("{:>8.3} s  mounted", since_start());
+                }
                 drop(hold);
                 apply_budget(&store, budget, &[], quiet)?;
                 if wait_complete {
@@ -320,17 +329,19 @@ fn run(cli: Cli) -> Result<()> {
             manifest,
             worker_fd,
             resume,
+            disk,
         } => {
             let store = open_store(&store_arg)?;
             let manifest: crate::Digest = manifest
                 .parse()
                 .map_err(|e| anyhow::anyhow!("bad manifest digest: {e:?}"))?;
             match worker_fd {
-                Some(fd) => crate::mount::shared::serve_worker(&store, manifest, fd, resume)
+                Some(fd) => crate::mount::shared::serve_worker(&store, manifest, fd, resume, disk)
                     .context("image server worker"),
                 None => {
                     stop_on_signals();
-                    crate::mount::shared::supervise(&store, manifest, &STOP).context("image server")
+                    crate::mount::shared::supervise(&store, manifest, &STOP, disk)
+                        .context("image server")
                 }
             }
         }

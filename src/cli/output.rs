@@ -40,9 +40,16 @@ pub(super) fn human(bytes: u64) -> String {
     format!("{v:.1} TiB")
 }
 
-/// Progress on stderr: a bar per layer on a terminal, plain lines otherwise.
-pub(super) fn progress_printer() -> crate::pull::ProgressFn {
-    if std::io::stderr().is_terminal() {
+/// Progress on stderr: a bar per layer on a terminal, plain lines otherwise; with `timings`,
+/// plain lines each with the seconds since the process started (the pull's timeline).
+pub(super) fn progress_printer(timings: bool) -> crate::pull::ProgressFn {
+    if timings {
+        Arc::new(|p: Progress| {
+            if let Some(line) = progress_line(&p) {
+                eprintln!("{:>8.3} s  {}", since_start(), line.trim_start());
+            }
+        })
+    } else if std::io::stderr().is_terminal() {
         bars()
     } else {
         Arc::new(|p: Progress| {
@@ -50,6 +57,26 @@ pub(super) fn progress_printer() -> crate::pull::ProgressFn {
                 eprintln!("{line}");
             }
         })
+    }
+}
+
+/// Seconds since this process started (from `/proc/self/stat`, so that the time before the
+/// command ran, loading and parsing the arguments, counts too).
+pub(super) fn since_start() -> f64 {
+    let started = std::fs::read_to_string("/proc/self/stat")
+        .ok()
+        .and_then(|s| {
+            let (_, rest) = s.rsplit_once(')')?;
+            rest.split_whitespace().nth(19)?.parse::<f64>().ok()
+        });
+    let uptime = std::fs::read_to_string("/proc/uptime")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse::<f64>().ok());
+    // SAFETY: sysconf has no preconditions.
+    let ticks = unsafe { libc::sysconf(libc::_SC_CLK_TCK) } as f64;
+    match (started, uptime) {
+        (Some(start), Some(up)) if ticks > 0.0 => (up - start / ticks).max(0.0),
+        _ => 0.0,
     }
 }
 

@@ -122,6 +122,11 @@ impl Filesystem for DiskFs {
         let _ = config
             .set_max_readahead(1 << 20)
             .or_else(|max| config.set_max_readahead(max));
+        // Recorded for a worker of the image's disk server that takes over the connection.
+        self.image.offered_capabilities().store(
+            config.capabilities().bits(),
+            std::sync::atomic::Ordering::Relaxed,
+        );
         Ok(())
     }
 

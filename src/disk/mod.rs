@@ -140,12 +140,7 @@ impl Disk {
     /// Fills `buf` with the image's bytes at `offset`, reading files' data through `read`
     /// (tree inode, offset in the file, bytes to fill). Returns how many bytes it filled:
     /// `buf.len()`, or fewer at the end of the image.
-    pub fn read_at(
-        &self,
-        offset: u64,
-        buf: &mut [u8],
-        read: &mut ReadFile,
-    ) -> io::Result<usize> {
+    pub fn read_at(&self, offset: u64, buf: &mut [u8], read: &mut ReadFile) -> io::Result<usize> {
         let mut at = 0usize;
         for piece in self.pieces(offset, buf.len() as u64) {
             match piece {

@@ -318,41 +318,64 @@ impl Store {
         // manifest pins.
         let mut refused = Vec::new();
         let mut prefetch = Vec::new();
-        for job in &r.jobs {
-            if lazy.iter().any(|(l, _)| *l == job.digest)
-                || (self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest))
-            {
-                continue;
-            }
-            let annotations = job.desc.annotations.clone().unwrap_or_default();
-            let published = if let (Some(loc), Compression::Zstd) = (
-                TocLocation::from_annotations(&annotations, job.desc.size),
-                job.compression,
-            ) {
-                let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
-                index::chunked::parse(&toc, &loc, job.digest, job.desc.size, job.diff_id)
-            } else if job.compression == Compression::Gzip {
-                match self.estargz_table(reg, job, &annotations).await? {
-                    Estargz::Table(p, Some(end)) => {
-                        prefetch.push((job.digest, p.chunks.first().map_or(0, |c| c.start), end));
-                        Ok(p)
-                    }
-                    Estargz::Table(p, None) => Ok(p),
-                    Estargz::Refused(e) => Err(e),
-                    Estargz::Unpinned => {
-                        refused.push(format!(
-                            "layer {} is eStargz but its descriptor has no {} annotation, so \
-                             nothing the manifest covers vouches for its table of contents: \
-                             pulled whole",
-                            job.digest.short(),
-                            index::estargz::TOC_DIGEST_KEY
-                        ));
-                        continue;
-                    }
-                    Estargz::Not => continue,
+        // Every layer's table at once: a round trip or two each, which one after another
+        // cost a slow link's latency per layer before the mount is live. zstd:chunked tables
+        // (megabytes of JSON for a large layer) are decoded off the async threads.
+        let fetches: Vec<_> = r
+            .jobs
+            .iter()
+            .filter(|job| {
+                !(lazy.iter().any(|(l, _)| *l == job.digest)
+                    || (self.index_path(&job.digest).exists()
+                        && self.layer_bytes_present(&job.digest)))
+            })
+            .map(|job| async move {
+                let annotations = job.desc.annotations.clone().unwrap_or_default();
+                let table = if let (Some(loc), Compression::Zstd) = (
+                    TocLocation::from_annotations(&annotations, job.desc.size),
+                    job.compression,
+                ) {
+                    let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
+                    let (digest, size, diff_id) = (job.digest, job.desc.size, job.diff_id);
+                    Table::Chunked(
+                        crate::pull::off_thread("decoding a zstd:chunked table", move || {
+                            Ok(index::chunked::parse(&toc, &loc, digest, size, diff_id))
+                        })
+                        .await?,
+                    )
+                } else if job.compression == Compression::Gzip {
+                    Table::Estargz(self.estargz_table(reg, job, &annotations).await?)
+                } else {
+                    Table::None
+                };
+                Ok::<_, Error>((job, table))
+            })
+            .collect();
+        let fetched: Vec<Result<_>> = futures_util::stream::iter(fetches)
+            .buffered(8)
+            .collect()
+            .await;
+        for f in fetched {
+            let (job, table) = f?;
+            let published = match table {
+                Table::Chunked(p) => p,
+                Table::Estargz(Estargz::Table(p, Some(end))) => {
+                    prefetch.push((job.digest, p.chunks.first().map_or(0, |c| c.start), end));
+                    Ok(p)
                 }
-            } else {
-                continue;
+                Table::Estargz(Estargz::Table(p, None)) => Ok(p),
+                Table::Estargz(Estargz::Refused(e)) => Err(e),
+                Table::Estargz(Estargz::Unpinned) => {
+                    refused.push(format!(
+                        "layer {} is eStargz but its descriptor has no {} annotation, so \
+                         nothing the manifest covers vouches for its table of contents: \
+                         pulled whole",
+                        job.digest.short(),
+                        index::estargz::TOC_DIGEST_KEY
+                    ));
+                    continue;
+                }
+                Table::Estargz(Estargz::Not) | Table::None => continue,
             };
             let published = match published {
                 Ok(p) => p,
@@ -424,6 +447,16 @@ impl Store {
         let image = self.record(r, &lazy, opts).await?;
         Ok((image, outcome))
     }
+}
+
+/// A layer's own table of contents, as fetched.
+enum Table {
+    /// A zstd:chunked layer's, decoded (or why it will not be served from).
+    Chunked(Result<PublishedLayer>),
+    /// What a gzip layer's tail says.
+    Estargz(Estargz),
+    /// Neither kind of layer.
+    None,
 }
 
 /// What a gzip layer's tail says.

@@ -498,7 +498,16 @@ fn prepare_mount_point(store: &Store, dir: &Path) -> Result<PathBuf> {
     Ok(canonical)
 }
 
-/// Mounts `dir` over the image's shared server (see [`shared`]).
+fn disk_is_read_only(dir: &Path) -> Error {
+    Error::Mount {
+        path: dir.to_path_buf(),
+        detail: "a disk is read-only: a guest makes its root writable with an overlay of its own \
+                 (see docs/disk.md)"
+            .into(),
+    }
+}
+
+/// Mounts `dir` over the image's shared server (see [`shared`]), or its disk server.
 fn mount_shared(
     store: &Store,
     record: &crate::store::ImageRecord,
@@ -521,8 +530,14 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u, UpperKind::Overlay).map_err(mount_err)?),
         None => None,
     };
-    let (lower, _image_lock) = shared::lower(store, record, exe)?;
-    let writable = if opts.writable {
+    let (lower, _image_lock) = shared::lower(store, record, exe, opts.disk)?;
+    let writable = if opts.disk {
+        // Every disk mount of the image binds the disk server's one FUSE mount: one file,
+        // one page cache for all of the image's VMs.
+        kernel_mount(&lower.mnt, &dir, "", libc::MS_BIND, "")
+            .map_err(|e| mount_err(format!("bind-mounting the image's disk: {e}")))?;
+        None
+    } else if opts.writable {
         // No process of this mount outlives it: the scratch upper is found (and removed) by
         // `bux-fuse umount` through the overlay's options.
         static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -560,7 +575,7 @@ fn mount_shared(
         trace: None,
         kernel_mount: true,
         record: None,
-        disk: false,
+        disk: opts.disk,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -575,9 +590,12 @@ pub fn mount_if_shared(
     dir: &Path,
     opts: &MountOptions,
 ) -> Result<Option<Mount>> {
-    let Some(exe) = opts.shared_server.as_deref().filter(|_| !opts.disk) else {
+    let Some(exe) = opts.shared_server.as_deref() else {
         return Ok(None);
     };
+    if opts.disk && opts.writable {
+        return Err(disk_is_read_only(dir));
+    }
     if !connect::host_root() || opts.record_trace {
         return Ok(None);
     }
@@ -623,11 +641,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         detail,
     };
     if opts.disk && opts.writable {
-        return Err(mount_err(
-            "a disk is read-only: a guest makes its root writable with an overlay of its own \
-             (see docs/disk.md)"
-                .into(),
-        ));
+        return Err(disk_is_read_only(dir));
     }
     let dir = prepare_mount_point(store, dir)?;
     // Users cannot mount a kernel overlay: bux-fuse serves their upper layer itself.
@@ -701,7 +715,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
         Some(upper) => {
             let fs = crate::upper::UpperFs::new(fs, &upper)
-                .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?;
+                .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
+                .serving_others(opts.allow_other);
             serve(fs, &fuse_dir, &request, config)
         }
         None => serve(fs, &fuse_dir, &request, config),

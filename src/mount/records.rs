@@ -46,6 +46,9 @@ pub struct MountRecord {
     /// process is not taken for the maker.
     #[serde(default)]
     pub pid_start: Option<u64>,
+    /// The mount serves the image as a disk ([`MountOptions::disk`]).
+    #[serde(default)]
+    pub disk: bool,
 }
 
 /// Whether a recorded mount still serves.
@@ -77,6 +80,7 @@ impl MountRecord {
         MountOptions {
             writable: self.writable || self.upper.is_some(),
             upper: self.upper.clone(),
+            disk: self.disk,
             ..MountOptions::default()
         }
     }
@@ -119,6 +123,7 @@ pub(crate) fn write(
             .map_or(0, |d| d.as_secs()),
         mount_id: table::at(path).map(|m| m.id),
         pid_start: process_start(std::process::id()),
+        disk: opts.disk,
     };
     let d = dir(store);
     std::fs::create_dir_all(&d).ctx(|| format!("creating {}", d.display()))?;

@@ -80,6 +80,21 @@ pub fn create_dir(path: &Path, recursive: bool) -> io::Result<()> {
         .create(path)
 }
 
+/// A descriptor of directory `path` that paths can go through (`/proc/self/fd/N/...`) and
+/// that follows the directory wherever it is renamed.
+pub fn open_dir_path(path: &Path) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd;
+    let p = c_path(path)?;
+    let flags = libc::O_PATH | libc::O_DIRECTORY | libc::O_NOFOLLOW | libc::O_CLOEXEC;
+    // SAFETY: a valid C string; the descriptor returned is ours alone.
+    let fd = unsafe { libc::open(p.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fd was just opened and is owned by nothing else.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd) })
+}
+
 /// Removes whatever an interrupted operation left at the temporary name `tmp`.
 pub fn clear(tmp: &Path) -> io::Result<()> {
     match std::fs::symlink_metadata(tmp) {

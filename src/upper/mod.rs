@@ -17,6 +17,7 @@
 mod attr;
 mod disk;
 mod ops;
+mod perm;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -34,6 +35,7 @@ use crate::index::EntryKind;
 use crate::tree::{NodeData, ROOT_INO};
 use attr::{attr_from, name_max, set_times, stat_from_attr};
 use disk::Stat;
+use perm::Caller;
 
 /// Everything changes through this mount and the kernel applies each change it sends to its
 /// own caches (entries, attributes, pages), so they may be kept as long as the image's.
@@ -72,6 +74,11 @@ struct State {
     by_lower: HashMap<u64, u64>,
     /// Upper files with several names share one node (host inode number → node).
     by_upper: HashMap<u64, u64>,
+    /// Descriptors of upper directories deep enough that paths through them would pass the
+    /// host's PATH_MAX (see [`Upper::path`]), by node. A descriptor follows its directory
+    /// through renames; it is closed when the directory goes, under the state lock, as every
+    /// path made from it is used under that lock.
+    dir_fds: std::cell::RefCell<HashMap<u64, std::os::fd::OwnedFd>>,
 }
 
 /// A directory's merged entries, `.` and `..` first.
@@ -115,6 +122,12 @@ pub struct Upper {
     /// Copies of image files' bytes made without the state lock, by node: (image inode, the
     /// copy, a hidden name in the upper root). Copy-up publishes one instead of copying.
     staged: Mutex<HashMap<u64, (u64, PathBuf)>>,
+    /// The mount's owner (this process's user): its requests are never checked, as its guest
+    /// checks permissions itself. Anyone else's are (see `perm`).
+    owner: u32,
+    /// Whether users other than the owner reach the mount (`allow_other`): opens then come
+    /// through, so they can be checked (with "no open" the kernel sends none).
+    others: bool,
 }
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
@@ -158,6 +171,7 @@ impl UpperFs {
                 names: HashMap::new(),
                 by_lower: HashMap::new(),
                 by_upper: HashMap::new(),
+                dir_fds: Default::default(),
             })),
             lower,
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
@@ -167,6 +181,9 @@ impl UpperFs {
             copiers: crate::fs::JobThreads::new("copy-up", COPY_THREADS),
             copying: Mutex::new(HashMap::new()),
             staged: Mutex::new(HashMap::new()),
+            // SAFETY: geteuid has no preconditions.
+            owner: unsafe { libc::geteuid() },
+            others: false,
         };
         // Orphans of a mount that ended without the kernel forgetting them, copies it had not
         // published, and directories a rename it did not finish had replaced.
@@ -195,6 +212,15 @@ impl UpperFs {
             }
         }
         Ok(UpperFs(Arc::new(fs)))
+    }
+
+    /// Lets users other than the owner use the mount (it is mounted `allow_other`): their
+    /// requests are checked as a kernel checks a local filesystem's, opens included.
+    pub fn serving_others(mut self, others: bool) -> UpperFs {
+        if let Some(fs) = Arc::get_mut(&mut self.0) {
+            fs.others = others;
+        }
+        self
     }
 
     /// Whether copying node `n` up copies bytes of an image file (which may have to be
@@ -238,8 +264,44 @@ impl Upper {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// The upper path of node `n` (relative names joined under the upper root).
-    fn path(&self, st: &State, mut n: u64) -> Res<PathBuf> {
+    /// The upper path of node `n` (relative names joined under the upper root). A guest's
+    /// path may be as long as the host's PATH_MAX, which the upper root's own path would push
+    /// past: a long one goes through a descriptor of its directory
+    /// (`/proc/self/fd/N/name`).
+    fn path(&self, st: &State, n: u64) -> Res<PathBuf> {
+        let p = self.full_path(st, n)?;
+        if p.as_os_str().len() <= LONG_PATH || n == ROOT_INO {
+            return Ok(p);
+        }
+        let (parent, name) = self.node(st, n)?.links.first().ok_or(Errno::ENOENT)?;
+        Ok(self
+            .dir_handle(st, *parent, p.parent())?
+            .join(OsStr::from_bytes(name)))
+    }
+
+    /// A short path of upper directory node `d` (whose full path is `full` if known): through
+    /// a descriptor kept in [`State::dir_fds`].
+    fn dir_handle(&self, st: &State, d: u64, full: Option<&Path>) -> Res<PathBuf> {
+        let through = |fd: &std::os::fd::OwnedFd| {
+            use std::os::fd::AsRawFd;
+            PathBuf::from(format!("/proc/self/fd/{}", fd.as_raw_fd()))
+        };
+        if let Some(fd) = st.dir_fds.borrow().get(&d) {
+            return Ok(through(fd));
+        }
+        let p = self.path(st, d)?;
+        if !self.node(st, d)?.upper || st.dir_fds.borrow().len() >= DIR_FDS {
+            // Not there to open (or too many kept): the long path, refused by the host.
+            return Ok(full.map_or(p, Path::to_path_buf));
+        }
+        let fd = disk::open_dir_path(&p).map_err(err)?;
+        let short = through(&fd);
+        st.dir_fds.borrow_mut().insert(d, fd);
+        Ok(short)
+    }
+
+    /// The upper path of node `n`, however long.
+    fn full_path(&self, st: &State, mut n: u64) -> Res<PathBuf> {
         let mut names = Vec::new();
         while n != ROOT_INO {
             let node = st.nodes.get(&n).ok_or(Errno::ENOENT)?;
@@ -367,13 +429,25 @@ impl Upper {
 
     fn attr(&self, st: &State, n: u64) -> Res<FileAttr> {
         let node = self.node(st, n)?;
-        if !node.upper {
+        let mut a = if !node.upper {
             let ino = node.lower.ok_or(Errno::ENOENT)?;
-            return self.lower.lower_attr(ino, n).ok_or(Errno::EIO);
+            self.lower.lower_attr(ino, n).ok_or(Errno::EIO)?
+        } else {
+            let path = self.path(st, n)?;
+            let md = std::fs::symlink_metadata(&path).map_err(err)?;
+            attr_from(n, &md, disk::stat_of(&path, &md))
+        };
+        // Every name removed (open files keep it, the upper file under a hidden name): no
+        // link left, as fstat(2) of an unlinked file says.
+        let unlinked = match &node.links[..] {
+            [] => true,
+            [(ROOT_INO, name)] => name[..] == *orphan_name(n).as_bytes(),
+            _ => false,
+        };
+        if unlinked {
+            a.nlink = 0;
         }
-        let path = self.path(st, n)?;
-        let md = std::fs::symlink_metadata(&path).map_err(err)?;
-        Ok(attr_from(n, &md, disk::stat_of(&path, &md)))
+        Ok(a)
     }
 
     /// Copies image node `n` (if not copied up yet) to a hidden name in the upper root with
@@ -608,6 +682,9 @@ impl Upper {
         make: impl FnOnce(&Path, bool) -> Res<R>,
     ) -> Res<(FileAttr, R)> {
         let mut st = self.state();
+        if let Some(c) = self.checked(req) {
+            self.may_create(&mut st, &c, parent, name)?;
+        }
         let (path, shadowed) = self.prepare_new(&mut st, parent, name)?;
         let mut s = self.new_stat(&st, req, parent, mode, umask);
         s.rdev = rdev;
@@ -628,6 +705,16 @@ impl Upper {
         Ok((a, made))
     }
 
+    /// What creating `name` in `parent` checks, in the kernel's order: search on the path,
+    /// then (the name being free) write to `parent`.
+    fn may_create(&self, st: &mut State, c: &Caller, parent: u64, name: &[u8]) -> Res<()> {
+        self.search(st, c, parent)?;
+        if self.child(st, parent, name)?.is_some() {
+            return Err(Errno::EEXIST);
+        }
+        self.may_change_in(st, c, parent)
+    }
+
     /// Fails (`ENAMETOOLONG`) when `name` leaving directory `parent` would need a whiteout
     /// (the image has an entry of that name) that no name can hold: checked before anything
     /// changes, so a refused removal or rename changes nothing.
@@ -641,8 +728,21 @@ impl Upper {
 
     /// Removes `name` from `parent`: the upper entry if any, and a whiteout if the image has
     /// one there. `dir`: rmdir semantics.
-    fn remove(&self, st: &mut State, parent: u64, name: &[u8], dir: bool) -> Res<()> {
+    fn remove(
+        &self,
+        st: &mut State,
+        c: Option<&Caller>,
+        parent: u64,
+        name: &[u8],
+        dir: bool,
+    ) -> Res<()> {
+        if let Some(c) = c {
+            self.search(st, c, parent)?;
+        }
         let n = self.child(st, parent, name)?.ok_or(Errno::ENOENT)?;
+        if let Some(c) = c {
+            self.may_remove(st, c, parent, n)?;
+        }
         self.whiteout_fits(st, parent, name)?;
         let a = self.attr(st, n)?;
         match (dir, a.kind == FileType::Directory) {
@@ -689,6 +789,9 @@ impl Upper {
             return Err(err(e));
         }
         st.names.remove(&(parent, name.to_vec()));
+        if dir {
+            st.dir_fds.get_mut().remove(&n);
+        }
         let node = st.at(n)?;
         node.links.retain(|(p, nm)| !(*p == parent && nm == name));
         if orphan {
@@ -857,8 +960,12 @@ impl Upper {
     }
 
     /// Hardlinks node `n` as `newname` in `newparent`.
-    fn do_link(&self, n: u64, newparent: u64, newname: &[u8]) -> Res<FileAttr> {
+    fn do_link(&self, c: Option<&Caller>, n: u64, newparent: u64, newname: &[u8]) -> Res<FileAttr> {
         let mut st = self.state();
+        if let Some(c) = c {
+            self.reach(&st, c, n)?;
+            self.may_create(&mut st, c, newparent, newname)?;
+        }
         if self.attr(&st, n)?.kind == FileType::Directory {
             return Err(Errno::EPERM);
         }
@@ -877,6 +984,30 @@ impl Upper {
         self.attr(&st, n)
     }
 
+    /// What rename checks of `c`, in the kernel's order: removing node `n` from its
+    /// directory (`from`), removing what `newname` names in `newparent` or creating it there,
+    /// and, for a directory changing parent, writing its `..`.
+    fn may_rename(
+        &self,
+        st: &mut State,
+        c: &Caller,
+        (parent, n): (u64, u64),
+        newparent: u64,
+        newname: &[u8],
+        is_dir: bool,
+    ) -> Res<()> {
+        self.may_remove(st, c, parent, n)?;
+        match self.child(st, newparent, newname)? {
+            Some(old) if old != n => self.may_remove(st, c, newparent, old)?,
+            Some(_) => {}
+            None => self.may_change_in(st, c, newparent)?,
+        }
+        if is_dir && parent != newparent {
+            c.need(&self.attr(st, n)?, perm::W)?;
+        }
+        Ok(())
+    }
+
     /// The node `name` in `parent` resolves to, if any.
     fn named(&self, parent: u64, name: &[u8]) -> Option<u64> {
         self.child(&mut self.state(), parent, name).ok().flatten()
@@ -884,6 +1015,7 @@ impl Upper {
 
     fn do_rename(
         &self,
+        c: Option<&Caller>,
         parent: u64,
         name: &[u8],
         newparent: u64,
@@ -899,9 +1031,16 @@ impl Upper {
             return Err(Errno::EINVAL);
         }
         let mut st = self.state();
+        if let Some(c) = c {
+            self.search(&st, c, parent)?;
+            self.search(&st, c, newparent)?;
+        }
         let n = self.child(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
-        self.whiteout_fits(&st, parent, name)?;
         let is_dir = self.attr(&st, n)?.kind == FileType::Directory;
+        if let Some(c) = c {
+            self.may_rename(&mut st, c, (parent, n), newparent, newname, is_dir)?;
+        }
+        self.whiteout_fits(&st, parent, name)?;
         // The entry replaced, if any. It needs no whiteout, whatever its name's length: the
         // moved entry hides the image's.
         let old = match self.child(&mut st, newparent, newname)? {
@@ -1030,6 +1169,7 @@ impl Upper {
         }
         let _ = std::fs::remove_file(to_dir.join(disk::whiteout_name(newname)));
         if let Some(old) = old {
+            st.dir_fds.get_mut().remove(&old);
             let node = st.at(old)?;
             node.links
                 .retain(|(p, nm)| !(*p == newparent && nm == newname));
@@ -1068,6 +1208,12 @@ fn orphan_name(n: u64) -> OsString {
 }
 
 const ORPHAN: &str = ".bux-fuse-orphan-";
+/// Upper paths longer than this go through a directory descriptor (the host's PATH_MAX is
+/// 4096, and a guest's path of up to that much is joined to the upper root's).
+const LONG_PATH: usize = 2048;
+/// Directory descriptors kept for long paths, at most (well under the usual 1024-descriptor
+/// limit, with [`OPEN_FILES`]).
+const DIR_FDS: usize = 256;
 /// Where a directory a rename replaced waits until the rename is done (a hidden name in the
 /// upper root, followed by the node number).
 const REPLACED: &str = ".bux-fuse-replaced-";
@@ -1115,6 +1261,7 @@ impl State {
         if n != ROOT_INO && node.links.is_empty() {
             let shared = node.shared;
             self.nodes.remove(&n);
+            self.dir_fds.get_mut().remove(&n);
             if shared {
                 self.by_lower.retain(|_, v| *v != n);
                 self.by_upper.retain(|_, v| *v != n);

@@ -10,6 +10,9 @@ use std::sync::atomic::Ordering;
 
 use super::*;
 
+/// The handle of a file opened read-only (others are 0).
+const READ_ONLY: FileHandle = FileHandle(1);
+
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let no_open = config
@@ -36,10 +39,14 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+    fn lookup(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let mut st = self.state();
-        let r = self
-            .child(&mut st, parent.0, name.as_bytes())
+        let searched = match self.checked(req) {
+            Some(c) => self.search(&st, &c, parent.0),
+            None => Ok(()),
+        };
+        let r = searched
+            .and_then(|()| self.child(&mut st, parent.0, name.as_bytes()))
             .and_then(|c| c.ok_or(Errno::ENOENT))
             .and_then(|n| {
                 let a = self.attr(&st, n)?;
@@ -61,7 +68,7 @@ impl Filesystem for UpperFs {
 
     fn setattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         mode: Option<u32>,
         uid: Option<u32>,
@@ -70,7 +77,7 @@ impl Filesystem for UpperFs {
         atime: Option<TimeOrNow>,
         mtime: Option<TimeOrNow>,
         _ctime: Option<SystemTime>,
-        _fh: Option<FileHandle>,
+        fh: Option<FileHandle>,
         _crtime: Option<SystemTime>,
         _chgtime: Option<SystemTime>,
         _bkuptime: Option<SystemTime>,
@@ -81,6 +88,20 @@ impl Filesystem for UpperFs {
         let done = |r: Res<FileAttr>, reply: ReplyAttr| match r {
             Ok(a) => reply.attr(&TTL, &a),
             Err(e) => reply.error(e),
+        };
+        let change = perm::Change {
+            mode,
+            uid,
+            gid,
+            // A size through a file opened for writing was checked at its open; one through a
+            // file opened read-only is O_TRUNC's (ftruncate(2) refuses such a file).
+            truncate: size.is_some() && fh.is_none_or(|fh| fh == READ_ONLY),
+            atime,
+            mtime,
+        };
+        let mode = match self.check_setattr(req, n, &change) {
+            Ok(mode) => mode,
+            Err(e) => return reply.error(e),
         };
         // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
         if size != Some(0) && self.copies_bytes(n) {
@@ -171,15 +192,29 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn unlink(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.remove(&mut self.state(), parent.0, name.as_bytes(), false) {
+    fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = self.checked(req);
+        match self.remove(
+            &mut self.state(),
+            c.as_ref(),
+            parent.0,
+            name.as_bytes(),
+            false,
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
-    fn rmdir(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
-        match self.remove(&mut self.state(), parent.0, name.as_bytes(), true) {
+    fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+        let c = self.checked(req);
+        match self.remove(
+            &mut self.state(),
+            c.as_ref(),
+            parent.0,
+            name.as_bytes(),
+            true,
+        ) {
             Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
@@ -207,7 +242,7 @@ impl Filesystem for UpperFs {
 
     fn rename(
         &self,
-        _req: &Request,
+        req: &Request,
         parent: INodeNo,
         name: &OsStr,
         newparent: INodeNo,
@@ -218,7 +253,9 @@ impl Filesystem for UpperFs {
         // A file moved is copied up first.
         let moved = self.named(parent.0, name.as_bytes());
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
+        let c = self.checked(req);
         let rename = move |fs: &Upper, reply: ReplyEmpty| match fs.do_rename(
+            c.as_ref(),
             parent.0,
             &name,
             newparent.0,
@@ -239,7 +276,7 @@ impl Filesystem for UpperFs {
 
     fn link(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         newparent: INodeNo,
         newname: &OsStr,
@@ -247,8 +284,9 @@ impl Filesystem for UpperFs {
     ) {
         let n = ino.0;
         let newname = newname.as_bytes().to_vec();
+        let c = self.checked(req);
         let link = move |fs: &Upper, staged: Res<()>, reply: ReplyEntry| match staged
-            .and_then(|()| fs.do_link(n, newparent.0, &newname))
+            .and_then(|()| fs.do_link(c.as_ref(), n, newparent.0, &newname))
         {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -259,14 +297,19 @@ impl Filesystem for UpperFs {
         link(self, Ok(()), reply)
     }
 
-    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
-        if self.no_open.load(Ordering::Relaxed) {
+    fn open(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if self.no_open.load(Ordering::Relaxed) && !self.others {
             // Reads and writes find their file by node; the first write copies up, and
             // O_TRUNC arrives as a truncation.
             return reply.error(Errno::ENOSYS);
         }
         let n = ino.0;
+        if let Err(e) = self.check_open(req, n, flags) {
+            return reply.error(e);
+        }
         let write = !matches!(flags.acc_mode(), OpenAccMode::O_RDONLY);
+        // A later truncation through a read-only file is O_TRUNC's, to be checked then.
+        let fh = if write { FileHandle(0) } else { READ_ONLY };
         let truncate = flags.0 & libc::O_TRUNC != 0;
         let open = move |fs: &Upper, staged: Res<()>, reply: ReplyOpen| {
             if write {
@@ -275,7 +318,7 @@ impl Filesystem for UpperFs {
                 }
             }
             // Pages stay valid across opens: every write to the file comes through here.
-            reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE)
+            reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
         };
         if write && !truncate && self.open_file(n).is_none() && self.copies_bytes(n) {
             return self.copy_then(n, move |fs, staged| open(fs, staged, reply));
@@ -464,10 +507,20 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn opendir(&self, _req: &Request, _ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
-        // No opendir: the kernel then caches listings (and drops them when a name changes
-        // through this mount) and sends no opendir/releasedir round trips.
-        reply.error(Errno::ENOSYS);
+    fn opendir(&self, req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if !self.others {
+            // No opendir: the kernel then caches listings (and drops them when a name changes
+            // through this mount) and sends no opendir/releasedir round trips.
+            return reply.error(Errno::ENOSYS);
+        }
+        // Others' opens are checked; listings are cached all the same.
+        match self.check_open(req, ino.0, flags) {
+            Ok(()) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_KEEP_CACHE | FopenFlags::FOPEN_CACHE_DIR,
+            ),
+            Err(e) => reply.error(e),
+        }
     }
 
     fn readdir(
@@ -511,7 +564,7 @@ impl Filesystem for UpperFs {
 
     fn setxattr(
         &self,
-        _req: &Request,
+        req: &Request,
         ino: INodeNo,
         name: &OsStr,
         value: &[u8],
@@ -520,6 +573,9 @@ impl Filesystem for UpperFs {
         reply: ReplyEmpty,
     ) {
         let n = ino.0;
+        if let Err(e) = self.check_xattr(req, n, name.as_bytes(), perm::W) {
+            return reply.error(e);
+        }
         let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
         let value = value.to_vec();
         let set = move |fs: &Upper, staged: Res<()>, reply: ReplyEmpty| {
@@ -540,7 +596,10 @@ impl Filesystem for UpperFs {
         set(self, Ok(()), reply)
     }
 
-    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+    fn getxattr(&self, req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        if let Err(e) = self.check_xattr(req, ino.0, name.as_bytes(), perm::R) {
+            return reply.error(e);
+        }
         let st = self.state();
         let r = (|| {
             if let Some(i) = self.image_inode(&st, ino.0)? {
@@ -584,8 +643,11 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn removexattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
+    fn removexattr(&self, req: &Request, ino: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let n = ino.0;
+        if let Err(e) = self.check_xattr(req, n, name.as_bytes(), perm::W) {
+            return reply.error(e);
+        }
         let key = [disk::XATTR_PREFIX, name.as_bytes()].concat();
         let remove = move |fs: &Upper, staged: Res<()>, reply: ReplyEmpty| {
             let r = staged.and_then(|()| {
@@ -604,10 +666,15 @@ impl Filesystem for UpperFs {
         remove(self, Ok(()), reply)
     }
 
-    fn access(&self, _req: &Request, ino: INodeNo, _mask: AccessFlags, reply: ReplyEmpty) {
-        // No checks here: the guest enforces the owners and modes it is served.
-        match self.attr(&self.state(), ino.0) {
-            Ok(_) => reply.ok(),
+    fn access(&self, req: &Request, ino: INodeNo, mask: AccessFlags, reply: ReplyEmpty) {
+        // No checks for the owner: its guest enforces the owners and modes it is served.
+        let st = self.state();
+        let r = match self.checked(req) {
+            Some(c) => self.may_use(&st, &c, ino.0, (mask.bits() & 7) as u32),
+            None => self.attr(&st, ino.0).map(drop),
+        };
+        match r {
+            Ok(()) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }

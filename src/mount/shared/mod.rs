@@ -45,8 +45,21 @@ pub(crate) struct Place {
 }
 
 impl Place {
-    pub(crate) fn new(store: &Store, manifest: &Digest) -> Place {
-        Place::at(store.root().join("shared").join(manifest.hex()))
+    /// The place of the image's server, or (`disk`) of its disk's
+    /// (`$STORE/shared/<manifest hex>-disk`: its FUSE mount holds the disk,
+    /// [`crate::disk::DISK_FILE`], and every disk mount of the image is a bind mount of it).
+    pub(crate) fn of(store: &Store, manifest: &Digest, disk: bool) -> Place {
+        let name = match disk {
+            true => format!("{}-disk", manifest.hex()),
+            false => manifest.hex().to_string(),
+        };
+        Place::at(store.root().join("shared").join(name))
+    }
+    /// Whether the server serves the image's disk.
+    fn is_disk(&self) -> bool {
+        self.dir
+            .file_name()
+            .is_some_and(|n| n.to_string_lossy().ends_with("-disk"))
     }
     /// The place in `dir` (`$STORE/shared/<manifest hex>`).
     fn at(dir: PathBuf) -> Place {
@@ -228,17 +241,20 @@ impl Lower {
 
 /// The image's shared mount, started if it is not up, with the image's lock: hold it until the
 /// mount standing on it is made.
+/// With `disk`, the mount of the image's disk server instead (no metadata in the kernel: the
+/// disk holds it).
 pub(crate) fn lower(
     store: &Store,
     record: &ImageRecord,
     exe: &Path,
+    disk: bool,
 ) -> Result<(Lower, crate::store::Lock)> {
-    let place = Place::new(store, &record.view());
+    let place = Place::of(store, &record.view(), disk);
     let lock = store.lock(&place.lock)?;
     if !server_alive(&place) {
         start(store, record, exe, &place)?;
     }
-    let kernel = kernel_meta::in_kernel(&place).then(|| (place.meta(), place.root()));
+    let kernel = (!disk && kernel_meta::in_kernel(&place)).then(|| (place.meta(), place.root()));
     Ok((
         Lower {
             mnt: place.mnt(),
@@ -306,6 +322,9 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
         .arg(store.root())
         .arg("serve-shared")
         .arg(record.view().to_string());
+    if place.is_disk() {
+        cmd.arg("--disk");
+    }
     spawn::as_server(&mut cmd);
     start_detached(cmd, &place.log(), exe).map_err(|e| err(format!("image server: {e}")))?;
     Ok(())

@@ -22,8 +22,9 @@ pub fn supervise(
     store: &Store,
     manifest: Digest,
     stop: &std::sync::atomic::AtomicBool,
+    disk: bool,
 ) -> Result<()> {
-    let place = Place::new(store, &manifest);
+    let place = Place::of(store, &manifest, disk);
     let record = find_record(store, &manifest)?;
     let _lease = crate::mount::lease_image(store, &record)?;
     // What the workers serve: this record, leased, found by its manifest (not by its name).
@@ -47,7 +48,7 @@ pub fn supervise(
     let mut restarts: Vec<Instant> = Vec::new();
     let mut failures = 0u32;
     loop {
-        let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume) {
+        let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume, disk) {
             Ok(w) => w,
             Err(e) if !resume => {
                 kernel_meta::tear_down(&place);
@@ -77,9 +78,12 @@ pub fn supervise(
         failures = 0;
         if !resume {
             crate::mount::raise_readahead(&mnt);
-            match kernel_meta::set_up(store, &record, &place) {
-                Ok(()) => tracing::info!("metadata served by the kernel (EROFS), data by FUSE"),
-                Err(e) => tracing::warn!("metadata served by FUSE: {e}"),
+            match disk {
+                true => tracing::info!("serving the image's disk"),
+                false => match kernel_meta::set_up(store, &record, &place) {
+                    Ok(()) => tracing::info!("metadata served by the kernel (EROFS), data by FUSE"),
+                    Err(e) => tracing::warn!("metadata served by FUSE: {e}"),
+                },
             }
             println!("ready");
             let _ = std::io::stdout().flush();
@@ -171,6 +175,7 @@ fn spawn_worker(
     manifest: &Digest,
     fd: RawFd,
     resume: bool,
+    disk: bool,
 ) -> std::result::Result<std::process::Child, String> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
@@ -184,6 +189,9 @@ fn spawn_worker(
         .stdout(Stdio::piped());
     if resume {
         cmd.arg("--resume");
+    }
+    if disk {
+        cmd.arg("--disk");
     }
     spawn::as_server(&mut cmd);
     // SAFETY: fcntl on a descriptor we own, in the child before exec: the worker inherits it.
@@ -217,7 +225,7 @@ fn spawn_worker(
     // What the kernel offered the first worker, for the ones that take over (a taking-over
     // worker reports what it was given again).
     if !resume {
-        let place = Place::new(store, manifest);
+        let place = Place::of(store, manifest, disk);
         if let Err(e) = crate::store::write_atomic(&place.init(), &offered.to_le_bytes()) {
             let _ = child.kill();
             let _ = child.wait();

@@ -20,8 +20,15 @@ use crate::{Digest, Error, MountOptions, Result, Store};
 /// The worker (`bux-fuse serve-shared --worker-fd N MANIFEST`): serves the connection `fd`.
 /// With `resume` the connection is live already: replay its INIT, then have the kernel resend
 /// what a dead worker left unanswered.
-pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) -> Result<()> {
-    let place = Place::new(store, &manifest);
+/// With `disk`, the image's disk ([`crate::disk::DiskFs`]) is served instead of its tree.
+pub fn serve_worker(
+    store: &Store,
+    manifest: Digest,
+    fd: RawFd,
+    resume: bool,
+    disk: bool,
+) -> Result<()> {
+    let place = Place::of(store, &manifest, disk);
     // The record the supervisor leased (its name may point elsewhere by now, or nowhere).
     let record = match leased_record(&place, &manifest) {
         Err(Error::Io { error, .. }) if error.kind() == std::io::ErrorKind::NotFound => {
@@ -68,8 +75,15 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
         Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
     }
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
-    let fs = ImageFs::new(image.tree, image.layers, cache.clone()).escaping_overlay_xattrs();
+    let fs = ImageFs::new(image.tree, image.layers, cache.clone());
     let offered = fs.offered_capabilities();
+    let fs = match disk {
+        true => Served::Disk(crate::disk::DiskFs::new(fs).map_err(|e| Error::Mount {
+            path: place.mnt(),
+            detail: format!("laying the image out as a disk: {e}"),
+        })?),
+        false => Served::Image(fs.escaping_overlay_xattrs()),
+    };
     let mut config = Config::default();
     config.acl = SessionACL::All;
     config.n_threads = Some(opts.threads.max(1));
@@ -79,26 +93,52 @@ pub fn serve_worker(store: &Store, manifest: Digest, fd: RawFd, resume: bool) ->
     config.clone_fd = false;
     // SAFETY: the supervisor passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-    let session = match &replay {
+    let ready = || -> Result<()> {
+        orphan_watch(lock, Place::of(store, &manifest, disk));
+        stats.start(cache);
+        // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
+        // own keep it apart from other images' workers.
+        crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
+            .map_err(|e| io("giving up root", e))?;
+        // The supervisor records what the kernel offered, for a worker that takes over.
+        println!("ready {:x}", offered.load(Ordering::Relaxed));
+        let _ = std::io::stdout().flush();
+        silence_stdout();
+        if let Err(e) = crate::sandbox::confine_worker() {
+            tracing::warn!("confining the image server (seccomp): {e}");
+        }
+        crate::mount::tune_allocator_for_serving();
+        Ok(())
+    };
+    match fs {
+        Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
+        Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
+    }
+}
+
+/// What a worker serves: the image's tree, or its disk.
+enum Served {
+    Image(ImageFs),
+    Disk(crate::disk::DiskFs),
+}
+
+/// Takes over the connection `conn` with `fs` (replaying the `recorded` FUSE_INIT of a worker
+/// that died, if any), runs `ready` once the session is made, and serves until it ends.
+fn serve_session<FS: fuser::Filesystem>(
+    fs: FS,
+    conn: OwnedFd,
+    recorded: Option<&[u8]>,
+    config: Config,
+    io: &dyn Fn(&str, std::io::Error) -> Error,
+    ready: impl FnOnce() -> Result<()>,
+) -> Result<()> {
+    let session = match recorded {
         Some(init) => replay_init(fs, conn, init, config).map_err(|e| io("resuming", e))?,
         None => {
             Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?
         }
     };
-    orphan_watch(lock, Place::new(store, &manifest));
-    stats.start(cache);
-    // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
-    // own keep it apart from other images' workers.
-    crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
-        .map_err(|e| io("giving up root", e))?;
-    // The supervisor records what the kernel offered, for a worker that takes over.
-    println!("ready {:x}", offered.load(Ordering::Relaxed));
-    let _ = std::io::stdout().flush();
-    silence_stdout();
-    if let Err(e) = crate::sandbox::confine_worker() {
-        tracing::warn!("confining the image server (seccomp): {e}");
-    }
-    crate::mount::tune_allocator_for_serving();
+    ready()?;
     session.run().map_err(|e| io("serving", e))
 }
 
