@@ -672,3 +672,32 @@ fn an_unlinked_open_file_has_no_link_left() {
     );
     assert_eq!(out, "0 0\n");
 }
+
+/// readlink(2) and listxattr(2) need search permission on every directory of the path like
+/// every other request, also where the kernel has the names cached (it sends the operation
+/// alone; it caches no symlink target, so a check in the server holds each time).
+#[test]
+fn others_read_no_link_target_nor_xattr_names_behind_a_directory_they_cannot_search() {
+    need("python3");
+    let out = in_a_users_shared_mount(
+        "t/rw-readlink",
+        "mkdir -m 700 p && ln -s secret-target p/l && touch p/f && \
+         python3 -c 'import os; os.setxattr(\"p/f\", \"user.secret\", b\"x\")' && \
+         readlink p/l && python3 -c 'import os; print(os.listxattr(\"p/f\"))' && \
+         (as 65534 readlink p/l || echo refused) && \
+         (as 65534 python3 -c 'import os; print(os.listxattr(\"p/f\"))' 2>&1 | tail -1) && \
+         chmod 711 p && as 65534 readlink p/l && \
+         as 65534 python3 -c 'import os; print(os.listxattr(\"p/f\"))'",
+    );
+    assert_lines(
+        &out,
+        &[
+            "secret-target",
+            "['user.secret']",
+            "refused",
+            "PermissionError",
+            "secret-target",
+            "['user.secret']",
+        ],
+    );
+}

@@ -116,9 +116,11 @@ impl Filesystem for UpperFs {
         )
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.state();
         let r = (|| {
+            // The kernel caches no target (no FUSE_CACHE_SYMLINKS): checked at each request.
+            self.check_reach(&st, req, ino.0)?;
             if let Some(i) = self.image_inode(&st, ino.0)? {
                 return match &i.data {
                     NodeData::Symlink(t) => Ok(t.to_vec()),
@@ -621,9 +623,10 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let st = self.state();
         let r = (|| {
+            self.check_reach(&st, req, ino.0)?;
             let names: Vec<Vec<u8>> = match self.image_inode(&st, ino.0)? {
                 Some(i) => i.xattrs.iter().map(|(k, _)| k.to_vec()).collect(),
                 None => disk::list_xattrs(&self.path(&st, ino.0)?)

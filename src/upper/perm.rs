@@ -267,6 +267,15 @@ impl Upper {
         self.may_use(&st, &c, n, want)
     }
 
+    /// `EACCES` unless `req`'s caller, if checked, reaches node `n` (readlink(2) and
+    /// listxattr(2) need nothing more: search on the path).
+    pub(super) fn check_reach(&self, st: &State, req: &Request, n: u64) -> Res<()> {
+        match self.checked(req) {
+            Some(c) => self.reach(st, &c, n),
+            None => Ok(()),
+        }
+    }
+
     /// What `c` may do to node `n` ([`R`] | [`W`] | [`X`]), reached by a path.
     pub(super) fn may_use(&self, st: &State, c: &Caller, n: u64, want: u32) -> Res<()> {
         self.reach(st, c, n)?;
