@@ -701,3 +701,18 @@ fn others_read_no_link_target_nor_xattr_names_behind_a_directory_they_cannot_sea
         ],
     );
 }
+
+/// A write by someone else who may write kills a file's setuid bit as Linux does, also when
+/// the file has setgid without group exec (the kernel then asks to keep setgid, which the
+/// write's non-member loses all the same); and chmod by the owner of a directory outside its
+/// group drops setgid there too, as Linux's `setattr_copy` does for every kind of inode.
+#[test]
+fn others_writes_kill_setuid_and_chmod_drops_setgid_on_directories_too() {
+    let out = in_a_users_shared_mount(
+        "t/rw-kill",
+        "echo a > k && chmod 6646 k && (as 65534 sh -c 'echo b >> k' || echo refused) && \
+         stat -c %a k && cat k && mkdir d && chown 65534 d && as 65534 chmod 2755 d && \
+         stat -c %a d",
+    );
+    assert_lines(&out, &["646", "a", "b", "755"]);
+}

@@ -144,14 +144,19 @@ impl Caller {
         let mut mode = c.mode;
         if let Some(m) = c.mode {
             let perm = u32::from(a.perm);
-            // The kernel sends a mode that only drops setuid/setgid when a write or chown by
-            // someone else must clear them: that needs no ownership.
-            let kills = m & 0o7777 == perm & !(libc::S_ISUID | libc::S_ISGID) && m & 0o7777 != perm;
+            // The kernel sends a mode that only drops setuid, setgid or both when a write or
+            // chown by someone else must clear them: that needs no ownership. (With setgid
+            // but no group exec, a write kills setuid alone and asks to keep setgid.)
+            let dropped = perm & !m & 0o7777;
+            let kills = m & 0o7777 & !perm == 0
+                && dropped != 0
+                && dropped & !(libc::S_ISUID | libc::S_ISGID) == 0;
             if self.uid != a.uid && !(kills && self.may(a, W)) {
                 return Err(Errno::EPERM);
             }
+            // Linux's setattr_copy: for every kind of inode, directories included.
             let group = c.gid.unwrap_or(a.gid);
-            if a.kind != FileType::Directory && !self.in_group(group) {
+            if !self.in_group(group) {
                 mode = Some(m & !libc::S_ISGID);
             }
         }
@@ -371,6 +376,16 @@ mod tests {
         assert_eq!(other.setattr(&f, &chmod(0o755)), Err(Errno::EPERM));
         let shared = attr(FileType::RegularFile, 0o2757, 10, 20);
         assert_eq!(other.setattr(&shared, &chmod(0o757)), Ok(Some(0o757)));
+        // A write by someone else to a setuid file with setgid but no group exec: the
+        // kernel asks to drop setuid alone; the writer outside the group loses setgid too.
+        let odd = attr(FileType::RegularFile, 0o6646, 10, 20);
+        assert_eq!(other.setattr(&odd, &chmod(0o2646)), Ok(Some(0o646)));
+        assert_eq!(other.setattr(&odd, &chmod(0o646)), Ok(Some(0o646)));
+        assert_eq!(other.setattr(&odd, &chmod(0o6656)), Err(Errno::EPERM));
+        assert_eq!(other.setattr(&odd, &chmod(0o2606)), Err(Errno::EPERM));
+        // chmod outside the group drops setgid from a directory too.
+        let d = attr(FileType::Directory, 0o755, 10, 20);
+        assert_eq!(owner.setattr(&d, &chmod(0o2755)), Ok(Some(0o755)));
         let times = |a, m| Change {
             atime: a,
             mtime: m,
