@@ -1523,3 +1523,52 @@ fn a_lazy_disk_has_the_bytes_of_a_whole_pulls_export() {
         assert_eq!(first, None, "{reference}: the disks differ");
     }
 }
+
+/// A manifest may name one layer twice (two identical `RUN` steps): its table of contents is
+/// fetched and its layer counted once, as before the tables were fetched at once.
+#[test]
+fn a_layer_named_twice_is_one_lazy_layer() {
+    need("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let a = LayerBuilder::new()
+        .file("etc/twice", b"twice\n")
+        .file("a.bin", &test_bytes(2 << 20, 7))
+        .finish();
+    let b = LayerBuilder::new()
+        .file("b.bin", &test_bytes(2 << 20, 8))
+        .finish();
+    let gz = work.path().join("gz");
+    write_layout(
+        &gz,
+        "v1",
+        &Image::new(vec![
+            (a.clone(), Comp::Gzip),
+            (a, Comp::Gzip),
+            (b, Comp::Gzip),
+        ]),
+    );
+    let zc = work.path().join("zc");
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:v1", gz.display()))
+        .arg(format!("oci:{}:v1", zc.display()))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    reg.push(&zc, "v1", "lazy/twice", None);
+    let reference = format!("{}/lazy/twice:v1", reg.host());
+    let bux = Bux::new();
+    let store = bux_fuse::Store::open(bux.store.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, outcome) = rt
+        .block_on(store.pull_lazy(&reference, &bux_fuse::PullOptions::default(), false))
+        .unwrap();
+    assert_eq!(
+        (outcome.lazy_layers, outcome.chunked_layers),
+        (2, 2),
+        "{outcome:?}"
+    );
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert_eq!(cat(&m.path.join("etc/twice")).unwrap(), b"twice\n");
+}
