@@ -716,3 +716,18 @@ fn others_writes_kill_setuid_and_chmod_drops_setgid_on_directories_too() {
     );
     assert_lines(&out, &["646", "a", "b", "755"]);
 }
+
+/// More directories deep enough to need a descriptor of their own than are kept open (256):
+/// entries in the ones past the limit are made and read all the same, through a descriptor
+/// kept for a directory above them.
+#[test]
+fn more_deep_directories_than_descriptors_kept_all_work() {
+    // 16 names of 250 bytes: 4016 bytes under m/srv, past 4096 with the upper root's path.
+    let out = as_user_with_a_writable_mount(
+        "t/rw-deep-many",
+        "d=m/srv; for i in $(seq 16); do d=$d/$(printf %0250d $i); done; mkdir -p $d && \
+         for i in $(seq 300); do mkdir $d/$i && echo $i > $d/$i/f || break; done; \
+         cat $d/1/f $d/300/f && ls $d | wc -l",
+    );
+    assert_eq!(out, "1\n300\n300\n");
+}

@@ -290,9 +290,14 @@ impl Upper {
             return Ok(through(fd));
         }
         let p = self.path(st, d)?;
-        if !self.node(st, d)?.upper || st.dir_fds.borrow().len() >= DIR_FDS {
-            // Not there to open (or too many kept): the long path, refused by the host.
+        if !self.node(st, d)?.upper {
+            // Not there to open: the long path, refused by the host.
             return Ok(full.map_or(p, Path::to_path_buf));
+        }
+        if st.dir_fds.borrow().len() >= DIR_FDS {
+            // Too many kept: its path through the nearest directory kept above it, which
+            // is as short as the host takes unless that one is a PATH_MAX away.
+            return Ok(p);
         }
         let fd = disk::open_dir_path(&p).map_err(err)?;
         let short = through(&fd);
