@@ -731,3 +731,25 @@ fn more_deep_directories_than_descriptors_kept_all_work() {
     );
     assert_eq!(out, "1\n300\n300\n");
 }
+
+/// A POSIX access ACL decides for other users as in the kernel: with a mask, the owning
+/// group's entry (not the mode's group bits, which show the mask) decides for its members, and
+/// a named user's entry (within the mask) for that user.
+#[test]
+fn others_are_checked_against_a_files_access_acl() {
+    need("python3");
+    // version 2; user::rw- group::--- user:65534:rw- mask::rw- other::---
+    let set_acl = "import os, struct; \
+        e = [(1, 6, 0xffffffff), (2, 6, 65534), (4, 0, 0xffffffff), (0x10, 6, 0xffffffff), \
+             (0x20, 0, 0xffffffff)]; \
+        os.setxattr('s', 'system.posix_acl_access', \
+                    struct.pack('<I', 2) + b''.join(struct.pack('<HHI', *x) for x in e))";
+    let out = in_a_users_shared_mount(
+        "t/rw-acl",
+        &format!(
+            "echo secret > s && chgrp 65533 s && python3 -c \"{set_acl}\" && chmod 660 s && \
+             (as 65533 cat s || true) && as 65534 cat s"
+        ),
+    );
+    assert_lines(&out, &["s: Permission denied", "secret"]);
+}

@@ -1008,7 +1008,7 @@ impl Upper {
             None => self.may_change_in(st, c, newparent)?,
         }
         if is_dir && parent != newparent {
-            c.need(&self.attr(st, n)?, perm::W)?;
+            self.need_node(st, c, n, perm::W)?;
         }
         Ok(())
     }
