@@ -753,3 +753,32 @@ fn others_are_checked_against_a_files_access_acl() {
     );
     assert_lines(&out, &["s: Permission denied", "secret"]);
 }
+
+/// Only a file's owner sets its ACL (EPERM for others, as set_posix_acl(9) says): another
+/// user who reaches a file cannot grant themselves access through a named-user entry.
+#[test]
+fn others_cannot_set_the_acl_of_a_file_they_do_not_own() {
+    need("python3");
+    // version 2; user::rw- user:65534:rw- group::rw- mask::rw- other::---
+    let set_acl = "import os, struct; \
+        e = [(1, 6, 0xffffffff), (2, 6, 65534), (4, 6, 0xffffffff), (0x10, 6, 0xffffffff), \
+             (0x20, 0, 0xffffffff)]; \
+        os.setxattr('s', 'system.posix_acl_access', \
+                    struct.pack('<I', 2) + b''.join(struct.pack('<HHI', *x) for x in e))";
+    let out = in_a_users_shared_mount(
+        "t/rw-setacl",
+        &format!(
+            "echo secret > s && chmod 660 s && \
+             (as 65534 python3 -c \"{set_acl}\" 2>&1 | tail -1) && (as 65534 cat s || true) && \
+             python3 -c \"{set_acl}\" && as 65534 cat s"
+        ),
+    );
+    assert_lines(
+        &out,
+        &[
+            "PermissionError*Operation not permitted",
+            "s: Permission denied",
+            "secret",
+        ],
+    );
+}
