@@ -686,3 +686,39 @@ fn an_export_never_writes_through_a_planted_temporary_name() {
         assert!(std::fs::symlink_metadata(p).unwrap().is_symlink());
     }
 }
+
+/// An export that runs out of space (a 1 MiB tmpfs for a 5 MiB file's image) fails in one
+/// line and leaves nothing in the directory: neither the file nor its temporary.
+#[test]
+fn an_export_out_of_space_fails_in_one_line_and_leaves_nothing() {
+    need("unshare");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &sample_image());
+    reg.push(&layout, "t", "test/export-full", None);
+    let r = format!("{}/test/export-full:t", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let small = work.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs {small} && \
+         {bin} --store {store} -q export --erofs {r} {small}/out.erofs; \
+         echo rc=$?; ls -A {small} | wc -l",
+        small = small.display(),
+        bin = env!("CARGO_BIN_EXE_bux-fuse"),
+        store = bux.store.path().display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "rc=1\n0\n", "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+}
