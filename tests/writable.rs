@@ -446,6 +446,12 @@ fn an_upper_reached_through_a_symlink_is_still_in_use() {
 /// command as another uid (gid the same, no other groups); `owner CMD...` as the mount's owner.
 /// Runs in a private mount namespace whose /etc/fuse.conf allows `user_allow_other`.
 fn in_a_users_shared_mount(repo: &str, script: &str) -> String {
+    in_a_users_shared_mount_with(repo, "true", "", script)
+}
+
+/// [`in_a_users_shared_mount`], running `setup` (sh, as root, in the user's home, before the
+/// mount; `$HOME_DIR` names it) and passing `extra` to the mount command.
+fn in_a_users_shared_mount_with(repo: &str, setup: &str, extra: &str, script: &str) -> String {
     need("unshare");
     need("setpriv");
     let reg = Registry::start();
@@ -466,8 +472,8 @@ fn in_a_users_shared_mount(repo: &str, script: &str) -> String {
     let m = user.home().join("m");
     let full = format!(
         "export PATH=/usr/sbin:/usr/bin:/sbin:/bin && \
-         mount --bind {conf} /etc/fuse.conf && cd {home} && \
-         {owner} {bin} -q mount --writable --allow-other {r} m && cd m && \
+         mount --bind {conf} /etc/fuse.conf && cd {home} && HOME_DIR={home} && ( {setup} ) && \
+         {owner} {bin} -q mount --writable --allow-other {extra} {r} m && cd m && \
          as() {{ u=$1; shift; setpriv --reuid=$u --regid=$u --clear-groups \"$@\"; }} && \
          owner() {{ {owner} \"$@\"; }} && \
          ( {script} ) 2>&1; cd / && {owner} {bin} umount {m}",
@@ -781,4 +787,19 @@ fn others_cannot_set_the_acl_of_a_file_they_do_not_own() {
             "secret",
         ],
     );
+}
+
+/// A rename another user may not make is refused before the file's bytes are copied up for
+/// it: with the upper layer on a 1 MiB filesystem, moving the image's 3 MiB file out of a
+/// directory the caller cannot write says EACCES, not ENOSPC (the copy was made, then
+/// thrown away, for a request that was never allowed).
+#[test]
+fn others_are_refused_a_rename_before_anything_is_copied_for_it() {
+    let out = in_a_users_shared_mount_with(
+        "t/rw-rename-first",
+        "mkdir small && mount -t tmpfs -o size=1m,mode=0777 tmpfs small",
+        "--upper $HOME_DIR/small/upper",
+        "(as 65534 mv etc/big etc/big2 || true) && ls etc | grep -c big",
+    );
+    assert_lines(&out, &["cannot move*Permission denied", "1"]);
 }
