@@ -4,9 +4,9 @@
 # through bux-fuse, and unmounts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh
-cargo build --release --locked
-bux=$PWD/target/release/bux-fuse
+bash scripts/setup.sh demo
+cargo build --release --locked --bin bux-fuse
+bux=${CARGO_TARGET_DIR:-$PWD/target}/release/bux-fuse
 work=$PWD/target/demo
 rm -rf "$work"; mkdir -p "$work"
 export BUX_FUSE_HOME=$work/store

@@ -2,11 +2,14 @@
 # Installs what bux-fuse needs on a fresh Debian/Ubuntu machine: FUSE tools, the reference
 # registry, image tools used as independent oracles in tests (umoci, skopeo, fsck.erofs; containerd
 # and stargz-snapshotter's ctr-remote as the eStargz producer), and busybox for sample images.
+# `setup.sh demo`: only what scripts/demo.sh needs, no test tools (qemu, containerd, ...) and no
+# virtiofsd build: a new user's first command waits on every package and build here.
 set -euo pipefail
+mode=${1:-all}
 
-pkgs=(fuse3 docker-registry skopeo umoci apache2-utils busybox-static python3 ca-certificates
-      qemu-system-x86 cpio lz4 zstd libcap-ng-dev libseccomp-dev
-      util-linux coreutils attr erofs-utils containerd stargz-snapshotter)
+pkgs=(fuse3 docker-registry skopeo umoci busybox-static python3 ca-certificates)
+[ "$mode" = demo ] || pkgs+=(apache2-utils qemu-system-x86 cpio lz4 zstd libcap-ng-dev
+  libseccomp-dev util-linux coreutils attr erofs-utils containerd stargz-snapshotter)
 missing=()
 for p in "${pkgs[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -32,7 +35,7 @@ if [ "$(stat -c %a /dev/fuse)" != 666 ] && [ "$(id -u)" = 0 ]; then
 fi
 # The Rust virtiofsd (one worker thread, like libkrun's server) for the lazy VM test.
 root=$(cd "$(dirname "$0")/.." && pwd)
-if [ ! -x "$root/target/virtiofsd/bin/virtiofsd" ]; then
+if [ "$mode" != demo ] && [ ! -x "$root/target/virtiofsd/bin/virtiofsd" ]; then
   echo "setup: building the Rust virtiofsd (crates.io) into target/virtiofsd"
   cargo install --quiet --locked --root "$root/target/virtiofsd" virtiofsd
 fi

@@ -1489,3 +1489,86 @@ fn a_disk_read_waiting_for_the_registry_holds_up_nothing_else() {
     let tail = reader.join().unwrap().unwrap();
     assert!(tail.iter().any(|b| *b != 0), "the file data read as zeros");
 }
+
+/// One manifest, one disk: a lazy `mount --disk` (from a published index, and from
+/// zstd:chunked tables of contents) serves byte for byte what `export --erofs` of a whole pull
+/// in another store writes.
+#[test]
+fn a_lazy_disk_has_the_bytes_of_a_whole_pulls_export() {
+    need("skopeo");
+    let s = setup();
+    let work = tempfile::tempdir().unwrap();
+    let zc = work.path().join("zc");
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:v1", s.layout.path().display()))
+        .arg(format!("oci:{}:v1", zc.display()))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    s.reg.push(&zc, "v1", "lazy/disk-chunked", None);
+    let chunked = format!("{}/lazy/disk-chunked:v1", s.reg.host());
+    for reference in [&s.pinned, &chunked] {
+        let whole = Bux::new();
+        let file = work.path().join("whole.erofs");
+        whole.ok(&["export", "--erofs", reference, file.to_str().unwrap()]);
+        let want = std::fs::read(&file).unwrap();
+        let bux = Bux::new();
+        let (m, stderr) = lazy_mount(&bux, reference, &["--disk", "--prefetch", "none"]);
+        assert!(!stderr.contains("pulled whole"), "{stderr}");
+        let got = std::fs::read(m.path.join("root.erofs"))
+            .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+        assert_eq!(got.len(), want.len(), "{reference}");
+        let first = got.iter().zip(&want).position(|(a, b)| a != b);
+        assert_eq!(first, None, "{reference}: the disks differ");
+    }
+}
+
+/// A manifest may name one layer twice (two identical `RUN` steps): its table of contents is
+/// fetched and its layer counted once, as before the tables were fetched at once.
+#[test]
+fn a_layer_named_twice_is_one_lazy_layer() {
+    need("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let a = LayerBuilder::new()
+        .file("etc/twice", b"twice\n")
+        .file("a.bin", &test_bytes(2 << 20, 7))
+        .finish();
+    let b = LayerBuilder::new()
+        .file("b.bin", &test_bytes(2 << 20, 8))
+        .finish();
+    let gz = work.path().join("gz");
+    write_layout(
+        &gz,
+        "v1",
+        &Image::new(vec![
+            (a.clone(), Comp::Gzip),
+            (a, Comp::Gzip),
+            (b, Comp::Gzip),
+        ]),
+    );
+    let zc = work.path().join("zc");
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:v1", gz.display()))
+        .arg(format!("oci:{}:v1", zc.display()))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    reg.push(&zc, "v1", "lazy/twice", None);
+    let reference = format!("{}/lazy/twice:v1", reg.host());
+    let bux = Bux::new();
+    let store = bux_fuse::Store::open(bux.store.path()).unwrap();
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_, outcome) = rt
+        .block_on(store.pull_lazy(&reference, &bux_fuse::PullOptions::default(), false))
+        .unwrap();
+    assert_eq!(
+        (outcome.lazy_layers, outcome.chunked_layers),
+        (2, 2),
+        "{outcome:?}"
+    );
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert_eq!(cat(&m.path.join("etc/twice")).unwrap(), b"twice\n");
+}

@@ -645,3 +645,80 @@ fn a_library_disk_mount_names_its_disk_for_the_vmm() {
     };
     assert!(e.to_string().contains("a disk is read-only"), "{e}");
 }
+
+/// `export` writes through a temporary file beside its target, in what may be a shared
+/// directory (/tmp): a name there planted ahead (a symlink to a victim, at the temporary name
+/// a pid predicts) is neither followed nor truncated, and the export still succeeds.
+#[test]
+fn an_export_never_writes_through_a_planted_temporary_name() {
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &sample_image());
+    reg.push(&layout, "t", "test/export-tmp", None);
+    let r = format!("{}/test/export-tmp:t", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let store = bux_fuse::Store::open(bux.store.path()).unwrap();
+    let victim = work.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let pid = std::process::id();
+    let planted: Vec<_> = [format!(".out.erofs.tmp-{pid}")]
+        .into_iter()
+        .chain((0..4).map(|k| format!(".out.erofs.tmp-{pid}-{k}")))
+        .map(|n| work.path().join(n))
+        .collect();
+    for p in &planted {
+        std::os::unix::fs::symlink(&victim, p).unwrap();
+    }
+    let out = work.path().join("out.erofs");
+    let len =
+        bux_fuse::disk::export(&store, &r, &out, &Default::default(), &mut |_, _| {}).unwrap();
+    let v = std::fs::read(&victim).unwrap();
+    assert!(
+        v == b"precious",
+        "the victim was written: {} bytes",
+        v.len()
+    );
+    let md = std::fs::symlink_metadata(&out).unwrap();
+    assert!(md.is_file() && md.len() == len, "{md:?}");
+    for p in &planted {
+        assert!(std::fs::symlink_metadata(p).unwrap().is_symlink());
+    }
+}
+
+/// An export that runs out of space (a 1 MiB tmpfs for a 5 MiB file's image) fails in one
+/// line and leaves nothing in the directory: neither the file nor its temporary.
+#[test]
+fn an_export_out_of_space_fails_in_one_line_and_leaves_nothing() {
+    need("unshare");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let layout = work.path().join("layout");
+    write_layout(&layout, "t", &sample_image());
+    reg.push(&layout, "t", "test/export-full", None);
+    let r = format!("{}/test/export-full:t", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let small = work.path().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let script = format!(
+        "mount -t tmpfs -o size=1m tmpfs {small} && \
+         {bin} --store {store} -q export --erofs {r} {small}/out.erofs; \
+         echo rc=$?; ls -A {small} | wc -l",
+        small = small.display(),
+        bin = env!("CARGO_BIN_EXE_bux-fuse"),
+        store = bux.store.path().display(),
+    );
+    let out = std::process::Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c", &script])
+        .output()
+        .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert_eq!(stdout, "rc=1\n0\n", "{stderr}");
+    assert_eq!(stderr.trim_end().lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+}

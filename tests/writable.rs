@@ -446,6 +446,12 @@ fn an_upper_reached_through_a_symlink_is_still_in_use() {
 /// command as another uid (gid the same, no other groups); `owner CMD...` as the mount's owner.
 /// Runs in a private mount namespace whose /etc/fuse.conf allows `user_allow_other`.
 fn in_a_users_shared_mount(repo: &str, script: &str) -> String {
+    in_a_users_shared_mount_with(repo, "true", "", script)
+}
+
+/// [`in_a_users_shared_mount`], running `setup` (sh, as root, in the user's home, before the
+/// mount; `$HOME_DIR` names it) and passing `extra` to the mount command.
+fn in_a_users_shared_mount_with(repo: &str, setup: &str, extra: &str, script: &str) -> String {
     need("unshare");
     need("setpriv");
     let reg = Registry::start();
@@ -466,8 +472,8 @@ fn in_a_users_shared_mount(repo: &str, script: &str) -> String {
     let m = user.home().join("m");
     let full = format!(
         "export PATH=/usr/sbin:/usr/bin:/sbin:/bin && \
-         mount --bind {conf} /etc/fuse.conf && cd {home} && \
-         {owner} {bin} -q mount --writable --allow-other {r} m && cd m && \
+         mount --bind {conf} /etc/fuse.conf && cd {home} && HOME_DIR={home} && ( {setup} ) && \
+         {owner} {bin} -q mount --writable --allow-other {extra} {r} m && cd m && \
          as() {{ u=$1; shift; setpriv --reuid=$u --regid=$u --clear-groups \"$@\"; }} && \
          owner() {{ {owner} \"$@\"; }} && \
          ( {script} ) 2>&1; cd / && {owner} {bin} umount {m}",
@@ -671,4 +677,129 @@ fn an_unlinked_open_file_has_no_link_left() {
          print(os.fstat(f.fileno()).st_nlink, os.fstat(g.fileno()).st_nlink)'",
     );
     assert_eq!(out, "0 0\n");
+}
+
+/// readlink(2) and listxattr(2) need search permission on every directory of the path like
+/// every other request, also where the kernel has the names cached (it sends the operation
+/// alone; it caches no symlink target, so a check in the server holds each time).
+#[test]
+fn others_read_no_link_target_nor_xattr_names_behind_a_directory_they_cannot_search() {
+    need("python3");
+    let out = in_a_users_shared_mount(
+        "t/rw-readlink",
+        "mkdir -m 700 p && ln -s secret-target p/l && touch p/f && \
+         python3 -c 'import os; os.setxattr(\"p/f\", \"user.secret\", b\"x\")' && \
+         readlink p/l && python3 -c 'import os; print(os.listxattr(\"p/f\"))' && \
+         (as 65534 readlink p/l || echo refused) && \
+         (as 65534 python3 -c 'import os; print(os.listxattr(\"p/f\"))' 2>&1 | tail -1) && \
+         chmod 711 p && as 65534 readlink p/l && \
+         as 65534 python3 -c 'import os; print(os.listxattr(\"p/f\"))'",
+    );
+    assert_lines(
+        &out,
+        &[
+            "secret-target",
+            "['user.secret']",
+            "refused",
+            "PermissionError",
+            "secret-target",
+            "['user.secret']",
+        ],
+    );
+}
+
+/// A write by someone else who may write kills a file's setuid bit as Linux does, also when
+/// the file has setgid without group exec (the kernel then asks to keep setgid, which the
+/// write's non-member loses all the same); and chmod by the owner of a directory outside its
+/// group drops setgid there too, as Linux's `setattr_copy` does for every kind of inode.
+#[test]
+fn others_writes_kill_setuid_and_chmod_drops_setgid_on_directories_too() {
+    let out = in_a_users_shared_mount(
+        "t/rw-kill",
+        "echo a > k && chmod 6646 k && (as 65534 sh -c 'echo b >> k' || echo refused) && \
+         stat -c %a k && cat k && mkdir d && chown 65534 d && as 65534 chmod 2755 d && \
+         stat -c %a d",
+    );
+    assert_lines(&out, &["646", "a", "b", "755"]);
+}
+
+/// More directories deep enough to need a descriptor of their own than are kept open (256):
+/// entries in the ones past the limit are made and read all the same, through a descriptor
+/// kept for a directory above them.
+#[test]
+fn more_deep_directories_than_descriptors_kept_all_work() {
+    // 16 names of 250 bytes: 4016 bytes under m/srv, past 4096 with the upper root's path.
+    let out = as_user_with_a_writable_mount(
+        "t/rw-deep-many",
+        "d=m/srv; for i in $(seq 16); do d=$d/$(printf %0250d $i); done; mkdir -p $d && \
+         for i in $(seq 300); do mkdir $d/$i && echo $i > $d/$i/f || break; done; \
+         cat $d/1/f $d/300/f && ls $d | wc -l",
+    );
+    assert_eq!(out, "1\n300\n300\n");
+}
+
+/// A POSIX access ACL decides for other users as in the kernel: with a mask, the owning
+/// group's entry (not the mode's group bits, which show the mask) decides for its members, and
+/// a named user's entry (within the mask) for that user.
+#[test]
+fn others_are_checked_against_a_files_access_acl() {
+    need("python3");
+    // version 2; user::rw- group::--- user:65534:rw- mask::rw- other::---
+    let set_acl = "import os, struct; \
+        e = [(1, 6, 0xffffffff), (2, 6, 65534), (4, 0, 0xffffffff), (0x10, 6, 0xffffffff), \
+             (0x20, 0, 0xffffffff)]; \
+        os.setxattr('s', 'system.posix_acl_access', \
+                    struct.pack('<I', 2) + b''.join(struct.pack('<HHI', *x) for x in e))";
+    let out = in_a_users_shared_mount(
+        "t/rw-acl",
+        &format!(
+            "echo secret > s && chgrp 65533 s && python3 -c \"{set_acl}\" && chmod 660 s && \
+             (as 65533 cat s || true) && as 65534 cat s"
+        ),
+    );
+    assert_lines(&out, &["s: Permission denied", "secret"]);
+}
+
+/// Only a file's owner sets its ACL (EPERM for others, as set_posix_acl(9) says): another
+/// user who reaches a file cannot grant themselves access through a named-user entry.
+#[test]
+fn others_cannot_set_the_acl_of_a_file_they_do_not_own() {
+    need("python3");
+    // version 2; user::rw- user:65534:rw- group::rw- mask::rw- other::---
+    let set_acl = "import os, struct; \
+        e = [(1, 6, 0xffffffff), (2, 6, 65534), (4, 6, 0xffffffff), (0x10, 6, 0xffffffff), \
+             (0x20, 0, 0xffffffff)]; \
+        os.setxattr('s', 'system.posix_acl_access', \
+                    struct.pack('<I', 2) + b''.join(struct.pack('<HHI', *x) for x in e))";
+    let out = in_a_users_shared_mount(
+        "t/rw-setacl",
+        &format!(
+            "echo secret > s && chmod 660 s && \
+             (as 65534 python3 -c \"{set_acl}\" 2>&1 | tail -1) && (as 65534 cat s || true) && \
+             python3 -c \"{set_acl}\" && as 65534 cat s"
+        ),
+    );
+    assert_lines(
+        &out,
+        &[
+            "PermissionError*Operation not permitted",
+            "s: Permission denied",
+            "secret",
+        ],
+    );
+}
+
+/// A rename another user may not make is refused before the file's bytes are copied up for
+/// it: with the upper layer on a 1 MiB filesystem, moving the image's 3 MiB file out of a
+/// directory the caller cannot write says EACCES, not ENOSPC (the copy was made, then
+/// thrown away, for a request that was never allowed).
+#[test]
+fn others_are_refused_a_rename_before_anything_is_copied_for_it() {
+    let out = in_a_users_shared_mount_with(
+        "t/rw-rename-first",
+        "mkdir small && mount -t tmpfs -o size=1m,mode=0777 tmpfs small",
+        "--upper $HOME_DIR/small/upper",
+        "(as 65534 mv etc/big etc/big2 || true) && ls etc | grep -c big",
+    );
+    assert_lines(&out, &["cannot move*Permission denied", "1"]);
 }

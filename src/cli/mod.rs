@@ -102,6 +102,26 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
         .context("starting async runtime")
 }
 
+/// Opens the store and pulls `reference` as `pull` asks, its progress printed and ended (with
+/// `--timings`, the moment it was done) before this returns; the store budget is the
+/// command's to keep afterwards.
+fn pull_for_command(
+    store_arg: &Option<PathBuf>,
+    reference: &str,
+    pull: &PullArgs,
+) -> Result<(Store, crate::PulledImage, Option<u64>)> {
+    let store = open_store(store_arg)?;
+    let opts = pull.options(false)?;
+    let budget = budget(&store, pull.max_store_size.as_deref())?;
+    let image = runtime()?.block_on(store.pull(reference, &opts))?;
+    // The progress bars end (their last line completed) before anything else is printed.
+    drop(opts);
+    if pull.timings && !pull.quiet {
+        eprintln!("{:>8.3} s  pulled", since_start());
+    }
+    Ok((store, image, budget))
+}
+
 fn run(cli: Cli) -> Result<()> {
     let store_arg = cli.store.clone();
     let quiet = cli.quiet;
@@ -111,15 +131,7 @@ fn run(cli: Cli) -> Result<()> {
             mut pull,
         } => {
             pull.quiet = quiet;
-            let store = open_store(&store_arg)?;
-            let opts = pull.options(false)?;
-            let budget = budget(&store, pull.max_store_size.as_deref())?;
-            let image = runtime()?.block_on(store.pull(&reference, &opts))?;
-            // The progress bars end (their last line completed) before the result is printed.
-            drop(opts);
-            if pull.timings && !pull.quiet {
-                eprintln!("{:>8.3} s  pulled", since_start());
-            }
+            let (store, image, budget) = pull_for_command(&store_arg, &reference, &pull)?;
             if !pull.quiet {
                 println!("{} {}", image.reference, image.manifest_digest);
             }
@@ -132,11 +144,7 @@ fn run(cli: Cli) -> Result<()> {
             mut pull,
         } => {
             pull.quiet = quiet;
-            let store = open_store(&store_arg)?;
-            let opts = pull.options(false)?;
-            let budget = budget(&store, pull.max_store_size.as_deref())?;
-            let image = runtime()?.block_on(store.pull(&reference, &opts))?;
-            drop(opts);
+            let (store, image, budget) = pull_for_command(&store_arg, &reference, &pull)?;
             let mopts = crate::MountOptions {
                 registry: pull.options(false)?.registry,
                 ..Default::default()

@@ -2,7 +2,7 @@
 //! check that the served disk is what it should be (both come from [`read_disk`]).
 
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use super::Disk;
@@ -45,13 +45,8 @@ pub fn export(
     let name = path
         .file_name()
         .ok_or_else(|| failed("not a file name".into()))?;
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp-{}",
-        name.to_string_lossy(),
-        std::process::id()
-    ));
+    let (file, tmp) = create_beside(path, name).map_err(|e| failed(e.to_string()))?;
     let written = (|| -> std::io::Result<()> {
-        let file = std::fs::File::create(&tmp)?;
         // Zeros throughout (holes): padding, and sparse files' holes, are never written.
         file.set_len(disk.len())?;
         file.write_all_at(disk.head(), 0)?;
@@ -89,6 +84,30 @@ pub fn export(
         return Err(failed(e.to_string()));
     }
     Ok(disk.len())
+}
+
+/// A new, empty file beside `path` (named after `name`, its file name) that nothing else
+/// made: created with `O_EXCL`, so a name taken already — a symlink planted in a shared
+/// directory, say — is never followed nor truncated, and another name is tried.
+fn create_beside(path: &Path, name: &std::ffi::OsStr) -> std::io::Result<(std::fs::File, PathBuf)> {
+    let mut last = None;
+    for k in 0..100u32 {
+        let tmp = path.with_file_name(format!(
+            ".{}.tmp-{}-{k}",
+            name.to_string_lossy(),
+            std::process::id()
+        ));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .open(&tmp)
+        {
+            Ok(f) => return Ok((f, tmp)),
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free temporary name")))
 }
 
 /// The parts of a file that hold data: all of it, or a sparse file's extents (its holes stay

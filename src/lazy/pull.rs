@@ -321,9 +321,13 @@ impl Store {
         // Every layer's table at once: a round trip or two each, which one after another
         // cost a slow link's latency per layer before the mount is live. zstd:chunked tables
         // (megabytes of JSON for a large layer) are decoded off the async threads.
+        // A layer the manifest names twice is fetched and served once (as when a loop did
+        // this one layer after another and found the second in `lazy`).
+        let mut seen = std::collections::HashSet::new();
         let fetches: Vec<_> = r
             .jobs
             .iter()
+            .filter(|job| seen.insert(job.digest))
             .filter(|job| {
                 !(lazy.iter().any(|(l, _)| *l == job.digest)
                     || (self.index_path(&job.digest).exists()

@@ -18,6 +18,7 @@ pub(super) async fn exchange(
         reference: registry.to_string(),
         detail,
     };
+    super::install_crypto_provider();
     let http = reqwest::Client::builder()
         .timeout(std::time::Duration::from_secs(30))
         .build()

@@ -115,7 +115,19 @@ pub struct Registry {
     holding: held::Holding,
 }
 
+/// Installs ring as rustls' process-wide crypto provider, unless one is already: this crate's
+/// HTTP clients (oci-client's, reqwest's) are built without a provider of their own, and every one
+/// is made after this call. A program that installs its own provider first keeps it.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // An error means another provider is installed, which serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
 fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
+    install_crypto_provider();
     ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain),
         connect_timeout: Some(t.connect),

@@ -48,6 +48,7 @@ impl Redirects {
         basic: Option<(String, String)>,
         connect_timeout: Duration,
     ) -> Redirects {
+        super::install_crypto_provider();
         let client = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
             .connect_timeout(connect_timeout)

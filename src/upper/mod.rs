@@ -290,9 +290,14 @@ impl Upper {
             return Ok(through(fd));
         }
         let p = self.path(st, d)?;
-        if !self.node(st, d)?.upper || st.dir_fds.borrow().len() >= DIR_FDS {
-            // Not there to open (or too many kept): the long path, refused by the host.
+        if !self.node(st, d)?.upper {
+            // Not there to open: the long path, refused by the host.
             return Ok(full.map_or(p, Path::to_path_buf));
+        }
+        if st.dir_fds.borrow().len() >= DIR_FDS {
+            // Too many kept: its path through the nearest directory kept above it, which
+            // is as short as the host takes unless that one is a PATH_MAX away.
+            return Ok(p);
         }
         let fd = disk::open_dir_path(&p).map_err(err)?;
         let short = through(&fd);
@@ -963,8 +968,7 @@ impl Upper {
     fn do_link(&self, c: Option<&Caller>, n: u64, newparent: u64, newname: &[u8]) -> Res<FileAttr> {
         let mut st = self.state();
         if let Some(c) = c {
-            self.reach(&st, c, n)?;
-            self.may_create(&mut st, c, newparent, newname)?;
+            self.check_link(&mut st, c, n, newparent, newname)?;
         }
         if self.attr(&st, n)?.kind == FileType::Directory {
             return Err(Errno::EPERM);
@@ -1003,9 +1007,40 @@ impl Upper {
             None => self.may_change_in(st, c, newparent)?,
         }
         if is_dir && parent != newparent {
-            c.need(&self.attr(st, n)?, perm::W)?;
+            self.need_node(st, c, n, perm::W)?;
         }
         Ok(())
+    }
+
+    /// Everything rename checks of `c` (see [`Upper::may_rename`]), searches first.
+    fn check_rename(
+        &self,
+        st: &mut State,
+        c: &Caller,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+    ) -> Res<()> {
+        self.search(st, c, parent)?;
+        self.search(st, c, newparent)?;
+        let n = self.child(st, parent, name)?.ok_or(Errno::ENOENT)?;
+        let is_dir = self.attr(st, n)?.kind == FileType::Directory;
+        self.may_rename(st, c, (parent, n), newparent, newname, is_dir)
+    }
+
+    /// Everything link checks of `c`: reaching node `n`, and creating `newname` in
+    /// `newparent`.
+    fn check_link(
+        &self,
+        st: &mut State,
+        c: &Caller,
+        n: u64,
+        newparent: u64,
+        newname: &[u8],
+    ) -> Res<()> {
+        self.reach(st, c, n)?;
+        self.may_create(st, c, newparent, newname)
     }
 
     /// The node `name` in `parent` resolves to, if any.
@@ -1032,14 +1067,10 @@ impl Upper {
         }
         let mut st = self.state();
         if let Some(c) = c {
-            self.search(&st, c, parent)?;
-            self.search(&st, c, newparent)?;
+            self.check_rename(&mut st, c, parent, name, newparent, newname)?;
         }
         let n = self.child(&mut st, parent, name)?.ok_or(Errno::ENOENT)?;
         let is_dir = self.attr(&st, n)?.kind == FileType::Directory;
-        if let Some(c) = c {
-            self.may_rename(&mut st, c, (parent, n), newparent, newname, is_dir)?;
-        }
         self.whiteout_fits(&st, parent, name)?;
         // The entry replaced, if any. It needs no whiteout, whatever its name's length: the
         // moved entry hides the image's.

@@ -116,9 +116,11 @@ impl Filesystem for UpperFs {
         )
     }
 
-    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+    fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
         let st = self.state();
         let r = (|| {
+            // The kernel caches no target (no FUSE_CACHE_SYMLINKS): checked at each request.
+            self.check_reach(&st, req, ino.0)?;
             if let Some(i) = self.image_inode(&st, ino.0)? {
                 return match &i.data {
                     NodeData::Symlink(t) => Ok(t.to_vec()),
@@ -254,6 +256,16 @@ impl Filesystem for UpperFs {
         let moved = self.named(parent.0, name.as_bytes());
         let (name, newname) = (name.as_bytes().to_vec(), newname.as_bytes().to_vec());
         let c = self.checked(req);
+        // Checked before the copy too: a rename never allowed copies nothing.
+        if let (Some(c), Some(n)) = (&c, moved) {
+            if self.copies_bytes(n) {
+                let r =
+                    self.check_rename(&mut self.state(), c, parent.0, &name, newparent.0, &newname);
+                if let Err(e) = r {
+                    return reply.error(e);
+                }
+            }
+        }
         let rename = move |fs: &Upper, reply: ReplyEmpty| match fs.do_rename(
             c.as_ref(),
             parent.0,
@@ -285,6 +297,12 @@ impl Filesystem for UpperFs {
         let n = ino.0;
         let newname = newname.as_bytes().to_vec();
         let c = self.checked(req);
+        // Checked before the copy too: a link never allowed copies nothing.
+        if let (Some(c), true) = (&c, self.copies_bytes(n)) {
+            if let Err(e) = self.check_link(&mut self.state(), c, n, newparent.0, &newname) {
+                return reply.error(e);
+            }
+        }
         let link = move |fs: &Upper, staged: Res<()>, reply: ReplyEntry| match staged
             .and_then(|()| fs.do_link(c.as_ref(), n, newparent.0, &newname))
         {
@@ -621,9 +639,10 @@ impl Filesystem for UpperFs {
         }
     }
 
-    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+    fn listxattr(&self, req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
         let st = self.state();
         let r = (|| {
+            self.check_reach(&st, req, ino.0)?;
             let names: Vec<Vec<u8>> = match self.image_inode(&st, ino.0)? {
                 Some(i) => i.xattrs.iter().map(|(k, _)| k.to_vec()).collect(),
                 None => disk::list_xattrs(&self.path(&st, ino.0)?)

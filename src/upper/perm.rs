@@ -77,7 +77,56 @@ impl Caller {
 
     /// `EACCES` unless [`Caller::may`].
     pub fn need(&self, a: &FileAttr, want: u32) -> Result<(), Errno> {
-        match self.may(a, want) {
+        self.need_with(a, None, want)
+    }
+
+    /// [`Caller::may`] for a file with access ACL `acl` (`system.posix_acl_access` as the
+    /// kernel stores it), decided as the kernel's `posix_acl_permission` does. The entries a
+    /// chmod rewrites (owner, mask or owning group, other) are taken from the mode, which
+    /// chmod(2) here changes without the stored ACL.
+    pub fn may_with(&self, a: &FileAttr, acl: Option<&[u8]>, want: u32) -> bool {
+        if self.privileged() {
+            return self.may(a, want);
+        }
+        let Some(entries) = acl.and_then(acl_entries) else {
+            return self.may(a, want);
+        };
+        let perm = u32::from(a.perm);
+        let mask = entries
+            .iter()
+            .any(|e| e.0 == ACL_MASK)
+            .then_some((perm >> 3) & 7);
+        if self.uid == a.uid {
+            return (perm >> 6) & want == want;
+        }
+        let within = |p: u32| p & mask.unwrap_or(7) & want == want;
+        if let Some(e) = entries.iter().find(|e| e.0 == ACL_USER && e.2 == self.uid) {
+            return within(e.1);
+        }
+        let mut found = false;
+        for &(tag, p, id) in &entries {
+            let p = match tag {
+                ACL_GROUP_OBJ if mask.is_none() => (perm >> 3) & 7,
+                _ => p,
+            };
+            let member = match tag {
+                ACL_GROUP_OBJ => self.in_group(a.gid),
+                ACL_GROUP => self.in_group(id),
+                _ => false,
+            };
+            if member {
+                found = true;
+                if p & want == want {
+                    return within(p);
+                }
+            }
+        }
+        !found && perm & 7 & want == want
+    }
+
+    /// `EACCES` unless [`Caller::may_with`].
+    pub fn need_with(&self, a: &FileAttr, acl: Option<&[u8]>, want: u32) -> Result<(), Errno> {
+        match self.may_with(a, acl, want) {
             true => Ok(()),
             false => Err(Errno::EACCES),
         }
@@ -92,6 +141,33 @@ impl Caller {
         }
         Ok(())
     }
+}
+
+const ACL_USER: u16 = 0x02;
+const ACL_GROUP_OBJ: u16 = 0x04;
+const ACL_GROUP: u16 = 0x08;
+const ACL_MASK: u16 = 0x10;
+/// The xattr of a file's access ACL.
+const ACL_ACCESS: &[u8] = b"system.posix_acl_access";
+
+/// An access ACL's entries (tag, permission bits, id), or `None` for a value that is not one
+/// (the mode bits then decide).
+fn acl_entries(v: &[u8]) -> Option<Vec<(u16, u32, u32)>> {
+    let (version, rest) = v.split_at_checked(4)?;
+    if version != 2u32.to_le_bytes() || rest.len() % 8 != 0 || rest.is_empty() {
+        return None;
+    }
+    Some(
+        rest.chunks_exact(8)
+            .map(|e| {
+                (
+                    u16::from_le_bytes([e[0], e[1]]),
+                    u32::from(u16::from_le_bytes([e[2], e[3]])) & 7,
+                    u32::from_le_bytes([e[4], e[5], e[6], e[7]]),
+                )
+            })
+            .collect(),
+    )
 }
 
 /// The supplementary groups of process (or thread) `pid`, from its `Groups:` line; none if it
@@ -127,7 +203,18 @@ impl Caller {
     /// Checks a setattr of `a` as Linux's chown(2), chmod(2), truncate(2) and utimensat(2) do
     /// (in that order), and returns the mode to set: chmod by someone outside the file's
     /// group drops its setgid bit.
+    #[cfg(test)]
     pub fn setattr(&self, a: &FileAttr, c: &Change) -> Result<Option<u32>, Errno> {
+        self.setattr_with(a, None, c)
+    }
+
+    /// [`Caller::setattr`] of a file with access ACL `acl` (see [`Caller::may_with`]).
+    pub fn setattr_with(
+        &self,
+        a: &FileAttr,
+        acl: Option<&[u8]>,
+        c: &Change,
+    ) -> Result<Option<u32>, Errno> {
         if self.privileged() {
             return Ok(c.mode);
         }
@@ -144,19 +231,24 @@ impl Caller {
         let mut mode = c.mode;
         if let Some(m) = c.mode {
             let perm = u32::from(a.perm);
-            // The kernel sends a mode that only drops setuid/setgid when a write or chown by
-            // someone else must clear them: that needs no ownership.
-            let kills = m & 0o7777 == perm & !(libc::S_ISUID | libc::S_ISGID) && m & 0o7777 != perm;
-            if self.uid != a.uid && !(kills && self.may(a, W)) {
+            // The kernel sends a mode that only drops setuid, setgid or both when a write or
+            // chown by someone else must clear them: that needs no ownership. (With setgid
+            // but no group exec, a write kills setuid alone and asks to keep setgid.)
+            let dropped = perm & !m & 0o7777;
+            let kills = m & 0o7777 & !perm == 0
+                && dropped != 0
+                && dropped & !(libc::S_ISUID | libc::S_ISGID) == 0;
+            if self.uid != a.uid && !(kills && self.may_with(a, acl, W)) {
                 return Err(Errno::EPERM);
             }
+            // Linux's setattr_copy: for every kind of inode, directories included.
             let group = c.gid.unwrap_or(a.gid);
-            if a.kind != FileType::Directory && !self.in_group(group) {
+            if !self.in_group(group) {
                 mode = Some(m & !libc::S_ISGID);
             }
         }
         if c.truncate {
-            self.need(a, W)?;
+            self.need_with(a, acl, W)?;
         }
         let now = |t: &Option<TimeOrNow>| matches!(t, Some(TimeOrNow::Now));
         match (
@@ -164,7 +256,7 @@ impl Caller {
             now(&c.atime) && now(&c.mtime),
         ) {
             // touch: the owner or anyone who may write.
-            (true, true) if self.uid != a.uid => self.need(a, W)?,
+            (true, true) if self.uid != a.uid => self.need_with(a, acl, W)?,
             // Times of one's choosing (or one of them now): the owner only.
             (true, false) if self.uid != a.uid => return Err(Errno::EPERM),
             _ => {}
@@ -184,7 +276,7 @@ impl Upper {
     /// a directory has one path).
     pub(super) fn search(&self, st: &State, c: &Caller, mut dir: u64) -> Res<()> {
         loop {
-            c.need(&self.attr(st, dir)?, X)?;
+            self.need_node(st, c, dir, X)?;
             if dir == ROOT_INO {
                 return Ok(());
             }
@@ -212,7 +304,27 @@ impl Upper {
     /// `EACCES` unless `c` may add or remove names in directory `dir`.
     pub(super) fn may_change_in(&self, st: &State, c: &Caller, dir: u64) -> Res<()> {
         self.search(st, c, dir)?;
-        c.need(&self.attr(st, dir)?, W)
+        self.need_node(st, c, dir, W)
+    }
+
+    /// The access ACL of node `n`, if it has one.
+    fn acl(&self, st: &State, n: u64) -> Option<Vec<u8>> {
+        if let Ok(Some(i)) = self.image_inode(st, n) {
+            return i.xattrs.get(ACL_ACCESS).map(<[u8]>::to_vec);
+        }
+        let key = [super::disk::XATTR_PREFIX, ACL_ACCESS].concat();
+        super::disk::get_xattr(&self.path(st, n).ok()?, &key)
+            .ok()
+            .flatten()
+    }
+
+    /// `EACCES` unless `c` may do `want` to node `n` by its mode and access ACL.
+    pub(super) fn need_node(&self, st: &State, c: &Caller, n: u64, want: u32) -> Res<()> {
+        let a = self.attr(st, n)?;
+        if c.privileged() {
+            return c.need(&a, want);
+        }
+        c.need_with(&a, self.acl(st, n).as_deref(), want)
     }
 
     /// What unlink, rmdir and rename check before removing `victim` from `dir`: write to
@@ -229,7 +341,7 @@ impl Upper {
         };
         let st = self.state();
         self.reach(&st, &c, n)?;
-        c.setattr(&self.attr(&st, n)?, change)
+        c.setattr_with(&self.attr(&st, n)?, self.acl(&st, n).as_deref(), change)
     }
 
     /// Checks `req`'s open (or opendir) of node `n` with `flags`.
@@ -267,10 +379,19 @@ impl Upper {
         self.may_use(&st, &c, n, want)
     }
 
+    /// `EACCES` unless `req`'s caller, if checked, reaches node `n` (readlink(2) and
+    /// listxattr(2) need nothing more: search on the path).
+    pub(super) fn check_reach(&self, st: &State, req: &Request, n: u64) -> Res<()> {
+        match self.checked(req) {
+            Some(c) => self.reach(st, &c, n),
+            None => Ok(()),
+        }
+    }
+
     /// What `c` may do to node `n` ([`R`] | [`W`] | [`X`]), reached by a path.
     pub(super) fn may_use(&self, st: &State, c: &Caller, n: u64, want: u32) -> Res<()> {
         self.reach(st, c, n)?;
-        c.need(&self.attr(st, n)?, want)
+        self.need_node(st, c, n, want)
     }
 }
 
@@ -322,6 +443,48 @@ mod tests {
     }
 
     #[test]
+    fn an_access_acl_decides_as_the_kernels() {
+        let acl = |e: &[(u16, u16, u32)]| -> Vec<u8> {
+            let mut v = 2u32.to_le_bytes().to_vec();
+            for (tag, perm, id) in e {
+                v.extend_from_slice(&tag.to_le_bytes());
+                v.extend_from_slice(&perm.to_le_bytes());
+                v.extend_from_slice(&id.to_le_bytes());
+            }
+            v
+        };
+        const ANY: u32 = u32::MAX;
+        // user::rw- user:11:rw- group::--- group:30:r-- mask::rw- other::---, mode 0660.
+        let a = acl(&[
+            (1, 6, ANY),
+            (2, 6, 11),
+            (4, 0, ANY),
+            (8, 4, 30),
+            (0x10, 6, ANY),
+            (0x20, 0, ANY),
+        ]);
+        let f = attr(FileType::RegularFile, 0o660, 10, 20);
+        let may = |c: &Caller, want| c.may_with(&f, Some(&a), want);
+        assert!(may(&caller(10, 1, &[]), R | W));
+        assert!(may(&caller(11, 1, &[]), R | W));
+        assert!(
+            !may(&caller(12, 20, &[]), R),
+            "the owning group's entry is ---"
+        );
+        assert!(may(&caller(12, 1, &[30]), R) && !may(&caller(12, 1, &[30]), W));
+        // A group entry that grants nothing denies, though other would grant.
+        let o = attr(FileType::RegularFile, 0o664, 10, 20);
+        assert!(!caller(12, 20, &[]).may_with(&o, Some(&a), R));
+        assert!(caller(12, 1, &[]).may_with(&o, Some(&a), R));
+        // The mask is the mode's group bits (chmod 600 took user 11's rw away).
+        let tight = attr(FileType::RegularFile, 0o600, 10, 20);
+        assert!(!caller(11, 1, &[]).may_with(&tight, Some(&a), R));
+        // No ACL, or not one: the mode.
+        assert!(caller(12, 20, &[]).may_with(&f, None, R));
+        assert!(caller(12, 20, &[]).may_with(&f, Some(b"junk"), R));
+    }
+
+    #[test]
     fn setattr_follows_linux() {
         let f = attr(FileType::RegularFile, 0o2755, 10, 20);
         let none = Change {
@@ -362,6 +525,16 @@ mod tests {
         assert_eq!(other.setattr(&f, &chmod(0o755)), Err(Errno::EPERM));
         let shared = attr(FileType::RegularFile, 0o2757, 10, 20);
         assert_eq!(other.setattr(&shared, &chmod(0o757)), Ok(Some(0o757)));
+        // A write by someone else to a setuid file with setgid but no group exec: the
+        // kernel asks to drop setuid alone; the writer outside the group loses setgid too.
+        let odd = attr(FileType::RegularFile, 0o6646, 10, 20);
+        assert_eq!(other.setattr(&odd, &chmod(0o2646)), Ok(Some(0o646)));
+        assert_eq!(other.setattr(&odd, &chmod(0o646)), Ok(Some(0o646)));
+        assert_eq!(other.setattr(&odd, &chmod(0o6656)), Err(Errno::EPERM));
+        assert_eq!(other.setattr(&odd, &chmod(0o2606)), Err(Errno::EPERM));
+        // chmod outside the group drops setgid from a directory too.
+        let d = attr(FileType::Directory, 0o755, 10, 20);
+        assert_eq!(owner.setattr(&d, &chmod(0o2755)), Ok(Some(0o755)));
         let times = |a, m| Change {
             atime: a,
             mtime: m,

@@ -793,6 +793,7 @@ pub fn raw_push(
         .enable_all()
         .build()
         .unwrap();
+    bux_fuse::registry::install_crypto_provider(); // oci-client is built without one
     rt.block_on(async {
         let client = oci_client::Client::new(oci_client::client::ClientConfig {
             protocol: oci_client::client::ClientProtocol::Http,
