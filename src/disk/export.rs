@@ -1,5 +1,6 @@
 //! A disk written whole to a plain file: for VMMs that want a file of their own, and as the
-//! check that the served disk is what it should be (both come from [`read_disk`]).
+//! check that the served disk is what it should be (the two read the files' data through the
+//! same readers, each its own way: here file by file, there block range by block range).
 
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
@@ -20,7 +21,7 @@ const CHUNK: usize = 1 << 20;
 /// `bux-fuse mount --disk` serves — through a temporary file renamed over `path` once whole,
 /// so a failure leaves no partial image. Sparse files' holes and blocks' padding are left as
 /// holes. The file's data is read file by file through the same readers as the served disk's
-/// (`tests/disk.rs` checks the two agree byte for byte).
+/// (`tests/conformance.rs` checks the two agree byte for byte).
 /// `progress` is told (bytes done, bytes in all) as it goes. Lazily pulled layers are fetched
 /// as they are read (`opts.registry`, `opts.read_deadline`). Returns the image's length.
 pub fn export(
