@@ -31,21 +31,7 @@ fn image(reg: &Registry, repo: &str) -> String {
 
 /// Processes of the image server (supervisor and worker) using `store`.
 fn servers(store: &Path) -> Vec<(u32, bool)> {
-    let needle = store.as_os_str().as_encoded_bytes().to_vec();
-    let mut out = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-        if args.contains(&&b"serve-shared"[..]) && args.contains(&needle.as_slice()) {
-            out.push((pid, args.contains(&&b"--worker-fd"[..])));
-        }
-    }
-    out
+    image_servers(store)
 }
 
 fn worker(store: &Path) -> u32 {

@@ -146,21 +146,7 @@ impl Run {
 
     /// Processes that serve an image of this run's store, and whether each is a worker.
     fn server_roles(&self) -> Vec<(u32, bool)> {
-        let needle = self.store.path().as_os_str().as_encoded_bytes().to_vec();
-        let mut out = Vec::new();
-        for p in std::fs::read_dir("/proc").unwrap().flatten() {
-            let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-                continue;
-            };
-            let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
-                continue;
-            };
-            let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-            if args.contains(&&b"serve-shared"[..]) && args.contains(&needle.as_slice()) {
-                out.push((pid, args.contains(&&b"--worker-fd"[..])));
-            }
-        }
-        out
+        image_servers(self.store.path())
     }
 
     fn assert_no_server_left(&self) {

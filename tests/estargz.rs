@@ -210,16 +210,6 @@ fn lazy_mount(bux: &Bux, reference: &str, extra: &[&str]) -> (MountGuard, String
     (MountGuard::adopt(mnt, dir), stderr)
 }
 
-fn daemon_log(bux: &Bux) -> String {
-    let mut out = String::new();
-    if let Ok(dir) = std::fs::read_dir(bux.store.path().join("logs")) {
-        for e in dir.flatten() {
-            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-        }
-    }
-    out
-}
-
 /// Compares the mount with umoci's unpack of the original `layout:v1`.
 fn diff_with_umoci(mnt: &Path, layout: &Path) {
     diff_with_umoci_but(mnt, layout, &[]);
@@ -270,7 +260,7 @@ fn estargz_mounts_lazily_verifies_and_completes() {
     assert!(!stderr.contains("pulled whole"), "{stderr}");
     let before = proxy.bytes();
     let os = std::fs::read(m.path.join("etc/os-release"))
-        .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+        .unwrap_or_else(|e| panic!("{e}: {}", bux.daemon_log()));
     assert_eq!(os, b"NAME=bux-estargz\nID=bux\n");
     let fetched = proxy.bytes();
     assert!(
@@ -332,7 +322,7 @@ fn a_corrupted_estargz_chunk_is_never_served() {
     );
     let err = std::fs::read(m.path.join("usr/lib/big1.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    let log = daemon_log(&bux);
+    let log = bux.daemon_log();
     assert!(log.contains("do not match their published digest"), "{log}");
 }
 
@@ -589,7 +579,7 @@ fn prefetch_landmark_contents_are_fetched_first() {
         assert!(
             Instant::now() < deadline,
             "prefetch did not settle: trace {traces:?}, log {}",
-            daemon_log(&bux)
+            bux.daemon_log()
         );
     }
     proxy.pause();

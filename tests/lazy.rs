@@ -142,7 +142,7 @@ fn lazy_mount_fetches_only_what_is_read_and_equals_umoci() {
         .any(|e| { e.unwrap().metadata().unwrap().len() > 1 << 20 }));
     let at_mount = proxy.bytes();
     let os =
-        cat(&m.path.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+        cat(&m.path.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", bux.daemon_log()));
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
     assert_eq!(
         cat(&m.path.join("etc/motd")).unwrap(),
@@ -278,19 +278,8 @@ fn a_corrupted_chunk_is_never_served() {
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
     let err = cat(&m.path.join("usr/lib/big1.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    let log = daemon_log(&bux);
+    let log = bux.daemon_log();
     assert!(log.contains("do not match their published digest"), "{log}");
-}
-
-fn daemon_log(bux: &Bux) -> String {
-    let mut out = String::new();
-    for e in std::fs::read_dir(bux.store.path().join("logs"))
-        .unwrap()
-        .flatten()
-    {
-        out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-    }
-    out
 }
 
 #[test]
@@ -500,14 +489,7 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
     let work = tempfile::tempdir().unwrap();
     let gz = work.path().join("gz");
     write_layout(&gz, "v1", &image().as_gzip());
-    let zc = work.path().join("zc");
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:v1", gz.display()))
-        .arg(format!("oci:{}:v1", zc.display()))
-        .output()
-        .unwrap();
-    assert_success(&out);
+    let zc = zstd_chunked(&gz, &work.path().join("zc"));
     let index: serde_json::Value =
         serde_json::from_slice(&std::fs::read(zc.join("index.json")).unwrap()).unwrap();
     let mdigest = index["manifests"][0]["digest"].as_str().unwrap()[7..].to_string();
@@ -530,7 +512,7 @@ fn zstd_chunked_mounts_lazily_from_its_own_table() {
     let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     assert!(!stderr.contains("pulled whole"), "{stderr}");
     let os =
-        cat(&m.path.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+        cat(&m.path.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", bux.daemon_log()));
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
     let fetched = proxy.bytes();
     assert!(
@@ -719,7 +701,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
         for &off in at {
             let mut buf = vec![0u8; 4096];
             file.read_exact_at(&mut buf, off.min(len - 4096))
-                .unwrap_or_else(|e| panic!("{f}@{off}: {e}: {}", daemon_log(&bux)));
+                .unwrap_or_else(|e| panic!("{f}@{off}: {e}: {}", bux.daemon_log()));
         }
     };
     // A first read of each big file: its blob's target is learned (in the background).
@@ -965,7 +947,7 @@ fn completion_never_promotes_bytes_that_do_not_hash_to_the_layer() {
     drop(m);
     let blob = bux.store.path().join("blobs/sha256").join(&hex);
     assert_eq!(sha256_hex(&std::fs::read(&blob).unwrap()), hex);
-    let log = daemon_log(&bux);
+    let log = bux.daemon_log();
     assert!(log.contains("does not match the layer digest"), "{log}");
     let out = bux.run(&["check"]);
     let text = String::from_utf8_lossy(&out.stdout);
@@ -1180,7 +1162,7 @@ fn two_mounts_completing_at_once_fetch_the_image_once() {
         String::from_utf8_lossy(&out.stderr)
     );
     let fetched = proxy.bytes() - before;
-    let log = daemon_log(&bux);
+    let log = bux.daemon_log();
     assert!(!log.contains("attempt"), "{log}");
     assert!(
         fetched < s.compressed * 3 / 2,
@@ -1349,14 +1331,7 @@ fn a_zstd_chunked_table_past_the_bounds_costs_its_layer_laziness_not_the_mount()
         "v1",
         &Image::new(vec![(many.finish(), Comp::Gzip), (other, Comp::Gzip)]),
     );
-    let zc = work.path().join("zc");
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:v1", gz.display()))
-        .arg(format!("oci:{}:v1", zc.display()))
-        .output()
-        .unwrap();
-    assert_success(&out);
+    let zc = zstd_chunked(&gz, &work.path().join("zc"));
     reg.push(&zc, "v1", "lazy/many", None);
     let reference = format!("{}/lazy/many:v1", reg.host());
     let bux = Bux::new();
@@ -1389,7 +1364,7 @@ fn a_lazy_disk_fetches_what_is_read_and_equals_umoci() {
     let loop_dir = tempfile::tempdir().unwrap();
     let root = LoopMount::erofs(&m.path.join("root.erofs"), loop_dir.path());
     let os =
-        cat(&root.0.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+        cat(&root.0.join("etc/os-release")).unwrap_or_else(|e| panic!("{e}: {}", bux.daemon_log()));
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
     assert_eq!(
         std::fs::read_dir(root.0.join("usr/share/doc"))
@@ -1428,7 +1403,7 @@ fn a_corrupted_chunk_is_never_served_on_a_disk() {
     assert_eq!(cat(&root.0.join("etc/hostname")).unwrap(), b"lazy\n");
     let err = cat(&root.0.join("usr/lib/big1.bin")).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EIO), "{err}");
-    let log = daemon_log(&bux);
+    let log = bux.daemon_log();
     assert!(log.contains("do not match their published digest"), "{log}");
 }
 
@@ -1498,14 +1473,7 @@ fn a_lazy_disk_has_the_bytes_of_a_whole_pulls_export() {
     need("skopeo");
     let s = setup();
     let work = tempfile::tempdir().unwrap();
-    let zc = work.path().join("zc");
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:v1", s.layout.path().display()))
-        .arg(format!("oci:{}:v1", zc.display()))
-        .output()
-        .unwrap();
-    assert_success(&out);
+    let zc = zstd_chunked(s.layout.path(), &work.path().join("zc"));
     s.reg.push(&zc, "v1", "lazy/disk-chunked", None);
     let chunked = format!("{}/lazy/disk-chunked:v1", s.reg.host());
     for reference in [&s.pinned, &chunked] {
@@ -1517,7 +1485,7 @@ fn a_lazy_disk_has_the_bytes_of_a_whole_pulls_export() {
         let (m, stderr) = lazy_mount(&bux, reference, &["--disk", "--prefetch", "none"]);
         assert!(!stderr.contains("pulled whole"), "{stderr}");
         let got = std::fs::read(m.path.join("root.erofs"))
-            .unwrap_or_else(|e| panic!("{e}: {}", daemon_log(&bux)));
+            .unwrap_or_else(|e| panic!("{e}: {}", bux.daemon_log()));
         assert_eq!(got.len(), want.len(), "{reference}");
         let first = got.iter().zip(&want).position(|(a, b)| a != b);
         assert_eq!(first, None, "{reference}: the disks differ");
@@ -1548,14 +1516,7 @@ fn a_layer_named_twice_is_one_lazy_layer() {
             (b, Comp::Gzip),
         ]),
     );
-    let zc = work.path().join("zc");
-    let out = Command::new("skopeo")
-        .args(["copy", "--dest-compress-format", "zstd:chunked"])
-        .arg(format!("oci:{}:v1", gz.display()))
-        .arg(format!("oci:{}:v1", zc.display()))
-        .output()
-        .unwrap();
-    assert_success(&out);
+    let zc = zstd_chunked(&gz, &work.path().join("zc"));
     reg.push(&zc, "v1", "lazy/twice", None);
     let reference = format!("{}/lazy/twice:v1", reg.host());
     let bux = Bux::new();
@@ -1571,4 +1532,16 @@ fn a_layer_named_twice_is_one_lazy_layer() {
     );
     let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     assert_eq!(cat(&m.path.join("etc/twice")).unwrap(), b"twice\n");
+}
+
+/// `layout:v1` converted by skopeo to zstd:chunked (its own tables of contents) at `to`.
+fn zstd_chunked(layout: &Path, to: &Path) -> PathBuf {
+    let out = Command::new("skopeo")
+        .args(["copy", "--dest-compress-format", "zstd:chunked"])
+        .arg(format!("oci:{}:v1", layout.display()))
+        .arg(format!("oci:{}:v1", to.display()))
+        .output()
+        .unwrap();
+    assert_success(&out);
+    to.to_path_buf()
 }

@@ -259,7 +259,7 @@ fn a_guest_on_a_lazy_disk_never_reads_a_corrupted_chunk() {
     );
     assert_eq!(stdout.matches("linked").count(), 2, "{stdout}");
     assert!(stdout.contains("BUX-GUEST-OK"), "{stdout}");
-    let log = daemon_log(&bux);
+    let log = bux.daemon_log();
     let named = log.lines().any(|l| {
         l.contains("do not match their published digest")
             && l.split("bytes ")
@@ -273,17 +273,6 @@ fn a_guest_on_a_lazy_disk_never_reads_a_corrupted_chunk() {
         named,
         "the log does not name the damaged chunk (at {mid}): {log}"
     );
-}
-
-/// Everything the store's daemons logged.
-fn daemon_log(bux: &Bux) -> String {
-    let mut out = String::new();
-    if let Ok(dir) = std::fs::read_dir(bux.store.path().join("logs")) {
-        for e in dir.flatten() {
-            out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
-        }
-    }
-    out
 }
 
 /// The floor the served disk is measured against, and the guest side of a block root on its

@@ -665,6 +665,17 @@ impl Bux {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// Everything the store's mount daemons logged (`$STORE/logs`).
+    pub fn daemon_log(&self) -> String {
+        let mut out = String::new();
+        if let Ok(dir) = std::fs::read_dir(self.store.path().join("logs")) {
+            for e in dir.flatten() {
+                out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
+            }
+        }
+        out
+    }
+
     /// Mounts via the CLI (background daemon); the guard unmounts.
     pub fn mount(&self, reference: &str) -> MountGuard {
         self.mount_with(reference, &[])
@@ -683,6 +694,26 @@ impl Bux {
             _dir: dir,
         }
     }
+}
+
+/// Processes of image servers (`serve-shared`: supervisors and workers) using the store at
+/// `store`, and whether each is a worker.
+pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
+    let needle = store.as_os_str().as_encoded_bytes().to_vec();
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+        if args.contains(&&b"serve-shared"[..]) && args.contains(&needle.as_slice()) {
+            out.push((pid, args.contains(&&b"--worker-fd"[..])));
+        }
+    }
+    out
 }
 
 pub struct MountGuard {
