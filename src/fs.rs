@@ -246,21 +246,32 @@ impl Shared {
         size: u32,
         decode: bool,
     ) -> Result<Vec<u8>, Errno> {
-        if offset >= i.size {
+        if offset >= i.size || !matches!(i.data, NodeData::File { .. } | NodeData::Sparse { .. }) {
             return Ok(Vec::new());
         }
         let len = (size as u64).min(i.size - offset) as usize;
         let mut buf = vec![0u8; len];
+        self.fill_file(i, offset, &mut buf, decode)?;
+        Ok(buf)
+    }
+
+    /// Fills `buf` (zeroed) with `i`'s bytes at `offset`, holes left as they are; the caller
+    /// keeps it within the file.
+    fn fill_file(
+        &self,
+        i: Inode<'_>,
+        offset: u64,
+        buf: &mut [u8],
+        decode: bool,
+    ) -> Result<(), Errno> {
         match &i.data {
             NodeData::File {
                 layer,
                 offset: base,
-            } => {
-                self.read_layer(*layer, base + offset, &mut buf, decode)?;
-            }
+            } => self.read_layer(*layer, base + offset, buf, decode),
             NodeData::Sparse { layer, extents } => {
                 // Holes stay zero; copy the parts of extents that overlap [offset, offset+len).
-                let end = offset + len as u64;
+                let end = offset + buf.len() as u64;
                 let first = extents.partition_point(|e| e.file_off + e.len <= offset);
                 for e in extents.iter_from(first).take_while(|e| e.file_off < end) {
                     let from = e.file_off.max(offset);
@@ -269,10 +280,10 @@ impl Shared {
                     let at = e.stream_off + (from - e.file_off);
                     self.read_layer(*layer, at, dst, decode)?;
                 }
+                Ok(())
             }
-            _ => buf.clear(),
+            _ => Ok(()),
         }
-        Ok(buf)
     }
 
     /// After a read of `ino` up to `end`: whether to decompress ahead in its layer's stream
@@ -395,6 +406,12 @@ impl Shared {
     /// with it) in one go, then read.
     fn fetch_and_read(&self, ino: INodeNo, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let i = self.inode(ino)?;
+        self.fetch_for(ino, i, offset, size)?;
+        self.read_file(i, offset, size)
+    }
+
+    /// Fetches what a read of `i` needs, and what is worth fetching with it.
+    fn fetch_for(&self, ino: INodeNo, i: Inode<'_>, offset: u64, size: u32) -> Result<(), Errno> {
         for (l, _, ahead) in self.stream_ranges(i, offset, size) {
             if let Some(r) = self.layers.get(l as usize) {
                 // A failed look-ahead is not the read's failure (the read asks for less),
@@ -408,7 +425,7 @@ impl Shared {
                 }
             }
         }
-        self.read_file(i, offset, size)
+        Ok(())
     }
 
     /// A directory's entries as (offset of the next entry, inode, name): `.` and `..` first,
@@ -452,6 +469,27 @@ impl ImageFs {
     pub(crate) fn lower_is_local(&self, ino: u64, offset: u64, size: u32) -> bool {
         self.inode(INodeNo(ino))
             .is_ok_and(|i| self.is_local(i, offset, size))
+    }
+
+    /// Fills `buf` with tree inode `ino`'s bytes at `offset` (all within the file), waiting for
+    /// lazily fetched bytes as a read does: [`ImageFs::read_lower`] without a buffer of its own.
+    pub(crate) fn read_lower_into(
+        &self,
+        ino: u64,
+        offset: u64,
+        buf: &mut [u8],
+    ) -> Result<(), Errno> {
+        let i = self.inode(INodeNo(ino))?;
+        let size = u32::try_from(buf.len()).map_err(|_| Errno::EINVAL)?;
+        if offset.saturating_add(size as u64) > i.size {
+            tracing::error!("inode {ino} ends before offset {}", offset + size as u64);
+            return Err(Errno::EIO);
+        }
+        if !self.is_local(i, offset, size) {
+            self.fetch_for(INodeNo(ino), i, offset, size)?;
+        }
+        buf.fill(0);
+        self.fill_file(i, offset, buf, true)
     }
 
     /// Bytes of tree inode `ino`, waiting for lazily fetched bytes as a read does.

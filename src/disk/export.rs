@@ -51,24 +51,18 @@ pub fn export(
         // Zeros throughout (holes): padding, and sparse files' holes, are never written.
         file.set_len(disk.len())?;
         file.write_all_at(disk.head(), 0)?;
+        let mut buf = vec![0u8; CHUNK];
         let mut done = disk.head_len();
         for f in disk.files() {
             let start = f.first_block as u64 * DISK_BLOCK;
             for range in data_ranges(&image, f.ino, f.size) {
                 let mut at = range.start;
                 while at < range.end {
-                    let n = (range.end - at).min(CHUNK as u64) as u32;
-                    let data = image
-                        .read_lower(f.ino, at, n)
+                    let n = (range.end - at).min(CHUNK as u64) as usize;
+                    image
+                        .read_lower_into(f.ino, at, &mut buf[..n])
                         .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
-                    if data.len() != n as usize {
-                        return Err(std::io::Error::other(format!(
-                            "inode {} ends before offset {}",
-                            f.ino,
-                            at + n as u64
-                        )));
-                    }
-                    file.write_all_at(&data, start + at)?;
+                    file.write_all_at(&buf[..n], start + at)?;
                     at += n as u64;
                 }
             }

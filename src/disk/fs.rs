@@ -95,24 +95,18 @@ impl DiskFs {
     }
 }
 
-/// Fills `buf` with the disk's bytes at `offset`, reading files' data through `image` (which
-/// fetches lazily fetched bytes first).
-pub(super) fn read_disk(
+/// Fills `buf` with `pieces` of the disk, reading files' data through `image` (which fetches
+/// lazily fetched bytes first).
+pub(super) fn read_pieces(
     disk: &Disk,
     image: &ImageFs,
-    offset: u64,
+    pieces: &[Piece],
     buf: &mut [u8],
 ) -> std::io::Result<usize> {
-    disk.read_at(offset, buf, &mut |ino, from, out| {
-        let data = image
-            .read_lower(ino, from, out.len() as u32)
-            .map_err(|e| std::io::Error::from_raw_os_error(e.code()))?;
-        if data.len() != out.len() {
-            tracing::error!("inode {ino} ends before offset {}", from + out.len() as u64);
-            return Err(std::io::Error::from_raw_os_error(libc::EIO));
-        }
-        out.copy_from_slice(&data);
-        Ok(())
+    disk.read_pieces(pieces, buf, &mut |ino, from, out| {
+        image
+            .read_lower_into(ino, from, out)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.code()))
     })
 }
 
@@ -195,7 +189,7 @@ impl Filesystem for DiskFs {
         let (disk, image) = (self.disk.clone(), self.image.clone());
         let job = move || {
             let mut buf = vec![0u8; len as usize];
-            match read_disk(&disk, &image, offset, &mut buf) {
+            match read_pieces(&disk, &image, &pieces, &mut buf) {
                 Ok(n) => reply.data(&buf[..n]),
                 Err(e) => reply.error(Errno::from_i32(e.raw_os_error().unwrap_or(libc::EIO))),
             }

@@ -141,8 +141,18 @@ impl Disk {
     /// (tree inode, offset in the file, bytes to fill). Returns how many bytes it filled:
     /// `buf.len()`, or fewer at the end of the image.
     pub fn read_at(&self, offset: u64, buf: &mut [u8], read: &mut ReadFile) -> io::Result<usize> {
+        self.read_pieces(&self.pieces(offset, buf.len() as u64), buf, read)
+    }
+
+    /// [`Disk::read_at`] of what [`Disk::pieces`] gave (`buf` at least as long as they are).
+    pub fn read_pieces(
+        &self,
+        pieces: &[Piece],
+        buf: &mut [u8],
+        read: &mut ReadFile,
+    ) -> io::Result<usize> {
         let mut at = 0usize;
-        for piece in self.pieces(offset, buf.len() as u64) {
+        for piece in pieces.iter().cloned() {
             match piece {
                 Piece::Head(r) => {
                     let n = r.len();
