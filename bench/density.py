@@ -49,22 +49,7 @@ def bux_pids():
 
 
 def pss_kib(pids):
-    total = 0
-    for p in pids:
-        try:
-            for line in open(f"/proc/{p}/smaps_rollup"):
-                if line.startswith("Pss:"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
-def meminfo(key):
-    for line in open("/proc/meminfo"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
+    return base.proc_sum(pids, "smaps_rollup", "Pss")
 
 
 def wait_servers_gone(timeout=20):
@@ -77,7 +62,7 @@ def many(store, ref, work, n, flags, tag):
     """Mounts n writable mounts; returns (mount times, summed PSS KiB, MemAvailable drop KiB)."""
     base.drop_caches()
     time.sleep(0.5)
-    avail0 = meminfo("MemAvailable")
+    avail0 = base.meminfo("MemAvailable")
     times, mnts = [], []
     for i in range(n):
         m = os.path.join(work, f"{tag}-{i}")
@@ -95,7 +80,7 @@ def many(store, ref, work, n, flags, tag):
     pss = pss_kib(bux_pids())
     base.drop_caches()
     time.sleep(0.5)
-    avail1 = meminfo("MemAvailable")
+    avail1 = base.meminfo("MemAvailable")
     for m in mnts:
         umount(store, m)
     wait_servers_gone()
@@ -112,11 +97,11 @@ def page_cache(store, ref, work, files, n, flags, tag):
         mnts.append(m)
     base.drop_caches()
     time.sleep(0.5)
-    c0 = meminfo("Cached")
+    c0 = base.meminfo("Cached")
     for m in mnts:
         for f in files:
             open(os.path.join(m, f), "rb").read()
-    c1 = meminfo("Cached")
+    c1 = base.meminfo("Cached")
     for m in mnts:
         umount(store, m)
     wait_servers_gone()

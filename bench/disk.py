@@ -132,25 +132,6 @@ def bux_pids(store, serving=None):
     return out
 
 
-def proc_sum(pids, path, key):
-    total = 0
-    for p in pids:
-        try:
-            for line in open(f"/proc/{p}/{path}"):
-                if line.startswith(key + ":"):
-                    total += int(line.split()[1])
-        except OSError:
-            pass
-    return total
-
-
-def meminfo(key):
-    for line in open("/proc/meminfo"):
-        if line.startswith(key + ":"):
-            return int(line.split()[1])
-    return 0
-
-
 def read_all(path):
     n = 0
     with open(path, "rb", buffering=0) as f:
@@ -247,15 +228,15 @@ def host_checks(m, store, runs):
         h.drop_caches()
         time.sleep(0.5)
         pids = bux_pids(store, [m.dirs["b"]])
-        r0 = proc_sum(pids, "io", "rchar")
+        r0 = h.proc_sum(pids, "io", "rchar")
         t = h.Timer()
         with ThreadPoolExecutor(n) as ex:
             got = list(ex.map(lambda _: read_all(disk), range(n)))
         el = t.s()
         resident = fincore([disk])
         assert all(g == size for g in got), f"short reads of the disk: {got}"
-        res[n] = {"resident": resident, "server_rchar": proc_sum(pids, "io", "rchar") - r0,
-                  "seconds": el, "pss_kib": proc_sum(pids, "smaps_rollup", "Pss")}
+        res[n] = {"resident": resident, "server_rchar": h.proc_sum(pids, "io", "rchar") - r0,
+                  "seconds": el, "pss_kib": h.proc_sum(pids, "smaps_rollup", "Pss")}
     m.umount("b")
     out["page_cache"] = {"disk_bytes": size, "one": res[1], "forty": res[40]}
     # 40 VMs that each mount the image's disk themselves: 40 mounts, each read (its first
@@ -269,7 +250,7 @@ def host_checks(m, store, runs):
             os.makedirs(d, exist_ok=True)
             h.bux(store, "mount", "--quiet", "--disk", m.ref, d)
         pids = bux_pids(store, dirs)
-        r0 = proc_sum(pids, "io", "rchar")
+        r0 = h.proc_sum(pids, "io", "rchar")
         files = [os.path.join(d, "root.erofs") for d in dirs]
         for f in files:
             with open(f, "rb", buffering=0) as fh:
@@ -277,8 +258,8 @@ def host_checks(m, store, runs):
                 while left:
                     left -= len(fh.read(min(left, 1 << 20)))
         out["forty_mounts"] = {"prefix": prefix, "resident_one": fincore(files[:1]), "resident_all": fincore(files),
-                               "server_rchar": proc_sum(pids, "io", "rchar") - r0,
-                               "pss_kib": proc_sum(pids, "smaps_rollup", "Pss"), "processes": len(pids),
+                               "server_rchar": h.proc_sum(pids, "io", "rchar") - r0,
+                               "pss_kib": h.proc_sum(pids, "smaps_rollup", "Pss"), "processes": len(pids),
                                "inodes": len({(os.stat(f).st_dev, os.stat(f).st_ino) for f in files})}
     finally:
         for d in dirs:

@@ -112,6 +112,28 @@ def vm_hwm_kib(pid):
     return 0
 
 
+def proc_sum(pids, path, key):
+    """The sum over processes `pids` of `key:` in /proc/PID/`path` (e.g. smaps_rollup's Pss, in
+    KiB, or io's rchar); a process gone counts 0."""
+    total = 0
+    for p in pids:
+        try:
+            for line in open(f"/proc/{p}/{path}"):
+                if line.startswith(key + ":"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total
+
+
+def meminfo(key):
+    """A /proc/meminfo value, in KiB."""
+    for line in open("/proc/meminfo"):
+        if line.startswith(key + ":"):
+            return int(line.split()[1])
+    return 0
+
+
 def du_bytes(path):
     return int(sh(["du", "-s", "--block-size=1", path]).stdout.split()[0])
 
