@@ -465,6 +465,15 @@ impl ImageFs {
         Some(a)
     }
 
+    /// Runs `job` on the threads of reads that decompress (`wait` false) or wait for lazily
+    /// fetched bytes (`wait` true), off the FUSE workers.
+    pub(crate) fn run_read(&self, wait: bool, job: impl FnOnce() + Send + 'static) {
+        match wait {
+            true => self.waiting_reads.run(job),
+            false => self.decoding_reads.run(job),
+        }
+    }
+
     /// Whether a read of tree inode `ino` can be answered without waiting for a fetch.
     pub(crate) fn lower_is_local(&self, ino: u64, offset: u64, size: u32) -> bool {
         self.inode(INodeNo(ino))

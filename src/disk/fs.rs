@@ -3,8 +3,8 @@
 //! file, so the host keeps one page cache for all of them.
 //!
 //! Reads of the metadata are answered from memory on the FUSE worker; reads of file data go to
-//! threads of their own (decompressing ones, and ones that wait for lazily fetched bytes), so
-//! that a read waiting on the network never holds up the others.
+//! the image's read threads (decompressing ones, and ones that wait for lazily fetched bytes,
+//! [`ImageFs::run_read`]), so that a read waiting on the network never holds up the others.
 
 use std::ffi::OsStr;
 use std::sync::Arc;
@@ -17,7 +17,7 @@ use fuser::{
 };
 
 use super::{Disk, Piece};
-use crate::fs::{ImageFs, JobThreads};
+use crate::fs::ImageFs;
 
 /// The one file of a disk mount.
 pub const DISK_FILE: &str = "root.erofs";
@@ -26,8 +26,6 @@ const ROOT: u64 = 1;
 const FILE: u64 = 2;
 /// Nothing changes under the mount: the kernel may cache for as long as it likes.
 const TTL: Duration = Duration::from_secs(24 * 3600);
-/// Threads for reads that wait for lazily fetched bytes (each waits at most its deadline).
-const WAITING_THREADS: usize = 8;
 
 /// A FUSE filesystem serving an image as `root.erofs`.
 pub struct DiskFs {
@@ -38,8 +36,6 @@ pub struct DiskFs {
     /// The files' times: the image's root directory's, so that they too are the same in
     /// every mount of the image.
     mtime: SystemTime,
-    decoding: JobThreads,
-    waiting: JobThreads,
 }
 
 impl DiskFs {
@@ -55,8 +51,6 @@ impl DiskFs {
             uid: unsafe { libc::getuid() },
             gid: unsafe { libc::getgid() },
             mtime: root.map_or(SystemTime::UNIX_EPOCH, |a| a.mtime),
-            decoding: JobThreads::new("disk-decode", 2),
-            waiting: JobThreads::new("disk-wait", WAITING_THREADS),
         })
     }
 
@@ -196,8 +190,7 @@ impl Filesystem for DiskFs {
         };
         match (metadata_only, local) {
             (true, _) => job(),
-            (false, true) => self.decoding.run(job),
-            (false, false) => self.waiting.run(job),
+            (false, local) => self.image.run_read(!local, job),
         }
     }
 
