@@ -16,9 +16,17 @@
 //! cached) image file, and goes to FUSE only to open and read a file's data (Linux 6.5+ looks
 //! the data file up lazily, at open).
 //!
-//! Small files whose bytes the caller has (see [`crate::index::small`]) are not redirected:
-//! the image holds their data, so reading them never leaves the kernel either. Their data is
-//! out of line, in blocks of its own after the metadata, in the order of the walk, not packed
+//! Small files whose bytes the store keeps (see [`crate::index::small`]) are not redirected:
+//! the kernel reads their data itself, so reading them never leaves the kernel either. A
+//! layer's small-file file is an EROFS *extra device* of the image (`mount -o device=…`), and
+//! each such file is chunk-based with one chunk index naming that device and its first block
+//! there: the bytes sit in the store once, shared by every image with the layer, and the image
+//! is its metadata alone. The device table (in block 0, after the superblock) tags each device
+//! with its layer's digest and keeps the SHA-256 of its table in the slot's reserved bytes, so
+//! a server mounts the very files the image was written for ([`devices`]). Files of at most
+//! `INLINE_FILE_MAX` bytes sit inline after their inode. Small files of a layer whose table
+//! is of an earlier format (or past the devices one block 0 can name) are copied into the
+//! image instead: out of line, in blocks of its own after the metadata, in the order of the walk, not packed
 //! after the inode as mkfs.erofs does by default: the kernel reads metadata a block at a time
 //! (no read-ahead), so tails among the inodes made a cold `find` of the large Debian image read
 //! 28 MB of metadata instead of 3 (0.14 s against 0.07 s), and a cold full read slower too
@@ -60,6 +68,18 @@ const META_BLOCK: usize = 2;
 const METACOPY_ID: u32 = 0;
 
 const FEATURE_INCOMPAT_CHUNKED_FILE: u32 = 0x4;
+/// The superblock names extra devices (a device table).
+const FEATURE_INCOMPAT_DEVICE_TABLE: u32 = 0x8;
+/// A chunk-based inode's chunk format bit: 8-byte chunk indexes (device and block) follow it,
+/// not 4-byte block addresses.
+const CHUNK_INDEXES: u32 = 0x20;
+/// The device table: 128-byte slots in block 0, after the superblock.
+const DEVT_OFFSET: usize = SUPER_OFFSET + 128;
+const DEVT_SLOT: usize = 128;
+/// The most extra devices (layers' small-file files) an image names.
+const DEVICES_MAX: usize = (BLOCK - DEVT_OFFSET) / DEVT_SLOT;
+/// Where a slot keeps its device's table digest (bytes the kernel does not read).
+const DEVT_DIGEST: usize = 96;
 /// The largest file one chunk describes (2^(12 + 31) bytes): larger ones (only a hostile
 /// sparse entry claims such a size) make the writer refuse.
 const MAX_FILE: u64 = (BLOCK as u64) << 31;
@@ -160,6 +180,8 @@ struct Node<'a> {
     later: Option<(u32, u64)>,
     /// A disk's regular file: its data blocks are placed, not written.
     served: bool,
+    /// A small file whose bytes are on an extra device: (device id from 1, first block).
+    device: Option<(u16, u32)>,
 }
 
 impl Node<'_> {
@@ -183,12 +205,16 @@ impl Node<'_> {
     }
     /// Everything stored with the inode, in the metadata area.
     fn body_len(&self) -> usize {
-        let chunk_index = if self.layout == LAYOUT_CHUNK_BASED {
-            4
-        } else {
-            0
-        };
-        INODE_SIZE + self.xattrs.len() + chunk_index + self.tail()
+        match (self.layout, self.device) {
+            (LAYOUT_CHUNK_BASED, Some(_)) => self.chunk_index_at() + 8,
+            (LAYOUT_CHUNK_BASED, None) => INODE_SIZE + self.xattrs.len() + 4,
+            _ => INODE_SIZE + self.xattrs.len() + self.tail(),
+        }
+    }
+    /// Where an 8-byte chunk index goes, from the inode's start (the kernel aligns it to 8;
+    /// inodes are 32-byte aligned).
+    fn chunk_index_at(&self) -> usize {
+        (INODE_SIZE + self.xattrs.len()).next_multiple_of(8)
     }
 }
 
@@ -197,42 +223,61 @@ impl Node<'_> {
 /// which the image holds.
 pub fn metadata_image<'a>(tree: &Tree, small: &SmallBytes<'a>) -> Result<Vec<u8>, Unsupported> {
     let held = |layer, offset, size| small(layer, offset, size).map(Held::Now);
-    let mut layout = lay_out(tree, Purpose::Metadata, &held)?;
+    let mut layout = lay_out(tree, Purpose::Metadata, &held, Vec::new())?;
     let mut out = vec![0u8; layout.blocks * BLOCK];
     write(tree, &mut layout, &mut out).expect("writing to memory");
     Ok(out)
 }
 
-/// [`metadata_image`] written to `file` (from its start; its length set), the bytes of small
-/// files taken from the layers' small-file tables (`tables`, by layer), in the walk's order
-/// until `max_bytes` of them — the image [`metadata_image`] makes from the same bytes. What it
-/// holds is the metadata blocks and the tables' records, not the files' bytes: those are read
-/// through once, a layer at a time, and written where they go. Returns the image's length.
-pub(crate) fn write_metadata_image(
+/// The metadata image of `tree` with the small files the layers' tables (`tables`, by layer)
+/// keep: tables of the current format become extra devices ([`Device`]), the bytes of earlier
+/// ones are copied in, in the walk's order until `max_bytes` of them. Laid out here; the
+/// copied bytes are written by [`fill_from_tables`].
+fn lay_out_with_tables<'t>(
     tree: &Tree,
-    tables: &[Option<crate::index::small::SmallIndex>],
+    tables: &'t [Option<crate::index::small::SmallIndex>],
     max_bytes: u64,
-    file: &std::fs::File,
-) -> Result<u64, String> {
+) -> Result<Layout<'t>, String> {
+    use crate::index::small::Placed;
+    let mut devices = Vec::new();
+    let mut device_of = vec![None; tables.len()];
+    for (layer, t) in tables.iter().enumerate() {
+        let Some((t, blocks)) = t.as_ref().and_then(|t| Some((t, t.device_blocks()?))) else {
+            continue;
+        };
+        if devices.len() < DEVICES_MAX {
+            devices.push(Device {
+                layer: t.layer_hex(),
+                blocks,
+                table: t.table_digest(),
+            });
+            device_of[layer] = Some(devices.len() as u16);
+        }
+    }
     let given = std::cell::Cell::new(0u64);
+    let copied = |size: u64| {
+        given.set(given.get() + size);
+        given.get() <= max_bytes
+    };
     let held = |layer: u32, offset: u64, size: u64| {
         let table = tables.get(layer as usize)?.as_ref()?;
         (table.len_at(offset)? == size).then_some(())?;
-        given.set(given.get() + size);
-        (given.get() <= max_bytes).then_some(Held::Later)
+        match (table.placed_at(offset)?, device_of[layer as usize]) {
+            (Placed::Tiny(b), _) => copied(size).then_some(Held::Now(b)),
+            (Placed::Block(block), Some(device)) => Some(Held::Device { device, block }),
+            _ => copied(size).then_some(Held::Later),
+        }
     };
-    let mut layout = lay_out(tree, Purpose::Metadata, &held).map_err(|e| e.0)?;
-    let len = (layout.blocks * BLOCK) as u64;
-    file.set_len(0)
-        .and_then(|_| file.set_len(len))
-        .map_err(|e| format!("sizing the image: {e}"))?;
-    let mut out = FileOut {
-        meta: vec![0u8; layout.meta_blocks * BLOCK],
-        file,
-    };
-    let io = |e: std::io::Error| format!("writing the image: {e}");
-    write(tree, &mut layout, &mut out).map_err(io)?;
-    // The small files' bytes, a layer at a time, in the order of their tables.
+    lay_out(tree, Purpose::Metadata, &held, devices).map_err(|e| e.0)
+}
+
+/// Writes the bytes [`lay_out_with_tables`] left for later, a layer at a time, in the order of
+/// their tables.
+fn fill_from_tables(
+    layout: &Layout<'_>,
+    tables: &[Option<crate::index::small::SmallIndex>],
+    out: &mut dyn Out,
+) -> Result<(), String> {
     let mut wanted: Vec<(u32, u64, usize)> = layout
         .order
         .iter()
@@ -254,7 +299,7 @@ pub(crate) fn write_metadata_image(
                     }
                     next.next();
                     if o == offset {
-                        put_data(&mut out, &layout.order[i], bytes)?;
+                        put_data(out, &layout.order[i], bytes)?;
                     }
                 }
                 Ok(next.peek().is_some())
@@ -264,15 +309,98 @@ pub(crate) fn write_metadata_image(
             return Err("a small file's bytes are missing from its table".into());
         }
     }
+    Ok(())
+}
+
+/// The metadata image [`write_metadata_image`] writes, in memory (to check one on disk).
+pub(crate) fn metadata_image_with_tables(
+    tree: &Tree,
+    tables: &[Option<crate::index::small::SmallIndex>],
+    max_bytes: u64,
+) -> Result<Vec<u8>, String> {
+    let mut layout = lay_out_with_tables(tree, tables, max_bytes)?;
+    let mut out = vec![0u8; layout.blocks * BLOCK];
+    write(tree, &mut layout, &mut out).expect("writing to memory");
+    fill_from_tables(&layout, tables, &mut out)?;
+    Ok(out)
+}
+
+/// The metadata image of `tree` with the small files of the layers' tables (`tables`, by
+/// layer; see [`lay_out_with_tables`]) written to `file` (from its start; its length set). It
+/// holds the metadata blocks and the tables' records, not the files' bytes: those copied in
+/// are read through once, a layer at a time, and written where they go. Returns the image's
+/// length.
+pub(crate) fn write_metadata_image(
+    tree: &Tree,
+    tables: &[Option<crate::index::small::SmallIndex>],
+    max_bytes: u64,
+    file: &std::fs::File,
+) -> Result<u64, String> {
+    let mut layout = lay_out_with_tables(tree, tables, max_bytes)?;
+    let len = (layout.blocks * BLOCK) as u64;
+    file.set_len(0)
+        .and_then(|_| file.set_len(len))
+        .map_err(|e| format!("sizing the image: {e}"))?;
+    let mut out = FileOut {
+        meta: vec![0u8; layout.meta_blocks * BLOCK],
+        file,
+    };
+    let io = |e: std::io::Error| format!("writing the image: {e}");
+    write(tree, &mut layout, &mut out).map_err(io)?;
+    fill_from_tables(&layout, tables, &mut out)?;
     use std::os::unix::fs::FileExt;
     file.write_all_at(&out.meta, 0).map_err(io)?;
     Ok(len)
 }
 
-/// Whether the image holds a small file's bytes: here they are, or they are written later.
+/// The extra devices the image at `path` names, in the order of their ids (what `mount -o
+/// device=` must give, one per device).
+pub fn devices(path: &std::path::Path) -> std::io::Result<Vec<Device>> {
+    use std::io::Read;
+    let mut head = vec![0u8; BLOCK];
+    std::fs::File::open(path)?.read_exact(&mut head)?;
+    let s = &head[SUPER_OFFSET..];
+    let features = u32::from_le_bytes(s[80..84].try_into().expect("4 bytes"));
+    if features & FEATURE_INCOMPAT_DEVICE_TABLE == 0 {
+        return Ok(Vec::new());
+    }
+    let count = u16::from_le_bytes(s[86..88].try_into().expect("2 bytes")) as usize;
+    let slot_off = u16::from_le_bytes(s[88..90].try_into().expect("2 bytes")) as usize;
+    if slot_off * DEVT_SLOT != DEVT_OFFSET || count > DEVICES_MAX {
+        return Err(std::io::Error::other(
+            "a device table this version does not write",
+        ));
+    }
+    Ok(head[DEVT_OFFSET..DEVT_OFFSET + count * DEVT_SLOT]
+        .chunks_exact(DEVT_SLOT)
+        .map(|d| Device {
+            layer: String::from_utf8_lossy(&d[..64])
+                .trim_end_matches('\0')
+                .to_string(),
+            blocks: u32::from_le_bytes(d[64..68].try_into().expect("4 bytes")) as u64,
+            table: d[DEVT_DIGEST..DEVT_DIGEST + 32]
+                .try_into()
+                .expect("32 bytes"),
+        })
+        .collect())
+}
+
+/// Where the image finds a small file's bytes: here they are, they are written later, or they
+/// are on an extra device.
 enum Held<'a> {
     Now(&'a [u8]),
     Later,
+    Device { device: u16, block: u32 },
+}
+
+/// An extra device of an image: a layer's small-file file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Device {
+    /// The layer's digest, hex.
+    pub layer: String,
+    pub blocks: u64,
+    /// The SHA-256 of its table frame: what ties the image to that very file.
+    pub table: [u8; 32],
 }
 
 /// A regular file of a disk image: its data fills blocks `first_block..` (the last one padded
@@ -306,7 +434,7 @@ pub const DISK_BLOCK: u64 = BLOCK as u64;
 /// goes, for the caller to fill in from the layers as the blocks are read. The same tree
 /// gives the same image, byte for byte.
 pub fn disk_image(tree: &Tree) -> Result<DiskLayout, Unsupported> {
-    let mut layout = lay_out(tree, Purpose::Disk, &|_, _, _| None)?;
+    let mut layout = lay_out(tree, Purpose::Disk, &|_, _, _| None, Vec::new())?;
     let mut head = vec![0u8; layout.head_blocks * BLOCK];
     write(tree, &mut layout, &mut head).expect("writing to memory");
     let mut files: Vec<DiskFile> = layout
@@ -330,6 +458,8 @@ pub fn disk_image(tree: &Tree) -> Result<DiskLayout, Unsupported> {
 /// The image laid out: every inode placed, every block counted.
 struct Layout<'a> {
     purpose: Purpose,
+    /// The extra devices its chunk indexes name (id = position + 1).
+    devices: Vec<Device>,
     order: Vec<Node<'a>>,
     root_nid: u64,
     /// Blocks before the first one of data (superblock, shared xattr, inodes).
@@ -376,6 +506,7 @@ fn lay_out<'a>(
     tree: &Tree,
     purpose: Purpose,
     small: &dyn Fn(u32, u64, u64) -> Option<Held<'a>>,
+    devices: Vec<Device>,
 ) -> Result<Layout<'a>, Unsupported> {
     // Nodes in depth-first order from the root, so the root gets the first (small) nid, and a
     // directory's entries sit near it.
@@ -494,6 +625,7 @@ fn lay_out<'a>(
     }
     Ok(Layout {
         purpose,
+        devices,
         order,
         root_nid,
         meta_blocks,
@@ -524,6 +656,7 @@ fn write(tree: &Tree, layout: &mut Layout<'_>, out: &mut dyn Out) -> std::io::Re
         layout.root_nid as u16,
         layout.order.len() as u64,
         layout.blocks as u32,
+        &layout.devices,
     )
 }
 
@@ -564,9 +697,11 @@ fn node<'a>(
             blkaddr: 0,
             later: None,
             served,
+            device: None,
         });
     }
     let mut later = None;
+    let mut device = None;
     let held = match inode.data {
         NodeData::File { layer, offset } if inode.kind == EntryKind::File && inode.size > 0 => {
             match small(layer, offset, inode.size) {
@@ -575,12 +710,17 @@ fn node<'a>(
                     later = Some((layer, offset));
                     None
                 }
+                Some(Held::Device { device: d, block }) => {
+                    device = Some((d, block));
+                    None
+                }
                 None => None,
             }
         }
         _ => None,
     };
     let (layout, data, size) = match (inode.data, held) {
+        (_, None) if device.is_some() => (LAYOUT_CHUNK_BASED, Cow::Borrowed(&[][..]), inode.size),
         (_, None) if later.is_some() => {
             let layout = match inode.size <= INLINE_FILE_MAX as u64 {
                 true => LAYOUT_FLAT_INLINE,
@@ -625,7 +765,7 @@ fn node<'a>(
             "the image has a 0/0 character device, which overlayfs reads as a whiteout".into(),
         ));
     }
-    let metacopy = layout == LAYOUT_CHUNK_BASED;
+    let metacopy = layout == LAYOUT_CHUNK_BASED && device.is_none();
     Ok(Node {
         ino,
         xattrs: encode_xattrs(&xattrs, metacopy, path)?,
@@ -636,6 +776,7 @@ fn node<'a>(
         blkaddr: 0,
         later,
         served: false,
+        device,
     })
 }
 
@@ -826,7 +967,11 @@ fn write_inode(out: &mut dyn Out, n: &Node, inode: &Inode<'_>) -> std::io::Resul
         // MAX_FILE, checked in `node`).
         (_, LAYOUT_CHUNK_BASED) => {
             let bits = 64 - (n.size.max(1) - 1).leading_zeros();
-            bits.saturating_sub(BLOCK_BITS as u32)
+            let format = bits.saturating_sub(BLOCK_BITS as u32);
+            match n.device {
+                Some(_) => format | CHUNK_INDEXES,
+                None => format,
+            }
         }
         (_, LAYOUT_FLAT_PLAIN | LAYOUT_FLAT_INLINE) if n.out_of_line_blocks() > 0 => n.blkaddr,
         _ => 0,
@@ -840,8 +985,15 @@ fn write_inode(out: &mut dyn Out, n: &Node, inode: &Inode<'_>) -> std::io::Resul
     b[44..48].copy_from_slice(&inode.nlink.max(1).to_le_bytes());
     out.put(n.pos, &b)?;
     out.put(n.pos + INODE_SIZE, &n.xattrs)?;
-    match n.layout {
-        LAYOUT_CHUNK_BASED => {
+    match (n.layout, n.device) {
+        // One chunk: the file's blocks on its layer's device.
+        (LAYOUT_CHUNK_BASED, Some((device, block))) => {
+            let mut index = [0u8; 8];
+            index[2..4].copy_from_slice(&device.to_le_bytes());
+            index[4..8].copy_from_slice(&block.to_le_bytes());
+            out.put(n.pos + n.chunk_index_at(), &index)
+        }
+        (LAYOUT_CHUNK_BASED, None) => {
             // One chunk index: no block (a hole), for the data lives in the lower layer.
             let at = n.pos + INODE_SIZE + n.xattrs.len();
             out.put(at, &NULL_ADDR.to_le_bytes())
@@ -870,11 +1022,23 @@ fn write_super(
     root_nid: u16,
     inodes: u64,
     blocks: u32,
+    devices: &[Device],
 ) -> std::io::Result<()> {
-    let (volume, features) = match purpose {
+    let (volume, mut features) = match purpose {
         Purpose::Metadata => (VOLUME, FEATURE_INCOMPAT_CHUNKED_FILE),
         Purpose::Disk => (DISK_VOLUME, 0),
     };
+    if !devices.is_empty() {
+        features |= FEATURE_INCOMPAT_DEVICE_TABLE;
+        for (i, d) in devices.iter().enumerate() {
+            let mut slot = [0u8; DEVT_SLOT];
+            let tag = d.layer.as_bytes();
+            slot[..tag.len().min(64)].copy_from_slice(&tag[..tag.len().min(64)]);
+            slot[64..68].copy_from_slice(&(d.blocks as u32).to_le_bytes());
+            slot[DEVT_DIGEST..DEVT_DIGEST + 32].copy_from_slice(&d.table);
+            out.put(DEVT_OFFSET + i * DEVT_SLOT, &slot)?;
+        }
+    }
     let mut s = [0u8; 128];
     s[0..4].copy_from_slice(&MAGIC.to_le_bytes());
     s[12] = BLOCK_BITS;
@@ -885,6 +1049,10 @@ fn write_super(
     s[44..48].copy_from_slice(&(XATTR_BLOCK as u32).to_le_bytes());
     s[64..64 + volume.len()].copy_from_slice(volume);
     s[80..84].copy_from_slice(&features.to_le_bytes());
+    if !devices.is_empty() {
+        s[86..88].copy_from_slice(&(devices.len() as u16).to_le_bytes());
+        s[88..90].copy_from_slice(&((DEVT_OFFSET / DEVT_SLOT) as u16).to_le_bytes());
+    }
     out.put(SUPER_OFFSET, &s)
 }
 
@@ -1089,23 +1257,38 @@ mod tests {
         unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
     }
 
-    /// Written to a file from the layers' saved small-file tables, the image is the one made
-    /// in memory from the same bytes, with as many of them as the cap lets in.
-    #[test]
-    fn written_from_tables_as_made_in_memory() {
+    /// A layer's small-file table of `small`'s bytes, saved beside `dir/<hex>.idx` in the
+    /// current format (`v2`: the second), and opened.
+    fn table_of(
+        dir: &Path,
+        small: &std::collections::HashMap<u64, Vec<u8>>,
+        v2: bool,
+    ) -> crate::index::small::SmallIndex {
         use crate::index::small::{SmallFiles, SmallIndex};
-        let tree = sample();
-        let small = held(&tree);
-        let dir = tempfile::tempdir().unwrap();
-        let index = dir.path().join("l.idx");
+        let index = dir.join(format!("{}.idx", "ab".repeat(32)));
         let mut table = SmallFiles::default();
         let mut files: Vec<_> = small.iter().collect();
         files.sort();
         for (offset, bytes) in &files {
             table.push(**offset, bytes);
         }
-        table.save(&index).unwrap();
-        let tables = [SmallIndex::open(&index).unwrap()];
+        match v2 {
+            true => table.save_v2(&index),
+            false => table.save(&index).unwrap(),
+        }
+        SmallIndex::open(&index).unwrap().unwrap()
+    }
+
+    /// Written to a file from a layer's small-file table of an earlier format, the image is
+    /// the one made in memory from the same bytes, with as many of them as the cap lets in;
+    /// from a table of the current format, the one made in memory from it, naming it as a
+    /// device.
+    #[test]
+    fn written_from_tables_as_made_in_memory() {
+        let tree = sample();
+        let small = held(&tree);
+        let dir = tempfile::tempdir().unwrap();
+        let tables = [Some(table_of(dir.path(), &small, true))];
         for cap in [u64::MAX, 20_000, 0] {
             let given = std::cell::Cell::new(0u64);
             let by_offset = |_, off, size| {
@@ -1122,7 +1305,25 @@ mod tests {
             let got = std::fs::read(&path).unwrap();
             assert_eq!(len as usize, got.len());
             assert!(got == want, "cap {cap}: the images differ");
+            let in_memory = metadata_image_with_tables(&tree, &tables, cap).unwrap();
+            assert!(in_memory == want, "cap {cap}: in memory, the images differ");
+            assert_eq!(devices(&path).unwrap(), vec![]);
         }
+        // The current format: a device, whose files the image does not copy.
+        let tables = [Some(table_of(dir.path(), &small, false))];
+        let path = dir.path().join("dev.erofs");
+        let f = std::fs::File::create(&path).unwrap();
+        write_metadata_image(&tree, &tables, 0, &f).unwrap();
+        let got = std::fs::read(&path).unwrap();
+        assert!(got == metadata_image_with_tables(&tree, &tables, 0).unwrap());
+        let copied = metadata_image(&tree, &|_, off, _| small.get(&off).map(|b| &b[..])).unwrap();
+        assert!(got.len() < copied.len(), "{} vs {}", got.len(), copied.len());
+        let t = tables[0].as_ref().unwrap();
+        let named = devices(&path).unwrap();
+        assert_eq!(named.len(), 1);
+        assert_eq!(named[0].layer, "ab".repeat(32));
+        assert_eq!(named[0].table, t.table_digest());
+        assert_eq!(Some(named[0].blocks), t.device_blocks());
         // No table: as made in memory with none held.
         let f = tempfile::tempfile().unwrap();
         write_metadata_image(&tree, &[None], u64::MAX, &f).unwrap();
@@ -1284,16 +1485,36 @@ mod tests {
             eprintln!("skipped: needs root and EROFS (root {root}, erofs {erofs})");
             return;
         }
+        for on_device in [false, true] {
+            kernel_reads_back(on_device);
+        }
+    }
+
+    /// The image of the sample tree, its small files copied in or (`on_device`) on a layer's
+    /// small-file file as an extra device, read back by the kernel.
+    fn kernel_reads_back(on_device: bool) {
         let tree = sample();
         let tmp = tempfile::tempdir().unwrap();
         let image = tmp.path().join("meta.erofs");
         let small = held(&tree);
-        std::fs::write(&image, image_holding(&tree, &small)).unwrap();
+        let device = match on_device {
+            false => {
+                std::fs::write(&image, image_holding(&tree, &small)).unwrap();
+                None
+            }
+            true => {
+                let tables = [Some(table_of(tmp.path(), &small, false))];
+                let f = std::fs::File::create(&image).unwrap();
+                write_metadata_image(&tree, &tables, u64::MAX, &f).unwrap();
+                Some(tmp.path().join(format!("{}.small", "ab".repeat(32))))
+            }
+        };
         // erofs-utils' own checker, an independent reader (scripts/setup.sh installs it).
-        match std::process::Command::new("fsck.erofs")
-            .arg(&image)
-            .output()
-        {
+        let mut fsck = std::process::Command::new("fsck.erofs");
+        if let Some(d) = &device {
+            fsck.arg(format!("--device={}", d.display()));
+        }
+        match fsck.arg(&image).output() {
             Ok(out) => assert!(out.status.success(), "fsck.erofs: {out:?}"),
             Err(e) => eprintln!("fsck.erofs not run: {e}"),
         }
@@ -1328,7 +1549,8 @@ mod tests {
                 }
             }
         }
-        mount(&image, &meta, "erofs", "").unwrap();
+        let devices = device.map(|d| format!("device={}", d.display()));
+        mount(&image, &meta, "erofs", &devices.unwrap_or_default()).unwrap();
         let opts = format!(
             "metacopy=on,redirect_dir=follow,lowerdir={}::{}",
             meta.display(),
@@ -1361,7 +1583,7 @@ mod tests {
         });
         umount(&merged);
         umount(&meta);
-        result.unwrap();
+        result.unwrap_or_else(|e| std::panic::resume_unwind(e));
     }
 
     /// What [`listing`] should print for `tree`.

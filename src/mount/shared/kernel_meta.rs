@@ -13,7 +13,10 @@
 use std::path::{Path, PathBuf};
 
 use super::Place;
-use crate::index::small::SmallFiles;
+use std::fs::File;
+use std::os::fd::AsRawFd;
+
+use crate::index::small::{SmallFiles, SmallIndex};
 use crate::mount::{is_mount_point, kernel_mount, table, unmount};
 use crate::store::ImageRecord;
 use crate::tree::erofs;
@@ -55,28 +58,62 @@ fn write_image(store: &Store, record: &ImageRecord, path: &Path) -> Result<(), S
 /// What the image's metadata image holds (and how many inodes).
 pub(crate) fn image_bytes(store: &Store, record: &ImageRecord) -> Result<(Vec<u8>, u64), String> {
     let tree = store.tree(record).map_err(|e| e.to_string())?;
-    // Small files' bytes, for the layers indexed whole (a damaged table only costs its layer
-    // the shortcut: its files stay with FUSE).
-    let small: Vec<Option<SmallFiles>> = record
+    // The layers' small-file tables (a damaged one only costs its layer the shortcut: its
+    // files stay with FUSE). Past IMAGE_SMALL_MAX bytes copied into the image, the rest are
+    // read through FUSE (the walk's order, so the same files each time).
+    let tables: Vec<Option<SmallIndex>> = record
         .layers
         .iter()
         .map(|l| {
-            SmallFiles::load(&store.layer_index_path(l)).unwrap_or_else(|e| {
+            SmallIndex::open(&store.layer_index_path(l)).unwrap_or_else(|e| {
                 tracing::warn!("small files of layer {}: {e}", l.digest);
                 None
             })
         })
         .collect();
-    // The image is built in memory: past IMAGE_SMALL_MAX bytes of small files, the rest are
-    // read through FUSE (the walk's order, so the same files each time).
-    let given = std::cell::Cell::new(0u64);
-    let held = |layer: u32, offset: u64, size: u64| {
-        let bytes = small.get(layer as usize)?.as_ref()?.get(offset, size)?;
-        given.set(given.get() + size);
-        (given.get() <= IMAGE_SMALL_MAX).then_some(bytes)
-    };
-    let image = erofs::metadata_image(&tree, &held).map_err(|e| e.to_string())?;
+    let image = erofs::metadata_image_with_tables(&tree, &tables, IMAGE_SMALL_MAX)?;
     Ok((image, tree.inode_count()))
+}
+
+/// The layers' small-file files the image at `image` names as its extra devices, opened, in
+/// the order of their ids — each checked to be the very file the image was written for (its
+/// table's digest), or an error.
+fn open_devices(store: &Store, record: &ImageRecord, image: &Path) -> Result<Vec<File>, String> {
+    let devices = erofs::devices(image).map_err(|e| format!("reading {}: {e}", image.display()))?;
+    devices
+        .iter()
+        .map(|d| {
+            let layer = record
+                .layers
+                .iter()
+                .find(|l| l.digest.hex() == d.layer)
+                .ok_or_else(|| format!("the image names a layer it does not have ({})", d.layer))?;
+            let index = store.layer_index_path(layer);
+            SmallIndex::open(&index)
+                .map_err(|e| e.to_string())?
+                .filter(|t| t.table_digest() == d.table)
+                .ok_or_else(|| format!("the small files of layer {} changed", layer.digest))?;
+            File::open(SmallFiles::path(&index))
+                .map_err(|e| format!("opening the small files of {}: {e}", layer.digest))
+        })
+        .collect()
+}
+
+/// Mounts the metadata image at `image` on `dir`, its extra devices given as this process's
+/// descriptors (short options, whatever the store's path; the kernel opens them at mount).
+fn mount_image(
+    store: &Store,
+    record: &ImageRecord,
+    image: &Path,
+    dir: &Path,
+) -> Result<(), String> {
+    let devices = open_devices(store, record, image)?;
+    let options: Vec<String> = devices
+        .iter()
+        .map(|f| format!("device=/proc/self/fd/{}", f.as_raw_fd()))
+        .collect();
+    kernel_mount(image, dir, "erofs", libc::MS_RDONLY, &options.join(","))
+        .map_err(|e| e.to_string())
 }
 
 /// Mounts the image's metadata image with the overlay over it (after the FUSE mount serves).
@@ -89,7 +126,7 @@ pub(crate) fn set_up(store: &Store, record: &ImageRecord, place: &Place) -> Resu
     for d in [place.meta(), place.root()] {
         std::fs::create_dir_all(&d).map_err(|e| format!("creating {}: {e}", d.display()))?;
     }
-    let mount_image = || kernel_mount(&image, &place.meta(), "erofs", libc::MS_RDONLY, "");
+    let mount_image = || mount_image(store, record, &image, &place.meta());
     if let Err(e) = mount_image() {
         // A damaged file the kernel refuses is written anew, once.
         tracing::warn!("mounting {}: {e}; writing it anew", image.display());
