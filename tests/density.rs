@@ -15,12 +15,14 @@ fn image(reg: &Registry, repo: &str) -> String {
     let base = LayerBuilder::new()
         .dir("etc", 0o755)
         .file("etc/os-release", b"ID=density\n")
+        .file("etc/services", &test_bytes(20_000, 3))
         .file("big.bin", &test_bytes(3 << 20, 7))
         .hardlink("big-link.bin", "big.bin")
         .finish();
     let top = LayerBuilder::new()
         .dir("srv", 0o755)
         .file("srv/marker", b"top")
+        .file("srv/page", &test_bytes(5_000, 4))
         .finish();
     let img = Image::new(vec![(base, Comp::Gzip), (top, Comp::Zstd)]);
     let work = tempfile::tempdir().unwrap();
@@ -442,6 +444,12 @@ fn metadata_walks_never_reach_the_server() {
             .flat_map(|r| [r.join("etc/os-release"), r.join("srv/marker")])
             .map(|p| std::fs::read(p).unwrap())
             .collect();
+        // Those of more than 512 bytes are read from their layers' small-file files, extra
+        // devices of the metadata image.
+        for r in &roots {
+            assert_eq!(std::fs::read(r.join("etc/services")).unwrap(), test_bytes(20_000, 3));
+            assert_eq!(std::fs::read(r.join("srv/page")).unwrap(), test_bytes(5_000, 4));
+        }
         let _ = tx.send((walked, small));
     });
     let walked = rx.recv_timeout(Duration::from_secs(20));
@@ -493,6 +501,42 @@ fn walk(root: &Path) -> Vec<String> {
 
 /// An image the EROFS layout cannot carry (a 0/0 character device, which overlayfs takes for a
 /// whiteout) is served with metadata from FUSE, with the reason in the server's log.
+
+/// A small file's bytes are stored once, in its layer's small-file file, which the metadata
+/// image names as a device: not again in the image (before: each image copied them in, and the
+/// layer's table kept them compressed besides).
+#[test]
+fn small_files_bytes_are_stored_once() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/once");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let store = bux.store.path();
+    let want = test_bytes(20_000, 3);
+    let mut holding = Vec::new();
+    let mut images = 0;
+    for dir in ["layers/sha256", "trees/sha256"] {
+        for e in std::fs::read_dir(store.join(dir)).unwrap() {
+            let p = e.unwrap().path();
+            let bytes = std::fs::read(&p).unwrap();
+            if bytes.windows(want.len()).any(|w| w == &want[..]) {
+                holding.push(p.clone());
+            }
+            if p.extension().is_some_and(|x| x == "erofs") {
+                images += 1;
+                assert!(bytes.len() < 20_000, "{}: {} bytes", p.display(), bytes.len());
+            }
+        }
+    }
+    assert_eq!(images, 1);
+    assert_eq!(holding.len(), 1, "{holding:?}");
+    assert!(holding[0].extension().is_some_and(|x| x == "small"), "{holding:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    assert_eq!(std::fs::read(ro.path.join("etc/services")).unwrap(), want);
+    ro.unmount();
+}
 #[test]
 fn an_image_the_metadata_image_cannot_carry_is_served_by_fuse() {
     let reg = Registry::start();

@@ -14,7 +14,8 @@
 //! block 1, in stream order, zero-padded). Then the table: one zstd frame holding the file
 //! count (u64 LE), a record per file (its data's offset in the layer's uncompressed stream, u64
 //! LE; its length, u32 LE; its first block, u32 LE, or 0 for a tiny file), in ascending offset
-//! order, then the tiny files' bytes end to end (the metadata image holds those inline).
+//! order, then the tiny files' bytes end to end (the metadata image holds those inline). A
+//! file with no file in blocks has its table right after the header (and is no device).
 //! Earlier formats (`MAGIC_V1`: table and bytes in one frame; `MAGIC_V2`: a table frame, then
 //! one frame of all bytes) are still read: their bytes are copied into the metadata image. A
 //! layer indexed before this file existed (or fetched lazily) has none: its files are read
@@ -59,6 +60,8 @@ pub const BLOCK: u64 = 4096;
 pub const TINY_MAX: u64 = 512;
 /// A record of the current format: offset, length, first block.
 const RECORD_V3: usize = 16;
+/// The header's length: magic, where the table starts, its length.
+const HEAD_LEN: u64 = 24;
 /// Bound on what a `.small` file may claim to hold once decompressed: the bytes, and a record
 /// per file (of one byte at least).
 const MAX_TOTAL: u64 = 8 + (KEEP_MAX * (RECORD + 1)) as u64;
@@ -312,7 +315,12 @@ impl SmallFiles {
         }
         table.extend_from_slice(&spill.tiny);
         let table = zstd::bulk::compress(&table, super::ZSTD_LEVEL).ctx(ctx)?;
-        let table_at = (1 + spill.blocks as u64) * BLOCK;
+        // With no file in blocks, no device: the table follows the header (a file of a few
+        // hundred bytes, not a block of zeros and then the table).
+        let table_at = match spill.blocks {
+            0 => HEAD_LEN,
+            n => (1 + n as u64) * BLOCK,
+        };
         let mut head = MAGIC.to_vec();
         head.extend_from_slice(&table_at.to_le_bytes());
         head.extend_from_slice(&(table.len() as u64).to_le_bytes());
@@ -538,7 +546,7 @@ impl Blocks {
         };
         // Records (an empty file's counts none of KEEP_MAX) and tiny files' bytes.
         let most = (8 + KEEP_MAX * (RECORD_V3 + 1)) as u64;
-        if table_at % BLOCK != 0 || table_at == 0 || table_len > most {
+        if (table_at % BLOCK != 0 && table_at != HEAD_LEN) || table_at == 0 || table_len > most {
             return Err(corrupt("no valid table"));
         }
         let mut frame = vec![0u8; table_len as usize];
@@ -559,6 +567,7 @@ impl Blocks {
             .and_then(|c| c.checked_mul(RECORD_V3))
             .filter(|&n| n <= table.len() - 8)
             .ok_or_else(|| corrupt("more records than bytes"))?;
+        // Blocks before the table: the header's and the files'.
         let data_blocks = table_at / BLOCK;
         let (mut files, mut tiny_at) = (Vec::with_capacity(count as usize), Vec::new());
         let mut tiny_len = 0u64;
@@ -592,7 +601,7 @@ impl Blocks {
             files,
             tiny_at,
             tiny,
-            blocks: data_blocks + (table_len).div_ceil(BLOCK),
+            blocks: (table_at + table_len).div_ceil(BLOCK),
             digest: <sha2::Sha256 as sha2::Digest>::digest(&frame).into(),
         })
     }
@@ -708,10 +717,11 @@ impl SmallIndex {
         }
     }
 
-    /// The file's size in blocks if it can serve as a device (the current format).
+    /// The file's size in blocks if it serves as a device: of the current format, with files
+    /// in blocks.
     pub(crate) fn device_blocks(&self) -> Option<u64> {
         match &self.body {
-            Body::Blocks(b) => Some(b.blocks),
+            Body::Blocks(b) if b.files.iter().any(|f| f.2 != 0) => Some(b.blocks),
             _ => None,
         }
     }
@@ -936,6 +946,17 @@ mod tests {
         t.each(|o, b| Ok(seen.push((o, b.to_vec())) == ())).unwrap();
         assert!(seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()));
         assert_eq!(t.placed_at(7), None);
+        // Only tiny files: no blocks, so no device; the table follows the header.
+        let mut tiny = SmallFiles::default();
+        tiny.push(0, b"x");
+        tiny.push(10, b"yz");
+        let other = dir.path().join("t.idx");
+        tiny.save(&other).unwrap();
+        let len = std::fs::metadata(SmallFiles::path(&other)).unwrap().len();
+        assert!(len < 100, "{len} bytes");
+        let t = SmallIndex::open(&other).unwrap().unwrap();
+        assert_eq!((t.device_blocks(), t.placed_at(10)), (None, Some(Placed::Tiny(b"yz"))));
+        assert_eq!(SmallFiles::load(&other).unwrap().unwrap(), tiny);
     }
 
     /// A spilling table holds only its records, and saves what a table in memory saves.
