@@ -6,13 +6,13 @@
 //! ├── layers/sha256/<hex>.idx    layer index: the file table             (key: layer blob digest)
 //! ├── layers/sha256/<hex>.access checkpoints / zstd frame table           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.zst    seekable copy of a zstd layer           (key: layer blob digest)
-//! ├── layers/sha256/<hex>.small  small files' bytes, zstd-compressed      (key: layer blob digest)
+//! ├── layers/sha256/<hex>.small  small files' bytes, in blocks (an EROFS device) (key: layer blob digest)
 //! ├── layers/sha256/<hex>.<ix>.{idx,access}     a lazily served layer's index as the image's
 //! │                                              published index <ix> gives it
 //! ├── layers/sha256/<hex>.<ix>.{partial,present} its bytes fetched so far, and which chunks
 //! │                                              (the windows': `.windows.partial`, ...)
 //! ├── trees/sha256/<hex>.tree    merged tree of an image                 (key: manifest digest)
-//! ├── trees/sha256/<hex>.erofs   its metadata (and small files) as EROFS (key: manifest digest)
+//! ├── trees/sha256/<hex>.erofs   its metadata as EROFS, .small files its devices (key: manifest digest)
 //! ├── images.json                reference → manifest, config and layers, replaced atomically
 //! ├── settings.json              the store's settings (its budget), replaced atomically
 //! ├── used/<sha256 of reference> when each image was last pulled or mounted (its mtime)
