@@ -447,8 +447,14 @@ fn metadata_walks_never_reach_the_server() {
         // Those of more than 512 bytes are read from their layers' small-file files, extra
         // devices of the metadata image.
         for r in &roots {
-            assert_eq!(std::fs::read(r.join("etc/services")).unwrap(), test_bytes(20_000, 3));
-            assert_eq!(std::fs::read(r.join("srv/page")).unwrap(), test_bytes(5_000, 4));
+            assert_eq!(
+                std::fs::read(r.join("etc/services")).unwrap(),
+                test_bytes(20_000, 3)
+            );
+            assert_eq!(
+                std::fs::read(r.join("srv/page")).unwrap(),
+                test_bytes(5_000, 4)
+            );
         }
         let _ = tx.send((walked, small));
     });
@@ -524,13 +530,21 @@ fn small_files_bytes_are_stored_once() {
             }
             if p.extension().is_some_and(|x| x == "erofs") {
                 images += 1;
-                assert!(bytes.len() < 20_000, "{}: {} bytes", p.display(), bytes.len());
+                assert!(
+                    bytes.len() < 20_000,
+                    "{}: {} bytes",
+                    p.display(),
+                    bytes.len()
+                );
             }
         }
     }
     assert_eq!(images, 1);
     assert_eq!(holding.len(), 1, "{holding:?}");
-    assert!(holding[0].extension().is_some_and(|x| x == "small"), "{holding:?}");
+    assert!(
+        holding[0].extension().is_some_and(|x| x == "small"),
+        "{holding:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();

@@ -618,11 +618,17 @@ impl SmallIndex {
     /// The records of the table beside the index at `index_path`: `None` if there is none.
     pub(crate) fn open(index_path: &Path) -> Result<Option<SmallIndex>> {
         let path = SmallFiles::path(index_path);
-        let mut file = match std::fs::File::open(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
-            Err(e) => return Err(Error::io(format!("reading {}", path.display()), e)),
-        };
+        match std::fs::File::open(&path) {
+            Ok(f) => Self::read(index_path, f).map(Some),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::io(format!("reading {}", path.display()), e)),
+        }
+    }
+
+    /// The records of the table `file` holds, opened from beside the index at `index_path`
+    /// (a caller that goes on to use the file knows it read the table of that very file).
+    pub(crate) fn read(index_path: &Path, mut file: std::fs::File) -> Result<SmallIndex> {
+        let path = SmallFiles::path(index_path);
         let corrupt = |detail: &str| Error::CorruptStore {
             path: path.clone(),
             detail: detail.into(),
@@ -634,20 +640,20 @@ impl SmallIndex {
             use std::os::unix::fs::FileExt;
             let blocks = Blocks::parse(&path, &head, |at, buf| file.read_exact_at(buf, at))?;
             let files = blocks.files.iter().map(|&(o, l, _)| (o, l)).collect();
-            return Ok(Some(SmallIndex {
+            return Ok(SmallIndex {
                 path,
                 files,
                 body: Body::Blocks(blocks),
-            }));
+            });
         }
         if head[..8] == MAGIC_V1[..] {
             let held = SmallFiles::load(index_path)?.ok_or_else(|| corrupt("gone"))?;
             let files = held.iter().map(|(o, b)| (o, b.len() as u32)).collect();
-            return Ok(Some(SmallIndex {
+            return Ok(SmallIndex {
                 path,
                 files,
                 body: Body::Held(held),
-            }));
+            });
         }
         if head[..8] != MAGIC_V2[..] {
             return Err(corrupt("not a small-files table of this version"));
@@ -677,11 +683,11 @@ impl SmallIndex {
             .zip(ends)
             .map(|(&(o, start), end)| (o, (end - start) as u32))
             .collect();
-        Ok(Some(SmallIndex {
+        Ok(SmallIndex {
             path,
             files,
             body: Body::Frame(16 + table_len),
-        }))
+        })
     }
 
     /// The length of the file kept at `offset`, if one is.
@@ -847,16 +853,34 @@ mod tests {
         for (_, bytes) in s.iter() {
             body.extend_from_slice(bytes);
         }
-        std::fs::write(&path, [&MAGIC_V1[..], &zstd::bulk::compress(&body, 1).unwrap()].concat())
-            .unwrap();
-        assert_eq!(SmallFiles::load(&index).unwrap().unwrap(), s, "first format");
+        std::fs::write(
+            &path,
+            [&MAGIC_V1[..], &zstd::bulk::compress(&body, 1).unwrap()].concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            SmallFiles::load(&index).unwrap().unwrap(),
+            s,
+            "first format"
+        );
         s.save_v2(&index);
-        assert_eq!(SmallFiles::load(&index).unwrap().unwrap(), s, "second format");
+        assert_eq!(
+            SmallFiles::load(&index).unwrap().unwrap(),
+            s,
+            "second format"
+        );
         let v2 = SmallIndex::open(&index).unwrap().unwrap();
         let mut seen = Vec::new();
-        v2.each(|o, b| Ok(seen.push((o, b.to_vec())) == ())).unwrap();
-        assert!(seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()), "second format");
-        assert_eq!((v2.placed_at(65536), v2.device_blocks()), (Some(Placed::Stream), None));
+        v2.each(|o, b| Ok(seen.push((o, b.to_vec())) == ()))
+            .unwrap();
+        assert!(
+            seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()),
+            "second format"
+        );
+        assert_eq!(
+            (v2.placed_at(65536), v2.device_blocks()),
+            (Some(Placed::Stream), None)
+        );
         // The current format, damaged: its table rewritten (records as given, then the tiny
         // files' bytes), or its header.
         let table_at = u64::from_le_bytes(good[8..16].try_into().unwrap());
@@ -889,14 +913,32 @@ mod tests {
             ("table not at a block", with_head(8, table_at + 1)),
             ("table in the header", with_head(8, 0)),
             ("table past the end", with_head(8, table_at + 4096)),
-            ("damaged frame", [&good[..good.len() - 6], &[0xff; 6][..]].concat()),
+            (
+                "damaged frame",
+                [&good[..good.len() - 6], &[0xff; 6][..]].concat(),
+            ),
             ("offsets out of order", record(1, 0..8, &0u64.to_le_bytes())),
-            ("longer than kept files", record(1, 8..12, &(1u32 << 20).to_le_bytes())),
-            ("block past the data", record(1, 12..16, &(table_at as u32).to_le_bytes())),
-            ("a block for a tiny file", record(0, 12..16, &1u32.to_le_bytes())),
-            ("no block for a larger one", record(1, 12..16, &0u32.to_le_bytes())),
+            (
+                "longer than kept files",
+                record(1, 8..12, &(1u32 << 20).to_le_bytes()),
+            ),
+            (
+                "block past the data",
+                record(1, 12..16, &(table_at as u32).to_le_bytes()),
+            ),
+            (
+                "a block for a tiny file",
+                record(0, 12..16, &1u32.to_le_bytes()),
+            ),
+            (
+                "no block for a larger one",
+                record(1, 12..16, &0u32.to_le_bytes()),
+            ),
             ("tiny bytes missing", with_table(&table[..table.len() - 1])),
-            ("tiny bytes too many", with_table(&[&table[..], b"x"].concat())),
+            (
+                "tiny bytes too many",
+                with_table(&[&table[..], b"x"].concat()),
+            ),
             ("count", {
                 let mut t = table.clone();
                 t[..8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -939,7 +981,9 @@ mod tests {
             let at = next as usize * BLOCK as usize;
             let blocks = (len as u64).div_ceil(BLOCK) as usize;
             assert!(file[at..at + len].iter().all(|&b| b == i as u8 + 1));
-            assert!(file[at + len..at + blocks * BLOCK as usize].iter().all(|&b| b == 0));
+            assert!(file[at + len..at + blocks * BLOCK as usize]
+                .iter()
+                .all(|&b| b == 0));
             next += blocks as u32;
         }
         let mut seen = Vec::new();
@@ -955,7 +999,10 @@ mod tests {
         let len = std::fs::metadata(SmallFiles::path(&other)).unwrap().len();
         assert!(len < 100, "{len} bytes");
         let t = SmallIndex::open(&other).unwrap().unwrap();
-        assert_eq!((t.device_blocks(), t.placed_at(10)), (None, Some(Placed::Tiny(b"yz"))));
+        assert_eq!(
+            (t.device_blocks(), t.placed_at(10)),
+            (None, Some(Placed::Tiny(b"yz")))
+        );
         assert_eq!(SmallFiles::load(&other).unwrap().unwrap(), tiny);
     }
 

@@ -1317,7 +1317,12 @@ mod tests {
         let got = std::fs::read(&path).unwrap();
         assert!(got == metadata_image_with_tables(&tree, &tables, 0).unwrap());
         let copied = metadata_image(&tree, &|_, off, _| small.get(&off).map(|b| &b[..])).unwrap();
-        assert!(got.len() < copied.len(), "{} vs {}", got.len(), copied.len());
+        assert!(
+            got.len() < copied.len(),
+            "{} vs {}",
+            got.len(),
+            copied.len()
+        );
         let t = tables[0].as_ref().unwrap();
         let named = devices(&path).unwrap();
         assert_eq!(named.len(), 1);

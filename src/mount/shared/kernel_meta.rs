@@ -89,12 +89,15 @@ fn open_devices(store: &Store, record: &ImageRecord, image: &Path) -> Result<Vec
                 .find(|l| l.digest.hex() == d.layer)
                 .ok_or_else(|| format!("the image names a layer it does not have ({})", d.layer))?;
             let index = store.layer_index_path(layer);
-            SmallIndex::open(&index)
-                .map_err(|e| e.to_string())?
-                .filter(|t| t.table_digest() == d.table)
-                .ok_or_else(|| format!("the small files of layer {} changed", layer.digest))?;
-            File::open(SmallFiles::path(&index))
-                .map_err(|e| format!("opening the small files of {}: {e}", layer.digest))
+            let file = File::open(SmallFiles::path(&index))
+                .map_err(|e| format!("opening the small files of {}: {e}", layer.digest))?;
+            // The table of the very file the kernel will be given (not of one renamed over it).
+            let table = SmallIndex::read(&index, file.try_clone().map_err(|e| e.to_string())?)
+                .map_err(|e| e.to_string())?;
+            match table.table_digest() == d.table {
+                true => Ok(file),
+                false => Err(format!("the small files of layer {} changed", layer.digest)),
+            }
         })
         .collect()
 }
