@@ -8,9 +8,11 @@ itself (one FUSE hop). Warm = the same walk again with the page cache kept; cold
 dropping caches. Timings are medians of --runs runs, taken inside the user's own shell so that
 `runuser` costs nothing.
 """
-import argparse, datetime, json, os, statistics, subprocess, tempfile
+import argparse, datetime, json, os, statistics, subprocess, sys, tempfile, time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as base  # noqa: E402  (page cache and PSS sums, large files)
 USER = "buxfuse-bench"
 
 
@@ -55,21 +57,104 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--image", required=True, help="oci:LAYOUT:TAG")
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--mounts", type=int, default=40, help="writable mounts for the PSS row")
+    ap.add_argument("--no-table", action="store_true", help="skip issue 20's side-by-side table")
     a = ap.parse_args()
     bux = os.path.join(ROOT, "target/release/bux-fuse")
     work = tempfile.mkdtemp(prefix="bux-rootless-")
     os.chmod(work, 0o755)
     sides = [Side("root", work, bux, False), Side("user", work, bux, True)]
     try:
-        run(a, work, sides)
+        table = None if a.no_table else side_by_side(a, work, sides)
+        run(a, work, sides, table)
     finally:
         # Whatever a failed run left mounted goes, then the work directory.
         for s in sides:
-            s.run(f"{s.bux} umount m", check=False)
+            s.run(f"for d in m m-*; do {s.bux} umount $d; done 2>/dev/null", check=False)
         sh(f"rm -rf {work}", check=False)
 
 
-def run(a, work, sides):
+def bux_pss_kib():
+    """PSS of every bux-fuse process on the host (daemons and image servers), KiB."""
+    pids = []
+    for p in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            if os.path.basename(os.readlink(f"/proc/{p}/exe")) == "bux-fuse":
+                pids.append(int(p))
+        except OSError:
+            pass
+    return base.proc_sum(pids, "smaps_rollup", "Pss")
+
+
+def side_by_side(a, work, sides):
+    """Issue 20's table: root and the user, each with writable mounts of the image, against the
+    tree unpacked by `umoci raw unpack` on the same disk (the fastest honest baseline)."""
+    layout, tag = a.image.removeprefix("oci:").rsplit(":", 1)
+    tree = os.path.join(work, "umoci")
+    sh(f"umoci raw unpack --image {layout}:{tag} {tree}")
+    files = [f for f, _ in base.large_files(tree, 64 << 10, limit=40)]
+    t = {}
+
+    def cold(side, cmd):
+        xs = []
+        for _ in range(a.runs):
+            drop_caches()
+            xs.append(side.timed(cmd) if side else timed_root(cmd))
+        return median(xs)
+
+    def timed_root(cmd):
+        t0 = time.perf_counter()
+        sh(cmd)
+        return time.perf_counter() - t0
+
+    full = "tar -C {d} -cf - . | wc -c"
+    find = "find {d} -printf ''"
+    t["umoci", "cold full read"] = cold(None, full.format(d=tree))
+    t["umoci", "cold find"] = cold(None, find.format(d=tree))
+    for s in sides:
+        s.run(f"{s.bux} -q pull {a.image}")
+        # The same 40 large files through 1 and 8 writable mounts: the page cache they add.
+        for n in (1, 8):
+            for i in range(n):
+                s.run(f"mkdir -p m-{i} && {s.bux} -q mount --writable {a.image} m-{i}")
+            drop_caches()
+            time.sleep(0.5)
+            c0 = base.meminfo("Cached")
+            for i in range(n):
+                s.run("cat " + " ".join(f"'m-{i}/{f}'" for f in files) + " >/dev/null")
+            t[s.name, f"page cache {n}"] = base.meminfo("Cached") - c0
+            if n == 8:
+                t[s.name, "cold full read"] = cold(s, full.format(d="m-0"))
+                t[s.name, "cold find"] = cold(s, find.format(d="m-0"))
+            for i in range(n):
+                s.run(f"{s.bux} umount m-{i}")
+        # PSS of bux-fuse's processes with --mounts writable mounts standing.
+        for i in range(a.mounts):
+            s.run(f"mkdir -p m-{i} && {s.bux} -q mount --writable {a.image} m-{i} && ls m-{i} >/dev/null")
+        time.sleep(1)
+        t[s.name, "pss"] = bux_pss_kib()
+        for i in range(a.mounts):
+            s.run(f"{s.bux} umount m-{i}")
+    sh(f"rm -rf {tree}")
+    pc = lambda n: t[n, "page cache 8"] / max(1, t[n, "page cache 1"])
+    vs = lambda n, m: t[n, m] / t["umoci", m]
+    pjd = "see [RESULTS-pjdfstest.md](RESULTS-pjdfstest.md) (`scripts/posix-suite.sh`)"
+    return [
+        "| | root | user | goal for the user |",
+        "|---|---|---|---|",
+        f"| page cache, the same 40 files (> 64 KiB) read through 8 writable mounts vs 1 | {pc('root'):.2f}× "
+        f"({t['root', 'page cache 8'] / 1024:.0f} MiB) | {pc('user'):.2f}× ({t['user', 'page cache 8'] / 1024:.0f} MiB) | ≤ 1.5× |",
+        f"| cold full read (`tar -c . \| wc -c`) of a writable mount vs umoci's unpack | {vs('root', 'cold full read'):.2f}× "
+        f"({t['root', 'cold full read']:.2f} s) | {vs('user', 'cold full read'):.2f}× ({t['user', 'cold full read']:.2f} s) | "
+        f"≤ 1.3× (umoci: {t['umoci', 'cold full read']:.2f} s) |",
+        f"| cold `find` vs umoci's unpack | {vs('root', 'cold find'):.2f}× | {vs('user', 'cold find'):.2f}× | ≤ 1.2× "
+        f"(umoci: {t['umoci', 'cold find']:.3f} s) |",
+        f"| bux-fuse PSS, {a.mounts} writable mounts | {t['root', 'pss'] / 1024:.1f} MiB | {t['user', 'pss'] / 1024:.1f} MiB | ≤ 150 MB |",
+        f"| pjdfstest as root inside the writable mount | {pjd} | | 0 |",
+    ]
+
+
+def run(a, work, sides, table):
     for s in sides:
         s.run(f"{s.bux} -q pull {a.image}")
     walks = {
@@ -114,9 +199,11 @@ def run(a, work, sides):
         f"Root's writable mount: kernel overlay over the image mount; the user's: bux-fuse serves the",
         f"upper layer itself. Large file used for cold reads and copy-up: `{big}`.",
         "",
-        "| mount | measure | root | user | user / root |",
-        "|---|---|---|---|---|",
     ]
+    if table:
+        lines += ["## Issue 20's table: root and the user side by side", ""] + table
+        lines += ["", "## Each mount kind", ""]
+    lines += ["| mount | measure | root | user | user / root |", "|---|---|---|---|---|"]
     keys = []
     for (mode, _, m) in results:
         if (mode, m) not in keys:
