@@ -1332,6 +1332,135 @@ mod tests {
         assert!(got == metadata_image(&tree, &|_, _, _| None).unwrap());
     }
 
+    /// More layers with small files than block 0 names devices for, among them one of tiny
+    /// files only (no device), one of the second format (copied in), the same layer twice (one
+    /// file, two positions), a small file whited out above, small files with xattrs of every
+    /// length mod 8 (and an ACL) before their chunk index, and a hardlink to one: fsck.erofs
+    /// and the kernel, given the devices the image names, read every file as kept.
+    #[test]
+    fn many_layers_devices_read_back() {
+        use crate::index::small::{SmallFiles, SmallIndex};
+        const LAYERS: usize = 28;
+        let bytes = |layer: usize, offset: u64, size: u64| -> Vec<u8> {
+            (0..size).map(|i| (i * 13 + offset / 512 + layer as u64 * 31) as u8).collect()
+        };
+        // The same layer at positions 3 and 4: one table file.
+        let source = |k: usize| if k == 4 { 3 } else { k };
+        let mut layers = Vec::new();
+        let mut want: Vec<(String, Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)> = Vec::new();
+        let dir = tempfile::tempdir().unwrap();
+        let mut tables = Vec::new();
+        let mut paths = std::collections::HashMap::new();
+        for k in 0..LAYERS {
+            let s = source(k);
+            let mut l = vec![entry(&format!("l{s}"), EntryKind::Dir)];
+            let mut files = Vec::new();
+            let sizes: &[u64] = match s {
+                1 => &[1, 200, 512],
+                0 => &[513, 4096, 4097, 65_536, 600, 700, 800, 900, 1000, 1100],
+                _ => &[600 + s as u64 * 37, 9000],
+            };
+            for (i, &size) in sizes.iter().enumerate() {
+                let mut f = entry(&format!("l{s}/f{i}"), EntryKind::File);
+                f.size = size;
+                f.offset = (i as u64 + 1) * 100_000 + 512;
+                if s == 0 {
+                    // xattr bodies of 4 bytes more at each step: every alignment of the index.
+                    f.xattrs = vec![(b"user.n".to_vec(), vec![b'v'; i * 3])];
+                    if i == 1 {
+                        let acl: Vec<u8> = [
+                            &2u32.to_le_bytes()[..],
+                            &[1, 0, 6, 0], &u32::MAX.to_le_bytes(),
+                            &[4, 0, 4, 0], &u32::MAX.to_le_bytes(),
+                            &[0x20, 0, 4, 0], &u32::MAX.to_le_bytes(),
+                        ]
+                        .concat();
+                        f.xattrs.push((b"system.posix_acl_access".to_vec(), acl));
+                    }
+                }
+                files.push((f.offset, bytes(s, f.offset, size)));
+                let mut x: Vec<_> = f.xattrs.clone();
+                x.retain(|(n, _)| !n.starts_with(b"system."));
+                want.push((format!("l{s}/f{i}"), bytes(s, f.offset, size), x));
+                l.push(f);
+            }
+            if s == 0 {
+                let mut h = entry("l0/hard", EntryKind::Hardlink);
+                h.link = b"l0/f2".to_vec();
+                l.push(h);
+                let w = want.iter().find(|w| w.0 == "l0/f2").unwrap().clone();
+                want.push(("l0/hard".into(), w.1, w.2));
+            }
+            if k == 6 {
+                // Layer 5's first file whited out.
+                l.push(entry("l5/.wh.f0", EntryKind::File));
+                want.retain(|w| w.0 != "l5/f0");
+            }
+            layers.push(l);
+            let index = dir.path().join(format!("{:064x}.idx", s + 1));
+            if k != 4 {
+                let mut t = SmallFiles::default();
+                for (o, b) in &files {
+                    t.push(*o, b);
+                }
+                match s {
+                    2 => t.save_v2(&index),
+                    _ => t.save(&index).unwrap(),
+                }
+                paths.insert(format!("{:064x}", s + 1), SmallFiles::path(&index));
+            }
+            tables.push(SmallIndex::open(&index).unwrap());
+        }
+        want.sort();
+        want.dedup_by(|a, b| a.0 == b.0);
+        let tree = merged(&layers).unwrap();
+        let image = dir.path().join("meta.erofs");
+        let f = std::fs::File::create(&image).unwrap();
+        write_metadata_image(&tree, &tables, u64::MAX, &f).unwrap();
+        drop(f);
+        assert!(
+            std::fs::read(&image).unwrap()
+                == metadata_image_with_tables(&tree, &tables, u64::MAX).unwrap()
+        );
+        let named = devices(&image).unwrap();
+        assert_eq!(named.len(), DEVICES_MAX);
+        assert!(named.iter().all(|d| d.layer != format!("{:064x}", 2)), "tiny only: no device");
+        assert!(named.iter().all(|d| d.layer != format!("{:064x}", 3)), "second format");
+        let device_paths: Vec<_> = named.iter().map(|d| paths[&d.layer].clone()).collect();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let erofs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("erofs"));
+        if !root || !erofs {
+            eprintln!("kernel part skipped: needs root and EROFS (root {root}, erofs {erofs})");
+            return;
+        }
+        let mut fsck = std::process::Command::new("fsck.erofs");
+        for d in &device_paths {
+            fsck.arg(format!("--device={}", d.display()));
+        }
+        match fsck.arg("--extract").arg(&image).output() {
+            Ok(out) => assert!(out.status.success(), "fsck.erofs: {out:?}"),
+            Err(e) => eprintln!("fsck.erofs not run: {e}"),
+        }
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let options: Vec<_> = device_paths.iter().map(|d| format!("device={}", d.display())).collect();
+        mount(&image, &mnt, "erofs", &options.join(",")).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            for (path, data, x) in &want {
+                let p = mnt.join(path);
+                assert!(std::fs::read(&p).unwrap() == *data, "{path}: the bytes differ");
+                assert_eq!(&xattrs(&p), x, "{path}");
+            }
+            assert!(!mnt.join("l5/f0").exists());
+            let ino = |p: &str| std::fs::metadata(mnt.join(p)).unwrap().ino();
+            assert_eq!(ino("l0/hard"), ino("l0/f2"));
+            assert_eq!(std::fs::metadata(mnt.join("l0/f2")).unwrap().nlink(), 2);
+        });
+        umount(&mnt);
+        result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+
     #[test]
     fn layout_keeps_inline_data_within_a_block() {
         let tree = sample();
