@@ -113,6 +113,12 @@ const FT_LNK: u8 = 7;
 /// The volume name: says which writer made an image, so that an image written by an earlier
 /// version is written anew rather than used.
 const VOLUME: &[u8] = b"bux-fuse 2";
+/// The volume name of a metadata image naming extra devices. Not [`VOLUME`]: the kernel mounts
+/// such an image without `device=` options too (it then reads each device's blocks from the
+/// image itself, "flat" addressing) and serves the image's own metadata as those files' bytes
+/// — which is what a version before devices would do with it, taking it for one of its own
+/// (it checks for `VOLUME` and a NUL). This name makes that version write its image anew.
+const VOLUME_DEVICES: &[u8] = b"bux-fuse 2 dev";
 /// The volume name of a disk image ([`disk_image`]).
 const DISK_VOLUME: &[u8] = b"bux-fuse disk 1";
 
@@ -142,8 +148,9 @@ pub fn is_current(path: &std::path::Path) -> bool {
     let s = &head[SUPER_OFFSET..];
     let blocks = u32::from_le_bytes(s[36..40].try_into().expect("4 bytes")) as u64;
     s[..4] == MAGIC.to_le_bytes()
-        && s[64..80].starts_with(VOLUME)
-        && s[64 + VOLUME.len()] == 0
+        && [VOLUME, VOLUME_DEVICES]
+            .iter()
+            .any(|v| s[64..80].starts_with(v) && s[64 + v.len()] == 0)
         && blocks * BLOCK as u64 == len
 }
 
@@ -1028,6 +1035,10 @@ fn write_super(
         Purpose::Metadata => (VOLUME, FEATURE_INCOMPAT_CHUNKED_FILE),
         Purpose::Disk => (DISK_VOLUME, 0),
     };
+    let volume = match devices.is_empty() {
+        true => volume,
+        false => VOLUME_DEVICES,
+    };
     if !devices.is_empty() {
         features |= FEATURE_INCOMPAT_DEVICE_TABLE;
         for (i, d) in devices.iter().enumerate() {
@@ -1459,6 +1470,35 @@ mod tests {
         });
         umount(&mnt);
         result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+
+    /// An image naming devices is not taken for its own by a version before devices (which
+    /// would mount it without them and serve the image's metadata blocks as the files' bytes);
+    /// one naming none still is, and this version takes both.
+    #[test]
+    fn an_image_with_devices_is_not_current_to_earlier_versions() {
+        // `is_current` as the version before devices had it.
+        fn earlier_is_current(path: &Path) -> bool {
+            let head = std::fs::read(path).unwrap();
+            let s = &head[SUPER_OFFSET..];
+            let blocks = u32::from_le_bytes(s[36..40].try_into().unwrap()) as u64;
+            s[..4] == MAGIC.to_le_bytes()
+                && s[64..80].starts_with(b"bux-fuse 2")
+                && s[64 + 10] == 0
+                && blocks * BLOCK as u64 == head.len() as u64
+        }
+        let tree = sample();
+        let small = held(&tree);
+        let dir = tempfile::tempdir().unwrap();
+        for (v2, named) in [(true, 0), (false, 1)] {
+            let tables = [Some(table_of(dir.path(), &small, v2))];
+            let path = dir.path().join("meta.erofs");
+            let f = std::fs::File::create(&path).unwrap();
+            write_metadata_image(&tree, &tables, u64::MAX, &f).unwrap();
+            assert_eq!(devices(&path).unwrap().len(), named);
+            assert!(is_current(&path), "v2 {v2}");
+            assert_eq!(earlier_is_current(&path), named == 0, "v2 {v2}");
+        }
     }
 
     #[test]
