@@ -212,11 +212,20 @@ impl SmallFiles {
             if size <= TINY_MAX {
                 spill.placed.push(0);
                 spill.tiny.extend_from_slice(&spill.buf);
-            } else if let Some(out) = &mut spill.out {
+            } else {
+                // A write that failed may have left part of this file (or of its padding) in
+                // the stream: the blocks counted no longer say where the next file lands, so
+                // no more are kept, and the save fails (a caller pushing on after an error, as
+                // a table in memory being saved does, must not get misplaced bytes).
+                let Some(out) = &mut spill.out else {
+                    return Err(io::Error::other("an earlier write of the small files failed"));
+                };
                 let blocks = size.div_ceil(BLOCK);
-                io::Write::write_all(out, &spill.buf)?;
-                let pad = (blocks * BLOCK - size) as usize;
-                io::Write::write_all(out, &[0u8; BLOCK as usize][..pad])?;
+                spill.buf.resize((blocks * BLOCK) as usize, 0);
+                if let Err(e) = io::Write::write_all(out, &spill.buf) {
+                    spill.out = None;
+                    return Err(e);
+                }
                 spill.placed.push(1 + spill.blocks);
                 spill.blocks += blocks as u32; // at most KEEP_MAX / 512 blocks
             }
@@ -292,7 +301,7 @@ impl SmallFiles {
                 ));
                 let mut copy = SmallFiles::spilling(SMALL_MAX, tmp)?;
                 for (offset, bytes) in self.iter() {
-                    copy.push(offset, bytes);
+                    copy.push_from(offset, bytes.len() as u64, bytes).ctx(ctx)?;
                 }
                 return copy.save(index_path);
             }
@@ -996,5 +1005,67 @@ mod tests {
         assert!(tmp.exists());
         drop(other);
         assert!(!tmp.exists());
+    }
+
+    /// A write to the spill that fails (the disk full, a file size limit) may leave part of a
+    /// file's blocks in the stream; if later ones succeed and the table is saved, the blocks
+    /// its records name must still hold those files' bytes — or the save fails. Run in a child
+    /// process: it sets a file size limit, which is the process's.
+    #[test]
+    fn a_failed_spill_write_never_saves_misplaced_bytes() {
+        const CHILD: &str = "BUX_TEST_SPILL_LIMIT_CHILD";
+        if std::env::var_os(CHILD).is_none() {
+            let name = "index::small::tests::a_failed_spill_write_never_saves_misplaced_bytes";
+            let out = std::process::Command::new(std::env::current_exe().unwrap())
+                .args([name, "--exact", "--nocapture", "--test-threads", "1"])
+                .env(CHILD, "1")
+                .output()
+                .unwrap();
+            let said = String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success() && said.contains("limits tried"), "{said}");
+            return;
+        }
+        // SAFETY: ignoring SIGXFSZ has no preconditions (a write past the limit then fails
+        // with EFBIG instead of ending the process).
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        let set_limit = |n: u64| {
+            let l = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: a valid rlimit.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &l) }, 0);
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (mut failed, mut tried) = (0, 0);
+        // Limits cutting a flush of the spill's buffer short at various points of a file.
+        for cut in (0..12u64).map(|j| 300_000 + j * 1_000) {
+            let tmp = dir.path().join("spill");
+            let mut spilled = SmallFiles::spilling(SMALL_MAX, tmp).unwrap();
+            let mut kept = SmallFiles::default();
+            let bytes = |i: u64| -> Vec<u8> { (0..5_000).map(|k| (k * 7 + i * 3) as u8).collect() };
+            set_limit(cut);
+            for i in 0..100 {
+                // A table in memory being saved pushes whatever comes, failed or not.
+                match spilled.push_from(i * 65_536, 5_000, &bytes(i)[..]) {
+                    Ok(()) => kept.push(i * 65_536, &bytes(i)),
+                    Err(_) => failed += 1,
+                }
+            }
+            set_limit(libc::RLIM_INFINITY);
+            for i in 100..200 {
+                if spilled.push_from(i * 65_536, 5_000, &bytes(i)[..]).is_ok() {
+                    kept.push(i * 65_536, &bytes(i));
+                }
+            }
+            let index = dir.path().join(format!("{cut}.idx"));
+            if spilled.save(&index).is_ok() {
+                let saved = SmallFiles::load(&index).unwrap().unwrap();
+                assert!(saved == kept, "limit {cut}: the saved bytes are not the files'");
+            }
+            tried += 1;
+        }
+        assert!(failed > 0, "no write failed");
+        eprintln!("{tried} limits tried, {failed} writes failed");
     }
 }
