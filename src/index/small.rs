@@ -377,6 +377,7 @@ impl SmallFiles {
             let t = Blocks::parse(
                 &path,
                 &bytes[..bytes.len().min(BLOCK as usize)],
+                bytes.len() as u64,
                 |at, buf| {
                     let at = at as usize;
                     match bytes.get(at..at + buf.len()) {
@@ -399,13 +400,7 @@ impl SmallFiles {
             return Ok(Some(held));
         }
         if let Some(frame) = bytes.strip_prefix(&MAGIC_V1[..]) {
-            let claimed = zstd::zstd_safe::get_frame_content_size(frame)
-                .ok()
-                .flatten()
-                .filter(|&n| n <= MAX_TOTAL)
-                .ok_or_else(|| corrupt("no valid frame size"))?;
-            let body = zstd::bulk::decompress(frame, claimed as usize)
-                .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+            let body = unzstd(frame, MAX_TOTAL).map_err(|e| corrupt(&e))?;
             return Self::decode(body).map(Some).map_err(corrupt);
         }
         let rest = bytes
@@ -417,13 +412,7 @@ impl SmallFiles {
             .filter(|&n| n <= rest.len() as u64 - 8)
             .ok_or_else(|| corrupt("cut short"))? as usize;
         let (table, data) = rest[8..].split_at(table_len);
-        let claimed = zstd::zstd_safe::get_frame_content_size(table)
-            .ok()
-            .flatten()
-            .filter(|&n| n <= (8 + KEEP_MAX * RECORD) as u64)
-            .ok_or_else(|| corrupt("no valid frame size"))?;
-        let table = zstd::bulk::decompress(table, claimed as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let table = unzstd(table, (8 + KEEP_MAX * RECORD) as u64).map_err(|e| corrupt(&e))?;
         let (at, total) = Self::records(&table, false).map_err(corrupt)?;
         let mut body = Vec::with_capacity(total);
         zstd::stream::read::Decoder::new(data)
@@ -491,6 +480,26 @@ impl SmallFiles {
     }
 }
 
+/// The content of the zstd frame `frame`, which must say its size, of at most `most` bytes.
+/// The buffer grows with what the frame holds, not with what its header claims: a damaged
+/// file claiming gigabytes (up to `most`) gets no buffer of gigabytes (which, refused, would
+/// abort the process).
+fn unzstd(frame: &[u8], most: u64) -> std::result::Result<Vec<u8>, String> {
+    let claimed = zstd::zstd_safe::get_frame_content_size(frame)
+        .ok()
+        .flatten()
+        .filter(|&n| n <= most)
+        .ok_or("no valid frame size")?;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(frame)
+        .and_then(|d| d.take(claimed + 1).read_to_end(&mut out))
+        .map_err(|e| format!("decompressing: {e}"))?;
+    match out.len() as u64 == claimed {
+        true => Ok(out),
+        false => Err("the frame holds other than its size says".into()),
+    }
+}
+
 /// The records of a layer's saved small files without their bytes: what a metadata image is
 /// laid out by, holding 12 bytes a file; [`SmallIndex::each`] then reads the bytes through
 /// once, in order, without holding them.
@@ -540,6 +549,7 @@ impl Blocks {
     fn parse(
         path: &Path,
         head: &[u8],
+        file_len: u64,
         read_at: impl Fn(u64, &mut [u8]) -> io::Result<()>,
     ) -> Result<Blocks> {
         let corrupt = |detail: &str| Error::CorruptStore {
@@ -558,15 +568,13 @@ impl Blocks {
         if (table_at % BLOCK != 0 && table_at != HEAD_LEN) || table_at == 0 || table_len > most {
             return Err(corrupt("no valid table"));
         }
+        // Within the file: a damaged header makes no buffer of what it claims.
+        if table_at.checked_add(table_len).is_none_or(|end| end > file_len) {
+            return Err(corrupt("cut short"));
+        }
         let mut frame = vec![0u8; table_len as usize];
         read_at(table_at, &mut frame).map_err(|_| corrupt("cut short"))?;
-        let claimed = zstd::zstd_safe::get_frame_content_size(&frame)
-            .ok()
-            .flatten()
-            .filter(|&n| n <= most)
-            .ok_or_else(|| corrupt("no valid frame size"))?;
-        let table = zstd::bulk::decompress(&frame, claimed as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let table = unzstd(&frame, most).map_err(|e| corrupt(&e))?;
         let count = table
             .get(..8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -641,7 +649,9 @@ impl SmallIndex {
             .map_err(|_| corrupt("cut short"))?;
         if head[..8] == MAGIC[..] {
             use std::os::unix::fs::FileExt;
-            let blocks = Blocks::parse(&path, &head, |at, buf| file.read_exact_at(buf, at))?;
+            let len = file.metadata().ctx(|| format!("reading {}", path.display()))?.len();
+            let blocks =
+                Blocks::parse(&path, &head, len, |at, buf| file.read_exact_at(buf, at))?;
             let files = blocks.files.iter().map(|&(o, l, _)| (o, l)).collect();
             return Ok(Some(SmallIndex {
                 path,
@@ -672,13 +682,7 @@ impl SmallIndex {
         if table.len() as u64 != table_len {
             return Err(corrupt("cut short"));
         }
-        let claimed = zstd::zstd_safe::get_frame_content_size(&table)
-            .ok()
-            .flatten()
-            .filter(|&n| n <= (8 + KEEP_MAX * RECORD) as u64)
-            .ok_or_else(|| corrupt("no valid frame size"))?;
-        let table = zstd::bulk::decompress(&table, claimed as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let table = unzstd(&table, (8 + KEEP_MAX * RECORD) as u64).map_err(|e| corrupt(&e))?;
         let (at, total) = SmallFiles::records(&table, false).map_err(corrupt)?;
         let ends = at.iter().skip(1).map(|&(_, s)| s).chain([total]);
         let files = at
@@ -1013,16 +1017,7 @@ mod tests {
     /// process: it sets a file size limit, which is the process's.
     #[test]
     fn a_failed_spill_write_never_saves_misplaced_bytes() {
-        const CHILD: &str = "BUX_TEST_SPILL_LIMIT_CHILD";
-        if std::env::var_os(CHILD).is_none() {
-            let name = "index::small::tests::a_failed_spill_write_never_saves_misplaced_bytes";
-            let out = std::process::Command::new(std::env::current_exe().unwrap())
-                .args([name, "--exact", "--nocapture", "--test-threads", "1"])
-                .env(CHILD, "1")
-                .output()
-                .unwrap();
-            let said = String::from_utf8_lossy(&out.stderr);
-            assert!(out.status.success() && said.contains("limits tried"), "{said}");
+        if !in_child("a_failed_spill_write_never_saves_misplaced_bytes") {
             return;
         }
         // SAFETY: ignoring SIGXFSZ has no preconditions (a write past the limit then fails
@@ -1067,5 +1062,90 @@ mod tests {
         }
         assert!(failed > 0, "no write failed");
         eprintln!("{tried} limits tried, {failed} writes failed");
+        eprintln!("child done");
+    }
+
+    /// Runs the test `name` (of this module) again in a child process, for limits that are
+    /// the process's, and checks that it passed; true in that child, which runs the test.
+    fn in_child(name: &str) -> bool {
+        const CHILD: &str = "BUX_TEST_SMALL_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            return true;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg(format!("index::small::tests::{name}"))
+            .args(["--exact", "--nocapture", "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success() && said.contains("child done"), "{name}: {said} {out:?}");
+        false
+    }
+
+    /// A damaged file claiming a table (or a table's content) of gigabytes is refused without
+    /// a buffer of that size: under an address-space limit a gigabyte above what the process
+    /// holds, such a buffer is refused, which aborts the process.
+    #[test]
+    fn damaged_lengths_make_no_huge_buffers() {
+        if !in_child("damaged_lengths_make_no_huge_buffers") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.idx");
+        let mut s = SmallFiles::default();
+        for i in 0..10u64 {
+            s.push(i * 65_536, &vec![i as u8; [8, 600, 5000][i as usize % 3]]);
+        }
+        s.save(&index).unwrap();
+        let path = SmallFiles::path(&index);
+        let good = std::fs::read(&path).unwrap();
+        let table_at = u64::from_le_bytes(good[8..16].try_into().unwrap()) as usize;
+        // A frame whose header says it holds 3 GB (and holds nothing).
+        let mut claims = vec![0x28, 0xb5, 0x2f, 0xfd, 0xc0, 0x00];
+        claims.extend(3_000_000_000u64.to_le_bytes());
+        claims.extend([0x01, 0x00, 0x00]);
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&claims).unwrap(),
+            Some(3_000_000_000)
+        );
+        let mut long = good.clone();
+        long[16..24].copy_from_slice(&4_000_000_000u64.to_le_bytes());
+        let mut far = good.clone();
+        far[8..16].copy_from_slice(&(u64::MAX - 4095).to_le_bytes());
+        let mut big_table = good[..table_at].to_vec();
+        big_table[16..24].copy_from_slice(&(claims.len() as u64).to_le_bytes());
+        big_table.extend(&claims);
+        let mut v2 = MAGIC_V2.to_vec();
+        v2.extend((claims.len() as u64).to_le_bytes());
+        v2.extend(&claims);
+        let v1 = [&MAGIC_V1[..], &claims].concat();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let limit = (vm << 10) + (1 << 30);
+        let l = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &l) }, 0);
+        for (what, bytes) in [
+            ("table length", long),
+            ("table past the end of everything", far),
+            ("table content", big_table),
+            ("second format", v2),
+            ("first format", v1),
+        ] {
+            std::fs::write(&path, bytes).unwrap();
+            let err = SmallFiles::load(&index).unwrap_err().to_string();
+            assert!(err.contains("x.small"), "{what}: {err}");
+            let err = SmallIndex::open(&index).err().map(|e| e.to_string());
+            assert!(err.is_some_and(|e| e.contains("x.small")), "{what}: opened");
+        }
+        eprintln!("child done");
     }
 }
