@@ -457,8 +457,14 @@ fn metadata_walks_never_reach_the_server() {
         // Those of more than 512 bytes are read from their layers' small-file files, extra
         // devices of the metadata image.
         for r in &roots {
-            assert_eq!(std::fs::read(r.join("etc/services")).unwrap(), test_bytes(20_000, 3));
-            assert_eq!(std::fs::read(r.join("srv/page")).unwrap(), test_bytes(5_000, 4));
+            assert_eq!(
+                std::fs::read(r.join("etc/services")).unwrap(),
+                test_bytes(20_000, 3)
+            );
+            assert_eq!(
+                std::fs::read(r.join("srv/page")).unwrap(),
+                test_bytes(5_000, 4)
+            );
         }
         let _ = tx.send((walked, small));
     });
@@ -531,13 +537,21 @@ fn small_files_bytes_are_stored_once() {
             }
             if p.extension().is_some_and(|x| x == "erofs") {
                 images += 1;
-                assert!(bytes.len() < 20_000, "{}: {} bytes", p.display(), bytes.len());
+                assert!(
+                    bytes.len() < 20_000,
+                    "{}: {} bytes",
+                    p.display(),
+                    bytes.len()
+                );
             }
         }
     }
     assert_eq!(images, 1);
     assert_eq!(holding.len(), 1, "{holding:?}");
-    assert!(holding[0].extension().is_some_and(|x| x == "small"), "{holding:?}");
+    assert!(
+        holding[0].extension().is_some_and(|x| x == "small"),
+        "{holding:?}"
+    );
     let dir = tempfile::tempdir().unwrap();
     let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
     std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
@@ -582,10 +596,17 @@ fn small_files_files_gone_damaged_or_of_an_earlier_format_are_not_mounted() {
             let got = std::fs::read(ro.path.join(path)).unwrap();
             assert!(got == *want, "{case}: {path} differs");
         }
-        assert_eq!(std::fs::read(ro.path.join("srv/marker")).unwrap(), b"top", "{case}");
+        assert_eq!(
+            std::fs::read(ro.path.join("srv/marker")).unwrap(),
+            b"top",
+            "{case}"
+        );
         ro.unmount();
         wait_until(&bux, "the server leaves", || servers(store).is_empty());
-        assert!(server_logs(&bux).contains("writing it anew"), "{case}: not written anew");
+        assert!(
+            server_logs(&bux).contains("writing it anew"),
+            "{case}: not written anew"
+        );
         // Nothing wrong with the image; a damaged small files' file is reported as such.
         let out = bux.run(&["check"]);
         let said = String::from_utf8_lossy(&out.stderr).into_owned();

@@ -218,7 +218,9 @@ impl SmallFiles {
                 // no more are kept, and the save fails (a caller pushing on after an error, as
                 // a table in memory being saved does, must not get misplaced bytes).
                 let Some(out) = &mut spill.out else {
-                    return Err(io::Error::other("an earlier write of the small files failed"));
+                    return Err(io::Error::other(
+                        "an earlier write of the small files failed",
+                    ));
                 };
                 let blocks = size.div_ceil(BLOCK);
                 spill.buf.resize((blocks * BLOCK) as usize, 0);
@@ -569,7 +571,10 @@ impl Blocks {
             return Err(corrupt("no valid table"));
         }
         // Within the file: a damaged header makes no buffer of what it claims.
-        if table_at.checked_add(table_len).is_none_or(|end| end > file_len) {
+        if table_at
+            .checked_add(table_len)
+            .is_none_or(|end| end > file_len)
+        {
             return Err(corrupt("cut short"));
         }
         let mut frame = vec![0u8; table_len as usize];
@@ -649,9 +654,11 @@ impl SmallIndex {
             .map_err(|_| corrupt("cut short"))?;
         if head[..8] == MAGIC[..] {
             use std::os::unix::fs::FileExt;
-            let len = file.metadata().ctx(|| format!("reading {}", path.display()))?.len();
-            let blocks =
-                Blocks::parse(&path, &head, len, |at, buf| file.read_exact_at(buf, at))?;
+            let len = file
+                .metadata()
+                .ctx(|| format!("reading {}", path.display()))?
+                .len();
+            let blocks = Blocks::parse(&path, &head, len, |at, buf| file.read_exact_at(buf, at))?;
             let files = blocks.files.iter().map(|&(o, l, _)| (o, l)).collect();
             return Ok(Some(SmallIndex {
                 path,
@@ -860,16 +867,34 @@ mod tests {
         for (_, bytes) in s.iter() {
             body.extend_from_slice(bytes);
         }
-        std::fs::write(&path, [&MAGIC_V1[..], &zstd::bulk::compress(&body, 1).unwrap()].concat())
-            .unwrap();
-        assert_eq!(SmallFiles::load(&index).unwrap().unwrap(), s, "first format");
+        std::fs::write(
+            &path,
+            [&MAGIC_V1[..], &zstd::bulk::compress(&body, 1).unwrap()].concat(),
+        )
+        .unwrap();
+        assert_eq!(
+            SmallFiles::load(&index).unwrap().unwrap(),
+            s,
+            "first format"
+        );
         s.save_v2(&index);
-        assert_eq!(SmallFiles::load(&index).unwrap().unwrap(), s, "second format");
+        assert_eq!(
+            SmallFiles::load(&index).unwrap().unwrap(),
+            s,
+            "second format"
+        );
         let v2 = SmallIndex::open(&index).unwrap().unwrap();
         let mut seen = Vec::new();
-        v2.each(|o, b| Ok(seen.push((o, b.to_vec())) == ())).unwrap();
-        assert!(seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()), "second format");
-        assert_eq!((v2.placed_at(65536), v2.device_blocks()), (Some(Placed::Stream), None));
+        v2.each(|o, b| Ok(seen.push((o, b.to_vec())) == ()))
+            .unwrap();
+        assert!(
+            seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()),
+            "second format"
+        );
+        assert_eq!(
+            (v2.placed_at(65536), v2.device_blocks()),
+            (Some(Placed::Stream), None)
+        );
         // The current format, damaged: its table rewritten (records as given, then the tiny
         // files' bytes), or its header.
         let table_at = u64::from_le_bytes(good[8..16].try_into().unwrap());
@@ -902,14 +927,32 @@ mod tests {
             ("table not at a block", with_head(8, table_at + 1)),
             ("table in the header", with_head(8, 0)),
             ("table past the end", with_head(8, table_at + 4096)),
-            ("damaged frame", [&good[..good.len() - 6], &[0xff; 6][..]].concat()),
+            (
+                "damaged frame",
+                [&good[..good.len() - 6], &[0xff; 6][..]].concat(),
+            ),
             ("offsets out of order", record(1, 0..8, &0u64.to_le_bytes())),
-            ("longer than kept files", record(1, 8..12, &(1u32 << 20).to_le_bytes())),
-            ("block past the data", record(1, 12..16, &(table_at as u32).to_le_bytes())),
-            ("a block for a tiny file", record(0, 12..16, &1u32.to_le_bytes())),
-            ("no block for a larger one", record(1, 12..16, &0u32.to_le_bytes())),
+            (
+                "longer than kept files",
+                record(1, 8..12, &(1u32 << 20).to_le_bytes()),
+            ),
+            (
+                "block past the data",
+                record(1, 12..16, &(table_at as u32).to_le_bytes()),
+            ),
+            (
+                "a block for a tiny file",
+                record(0, 12..16, &1u32.to_le_bytes()),
+            ),
+            (
+                "no block for a larger one",
+                record(1, 12..16, &0u32.to_le_bytes()),
+            ),
             ("tiny bytes missing", with_table(&table[..table.len() - 1])),
-            ("tiny bytes too many", with_table(&[&table[..], b"x"].concat())),
+            (
+                "tiny bytes too many",
+                with_table(&[&table[..], b"x"].concat()),
+            ),
             ("count", {
                 let mut t = table.clone();
                 t[..8].copy_from_slice(&u64::MAX.to_le_bytes());
@@ -952,7 +995,9 @@ mod tests {
             let at = next as usize * BLOCK as usize;
             let blocks = (len as u64).div_ceil(BLOCK) as usize;
             assert!(file[at..at + len].iter().all(|&b| b == i as u8 + 1));
-            assert!(file[at + len..at + blocks * BLOCK as usize].iter().all(|&b| b == 0));
+            assert!(file[at + len..at + blocks * BLOCK as usize]
+                .iter()
+                .all(|&b| b == 0));
             next += blocks as u32;
         }
         let mut seen = Vec::new();
@@ -968,7 +1013,10 @@ mod tests {
         let len = std::fs::metadata(SmallFiles::path(&other)).unwrap().len();
         assert!(len < 100, "{len} bytes");
         let t = SmallIndex::open(&other).unwrap().unwrap();
-        assert_eq!((t.device_blocks(), t.placed_at(10)), (None, Some(Placed::Tiny(b"yz"))));
+        assert_eq!(
+            (t.device_blocks(), t.placed_at(10)),
+            (None, Some(Placed::Tiny(b"yz")))
+        );
         assert_eq!(SmallFiles::load(&other).unwrap().unwrap(), tiny);
     }
 
@@ -1056,7 +1104,10 @@ mod tests {
             let index = dir.path().join(format!("{cut}.idx"));
             if spilled.save(&index).is_ok() {
                 let saved = SmallFiles::load(&index).unwrap().unwrap();
-                assert!(saved == kept, "limit {cut}: the saved bytes are not the files'");
+                assert!(
+                    saved == kept,
+                    "limit {cut}: the saved bytes are not the files'"
+                );
             }
             tried += 1;
         }
@@ -1079,7 +1130,10 @@ mod tests {
             .output()
             .unwrap();
         let said = String::from_utf8_lossy(&out.stderr);
-        assert!(out.status.success() && said.contains("child done"), "{name}: {said} {out:?}");
+        assert!(
+            out.status.success() && said.contains("child done"),
+            "{name}: {said} {out:?}"
+        );
         false
     }
 

@@ -1328,7 +1328,12 @@ mod tests {
         let got = std::fs::read(&path).unwrap();
         assert!(got == metadata_image_with_tables(&tree, &tables, 0).unwrap());
         let copied = metadata_image(&tree, &|_, off, _| small.get(&off).map(|b| &b[..])).unwrap();
-        assert!(got.len() < copied.len(), "{} vs {}", got.len(), copied.len());
+        assert!(
+            got.len() < copied.len(),
+            "{} vs {}",
+            got.len(),
+            copied.len()
+        );
         let t = tables[0].as_ref().unwrap();
         let named = devices(&path).unwrap();
         assert_eq!(named.len(), 1);
@@ -1353,7 +1358,9 @@ mod tests {
         use crate::index::small::{SmallFiles, SmallIndex};
         const LAYERS: usize = 28;
         let bytes = |layer: usize, offset: u64, size: u64| -> Vec<u8> {
-            (0..size).map(|i| (i * 13 + offset / 512 + layer as u64 * 31) as u8).collect()
+            (0..size)
+                .map(|i| (i * 13 + offset / 512 + layer as u64 * 31) as u8)
+                .collect()
         };
         // The same layer at positions 3 and 4: one table file.
         let source = |k: usize| if k == 4 { 3 } else { k };
@@ -1381,9 +1388,12 @@ mod tests {
                     if i == 1 {
                         let acl: Vec<u8> = [
                             &2u32.to_le_bytes()[..],
-                            &[1, 0, 6, 0], &u32::MAX.to_le_bytes(),
-                            &[4, 0, 4, 0], &u32::MAX.to_le_bytes(),
-                            &[0x20, 0, 4, 0], &u32::MAX.to_le_bytes(),
+                            &[1, 0, 6, 0],
+                            &u32::MAX.to_le_bytes(),
+                            &[4, 0, 4, 0],
+                            &u32::MAX.to_le_bytes(),
+                            &[0x20, 0, 4, 0],
+                            &u32::MAX.to_le_bytes(),
                         ]
                         .concat();
                         f.xattrs.push((b"system.posix_acl_access".to_vec(), acl));
@@ -1435,8 +1445,14 @@ mod tests {
         );
         let named = devices(&image).unwrap();
         assert_eq!(named.len(), DEVICES_MAX);
-        assert!(named.iter().all(|d| d.layer != format!("{:064x}", 2)), "tiny only: no device");
-        assert!(named.iter().all(|d| d.layer != format!("{:064x}", 3)), "second format");
+        assert!(
+            named.iter().all(|d| d.layer != format!("{:064x}", 2)),
+            "tiny only: no device"
+        );
+        assert!(
+            named.iter().all(|d| d.layer != format!("{:064x}", 3)),
+            "second format"
+        );
         let device_paths: Vec<_> = named.iter().map(|d| paths[&d.layer].clone()).collect();
         // SAFETY: geteuid has no preconditions.
         let root = unsafe { libc::geteuid() } == 0;
@@ -1455,12 +1471,18 @@ mod tests {
         }
         let mnt = dir.path().join("mnt");
         std::fs::create_dir(&mnt).unwrap();
-        let options: Vec<_> = device_paths.iter().map(|d| format!("device={}", d.display())).collect();
+        let options: Vec<_> = device_paths
+            .iter()
+            .map(|d| format!("device={}", d.display()))
+            .collect();
         mount(&image, &mnt, "erofs", &options.join(",")).unwrap();
         let result = std::panic::catch_unwind(|| {
             for (path, data, x) in &want {
                 let p = mnt.join(path);
-                assert!(std::fs::read(&p).unwrap() == *data, "{path}: the bytes differ");
+                assert!(
+                    std::fs::read(&p).unwrap() == *data,
+                    "{path}: the bytes differ"
+                );
                 assert_eq!(&xattrs(&p), x, "{path}");
             }
             assert!(!mnt.join("l5/f0").exists());
