@@ -674,6 +674,54 @@ fn small_files_files_gone_damaged_or_of_an_earlier_format_are_not_mounted() {
     assert!(image.windows(page.len()).any(|w| w == &page[..]));
 }
 
+/// An image whose manifest names the same layer twice (with another between): its small
+/// files' file is one device named twice, and the server mounts it, every file read as the
+/// topmost copy has it; `check` finds nothing wrong.
+#[test]
+fn the_same_layer_twice_in_a_manifest() {
+    let reg = Registry::start();
+    let base = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/services", &test_bytes(20_000, 3))
+        .file("etc/hosts", b"base\n")
+        .finish();
+    let mid = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/services", &test_bytes(9_000, 5))
+        .file("etc/mid", &test_bytes(6_000, 6))
+        .finish();
+    let img = Image::new(vec![
+        (base.clone(), Comp::Gzip),
+        (mid, Comp::Gzip),
+        (base, Comp::Gzip),
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &img);
+    reg.push(&work.path().join("l"), "v1", "t/twice", None);
+    let r = format!("{}/t/twice:v1", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    // Three devices (the superblock's count of extra devices), two of them one file.
+    let images: Vec<PathBuf> = std::fs::read_dir(bux.store.path().join("trees/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+        .collect();
+    let image = std::fs::read(&images[0]).unwrap();
+    assert_eq!(u16::from_le_bytes([image[1024 + 86], image[1024 + 87]]), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    assert_eq!(mounted_as(&ro.path).0, "overlay");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let read = |p: &str| std::fs::read(ro.path.join(p)).unwrap();
+    assert!(read("etc/services") == test_bytes(20_000, 3));
+    assert!(read("etc/mid") == test_bytes(6_000, 6));
+    assert_eq!(read("etc/hosts"), b"base\n");
+    ro.unmount();
+    assert!(!server_logs(&bux).contains("writing it anew"));
+    bux.ok(&["check"]);
+}
+
 /// An image the EROFS layout cannot carry (a 0/0 character device, which overlayfs takes for a
 /// whiteout) is served with metadata from FUSE, with the reason in the server's log.
 #[test]
