@@ -133,6 +133,16 @@ fn mounted_as(path: &Path) -> (String, String) {
     (fstype, lower)
 }
 
+/// Empties the image servers' logs of `bux`'s store.
+fn clear_logs(bux: &Bux) {
+    for d in std::fs::read_dir(bux.store.path().join("shared")).unwrap() {
+        let log = d.unwrap().path().join("log");
+        if log.exists() {
+            std::fs::write(log, b"").unwrap();
+        }
+    }
+}
+
 /// The image servers' logs of `bux`'s store.
 fn server_logs(bux: &Bux) -> String {
     let dirs = std::fs::read_dir(bux.store.path().join("shared"));
@@ -505,9 +515,6 @@ fn walk(root: &Path) -> Vec<String> {
     out
 }
 
-/// An image the EROFS layout cannot carry (a 0/0 character device, which overlayfs takes for a
-/// whiteout) is served with metadata from FUSE, with the reason in the server's log.
-
 /// A small file's bytes are stored once, in its layer's small-file file, which the metadata
 /// image names as a device: not again in the image (before: each image copied them in, and the
 /// layer's table kept them compressed besides).
@@ -551,6 +558,172 @@ fn small_files_bytes_are_stored_once() {
     assert_eq!(std::fs::read(ro.path.join("etc/services")).unwrap(), want);
     ro.unmount();
 }
+
+/// The small files' files a metadata image names as devices, gone, damaged, or of the earlier
+/// format (as a store of an earlier version holds them) when a server mounts it: the server
+/// writes the image anew without them (their files then read through FUSE, or copied in), and
+/// every file reads as the layer has it; `check` then finds nothing wrong with the image (a
+/// damaged file it reports as such).
+#[test]
+fn small_files_files_gone_damaged_or_of_an_earlier_format_are_not_mounted() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/devices");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let store = bux.store.path();
+    let layers = store.join("layers/sha256");
+    let small = |holding: &[u8]| -> PathBuf {
+        let found: Vec<PathBuf> = std::fs::read_dir(&layers)
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "small"))
+            .filter(|p| {
+                let b = std::fs::read(p).unwrap();
+                b.windows(holding.len()).any(|w| w == holding)
+            })
+            .collect();
+        assert_eq!(found.len(), 1, "{found:?}");
+        found[0].clone()
+    };
+    let (services, page) = (test_bytes(20_000, 3), test_bytes(5_000, 4));
+    let (base, top) = (small(&services), small(&page));
+    let dir = tempfile::tempdir().unwrap();
+    let reads_right = |case: &str| {
+        let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+        assert_eq!(mounted_as(&ro.path).0, "overlay", "{case}");
+        std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+        for (path, want) in [("etc/services", &services), ("srv/page", &page)] {
+            let got = std::fs::read(ro.path.join(path)).unwrap();
+            assert!(got == *want, "{case}: {path} differs");
+        }
+        assert_eq!(
+            std::fs::read(ro.path.join("srv/marker")).unwrap(),
+            b"top",
+            "{case}"
+        );
+        ro.unmount();
+        wait_until(&bux, "the server leaves", || servers(store).is_empty());
+        assert!(
+            server_logs(&bux).contains("writing it anew"),
+            "{case}: not written anew"
+        );
+        // Nothing wrong with the image; a damaged small files' file is reported as such.
+        let out = bux.run(&["check"]);
+        let said = String::from_utf8_lossy(&out.stderr).into_owned();
+        let small_damaged = said.contains(".small: cut short");
+        assert!(out.status.success() != small_damaged, "{case}: {said}");
+        assert_eq!(small_damaged, case == "cut short", "{case}: {said}");
+        assert!(!said.contains(".erofs"), "{case}: {said}");
+    };
+    let (base_whole, whole) = (std::fs::read(&base).unwrap(), std::fs::read(&top).unwrap());
+    // The top layer's file in the second format, as an earlier version wrote it: its table
+    // (offset, length), then the files' bytes, each a zstd frame.
+    let word = |at: usize| u64::from_le_bytes(whole[at..at + 8].try_into().unwrap()) as usize;
+    let (table_at, table_len) = (word(8), word(16));
+    let table = zstd::bulk::decompress(&whole[table_at..table_at + table_len], 1 << 20).unwrap();
+    let count = u64::from_le_bytes(table[..8].try_into().unwrap()) as usize;
+    let (mut records, mut bytes) = (table[..8].to_vec(), Vec::new());
+    let mut tiny = &table[8 + 16 * count..];
+    for r in table[8..8 + 16 * count].chunks(16) {
+        let len = u32::from_le_bytes(r[8..12].try_into().unwrap()) as usize;
+        let block = u32::from_le_bytes(r[12..16].try_into().unwrap()) as usize;
+        records.extend_from_slice(&r[..12]);
+        match block {
+            0 => (bytes.extend_from_slice(&tiny[..len]), tiny = &tiny[len..]).0,
+            b => bytes.extend_from_slice(&whole[b * 4096..b * 4096 + len]),
+        }
+    }
+    assert!(bytes.windows(page.len()).any(|w| w == &page[..]));
+    let records = zstd::bulk::compress(&records, 3).unwrap();
+    let mut v2 = b"BUXSML\x00\x02".to_vec();
+    v2.extend((records.len() as u64).to_le_bytes());
+    v2.extend(records);
+    v2.extend(zstd::bulk::compress(&bytes, 3).unwrap());
+    let images = || -> Vec<PathBuf> {
+        std::fs::read_dir(store.join("trees/sha256"))
+            .unwrap()
+            .map(|e| e.unwrap().path())
+            .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+            .collect()
+    };
+    let cases: [(&str, &Path, Option<&[u8]>); 3] = [
+        ("gone", &base, None),
+        ("cut short", &top, Some(&whole[..whole.len() / 2])),
+        ("second format", &top, Some(&v2)),
+    ];
+    for (case, file, bytes) in cases {
+        // An image written anew, naming both layers' files, mounted once.
+        std::fs::write(&base, &base_whole).unwrap();
+        std::fs::write(&top, &whole).unwrap();
+        for i in images() {
+            std::fs::remove_file(i).unwrap();
+        }
+        let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+        ro.unmount();
+        wait_until(&bux, "the server leaves", || servers(store).is_empty());
+        assert!(!server_logs(&bux).contains("writing it anew"), "{case}");
+        clear_logs(&bux);
+        match bytes {
+            None => std::fs::remove_file(file).unwrap(),
+            Some(b) => std::fs::write(file, b).unwrap(),
+        }
+        reads_right(case);
+    }
+    // The image copies the bytes of the layer of the second format in (they are in it now).
+    let image = std::fs::read(&images()[0]).unwrap();
+    assert!(image.windows(page.len()).any(|w| w == &page[..]));
+}
+
+/// An image whose manifest names the same layer twice (with another between): its small
+/// files' file is one device named twice, and the server mounts it, every file read as the
+/// topmost copy has it; `check` finds nothing wrong.
+#[test]
+fn the_same_layer_twice_in_a_manifest() {
+    let reg = Registry::start();
+    let base = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/services", &test_bytes(20_000, 3))
+        .file("etc/hosts", b"base\n")
+        .finish();
+    let mid = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/services", &test_bytes(9_000, 5))
+        .file("etc/mid", &test_bytes(6_000, 6))
+        .finish();
+    let img = Image::new(vec![
+        (base.clone(), Comp::Gzip),
+        (mid, Comp::Gzip),
+        (base, Comp::Gzip),
+    ]);
+    let work = tempfile::tempdir().unwrap();
+    write_layout(&work.path().join("l"), "v1", &img);
+    reg.push(&work.path().join("l"), "v1", "t/twice", None);
+    let r = format!("{}/t/twice:v1", reg.host());
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    // Three devices (the superblock's count of extra devices), two of them one file.
+    let images: Vec<PathBuf> = std::fs::read_dir(bux.store.path().join("trees/sha256"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "erofs"))
+        .collect();
+    let image = std::fs::read(&images[0]).unwrap();
+    assert_eq!(u16::from_le_bytes([image[1024 + 86], image[1024 + 87]]), 3);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    assert_eq!(mounted_as(&ro.path).0, "overlay");
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    let read = |p: &str| std::fs::read(ro.path.join(p)).unwrap();
+    assert!(read("etc/services") == test_bytes(20_000, 3));
+    assert!(read("etc/mid") == test_bytes(6_000, 6));
+    assert_eq!(read("etc/hosts"), b"base\n");
+    ro.unmount();
+    assert!(!server_logs(&bux).contains("writing it anew"));
+    bux.ok(&["check"]);
+}
+
+/// An image the EROFS layout cannot carry (a 0/0 character device, which overlayfs takes for a
+/// whiteout) is served with metadata from FUSE, with the reason in the server's log.
 #[test]
 fn an_image_the_metadata_image_cannot_carry_is_served_by_fuse() {
     let reg = Registry::start();

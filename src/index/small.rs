@@ -212,11 +212,22 @@ impl SmallFiles {
             if size <= TINY_MAX {
                 spill.placed.push(0);
                 spill.tiny.extend_from_slice(&spill.buf);
-            } else if let Some(out) = &mut spill.out {
+            } else {
+                // A write that failed may have left part of this file (or of its padding) in
+                // the stream: the blocks counted no longer say where the next file lands, so
+                // no more are kept, and the save fails (a caller pushing on after an error, as
+                // a table in memory being saved does, must not get misplaced bytes).
+                let Some(out) = &mut spill.out else {
+                    return Err(io::Error::other(
+                        "an earlier write of the small files failed",
+                    ));
+                };
                 let blocks = size.div_ceil(BLOCK);
-                io::Write::write_all(out, &spill.buf)?;
-                let pad = (blocks * BLOCK - size) as usize;
-                io::Write::write_all(out, &[0u8; BLOCK as usize][..pad])?;
+                spill.buf.resize((blocks * BLOCK) as usize, 0);
+                if let Err(e) = io::Write::write_all(out, &spill.buf) {
+                    spill.out = None;
+                    return Err(e);
+                }
                 spill.placed.push(1 + spill.blocks);
                 spill.blocks += blocks as u32; // at most KEEP_MAX / 512 blocks
             }
@@ -292,7 +303,7 @@ impl SmallFiles {
                 ));
                 let mut copy = SmallFiles::spilling(SMALL_MAX, tmp)?;
                 for (offset, bytes) in self.iter() {
-                    copy.push(offset, bytes);
+                    copy.push_from(offset, bytes.len() as u64, bytes).ctx(ctx)?;
                 }
                 return copy.save(index_path);
             }
@@ -368,6 +379,7 @@ impl SmallFiles {
             let t = Blocks::parse(
                 &path,
                 &bytes[..bytes.len().min(BLOCK as usize)],
+                bytes.len() as u64,
                 |at, buf| {
                     let at = at as usize;
                     match bytes.get(at..at + buf.len()) {
@@ -390,13 +402,7 @@ impl SmallFiles {
             return Ok(Some(held));
         }
         if let Some(frame) = bytes.strip_prefix(&MAGIC_V1[..]) {
-            let claimed = zstd::zstd_safe::get_frame_content_size(frame)
-                .ok()
-                .flatten()
-                .filter(|&n| n <= MAX_TOTAL)
-                .ok_or_else(|| corrupt("no valid frame size"))?;
-            let body = zstd::bulk::decompress(frame, claimed as usize)
-                .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+            let body = unzstd(frame, MAX_TOTAL).map_err(|e| corrupt(&e))?;
             return Self::decode(body).map(Some).map_err(corrupt);
         }
         let rest = bytes
@@ -408,13 +414,7 @@ impl SmallFiles {
             .filter(|&n| n <= rest.len() as u64 - 8)
             .ok_or_else(|| corrupt("cut short"))? as usize;
         let (table, data) = rest[8..].split_at(table_len);
-        let claimed = zstd::zstd_safe::get_frame_content_size(table)
-            .ok()
-            .flatten()
-            .filter(|&n| n <= (8 + KEEP_MAX * RECORD) as u64)
-            .ok_or_else(|| corrupt("no valid frame size"))?;
-        let table = zstd::bulk::decompress(table, claimed as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let table = unzstd(table, (8 + KEEP_MAX * RECORD) as u64).map_err(|e| corrupt(&e))?;
         let (at, total) = Self::records(&table, false).map_err(corrupt)?;
         let mut body = Vec::with_capacity(total);
         zstd::stream::read::Decoder::new(data)
@@ -482,6 +482,26 @@ impl SmallFiles {
     }
 }
 
+/// The content of the zstd frame `frame`, which must say its size, of at most `most` bytes.
+/// The buffer grows with what the frame holds, not with what its header claims: a damaged
+/// file claiming gigabytes (up to `most`) gets no buffer of gigabytes (which, refused, would
+/// abort the process).
+fn unzstd(frame: &[u8], most: u64) -> std::result::Result<Vec<u8>, String> {
+    let claimed = zstd::zstd_safe::get_frame_content_size(frame)
+        .ok()
+        .flatten()
+        .filter(|&n| n <= most)
+        .ok_or("no valid frame size")?;
+    let mut out = Vec::new();
+    zstd::stream::read::Decoder::new(frame)
+        .and_then(|d| d.take(claimed + 1).read_to_end(&mut out))
+        .map_err(|e| format!("decompressing: {e}"))?;
+    match out.len() as u64 == claimed {
+        true => Ok(out),
+        false => Err("the frame holds other than its size says".into()),
+    }
+}
+
 /// The records of a layer's saved small files without their bytes: what a metadata image is
 /// laid out by, holding 12 bytes a file; [`SmallIndex::each`] then reads the bytes through
 /// once, in order, without holding them.
@@ -531,6 +551,7 @@ impl Blocks {
     fn parse(
         path: &Path,
         head: &[u8],
+        file_len: u64,
         read_at: impl Fn(u64, &mut [u8]) -> io::Result<()>,
     ) -> Result<Blocks> {
         let corrupt = |detail: &str| Error::CorruptStore {
@@ -549,15 +570,16 @@ impl Blocks {
         if (table_at % BLOCK != 0 && table_at != HEAD_LEN) || table_at == 0 || table_len > most {
             return Err(corrupt("no valid table"));
         }
+        // Within the file: a damaged header makes no buffer of what it claims.
+        if table_at
+            .checked_add(table_len)
+            .is_none_or(|end| end > file_len)
+        {
+            return Err(corrupt("cut short"));
+        }
         let mut frame = vec![0u8; table_len as usize];
         read_at(table_at, &mut frame).map_err(|_| corrupt("cut short"))?;
-        let claimed = zstd::zstd_safe::get_frame_content_size(&frame)
-            .ok()
-            .flatten()
-            .filter(|&n| n <= most)
-            .ok_or_else(|| corrupt("no valid frame size"))?;
-        let table = zstd::bulk::decompress(&frame, claimed as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let table = unzstd(&frame, most).map_err(|e| corrupt(&e))?;
         let count = table
             .get(..8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -638,7 +660,11 @@ impl SmallIndex {
             .map_err(|_| corrupt("cut short"))?;
         if head[..8] == MAGIC[..] {
             use std::os::unix::fs::FileExt;
-            let blocks = Blocks::parse(&path, &head, |at, buf| file.read_exact_at(buf, at))?;
+            let len = file
+                .metadata()
+                .ctx(|| format!("reading {}", path.display()))?
+                .len();
+            let blocks = Blocks::parse(&path, &head, len, |at, buf| file.read_exact_at(buf, at))?;
             let files = blocks.files.iter().map(|&(o, l, _)| (o, l)).collect();
             return Ok(SmallIndex {
                 path,
@@ -669,13 +695,7 @@ impl SmallIndex {
         if table.len() as u64 != table_len {
             return Err(corrupt("cut short"));
         }
-        let claimed = zstd::zstd_safe::get_frame_content_size(&table)
-            .ok()
-            .flatten()
-            .filter(|&n| n <= (8 + KEEP_MAX * RECORD) as u64)
-            .ok_or_else(|| corrupt("no valid frame size"))?;
-        let table = zstd::bulk::decompress(&table, claimed as usize)
-            .map_err(|e| corrupt(&format!("decompressing: {e}")))?;
+        let table = unzstd(&table, (8 + KEEP_MAX * RECORD) as u64).map_err(|e| corrupt(&e))?;
         let (at, total) = SmallFiles::records(&table, false).map_err(corrupt)?;
         let ends = at.iter().skip(1).map(|&(_, s)| s).chain([total]);
         let files = at
@@ -1043,5 +1063,149 @@ mod tests {
         assert!(tmp.exists());
         drop(other);
         assert!(!tmp.exists());
+    }
+
+    /// A write to the spill that fails (the disk full, a file size limit) may leave part of a
+    /// file's blocks in the stream; if later ones succeed and the table is saved, the blocks
+    /// its records name must still hold those files' bytes — or the save fails. Run in a child
+    /// process: it sets a file size limit, which is the process's.
+    #[test]
+    fn a_failed_spill_write_never_saves_misplaced_bytes() {
+        if !in_child("a_failed_spill_write_never_saves_misplaced_bytes") {
+            return;
+        }
+        // SAFETY: ignoring SIGXFSZ has no preconditions (a write past the limit then fails
+        // with EFBIG instead of ending the process).
+        unsafe { libc::signal(libc::SIGXFSZ, libc::SIG_IGN) };
+        let set_limit = |n: u64| {
+            let l = libc::rlimit {
+                rlim_cur: n,
+                rlim_max: libc::RLIM_INFINITY,
+            };
+            // SAFETY: a valid rlimit.
+            assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_FSIZE, &l) }, 0);
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let (mut failed, mut tried) = (0, 0);
+        // Limits cutting a flush of the spill's buffer short at various points of a file.
+        for cut in (0..12u64).map(|j| 300_000 + j * 1_000) {
+            let tmp = dir.path().join("spill");
+            let mut spilled = SmallFiles::spilling(SMALL_MAX, tmp).unwrap();
+            let mut kept = SmallFiles::default();
+            let bytes = |i: u64| -> Vec<u8> { (0..5_000).map(|k| (k * 7 + i * 3) as u8).collect() };
+            set_limit(cut);
+            for i in 0..100 {
+                // A table in memory being saved pushes whatever comes, failed or not.
+                match spilled.push_from(i * 65_536, 5_000, &bytes(i)[..]) {
+                    Ok(()) => kept.push(i * 65_536, &bytes(i)),
+                    Err(_) => failed += 1,
+                }
+            }
+            set_limit(libc::RLIM_INFINITY);
+            for i in 100..200 {
+                if spilled.push_from(i * 65_536, 5_000, &bytes(i)[..]).is_ok() {
+                    kept.push(i * 65_536, &bytes(i));
+                }
+            }
+            let index = dir.path().join(format!("{cut}.idx"));
+            if spilled.save(&index).is_ok() {
+                let saved = SmallFiles::load(&index).unwrap().unwrap();
+                assert!(
+                    saved == kept,
+                    "limit {cut}: the saved bytes are not the files'"
+                );
+            }
+            tried += 1;
+        }
+        assert!(failed > 0, "no write failed");
+        eprintln!("{tried} limits tried, {failed} writes failed");
+        eprintln!("child done");
+    }
+
+    /// Runs the test `name` (of this module) again in a child process, for limits that are
+    /// the process's, and checks that it passed; true in that child, which runs the test.
+    fn in_child(name: &str) -> bool {
+        const CHILD: &str = "BUX_TEST_SMALL_CHILD";
+        if std::env::var_os(CHILD).is_some() {
+            return true;
+        }
+        let out = std::process::Command::new(std::env::current_exe().unwrap())
+            .arg(format!("index::small::tests::{name}"))
+            .args(["--exact", "--nocapture", "--test-threads", "1"])
+            .env(CHILD, "1")
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success() && said.contains("child done"),
+            "{name}: {said} {out:?}"
+        );
+        false
+    }
+
+    /// A damaged file claiming a table (or a table's content) of gigabytes is refused without
+    /// a buffer of that size: under an address-space limit a gigabyte above what the process
+    /// holds, such a buffer is refused, which aborts the process.
+    #[test]
+    fn damaged_lengths_make_no_huge_buffers() {
+        if !in_child("damaged_lengths_make_no_huge_buffers") {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.idx");
+        let mut s = SmallFiles::default();
+        for i in 0..10u64 {
+            s.push(i * 65_536, &vec![i as u8; [8, 600, 5000][i as usize % 3]]);
+        }
+        s.save(&index).unwrap();
+        let path = SmallFiles::path(&index);
+        let good = std::fs::read(&path).unwrap();
+        let table_at = u64::from_le_bytes(good[8..16].try_into().unwrap()) as usize;
+        // A frame whose header says it holds 3 GB (and holds nothing).
+        let mut claims = vec![0x28, 0xb5, 0x2f, 0xfd, 0xc0, 0x00];
+        claims.extend(3_000_000_000u64.to_le_bytes());
+        claims.extend([0x01, 0x00, 0x00]);
+        assert_eq!(
+            zstd::zstd_safe::get_frame_content_size(&claims).unwrap(),
+            Some(3_000_000_000)
+        );
+        let mut long = good.clone();
+        long[16..24].copy_from_slice(&4_000_000_000u64.to_le_bytes());
+        let mut far = good.clone();
+        far[8..16].copy_from_slice(&(u64::MAX - 4095).to_le_bytes());
+        let mut big_table = good[..table_at].to_vec();
+        big_table[16..24].copy_from_slice(&(claims.len() as u64).to_le_bytes());
+        big_table.extend(&claims);
+        let mut v2 = MAGIC_V2.to_vec();
+        v2.extend((claims.len() as u64).to_le_bytes());
+        v2.extend(&claims);
+        let v1 = [&MAGIC_V1[..], &claims].concat();
+        let status = std::fs::read_to_string("/proc/self/status").unwrap();
+        let vm: u64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmSize:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap();
+        let limit = (vm << 10) + (1 << 30);
+        let l = libc::rlimit {
+            rlim_cur: limit,
+            rlim_max: libc::RLIM_INFINITY,
+        };
+        // SAFETY: a valid rlimit.
+        assert_eq!(unsafe { libc::setrlimit(libc::RLIMIT_AS, &l) }, 0);
+        for (what, bytes) in [
+            ("table length", long),
+            ("table past the end of everything", far),
+            ("table content", big_table),
+            ("second format", v2),
+            ("first format", v1),
+        ] {
+            std::fs::write(&path, bytes).unwrap();
+            let err = SmallFiles::load(&index).unwrap_err().to_string();
+            assert!(err.contains("x.small"), "{what}: {err}");
+            let err = SmallIndex::open(&index).err().map(|e| e.to_string());
+            assert!(err.is_some_and(|e| e.contains("x.small")), "{what}: opened");
+        }
+        eprintln!("child done");
     }
 }

@@ -113,6 +113,12 @@ const FT_LNK: u8 = 7;
 /// The volume name: says which writer made an image, so that an image written by an earlier
 /// version is written anew rather than used.
 const VOLUME: &[u8] = b"bux-fuse 2";
+/// The volume name of a metadata image naming extra devices. Not [`VOLUME`]: the kernel mounts
+/// such an image without `device=` options too (it then reads each device's blocks from the
+/// image itself, "flat" addressing) and serves the image's own metadata as those files' bytes
+/// — which is what a version before devices would do with it, taking it for one of its own
+/// (it checks for `VOLUME` and a NUL). This name makes that version write its image anew.
+const VOLUME_DEVICES: &[u8] = b"bux-fuse 2 dev";
 /// The volume name of a disk image ([`disk_image`]).
 const DISK_VOLUME: &[u8] = b"bux-fuse disk 1";
 
@@ -142,8 +148,9 @@ pub fn is_current(path: &std::path::Path) -> bool {
     let s = &head[SUPER_OFFSET..];
     let blocks = u32::from_le_bytes(s[36..40].try_into().expect("4 bytes")) as u64;
     s[..4] == MAGIC.to_le_bytes()
-        && s[64..80].starts_with(VOLUME)
-        && s[64 + VOLUME.len()] == 0
+        && [VOLUME, VOLUME_DEVICES]
+            .iter()
+            .any(|v| s[64..80].starts_with(v) && s[64 + v.len()] == 0)
         && blocks * BLOCK as u64 == len
 }
 
@@ -1028,6 +1035,10 @@ fn write_super(
         Purpose::Metadata => (VOLUME, FEATURE_INCOMPAT_CHUNKED_FILE),
         Purpose::Disk => (DISK_VOLUME, 0),
     };
+    let volume = match devices.is_empty() {
+        true => volume,
+        false => VOLUME_DEVICES,
+    };
     if !devices.is_empty() {
         features |= FEATURE_INCOMPAT_DEVICE_TABLE;
         for (i, d) in devices.iter().enumerate() {
@@ -1335,6 +1346,181 @@ mod tests {
         let mut got = Vec::new();
         std::io::Read::read_to_end(&mut &f, &mut got).unwrap();
         assert!(got == metadata_image(&tree, &|_, _, _| None).unwrap());
+    }
+
+    /// More layers with small files than block 0 names devices for, among them one of tiny
+    /// files only (no device), one of the second format (copied in), the same layer twice (one
+    /// file, two positions), a small file whited out above, small files with xattrs of every
+    /// length mod 8 (and an ACL) before their chunk index, and a hardlink to one: fsck.erofs
+    /// and the kernel, given the devices the image names, read every file as kept.
+    #[test]
+    fn many_layers_devices_read_back() {
+        use crate::index::small::{SmallFiles, SmallIndex};
+        const LAYERS: usize = 28;
+        let bytes = |layer: usize, offset: u64, size: u64| -> Vec<u8> {
+            (0..size)
+                .map(|i| (i * 13 + offset / 512 + layer as u64 * 31) as u8)
+                .collect()
+        };
+        // The same layer at positions 3 and 4: one table file.
+        let source = |k: usize| if k == 4 { 3 } else { k };
+        let mut layers = Vec::new();
+        let mut want: Vec<(String, Vec<u8>, Vec<(Vec<u8>, Vec<u8>)>)> = Vec::new();
+        let dir = tempfile::tempdir().unwrap();
+        let mut tables = Vec::new();
+        let mut paths = std::collections::HashMap::new();
+        for k in 0..LAYERS {
+            let s = source(k);
+            let mut l = vec![entry(&format!("l{s}"), EntryKind::Dir)];
+            let mut files = Vec::new();
+            let sizes: &[u64] = match s {
+                1 => &[1, 200, 512],
+                0 => &[513, 4096, 4097, 65_536, 600, 700, 800, 900, 1000, 1100],
+                _ => &[600 + s as u64 * 37, 9000],
+            };
+            for (i, &size) in sizes.iter().enumerate() {
+                let mut f = entry(&format!("l{s}/f{i}"), EntryKind::File);
+                f.size = size;
+                f.offset = (i as u64 + 1) * 100_000 + 512;
+                if s == 0 {
+                    // xattr bodies of 4 bytes more at each step: every alignment of the index.
+                    f.xattrs = vec![(b"user.n".to_vec(), vec![b'v'; i * 3])];
+                    if i == 1 {
+                        let acl: Vec<u8> = [
+                            &2u32.to_le_bytes()[..],
+                            &[1, 0, 6, 0],
+                            &u32::MAX.to_le_bytes(),
+                            &[4, 0, 4, 0],
+                            &u32::MAX.to_le_bytes(),
+                            &[0x20, 0, 4, 0],
+                            &u32::MAX.to_le_bytes(),
+                        ]
+                        .concat();
+                        f.xattrs.push((b"system.posix_acl_access".to_vec(), acl));
+                    }
+                }
+                files.push((f.offset, bytes(s, f.offset, size)));
+                let mut x: Vec<_> = f.xattrs.clone();
+                x.retain(|(n, _)| !n.starts_with(b"system."));
+                want.push((format!("l{s}/f{i}"), bytes(s, f.offset, size), x));
+                l.push(f);
+            }
+            if s == 0 {
+                let mut h = entry("l0/hard", EntryKind::Hardlink);
+                h.link = b"l0/f2".to_vec();
+                l.push(h);
+                let w = want.iter().find(|w| w.0 == "l0/f2").unwrap().clone();
+                want.push(("l0/hard".into(), w.1, w.2));
+            }
+            if k == 6 {
+                // Layer 5's first file whited out.
+                l.push(entry("l5/.wh.f0", EntryKind::File));
+                want.retain(|w| w.0 != "l5/f0");
+            }
+            layers.push(l);
+            let index = dir.path().join(format!("{:064x}.idx", s + 1));
+            if k != 4 {
+                let mut t = SmallFiles::default();
+                for (o, b) in &files {
+                    t.push(*o, b);
+                }
+                match s {
+                    2 => t.save_v2(&index),
+                    _ => t.save(&index).unwrap(),
+                }
+                paths.insert(format!("{:064x}", s + 1), SmallFiles::path(&index));
+            }
+            tables.push(SmallIndex::open(&index).unwrap());
+        }
+        want.sort();
+        want.dedup_by(|a, b| a.0 == b.0);
+        let tree = merged(&layers).unwrap();
+        let image = dir.path().join("meta.erofs");
+        let f = std::fs::File::create(&image).unwrap();
+        write_metadata_image(&tree, &tables, u64::MAX, &f).unwrap();
+        drop(f);
+        assert!(
+            std::fs::read(&image).unwrap()
+                == metadata_image_with_tables(&tree, &tables, u64::MAX).unwrap()
+        );
+        let named = devices(&image).unwrap();
+        assert_eq!(named.len(), DEVICES_MAX);
+        assert!(
+            named.iter().all(|d| d.layer != format!("{:064x}", 2)),
+            "tiny only: no device"
+        );
+        assert!(
+            named.iter().all(|d| d.layer != format!("{:064x}", 3)),
+            "second format"
+        );
+        let device_paths: Vec<_> = named.iter().map(|d| paths[&d.layer].clone()).collect();
+        // SAFETY: geteuid has no preconditions.
+        let root = unsafe { libc::geteuid() } == 0;
+        let erofs = std::fs::read_to_string("/proc/filesystems").is_ok_and(|f| f.contains("erofs"));
+        if !root || !erofs {
+            eprintln!("kernel part skipped: needs root and EROFS (root {root}, erofs {erofs})");
+            return;
+        }
+        let mut fsck = std::process::Command::new("fsck.erofs");
+        for d in &device_paths {
+            fsck.arg(format!("--device={}", d.display()));
+        }
+        match fsck.arg("--extract").arg(&image).output() {
+            Ok(out) => assert!(out.status.success(), "fsck.erofs: {out:?}"),
+            Err(e) => eprintln!("fsck.erofs not run: {e}"),
+        }
+        let mnt = dir.path().join("mnt");
+        std::fs::create_dir(&mnt).unwrap();
+        let options: Vec<_> = device_paths
+            .iter()
+            .map(|d| format!("device={}", d.display()))
+            .collect();
+        mount(&image, &mnt, "erofs", &options.join(",")).unwrap();
+        let result = std::panic::catch_unwind(|| {
+            for (path, data, x) in &want {
+                let p = mnt.join(path);
+                assert!(
+                    std::fs::read(&p).unwrap() == *data,
+                    "{path}: the bytes differ"
+                );
+                assert_eq!(&xattrs(&p), x, "{path}");
+            }
+            assert!(!mnt.join("l5/f0").exists());
+            let ino = |p: &str| std::fs::metadata(mnt.join(p)).unwrap().ino();
+            assert_eq!(ino("l0/hard"), ino("l0/f2"));
+            assert_eq!(std::fs::metadata(mnt.join("l0/f2")).unwrap().nlink(), 2);
+        });
+        umount(&mnt);
+        result.unwrap_or_else(|e| std::panic::resume_unwind(e));
+    }
+
+    /// An image naming devices is not taken for its own by a version before devices (which
+    /// would mount it without them and serve the image's metadata blocks as the files' bytes);
+    /// one naming none still is, and this version takes both.
+    #[test]
+    fn an_image_with_devices_is_not_current_to_earlier_versions() {
+        // `is_current` as the version before devices had it.
+        fn earlier_is_current(path: &Path) -> bool {
+            let head = std::fs::read(path).unwrap();
+            let s = &head[SUPER_OFFSET..];
+            let blocks = u32::from_le_bytes(s[36..40].try_into().unwrap()) as u64;
+            s[..4] == MAGIC.to_le_bytes()
+                && s[64..80].starts_with(b"bux-fuse 2")
+                && s[64 + 10] == 0
+                && blocks * BLOCK as u64 == head.len() as u64
+        }
+        let tree = sample();
+        let small = held(&tree);
+        let dir = tempfile::tempdir().unwrap();
+        for (v2, named) in [(true, 0), (false, 1)] {
+            let tables = [Some(table_of(dir.path(), &small, v2))];
+            let path = dir.path().join("meta.erofs");
+            let f = std::fs::File::create(&path).unwrap();
+            write_metadata_image(&tree, &tables, u64::MAX, &f).unwrap();
+            assert_eq!(devices(&path).unwrap().len(), named);
+            assert!(is_current(&path), "v2 {v2}");
+            assert_eq!(earlier_is_current(&path), named == 0, "v2 {v2}");
+        }
     }
 
     #[test]
