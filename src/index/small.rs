@@ -730,9 +730,9 @@ impl SmallIndex {
 
     /// The layer's digest (hex), from the file's name.
     pub(crate) fn layer_hex(&self) -> String {
-        self.path
-            .file_stem()
-            .map_or_else(String::new, |s| s.to_string_lossy().into_owned())
+        // `<hex>.small`, or `<hex>.<key>.small` beside a lazily fetched layer's keyed index.
+        let name = self.path.file_name().map(|s| s.to_string_lossy());
+        name.map_or_else(String::new, |n| n.split('.').next().unwrap_or("").to_string())
     }
 
     /// The SHA-256 of the table's frame (the current format; zeros for earlier ones).
