@@ -139,9 +139,41 @@ fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
 /// Parses a reference (`[registry/]repository[:tag][@digest]`), defaulting as Docker does.
 #[doc(hidden)]
 pub fn parse_reference(s: &str) -> Result<Reference> {
+    // The full grammar is a regex that takes tens of milliseconds to compile, once per process
+    // (twice per mount: the command and its daemon): built from the parts when the quick
+    // normalization vouches for the string.
+    if let Some(r) = quick_reference(s) {
+        return Ok(r);
+    }
     s.parse::<Reference>().map_err(|e| Error::InvalidReference {
         reference: s.to_string(),
         detail: e.to_string(),
+    })
+}
+
+/// `s` as [`Reference`] parses it, without the regex, when [`crate::source::quick_normalize`]
+/// accepts it (`None`: let the parser decide).
+fn quick_reference(s: &str) -> Option<Reference> {
+    let whole = crate::source::quick_normalize(s)?;
+    let (name, digest) = match whole.split_once('@') {
+        Some((n, d)) => (n, Some(d.to_string())),
+        None => (whole.as_str(), None),
+    };
+    let (path, tag) = match name.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t.to_string())),
+        _ => (name, None),
+    };
+    let (domain, repo) = path.split_once('/')?;
+    // (The parser renames Docker Hub's legacy host; left to it.)
+    if domain == "index.docker.io" {
+        return None;
+    }
+    let (domain, repo) = (domain.to_string(), repo.to_string());
+    Some(match (tag, digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(domain, repo, t, d),
+        (Some(t), None) => Reference::with_tag(domain, repo, t),
+        (None, Some(d)) => Reference::with_digest(domain, repo, d),
+        (None, None) => return None,
     })
 }
 
@@ -1028,5 +1060,36 @@ mod tests {
         ] {
             assert_eq!(is_loopback(r), want, "{r}");
         }
+    }
+
+    #[test]
+    fn references_built_without_the_regex_are_the_parsers() {
+        let d = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        for s in [
+            "debian".to_string(),
+            "debian:bookworm".into(),
+            "library/debian:12.1".into(),
+            "user/app".into(),
+            "127.0.0.1:5000/library/debian:bookworm".into(),
+            "localhost/app:v1".into(),
+            "localhost:5000/a/b/c:tag_1".into(),
+            "localhost:5000/a".into(),
+            "quay.io/org/app-name.x:V1.2".into(),
+            "docker.io/debian".into(),
+            "index.docker.io/debian".into(),
+            format!("debian@{d}"),
+            format!("localhost:5000/a@{d}"),
+            format!("reg.io/app:v1@{d}"),
+        ] {
+            let full: Reference = s.parse().unwrap();
+            let quick = parse_reference(&s).unwrap();
+            assert_eq!(
+                (quick.registry(), quick.repository(), quick.tag(), quick.digest()),
+                (full.registry(), full.repository(), full.tag(), full.digest()),
+                "{s}"
+            );
+            assert_eq!(quick.whole(), full.whole(), "{s}");
+        }
+        assert!(quick_reference("127.0.0.1:5000/bench/lazy:bookworm").is_some());
     }
 }
