@@ -5,6 +5,7 @@
 //! Registries on `localhost`, `127.0.0.0/8` and `::1` are spoken to over plain HTTP, as Docker
 //! does; [`RegistryOptions::insecure`] adds others.
 
+mod anonymous;
 pub mod conf;
 mod held;
 mod identity;
@@ -96,8 +97,10 @@ pub struct Registry {
     reference: Reference,
     /// Registries spoken to over plain HTTP (to make a probe client like `client`).
     plain: Vec<String>,
-    /// Whether blob requests need auth at all (see [`Registry::blob_range`]).
+    /// Whether requests need auth at all (see [`anonymous`]).
     needs_auth: tokio::sync::OnceCell<bool>,
+    /// A client that never holds auth, for a registry that wants none (made on first use).
+    bare: std::sync::OnceLock<Client>,
     /// Clients for the mirrors, tried in order.
     mirrors: Vec<Registry>,
     /// A Docker identity token (an OAuth2 refresh token) from config.json, exchanged for the
@@ -266,6 +269,7 @@ impl Registry {
             reference: reference.clone(),
             plain,
             needs_auth: tokio::sync::OnceCell::new(),
+            bare: std::sync::OnceLock::new(),
             mirrors,
             identity,
             exchanged: Default::default(),
@@ -431,11 +435,31 @@ impl Registry {
 
     async fn manifest_once(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
         let auth = self.auth(false).await?;
-        let (bytes, _) = self
-            .client()
-            .pull_manifest_raw(reference, &auth, manifest::ACCEPT)
-            .await
-            .map_err(|e| self.err(e))?;
+        let direct = match self.plain_manifest_url(reference) {
+            Some(url) => {
+                let client = self.redirects.client();
+                anonymous::manifest(client, &url, manifest::ACCEPT, manifest::MAX_MANIFEST).await
+            }
+            None => None,
+        };
+        let bytes = match direct {
+            Some(bytes) => bytes::Bytes::from(bytes),
+            None => {
+                // Whether the registry wants auth at all is learned meanwhile (for the
+                // requests that follow); not waited for once the answer is here.
+                let client = self.client();
+                let call = client.pull_manifest_raw(reference, &auth, manifest::ACCEPT);
+                let probe = self.needs_auth();
+                tokio::pin!(call, probe);
+                let mut probing = self.needs_auth.get().is_none();
+                loop {
+                    tokio::select! {
+                        r = &mut call => break r.map_err(|e| self.err(e))?.0,
+                        _ = &mut probe, if probing => probing = false,
+                    }
+                }
+            }
+        };
         if bytes.len() as u64 > manifest::MAX_MANIFEST {
             return Err(Error::InvalidManifest {
                 what: format!("manifest of {}", reference.whole()),
@@ -483,11 +507,10 @@ impl Registry {
     }
 
     async fn blob_stream_once(&self, digest: &Digest) -> Result<BlobStream> {
-        // Blob calls take no auth argument: make sure the registry's auth is stored first.
-        self.blob_auth().await?;
+        // Blob calls take no auth argument: the client holds the registry's, if it wants any.
+        let client = self.blob_client().await?;
         let d = digest.to_string();
-        let sized = self
-            .client()
+        let sized = client
             .pull_blob_stream(&self.reference, d.as_str())
             .await
             .map_err(|e| self.err(e))?;
@@ -526,34 +549,59 @@ impl Registry {
         &self.reference
     }
 
-    /// Makes the client send blob requests with auth only if the registry wants any.
-    async fn blob_auth(&self) -> Result<()> {
-        let auth = self.auth(false).await?;
-        let needs_auth = *self
+    /// Whether requests to this registry need auth at all (probed once, see [`anonymous`]).
+    async fn needs_auth(&self) -> bool {
+        *self
             .needs_auth
             .get_or_init(|| async {
-                if !matches!(auth, RegistryAuth::Anonymous) {
+                if !matches!(self.auth, RegistryAuth::Anonymous) || self.identity.is_some() {
                     return true;
                 }
-                let probe = Client::new(client_config(self.plain.clone(), self.timeouts));
-                !matches!(
-                    probe
-                        .auth(
-                            &self.reference,
-                            &RegistryAuth::Anonymous,
-                            oci_client::RegistryOperation::Pull
-                        )
-                        .await,
-                    Ok(None)
+                anonymous::challenged(
+                    self.redirects.client(),
+                    self.redirects.base(),
+                    self.timeouts.request,
                 )
+                .await
             })
-            .await;
-        if needs_auth {
-            self.client()
+            .await
+    }
+
+    /// The client for blob requests: one sending auth if the registry wants any, else one
+    /// that holds none (oci-client would ask for a token before each request).
+    async fn blob_client(&self) -> Result<Client> {
+        let auth = self.auth(false).await?;
+        if self.needs_auth().await {
+            let client = self.client();
+            client
                 .store_auth_if_needed(self.reference.resolve_registry(), &auth)
                 .await;
+            return Ok(client);
         }
-        Ok(())
+        Ok(self
+            .bare
+            .get_or_init(|| Client::new(client_config(self.plain.clone(), self.timeouts)))
+            .clone())
+    }
+
+    /// Where a plain GET finds the manifest `reference` names, when the registry is known to
+    /// want no auth (see [`anonymous`]).
+    fn plain_manifest_url(&self, reference: &Reference) -> Option<String> {
+        if self.needs_auth.get() != Some(&false)
+            || reference.resolve_registry() != self.reference.resolve_registry()
+            || reference.namespace().is_some()
+        {
+            return None;
+        }
+        let at = match reference.digest() {
+            Some(d) => d,
+            None => reference.tag().unwrap_or("latest"),
+        };
+        Some(format!(
+            "{}/v2/{}/manifests/{at}",
+            self.redirects.base(),
+            reference.repository()
+        ))
     }
 
     /// Requests `len` bytes of a blob from `offset` (the caller verifies them).
@@ -709,10 +757,9 @@ impl Registry {
                 return Ok(body);
             }
         }
-        self.blob_auth().await?;
+        let client = self.blob_client().await?;
         let d = digest.to_string();
-        let body = self
-            .client()
+        let body = client
             .pull_blob_stream_partial(&self.reference, d.as_str(), offset, Some(len))
             .await
             .map_err(|e| self.err(e))?;
@@ -726,9 +773,9 @@ impl Registry {
     /// else the `sha256-<hex>` tag schema); empty when there are none.
     pub async fn referrers(&self, subject: &Digest, artifact_type: &str) -> Result<Vec<Digest>> {
         let r = self.reference.clone_with_digest(subject.to_string());
-        self.blob_auth().await?;
         let index = self
-            .client()
+            .blob_client()
+            .await?
             .pull_referrers(&r, Some(artifact_type))
             .await
             .map_err(|e| self.err(e))?;

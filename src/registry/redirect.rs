@@ -63,6 +63,16 @@ impl Redirects {
         }
     }
 
+    /// The client it asks with (it follows no redirect).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// `http(s)://host[:port]` of the registry.
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Target>> {
         self.targets.lock().unwrap_or_else(|p| p.into_inner())
     }
