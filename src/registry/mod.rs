@@ -567,6 +567,13 @@ impl Registry {
             .await
     }
 
+    /// Learns ahead what the first blob request needs (whether the registry wants auth, the
+    /// client that follows from it), so that a lazy mount's first read does not wait for it.
+    #[doc(hidden)]
+    pub async fn warm_up(&self) {
+        let _ = self.blob_client().await;
+    }
+
     /// The client for blob requests: one sending auth if the registry wants any, else one
     /// that holds none (oci-client would ask for a token before each request).
     async fn blob_client(&self) -> Result<Client> {
