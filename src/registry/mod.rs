@@ -129,12 +129,37 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// The system's root certificates (DER), read once per process: an HTTP client given none
+/// reads and parses them itself (a few ms of CPU each, and a pull makes several clients, its
+/// mount's daemon more). Only those rustls accepts as roots: one it refuses would fail the
+/// client. Empty where none are found: clients then look for themselves, as before.
+pub(crate) fn native_roots() -> &'static [Vec<u8>] {
+    static ROOTS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut check = rustls::RootCertStore::empty();
+        rustls_native_certs::load_native_certs()
+            .certs
+            .into_iter()
+            .filter(|c| check.add(c.clone()).is_ok())
+            .map(|c| c.to_vec())
+            .collect()
+    })
+}
+
 fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
     install_crypto_provider();
+    let roots = native_roots()
+        .iter()
+        .map(|der| oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Der,
+            data: der.clone(),
+        })
+        .collect();
     ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain),
         connect_timeout: Some(t.connect),
         read_timeout: Some(t.request),
+        tls_certs_only: roots,
         ..Default::default()
     }
 }
@@ -1114,6 +1139,17 @@ mod tests {
         ] {
             assert_eq!(is_loopback(r), want, "{r}");
         }
+    }
+
+    #[test]
+    fn clients_get_the_system_roots_read_once() {
+        let roots = native_roots();
+        assert!(std::ptr::eq(roots, native_roots()));
+        let config = client_config(Vec::new(), Timeouts::of(&RegistryOptions::default()));
+        assert_eq!(config.tls_certs_only.len(), roots.len());
+        // Every root is one the client takes: building it does not fail (oci-client would
+        // fall back to a client without our protocol and timeouts).
+        assert!(Client::try_from(config).is_ok());
     }
 
     #[test]
