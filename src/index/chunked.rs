@@ -379,7 +379,9 @@ pub(super) fn table(
         windows: None,
     };
     // Same checks as for an index from the registry (ordering, ranges, names).
-    let encoded = published.encode()?;
+    // (At zstd's fastest level: this copy is the store's own, never sent anywhere, and it
+    // is made before a lazy mount is live.)
+    let encoded = published.encode_at(1)?;
     let published = PublishedLayer::decode(&encoded, layer, blob_size)?;
     Ok((published, encoded, prefetch_end))
 }
