@@ -534,7 +534,9 @@ enum OwnTable {
 fn own_table(job: &LayerJob) -> OwnTable {
     let annotations = job.desc.annotations.clone().unwrap_or_default();
     match job.compression {
-        Compression::Zstd if TocLocation::from_annotations(&annotations, job.desc.size).is_some() => {
+        Compression::Zstd
+            if TocLocation::from_annotations(&annotations, job.desc.size).is_some() =>
+        {
             OwnTable::Pinned
         }
         Compression::Gzip if index::estargz::toc_digest(&annotations).is_some() => OwnTable::Pinned,

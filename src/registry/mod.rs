@@ -1174,8 +1174,18 @@ mod tests {
             let full: Reference = s.parse().unwrap();
             let quick = parse_reference(&s).unwrap();
             assert_eq!(
-                (quick.registry(), quick.repository(), quick.tag(), quick.digest()),
-                (full.registry(), full.repository(), full.tag(), full.digest()),
+                (
+                    quick.registry(),
+                    quick.repository(),
+                    quick.tag(),
+                    quick.digest()
+                ),
+                (
+                    full.registry(),
+                    full.repository(),
+                    full.tag(),
+                    full.digest()
+                ),
                 "{s}"
             );
             assert_eq!(quick.whole(), full.whole(), "{s}");
