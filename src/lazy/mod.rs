@@ -690,3 +690,46 @@ impl LazyBlob {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A fetched chunk is served once it is written: recording it in the persisted map comes
+    /// after, and when that fails the read goes on (the next mount fetches it again). Before,
+    /// the read waited for the map's fsync, and failed with it.
+    #[test]
+    fn a_chunk_is_served_once_written_and_recorded_after() {
+        let dir = tempfile::tempdir().unwrap();
+        let data = b"bytes of a chunk".to_vec();
+        let chunks = vec![Chunk {
+            start: 0,
+            end: data.len() as u64,
+            digest: Digest::of(&data),
+            uncompressed: None,
+        }];
+        let reference = crate::registry::parse_reference("127.0.0.1:9/none:here").unwrap();
+        let registry = crate::registry::Registry::new(&reference, &Default::default());
+        let remote = Remote::new(registry, Duration::from_secs(1)).unwrap();
+        let partial = dir.path().join("layer.partial");
+        let blob = LazyBlob::open_parts(
+            Digest::of(&data),
+            data.len() as u64,
+            chunks,
+            partial.clone(),
+            remote.clone(),
+            None,
+        )
+        .unwrap();
+        let mut blob = Arc::into_inner(blob).unwrap();
+        // The map can no longer be written: recording the chunk fails.
+        blob.map = File::open(map_path(&partial)).unwrap();
+        blob.store_chunks(&[(0, &data)]).unwrap();
+        assert!(blob.is_complete());
+        let mut read = vec![0u8; data.len()];
+        blob.file.read_exact_at(&mut read, 0).unwrap();
+        assert_eq!(read, data);
+        assert_eq!(std::fs::read(map_path(&partial)).unwrap(), vec![0]);
+        remote.shutdown();
+    }
+}
