@@ -1545,3 +1545,182 @@ fn zstd_chunked(layout: &Path, to: &Path) -> PathBuf {
     assert_success(&out);
     to.to_path_buf()
 }
+
+/// An HTTP/1.1 forwarder to a registry that logs each request as it arrives (`GET /v2/...`, a
+/// line each) and holds answers to requests whose path contains a given word for a second
+/// (so that what is sent meanwhile shows in the log before what follows the held answer).
+struct RequestLog {
+    child: std::process::Child,
+    port: u16,
+    log: PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl RequestLog {
+    fn start(target: &str, hold: &str) -> RequestLog {
+        let dir = tempfile::tempdir().unwrap();
+        let log = dir.path().join("requests");
+        let script = dir.path().join("forwarder.py");
+        std::fs::write(
+            &script,
+            r#"
+import http.client, http.server, sys, time, threading
+port, target, log, hold = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+lock = threading.Lock()
+class H(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+    def forward(self, body=True):
+        with lock, open(log, "a") as f:
+            f.write(f"{self.command} {self.path}\n")
+        if hold and hold in self.path:
+            time.sleep(1)
+        headers = {k: v for k, v in self.headers.items() if k.lower() not in ("host", "connection")}
+        c = http.client.HTTPConnection(target)
+        c.request(self.command, self.path, headers=headers)
+        r = c.getresponse()
+        data = r.read()
+        self.send_response(r.status)
+        for k, v in r.getheaders():
+            if k.lower() not in ("content-length", "connection", "transfer-encoding"):
+                self.send_header(k, v)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        if body:
+            self.wfile.write(data)
+        c.close()
+    def do_GET(self):
+        self.forward()
+    def do_HEAD(self):
+        self.forward(False)
+    def log_message(self, *a):
+        pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
+"#,
+        )
+        .unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let child = Command::new("python3")
+            .arg(&script)
+            .arg(port.to_string())
+            .arg(target)
+            .arg(&log)
+            .arg(hold)
+            .spawn()
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < deadline, "forwarder did not start");
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        RequestLog {
+            child,
+            port,
+            log,
+            _dir: dir,
+        }
+    }
+
+    fn host(&self) -> String {
+        format!("127.0.0.1:{}", self.port)
+    }
+
+    /// The requests so far, in the order they arrived.
+    fn requests(&self) -> Vec<String> {
+        std::fs::read_to_string(&self.log)
+            .unwrap_or_default()
+            .lines()
+            .map(str::to_string)
+            .collect()
+    }
+}
+
+impl Drop for RequestLog {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Each round trip before the mount is live costs a slow link's latency (50-100 ms between
+/// continents). A registry that wants no auth is asked whether it does once (oci-client asked
+/// `GET /v2/` again before every request, as no token came back): with the published index of
+/// a gzip image, and with a zstd:chunked image's own tables.
+#[test]
+fn a_registry_without_auth_is_not_asked_for_a_token_before_each_request() {
+    need("skopeo");
+    let s = setup();
+    let logged = RequestLog::start(&s.reg.host(), "");
+    let reference = s.pinned.replace(&s.reg.host(), &logged.host());
+    let bux = Bux::new();
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    let before_live = logged.requests();
+    let pings = before_live.iter().filter(|r| *r == "GET /v2/").count();
+    // Manifest, config, index manifest, three layer indexes. Token checks: oci-client's with
+    // the first request and the probe beside it, and the mount daemon's probe as it starts.
+    assert!(before_live.len() >= 6, "{before_live:#?}");
+    assert!(pings <= 3, "{pings} token checks: {before_live:#?}");
+    diff_with_umoci(&m.path, s.layout.path());
+    drop(m);
+
+    let work = tempfile::tempdir().unwrap();
+    let gz = work.path().join("gz");
+    write_layout(&gz, "v1", &image().as_gzip());
+    let zc = zstd_chunked(&gz, &work.path().join("zc"));
+    s.reg.push(&zc, "v1", "lazy/chunked", None);
+    let logged = RequestLog::start(&s.reg.host(), "");
+    let bux = Bux::new();
+    let reference = format!("{}/lazy/chunked:v1", logged.host());
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert!(!stderr.contains("pulled whole"), "{stderr}");
+    let before_live = logged.requests();
+    let pings = before_live.iter().filter(|r| *r == "GET /v2/").count();
+    assert!(pings <= 3, "{pings} token checks: {before_live:#?}");
+    diff_with_umoci(&m.path, &gz);
+}
+
+/// A zstd:chunked image's tables of contents are fetched while its published index is looked
+/// for (the referrers API, then the tag its fallback names: round trips that the tables need
+/// not wait for). The referrers answer is held a second: the tables' requests come first.
+#[test]
+fn zstd_chunked_tables_are_fetched_while_the_index_is_looked_for() {
+    need("skopeo");
+    let reg = Registry::start();
+    let work = tempfile::tempdir().unwrap();
+    let gz = work.path().join("gz");
+    write_layout(&gz, "v1", &image().as_gzip());
+    let zc = zstd_chunked(&gz, &work.path().join("zc"));
+    reg.push(&zc, "v1", "lazy/chunked", None);
+    let logged = RequestLog::start(&reg.host(), "/referrers/");
+    let bux = Bux::new();
+    let reference = format!("{}/lazy/chunked:v1", logged.host());
+    let (m, stderr) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert!(!stderr.contains("pulled whole"), "{stderr}");
+    let requests = logged.requests();
+    let referrers = requests
+        .iter()
+        .position(|r| r.contains("/referrers/"))
+        .unwrap_or_else(|| panic!("no referrers request: {requests:#?}"));
+    // (The referrers API's fallback, where the registry has none: the `sha256-<hex>` tag.)
+    let lookup_done = requests
+        .iter()
+        .position(|r| r.contains("/manifests/sha256-"))
+        .unwrap_or(referrers + 1);
+    // The first blob is the config; the next ones are the tables.
+    let first_table = requests
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.contains("/blobs/"))
+        .nth(1)
+        .map(|(i, _)| i)
+        .unwrap_or_else(|| panic!("no table fetched: {requests:#?}"));
+    assert!(
+        first_table < lookup_done,
+        "the tables waited for the index lookup: {requests:#?}"
+    );
+    let os = cat(&m.path.join("etc/os-release")).unwrap();
+    assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
+}

@@ -28,7 +28,7 @@ fuzz_target!(|data: &[u8]| {
         uncompressed: data.len() as u64,
         digest: Digest::of(&toc),
     };
-    if let Ok(p) = chunked::parse(&toc, &loc, layer, size, layer) {
+    if let Ok((p, _)) = chunked::parse(&toc, &loc, layer, size, layer) {
         let idx = p.to_index();
         let _ = merge([(idx.source(), idx.entries.as_slice())]);
     }

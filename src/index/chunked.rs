@@ -115,14 +115,15 @@ struct TocEntry {
 
 /// Builds the served table of a zstd:chunked layer from its compressed TOC bytes (already
 /// checked against the annotation's digest). `diff_id` is the config's, checked when the layer
-/// completes.
+/// completes. Returns the table and its encoding (see [`PublishedLayer::encode`]), which the
+/// store keeps.
 pub fn parse(
     compressed_toc: &[u8],
     loc: &TocLocation,
     layer: Digest,
     blob_size: u64,
     diff_id: Digest,
-) -> Result<PublishedLayer> {
+) -> Result<(PublishedLayer, Vec<u8>)> {
     let bad = |detail: String| Error::CorruptLayer {
         layer,
         detail: format!("zstd:chunked table of contents: {detail}"),
@@ -151,7 +152,7 @@ pub fn parse(
         serde_json::from_slice(&json).map_err(|e| bad(format!("not valid JSON: {e}")))?;
     // The last content frame ends where the TOC's skippable frame starts (its 8-byte header
     // before `loc.offset`) at the latest.
-    let (published, _) = table(
+    let (published, encoded, _) = table(
         &toc,
         layer,
         blob_size,
@@ -160,7 +161,7 @@ pub fn parse(
         loc.offset.saturating_sub(8),
         &bad,
     )?;
-    Ok(published)
+    Ok((published, encoded))
 }
 
 /// Names the eStargz writer (stargz-snapshotter's, which also writes zstd:chunked with
@@ -187,8 +188,9 @@ pub fn is_format_entry(path: &[u8]) -> bool {
 /// content starts, or `content_end` for the last (stargz-snapshotter writes the tar headers
 /// that follow a content into its frame or member).
 ///
-/// Returns the table and, when the TOC has a `.prefetch.landmark`, where in the blob its
-/// content starts: the contents before it are what the image wants prefetched.
+/// Returns the table, its encoding (what the store keeps: made once, here, where the table is
+/// checked as a published one would be), and, when the TOC has a `.prefetch.landmark`, where
+/// in the blob its content starts: the contents before it are what the image wants prefetched.
 pub(super) fn table(
     toc: &Toc,
     layer: Digest,
@@ -197,7 +199,7 @@ pub(super) fn table(
     compression: Compression,
     content_end: u64,
     bad: &dyn Fn(String) -> Error,
-) -> Result<(PublishedLayer, Option<u64>)> {
+) -> Result<(PublishedLayer, Vec<u8>, Option<u64>)> {
     if toc.version != 1 {
         return Err(bad(format!("version {} is not supported", toc.version)));
     }
@@ -377,8 +379,11 @@ pub(super) fn table(
         windows: None,
     };
     // Same checks as for an index from the registry (ordering, ranges, names).
-    let published = PublishedLayer::decode(&published.encode()?, layer, blob_size)?;
-    Ok((published, prefetch_end))
+    // (At zstd's fastest level: this copy is the store's own, never sent anywhere, and it
+    // is made before a lazy mount is live.)
+    let encoded = published.encode_at(1)?;
+    let published = PublishedLayer::decode(&encoded, layer, blob_size)?;
+    Ok((published, encoded, prefetch_end))
 }
 
 /// The first `len` bytes of a content frame — a zstd frame, or a gzip member (eStargz) — as a
@@ -568,7 +573,7 @@ mod tests {
             digest: Digest::of(&z),
         };
         blob.extend(&z);
-        let p = parse(&z, &loc, layer, blob.len() as u64, Digest::of(b"diff")).unwrap();
+        let (p, _) = parse(&z, &loc, layer, blob.len() as u64, Digest::of(b"diff")).unwrap();
         let names: Vec<_> = p.entries.iter().map(|e| e.path.clone()).collect();
         assert_eq!(names, [b"etc".to_vec(), b"etc/a".to_vec()]);
         assert_eq!(p.chunks.len(), 1);

@@ -77,7 +77,7 @@ pub fn footer(tail: &[u8], blob_size: u64) -> Option<(u64, u64)> {
 pub enum Parsed {
     /// The served table, and where the prefetch landmark's content starts if the TOC has one
     /// (the contents before it are the ones to fetch first).
-    Table(PublishedLayer, Option<u64>),
+    Table(PublishedLayer, Vec<u8>, Option<u64>),
     /// A TOC this version does not serve from (unreadable, past its bounds, packed chunks):
     /// the layer is pulled whole, which its digest checks.
     Unusable(Error),
@@ -122,7 +122,7 @@ pub fn parse(
             toc_offset,
             &bad,
         ) {
-            Ok((p, prefetch)) => Parsed::Table(p, prefetch),
+            Ok((p, encoded, prefetch)) => Parsed::Table(p, encoded, prefetch),
             Err(e) => Parsed::Unusable(e),
         },
     )
@@ -313,7 +313,7 @@ pub(crate) mod tests {
             blob.len() as u64,
             Digest::of(b"diff"),
         )? {
-            Parsed::Table(p, prefetch) => Ok((p, prefetch)),
+            Parsed::Table(p, _, prefetch) => Ok((p, prefetch)),
             Parsed::Unusable(e) => Err(e),
         }
     }

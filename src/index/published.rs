@@ -254,13 +254,20 @@ impl PublishedLayer {
 
     /// The blob pushed to the registry.
     pub fn encode(&self) -> Result<Vec<u8>> {
+        self.encode_at(3)
+    }
+
+    /// [`PublishedLayer::encode`] at zstd level `level` (the format is the same).
+    pub fn encode_at(&self, level: i32) -> Result<Vec<u8>> {
         let mut out = MAGIC.to_vec();
         let body = postcard::to_allocvec(self).map_err(|e| Error::InvalidManifest {
             what: "layer index".into(),
             detail: format!("encoding: {e}"),
         })?;
         // zstd: a file table is mostly names and repeats well (~4x).
-        out.extend(zstd::bulk::compress(&body, 3).map_err(|e| Error::io("compressing index", e))?);
+        out.extend(
+            zstd::bulk::compress(&body, level).map_err(|e| Error::io("compressing index", e))?,
+        );
         Ok(out)
     }
 

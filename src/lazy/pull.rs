@@ -186,112 +186,32 @@ impl Store {
             unreachable!("checked by the caller")
         };
         let mut outcome = LazyOutcome::default();
-        let found = crate::publish::find_index(self, reg, &r.digest, &r.bytes).await?;
-        let index = match found {
-            Some(IndexSource::Pinned(d)) => Some(d),
-            Some(IndexSource::Referrer(d)) if trust_referrer => {
-                outcome.note = Some(format!(
-                    "using index {} found as a referrer (trusted by request; not covered by the manifest digest)",
-                    d.short()
-                ));
-                Some(d)
-            }
-            Some(IndexSource::Referrer(d)) => {
-                outcome.note = Some(format!(
-                    "index {} was found only as a referrer, which the manifest digest does not cover: not trusted, pulled whole (--trust-index to use it)",
-                    d.short()
-                ));
-                None
-            }
-            None => {
-                outcome.note = Some(
-                    "no bux-fuse index was published for this image (bux-fuse push-index): pulled whole"
-                        .into(),
-                );
-                None
-            }
-        };
-        outcome.index = index;
-        let mut lazy = Vec::new();
-        if let Some(index) = index {
-            let (bytes, _) = reg
-                .manifest(&reference.clone_with_digest(index.to_string()))
-                .await?;
-            let listed = crate::publish::index_layers(&bytes)?;
-            if let Some((trace, size)) = crate::publish::index_trace(&bytes) {
-                let path = self.trace_path(&r.digest);
-                if size <= MAX_TRACE && !path.exists() {
-                    let t = src.small_blob(&trace, MAX_TRACE).await?;
-                    crate::trace::parse(&t)?;
-                    crate::store::write_atomic(&path, &t)?;
-                }
-            }
-            // Each layer's index, all at once (a round trip each otherwise).
-            // (Collected before streaming: a closure in the stream's type makes the future
-            // not `Send`.)
-            let fetches: Vec<_> = r
-                .jobs
-                .iter()
-                .filter_map(|job| {
-                    let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
-                    if self.index_path(&job.digest).exists()
-                        && self.layer_bytes_present(&job.digest)
-                    {
-                        return None; // already stored whole
-                    }
-                    let src = src.clone();
-                    Some(async move {
-                        if size > MAX_PUBLISHED_INDEX {
-                            return Err(Error::InvalidManifest {
-                                what: format!("index of layer {}", job.digest),
-                                detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
-                            });
-                        }
-                        let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
-                        Ok((job, blob, bytes))
-                    })
-                })
-                .collect();
-            let fetched: Vec<Result<_>> = futures_util::stream::iter(fetches)
-                .buffered(8)
-                .collect()
-                .await;
-            let fetched = fetched
-                .into_iter()
-                .map(|f| {
-                    f.map(|(job, blob, bytes)| {
-                        (job.digest, job.desc.size, job.diff_id, blob, bytes)
-                    })
-                })
-                .collect::<Result<Vec<_>>>()?;
-            // Decoded and saved on the blocking pool (tables of large layers run to megabytes).
-            let store = self.clone();
-            lazy.extend(
-                crate::pull::off_thread("index task", move || {
-                    let mut lazy = Vec::new();
-                    for (layer, size, diff_id, blob, bytes) in fetched {
-                        let published = PublishedLayer::decode(&bytes, layer, size)?;
-                        if published.diff_id != diff_id {
-                            return Err(Error::CorruptLayer {
-                                layer,
-                                detail: "published index disagrees with the config's diff_id"
-                                    .into(),
-                            });
-                        }
-                        store.put_blob(&blob, &bytes, "layer index")?;
-                        // Keyed by this index too: another image naming the same layer with
-                        // another index (honest or forged) never replaces what this one reads
-                        // by.
-                        published
-                            .to_index()
-                            .save(&store.lazy_index_path(&layer, &blob))?;
-                        lazy.push((layer, blob));
-                    }
-                    Ok(lazy)
-                })
-                .await?,
-            );
-        }
+        // A layer the manifest names twice is fetched and served once. Layers stored whole
+        // need nothing.
+        let mut seen = std::collections::HashSet::new();
+        let todo: Vec<&LayerJob> = r
+            .jobs
+            .iter()
+            .filter(|job| seen.insert(job.digest))
+            .filter(|job| {
+                !(self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest))
+            })
+            .collect();
+        // The tables of contents that layers' descriptors pin (zstd:chunked, eStargz) are
+        // fetched while the published index is looked for, not after: each chain is a few
+        // round trips, and an image rarely has both (a table the index makes needless is
+        // dropped).
+        let pinned: Vec<&LayerJob> = todo
+            .iter()
+            .copied()
+            .filter(|j| own_table(j) == OwnTable::Pinned)
+            .collect();
+        let (published, pinned_tables) = tokio::join!(
+            self.published_layers(&src, reg, reference, &r, trust_referrer, &mut outcome),
+            self.own_tables(reg, &pinned),
+        );
+        let mut lazy = published?;
+        let index = outcome.index;
         // An index made for other layers (one that survived a conversion of the image, say)
         // serves none of these: say so, or the whole pull that follows looks unexplained.
         if let Some(index) = index {
@@ -314,60 +234,34 @@ impl Store {
                 ));
             }
         }
-        // zstd:chunked and eStargz layers carry their own table of contents, which the
-        // manifest pins.
+        // The layers the index does not serve: their own tables, pinned (fetched above) or
+        // not (a gzip layer's footer, read to say why it is not lazy).
+        let rest: Vec<&LayerJob> = todo
+            .iter()
+            .copied()
+            .filter(|j| !lazy.iter().any(|(l, _)| *l == j.digest))
+            .collect();
+        let unpinned: Vec<&LayerJob> = rest
+            .iter()
+            .copied()
+            .filter(|j| own_table(j) == OwnTable::Footer)
+            .collect();
+        let mut tables = pinned_tables;
+        tables.extend(self.own_tables(reg, &unpinned).await);
         let mut refused = Vec::new();
         let mut prefetch = Vec::new();
-        // Every layer's table at once: a round trip or two each, which one after another
-        // cost a slow link's latency per layer before the mount is live. zstd:chunked tables
-        // (megabytes of JSON for a large layer) are decoded off the async threads.
-        // A layer the manifest names twice is fetched and served once (as when a loop did
-        // this one layer after another and found the second in `lazy`).
-        let mut seen = std::collections::HashSet::new();
-        let fetches: Vec<_> = r
-            .jobs
-            .iter()
-            .filter(|job| seen.insert(job.digest))
-            .filter(|job| {
-                !(lazy.iter().any(|(l, _)| *l == job.digest)
-                    || (self.index_path(&job.digest).exists()
-                        && self.layer_bytes_present(&job.digest)))
-            })
-            .map(|job| async move {
-                let annotations = job.desc.annotations.clone().unwrap_or_default();
-                let table = if let (Some(loc), Compression::Zstd) = (
-                    TocLocation::from_annotations(&annotations, job.desc.size),
-                    job.compression,
-                ) {
-                    let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
-                    let (digest, size, diff_id) = (job.digest, job.desc.size, job.diff_id);
-                    Table::Chunked(
-                        crate::pull::off_thread("decoding a zstd:chunked table", move || {
-                            Ok(index::chunked::parse(&toc, &loc, digest, size, diff_id))
-                        })
-                        .await?,
-                    )
-                } else if job.compression == Compression::Gzip {
-                    Table::Estargz(self.estargz_table(reg, job, &annotations).await?)
-                } else {
-                    Table::None
-                };
-                Ok::<_, Error>((job, table))
-            })
-            .collect();
-        let fetched: Vec<Result<_>> = futures_util::stream::iter(fetches)
-            .buffered(8)
-            .collect()
-            .await;
-        for f in fetched {
-            let (job, table) = f?;
-            let published = match table {
+        let mut usable = Vec::new();
+        for job in rest {
+            let Some(pos) = tables.iter().position(|(d, _)| *d == job.digest) else {
+                continue; // neither kind of layer
+            };
+            let published = match tables.swap_remove(pos).1? {
                 Table::Chunked(p) => p,
-                Table::Estargz(Estargz::Table(p, Some(end))) => {
+                Table::Estargz(Estargz::Table(p, bytes, Some(end))) => {
                     prefetch.push((job.digest, p.chunks.first().map_or(0, |c| c.start), end));
-                    Ok(p)
+                    Ok((p, bytes))
                 }
-                Table::Estargz(Estargz::Table(p, None)) => Ok(p),
+                Table::Estargz(Estargz::Table(p, bytes, None)) => Ok((p, bytes)),
                 Table::Estargz(Estargz::Refused(e)) => Err(e),
                 Table::Estargz(Estargz::Unpinned) => {
                     refused.push(format!(
@@ -379,10 +273,10 @@ impl Store {
                     ));
                     continue;
                 }
-                Table::Estargz(Estargz::Not) | Table::None => continue,
+                Table::Estargz(Estargz::Not) => continue,
             };
-            let published = match published {
-                Ok(p) => p,
+            match published {
+                Ok(p) => usable.push((job.digest, p)),
                 Err(e) => {
                     // A table this version will not serve from (past its bounds, or
                     // broken) costs the layer its laziness, not the image its mount.
@@ -395,18 +289,28 @@ impl Store {
                         "layer {}: its {kind} table was not used ({e}): pulled whole",
                         job.digest.short()
                     ));
-                    continue;
                 }
-            };
-            let bytes = published.encode()?;
-            let blob = Digest::of(&bytes);
-            self.put_blob(&blob, &bytes, "layer table")?;
-            published
-                .to_index()
-                .save(&self.lazy_index_path(&job.digest, &blob))?;
-            lazy.push((job.digest, blob));
-            outcome.chunked_layers += 1;
+            }
         }
+        // Saved on the blocking pool, each layer apart: each waits for its files to be
+        // durable, and one after another those waits added up before the mount.
+        let saves: Vec<_> = usable
+            .into_iter()
+            .map(|(layer, (published, bytes))| {
+                let store = self.clone();
+                crate::pull::off_thread("layer table task", move || {
+                    let blob = Digest::of(&bytes);
+                    store.put_blob(&blob, &bytes, "layer table")?;
+                    published
+                        .to_index()
+                        .save(&store.lazy_index_path(&layer, &blob))?;
+                    Ok((layer, blob))
+                })
+            })
+            .collect();
+        let saved = futures_util::future::try_join_all(saves).await?;
+        outcome.chunked_layers = saved.len();
+        lazy.extend(saved);
         // The eStargz prefetch landmarks: what comes before them is fetched first, as a
         // recorded trace would be (a published or recorded trace takes precedence).
         let trace = self.trace_path(&r.digest);
@@ -451,16 +355,202 @@ impl Store {
         let image = self.record(r, &lazy, opts).await?;
         Ok((image, outcome))
     }
+
+    /// The layers the image's published index serves (see [`crate::publish`]): each layer's
+    /// digest and its index blob's, decoded and saved. Says in `outcome` which index was used
+    /// and why none was.
+    async fn published_layers(
+        &self,
+        src: &Arc<Source>,
+        reg: &crate::registry::Registry,
+        reference: &oci_client::Reference,
+        r: &crate::pull::Resolved,
+        trust_referrer: bool,
+        outcome: &mut LazyOutcome,
+    ) -> Result<Vec<(Digest, Digest)>> {
+        let found = crate::publish::find_index(self, reg, &r.digest, &r.bytes).await?;
+        let index = match found {
+            Some(IndexSource::Pinned(d)) => Some(d),
+            Some(IndexSource::Referrer(d)) if trust_referrer => {
+                outcome.note = Some(format!(
+                    "using index {} found as a referrer (trusted by request; not covered by the manifest digest)",
+                    d.short()
+                ));
+                Some(d)
+            }
+            Some(IndexSource::Referrer(d)) => {
+                outcome.note = Some(format!(
+                    "index {} was found only as a referrer, which the manifest digest does not cover: not trusted, pulled whole (--trust-index to use it)",
+                    d.short()
+                ));
+                None
+            }
+            None => {
+                outcome.note = Some(
+                    "no bux-fuse index was published for this image (bux-fuse push-index): pulled whole"
+                        .into(),
+                );
+                None
+            }
+        };
+        outcome.index = index;
+        let Some(index) = index else {
+            return Ok(Vec::new());
+        };
+        let (bytes, _) = reg
+            .manifest(&reference.clone_with_digest(index.to_string()))
+            .await?;
+        let listed = crate::publish::index_layers(&bytes)?;
+        let trace = async {
+            if let Some((trace, size)) = crate::publish::index_trace(&bytes) {
+                let path = self.trace_path(&r.digest);
+                if size <= MAX_TRACE && !path.exists() {
+                    let t = src.small_blob(&trace, MAX_TRACE).await?;
+                    crate::trace::parse(&t)?;
+                    crate::store::write_atomic(&path, &t)?;
+                }
+            }
+            Ok::<_, Error>(())
+        };
+        // The trace and each layer's index, all at once (a round trip each otherwise).
+        // (Collected before streaming: a closure in the stream's type makes the future
+        // not `Send`.)
+        let fetches: Vec<_> = r
+            .jobs
+            .iter()
+            .filter_map(|job| {
+                let &(_, blob, size) = listed.iter().find(|(l, _, _)| *l == job.digest)?;
+                if self.index_path(&job.digest).exists() && self.layer_bytes_present(&job.digest) {
+                    return None; // already stored whole
+                }
+                let src = src.clone();
+                let (layer, layer_size, diff_id) = (job.digest, job.desc.size, job.diff_id);
+                Some(async move {
+                    if size > MAX_PUBLISHED_INDEX {
+                        return Err(Error::InvalidManifest {
+                            what: format!("index of layer {layer}"),
+                            detail: format!("{size} bytes, more than {MAX_PUBLISHED_INDEX}"),
+                        });
+                    }
+                    let bytes = src.small_blob(&blob, MAX_PUBLISHED_INDEX).await?;
+                    Ok((layer, layer_size, diff_id, blob, bytes))
+                })
+            })
+            .collect();
+        let fetched = futures_util::stream::iter(fetches)
+            .buffered(8)
+            .collect::<Vec<Result<_>>>();
+        let (traced, fetched) = tokio::join!(trace, fetched);
+        traced?;
+        // Decoded and saved on the blocking pool, each layer apart (tables of large layers
+        // run to megabytes, and each save waits for its files to be durable).
+        let saves = fetched
+            .into_iter()
+            .map(|f| {
+                let (layer, size, diff_id, blob, bytes) = f?;
+                let store = self.clone();
+                Ok(crate::pull::off_thread("index task", move || {
+                    let published = PublishedLayer::decode(&bytes, layer, size)?;
+                    if published.diff_id != diff_id {
+                        return Err(Error::CorruptLayer {
+                            layer,
+                            detail: "published index disagrees with the config's diff_id".into(),
+                        });
+                    }
+                    store.put_blob(&blob, &bytes, "layer index")?;
+                    // Keyed by this index too: another image naming the same layer with
+                    // another index (honest or forged) never replaces what this one reads by.
+                    published
+                        .to_index()
+                        .save(&store.lazy_index_path(&layer, &blob))?;
+                    Ok((layer, blob))
+                }))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        futures_util::future::try_join_all(saves).await
+    }
+
+    /// The own tables of contents of `jobs` (fetched and decoded several at once: a round trip
+    /// or two each, which one after another cost a slow link's latency per layer), each with
+    /// its layer's digest; a layer with none is left out.
+    async fn own_tables(
+        &self,
+        reg: &crate::registry::Registry,
+        jobs: &[&LayerJob],
+    ) -> Vec<(Digest, Result<Table>)> {
+        let fetches: Vec<_> = jobs
+            .iter()
+            .map(|&job| async move {
+                let annotations = job.desc.annotations.clone().unwrap_or_default();
+                let table = match TocLocation::from_annotations(&annotations, job.desc.size) {
+                    Some(loc) if job.compression == Compression::Zstd => {
+                        self.chunked_table(reg, job, loc).await.map(Table::Chunked)
+                    }
+                    _ if job.compression == Compression::Gzip => self
+                        .estargz_table(reg, job, &annotations)
+                        .await
+                        .map(Table::Estargz),
+                    _ => return None,
+                };
+                Some((job.digest, table))
+            })
+            .collect();
+        futures_util::stream::iter(fetches)
+            .buffered(8)
+            .filter_map(std::future::ready)
+            .collect()
+            .await
+    }
+
+    /// A zstd:chunked layer's table, fetched and decoded (off the async threads: megabytes of
+    /// JSON for a large layer), with its encoding; `Ok(Err(_))`: one this version will not
+    /// serve from.
+    async fn chunked_table(
+        &self,
+        reg: &crate::registry::Registry,
+        job: &LayerJob,
+        loc: TocLocation,
+    ) -> Result<Result<(PublishedLayer, Vec<u8>)>> {
+        let toc = fetch_range(reg, &job.digest, loc.offset, loc.length).await?;
+        let (digest, size, diff_id) = (job.digest, job.desc.size, job.diff_id);
+        crate::pull::off_thread("decoding a zstd:chunked table", move || {
+            Ok(index::chunked::parse(&toc, &loc, digest, size, diff_id))
+        })
+        .await
+    }
+}
+
+/// Which table of its own a layer may have, by its descriptor.
+#[derive(PartialEq)]
+enum OwnTable {
+    /// One its descriptor pins: zstd:chunked's TOC location, or eStargz's TOC digest.
+    Pinned,
+    /// A gzip layer without a pinned TOC: its footer says whether it is eStargz.
+    Footer,
+    /// None.
+    None,
+}
+
+fn own_table(job: &LayerJob) -> OwnTable {
+    let annotations = job.desc.annotations.clone().unwrap_or_default();
+    match job.compression {
+        Compression::Zstd
+            if TocLocation::from_annotations(&annotations, job.desc.size).is_some() =>
+        {
+            OwnTable::Pinned
+        }
+        Compression::Gzip if index::estargz::toc_digest(&annotations).is_some() => OwnTable::Pinned,
+        Compression::Gzip => OwnTable::Footer,
+        _ => OwnTable::None,
+    }
 }
 
 /// A layer's own table of contents, as fetched.
 enum Table {
-    /// A zstd:chunked layer's, decoded (or why it will not be served from).
-    Chunked(Result<PublishedLayer>),
+    /// A zstd:chunked layer's, decoded with its encoding (or why it will not be served from).
+    Chunked(Result<(PublishedLayer, Vec<u8>)>),
     /// What a gzip layer's tail says.
     Estargz(Estargz),
-    /// Neither kind of layer.
-    None,
 }
 
 /// What a gzip layer's tail says.
@@ -471,8 +561,8 @@ enum Estargz {
     Unpinned,
     /// Its TOC, pinned, that this version does not serve from (the layer is pulled whole).
     Refused(Error),
-    /// Its table, and where its prefetch landmark starts.
-    Table(PublishedLayer, Option<u64>),
+    /// Its table, its encoding, and where its prefetch landmark starts.
+    Table(PublishedLayer, Vec<u8>, Option<u64>),
 }
 
 impl Store {
@@ -539,7 +629,7 @@ impl Store {
         let member = &tail[from..from + (end - toc) as usize];
         Ok(
             match estargz::parse(member, toc, &pinned, job.digest, size, job.diff_id)? {
-                estargz::Parsed::Table(p, prefetch) => Estargz::Table(p, prefetch),
+                estargz::Parsed::Table(p, bytes, prefetch) => Estargz::Table(p, bytes, prefetch),
                 estargz::Parsed::Unusable(e) => Estargz::Refused(e),
             },
         )

@@ -38,7 +38,7 @@ impl Remote {
             .thread_name("bux-fuse-fetch")
             .enable_all()
             .build()?;
-        Ok(Arc::new(Remote {
+        let remote = Arc::new(Remote {
             rt: Mutex::new(Some(rt)),
             registry,
             deadline,
@@ -47,7 +47,16 @@ impl Remote {
             demand: AtomicUsize::new(0),
             last_demand: AtomicU64::new(0),
             started: Instant::now(),
-        }))
+        });
+        // What the first read's fetch would wait for (the registry's auth), learned while
+        // the mount starts.
+        let weak = Arc::downgrade(&remote);
+        remote.spawn(async move {
+            if let Some(me) = weak.upgrade() {
+                me.registry.warm_up().await;
+            }
+        });
+        Ok(remote)
     }
 
     pub(super) fn spawn(&self, f: impl std::future::Future<Output = ()> + Send + 'static) {

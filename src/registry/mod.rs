@@ -5,6 +5,7 @@
 //! Registries on `localhost`, `127.0.0.0/8` and `::1` are spoken to over plain HTTP, as Docker
 //! does; [`RegistryOptions::insecure`] adds others.
 
+mod anonymous;
 pub mod conf;
 mod held;
 mod identity;
@@ -96,8 +97,10 @@ pub struct Registry {
     reference: Reference,
     /// Registries spoken to over plain HTTP (to make a probe client like `client`).
     plain: Vec<String>,
-    /// Whether blob requests need auth at all (see [`Registry::blob_range`]).
+    /// Whether requests need auth at all (see [`anonymous`]).
     needs_auth: tokio::sync::OnceCell<bool>,
+    /// A client that never holds auth, for a registry that wants none (made on first use).
+    bare: std::sync::OnceLock<Client>,
     /// Clients for the mirrors, tried in order.
     mirrors: Vec<Registry>,
     /// A Docker identity token (an OAuth2 refresh token) from config.json, exchanged for the
@@ -126,12 +129,37 @@ pub fn install_crypto_provider() {
     });
 }
 
+/// The system's root certificates (DER), read once per process: an HTTP client given none
+/// reads and parses them itself (a few ms of CPU each, and a pull makes several clients, its
+/// mount's daemon more). Only those rustls accepts as roots: one it refuses would fail the
+/// client. Empty where none are found: clients then look for themselves, as before.
+pub(crate) fn native_roots() -> &'static [Vec<u8>] {
+    static ROOTS: std::sync::OnceLock<Vec<Vec<u8>>> = std::sync::OnceLock::new();
+    ROOTS.get_or_init(|| {
+        let mut check = rustls::RootCertStore::empty();
+        rustls_native_certs::load_native_certs()
+            .certs
+            .into_iter()
+            .filter(|c| check.add(c.clone()).is_ok())
+            .map(|c| c.to_vec())
+            .collect()
+    })
+}
+
 fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
     install_crypto_provider();
+    let roots = native_roots()
+        .iter()
+        .map(|der| oci_client::client::Certificate {
+            encoding: oci_client::client::CertificateEncoding::Der,
+            data: der.clone(),
+        })
+        .collect();
     ClientConfig {
         protocol: ClientProtocol::HttpsExcept(plain),
         connect_timeout: Some(t.connect),
         read_timeout: Some(t.request),
+        tls_certs_only: roots,
         ..Default::default()
     }
 }
@@ -139,9 +167,41 @@ fn client_config(plain: Vec<String>, t: Timeouts) -> ClientConfig {
 /// Parses a reference (`[registry/]repository[:tag][@digest]`), defaulting as Docker does.
 #[doc(hidden)]
 pub fn parse_reference(s: &str) -> Result<Reference> {
+    // The full grammar is a regex that takes tens of milliseconds to compile, once per process
+    // (twice per mount: the command and its daemon): built from the parts when the quick
+    // normalization vouches for the string.
+    if let Some(r) = quick_reference(s) {
+        return Ok(r);
+    }
     s.parse::<Reference>().map_err(|e| Error::InvalidReference {
         reference: s.to_string(),
         detail: e.to_string(),
+    })
+}
+
+/// `s` as [`Reference`] parses it, without the regex, when [`crate::source::quick_normalize`]
+/// accepts it (`None`: let the parser decide).
+fn quick_reference(s: &str) -> Option<Reference> {
+    let whole = crate::source::quick_normalize(s)?;
+    let (name, digest) = match whole.split_once('@') {
+        Some((n, d)) => (n, Some(d.to_string())),
+        None => (whole.as_str(), None),
+    };
+    let (path, tag) = match name.rsplit_once(':') {
+        Some((p, t)) if !t.contains('/') => (p, Some(t.to_string())),
+        _ => (name, None),
+    };
+    let (domain, repo) = path.split_once('/')?;
+    // (The parser renames Docker Hub's legacy host; left to it.)
+    if domain == "index.docker.io" {
+        return None;
+    }
+    let (domain, repo) = (domain.to_string(), repo.to_string());
+    Some(match (tag, digest) {
+        (Some(t), Some(d)) => Reference::with_tag_and_digest(domain, repo, t, d),
+        (Some(t), None) => Reference::with_tag(domain, repo, t),
+        (None, Some(d)) => Reference::with_digest(domain, repo, d),
+        (None, None) => return None,
     })
 }
 
@@ -234,6 +294,7 @@ impl Registry {
             reference: reference.clone(),
             plain,
             needs_auth: tokio::sync::OnceCell::new(),
+            bare: std::sync::OnceLock::new(),
             mirrors,
             identity,
             exchanged: Default::default(),
@@ -399,11 +460,31 @@ impl Registry {
 
     async fn manifest_once(&self, reference: &Reference) -> Result<(Vec<u8>, Digest)> {
         let auth = self.auth(false).await?;
-        let (bytes, _) = self
-            .client()
-            .pull_manifest_raw(reference, &auth, manifest::ACCEPT)
-            .await
-            .map_err(|e| self.err(e))?;
+        let direct = match self.plain_manifest_url(reference) {
+            Some(url) => {
+                let client = self.redirects.client();
+                anonymous::manifest(client, &url, manifest::ACCEPT, manifest::MAX_MANIFEST).await
+            }
+            None => None,
+        };
+        let bytes = match direct {
+            Some(bytes) => bytes::Bytes::from(bytes),
+            None => {
+                // Whether the registry wants auth at all is learned meanwhile (for the
+                // requests that follow); not waited for once the answer is here.
+                let client = self.client();
+                let call = client.pull_manifest_raw(reference, &auth, manifest::ACCEPT);
+                let probe = self.needs_auth();
+                tokio::pin!(call, probe);
+                let mut probing = self.needs_auth.get().is_none();
+                loop {
+                    tokio::select! {
+                        r = &mut call => break r.map_err(|e| self.err(e))?.0,
+                        _ = &mut probe, if probing => probing = false,
+                    }
+                }
+            }
+        };
         if bytes.len() as u64 > manifest::MAX_MANIFEST {
             return Err(Error::InvalidManifest {
                 what: format!("manifest of {}", reference.whole()),
@@ -451,11 +532,10 @@ impl Registry {
     }
 
     async fn blob_stream_once(&self, digest: &Digest) -> Result<BlobStream> {
-        // Blob calls take no auth argument: make sure the registry's auth is stored first.
-        self.blob_auth().await?;
+        // Blob calls take no auth argument: the client holds the registry's, if it wants any.
+        let client = self.blob_client().await?;
         let d = digest.to_string();
-        let sized = self
-            .client()
+        let sized = client
             .pull_blob_stream(&self.reference, d.as_str())
             .await
             .map_err(|e| self.err(e))?;
@@ -494,34 +574,66 @@ impl Registry {
         &self.reference
     }
 
-    /// Makes the client send blob requests with auth only if the registry wants any.
-    async fn blob_auth(&self) -> Result<()> {
-        let auth = self.auth(false).await?;
-        let needs_auth = *self
+    /// Whether requests to this registry need auth at all (probed once, see [`anonymous`]).
+    async fn needs_auth(&self) -> bool {
+        *self
             .needs_auth
             .get_or_init(|| async {
-                if !matches!(auth, RegistryAuth::Anonymous) {
+                if !matches!(self.auth, RegistryAuth::Anonymous) || self.identity.is_some() {
                     return true;
                 }
-                let probe = Client::new(client_config(self.plain.clone(), self.timeouts));
-                !matches!(
-                    probe
-                        .auth(
-                            &self.reference,
-                            &RegistryAuth::Anonymous,
-                            oci_client::RegistryOperation::Pull
-                        )
-                        .await,
-                    Ok(None)
+                anonymous::challenged(
+                    self.redirects.client(),
+                    self.redirects.base(),
+                    self.timeouts.request,
                 )
+                .await
             })
-            .await;
-        if needs_auth {
-            self.client()
+            .await
+    }
+
+    /// Learns ahead what the first blob request needs (whether the registry wants auth, the
+    /// client that follows from it), so that a lazy mount's first read does not wait for it.
+    #[doc(hidden)]
+    pub async fn warm_up(&self) {
+        let _ = self.blob_client().await;
+    }
+
+    /// The client for blob requests: one sending auth if the registry wants any, else one
+    /// that holds none (oci-client would ask for a token before each request).
+    async fn blob_client(&self) -> Result<Client> {
+        let auth = self.auth(false).await?;
+        if self.needs_auth().await {
+            let client = self.client();
+            client
                 .store_auth_if_needed(self.reference.resolve_registry(), &auth)
                 .await;
+            return Ok(client);
         }
-        Ok(())
+        Ok(self
+            .bare
+            .get_or_init(|| Client::new(client_config(self.plain.clone(), self.timeouts)))
+            .clone())
+    }
+
+    /// Where a plain GET finds the manifest `reference` names, when the registry is known to
+    /// want no auth (see [`anonymous`]).
+    fn plain_manifest_url(&self, reference: &Reference) -> Option<String> {
+        if self.needs_auth.get() != Some(&false)
+            || reference.resolve_registry() != self.reference.resolve_registry()
+            || reference.namespace().is_some()
+        {
+            return None;
+        }
+        let at = match reference.digest() {
+            Some(d) => d,
+            None => reference.tag().unwrap_or("latest"),
+        };
+        Some(format!(
+            "{}/v2/{}/manifests/{at}",
+            self.redirects.base(),
+            reference.repository()
+        ))
     }
 
     /// Requests `len` bytes of a blob from `offset` (the caller verifies them).
@@ -677,10 +789,9 @@ impl Registry {
                 return Ok(body);
             }
         }
-        self.blob_auth().await?;
+        let client = self.blob_client().await?;
         let d = digest.to_string();
-        let body = self
-            .client()
+        let body = client
             .pull_blob_stream_partial(&self.reference, d.as_str(), offset, Some(len))
             .await
             .map_err(|e| self.err(e))?;
@@ -694,9 +805,9 @@ impl Registry {
     /// else the `sha256-<hex>` tag schema); empty when there are none.
     pub async fn referrers(&self, subject: &Digest, artifact_type: &str) -> Result<Vec<Digest>> {
         let r = self.reference.clone_with_digest(subject.to_string());
-        self.blob_auth().await?;
         let index = self
-            .client()
+            .blob_client()
+            .await?
             .pull_referrers(&r, Some(artifact_type))
             .await
             .map_err(|e| self.err(e))?;
@@ -1028,5 +1139,57 @@ mod tests {
         ] {
             assert_eq!(is_loopback(r), want, "{r}");
         }
+    }
+
+    #[test]
+    fn clients_get_the_system_roots_read_once() {
+        let roots = native_roots();
+        assert!(std::ptr::eq(roots, native_roots()));
+        let config = client_config(Vec::new(), Timeouts::of(&RegistryOptions::default()));
+        assert_eq!(config.tls_certs_only.len(), roots.len());
+        // Every root is one the client takes: building it does not fail (oci-client would
+        // fall back to a client without our protocol and timeouts).
+        assert!(Client::try_from(config).is_ok());
+    }
+
+    #[test]
+    fn references_built_without_the_regex_are_the_parsers() {
+        let d = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+        for s in [
+            "debian".to_string(),
+            "debian:bookworm".into(),
+            "library/debian:12.1".into(),
+            "user/app".into(),
+            "127.0.0.1:5000/library/debian:bookworm".into(),
+            "localhost/app:v1".into(),
+            "localhost:5000/a/b/c:tag_1".into(),
+            "localhost:5000/a".into(),
+            "quay.io/org/app-name.x:V1.2".into(),
+            "docker.io/debian".into(),
+            "index.docker.io/debian".into(),
+            format!("debian@{d}"),
+            format!("localhost:5000/a@{d}"),
+            format!("reg.io/app:v1@{d}"),
+        ] {
+            let full: Reference = s.parse().unwrap();
+            let quick = parse_reference(&s).unwrap();
+            assert_eq!(
+                (
+                    quick.registry(),
+                    quick.repository(),
+                    quick.tag(),
+                    quick.digest()
+                ),
+                (
+                    full.registry(),
+                    full.repository(),
+                    full.tag(),
+                    full.digest()
+                ),
+                "{s}"
+            );
+            assert_eq!(quick.whole(), full.whole(), "{s}");
+        }
+        assert!(quick_reference("127.0.0.1:5000/bench/lazy:bookworm").is_some());
     }
 }

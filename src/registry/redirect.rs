@@ -49,11 +49,18 @@ impl Redirects {
         connect_timeout: Duration,
     ) -> Redirects {
         super::install_crypto_provider();
-        let client = reqwest::Client::builder()
+        let mut builder = reqwest::Client::builder()
             .redirect(reqwest::redirect::Policy::none())
-            .connect_timeout(connect_timeout)
-            .build()
-            .unwrap_or_default();
+            .connect_timeout(connect_timeout);
+        let roots = super::native_roots();
+        if !roots.is_empty() {
+            builder = builder.tls_certs_only(
+                roots
+                    .iter()
+                    .filter_map(|der| reqwest::Certificate::from_der(der).ok()),
+            );
+        }
+        let client = builder.build().unwrap_or_default();
         Redirects {
             client,
             base,
@@ -61,6 +68,16 @@ impl Redirects {
             basic,
             targets: Mutex::new(HashMap::new()),
         }
+    }
+
+    /// The client it asks with (it follows no redirect).
+    pub fn client(&self) -> &reqwest::Client {
+        &self.client
+    }
+
+    /// `http(s)://host[:port]` of the registry.
+    pub fn base(&self) -> &str {
+        &self.base
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<Digest, Target>> {
