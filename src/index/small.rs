@@ -732,7 +732,9 @@ impl SmallIndex {
     pub(crate) fn layer_hex(&self) -> String {
         // `<hex>.small`, or `<hex>.<key>.small` beside a lazily fetched layer's keyed index.
         let name = self.path.file_name().map(|s| s.to_string_lossy());
-        name.map_or_else(String::new, |n| n.split('.').next().unwrap_or("").to_string())
+        name.map_or_else(String::new, |n| {
+            n.split('.').next().unwrap_or("").to_string()
+        })
     }
 
     /// The SHA-256 of the table's frame (the current format; zeros for earlier ones).

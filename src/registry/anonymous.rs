@@ -44,11 +44,19 @@ pub(super) async fn manifest(
         .headers()
         .get("docker-content-digest")
         .map(|v| v.to_str().map(str::to_string));
-    let bytes = r.bytes().await.ok()?;
+    // Read as it comes, never past `max` (an answer without a length could be endless).
+    let mut r = r;
+    let mut bytes = Vec::new();
+    while let Some(chunk) = r.chunk().await.ok()? {
+        if (bytes.len() + chunk.len()) as u64 > max {
+            return None;
+        }
+        bytes.extend_from_slice(&chunk);
+    }
     match said {
         None => {}
         Some(Ok(d)) if d.parse::<Digest>().ok() == Some(Digest::of(&bytes)) => {}
         Some(_) => return None,
     }
-    Some(bytes.to_vec())
+    Some(bytes)
 }
