@@ -128,8 +128,7 @@ impl GzipSpan {
                 .gz
                 .as_mut()
                 .ok_or_else(|| io::Error::other("span inflater failed earlier"))?;
-            st.bytes.resize(end, 0);
-            if let Err(e) = gz.read_exact(&mut st.bytes[have..end]) {
+            if let Err(e) = gz.read_append(&mut st.bytes, end - have) {
                 st.bytes.truncate(have);
                 st.gz = None;
                 return Err(e);
@@ -552,7 +551,9 @@ impl LayerReader {
         };
         cache.stats.misses.fetch_add(1, Ordering::Relaxed);
         let (start, end) = self.span_bounds(i);
-        self.need(self.compressed_range(start..end))?;
+        let compressed = self.compressed_range(start..end);
+        self.need(compressed.clone())?;
+        self.blob.will_need(compressed);
         let len = (end - start) as usize;
         let span = match &self.access {
             Access::Tar => unreachable!("plain tar layers are read directly"),
