@@ -15,6 +15,7 @@ pub mod blob;
 pub mod chunked;
 pub mod estargz;
 pub mod gzip;
+pub(crate) mod gzip_whole;
 pub mod published;
 pub mod reader;
 pub mod small;
