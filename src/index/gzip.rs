@@ -255,10 +255,49 @@ impl Ring {
 struct Recorder {
     spacing: u64,
     last: u64,
+    /// The sparser spacing whose checkpoints must all be among the recorded ones (see
+    /// [`GzipReader::with_sparser`]), and the last of those.
+    sparser: u64,
+    last_sparser: u64,
     ring: Ring,
     checkpoints: Vec<Checkpoint>,
     /// Compresses the windows (one context for all: not one made and freed per checkpoint).
     windows: zstd::bulk::Compressor<'static>,
+}
+
+impl Recorder {
+    /// Whether a checkpoint is due at `uoff` (a place one may be taken); if so, it is taken
+    /// as far as the spacing goes.
+    fn due(&mut self, uoff: u64) -> bool {
+        let sparser = uoff - self.last_sparser >= self.sparser;
+        if !sparser && uoff - self.last < self.spacing {
+            return false;
+        }
+        if sparser {
+            self.last_sparser = uoff;
+        }
+        self.last = uoff;
+        true
+    }
+}
+
+/// The checkpoints among `cps` (recorded in order, at any spacing up to `spacing`, with those
+/// of `spacing` among them: see [`GzipReader::with_sparser`]) that a reader recording every
+/// `spacing` bytes would have taken: the same rule run over the places recorded, which hold
+/// every place it would have picked and none it would have picked instead.
+pub fn sparser(cps: &[Checkpoint], spacing: u64) -> Vec<Checkpoint> {
+    let mut last = 0;
+    cps.iter()
+        .enumerate()
+        .filter(|(k, cp)| {
+            let keep = *k == 0 || cp.uoff - last >= spacing;
+            if keep {
+                last = cp.uoff;
+            }
+            keep
+        })
+        .map(|(_, cp)| cp.clone())
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -297,6 +336,8 @@ impl<R: Read> GzipReader<R> {
             windows,
             spacing,
             last: 0,
+            sparser: spacing,
+            last_sparser: 0,
             ring: Ring::new(),
             checkpoints: vec![Checkpoint {
                 uoff: 0,
@@ -318,6 +359,16 @@ impl<R: Read> GzipReader<R> {
             members: 0,
             recorder,
         })
+    }
+
+    /// Also records every checkpoint that a reader of spacing `sparser` (larger) would have,
+    /// so that [`sparser`] finds exactly those among the ones recorded: an index with dense
+    /// checkpoints still says what one of `sparser` spacing says.
+    pub fn with_sparser(mut self, sparser: u64) -> GzipReader<R> {
+        if let Some(rec) = &mut self.recorder {
+            rec.sparser = sparser.max(rec.spacing);
+        }
+        self
     }
 
     /// Restarts at `cp`. `inner` must be positioned at `cp.coff`, or at `cp.coff - 1` when
@@ -500,8 +551,7 @@ impl<R: Read> GzipReader<R> {
                 rec.ring
                     .push(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<u8>(), p) });
                 let at_boundary = data_type & 128 != 0 && data_type & 64 == 0;
-                if ret != z::Z_STREAM_END && at_boundary && self.uoff - rec.last >= rec.spacing {
-                    rec.last = self.uoff;
+                if ret != z::Z_STREAM_END && at_boundary && rec.due(self.uoff) {
                     rec.checkpoints.push(Checkpoint {
                         uoff: self.uoff,
                         coff: self.coff,
@@ -550,8 +600,7 @@ impl<R: Read> GzipReader<R> {
                 State::Done => return Ok(0),
                 State::Header => {
                     if let Some(rec) = &mut self.recorder {
-                        if self.members > 0 && self.uoff - rec.last >= rec.spacing {
-                            rec.last = self.uoff;
+                        if self.members > 0 && rec.due(self.uoff) {
                             rec.checkpoints.push(Checkpoint {
                                 uoff: self.uoff,
                                 coff: self.coff,

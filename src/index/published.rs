@@ -179,8 +179,10 @@ pub fn chunk_ranges(access: &Access, blob_len: u64) -> Result<Vec<Range<u64>>> {
 impl PublishedLayer {
     /// Builds the published index of a stored layer from its index and blob.
     pub fn build(idx: &LayerIndex, blob: &dyn Blob) -> Result<PublishedLayer> {
+        // Published at the spacing every version reads and checks (not the stored one's).
+        let access = idx.access.published();
         let mut chunks = Vec::new();
-        for r in chunk_ranges(&idx.access, blob.len())? {
+        for r in chunk_ranges(&access, blob.len())? {
             if r.end - r.start > MAX_CHUNK {
                 // A mount would refuse the index (see [`MAX_CHUNK`]): say so now.
                 return Err(Error::CorruptLayer {
@@ -225,7 +227,7 @@ impl PublishedLayer {
             compression: idx.compression,
             compressed_size: blob.len(),
             uncompressed_size: idx.uncompressed_size,
-            access: idx.access.clone(),
+            access,
             entries: idx.entries.clone(),
             chunks,
             windows: None,

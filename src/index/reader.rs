@@ -22,9 +22,10 @@ use super::Access;
 pub const MAX_CACHED_SPAN: u64 = 16 << 20;
 
 /// How far ahead of an in-order walk of a layer spans are decompressed (see
-/// [`LayerReader::span_ahead`]): enough to keep a core busy while the reader takes in the
-/// spans before, little enough to waste nothing much when the walk stops.
-pub const AHEAD_SPANS: usize = 4;
+/// [`LayerReader::span_ahead`]): enough to keep the cores busy while the reader takes in the
+/// spans before (2 MiB of gzip spans, two of the kernel's 1 MiB reads), little enough to
+/// waste nothing much when the walk stops.
+pub const AHEAD_SPANS: usize = (2 << 20) / super::GZIP_SPACING as usize;
 
 /// Counters of the read path.
 #[derive(Debug, Default)]
