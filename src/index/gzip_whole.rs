@@ -26,14 +26,15 @@ thread_local! {
 
 /// The deflate bits `start_bit..end_bit` of `compressed` (bit 0: the lowest of its first
 /// byte), which begin a block and end one (or the stream), inflated after `window`: exactly
-/// `len` bytes, or `None` when they do not inflate to that.
+/// `len` bytes, or `None` when they do not inflate to that. Returns libdeflate's output and
+/// where the span's bytes start in it (after the window: left in place, not moved out).
 pub(crate) fn inflate_span(
     compressed: &[u8],
     start_bit: u64,
     end_bit: u64,
     window: &[u8],
     len: usize,
-) -> Option<Vec<u8>> {
+) -> Option<(Vec<u8>, usize)> {
     if window.len() > super::gzip::WINDOW || end_bit < start_bit {
         return None;
     }
@@ -66,8 +67,7 @@ pub(crate) fn inflate_span(
     }
     // SAFETY: libdeflate wrote all `out_len` bytes.
     unsafe { out.set_len(out_len) };
-    out.drain(..window.len());
-    Some(out)
+    Some((out, window.len()))
 }
 
 /// The stream libdeflate is given: `window` as a stored block, the span's bits from a byte
@@ -181,8 +181,9 @@ mod tests {
             let window = zstd::bulk::decompress(&cp.window, crate::index::gzip::WINDOW).unwrap();
             let len = end - cp.uoff as usize;
             match inflate_span(&gz, start_bit, end_bit, &window, len) {
-                Some(span) => {
-                    assert!(span == data[cp.uoff as usize..end], "span {i}");
+                Some((out, from)) => {
+                    assert!(out[from..] == data[cp.uoff as usize..end], "span {i}");
+                    assert!(out[..from] == window[..], "span {i}: the window before it");
                     whole += 1;
                 }
                 None => declined += 1,

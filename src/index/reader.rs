@@ -78,7 +78,9 @@ struct CacheInner {
 /// further on goes on from there).
 #[derive(Clone)]
 enum Span {
-    Whole(Arc<Vec<u8>>),
+    /// The span's bytes from the given offset on (before it, libdeflate's output starts with
+    /// the checkpoint's window: left there rather than moved out of the way).
+    Whole(Arc<Vec<u8>>, usize),
     Gzip(Arc<GzipSpan>),
 }
 
@@ -86,7 +88,7 @@ impl Span {
     /// Bytes it takes once whole (what the cache counts from the start).
     fn len(&self) -> usize {
         match self {
-            Span::Whole(v) => v.len(),
+            Span::Whole(v, _) => v.len(),
             Span::Gzip(g) => g.len,
         }
     }
@@ -184,7 +186,7 @@ impl SpanCache {
     fn is_whole(&self, key: (u32, u32)) -> bool {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         match inner.lru.peek(&key) {
-            Some(Span::Whole(_)) => true,
+            Some(Span::Whole(..)) => true,
             Some(Span::Gzip(g)) => g.state.try_lock().is_ok_and(|st| st.bytes.len() == g.len),
             None => false,
         }
@@ -199,6 +201,16 @@ impl SpanCache {
         spans
             .into_iter()
             .find(|&k| !inner.lru.contains(&(id, k)) && !loading.contains(&(id, k)))
+    }
+
+    /// Span `key` if it is cached decompressed whole: its bytes and where the span starts in
+    /// them (without making it recently used).
+    fn peek_whole(&self, key: (u32, u32)) -> Option<(Arc<Vec<u8>>, usize)> {
+        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        match inner.lru.peek(&key) {
+            Some(Span::Whole(bytes, from)) => Some((bytes.clone(), *from)),
+            _ => None,
+        }
     }
 
     /// Whether span `key` is cached (without making it recently used).
@@ -444,7 +456,8 @@ impl LayerReader {
                     false => cache.get((self.id, i as u32)).ok_or_else(would_block)?,
                 };
                 match span {
-                    Span::Whole(span) => {
+                    Span::Whole(span, from) => {
+                        let span = &span[from..];
                         if span.len() < in_span + n {
                             return Err(eof());
                         }
@@ -580,7 +593,7 @@ impl LayerReader {
                     false => None,
                 };
                 match inflated {
-                    Some(bytes) => bytes,
+                    Some(out) => out,
                     None => {
                         let span = Span::Gzip(Arc::new(GzipSpan {
                             len,
@@ -615,7 +628,7 @@ impl LayerReader {
                         "zstd frame shorter than indexed",
                     ));
                 }
-                got
+                (got, 0)
             }
             Access::Frames(frames) => {
                 let f = frames[i];
@@ -636,14 +649,14 @@ impl LayerReader {
                 if span.len() != len {
                     return Err(super::chunked::short_frame());
                 }
-                span
+                (span, 0)
             }
         };
         cache
             .stats
             .decompressed
-            .fetch_add(span.len() as u64, Ordering::Relaxed);
-        let span = Span::Whole(Arc::new(span));
+            .fetch_add(len as u64, Ordering::Relaxed);
+        let span = Span::Whole(Arc::new(span.0), span.1);
         cache.insert(key, span.clone());
         Ok(span)
     }
@@ -681,19 +694,19 @@ impl LayerReader {
         )
     }
 
-    /// Gzip span `i` (`len` bytes) inflated whole with libdeflate, or `None` where it cannot
-    /// be (a member starts or ends inside it): the caller inflates it with zlib-rs.
+    /// Gzip span `i` (`len` bytes) inflated whole with libdeflate, as libdeflate's output and
+    /// where the span starts in it; or `None` where it cannot be (a member starts or ends
+    /// inside it): the caller inflates it with zlib-rs.
     fn inflate_whole(
         &self,
         i: usize,
         cache: &SpanCache,
         len: usize,
-    ) -> io::Result<Option<Vec<u8>>> {
+    ) -> io::Result<Option<(Vec<u8>, usize)>> {
         let Access::Gzip(cps) = &self.access else {
             return Ok(None);
         };
-        let cp = self.checkpoint(i)?;
-        if cp.member_start {
+        if cps[i].member_start {
             return Ok(None);
         }
         let (start, end) = self.span_bounds(i);
@@ -713,18 +726,32 @@ impl LayerReader {
         // byte offset.
         let bit = |c: &Checkpoint| (c.coff * 8 - u64::from(c.bits)) - range.start * 8;
         let end_bit = cps.get(i + 1).map_or(compressed.len() as u64 * 8, bit);
-        let window = zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("checkpoint window: {e}"),
-            )
-        })?;
-        // (Counted as decompressed by the caller, with the other whole spans.)
+        // The window is the output just before the span: the end of the span before, when a
+        // walk in order has it (no window to decompress), else the checkpoint's.
+        let before = i
+            .checked_sub(1)
+            .and_then(|b| cache.peek_whole((self.id, b as u32)));
+        let decoded;
+        let window = match &before {
+            Some((bytes, from)) if bytes.len() - from >= super::gzip::WINDOW => {
+                &bytes[bytes.len() - super::gzip::WINDOW..]
+            }
+            _ => {
+                let cp = self.checkpoint(i)?;
+                decoded = zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidData,
+                        format!("checkpoint window: {e}"),
+                    )
+                })?;
+                &decoded[..]
+            }
+        };
         Ok(super::gzip_whole::inflate_span(
             &compressed,
-            bit(&cp),
+            bit(&cps[i]),
             end_bit,
-            &window,
+            window,
             len,
         ))
     }
@@ -1075,7 +1102,7 @@ mod tests {
         let (_dir, reader) = open_layer(&gz, cps, data.len());
         let cache = SpanCache::new(64 << 20);
         let mut buf = vec![0u8; 4096];
-        let whole = |i: u32| matches!(cache.get((0, i)), Some(Span::Whole(_)));
+        let whole = |i: u32| matches!(cache.get((0, i)), Some(Span::Whole(..)));
         // Out of the blue: span 4, partly.
         reader.read_at(&cache, starts[4] + 10, &mut buf).unwrap();
         assert_eq!(&buf[..], &data[starts[4] as usize + 10..][..4096]);
