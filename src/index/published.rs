@@ -35,7 +35,7 @@ pub const TAR_CHUNK: u64 = 1 << 20;
 /// fetch holds a chunk whole in memory to check it before any byte is served, so a table whose
 /// chunks are most of the blob (one gzip checkpoint for the whole layer) would buffer the blob.
 /// What real tables make: plain tar slices of [`TAR_CHUNK`] (1 MiB); gzip spans of
-/// [`super::GZIP_SPACING`] (512 KiB) of output plus the deflate block that crosses it (zlib
+/// [`super::PUBLISHED_SPACING`] (512 KiB) of output plus the deflate block that crosses it (zlib
 /// and the other common encoders close a block every 16-64 Ki symbols, under 1 MiB even for
 /// incompressible data); zstd:chunked frames cut by containers/storage's rolling checksum (16
 /// bits: 64 KiB on average). 64 times the largest of those.
