@@ -263,8 +263,13 @@ def bench_image(name, layout, tag, reg, work, runs, full):
     if not full:
         return r
 
+    # The fastest honest baseline for reads: the same image unpacked fresh by `umoci raw
+    # unpack` onto the same disk (the extraction baseline's tree reads slower: see README).
+    unpacked = os.path.join(work, f"umoci-{name}")
+    shutil.rmtree(unpacked, ignore_errors=True)
+    sh(["umoci", "raw", "unpack", "--image", f"{layout}:{tag}", unpacked])
     # 3. find over the whole tree, caches dropped; 4. read every byte, cold then warm.
-    finds, nfinds, cold, warm, ncold, nwarm = [], [], [], [], [], []
+    finds, nfinds, cold, warm, ncold, nwarm, ucold = [], [], [], [], [], [], []
     total_bytes = 0
     for _ in range(runs):
         el, pid = mount(store, ref, mnt)
@@ -280,8 +285,11 @@ def bench_image(name, layout, tag, reg, work, runs, full):
         drop_caches()
         t = Timer(); tar_read(dest); ncold.append(t.s())
         t = Timer(); tar_read(dest); nwarm.append(t.s())
+        drop_caches()
+        t = Timer(); tar_read(unpacked); ucold.append(t.s())
     r.update(find=stats(finds), find_native=stats(nfinds), read_cold=stats(cold), read_warm=stats(warm),
-             read_native_cold=stats(ncold), read_native_warm=stats(nwarm), tar_bytes=total_bytes,
+             read_native_cold=stats(ncold), read_native_warm=stats(nwarm), read_umoci_cold=stats(ucold),
+             tar_bytes=total_bytes,
              rss_kib=max(rss))
     # gunzip speed of this image (for "cold full read >= 0.8x gunzip").
     gz = [l for l in layers if l["mediaType"].endswith("gzip")]
@@ -308,8 +316,11 @@ def bench_image(name, layout, tag, reg, work, runs, full):
         drop_caches()
         nc = random_reads(dest, picks, size)
         rr[size]["native_cold_p50"] = pct(nc, 50)
+        drop_caches()
+        rr[size]["umoci_cold_p50"] = pct(random_reads(unpacked, picks, size), 50)
     umount(store, mnt)
     r["random"] = rr
+    shutil.rmtree(unpacked, ignore_errors=True)
     return r
 
 
@@ -409,13 +420,16 @@ def report(results, synth, args):
                 f"{r['read_warm']['median']/r['read_native_warm']['median']:.2f}× | ≤ 1.1× |",
                 f"| read all bytes, cold vs native | {fmt(r['read_cold'])} | {fmt(r['read_native_cold'])} | "
                 f"{r['read_cold']['median']/r['read_native_cold']['median']:.2f}× | |",
+                f"| read all bytes, cold vs the tree `umoci raw unpack` made (fresh, same disk) | {fmt(r['read_cold'])} | "
+                f"{fmt(r['read_umoci_cold'])} | {r['read_cold']['median']/r['read_umoci_cold']['median']:.2f}× | ≤ 1.0× |",
                 f"| cold full read speed vs gunzip speed | {mb/r['read_cold']['median']:.0f} MB/s | "
                 f"{(r['gunzip_mbps'] or 0):.0f} MB/s | {mb/r['read_cold']['median']/(r['gunzip_mbps'] or 1):.2f}× | ≥ 0.8× |",
                 f"| daemon peak RSS | {r['rss_kib']/1024:.1f} MiB | | | ≤ 64 MB |",
             ]
             for size, v in rr.items():
                 lines.append(f"| random {size//1024} KiB read p50 / p99, cold | {v['cold_p50']:.2f} / {v['cold_p99']:.2f} ms | "
-                             f"native cold p50 {v['native_cold_p50']:.2f} ms | | {'≤ 2 ms p50' if size == 131072 else ''} |")
+                             f"native cold p50 {v['native_cold_p50']:.2f} ms; umoci's tree {v['umoci_cold_p50']:.2f} ms | | "
+                             f"{'≤ 1.0 ms p50' if size == 131072 else ''} |")
                 lines.append(f"| random {size//1024} KiB read p50 / p99, warm | {v['warm_p50']:.3f} / {v['warm_p99']:.3f} ms | | | |")
         lines.append("")
     if synth:

@@ -64,8 +64,11 @@ pub struct Shared {
     cache: Arc<SpanCache>,
     /// Some layer is fetched lazily (else no read ever waits, and reads skip the check).
     may_fetch: bool,
-    /// A decoding thread is decompressing ahead of the reads (see [`Shared::claim_ahead`]).
-    inflating_ahead: std::sync::atomic::AtomicBool,
+    /// Jobs decompressing ahead of the reads (see [`Shared::claim_ahead`]), on `ahead`.
+    ahead_jobs: std::sync::atomic::AtomicUsize,
+    /// Threads for those jobs, apart from the decoding reads' so that a read never queues
+    /// behind them.
+    ahead: JobThreads,
     /// Where the reads it follows are: layer (top 16 bits) and stream offset.
     ahead_at: std::sync::atomic::AtomicU64,
 }
@@ -90,6 +93,14 @@ const WAITING_READ_THREADS: usize = 8;
 /// so one long span does not hold up the rest).
 fn decoding_read_threads() -> usize {
     std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+}
+
+/// Jobs decompressing ahead at once: one per CPU (at least two). A reader walking the image in
+/// order (`tar`, `cp -a`, a first boot) reads one file at a time, and inflating is most of the
+/// work: each job takes the next span not taken, so every core inflates while the reader
+/// copies, instead of one core inflating while the other waits for it.
+fn ahead_jobs() -> usize {
+    decoding_read_threads()
 }
 
 impl JobThreads {
@@ -135,7 +146,8 @@ impl ImageFs {
                 tree,
                 layers,
                 cache,
-                inflating_ahead: Default::default(),
+                ahead_jobs: Default::default(),
+                ahead: JobThreads::new("ahead", ahead_jobs()),
                 ahead_at: Default::default(),
             }),
             statfs: (blocks, files),
@@ -286,10 +298,10 @@ impl Shared {
         }
     }
 
-    /// After a read of `ino` up to `end`: whether to decompress ahead in its layer's stream
-    /// (see [`LayerReader::span_ahead`]). Records where the reads are and claims the one job
-    /// that does it (one at a time, so that the decoding threads stay free for reads that
-    /// wait); the caller runs [`Shared::inflate_ahead`] on a decoding thread.
+    /// After a read of `ino` up to `end`: whether to start a job decompressing ahead in its
+    /// layer's stream (see [`LayerReader::span_ahead`]). Records where the reads are and
+    /// claims a job (at most [`ahead_jobs`] at once); the caller runs
+    /// [`Shared::inflate_ahead`] on an ahead thread.
     fn claim_ahead(&self, ino: INodeNo, end: u64) -> bool {
         use std::sync::atomic::Ordering::{AcqRel, Acquire, Relaxed};
         let Ok(i) = self.inode(ino) else { return false };
@@ -301,8 +313,9 @@ impl Shared {
             return false;
         };
         let at = (layer as u64) << 48 | pos.min((1 << 48) - 1);
-        // Every read comes here: while a job runs, it only learns where the reads are.
-        if self.inflating_ahead.load(Acquire) {
+        // Every read comes here: while every job runs, it only learns where the reads are.
+        let max = ahead_jobs();
+        if self.ahead_jobs.load(Acquire) >= max {
             self.ahead_at.store(at, Relaxed);
             return false;
         }
@@ -310,11 +323,19 @@ impl Shared {
             return false;
         }
         self.ahead_at.store(at, Relaxed);
-        !self.inflating_ahead.swap(true, AcqRel)
+        self.ahead_jobs
+            .fetch_update(AcqRel, Acquire, |n| (n < max).then_some(n + 1))
+            .is_ok()
     }
 
-    /// Decompresses ahead of the reads (claimed by [`Shared::claim_ahead`]), following them
-    /// as they go on, until nothing is left to do ahead of where they are.
+    /// Starts a job decompressing ahead (claimed by [`Shared::claim_ahead`]).
+    fn start_ahead(self: &Arc<Self>) {
+        let shared = self.clone();
+        self.ahead.run(move || shared.inflate_ahead());
+    }
+
+    /// Decompresses ahead of the reads, following them as they go on, until nothing is left
+    /// to do ahead of where they are (each span once: the jobs take the first not taken).
     fn inflate_ahead(&self) {
         use std::sync::atomic::Ordering::{Relaxed, Release};
         loop {
@@ -331,7 +352,7 @@ impl Shared {
                 break;
             }
         }
-        self.inflating_ahead.store(false, Release);
+        self.ahead_jobs.fetch_sub(1, Release);
     }
 
     fn read_layer(&self, layer: u32, at: u64, buf: &mut [u8], decode: bool) -> Result<(), Errno> {
@@ -711,8 +732,7 @@ impl Filesystem for ImageFs {
             Ok(data) => {
                 reply.data(&data);
                 if self.shared.claim_ahead(ino, end) {
-                    let shared = self.shared.clone();
-                    self.decoding_reads.run(move || shared.inflate_ahead());
+                    self.shared.start_ahead();
                 }
             }
             // It must decompress first: on a decoding thread, not this FUSE worker.
@@ -727,7 +747,7 @@ impl Filesystem for ImageFs {
                         Err(e) => return reply.error(e),
                     }
                     if shared.claim_ahead(ino, end) {
-                        shared.inflate_ahead();
+                        shared.start_ahead();
                     }
                 })
             }

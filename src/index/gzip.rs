@@ -10,6 +10,7 @@
 //! needs no window.
 
 use std::io::{self, Read};
+use std::mem::MaybeUninit;
 use std::sync::Arc;
 
 use libz_rs_sys as z;
@@ -162,12 +163,18 @@ impl RawInflate {
         check(ret, "inflateSetDictionary")
     }
 
-    /// One inflate call. Returns (consumed, produced, return code, data_type).
-    fn run(&mut self, input: &[u8], output: &mut [u8], flush: i32) -> (usize, usize, i32, i32) {
+    /// One inflate call into `output` (written, never read: it may be uninitialised). Returns
+    /// (consumed, produced, return code, data_type).
+    fn run(
+        &mut self,
+        input: &[u8],
+        output: &mut [MaybeUninit<u8>],
+        flush: i32,
+    ) -> (usize, usize, i32, i32) {
         let s = &mut *self.strm;
         s.next_in = input.as_ptr();
         s.avail_in = input.len().min(u32::MAX as usize) as u32;
-        s.next_out = output.as_mut_ptr();
+        s.next_out = output.as_mut_ptr().cast();
         s.avail_out = output.len().min(u32::MAX as usize) as u32;
         let (ain, aout) = (s.avail_in, s.avail_out);
         // SAFETY: next_in/next_out point into live slices of the stated lengths.
@@ -248,10 +255,49 @@ impl Ring {
 struct Recorder {
     spacing: u64,
     last: u64,
+    /// The sparser spacing whose checkpoints must all be among the recorded ones (see
+    /// [`GzipReader::with_sparser`]), and the last of those.
+    sparser: u64,
+    last_sparser: u64,
     ring: Ring,
     checkpoints: Vec<Checkpoint>,
     /// Compresses the windows (one context for all: not one made and freed per checkpoint).
     windows: zstd::bulk::Compressor<'static>,
+}
+
+impl Recorder {
+    /// Whether a checkpoint is due at `uoff` (a place one may be taken); if so, it is taken
+    /// as far as the spacing goes.
+    fn due(&mut self, uoff: u64) -> bool {
+        let sparser = uoff - self.last_sparser >= self.sparser;
+        if !sparser && uoff - self.last < self.spacing {
+            return false;
+        }
+        if sparser {
+            self.last_sparser = uoff;
+        }
+        self.last = uoff;
+        true
+    }
+}
+
+/// The checkpoints among `cps` (recorded in order, at any spacing up to `spacing`, with those
+/// of `spacing` among them: see [`GzipReader::with_sparser`]) that a reader recording every
+/// `spacing` bytes would have taken: the same rule run over the places recorded, which hold
+/// every place it would have picked and none it would have picked instead.
+pub fn sparser(cps: &[Checkpoint], spacing: u64) -> Vec<Checkpoint> {
+    let mut last = 0;
+    cps.iter()
+        .enumerate()
+        .filter(|(k, cp)| {
+            let keep = *k == 0 || cp.uoff - last >= spacing;
+            if keep {
+                last = cp.uoff;
+            }
+            keep
+        })
+        .map(|(_, cp)| cp.clone())
+        .collect()
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -290,6 +336,8 @@ impl<R: Read> GzipReader<R> {
             windows,
             spacing,
             last: 0,
+            sparser: spacing,
+            last_sparser: 0,
             ring: Ring::new(),
             checkpoints: vec![Checkpoint {
                 uoff: 0,
@@ -311,6 +359,16 @@ impl<R: Read> GzipReader<R> {
             members: 0,
             recorder,
         })
+    }
+
+    /// Also records every checkpoint that a reader of spacing `sparser` (larger) would have,
+    /// so that [`sparser`] finds exactly those among the ones recorded: an index with dense
+    /// checkpoints still says what one of `sparser` spacing says.
+    pub fn with_sparser(mut self, sparser: u64) -> GzipReader<R> {
+        if let Some(rec) = &mut self.recorder {
+            rec.sparser = sparser.max(rec.spacing);
+        }
+        self
     }
 
     /// Restarts at `cp`. `inner` must be positioned at `cp.coff`, or at `cp.coff - 1` when
@@ -457,7 +515,8 @@ impl<R: Read> GzipReader<R> {
         Ok(true)
     }
 
-    fn inflate_some(&mut self, out: &mut [u8]) -> io::Result<usize> {
+    /// Inflates into `out`; returns how many of its first bytes it wrote.
+    fn inflate_some(&mut self, out: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         let flush = if self.recorder.is_some() {
             z::Z_BLOCK
         } else {
@@ -488,10 +547,11 @@ impl<R: Read> GzipReader<R> {
                 }
             }
             if let Some(rec) = &mut self.recorder {
-                rec.ring.push(&out[..p]);
+                // SAFETY: inflate wrote out's first `p` bytes.
+                rec.ring
+                    .push(unsafe { std::slice::from_raw_parts(out.as_ptr().cast::<u8>(), p) });
                 let at_boundary = data_type & 128 != 0 && data_type & 64 == 0;
-                if ret != z::Z_STREAM_END && at_boundary && self.uoff - rec.last >= rec.spacing {
-                    rec.last = self.uoff;
+                if ret != z::Z_STREAM_END && at_boundary && rec.due(self.uoff) {
                     rec.checkpoints.push(Checkpoint {
                         uoff: self.uoff,
                         coff: self.coff,
@@ -508,8 +568,30 @@ impl<R: Read> GzipReader<R> {
     }
 }
 
-impl<R: Read> Read for GzipReader<R> {
-    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+impl<R: Read> GzipReader<R> {
+    /// Appends exactly `n` bytes of output to `out`, inflated straight into its spare capacity:
+    /// a span read in pieces costs no zeroing of each piece before it is overwritten.
+    pub fn read_append(&mut self, out: &mut Vec<u8>, n: usize) -> io::Result<()> {
+        out.reserve(n);
+        let target = out.len() + n;
+        while out.len() < target {
+            let len = out.len();
+            let k = self.read_uninit(&mut out.spare_capacity_mut()[..target - len])?;
+            if k == 0 {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "gzip stream ends early",
+                ));
+            }
+            // SAFETY: read_uninit wrote the first `k` bytes of the spare capacity.
+            unsafe { out.set_len(len + k) };
+        }
+        Ok(())
+    }
+
+    /// [`Read::read`] into memory that need not be initialised: returns how many of `out`'s
+    /// first bytes it wrote.
+    fn read_uninit(&mut self, out: &mut [MaybeUninit<u8>]) -> io::Result<usize> {
         if out.is_empty() {
             return Ok(0);
         }
@@ -518,8 +600,7 @@ impl<R: Read> Read for GzipReader<R> {
                 State::Done => return Ok(0),
                 State::Header => {
                     if let Some(rec) = &mut self.recorder {
-                        if self.members > 0 && self.uoff - rec.last >= rec.spacing {
-                            rec.last = self.uoff;
+                        if self.members > 0 && rec.due(self.uoff) {
                             rec.checkpoints.push(Checkpoint {
                                 uoff: self.uoff,
                                 coff: self.coff,
@@ -550,5 +631,16 @@ impl<R: Read> Read for GzipReader<R> {
                 }
             }
         }
+    }
+}
+
+impl<R: Read> Read for GzipReader<R> {
+    fn read(&mut self, out: &mut [u8]) -> io::Result<usize> {
+        // SAFETY: initialised bytes are valid `MaybeUninit`s, and read_uninit only writes
+        // bytes (never uninitialised ones) into them.
+        let out = unsafe {
+            std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u8>>(), out.len())
+        };
+        self.read_uninit(out)
     }
 }

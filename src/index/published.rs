@@ -35,7 +35,7 @@ pub const TAR_CHUNK: u64 = 1 << 20;
 /// fetch holds a chunk whole in memory to check it before any byte is served, so a table whose
 /// chunks are most of the blob (one gzip checkpoint for the whole layer) would buffer the blob.
 /// What real tables make: plain tar slices of [`TAR_CHUNK`] (1 MiB); gzip spans of
-/// [`super::GZIP_SPACING`] (512 KiB) of output plus the deflate block that crosses it (zlib
+/// [`super::PUBLISHED_SPACING`] (512 KiB) of output plus the deflate block that crosses it (zlib
 /// and the other common encoders close a block every 16-64 Ki symbols, under 1 MiB even for
 /// incompressible data); zstd:chunked frames cut by containers/storage's rolling checksum (16
 /// bits: 64 KiB on average). 64 times the largest of those.
@@ -179,8 +179,10 @@ pub fn chunk_ranges(access: &Access, blob_len: u64) -> Result<Vec<Range<u64>>> {
 impl PublishedLayer {
     /// Builds the published index of a stored layer from its index and blob.
     pub fn build(idx: &LayerIndex, blob: &dyn Blob) -> Result<PublishedLayer> {
+        // Published at the spacing every version reads and checks (not the stored one's).
+        let access = idx.access.published();
         let mut chunks = Vec::new();
-        for r in chunk_ranges(&idx.access, blob.len())? {
+        for r in chunk_ranges(&access, blob.len())? {
             if r.end - r.start > MAX_CHUNK {
                 // A mount would refuse the index (see [`MAX_CHUNK`]): say so now.
                 return Err(Error::CorruptLayer {
@@ -225,7 +227,7 @@ impl PublishedLayer {
             compression: idx.compression,
             compressed_size: blob.len(),
             uncompressed_size: idx.uncompressed_size,
-            access: idx.access.clone(),
+            access,
             entries: idx.entries.clone(),
             chunks,
             windows: None,

@@ -397,7 +397,10 @@ pub fn whole_layer_agrees(store: &Store, l: &crate::store::LayerRecord) -> Resul
             String::from_utf8_lossy(&e.path)
         ));
     }
-    if k.entries.len() != r.entries.len() || positions(&k.access) != positions(&r.access) {
+    // (At the published spacing: a layer pulled whole has denser checkpoints, those among them.)
+    if k.entries.len() != r.entries.len()
+        || positions(&k.access.published()) != positions(&r.access.published())
+    {
         return Err(format!(
             "layer {}: it differs from the published index",
             l.digest
@@ -410,9 +413,11 @@ pub fn whole_layer_agrees(store: &Store, l: &crate::store::LayerRecord) -> Resul
 /// published windows, if kept apart, not compared: the caller has none).
 pub fn same_as_published(real: &LayerIndex, published: &PublishedLayer) -> bool {
     let mut published = published.clone();
-    if let (Some(_), index::Access::Gzip(cps), index::Access::Gzip(real_cps)) =
-        (&published.windows, &mut published.access, &real.access)
-    {
+    if let (Some(_), index::Access::Gzip(cps), index::Access::Gzip(real_cps)) = (
+        &published.windows,
+        &mut published.access,
+        &real.access.published(),
+    ) {
         for (p, r) in cps.iter_mut().zip(real_cps) {
             p.window = r.window.clone();
         }
@@ -464,7 +469,8 @@ fn differences(real: &LayerIndex, published: &PublishedLayer) -> Option<String> 
             String::from_utf8_lossy(&r.path)
         ));
     }
-    if by_place && !same_access(&real.access, &published.access) {
+    // (At the published spacing: the real index's checkpoints are denser, those among them.)
+    if by_place && !same_access(&real.access.published(), &published.access.published()) {
         return Some("its checkpoints differ from the published ones".into());
     }
     None

@@ -1,0 +1,118 @@
+#!/usr/bin/env python3
+"""Read-path A/B on one machine: cold full read (`tar -cf - . | wc -c`) and random cold reads
+(bench/run.py's picks: 200 reads at random offsets of 64 files >= 1 MiB, seed 42) of root's
+shared mount, for several bux-fuse binaries (each with its own store) in turn, round after
+round, so that the load of whatever else runs on the machine falls on all of them alike; and
+the same reads of a plain tree (e.g. `umoci raw unpack`'s) as the baseline. Caches are dropped
+before every cold measurement; each mount is fresh. Prints every round and the medians,
+with the image server's CPU time and counters for each full read.
+
+  python3 bench/read_cmp.py ROUNDS NAME=BINARY:STORE ... [--native DIR] [--ref REF]
+
+WHAT=full,rand128,rand4 picks the measurements (default full,rand128). Needs root.
+"""
+import glob, os, random, statistics, struct, subprocess, sys, time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import run as R
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def main():
+    args = sys.argv[1:]
+    if not args or args[0] in ("-h", "--help"):
+        print(__doc__)
+        return
+    rounds = int(args.pop(0))
+    ref = "oci:" + os.path.join(ROOT, "target/debian/layout-large") + ":bookworm"
+    cands, native = [], None
+    while args:
+        a = args.pop(0)
+        if a == "--native":
+            native = args.pop(0)
+        elif a == "--ref":
+            ref = args.pop(0)
+        else:
+            name, rest = a.split("=", 1)
+            binary, store = rest.split(":", 1)
+            cands.append((name, binary, store))
+    what = os.environ.get("WHAT", "full,rand128").split(",")
+    mnt = os.path.join(ROOT, "target/read-cmp-mnt")
+    os.makedirs(mnt, exist_ok=True)
+
+    def mount(b, s):
+        subprocess.run([b, "--store", s, "mount", ref, mnt], check=True, capture_output=True)
+        os.stat(mnt)
+        os.listdir(mnt)
+
+    def umount(b, s):
+        subprocess.run([b, "--store", s, "umount", mnt], capture_output=True)
+        for _ in range(200):
+            if not os.path.ismount(mnt):
+                break
+            time.sleep(0.02)
+        time.sleep(0.3)  # the image server exits: the next mount starts a fresh one
+
+    def counters(s):
+        # The shared server's published counters: blob bytes, decompressed, hits, misses.
+        for f in glob.glob(f"{s}/shared/*/stats"):
+            return struct.unpack("<8Q", open(f, "rb").read()[:64])[1:6]
+
+    def cpu(pid):
+        f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
+
+    name, b, s = cands[0]
+    mount(b, s)
+    files = R.large_files(mnt, 1 << 20)
+    umount(b, s)
+    rnd = random.Random(42)
+    picks = {}
+    for size in (4096, 131072):
+        picks[size] = [(f, rnd.randrange(0, max(1, sz - size))) for f, sz in (rnd.choice(files) for _ in range(200))]
+
+    res = {}
+    add = lambda k, v: res.setdefault(k, []).append(v)
+    sizes = [sz for sz in (131072, 4096) if f"rand{sz // 1024}" in what]
+    for r in range(rounds):
+        add("load (1 min)", os.getloadavg()[0])
+        for name, b, s in cands:
+            if "full" in what:
+                mount(b, s)
+                R.drop_caches()
+                pid = R.daemon_pid("", s)
+                c0 = cpu(pid)
+                t = time.perf_counter()
+                R.tar_read(mnt)
+                add(f"{name} full read s", time.perf_counter() - t)
+                add(f"{name} full read, server CPU s", cpu(pid) - c0)
+                time.sleep(0.3)
+                c = counters(s)
+                if c:
+                    add(f"{name} full read, inflated MB", c[1] / 1e6)
+                umount(b, s)
+            for size in sizes:
+                R.drop_caches()
+                mount(b, s)
+                lat = R.random_reads(mnt, picks[size], size)
+                add(f"{name} random {size // 1024} KiB p50 ms", R.pct(lat, 50))
+                add(f"{name} random {size // 1024} KiB p90 ms", R.pct(lat, 90))
+                umount(b, s)
+        if native:
+            if "full" in what:
+                R.drop_caches()
+                t = time.perf_counter()
+                R.tar_read(native)
+                add("native full read s", time.perf_counter() - t)
+            for size in sizes:
+                R.drop_caches()
+                add(f"native random {size // 1024} KiB p50 ms", R.pct(R.random_reads(native, picks[size], size), 50))
+        print(f"round {r}: " + ", ".join(f"{k}={v[-1]:.3f}" for k, v in res.items()), flush=True)
+    print("medians (min-max):")
+    for k, v in res.items():
+        print(f"  {k}: {statistics.median(v):.3f} ({min(v):.3f}-{max(v):.3f}, n={len(v)})")
+
+
+if __name__ == "__main__":
+    main()
