@@ -131,11 +131,11 @@ pub type ProgressFn = Arc<dyn Fn(Progress) + Send + Sync>;
 /// holds, roughly:
 ///
 /// * per layer being fetched, ~10 MiB: at most 4 MiB of download in flight to its indexer (the
-///   download waits beyond that), the indexer's buffers, and the compressor that writes the
-///   bytes of small files (see [`PullOptions::small_files`]) to disk as they are read — they are
-///   not held; a zstd layer adds its decoder's window (8 MiB at the usual levels);
+///   download waits beyond that), the indexer's buffers, and the writer that puts the bytes of
+///   small files (see [`PullOptions::small_files`]) on disk as they are read — they are not
+///   held; a zstd layer adds its decoder's window (8 MiB at the usual levels);
 /// * per gzip layer being indexed, its checkpoints' compressed windows until its index is
-///   saved: ~3% of its uncompressed size (one ~15 KiB window per 512 KiB);
+///   saved: ~6% of its uncompressed size (one ~15 KiB window per 256 KiB);
 /// * per file of the image, a few hundred bytes (its entry in its layer's table, the merged
 ///   tree, the metadata image's inodes and directories while that image is written: it is
 ///   written to its file from the small files' tables, not built in memory).
