@@ -140,8 +140,6 @@ fn read_all(root: &Path, files: &[(String, Vec<u8>)]) -> Result<(), String> {
     Ok(())
 }
 
-const MIB: u64 = 1 << 20;
-
 #[test]
 fn pulls_stay_within_the_budget_lru_first_and_a_mount_is_never_touched() {
     let reg = Registry::start();

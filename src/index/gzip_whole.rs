@@ -72,15 +72,17 @@ pub(crate) fn inflate_span(
     Some((out, window.len()))
 }
 
-/// LSB-first bit packing, as deflate lays out bits.
-struct Bits {
-    out: Vec<u8>,
+/// LSB-first bit packing, as deflate lays out bits (also what tests write deflate streams by
+/// hand with).
+#[derive(Default)]
+pub(crate) struct Bits {
+    pub(crate) out: Vec<u8>,
     acc: u64,
     n: u32,
 }
 
 impl Bits {
-    fn put(&mut self, v: u64, n: u32) {
+    pub(crate) fn put(&mut self, v: u64, n: u32) {
         self.acc |= v << self.n;
         self.n += n;
         while self.n >= 8 {
@@ -91,7 +93,7 @@ impl Bits {
     }
 
     /// A Huffman code: sent from its most significant bit.
-    fn code(&mut self, code: u64, n: u32) {
+    pub(crate) fn code(&mut self, code: u64, n: u32) {
         let rev = (0..n).fold(0, |r, i| r | ((code >> i) & 1) << (n - 1 - i));
         self.put(rev, n);
     }

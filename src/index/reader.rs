@@ -871,32 +871,7 @@ mod tests {
     /// A gzip stream that is one fixed-Huffman deflate block of `groups` runs: a literal
     /// (varying), then `run` matches of 258 bytes at distance 1. Returns (gzip, content).
     fn one_huge_block(groups: usize, run: usize) -> (Vec<u8>, Vec<u8>) {
-        struct Bits {
-            out: Vec<u8>,
-            acc: u64,
-            n: u32,
-        }
-        impl Bits {
-            // LSB-first bit packing; Huffman codes go in most significant bit first.
-            fn put(&mut self, v: u64, n: u32) {
-                self.acc |= v << self.n;
-                self.n += n;
-                while self.n >= 8 {
-                    self.out.push(self.acc as u8);
-                    self.acc >>= 8;
-                    self.n -= 8;
-                }
-            }
-            fn code(&mut self, code: u64, n: u32) {
-                let rev = (0..n).fold(0, |r, i| r | ((code >> i) & 1) << (n - 1 - i));
-                self.put(rev, n);
-            }
-        }
-        let mut b = Bits {
-            out: Vec::new(),
-            acc: 0,
-            n: 0,
-        };
+        let mut b = crate::index::gzip_whole::Bits::default();
         let mut content = Vec::new();
         b.put(1, 1); // BFINAL
         b.put(1, 2); // fixed Huffman
