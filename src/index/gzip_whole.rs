@@ -171,13 +171,18 @@ fn span_stream(compressed: &[u8], start_bit: u64, end_bit: u64, window: &[u8]) -
         (bits.acc as u8 & ((1u16 << shift) - 1) as u8) | (span[0] & !(((1u16 << shift) - 1) as u8)),
     );
     out.extend_from_slice(&span[1..]);
-    // Past the span's last bit: BFINAL 1, BTYPE 01 (fixed Huffman), end of block (seven 0
-    // bits): ten bits, 0b11 read lowest first.
-    let used = (end_bit % 8) as u32;
+    let last = out.len() - 1;
+    end_after(&mut out, last, (end_bit % 8) as u32);
+    Some(out)
+}
+
+/// Ends a stream whose last bits are the low `used` bits of `out[last]` (all of it when 0):
+/// past them, BFINAL 1, BTYPE 01 (fixed Huffman), end of block (seven 0 bits): ten bits, 0b11
+/// read lowest first.
+fn end_after(out: &mut Vec<u8>, last: usize, used: u32) {
     if used != 0 {
-        let end = out.len() - 1;
-        out[end] &= (1u8 << used) - 1;
-        out[end] |= 0b11 << used;
+        out[last] &= (1u8 << used) - 1;
+        out[last] |= 0b11 << used;
         if used > 6 {
             out.push(0b11u8 >> (8 - used));
         }
@@ -187,7 +192,6 @@ fn span_stream(compressed: &[u8], start_bit: u64, end_bit: u64, window: &[u8]) -
         out.push(0b11);
         out.push(0);
     }
-    Some(out)
 }
 
 /// The stream libdeflate is given where [`span_stream`] cannot make one: `window` as a stored
@@ -224,22 +228,12 @@ fn shifted_span_stream(compressed: &[u8], start_bit: u64, end_bit: u64, window: 
             k += 1;
         }
     }
-    // Past the span's last bit: BFINAL 1, BTYPE 01 (fixed Huffman), end of block (seven 0
-    // bits): ten bits, 0b11 read lowest first.
-    let used = (nbits % 8) as u32;
-    if used != 0 {
-        let last = base + nbytes - 1;
-        out[last] &= (1u8 << used) - 1;
-        out[last] |= 0b11 << used;
-        if used > 6 {
-            out.push(0b11u8 >> (8 - used));
-        }
-        // The rest of the ten bits are zeros: one more byte always covers them.
-        out.push(0);
-    } else {
-        out.push(0b11);
-        out.push(0);
-    }
+    // `nbytes` > 0 whenever bits are left over (`nbits % 8 != 0`).
+    end_after(
+        &mut out,
+        (base + nbytes).saturating_sub(1),
+        (nbits % 8) as u32,
+    );
     out
 }
 
