@@ -672,3 +672,100 @@ fn a_user_serves_the_same_disk_as_root() {
         sha256_hex(&std::fs::read(&file).unwrap())
     );
 }
+
+/// The FUSE mounts under the user's store's `shared/` (its image servers').
+fn shared_mounts(user: &AsUser) -> Vec<std::path::PathBuf> {
+    let shared = user.home().join(".local/share/bux-fuse/shared");
+    let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    info.lines()
+        .filter(|l| l.contains(" - fuse"))
+        .filter_map(|l| l.split(' ').nth(4).map(std::path::PathBuf::from))
+        .filter(|p| p.starts_with(&shared))
+        .collect()
+}
+
+/// A user's writable mounts of an image read its files through one read-only mount of the
+/// image, the user's own image server: the mounts cache none of the image's pages and the
+/// shared mount caches each once. Writes stay in their mount. With the server killed, the
+/// mounts decode the files themselves; the next mount starts a new server, and the last
+/// `umount` leaves none behind.
+#[test]
+fn a_users_writable_mounts_hold_the_images_pages_once() {
+    need("fusermount3");
+    need("fincore");
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
+        .collect();
+    let l = LayerBuilder::new()
+        .file("data/big", &big)
+        .file("etc/small", b"small\n")
+        .finish();
+    let work = tempfile::tempdir().unwrap();
+    write_layout(
+        &work.path().join("l"),
+        "v1",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let reg = Registry::start();
+    reg.push(&work.path().join("l"), "v1", "t/rootless-cache", None);
+    let r = format!("{}/t/rootless-cache:v1", reg.host());
+    let user = AsUser::new();
+    user.ok(&format!(
+        "$BUX -q pull {r} && for i in 0 1 2; do $BUX -q mount --writable {r} m$i; done"
+    ));
+    let shared = shared_mounts(&user);
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    let sum = sha256_hex(&big);
+    let read_all = || user.ok("for i in 0 1 2; do sha256sum < m$i/data/big; done");
+    assert_eq!(read_all(), format!("{sum}  -\n").repeat(3));
+    let resident = |p: &str| -> u64 {
+        let out = user.ok(&format!("fincore -bno RES '{p}'"));
+        out.trim()
+            .parse()
+            .unwrap_or_else(|_| panic!("fincore: {out:?}"))
+    };
+    for i in 0..3 {
+        assert_eq!(resident(&format!("m{i}/data/big")), 0, "m{i}");
+    }
+    let shared_big = shared[0].join("data/big");
+    assert_eq!(resident(shared_big.to_str().unwrap()), big.len() as u64);
+
+    // Writes stay in their mount; a file written there is that mount's own.
+    let out = user.ok(
+        "printf changed > m1/etc/small && printf X | dd of=m1/data/big bs=1 seek=100 \
+         conv=notrunc status=none && cat m0/etc/small m1/etc/small m2/etc/small && \
+         for i in 0 1 2; do sha256sum < m$i/data/big; done",
+    );
+    let mut changed = big.clone();
+    changed[100] = b'X';
+    assert_eq!(
+        out,
+        format!(
+            "small\nchangedsmall\n{sum}  -\n{}  -\n{sum}  -\n",
+            sha256_hex(&changed)
+        )
+    );
+
+    // The server killed (supervisor and worker): the mounts read on, decoding themselves.
+    let place = shared[0].parent().unwrap();
+    for pid in ["pid", "worker-pid"] {
+        let pid = std::fs::read_to_string(place.join(pid)).unwrap();
+        let st = std::process::Command::new("kill")
+            .args(["-9", pid.trim()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    let out = user.ok("sha256sum < m0/data/big && sha256sum < m2/data/big && cat m2/etc/small");
+    assert_eq!(out, format!("{sum}  -\n{sum}  -\nsmall\n"));
+    // The next mount starts a new server, which the mounts standing read through again.
+    user.ok(&format!("$BUX -q mount --writable {r} m3"));
+    let again = shared_mounts(&user);
+    assert_eq!(again, shared, "one live shared mount, at the same place");
+    let out = user.ok("sha256sum < m3/data/big && sha256sum < m0/data/big");
+    assert_eq!(out, format!("{sum}  -\n{sum}  -\n"));
+    assert_eq!(resident("m3/data/big"), 0);
+    user.ok("for i in 0 1 2 3; do $BUX umount m$i; done");
+    assert_eq!(shared_mounts(&user), Vec::<std::path::PathBuf>::new());
+}

@@ -115,11 +115,15 @@ pub(super) fn spawn_daemon(
         .arg(reference)
         .arg(&abs)
         .arg("--notify-ready")
-        .arg("--own-server")
         .arg("--pull=never")
         .arg("--quiet")
         .arg(format!("--threads={}", opts.threads))
         .arg(format!("--cache-mb={}", opts.cache_bytes >> 20));
+    // Root's daemon is a mount's own server; a user's writable mount reads image files
+    // through the image's shared server where it can (see `upper::Through`).
+    if opts.shared_server.is_none() || crate::mount::host_root() {
+        cmd.arg("--own-server");
+    }
     if opts.writable {
         cmd.arg("--writable");
     }

@@ -677,6 +677,20 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     } else {
         (dir.clone(), None)
     };
+    // A user's writable mount reads image files through the image's shared mount, where
+    // one is possible (every layer stored, nothing recorded): one page cache for them all.
+    let through = match &opts.shared_server {
+        Some(exe) if own_upper && trace.is_none() && lazy.is_empty() && !opts.disk => {
+            match shared::reading_through(store, &record, exe) {
+                Ok((mnt, holder)) => Some(crate::upper::Through::new(mnt, holder)),
+                Err(e) => {
+                    tracing::warn!("image files are decoded by this mount alone: {e}");
+                    None
+                }
+            }
+        }
+        _ => None,
+    };
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let mut fs = ImageFs::new(tree, layers, cache.clone());
     if opts.writable && !own_upper {
@@ -714,9 +728,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             serve(fs, &fuse_dir, &request, config)
         }
         Some(upper) => {
-            let fs = crate::upper::UpperFs::new(fs, &upper)
+            let mut fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
                 .serving_others(opts.allow_other);
+            if let Some(t) = through {
+                fs = fs.reading_through(t);
+            }
             serve(fs, &fuse_dir, &request, config)
         }
         None => serve(fs, &fuse_dir, &request, config),

@@ -18,6 +18,8 @@ mod attr;
 mod disk;
 mod ops;
 mod perm;
+mod through;
+pub use through::Through;
 
 use std::collections::HashMap;
 use std::ffi::{OsStr, OsString};
@@ -128,6 +130,9 @@ pub struct Upper {
     /// Whether users other than the owner reach the mount (`allow_other`): opens then come
     /// through, so they can be checked (with "no open" the kernel sends none).
     others: bool,
+    /// The image's shared mount, which unmodified image files are read through (opened with
+    /// direct I/O here: their pages are cached there, once for all of the user's mounts).
+    through: Option<Through>,
 }
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
@@ -184,6 +189,7 @@ impl UpperFs {
             // SAFETY: geteuid has no preconditions.
             owner: unsafe { libc::geteuid() },
             others: false,
+            through: None,
         };
         // Orphans of a mount that ended without the kernel forgetting them, copies it had not
         // published, and directories a rename it did not finish had replaced.
@@ -219,6 +225,14 @@ impl UpperFs {
     pub fn serving_others(mut self, others: bool) -> UpperFs {
         if let Some(fs) = Arc::get_mut(&mut self.0) {
             fs.others = others;
+        }
+        self
+    }
+
+    /// Reads unmodified image files through the image's shared mount ([`Through`]).
+    pub fn reading_through(mut self, through: Through) -> UpperFs {
+        if let Some(fs) = Arc::get_mut(&mut self.0) {
+            fs.through = Some(through);
         }
         self
     }
@@ -260,6 +274,15 @@ impl UpperFs {
 }
 
 impl Upper {
+    /// Whether node `n` is an image file read through the shared mount (not copied up).
+    fn reads_through(&self, n: u64) -> bool {
+        if self.through.is_none() || self.open_file(n).is_some() {
+            return false;
+        }
+        let st = self.state();
+        matches!(self.image_inode(&st, n), Ok(Some(i)) if i.kind == EntryKind::File)
+    }
+
     fn state(&self) -> MutexGuard<'_, State> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }

@@ -15,10 +15,16 @@ const READ_ONLY: FileHandle = FileHandle(1);
 
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
-        let no_open = config
-            .capabilities()
-            .contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT);
+        let caps = config.capabilities();
+        // Reading through the shared mount needs opens (to answer them with direct I/O).
+        let no_open =
+            caps.contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT) && self.through.is_none();
         self.no_open.store(no_open, Ordering::Relaxed);
+        if self.through.is_some() {
+            // A shared mapping of an image file is then still possible (Linux 6.6+; the kernel
+            // keeps it coherent); private ones (ld.so's) always are.
+            let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        }
         Ok(())
     }
 
@@ -335,6 +341,10 @@ impl Filesystem for UpperFs {
                     return reply.error(e);
                 }
             }
+            if !write && fs.reads_through(n) {
+                // Its pages are cached once, in the shared mount.
+                return reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
+            }
             // Pages stay valid across opens: every write to the file comes through here.
             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
         };
@@ -399,6 +409,12 @@ impl Filesystem for UpperFs {
             // As the image's own mount reads it: bytes still to be fetched (or decompressed)
             // are waited for off this FUSE worker.
             Ok(Err(lower)) => {
+                if let Some(t) = &self.through {
+                    let tree = self.lower.tree();
+                    if let Some(d) = t.read(lower, || tree.path_of(lower), offset, size) {
+                        return reply.data(&d);
+                    }
+                }
                 let lower = INodeNo(lower);
                 return self
                     .lower

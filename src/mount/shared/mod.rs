@@ -83,6 +83,12 @@ impl Place {
     fn empty(&self) -> PathBuf {
         self.dir.join("empty")
     }
+    /// Held shared (flock) by each of a user's writable mounts that reads image files through
+    /// the server ([`reading_through`]): those are FUSE mounts of their own, which the mount
+    /// table does not show standing on it.
+    fn readers(&self) -> PathBuf {
+        self.dir.join("readers")
+    }
     /// The supervisor's pid.
     fn pid(&self) -> PathBuf {
         self.dir.join("pid")
@@ -140,7 +146,22 @@ pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
     let Some(pid) = read_pid(&place.pid()) else {
         return;
     };
-    super::wait_while(timeout, || crate::store::alive(pid) && users(&place) == 0);
+    let readers = open_readers(&place).ok();
+    super::wait_while(timeout, || {
+        crate::store::alive(pid) && users(&place, readers.as_ref()) == 0
+    });
+}
+
+/// Waits (at most `timeout`) until the store's image servers that nothing uses any more have
+/// gone: a user's writable mount holds its image's server until its daemon exits, after its
+/// FUSE mount is gone, so `umount` waits for both (the image is then free for `rm` and `gc`).
+pub fn wait_for_unused_servers(store: &Store, timeout: Duration) {
+    let Ok(entries) = std::fs::read_dir(store.root().join("shared")) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        wait_until_unused_server_left(&entry.path(), timeout);
+    }
 }
 
 /// The counters of the image server whose FUSE mount is `mnt` (see [`Mount::stats`]).
@@ -264,6 +285,52 @@ pub(crate) fn lower(
     ))
 }
 
+/// For a user's writable mount, served by a daemon of its own: the image's shared read-only
+/// mount (started if it is not up) to read unmodified image files through, so that all of the
+/// user's mounts of the image hold its pages once ([`crate::upper::Through`]). The file
+/// returned holds a shared lock the server counts as a user while it is open.
+pub(crate) fn reading_through(
+    store: &Store,
+    record: &ImageRecord,
+    exe: &Path,
+) -> Result<(PathBuf, std::fs::File)> {
+    let (lower, _image_lock) = lower(store, record, exe, false)?;
+    let place = Place::of(store, &record.view(), false);
+    let readers = open_readers(&place)?;
+    // Taken before the image's lock is let go: the server never sees the gap.
+    // SAFETY: flock on an open descriptor.
+    if unsafe { libc::flock(readers.as_raw_fd(), libc::LOCK_SH) } != 0 {
+        let e = std::io::Error::last_os_error();
+        return Err(Error::io(
+            format!("locking {}", place.readers().display()),
+            e,
+        ));
+    }
+    Ok((lower.mnt, readers))
+}
+
+fn open_readers(place: &Place) -> Result<std::fs::File> {
+    let path = place.readers();
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {}", path.display()), e))
+}
+
+/// Whether a reader holds its lock on `readers` (the file open, [`Place::readers`]).
+fn readers_held(readers: &std::fs::File) -> bool {
+    // SAFETY: flock on an open descriptor.
+    unsafe {
+        if libc::flock(readers.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) == 0 {
+            libc::flock(readers.as_raw_fd(), libc::LOCK_UN);
+            return false;
+        }
+    }
+    true
+}
+
 /// Whether this process's mounts can have metadata in the kernel (root, a kernel with EROFS):
 /// else there is no use in metadata images, nor in keeping small files' bytes for them.
 pub(crate) fn kernel_metadata_possible() -> bool {
@@ -379,9 +446,10 @@ pub(crate) fn mount_read_only(
 }
 
 /// How many mounts stand on the image's server at `place`: bind mounts of its FUSE mount or of
-/// its overlay, and overlays whose first lower layer is one of its mounts (0 once the FUSE
-/// mount is gone).
-fn users(place: &Place) -> usize {
+/// its overlay, overlays whose first lower layer is one of its mounts, and (at least one if
+/// `readers`, [`Place::readers`] open, is locked) user mounts reading through it; 0 once the
+/// FUSE mount is gone.
+fn users(place: &Place, readers: Option<&std::fs::File>) -> usize {
     let table = table::read();
     if table.is_empty() {
         return 1; // unreadable: keep serving
@@ -398,7 +466,7 @@ fn users(place: &Place) -> usize {
     };
     let devs = [Some(fuse), dev_at(&place.root())];
     let lowers = [place.mnt(), place.meta()];
-    table
+    let standing = table
         .iter()
         .filter(|m| !Path::new(&m.point).starts_with(&place.dir))
         .filter(|m| {
@@ -408,7 +476,8 @@ fn users(place: &Place) -> usize {
                     .is_some_and(|l| lowers.contains(&l));
             bind || over
         })
-        .count()
+        .count();
+    standing + readers.is_some_and(readers_held) as usize
 }
 
 /// Sleeps until the mount table changes or `timeout` passes.

@@ -8,7 +8,10 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
-use super::{find_record, kernel_meta, silence_stdout, spawn, users, wait_for_mount_change, Place};
+use super::{
+    find_record, kernel_meta, open_readers, silence_stdout, spawn, users, wait_for_mount_change,
+    Place,
+};
 use crate::mount::{connect, is_mount_point};
 use crate::{Digest, Error, Result, Store};
 
@@ -37,9 +40,13 @@ pub fn supervise(
         detail,
     };
     crate::store::write_atomic(&place.pid(), std::process::id().to_string().as_bytes())?;
+    let readers = open_readers(&place)?;
+    // Root's server is every user's (the kernel checks modes); a user's is the user's alone,
+    // read by that user's own mounts.
+    let root = connect::host_root();
     let request = connect::Request {
         fsname: &format!("bux-fuse:{}", record.reference),
-        allow_other: true,
+        allow_other: root,
         read_only: true,
     };
     let fd = connect::connect(&mnt, &request).map_err(mount_err)?;
@@ -68,7 +75,7 @@ pub fn supervise(
                     )));
                 }
                 std::thread::sleep(Duration::from_secs(1));
-                if users(&place) == 0 {
+                if users(&place, Some(&readers)) == 0 {
                     kernel_meta::tear_down(&place);
                     return Ok(());
                 }
@@ -80,6 +87,7 @@ pub fn supervise(
             crate::mount::raise_readahead(&mnt);
             match disk {
                 true => tracing::info!("serving the image's disk"),
+                false if !root => tracing::info!("serving the user's mounts of the image"),
                 false => match kernel_meta::set_up(store, &record, &place) {
                     Ok(()) => tracing::info!("metadata served by the kernel (EROFS), data by FUSE"),
                     Err(e) => tracing::warn!("metadata served by FUSE: {e}"),
@@ -89,7 +97,7 @@ pub fn supervise(
             let _ = std::io::stdout().flush();
             silence_stdout();
         }
-        let outcome = watch(store, &place, || {
+        let outcome = watch(store, &place, &readers, || {
             if stop.load(Ordering::SeqCst) {
                 return Some(Outcome::Stop);
             }
@@ -151,6 +159,7 @@ enum Outcome {
 fn watch(
     store: &Store,
     place: &Place,
+    readers: &std::fs::File,
     mut tick: impl FnMut() -> Option<Outcome>,
 ) -> Result<Outcome> {
     loop {
@@ -158,9 +167,9 @@ fn watch(
             return Ok(o);
         }
         // The client that started the server holds the lock until its mount stands on it.
-        if users(&place) == 0 {
+        if users(place, Some(readers)) == 0 {
             if let Some(lock) = store.try_lock(&place.lock)? {
-                if users(&place) == 0 {
+                if users(place, Some(readers)) == 0 {
                     return Ok(Outcome::Unused(lock));
                 }
             }

@@ -10,7 +10,8 @@ use std::time::Duration;
 use fuser::{Config, Session, SessionACL};
 
 use super::{
-    all_local, find_record, leased_record, silence_stdout, users, wait_for_mount_change, Place,
+    all_local, find_record, leased_record, open_readers, silence_stdout, users,
+    wait_for_mount_change, Place,
 };
 use crate::fs::ImageFs;
 use crate::index::SpanCache;
@@ -44,6 +45,8 @@ pub fn serve_worker(
         });
     }
     let opts = MountOptions::default();
+    // A user's server serves that user's own mounts (which check nothing: their guests do).
+    let root = crate::mount::host_root();
     let io =
         |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
@@ -66,6 +69,7 @@ pub fn serve_worker(
         std::process::id().to_string().as_bytes(),
     )?;
     let lock = store.lock_file(&place.lock)?;
+    let readers = open_readers(&place)?;
     let stats = super::stats::Publisher::open(&place.stats(), resume)
         .map_err(|e| io("opening the server's counters", e))?;
     // Before any thread starts: Landlock binds the threads that exist and what they start.
@@ -82,6 +86,7 @@ pub fn serve_worker(
             path: place.mnt(),
             detail: format!("laying the image out as a disk: {e}"),
         })?),
+        false if !root => Served::Image(fs.without_permission_checks()),
         false => Served::Image(fs.escaping_overlay_xattrs()),
     };
     let mut config = Config::default();
@@ -94,12 +99,14 @@ pub fn serve_worker(
     // SAFETY: the supervisor passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
     let ready = || -> Result<()> {
-        orphan_watch(lock, Place::of(store, &manifest, disk));
+        orphan_watch(lock, readers, Place::of(store, &manifest, disk));
         stats.start(cache);
         // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
         // own keep it apart from other images' workers.
-        crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
-            .map_err(|e| io("giving up root", e))?;
+        if root {
+            crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
+                .map_err(|e| io("giving up root", e))?;
+        }
         // The supervisor records what the kernel offered, for a worker that takes over.
         println!("ready {:x}", offered.load(Ordering::Relaxed));
         let _ = std::io::stdout().flush();
@@ -145,7 +152,7 @@ fn serve_session<FS: fuser::Filesystem>(
 /// If the supervisor dies, nobody would restart this worker, nor notice when the mount is no
 /// longer used: serve on (the VMs keep their roots) until nothing stands on the mount, then
 /// exit, which ends the connection (the next mount starts a new server).
-fn orphan_watch(lock: std::fs::File, place: Place) {
+fn orphan_watch(lock: std::fs::File, readers: std::fs::File, place: Place) {
     // SAFETY: getppid has no preconditions.
     let parent = unsafe { libc::getppid() };
     let _ = std::thread::Builder::new()
@@ -158,7 +165,8 @@ fn orphan_watch(lock: std::fs::File, place: Place) {
             tracing::warn!("the image server's supervisor died: serving until unused");
             loop {
                 // Held from here to exit: no client mounts on what is about to end.
-                if users(&place) == 0 && crate::store::try_flock(&lock) && users(&place) == 0 {
+                let unused = || users(&place, Some(&readers)) == 0;
+                if unused() && crate::store::try_flock(&lock) && unused() {
                     std::process::exit(0);
                 }
                 wait_for_mount_change(Duration::from_millis(500));

@@ -1,0 +1,90 @@
+//! Reads of unmodified image files through the image's shared read-only mount.
+//!
+//! A user's writable mount is a FUSE mount of its own, and the kernel keeps page cache per
+//! superblock: eight VMs of one image would hold eight copies of every page they read. So
+//! image files are opened with `FOPEN_DIRECT_IO` (the mount keeps none of their pages) and
+//! their reads are served from the same file in the image's shared mount
+//! (`$STORE/shared/<image>/mnt`, [`crate::mount::shared`]), whose one page cache all of the
+//! user's mounts of the image share. Its server decodes each span once for all of them.
+//! A read the shared mount cannot serve (its server gone) is decoded here instead.
+
+use std::fs::File;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+
+/// Image files kept open in the shared mount, by image inode.
+const OPEN_FILES: usize = 256;
+
+/// The image's shared mount, read through.
+pub struct Through {
+    mnt: PathBuf,
+    /// A shared lock on the server's `readers` file: the server serves while one is held
+    /// (this mount is not in the mount table as standing on it).
+    _holder: File,
+    files: Mutex<lru::LruCache<u64, Arc<File>>>,
+}
+
+impl Through {
+    /// Reads through the shared mount at `mnt`; `holder` keeps its server up while held.
+    pub fn new(mnt: PathBuf, holder: File) -> Through {
+        let n = std::num::NonZeroUsize::new(OPEN_FILES).expect("not zero");
+        Through {
+            mnt,
+            _holder: holder,
+            files: Mutex::new(lru::LruCache::new(n)),
+        }
+    }
+
+    /// Up to `size` bytes at `offset` of image inode `ino`, whose path in the image `path`
+    /// gives: `None` if the shared mount does not serve it (its server gone, say).
+    pub fn read(
+        &self,
+        ino: u64,
+        path: impl FnOnce() -> Option<Vec<u8>>,
+        offset: u64,
+        size: u32,
+    ) -> Option<Vec<u8>> {
+        let f = self.file(ino, path)?;
+        let mut buf = vec![0u8; size as usize];
+        let mut got = 0;
+        while got < buf.len() {
+            match f.read_at(&mut buf[got..], offset + got as u64) {
+                Ok(0) => break,
+                Ok(k) => got += k,
+                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+                Err(e) => {
+                    tracing::debug!("reading image inode {ino} through the shared mount: {e}");
+                    self.lock().pop(&ino); // a new server may be there next time
+                    return None;
+                }
+            }
+        }
+        buf.truncate(got);
+        Some(buf)
+    }
+
+    fn file(&self, ino: u64, path: impl FnOnce() -> Option<Vec<u8>>) -> Option<Arc<File>> {
+        if let Some(f) = self.lock().get(&ino) {
+            return Some(f.clone());
+        }
+        let path = path()?;
+        let rel = std::ffi::OsStr::from_bytes(path.strip_prefix(b"/").unwrap_or(&path));
+        // The path's directories are the image's (no symlinks among them); the file is not a
+        // symlink either (only regular files are read).
+        let f = std::fs::OpenOptions::new()
+            .read(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(self.mnt.join(rel))
+            .map_err(|e| tracing::debug!("opening {rel:?} in the shared mount: {e}"))
+            .ok()?;
+        let f = Arc::new(f);
+        self.lock().put(ino, f.clone());
+        Some(f)
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Arc<File>>> {
+        self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
