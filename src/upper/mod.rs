@@ -280,7 +280,8 @@ impl Upper {
             return false;
         }
         let st = self.state();
-        matches!(self.image_inode(&st, n), Ok(Some(i)) if i.kind == EntryKind::File)
+        matches!(self.image_inode(&st, n), Ok(Some(i)) if i.kind == EntryKind::File
+            && i.size > through::THROUGH_MIN)
     }
 
     fn state(&self) -> MutexGuard<'_, State> {

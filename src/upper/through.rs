@@ -9,13 +9,35 @@
 //! A read the shared mount cannot serve (its server gone) is decoded here instead.
 
 use std::fs::File;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
+/// Files of at most this many bytes are read (and cached) by each mount itself: 87% of the
+/// large test image's files, 5.7% of its bytes. Reading one through the shared mount costs
+/// two more round trips (an open there, and this mount's open, which the kernel then sends)
+/// for a page or a few; across the large image's 13,122 files that made a cold full read
+/// 1.6× slower.
+pub const THROUGH_MIN: u64 = 32 << 10;
+
 /// Image files kept open in the shared mount, by image inode.
 const OPEN_FILES: usize = 256;
+
+/// How far ahead of a reader walking a file the shared mount is asked to read. This mount's
+/// reads are direct (no read-ahead of the kernel's here), so without it each read would wait
+/// for the shared server to decode what it asks for, one read after another.
+const AHEAD: u64 = 2 << 20;
+
+/// An image file open in the shared mount.
+struct Opened {
+    file: File,
+    /// Where the last read ended: a read starting there walks the file.
+    last_end: std::sync::atomic::AtomicU64,
+    /// Where the read-ahead asked for ends.
+    ahead: std::sync::atomic::AtomicU64,
+}
 
 /// The image's shared mount, read through.
 pub struct Through {
@@ -23,7 +45,7 @@ pub struct Through {
     /// A shared lock on the server's `readers` file: the server serves while one is held
     /// (this mount is not in the mount table as standing on it).
     _holder: File,
-    files: Mutex<lru::LruCache<u64, Arc<File>>>,
+    files: Mutex<lru::LruCache<u64, Arc<Opened>>>,
 }
 
 impl Through {
@@ -47,6 +69,8 @@ impl Through {
         size: u32,
     ) -> Option<Vec<u8>> {
         let f = self.file(ino, path)?;
+        f.read_ahead(offset, size);
+        let f = &f.file;
         let mut buf = vec![0u8; size as usize];
         let mut got = 0;
         while got < buf.len() {
@@ -65,7 +89,7 @@ impl Through {
         Some(buf)
     }
 
-    fn file(&self, ino: u64, path: impl FnOnce() -> Option<Vec<u8>>) -> Option<Arc<File>> {
+    fn file(&self, ino: u64, path: impl FnOnce() -> Option<Vec<u8>>) -> Option<Arc<Opened>> {
         if let Some(f) = self.lock().get(&ino) {
             return Some(f.clone());
         }
@@ -79,12 +103,51 @@ impl Through {
             .open(self.mnt.join(rel))
             .map_err(|e| tracing::debug!("opening {rel:?} in the shared mount: {e}"))
             .ok()?;
-        let f = Arc::new(f);
+        let f = Arc::new(Opened {
+            file: f,
+            last_end: 0.into(),
+            ahead: 0.into(),
+        });
         self.lock().put(ino, f.clone());
         Some(f)
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Arc<File>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Arc<Opened>>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+impl Opened {
+    /// Asks the shared mount to read ahead of a reader walking the file (the kernel sends
+    /// those reads to the shared server without waiting for them), so that the server
+    /// decodes while this mount serves: each time the reader comes within half of [`AHEAD`]
+    /// of where the last request ended.
+    fn read_ahead(&self, offset: u64, size: u32) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let end = offset + size as u64;
+        if self.last_end.swap(end, Relaxed) != offset {
+            return; // not a walk (yet): random reads fetch what they ask, no more
+        }
+        let ahead = self.ahead.load(Relaxed);
+        if ahead >= end + AHEAD / 2 {
+            return;
+        }
+        let from = ahead.max(end);
+        if self
+            .ahead
+            .compare_exchange(ahead, from + AHEAD, Relaxed, Relaxed)
+            .is_err()
+        {
+            return; // another read asked
+        }
+        // SAFETY: fadvise on an open descriptor; only advice.
+        unsafe {
+            libc::posix_fadvise(
+                self.file.as_raw_fd(),
+                from as i64,
+                AHEAD as i64,
+                libc::POSIX_FADV_WILLNEED,
+            )
+        };
     }
 }
