@@ -19,7 +19,10 @@ use crate::lazy::{LazyBlob, Remote};
 use crate::{Error, Result, Store};
 
 mod connect;
+mod detached;
+mod kernel;
 mod open;
+mod options;
 mod records;
 #[doc(hidden)]
 pub mod shared;
@@ -28,8 +31,14 @@ mod unmount;
 mod upper_dir;
 #[doc(hidden)]
 pub use connect::host_root;
+pub(crate) use detached::{last_logged, spawn_detached, start_detached};
+pub(crate) use kernel::kernel_mount;
+#[doc(hidden)]
+pub use kernel::READ_AHEAD_KB;
+use kernel::{mount_overlay, raise_readahead};
 use open::stored_image;
 pub(crate) use open::{lease_image, open_image, open_record, OpenedImage};
+pub use options::{DiskRoot, MountOptions, MountStats, Prefetch, StatsScope};
 pub use records::{MountRecord, MountState, StoreMount};
 pub use unmount::unmount_all;
 use unmount::unmount_over_server;
@@ -38,120 +47,6 @@ pub use unmount::{
     clean_run_dir, clean_scratch, foreign_mount, mount_path, unmount, wait_for_cleanup,
 };
 use upper_dir::{lock_upper, make_scratch, UpperKind};
-
-/// How to mount.
-#[derive(Debug, Clone)]
-pub struct MountOptions {
-    /// FUSE worker threads (a slow read then does not stall `ls`). Default 4.
-    pub threads: usize,
-    /// Bytes of decompressed spans kept in memory. Default 16 MiB.
-    pub cache_bytes: usize,
-    /// Let other users (and virtiofsd's sandbox) use the mount; needs root or
-    /// `user_allow_other` in `/etc/fuse.conf`. Default: true for root, false otherwise.
-    pub allow_other: bool,
-    /// Make the root writable: an overlay whose lower layer is the read-only image and whose
-    /// upper layer takes every change (copy-up on first write; the image is never modified).
-    /// Root gets a kernel overlay; other callers get one served by bux-fuse. Default false.
-    pub writable: bool,
-    /// Keep the writable layer here (`DIR/upper`, `DIR/work`) so a later mount with the same
-    /// directory sees the changes. Without it, changes go to a scratch directory removed at
-    /// unmount (`docker run --rm` semantics). Default none.
-    pub upper: Option<PathBuf>,
-    /// Registry access for layers fetched lazily (credentials, plain-HTTP registries,
-    /// timeouts). Default: [`RegistryOptions::default`](crate::RegistryOptions).
-    pub registry: crate::registry::RegistryOptions,
-    /// How long a read waits for lazily fetched bytes before failing with `EIO` (keep it
-    /// below the kernel's `fs.fuse.default_request_timeout` where that is set). Default 5 s.
-    pub read_deadline: std::time::Duration,
-    /// What to fetch of lazy layers besides what is read. Default [`Prefetch::All`].
-    pub prefetch: Prefetch,
-    /// Record which ranges reads need (saved at unmount for `push-index` to publish). A lazy
-    /// mount of an image with no trace records one anyway. Default false.
-    pub record_trace: bool,
-    /// Serve through the image's shared server, run from this executable, where possible
-    /// (host root, every layer stored, no trace recorded): one daemon and one page cache for
-    /// all mounts of an image. Else the mount has a server of its own in this
-    /// process. The executable is `bux-fuse`, or a program whose `main` calls
-    /// [`crate::serve_if_requested`] first: [`crate::server_executable`] names this program,
-    /// or `$BUX_FUSE_HELPER`. Default none (the `bux-fuse` CLI sets it for root).
-    pub shared_server: Option<PathBuf>,
-    /// Serve the image as a disk: the mount point holds one file, [`crate::disk::DISK_FILE`],
-    /// a complete EROFS image of the tree whose blocks are read (or fetched) as they are read,
-    /// for a VMM to attach as the guest's root block device ([`Mount::disk`]). Read-only (not
-    /// with `writable`); served by the mount's own server. Default false.
-    pub disk: bool,
-}
-
-/// Background fetching of lazily mounted layers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum Prefetch {
-    /// Only what is read.
-    None,
-    /// What the image's read trace says a boot reads, in that order (then only what is read).
-    Trace,
-    /// Everything, in the background, after which the layers are ordinary stored layers.
-    #[default]
-    All,
-}
-
-impl Default for MountOptions {
-    fn default() -> Self {
-        MountOptions {
-            threads: 4,
-            cache_bytes: 16 << 20,
-            // SAFETY: geteuid has no preconditions.
-            allow_other: unsafe { libc::geteuid() } == 0,
-            writable: false,
-            upper: None,
-            registry: Default::default(),
-            read_deadline: std::time::Duration::from_secs(5),
-            prefetch: Prefetch::All,
-            record_trace: false,
-            shared_server: None,
-            disk: false,
-        }
-    }
-}
-
-/// Counters of a live mount. [`MountStats::scope`] says whose: a mount over the image's
-/// shared server reports the server's, which count the reads of every mount of the image.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct MountStats {
-    /// Bytes read from blob files.
-    pub blob_bytes: u64,
-    /// Bytes produced by decompression.
-    pub decompressed_bytes: u64,
-    /// Span cache hits.
-    pub cache_hits: u64,
-    /// Span cache misses.
-    pub cache_misses: u64,
-    /// Lookups the kernel sent (names it found, and names it did not: those are cached too).
-    pub lookups: u64,
-    /// Bytes received from the registry by lazy fetches.
-    pub fetched_bytes: u64,
-    /// Requests sent to the registry by lazy fetches.
-    pub fetch_requests: u64,
-    /// What the counters count.
-    pub scope: StatsScope,
-}
-
-/// What a mount's [`MountStats`] count.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub enum StatsScope {
-    /// This mount's reads: it is served from this process.
-    #[default]
-    Mount,
-    /// The reads of every mount of the image since its shared server started (across worker
-    /// restarts): the mount stands on that server ([`shared`]), which counts them together
-    /// and publishes them every 0.2 s. Reads the kernel serves without FUSE (metadata, and
-    /// small files' bytes, from the image's EROFS metadata image) are not counted; a shared
-    /// server never fetches (`fetched_bytes` and `fetch_requests` are 0: its images are stored
-    /// whole).
-    Image,
-    /// None: the mount stands on a shared server that publishes no counters (one started by
-    /// an earlier version of bux-fuse). Every counter is 0.
-    Unavailable,
-}
 
 /// A live mount. Dropping it unmounts.
 pub struct Mount {
@@ -174,22 +69,6 @@ pub struct Mount {
     record: Option<PathBuf>,
     /// The mount serves the image as a disk ([`MountOptions::disk`]).
     disk: bool,
-}
-
-/// A disk for a VMM to attach as its guest's root ([`Mount::disk`]). With libkrun:
-/// `krun_add_disk(ctx, "root", path, read_only)`, then
-/// `krun_set_root_disk_remount(ctx, "/dev/vda", fs_type, options)` (the device is the guest's
-/// name for the first disk).
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct DiskRoot {
-    /// The image file.
-    pub path: PathBuf,
-    /// The filesystem the guest mounts: `erofs`.
-    pub fs_type: &'static str,
-    /// Attach it read-only (the image never changes; a guest overlays it to write).
-    pub read_only: bool,
-    /// Mount options for the guest (none needed).
-    pub options: Option<&'static str>,
 }
 
 /// The overlay that makes a mount writable.
@@ -358,90 +237,6 @@ pub(crate) fn wait_while(timeout: std::time::Duration, mut busy: impl FnMut() ->
     let deadline = std::time::Instant::now() + timeout;
     while busy() && std::time::Instant::now() < deadline {
         std::thread::sleep(std::time::Duration::from_millis(10));
-    }
-}
-
-/// Starts `cmd` detached (its own session, stdin closed, stderr to the file `log`) and waits
-/// for it to print `ready`. Else: the last line it logged (`what` if none).
-pub(crate) fn start_detached(
-    cmd: std::process::Command,
-    log: &Path,
-    what: &str,
-) -> std::result::Result<std::process::Child, String> {
-    use std::io::BufRead;
-    let mut child = spawn_detached(cmd, log, what)?;
-    let mut line = String::new();
-    if let Some(out) = child.stdout.take() {
-        let _ = io::BufReader::new(out).read_line(&mut line);
-    }
-    if line.trim() == "ready" {
-        return Ok(child);
-    }
-    let _ = child.wait();
-    Err(last_logged(log, what))
-}
-
-/// Spawns `cmd` in a session of its own, stdin closed, stdout piped, stderr to the file `log`:
-/// a process that outlives whoever started it.
-pub(crate) fn spawn_detached(
-    mut cmd: std::process::Command,
-    log: &Path,
-    what: &str,
-) -> std::result::Result<std::process::Child, String> {
-    use std::os::unix::process::CommandExt;
-    let file =
-        std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-    cmd.stdin(std::process::Stdio::null())
-        .stdout(std::process::Stdio::piped())
-        .stderr(file);
-    // SAFETY: setsid is async-signal-safe; the process outlives whoever started it.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
-    cmd.spawn().map_err(|e| format!("starting {what}: {e}"))
-}
-
-/// The last line a detached process logged (`bux-fuse: ` left out), or that `what` exited
-/// without a message.
-pub(crate) fn last_logged(log: &Path, what: &str) -> String {
-    let logged = std::fs::read_to_string(log).unwrap_or_default();
-    let last = logged.lines().rev().find(|l| !l.trim().is_empty());
-    last.map_or_else(
-        || format!("{what} exited without a message"),
-        |l| l.trim_start_matches("bux-fuse: ").to_string(),
-    )
-}
-
-/// mount(2): `source` (a path, or a name such as `overlay`) at `dir`, with `data` options.
-pub(crate) fn kernel_mount(
-    source: &Path,
-    dir: &Path,
-    fstype: &str,
-    flags: libc::c_ulong,
-    data: &str,
-) -> io::Result<()> {
-    let c = |b: &[u8]| std::ffi::CString::new(b).map_err(|_| io::Error::other("NUL in a path"));
-    let (source, dir) = (
-        c(source.as_os_str().as_encoded_bytes())?,
-        c(dir.as_os_str().as_encoded_bytes())?,
-    );
-    let (fstype, data) = (c(fstype.as_bytes())?, c(data.as_bytes())?);
-    // SAFETY: valid NUL-terminated strings for mount(2).
-    let r = unsafe {
-        libc::mount(
-            source.as_ptr(),
-            dir.as_ptr(),
-            fstype.as_ptr(),
-            flags,
-            data.as_ptr().cast(),
-        )
-    };
-    match r {
-        0 => Ok(()),
-        _ => Err(io::Error::last_os_error()),
     }
 }
 
@@ -822,68 +617,6 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
         .name("bux-fuse-session".into())
         .spawn(move || session.run())
         .map_err(|e| format!("starting session thread: {e}"))
-}
-
-/// Read-ahead the kernel uses on the mount, in KiB: FUSE's device default (128 KiB) caps
-/// sequential reads at ~144 MB/s here; 1 MiB gave ~361 MB/s (see crate-facts).
-#[doc(hidden)]
-pub const READ_AHEAD_KB: u32 = 1024;
-
-/// Raises the mount's read-ahead through sysfs (`/sys/class/bdi/0:N/read_ahead_kb`), which
-/// only root may write; elsewhere the default stays, and nothing else changes.
-fn raise_readahead(mount_point: &Path) {
-    use std::os::unix::fs::MetadataExt;
-    let Ok(meta) = std::fs::metadata(mount_point) else {
-        return;
-    };
-    let dev = meta.dev();
-    let (major, minor) = (libc::major(dev), libc::minor(dev));
-    let path = format!("/sys/class/bdi/{major}:{minor}/read_ahead_kb");
-    if let Err(e) = std::fs::write(&path, format!("{READ_AHEAD_KB}\n")) {
-        tracing::debug!("raising read-ahead through {path}: {e}");
-    }
-}
-
-/// Mounts a kernel overlay at `dir`: lower layers `lowerdir` (the image), upper and work dirs
-/// under `base`. `data_only` (a `meta::data` lower whose files redirect into `data`) needs
-/// metacopy; otherwise older kernels without it get a plain overlay.
-fn mount_overlay(
-    lowerdir: &str,
-    data_only: bool,
-    base: &Path,
-    dir: &Path,
-) -> std::result::Result<(), String> {
-    let (upper, work) = (base.join("upper"), base.join("work"));
-    for d in [&upper, &work] {
-        std::fs::create_dir_all(d).map_err(|e| format!("creating {}: {e}", d.display()))?;
-    }
-    let base_opts = format!(
-        "lowerdir={lowerdir},upperdir={},workdir={}",
-        upper.display(),
-        work.display()
-    );
-    // redirect_dir lets lower directories be renamed; metacopy keeps chmod/chown from copying
-    // file data.
-    let tries: &[&str] = match data_only {
-        true => &[",redirect_dir=on,metacopy=on"],
-        false => &[",redirect_dir=on,metacopy=on", ",redirect_dir=on", ""],
-    };
-    let mut last = String::new();
-    for extra in tries {
-        match kernel_mount(
-            Path::new("overlay"),
-            dir,
-            "overlay",
-            0,
-            &format!("{base_opts}{extra}"),
-        ) {
-            Ok(()) => return Ok(()),
-            Err(e) => last = e.to_string(),
-        }
-    }
-    Err(format!(
-        "mounting the writable overlay (needs root): {last}"
-    ))
 }
 
 #[cfg(test)]
