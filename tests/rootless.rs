@@ -717,7 +717,12 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
     let shared = shared_mounts(&user);
     assert_eq!(shared.len(), 1, "{shared:?}");
     let place = shared[0].parent().unwrap().to_path_buf();
-    let servers = user.ok("pgrep -c -f '[s]erve-shared sha256' || true");
+    // This store's (tests running beside this one have servers of their own).
+    let store = user.home().join(".local/share/bux-fuse");
+    let servers = user.ok(&format!(
+        "pgrep -c -f -- '--store {} [s]erve-shared sha256' || true",
+        store.display()
+    ));
     assert_eq!(servers.trim(), "1", "one image server (its worker aside)");
     let sum = sha256_hex(&big);
     assert_eq!(
