@@ -697,8 +697,11 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
     let big: Vec<u8> = (0..3u32 << 20)
         .map(|i| (i.wrapping_mul(2_654_435_761) >> 13) as u8)
         .collect();
+    let user = AsUser::new();
+    // The user's own: the kernel tells a user which pages of a file are cached (mincore,
+    // fincore) only for files it owns or may write; of others it says all are.
     let l = LayerBuilder::new()
-        .file("data/big", &big)
+        .file_with("data/big", &big, 0o644, user.uid as u64, user.uid as u64)
         .file("etc/small", b"small\n")
         .finish();
     let work = tempfile::tempdir().unwrap();
@@ -710,7 +713,6 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
     let reg = Registry::start();
     reg.push(&work.path().join("l"), "v1", "t/rootless-cache", None);
     let r = format!("{}/t/rootless-cache:v1", reg.host());
-    let user = AsUser::new();
     let each = |cmd: &str| user.ok(&format!("for i in $(seq 0 {}); do {cmd}; done", N - 1));
     user.ok(&format!("$BUX -q pull {r}"));
     each(&format!("$BUX -q mount --writable {r} m$i"));

@@ -30,6 +30,10 @@ const OPEN_FILES: usize = 256;
 /// for the shared server to decode what it asks for, one read after another.
 const AHEAD: u64 = 2 << 20;
 
+/// The kernel's read-ahead window on a FUSE mount whose owner cannot raise it (sysfs is
+/// root's): what one `POSIX_FADV_WILLNEED` reads at most.
+const WINDOW: u64 = 128 << 10;
+
 /// An image file open in the shared mount.
 struct Opened {
     file: File,
@@ -140,14 +144,19 @@ impl Opened {
         {
             return; // another read asked
         }
-        // SAFETY: fadvise on an open descriptor; only advice.
-        unsafe {
-            libc::posix_fadvise(
-                self.file.as_raw_fd(),
-                from as i64,
-                AHEAD as i64,
-                libc::POSIX_FADV_WILLNEED,
-            )
-        };
+        // The kernel reads at most the file's read-ahead window (128 KiB on a user's mount) of
+        // each request: one per window, each sent to the server on its own, which decodes
+        // them on its threads at once.
+        for at in (from..from + AHEAD).step_by(WINDOW as usize) {
+            // SAFETY: fadvise on an open descriptor; only advice.
+            unsafe {
+                libc::posix_fadvise(
+                    self.file.as_raw_fd(),
+                    at as i64,
+                    WINDOW as i64,
+                    libc::POSIX_FADV_WILLNEED,
+                )
+            };
+        }
     }
 }
