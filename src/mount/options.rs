@@ -33,11 +33,14 @@ pub struct MountOptions {
     /// mount of an image with no trace records one anyway. Default false.
     pub record_trace: bool,
     /// Serve through the image's shared server, run from this executable, where possible
-    /// (host root, every layer stored, no trace recorded): one daemon and one page cache for
-    /// all mounts of an image. Else the mount has a server of its own in this
-    /// process. The executable is `bux-fuse`, or a program whose `main` calls
-    /// [`crate::serve_if_requested`] first: [`crate::server_executable`] names this program,
-    /// or `$BUX_FUSE_HELPER`. Default none (the `bux-fuse` CLI sets it for root).
+    /// (every layer stored, no trace recorded): for host root, one daemon and one page cache
+    /// for all mounts of an image; for an ordinary user's writable mount, its own daemon in
+    /// this process that reads the image's files through the user's shared server, so that
+    /// the user's mounts of an image hold its pages once (docs/rootless.md). Else the mount
+    /// has a server of its own in this process. The executable is `bux-fuse`, or a program
+    /// whose `main` calls [`crate::serve_if_requested`] first: [`crate::server_executable`]
+    /// names this program, or `$BUX_FUSE_HELPER`. Default none (the `bux-fuse` CLI sets it
+    /// but for `--own-server` and lazy mounts).
     pub shared_server: Option<PathBuf>,
     /// Serve the image as a disk: the mount point holds one file, [`crate::disk::DISK_FILE`],
     /// a complete EROFS image of the tree whose blocks are read (or fetched) as they are read,
