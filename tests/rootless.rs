@@ -35,8 +35,13 @@ fn image() -> Image {
 }
 
 fn pushed(reg: &Registry, repo: &str) -> String {
+    pushed_image(reg, repo, &image())
+}
+
+/// `image` pushed to `reg` as `repo:v1`: its reference.
+fn pushed_image(reg: &Registry, repo: &str, image: &Image) -> String {
     let work = tempfile::tempdir().unwrap();
-    write_layout(&work.path().join("l"), "v1", &image());
+    write_layout(&work.path().join("l"), "v1", image);
     reg.push(&work.path().join("l"), "v1", repo, None);
     format!("{}/{repo}:v1", reg.host())
 }
@@ -266,15 +271,8 @@ fn a_name_too_long_for_its_whiteout_is_refused_and_nothing_changes() {
         .dir(&format!("long/{e255}"), 0o755)
         .file("long/short", b"short\n")
         .finish();
-    let work = tempfile::tempdir().unwrap();
-    write_layout(
-        &work.path().join("l"),
-        "v1",
-        &Image::new(vec![(l, Comp::Gzip)]),
-    );
     let reg = Registry::start();
-    reg.push(&work.path().join("l"), "v1", "t/rootless-long", None);
-    let r = format!("{}/t/rootless-long:v1", reg.host());
+    let r = pushed_image(&reg, "t/rootless-long", &Image::new(vec![(l, Comp::Gzip)]));
     let user = AsUser::new();
     user.ok(&format!("$BUX -q pull {r}"));
     // Each refused change says so, and the next line shows nothing changed.
@@ -320,15 +318,12 @@ fn a_rename_onto_a_name_too_long_for_its_whiteout_replaces_it() {
         .file(&format!("long/{f253}"), b"image\n")
         .dir(&format!("long/{d254}"), 0o755)
         .finish();
-    let work = tempfile::tempdir().unwrap();
-    write_layout(
-        &work.path().join("l"),
-        "v1",
+    let reg = Registry::start();
+    let r = pushed_image(
+        &reg,
+        "t/rootless-long-mv",
         &Image::new(vec![(l, Comp::Gzip)]),
     );
-    let reg = Registry::start();
-    reg.push(&work.path().join("l"), "v1", "t/rootless-long-mv", None);
-    let r = format!("{}/t/rootless-long-mv:v1", reg.host());
     let user = AsUser::new();
     user.ok(&format!("$BUX -q pull {r}"));
     let out = user.ok(&format!(
@@ -704,15 +699,8 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
         .file_with("data/big", &big, 0o644, user.uid as u64, user.uid as u64)
         .file("etc/small", b"small\n")
         .finish();
-    let work = tempfile::tempdir().unwrap();
-    write_layout(
-        &work.path().join("l"),
-        "v1",
-        &Image::new(vec![(l, Comp::Gzip)]),
-    );
     let reg = Registry::start();
-    reg.push(&work.path().join("l"), "v1", "t/rootless-cache", None);
-    let r = format!("{}/t/rootless-cache:v1", reg.host());
+    let r = pushed_image(&reg, "t/rootless-cache", &Image::new(vec![(l, Comp::Gzip)]));
     let each = |cmd: &str| user.ok(&format!("for i in $(seq 0 {}); do {cmd}; done", N - 1));
     user.ok(&format!("$BUX -q pull {r}"));
     each(&format!("$BUX -q mount --writable {r} m$i"));

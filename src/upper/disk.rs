@@ -223,6 +223,23 @@ pub fn stat_of(path: &Path, md: &std::fs::Metadata) -> Stat {
     }
 }
 
+/// Up to `size` bytes of `f` at `offset` (fewer only at its end).
+pub fn read_at_most(f: &std::fs::File, offset: u64, size: u32) -> std::io::Result<Vec<u8>> {
+    use std::os::unix::fs::FileExt;
+    let mut buf = vec![0u8; size as usize];
+    let mut got = 0;
+    while got < buf.len() {
+        match f.read_at(&mut buf[got..], offset + got as u64) {
+            Ok(0) => break,
+            Ok(k) => got += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    buf.truncate(got);
+    Ok(buf)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -428,23 +428,9 @@ impl Filesystem for UpperFs {
             }
             Err(e) => return reply.error(e),
         };
-        let r = (|| {
-            let mut buf = vec![0u8; size as usize];
-            let mut got = 0;
-            while got < buf.len() {
-                match f.read_at(&mut buf[got..], offset + got as u64) {
-                    Ok(0) => break,
-                    Ok(k) => got += k,
-                    Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                    Err(e) => return Err(err(e)),
-                }
-            }
-            buf.truncate(got);
-            Ok(buf)
-        })();
-        match r {
+        match disk::read_at_most(&f, offset, size) {
             Ok(d) => reply.data(&d),
-            Err(e) => reply.error(e),
+            Err(e) => reply.error(err(e)),
         }
     }
 

@@ -11,7 +11,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 
@@ -74,23 +74,14 @@ impl Through {
     ) -> Option<Vec<u8>> {
         let f = self.file(ino, path)?;
         f.read_ahead(offset, size);
-        let f = &f.file;
-        let mut buf = vec![0u8; size as usize];
-        let mut got = 0;
-        while got < buf.len() {
-            match f.read_at(&mut buf[got..], offset + got as u64) {
-                Ok(0) => break,
-                Ok(k) => got += k,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => {
-                    tracing::debug!("reading image inode {ino} through the shared mount: {e}");
-                    self.lock().pop(&ino); // a new server may be there next time
-                    return None;
-                }
+        match super::disk::read_at_most(&f.file, offset, size) {
+            Ok(buf) => Some(buf),
+            Err(e) => {
+                tracing::debug!("reading image inode {ino} through the shared mount: {e}");
+                self.lock().pop(&ino); // a new server may be there next time
+                None
             }
         }
-        buf.truncate(got);
-        Some(buf)
     }
 
     fn file(&self, ino: u64, path: impl FnOnce() -> Option<Vec<u8>>) -> Option<Arc<Opened>> {
