@@ -51,78 +51,7 @@ pub(super) enum Cmd {
     /// Works as an ordinary user too (through fusermount3): the image's owners and modes are
     /// served as they are for the guest to enforce, and a writable mount keeps chown, setuid
     /// bits and special files as metadata in the upper layer (see README, "rootless").
-    Mount {
-        /// Image reference.
-        reference: String,
-        /// Mount point (created if missing).
-        dir: PathBuf,
-        /// Stay in the foreground; unmount on SIGINT/SIGTERM.
-        #[arg(short, long)]
-        foreground: bool,
-        /// FUSE worker threads.
-        #[arg(long, default_value_t = 4)]
-        threads: usize,
-        /// Memory for decompressed spans, in MiB.
-        #[arg(long, default_value_t = 16, value_name = "MIB")]
-        cache_mb: usize,
-        /// Make the root writable (changes kept in a scratch upper layer, see --upper).
-        #[arg(short, long)]
-        writable: bool,
-        /// Serve the image as a disk: DIR holds one file, root.erofs, a complete EROFS image
-        /// of the image's tree, for a VMM to attach as the guest's root block device (libkrun:
-        /// krun_add_disk + krun_set_root_disk_remount; see docs/disk.md). Its blocks are read
-        /// from the layers (with --lazy, fetched) as the guest reads them. Read-only: a guest
-        /// makes its root writable with an overlay of its own.
-        #[arg(long, conflicts_with_all = ["writable", "upper"])]
-        disk: bool,
-        /// Keep the writable layer in DIR (implies --writable); remount with it to see changes.
-        #[arg(long, value_name = "DIR")]
-        upper: Option<PathBuf>,
-        /// Let other users reach the mount. Root's mounts always do (virtiofsd's sandbox needs
-        /// it); a user's need `user_allow_other` in /etc/fuse.conf, and then every user of the
-        /// host reads the image's files whatever their modes (the image's owners and modes are
-        /// enforced by the kernel only on root's mounts; a guest enforces them itself).
-        #[arg(long)]
-        allow_other: bool,
-        /// Mount before the layers are downloaded: fetch manifest, config and the image's
-        /// published index (see push-index), then fetch by HTTP range only what is read.
-        /// Without a published index the image is pulled whole, and this says so.
-        #[arg(long)]
-        lazy: bool,
-        /// With --lazy: also use an index found only as a referrer of the image, which the
-        /// manifest digest does not cover (anyone who can push to the repository can add one).
-        #[arg(long, requires = "lazy")]
-        trust_index: bool,
-        /// With --lazy: what to fetch besides what is read: `trace` fetches first what the
-        /// image's read trace says a boot reads (see --record-trace), `all` does that and then
-        /// completes the layers in the background (then they are ordinary stored layers),
-        /// `none` fetches only what is read.
-        #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"], requires = "lazy")]
-        prefetch: String,
-        /// Record which parts of the image reads need, in order, saved at unmount; push-index
-        /// publishes it and lazy mounts elsewhere fetch those parts first. (A lazy mount of an
-        /// image with no trace records one anyway.)
-        #[arg(long)]
-        record_trace: bool,
-        /// With --lazy: seconds a read waits for its bytes before failing with EIO (that read
-        /// alone; the next read tries again).
-        #[arg(long, default_value_t = 5.0, value_name = "SECS", requires = "lazy")]
-        read_timeout: f64,
-        /// With --lazy: return only once every layer is local and verified.
-        #[arg(long, requires = "lazy")]
-        wait_complete: bool,
-        /// Serve this mount with a daemon of its own. By default root's mounts of an image
-        /// stored whole share one server (one process, one page cache, mounts in
-        /// milliseconds): each mount is a bind mount (read-only) or an overlay (writable) over
-        /// the image's one FUSE mount, and a server that dies is restarted under them.
-        #[arg(long)]
-        own_server: bool,
-        /// Internal: tell the parent process when the mount is live.
-        #[arg(long, hide = true)]
-        notify_ready: bool,
-        #[command(flatten)]
-        pull: PullArgs,
-    },
+    Mount(MountArgs),
     /// Write an image as a file: with --erofs, the EROFS disk image `mount --disk` serves
     /// (pulling the image first if missing).
     ///
@@ -427,4 +356,81 @@ pub(super) fn read_password(from_stdin: bool) -> Result<String> {
     } else {
         bail!("a password is needed: --password-stdin or $BUX_FUSE_PASSWORD")
     }
+}
+
+/// `bux-fuse mount`'s arguments.
+#[derive(Args, Debug)]
+pub struct MountArgs {
+    /// Image reference.
+    pub reference: String,
+    /// Mount point (created if missing).
+    pub dir: PathBuf,
+    /// Stay in the foreground; unmount on SIGINT/SIGTERM.
+    #[arg(short, long)]
+    pub foreground: bool,
+    /// FUSE worker threads.
+    #[arg(long, default_value_t = 4)]
+    pub threads: usize,
+    /// Memory for decompressed spans, in MiB.
+    #[arg(long, default_value_t = 16, value_name = "MIB")]
+    pub cache_mb: usize,
+    /// Make the root writable (changes kept in a scratch upper layer, see --upper).
+    #[arg(short, long)]
+    pub writable: bool,
+    /// Serve the image as a disk: DIR holds one file, root.erofs, a complete EROFS image
+    /// of the image's tree, for a VMM to attach as the guest's root block device (libkrun:
+    /// krun_add_disk + krun_set_root_disk_remount; see docs/disk.md). Its blocks are read
+    /// from the layers (with --lazy, fetched) as the guest reads them. Read-only: a guest
+    /// makes its root writable with an overlay of its own.
+    #[arg(long, conflicts_with_all = ["writable", "upper"])]
+    pub disk: bool,
+    /// Keep the writable layer in DIR (implies --writable); remount with it to see changes.
+    #[arg(long, value_name = "DIR")]
+    pub upper: Option<PathBuf>,
+    /// Let other users reach the mount. Root's mounts always do (virtiofsd's sandbox needs
+    /// it); a user's need `user_allow_other` in /etc/fuse.conf, and then every user of the
+    /// host reads the image's files whatever their modes (the image's owners and modes are
+    /// enforced by the kernel only on root's mounts; a guest enforces them itself).
+    #[arg(long)]
+    pub allow_other: bool,
+    /// Mount before the layers are downloaded: fetch manifest, config and the image's
+    /// published index (see push-index), then fetch by HTTP range only what is read.
+    /// Without a published index the image is pulled whole, and this says so.
+    #[arg(long)]
+    pub lazy: bool,
+    /// With --lazy: also use an index found only as a referrer of the image, which the
+    /// manifest digest does not cover (anyone who can push to the repository can add one).
+    #[arg(long, requires = "lazy")]
+    pub trust_index: bool,
+    /// With --lazy: what to fetch besides what is read: `trace` fetches first what the
+    /// image's read trace says a boot reads (see --record-trace), `all` does that and then
+    /// completes the layers in the background (then they are ordinary stored layers),
+    /// `none` fetches only what is read.
+    #[arg(long, default_value = "all", value_parser = ["none", "trace", "all"], requires = "lazy")]
+    pub prefetch: String,
+    /// Record which parts of the image reads need, in order, saved at unmount; push-index
+    /// publishes it and lazy mounts elsewhere fetch those parts first. (A lazy mount of an
+    /// image with no trace records one anyway.)
+    #[arg(long)]
+    pub record_trace: bool,
+    /// With --lazy: seconds a read waits for its bytes before failing with EIO (that read
+    /// alone; the next read tries again).
+    #[arg(long, default_value_t = 5.0, value_name = "SECS", requires = "lazy")]
+    pub read_timeout: f64,
+    /// With --lazy: return only once every layer is local and verified.
+    #[arg(long, requires = "lazy")]
+    pub wait_complete: bool,
+    /// Serve this mount with a daemon of its own. By default root's mounts of an image
+    /// stored whole share one server (one process, one page cache, mounts in
+    /// milliseconds): each mount is a bind mount (read-only) or an overlay (writable) over
+    /// the image's one FUSE mount, and a server that dies is restarted under them. A user's
+    /// writable mount reads the image's files through the user's shared server (one page
+    /// cache for all of them); with this it decodes and caches them itself.
+    #[arg(long)]
+    pub own_server: bool,
+    /// Internal: tell the parent process when the mount is live.
+    #[arg(long, hide = true)]
+    pub notify_ready: bool,
+    #[command(flatten)]
+    pub pull: PullArgs,
 }
