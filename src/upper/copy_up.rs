@@ -151,7 +151,7 @@ impl Upper {
                 NodeData::File { .. } | NodeData::Sparse { .. } if data => {
                     let mut off = 0;
                     while off < a.size {
-                        let buf = self.lower.read_lower(lower, off, COPY_CHUNK)?;
+                        let buf = self.image_bytes(lower, off, COPY_CHUNK)?;
                         if buf.is_empty() {
                             return Err(Errno::EIO);
                         }
@@ -170,5 +170,14 @@ impl Upper {
             disk::set_xattr(tmp, &name, v, 0).map_err(err)?;
         }
         set_times(tmp, Some(a.atime), Some(a.mtime)).map_err(err)
+    }
+
+    /// Up to `len` bytes at `off` of image file `lower`: through the image's shared mount if
+    /// its files are read there (its page cache may hold them already), else decoded here.
+    fn image_bytes(&self, lower: u64, off: u64, len: u32) -> Res<Vec<u8>> {
+        match self.read_through(lower, off, len) {
+            Some(b) => Ok(b),
+            None => self.lower.read_lower(lower, off, len),
+        }
     }
 }

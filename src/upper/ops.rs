@@ -8,7 +8,6 @@ use fuser::{
 
 use std::sync::atomic::Ordering;
 
-use super::through::THROUGH_MIN;
 use super::*;
 
 /// The handle of a file opened read-only (others are 0).
@@ -410,16 +409,8 @@ impl Filesystem for UpperFs {
             // As the image's own mount reads it: bytes still to be fetched (or decompressed)
             // are waited for off this FUSE worker.
             Ok(Err(lower)) => {
-                let tree = self.lower.tree();
-                let size_of = |ino| tree.inode(ino).map_or(0, |i| i.size);
-                if let Some(t) = self
-                    .through
-                    .as_ref()
-                    .filter(|_| size_of(lower) > THROUGH_MIN)
-                {
-                    if let Some(d) = t.read(lower, || tree.path_of(lower), offset, size) {
-                        return reply.data(&d);
-                    }
+                if let Some(d) = self.read_through(lower, offset, size) {
+                    return reply.data(&d);
                 }
                 let lower = INodeNo(lower);
                 return self
