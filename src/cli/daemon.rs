@@ -28,6 +28,7 @@ pub(super) fn serve(
 ) -> Result<()> {
     stop_on_signals();
     crate::mount::tune_allocator_for_serving();
+    crate::mount::raise_open_files_limit();
     let m = mount(store, reference, dir, opts)?;
     // Mounted: what is left is serving, which needs far less than the process may do.
     if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {

@@ -359,10 +359,11 @@ fn run(cli: Cli) -> Result<()> {
             if let Some(store) = existing_store(&store_arg)? {
                 let run = store.root().join("run");
                 crate::mount::wait_for_cleanup(&run, &dir, std::time::Duration::from_secs(5));
-                crate::mount::shared::wait_for_unused_servers(
-                    &store,
-                    std::time::Duration::from_secs(5),
-                );
+                if !crate::mount::host_root() {
+                    // (Root's waits in `unmount_all`, for the server its mount stood on.)
+                    let wait = std::time::Duration::from_secs(5);
+                    crate::mount::shared::wait_for_unused_servers(&store, wait);
+                }
             }
             Ok(())
         }

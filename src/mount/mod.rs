@@ -69,6 +69,9 @@ pub struct Mount {
     record: Option<PathBuf>,
     /// The mount serves the image as a disk ([`MountOptions::disk`]).
     disk: bool,
+    /// The image server a user's writable mount reads image files through (its place), which
+    /// leaves once this mount's session has ended: unmounting waits for that.
+    read_through: Option<PathBuf>,
 }
 
 /// The overlay that makes a mount writable.
@@ -171,6 +174,10 @@ impl Mount {
             unmount(&self.fuse_path)?;
         }
         let res = self.join();
+        if let Some(place) = self.read_through.take() {
+            // The image is then free for `rm` and `gc` when this returns.
+            shared::wait_until_unused_server_left(&place, std::time::Duration::from_secs(5));
+        }
         if let Some(w) = self.writable.take() {
             // The scratch upper (if any) lives in run_dir; a persistent one is elsewhere.
             let _ = std::fs::remove_dir_all(&w.run_dir);
@@ -256,6 +263,25 @@ pub fn tune_allocator_for_serving() {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 2 << 20);
         libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
+}
+
+/// Raises the soft limit on open descriptors to the hard one, for a process that serves
+/// mounts: a user's writable mount keeps up to 256 upper files, 256 upper directories and 256
+/// image files in the shared mount open besides its layers, and the soft limit is often 1024.
+/// The `bux-fuse` daemon calls it; a library caller decides for its own process.
+#[doc(hidden)]
+pub fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: get/setrlimit with a valid struct.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 && lim.rlim_cur < lim.rlim_max {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
     }
 }
 
@@ -371,6 +397,7 @@ fn mount_shared(
         kernel_mount: true,
         record: None,
         disk: opts.disk,
+        read_through: None,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -477,7 +504,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     let through = match &opts.shared_server {
         Some(exe) if own_upper && trace.is_none() && lazy.is_empty() && !opts.disk => {
             match shared::reading_through(store, &record, exe) {
-                Ok((mnt, holder)) => Some(crate::upper::Through::new(mnt, holder)),
+                Ok((mnt, holder)) => Some((mnt.clone(), crate::upper::Through::new(mnt, holder))),
                 Err(e) => {
                     tracing::warn!("image files are decoded by this mount alone: {e}");
                     None
@@ -486,6 +513,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
         _ => None,
     };
+    let read_through = through
+        .as_ref()
+        .and_then(|(mnt, _)| mnt.parent())
+        .map(Path::to_path_buf);
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let mut fs = ImageFs::new(tree, layers, cache.clone());
     if opts.writable && !own_upper {
@@ -526,7 +557,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
                 .serving_others(opts.allow_other);
-            if let Some(t) = through {
+            if let Some((_, t)) = through {
                 fs = fs.reading_through(t);
             }
             serve(fs, &fuse_dir, &request, config)
@@ -547,6 +578,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         kernel_mount: opts.writable && !own_upper,
         record: None,
         disk: opts.disk,
+        read_through,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

@@ -279,7 +279,7 @@ impl Upper {
     /// Up to `len` bytes at `off` of image file `lower` read through the image's shared
     /// mount, if its files of that size are read there and the mount serves it.
     fn read_through(&self, lower: u64, off: u64, len: u32) -> Option<Vec<u8>> {
-        let t = self.through.as_ref()?;
+        let t = self.through.as_ref().filter(|t| t.usable())?;
         let tree = self.lower.tree();
         if tree.inode(lower)?.size <= through::THROUGH_MIN {
             return None;
@@ -289,7 +289,7 @@ impl Upper {
 
     /// Whether node `n` is an image file read through the shared mount (not copied up).
     fn reads_through(&self, n: u64) -> bool {
-        if self.through.is_none() || self.open_file(n).is_some() {
+        if !self.through.as_ref().is_some_and(|t| t.usable()) || self.open_file(n).is_some() {
             return false;
         }
         let st = self.state();

@@ -20,10 +20,14 @@ impl Filesystem for UpperFs {
         let no_open =
             caps.contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT) && self.through.is_none();
         self.no_open.store(no_open, Ordering::Relaxed);
-        if self.through.is_some() {
-            // A shared mapping of an image file is then still possible (Linux 6.6+; the kernel
-            // keeps it coherent); private ones (ld.so's) always are.
-            let _ = config.add_capabilities(fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP);
+        if let Some(t) = &self.through {
+            // Files opened with direct I/O can be mapped shared only with this (Linux 6.6+;
+            // private mappings, ld.so's, always can): without it, none are.
+            let mmap = fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
+            if config.add_capabilities(mmap).is_err() {
+                tracing::warn!("this kernel cannot map direct-I/O files shared: image files are read by this mount alone");
+                t.turn_off();
+            }
         }
         Ok(())
     }

@@ -13,14 +13,20 @@ use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 /// Files of at most this many bytes are read (and cached) by each mount itself: 87% of the
-/// large test image's files, 5.7% of its bytes. Reading one through the shared mount costs
-/// two more round trips (an open there, and this mount's open, which the kernel then sends)
-/// for a page or a few; across the large image's 13,122 files that made a cold full read
-/// 1.6× slower.
+/// large test image's files, 5.7% of its bytes. Read through the shared mount, a file has no
+/// pages in this mount, so every read of it, warm ones too, is a round trip to this daemon;
+/// for a page or a few of sharing, small files keep their pages here (a figure from that one
+/// image, not a law).
 pub const THROUGH_MIN: u64 = 32 << 10;
+
+/// After a read the shared mount failed, reads go around it this long (its server gone, say:
+/// no path walk and failing open per read), then try it again.
+const SUSPECT: Duration = Duration::from_secs(10);
 
 /// Image files kept open in the shared mount, by image inode.
 const OPEN_FILES: usize = 256;
@@ -50,6 +56,11 @@ pub struct Through {
     /// (this mount is not in the mount table as standing on it).
     _holder: File,
     files: Mutex<lru::LruCache<u64, Arc<Opened>>>,
+    /// Off for good: the kernel cannot map files opened with direct I/O shared (before
+    /// Linux 6.6), so none are.
+    off: AtomicBool,
+    /// When a read through the shared mount last failed.
+    failed: Mutex<Option<Instant>>,
 }
 
 impl Through {
@@ -60,7 +71,21 @@ impl Through {
             mnt,
             _holder: holder,
             files: Mutex::new(lru::LruCache::new(n)),
+            off: AtomicBool::new(false),
+            failed: Mutex::new(None),
         }
+    }
+
+    /// Reads nothing through the shared mount from now on.
+    pub fn turn_off(&self) {
+        self.off.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether files are read through the shared mount now: on, and no read failed there
+    /// in the last [`SUSPECT`].
+    pub fn usable(&self) -> bool {
+        let failed = *self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        !self.off.load(Ordering::Relaxed) && failed.is_none_or(|t| t.elapsed() > SUSPECT)
     }
 
     /// Up to `size` bytes at `offset` of image inode `ino`, whose path in the image `path`
@@ -72,13 +97,22 @@ impl Through {
         offset: u64,
         size: u32,
     ) -> Option<Vec<u8>> {
-        let f = self.file(ino, path)?;
+        if !self.usable() {
+            return None;
+        }
+        let Some(f) = self.file(ino, path) else {
+            self.failed();
+            return None;
+        };
         f.read_ahead(offset, size);
         match super::disk::read_at_most(&f.file, offset, size) {
             Ok(buf) => Some(buf),
             Err(e) => {
                 tracing::debug!("reading image inode {ino} through the shared mount: {e}");
-                self.lock().pop(&ino); // a new server may be there next time
+                // Opened anew next time (another mount of the image may have started a new
+                // server by then).
+                self.lock().pop(&ino);
+                self.failed();
                 None
             }
         }
@@ -107,6 +141,10 @@ impl Through {
         Some(f)
     }
 
+    fn failed(&self) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
     fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Arc<Opened>>> {
         self.files.lock().unwrap_or_else(|p| p.into_inner())
     }
@@ -118,19 +156,18 @@ impl Opened {
     /// decodes while this mount serves: each time the reader comes within half of [`AHEAD`]
     /// of where the last request ended.
     fn read_ahead(&self, offset: u64, size: u32) {
-        use std::sync::atomic::Ordering::Relaxed;
         let end = offset + size as u64;
-        if self.last_end.swap(end, Relaxed) != offset {
+        if self.last_end.swap(end, Ordering::Relaxed) != offset {
             return; // not a walk (yet): random reads fetch what they ask, no more
         }
-        let ahead = self.ahead.load(Relaxed);
+        let ahead = self.ahead.load(Ordering::Relaxed);
         if ahead >= end + AHEAD / 2 {
             return;
         }
         let from = ahead.max(end);
         if self
             .ahead
-            .compare_exchange(ahead, from + AHEAD, Relaxed, Relaxed)
+            .compare_exchange(ahead, from + AHEAD, Ordering::Relaxed, Ordering::Relaxed)
             .is_err()
         {
             return; // another read asked

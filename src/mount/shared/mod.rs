@@ -146,21 +146,34 @@ pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
     let Some(pid) = read_pid(&place.pid()) else {
         return;
     };
-    let readers = open_readers(&place).ok();
+    let readers = std::fs::File::open(place.readers()).ok();
     super::wait_while(timeout, || {
         crate::store::alive(pid) && users(&place, readers.as_ref()) == 0
     });
 }
 
-/// Waits (at most `timeout`) until the store's image servers that nothing uses any more have
-/// gone: a user's writable mount holds its image's server until its daemon exits, after its
-/// FUSE mount is gone, so `umount` waits for both (the image is then free for `rm` and `gc`).
+/// Waits (at most `timeout` in all) until the store's image servers that a user's writable
+/// mounts read through and that nothing uses any more have gone: such a mount holds its
+/// image's server until its daemon exits, after its FUSE mount is gone, so `umount` waits for
+/// both (the image is then free for `rm` and `gc`).
 pub fn wait_for_unused_servers(store: &Store, timeout: Duration) {
     let Ok(entries) = std::fs::read_dir(store.root().join("shared")) else {
         return;
     };
+    let deadline = std::time::Instant::now() + timeout;
     for entry in entries.flatten() {
-        wait_until_unused_server_left(&entry.path(), timeout);
+        let place = Place::at(entry.path());
+        // Only servers user mounts read through have the file.
+        let Ok(readers) = std::fs::File::open(place.readers()) else {
+            continue;
+        };
+        let Some(pid) = read_pid(&place.pid()) else {
+            continue;
+        };
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        super::wait_while(left, || {
+            crate::store::alive(pid) && users(&place, Some(&readers)) == 0
+        });
     }
 }
 
@@ -216,10 +229,17 @@ pub fn remove_idle_places(store: &Store) -> usize {
             continue;
         };
         let dir = place.dir.to_string_lossy().into_owned();
-        let mounted = table
-            .iter()
-            .any(|m| m.point == dir || m.point.starts_with(&format!("{dir}/")));
-        if mounted {
+        let mounted = |table: &[table::MountInfo]| {
+            table
+                .iter()
+                .any(|m| m.point == dir || m.point.starts_with(&format!("{dir}/")))
+        };
+        // A server killed outright leaves its FUSE mount dead ("not connected"): nothing can
+        // stand on it any more, and nothing else would ever take it down.
+        if mounted(&table) && dead(&place.mnt()) && users(&place, None) == 0 {
+            kernel_meta::tear_down(&place);
+        }
+        if mounted(&table::read()) {
             continue;
         }
         if std::fs::remove_dir_all(&place.dir).is_ok() {
@@ -227,6 +247,20 @@ pub fn remove_idle_places(store: &Store) -> usize {
         }
     }
     removed
+}
+
+/// Whether `mnt` is a FUSE mount whose server is gone (asked with statfs, which the kernel
+/// never answers from its cache).
+fn dead(mnt: &Path) -> bool {
+    let Ok(c) = std::ffi::CString::new(mnt.as_os_str().as_encoded_bytes()) else {
+        return false;
+    };
+    // SAFETY: a NUL-terminated path and a zeroed struct for statvfs to fill.
+    let r = unsafe {
+        let mut st: libc::statvfs = std::mem::zeroed();
+        libc::statvfs(c.as_ptr(), &mut st)
+    };
+    r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
 /// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
@@ -310,11 +344,14 @@ pub(crate) fn reading_through(
 }
 
 fn open_readers(place: &Place) -> Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
     let path = place.readers();
+    // The owner's alone: another user holding a lock on it would keep the server up.
     std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(0o600)
         .open(&path)
         .map_err(|e| Error::io(format!("opening {}", path.display()), e))
 }
@@ -393,7 +430,13 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
         cmd.arg("--disk");
     }
     spawn::as_server(&mut cmd);
-    start_detached(cmd, &place.log(), exe).map_err(|e| err(format!("image server: {e}")))?;
+    let mut child =
+        start_detached(cmd, &place.log(), exe).map_err(|e| err(format!("image server: {e}")))?;
+    // A user's server is a child of the mount daemon that started it, which outlives it:
+    // reaped when it exits (no zombie).
+    let _ = std::thread::Builder::new()
+        .name("bux-fuse-reaper".into())
+        .spawn(move || child.wait());
     Ok(())
 }
 
