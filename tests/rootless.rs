@@ -798,3 +798,29 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
     assert_eq!(shared_mounts(&user), Vec::<std::path::PathBuf>::new());
     assert!(!place.join("pid").exists(), "the server has left");
 }
+
+/// A user's mount serving in the foreground unmounts itself on Ctrl-C (SIGINT) or SIGTERM, as
+/// root's does, though its daemon may run no setuid program once confined (no_new_privs):
+/// `fusermount3` was started before.
+#[test]
+fn a_users_foreground_mount_unmounts_itself_on_a_signal() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-fg");
+    let user = AsUser::new();
+    user.ok(&format!("$BUX -q pull {r}"));
+    for (flags, signal) in [("", "INT"), ("--writable", "TERM")] {
+        let out = user.ok(&format!(
+            "mkdir -p fg && ($BUX mount --foreground {flags} {r} fg 2>fg.log & echo $! > fg.pid) && \
+             for i in $(seq 100); do [ -e fg/etc/owned ] && break; sleep 0.1; done && \
+             cat fg/usr/lib/one && kill -{signal} $(cat fg.pid) && \
+             while kill -0 $(cat fg.pid) 2>/dev/null; do sleep 0.1; done; cat fg.log"
+        ));
+        assert!(out.starts_with("v1\n"), "{out}");
+        assert!(
+            !out.contains("fusermount3") && !out.contains("rror"),
+            "{out}"
+        );
+        assert!(!is_mounted(&user.home().join("fg")), "{flags}: {out}");
+    }
+}

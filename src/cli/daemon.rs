@@ -30,6 +30,9 @@ pub(super) fn serve(
     crate::mount::tune_allocator_for_serving();
     crate::mount::raise_open_files_limit();
     let m = mount(store, reference, dir, opts)?;
+    // Started before the filter: it sets no_new_privs, under which the setuid fusermount3
+    // could no longer unmount a user's mount when a signal stops us.
+    let unmounter = (!crate::mount::host_root()).then(|| Unmounter::start(m.path()));
     // Mounted: what is left is serving, which needs far less than the process may do.
     if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {
         tracing::warn!("confining the daemon (seccomp): {e}");
@@ -55,12 +58,46 @@ pub(super) fn serve(
     while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    if let Some(Some(u)) = unmounter.filter(|_| !m.is_finished()) {
+        u.unmount();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while !m.is_finished() && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+    }
     if m.is_finished() {
         m.wait()?;
     } else {
         m.unmount()?;
     }
     Ok(())
+}
+
+/// A user's `fusermount3 -u -z DIR`, waiting to be told: started while this process may still
+/// run a setuid program.
+struct Unmounter(std::process::Child);
+
+impl Unmounter {
+    fn start(dir: &Path) -> Option<Unmounter> {
+        let child = Command::new("sh")
+            .arg("-c")
+            // A line on stdin unmounts; its end (we exited: unmounted from outside) does not.
+            .arg("read -r _ && exec fusermount3 -u -z \"$0\"")
+            .arg(dir)
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .map_err(|e| tracing::warn!("starting the unmounter: {e}"))
+            .ok()?;
+        Some(Unmounter(child))
+    }
+
+    fn unmount(mut self) {
+        if let Some(mut stdin) = self.0.stdin.take() {
+            let _ = stdin.write_all(b"unmount\n");
+        }
+        let _ = self.0.wait();
+    }
 }
 
 /// Waits until every layer of `record` is stored whole (a lazy mount's background completion),
