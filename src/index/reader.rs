@@ -751,6 +751,33 @@ impl LayerReader {
         if cps[i].member_start {
             return Ok(None);
         }
+        // The window is the output just before the span: the end of the span before, when a
+        // walk in order has it (no window to decompress), else the checkpoint's, taken first:
+        // its bytes in the mapped access table come from disk while the span's compressed
+        // bytes do (asked for already), not after them.
+        let before = i
+            .checked_sub(1)
+            .and_then(|b| cache.peek_whole((self.id, b as u32)))
+            .filter(|(bytes, from)| bytes.len() - from >= super::gzip::WINDOW);
+        let decoded = match before {
+            Some(_) => None,
+            None => {
+                let cp = self.checkpoint(i)?;
+                Some(
+                    zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("checkpoint window: {e}"),
+                        )
+                    })?,
+                )
+            }
+        };
+        let window = match (&before, &decoded) {
+            (Some((bytes, _)), _) => &bytes[bytes.len() - super::gzip::WINDOW..],
+            (None, Some(w)) => &w[..],
+            (None, None) => unreachable!("one of the two is there"),
+        };
         let (start, end) = self.span_bounds(i);
         let range = self.compressed_range(start..end);
         let mut compressed = vec![0u8; (range.end - range.start) as usize];
@@ -768,27 +795,6 @@ impl LayerReader {
         // byte offset.
         let bit = |c: &Checkpoint| (c.coff * 8 - u64::from(c.bits)) - range.start * 8;
         let end_bit = cps.get(i + 1).map_or(compressed.len() as u64 * 8, bit);
-        // The window is the output just before the span: the end of the span before, when a
-        // walk in order has it (no window to decompress), else the checkpoint's.
-        let before = i
-            .checked_sub(1)
-            .and_then(|b| cache.peek_whole((self.id, b as u32)));
-        let decoded;
-        let window = match &before {
-            Some((bytes, from)) if bytes.len() - from >= super::gzip::WINDOW => {
-                &bytes[bytes.len() - super::gzip::WINDOW..]
-            }
-            _ => {
-                let cp = self.checkpoint(i)?;
-                decoded = zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("checkpoint window: {e}"),
-                    )
-                })?;
-                &decoded[..]
-            }
-        };
         Ok(super::gzip_whole::inflate_span(
             &compressed,
             bit(&cps[i]),
