@@ -445,11 +445,77 @@ impl LayerReader {
         }
         if decode {
             self.will_need_spans_after_first(cache, off..off + want as u64);
+            if let Some(split) = self.cold_split(cache, off, want) {
+                return self.read_split(cache, off, &mut buf[..want], split);
+            }
         }
+        self.read_spans(cache, off, &mut buf[..want], decode, false)?;
+        Ok(want)
+    }
+
+    /// Where a read of `want` bytes at `off` is best split in two decoded at once, on two
+    /// cores: after its first span, when the read runs on into the next and neither is
+    /// cached (a cold read that crosses a checkpoint). The first span is inflated to its end
+    /// (whole), the next from its checkpoint, independently: one after the other they took
+    /// the sum of both times, now about the longer one's.
+    fn cold_split(&self, cache: &SpanCache, off: u64, want: usize) -> Option<usize> {
+        if want == 0 || !matches!(self.access, Access::Gzip(_)) || self.blob.may_fetch() {
+            return None;
+        }
+        let first = self.span_of(off);
+        let (start, end) = self.span_bounds(first);
+        let cold = |i: usize| !cache.contains((self.id, i as u32));
+        let crosses = off + (want as u64) > end;
+        (crosses && end - start <= MAX_CACHED_SPAN && cold(first) && cold(first + 1))
+            .then_some((end - off) as usize)
+    }
+
+    /// Reads `buf` at `off`, its bytes from `split` on on a thread of their own (see
+    /// [`LayerReader::cold_split`]).
+    fn read_split(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        buf: &mut [u8],
+        split: usize,
+    ) -> io::Result<usize> {
+        let (head, tail) = buf.split_at_mut(split);
+        let tail_off = off + split as u64;
+        // Taken by the thread, or by this one if no thread can be had.
+        let tail = Mutex::new(Some(tail));
+        // (The tail's first span comes after one this read loads: no sign of a walk.)
+        let read_tail = || match tail.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(t) => self.read_spans(cache, tail_off, t, true, true),
+            None => Ok(()),
+        };
+        std::thread::scope(|s| {
+            let later = std::thread::Builder::new()
+                .name("bux-fuse-split".into())
+                .spawn_scoped(s, read_tail);
+            let first = self.read_spans(cache, off, head, true, false);
+            let rest = match later {
+                Ok(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a read's thread panicked"))),
+                Err(_) => read_tail(),
+            };
+            first.and(rest)
+        })?;
+        Ok(buf.len())
+    }
+
+    /// Fills `buf` from `off` on, span after span. `loaded_before`: this read loads the span
+    /// before `off`'s (see [`LayerReader::wants_whole`]).
+    fn read_spans(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        buf: &mut [u8],
+        decode: bool,
+        mut loaded_before: bool,
+    ) -> io::Result<()> {
+        let want = buf.len();
         let mut done = 0;
-        // Whether this read decompressed the span before the one it is in (a miss of its own,
-        // not a sign of reads walking the stream).
-        let mut loaded_before = false;
         while done < want {
             let pos = off + done as u64;
             let i = self.span_of(pos);
@@ -496,7 +562,7 @@ impl LayerReader {
             }
             done += n;
         }
-        Ok(done)
+        Ok(())
     }
 
     /// The span worth decompressing ahead of a read that reached `pos`: the first of the next
@@ -1170,6 +1236,33 @@ mod tests {
         reader.read_at(&cache, off, &mut buf).unwrap();
         assert_eq!(&buf[..], &data[off as usize..][..50_000]);
         assert!(whole(5));
+    }
+
+    /// Cold reads across checkpoints (decoded in two parts at once: the first span, and the
+    /// rest from the next checkpoint) read the right bytes, across one boundary or several,
+    /// whatever part of each span is cached already.
+    #[test]
+    fn cold_reads_across_checkpoints_split_and_match() {
+        let data = pseudo_random(3_000_000, 15);
+        let gz = gzip_members(&[&data]);
+        let cps = checkpoints(&gz, 256 << 10);
+        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
+        for (k, &b) in starts.iter().enumerate().skip(1) {
+            for (before, len) in [(1usize, 2usize), (5000, 131_072), (200_000, 400_000)] {
+                let off = b - before as u64;
+                let len = len.min(data.len() - off as usize);
+                let cache = SpanCache::new(64 << 20);
+                if k % 3 == 0 {
+                    // The span after the first partly inflated already.
+                    let mut one = [0u8];
+                    reader.read_at(&cache, b, &mut one).unwrap();
+                }
+                let mut buf = vec![0u8; len];
+                assert_eq!(reader.read_at(&cache, off, &mut buf).unwrap(), len);
+                assert!(buf == data[off as usize..][..len], "at {off}+{len}");
+            }
+        }
     }
 
     /// Jobs decompressing ahead take distinct spans: one being loaded is not offered again.
