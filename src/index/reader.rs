@@ -532,8 +532,8 @@ impl LayerReader {
                 let span = match decode {
                     true => {
                         let cached = cache.contains((self.id, i as u32));
-                        let whole = !cached
-                            && self.wants_whole(cache, i, in_span + n, loaded_before);
+                        let whole =
+                            !cached && self.wants_whole(cache, i, in_span + n, loaded_before);
                         loaded_before = !cached;
                         self.span(i, cache, whole)?
                     }
@@ -611,7 +611,13 @@ impl LayerReader {
     /// walking the stream in order, which will want the rest next. A random read that runs
     /// into the next span needs only that span's start: inflating all of it (as when any
     /// cached span before counted as a walk) cost such reads twice the work.
-    fn wants_whole(&self, cache: &SpanCache, i: usize, need_end: usize, loaded_before: bool) -> bool {
+    fn wants_whole(
+        &self,
+        cache: &SpanCache,
+        i: usize,
+        need_end: usize,
+        loaded_before: bool,
+    ) -> bool {
         let (start, end) = self.span_bounds(i);
         let most = need_end as u64 * WHOLE_SPEEDUP_PCT >= (end - start) * 100;
         most || (!loaded_before && i > 0 && cache.contains((self.id, i as u32 - 1)))
