@@ -455,9 +455,12 @@ impl LayerReader {
 
     /// Where a read of `want` bytes at `off` is best split in two decoded at once, on two
     /// cores: after its first span, when the read runs on into the next and neither is
-    /// cached (a cold read that crosses a checkpoint). The first span is inflated to its end
-    /// (whole), the next from its checkpoint, independently: one after the other they took
-    /// the sum of both times, now about the longer one's.
+    /// cached (a cold read that crosses a checkpoint), and the span before is not cached
+    /// either (a random read: reads walking the stream in order have the spans ahead
+    /// decompressed on other threads already, and one thread more would only compete with
+    /// them). The first span is inflated to its end (whole), the next from its checkpoint,
+    /// independently: one after the other they took the sum of both times, now about the
+    /// longer one's.
     fn cold_split(&self, cache: &SpanCache, off: u64, want: usize) -> Option<usize> {
         if want == 0 || !matches!(self.access, Access::Gzip(_)) || self.blob.may_fetch() {
             return None;
@@ -466,7 +469,8 @@ impl LayerReader {
         let (start, end) = self.span_bounds(first);
         let cold = |i: usize| !cache.contains((self.id, i as u32));
         let crosses = off + (want as u64) > end;
-        (crosses && end - start <= MAX_CACHED_SPAN && cold(first) && cold(first + 1))
+        let random = first == 0 || cold(first - 1);
+        (crosses && random && end - start <= MAX_CACHED_SPAN && cold(first) && cold(first + 1))
             .then_some((end - off) as usize)
     }
 
