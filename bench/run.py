@@ -389,7 +389,9 @@ def report(results, synth, args):
         f"- date: {datetime.datetime.now(datetime.timezone.utc).strftime('%Y-%m-%d %H:%M UTC')}",
         f"- commit: {commit}", f"- machine: {os.cpu_count()} × {cpu}, {int(mem)//1024} MiB RAM, kernel {os.uname().release}",
         f"- runs: {args.runs} per measurement; median (min–max); caches dropped before every cold measurement",
-        f"- command: `bash bench/run.sh` (see README)", "",
+        f"- command: `bash bench/run.sh` (see README)",
+        # (The machine may be shared: its load says how far the figures can be trusted.)
+        f"- load average (1 min) at the start and at the end: {args.load_start:.2f}, {os.getloadavg()[0]:.2f}", "",
     ]
     for r in results:
         rr = r.get("random", {})
@@ -454,6 +456,7 @@ def main():
     ap.add_argument("--synthetic-files", type=int, default=500_000)
     ap.add_argument("--quick", action="store_true", help="time-to-ready and baselines only")
     args = ap.parse_args()
+    args.load_start = os.getloadavg()[0]
     work = tempfile.mkdtemp(prefix="bux-bench-", dir=os.path.join(ROOT, "target"))
     reg = Registry(work)
     try:

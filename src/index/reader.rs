@@ -21,6 +21,12 @@ use super::Access;
 /// stays bounded whatever the input.
 pub const MAX_CACHED_SPAN: u64 = 16 << 20;
 
+/// How much faster libdeflate inflates a whole span than zlib-rs inflates part of it, in
+/// percent (1.3–1.6 times on the large Debian image's layers; the lower end, as a whole span
+/// also waits for all its compressed bytes): a read that needs a span up to at least
+/// 100/this of its length has it inflated whole.
+const WHOLE_SPEEDUP_PCT: u64 = 130;
+
 /// How far ahead of an in-order walk of a layer spans are decompressed (see
 /// [`LayerReader::span_ahead`]): enough to keep the cores busy while the reader takes in the
 /// spans before (2 MiB of gzip spans, two of the kernel's 1 MiB reads), little enough to
@@ -437,6 +443,82 @@ impl LayerReader {
                 .fetch_add(done as u64, Ordering::Relaxed);
             return Ok(done);
         }
+        if decode {
+            self.will_need_spans_after_first(cache, off..off + want as u64);
+            if let Some(split) = self.cold_split(cache, off, want) {
+                return self.read_split(cache, off, &mut buf[..want], split);
+            }
+        }
+        self.read_spans(cache, off, &mut buf[..want], decode, false)?;
+        Ok(want)
+    }
+
+    /// Where a read of `want` bytes at `off` is best split in two decoded at once, on two
+    /// cores: after its first span, when the read runs on into the next and neither is
+    /// cached (a cold read that crosses a checkpoint), and the span before is not cached
+    /// either (a random read: reads walking the stream in order have the spans ahead
+    /// decompressed on other threads already, and one thread more would only compete with
+    /// them). The first span is inflated to its end (whole), the next from its checkpoint,
+    /// independently: one after the other they took the sum of both times, now about the
+    /// longer one's.
+    fn cold_split(&self, cache: &SpanCache, off: u64, want: usize) -> Option<usize> {
+        if want == 0 || !matches!(self.access, Access::Gzip(_)) || self.blob.may_fetch() {
+            return None;
+        }
+        let first = self.span_of(off);
+        let (start, end) = self.span_bounds(first);
+        let cold = |i: usize| !cache.contains((self.id, i as u32));
+        let crosses = off + (want as u64) > end;
+        let random = first == 0 || cold(first - 1);
+        (crosses && random && end - start <= MAX_CACHED_SPAN && cold(first) && cold(first + 1))
+            .then_some((end - off) as usize)
+    }
+
+    /// Reads `buf` at `off`, its bytes from `split` on on a thread of their own (see
+    /// [`LayerReader::cold_split`]).
+    fn read_split(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        buf: &mut [u8],
+        split: usize,
+    ) -> io::Result<usize> {
+        let (head, tail) = buf.split_at_mut(split);
+        let tail_off = off + split as u64;
+        // Taken by the thread, or by this one if no thread can be had.
+        let tail = Mutex::new(Some(tail));
+        // (The tail's first span comes after one this read loads: no sign of a walk.)
+        let read_tail = || match tail.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            Some(t) => self.read_spans(cache, tail_off, t, true, true),
+            None => Ok(()),
+        };
+        std::thread::scope(|s| {
+            let later = std::thread::Builder::new()
+                .name("bux-fuse-split".into())
+                .spawn_scoped(s, read_tail);
+            let first = self.read_spans(cache, off, head, true, false);
+            let rest = match later {
+                Ok(t) => t
+                    .join()
+                    .unwrap_or_else(|_| Err(io::Error::other("a read's thread panicked"))),
+                Err(_) => read_tail(),
+            };
+            first.and(rest)
+        })?;
+        Ok(buf.len())
+    }
+
+    /// Fills `buf` from `off` on, span after span. `loaded_before`: this read loads the span
+    /// before `off`'s (see [`LayerReader::wants_whole`]).
+    fn read_spans(
+        &self,
+        cache: &SpanCache,
+        off: u64,
+        buf: &mut [u8],
+        decode: bool,
+        mut loaded_before: bool,
+    ) -> io::Result<()> {
+        let want = buf.len();
         let mut done = 0;
         while done < want {
             let pos = off + done as u64;
@@ -452,7 +534,13 @@ impl LayerReader {
                 self.stream_from(i, cache, pos, out)?;
             } else {
                 let span = match decode {
-                    true => self.span(i, cache, self.wants_whole(cache, i))?,
+                    true => {
+                        let cached = cache.contains((self.id, i as u32));
+                        let whole =
+                            !cached && self.wants_whole(cache, i, in_span + n, loaded_before);
+                        loaded_before = !cached;
+                        self.span(i, cache, whole)?
+                    }
                     false => cache.get((self.id, i as u32)).ok_or_else(would_block)?,
                 };
                 match span {
@@ -478,7 +566,7 @@ impl LayerReader {
             }
             done += n;
         }
-        Ok(done)
+        Ok(())
     }
 
     /// The span worth decompressing ahead of a read that reached `pos`: the first of the next
@@ -518,13 +606,43 @@ impl LayerReader {
         Ok(())
     }
 
-    /// Whether a read that needs span `i` (not cached) should have it inflated whole, the fast
-    /// way (libdeflate, about 1.4 times zlib-rs's speed, but only once the span's compressed
-    /// bytes are all read), rather than only as far as it asks (zlib-rs, inflating as the
-    /// disk reads: the quicker answer to a random read): when the span before is cached, a
-    /// sign of reads walking the stream in order, which will want the rest next.
-    fn wants_whole(&self, cache: &SpanCache, i: usize) -> bool {
-        i > 0 && cache.contains((self.id, i as u32 - 1))
+    /// Whether a read that needs span `i` (not cached) up to its byte `need_end` should have
+    /// it inflated whole, the fast way (libdeflate, about 1.4 times zlib-rs's speed, but only
+    /// once the span's compressed bytes are all read), rather than only as far as it asks
+    /// (zlib-rs, inflating as the disk reads): when the read itself needs most of the span
+    /// (inflating the rest costs less than the slower inflate of what it needs), or when
+    /// the span before was cached before this read (`loaded_before` false), a sign of reads
+    /// walking the stream in order, which will want the rest next. A random read that runs
+    /// into the next span needs only that span's start: inflating all of it (as when any
+    /// cached span before counted as a walk) cost such reads twice the work.
+    fn wants_whole(
+        &self,
+        cache: &SpanCache,
+        i: usize,
+        need_end: usize,
+        loaded_before: bool,
+    ) -> bool {
+        let (start, end) = self.span_bounds(i);
+        let most = need_end as u64 * WHOLE_SPEEDUP_PCT >= (end - start) * 100;
+        most || (!loaded_before && i > 0 && cache.contains((self.id, i as u32 - 1)))
+    }
+
+    /// Starts the disk reading the compressed bytes of every span after the first that a
+    /// read of `range` needs and that is not cached, so that they arrive while the first one
+    /// is inflated (each span otherwise asks for its own when it is reached).
+    fn will_need_spans_after_first(&self, cache: &SpanCache, range: Range<u64>) {
+        if range.is_empty() || !matches!(self.access, Access::Gzip(_)) {
+            return;
+        }
+        let (first, last) = (self.span_of(range.start), self.span_of(range.end - 1));
+        if first == last || cache.contains((self.id, last as u32)) {
+            return;
+        }
+        let (start, _) = self.span_bounds(first + 1);
+        let compressed = self.compressed_range(start..range.end);
+        if self.blob.is_local(compressed.clone()) {
+            self.blob.will_need(compressed);
+        }
     }
 
     /// Uncompressed offset where span `i` starts (`None` past the last one).
@@ -709,6 +827,33 @@ impl LayerReader {
         if cps[i].member_start {
             return Ok(None);
         }
+        // The window is the output just before the span: the end of the span before, when a
+        // walk in order has it (no window to decompress), else the checkpoint's, taken first:
+        // its bytes in the mapped access table come from disk while the span's compressed
+        // bytes do (asked for already), not after them.
+        let before = i
+            .checked_sub(1)
+            .and_then(|b| cache.peek_whole((self.id, b as u32)))
+            .filter(|(bytes, from)| bytes.len() - from >= super::gzip::WINDOW);
+        let decoded = match before {
+            Some(_) => None,
+            None => {
+                let cp = self.checkpoint(i)?;
+                Some(
+                    zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
+                        io::Error::new(
+                            io::ErrorKind::InvalidData,
+                            format!("checkpoint window: {e}"),
+                        )
+                    })?,
+                )
+            }
+        };
+        let window = match (&before, &decoded) {
+            (Some((bytes, _)), _) => &bytes[bytes.len() - super::gzip::WINDOW..],
+            (None, Some(w)) => &w[..],
+            (None, None) => unreachable!("one of the two is there"),
+        };
         let (start, end) = self.span_bounds(i);
         let range = self.compressed_range(start..end);
         let mut compressed = vec![0u8; (range.end - range.start) as usize];
@@ -726,27 +871,6 @@ impl LayerReader {
         // byte offset.
         let bit = |c: &Checkpoint| (c.coff * 8 - u64::from(c.bits)) - range.start * 8;
         let end_bit = cps.get(i + 1).map_or(compressed.len() as u64 * 8, bit);
-        // The window is the output just before the span: the end of the span before, when a
-        // walk in order has it (no window to decompress), else the checkpoint's.
-        let before = i
-            .checked_sub(1)
-            .and_then(|b| cache.peek_whole((self.id, b as u32)));
-        let decoded;
-        let window = match &before {
-            Some((bytes, from)) if bytes.len() - from >= super::gzip::WINDOW => {
-                &bytes[bytes.len() - super::gzip::WINDOW..]
-            }
-            _ => {
-                let cp = self.checkpoint(i)?;
-                decoded = zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
-                    io::Error::new(
-                        io::ErrorKind::InvalidData,
-                        format!("checkpoint window: {e}"),
-                    )
-                })?;
-                &decoded[..]
-            }
-        };
         Ok(super::gzip_whole::inflate_span(
             &compressed,
             bit(&cps[i]),
@@ -1087,6 +1211,68 @@ mod tests {
         reader.read_at(&cache, starts[5] + 10, &mut buf).unwrap();
         assert_eq!(&buf[..], &data[starts[5] as usize + 10..][..4096]);
         assert!(whole(5));
+    }
+
+    /// A random read that runs from near the end of one span into the next gets the first
+    /// inflated whole (it needs most of it: the fast way) and the next only as far as it
+    /// asks: the span before being cached by this same read is no sign of a walk (it was
+    /// taken for one, and the next span inflated whole, twice the work such reads need).
+    /// A later read that goes on into the span after is a walk, and gets that one whole.
+    #[test]
+    fn a_read_into_the_next_span_inflates_only_its_start() {
+        let data = pseudo_random(3_000_000, 14);
+        let gz = gzip_members(&[&data]);
+        let cps = checkpoints(&gz, 256 << 10);
+        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
+        assert!(starts.len() > 6, "{} spans", starts.len());
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
+        let cache = SpanCache::new(64 << 20);
+        let whole = |i: u32| matches!(cache.get((0, i)), Some(Span::Whole(..)));
+        let inflated = || cache.stats.decompressed.load(Ordering::Relaxed);
+        let off = starts[4] - 40_000;
+        let mut buf = vec![0u8; 50_000];
+        reader.read_at(&cache, off, &mut buf).unwrap();
+        assert_eq!(&buf[..], &data[off as usize..][..50_000]);
+        assert!(whole(3), "the read needs most of span 3");
+        assert!(!whole(4), "the read needs 10 kB of span 4");
+        let span3 = starts[4] - starts[3];
+        assert!(
+            inflated() < span3 + 20_000,
+            "{} bytes inflated for a read of span 3's end and 10 kB of span 4",
+            inflated()
+        );
+        // On into span 5 from span 4 (cached before this read): a walk.
+        let off = starts[5] - 1000;
+        reader.read_at(&cache, off, &mut buf).unwrap();
+        assert_eq!(&buf[..], &data[off as usize..][..50_000]);
+        assert!(whole(5));
+    }
+
+    /// Cold reads across checkpoints (decoded in two parts at once: the first span, and the
+    /// rest from the next checkpoint) read the right bytes, across one boundary or several,
+    /// whatever part of each span is cached already.
+    #[test]
+    fn cold_reads_across_checkpoints_split_and_match() {
+        let data = pseudo_random(3_000_000, 15);
+        let gz = gzip_members(&[&data]);
+        let cps = checkpoints(&gz, 256 << 10);
+        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
+        let (_dir, reader) = open_layer(&gz, cps, data.len());
+        for (k, &b) in starts.iter().enumerate().skip(1) {
+            for (before, len) in [(1usize, 2usize), (5000, 131_072), (200_000, 400_000)] {
+                let off = b - before as u64;
+                let len = len.min(data.len() - off as usize);
+                let cache = SpanCache::new(64 << 20);
+                if k % 3 == 0 {
+                    // The span after the first partly inflated already.
+                    let mut one = [0u8];
+                    reader.read_at(&cache, b, &mut one).unwrap();
+                }
+                let mut buf = vec![0u8; len];
+                assert_eq!(reader.read_at(&cache, off, &mut buf).unwrap(), len);
+                assert!(buf == data[off as usize..][..len], "at {off}+{len}");
+            }
+        }
     }
 
     /// Jobs decompressing ahead take distinct spans: one being loaded is not offered again.
