@@ -977,6 +977,18 @@ mod tests {
         (dir, reader)
     }
 
+    /// 3 MB of pseudo-random bytes (`seed`) in one gzip member with checkpoints every 256 KiB
+    /// (more than six spans): the bytes, the spans' starts, and a reader of them.
+    fn spans_of_256k(seed: u64) -> (Vec<u8>, Vec<u64>, tempfile::TempDir, LayerReader) {
+        let data = pseudo_random(3_000_000, seed);
+        let gz = gzip_members(&[&data]);
+        let cps = checkpoints(&gz, 256 << 10);
+        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
+        assert!(starts.len() > 6, "{} spans", starts.len());
+        let (dir, reader) = open_layer(&gz, cps, data.len());
+        (data, starts, dir, reader)
+    }
+
     fn gzip_members(parts: &[&[u8]]) -> Vec<u8> {
         gzip_members_at(&parts.iter().map(|p| (*p, 6)).collect::<Vec<_>>())
     }
@@ -1193,12 +1205,7 @@ mod tests {
     /// inflated only as far as it asks. Both read the right bytes.
     #[test]
     fn walking_reads_inflate_spans_whole_and_random_ones_partly() {
-        let data = pseudo_random(3_000_000, 13);
-        let gz = gzip_members(&[&data]);
-        let cps = checkpoints(&gz, 256 << 10);
-        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
-        assert!(starts.len() > 6, "{} spans", starts.len());
-        let (_dir, reader) = open_layer(&gz, cps, data.len());
+        let (data, starts, _dir, reader) = spans_of_256k(13);
         let cache = SpanCache::new(64 << 20);
         let mut buf = vec![0u8; 4096];
         let whole = |i: u32| matches!(cache.get((0, i)), Some(Span::Whole(..)));
@@ -1220,12 +1227,7 @@ mod tests {
     /// A later read that goes on into the span after is a walk, and gets that one whole.
     #[test]
     fn a_read_into_the_next_span_inflates_only_its_start() {
-        let data = pseudo_random(3_000_000, 14);
-        let gz = gzip_members(&[&data]);
-        let cps = checkpoints(&gz, 256 << 10);
-        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
-        assert!(starts.len() > 6, "{} spans", starts.len());
-        let (_dir, reader) = open_layer(&gz, cps, data.len());
+        let (data, starts, _dir, reader) = spans_of_256k(14);
         let cache = SpanCache::new(64 << 20);
         let whole = |i: u32| matches!(cache.get((0, i)), Some(Span::Whole(..)));
         let inflated = || cache.stats.decompressed.load(Ordering::Relaxed);
@@ -1253,11 +1255,7 @@ mod tests {
     /// whatever part of each span is cached already.
     #[test]
     fn cold_reads_across_checkpoints_split_and_match() {
-        let data = pseudo_random(3_000_000, 15);
-        let gz = gzip_members(&[&data]);
-        let cps = checkpoints(&gz, 256 << 10);
-        let starts: Vec<u64> = cps.iter().map(|c| c.uoff).collect();
-        let (_dir, reader) = open_layer(&gz, cps, data.len());
+        let (data, starts, _dir, reader) = spans_of_256k(15);
         for (k, &b) in starts.iter().enumerate().skip(1) {
             for (before, len) in [(1usize, 2usize), (5000, 131_072), (200_000, 400_000)] {
                 let off = b - before as u64;
