@@ -244,19 +244,13 @@ mod tests {
     use std::io::{Read, Write};
 
     fn text(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
-        (0..n)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                if (i / 3000) % 3 == 0 {
-                    x as u8
-                } else {
-                    b"the quick brown fox "[(x % 20) as usize]
-                }
-            })
-            .collect()
+        crate::index::xorshift_bytes(n, &mut { seed }, |i, x| {
+            if (i / 3000) % 3 == 0 {
+                x as u8
+            } else {
+                b"the quick brown fox "[(x % 20) as usize]
+            }
+        })
     }
 
     fn gzip(parts: &[(&[u8], u32)]) -> Vec<u8> {

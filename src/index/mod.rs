@@ -508,6 +508,20 @@ impl LayerIndex {
     }
 }
 
+/// Test bytes from xorshift64 state `x` (carried on across calls): byte `i` is `byte(i, x)`
+/// with `x` the state after its step, so each test picks its own mix of text and noise.
+#[cfg(test)]
+pub(crate) fn xorshift_bytes(n: usize, x: &mut u64, byte: impl Fn(usize, u64) -> u8) -> Vec<u8> {
+    (0..n)
+        .map(|i| {
+            *x ^= *x << 13;
+            *x ^= *x >> 7;
+            *x ^= *x << 17;
+            byte(i, *x)
+        })
+        .collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -521,18 +535,13 @@ mod tests {
         let mut x = 7u64;
         let mut parts = Vec::new();
         for (n, level) in [(3_000_000usize, 6u32), (700_000, 1), (2_000_000, 9)] {
-            let data: Vec<u8> = (0..n)
-                .map(|i| {
-                    x ^= x << 13;
-                    x ^= x >> 7;
-                    x ^= x << 17;
-                    if (i / 7000) % 2 == 0 {
-                        b"tar entry "[(x % 10) as usize]
-                    } else {
-                        x as u8
-                    }
-                })
-                .collect();
+            let data = super::xorshift_bytes(n, &mut x, |i, x| {
+                if (i / 7000) % 2 == 0 {
+                    b"tar entry "[(x % 10) as usize]
+                } else {
+                    x as u8
+                }
+            });
             let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(level));
             e.write_all(&data).unwrap();
             parts.extend(e.finish().unwrap());

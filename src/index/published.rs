@@ -503,15 +503,7 @@ mod tests {
     }
 
     fn noise(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        (0..n)
-            .map(|_| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                (x % 7) as u8 + b'a'
-            })
-            .collect()
+        crate::index::xorshift_bytes(n, &mut { seed | 1 }, |_, x| (x % 7) as u8 + b'a')
     }
 
     /// A gzip layer's index with the given checkpoints (compressed offsets), empty windows

@@ -940,20 +940,14 @@ mod tests {
     use std::io::Write;
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed;
-        (0..n)
-            .map(|i| {
-                x ^= x << 13;
-                x ^= x >> 7;
-                x ^= x << 17;
-                // Half compressible text, half noise, so deflate emits varied blocks.
-                if (i / 5000) % 2 == 0 {
-                    b"abcdefgh"[(x % 8) as usize]
-                } else {
-                    x as u8
-                }
-            })
-            .collect()
+        // Half compressible text, half noise, so deflate emits varied blocks.
+        crate::index::xorshift_bytes(n, &mut { seed }, |i, x| {
+            if (i / 5000) % 2 == 0 {
+                b"abcdefgh"[(x % 8) as usize]
+            } else {
+                x as u8
+            }
+        })
     }
 
     /// Checkpoints of gzip stream `gz`, every `spacing` bytes of output.
