@@ -192,10 +192,6 @@ fn quick_reference(s: &str) -> Option<Reference> {
         _ => (name, None),
     };
     let (domain, repo) = path.split_once('/')?;
-    // (The parser renames Docker Hub's legacy host; left to it.)
-    if domain == "index.docker.io" {
-        return None;
-    }
     let (domain, repo) = (domain.to_string(), repo.to_string());
     Some(match (tag, digest) {
         (Some(t), Some(d)) => Reference::with_tag_and_digest(domain, repo, t, d),
@@ -1135,6 +1131,30 @@ fn with_causes(e: &dyn std::error::Error) -> String {
     out
 }
 
+/// References of every shape (registry with port, nested paths, tags, digests, Docker Hub
+/// short names), for tests of the parsers.
+#[cfg(test)]
+pub(crate) fn sample_references() -> Vec<String> {
+    let d = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
+    vec![
+        "debian".to_string(),
+        "debian:bookworm".into(),
+        "library/debian:12.1".into(),
+        "user/app".into(),
+        "127.0.0.1:5000/library/debian:bookworm".into(),
+        "localhost/app:v1".into(),
+        "localhost:5000/a/b/c:tag_1".into(),
+        "localhost:5000/a".into(),
+        "quay.io/org/app-name.x:V1.2".into(),
+        "docker.io/debian".into(),
+        "index.docker.io/debian".into(),
+        format!("debian@{d}"),
+        format!("localhost:5000/a@{d}"),
+        format!("reg.io/app:v1@{d}"),
+        "my_app__x/y".into(),
+    ]
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1167,23 +1187,7 @@ mod tests {
 
     #[test]
     fn references_built_without_the_regex_are_the_parsers() {
-        let d = "sha256:2cf24dba5fb0a30e26e83b2ac5b9e29e1b161e5c1fa7425e73043362938b9824";
-        for s in [
-            "debian".to_string(),
-            "debian:bookworm".into(),
-            "library/debian:12.1".into(),
-            "user/app".into(),
-            "127.0.0.1:5000/library/debian:bookworm".into(),
-            "localhost/app:v1".into(),
-            "localhost:5000/a/b/c:tag_1".into(),
-            "localhost:5000/a".into(),
-            "quay.io/org/app-name.x:V1.2".into(),
-            "docker.io/debian".into(),
-            "index.docker.io/debian".into(),
-            format!("debian@{d}"),
-            format!("localhost:5000/a@{d}"),
-            format!("reg.io/app:v1@{d}"),
-        ] {
+        for s in sample_references() {
             let full: Reference = s.parse().unwrap();
             let quick = parse_reference(&s).unwrap();
             assert_eq!(
