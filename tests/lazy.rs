@@ -638,6 +638,31 @@ fn mirrors_serve_blobs_and_the_origin_stays_the_fallback() {
     );
 }
 
+/// Starts `python3 SCRIPT PORT ARGS...` on a free loopback port and waits until it accepts.
+fn python_server(script: &Path, args: &[&std::ffi::OsStr]) -> (std::process::Child, u16) {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let child = Command::new("python3")
+        .arg(script)
+        .arg(port.to_string())
+        .args(args)
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "{} did not start",
+            script.display()
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child, port)
+}
+
 /// A registry that answers blob GETs with a redirect (object storage, a CDN): the target is
 /// learned once per blob, and the many range requests of a lazy mount go straight to it.
 #[test]
@@ -666,23 +691,7 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#,
     )
     .unwrap();
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let mut child = Command::new("python3")
-        .arg(&script)
-        .arg(port.to_string())
-        .arg(s.reg.host())
-        .arg(&log)
-        .spawn()
-        .unwrap();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "redirector did not start");
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    let (mut child, port) = python_server(&script, &[s.reg.host().as_ref(), log.as_os_str()]);
     let reference = s
         .pinned
         .replace(&s.reg.host(), &format!("127.0.0.1:{port}"));
@@ -1598,24 +1607,8 @@ http.server.ThreadingHTTPServer(("127.0.0.1", port), H).serve_forever()
 "#,
         )
         .unwrap();
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port();
-        let child = Command::new("python3")
-            .arg(&script)
-            .arg(port.to_string())
-            .arg(target)
-            .arg(&log)
-            .arg(hold)
-            .spawn()
-            .unwrap();
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            assert!(Instant::now() < deadline, "forwarder did not start");
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        let (child, port) =
+            python_server(&script, &[target.as_ref(), log.as_os_str(), hold.as_ref()]);
         RequestLog {
             child,
             port,
