@@ -241,7 +241,7 @@ fn shifted_span_stream(compressed: &[u8], start_bit: u64, end_bit: u64, window: 
 mod tests {
     use super::*;
     use crate::index::gzip::{Checkpoint, GzipReader};
-    use std::io::{Read, Write};
+    use std::io::Read;
 
     fn text(n: usize, seed: u64) -> Vec<u8> {
         crate::index::xorshift_bytes(n, &mut { seed }, |i, x| {
@@ -251,16 +251,6 @@ mod tests {
                 b"the quick brown fox "[(x % 20) as usize]
             }
         })
-    }
-
-    fn gzip(parts: &[(&[u8], u32)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (p, level) in parts {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
-            e.write_all(p).unwrap();
-            out.extend(e.finish().unwrap());
-        }
-        out
     }
 
     /// Every span of a stream of several members, at every bit alignment its checkpoints
@@ -290,7 +280,7 @@ mod tests {
             text(400_000, 3),
             noise,
         ];
-        let gz = gzip(&[
+        let gz = crate::index::gzip_members_at(&[
             (&parts[0], 6),
             (&parts[1], 1),
             (&parts[2], 6),
@@ -385,7 +375,7 @@ mod tests {
     #[test]
     fn a_wrong_length_is_declined() {
         let data = text(300_000, 7);
-        let gz = gzip(&[(&data, 6)]);
+        let gz = crate::index::gzip_members_at(&[(&data, 6)]);
         let mut r = GzipReader::new(&gz[..], Some(64 << 10)).unwrap();
         let mut all = Vec::new();
         r.read_to_end(&mut all).unwrap();

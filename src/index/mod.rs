@@ -522,6 +522,19 @@ pub(crate) fn xorshift_bytes(n: usize, x: &mut u64, byte: impl Fn(usize, u64) ->
         .collect()
 }
 
+/// One gzip member per part, each compressed at its own level.
+#[cfg(test)]
+pub(crate) fn gzip_members_at(parts: &[(&[u8], u32)]) -> Vec<u8> {
+    use std::io::Write;
+    let mut out = Vec::new();
+    for (p, level) in parts {
+        let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
+        e.write_all(p).unwrap();
+        out.extend(e.finish().unwrap());
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -937,7 +937,7 @@ fn eof() -> io::Error {
 mod tests {
     use super::*;
     use crate::index::gzip::GzipReader;
-    use std::io::Write;
+    use crate::index::gzip_members_at;
 
     fn pseudo_random(n: usize, seed: u64) -> Vec<u8> {
         // Half compressible text, half noise, so deflate emits varied blocks.
@@ -985,17 +985,6 @@ mod tests {
 
     fn gzip_members(parts: &[&[u8]]) -> Vec<u8> {
         gzip_members_at(&parts.iter().map(|p| (*p, 6)).collect::<Vec<_>>())
-    }
-
-    /// One gzip member per part, each compressed at its own level.
-    fn gzip_members_at(parts: &[(&[u8], u32)]) -> Vec<u8> {
-        let mut out = Vec::new();
-        for (p, level) in parts {
-            let mut e = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(*level));
-            e.write_all(p).unwrap();
-            out.extend(e.finish().unwrap());
-        }
-        out
     }
 
     /// A gzip stream that is one fixed-Huffman deflate block of `groups` runs: a literal
