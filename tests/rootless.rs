@@ -824,3 +824,106 @@ fn a_users_foreground_mount_unmounts_itself_on_a_signal() {
         assert!(!is_mounted(&user.home().join("fg")), "{flags}: {out}");
     }
 }
+
+/// The state letter of process `pid` (`None`: no such process).
+fn process_state(pid: &str) -> Option<char> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.trim_start().chars().next()
+}
+
+/// A user's image server that hangs (stopped) rather than dies does not hold its mounts' reads
+/// for good: a read through it waits a few seconds, then its worker is ended and another takes
+/// over the connection (the read is answered by it, the page cache still shared); with the
+/// supervisor stopped too, it is ended as well and the mount decodes the file itself.
+#[test]
+fn a_users_reads_go_on_when_the_image_server_hangs() {
+    need("fusermount3");
+    need("fincore");
+    let files: Vec<Vec<u8>> = (0..3u32)
+        .map(|k| {
+            (0..4u32 << 20)
+                .map(|i| ((i ^ (k * 7919)).wrapping_mul(2_654_435_761) >> 13) as u8)
+                .collect()
+        })
+        .collect();
+    let sums: Vec<String> = files
+        .iter()
+        .map(|f| format!("{}  -\n", sha256_hex(f)))
+        .collect();
+    // The user's own files (fincore tells of no other's pages, see above).
+    let user = AsUser::new();
+    // Were the servers not ended, the reads would wait for good (and a FUSE read is deaf to
+    // `timeout`): end them after 90 s, for the test to fail rather than hang.
+    let store = user.home().join(".local/share/bux-fuse");
+    std::thread::spawn(move || {
+        std::thread::sleep(std::time::Duration::from_secs(90));
+        let pattern = format!("--store {} serve-shared", store.display());
+        let _ = std::process::Command::new("pkill")
+            .args(["-9", "-f", "--", &pattern])
+            .status();
+    });
+    let own = user.uid as u64;
+    let l = LayerBuilder::new()
+        .file_with("data/a", &files[0], 0o644, own, own)
+        .file_with("data/b", &files[1], 0o644, own, own)
+        .file_with("data/c", &files[2], 0o644, own, own)
+        .finish();
+    let reg = Registry::start();
+    let r = pushed_image(&reg, "t/rootless-hung", &Image::new(vec![(l, Comp::Gzip)]));
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
+    ));
+    let shared = shared_mounts(&user);
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    let place = shared[0].parent().unwrap().to_path_buf();
+    let pid = |f: &str| {
+        std::fs::read_to_string(place.join(f))
+            .unwrap()
+            .trim()
+            .to_string()
+    };
+    let signal = |sig: &str, pid: &str| {
+        let st = std::process::Command::new("kill")
+            .args([sig, pid])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    assert_eq!(user.ok("sha256sum < m/data/a"), sums[0]);
+
+    // The worker stopped: another takes over, and answers.
+    let (supervisor, worker) = (pid("pid"), pid("worker-pid"));
+    signal("-STOP", &worker);
+    assert_eq!(user.ok("timeout 60 sha256sum < m/data/b"), sums[1]);
+    assert_eq!(process_state(&worker), None, "the stopped worker was ended");
+    let second = pid("worker-pid");
+    assert_ne!(second, worker);
+    assert_eq!(process_state(&supervisor).map(|s| s != 'Z'), Some(true));
+    assert_eq!(shared_mounts(&user), shared);
+    let resident = user.ok(&format!(
+        "fincore -bno RES {}/data/b | tr -d ' '",
+        shared[0].display()
+    ));
+    assert_ne!(resident.trim(), "0", "read through the shared mount");
+
+    // Supervisor and worker stopped: both are ended, and the mount decodes the file itself.
+    signal("-STOP", &supervisor);
+    signal("-STOP", &second);
+    assert_eq!(user.ok("timeout 60 sha256sum < m/data/c"), sums[2]);
+    assert_eq!(process_state(&supervisor), None, "the supervisor was ended");
+    assert!(
+        matches!(process_state(&second), None | Some('Z')),
+        "the worker was ended"
+    );
+    assert_eq!(
+        user.ok("sha256sum < m/data/a && sha256sum < m/data/b"),
+        sums[..2].concat()
+    );
+    // The dead server's mount goes with `gc` once unused; the next mount starts a new server.
+    user.ok("$BUX umount m && $BUX -q gc");
+    assert_eq!(shared_mounts(&user), Vec::<std::path::PathBuf>::new());
+    user.ok(&format!("$BUX -q mount --writable {r} m"));
+    assert_eq!(user.ok("sha256sum < m/data/c"), sums[2]);
+    assert_eq!(shared_mounts(&user), shared);
+    user.ok("$BUX umount m");
+}

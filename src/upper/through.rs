@@ -6,15 +6,17 @@
 //! their reads are served from the same file in the image's shared mount
 //! (`$STORE/shared/<image>/mnt`, [`crate::mount::shared`]), whose one page cache all of the
 //! user's mounts of the image share. Its server decodes each span once for all of them.
-//! A read the shared mount cannot serve (its server gone) is decoded here instead.
+//! A read the shared mount cannot serve (its server gone) is decoded here instead; one it
+//! holds up (its server hung) is ended by ending the server (`watch`).
 
+use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant};
 
 /// Files of at most this many bytes are read (and cached) by each mount itself: 87% of the
@@ -27,6 +29,14 @@ pub const THROUGH_MIN: u64 = 32 << 10;
 /// After a read the shared mount failed, reads go around it this long (its server gone, say:
 /// no path walk and failing open per read), then try it again.
 const SUSPECT: Duration = Duration::from_secs(10);
+
+/// A read through the shared mount waiting this long has its server taken for hung, and
+/// ended (see `crate::mount::shared::end_hung_server`): a decode of one span takes
+/// milliseconds, and a worker the supervisor has just started is given as long.
+pub const HUNG: Duration = Duration::from_secs(5);
+
+/// How often reads under way are looked at.
+const WATCH_TICK: Duration = Duration::from_millis(500);
 
 /// Image files kept open in the shared mount, by image inode.
 const OPEN_FILES: usize = 256;
@@ -59,20 +69,119 @@ pub struct Through {
     /// Off for good: the kernel cannot map files opened with direct I/O shared (before
     /// Linux 6.6), so none are.
     off: AtomicBool,
-    /// When a read through the shared mount last failed.
+    /// What the watching thread shares.
+    reads: Arc<Reads>,
+}
+
+/// Reads through the shared mount, watched for a hung server.
+#[derive(Default)]
+struct Reads {
+    /// Reads under way (opening the file too): when each began, by a number of its own.
+    under_way: Mutex<HashMap<u64, Instant>>,
+    next: AtomicU64,
+    /// When a read through the shared mount last failed (or was found held up).
     failed: Mutex<Option<Instant>>,
+}
+
+/// A read under way (its number, when it began), until dropped.
+struct UnderWay<'a>(&'a Reads, u64, Instant);
+
+impl Drop for UnderWay<'_> {
+    fn drop(&mut self) {
+        self.0.lock_under_way().remove(&self.1);
+    }
+}
+
+impl Reads {
+    fn start(&self) -> UnderWay<'_> {
+        let (n, now) = (self.next.fetch_add(1, Ordering::Relaxed), Instant::now());
+        self.lock_under_way().insert(n, now);
+        UnderWay(self, n, now)
+    }
+
+    /// A read that began at `began` was answered: if it was one found held up, the server is
+    /// back (another worker took over), and reads go through it again at once.
+    fn answered(&self, began: Instant) {
+        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        if failed.is_some_and(|t| began < t) {
+            *failed = None;
+        }
+    }
+
+    fn lock_under_way(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
+        self.under_way.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn failed(&self) {
+        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// How long the oldest read under way has waited.
+    fn longest_wait(&self) -> Option<Duration> {
+        self.lock_under_way().values().min().map(Instant::elapsed)
+    }
+}
+
+/// Watches the reads through the shared mount at `mnt` while they are: one held up for
+/// [`HUNG`] sends later reads around the mount (for [`SUSPECT`]) and ends the server's worker
+/// (its supervisor starts another, which the kernel resends the reads to); no worker back
+/// within half of that, the supervisor (the connection ends; the reads fail and are decoded
+/// here).
+fn watch(reads: Weak<Reads>, mnt: PathBuf) {
+    use crate::mount::shared::{end_hung_server, Ended};
+    let mut no_worker_since: Option<Instant> = None;
+    loop {
+        std::thread::sleep(WATCH_TICK);
+        let Some(reads) = reads.upgrade() else {
+            return; // the mount is gone
+        };
+        if reads.longest_wait().is_none_or(|w| w < HUNG) {
+            no_worker_since = None;
+            continue;
+        }
+        reads.failed();
+        let supervisor = no_worker_since.is_some_and(|t| t.elapsed() >= HUNG / 2);
+        match end_hung_server(&mnt, HUNG, supervisor) {
+            Ended::Worker => {
+                tracing::warn!(
+                    "a read through {} waited {HUNG:?}: its server's worker was ended",
+                    mnt.display()
+                );
+                no_worker_since = None;
+            }
+            Ended::Supervisor => {
+                tracing::warn!(
+                    "no worker came back to {}: its server was ended (image files are decoded here)",
+                    mnt.display()
+                );
+                no_worker_since = None;
+            }
+            Ended::NoWorker => {
+                no_worker_since.get_or_insert_with(Instant::now);
+            }
+            Ended::Nothing => no_worker_since = None,
+        }
+    }
 }
 
 impl Through {
     /// Reads through the shared mount at `mnt`; `holder` keeps its server up while held.
     pub fn new(mnt: PathBuf, holder: File) -> Through {
         let n = std::num::NonZeroUsize::new(OPEN_FILES).expect("not zero");
+        let reads = Arc::new(Reads::default());
+        let (watched, at) = (Arc::downgrade(&reads), mnt.clone());
+        if let Err(e) = std::thread::Builder::new()
+            .name("bux-fuse-watch".into())
+            .spawn(move || watch(watched, at))
+        {
+            tracing::warn!("watching reads through the shared mount: {e}");
+        }
         Through {
             mnt,
             _holder: holder,
             files: Mutex::new(lru::LruCache::new(n)),
             off: AtomicBool::new(false),
-            failed: Mutex::new(None),
+            reads,
         }
     }
 
@@ -84,7 +193,7 @@ impl Through {
     /// Whether files are read through the shared mount now: on, and no read failed there
     /// in the last [`SUSPECT`].
     pub fn usable(&self) -> bool {
-        let failed = *self.failed.lock().unwrap_or_else(|p| p.into_inner());
+        let failed = *self.reads.failed.lock().unwrap_or_else(|p| p.into_inner());
         !self.off.load(Ordering::Relaxed) && failed.is_none_or(|t| t.elapsed() > SUSPECT)
     }
 
@@ -100,13 +209,17 @@ impl Through {
         if !self.usable() {
             return None;
         }
+        let under_way = self.reads.start();
         let Some(f) = self.file(ino, path) else {
             self.failed();
             return None;
         };
         f.read_ahead(offset, size);
         match super::disk::read_at_most(&f.file, offset, size) {
-            Ok(buf) => Some(buf),
+            Ok(buf) => {
+                self.reads.answered(under_way.2);
+                Some(buf)
+            }
             Err(e) => {
                 tracing::debug!("reading image inode {ino} through the shared mount: {e}");
                 // Opened anew next time (another mount of the image may have started a new
@@ -142,7 +255,7 @@ impl Through {
     }
 
     fn failed(&self) {
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+        self.reads.failed();
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, lru::LruCache<u64, Arc<Opened>>> {

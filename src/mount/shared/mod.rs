@@ -30,11 +30,13 @@ use super::{kernel_mount, table};
 use crate::store::ImageRecord;
 use crate::{Digest, Error, Result, Store};
 
+mod hung;
 mod kernel_meta;
 mod spawn;
 mod stats;
 mod supervisor;
 mod worker;
+pub(crate) use hung::{end_hung_server, Ended};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
 
