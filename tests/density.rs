@@ -766,6 +766,43 @@ fn an_image_the_metadata_image_cannot_carry_is_served_by_fuse() {
 /// supervisor leased, not by the name in `images.json`: here the name was re-tagged to another
 /// image and then removed with `rm --force`. Before the fix the new worker could not find
 /// the image, the supervisor retried every second forever, and every read hung.
+/// A worker that hangs (stopped) rather than dies is ended by its supervisor, whose probe it
+/// no longer answers, and another takes over the connection: a VM's read waiting on the
+/// stopped one is answered, with the right bytes.
+#[test]
+fn a_stopped_worker_is_replaced_under_its_mounts() {
+    let reg = Registry::start();
+    let r = image(&reg, "t/stopped");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let rw = dir.path().join("rw");
+    let _guard = Mounted::new(&bux, &r, rw.clone(), true);
+    let expect = test_bytes(3 << 20, 7);
+    let w = worker(bux.store.path());
+    std::fs::write("/proc/sys/vm/drop_caches", "3").unwrap();
+    Command::new("kill")
+        .args(["-STOP", &w.to_string()])
+        .status()
+        .unwrap();
+    // Should the worker not be ended, the read would wait for good: end it after 90 s, for
+    // the test to fail rather than hang.
+    let reader = std::thread::spawn(move || std::fs::read(rw.join("big.bin")).unwrap());
+    let t = Instant::now();
+    while !reader.is_finished() && t.elapsed() < Duration::from_secs(90) {
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let finished = reader.is_finished();
+    if !finished {
+        let _ = Command::new("kill").args(["-9", &w.to_string()]).status();
+    }
+    assert!(reader.join().unwrap() == expect, "the right bytes");
+    assert!(finished, "the read waited 90 s");
+    assert_ne!(worker(bux.store.path()), w, "another worker");
+    let logs = server_logs(&bux);
+    assert!(logs.contains("answered nothing"), "{logs}");
+}
+
 #[test]
 fn a_restarted_worker_serves_its_image_after_a_retag_and_rm_force() {
     let reg = Registry::start();

@@ -30,11 +30,6 @@ pub const THROUGH_MIN: u64 = 32 << 10;
 /// no path walk and failing open per read), then try it again.
 const SUSPECT: Duration = Duration::from_secs(10);
 
-/// A read through the shared mount waiting this long has its server taken for hung, and
-/// ended (see `crate::mount::shared::end_hung_server`): a decode of one span takes
-/// milliseconds, and a worker the supervisor has just started is given as long.
-pub const HUNG: Duration = Duration::from_secs(5);
-
 /// How often reads under way are looked at.
 const WATCH_TICK: Duration = Duration::from_millis(500);
 
@@ -123,12 +118,12 @@ impl Reads {
 }
 
 /// Watches the reads through the shared mount at `mnt` while they are: one held up for
-/// [`HUNG`] sends later reads around the mount (for [`SUSPECT`]) and ends the server's worker
+/// `HUNG` (5 s) sends later reads around the mount (for [`SUSPECT`]) and ends the server's worker
 /// (its supervisor starts another, which the kernel resends the reads to); no worker back
 /// within half of that, the supervisor (the connection ends; the reads fail and are decoded
 /// here).
 fn watch(reads: Weak<Reads>, mnt: PathBuf) {
-    use crate::mount::shared::{end_hung_server, Ended};
+    use crate::mount::shared::{end_hung_server, Ended, HUNG};
     let mut no_worker_since: Option<Instant> = None;
     loop {
         std::thread::sleep(WATCH_TICK);

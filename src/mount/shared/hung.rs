@@ -14,6 +14,10 @@ use std::time::{Duration, SystemTime};
 
 use super::{read_pid, Place};
 
+/// A request to an image server unanswered this long has its worker taken for hung, and
+/// ended: decoding one span takes milliseconds, and a worker just started is given as long.
+pub(crate) const HUNG: Duration = Duration::from_secs(5);
+
 /// What [`end_hung_server`] did.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum Ended {

@@ -32,11 +32,12 @@ use crate::{Digest, Error, Result, Store};
 
 mod hung;
 mod kernel_meta;
+mod probe;
 mod spawn;
 mod stats;
 mod supervisor;
 mod worker;
-pub(crate) use hung::{end_hung_server, Ended};
+pub(crate) use hung::{end_hung_server, Ended, HUNG};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
 

@@ -9,8 +9,8 @@ use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use super::{
-    find_record, kernel_meta, open_readers, silence_stdout, spawn, users, wait_for_mount_change,
-    Place,
+    find_record, kernel_meta, open_readers, probe::Probe, silence_stdout, spawn, users,
+    wait_for_mount_change, Place, HUNG,
 };
 use crate::mount::{connect, is_mount_point};
 use crate::{Digest, Error, Result, Store};
@@ -52,6 +52,7 @@ pub fn supervise(
     let fd = connect::connect(&mnt, &request).map_err(mount_err)?;
     let exe = std::env::current_exe().map_err(|e| Error::io("finding own executable", e))?;
     let mut resume = false;
+    let mut probe = None;
     let mut restarts: Vec<Instant> = Vec::new();
     let mut failures = 0u32;
     loop {
@@ -83,6 +84,7 @@ pub fn supervise(
             }
         };
         failures = 0;
+        let started = Instant::now();
         if !resume {
             crate::mount::raise_readahead(&mnt);
             match disk {
@@ -97,9 +99,20 @@ pub fn supervise(
             let _ = std::io::stdout().flush();
             silence_stdout();
         }
+        let probe: &Probe = probe.get_or_insert_with(|| Probe::start(mnt.clone()));
+        let mut ended = false;
         let outcome = watch(store, &place, &readers, || {
             if stop.load(Ordering::SeqCst) {
                 return Some(Outcome::Stop);
+            }
+            // A worker that answers nothing for HUNG (given as long to start) is ended: the
+            // next one gets what it held.
+            let hung = probe.waiting().is_some_and(|w| w >= HUNG) && started.elapsed() >= HUNG;
+            if hung && !ended {
+                tracing::warn!("the image server worker answered nothing for {HUNG:?}: ending it");
+                // SAFETY: signalling our own child, not yet reaped.
+                unsafe { libc::kill(worker.id() as i32, libc::SIGKILL) };
+                ended = true;
             }
             match worker.try_wait() {
                 Ok(Some(status)) => Some(Outcome::WorkerDied(status)),
