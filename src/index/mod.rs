@@ -19,6 +19,7 @@ pub(crate) mod gzip_whole;
 pub mod published;
 pub mod reader;
 pub mod small;
+pub mod span_cache;
 pub mod tar_scan;
 pub mod zstd_frames;
 
@@ -28,7 +29,8 @@ use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
-pub use reader::{LayerReader, SpanCache};
+pub use reader::LayerReader;
+pub use span_cache::{ReadStats, SpanCache};
 pub use tar_scan::{EntryKind, Extent, TarEntry};
 
 use crate::digest::Hasher;

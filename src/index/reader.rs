@@ -1,19 +1,18 @@
 //! Reading byte ranges of a layer's uncompressed stream from its blob, by decompressing only the
 //! spans (between two checkpoints, or one zstd frame) that hold them. Decompressed spans are kept
-//! in a cache bounded in bytes and shared by all layers of a mount.
+//! in a cache bounded in bytes and shared by all layers of a mount (`span_cache`).
 
 use std::fs::File;
 use std::io::{self, Read};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-
-use lru::LruCache;
 
 use super::blob::{Blob, LocalBlob};
 use super::gzip::{Checkpoint, GzipReader};
+use super::span_cache::{GzipSpan, GzipSpanState, Span, SpanCache};
 use super::Access;
 
 /// Spans larger than this (only a hostile or very odd gzip stream has them: one deflate block
@@ -33,236 +32,6 @@ const WHOLE_SPEEDUP_PCT: u64 = 130;
 /// waste nothing much when the walk stops.
 pub const AHEAD_SPANS: usize = (2 << 20) / super::GZIP_SPACING as usize;
 
-/// Counters of the read path.
-#[derive(Debug, Default)]
-pub struct ReadStats {
-    /// Bytes produced by decompression.
-    pub decompressed: AtomicU64,
-    /// Span lookups answered from the cache.
-    pub hits: AtomicU64,
-    /// Span lookups that had to decompress.
-    pub misses: AtomicU64,
-    /// Bytes read from blob files.
-    pub blob_bytes: AtomicU64,
-    /// Lookups the kernel sent (the FUSE layer counts them here, with the read counters).
-    pub lookups: AtomicU64,
-}
-
-/// Decompressed spans, least recently used evicted first, bounded by total bytes.
-pub struct SpanCache {
-    inner: Mutex<CacheInner>,
-    limit: usize,
-    /// Spans being decompressed: a second reader of one waits for it rather than doing the
-    /// same work (a program's threads, or the kernel's read-ahead, often ask at once).
-    loading: Mutex<std::collections::HashSet<(u32, u32)>>,
-    loaded: std::sync::Condvar,
-    /// Counters.
-    pub stats: ReadStats,
-}
-
-/// Marks a span as being loaded; dropping it (loaded or failed) lets waiters go on.
-struct Loading<'a> {
-    cache: &'a SpanCache,
-    key: (u32, u32),
-}
-
-impl Drop for Loading<'_> {
-    fn drop(&mut self) {
-        let mut set = self.cache.loading.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.key);
-        self.cache.loaded.notify_all();
-    }
-}
-
-struct CacheInner {
-    lru: LruCache<(u32, u32), Span>,
-    bytes: usize,
-}
-
-/// A cached span: decompressed whole, or a gzip span inflated only as far as reads have asked
-/// (a random read pays for the bytes up to its end, not for the whole span; the next read
-/// further on goes on from there).
-#[derive(Clone)]
-enum Span {
-    /// The span's bytes from the given offset on (before it, libdeflate's output starts with
-    /// the checkpoint's window: left there rather than moved out of the way).
-    Whole(Arc<Vec<u8>>, usize),
-    Gzip(Arc<GzipSpan>),
-}
-
-impl Span {
-    /// Bytes it takes once whole (what the cache counts from the start).
-    fn len(&self) -> usize {
-        match self {
-            Span::Whole(v, _) => v.len(),
-            Span::Gzip(g) => g.len,
-        }
-    }
-}
-
-/// A gzip span and the inflater that goes on filling it.
-struct GzipSpan {
-    len: usize,
-    state: Mutex<GzipSpanState>,
-}
-
-struct GzipSpanState {
-    /// What is inflated so far (the span's first `bytes.len()` bytes).
-    bytes: Vec<u8>,
-    /// Where inflating goes on (`None` once the span is whole, or after an error).
-    gz: Option<GzipReader<BlobReader>>,
-}
-
-impl GzipSpan {
-    /// Copies the span's bytes at `at` into `out` if they are inflated already and no reader
-    /// is inflating the span (never waits).
-    fn copy_decoded(&self, at: usize, out: &mut [u8]) -> io::Result<()> {
-        let st = self.state.try_lock().map_err(|_| would_block())?;
-        let bytes = st.bytes.get(at..at + out.len()).ok_or_else(would_block)?;
-        out.copy_from_slice(bytes);
-        Ok(())
-    }
-
-    /// Copies the span's bytes at `at` into `out`, inflating on as far as they end.
-    fn copy_to(&self, at: usize, out: &mut [u8], stats: &ReadStats) -> io::Result<()> {
-        let end = at + out.len();
-        if end > self.len {
-            return Err(eof());
-        }
-        let mut st = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let have = st.bytes.len();
-        if have < end {
-            let st = &mut *st;
-            let gz = st
-                .gz
-                .as_mut()
-                .ok_or_else(|| io::Error::other("span inflater failed earlier"))?;
-            if let Err(e) = gz.read_append(&mut st.bytes, end - have) {
-                st.bytes.truncate(have);
-                st.gz = None;
-                return Err(e);
-            }
-            stats
-                .decompressed
-                .fetch_add((end - have) as u64, Ordering::Relaxed);
-            if end == self.len {
-                st.gz = None;
-            }
-        }
-        out.copy_from_slice(&st.bytes[at..end]);
-        Ok(())
-    }
-}
-
-impl SpanCache {
-    /// A cache holding at most `limit` bytes of decompressed data.
-    pub fn new(limit: usize) -> SpanCache {
-        SpanCache {
-            inner: Mutex::new(CacheInner {
-                lru: LruCache::unbounded(),
-                bytes: 0,
-            }),
-            limit,
-            loading: Mutex::new(Default::default()),
-            loaded: std::sync::Condvar::new(),
-            stats: ReadStats::default(),
-        }
-    }
-
-    /// The cached span `key`, or the right to load it: waits while another reader loads it.
-    fn get_or_claim(&self, key: (u32, u32)) -> Result<Span, Loading<'_>> {
-        // A hit (most reads) takes the cache's lock only.
-        if let Some(span) = self.get(key) {
-            return Ok(span);
-        }
-        let mut set = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-        loop {
-            if let Some(span) = self.get(key) {
-                return Ok(span);
-            }
-            if set.insert(key) {
-                return Err(Loading { cache: self, key });
-            }
-            set = self.loaded.wait(set).unwrap_or_else(|p| p.into_inner());
-        }
-    }
-
-    /// Whether span `key` is cached and decompressed to its end (without making it recently
-    /// used; a span being inflated right now is not).
-    fn is_whole(&self, key: (u32, u32)) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match inner.lru.peek(&key) {
-            Some(Span::Whole(..)) => true,
-            Some(Span::Gzip(g)) => g.state.try_lock().is_ok_and(|st| st.bytes.len() == g.len),
-            None => false,
-        }
-    }
-
-    /// The first span of layer `id` in `spans` neither cached nor being loaded (nothing is
-    /// made recently used): what a job decompressing ahead takes next, not one another job
-    /// (or a read) is on.
-    fn first_uncached(&self, id: u32, spans: std::ops::RangeInclusive<u32>) -> Option<u32> {
-        let loading = self.loading.lock().unwrap_or_else(|p| p.into_inner());
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        spans
-            .into_iter()
-            .find(|&k| !inner.lru.contains(&(id, k)) && !loading.contains(&(id, k)))
-    }
-
-    /// Span `key` if it is cached decompressed whole: its bytes and where the span starts in
-    /// them (without making it recently used).
-    fn peek_whole(&self, key: (u32, u32)) -> Option<(Arc<Vec<u8>>, usize)> {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        match inner.lru.peek(&key) {
-            Some(Span::Whole(bytes, from)) => Some((bytes.clone(), *from)),
-            _ => None,
-        }
-    }
-
-    /// Whether span `key` is cached (without making it recently used).
-    fn contains(&self, key: (u32, u32)) -> bool {
-        let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.lru.contains(&key)
-    }
-
-    fn get(&self, key: (u32, u32)) -> Option<Span> {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        inner.lru.get(&key).cloned()
-    }
-
-    fn remove(&self, key: (u32, u32)) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = inner.lru.pop(&key) {
-            inner.bytes -= old.len();
-        }
-    }
-
-    fn insert(&self, key: (u32, u32), span: Span) {
-        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some(old) = inner.lru.put(key, span.clone()) {
-            inner.bytes -= old.len();
-        }
-        inner.bytes += span.len();
-        while inner.bytes > self.limit {
-            match inner.lru.pop_lru() {
-                Some((_, old)) => inner.bytes -= old.len(),
-                None => break,
-            }
-        }
-    }
-
-    /// Bytes currently cached.
-    pub fn bytes(&self) -> usize {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).bytes
-    }
-}
-
-impl Default for SpanCache {
-    fn default() -> Self {
-        SpanCache::new(64 << 20)
-    }
-}
-
 /// Sequential reads from a position of a file shared between threads (positional I/O).
 pub(crate) struct PosReader<'a> {
     pub(crate) file: &'a File,
@@ -281,7 +50,7 @@ impl Read for PosReader<'_> {
 /// a span's last byte inflate goes on to parse the next block's header, which lies past the
 /// bytes fetched for this span; stopping the input there keeps it from reading (and choking
 /// on) what is not there yet.
-struct BlobReader {
+pub(super) struct BlobReader {
     blob: Arc<dyn Blob>,
     pos: u64,
     end: u64,
@@ -922,14 +691,14 @@ impl LayerReader {
     }
 }
 
-fn would_block() -> io::Error {
+pub(super) fn would_block() -> io::Error {
     io::Error::new(
         io::ErrorKind::WouldBlock,
         "the bytes are not decompressed yet",
     )
 }
 
-fn eof() -> io::Error {
+pub(super) fn eof() -> io::Error {
     io::Error::new(io::ErrorKind::UnexpectedEof, "layer stream ends early")
 }
 
