@@ -927,3 +927,90 @@ fn a_users_reads_go_on_when_the_image_server_hangs() {
     assert_eq!(shared_mounts(&user), shared);
     user.ok("$BUX umount m");
 }
+
+/// The kernel's trace of FUSE requests sent on one connection, in a tracing instance of its own
+/// (tests beside this one send requests of their own; the global buffer stays untouched).
+struct FuseTrace {
+    dir: std::path::PathBuf,
+}
+
+impl FuseTrace {
+    /// Traces requests to the FUSE mount of device number `dev`; `None` where the kernel has
+    /// no FUSE trace events (before Linux 6.14) or tracefs is not mounted.
+    fn start(dev: u64) -> Option<FuseTrace> {
+        let root = std::path::Path::new("/sys/kernel/tracing");
+        if !root.join("events/fuse/fuse_request_send").exists() {
+            return None;
+        }
+        let dir = root.join(format!("instances/bux-fuse-test-{}", std::process::id()));
+        std::fs::create_dir(&dir).ok()?;
+        let event = dir.join("events/fuse/fuse_request_send");
+        std::fs::write(event.join("filter"), format!("connection == {dev}")).unwrap();
+        std::fs::write(event.join("enable"), "1").unwrap();
+        Some(FuseTrace { dir })
+    }
+
+    /// How many requests of `opcode` (e.g. `FUSE_LOOKUP`) were sent so far.
+    fn count(&self, opcode: &str) -> usize {
+        let trace = std::fs::read_to_string(self.dir.join("trace")).unwrap();
+        trace.matches(&format!("({opcode})")).count()
+    }
+}
+
+impl Drop for FuseTrace {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.dir.join("events/fuse/fuse_request_send/enable"), "0");
+        let _ = std::fs::remove_dir(&self.dir);
+    }
+}
+
+/// A listing of a user's writable mount carries its entries' attributes (readdirplus): `ls -l`
+/// of a directory sends no lookup per entry. Entries the kernel learnt that way are counted as
+/// looked up: with the kernel's caches dropped (it forgets them), names removed, renamed and
+/// linked since still serve the right files.
+#[test]
+fn a_users_writable_listing_carries_its_entries_attributes() {
+    need("fusermount3");
+    const N: usize = 60;
+    let mut l = LayerBuilder::new().dir("d", 0o755);
+    for i in 0..N {
+        l = l.file(&format!("d/f{i}"), format!("{i}\n").as_bytes());
+    }
+    let reg = Registry::start();
+    let r = pushed_image(
+        &reg,
+        "t/rootless-rdplus",
+        &Image::new(vec![(l.finish(), Comp::Gzip)]),
+    );
+    let user = AsUser::new();
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
+    ));
+    user.ok("echo new > m/d/new && ln m/d/f1 m/d/link && mv m/d/f2 m/d/moved && rm m/d/f3");
+    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    // (Only the user may stat the mount.)
+    let dev: u64 = user.ok("stat -c %d m").trim().parse().unwrap();
+    let Some(trace) = FuseTrace::start(dev) else {
+        eprintln!("skipped: no FUSE trace events in this kernel");
+        user.ok("$BUX umount m");
+        return;
+    };
+    let listed = user.ok("ls -l m/d | tail -n +2 | wc -l");
+    assert_eq!(listed.trim(), (N + 1).to_string(), "60 - f3 + new + link");
+    let lookups = trace.count("FUSE_LOOKUP");
+    assert!(
+        lookups < 5 && trace.count("FUSE_READDIRPLUS") > 0,
+        "{lookups} lookups for {N} entries"
+    );
+    drop(trace);
+    // Forgotten and found again: each name its file.
+    for _ in 0..2 {
+        std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+        let out = user.ok(
+            "ls m/d >/dev/null && cat m/d/f0 m/d/f1 m/d/link m/d/moved m/d/new && \
+             stat -c %h m/d/f1 && ls m/d/f2 m/d/f3 2>&1 | wc -l",
+        );
+        assert_eq!(out, "0\n1\n1\n2\nnew\n2\n2\n");
+    }
+    user.ok("$BUX umount m");
+}

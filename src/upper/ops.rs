@@ -2,8 +2,8 @@
 
 use fuser::{
     AccessFlags, FileHandle, Filesystem, FopenFlags, Generation, INodeNo, KernelConfig, LockOwner,
-    OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyEmpty,
-    ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, WriteFlags,
+    OpenAccMode, OpenFlags, ReplyAttr, ReplyCreate, ReplyData, ReplyDirectory, ReplyDirectoryPlus,
+    ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyWrite, ReplyXattr, WriteFlags,
 };
 
 use std::sync::atomic::Ordering;
@@ -20,6 +20,17 @@ impl Filesystem for UpperFs {
         let no_open =
             caps.contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT) && self.through.is_none();
         self.no_open.store(no_open, Ordering::Relaxed);
+        if !self.others {
+            // Listings carry their entries' attributes: a walk (`tar`, `ls -l`, `cp -a`) then
+            // sends no lookup per entry. Not where others' requests are checked: a name the
+            // kernel caches is never asked about again, so its search permission would not be.
+            for cap in [
+                fuser::InitFlags::FUSE_DO_READDIRPLUS,
+                fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+            ] {
+                let _ = config.add_capabilities(cap);
+            }
+        }
         if let Some(t) = &self.through {
             // Files opened with direct I/O can be mapped shared only with this (Linux 6.6+;
             // private mappings, ld.so's, always can): without it, none are.
@@ -559,6 +570,38 @@ impl Filesystem for UpperFs {
         for (k, (ino, kind, name)) in list.iter().enumerate().skip(offset as usize) {
             if reply.add(INodeNo(*ino), k as u64 + 1, *kind, name) {
                 break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let list = match self.listing_from(ino.0, offset) {
+            Ok(l) => l,
+            Err(e) => return reply.error(e),
+        };
+        let mut st = self.state();
+        for (k, (n, _, name)) in list.iter().enumerate().skip(offset as usize) {
+            // An entry gone since the listing was made is left out.
+            let Ok(a) = self.attr(&st, *n) else {
+                continue;
+            };
+            if reply.add(INodeNo(*n), k as u64 + 1, name, &TTL, &a, Generation(0)) {
+                break; // full: this one was not sent
+            }
+            // Sent as an entry, which the kernel counts as a lookup (not "." and "..", which
+            // it never links).
+            if k >= 2 {
+                if let Ok(node) = st.at(*n) {
+                    node.lookups += 1;
+                }
             }
         }
         reply.ok();
