@@ -117,45 +117,84 @@ impl Reads {
     }
 }
 
-/// Watches the reads through the shared mount at `mnt` while they are: one held up for
-/// `HUNG` (5 s) sends later reads around the mount (for [`SUSPECT`]) and ends the server's worker
-/// (its supervisor starts another, which the kernel resends the reads to); no worker back
-/// within half of that, the supervisor (the connection ends; the reads fail and are decoded
-/// here).
+/// Watches the reads through the shared mount at `mnt`. A read held up for `HUNG` (5 s) while
+/// the server shows no progress for as long (its read counters unchanged: a slow or throttled
+/// server that answers anyone is left alone) sends later reads around the mount (for
+/// [`SUSPECT`]) and ends the server's worker: its supervisor starts another, which the kernel
+/// resends the held reads to. If that brings no progress within `HUNG` more (the supervisor
+/// stopped too, or the server frozen), the connection is ended: the reads fail and are
+/// decoded here.
 fn watch(reads: Weak<Reads>, mnt: PathBuf) {
-    use crate::mount::shared::{end_hung_server, Ended, HUNG};
-    let mut no_worker_since: Option<Instant> = None;
+    use crate::mount::shared::{end_hung_server, progress, Ended, HUNG};
+    // The server's progress report as last read, and when it last changed.
+    let mut seen: (Option<Vec<u8>>, Instant) = (None, Instant::now());
+    // When this mount last ended something of the server's.
+    let mut ended: Option<Instant> = None;
     loop {
         std::thread::sleep(WATCH_TICK);
         let Some(reads) = reads.upgrade() else {
             return; // the mount is gone
         };
-        if reads.longest_wait().is_none_or(|w| w < HUNG) {
-            no_worker_since = None;
-            continue;
+        let now = progress(&mnt);
+        if now != seen.0 {
+            seen = (now, Instant::now());
         }
+        let held = reads.longest_wait();
+        let connection = match next_step(held, seen.1.elapsed(), ended.map(|t| t.elapsed())) {
+            Step::Wait => {
+                if held.is_none_or(|w| w < HUNG) {
+                    ended = None;
+                }
+                continue;
+            }
+            Step::EndWorker => false,
+            Step::EndConnection => true,
+        };
         reads.failed();
-        let supervisor = no_worker_since.is_some_and(|t| t.elapsed() >= HUNG / 2);
-        match end_hung_server(&mnt, HUNG, supervisor) {
-            Ended::Worker => {
+        match end_hung_server(&mnt, HUNG, connection) {
+            Ended::Worker(pid) => {
                 tracing::warn!(
-                    "a read through {} waited {HUNG:?}: its server's worker was ended",
+                    "a read through {} waited {HUNG:?} on a server showing no progress: its worker (pid {pid}) was ended",
                     mnt.display()
                 );
-                no_worker_since = None;
+                ended = Some(Instant::now());
             }
-            Ended::Supervisor => {
+            Ended::Connection => {
                 tracing::warn!(
-                    "no worker came back to {}: its server was ended (image files are decoded here)",
+                    "no progress on {} after its worker was ended: its connection was ended (image files are decoded here)",
                     mnt.display()
                 );
-                no_worker_since = None;
+                ended = Some(Instant::now());
             }
-            Ended::NoWorker => {
-                no_worker_since.get_or_insert_with(Instant::now);
+            // No worker to end (one being started, or none: the supervisor then answers for
+            // it once it has had its time).
+            Ended::Nothing => {
+                ended.get_or_insert_with(Instant::now);
             }
-            Ended::Nothing => no_worker_since = None,
         }
+    }
+}
+
+/// What the watcher does next.
+#[derive(Debug, PartialEq, Eq)]
+enum Step {
+    Wait,
+    EndWorker,
+    EndConnection,
+}
+
+/// The watcher's rule: `held`, how long the oldest read under way has waited; `still`, how long
+/// the server's progress report has not changed; `ended`, how long ago this mount last ended
+/// something of the server's (or found no worker to end).
+fn next_step(held: Option<Duration>, still: Duration, ended: Option<Duration>) -> Step {
+    use crate::mount::shared::HUNG;
+    if held.is_none_or(|w| w < HUNG) || still < HUNG {
+        return Step::Wait; // nothing held up, or a server making progress, however slowly
+    }
+    match ended {
+        None => Step::EndWorker,
+        Some(t) if t < HUNG => Step::Wait, // the next worker given its time
+        Some(_) => Step::EndConnection,
     }
 }
 
@@ -294,5 +333,31 @@ impl Opened {
                 )
             };
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::mount::shared::HUNG;
+
+    #[test]
+    fn a_held_read_ends_the_worker_only_when_the_server_makes_no_progress() {
+        let s = |x: u64| Some(Duration::from_secs(x));
+        let long = Duration::from_secs(HUNG.as_secs() + 1);
+        assert_eq!(next_step(None, long, None), Step::Wait, "nothing held");
+        assert_eq!(next_step(s(1), long, None), Step::Wait, "held briefly");
+        assert_eq!(
+            next_step(Some(long), Duration::from_secs(1), None),
+            Step::Wait,
+            "slow, but answering others"
+        );
+        assert_eq!(next_step(Some(long), long, None), Step::EndWorker);
+        assert_eq!(
+            next_step(Some(long), long, s(1)),
+            Step::Wait,
+            "its successor starting"
+        );
+        assert_eq!(next_step(Some(long), long, Some(long)), Step::EndConnection);
     }
 }

@@ -24,6 +24,17 @@ pub fn sha256_hex(b: &[u8]) -> String {
     hex::encode(Sha256::digest(b))
 }
 
+/// Whether the kernel resends a dead FUSE server's unanswered requests to the next one
+/// (FUSE_NOTIFY_RESEND, Linux 6.9+): a worker that takes over answers what its predecessor held.
+#[allow(dead_code)]
+pub fn kernel_resends_fuse_requests() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+    (major, minor) >= (6, 9)
+}
+
 /// Fails the test with a clear message when a required tool is missing.
 pub fn need(tool: &str) {
     let ok = Command::new("sh")

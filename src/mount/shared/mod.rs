@@ -37,7 +37,7 @@ mod spawn;
 mod stats;
 mod supervisor;
 mod worker;
-pub(crate) use hung::{end_hung_server, Ended, HUNG};
+pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
 

@@ -99,6 +99,14 @@ pub fn supervise(
             let _ = std::io::stdout().flush();
             silence_stdout();
         }
+        // A question still unanswered was asked of the dead worker (a kernel without
+        // FUSE_NOTIFY_RESEND never resends it): the next is asked of this one.
+        if probe
+            .as_ref()
+            .is_some_and(|p: &Probe| p.waiting().is_some())
+        {
+            probe = None;
+        }
         let probe: &Probe = probe.get_or_insert_with(|| Probe::start(mnt.clone()));
         let mut ended = false;
         let outcome = watch(store, &place, &readers, || {
