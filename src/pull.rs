@@ -1499,8 +1499,8 @@ fn index_layer(
     // decides, whatever the manifest says.
     let mut input = io::BufReader::with_capacity(1 << 16, input);
     let compression = match io::BufRead::fill_buf(&mut input) {
-        Ok(head) if head.starts_with(&[0x1f, 0x8b]) => Compression::Gzip,
-        Ok(head) if head.starts_with(&[0x28, 0xb5, 0x2f, 0xfd]) => Compression::Zstd,
+        Ok([0x1f, 0x8b, ..]) => Compression::Gzip,
+        Ok([0x28, 0xb5, 0x2f, 0xfd, ..]) => Compression::Zstd,
         Ok(head) if head.len() >= 4 => Compression::None,
         _ => compression,
     };

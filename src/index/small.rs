@@ -383,7 +383,10 @@ impl SmallFiles {
                 |at, buf| {
                     let at = at as usize;
                     match bytes.get(at..at + buf.len()) {
-                        Some(b) => Ok(buf.copy_from_slice(b)),
+                        Some(b) => {
+                            buf.copy_from_slice(b);
+                            Ok(())
+                        }
                         None => Err(io::ErrorKind::UnexpectedEof.into()),
                     }
                 },

@@ -48,10 +48,11 @@ pub(crate) fn end_hung_server(mnt: &Path, grace: Duration, connection: bool) -> 
     let place = Place::at(dir.to_path_buf());
     if connection {
         abort_connection(mnt);
-        for pid in [read_pid(&place.pid()), read_pid(&place.worker_pid())] {
-            if let Some(pid) = pid {
-                kill_server_process(pid, &place);
-            }
+        for pid in [read_pid(&place.pid()), read_pid(&place.worker_pid())]
+            .into_iter()
+            .flatten()
+        {
+            kill_server_process(pid, &place);
         }
         return Ended::Connection;
     }
