@@ -129,6 +129,17 @@ pub fn is_reserved(name: &[u8]) -> bool {
     name.starts_with(WHITEOUT_PREFIX)
 }
 
+/// The start of our hidden files' names (orphans, staged copies, replaced directories,
+/// temporary names), which are kept as whiteouts of these names.
+const OURS: &[u8] = b".bux-fuse-";
+
+/// Names refused to new entries (EINVAL): besides our bookkeeping, names whose whiteout would
+/// be one of our hidden files: making one removes its "whiteout", which would be, say, the
+/// data of a file unlinked while open.
+pub fn is_refused_for_new(name: &[u8]) -> bool {
+    is_reserved(name) || name.starts_with(OURS)
+}
+
 fn c_path(p: &Path) -> io::Result<std::ffi::CString> {
     std::ffi::CString::new(p.as_os_str().as_bytes()).map_err(|_| io::Error::other("NUL in path"))
 }

@@ -495,7 +495,7 @@ impl Upper {
     /// Makes `name` free in directory `parent` for a new entry: no whiteout left in the way.
     /// Returns whether the image had an entry there (then a new directory must be opaque).
     fn prepare_new(&self, st: &mut State, parent: u64, name: &[u8]) -> Res<(PathBuf, bool)> {
-        if disk::is_reserved(name) {
+        if disk::is_refused_for_new(name) {
             return Err(Errno::EINVAL);
         }
         if self.child(st, parent, name)?.is_some() {
@@ -864,6 +864,8 @@ fn orphan_name(n: u64) -> OsString {
     disk::whiteout_name(format!("{ORPHAN}{n}").as_bytes())
 }
 
+// Hidden names below all start with ".bux-fuse-", which new entries may not take
+// (`disk::is_refused_for_new`): their whiteouts are these files.
 const ORPHAN: &str = ".bux-fuse-orphan-";
 /// Upper paths longer than this go through a directory descriptor (the host's PATH_MAX is
 /// 4096, and a guest's path of up to that much is joined to the upper root's).

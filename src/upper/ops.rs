@@ -589,9 +589,12 @@ impl Filesystem for UpperFs {
         };
         let mut st = self.state();
         for (k, (n, _, name)) in list.iter().enumerate().skip(offset as usize) {
-            // An entry gone since the listing was made is left out.
-            let Ok(a) = self.attr(&st, *n) else {
-                continue;
+            let a = match self.attr(&st, *n) {
+                Ok(a) => a,
+                Err(Errno::ENOENT) => continue, // gone since the listing was made
+                // Not hidden from the listing: the request fails (the entries sent with it
+                // counted as lookups the kernel never makes: only kept longer).
+                Err(e) => return reply.error(e),
             };
             if reply.add(INodeNo(*n), k as u64 + 1, name, &TTL, &a, Generation(0)) {
                 break; // full: this one was not sent

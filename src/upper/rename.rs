@@ -78,7 +78,7 @@ impl Upper {
         {
             return Err(Errno::EINVAL);
         }
-        if disk::is_reserved(newname) {
+        if disk::is_refused_for_new(newname) {
             return Err(Errno::EINVAL);
         }
         let mut st = self.state();

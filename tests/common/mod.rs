@@ -922,17 +922,30 @@ impl AsUser {
         self.dir.path().join("bux-fuse")
     }
 
-    /// A shell command run as the user, in its home, with `$BUX` the binary.
-    pub fn sh(&self, script: &str) -> Output {
-        Command::new("runuser")
-            .args(["-u", self.name, "--", "env", "-i"])
+    /// A shell command as the user, in its home, with `$BUX` the binary.
+    fn command(&self, script: &str) -> Command {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", self.name, "--", "env", "-i"])
             .arg(format!("HOME={}", self.home().display()))
             .arg(format!("BUX={}", self.bin().display()))
             .arg("PATH=/usr/sbin:/usr/bin:/sbin:/bin")
             .args(["sh", "-c"])
-            .arg(format!("cd \"$HOME\" && {script}"))
-            .stdin(Stdio::null())
-            .output()
+            .arg(format!("cd \"$HOME\" && {script}"));
+        cmd
+    }
+
+    /// A shell command run as the user, in its home, with `$BUX` the binary.
+    pub fn sh(&self, script: &str) -> Output {
+        self.command(script).stdin(Stdio::null()).output().unwrap()
+    }
+
+    /// A shell command started as the user (as [`AsUser::sh`]), stdin and stdout piped.
+    #[allow(dead_code)]
+    pub fn spawn(&self, script: &str) -> std::process::Child {
+        self.command(script)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
             .unwrap()
     }
 
