@@ -1002,7 +1002,10 @@ fn a_users_writable_listing_carries_its_entries_attributes() {
     user.ok(&format!(
         "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
     ));
-    user.ok("echo new > m/d/new && ln m/d/f1 m/d/link && mv m/d/f2 m/d/moved && rm m/d/f3");
+    user.ok(
+        "echo new > m/d/new && ln m/d/f1 m/d/link && mv m/d/f2 m/d/moved && rm m/d/f3 && \
+         ln -s f0 m/sym",
+    );
     std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
     // The kernel's dev_t of the mount ((major << 20) | minor; only the user may stat it).
     let dev = user.ok("stat -c '%Hd %Ld' m");
@@ -1018,6 +1021,9 @@ fn a_users_writable_listing_carries_its_entries_attributes() {
                 lookups < 5 && trace.count("FUSE_READDIRPLUS") > 0,
                 "{lookups} lookups for {N} entries"
             );
+            // A symlink's target is read once (the kernel caches it).
+            user.ok("for i in 1 2 3; do readlink m/sym >/dev/null; done");
+            assert_eq!(trace.count("FUSE_READLINK"), 1);
         }
         None => eprintln!("no FUSE trace events in this kernel: lookups not counted"),
     }

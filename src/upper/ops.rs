@@ -22,11 +22,13 @@ impl Filesystem for UpperFs {
         self.no_open.store(no_open, Ordering::Relaxed);
         if !self.others {
             // Listings carry their entries' attributes: a walk (`tar`, `ls -l`, `cp -a`) then
-            // sends no lookup per entry. Not where others' requests are checked: a name the
-            // kernel caches is never asked about again, so its search permission would not be.
+            // sends no lookup per entry; and a symlink's target (fixed for the node: a new
+            // link is a new node) is read once. Not where others' requests are checked: what
+            // the kernel caches is never asked about again, so its permissions would not be.
             for cap in [
                 fuser::InitFlags::FUSE_DO_READDIRPLUS,
                 fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
+                fuser::InitFlags::FUSE_CACHE_SYMLINKS,
             ] {
                 let _ = config.add_capabilities(cap);
             }
