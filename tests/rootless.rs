@@ -960,10 +960,12 @@ impl FuseTrace {
         }
         let dir = root.join(format!("instances/bux-fuse-test-{}", std::process::id()));
         std::fs::create_dir(&dir).ok()?;
-        let event = dir.join("events/fuse/fuse_request_send");
+        // Made now: should what follows fail, the instance goes with it.
+        let trace = FuseTrace { dir };
+        let event = trace.dir.join("events/fuse/fuse_request_send");
         std::fs::write(event.join("filter"), format!("connection == {dev}")).unwrap();
         std::fs::write(event.join("enable"), "1").unwrap();
-        Some(FuseTrace { dir })
+        Some(trace)
     }
 
     /// How many requests of `opcode` (e.g. `FUSE_LOOKUP`) were sent so far.
