@@ -21,6 +21,7 @@ mod ops;
 mod perm;
 mod rename;
 mod through;
+mod watch;
 pub use through::Through;
 
 use std::collections::HashMap;

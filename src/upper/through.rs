@@ -9,15 +9,16 @@
 //! A read the shared mount cannot serve (its server gone) is decoded here instead; one it
 //! holds up (its server hung) is ended by ending the server (`watch`).
 
-use std::collections::HashMap;
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, Weak};
-use std::time::{Duration, Instant};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use super::watch::Reads;
 
 /// Files of at most this many bytes are read (and cached) by each mount itself: 87% of the
 /// large test image's files, 5.7% of its bytes. Read through the shared mount, a file has no
@@ -28,10 +29,7 @@ pub const THROUGH_MIN: u64 = 32 << 10;
 
 /// After a read the shared mount failed, reads go around it this long (its server gone, say:
 /// no path walk and failing open per read), then try it again.
-const SUSPECT: Duration = Duration::from_secs(10);
-
-/// How often reads under way are looked at.
-const WATCH_TICK: Duration = Duration::from_millis(500);
+pub(super) const SUSPECT: Duration = Duration::from_secs(10);
 
 /// Image files kept open in the shared mount, by image inode.
 const OPEN_FILES: usize = 256;
@@ -64,152 +62,15 @@ pub struct Through {
     /// Off for good: the kernel cannot map files opened with direct I/O shared (before
     /// Linux 6.6), so none are.
     off: AtomicBool,
-    /// What the watching thread shares.
+    /// Reads under way, which a thread of its own watches (`watch`).
     reads: Arc<Reads>,
-}
-
-/// Reads through the shared mount, watched for a hung server.
-#[derive(Default)]
-struct Reads {
-    /// Reads under way (opening the file too): when each began, by a number of its own.
-    under_way: Mutex<HashMap<u64, Instant>>,
-    next: AtomicU64,
-    /// When a read through the shared mount last failed (or was found held up).
-    failed: Mutex<Option<Instant>>,
-}
-
-/// A read under way (its number, when it began), until dropped.
-struct UnderWay<'a>(&'a Reads, u64, Instant);
-
-impl Drop for UnderWay<'_> {
-    fn drop(&mut self) {
-        self.0.lock_under_way().remove(&self.1);
-    }
-}
-
-impl Reads {
-    fn start(&self) -> UnderWay<'_> {
-        let (n, now) = (self.next.fetch_add(1, Ordering::Relaxed), Instant::now());
-        self.lock_under_way().insert(n, now);
-        UnderWay(self, n, now)
-    }
-
-    /// A read that began at `began` was answered: if it was one found held up, the server is
-    /// back (another worker took over), and reads go through it again at once.
-    fn answered(&self, began: Instant) {
-        let mut failed = self.failed.lock().unwrap_or_else(|p| p.into_inner());
-        if failed.is_some_and(|t| began < t) {
-            *failed = None;
-        }
-    }
-
-    fn lock_under_way(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Instant>> {
-        self.under_way.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    fn failed(&self) {
-        *self.failed.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
-    }
-
-    /// How long the oldest read under way has waited.
-    fn longest_wait(&self) -> Option<Duration> {
-        self.lock_under_way().values().min().map(Instant::elapsed)
-    }
-}
-
-/// Watches the reads through the shared mount at `mnt`. A read held up for `HUNG` (5 s) while
-/// the server shows no progress for as long (its read counters unchanged: a slow or throttled
-/// server that answers anyone is left alone) sends later reads around the mount (for
-/// [`SUSPECT`]) and ends the server's worker: its supervisor starts another, which the kernel
-/// resends the held reads to. If that brings no progress within `HUNG` more (the supervisor
-/// stopped too, or the server frozen), the connection is ended: the reads fail and are
-/// decoded here.
-fn watch(reads: Weak<Reads>, mnt: PathBuf) {
-    use crate::mount::shared::{end_hung_server, progress, Ended, HUNG};
-    // The server's progress report as last read, and when it last changed.
-    let mut seen: (Option<Vec<u8>>, Instant) = (None, Instant::now());
-    // When this mount last ended something of the server's.
-    let mut ended: Option<Instant> = None;
-    loop {
-        std::thread::sleep(WATCH_TICK);
-        let Some(reads) = reads.upgrade() else {
-            return; // the mount is gone
-        };
-        let now = progress(&mnt);
-        if now != seen.0 {
-            seen = (now, Instant::now());
-        }
-        let held = reads.longest_wait();
-        let connection = match next_step(held, seen.1.elapsed(), ended.map(|t| t.elapsed())) {
-            Step::Wait => {
-                if held.is_none_or(|w| w < HUNG) {
-                    ended = None;
-                }
-                continue;
-            }
-            Step::EndWorker => false,
-            Step::EndConnection => true,
-        };
-        reads.failed();
-        match end_hung_server(&mnt, HUNG, connection) {
-            Ended::Worker(pid) => {
-                tracing::warn!(
-                    "a read through {} waited {HUNG:?} on a server showing no progress: its worker (pid {pid}) was ended",
-                    mnt.display()
-                );
-                ended = Some(Instant::now());
-            }
-            Ended::Connection => {
-                tracing::warn!(
-                    "no progress on {} after its worker was ended: its connection was ended (image files are decoded here)",
-                    mnt.display()
-                );
-                ended = Some(Instant::now());
-            }
-            // No worker to end (one being started, or none: the supervisor then answers for
-            // it once it has had its time).
-            Ended::Nothing => {
-                ended.get_or_insert_with(Instant::now);
-            }
-        }
-    }
-}
-
-/// What the watcher does next.
-#[derive(Debug, PartialEq, Eq)]
-enum Step {
-    Wait,
-    EndWorker,
-    EndConnection,
-}
-
-/// The watcher's rule: `held`, how long the oldest read under way has waited; `still`, how long
-/// the server's progress report has not changed; `ended`, how long ago this mount last ended
-/// something of the server's (or found no worker to end).
-fn next_step(held: Option<Duration>, still: Duration, ended: Option<Duration>) -> Step {
-    use crate::mount::shared::HUNG;
-    if held.is_none_or(|w| w < HUNG) || still < HUNG {
-        return Step::Wait; // nothing held up, or a server making progress, however slowly
-    }
-    match ended {
-        None => Step::EndWorker,
-        Some(t) if t < HUNG => Step::Wait, // the next worker given its time
-        Some(_) => Step::EndConnection,
-    }
 }
 
 impl Through {
     /// Reads through the shared mount at `mnt`; `holder` keeps its server up while held.
     pub fn new(mnt: PathBuf, holder: File) -> Through {
         let n = std::num::NonZeroUsize::new(OPEN_FILES).expect("not zero");
-        let reads = Arc::new(Reads::default());
-        let (watched, at) = (Arc::downgrade(&reads), mnt.clone());
-        if let Err(e) = std::thread::Builder::new()
-            .name("bux-fuse-watch".into())
-            .spawn(move || watch(watched, at))
-        {
-            tracing::warn!("watching reads through the shared mount: {e}");
-        }
+        let reads = Reads::watched(mnt.clone());
         Through {
             mnt,
             _holder: holder,
@@ -333,31 +194,5 @@ impl Opened {
                 )
             };
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::mount::shared::HUNG;
-
-    #[test]
-    fn a_held_read_ends_the_worker_only_when_the_server_makes_no_progress() {
-        let s = |x: u64| Some(Duration::from_secs(x));
-        let long = Duration::from_secs(HUNG.as_secs() + 1);
-        assert_eq!(next_step(None, long, None), Step::Wait, "nothing held");
-        assert_eq!(next_step(s(1), long, None), Step::Wait, "held briefly");
-        assert_eq!(
-            next_step(Some(long), Duration::from_secs(1), None),
-            Step::Wait,
-            "slow, but answering others"
-        );
-        assert_eq!(next_step(Some(long), long, None), Step::EndWorker);
-        assert_eq!(
-            next_step(Some(long), long, s(1)),
-            Step::Wait,
-            "its successor starting"
-        );
-        assert_eq!(next_step(Some(long), long, Some(long)), Step::EndConnection);
     }
 }
