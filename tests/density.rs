@@ -794,11 +794,7 @@ fn a_stopped_worker_is_replaced_under_its_mounts() {
     }
     let finished = reader.is_finished();
     if !finished {
-        // Every server process of this store: the connection ends, the read fails.
-        let pattern = format!("--store {} serve-shared", bux.store.path().display());
-        let _ = Command::new("pkill")
-            .args(["-9", "-f", "--", &pattern])
-            .status();
+        kill_image_servers(bux.store.path()); // the connection ends, the read fails
     }
     assert!(finished, "the read waited 90 s");
     assert!(reader.join().unwrap() == expect, "the right bytes");

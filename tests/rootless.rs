@@ -860,24 +860,18 @@ fn a_users_reads_go_on_when_the_image_server_hangs() {
     // `timeout`): end them after 90 s, for the test to fail rather than hang; and whatever
     // happens, none is left behind, stopped.
     let store = user.home().join(".local/share/bux-fuse");
-    let end_servers = move || {
-        let pattern = format!("--store {} serve-shared", store.display());
-        let _ = std::process::Command::new("pkill")
-            .args(["-9", "-f", "--", &pattern])
-            .status();
-    };
-    let end = end_servers.clone();
+    let later = store.clone();
     std::thread::spawn(move || {
         std::thread::sleep(std::time::Duration::from_secs(90));
-        end();
+        kill_image_servers(&later);
     });
-    struct Finally<F: FnMut()>(F);
-    impl<F: FnMut()> Drop for Finally<F> {
+    struct KilledOnDrop(std::path::PathBuf);
+    impl Drop for KilledOnDrop {
         fn drop(&mut self) {
-            (self.0)()
+            kill_image_servers(&self.0);
         }
     }
-    let _end_servers = Finally(end_servers);
+    let _servers = KilledOnDrop(store);
     let own = user.uid as u64;
     let l = LayerBuilder::new()
         .file_with("data/a", &files[0], 0o644, own, own)

@@ -35,6 +35,16 @@ pub fn kernel_resends_fuse_requests() -> bool {
     (major, minor) >= (6, 9)
 }
 
+/// Kills (SIGKILL, stopped ones too) every image server process serving from `store`: their
+/// connections end, and reads held by them fail rather than wait for good.
+#[allow(dead_code)]
+pub fn kill_image_servers(store: &Path) {
+    let pattern = format!("--store {} serve-shared", store.display());
+    let _ = Command::new("pkill")
+        .args(["-9", "-f", "--", &pattern])
+        .status();
+}
+
 /// Fails the test with a clear message when a required tool is missing.
 pub fn need(tool: &str) {
     let ok = Command::new("sh")

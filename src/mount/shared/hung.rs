@@ -30,10 +30,10 @@ pub(crate) enum Ended {
     Connection,
 }
 
-/// The store's progress report of the server at `mnt` (its read counters, rewritten while
-/// they change): a server that changes it is alive, however slow.
+/// The progress report of the server at `mnt` (its read counters, which the worker rewrites
+/// while they change, see `stats`): a server that changes it is alive, however slow.
 pub(crate) fn progress(mnt: &Path) -> Option<Vec<u8>> {
-    std::fs::read(mnt.parent()?.join("stats")).ok()
+    std::fs::read(Place::at(mnt.parent()?.to_path_buf()).stats()).ok()
 }
 
 /// Ends the server of the user's shared mount `mnt` that holds reads up. Its worker first, if
