@@ -79,10 +79,11 @@ pub fn server_executable() -> crate::Result<PathBuf> {
 /// Whether this process was started by the library as an image server: `BUX_FUSE_SERVE` set
 /// and the server's arguments given.
 pub(crate) fn started_as_server() -> bool {
-    std::env::var_os(SERVE_ENV).is_some() && std::env::args_os().any(|a| a == "serve-shared")
+    std::env::var_os(SERVE_ENV).is_some()
+        && std::env::args_os().any(|a| a == "serve-shared" || a == "serve-writable")
 }
 
-/// Serves as asked (the server's arguments are the `bux-fuse` CLI's `serve-shared`); returns
+/// Serves as asked (the arguments are the `bux-fuse` CLI's `serve-shared` or `serve-writable`); returns
 /// the exit code.
 fn serve() -> i32 {
     use std::io::Write;

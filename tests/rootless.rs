@@ -396,8 +396,9 @@ fn fsync_of_a_directory_syncs_the_upper_directory() {
     user.ok(&format!(
         "$BUX -q mount --upper state {r} m && echo x > m/etc/new"
     ));
-    let m = user.home().join("m");
-    let pid = daemon_pid(&m).expect("the mount's daemon");
+    // The worker serving the mount (its daemon keeps the connection and runs nothing else).
+    let workers = writable_workers(&user.home().join(".local/share/bux-fuse"));
+    let pid = *workers.first().expect("the mount's worker");
     let log = user.dir.path().join("strace.log");
     let mut strace = std::process::Command::new("strace")
         .args(["-f", "-qq", "-y", "-e", "trace=fsync,fdatasync", "-o"])
@@ -1085,4 +1086,134 @@ f.seek(0); print(refused, f.read())
     let out = user.ok(&format!("python3 -c '{script}'"));
     assert_eq!(out, format!("{} kept\n", 299 * 2 * 4));
     user.ok("$BUX umount m");
+}
+
+/// A user's writable mount is served by a worker its mounting process keeps: killed, or hung,
+/// the worker is replaced on the same connection and the VM's root goes on as it was — the
+/// same inode numbers, links, renamed and removed names, files held open (one unlinked), and
+/// a request the hung worker held is answered by the next.
+#[test]
+fn a_users_writable_mount_outlives_its_worker() {
+    need("fusermount3");
+    let big: Vec<u8> = (0..4u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let l = LayerBuilder::new()
+        .file("etc/conf", b"image\n")
+        .file("data/big", &big)
+        .file("data/h1", b"linked\n")
+        .hardlink("data/h2", "data/h1")
+        .file("dir/sub/file", b"gone\n")
+        .finish();
+    let reg = Registry::start();
+    let r = pushed_image(
+        &reg,
+        "t/rootless-takeover",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
+    ));
+    let workers = || writable_workers(&store);
+    let first = workers();
+    assert_eq!(first.len(), 1, "one worker serves the mount: {first:?}");
+
+    user.ok(
+        "mkdir -p m/new/deep && echo one > m/new/deep/f && ln m/new/deep/f m/new/link \
+         && mv m/new m/moved && echo changed > m/etc/conf && rm m/dir/sub/file \
+         && ln m/data/h1 m/data/h3 && echo held > m/held",
+    );
+    let looks = "stat -c '%i %h %s %n' m/moved m/moved/deep m/moved/deep/f m/moved/link \
+                 m/data/h1 m/data/h2 m/data/h3 m/etc/conf m/data/big m/dir/sub && ls -a m m/dir/sub";
+    // Files held open across the takeovers, one of them unlinked while open.
+    let mut holder = user.spawn(
+        "exec 7<m/moved/deep/f 8<m/held && rm m/held && echo open \
+         && read _ && cat <&7 && cat <&8 && echo more >> m/moved/link \
+         && read _ && cat /proc/self/fd/8",
+    );
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut stdin = holder.stdin.take().unwrap();
+    let line = |out: &mut std::io::BufReader<std::process::ChildStdout>| {
+        let mut l = String::new();
+        std::io::BufRead::read_line(out, &mut l).unwrap();
+        l
+    };
+    assert_eq!(line(&mut out), "open\n");
+    let before = user.ok(looks);
+    let replaced = |old: &[u32]| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            let now = workers();
+            if now.len() == 1 && !old.contains(&now[0]) {
+                return now;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "no new worker: {now:?}"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+    };
+
+    // Killed: the next worker knows every node the kernel was told of.
+    let st = std::process::Command::new("kill")
+        .args(["-9", &first[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let second = replaced(&first);
+    assert_eq!(
+        user.ok(looks),
+        before,
+        "the tree as it was, inode numbers and all"
+    );
+    use std::io::Write as _;
+    writeln!(stdin).unwrap();
+    assert_eq!(line(&mut out), "one\n", "a file held open");
+    assert_eq!(line(&mut out), "held\n", "an unlinked file held open");
+    assert_eq!(
+        user.ok("cat m/moved/deep/f m/data/h3 && sha256sum < m/data/big"),
+        format!("one\nmore\nlinked\n{}  -\n", sha256_hex(&big))
+    );
+
+    // Hung (stopped), with a request in it: the keeper ends it after 5 s without an answer,
+    // and the next worker gets the request again (Linux 6.9+ resends it).
+    let st = std::process::Command::new("kill")
+        .args(["-STOP", &second[0].to_string()])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    if kernel_resends_fuse_requests() {
+        user.ok("timeout 60 mkdir m/during && timeout 60 mv m/moved m/again");
+    }
+    let third = replaced(&second);
+    if !kernel_resends_fuse_requests() {
+        user.ok("mkdir m/during && mv m/moved m/again");
+    }
+    writeln!(stdin).unwrap();
+    assert_eq!(
+        line(&mut out),
+        "held\n",
+        "an unlinked file opened again by its descriptor"
+    );
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(
+        user.ok("cat m/again/link && ls m/during | wc -l && stat -c %i m/again/deep/f"),
+        format!(
+            "one\nmore\n0\n{}\n",
+            before.lines().nth(2).unwrap().split(' ').next().unwrap()
+        )
+    );
+    assert_eq!(workers(), third);
+    user.ok("$BUX umount m");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !workers().is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a worker outlived its mount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
 }

@@ -109,6 +109,31 @@ pub(super) enum Cmd {
         #[arg(long)]
         disk: bool,
     },
+    /// Internal: the worker serving a user's writable mount (started by the process that
+    /// mounted it, which keeps the connection and replaces a worker that dies).
+    #[command(hide = true)]
+    ServeWritable {
+        /// The stored image's view digest.
+        manifest: String,
+        /// The inherited FUSE connection.
+        #[arg(long)]
+        worker_fd: i32,
+        /// The connection is live already (a worker restarted after one died).
+        #[arg(long)]
+        resume: bool,
+        /// The upper directory.
+        #[arg(long)]
+        upper: PathBuf,
+        /// The mount's run directory (its image record, node journal, INIT).
+        #[arg(long)]
+        run_dir: PathBuf,
+        /// The mount is `allow_other`.
+        #[arg(long)]
+        allow_other: bool,
+        /// FUSE worker threads.
+        #[arg(long, default_value_t = 4)]
+        threads: usize,
+    },
     /// Unmount DIR (also clears a mount whose serving process died).
     Umount {
         /// Mount point.

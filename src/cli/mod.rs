@@ -226,6 +226,27 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
+        Cmd::ServeWritable {
+            manifest,
+            worker_fd,
+            resume,
+            upper,
+            run_dir,
+            allow_other,
+            threads,
+        } => {
+            let store = open_store(&store_arg)?;
+            crate::mount::shared::serve_writable_worker(
+                &store,
+                worker_fd,
+                resume,
+                &upper,
+                &run_dir,
+                allow_other,
+                threads,
+            )
+            .with_context(|| format!("writable mount worker of image {manifest}"))
+        }
         Cmd::Info { reference } => {
             let store = store_arg.clone().unwrap_or_else(Store::default_path);
             println!("store: {}", store.display());

@@ -72,6 +72,9 @@ pub struct Mount {
     /// The image server a user's writable mount reads image files through (its place), which
     /// leaves once this mount's session has ended: unmounting waits for that.
     read_through: Option<PathBuf>,
+    /// The counters the worker serving this mount publishes (a user's writable mount kept by
+    /// this process: `shared::keep_writable`).
+    worker_stats: Option<PathBuf>,
 }
 
 /// The overlay that makes a mount writable.
@@ -103,6 +106,9 @@ impl Mount {
     pub fn stats(&self) -> MountStats {
         if self.thread.is_none() && self.kernel_mount {
             return shared::server_stats(&self.fuse_path);
+        }
+        if let Some(path) = &self.worker_stats {
+            return shared::writable_stats(path);
         }
         let s = &self.cache.stats;
         MountStats {
@@ -398,6 +404,7 @@ fn mount_shared(
         record: None,
         disk: opts.disk,
         read_through: None,
+        worker_stats: None,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -504,7 +511,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     let through = match &opts.shared_server {
         Some(exe) if own_upper && trace.is_none() && lazy.is_empty() && !opts.disk => {
             match shared::reading_through(store, &record, exe) {
-                Ok((mnt, holder)) => Some((mnt.clone(), crate::upper::Through::new(mnt, holder))),
+                Ok(t) => Some(t),
                 Err(e) => {
                     tracing::warn!("image files are decoded by this mount alone: {e}");
                     None
@@ -517,6 +524,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         .as_ref()
         .and_then(|(mnt, _)| mnt.parent())
         .map(Path::to_path_buf);
+    // A user's writable mount is served by a worker process this one keeps (replaced if it
+    // dies), where the program can start one: as the image server is.
+    let keeper = match &opts.shared_server {
+        Some(exe) if own_upper && trace.is_none() && lazy.is_empty() && !opts.disk => Some(exe),
+        _ => None,
+    };
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let mut fs = ImageFs::new(tree, layers, cache.clone());
     if opts.writable && !own_upper {
@@ -553,12 +566,33 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
             serve(fs, &fuse_dir, &request, config)
         }
+        Some(upper) if keeper.is_some() => {
+            drop(fs); // the worker opens the image itself
+            let (Some(exe), Some(w)) = (keeper, &writable) else {
+                unreachable!("a keeper serves a writable mount")
+            };
+            let served = shared::WritableServed {
+                store,
+                record: &record,
+                dir: &fuse_dir,
+                upper: &upper,
+                run_dir: &w.run_dir,
+                allow_other: opts.allow_other,
+                threads: opts.threads,
+            };
+            let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
+            shared::keep_writable(exe, &served, fd, through.map(|(_, holder)| holder)).inspect_err(
+                |_| {
+                    let _ = unmount(&fuse_dir);
+                },
+            )
+        }
         Some(upper) => {
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
                 .serving_others(opts.allow_other);
-            if let Some((_, t)) = through {
-                fs = fs.reading_through(t);
+            if let Some((mnt, holder)) = through {
+                fs = fs.reading_through(crate::upper::Through::new(mnt, holder));
             }
             serve(fs, &fuse_dir, &request, config)
         }
@@ -566,6 +600,9 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     }
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
+    let worker_stats = keeper
+        .and(writable.as_ref())
+        .map(|w| shared::writable_stats_path(&w.run_dir));
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -579,6 +616,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         record: None,
         disk: opts.disk,
         read_through,
+        worker_stats,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

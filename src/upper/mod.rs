@@ -17,6 +17,7 @@
 mod attr;
 mod copy_up;
 mod disk;
+mod journal;
 mod ops;
 mod perm;
 mod rename;
@@ -84,6 +85,35 @@ struct State {
     /// through renames; it is closed when the directory goes, under the state lock, as every
     /// path made from it is used under that lock.
     dir_fds: std::cell::RefCell<HashMap<u64, std::os::fd::OwnedFd>>,
+    /// Nodes changed under the lock held now, written to [`State::journal`] when it is let
+    /// go (before the request is answered: see [`StateGuard`]).
+    dirty: Vec<u64>,
+    /// Where a worker that takes over the mount finds the nodes (see `journal`); none for a
+    /// mount served in the process that mounted it.
+    journal: Option<journal::Journal>,
+}
+
+/// The state, locked; changed nodes go to the journal when it is dropped. Requests drop it
+/// before they answer: a node the kernel was told of is in the journal by then.
+struct StateGuard<'a>(MutexGuard<'a, State>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.write_journal();
+    }
 }
 
 /// A directory's merged entries, `.` and `..` first.
@@ -112,6 +142,8 @@ pub struct Upper {
     /// The kernel takes "no open" (FUSE_NO_OPEN_SUPPORT): one round trip less per open and
     /// none at close. Older kernels open, and get a handle-less answer.
     no_open: std::sync::atomic::AtomicBool,
+    /// What the kernel offered at FUSE_INIT (a worker that takes over replays it).
+    offered: Arc<std::sync::atomic::AtomicU64>,
     /// Listings being read (directories are not opened: the kernel sends readdir with the
     /// offset reached, and caches what it got); dropped whenever a name changes.
     listings: Mutex<HashMap<u64, Listing>>,
@@ -138,6 +170,10 @@ pub struct Upper {
     through: Option<Through>,
 }
 
+/// Lookups counted for each node a worker takes over (the kernel's count died with the worker
+/// before): more than the kernel ever forgets.
+const TAKEN_OVER: u64 = 1 << 48;
+
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
 const COPY_THREADS: usize = 4;
 
@@ -159,6 +195,26 @@ type Res<T> = Result<T, Errno>;
 impl UpperFs {
     /// Serves `lower` with changes kept in `upper` (created if missing).
     pub fn new(lower: ImageFs, upper: &Path) -> std::io::Result<UpperFs> {
+        UpperFs::open(lower, upper, None)
+    }
+
+    /// As [`UpperFs::new`], journalling its nodes at `journal` (see `journal`): a worker
+    /// started with [`UpperFs::taking_over`] can then serve the mount if this process dies.
+    pub fn journalled(lower: ImageFs, upper: &Path, journal: &Path) -> std::io::Result<UpperFs> {
+        UpperFs::open(lower, upper, Some((journal, false)))
+    }
+
+    /// Serves the mount a process that died served from `upper`, with the nodes of its
+    /// `journal` (which goes on being kept).
+    pub fn taking_over(lower: ImageFs, upper: &Path, journal: &Path) -> std::io::Result<UpperFs> {
+        UpperFs::open(lower, upper, Some((journal, true)))
+    }
+
+    fn open(
+        lower: ImageFs,
+        upper: &Path,
+        journal: Option<(&Path, bool)>,
+    ) -> std::io::Result<UpperFs> {
         disk::create_dir(upper, true)?;
         // Owner-only, as everything in it (made so by older versions, too).
         std::fs::set_permissions(upper, std::fs::Permissions::from_mode(disk::DIR_MODE))?;
@@ -180,10 +236,13 @@ impl UpperFs {
                 by_lower: HashMap::new(),
                 by_upper: HashMap::new(),
                 dir_fds: Default::default(),
+                dirty: Vec::new(),
+                journal: None,
             })),
             lower,
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),
             no_open: false.into(),
+            offered: Default::default(),
             listings: Mutex::new(HashMap::new()),
             name_max: name_max(upper)?,
             copiers: crate::fs::JobThreads::new("copy-up", COPY_THREADS),
@@ -194,14 +253,39 @@ impl UpperFs {
             others: false,
             through: None,
         };
-        // Orphans of a mount that ended without the kernel forgetting them, copies it had not
-        // published, and directories a rename it did not finish had replaced.
+        let mut live_orphans = std::collections::HashSet::new();
+        match journal {
+            Some((path, true)) => {
+                let mut st = fs.state.lock().unwrap_or_else(|p| p.into_inner());
+                fs.take_over(&mut st, journal::replay(path)?)?;
+                for (n, node) in &st.nodes {
+                    if let [(ROOT_INO, name)] = &node.links[..] {
+                        if name[..] == *orphan_name(*n).as_bytes() {
+                            live_orphans.insert(name.clone());
+                        }
+                    }
+                }
+                st.journal = Some(journal::Journal::rewrite(
+                    path,
+                    st.nodes.iter().map(|(n, v)| (*n, v)),
+                )?);
+            }
+            Some((path, false)) => {
+                fs.state.lock().unwrap_or_else(|p| p.into_inner()).journal =
+                    Some(journal::Journal::create(path)?);
+            }
+            None => {}
+        }
+        // Orphans of a mount that ended without the kernel forgetting them (not those of the
+        // one taken over, still open), copies it had not published, and directories a rename
+        // it did not finish had replaced.
         for e in std::fs::read_dir(upper)?.flatten() {
             let name = e.file_name();
             let orphan = name
                 .as_bytes()
                 .strip_prefix(disk::WHITEOUT_PREFIX)
-                .is_some_and(|n| n.starts_with(ORPHAN.as_bytes()) || n.starts_with(STAGED));
+                .is_some_and(|n| n.starts_with(ORPHAN.as_bytes()) || n.starts_with(STAGED))
+                && !live_orphans.contains(name.as_bytes());
             if orphan {
                 std::fs::remove_file(e.path())?;
             }
@@ -230,6 +314,11 @@ impl UpperFs {
             fs.others = others;
         }
         self
+    }
+
+    /// What the kernel offered at FUSE_INIT, once it has (for a worker that takes over).
+    pub fn offered_capabilities(&self) -> Arc<std::sync::atomic::AtomicU64> {
+        self.offered.clone()
     }
 
     /// Reads unmodified image files through the image's shared mount ([`Through`]).
@@ -277,6 +366,59 @@ impl UpperFs {
 }
 
 impl Upper {
+    /// Fills `st` with the nodes `replayed` from the journal of the process that served the
+    /// mount before. The kernel may hold any of them, as many times as it likes: none is
+    /// dropped at its forgets (an unlinked one keeps its file until the mount ends).
+    fn take_over(&self, st: &mut State, replayed: journal::Replayed) -> std::io::Result<()> {
+        for (n, node) in replayed {
+            match node {
+                Some(mut node) if n != ROOT_INO => {
+                    node.lookups = TAKEN_OVER;
+                    st.nodes.insert(n, node);
+                }
+                Some(_) => {}
+                None => {
+                    st.nodes.remove(&n);
+                }
+            }
+        }
+        st.next = st.nodes.keys().max().map_or(ROOT_INO, |m| *m) + 1;
+        let mut names = HashMap::new();
+        let mut by_lower = HashMap::new();
+        let mut by_upper = HashMap::new();
+        for (&n, node) in &st.nodes {
+            for (parent, name) in &node.links {
+                if n != ROOT_INO && !disk::is_reserved(name) {
+                    names.insert((*parent, name.clone()), n);
+                }
+            }
+            if !node.shared {
+                continue;
+            }
+            match (node.upper, node.lower) {
+                (false, Some(lower)) => {
+                    by_lower.insert(lower, n);
+                }
+                (true, _) => {
+                    let missing =
+                        |what: String| std::io::Error::new(std::io::ErrorKind::NotFound, what);
+                    let path = self
+                        .full_path(st, n)
+                        .map_err(|_| missing(format!("node {n} of the journal: no path")))?;
+                    let md = std::fs::symlink_metadata(&path).map_err(|e| {
+                        missing(format!("node {n} of the journal ({}): {e}", path.display()))
+                    })?;
+                    by_upper.insert(md.ino(), n);
+                }
+                (false, None) => {}
+            }
+        }
+        st.names = names;
+        st.by_lower = by_lower;
+        st.by_upper = by_upper;
+        Ok(())
+    }
+
     /// Up to `len` bytes at `off` of image file `lower` read through the image's shared
     /// mount, if its files of that size are read there and the mount serves it.
     fn read_through(&self, lower: u64, off: u64, len: u32) -> Option<Vec<u8>> {
@@ -298,8 +440,8 @@ impl Upper {
             && i.size > through::THROUGH_MIN)
     }
 
-    fn state(&self) -> MutexGuard<'_, State> {
-        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    fn state(&self) -> StateGuard<'_> {
+        StateGuard(self.state.lock().unwrap_or_else(|p| p.into_inner()))
     }
 
     /// The upper path of node `n` (relative names joined under the upper root). A guest's
@@ -887,6 +1029,7 @@ const NEW_TMP: &[u8] = b".bux-fuse-new";
 fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
     let n = st.next;
     st.next += 1;
+    st.dirty.push(n);
     st.nodes.insert(
         n,
         Node {
@@ -901,8 +1044,43 @@ fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
 }
 
 impl State {
+    /// Node `n`, to change (so journalled).
     fn at(&mut self, n: u64) -> Res<&mut Node> {
-        self.nodes.get_mut(&n).ok_or(Errno::ENOENT)
+        let node = self.nodes.get_mut(&n).ok_or(Errno::ENOENT)?;
+        self.dirty.push(n);
+        Ok(node)
+    }
+
+    /// Counts an entry of node `n` handed to the kernel (not journalled: a worker that takes
+    /// over cannot know how many the kernel holds, and assumes it holds them all).
+    fn looked_up(&mut self, n: u64) -> Res<()> {
+        self.nodes.get_mut(&n).ok_or(Errno::ENOENT)?.lookups += 1;
+        Ok(())
+    }
+
+    /// Writes the nodes changed since the last write to the journal, if there is one.
+    fn write_journal(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut buf = Vec::new();
+        for n in dirty {
+            journal::encode(&mut buf, n, self.nodes.get(&n));
+        }
+        j.append(&buf);
+        if j.outgrew(self.nodes.len()) {
+            // Mostly records of nodes changed since: rewritten as the nodes are now.
+            match journal::Journal::rewrite(j.path(), self.nodes.iter().map(|(n, v)| (*n, v))) {
+                Ok(fresh) => *j = fresh,
+                Err(e) => tracing::warn!("compacting the node journal: {e}"),
+            }
+        }
     }
 
     /// The kernel forgot `count` of its lookups of node `n`: once none is left, an orphan's
@@ -918,8 +1096,12 @@ impl State {
         if gone {
             node.links.clear();
         }
-        if n != ROOT_INO && node.links.is_empty() {
-            let shared = node.shared;
+        let dropped = n != ROOT_INO && node.links.is_empty();
+        let shared = node.shared;
+        if gone || dropped {
+            self.dirty.push(n);
+        }
+        if dropped {
             self.nodes.remove(&n);
             self.dir_fds.get_mut().remove(&n);
             if shared {

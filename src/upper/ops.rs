@@ -16,6 +16,7 @@ const READ_ONLY: FileHandle = FileHandle(1);
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
+        self.offered.store(caps.bits(), Ordering::Relaxed);
         // Reading through the shared mount needs opens (to answer them with direct I/O).
         let no_open =
             caps.contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT) && self.through.is_none();
@@ -73,9 +74,10 @@ impl Filesystem for UpperFs {
             .and_then(|c| c.ok_or(Errno::ENOENT))
             .and_then(|n| {
                 let a = self.attr(&st, n)?;
-                st.at(n)?.lookups += 1; // replied as an entry
+                st.looked_up(n)?; // replied as an entry
                 Ok(a)
             });
+        drop(st); // journalled before the kernel hears of the node
         match r {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -604,11 +606,10 @@ impl Filesystem for UpperFs {
             // Sent as an entry, which the kernel counts as a lookup (not "." and "..", which
             // it never links).
             if k >= 2 {
-                if let Ok(node) = st.at(*n) {
-                    node.lookups += 1;
-                }
+                let _ = st.looked_up(*n);
             }
         }
+        drop(st);
         reply.ok();
     }
 

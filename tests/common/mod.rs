@@ -737,6 +737,26 @@ pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
     out
 }
 
+/// Workers serving users' writable mounts (`serve-writable`) from the store at `store`.
+#[allow(dead_code)]
+pub fn writable_workers(store: &Path) -> Vec<u32> {
+    let needle = store.as_os_str().as_encoded_bytes().to_vec();
+    let mut out = Vec::new();
+    for p in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
+            continue;
+        };
+        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
+        if args.contains(&&b"serve-writable"[..]) && args.contains(&needle.as_slice()) {
+            out.push(pid);
+        }
+    }
+    out
+}
+
 pub struct MountGuard {
     bin: &'static str,
     pub path: PathBuf,

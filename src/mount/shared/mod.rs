@@ -37,9 +37,14 @@ mod spawn;
 mod stats;
 mod supervisor;
 mod worker;
+mod writable;
 pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
+pub use writable::serve_writable_worker;
+pub(crate) use writable::{
+    keep as keep_writable, stats_path as writable_stats_path, Served as WritableServed,
+};
 
 /// Where an image's server keeps its state.
 pub(crate) struct Place {
@@ -185,6 +190,15 @@ pub fn wait_for_unused_servers(store: &Store, timeout: Duration) {
 /// [`Mount::stats`]: crate::Mount::stats
 pub(crate) fn server_stats(mnt: &Path) -> crate::mount::MountStats {
     stats::read(&mnt.with_file_name("stats"))
+}
+
+/// The counters the worker of a user's writable mount published at `path` (its own reads;
+/// those it sent through the image server are that server's).
+pub(crate) fn writable_stats(path: &Path) -> crate::mount::MountStats {
+    crate::mount::MountStats {
+        scope: crate::mount::StatsScope::Mount,
+        ..stats::read(path)
+    }
 }
 
 /// Whether the image server whose FUSE mount is `mnt` serves: its FUSE mount in place and its

@@ -131,7 +131,7 @@ enum Served {
 
 /// Takes over the connection `conn` with `fs` (replaying the `recorded` FUSE_INIT of a worker
 /// that died, if any), runs `ready` once the session is made, and serves until it ends.
-fn serve_session<FS: fuser::Filesystem>(
+pub(super) fn serve_session<FS: fuser::Filesystem>(
     fs: FS,
     conn: OwnedFd,
     recorded: Option<&[u8]>,

@@ -1,0 +1,365 @@
+//! A user's writable mount served by a worker process, kept by the process that mounted it:
+//! the image server's takeover, for the mount a user's VM writes its root to.
+//!
+//! Root's writable mounts are kernel overlays over the shared image mount: no daemon of their
+//! own to die. A user's is served by bux-fuse ([`crate::upper::UpperFs`]), so it is split as
+//! the image server is: the mounting process (the *keeper*) mounts, holds the `/dev/fuse`
+//! descriptor and runs a worker on it; a worker that dies (a crash, `kill -9`, the OOM killer)
+//! or answers nothing for [`HUNG`] is replaced on the same connection, and the kernel resends
+//! what it held. Unlike the image's, this mount's node numbers are handed out as names are
+//! first seen, so the worker journals its nodes in the mount's run directory and the next one
+//! replays that journal (`upper::journal`); the upper directory holds everything else.
+
+use std::io::Write;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+use fuser::{Config, SessionACL};
+
+use super::{probe::Probe, spawn, HUNG};
+use crate::fs::ImageFs;
+use crate::index::SpanCache;
+use crate::mount::{is_mount_point, lease_image, open_record};
+use crate::store::ImageRecord;
+use crate::{Digest, Error, MountOptions, Result, Store};
+
+/// Restarts allowed in a minute before the keeper gives up and unmounts.
+const MAX_RESTARTS: usize = 10;
+
+/// What a worker serves: the mount at `dir` of image `record`, changes kept in `upper`.
+pub(crate) struct Served<'a> {
+    pub store: &'a Store,
+    pub record: &'a ImageRecord,
+    pub dir: &'a Path,
+    pub upper: &'a Path,
+    /// The mount's run directory: the worker's record of the image, its journal, its INIT.
+    pub run_dir: &'a Path,
+    pub allow_other: bool,
+    pub threads: usize,
+}
+
+/// Files of the run directory.
+fn journal_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("nodes.journal")
+}
+fn init_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("init")
+}
+fn record_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("image.json")
+}
+/// Where the worker publishes its read counters (for [`crate::Mount::stats`]).
+pub(crate) fn stats_path(run_dir: &Path) -> PathBuf {
+    run_dir.join("stats")
+}
+
+/// Starts the first worker on connection `fd` (mounted at `s.dir`) and returns once it
+/// serves, with the thread that keeps the mount served until it is unmounted. `holder` (the
+/// user's hold on the image server, if any) is kept as long, so that the server stays up
+/// while a worker is replaced.
+pub(crate) fn keep(
+    exe: &Path,
+    s: &Served,
+    fd: OwnedFd,
+    holder: Option<std::fs::File>,
+) -> std::result::Result<JoinHandle<std::io::Result<()>>, String> {
+    let json =
+        serde_json::to_vec(s.record).map_err(|e| format!("encoding the image record: {e}"))?;
+    crate::store::write_atomic(&record_path(s.run_dir), &json)
+        .map_err(|e| format!("writing the image record: {e}"))?;
+    let spawn = {
+        let (exe, store, view) = (
+            exe.to_path_buf(),
+            s.store.root().to_path_buf(),
+            s.record.view(),
+        );
+        let (upper, run_dir, allow_other, threads) = (
+            s.upper.to_path_buf(),
+            s.run_dir.to_path_buf(),
+            s.allow_other,
+            s.threads,
+        );
+        let raw = fd.as_raw_fd();
+        move |resume: bool| {
+            spawn_worker(
+                &exe,
+                &store,
+                &view,
+                raw,
+                resume,
+                &upper,
+                &run_dir,
+                allow_other,
+                threads,
+            )
+        }
+    };
+    let dir = s.dir.to_path_buf();
+    // Workers are started by the keeper's thread, which lives as long as the mount: a worker
+    // dies with the thread that started it (see `spawn_worker`), not with the caller's.
+    let (started, first) = std::sync::mpsc::sync_channel(1);
+    let keeper = std::thread::Builder::new()
+        .name("bux-fuse-keeper".into())
+        .spawn(move || {
+            let _fd = fd; // the connection lives while this thread does
+            let _holder = holder;
+            let worker = spawn(false);
+            let _ = started.send(worker.as_ref().map(|_| ()).map_err(Clone::clone));
+            match worker {
+                Ok(w) => supervise(w, &dir, spawn),
+                Err(e) => Err(std::io::Error::other(e)),
+            }
+        })
+        .map_err(|e| format!("starting the keeper thread: {e}"))?;
+    match first.recv() {
+        Ok(Ok(())) => Ok(keeper),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err("the keeper thread ended before its worker started".into()),
+    }
+}
+
+/// Waits on `worker`, starting another (`spawn(true)`) when one dies while `dir` is still
+/// mounted, and ends once it is not.
+fn supervise(
+    mut worker: Child,
+    dir: &Path,
+    spawn: impl Fn(bool) -> std::result::Result<Child, String>,
+) -> std::io::Result<()> {
+    let mut probe: Option<Probe> = None;
+    let mut restarts: Vec<Instant> = Vec::new();
+    loop {
+        // A question the dead worker held is never answered on a kernel that resends nothing.
+        if probe.as_ref().is_some_and(|p| p.waiting().is_some()) {
+            probe = None;
+        }
+        let probe = probe.get_or_insert_with(|| Probe::start(dir.to_path_buf()));
+        let started = Instant::now();
+        let mut ended = false;
+        let status = loop {
+            if let Ok(Some(status)) = worker.try_wait() {
+                break status;
+            }
+            let hung = probe.waiting().is_some_and(|w| w >= HUNG) && started.elapsed() >= HUNG;
+            if hung && !ended {
+                tracing::warn!("the mount's worker answered nothing for {HUNG:?}: ending it");
+                // SAFETY: signalling our own child, not yet reaped.
+                unsafe { libc::kill(worker.id() as i32, libc::SIGKILL) };
+                ended = true;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        if !is_mount_point(dir) {
+            return Ok(()); // unmounted: the worker's session ended with it
+        }
+        tracing::warn!(
+            "the mount's worker exited ({status}): starting another on the same connection"
+        );
+        restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
+        restarts.push(Instant::now());
+        let next = if restarts.len() > MAX_RESTARTS {
+            Err(format!(
+                "the mount's worker died {MAX_RESTARTS} times in a minute"
+            ))
+        } else {
+            spawn(true)
+        };
+        match next {
+            Ok(w) => worker = w,
+            Err(e) => {
+                tracing::error!("{e}: unmounting {}", dir.display());
+                let _ = crate::mount::unmount(dir);
+                return Err(std::io::Error::other(e));
+            }
+        }
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn spawn_worker(
+    exe: &Path,
+    store: &Path,
+    view: &Digest,
+    fd: RawFd,
+    resume: bool,
+    upper: &Path,
+    run_dir: &Path,
+    allow_other: bool,
+    threads: usize,
+) -> std::result::Result<Child, String> {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = Command::new(exe);
+    cmd.arg("--store")
+        .arg(store)
+        .arg("serve-writable")
+        .arg("--worker-fd")
+        .arg(fd.to_string())
+        .arg("--upper")
+        .arg(upper)
+        .arg("--run-dir")
+        .arg(run_dir)
+        .arg("--threads")
+        .arg(threads.to_string())
+        .arg(view.to_string())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped());
+    if resume {
+        cmd.arg("--resume");
+    }
+    if allow_other {
+        cmd.arg("--allow-other");
+    }
+    spawn::as_server(&mut cmd);
+    let keeper = std::process::id() as libc::pid_t;
+    // SAFETY: fcntl, prctl and getppid are async-signal-safe, run in the child before exec.
+    unsafe {
+        cmd.pre_exec(move || {
+            // The worker inherits the connection.
+            if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            // And ends with its keeper (the mount is recorded as the keeper's: were the
+            // worker to serve on, nobody would replace it, and a `gc` would take the mount
+            // for dead).
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::getppid() != keeper {
+                return Err(std::io::Error::other("the keeper is gone"));
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("starting the mount's worker: {e}"))?;
+    let Some(out) = child.stdout.take() else {
+        spawn::kill(&mut child, false);
+        return Err("no pipe to the mount's worker".into());
+    };
+    let mut lines = spawn::Lines::new(out);
+    let line = match spawn::await_hello(&mut child, &mut lines, exe, false)? {
+        Some(line) => line,
+        None => lines.next(None).unwrap_or_default(),
+    };
+    let offered = line
+        .trim()
+        .strip_prefix("ready ")
+        .and_then(|caps| u64::from_str_radix(caps, 16).ok());
+    let Some(offered) = offered else {
+        spawn::kill(&mut child, false);
+        let why = line
+            .trim()
+            .strip_prefix("error ")
+            .unwrap_or("see the mount's log");
+        return Err(format!("the mount's worker did not start: {why}"));
+    };
+    if !resume {
+        // What the kernel offered the first worker, for the ones that take over.
+        if let Err(e) = crate::store::write_atomic(&init_path(run_dir), &offered.to_le_bytes()) {
+            spawn::kill(&mut child, false);
+            return Err(format!("recording FUSE_INIT: {e}"));
+        }
+    }
+    Ok(child)
+}
+
+/// The worker (`bux-fuse serve-writable --worker-fd N --upper DIR --run-dir DIR VIEW`): serves
+/// the writable mount whose connection is `fd`; with `resume`, taking over from a worker that
+/// died. Prints `ready CAPS` once it serves (or `error WHY` if it cannot).
+pub fn serve_writable_worker(
+    store: &Store,
+    fd: RawFd,
+    resume: bool,
+    upper: &Path,
+    run_dir: &Path,
+    allow_other: bool,
+    threads: usize,
+) -> Result<()> {
+    let r = serve(store, fd, resume, upper, run_dir, allow_other, threads);
+    if let Err(e) = &r {
+        // The keeper is waiting for a line: the reason, rather than a closed pipe.
+        println!("error {}", e.to_string().replace('\n', " "));
+        let _ = std::io::stdout().flush();
+    }
+    r
+}
+
+fn serve(
+    store: &Store,
+    fd: RawFd,
+    resume: bool,
+    upper: &Path,
+    run_dir: &Path,
+    allow_other: bool,
+    threads: usize,
+) -> Result<()> {
+    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", upper.display()), e);
+    let json =
+        std::fs::read(record_path(run_dir)).map_err(|e| io("reading the image record", e))?;
+    let record: ImageRecord = serde_json::from_slice(&json)
+        .map_err(|e| io("reading the image record", std::io::Error::other(e)))?;
+    let opts = MountOptions::default();
+    let lease = lease_image(store, &record)?;
+    let through = match crate::embed::server_executable() {
+        Ok(exe) => match super::reading_through(store, &record, &exe) {
+            Ok((mnt, holder)) => Some(crate::upper::Through::new(mnt, holder)),
+            Err(e) => {
+                tracing::warn!("image files are decoded by this mount alone: {e}");
+                None
+            }
+        },
+        Err(e) => {
+            tracing::warn!("image files are decoded by this mount alone: {e}");
+            None
+        }
+    };
+    let image = open_record(store, record, lease, &opts)?;
+    let cache = Arc::new(SpanCache::new(opts.cache_bytes));
+    let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
+        .map_err(|e| io("opening the mount's counters", e))?;
+    let lower = ImageFs::new(image.tree, image.layers, cache.clone()).without_permission_checks();
+    let journal = journal_path(run_dir);
+    let fs = match resume {
+        true => crate::upper::UpperFs::taking_over(lower, upper, &journal),
+        false => crate::upper::UpperFs::journalled(lower, upper, &journal),
+    }
+    .map_err(|e| io("opening the upper layer", e))?
+    .serving_others(allow_other);
+    let fs = match through {
+        Some(t) => fs.reading_through(t),
+        None => fs,
+    };
+    let offered = fs.offered_capabilities();
+    let replay = match resume {
+        true => Some(
+            std::fs::read(init_path(run_dir))
+                .map_err(|e| io("reading the recorded FUSE_INIT", e))?,
+        ),
+        false => None,
+    };
+    let mut config = Config::default();
+    config.acl = if allow_other {
+        SessionACL::All
+    } else {
+        SessionACL::Owner
+    };
+    config.n_threads = Some(threads.max(1));
+    // The keeper's descriptor itself, not clones: a clone closed by a dying worker would fail
+    // the requests it holds instead of keeping them for a resend.
+    config.clone_fd = false;
+    // SAFETY: the keeper passed this descriptor for us to own.
+    let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let ready = || -> Result<()> {
+        stats.start(cache);
+        println!("ready {:x}", offered.load(Ordering::Relaxed));
+        let _ = std::io::stdout().flush();
+        super::silence_stdout();
+        Ok(())
+    };
+    super::worker::serve_session(fs, conn, replay.as_deref(), config, &io, ready)
+}
