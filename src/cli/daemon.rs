@@ -30,6 +30,13 @@ pub(super) fn serve(
     crate::mount::tune_allocator_for_serving();
     crate::mount::raise_open_files_limit();
     let m = mount(store, reference, dir, opts)?;
+    // What opening the image allocated is freed; give the pages back (a process that only
+    // keeps a user's writable mount, its worker serving, needs little else).
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only returns free memory to the system.
+    unsafe {
+        libc::malloc_trim(0);
+    }
     // Started before the filter: it sets no_new_privs, under which the setuid fusermount3
     // could no longer unmount a user's mount when a signal stops us.
     let unmounter = (!crate::mount::host_root()).then(|| Unmounter::start(m.path()));

@@ -298,6 +298,8 @@ fn serve(
     allow_other: bool,
     threads: usize,
 ) -> Result<()> {
+    crate::mount::tune_allocator_for_serving();
+    crate::mount::raise_open_files_limit();
     let io = |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", upper.display()), e);
     let json =
         std::fs::read(record_path(run_dir)).map_err(|e| io("reading the image record", e))?;
