@@ -1217,3 +1217,127 @@ fn a_users_writable_mount_outlives_its_worker() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
 }
+
+/// A request the worker carried out but died before answering comes again to the next one
+/// (the kernel resends it): it is answered as done, not failed because it was. The worker is
+/// held after it carried the request out and journalled it, before it answers (strace delays
+/// its return from the journal's `write`), and killed there.
+#[test]
+fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
+    need("fusermount3");
+    need("strace");
+    if !kernel_resends_fuse_requests() {
+        eprintln!("skipped: the kernel resends no FUSE request to a new worker (before 6.9)");
+        return;
+    }
+    let l = LayerBuilder::new()
+        .file("etc/conf", b"image\n")
+        .file("etc/gone", b"image\n")
+        .finish();
+    let reg = Registry::start();
+    let r = pushed_image(
+        &reg,
+        "t/rootless-resent",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    // Every name the cases reach is known to the worker first: looking one up for the first
+    // time journals it too.
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --writable {r} m && echo a > m/file \
+         && stat m/etc/conf m/etc/gone m/file > /dev/null"
+    ));
+    let upper = |name: &str| {
+        let run = store.join("run");
+        let mount = std::fs::read_dir(&run).unwrap().flatten().next().unwrap();
+        mount.path().join("scratch/upper").join(name)
+    };
+    // Each: what to do, and what shows it was done on disk before the worker died.
+    let cases: [(&str, &str, Box<dyn Fn() -> bool>); 5] = [
+        ("mkdir m/dir", "mkdir", Box::new(|| upper("dir").is_dir())),
+        (
+            "echo b > m/new",
+            "create",
+            Box::new(|| upper("new").exists()),
+        ),
+        (
+            "ln -s conf m/etc/link",
+            "symlink",
+            Box::new(|| upper("etc/link").exists()),
+        ),
+        (
+            "mv m/file m/moved",
+            "rename",
+            Box::new(|| upper("moved").exists()),
+        ),
+        (
+            "rm m/etc/gone",
+            "unlink",
+            Box::new(|| upper("etc/.wh.gone").exists()),
+        ),
+    ];
+    for (cmd, what, done) in cases {
+        let worker = writable_workers(&store)[0];
+        let log = user.dir.path().join(format!("strace-{what}.log"));
+        let mut strace = std::process::Command::new("strace")
+            .args([
+                "-f",
+                "-qq",
+                "-e",
+                "trace=write",
+                "-e",
+                "inject=write:delay_exit=20000000",
+            ])
+            .arg("-o")
+            .arg(&log)
+            .arg("-p")
+            .arg(worker.to_string())
+            .spawn()
+            .unwrap();
+        let traced = || {
+            std::fs::read_to_string(format!("/proc/{worker}/status")).is_ok_and(|s| {
+                s.lines()
+                    .any(|l| l.starts_with("TracerPid:") && !l.ends_with("\t0"))
+            })
+        };
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !traced() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "strace did not attach"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(300));
+        let mut op = user.spawn(&format!("timeout 60 {cmd}"));
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !done() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "{what} was not carried out"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        assert_eq!(
+            op.try_wait().unwrap(),
+            None,
+            "{what} answered before the kill"
+        );
+        // SAFETY: signals the worker this test found (a process of the test user's), then
+        // the strace this test started (which would otherwise sit out its delay first).
+        unsafe { libc::kill(worker as i32, libc::SIGKILL) };
+        let _ = strace.kill();
+        let _ = strace.wait();
+        let status = op.wait().unwrap();
+        assert!(
+            status.success(),
+            "{what} done before the worker died failed: {status}"
+        );
+    }
+    assert_eq!(
+        user.ok("cat m/new m/moved && readlink m/etc/link && ls m/etc && test -d m/dir && echo ok"),
+        "b\na\nconf\nconf\nlink\nok\n"
+    );
+    user.ok("$BUX umount m");
+}

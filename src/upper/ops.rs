@@ -146,16 +146,7 @@ impl Filesystem for UpperFs {
         let r = (|| {
             // The kernel caches no target (no FUSE_CACHE_SYMLINKS): checked at each request.
             self.check_reach(&st, req, ino.0)?;
-            if let Some(i) = self.image_inode(&st, ino.0)? {
-                return match &i.data {
-                    NodeData::Symlink(t) => Ok(t.to_vec()),
-                    _ => Err(Errno::EINVAL),
-                };
-            }
-            if self.attr(&st, ino.0)?.kind != FileType::Symlink {
-                return Err(Errno::EINVAL);
-            }
-            std::fs::read(self.path(&st, ino.0)?).map_err(err)
+            self.target_of(&st, ino.0)
         })();
         match r {
             Ok(t) => reply.data(&t),
@@ -181,6 +172,7 @@ impl Filesystem for UpperFs {
         let r = self.make_entry(req, parent.0, name.as_bytes(), mode, umask, rdev, |p, _| {
             disk::create_file(p, true, false).map(drop).map_err(err)
         });
+        let r = r.or_else(|e| self.made_before(req, e, parent.0, name, mode, None));
         match r {
             Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -213,6 +205,7 @@ impl Filesystem for UpperFs {
                 Ok(())
             },
         );
+        let r = r.or_else(|e| self.made_before(req, e, parent.0, name, mode, None));
         match r {
             Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -221,28 +214,36 @@ impl Filesystem for UpperFs {
 
     fn unlink(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let c = self.checked(req);
-        match self.remove(
+        // The state (and so the journal) let go before the answer.
+        let r = self.remove(
             &mut self.state(),
             c.as_ref(),
             parent.0,
             name.as_bytes(),
             false,
-        ) {
+        );
+        match r {
             Ok(()) => reply.ok(),
+            // Done by the worker that died before answering.
+            Err(Errno::ENOENT) if resent(req) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
 
     fn rmdir(&self, req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEmpty) {
         let c = self.checked(req);
-        match self.remove(
+        // The state (and so the journal) let go before the answer.
+        let r = self.remove(
             &mut self.state(),
             c.as_ref(),
             parent.0,
             name.as_bytes(),
             true,
-        ) {
+        );
+        match r {
             Ok(()) => reply.ok(),
+            // Done by the worker that died before answering.
+            Err(Errno::ENOENT) if resent(req) => reply.ok(),
             Err(e) => reply.error(e),
         }
     }
@@ -261,6 +262,8 @@ impl Filesystem for UpperFs {
             f.write_all_at(target.as_os_str().as_bytes(), 0)
                 .map_err(err)
         });
+        let target = target.as_os_str().as_bytes();
+        let r = r.or_else(|e| self.made_before(req, e, parent.0, link_name, mode, Some(target)));
         match r {
             Ok((a, ())) => reply.entry(&TTL, &a, Generation(0)),
             Err(e) => reply.error(e),
@@ -291,6 +294,7 @@ impl Filesystem for UpperFs {
                 }
             }
         }
+        let again = resent(req);
         let rename = move |fs: &Upper, reply: ReplyEmpty| match fs.do_rename(
             c.as_ref(),
             parent.0,
@@ -300,6 +304,9 @@ impl Filesystem for UpperFs {
             flags,
         ) {
             Ok(()) => reply.ok(),
+            // Done by the worker that died before answering: the name is gone, the new one
+            // there.
+            Err(Errno::ENOENT) if again && fs.named(newparent.0, &newname).is_some() => reply.ok(),
             Err(e) => reply.error(e),
         };
         match moved {
@@ -324,14 +331,23 @@ impl Filesystem for UpperFs {
         let c = self.checked(req);
         // Checked before the copy too: a link never allowed copies nothing.
         if let (Some(c), true) = (&c, self.copies_bytes(n)) {
-            if let Err(e) = self.check_link(&mut self.state(), c, n, newparent.0, &newname) {
+            let r = self.check_link(&mut self.state(), c, n, newparent.0, &newname);
+            if let Err(e) = r {
                 return reply.error(e);
             }
         }
+        let again = resent(req);
         let link = move |fs: &Upper, staged: Res<()>, reply: ReplyEntry| match staged
             .and_then(|()| fs.do_link(c.as_ref(), n, newparent.0, &newname))
         {
             Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+            // Done by the worker that died before answering: the new name is this node's.
+            Err(Errno::EEXIST) if again && fs.named(newparent.0, &newname) == Some(n) => {
+                match fs.entry_of(n) {
+                    Ok(a) => reply.entry(&TTL, &a, Generation(0)),
+                    Err(e) => reply.error(e),
+                }
+            }
             Err(e) => reply.error(e),
         };
         if self.copies_bytes(n) {
@@ -387,12 +403,20 @@ impl Filesystem for UpperFs {
         let r = self.make_entry(req, parent.0, name.as_bytes(), mode, umask, 0, |p, _| {
             disk::create_file(p, true, false).map_err(err)
         });
+        let r = r.map(|(a, f)| {
+            self.files
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .put(a.ino.0, Arc::new(f));
+            a
+        });
+        // Made by the worker that died before answering: opened now.
+        let r = r.or_else(|e| {
+            let (a, ()) = self.made_before(req, e, parent.0, name, mode, None)?;
+            self.writable_file(a.ino.0, false).map(|_| a)
+        });
         match r {
-            Ok((a, f)) => {
-                self.files
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .put(a.ino.0, Arc::new(f));
+            Ok(a) => {
                 let flags = FopenFlags::FOPEN_KEEP_CACHE;
                 reply.created(&TTL, &a, Generation(0), FileHandle(0), flags)
             }
@@ -757,5 +781,64 @@ fn sync(f: &File, datasync: bool) -> std::io::Result<()> {
         f.sync_data()
     } else {
         f.sync_all()
+    }
+}
+
+/// Whether the kernel sends `req` again (`FUSE_UNIQUE_RESEND`): the worker it was first sent
+/// to died without answering it, perhaps after doing what it asked.
+fn resent(req: &Request) -> bool {
+    req.unique().0 & (1 << 63) != 0
+}
+
+impl Upper {
+    /// What a resent request to make `name` in `parent` (of type and mode `mode`; a symlink
+    /// to `target`) answers when it failed with `e`: the entry, if `e` is `EEXIST` because
+    /// the worker that died made it (an entry of that type is there: a guess, as a server
+    /// that lost its reply cache makes it); else `e`.
+    fn made_before(
+        &self,
+        req: &Request,
+        e: Errno,
+        parent: u64,
+        name: &OsStr,
+        mode: u32,
+        target: Option<&[u8]>,
+    ) -> Res<(FileAttr, ())> {
+        if e != Errno::EEXIST || !resent(req) {
+            return Err(e);
+        }
+        let n = self.named(parent, name.as_bytes()).ok_or(e)?;
+        let a = self.entry_of(n)?;
+        let kind = attr::kind_of(mode);
+        let same_target = match target {
+            Some(t) => self.target_of(&self.state(), n).ok().as_deref() == Some(t),
+            None => true,
+        };
+        if a.kind != kind || !same_target {
+            return Err(e);
+        }
+        Ok((a, ()))
+    }
+
+    /// The target of symlink node `n`.
+    fn target_of(&self, st: &State, n: u64) -> Res<Vec<u8>> {
+        if let Some(i) = self.image_inode(st, n)? {
+            return match &i.data {
+                NodeData::Symlink(t) => Ok(t.to_vec()),
+                _ => Err(Errno::EINVAL),
+            };
+        }
+        if self.attr(st, n)?.kind != FileType::Symlink {
+            return Err(Errno::EINVAL);
+        }
+        std::fs::read(self.path(st, n)?).map_err(err)
+    }
+
+    /// The attributes of node `n`, counted as an entry handed to the kernel.
+    fn entry_of(&self, n: u64) -> Res<FileAttr> {
+        let mut st = self.state();
+        let a = self.attr(&st, n)?;
+        st.looked_up(n)?;
+        Ok(a)
     }
 }
