@@ -180,8 +180,9 @@ const FUSE_NOTIFY_RESEND: i32 = 7;
 
 /// A session on connection `conn` that has already been initialised: fuser only starts after a
 /// handshake, so it is given the INIT the kernel sent the first worker (the capabilities it
-/// offered, recorded then) through a pipe, and the pipe's descriptor is then replaced by the
-/// connection. Its answer to the replayed INIT goes nowhere; the kernel keeps the first one.
+/// offered, recorded then) through one end of a socket pair, whose descriptor is then replaced
+/// by the connection. Its answer to the replayed INIT goes to the other end, dropped unread;
+/// the kernel keeps the first one.
 fn replay_init<FS: fuser::Filesystem>(
     fs: FS,
     conn: OwnedFd,
@@ -206,15 +207,19 @@ fn replay_init<FS: fuser::Filesystem>(
     msg.extend_from_slice(&((caps >> 32) as u32).to_le_bytes());
     msg.extend_from_slice(&[0; 44]);
     let mut fds = [0; 2];
-    // SAFETY: a valid two-element array for pipe2.
-    if unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) } != 0 {
+    // SAFETY: a valid two-element array for socketpair. A pipe would take fuser's answer to
+    // the INIT on its read end, and fail it (logged as an error at every takeover).
+    let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) } != 0 {
         return Err(std::io::Error::last_os_error());
     }
-    // SAFETY: pipe2 just returned these two descriptors, ours to own.
+    // SAFETY: socketpair just returned these two descriptors, ours to own.
     let (rd, wr) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    std::fs::File::from(wr).write_all(&msg)?;
+    let mut wr = std::fs::File::from(wr);
+    wr.write_all(&msg)?;
     let rd_fd = rd.as_raw_fd();
     let session = Session::from_fd(fs, rd, SessionACL::All, config)?;
+    drop(wr);
     // SAFETY: both descriptors are open; dup3 atomically makes `rd_fd` the connection.
     if unsafe { libc::dup3(conn.as_raw_fd(), rd_fd, libc::O_CLOEXEC) } < 0 {
         return Err(std::io::Error::last_os_error());
