@@ -11,13 +11,15 @@
 //! parents, so renaming a directory moves its whole subtree. Image entries are read through the
 //! [`ImageFs`] in this process (no second FUSE hop); the first write copies a file up.
 //!
-//! Here: nodes, copy-up, whiteouts, renames. `ops` answers the kernel's requests, `attr`
+//! Here: resolving names to nodes, copy-up, whiteouts; `nodes` holds the node table (and
+//! journals it for a worker that takes over), `ops` answers the kernel's requests, `attr`
 //! turns what the upper directory holds into served attributes, `disk` says how it is kept.
 
 mod attr;
 mod copy_up;
 mod disk;
 mod journal;
+mod nodes;
 mod ops;
 mod perm;
 mod rename;
@@ -31,7 +33,7 @@ use std::fs::File;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{FileExt, MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use fuser::{Errno, FileAttr, FileType, RenameFlags, Request, TimeOrNow};
@@ -41,6 +43,7 @@ use crate::index::EntryKind;
 use crate::tree::{NodeData, ROOT_INO};
 use attr::{attr_from, name_max, set_times, stat_from_attr};
 use disk::Stat;
+use nodes::{push, Node, State, StateGuard};
 use perm::Caller;
 
 /// Everything changes through this mount and the kernel applies each change it sends to its
@@ -52,69 +55,6 @@ const OPEN_FILES: std::num::NonZeroUsize = match std::num::NonZeroUsize::new(256
     Some(n) => n,
     None => unreachable!(),
 };
-
-/// One entry of the merged tree.
-struct Node {
-    /// Names it is reached by: (parent node, name); the first is its path. Several for
-    /// hardlinks; none once unlinked (open handles keep working).
-    links: Vec<(u64, Vec<u8>)>,
-    /// The image inode it shows (a directory: the one whose entries merge into it).
-    lower: Option<u64>,
-    /// Whether it exists in the upper directory (at its path).
-    upper: bool,
-    /// How many times the kernel was handed it (entries replied) and has not forgotten: at 0
-    /// with no name left, the node goes.
-    lookups: u64,
-    /// Whether [`State::by_lower`] or [`State::by_upper`] may name it.
-    shared: bool,
-}
-
-struct State {
-    /// Nodes by number; node 1 is the root. Numbers are never reused.
-    nodes: HashMap<u64, Node>,
-    /// The number of the next new node.
-    next: u64,
-    /// Resolved names (all changes go through us, so this stays true).
-    names: HashMap<(u64, Vec<u8>), u64>,
-    /// Image inodes with several names (hardlinks) share one node.
-    by_lower: HashMap<u64, u64>,
-    /// Upper files with several names share one node (host inode number → node).
-    by_upper: HashMap<u64, u64>,
-    /// Descriptors of upper directories deep enough that paths through them would pass the
-    /// host's PATH_MAX (see [`Upper::path`]), by node. A descriptor follows its directory
-    /// through renames; it is closed when the directory goes, under the state lock, as every
-    /// path made from it is used under that lock.
-    dir_fds: std::cell::RefCell<HashMap<u64, std::os::fd::OwnedFd>>,
-    /// Nodes changed under the lock held now, written to [`State::journal`] when it is let
-    /// go (before the request is answered: see [`StateGuard`]).
-    dirty: Vec<u64>,
-    /// Where a worker that takes over the mount finds the nodes (see `journal`); none for a
-    /// mount served in the process that mounted it.
-    journal: Option<journal::Journal>,
-}
-
-/// The state, locked; changed nodes go to the journal when it is dropped. Requests drop it
-/// before they answer: a node the kernel was told of is in the journal by then.
-struct StateGuard<'a>(MutexGuard<'a, State>);
-
-impl std::ops::Deref for StateGuard<'_> {
-    type Target = State;
-    fn deref(&self) -> &State {
-        &self.0
-    }
-}
-
-impl std::ops::DerefMut for StateGuard<'_> {
-    fn deref_mut(&mut self) -> &mut State {
-        &mut self.0
-    }
-}
-
-impl Drop for StateGuard<'_> {
-    fn drop(&mut self) {
-        self.0.write_journal();
-    }
-}
 
 /// A directory's merged entries, `.` and `..` first.
 type Listing = Arc<Vec<(u64, FileType, OsString)>>;
@@ -169,10 +109,6 @@ pub struct Upper {
     /// direct I/O here: their pages are cached there, once for all of the user's mounts).
     through: Option<Through>,
 }
-
-/// Lookups counted for each node a worker takes over (the kernel's count died with the worker
-/// before): more than the kernel ever forgets.
-const TAKEN_OVER: u64 = 1 << 48;
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
 const COPY_THREADS: usize = 4;
@@ -366,59 +302,6 @@ impl UpperFs {
 }
 
 impl Upper {
-    /// Fills `st` with the nodes `replayed` from the journal of the process that served the
-    /// mount before. The kernel may hold any of them, as many times as it likes: none is
-    /// dropped at its forgets (an unlinked one keeps its file until the mount ends).
-    fn take_over(&self, st: &mut State, replayed: journal::Replayed) -> std::io::Result<()> {
-        for (n, node) in replayed {
-            match node {
-                Some(mut node) if n != ROOT_INO => {
-                    node.lookups = TAKEN_OVER;
-                    st.nodes.insert(n, node);
-                }
-                Some(_) => {}
-                None => {
-                    st.nodes.remove(&n);
-                }
-            }
-        }
-        st.next = st.nodes.keys().max().map_or(ROOT_INO, |m| *m) + 1;
-        let mut names = HashMap::new();
-        let mut by_lower = HashMap::new();
-        let mut by_upper = HashMap::new();
-        for (&n, node) in &st.nodes {
-            for (parent, name) in &node.links {
-                if n != ROOT_INO && !disk::is_reserved(name) {
-                    names.insert((*parent, name.clone()), n);
-                }
-            }
-            if !node.shared {
-                continue;
-            }
-            match (node.upper, node.lower) {
-                (false, Some(lower)) => {
-                    by_lower.insert(lower, n);
-                }
-                (true, _) => {
-                    let missing =
-                        |what: String| std::io::Error::new(std::io::ErrorKind::NotFound, what);
-                    let path = self
-                        .full_path(st, n)
-                        .map_err(|_| missing(format!("node {n} of the journal: no path")))?;
-                    let md = std::fs::symlink_metadata(&path).map_err(|e| {
-                        missing(format!("node {n} of the journal ({}): {e}", path.display()))
-                    })?;
-                    by_upper.insert(md.ino(), n);
-                }
-                (false, None) => {}
-            }
-        }
-        st.names = names;
-        st.by_lower = by_lower;
-        st.by_upper = by_upper;
-        Ok(())
-    }
-
     /// Up to `len` bytes at `off` of image file `lower` read through the image's shared
     /// mount, if its files of that size are read there and the mount serves it.
     fn read_through(&self, lower: u64, off: u64, len: u32) -> Option<Vec<u8>> {
@@ -1025,93 +908,6 @@ const COPY_UP_TMP: &[u8] = b".bux-fuse-copy-up";
 /// followed by the node number).
 const STAGED: &[u8] = b".bux-fuse-staged-";
 const NEW_TMP: &[u8] = b".bux-fuse-new";
-
-fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
-    let n = st.next;
-    st.next += 1;
-    st.dirty.push(n);
-    st.nodes.insert(
-        n,
-        Node {
-            links: Vec::new(),
-            lower,
-            upper,
-            lookups: 0,
-            shared: false,
-        },
-    );
-    n
-}
-
-impl State {
-    /// Node `n`, to change (so journalled).
-    fn at(&mut self, n: u64) -> Res<&mut Node> {
-        let node = self.nodes.get_mut(&n).ok_or(Errno::ENOENT)?;
-        self.dirty.push(n);
-        Ok(node)
-    }
-
-    /// Counts an entry of node `n` handed to the kernel (not journalled: a worker that takes
-    /// over cannot know how many the kernel holds, and assumes it holds them all).
-    fn looked_up(&mut self, n: u64) -> Res<()> {
-        self.nodes.get_mut(&n).ok_or(Errno::ENOENT)?.lookups += 1;
-        Ok(())
-    }
-
-    /// Writes the nodes changed since the last write to the journal, if there is one.
-    fn write_journal(&mut self) {
-        if self.dirty.is_empty() {
-            return;
-        }
-        let mut dirty = std::mem::take(&mut self.dirty);
-        let Some(j) = self.journal.as_mut() else {
-            return;
-        };
-        dirty.sort_unstable();
-        dirty.dedup();
-        let mut buf = Vec::new();
-        for n in dirty {
-            journal::encode(&mut buf, n, self.nodes.get(&n));
-        }
-        j.append(&buf);
-        if j.outgrew(self.nodes.len()) {
-            // Mostly records of nodes changed since: rewritten as the nodes are now.
-            match journal::Journal::rewrite(j.path(), self.nodes.iter().map(|(n, v)| (*n, v))) {
-                Ok(fresh) => *j = fresh,
-                Err(e) => tracing::warn!("compacting the node journal: {e}"),
-            }
-        }
-    }
-
-    /// The kernel forgot `count` of its lookups of node `n`: once none is left, an orphan's
-    /// file goes, and a node no name leads to is dropped. Returns the orphan file to remove.
-    fn forget(&mut self, n: u64, count: u64) -> Option<OsString> {
-        let node = self.nodes.get_mut(&n)?;
-        node.lookups = node.lookups.saturating_sub(count);
-        if node.lookups > 0 {
-            return None;
-        }
-        let orphan = orphan_name(n);
-        let gone = node.links.first().map(|(_, name)| name.as_slice()) == Some(orphan.as_bytes());
-        if gone {
-            node.links.clear();
-        }
-        let dropped = n != ROOT_INO && node.links.is_empty();
-        let shared = node.shared;
-        if gone || dropped {
-            self.dirty.push(n);
-        }
-        if dropped {
-            self.nodes.remove(&n);
-            self.dir_fds.get_mut().remove(&n);
-            if shared {
-                self.by_lower.retain(|_, v| *v != n);
-                self.by_upper.retain(|_, v| *v != n);
-            }
-        }
-        gone.then_some(orphan)
-    }
-}
 
 trait FromVecBytes {
     fn from_vec_bytes(v: Vec<u8>) -> OsString;

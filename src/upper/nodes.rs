@@ -1,0 +1,230 @@
+//! The node table: every entry the kernel was told of, by number, with its names; and the
+//! journal of its changes that a worker taking over the mount replays (`journal`).
+//!
+//! Numbers are handed out as names are first seen (nothing on disk gives them), so a node
+//! changed under the state lock is marked dirty and written to the journal when the lock is let
+//! go ([`StateGuard`]), before the request that changed it is answered.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::MetadataExt;
+use std::sync::MutexGuard;
+
+use fuser::Errno;
+
+use super::{disk, journal, orphan_name, Res, Upper};
+use crate::tree::ROOT_INO;
+
+/// One entry of the merged tree.
+pub(super) struct Node {
+    /// Names it is reached by: (parent node, name); the first is its path. Several for
+    /// hardlinks; none once unlinked (open handles keep working).
+    pub(super) links: Vec<(u64, Vec<u8>)>,
+    /// The image inode it shows (a directory: the one whose entries merge into it).
+    pub(super) lower: Option<u64>,
+    /// Whether it exists in the upper directory (at its path).
+    pub(super) upper: bool,
+    /// How many times the kernel was handed it (entries replied) and has not forgotten: at 0
+    /// with no name left, the node goes.
+    pub(super) lookups: u64,
+    /// Whether [`State::by_lower`] or [`State::by_upper`] may name it.
+    pub(super) shared: bool,
+}
+
+pub(super) struct State {
+    /// Nodes by number; node 1 is the root. Numbers are never reused.
+    pub(super) nodes: HashMap<u64, Node>,
+    /// The number of the next new node.
+    pub(super) next: u64,
+    /// Resolved names (all changes go through us, so this stays true).
+    pub(super) names: HashMap<(u64, Vec<u8>), u64>,
+    /// Image inodes with several names (hardlinks) share one node.
+    pub(super) by_lower: HashMap<u64, u64>,
+    /// Upper files with several names share one node (host inode number → node).
+    pub(super) by_upper: HashMap<u64, u64>,
+    /// Descriptors of upper directories deep enough that paths through them would pass the
+    /// host's PATH_MAX (see [`Upper::path`]), by node. A descriptor follows its directory
+    /// through renames; it is closed when the directory goes, under the state lock, as every
+    /// path made from it is used under that lock.
+    pub(super) dir_fds: std::cell::RefCell<HashMap<u64, std::os::fd::OwnedFd>>,
+    /// Nodes changed under the lock held now, written to [`State::journal`] when it is let
+    /// go (before the request is answered: see [`StateGuard`]).
+    pub(super) dirty: Vec<u64>,
+    /// Where a worker that takes over the mount finds the nodes (see `journal`); none for a
+    /// mount served in the process that mounted it.
+    pub(super) journal: Option<journal::Journal>,
+}
+
+/// The state, locked; changed nodes go to the journal when it is dropped. Requests drop it
+/// before they answer: a node the kernel was told of is in the journal by then.
+pub(super) struct StateGuard<'a>(pub(super) MutexGuard<'a, State>);
+
+impl std::ops::Deref for StateGuard<'_> {
+    type Target = State;
+    fn deref(&self) -> &State {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for StateGuard<'_> {
+    fn deref_mut(&mut self) -> &mut State {
+        &mut self.0
+    }
+}
+
+impl Drop for StateGuard<'_> {
+    fn drop(&mut self) {
+        self.0.write_journal();
+    }
+}
+
+/// Lookups counted for each node a worker takes over (the kernel's count died with the worker
+/// before): more than the kernel ever forgets.
+pub(super) const TAKEN_OVER: u64 = 1 << 48;
+
+pub(super) fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
+    let n = st.next;
+    st.next += 1;
+    st.dirty.push(n);
+    st.nodes.insert(
+        n,
+        Node {
+            links: Vec::new(),
+            lower,
+            upper,
+            lookups: 0,
+            shared: false,
+        },
+    );
+    n
+}
+
+impl State {
+    /// Node `n`, to change (so journalled).
+    pub(super) fn at(&mut self, n: u64) -> Res<&mut Node> {
+        let node = self.nodes.get_mut(&n).ok_or(Errno::ENOENT)?;
+        self.dirty.push(n);
+        Ok(node)
+    }
+
+    /// Counts an entry of node `n` handed to the kernel (not journalled: a worker that takes
+    /// over cannot know how many the kernel holds, and assumes it holds them all).
+    pub(super) fn looked_up(&mut self, n: u64) -> Res<()> {
+        self.nodes.get_mut(&n).ok_or(Errno::ENOENT)?.lookups += 1;
+        Ok(())
+    }
+
+    /// Writes the nodes changed since the last write to the journal, if there is one.
+    pub(super) fn write_journal(&mut self) {
+        if self.dirty.is_empty() {
+            return;
+        }
+        let mut dirty = std::mem::take(&mut self.dirty);
+        let Some(j) = self.journal.as_mut() else {
+            return;
+        };
+        dirty.sort_unstable();
+        dirty.dedup();
+        let mut buf = Vec::new();
+        for n in dirty {
+            journal::encode(&mut buf, n, self.nodes.get(&n));
+        }
+        j.append(&buf);
+        if j.outgrew(self.nodes.len()) {
+            // Mostly records of nodes changed since: rewritten as the nodes are now.
+            match journal::Journal::rewrite(j.path(), self.nodes.iter().map(|(n, v)| (*n, v))) {
+                Ok(fresh) => *j = fresh,
+                Err(e) => tracing::warn!("compacting the node journal: {e}"),
+            }
+        }
+    }
+
+    /// The kernel forgot `count` of its lookups of node `n`: once none is left, an orphan's
+    /// file goes, and a node no name leads to is dropped. Returns the orphan file to remove.
+    pub(super) fn forget(&mut self, n: u64, count: u64) -> Option<OsString> {
+        let node = self.nodes.get_mut(&n)?;
+        node.lookups = node.lookups.saturating_sub(count);
+        if node.lookups > 0 {
+            return None;
+        }
+        let orphan = orphan_name(n);
+        let gone = node.links.first().map(|(_, name)| name.as_slice()) == Some(orphan.as_bytes());
+        if gone {
+            node.links.clear();
+        }
+        let dropped = n != ROOT_INO && node.links.is_empty();
+        let shared = node.shared;
+        if gone || dropped {
+            self.dirty.push(n);
+        }
+        if dropped {
+            self.nodes.remove(&n);
+            self.dir_fds.get_mut().remove(&n);
+            if shared {
+                self.by_lower.retain(|_, v| *v != n);
+                self.by_upper.retain(|_, v| *v != n);
+            }
+        }
+        gone.then_some(orphan)
+    }
+}
+
+impl Upper {
+    /// Fills `st` with the nodes `replayed` from the journal of the process that served the
+    /// mount before. The kernel may hold any of them, as many times as it likes: none is
+    /// dropped at its forgets (an unlinked one keeps its file until the mount ends).
+    pub(super) fn take_over(
+        &self,
+        st: &mut State,
+        replayed: journal::Replayed,
+    ) -> std::io::Result<()> {
+        for (n, node) in replayed {
+            match node {
+                Some(mut node) if n != ROOT_INO => {
+                    node.lookups = TAKEN_OVER;
+                    st.nodes.insert(n, node);
+                }
+                Some(_) => {}
+                None => {
+                    st.nodes.remove(&n);
+                }
+            }
+        }
+        st.next = st.nodes.keys().max().map_or(ROOT_INO, |m| *m) + 1;
+        let mut names = HashMap::new();
+        let mut by_lower = HashMap::new();
+        let mut by_upper = HashMap::new();
+        for (&n, node) in &st.nodes {
+            for (parent, name) in &node.links {
+                if n != ROOT_INO && !disk::is_reserved(name) {
+                    names.insert((*parent, name.clone()), n);
+                }
+            }
+            if !node.shared {
+                continue;
+            }
+            match (node.upper, node.lower) {
+                (false, Some(lower)) => {
+                    by_lower.insert(lower, n);
+                }
+                (true, _) => {
+                    let missing =
+                        |what: String| std::io::Error::new(std::io::ErrorKind::NotFound, what);
+                    let path = self
+                        .full_path(st, n)
+                        .map_err(|_| missing(format!("node {n} of the journal: no path")))?;
+                    let md = std::fs::symlink_metadata(&path).map_err(|e| {
+                        missing(format!("node {n} of the journal ({}): {e}", path.display()))
+                    })?;
+                    by_upper.insert(md.ino(), n);
+                }
+                (false, None) => {}
+            }
+        }
+        st.names = names;
+        st.by_lower = by_lower;
+        st.by_upper = by_upper;
+        Ok(())
+    }
+}
