@@ -80,10 +80,10 @@ pub fn server_executable() -> crate::Result<PathBuf> {
 /// and the server's arguments given.
 pub(crate) fn started_as_server() -> bool {
     std::env::var_os(SERVE_ENV).is_some()
-        && std::env::args_os().any(|a| a == "serve-shared" || a == "serve-writable")
+        && std::env::args_os().any(|a| a == "serve-shared" || a == "serve-mount")
 }
 
-/// Serves as asked (the arguments are the `bux-fuse` CLI's `serve-shared` or `serve-writable`); returns
+/// Serves as asked (the arguments are the `bux-fuse` CLI's `serve-shared` or `serve-mount`); returns
 /// the exit code.
 fn serve() -> i32 {
     use std::io::Write;

@@ -397,7 +397,7 @@ fn fsync_of_a_directory_syncs_the_upper_directory() {
         "$BUX -q mount --upper state {r} m && echo x > m/etc/new"
     ));
     // The worker serving the mount (its daemon keeps the connection and runs nothing else).
-    let workers = writable_workers(&user.home().join(".local/share/bux-fuse"));
+    let workers = mount_workers(&user.home().join(".local/share/bux-fuse"));
     let pid = *workers.first().expect("the mount's worker");
     let log = user.dir.path().join("strace.log");
     let mut strace = std::process::Command::new("strace")
@@ -1116,7 +1116,7 @@ fn a_users_writable_mount_outlives_its_worker() {
     user.ok(&format!(
         "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
     ));
-    let workers = || writable_workers(&store);
+    let workers = || mount_workers(&store);
     let first = workers();
     assert_eq!(first.len(), 1, "one worker serves the mount: {first:?}");
 
@@ -1278,7 +1278,7 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
         ),
     ];
     for (cmd, what, done) in cases {
-        let worker = writable_workers(&store)[0];
+        let worker = mount_workers(&store)[0];
         let log = user.dir.path().join(format!("strace-{what}.log"));
         let mut strace = std::process::Command::new("strace")
             .args([
@@ -1340,4 +1340,81 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
         "b\na\nconf\nconf\nlink\nok\n"
     );
     user.ok("$BUX umount m");
+}
+
+/// A user's read-only and disk mounts are kept the same way: their workers killed, the next
+/// ones serve the same inodes and bytes, descriptors held open read on.
+#[test]
+fn a_users_read_only_and_disk_mounts_outlive_their_workers() {
+    need("fusermount3");
+    let big: Vec<u8> = (0..3u32 << 20)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 9) as u8)
+        .collect();
+    let l = LayerBuilder::new()
+        .file("etc/conf", b"image\n")
+        .file("data/big", &big)
+        .finish();
+    let reg = Registry::start();
+    let r = pushed_image(&reg, "t/rootless-kept", &Image::new(vec![(l, Comp::Gzip)]));
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    user.ok(&format!(
+        "$BUX -q pull {r} && mkdir ro dk && $BUX -q mount {r} ro && $BUX -q mount --disk {r} dk"
+    ));
+    let first = mount_workers(&store);
+    assert_eq!(first.len(), 2, "a worker for each mount: {first:?}");
+    let looks = "stat -c '%i %s %n' ro ro/etc ro/etc/conf ro/data/big dk/root.erofs \
+                 && sha256sum < dk/root.erofs";
+    let before = user.ok(looks);
+    let mut holder = user.spawn(
+        "exec 7<ro/data/big 8<dk/root.erofs && echo open && read _ \
+         && sha256sum <&7 && sha256sum <&8",
+    );
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut l = String::new();
+    std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+    assert_eq!(l, "open\n");
+    for pid in &first {
+        let st = std::process::Command::new("kill")
+            .args(["-9", &pid.to_string()])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = mount_workers(&store);
+        if now.len() == 2 && now.iter().all(|p| !first.contains(p)) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers not replaced: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(user.ok(looks), before, "the same inodes and bytes");
+    assert_eq!(user.ok("cat ro/etc/conf"), "image\n");
+    use std::io::Write as _;
+    writeln!(holder.stdin.take().unwrap()).unwrap();
+    let rest = std::io::read_to_string(out).unwrap();
+    assert!(holder.wait().unwrap().success());
+    let disk_sum = before.lines().last().unwrap();
+    assert_eq!(rest, format!("{}  -\n{disk_sum}\n", sha256_hex(&big)));
+    user.ok("$BUX umount ro && $BUX umount dk");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !mount_workers(&store).is_empty() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "a worker outlived its mount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(
+        std::fs::read_dir(store.join("run"))
+            .map(|d| d.count())
+            .unwrap_or(0),
+        0,
+        "run directories left"
+    );
 }

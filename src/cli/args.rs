@@ -109,10 +109,10 @@ pub(super) enum Cmd {
         #[arg(long)]
         disk: bool,
     },
-    /// Internal: the worker serving a user's writable mount (started by the process that
-    /// mounted it, which keeps the connection and replaces a worker that dies).
+    /// Internal: the worker serving a user's mount (started by the process that mounted it,
+    /// which keeps the connection and replaces a worker that dies).
     #[command(hide = true)]
-    ServeWritable {
+    ServeMount {
         /// The stored image's view digest.
         manifest: String,
         /// The inherited FUSE connection.
@@ -121,10 +121,13 @@ pub(super) enum Cmd {
         /// The connection is live already (a worker restarted after one died).
         #[arg(long)]
         resume: bool,
-        /// The upper directory.
+        /// Serve the image writable, with this upper directory.
+        #[arg(long, conflicts_with = "disk")]
+        upper: Option<PathBuf>,
+        /// Serve the image's disk.
         #[arg(long)]
-        upper: PathBuf,
-        /// The mount's run directory (its image record, node journal, INIT).
+        disk: bool,
+        /// The mount's run directory (its image record, INIT, counters, node journal).
         #[arg(long)]
         run_dir: PathBuf,
         /// The mount is `allow_other`.

@@ -226,26 +226,32 @@ fn run(cli: Cli) -> Result<()> {
                 }
             }
         }
-        Cmd::ServeWritable {
+        Cmd::ServeMount {
             manifest,
             worker_fd,
             resume,
             upper,
+            disk,
             run_dir,
             allow_other,
             threads,
         } => {
             let store = open_store(&store_arg)?;
-            crate::mount::shared::serve_writable_worker(
+            let what = match (&upper, disk) {
+                (Some(u), _) => crate::mount::shared::KeptKind::Writable(u),
+                (None, true) => crate::mount::shared::KeptKind::Disk,
+                (None, false) => crate::mount::shared::KeptKind::Image,
+            };
+            crate::mount::shared::serve_mount_worker(
                 &store,
                 worker_fd,
                 resume,
-                &upper,
+                what,
                 &run_dir,
                 allow_other,
                 threads,
             )
-            .with_context(|| format!("writable mount worker of image {manifest}"))
+            .with_context(|| format!("mount worker of image {manifest}"))
         }
         Cmd::Info { reference } => {
             let store = store_arg.clone().unwrap_or_else(Store::default_path);

@@ -72,9 +72,12 @@ pub struct Mount {
     /// The image server a user's writable mount reads image files through (its place), which
     /// leaves once this mount's session has ended: unmounting waits for that.
     read_through: Option<PathBuf>,
-    /// The counters the worker serving this mount publishes (a user's writable mount kept by
-    /// this process: `shared::keep_writable`).
+    /// The counters the worker serving this mount publishes (a user's mount kept by this
+    /// process: `shared::keep`).
     worker_stats: Option<PathBuf>,
+    /// The run directory of a kept mount that is not writable (a writable one's is
+    /// [`WritableLayer::run_dir`]), removed at unmount.
+    kept_run_dir: Option<PathBuf>,
 }
 
 /// The overlay that makes a mount writable.
@@ -108,7 +111,7 @@ impl Mount {
             return shared::server_stats(&self.fuse_path);
         }
         if let Some(path) = &self.worker_stats {
-            return shared::writable_stats(path);
+            return shared::kept_stats(path);
         }
         let s = &self.cache.stats;
         MountStats {
@@ -187,6 +190,9 @@ impl Mount {
         if let Some(w) = self.writable.take() {
             // The scratch upper (if any) lives in run_dir; a persistent one is elsewhere.
             let _ = std::fs::remove_dir_all(&w.run_dir);
+        }
+        if let Some(run_dir) = self.kept_run_dir.take() {
+            let _ = std::fs::remove_dir_all(run_dir);
         }
         self.kernel_mount = false;
         if let Some(record) = self.record.take() {
@@ -405,6 +411,7 @@ fn mount_shared(
         disk: opts.disk,
         read_through: None,
         worker_stats: None,
+        kept_run_dir: None,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -475,12 +482,13 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     let dir = prepare_mount_point(store, dir)?;
     // Users cannot mount a kernel overlay: bux-fuse serves their upper layer itself.
     let own_upper = opts.writable && !connect::host_root();
+    let run_dir = store.root().join("run").join(format!(
+        "{}-{}",
+        crate::Digest::of(dir.as_os_str().as_encoded_bytes()).short(),
+        std::process::id()
+    ));
     let (fuse_dir, writable) = if opts.writable {
-        let run_dir = store.root().join("run").join(format!(
-            "{}-{}",
-            crate::Digest::of(dir.as_os_str().as_encoded_bytes()).short(),
-            std::process::id()
-        ));
+        let run_dir = run_dir.clone();
         let lower = run_dir.join("lower");
         // The image mount point, under a kernel overlay only.
         let made = if own_upper { &run_dir } else { &lower };
@@ -524,11 +532,20 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         .as_ref()
         .and_then(|(mnt, _)| mnt.parent())
         .map(Path::to_path_buf);
-    // A user's writable mount is served by a worker process this one keeps (replaced if it
-    // dies), where the program can start one: as the image server is.
+    // A user's mount is served by a worker process this one keeps (replaced if it dies),
+    // where the program can start one: as root's are, by the image server.
     let keeper = match &opts.shared_server {
-        Some(exe) if own_upper && trace.is_none() && lazy.is_empty() && !opts.disk => Some(exe),
+        Some(exe) if !connect::host_root() && trace.is_none() && lazy.is_empty() => Some(exe),
         _ => None,
+    };
+    // Its run directory (a writable mount has one already).
+    let kept_run_dir = match keeper.is_some() && writable.is_none() {
+        true => {
+            std::fs::create_dir_all(&run_dir)
+                .map_err(|e| mount_err(format!("creating {}: {e}", run_dir.display())))?;
+            Some(run_dir.clone())
+        }
+        false => None,
     };
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let mut fs = ImageFs::new(tree, layers, cache.clone());
@@ -560,34 +577,35 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         ),
         _ => None,
     };
-    let thread = match upper_root {
-        None if opts.disk => {
-            let fs = crate::disk::DiskFs::new(fs)
-                .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
-            serve(fs, &fuse_dir, &request, config)
-        }
-        Some(upper) if keeper.is_some() => {
+    let thread = match (keeper, upper_root) {
+        (Some(exe), upper) => {
             drop(fs); // the worker opens the image itself
-            let (Some(exe), Some(w)) = (keeper, &writable) else {
-                unreachable!("a keeper serves a writable mount")
+            let what = match (&upper, opts.disk) {
+                (Some(u), _) => shared::KeptKind::Writable(u),
+                (None, true) => shared::KeptKind::Disk,
+                (None, false) => shared::KeptKind::Image,
             };
-            let served = shared::WritableServed {
+            let served = shared::KeptServed {
                 store,
                 record: &record,
                 dir: &fuse_dir,
-                upper: &upper,
-                run_dir: &w.run_dir,
+                what,
+                run_dir: &run_dir,
                 allow_other: opts.allow_other,
                 threads: opts.threads,
             };
             let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
-            shared::keep_writable(exe, &served, fd, through.map(|(_, holder)| holder)).inspect_err(
-                |_| {
-                    let _ = unmount(&fuse_dir);
-                },
-            )
+            let holder = through.map(|(_, holder)| holder);
+            shared::keep(exe, &served, fd, holder).inspect_err(|_| {
+                let _ = unmount(&fuse_dir);
+            })
         }
-        Some(upper) => {
+        (None, None) if opts.disk => {
+            let fs = crate::disk::DiskFs::new(fs)
+                .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
+            serve(fs, &fuse_dir, &request, config)
+        }
+        (None, Some(upper)) => {
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
                 .serving_others(opts.allow_other);
@@ -596,13 +614,11 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             }
             serve(fs, &fuse_dir, &request, config)
         }
-        None => serve(fs, &fuse_dir, &request, config),
+        (None, None) => serve(fs, &fuse_dir, &request, config),
     }
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
-    let worker_stats = keeper
-        .and(writable.as_ref())
-        .map(|w| shared::writable_stats_path(&w.run_dir));
+    let worker_stats = keeper.map(|_| shared::kept_stats_path(&run_dir));
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -617,6 +633,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         disk: opts.disk,
         read_through,
         worker_stats,
+        kept_run_dir,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

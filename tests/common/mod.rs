@@ -737,9 +737,9 @@ pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
     out
 }
 
-/// Workers serving users' writable mounts (`serve-writable`) from the store at `store`.
+/// Workers serving users' own mounts (`serve-mount`) from the store at `store`.
 #[allow(dead_code)]
-pub fn writable_workers(store: &Path) -> Vec<u32> {
+pub fn mount_workers(store: &Path) -> Vec<u32> {
     let needle = store.as_os_str().as_encoded_bytes().to_vec();
     let mut out = Vec::new();
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -750,7 +750,7 @@ pub fn writable_workers(store: &Path) -> Vec<u32> {
             continue;
         };
         let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-        if args.contains(&&b"serve-writable"[..]) && args.contains(&needle.as_slice()) {
+        if args.contains(&&b"serve-mount"[..]) && args.contains(&needle.as_slice()) {
             out.push(pid);
         }
     }

@@ -31,20 +31,18 @@ use crate::store::ImageRecord;
 use crate::{Digest, Error, Result, Store};
 
 mod hung;
+mod kept;
 mod kernel_meta;
 mod probe;
 mod spawn;
 mod stats;
 mod supervisor;
 mod worker;
-mod writable;
 pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
+pub(crate) use kept::{keep, stats_path as kept_stats_path, Served as KeptServed};
+pub use kept::{serve_mount_worker, Kind as KeptKind};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
-pub use writable::serve_writable_worker;
-pub(crate) use writable::{
-    keep as keep_writable, stats_path as writable_stats_path, Served as WritableServed,
-};
 
 /// Where an image's server keeps its state.
 pub(crate) struct Place {
@@ -192,9 +190,9 @@ pub(crate) fn server_stats(mnt: &Path) -> crate::mount::MountStats {
     stats::read(&mnt.with_file_name("stats"))
 }
 
-/// The counters the worker of a user's writable mount published at `path` (its own reads;
-/// those it sent through the image server are that server's).
-pub(crate) fn writable_stats(path: &Path) -> crate::mount::MountStats {
+/// The counters the worker of a user's mount published at `path` (its own reads; those a
+/// writable mount sent through the image server are that server's).
+pub(crate) fn kept_stats(path: &Path) -> crate::mount::MountStats {
     crate::mount::MountStats {
         scope: crate::mount::StatsScope::Mount,
         ..stats::read(path)

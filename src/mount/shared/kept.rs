@@ -1,14 +1,18 @@
-//! A user's writable mount served by a worker process, kept by the process that mounted it:
-//! the image server's takeover, for the mount a user's VM writes its root to.
+//! A user's mount served by a worker process, kept by the process that mounted it: the image
+//! server's takeover, for the mounts an ordinary user's VMs stand on.
 //!
-//! Root's writable mounts are kernel overlays over the shared image mount: no daemon of their
-//! own to die. A user's is served by bux-fuse ([`crate::upper::UpperFs`]), so it is split as
-//! the image server is: the mounting process (the *keeper*) mounts, holds the `/dev/fuse`
-//! descriptor and runs a worker on it; a worker that dies (a crash, `kill -9`, the OOM killer)
-//! or answers nothing for [`HUNG`] is replaced on the same connection, and the kernel resends
-//! what it held. Unlike the image's, this mount's node numbers are handed out as names are
-//! first seen, so the worker journals its nodes in the mount's run directory and the next one
-//! replays that journal (`upper::journal`); the upper directory holds everything else.
+//! Root's mounts of a stored image are kernel mounts over the image server's (bind mounts,
+//! overlays): no daemon of their own to die, and the server is replaced under them. A user can
+//! make no kernel mount, so each of a user's mounts is a FUSE mount of its own: the image's tree
+//! (read-only), its disk (`--disk`), or the image with the user's upper layer
+//! ([`crate::upper::UpperFs`], `--writable`). Each is split as the image server is: the
+//! mounting process (the *keeper*) mounts, holds the `/dev/fuse` descriptor and runs a worker on
+//! it; a worker that dies (a crash, `kill -9`, the OOM killer) or answers nothing for [`HUNG`]
+//! is replaced on the same connection, and the kernel resends what it held. The image's inode
+//! numbers are the tree's, so a read-only or disk mount's worker needs no state; a writable
+//! mount's node numbers are handed out as names are first seen, so its worker journals its
+//! nodes in the mount's run directory and the next one replays that journal (`upper::nodes`);
+//! the upper directory holds everything else.
 
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -26,21 +30,33 @@ use crate::fs::ImageFs;
 use crate::index::SpanCache;
 use crate::mount::{is_mount_point, lease_image, open_record};
 use crate::store::ImageRecord;
-use crate::{Digest, Error, MountOptions, Result, Store};
+use crate::{Error, MountOptions, Result, Store};
 
 /// Restarts allowed in a minute before the keeper gives up and unmounts.
 const MAX_RESTARTS: usize = 10;
 
-/// What a worker serves: the mount at `dir` of image `record`, changes kept in `upper`.
+/// What a worker serves: the mount at `dir` of image `record`.
 pub(crate) struct Served<'a> {
     pub store: &'a Store,
     pub record: &'a ImageRecord,
     pub dir: &'a Path,
-    pub upper: &'a Path,
-    /// The mount's run directory: the worker's record of the image, its journal, its INIT.
+    pub what: Kind<'a>,
+    /// The mount's run directory: the worker's record of the image, its INIT, its counters
+    /// (and a writable mount's journal).
     pub run_dir: &'a Path,
     pub allow_other: bool,
     pub threads: usize,
+}
+
+/// Which of the image's forms a mount serves.
+#[derive(Clone, Copy)]
+pub enum Kind<'a> {
+    /// Its tree, read-only.
+    Image,
+    /// Its disk (`mount --disk`).
+    Disk,
+    /// Its tree with changes kept in this upper directory.
+    Writable(&'a Path),
 }
 
 /// Files of the run directory.
@@ -72,32 +88,29 @@ pub(crate) fn keep(
         serde_json::to_vec(s.record).map_err(|e| format!("encoding the image record: {e}"))?;
     crate::store::write_atomic(&record_path(s.run_dir), &json)
         .map_err(|e| format!("writing the image record: {e}"))?;
+    let mut args: Vec<std::ffi::OsString> = vec![
+        "--store".into(),
+        s.store.root().into(),
+        "serve-mount".into(),
+        "--worker-fd".into(),
+        fd.as_raw_fd().to_string().into(),
+        "--run-dir".into(),
+        s.run_dir.into(),
+        "--threads".into(),
+        s.threads.to_string().into(),
+    ];
+    match s.what {
+        Kind::Image => {}
+        Kind::Disk => args.push("--disk".into()),
+        Kind::Writable(upper) => args.extend(["--upper".into(), upper.into()]),
+    }
+    if s.allow_other {
+        args.push("--allow-other".into());
+    }
+    args.push(s.record.view().to_string().into());
     let spawn = {
-        let (exe, store, view) = (
-            exe.to_path_buf(),
-            s.store.root().to_path_buf(),
-            s.record.view(),
-        );
-        let (upper, run_dir, allow_other, threads) = (
-            s.upper.to_path_buf(),
-            s.run_dir.to_path_buf(),
-            s.allow_other,
-            s.threads,
-        );
-        let raw = fd.as_raw_fd();
-        move |resume: bool| {
-            spawn_worker(
-                &exe,
-                &store,
-                &view,
-                raw,
-                resume,
-                &upper,
-                &run_dir,
-                allow_other,
-                threads,
-            )
-        }
+        let (exe, run_dir, raw) = (exe.to_path_buf(), s.run_dir.to_path_buf(), fd.as_raw_fd());
+        move |resume: bool| spawn_worker(&exe, &args, raw, resume, &run_dir)
     };
     let dir = s.dir.to_path_buf();
     // Workers are started by the keeper's thread, which lives as long as the mount: a worker
@@ -179,39 +192,18 @@ fn supervise(
     }
 }
 
-#[allow(clippy::too_many_arguments)]
 fn spawn_worker(
     exe: &Path,
-    store: &Path,
-    view: &Digest,
+    args: &[std::ffi::OsString],
     fd: RawFd,
     resume: bool,
-    upper: &Path,
     run_dir: &Path,
-    allow_other: bool,
-    threads: usize,
 ) -> std::result::Result<Child, String> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
-    cmd.arg("--store")
-        .arg(store)
-        .arg("serve-writable")
-        .arg("--worker-fd")
-        .arg(fd.to_string())
-        .arg("--upper")
-        .arg(upper)
-        .arg("--run-dir")
-        .arg(run_dir)
-        .arg("--threads")
-        .arg(threads.to_string())
-        .arg(view.to_string())
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped());
+    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
     if resume {
         cmd.arg("--resume");
-    }
-    if allow_other {
-        cmd.arg("--allow-other");
     }
     spawn::as_server(&mut cmd);
     let keeper = std::process::id() as libc::pid_t;
@@ -268,19 +260,19 @@ fn spawn_worker(
     Ok(child)
 }
 
-/// The worker (`bux-fuse serve-writable --worker-fd N --upper DIR --run-dir DIR VIEW`): serves
-/// the writable mount whose connection is `fd`; with `resume`, taking over from a worker that
-/// died. Prints `ready CAPS` once it serves (or `error WHY` if it cannot).
-pub fn serve_writable_worker(
+/// The worker (`bux-fuse serve-mount --worker-fd N --run-dir DIR [--upper DIR | --disk]
+/// VIEW`): serves the mount whose connection is `fd`; with `resume`, taking over from a worker
+/// that died. Prints `ready CAPS` once it serves (or `error WHY` if it cannot).
+pub fn serve_mount_worker(
     store: &Store,
     fd: RawFd,
     resume: bool,
-    upper: &Path,
+    what: Kind,
     run_dir: &Path,
     allow_other: bool,
     threads: usize,
 ) -> Result<()> {
-    let r = serve(store, fd, resume, upper, run_dir, allow_other, threads);
+    let r = serve(store, fd, resume, what, run_dir, allow_other, threads);
     if let Err(e) = &r {
         // The keeper is waiting for a line: the reason, rather than a closed pipe.
         println!("error {}", e.to_string().replace('\n', " "));
@@ -293,50 +285,30 @@ fn serve(
     store: &Store,
     fd: RawFd,
     resume: bool,
-    upper: &Path,
+    what: Kind,
     run_dir: &Path,
     allow_other: bool,
     threads: usize,
 ) -> Result<()> {
     crate::mount::tune_allocator_for_serving();
     crate::mount::raise_open_files_limit();
-    let io = |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", upper.display()), e);
+    let io =
+        |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", run_dir.display()), e);
     let json =
         std::fs::read(record_path(run_dir)).map_err(|e| io("reading the image record", e))?;
     let record: ImageRecord = serde_json::from_slice(&json)
         .map_err(|e| io("reading the image record", std::io::Error::other(e)))?;
     let opts = MountOptions::default();
     let lease = lease_image(store, &record)?;
-    let through = match crate::embed::server_executable() {
-        Ok(exe) => match super::reading_through(store, &record, &exe) {
-            Ok((mnt, holder)) => Some(crate::upper::Through::new(mnt, holder)),
-            Err(e) => {
-                tracing::warn!("image files are decoded by this mount alone: {e}");
-                None
-            }
-        },
-        Err(e) => {
-            tracing::warn!("image files are decoded by this mount alone: {e}");
-            None
-        }
+    let through = match what {
+        Kind::Writable(_) => through(store, &record),
+        _ => None,
     };
     let image = open_record(store, record, lease, &opts)?;
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
         .map_err(|e| io("opening the mount's counters", e))?;
     let lower = ImageFs::new(image.tree, image.layers, cache.clone()).without_permission_checks();
-    let journal = journal_path(run_dir);
-    let fs = match resume {
-        true => crate::upper::UpperFs::taking_over(lower, upper, &journal),
-        false => crate::upper::UpperFs::journalled(lower, upper, &journal),
-    }
-    .map_err(|e| io("opening the upper layer", e))?
-    .serving_others(allow_other);
-    let fs = match through {
-        Some(t) => fs.reading_through(t),
-        None => fs,
-    };
-    let offered = fs.offered_capabilities();
     let replay = match resume {
         true => Some(
             std::fs::read(init_path(run_dir))
@@ -356,12 +328,55 @@ fn serve(
     config.clone_fd = false;
     // SAFETY: the keeper passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-    let ready = || -> Result<()> {
-        stats.start(cache);
-        println!("ready {:x}", offered.load(Ordering::Relaxed));
-        let _ = std::io::stdout().flush();
-        super::silence_stdout();
-        Ok(())
+    let ready = |offered: Arc<std::sync::atomic::AtomicU64>| {
+        move || -> Result<()> {
+            stats.start(cache);
+            println!("ready {:x}", offered.load(Ordering::Relaxed));
+            let _ = std::io::stdout().flush();
+            super::silence_stdout();
+            Ok(())
+        }
     };
-    super::worker::serve_session(fs, conn, replay.as_deref(), config, &io, ready)
+    use super::worker::serve_session as session;
+    match what {
+        Kind::Image => {
+            let offered = lower.offered_capabilities();
+            session(lower, conn, replay.as_deref(), config, &io, ready(offered))
+        }
+        Kind::Disk => {
+            let offered = lower.offered_capabilities();
+            let fs = crate::disk::DiskFs::new(lower)
+                .map_err(|e| io("laying the image out as a disk", std::io::Error::other(e)))?;
+            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
+        }
+        Kind::Writable(upper) => {
+            let journal = journal_path(run_dir);
+            let fs = match resume {
+                true => crate::upper::UpperFs::taking_over(lower, upper, &journal),
+                false => crate::upper::UpperFs::journalled(lower, upper, &journal),
+            }
+            .map_err(|e| io("opening the upper layer", e))?
+            .serving_others(allow_other);
+            let fs = match through {
+                Some(t) => fs.reading_through(t),
+                None => fs,
+            };
+            let offered = fs.offered_capabilities();
+            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
+        }
+    }
+}
+
+/// The image server a writable mount reads unmodified image files through (see
+/// [`crate::upper::Through`]), if it can be had.
+fn through(store: &Store, record: &ImageRecord) -> Option<crate::upper::Through> {
+    let r = crate::embed::server_executable()
+        .and_then(|exe| super::reading_through(store, record, &exe));
+    match r {
+        Ok((mnt, holder)) => Some(crate::upper::Through::new(mnt, holder)),
+        Err(e) => {
+            tracing::warn!("image files are decoded by this mount alone: {e}");
+            None
+        }
+    }
 }
