@@ -1418,3 +1418,191 @@ fn a_users_read_only_and_disk_mounts_outlive_their_workers() {
         "run directories left"
     );
 }
+
+/// Waits (at most 20 s) until `store`'s mount workers are `n`, none of them in `old`.
+fn replaced_workers(store: &std::path::Path, old: &[u32], n: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = mount_workers(store);
+        if now.len() == n && now.iter().all(|p| !old.contains(p)) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers not replaced: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+fn kill9(pid: u32) {
+    // SAFETY: signals a worker the test found (a process of the test user's).
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+}
+
+/// After a takeover, files removed are freed once the kernel lets them go (it tells a node's
+/// last forget, whatever the count the dead worker had); a file removed while open through a
+/// name the worker never looked up (its other name) keeps its bytes, across a takeover too.
+#[test]
+fn a_taken_over_mount_frees_what_is_removed_and_keeps_what_is_open() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-taken-over");
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    // A file with two names, made by an earlier mount of the same upper directory.
+    user.ok(&format!(
+        "$BUX -q pull {r} && mkdir m && $BUX -q mount --upper up {r} m \
+         && echo hello > m/a && ln m/a m/b && $BUX umount m && $BUX -q mount --upper up {r} m \
+         && head -c 3000000 /dev/zero > m/big"
+    ));
+    let orphans = || {
+        std::fs::read_dir(user.home().join("up/upper"))
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().contains("bux-fuse-orphan"))
+            .count()
+    };
+    let mut holder = user.spawn("exec 3<m/a && rm m/a && echo open && read _ && cat <&3");
+    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
+    let mut l = String::new();
+    std::io::BufRead::read_line(&mut out, &mut l).unwrap();
+    assert_eq!(l, "open\n");
+    let first = mount_workers(&store);
+    kill9(first[0]);
+    replaced_workers(&store, &first, 1);
+    use std::io::Write as _;
+    writeln!(holder.stdin.take().unwrap()).unwrap();
+    assert_eq!(
+        std::io::read_to_string(out).unwrap(),
+        "hello\n",
+        "open through a takeover"
+    );
+    assert!(holder.wait().unwrap().success());
+    assert_eq!(user.ok("cat m/b && stat -c %h m/b"), "hello\n1\n");
+    // Removed after the takeover: freed once the kernel drops the inode.
+    user.ok("rm m/big");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while orphans() > 0 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "removed files kept: {}",
+            orphans()
+        );
+        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    user.ok("$BUX umount m");
+}
+
+/// A worker that dies over and over is not replaced for ever: past 10 deaths in a minute the
+/// mount is unmounted (not left dead in place), and its daemon ends.
+#[test]
+fn a_mount_whose_worker_keeps_dying_is_unmounted() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-dying");
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    user.ok(&format!(
+        "$BUX -q pull {r} && mkdir m && $BUX -q mount --writable {r} m"
+    ));
+    let m = user.home().join("m");
+    let mut seen: Vec<u32> = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    while is_mounted(&m) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "still mounted after {} kills",
+            seen.len()
+        );
+        for p in mount_workers(&store) {
+            if !seen.contains(&p) {
+                seen.push(p);
+                kill9(p);
+            }
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(seen.len() >= 11, "unmounted after {} deaths", seen.len());
+    let logs = std::fs::read_dir(store.join("logs")).unwrap().flatten();
+    let log: String = logs
+        .map(|e| std::fs::read_to_string(e.path()).unwrap())
+        .collect();
+    assert!(log.contains("died 11 times in a minute"), "{log}");
+    assert_eq!(user.ok("$BUX mounts --json").trim(), "[]");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while daemon_pid(&m).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the daemon outlived its mount"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}
+
+/// A guest that fills the disk its mount's upper layer is on: requests fail with ENOSPC (not
+/// EIO), the worker lives on, and one that takes over on the full disk serves (it writes
+/// nothing it needs to start); the journal writes what it could not once space is back.
+#[test]
+fn a_users_mount_serves_on_a_full_disk_across_a_takeover() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-full");
+    let user = AsUser::new();
+    let small = user.home().join("small");
+    std::fs::create_dir(&small).unwrap();
+    let opts = format!("size=24m,mode=0755,uid={0},gid={0}", user.uid);
+    let st = std::process::Command::new("mount")
+        .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    struct Unmount(std::path::PathBuf);
+    impl Drop for Unmount {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("umount")
+                .arg("-l")
+                .arg(&self.0)
+                .status();
+        }
+    }
+    let _small = Unmount(small.clone());
+    let store = small.join("store");
+    let bux = format!("$BUX --store {}", store.display());
+    user.ok(&format!(
+        "{bux} -q pull {r} && mkdir m && {bux} -q mount --writable {r} m"
+    ));
+    // Full: the file as large as it gets, then names until none more fits.
+    let out = user.sh("head -c 100000000 /dev/zero > m/fill");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("No space left"),
+        "{out:?}"
+    );
+    let made = user.sh("for i in $(seq 1 400); do mkdir m/d$i || exit 0; done");
+    let said = String::from_utf8_lossy(&made.stderr);
+    assert!(!said.contains("Input/output error"), "{said}");
+    let first = mount_workers(&store);
+    assert_eq!(first.len(), 1, "the worker lives on a full disk: {first:?}");
+    // Made on the full disk too: the journal has room set aside.
+    let looks = "stat -c '%i %n' m/d1 m/etc/shadow m/fill $(ls -d m/d[0-9]* | sort -V | tail -1)";
+    let before = user.ok(looks);
+    assert_eq!(before.lines().count(), 4, "{before}");
+    kill9(first[0]);
+    let second = replaced_workers(&store, &first, 1);
+    // The kernel asks again (the names, then the numbers the new worker gives them).
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert_eq!(user.ok(looks), before);
+    // Space back: what could not be journalled is, and a second takeover knows it all.
+    user.ok("rm m/fill && mkdir m/after && echo x > m/after/f");
+    let listed = user.ok("ls m | grep -c '^d'");
+    kill9(second[0]);
+    replaced_workers(&store, &second, 1);
+    assert_eq!(user.ok("ls m | grep -c '^d'"), listed);
+    assert_eq!(
+        user.ok("cat m/after/f && stat -c '%i %n' m/d1"),
+        format!("x\n{}\n", before.lines().next().unwrap())
+    );
+    user.ok(&format!("{bux} umount m"));
+}

@@ -65,7 +65,10 @@ pub(super) fn serve(
     while !STOP.load(Ordering::SeqCst) && !m.is_finished() {
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
-    if let Some(Some(u)) = unmounter.filter(|_| !m.is_finished()) {
+    // Unmounted from outside, nothing to do; else (a signal, or a kept mount whose worker could
+    // not be replaced) unmounted here.
+    let mounted = !m.is_finished() || crate::mount::is_mount_point(m.path());
+    if let Some(Some(u)) = unmounter.filter(|_| mounted) {
         u.unmount();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while !m.is_finished() && std::time::Instant::now() < deadline {

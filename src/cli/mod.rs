@@ -69,7 +69,9 @@ impl std::io::Write for CappedStderr {
     fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
         let before = LOGGED.fetch_add(buf.len() as u64, Ordering::Relaxed);
         if before < LOG_CAP {
-            std::io::stderr().write_all(buf)?;
+            // A log that cannot be written (its disk full) must not fail what is logged:
+            // tracing would panic the thread that logs.
+            let _ = std::io::stderr().write_all(buf);
         } else if !CAPPED.swap(true, Ordering::Relaxed) {
             let _ = writeln!(std::io::stderr(), "bux-fuse: log capped at {LOG_CAP} bytes");
         }

@@ -17,13 +17,26 @@ use crate::{Digest, Error, Result};
 /// A live mount's claim on its image's files (see [`Store::lease`]); released when dropped.
 #[derive(Debug)]
 pub struct Lease {
-    _file: File,
-    path: PathBuf,
+    _file: Option<File>,
+    path: Option<PathBuf>,
+}
+
+impl Lease {
+    /// No lease of this process's: the process that started it holds one for the same files,
+    /// and this one ends with it (a mount's worker).
+    pub(crate) fn held_by_parent() -> Lease {
+        Lease {
+            _file: None,
+            path: None,
+        }
+    }
 }
 
 impl Drop for Lease {
     fn drop(&mut self) {
-        let _ = fs::remove_file(&self.path);
+        if let Some(path) = &self.path {
+            let _ = fs::remove_file(path);
+        }
     }
 }
 
@@ -48,7 +61,10 @@ impl Store {
         let body: String = digests.iter().map(|d| format!("{}\n", d.hex())).collect();
         file.write_all(body.as_bytes())
             .ctx(|| format!("writing {}", path.display()))?;
-        Ok(Lease { _file: file, path })
+        Ok(Lease {
+            _file: Some(file),
+            path: Some(path),
+        })
     }
 
     /// Digests held by live leases (stale lease files of dead processes are removed).

@@ -25,6 +25,10 @@ const GONE: u8 = 2;
 const UPPER: u8 = 1;
 const SHARED: u8 = 2;
 const NO_LOWER: u64 = u64::MAX;
+/// Disk space allocated ahead of the journal's records (about 20,000 records' worth).
+const RESERVE: u64 = 1 << 20;
+/// Records kept for a journal that cannot be written (the disk full) before it gives up.
+const MAX_PENDING: usize = 16 << 20;
 /// A journal is compacted only past this size (and 8 times what its nodes need).
 const COMPACT_MIN: u64 = 4 << 20;
 
@@ -35,10 +39,14 @@ pub(super) type Replayed = HashMap<u64, Option<Node>>;
 pub(super) struct Journal {
     file: File,
     path: PathBuf,
-    /// Bytes written since it was made (compacted at the next takeover).
+    /// Bytes of whole records in the file.
     written: u64,
-    /// A write failed (the disk is full, say): later ones are not tried, and the file is
-    /// removed, so that no worker takes over from a journal that misses nodes.
+    /// Where the disk space allocated ahead for it ends (see [`Journal::reserve`]).
+    reserved: u64,
+    /// Records a failed write could not add (the disk full, say), tried again with the next.
+    pending: Vec<u8>,
+    /// The file could not be cut back to its whole records after a failed write: nothing more
+    /// is written (a worker taking over knows the nodes up to there).
     broken: bool,
 }
 
@@ -55,6 +63,22 @@ impl Journal {
             file,
             path: path.to_path_buf(),
             written: 0,
+            reserved: 0,
+            pending: Vec::new(),
+            broken: false,
+        })
+    }
+
+    /// The journal at `path`, appended to from its end.
+    pub(super) fn append_to(path: &Path) -> io::Result<Journal> {
+        let file = std::fs::OpenOptions::new().append(true).open(path)?;
+        let written = file.metadata()?.len();
+        Ok(Journal {
+            file,
+            path: path.to_path_buf(),
+            written,
+            reserved: 0,
+            pending: Vec::new(),
             broken: false,
         })
     }
@@ -78,6 +102,29 @@ impl Journal {
         Ok(j)
     }
 
+    /// Allocates disk space ahead of the journal's end (not counted in its size), so that a
+    /// guest filling the disk leaves room for [`RESERVE`] more bytes of records: the changes
+    /// it still makes are journalled.
+    fn reserve(&mut self) {
+        use std::os::fd::AsRawFd;
+        let end = self.written + self.pending.len() as u64;
+        if end + RESERVE / 2 <= self.reserved {
+            return;
+        }
+        // SAFETY: fallocate on an open descriptor; KEEP_SIZE changes no byte of the file.
+        let r = unsafe {
+            libc::fallocate(
+                self.file.as_raw_fd(),
+                libc::FALLOC_FL_KEEP_SIZE,
+                end as libc::off_t,
+                RESERVE as libc::off_t,
+            )
+        };
+        if r == 0 {
+            self.reserved = end + RESERVE;
+        }
+    }
+
     /// Whether the journal is so much larger than `nodes` nodes need (a few dozen bytes each)
     /// that it is worth writing again as they are.
     pub(super) fn outgrew(&self, nodes: usize) -> bool {
@@ -89,22 +136,49 @@ impl Journal {
     }
 
     /// Appends the records in `buf` (one write: a process killed inside it leaves a torn
-    /// tail, which replay ignores, never a record half of another's).
+    /// tail, which replay ignores, never a record half of another's). A write that fails is
+    /// cut back to the records before it and tried again with the next; those records are
+    /// missing from the file meanwhile.
     pub(super) fn append(&mut self, buf: &[u8]) {
-        if self.broken || buf.is_empty() {
+        if self.broken {
             return;
         }
-        match self.file.write_all(buf) {
-            Ok(()) => self.written += buf.len() as u64,
+        self.pending.extend_from_slice(buf);
+        if self.pending.is_empty() {
+            return;
+        }
+        self.reserve();
+        match self.file.write_all(&self.pending) {
+            Ok(()) => {
+                self.written += self.pending.len() as u64;
+                self.pending.clear();
+            }
             Err(e) => {
-                tracing::error!(
-                    "writing the node journal {}: {e} (a worker that takes over this mount \
-                     could not serve what it was told of)",
-                    self.path.display()
-                );
-                self.broken = true;
-                // Its tail may be torn in the middle: a takeover refuses a broken journal.
-                let _ = std::fs::remove_file(&self.path);
+                if self.pending.len() == buf.len() {
+                    tracing::warn!(
+                        "writing the node journal {}: {e} (kept to write again; a worker \
+                         taking over now would not know the nodes since)",
+                        self.path.display()
+                    );
+                }
+                // Cut the torn part off, and write again from there.
+                let cut = self.file.set_len(self.written).and_then(|()| {
+                    use std::io::Seek;
+                    self.file
+                        .seek(std::io::SeekFrom::Start(self.written))
+                        .map(drop)
+                });
+                if let Err(e) = cut {
+                    tracing::warn!("cutting the node journal back: {e}: no more is written");
+                    self.broken = true;
+                    self.pending = Vec::new();
+                } else if self.pending.len() > MAX_PENDING {
+                    tracing::warn!(
+                        "the node journal is {MAX_PENDING} bytes behind: no more is written"
+                    );
+                    self.broken = true;
+                    self.pending = Vec::new();
+                }
             }
         }
     }

@@ -195,16 +195,25 @@ impl UpperFs {
                 let mut st = fs.state.lock().unwrap_or_else(|p| p.into_inner());
                 fs.take_over(&mut st, journal::replay(path)?)?;
                 for (n, node) in &st.nodes {
-                    if let [(ROOT_INO, name)] = &node.links[..] {
+                    if let Some((ROOT_INO, name)) = node.links.first() {
                         if name[..] == *orphan_name(*n).as_bytes() {
                             live_orphans.insert(name.clone());
                         }
                     }
                 }
-                st.journal = Some(journal::Journal::rewrite(
-                    path,
-                    st.nodes.iter().map(|(n, v)| (*n, v)),
-                )?);
+                // Compacted; else (the disk full, say) appended to as it is.
+                let nodes = st.nodes.iter().map(|(n, v)| (*n, v));
+                st.journal = Some(match journal::Journal::rewrite(path, nodes) {
+                    Ok(j) => {
+                        st.dirty.clear();
+                        j
+                    }
+                    Err(e) => {
+                        tracing::warn!("compacting the node journal: {e}");
+                        journal::Journal::append_to(path)?
+                    }
+                });
+                st.write_journal();
             }
             Some((path, false)) => {
                 fs.state.lock().unwrap_or_else(|p| p.into_inner()).journal =
@@ -506,14 +515,12 @@ impl Upper {
             attr_from(n, &md, disk::stat_of(&path, &md))
         };
         // Every name removed (open files keep it, the upper file under a hidden name): no
-        // link left, as fstat(2) of an unlinked file says.
-        let unlinked = match &node.links[..] {
-            [] => true,
-            [(ROOT_INO, name)] => name[..] == *orphan_name(n).as_bytes(),
-            _ => false,
-        };
-        if unlinked {
-            a.nlink = 0;
+        // link left, as fstat(2) of an unlinked file says. The hidden name is no link.
+        let hidden = |name: &[u8]| name == orphan_name(n).as_bytes();
+        match &node.links[..] {
+            [] => a.nlink = 0,
+            [(ROOT_INO, name), ..] if hidden(name) => a.nlink = a.nlink.saturating_sub(1),
+            _ => {}
         }
         Ok(a)
     }
@@ -662,7 +669,13 @@ impl Upper {
             .then(|| std::fs::symlink_metadata(&at).ok())
             .flatten();
         let here_upper = on_disk.is_some();
-        let orphan = !dir && on_disk.is_some_and(|md| md.nlink() == 1);
+        // Its last name known here (the file may have others on disk, never looked up): the
+        // file is kept under a hidden name, for descriptors still open on it.
+        let others = node
+            .links
+            .iter()
+            .any(|(p, nm)| !(*p == parent && nm == name));
+        let orphan = !dir && here_upper && !others;
         // The whiteout first: an upper entry of the name shows over it until it goes, so a
         // crash in between never brings the image's entry back.
         let wh = self

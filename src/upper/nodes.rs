@@ -79,8 +79,13 @@ impl Drop for StateGuard<'_> {
     }
 }
 
+/// Node numbers a worker may hand out past the last journalled one (journal writes failing)
+/// that its successor skips.
+const NUMBERS_UNJOURNALLED: u64 = 1 << 32;
+
 /// Lookups counted for each node a worker takes over (the kernel's count died with the worker
-/// before): more than the kernel ever forgets.
+/// before): more than the kernel ever forgets, and the mark that its first forget is its last
+/// (see [`State::forget`]).
 pub(super) const TAKEN_OVER: u64 = 1 << 48;
 
 pub(super) fn push(st: &mut State, lower: Option<u64>, upper: bool) -> u64 {
@@ -144,14 +149,20 @@ impl State {
     /// file goes, and a node no name leads to is dropped. Returns the orphan file to remove.
     pub(super) fn forget(&mut self, n: u64, count: u64) -> Option<OsString> {
         let node = self.nodes.get_mut(&n)?;
-        node.lookups = node.lookups.saturating_sub(count);
+        node.lookups = match node.lookups >= TAKEN_OVER {
+            // The kernel forgets an inode all at once, when it drops it: what it held of a
+            // node taken over is unknown, but after this it holds none.
+            true => 0,
+            false => node.lookups.saturating_sub(count),
+        };
         if node.lookups > 0 {
             return None;
         }
+        // Its hidden name goes (names it was found by since keep the file).
         let orphan = orphan_name(n);
         let gone = node.links.first().map(|(_, name)| name.as_slice()) == Some(orphan.as_bytes());
         if gone {
-            node.links.clear();
+            node.links.remove(0);
         }
         let dropped = n != ROOT_INO && node.links.is_empty();
         let shared = node.shared;
@@ -172,8 +183,8 @@ impl State {
 
 impl Upper {
     /// Fills `st` with the nodes `replayed` from the journal of the process that served the
-    /// mount before. The kernel may hold any of them, as many times as it likes: none is
-    /// dropped at its forgets (an unlinked one keeps its file until the mount ends).
+    /// mount before. How many times the kernel holds each is unknown: each is kept until the
+    /// kernel's forget of it, which the kernel sends once, when it drops the inode.
     pub(super) fn take_over(
         &self,
         st: &mut State,
@@ -191,7 +202,21 @@ impl Upper {
                 }
             }
         }
-        st.next = st.nodes.keys().max().map_or(ROOT_INO, |m| *m) + 1;
+        // A file moved to its hidden name by a worker killed before it journalled that: the
+        // hidden name is where its bytes are (a descriptor may hold it open).
+        let mut moved = Vec::new();
+        for (&n, node) in st.nodes.iter_mut() {
+            let orphan = orphan_name(n);
+            let first = node.links.first().map(|(_, name)| name.as_slice());
+            if node.upper && first != Some(orphan.as_bytes()) && self.root.join(&orphan).exists() {
+                node.links.insert(0, (ROOT_INO, orphan.as_bytes().to_vec()));
+                moved.push(n);
+            }
+        }
+        st.dirty.extend(moved);
+        // Past any number the dead worker may have handed out without journalling it (its
+        // write failed): the kernel may hold those, and must never be given one again.
+        st.next = st.nodes.keys().max().map_or(ROOT_INO, |m| *m) + NUMBERS_UNJOURNALLED;
         let mut names = HashMap::new();
         let mut by_lower = HashMap::new();
         let mut by_upper = HashMap::new();
@@ -209,15 +234,19 @@ impl Upper {
                     by_lower.insert(lower, n);
                 }
                 (true, _) => {
-                    let missing =
-                        |what: String| std::io::Error::new(std::io::ErrorKind::NotFound, what);
-                    let path = self
+                    // Not found by its host inode if its file is not where its first name
+                    // says (its other names then resolve to a node of their own): served,
+                    // not failed.
+                    let found = self
                         .full_path(st, n)
-                        .map_err(|_| missing(format!("node {n} of the journal: no path")))?;
-                    let md = std::fs::symlink_metadata(&path).map_err(|e| {
-                        missing(format!("node {n} of the journal ({}): {e}", path.display()))
-                    })?;
-                    by_upper.insert(md.ino(), n);
+                        .ok()
+                        .and_then(|path| std::fs::symlink_metadata(path).ok());
+                    match found {
+                        Some(md) => {
+                            by_upper.insert(md.ino(), n);
+                        }
+                        None => tracing::warn!("node {n} of the journal: no file where it says"),
+                    }
                 }
                 (false, None) => {}
             }

@@ -48,17 +48,15 @@ impl Filesystem for UpperFs {
 
     fn forget(&self, _req: &Request, ino: INodeNo, nlookup: u64) {
         let mut st = self.state();
-        let Some(node) = st.nodes.get(&ino.0) else {
-            return;
-        };
-        if node.lookups <= nlookup {
+        let orphan = st.forget(ino.0, nlookup);
+        if st.nodes.get(&ino.0).is_none_or(|node| node.lookups == 0) {
             // The kernel dropped the inode: no open file of it is left.
             self.files
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop(&ino.0);
         }
-        if let Some(orphan) = st.forget(ino.0, nlookup) {
+        if let Some(orphan) = orphan {
             let _ = std::fs::remove_file(self.root.join(orphan));
         }
     }

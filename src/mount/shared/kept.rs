@@ -28,7 +28,7 @@ use fuser::{Config, SessionACL};
 use super::{probe::Probe, spawn, HUNG};
 use crate::fs::ImageFs;
 use crate::index::SpanCache;
-use crate::mount::{is_mount_point, lease_image, open_record};
+use crate::mount::{is_mount_point, open_record};
 use crate::store::ImageRecord;
 use crate::{Error, MountOptions, Result, Store};
 
@@ -172,23 +172,38 @@ fn supervise(
         tracing::warn!(
             "the mount's worker exited ({status}): starting another on the same connection"
         );
-        restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
-        restarts.push(Instant::now());
-        let next = if restarts.len() > MAX_RESTARTS {
-            Err(format!(
-                "the mount's worker died {MAX_RESTARTS} times in a minute"
-            ))
-        } else {
-            spawn(true)
-        };
-        match next {
-            Ok(w) => worker = w,
-            Err(e) => {
-                tracing::error!("{e}: unmounting {}", dir.display());
-                let _ = crate::mount::unmount(dir);
-                return Err(std::io::Error::other(e));
+        // One that cannot start (or dies as it starts) counts as a death too, tried again
+        // after a pause, until too many in a minute.
+        let mut attempt = 0u64;
+        worker = loop {
+            restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
+            restarts.push(Instant::now());
+            let failed = if restarts.len() > MAX_RESTARTS {
+                format!(
+                    "the mount's worker died {} times in a minute",
+                    restarts.len()
+                )
+            } else {
+                match spawn(true) {
+                    Ok(w) => break w,
+                    Err(e) if is_mount_point(dir) => {
+                        tracing::warn!("{e}: trying again");
+                        attempt += 1;
+                        std::thread::sleep(Duration::from_millis(100 * attempt.min(10)));
+                        continue;
+                    }
+                    Err(_) => return Ok(()), // unmounted meanwhile
+                }
+            };
+            // The mount is dead: unmounted here where this process may (a user's daemon,
+            // under no_new_privs, cannot run fusermount3: it unmounts through the helper it
+            // started before, once this thread has ended).
+            tracing::error!("{failed}: unmounting {}", dir.display());
+            if let Err(e) = crate::mount::unmount(dir) {
+                tracing::debug!("unmounting from the keeper: {e}");
             }
-        }
+            return Err(std::io::Error::other(failed));
+        };
     }
 }
 
@@ -299,15 +314,19 @@ fn serve(
     let record: ImageRecord = serde_json::from_slice(&json)
         .map_err(|e| io("reading the image record", std::io::Error::other(e)))?;
     let opts = MountOptions::default();
-    let lease = lease_image(store, &record)?;
+    // The keeper's lease keeps the image's files from gc, and this process dies with it: none
+    // of its own to write (the disk may be full when a worker takes over).
+    let lease = crate::store::Lease::held_by_parent();
     let through = match what {
         Kind::Writable(_) => through(store, &record),
         _ => None,
     };
     let image = open_record(store, record, lease, &opts)?;
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
+    // Counters are for `Mount::stats`: a mount served without them (the disk full) beats none.
     let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
-        .map_err(|e| io("opening the mount's counters", e))?;
+        .inspect_err(|e| tracing::warn!("publishing the mount's counters: {e}"))
+        .ok();
     let lower = ImageFs::new(image.tree, image.layers, cache.clone()).without_permission_checks();
     let replay = match resume {
         true => Some(
@@ -330,7 +349,9 @@ fn serve(
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
     let ready = |offered: Arc<std::sync::atomic::AtomicU64>| {
         move || -> Result<()> {
-            stats.start(cache);
+            if let Some(stats) = stats {
+                stats.start(cache);
+            }
             println!("ready {:x}", offered.load(Ordering::Relaxed));
             let _ = std::io::stdout().flush();
             super::silence_stdout();
