@@ -1277,7 +1277,9 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
             Box::new(|| upper("etc/.wh.gone").exists()),
         ),
     ];
-    for (cmd, what, done) in cases {
+    // Held after the syscalls `sys` (the journal's `write`: after the change is journalled;
+    // `rename`: before), then killed.
+    let held = |cmd: &str, what: &str, sys: &str, done: &dyn Fn() -> bool| {
         let worker = mount_workers(&store)[0];
         let log = user.dir.path().join(format!("strace-{what}.log"));
         let mut strace = std::process::Command::new("strace")
@@ -1285,9 +1287,9 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
                 "-f",
                 "-qq",
                 "-e",
-                "trace=write",
+                &format!("trace={sys}"),
                 "-e",
-                "inject=write:delay_exit=20000000",
+                &format!("inject={sys}:delay_exit=20000000"),
             ])
             .arg("-o")
             .arg(&log)
@@ -1334,11 +1336,36 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
             status.success(),
             "{what} done before the worker died failed: {status}"
         );
+    };
+    for (cmd, what, done) in &cases {
+        held(cmd, what, "write", done);
     }
     assert_eq!(
         user.ok("cat m/new m/moved && readlink m/etc/link && ls m/etc && test -d m/dir && echo ok"),
         "b\na\nconf\nconf\nlink\nok\n"
     );
+    // Done on disk, killed before the journal had it: the next worker finds the names the
+    // disk no longer shows, and takes the node the kernel moved along with the rename.
+    let inodes = user.ok("stat -c %i m/moved m/dir");
+    let renames = "rename,renameat,renameat2";
+    held("mv m/moved m/moved2", "a rename", renames, &|| {
+        upper("moved2").exists()
+    });
+    held("mv m/dir m/dir2", "a directory's rename", renames, &|| {
+        upper("dir2").is_dir()
+    });
+    held("rm m/new", "an unlink", renames, &|| !upper("new").exists());
+    let after =
+        "stat -c %i m/moved2 m/dir2 && cat m/moved2 && ls -a m/dir2 | wc -l && ! test -e m/new";
+    let expected = format!("{inodes}a\n2\n");
+    assert_eq!(user.ok(after), expected);
+    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    assert_eq!(
+        user.ok(after),
+        expected,
+        "asked again of the worker that took over"
+    );
+    user.ok("echo c > m/new && mkdir m/dir && mv m/moved2 m/moved && cat m/new m/moved");
     user.ok("$BUX umount m");
 }
 

@@ -136,6 +136,9 @@ pub(super) enum Cmd {
         /// FUSE worker threads.
         #[arg(long, default_value_t = 4)]
         threads: usize,
+        /// Bytes of decompressed spans cached.
+        #[arg(long, default_value_t = 16 << 20)]
+        cache_bytes: usize,
     },
     /// Unmount DIR (also clears a mount whose serving process died).
     Umount {

@@ -237,6 +237,7 @@ fn run(cli: Cli) -> Result<()> {
             run_dir,
             allow_other,
             threads,
+            cache_bytes,
         } => {
             let store = open_store(&store_arg)?;
             let what = match (&upper, disk) {
@@ -250,8 +251,11 @@ fn run(cli: Cli) -> Result<()> {
                 resume,
                 what,
                 &run_dir,
-                allow_other,
-                threads,
+                &crate::mount::shared::WorkerOptions {
+                    allow_other,
+                    threads,
+                    cache_bytes,
+                },
             )
             .with_context(|| format!("mount worker of image {manifest}"))
         }

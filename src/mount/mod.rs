@@ -593,6 +593,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 run_dir: &run_dir,
                 allow_other: opts.allow_other,
                 threads: opts.threads,
+                cache_bytes: opts.cache_bytes,
             };
             let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
             let holder = through.map(|(_, holder)| holder);

@@ -174,6 +174,7 @@ impl UpperFs {
                 dir_fds: Default::default(),
                 dirty: Vec::new(),
                 journal: None,
+                stale: HashMap::new(),
             })),
             lower,
             files: Mutex::new(lru::LruCache::new(OPEN_FILES)),

@@ -54,6 +54,10 @@ pub(super) struct State {
     /// Where a worker that takes over the mount finds the nodes (see `journal`); none for a
     /// mount served in the process that mounted it.
     pub(super) journal: Option<journal::Journal>,
+    /// Names the journal gave a node that the disk no longer shows, found by a worker that
+    /// takes over: the dead worker changed them and died before it journalled that. A
+    /// rename the kernel sends again finds its node here (see `Upper::renamed_before`).
+    pub(super) stale: HashMap<(u64, Vec<u8>), u64>,
 }
 
 /// The state, locked; changed nodes go to the journal when it is dropped. Requests drop it
@@ -214,6 +218,7 @@ impl Upper {
             }
         }
         st.dirty.extend(moved);
+        self.drop_stale_links(st);
         // Past any number the dead worker may have handed out without journalling it (its
         // write failed): the kernel may hold those, and must never be given one again.
         st.next = st.nodes.keys().max().map_or(ROOT_INO, |m| *m) + NUMBERS_UNJOURNALLED;
@@ -255,5 +260,64 @@ impl Upper {
         st.by_lower = by_lower;
         st.by_upper = by_upper;
         Ok(())
+    }
+
+    /// Takes out of `st` the names the disk no longer shows for their node (into
+    /// [`State::stale`]), and marks copied up the image nodes whose file the dead worker
+    /// copied up before it could journal it. Parents before children: a directory's path is
+    /// known before its entries are looked for.
+    fn drop_stale_links(&self, st: &mut State) {
+        let mut order: Vec<u64> = st
+            .nodes
+            .keys()
+            .copied()
+            .filter(|&n| n != ROOT_INO)
+            .collect();
+        order.sort_unstable();
+        for n in order {
+            let Some(node) = st.nodes.get(&n) else {
+                continue;
+            };
+            let mut kept = Vec::new();
+            let mut upper = node.upper;
+            for (parent, name) in node.links.clone() {
+                let shows = match self.path(st, parent) {
+                    _ if parent == ROOT_INO && name[..] == *orphan_name(n).as_bytes() => true,
+                    // A directory not where the journal says (itself renamed, unjournalled):
+                    // its entries are judged once it is found (or not at all).
+                    Ok(dir) if !dir.exists() => true,
+                    Ok(dir) => {
+                        let here = dir.join(std::ffi::OsStr::from_bytes(&name));
+                        let on_disk = std::fs::symlink_metadata(&here).is_ok();
+                        if !upper && on_disk {
+                            upper = true; // copied up (or made) there, unjournalled
+                        }
+                        match upper {
+                            true => on_disk,
+                            // The image's entry, unless deleted there since.
+                            false => {
+                                !dir.join(disk::whiteout_name(&name)).exists()
+                                    && !dir.join(disk::OPAQUE).exists()
+                            }
+                        }
+                    }
+                    Err(_) => false,
+                };
+                match shows {
+                    true => kept.push((parent, name)),
+                    false => {
+                        st.stale.insert((parent, name), n);
+                    }
+                }
+            }
+            let changed = kept.len() != node.links.len() || upper != node.upper;
+            if changed {
+                if let Some(node) = st.nodes.get_mut(&n) {
+                    node.links = kept;
+                    node.upper = upper;
+                }
+                st.dirty.push(n);
+            }
+        }
     }
 }

@@ -304,7 +304,13 @@ impl Filesystem for UpperFs {
             Ok(()) => reply.ok(),
             // Done by the worker that died before answering: the name is gone, the new one
             // there.
-            Err(Errno::ENOENT) if again && fs.named(newparent.0, &newname).is_some() => reply.ok(),
+            Err(Errno::ENOENT)
+                if again
+                    && (fs.renamed_before(parent.0, &name, newparent.0, &newname)
+                        || fs.named(newparent.0, &newname).is_some()) =>
+            {
+                reply.ok()
+            }
             Err(e) => reply.error(e),
         };
         match moved {

@@ -64,6 +64,46 @@ impl Upper {
         self.child(&mut self.state(), parent, name).ok().flatten()
     }
 
+    /// Whether the rename of `name` in `parent` to `newname` in `newparent`, sent again by the
+    /// kernel, was made on disk by the worker that died before it journalled it: then the node
+    /// the kernel moved (found among the names the disk no longer shows, [`State::stale`])
+    /// takes the new name here too.
+    pub(super) fn renamed_before(
+        &self,
+        parent: u64,
+        name: &[u8],
+        newparent: u64,
+        newname: &[u8],
+    ) -> bool {
+        let mut st = self.state();
+        let Some(&n) = st.stale.get(&(parent, name.to_vec())) else {
+            return false;
+        };
+        let there = self
+            .path(&st, newparent)
+            .is_ok_and(|d| std::fs::symlink_metadata(d.join(OsStr::from_bytes(newname))).is_ok());
+        if !there || !st.nodes.contains_key(&n) {
+            return false;
+        }
+        st.stale.remove(&(parent, name.to_vec()));
+        self.names_changed();
+        // What the new name showed before is its no more.
+        match st.names.insert((newparent, newname.to_vec()), n) {
+            Some(old) if old != n => {
+                if let Ok(node) = st.at(old) {
+                    node.links
+                        .retain(|(p, nm)| !(*p == newparent && nm == newname));
+                }
+            }
+            _ => {}
+        }
+        if let Ok(node) = st.at(n) {
+            node.links.insert(0, (newparent, newname.to_vec()));
+            node.upper = true; // a rename copies up
+        }
+        true
+    }
+
     pub(super) fn do_rename(
         &self,
         c: Option<&Caller>,

@@ -46,6 +46,8 @@ pub(crate) struct Served<'a> {
     pub run_dir: &'a Path,
     pub allow_other: bool,
     pub threads: usize,
+    /// Bytes of decompressed spans the worker caches.
+    pub cache_bytes: usize,
 }
 
 /// Which of the image's forms a mount serves.
@@ -98,6 +100,8 @@ pub(crate) fn keep(
         s.run_dir.into(),
         "--threads".into(),
         s.threads.to_string().into(),
+        "--cache-bytes".into(),
+        s.cache_bytes.to_string().into(),
     ];
     match s.what {
         Kind::Image => {}
@@ -275,6 +279,16 @@ fn spawn_worker(
     Ok(child)
 }
 
+/// How a worker serves, besides what (see [`serve_mount_worker`]).
+pub struct WorkerOptions {
+    /// Users other than the owner reach the mount.
+    pub allow_other: bool,
+    /// FUSE threads.
+    pub threads: usize,
+    /// Bytes of decompressed spans cached.
+    pub cache_bytes: usize,
+}
+
 /// The worker (`bux-fuse serve-mount --worker-fd N --run-dir DIR [--upper DIR | --disk]
 /// VIEW`): serves the mount whose connection is `fd`; with `resume`, taking over from a worker
 /// that died. Prints `ready CAPS` once it serves (or `error WHY` if it cannot).
@@ -284,10 +298,9 @@ pub fn serve_mount_worker(
     resume: bool,
     what: Kind,
     run_dir: &Path,
-    allow_other: bool,
-    threads: usize,
+    o: &WorkerOptions,
 ) -> Result<()> {
-    let r = serve(store, fd, resume, what, run_dir, allow_other, threads);
+    let r = serve(store, fd, resume, what, run_dir, o);
     if let Err(e) = &r {
         // The keeper is waiting for a line: the reason, rather than a closed pipe.
         println!("error {}", e.to_string().replace('\n', " "));
@@ -302,9 +315,9 @@ fn serve(
     resume: bool,
     what: Kind,
     run_dir: &Path,
-    allow_other: bool,
-    threads: usize,
+    o: &WorkerOptions,
 ) -> Result<()> {
+    let (allow_other, threads) = (o.allow_other, o.threads);
     crate::mount::tune_allocator_for_serving();
     crate::mount::raise_open_files_limit();
     let io =
@@ -313,7 +326,10 @@ fn serve(
         std::fs::read(record_path(run_dir)).map_err(|e| io("reading the image record", e))?;
     let record: ImageRecord = serde_json::from_slice(&json)
         .map_err(|e| io("reading the image record", std::io::Error::other(e)))?;
-    let opts = MountOptions::default();
+    let opts = MountOptions {
+        cache_bytes: o.cache_bytes,
+        ..MountOptions::default()
+    };
     // The keeper's lease keeps the image's files from gc, and this process dies with it: none
     // of its own to write (the disk may be full when a worker takes over).
     let lease = crate::store::Lease::held_by_parent();

@@ -40,7 +40,7 @@ mod supervisor;
 mod worker;
 pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
 pub(crate) use kept::{keep, stats_path as kept_stats_path, Served as KeptServed};
-pub use kept::{serve_mount_worker, Kind as KeptKind};
+pub use kept::{serve_mount_worker, Kind as KeptKind, WorkerOptions};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
 
