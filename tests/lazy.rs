@@ -1653,9 +1653,11 @@ fn a_registry_without_auth_is_not_asked_for_a_token_before_each_request() {
     let before_live = logged.requests();
     let pings = before_live.iter().filter(|r| *r == "GET /v2/").count();
     // Manifest, config, index manifest, three layer indexes. Token checks: oci-client's with
-    // the first request and the probe beside it, and the mount daemon's probe as it starts.
+    // the first request and the probe beside it, and the mount daemon's probe as it starts;
+    // one more when a request is retried (under load: anything but a 200 goes through
+    // oci-client, which asks again). Before, there was one per request.
     assert!(before_live.len() >= 6, "{before_live:#?}");
-    assert!(pings <= 3, "{pings} token checks: {before_live:#?}");
+    assert!(pings <= 4, "{pings} token checks: {before_live:#?}");
     diff_with_umoci(&m.path, s.layout.path());
     drop(m);
 
@@ -1671,7 +1673,7 @@ fn a_registry_without_auth_is_not_asked_for_a_token_before_each_request() {
     assert!(!stderr.contains("pulled whole"), "{stderr}");
     let before_live = logged.requests();
     let pings = before_live.iter().filter(|r| *r == "GET /v2/").count();
-    assert!(pings <= 3, "{pings} token checks: {before_live:#?}");
+    assert!(pings <= 4, "{pings} token checks: {before_live:#?}");
     diff_with_umoci(&m.path, &gz);
 }
 
