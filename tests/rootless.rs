@@ -1346,18 +1346,24 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
     );
     // Done on disk, killed before the journal had it: the next worker finds the names the
     // disk no longer shows, and takes the node the kernel moved along with the rename.
-    let inodes = user.ok("stat -c %i m/moved m/dir");
+    user.ok("mkdir m/dir/sub && echo t > m/dir/sub/f");
+    let inodes = user.ok("stat -c %i m/moved m/dir m/dir/sub m/dir/sub/f m/moved");
     let renames = "rename,renameat,renameat2";
     held("mv m/moved m/moved2", "a rename", renames, &|| {
         upper("moved2").exists()
     });
+    // A directory's entries move with it (they are numbered after it).
     held("mv m/dir m/dir2", "a directory's rename", renames, &|| {
         upper("dir2").is_dir()
     });
     held("rm m/new", "an unlink", renames, &|| !upper("new").exists());
-    let after =
-        "stat -c %i m/moved2 m/dir2 && cat m/moved2 && ls -a m/dir2 | wc -l && ! test -e m/new";
-    let expected = format!("{inodes}a\n2\n");
+    // A link made unjournalled: the new name is the same node.
+    held("ln m/moved2 m/hard", "a link", "link,linkat", &|| {
+        upper("hard").exists()
+    });
+    let after = "stat -c %i m/moved2 m/dir2 m/dir2/sub m/dir2/sub/f m/hard && cat m/moved2 \
+                 && ls -a m/dir2 | wc -l && ! test -e m/new";
+    let expected = format!("{inodes}a\n3\n");
     assert_eq!(user.ok(after), expected);
     std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
     assert_eq!(
@@ -1365,7 +1371,7 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
         expected,
         "asked again of the worker that took over"
     );
-    user.ok("echo c > m/new && mkdir m/dir && mv m/moved2 m/moved && cat m/new m/moved");
+    user.ok("echo c > m/new && mkdir m/dir && mv m/moved2 m/moved && cat m/new m/moved m/hard");
     user.ok("$BUX umount m");
 }
 

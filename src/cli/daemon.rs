@@ -67,7 +67,7 @@ pub(super) fn serve(
     }
     // Unmounted from outside, nothing to do; else (a signal, or a kept mount whose worker could
     // not be replaced) unmounted here.
-    let mounted = !m.is_finished() || crate::mount::is_mount_point(m.path());
+    let mounted = !m.is_finished() || m.still_mounted();
     if let Some(Some(u)) = unmounter.filter(|_| mounted) {
         u.unmount();
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

@@ -78,6 +78,8 @@ pub struct Mount {
     /// The run directory of a kept mount that is not writable (a writable one's is
     /// [`WritableLayer::run_dir`]), removed at unmount.
     kept_run_dir: Option<PathBuf>,
+    /// A kept mount's ID in the mount table (see [`Mount::still_mounted`]).
+    kept_mount_id: Option<String>,
 }
 
 /// The overlay that makes a mount writable.
@@ -139,6 +141,15 @@ impl Mount {
         match &self.thread {
             Some(t) => t.is_finished() || gone,
             None => !self.kernel_mount || gone || !shared::serving(&self.fuse_path),
+        }
+    }
+
+    /// Whether this mount is still in place at its path (for a mount whose server ended:
+    /// then dead, to be unmounted), and not another mounted there since.
+    pub fn still_mounted(&self) -> bool {
+        match &self.kept_mount_id {
+            Some(id) => shared::kept_mount_is_ours(&self.fuse_path, id),
+            None => is_mount_point(&self.path),
         }
     }
 
@@ -412,6 +423,7 @@ fn mount_shared(
         read_through: None,
         worker_stats: None,
         kept_run_dir: None,
+        kept_mount_id: None,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -535,7 +547,14 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     // A user's mount is served by a worker process this one keeps (replaced if it dies),
     // where the program can start one: as root's are, by the image server.
     let keeper = match &opts.shared_server {
-        Some(exe) if !connect::host_root() && trace.is_none() && lazy.is_empty() => Some(exe),
+        Some(exe)
+            if !connect::host_root()
+                && trace.is_none()
+                && lazy.is_empty()
+                && shared::kernel_resends() =>
+        {
+            Some(exe)
+        }
         _ => None,
     };
     // Its run directory (a writable mount has one already).
@@ -599,6 +618,9 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             let holder = through.map(|(_, holder)| holder);
             shared::keep(exe, &served, fd, holder).inspect_err(|_| {
                 let _ = unmount(&fuse_dir);
+                if let Some(d) = &kept_run_dir {
+                    let _ = std::fs::remove_dir_all(d);
+                }
             })
         }
         (None, None) if opts.disk => {
@@ -620,6 +642,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
     let worker_stats = keeper.map(|_| shared::kept_stats_path(&run_dir));
+    let kept_mount_id = keeper.and_then(|_| table::at(&fuse_dir)).map(|m| m.id);
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -635,6 +658,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         read_through,
         worker_stats,
         kept_run_dir,
+        kept_mount_id,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

@@ -69,10 +69,11 @@ impl Journal {
         })
     }
 
-    /// The journal at `path`, appended to from its end.
+    /// The journal at `path`, appended to after its whole records (a torn tail cut off).
     pub(super) fn append_to(path: &Path) -> io::Result<Journal> {
         let file = std::fs::OpenOptions::new().append(true).open(path)?;
-        let written = file.metadata()?.len();
+        let written = whole_records(&std::fs::read(path)?) as u64;
+        file.set_len(written)?;
         Ok(Journal {
             file,
             path: path.to_path_buf(),
@@ -95,8 +96,14 @@ impl Journal {
         for (n, node) in nodes {
             encode(&mut buf, n, Some(node));
         }
-        j.file.write_all(&buf)?;
-        std::fs::rename(&tmp, path)?;
+        if let Err(e) = j
+            .file
+            .write_all(&buf)
+            .and_then(|()| std::fs::rename(&tmp, path))
+        {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
         j.path = path.to_path_buf();
         j.written = buf.len() as u64;
         Ok(j)
@@ -168,6 +175,8 @@ impl Journal {
                         .seek(std::io::SeekFrom::Start(self.written))
                         .map(drop)
                 });
+                // Cutting frees the space set aside past the end too.
+                self.reserved = self.written;
                 if let Err(e) = cut {
                     tracing::warn!("cutting the node journal back: {e}: no more is written");
                     self.broken = true;
@@ -223,6 +232,19 @@ pub(super) fn encode(buf: &mut Vec<u8>, n: u64, node: Option<&Node>) {
 
 /// Every node's last state in the journal at `path`; nodes come back with no lookups
 /// counted (the caller decides what the kernel may still hold).
+/// How many bytes of `bytes` are whole records (a torn tail excluded).
+fn whole_records(bytes: &[u8]) -> usize {
+    let mut at = 0;
+    while let Some(len) = bytes.get(at..at + 4) {
+        let len = u32::from_le_bytes(len.try_into().unwrap_or_default()) as usize;
+        if bytes.len() < at + 4 + len {
+            break;
+        }
+        at += 4 + len;
+    }
+    at
+}
+
 pub(super) fn replay(path: &Path) -> io::Result<Replayed> {
     let bytes = std::fs::read(path)?;
     let mut out = HashMap::new();
@@ -346,6 +368,27 @@ mod tests {
         let again = replay(&path).unwrap();
         assert_eq!(again.len(), 2);
         assert_eq!(again[&3].as_ref().unwrap().links.len(), 2);
+    }
+
+    /// A journal taken over with a torn tail (its writer killed inside a write) is appended
+    /// to after its whole records: the tail does not swallow what comes next.
+    #[test]
+    fn appending_after_a_torn_tail_cuts_it_off() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("journal");
+        let mut buf = Vec::new();
+        encode(&mut buf, 2, Some(&node(&[(1, "etc")], Some(5), false)));
+        let mut torn = Vec::new();
+        encode(&mut torn, 3, Some(&node(&[(1, "late")], None, true)));
+        buf.extend_from_slice(&torn[..torn.len() - 2]);
+        std::fs::write(&path, &buf).unwrap();
+        let mut j = Journal::append_to(&path).unwrap();
+        let mut more = Vec::new();
+        encode(&mut more, 4, Some(&node(&[(1, "next")], None, true)));
+        j.append(&more);
+        let got = replay(&path).unwrap();
+        assert_eq!(got.len(), 2, "{:?}", got.keys());
+        assert!(got.contains_key(&2) && got.contains_key(&4));
     }
 
     #[test]

@@ -6,7 +6,7 @@
 //! go ([`StateGuard`]), before the request that changed it is answered.
 
 use std::collections::HashMap;
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::MetadataExt;
 use std::sync::MutexGuard;
@@ -30,6 +30,19 @@ pub(super) struct Node {
     pub(super) lookups: u64,
     /// Whether [`State::by_lower`] or [`State::by_upper`] may name it.
     pub(super) shared: bool,
+}
+
+impl Node {
+    /// Gives node `n` `link` as the name its path follows: first, but after its hidden name
+    /// if it has one (which stays first until the kernel forgets the node: see
+    /// [`State::forget`]).
+    pub(super) fn add_first_name(&mut self, link: (u64, Vec<u8>), n: u64) {
+        let hidden = self
+            .links
+            .first()
+            .is_some_and(|(p, name)| *p == ROOT_INO && name[..] == *orphan_name(n).as_bytes());
+        self.links.insert(usize::from(hidden), link);
+    }
 }
 
 pub(super) struct State {
@@ -225,35 +238,46 @@ impl Upper {
         let mut names = HashMap::new();
         let mut by_lower = HashMap::new();
         let mut by_upper = HashMap::new();
+        let mut now_shared = Vec::new();
         for (&n, node) in &st.nodes {
             for (parent, name) in &node.links {
                 if n != ROOT_INO && !disk::is_reserved(name) {
                     names.insert((*parent, name.clone()), n);
                 }
             }
-            if !node.shared {
-                continue;
-            }
             match (node.upper, node.lower) {
-                (false, Some(lower)) => {
+                (false, Some(lower)) if node.shared => {
                     by_lower.insert(lower, n);
                 }
                 (true, _) => {
-                    // Not found by its host inode if its file is not where its first name
-                    // says (its other names then resolve to a node of their own): served,
-                    // not failed.
+                    // Found by its host inode when it has other names on disk (one the dead
+                    // worker linked unjournalled among them). Not found if its file is not where
+                    // its first name says: its other names then resolve to a node of their own.
                     let found = self
                         .full_path(st, n)
                         .ok()
                         .and_then(|path| std::fs::symlink_metadata(path).ok());
                     match found {
-                        Some(md) => {
+                        Some(md) if !md.is_dir() && (node.shared || md.nlink() > 1) => {
                             by_upper.insert(md.ino(), n);
+                            if !node.shared {
+                                now_shared.push(n);
+                            }
                         }
-                        None => tracing::warn!("node {n} of the journal: no file where it says"),
+                        Some(_) => {}
+                        None if node.shared => {
+                            tracing::warn!("node {n} of the journal: no file where it says")
+                        }
+                        None => {}
                     }
                 }
-                (false, None) => {}
+                _ => {}
+            }
+        }
+        for n in now_shared {
+            if let Some(node) = st.nodes.get_mut(&n) {
+                node.shared = true;
+                st.dirty.push(n);
             }
         }
         st.names = names;
@@ -263,61 +287,65 @@ impl Upper {
     }
 
     /// Takes out of `st` the names the disk no longer shows for their node (into
-    /// [`State::stale`]), and marks copied up the image nodes whose file the dead worker
-    /// copied up before it could journal it. Parents before children: a directory's path is
-    /// known before its entries are looked for.
+    /// [`State::stale`]), and marks copied up the image directories the dead worker copied up
+    /// before it could journal it. Every name is judged against the paths the journal gives
+    /// (before any is taken out: a directory renamed unjournalled keeps its entries, found
+    /// again once the rename is).
     fn drop_stale_links(&self, st: &mut State) {
-        let mut order: Vec<u64> = st
-            .nodes
-            .keys()
-            .copied()
-            .filter(|&n| n != ROOT_INO)
-            .collect();
-        order.sort_unstable();
-        for n in order {
-            let Some(node) = st.nodes.get(&n) else {
+        let mut verdicts = Vec::new();
+        for (&n, node) in &st.nodes {
+            if n == ROOT_INO {
                 continue;
-            };
+            }
             let mut kept = Vec::new();
+            let mut stale = Vec::new();
             let mut upper = node.upper;
-            for (parent, name) in node.links.clone() {
-                let shows = match self.path(st, parent) {
-                    _ if parent == ROOT_INO && name[..] == *orphan_name(n).as_bytes() => true,
-                    // A directory not where the journal says (itself renamed, unjournalled):
-                    // its entries are judged once it is found (or not at all).
+            for (parent, name) in &node.links {
+                let shows = match self.path(st, *parent) {
+                    _ if *parent == ROOT_INO && name[..] == *orphan_name(n).as_bytes() => true,
+                    // A directory not where the journal says (itself renamed unjournalled):
+                    // its entries are judged once it is found, or not at all.
                     Ok(dir) if !dir.exists() => true,
                     Ok(dir) => {
-                        let here = dir.join(std::ffi::OsStr::from_bytes(&name));
-                        let on_disk = std::fs::symlink_metadata(&here).is_ok();
-                        if !upper && on_disk {
-                            upper = true; // copied up (or made) there, unjournalled
-                        }
-                        match upper {
-                            true => on_disk,
+                        let here = std::fs::symlink_metadata(dir.join(OsStr::from_bytes(name)));
+                        match (upper, here) {
+                            (true, here) => here.is_ok(),
+                            // An image directory with an upper one at its name: copied up
+                            // (nothing else can be moved over a directory holding entries).
+                            (false, Ok(md)) if md.is_dir() && node.lower.is_some() => {
+                                upper = true;
+                                true
+                            }
+                            // Something else now at an image file's name (a copy, or a file
+                            // renamed over it): not this node's any more; served by name anew.
+                            (false, Ok(_)) => false,
                             // The image's entry, unless deleted there since.
-                            false => {
-                                !dir.join(disk::whiteout_name(&name)).exists()
+                            (false, Err(_)) => {
+                                !dir.join(disk::whiteout_name(name)).exists()
                                     && !dir.join(disk::OPAQUE).exists()
                             }
                         }
                     }
-                    Err(_) => false,
+                    Err(_) => true,
                 };
                 match shows {
-                    true => kept.push((parent, name)),
-                    false => {
-                        st.stale.insert((parent, name), n);
-                    }
+                    true => kept.push((*parent, name.clone())),
+                    false => stale.push((*parent, name.clone())),
                 }
             }
-            let changed = kept.len() != node.links.len() || upper != node.upper;
-            if changed {
-                if let Some(node) = st.nodes.get_mut(&n) {
-                    node.links = kept;
-                    node.upper = upper;
-                }
-                st.dirty.push(n);
+            if !stale.is_empty() || upper != node.upper {
+                verdicts.push((n, kept, stale, upper));
             }
+        }
+        for (n, kept, stale, upper) in verdicts {
+            if let Some(node) = st.nodes.get_mut(&n) {
+                node.links = kept;
+                node.upper = upper;
+            }
+            for name in stale {
+                st.stale.insert(name, n);
+            }
+            st.dirty.push(n);
         }
     }
 }

@@ -98,7 +98,7 @@ impl Upper {
             _ => {}
         }
         if let Ok(node) = st.at(n) {
-            node.links.insert(0, (newparent, newname.to_vec()));
+            node.add_first_name((newparent, newname.to_vec()), n);
             node.upper = true; // a rename copies up
         }
         true
@@ -235,7 +235,15 @@ impl Upper {
                     undo.push(Undo::Move(a.clone(), to.clone()));
                     aside = Some(a);
                 }
-                Some(md) if md.nlink() == 1 => {
+                // Its last name known here (others on disk, never looked up, keep the file
+                // too, but nothing here can reach it through them).
+                Some(_)
+                    if !self
+                        .node(&st, old)?
+                        .links
+                        .iter()
+                        .any(|(p, nm)| !(*p == newparent && nm == newname)) =>
+                {
                     let o = self.root.join(orphan_name(old));
                     if let Err(e) = std::fs::hard_link(&to, &o) {
                         return undone(undo, err(e));
@@ -268,7 +276,7 @@ impl Upper {
         st.names.insert((newparent, newname.to_vec()), n);
         let node = st.at(n)?;
         node.links.retain(|(p, nm)| !(*p == parent && nm == name));
-        node.links.insert(0, (newparent, newname.to_vec()));
+        node.add_first_name((newparent, newname.to_vec()), n);
         Ok(())
     }
 }

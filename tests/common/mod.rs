@@ -717,9 +717,9 @@ impl Bux {
     }
 }
 
-/// Processes of image servers (`serve-shared`: supervisors and workers) using the store at
-/// `store`, and whether each is a worker.
-pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
+/// Processes whose command line has `word` and the store path `store`, with their arguments.
+#[allow(dead_code)]
+fn processes_of(store: &Path, word: &[u8]) -> Vec<(u32, Vec<Vec<u8>>)> {
     let needle = store.as_os_str().as_encoded_bytes().to_vec();
     let mut out = Vec::new();
     for p in std::fs::read_dir("/proc").unwrap().flatten() {
@@ -729,32 +729,31 @@ pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
         let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
             continue;
         };
-        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-        if args.contains(&&b"serve-shared"[..]) && args.contains(&needle.as_slice()) {
-            out.push((pid, args.contains(&&b"--worker-fd"[..])));
+        let args: Vec<Vec<u8>> = c.split(|&b| b == 0).map(<[u8]>::to_vec).collect();
+        if args.iter().any(|a| a == word) && args.contains(&needle) {
+            out.push((pid, args));
         }
     }
     out
 }
 
+/// Processes of image servers (`serve-shared`: supervisors and workers) using the store at
+/// `store`, and whether each is a worker.
+#[allow(dead_code)]
+pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
+    processes_of(store, b"serve-shared")
+        .into_iter()
+        .map(|(pid, args)| (pid, args.iter().any(|a| a == b"--worker-fd")))
+        .collect()
+}
+
 /// Workers serving users' own mounts (`serve-mount`) from the store at `store`.
 #[allow(dead_code)]
 pub fn mount_workers(store: &Path) -> Vec<u32> {
-    let needle = store.as_os_str().as_encoded_bytes().to_vec();
-    let mut out = Vec::new();
-    for p in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = p.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(c) = std::fs::read(p.path().join("cmdline")) else {
-            continue;
-        };
-        let args: Vec<&[u8]> = c.split(|&b| b == 0).collect();
-        if args.contains(&&b"serve-mount"[..]) && args.contains(&needle.as_slice()) {
-            out.push(pid);
-        }
-    }
-    out
+    processes_of(store, b"serve-mount")
+        .into_iter()
+        .map(|(pid, _)| pid)
+        .collect()
 }
 
 pub struct MountGuard {

@@ -28,7 +28,7 @@ use fuser::{Config, SessionACL};
 use super::{probe::Probe, spawn, HUNG};
 use crate::fs::ImageFs;
 use crate::index::SpanCache;
-use crate::mount::{is_mount_point, open_record};
+use crate::mount::open_record;
 use crate::store::ImageRecord;
 use crate::{Error, MountOptions, Result, Store};
 
@@ -117,6 +117,11 @@ pub(crate) fn keep(
         move |resume: bool| spawn_worker(&exe, &args, raw, resume, &run_dir)
     };
     let dir = s.dir.to_path_buf();
+    // This mount, not whatever is mounted at its path later (one mounted there after this one
+    // ended): the mount table's ID.
+    let id = crate::mount::table::at(&dir)
+        .map(|m| m.id)
+        .ok_or("the mount is not in the mount table")?;
     // Workers are started by the keeper's thread, which lives as long as the mount: a worker
     // dies with the thread that started it (see `spawn_worker`), not with the caller's.
     let (started, first) = std::sync::mpsc::sync_channel(1);
@@ -128,7 +133,7 @@ pub(crate) fn keep(
             let worker = spawn(false);
             let _ = started.send(worker.as_ref().map(|_| ()).map_err(Clone::clone));
             match worker {
-                Ok(w) => supervise(w, &dir, spawn),
+                Ok(w) => supervise(w, &dir, &id, spawn),
                 Err(e) => Err(std::io::Error::other(e)),
             }
         })
@@ -145,8 +150,10 @@ pub(crate) fn keep(
 fn supervise(
     mut worker: Child,
     dir: &Path,
+    id: &str,
     spawn: impl Fn(bool) -> std::result::Result<Child, String>,
 ) -> std::io::Result<()> {
+    let mounted = || is_ours(dir, id);
     let mut probe: Option<Probe> = None;
     let mut restarts: Vec<Instant> = Vec::new();
     loop {
@@ -170,7 +177,7 @@ fn supervise(
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        if !is_mount_point(dir) {
+        if !mounted() {
             return Ok(()); // unmounted: the worker's session ended with it
         }
         tracing::warn!(
@@ -190,7 +197,7 @@ fn supervise(
             } else {
                 match spawn(true) {
                     Ok(w) => break w,
-                    Err(e) if is_mount_point(dir) => {
+                    Err(e) if mounted() => {
                         tracing::warn!("{e}: trying again");
                         attempt += 1;
                         std::thread::sleep(Duration::from_millis(100 * attempt.min(10)));
@@ -203,12 +210,35 @@ fn supervise(
             // under no_new_privs, cannot run fusermount3: it unmounts through the helper it
             // started before, once this thread has ended).
             tracing::error!("{failed}: unmounting {}", dir.display());
-            if let Err(e) = crate::mount::unmount(dir) {
-                tracing::debug!("unmounting from the keeper: {e}");
+            if mounted() {
+                if let Err(e) = crate::mount::unmount(dir) {
+                    tracing::debug!("unmounting from the keeper: {e}");
+                }
             }
             return Err(std::io::Error::other(failed));
         };
     }
+}
+
+/// Whether the mount with table ID `id` is still mounted at `dir`.
+pub(crate) fn is_ours(dir: &Path, id: &str) -> bool {
+    crate::mount::table::at(dir).is_some_and(|m| m.id == id)
+}
+
+/// Whether this kernel resends a dead worker's requests to the next (FUSE_NOTIFY_RESEND,
+/// Linux 6.9+). Before, what a dead worker held would never be answered: the processes that
+/// asked would wait for good, so a user's mount is served in the mounting process there, as
+/// before (and dies with it).
+pub(crate) fn kernel_resends() -> bool {
+    let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
+    let mut parts = release.trim().split(|c: char| !c.is_ascii_digit());
+    let mut next = || {
+        parts
+            .next()
+            .and_then(|p| p.parse::<u32>().ok())
+            .unwrap_or(0)
+    };
+    (next(), next()) >= (6, 9)
 }
 
 fn spawn_worker(
@@ -248,27 +278,7 @@ fn spawn_worker(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting the mount's worker: {e}"))?;
-    let Some(out) = child.stdout.take() else {
-        spawn::kill(&mut child, false);
-        return Err("no pipe to the mount's worker".into());
-    };
-    let mut lines = spawn::Lines::new(out);
-    let line = match spawn::await_hello(&mut child, &mut lines, exe, false)? {
-        Some(line) => line,
-        None => lines.next(None).unwrap_or_default(),
-    };
-    let offered = line
-        .trim()
-        .strip_prefix("ready ")
-        .and_then(|caps| u64::from_str_radix(caps, 16).ok());
-    let Some(offered) = offered else {
-        spawn::kill(&mut child, false);
-        let why = line
-            .trim()
-            .strip_prefix("error ")
-            .unwrap_or("see the mount's log");
-        return Err(format!("the mount's worker did not start: {why}"));
-    };
+    let offered = spawn::await_ready(&mut child, exe, "the mount's worker")?;
     if !resume {
         // What the kernel offered the first worker, for the ones that take over.
         if let Err(e) = crate::store::write_atomic(&init_path(run_dir), &offered.to_le_bytes()) {

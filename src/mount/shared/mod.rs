@@ -39,7 +39,10 @@ mod stats;
 mod supervisor;
 mod worker;
 pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
-pub(crate) use kept::{keep, stats_path as kept_stats_path, Served as KeptServed};
+pub(crate) use kept::{
+    is_ours as kept_mount_is_ours, keep, kernel_resends, stats_path as kept_stats_path,
+    Served as KeptServed,
+};
 pub use kept::{serve_mount_worker, Kind as KeptKind, WorkerOptions};
 pub use supervisor::supervise;
 pub use worker::serve_worker;

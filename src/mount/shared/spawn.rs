@@ -130,6 +130,35 @@ pub(super) fn await_hello(
     ))
 }
 
+/// How long a worker may take from its hello to serving.
+const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
+
+/// Waits for the worker `child` (started from `exe`) to say `ready CAPS` after its hello, and
+/// returns CAPS: the capabilities the kernel offered it, in hex. Else kills it and says why
+/// (what it said after `error `, if anything).
+pub(super) fn await_ready(child: &mut Child, exe: &Path, what: &str) -> Result<u64, String> {
+    let Some(out) = child.stdout.take() else {
+        kill(child, false);
+        return Err(format!("no pipe to {what}"));
+    };
+    let mut lines = Lines::new(out);
+    // A worker opening a large image takes seconds; one stuck before it serves is given up.
+    let deadline = std::time::Instant::now() + READY_TIMEOUT;
+    let line = match await_hello(child, &mut lines, exe, false)? {
+        Some(line) => line,
+        None => lines.next(Some(deadline)).unwrap_or_default(),
+    };
+    let line = line.trim();
+    if let Some(caps) = line.strip_prefix("ready ") {
+        if let Ok(caps) = u64::from_str_radix(caps, 16) {
+            return Ok(caps);
+        }
+    }
+    kill(child, false);
+    let why = line.strip_prefix("error ").unwrap_or("see the log");
+    Err(format!("{what} did not start: {why}"))
+}
+
 fn truncate(s: &str) -> String {
     match s.char_indices().nth(60) {
         Some((i, _)) => format!("{}…", &s[..i]),

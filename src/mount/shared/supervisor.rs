@@ -234,24 +234,7 @@ fn spawn_worker(
         });
     }
     let mut child = cmd.spawn().map_err(|e| format!("starting worker: {e}"))?;
-    let Some(out) = child.stdout.take() else {
-        spawn::kill(&mut child, false);
-        return Err("no pipe to the worker".into());
-    };
-    let mut lines = spawn::Lines::new(out);
-    let line = match spawn::await_hello(&mut child, &mut lines, exe, false)? {
-        Some(line) => line,
-        None => lines.next(None).unwrap_or_default(),
-    };
-    let offered = line
-        .trim()
-        .strip_prefix("ready ")
-        .and_then(|caps| u64::from_str_radix(caps, 16).ok());
-    let Some(offered) = offered else {
-        let _ = child.kill();
-        let status = child.wait().map(|s| s.to_string()).unwrap_or_default();
-        return Err(format!("the worker did not start ({status}; see the log)"));
-    };
+    let offered = spawn::await_ready(&mut child, exe, "the worker")?;
     // What the kernel offered the first worker, for the ones that take over (a taking-over
     // worker reports what it was given again).
     if !resume {
