@@ -1639,3 +1639,36 @@ fn a_users_mount_serves_on_a_full_disk_across_a_takeover() {
     );
     user.ok(&format!("{bux} umount m"));
 }
+
+/// A user's mount whose daemon was killed (its worker dies with it) is taken down whole by
+/// `umount`: nothing of it is left in the store's run directory for `gc` to find.
+#[test]
+fn umount_of_a_users_mount_whose_daemon_died_leaves_nothing() {
+    need("fusermount3");
+    let reg = Registry::start();
+    let r = pushed(&reg, "t/rootless-daemon-died");
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    user.ok(&format!(
+        "$BUX -q pull {r} && mkdir m && $BUX -q mount --writable {r} m && echo x > m/file"
+    ));
+    let m = user.home().join("m");
+    let daemon = daemon_pid(&m).expect("the mount's daemon");
+    kill9(daemon);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !mount_workers(&store).is_empty() || daemon_pid(&m).is_some() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the worker outlived its keeper"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    user.ok("$BUX umount m");
+    assert!(!is_mounted(&m));
+    let left: Vec<_> = std::fs::read_dir(store.join("run"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert!(left.is_empty(), "left in run/: {left:?}");
+}

@@ -122,8 +122,8 @@ pub(super) fn unmount_over_server(path: &Path) -> Result<()> {
 
 /// Waits (at most `timeout`) until the daemon that served the writable mount at `dir` has
 /// removed its directory under `run_dir` (`$STORE/run`), which it does once its mount is gone:
-/// so that `umount` returns with the scratch upper layer removed. A daemon that died leaves its
-/// directory for [`clean_run_dir`].
+/// so that `umount` returns with the scratch upper layer removed. What a daemon that died left
+/// there for this mount point is removed here (else [`clean_run_dir`], at `gc`).
 pub fn wait_for_cleanup(run_dir: &Path, dir: &Path, timeout: std::time::Duration) {
     let dir = dir.canonicalize().unwrap_or_else(|_| dir.to_path_buf());
     let prefix = format!(
@@ -143,6 +143,20 @@ pub fn wait_for_cleanup(run_dir: &Path, dir: &Path, timeout: std::time::Duration
             })
     };
     wait_while(timeout, busy);
+    for e in std::fs::read_dir(run_dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let dead = name
+            .strip_prefix(&prefix)
+            .and_then(|pid| pid.parse::<u32>().ok())
+            .is_some_and(|pid| !crate::store::alive(pid));
+        if dead {
+            let lower = e.path().join("lower");
+            if is_mount_point(&lower) {
+                let _ = unmount(&lower);
+            }
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
 }
 
 /// Removes what writable mounts whose daemon died left in `run_dir` (`$STORE/run`): their
