@@ -245,19 +245,17 @@ fn run(cli: Cli) -> Result<()> {
                 (None, true) => crate::mount::shared::KeptKind::Disk,
                 (None, false) => crate::mount::shared::KeptKind::Image,
             };
-            crate::mount::shared::serve_mount_worker(
-                &store,
-                worker_fd,
+            let worker = crate::mount::shared::Worker {
+                fd: worker_fd,
                 resume,
                 what,
-                &run_dir,
-                &crate::mount::shared::WorkerOptions {
-                    allow_other,
-                    threads,
-                    cache_bytes,
-                },
-            )
-            .with_context(|| format!("mount worker of image {manifest}"))
+                run_dir: &run_dir,
+                allow_other,
+                threads,
+                cache_bytes,
+            };
+            crate::mount::shared::serve_mount_worker(&store, &worker)
+                .with_context(|| format!("mount worker of image {manifest}"))
         }
         Cmd::Info { reference } => {
             let store = store_arg.clone().unwrap_or_else(Store::default_path);

@@ -72,14 +72,16 @@ pub struct Mount {
     /// The image server a user's writable mount reads image files through (its place), which
     /// leaves once this mount's session has ended: unmounting waits for that.
     read_through: Option<PathBuf>,
-    /// The counters the worker serving this mount publishes (a user's mount kept by this
-    /// process: `shared::keep`).
-    worker_stats: Option<PathBuf>,
-    /// The run directory of a kept mount that is not writable (a writable one's is
-    /// [`WritableLayer::run_dir`]), removed at unmount.
-    kept_run_dir: Option<PathBuf>,
-    /// A kept mount's ID in the mount table (see [`Mount::still_mounted`]).
-    kept_mount_id: Option<String>,
+    /// A user's mount served by a worker this process keeps (`shared::keep`).
+    kept: Option<KeptMount>,
+}
+
+/// What a process keeping a mount's worker knows of it.
+struct KeptMount {
+    /// The mount's run directory (the worker's counters, INIT, journal), removed at unmount.
+    run_dir: PathBuf,
+    /// The mount's ID in the mount table (see [`Mount::still_mounted`]).
+    id: String,
 }
 
 /// The overlay that makes a mount writable.
@@ -112,8 +114,8 @@ impl Mount {
         if self.thread.is_none() && self.kernel_mount {
             return shared::server_stats(&self.fuse_path);
         }
-        if let Some(path) = &self.worker_stats {
-            return shared::kept_stats(path);
+        if let Some(k) = &self.kept {
+            return shared::kept_stats(&shared::kept_stats_path(&k.run_dir));
         }
         let s = &self.cache.stats;
         MountStats {
@@ -147,8 +149,8 @@ impl Mount {
     /// Whether this mount is still in place at its path (for a mount whose server ended:
     /// then dead, to be unmounted), and not another mounted there since.
     pub fn still_mounted(&self) -> bool {
-        match &self.kept_mount_id {
-            Some(id) => shared::kept_mount_is_ours(&self.fuse_path, id),
+        match &self.kept {
+            Some(k) => shared::kept_mount_is_ours(&self.fuse_path, &k.id),
             None => is_mount_point(&self.path),
         }
     }
@@ -202,8 +204,8 @@ impl Mount {
             // The scratch upper (if any) lives in run_dir; a persistent one is elsewhere.
             let _ = std::fs::remove_dir_all(&w.run_dir);
         }
-        if let Some(run_dir) = self.kept_run_dir.take() {
-            let _ = std::fs::remove_dir_all(run_dir);
+        if let Some(k) = self.kept.take() {
+            let _ = std::fs::remove_dir_all(k.run_dir);
         }
         self.kernel_mount = false;
         if let Some(record) = self.record.take() {
@@ -421,9 +423,7 @@ fn mount_shared(
         record: None,
         disk: opts.disk,
         read_through: None,
-        worker_stats: None,
-        kept_run_dir: None,
-        kept_mount_id: None,
+        kept: None,
     }
     .recorded(store, &record.reference, record.manifest_digest, opts, true))
 }
@@ -557,15 +557,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
         _ => None,
     };
-    // Its run directory (a writable mount has one already).
-    let kept_run_dir = match keeper.is_some() && writable.is_none() {
-        true => {
-            std::fs::create_dir_all(&run_dir)
-                .map_err(|e| mount_err(format!("creating {}: {e}", run_dir.display())))?;
-            Some(run_dir.clone())
-        }
-        false => None,
-    };
+    if keeper.is_some() {
+        // Its run directory (a writable mount has made it already).
+        std::fs::create_dir_all(&run_dir)
+            .map_err(|e| mount_err(format!("creating {}: {e}", run_dir.display())))?;
+    }
+    let mut kept = None;
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     let mut fs = ImageFs::new(tree, layers, cache.clone());
     if opts.writable && !own_upper {
@@ -616,12 +613,18 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             };
             let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
             let holder = through.map(|(_, holder)| holder);
-            shared::keep(exe, &served, fd, holder).inspect_err(|_| {
-                let _ = unmount(&fuse_dir);
-                if let Some(d) = &kept_run_dir {
-                    let _ = std::fs::remove_dir_all(d);
+            match shared::keep(exe, &served, fd, holder) {
+                Ok((thread, id)) => {
+                    let run_dir = run_dir.clone();
+                    kept = Some(KeptMount { run_dir, id });
+                    Ok(thread)
                 }
-            })
+                Err(e) => {
+                    let _ = unmount(&fuse_dir);
+                    let _ = std::fs::remove_dir_all(&run_dir);
+                    Err(e)
+                }
+            }
         }
         (None, None) if opts.disk => {
             let fs = crate::disk::DiskFs::new(fs)
@@ -641,8 +644,6 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     }
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
-    let worker_stats = keeper.map(|_| shared::kept_stats_path(&run_dir));
-    let kept_mount_id = keeper.and_then(|_| table::at(&fuse_dir)).map(|m| m.id);
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -656,9 +657,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         record: None,
         disk: opts.disk,
         read_through,
-        worker_stats,
-        kept_run_dir,
-        kept_mount_id,
+        kept,
     };
     if opts.prefetch != Prefetch::None {
         // Reads first (they never wait behind this), then the trace, then the rest.

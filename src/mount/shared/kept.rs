@@ -77,15 +77,15 @@ pub(crate) fn stats_path(run_dir: &Path) -> PathBuf {
 }
 
 /// Starts the first worker on connection `fd` (mounted at `s.dir`) and returns once it
-/// serves, with the thread that keeps the mount served until it is unmounted. `holder` (the
-/// user's hold on the image server, if any) is kept as long, so that the server stays up
-/// while a worker is replaced.
+/// serves, with the thread that keeps the mount served until it is unmounted and the mount's
+/// ID in the mount table. `holder` (the user's hold on the image server, if any) is kept as
+/// long, so that the server stays up while a worker is replaced.
 pub(crate) fn keep(
     exe: &Path,
     s: &Served,
     fd: OwnedFd,
     holder: Option<std::fs::File>,
-) -> std::result::Result<JoinHandle<std::io::Result<()>>, String> {
+) -> std::result::Result<(JoinHandle<std::io::Result<()>>, String), String> {
     let json =
         serde_json::to_vec(s.record).map_err(|e| format!("encoding the image record: {e}"))?;
     crate::store::write_atomic(&record_path(s.run_dir), &json)
@@ -125,6 +125,7 @@ pub(crate) fn keep(
     // Workers are started by the keeper's thread, which lives as long as the mount: a worker
     // dies with the thread that started it (see `spawn_worker`), not with the caller's.
     let (started, first) = std::sync::mpsc::sync_channel(1);
+    let kept_id = id.clone();
     let keeper = std::thread::Builder::new()
         .name("bux-fuse-keeper".into())
         .spawn(move || {
@@ -139,7 +140,7 @@ pub(crate) fn keep(
         })
         .map_err(|e| format!("starting the keeper thread: {e}"))?;
     match first.recv() {
-        Ok(Ok(())) => Ok(keeper),
+        Ok(Ok(())) => Ok((keeper, kept_id)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err("the keeper thread ended before its worker started".into()),
     }
@@ -289,8 +290,15 @@ fn spawn_worker(
     Ok(child)
 }
 
-/// How a worker serves, besides what (see [`serve_mount_worker`]).
-pub struct WorkerOptions {
+/// What a worker serves, and how (see [`serve_mount_worker`]).
+pub struct Worker<'a> {
+    /// The inherited FUSE connection.
+    pub fd: RawFd,
+    /// The connection is live already: taking over from a worker that died.
+    pub resume: bool,
+    pub what: Kind<'a>,
+    /// The mount's run directory.
+    pub run_dir: &'a Path,
     /// Users other than the owner reach the mount.
     pub allow_other: bool,
     /// FUSE threads.
@@ -300,17 +308,10 @@ pub struct WorkerOptions {
 }
 
 /// The worker (`bux-fuse serve-mount --worker-fd N --run-dir DIR [--upper DIR | --disk]
-/// VIEW`): serves the mount whose connection is `fd`; with `resume`, taking over from a worker
-/// that died. Prints `ready CAPS` once it serves (or `error WHY` if it cannot).
-pub fn serve_mount_worker(
-    store: &Store,
-    fd: RawFd,
-    resume: bool,
-    what: Kind,
-    run_dir: &Path,
-    o: &WorkerOptions,
-) -> Result<()> {
-    let r = serve(store, fd, resume, what, run_dir, o);
+/// VIEW`): serves the mount whose connection is `w.fd`; with `w.resume`, taking over from a
+/// worker that died. Prints `ready CAPS` once it serves (or `error WHY` if it cannot).
+pub fn serve_mount_worker(store: &Store, w: &Worker) -> Result<()> {
+    let r = serve(store, w);
     if let Err(e) = &r {
         // The keeper is waiting for a line: the reason, rather than a closed pipe.
         println!("error {}", e.to_string().replace('\n', " "));
@@ -319,15 +320,9 @@ pub fn serve_mount_worker(
     r
 }
 
-fn serve(
-    store: &Store,
-    fd: RawFd,
-    resume: bool,
-    what: Kind,
-    run_dir: &Path,
-    o: &WorkerOptions,
-) -> Result<()> {
-    let (allow_other, threads) = (o.allow_other, o.threads);
+fn serve(store: &Store, w: &Worker) -> Result<()> {
+    let (fd, resume, what, run_dir) = (w.fd, w.resume, w.what, w.run_dir);
+    let (allow_other, threads) = (w.allow_other, w.threads);
     crate::mount::tune_allocator_for_serving();
     crate::mount::raise_open_files_limit();
     let io =
@@ -337,7 +332,7 @@ fn serve(
     let record: ImageRecord = serde_json::from_slice(&json)
         .map_err(|e| io("reading the image record", std::io::Error::other(e)))?;
     let opts = MountOptions {
-        cache_bytes: o.cache_bytes,
+        cache_bytes: w.cache_bytes,
         ..MountOptions::default()
     };
     // The keeper's lease keeps the image's files from gc, and this process dies with it: none

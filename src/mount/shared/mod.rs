@@ -43,7 +43,7 @@ pub(crate) use kept::{
     is_ours as kept_mount_is_ours, keep, kernel_resends, stats_path as kept_stats_path,
     Served as KeptServed,
 };
-pub use kept::{serve_mount_worker, Kind as KeptKind, WorkerOptions};
+pub use kept::{serve_mount_worker, Kind as KeptKind, Worker};
 pub use supervisor::supervise;
 pub use worker::serve_worker;
 
