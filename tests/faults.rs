@@ -109,26 +109,7 @@ fn a_full_disk_mid_pull_is_one_clear_line_and_recoverable() {
     reg.push(work.path(), "v1", "f/full", None);
     let store = tempfile::tempdir().unwrap();
     let mnt = store.path().join("small");
-    std::fs::create_dir_all(&mnt).unwrap();
-    let mount = |opts: &str| {
-        let out = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
-            .arg(&mnt)
-            .output()
-            .unwrap();
-        assert_success(&out);
-    };
-    mount("size=6m");
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _guard = Unmount(mnt.clone());
+    let small = Tmpfs::mount(&mnt, "size=6m");
     let r = format!("{}/f/full:v1", reg.host());
     let bin = env!("CARGO_BIN_EXE_bux-fuse");
     let pull = || {
@@ -154,7 +135,7 @@ fn a_full_disk_mid_pull_is_one_clear_line_and_recoverable() {
         0,
         "temp files kept"
     );
-    mount("remount,size=128m");
+    small.options("remount,size=128m");
     let out = pull();
     assert_success(&out);
 }

@@ -1584,24 +1584,8 @@ fn a_users_mount_serves_on_a_full_disk_across_a_takeover() {
     let r = pushed(&reg, "t/rootless-full");
     let user = AsUser::new();
     let small = user.home().join("small");
-    std::fs::create_dir(&small).unwrap();
     let opts = format!("size=24m,mode=0755,uid={0},gid={0}", user.uid);
-    let st = std::process::Command::new("mount")
-        .args(["-t", "tmpfs", "-o", &opts, "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(st.success());
-    struct Unmount(std::path::PathBuf);
-    impl Drop for Unmount {
-        fn drop(&mut self) {
-            let _ = std::process::Command::new("umount")
-                .arg("-l")
-                .arg(&self.0)
-                .status();
-        }
-    }
-    let _small = Unmount(small.clone());
+    let _small = Tmpfs::mount(&small, &opts);
     let store = small.join("store");
     let bux = format!("$BUX --store {}", store.display());
     user.ok(&format!(

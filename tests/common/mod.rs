@@ -756,6 +756,37 @@ pub fn mount_workers(store: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// A tmpfs mounted at a directory (a small filesystem to fill), unmounted when dropped.
+#[allow(dead_code)]
+pub struct Tmpfs(PathBuf);
+
+#[allow(dead_code)]
+impl Tmpfs {
+    /// Mounts a tmpfs with options `opts` at `dir` (made if missing).
+    pub fn mount(dir: &Path, opts: &str) -> Tmpfs {
+        std::fs::create_dir_all(dir).unwrap();
+        let t = Tmpfs(dir.to_path_buf());
+        t.options(opts);
+        t
+    }
+
+    /// Mounts it again with options `opts` (`remount,size=…`).
+    pub fn options(&self, opts: &str) {
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", opts, "tmpfs"])
+            .arg(&self.0)
+            .output()
+            .unwrap();
+        assert_success(&out);
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
 pub struct MountGuard {
     bin: &'static str,
     pub path: PathBuf,
