@@ -168,10 +168,11 @@ pub struct PullOptions {
     pub parallel: usize,
     /// A download without data for this long is resumed (default [`DEFAULT_STALL`]).
     pub stall_timeout: Option<std::time::Duration>,
-    /// The largest file whose bytes the store keeps for the metadata image of root's shared
-    /// mounts, for the layers this pull indexes. Default 64 KiB (reads of small files never reach
-    /// FUSE; the large Debian image's store grows by 0.29× its compressed size, its pull not at
-    /// all); `Some(0)` keeps none (the store stays at 1.15× the compressed image).
+    /// The largest file whose bytes the store keeps uncompressed, for the layers this pull
+    /// indexes: the metadata image of root's shared mounts serves them (their reads never reach
+    /// FUSE), and every other mount reads them from there instead of inflating the layer.
+    /// Default 64 KiB (the large Debian image's store grows by 0.29× its compressed size, its
+    /// pull not at all); `Some(0)` keeps none (the store stays at 1.15× the compressed image).
     pub small_files: Option<u64>,
     /// Which signature policy (`containers-policy.json(5)`) the image must satisfy, checked
     /// before anything of it is stored. Default [`crate::policy::SignaturePolicy::Auto`]: the

@@ -293,9 +293,10 @@ pub(super) struct PullArgs {
     /// Seconds the registry may take to answer a request (or to send more of an answer).
     #[arg(long, default_value_t = 30.0, value_name = "SECS", value_parser = seconds)]
     pub(super) request_timeout: f64,
-    /// Keep the bytes of files up to this size (KiB) in the store, for root's shared mounts
-    /// to read them in the kernel, without FUSE: fastest for images of many small files, for
-    /// about a third of the compressed image more on disk. 0 keeps none; 64 at most.
+    /// Keep the bytes of files up to this size (KiB) in the store, uncompressed: root's shared
+    /// mounts read them in the kernel, without FUSE, every other mount without inflating
+    /// anything. Fastest for images of many small files, for about a third of the compressed
+    /// image more on disk. 0 keeps none; 64 at most.
     #[arg(long, default_value_t = 64, value_name = "KIB")]
     pub(super) small_files: u64,
     /// Keep the store within SIZE (20G, 512M, 1.5GiB, bytes) after the pull: least recently

@@ -19,6 +19,7 @@ pub(crate) mod gzip_whole;
 pub mod published;
 pub mod reader;
 pub mod small;
+pub mod small_reads;
 pub mod span_cache;
 pub mod tar_scan;
 pub mod zstd_frames;
@@ -668,6 +669,30 @@ mod tests {
             let path = dir.path().join("l.idx");
             idx.save(&path).unwrap();
             assert_eq!(small::SmallFiles::load(&path).unwrap().unwrap(), idx.small);
+            // Read with the kept bytes, a small file inflates nothing; a larger one does.
+            if compression == Compression::Gzip {
+                let blob_path = dir.path().join("blob");
+                std::fs::write(&blob_path, blob).unwrap();
+                let small = small_reads::SmallReads::open(&path).unwrap();
+                let r = LayerReader::open(0, &blob_path, idx.access.clone(), idx.uncompressed_size)
+                    .unwrap()
+                    .with_small(small);
+                let cache = SpanCache::new(64 << 20);
+                let inflated = || {
+                    cache
+                        .stats
+                        .decompressed
+                        .load(std::sync::atomic::Ordering::Relaxed)
+                };
+                for e in idx.entries.iter().filter(|e| e.size > 0) {
+                    let (mut buf, before) = (vec![0u8; e.size as usize], inflated());
+                    assert_eq!(r.read_at(&cache, e.offset, &mut buf).unwrap(), buf.len());
+                    let at = e.offset as usize;
+                    assert_eq!(buf, plain[at..at + buf.len()]);
+                    let path = std::str::from_utf8(&e.path).unwrap();
+                    assert_eq!(inflated() > before, path == "over", "{path}");
+                }
+            }
             // Asked for files of at most 4 bytes, it keeps only those.
             let idx = build(&blob[..], compression, digest, Some(&mut Vec::new()), 4).unwrap();
             assert_eq!(

@@ -72,6 +72,8 @@ pub struct LayerReader {
     access: Access,
     size: u64,
     trace: Option<std::sync::Arc<crate::trace::Recorder>>,
+    /// The layer's small files kept uncompressed: reads within one come from there.
+    small: Option<super::small_reads::SmallReads>,
     /// Inflaters left where the last read of an oversized span ended, so that reading one on
     /// (sequentially) goes on from there instead of inflating the span again from its start.
     streams: Mutex<Vec<Stream>>,
@@ -106,8 +108,15 @@ impl LayerReader {
             access,
             size,
             trace: None,
+            small: None,
             streams: Mutex::new(Vec::new()),
         }
+    }
+
+    /// Reads small files from `small` (the layer's kept bytes) rather than its stream.
+    pub fn with_small(mut self, small: Option<super::small_reads::SmallReads>) -> LayerReader {
+        self.small = small;
+        self
     }
 
     /// Records the compressed ranges that reads need into `trace`.
@@ -196,6 +205,15 @@ impl LayerReader {
         decode: bool,
     ) -> io::Result<usize> {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
+        if let Some(small) = self.small.as_ref().filter(|_| want > 0) {
+            if small.read_at(off, &mut buf[..want])? {
+                cache
+                    .stats
+                    .blob_bytes
+                    .fetch_add(want as u64, Ordering::Relaxed);
+                return Ok(want);
+            }
+        }
         if let Access::Tar = self.access {
             self.need(off..off + want as u64)?;
             let mut done = 0;

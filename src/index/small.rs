@@ -535,6 +535,15 @@ pub(crate) enum Placed<'a> {
     Stream,
 }
 
+/// Where bytes a read wants are (see [`Blocks::find`]).
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Found<'a> {
+    /// In the table: these.
+    Tiny(&'a [u8]),
+    /// In the file, from this offset.
+    At(u64),
+}
+
 /// The table of a file of the current format.
 pub(crate) struct Blocks {
     /// (offset in the stream, length, first block or 0), ascending by offset.
@@ -631,6 +640,24 @@ impl Blocks {
         })
     }
 
+    /// Where the stream bytes `off..off + len` are, if they lie within one kept file: its
+    /// bytes in the table (from `off`), or the device offset they start at.
+    pub(crate) fn find(&self, off: u64, len: u64) -> Option<Found<'_>> {
+        let i = self
+            .files
+            .partition_point(|&(o, _, _)| o <= off)
+            .checked_sub(1)?;
+        let (start, flen, block) = self.files[i];
+        let (from, end) = (off - start, off.checked_add(len)?);
+        if end > start + flen as u64 {
+            return None;
+        }
+        Some(match self.tiny_bytes(i) {
+            Some(bytes) => Found::Tiny(&bytes[from as usize..(from + len) as usize]),
+            None => Found::At(block as u64 * BLOCK + from),
+        })
+    }
+
     /// The bytes of the `i`th file if it is tiny.
     fn tiny_bytes(&self, i: usize) -> Option<&[u8]> {
         let (_, len, block) = self.files[i];
@@ -711,6 +738,15 @@ impl SmallIndex {
             files,
             body: Body::Frame(16 + table_len),
         })
+    }
+
+    /// The table of the current format, for reads ([`crate::index::small_reads`]); `None`
+    /// for a file of an earlier format.
+    pub(crate) fn into_blocks(self) -> Option<Blocks> {
+        match self.body {
+            Body::Blocks(b) => Some(b),
+            _ => None,
+        }
     }
 
     /// The length of the file kept at `offset`, if one is.

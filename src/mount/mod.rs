@@ -629,7 +629,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         (None, None) if opts.disk => {
             let fs = crate::disk::DiskFs::new(fs)
                 .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
-            serve(fs, &fuse_dir, &request, config)
+            serve(fs, &fuse_dir, &request, config, None)
         }
         (None, Some(upper)) => {
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
@@ -638,9 +638,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             if let Some((mnt, holder)) = through {
                 fs = fs.reading_through(crate::upper::Through::new(mnt, holder));
             }
-            serve(fs, &fuse_dir, &request, config)
+            let pusher = fs.page_pusher();
+            serve(fs, &fuse_dir, &request, config, Some(pusher))
         }
-        (None, None) => serve(fs, &fuse_dir, &request, config),
+        (None, None) => serve(fs, &fuse_dir, &request, config, None),
     }
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
@@ -715,6 +716,7 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
     dir: &Path,
     request: &connect::Request,
     config: Config,
+    pusher: Option<crate::upper::Pusher>,
 ) -> std::result::Result<JoinHandle<io::Result<()>>, String> {
     let fd = connect::connect(dir, request)?;
     let session = match Session::from_fd(fs, fd, config.acl, config) {
@@ -724,6 +726,9 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
             return Err(format!("FUSE handshake: {e}"));
         }
     };
+    if let Some(p) = pusher {
+        p.connect(session.notifier());
+    }
     std::thread::Builder::new()
         .name("bux-fuse-session".into())
         .spawn(move || session.run())

@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::MountOptions;
 use crate::index::published::PublishedLayer;
+use crate::index::small_reads::SmallReads;
 use crate::index::{Compression, LayerReader};
 use crate::lazy::{LazyBlob, Remote};
 use crate::pull::normalize_reference;
@@ -150,13 +151,22 @@ pub(crate) fn open_record(
                     Err(e) => return Err(e),
                 }
             }
-            _ => LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
-                .map_err(|e| {
-                    Error::io(
-                        format!("opening layer {} ({})", l.digest, path.display()),
-                        e,
-                    )
-                })?,
+            _ => {
+                // A damaged table of kept small files loses only their fast way.
+                let index = store.layer_index_path(&record.layers[i]);
+                let small = SmallReads::open(&index).unwrap_or_else(|e| {
+                    tracing::warn!("small files of layer {}: {e}", l.digest);
+                    None
+                });
+                LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
+                    .map_err(|e| {
+                        Error::io(
+                            format!("opening layer {} ({})", l.digest, path.display()),
+                            e,
+                        )
+                    })?
+                    .with_small(small)
+            }
         };
         layers.push(reader);
     }

@@ -383,13 +383,29 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     match what {
         Kind::Image => {
             let offered = lower.offered_capabilities();
-            session(lower, conn, replay.as_deref(), config, &io, ready(offered))
+            session(
+                lower,
+                conn,
+                replay.as_deref(),
+                config,
+                &io,
+                None,
+                ready(offered),
+            )
         }
         Kind::Disk => {
             let offered = lower.offered_capabilities();
             let fs = crate::disk::DiskFs::new(lower)
                 .map_err(|e| io("laying the image out as a disk", std::io::Error::other(e)))?;
-            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
+            session(
+                fs,
+                conn,
+                replay.as_deref(),
+                config,
+                &io,
+                None,
+                ready(offered),
+            )
         }
         Kind::Writable(upper) => {
             let journal = journal_path(run_dir);
@@ -403,8 +419,16 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
                 Some(t) => fs.reading_through(t),
                 None => fs,
             };
-            let offered = fs.offered_capabilities();
-            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
+            let (offered, pusher) = (fs.offered_capabilities(), fs.page_pusher());
+            session(
+                fs,
+                conn,
+                replay.as_deref(),
+                config,
+                &io,
+                Some(pusher),
+                ready(offered),
+            )
         }
     }
 }

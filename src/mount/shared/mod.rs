@@ -395,12 +395,10 @@ pub(crate) fn kernel_metadata_possible() -> bool {
 }
 
 /// The largest file whose bytes indexing keeps, for what the user `asked` (default
-/// [`SMALL_MAX`](crate::index::small::SMALL_MAX)): 0 where no metadata image can be mounted.
+/// [`SMALL_MAX`](crate::index::small::SMALL_MAX)): a metadata image serves them where one can
+/// be mounted, FUSE reads them everywhere (see [`crate::index::small_reads`]).
 pub(crate) fn small_files_kept(asked: Option<u64>) -> u64 {
-    match kernel_metadata_possible() {
-        true => asked.unwrap_or(crate::index::small::SMALL_MAX),
-        false => 0, // only a metadata image uses them
-    }
+    asked.unwrap_or(crate::index::small::SMALL_MAX)
 }
 
 /// `BUX_FUSE_METADATA=fuse`: metadata served by FUSE, no metadata image (to compare the two).
