@@ -12,7 +12,9 @@
 //! workers of two images are two users, and one cannot signal the other), no supplementary
 //! groups, no capabilities. A daemon of its own (`--own-server`, lazy mounts) stays uid 0, so
 //! files root owns stay writable to it: it unmounts itself at the end, and fetches into the
-//! store.
+//! store. A daemon that keeps a worker (a lazy mount's, see `mount::shared::kept`) may run
+//! programs (the workers it replaces); the worker, which parses what the registry sends, may
+//! not.
 
 use std::io;
 

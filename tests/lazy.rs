@@ -1719,3 +1719,41 @@ fn zstd_chunked_tables_are_fetched_while_the_index_is_looked_for() {
     let os = cat(&m.path.join("etc/os-release")).unwrap();
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
 }
+
+/// A lazy mount is served by a worker its daemon keeps: killed with a read waiting for the
+/// registry, the next worker answers that read (the kernel resends it) and fetches on.
+#[test]
+fn a_lazy_mount_outlives_its_worker() {
+    if !kernel_resends_fuse_requests() {
+        eprintln!("skipped: this kernel resends nothing to a new worker (Linux 6.9+)");
+        return;
+    }
+    let s = setup();
+    let proxy = Proxy::start(s.reg.port, 10_000, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let extra = ["--prefetch", "none", "--read-timeout", "60"];
+    let (m, _) = lazy_mount(&bux, &reference, &extra);
+    let first = mount_workers(bux.store.path());
+    assert_eq!(first.len(), 1, "a worker serves the mount: {first:?}");
+    assert_eq!(
+        cat(&m.path.join("etc/os-release")).unwrap(),
+        b"NAME=bux-lazy\nID=bux\n"
+    );
+    // A read that waits for the registry when its worker dies.
+    proxy.pause();
+    let path = m.path.join("opt/data.bin");
+    let reader = std::thread::spawn(move || cat(&path));
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!reader.is_finished(), "the read waits for the registry");
+    kill9(first[0]);
+    replaced_workers(bux.store.path(), &first, 1);
+    proxy.unpause();
+    assert_eq!(reader.join().unwrap().unwrap(), test_bytes(6 << 20, 3));
+    // The next worker fetches what was never read.
+    assert_eq!(
+        cat(&m.path.join("usr/lib/big2.bin")).unwrap(),
+        test_bytes(12 << 20, 2)
+    );
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+}

@@ -1455,27 +1455,6 @@ fn a_users_read_only_and_disk_mounts_outlive_their_workers() {
     );
 }
 
-/// Waits (at most 20 s) until `store`'s mount workers are `n`, none of them in `old`.
-fn replaced_workers(store: &std::path::Path, old: &[u32], n: usize) -> Vec<u32> {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let now = mount_workers(store);
-        if now.len() == n && now.iter().all(|p| !old.contains(p)) {
-            return now;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "workers not replaced: {now:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(20));
-    }
-}
-
-fn kill9(pid: u32) {
-    // SAFETY: signals a worker the test found (a process of the test user's).
-    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
-}
-
 /// After a takeover, files removed are freed once the kernel lets them go (it tells a node's
 /// last forget, whatever the count the dead worker had); a file removed while open through a
 /// name the worker never looked up (its other name) keeps its bytes, across a takeover too.
@@ -1716,5 +1695,50 @@ fn a_users_mount_has_a_small_files_bytes_cached_from_its_open() {
     );
     assert_eq!(std::fs::read(user.home().join("small.out")).unwrap(), small);
     holder.wait().unwrap();
+    user.ok("$BUX umount m");
+}
+
+/// A user's lazy mount is kept as the user's other mounts are: its worker killed, the next
+/// fetches what is read.
+#[test]
+fn a_users_lazy_mount_outlives_its_worker() {
+    need("fusermount3");
+    if !kernel_resends_fuse_requests() {
+        eprintln!("skipped: this kernel resends nothing to a new worker (Linux 6.9+)");
+        return;
+    }
+    let big: Vec<u8> = (0..3u32 << 20).map(|i| (i * 31 % 253) as u8).collect();
+    let l = LayerBuilder::new()
+        .file("etc/conf", b"lazy\n")
+        .file("data/big", &big)
+        .finish();
+    let reg = Registry::start();
+    let r = pushed_image(&reg, "t/rootless-lazy", &Image::new(vec![(l, Comp::Gzip)]));
+    // Its index published (by root), so that the user's mount fetches by range.
+    let publisher = Bux::new();
+    publisher.ok(&["pull", "-q", &r]);
+    publisher.ok(&["push-index", &r]);
+    let user = AsUser::new();
+    let store = user.home().join(".local/share/bux-fuse");
+    user.ok(&format!("$BUX -q mount --lazy --prefetch none {r} m"));
+    let stored = || {
+        std::fs::read_dir(store.join("blobs/sha256"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.metadata().unwrap().len())
+            .max()
+            .unwrap_or(0)
+    };
+    assert!(stored() < 1 << 20, "lazy: the layer is not stored whole");
+    let first = mount_workers(&store);
+    assert_eq!(first.len(), 1, "a worker serves the mount: {first:?}");
+    assert_eq!(user.ok("cat m/etc/conf"), "lazy\n");
+    kill9(first[0]);
+    replaced_workers(&store, &first, 1);
+    assert_eq!(
+        user.ok("sha256sum < m/data/big"),
+        format!("{}  -\n", sha256_hex(&big))
+    );
+    assert_eq!(user.ok("cat m/etc/conf"), "lazy\n");
     user.ok("$BUX umount m");
 }

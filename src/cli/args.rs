@@ -457,7 +457,9 @@ pub struct MountArgs {
     /// milliseconds): each mount is a bind mount (read-only) or an overlay (writable) over
     /// the image's one FUSE mount, and a server that dies is restarted under them. A user's
     /// writable mount reads the image's files through the user's shared server (one page
-    /// cache for all of them); with this it decodes and caches them itself.
+    /// cache for all of them); with this it decodes and caches them itself. A mount that
+    /// cannot share (a user's, a lazy one) is served by a worker the daemon replaces if it
+    /// dies; with this, by the daemon alone.
     #[arg(long)]
     pub own_server: bool,
     /// Internal: tell the parent process when the mount is live.

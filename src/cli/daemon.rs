@@ -40,8 +40,9 @@ pub(super) fn serve(
     // Started before the filter: it sets no_new_privs, under which the setuid fusermount3
     // could no longer unmount a user's mount when a signal stops us.
     let unmounter = (!crate::mount::host_root()).then(|| Unmounter::start(m.path()));
-    // Mounted: what is left is serving, which needs far less than the process may do.
-    if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {
+    // Mounted: what is left is serving, which needs far less than the process may do (root's
+    // may run nothing, but a keeper must start workers: they confine themselves).
+    if let Err(e) = crate::sandbox::confine(crate::mount::host_root() && !m.is_kept()) {
         tracing::warn!("confining the daemon (seccomp): {e}");
     }
     if notify_ready {
@@ -167,9 +168,10 @@ pub(super) fn spawn_daemon(
         .arg("--quiet")
         .arg(format!("--threads={}", opts.threads))
         .arg(format!("--cache-mb={}", opts.cache_bytes >> 20));
-    // Root's daemon is a mount's own server; a user's writable mount reads image files
-    // through the image's shared server where it can (see `upper::Through`).
-    if opts.shared_server.is_none() || crate::mount::host_root() {
+    // Unless told to serve alone, the daemon keeps a worker that serves (replaced if it dies:
+    // a user's mounts, root's lazy ones), and a user's writable mount reads image files through
+    // the image's shared server where it can (see `upper::Through`).
+    if opts.shared_server.is_none() {
         cmd.arg("--own-server");
     }
     if opts.writable {

@@ -65,7 +65,7 @@ pub(super) fn run(store_arg: &Option<PathBuf>, quiet: bool, args: MountArgs) -> 
         },
         record_trace,
         allow_other: allow_other || crate::MountOptions::default().allow_other,
-        shared_server: if own_server || lazy {
+        shared_server: if own_server {
             None
         } else {
             Some(std::env::current_exe().context("finding own executable")?)

@@ -207,6 +207,11 @@ impl LayerReader {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
         if let Some(small) = self.small.as_ref().filter(|_| want > 0) {
             if small.read_at(off, &mut buf[..want])? {
+                // A boot's trace names what it read, wherever the bytes came from here (a
+                // lazy mount of the image fetches them from the trace).
+                if let Some(t) = &self.trace {
+                    t.record(self.id, off..off + want as u64);
+                }
                 cache
                     .stats
                     .blob_bytes

@@ -15,7 +15,7 @@ use fuser::{Config, Session, SessionACL};
 
 use crate::fs::ImageFs;
 use crate::index::SpanCache;
-use crate::lazy::{LazyBlob, Remote};
+use crate::lazy::Remote;
 use crate::{Error, Result, Store};
 
 mod connect;
@@ -23,6 +23,7 @@ mod detached;
 mod kernel;
 mod open;
 mod options;
+pub(crate) mod prefetch;
 mod records;
 #[doc(hidden)]
 pub mod shared;
@@ -61,7 +62,7 @@ pub struct Mount {
     /// The registry end of lazily fetched layers, if any.
     remote: Option<Arc<Remote>>,
     /// The read trace being recorded, and where it goes at unmount.
-    trace: Option<(Arc<crate::trace::Recorder>, PathBuf)>,
+    trace: Option<prefetch::Recording>,
     /// `path` is a kernel mount over the FUSE mount (an overlay, or a bind mount of the
     /// image's shared mount), unmounted first.
     kernel_mount: bool,
@@ -146,6 +147,11 @@ impl Mount {
         }
     }
 
+    /// Whether a worker process this one keeps serves the mount (see `shared::kept`).
+    pub(crate) fn is_kept(&self) -> bool {
+        self.kept.is_some()
+    }
+
     /// Whether this mount is still in place at its path (for a mount whose server ended:
     /// then dead, to be unmounted), and not another mounted there since.
     pub fn still_mounted(&self) -> bool {
@@ -181,14 +187,7 @@ impl Mount {
         if let Some(r) = &self.remote {
             r.shutdown();
         }
-        if let Some((t, path)) = self.trace.take() {
-            let entries = t.entries();
-            if !entries.is_empty() {
-                if let Err(e) = crate::trace::save(&path, &entries) {
-                    tracing::warn!("saving the read trace: {e}");
-                }
-            }
-        }
+        prefetch::save(self.trace.take());
         if self.kernel_mount && is_mount_point(&self.path) {
             unmount_over_server(&self.path)?;
         }
@@ -466,24 +465,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         record,
         lease,
         tree,
-        mut layers,
+        layers,
         remote,
         lazy,
     } = open_image(store, reference, opts)?;
-    let trace_path = store.trace_path(&record.manifest_digest);
-    let known_trace = crate::trace::load(&trace_path);
-    let trace = (opts.record_trace || (!lazy.is_empty() && known_trace.is_none())).then(|| {
-        let t = Arc::new(crate::trace::Recorder::new(
-            tree.layers.iter().map(|l| l.digest).collect(),
-        ));
-        (t, trace_path.clone())
-    });
-    if let Some((t, _)) = &trace {
-        layers = layers
-            .into_iter()
-            .map(|r| r.with_trace(t.clone()))
-            .collect();
-    }
     let mount_err = |detail: String| Error::Mount {
         path: dir.to_path_buf(),
         detail,
@@ -529,7 +514,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     // A user's writable mount reads image files through the image's shared mount, where
     // one is possible (every layer stored, nothing recorded): one page cache for them all.
     let through = match &opts.shared_server {
-        Some(exe) if own_upper && trace.is_none() && lazy.is_empty() && !opts.disk => {
+        Some(exe) if own_upper && !opts.record_trace && lazy.is_empty() && !opts.disk => {
             match shared::reading_through(store, &record, exe) {
                 Ok(t) => Some(t),
                 Err(e) => {
@@ -544,18 +529,24 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         .as_ref()
         .and_then(|(mnt, _)| mnt.parent())
         .map(Path::to_path_buf);
-    // A user's mount is served by a worker process this one keeps (replaced if it dies),
-    // where the program can start one: as root's are, by the image server.
+    // A mount served by a worker process this one keeps (replaced if it dies), where the
+    // program can start one: a user's (root's stand on the image server), and root's that
+    // cannot stand on it (fetched lazily, or recording a trace).
     let keeper = match &opts.shared_server {
-        Some(exe)
-            if !connect::host_root()
-                && trace.is_none()
-                && lazy.is_empty()
-                && shared::kernel_resends() =>
-        {
-            Some(exe)
-        }
+        Some(exe) if shared::kernel_resends() => Some(exe),
         _ => None,
+    };
+    // Where it is served: there the reads are recorded, and the layers fetched ahead.
+    let (layers, trace, known_trace) = match keeper {
+        Some(_) => (layers, None, None),
+        None => prefetch::record_reads(
+            store,
+            &record,
+            &tree,
+            layers,
+            !lazy.is_empty(),
+            opts.record_trace,
+        ),
     };
     if keeper.is_some() {
         // Its run directory (a writable mount has made it already).
@@ -607,9 +598,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 dir: &fuse_dir,
                 what,
                 run_dir: &run_dir,
-                allow_other: opts.allow_other,
-                threads: opts.threads,
-                cache_bytes: opts.cache_bytes,
+                opts,
             };
             let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
             let holder = through.map(|(_, holder)| holder);
@@ -645,6 +634,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     }
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
+    // A kept mount's worker fetches: this process's registry end goes (with its layers).
+    let remote = remote.filter(|_| kept.is_none());
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -660,41 +651,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         read_through,
         kept,
     };
-    if opts.prefetch != Prefetch::None {
-        // Reads first (they never wait behind this), then the trace, then the rest.
-        let replay: Vec<(Arc<LazyBlob>, std::ops::Range<u64>)> = known_trace
-            .unwrap_or_default()
-            .into_iter()
-            .filter_map(|e| {
-                let (blob, _) = lazy.iter().find(|(_, p)| p.digest == e.layer)?;
-                Some((blob.clone(), e.start..e.end))
-            })
-            .collect();
-        let complete = if opts.prefetch == Prefetch::All {
-            lazy
-        } else {
-            Vec::new()
-        };
-        let bad = store.bad_path(&record.view());
-        let incomplete = store.incomplete_path(&record.view());
-        let _ = std::fs::remove_file(&incomplete);
-        LazyBlob::prefetch(
-            replay,
-            complete,
-            store.clone(),
-            move |digest, res, mismatch| match res {
-                Ok(()) => tracing::info!("layer {digest} is complete and verified"),
-                Err(why) if mismatch => {
-                    tracing::error!("{why}: the image is marked bad");
-                    let _ = crate::store::write_atomic(&bad, why.as_bytes());
-                }
-                Err(why) => {
-                    tracing::warn!("completing layer {digest}: {why} (a later mount resumes)");
-                    let why = format!("layer {digest}: {why}");
-                    let _ = crate::store::write_atomic(&incomplete, why.as_bytes());
-                }
-            },
-        );
+    if m.kept.is_none() {
+        prefetch::start(store, &record, lazy, known_trace, opts.prefetch);
     }
     if let Some(w) = m.writable.as_ref().filter(|_| m.kernel_mount) {
         let base = opts

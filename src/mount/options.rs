@@ -39,8 +39,10 @@ pub struct MountOptions {
     /// the user's mounts of an image hold its pages once (docs/rootless.md). Else the mount
     /// has a server of its own in this process. The executable is `bux-fuse`, or a program
     /// whose `main` calls [`crate::serve_if_requested`] first: [`crate::server_executable`]
-    /// names this program, or `$BUX_FUSE_HELPER`. Default none (the `bux-fuse` CLI sets it
-    /// but for `--own-server` and lazy mounts).
+    /// names this program, or `$BUX_FUSE_HELPER`. A mount that cannot stand on the image server
+    /// (a user's, or fetched lazily, or recording a trace) is then served by a worker process
+    /// run from it, which this process keeps (Linux 6.9+; replaced if it dies). Default none
+    /// (the `bux-fuse` CLI sets it but for `--own-server`).
     pub shared_server: Option<PathBuf>,
     /// Serve the image as a disk: the mount point holds one file, [`crate::disk::DISK_FILE`],
     /// a complete EROFS image of the tree whose blocks are read (or fetched) as they are read,
@@ -50,7 +52,7 @@ pub struct MountOptions {
 }
 
 /// Background fetching of lazily mounted layers.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub enum Prefetch {
     /// Only what is read.
     None,

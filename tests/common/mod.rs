@@ -747,13 +747,37 @@ pub fn image_servers(store: &Path) -> Vec<(u32, bool)> {
         .collect()
 }
 
-/// Workers serving users' own mounts (`serve-mount`) from the store at `store`.
+/// Workers serving kept mounts (`serve-mount`: a user's, and root's lazy ones) from the store
+/// at `store`.
 #[allow(dead_code)]
 pub fn mount_workers(store: &Path) -> Vec<u32> {
     processes_of(store, b"serve-mount")
         .into_iter()
         .map(|(pid, _)| pid)
         .collect()
+}
+
+/// Waits (at most 20 s) until `store`'s mount workers are `n`, none of them in `old`.
+#[allow(dead_code)]
+pub fn replaced_workers(store: &std::path::Path, old: &[u32], n: usize) -> Vec<u32> {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let now = mount_workers(store);
+        if now.len() == n && now.iter().all(|p| !old.contains(p)) {
+            return now;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "workers not replaced: {now:?}"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+#[allow(dead_code)]
+pub fn kill9(pid: u32) {
+    // SAFETY: signals a worker the test found.
+    unsafe { libc::kill(pid as i32, libc::SIGKILL) };
 }
 
 /// A tmpfs mounted at a directory (a small filesystem to fill), unmounted when dropped.

@@ -44,10 +44,18 @@ pub(crate) struct Served<'a> {
     /// The mount's run directory: the worker's record of the image, its INIT, its counters
     /// (and a writable mount's journal).
     pub run_dir: &'a Path,
-    pub allow_other: bool,
-    pub threads: usize,
-    /// Bytes of decompressed spans the worker caches.
-    pub cache_bytes: usize,
+    /// How: who reaches the mount, FUSE threads, span cache, and for lazily fetched layers
+    /// the registry, the read deadline, what to fetch ahead, whether to record reads.
+    pub opts: &'a MountOptions,
+}
+
+/// What the keeper tells each worker on its stdin (credentials stay off command lines).
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Told {
+    registry: crate::RegistryOptions,
+    read_deadline: Duration,
+    prefetch: crate::mount::Prefetch,
+    record_trace: bool,
 }
 
 /// Which of the image's forms a mount serves.
@@ -99,22 +107,29 @@ pub(crate) fn keep(
         "--run-dir".into(),
         s.run_dir.into(),
         "--threads".into(),
-        s.threads.to_string().into(),
+        s.opts.threads.to_string().into(),
         "--cache-bytes".into(),
-        s.cache_bytes.to_string().into(),
+        s.opts.cache_bytes.to_string().into(),
     ];
     match s.what {
         Kind::Image => {}
         Kind::Disk => args.push("--disk".into()),
         Kind::Writable(upper) => args.extend(["--upper".into(), upper.into()]),
     }
-    if s.allow_other {
+    if s.opts.allow_other {
         args.push("--allow-other".into());
     }
     args.push(s.record.view().to_string().into());
+    let told = serde_json::to_vec(&Told {
+        registry: s.opts.registry.clone(),
+        read_deadline: s.opts.read_deadline,
+        prefetch: s.opts.prefetch,
+        record_trace: s.opts.record_trace,
+    })
+    .map_err(|e| format!("encoding the worker's options: {e}"))?;
     let spawn = {
         let (exe, run_dir, raw) = (exe.to_path_buf(), s.run_dir.to_path_buf(), fd.as_raw_fd());
-        move |resume: bool| spawn_worker(&exe, &args, raw, resume, &run_dir)
+        move |resume: bool| spawn_worker(&exe, &args, &told, raw, resume, &run_dir)
     };
     let dir = s.dir.to_path_buf();
     // This mount, not whatever is mounted at its path later (one mounted there after this one
@@ -245,13 +260,14 @@ pub(crate) fn kernel_resends() -> bool {
 fn spawn_worker(
     exe: &Path,
     args: &[std::ffi::OsString],
+    told: &[u8],
     fd: RawFd,
     resume: bool,
     run_dir: &Path,
 ) -> std::result::Result<Child, String> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
-    cmd.args(args).stdin(Stdio::null()).stdout(Stdio::piped());
+    cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
     if resume {
         cmd.arg("--resume");
     }
@@ -279,6 +295,13 @@ fn spawn_worker(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting the mount's worker: {e}"))?;
+    // Read whole before the worker starts serving (a pipe's buffer holds it).
+    if let Some(mut stdin) = child.stdin.take() {
+        if let Err(e) = stdin.write_all(told) {
+            spawn::kill(&mut child, false);
+            return Err(format!("telling the mount's worker its options: {e}"));
+        }
+    }
     let offered = spawn::await_ready(&mut child, exe, "the mount's worker")?;
     if !resume {
         // What the kernel offered the first worker, for the ones that take over.
@@ -331,8 +354,17 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
         std::fs::read(record_path(run_dir)).map_err(|e| io("reading the image record", e))?;
     let record: ImageRecord = serde_json::from_slice(&json)
         .map_err(|e| io("reading the image record", std::io::Error::other(e)))?;
+    let mut told = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut told)
+        .map_err(|e| io("reading the keeper's options", e))?;
+    let told: Told = serde_json::from_slice(&told)
+        .map_err(|e| io("reading the keeper's options", std::io::Error::other(e)))?;
     let opts = MountOptions {
         cache_bytes: w.cache_bytes,
+        registry: told.registry,
+        read_deadline: told.read_deadline,
+        prefetch: told.prefetch,
+        record_trace: told.record_trace,
         ..MountOptions::default()
     };
     // The keeper's lease keeps the image's files from gc, and this process dies with it: none
@@ -343,12 +375,20 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
         _ => None,
     };
     let image = open_record(store, record, lease, &opts)?;
+    let (layers, recording, known) = crate::mount::prefetch::record_reads(
+        store,
+        &image.record,
+        &image.tree,
+        image.layers,
+        !image.lazy.is_empty(),
+        opts.record_trace,
+    );
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     // Counters are for `Mount::stats`: a mount served without them (the disk full) beats none.
     let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
         .inspect_err(|e| tracing::warn!("publishing the mount's counters: {e}"))
         .ok();
-    let lower = ImageFs::new(image.tree, image.layers, cache.clone()).without_permission_checks();
+    let lower = ImageFs::new(image.tree, layers, cache.clone()).without_permission_checks();
     let replay = match resume {
         true => Some(
             std::fs::read(init_path(run_dir))
@@ -369,18 +409,28 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     // SAFETY: the keeper passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
     let ready = |offered: Arc<std::sync::atomic::AtomicU64>| {
+        let (remote, lazy, record) = (image.remote.clone(), image.lazy, &image.record);
+        let (store, prefetch) = (store, opts.prefetch);
         move || -> Result<()> {
             if let Some(stats) = stats {
-                stats.start(cache);
+                stats.start(cache, remote);
+            }
+            // Where root's worker parses registry answers it may run nothing (its keeper,
+            // which starts workers, may).
+            if crate::mount::host_root() {
+                if let Err(e) = crate::sandbox::confine(true) {
+                    tracing::warn!("confining the mount's worker (seccomp): {e}");
+                }
             }
             println!("ready {:x}", offered.load(Ordering::Relaxed));
             let _ = std::io::stdout().flush();
             super::silence_stdout();
+            crate::mount::prefetch::start(store, record, lazy, known, prefetch);
             Ok(())
         }
     };
     use super::worker::serve_session as session;
-    match what {
+    let served = match what {
         Kind::Image => {
             let offered = lower.offered_capabilities();
             session(
@@ -430,7 +480,10 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
                 ready(offered),
             )
         }
-    }
+    };
+    // The reads this worker saw (a worker that died saved none: its successor records anew).
+    crate::mount::prefetch::save(recording);
+    served
 }
 
 /// The image server a writable mount reads unmodified image files through (see

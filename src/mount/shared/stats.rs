@@ -2,9 +2,10 @@
 //! rewrites a small file (`$STORE/shared/<manifest>/stats`, opened before it may open nothing
 //! more) at most every [`EVERY`] while they change; a mount reads it.
 //!
-//! The record: eight little-endian u64s — a magic number with the format's version, the five
-//! counters of [`MountStats`] a shared server has, and a checksum of the rest (a read that
-//! overlaps a write is retried rather than believed).
+//! The record: nine little-endian u64s — a magic number with the format's version, seven
+//! counters of [`MountStats`] (the last two, lazy fetches, zero for a shared server, which
+//! serves images stored whole), and a checksum of the rest (a read that overlaps a write is
+//! retried rather than believed).
 
 use std::fs::File;
 use std::os::unix::fs::FileExt;
@@ -14,13 +15,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::index::SpanCache;
+use crate::lazy::Remote;
 use crate::mount::{MountStats, StatsScope};
 
 /// How often the worker publishes its counters (when they changed).
 pub(super) const EVERY: Duration = Duration::from_millis(200);
 
-const MAGIC: u64 = 0x6275_7873_7461_7401; // "buxstat", version 1
-const LEN: usize = 8 * 8;
+const MAGIC: u64 = 0x6275_7873_7461_7402; // "buxstat", version 2
+/// The counters: blob bytes, decompressed bytes, cache hits, misses, lookups, bytes fetched,
+/// fetch requests.
+const N: usize = 7;
+const LEN: usize = 8 * (N + 2);
 
 fn checksum(values: &[u64]) -> u64 {
     values.iter().fold(0xcbf2_9ce4_8422_2325, |h, v| {
@@ -28,11 +33,11 @@ fn checksum(values: &[u64]) -> u64 {
     })
 }
 
-fn encode(counters: [u64; 5]) -> [u8; LEN] {
-    let mut values = [0u64; 8];
+fn encode(counters: [u64; N]) -> [u8; LEN] {
+    let mut values = [0u64; N + 2];
     values[0] = MAGIC;
-    values[1..6].copy_from_slice(&counters);
-    values[7] = checksum(&values[..7]);
+    values[1..=N].copy_from_slice(&counters);
+    values[N + 1] = checksum(&values[..=N]);
     let mut out = [0u8; LEN];
     for (chunk, v) in out.chunks_exact_mut(8).zip(values) {
         chunk.copy_from_slice(&v.to_le_bytes());
@@ -40,27 +45,32 @@ fn encode(counters: [u64; 5]) -> [u8; LEN] {
     out
 }
 
-fn decode(bytes: &[u8]) -> Option<[u64; 5]> {
+fn decode(bytes: &[u8]) -> Option<[u64; N]> {
     let values: Vec<u64> = bytes
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .collect();
-    if values.len() != 8 || values[0] != MAGIC || values[7] != checksum(&values[..7]) {
+    if values.len() != N + 2 || values[0] != MAGIC || values[N + 1] != checksum(&values[..=N]) {
         return None;
     }
-    let mut counters = [0u64; 5];
-    counters.copy_from_slice(&values[1..6]);
+    let mut counters = [0u64; N];
+    counters.copy_from_slice(&values[1..=N]);
     Some(counters)
 }
 
-fn counters(cache: &SpanCache) -> [u64; 5] {
+fn counters(cache: &SpanCache, remote: Option<&Remote>) -> [u64; N] {
     let s = &cache.stats;
+    let fetched = |c: fn(&Remote) -> &std::sync::atomic::AtomicU64| {
+        remote.map_or(0, |r| c(r).load(Ordering::Relaxed))
+    };
     [
         s.blob_bytes.load(Ordering::Relaxed),
         s.decompressed.load(Ordering::Relaxed),
         s.hits.load(Ordering::Relaxed),
         s.misses.load(Ordering::Relaxed),
         s.lookups.load(Ordering::Relaxed),
+        fetched(|r| &r.fetched),
+        fetched(|r| &r.requests),
     ]
 }
 
@@ -69,7 +79,7 @@ fn counters(cache: &SpanCache) -> [u64; 5] {
 /// then publishes from a thread.
 pub(super) struct Publisher {
     file: File,
-    base: [u64; 5],
+    base: [u64; N],
 }
 
 impl Publisher {
@@ -80,7 +90,7 @@ impl Publisher {
             .create(true)
             .truncate(false)
             .open(path)?;
-        let mut base = [0; 5];
+        let mut base = [0; N];
         if resume {
             if let Some(c) = read_file(&file) {
                 base = c;
@@ -91,15 +101,16 @@ impl Publisher {
         Ok(Publisher { file, base })
     }
 
-    /// Publishes `cache`'s counters (plus those it took over) from a thread of their own.
-    pub(super) fn start(self, cache: Arc<SpanCache>) {
+    /// Publishes `cache`'s counters and `remote`'s (plus those it took over) from a thread of
+    /// their own.
+    pub(super) fn start(self, cache: Arc<SpanCache>, remote: Option<Arc<Remote>>) {
         let _ = std::thread::Builder::new()
             .name("bux-fuse-stats".into())
             .spawn(move || {
-                let mut last = [0u64; 5];
+                let mut last = [0u64; N];
                 loop {
                     std::thread::sleep(EVERY);
-                    let now = counters(&cache);
+                    let now = counters(&cache, remote.as_deref());
                     if now == last {
                         continue;
                     }
@@ -116,7 +127,7 @@ impl Publisher {
     }
 }
 
-fn read_file(file: &File) -> Option<[u64; 5]> {
+fn read_file(file: &File) -> Option<[u64; N]> {
     for _ in 0..5 {
         let mut buf = [0u8; LEN];
         file.read_exact_at(&mut buf, 0).ok()?;
@@ -132,7 +143,10 @@ fn read_file(file: &File) -> Option<[u64; 5]> {
 /// zero, if it publishes none: one started by an older version).
 pub(super) fn read(path: &Path) -> MountStats {
     let counters = File::open(path).ok().and_then(|f| read_file(&f));
-    let Some([blob_bytes, decompressed_bytes, cache_hits, cache_misses, lookups]) = counters else {
+    let Some(
+        [blob_bytes, decompressed_bytes, cache_hits, cache_misses, lookups, fetched_bytes, fetch_requests],
+    ) = counters
+    else {
         return MountStats {
             scope: StatsScope::Unavailable,
             ..MountStats::default()
@@ -144,9 +158,8 @@ pub(super) fn read(path: &Path) -> MountStats {
         cache_hits,
         cache_misses,
         lookups,
-        // Only images stored whole are served by a shared server: nothing is fetched.
-        fetched_bytes: 0,
-        fetch_requests: 0,
+        fetched_bytes,
+        fetch_requests,
         scope: StatsScope::Image,
     }
 }
@@ -157,8 +170,8 @@ mod tests {
 
     #[test]
     fn records_round_trip_and_damage_is_seen() {
-        let rec = encode([1, 2, 3, 4, u64::MAX]);
-        assert_eq!(decode(&rec), Some([1, 2, 3, 4, u64::MAX]));
+        let rec = encode([1, 2, 3, 4, u64::MAX, 6, 7]);
+        assert_eq!(decode(&rec), Some([1, 2, 3, 4, u64::MAX, 6, 7]));
         for i in 0..LEN {
             let mut bad = rec;
             bad[i] ^= 0x10;
@@ -172,14 +185,16 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("stats");
         let p = Publisher::open(&path, false).unwrap();
-        p.file.write_all_at(&encode([10, 20, 3, 4, 5]), 0).unwrap();
+        p.file
+            .write_all_at(&encode([10, 20, 3, 4, 5, 6, 7]), 0)
+            .unwrap();
         drop(p);
         let p = Publisher::open(&path, true).unwrap();
-        assert_eq!(p.base, [10, 20, 3, 4, 5]);
+        assert_eq!(p.base, [10, 20, 3, 4, 5, 6, 7]);
         assert_eq!(read(&path).blob_bytes, 10);
         drop(p);
         let p = Publisher::open(&path, false).unwrap();
-        assert_eq!(p.base, [0; 5]);
+        assert_eq!(p.base, [0; N]);
         assert_eq!(read(&path).scope, StatsScope::Image);
         assert_eq!(
             read(&dir.path().join("none")).scope,

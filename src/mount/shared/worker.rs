@@ -100,7 +100,7 @@ pub fn serve_worker(
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
     let ready = || -> Result<()> {
         orphan_watch(lock, readers, Place::of(store, &manifest, disk));
-        stats.start(cache);
+        stats.start(cache, None);
         // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
         // own keep it apart from other images' workers.
         if root {
