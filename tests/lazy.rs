@@ -1756,4 +1756,34 @@ fn a_lazy_mount_outlives_its_worker() {
         test_bytes(12 << 20, 2)
     );
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    // Root's writable lazy mount: a kernel overlay over a kept FUSE mount of the image.
+    let served = mount_workers(bux.store.path());
+    let (w, _) = lazy_mount(&bux, &reference, &["--writable", "--prefetch", "none"]);
+    let workers: Vec<u32> = mount_workers(bux.store.path())
+        .into_iter()
+        .filter(|p| !served.contains(p))
+        .collect();
+    assert_eq!(
+        workers.len(),
+        1,
+        "a worker serves the overlay's lower layer"
+    );
+    std::fs::write(w.path.join("etc/hostname"), b"changed\n").unwrap();
+    kill9(workers[0]);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while mount_workers(bux.store.path()).len() < 2
+        || mount_workers(bux.store.path()).contains(&workers[0])
+    {
+        assert!(Instant::now() < deadline, "the worker was not replaced");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(cat(&w.path.join("etc/hostname")).unwrap(), b"changed\n");
+    assert_eq!(
+        cat(&w.path.join("etc/os-release")).unwrap(),
+        b"NAME=bux-lazy\nID=bux\n"
+    );
+    assert_eq!(
+        cat(&w.path.join("etc/motd")).unwrap(),
+        b"hello from a lazy layer\n"
+    );
 }

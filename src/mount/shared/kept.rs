@@ -56,6 +56,22 @@ struct Told {
     read_deadline: Duration,
     prefetch: crate::mount::Prefetch,
     record_trace: bool,
+    /// The tree is the lower layer of root's kernel overlay (a writable mount): the image's own
+    /// `trusted.overlay.*` xattrs are shown escaped, as the overlay expects.
+    #[serde(default)]
+    overlay_lower: bool,
+}
+
+impl Told {
+    fn of(opts: &MountOptions, what: Kind) -> Told {
+        Told {
+            registry: opts.registry.clone(),
+            read_deadline: opts.read_deadline,
+            prefetch: opts.prefetch,
+            record_trace: opts.record_trace,
+            overlay_lower: opts.writable && matches!(what, Kind::Image),
+        }
+    }
 }
 
 /// Which of the image's forms a mount serves.
@@ -120,13 +136,8 @@ pub(crate) fn keep(
         args.push("--allow-other".into());
     }
     args.push(s.record.view().to_string().into());
-    let told = serde_json::to_vec(&Told {
-        registry: s.opts.registry.clone(),
-        read_deadline: s.opts.read_deadline,
-        prefetch: s.opts.prefetch,
-        record_trace: s.opts.record_trace,
-    })
-    .map_err(|e| format!("encoding the worker's options: {e}"))?;
+    let told = serde_json::to_vec(&Told::of(s.opts, s.what))
+        .map_err(|e| format!("encoding the worker's options: {e}"))?;
     let spawn = {
         let (exe, run_dir, raw) = (exe.to_path_buf(), s.run_dir.to_path_buf(), fd.as_raw_fd());
         move |resume: bool| spawn_worker(&exe, &args, &told, raw, resume, &run_dir)
@@ -357,8 +368,13 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     let mut told = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut told)
         .map_err(|e| io("reading the keeper's options", e))?;
-    let told: Told = serde_json::from_slice(&told)
-        .map_err(|e| io("reading the keeper's options", std::io::Error::other(e)))?;
+    let told = match told.is_empty() {
+        // A keeper of an earlier version (the binary upgraded under a live mount) tells
+        // nothing: what it keeps is an image stored whole, served with the defaults.
+        true => Told::of(&MountOptions::default(), what),
+        false => serde_json::from_slice(&told)
+            .map_err(|e| io("reading the keeper's options", std::io::Error::other(e)))?,
+    };
     let opts = MountOptions {
         cache_bytes: w.cache_bytes,
         registry: told.registry,
@@ -388,7 +404,14 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
         .inspect_err(|e| tracing::warn!("publishing the mount's counters: {e}"))
         .ok();
-    let lower = ImageFs::new(image.tree, layers, cache.clone()).without_permission_checks();
+    // As the mounting process would serve it (see `crate::mount::mount`).
+    let mut lower = ImageFs::new(image.tree, layers, cache.clone());
+    if told.overlay_lower {
+        lower = lower.escaping_overlay_xattrs();
+    }
+    if !crate::mount::host_root() {
+        lower = lower.without_permission_checks();
+    }
     let replay = match resume {
         true => Some(
             std::fs::read(init_path(run_dir))
