@@ -522,16 +522,6 @@ impl ImageFs {
         self.fill_file(i, offset, buf, true)
     }
 
-    /// The whole of file `ino` if it is at most `max` bytes (and not empty) and its bytes are
-    /// at hand: kept in the store whole or decoded already, nothing to fetch or decompress.
-    pub(crate) fn small_file_now(&self, ino: u64, max: u64) -> Option<Vec<u8>> {
-        let i = self.inode(INodeNo(ino)).ok()?;
-        if i.size == 0 || i.size > max || !self.is_local(i, 0, i.size as u32) {
-            return None;
-        }
-        self.read_file_with(i, 0, i.size as u32, false).ok()
-    }
-
     /// Bytes of tree inode `ino`, waiting for lazily fetched bytes as a read does.
     pub(crate) fn read_lower(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let i = self.inode(INodeNo(ino))?;

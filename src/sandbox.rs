@@ -12,9 +12,10 @@
 //! workers of two images are two users, and one cannot signal the other), no supplementary
 //! groups, no capabilities. A daemon of its own (`--own-server`, lazy mounts) stays uid 0, so
 //! files root owns stay writable to it: it unmounts itself at the end, and fetches into the
-//! store. A daemon that keeps a worker (a lazy mount's, see `mount::shared::kept`) may run
-//! programs (the workers it replaces); the worker, which parses what the registry sends, may
-//! not.
+//! store. A daemon that keeps a worker (see `mount::shared::kept`) parses nothing of the
+//! registry's and may run programs (the workers it replaces); the worker confines itself
+//! before it opens the image, so before the registry's first answer (root's may then run
+//! nothing; a user's still starts the user's image server, whose `fusermount3` is setuid, before).
 
 use std::io;
 

@@ -1639,65 +1639,6 @@ fn umount_of_a_users_mount_whose_daemon_died_leaves_nothing() {
     assert!(left.is_empty(), "left in run/: {left:?}");
 }
 
-/// A small image file's bytes are in the page cache of a user's writable mount once it is
-/// opened (FUSE_NOTIFY_STORE): read with the mount's worker stopped, it needs no answer from it;
-/// a large file opened alike (its reads go to the worker) waits.
-#[test]
-fn a_users_mount_has_a_small_files_bytes_cached_from_its_open() {
-    need("fusermount3");
-    let small: Vec<u8> = (0..5000u32).map(|i| (i * 7 % 251) as u8).collect();
-    let l = LayerBuilder::new()
-        .file("etc/warm", b"warm\n")
-        .file("etc/small", &small)
-        .file("data/big", &vec![3u8; 256 << 10])
-        .finish();
-    let reg = Registry::start();
-    let r = pushed_image(&reg, "t/rootless-push", &Image::new(vec![(l, Comp::Gzip)]));
-    let user = AsUser::new();
-    let store = user.home().join(".local/share/bux-fuse");
-    user.ok(&format!(
-        "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
-    ));
-    let workers = mount_workers(&store);
-    if workers.len() != 1 {
-        // Served in the mounting process (a kernel before 6.9): nothing to stop alone.
-        eprintln!("skipped: no worker of its own serves the mount: {workers:?}");
-        user.ok("$BUX umount m");
-        return;
-    }
-    // A first file read and closed: the kernel learns the mount wants no FLUSH at close.
-    let mut holder = user.spawn(
-        "cat m/etc/warm >/dev/null && exec 3<m/etc/small 4<m/data/big && echo open && read _ \
-         && { timeout 3 cat <&3 >small.out; echo small $?; } \
-         && { timeout 3 head -c 1 <&4 >/dev/null; echo big $?; }",
-    );
-    let mut out = std::io::BufReader::new(holder.stdout.take().unwrap());
-    let mut stdin = holder.stdin.take().unwrap();
-    let mut line = || {
-        let mut l = String::new();
-        std::io::BufRead::read_line(&mut out, &mut l).unwrap();
-        l
-    };
-    assert_eq!(line(), "open\n");
-    // SAFETY: stops (then continues) the test user's worker found above.
-    unsafe { libc::kill(workers[0] as i32, libc::SIGSTOP) };
-    use std::io::Write as _;
-    writeln!(stdin).unwrap();
-    let (a, b) = (line(), line());
-    unsafe { libc::kill(workers[0] as i32, libc::SIGCONT) };
-    assert_eq!(
-        a, "small 0\n",
-        "read from the page cache, the worker stopped"
-    );
-    assert_eq!(
-        b, "big 124\n",
-        "a large file's read waits for the stopped worker"
-    );
-    assert_eq!(std::fs::read(user.home().join("small.out")).unwrap(), small);
-    holder.wait().unwrap();
-    user.ok("$BUX umount m");
-}
-
 /// A user's lazy mount is kept as the user's other mounts are: its worker killed, the next
 /// fetches what is read.
 #[test]

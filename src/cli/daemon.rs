@@ -41,7 +41,7 @@ pub(super) fn serve(
     // could no longer unmount a user's mount when a signal stops us.
     let unmounter = (!crate::mount::host_root()).then(|| Unmounter::start(m.path()));
     // Mounted: what is left is serving, which needs far less than the process may do (root's
-    // may run nothing, but a keeper must start workers: they confine themselves).
+    // may run nothing, but a keeper must start workers, which confine themselves).
     if let Err(e) = crate::sandbox::confine(crate::mount::host_root() && !m.is_kept()) {
         tracing::warn!("confining the daemon (seccomp): {e}");
     }

@@ -206,17 +206,22 @@ impl LayerReader {
     ) -> io::Result<usize> {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
         if let Some(small) = self.small.as_ref().filter(|_| want > 0) {
-            if small.read_at(off, &mut buf[..want])? {
-                // A boot's trace names what it read, wherever the bytes came from here (a
-                // lazy mount of the image fetches them from the trace).
-                if let Some(t) = &self.trace {
-                    t.record(self.id, off..off + want as u64);
+            match small.read_at(off, &mut buf[..want]) {
+                Ok(true) => {
+                    // A boot's trace names the blob ranges it needs, wherever the bytes came
+                    // from here (a lazy mount of the image fetches them by the trace).
+                    if let Some(t) = &self.trace {
+                        t.record(self.id, self.compressed_range(off..off + want as u64));
+                    }
+                    cache
+                        .stats
+                        .blob_bytes
+                        .fetch_add(want as u64, Ordering::Relaxed);
+                    return Ok(want);
                 }
-                cache
-                    .stats
-                    .blob_bytes
-                    .fetch_add(want as u64, Ordering::Relaxed);
-                return Ok(want);
+                Ok(false) => {}
+                // The kept copy unreadable: the stream still has the bytes.
+                Err(e) => tracing::warn!("small files of layer {}: {e}", self.id),
             }
         }
         if let Access::Tar = self.access {

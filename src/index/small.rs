@@ -53,6 +53,9 @@ const MAGIC_V1: &[u8; 8] = b"BUXSML\x00\x01";
 /// The second format (see the module docs).
 const MAGIC_V2: &[u8; 8] = b"BUXSML\x00\x02";
 const MAGIC: &[u8; 8] = b"BUXSML\x00\x03";
+/// The most a table of the current format holds decompressed: records (an empty file's count
+/// none of [`KEEP_MAX`]) and tiny files' bytes.
+const TABLE_MAX: u64 = (8 + KEEP_MAX * (RECORD_V3 + 1)) as u64;
 /// The block size of the file as a device (the metadata image's).
 pub const BLOCK: u64 = 4096;
 /// Files of at most this many bytes are kept in the table, not in blocks: the metadata image
@@ -380,6 +383,7 @@ impl SmallFiles {
                 &path,
                 &bytes[..bytes.len().min(BLOCK as usize)],
                 bytes.len() as u64,
+                TABLE_MAX,
                 |at, buf| {
                     let at = at as usize;
                     match bytes.get(at..at + buf.len()) {
@@ -564,6 +568,7 @@ impl Blocks {
         path: &Path,
         head: &[u8],
         file_len: u64,
+        most: u64,
         read_at: impl Fn(u64, &mut [u8]) -> io::Result<()>,
     ) -> Result<Blocks> {
         let corrupt = |detail: &str| Error::CorruptStore {
@@ -577,8 +582,6 @@ impl Blocks {
         let (Some(table_at), Some(table_len)) = (word(0), word(1)) else {
             return Err(corrupt("cut short"));
         };
-        // Records (an empty file's counts none of KEEP_MAX) and tiny files' bytes.
-        let most = (8 + KEEP_MAX * (RECORD_V3 + 1)) as u64;
         if (table_at % BLOCK != 0 && table_at != HEAD_LEN) || table_at == 0 || table_len > most {
             return Err(corrupt("no valid table"));
         }
@@ -679,7 +682,17 @@ impl SmallIndex {
 
     /// The records of the table `file` holds, opened from beside the index at `index_path`
     /// (a caller that goes on to use the file knows it read the table of that very file).
-    pub(crate) fn read(index_path: &Path, mut file: std::fs::File) -> Result<SmallIndex> {
+    pub(crate) fn read(index_path: &Path, file: std::fs::File) -> Result<SmallIndex> {
+        Self::read_within(index_path, file, TABLE_MAX)
+    }
+
+    /// [`SmallIndex::read`], refusing a table of the current format that holds more than
+    /// `most` bytes once decompressed (its records and tiny files' bytes).
+    pub(crate) fn read_within(
+        index_path: &Path,
+        mut file: std::fs::File,
+        most: u64,
+    ) -> Result<SmallIndex> {
         let path = SmallFiles::path(index_path);
         let corrupt = |detail: &str| Error::CorruptStore {
             path: path.clone(),
@@ -694,7 +707,10 @@ impl SmallIndex {
                 .metadata()
                 .ctx(|| format!("reading {}", path.display()))?
                 .len();
-            let blocks = Blocks::parse(&path, &head, len, |at, buf| file.read_exact_at(buf, at))?;
+            let most = most.min(TABLE_MAX);
+            let blocks = Blocks::parse(&path, &head, len, most, |at, buf| {
+                file.read_exact_at(buf, at)
+            })?;
             let files = blocks.files.iter().map(|&(o, l, _)| (o, l)).collect();
             return Ok(SmallIndex {
                 path,
@@ -747,6 +763,12 @@ impl SmallIndex {
             Body::Blocks(b) => Some(b),
             _ => None,
         }
+    }
+
+    /// Whether `head` (a file's first bytes) starts a table of the current format, the one
+    /// whose files lie in blocks (earlier ones keep every byte in compressed frames).
+    pub(crate) fn in_blocks(head: &[u8]) -> bool {
+        head.starts_with(MAGIC)
     }
 
     /// The length of the file kept at `offset`, if one is.

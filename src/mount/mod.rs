@@ -460,15 +460,31 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     if let Some(m) = mount_if_shared(store, reference, dir, opts)? {
         return Ok(m);
     }
-    let OpenedImage {
-        name,
-        record,
-        lease,
-        tree,
-        layers,
-        remote,
-        lazy,
-    } = open_image(store, reference, opts)?;
+    // A mount served by a worker process this one keeps (replaced if it dies), where the
+    // program can start one: a user's (root's stand on the image server), and root's that
+    // cannot stand on it (fetched lazily, or recording a trace).
+    let keeper = match &opts.shared_server {
+        Some(exe) if shared::kernel_resends() => Some(exe),
+        _ => None,
+    };
+    // The worker opens the image (and asks the registry for what is fetched lazily): this
+    // process needs its record, leased. Else it opens the image to serve it.
+    let (record, lease, opened) = match keeper {
+        Some(_) => {
+            let (record, lease) = stored_image(store, reference)?;
+            open::check_whole_layers(store, &record)?;
+            (record, lease, None)
+        }
+        None => {
+            let o = open_image(store, reference, opts)?;
+            (
+                o.record,
+                o.lease,
+                Some((o.tree, o.layers, o.remote, o.lazy)),
+            )
+        }
+    };
+    let name = record.reference.clone();
     let mount_err = |detail: String| Error::Mount {
         path: dir.to_path_buf(),
         detail,
@@ -514,7 +530,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     // A user's writable mount reads image files through the image's shared mount, where
     // one is possible (every layer stored, nothing recorded): one page cache for them all.
     let through = match &opts.shared_server {
-        Some(exe) if own_upper && !opts.record_trace && lazy.is_empty() && !opts.disk => {
+        Some(exe)
+            if own_upper
+                && !opts.record_trace
+                && shared::all_local(store, &record)
+                && !opts.disk =>
+        {
             match shared::reading_through(store, &record, exe) {
                 Ok(t) => Some(t),
                 Err(e) => {
@@ -529,25 +550,6 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         .as_ref()
         .and_then(|(mnt, _)| mnt.parent())
         .map(Path::to_path_buf);
-    // A mount served by a worker process this one keeps (replaced if it dies), where the
-    // program can start one: a user's (root's stand on the image server), and root's that
-    // cannot stand on it (fetched lazily, or recording a trace).
-    let keeper = match &opts.shared_server {
-        Some(exe) if shared::kernel_resends() => Some(exe),
-        _ => None,
-    };
-    // Where it is served: there the reads are recorded, and the layers fetched ahead.
-    let (layers, trace, known_trace) = match keeper {
-        Some(_) => (layers, None, None),
-        None => prefetch::record_reads(
-            store,
-            &record,
-            &tree,
-            layers,
-            !lazy.is_empty(),
-            opts.record_trace,
-        ),
-    };
     if keeper.is_some() {
         // Its run directory (a writable mount has made it already).
         std::fs::create_dir_all(&run_dir)
@@ -555,13 +557,33 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     }
     let mut kept = None;
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
-    let mut fs = ImageFs::new(tree, layers, cache.clone());
-    if opts.writable && !own_upper {
-        fs = fs.escaping_overlay_xattrs();
-    }
-    if !connect::host_root() {
-        fs = fs.without_permission_checks();
-    }
+    // Served here: the tree, its reads recorded where asked (or a lazy image's first trace),
+    // and lazy layers fetched ahead (below, once it serves).
+    let (remote, lazy) = match &opened {
+        Some((_, _, remote, lazy)) => (remote.clone(), lazy.clone()),
+        None => (None, Vec::new()),
+    };
+    let (fs, trace, known_trace) = match opened {
+        Some((tree, layers, _, lazy)) => {
+            let (layers, trace, known) = prefetch::record_reads(
+                store,
+                &record,
+                &tree,
+                layers,
+                !lazy.is_empty(),
+                opts.record_trace,
+            );
+            let mut fs = ImageFs::new(tree, layers, cache.clone());
+            if opts.writable && !own_upper {
+                fs = fs.escaping_overlay_xattrs();
+            }
+            if !connect::host_root() {
+                fs = fs.without_permission_checks();
+            }
+            (Some(fs), trace, known)
+        }
+        None => (None, None, None),
+    };
     let mut config = Config::default();
     config.acl = if opts.allow_other {
         SessionACL::All
@@ -584,9 +606,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         ),
         _ => None,
     };
-    let thread = match (keeper, upper_root) {
-        (Some(exe), upper) => {
-            drop(fs); // the worker opens the image itself
+    let thread = match (keeper, fs, upper_root) {
+        (Some(exe), _, upper) => {
             let what = match (&upper, opts.disk) {
                 (Some(u), _) => shared::KeptKind::Writable(u),
                 (None, true) => shared::KeptKind::Disk,
@@ -615,27 +636,25 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 }
             }
         }
-        (None, None) if opts.disk => {
+        (None, Some(fs), None) if opts.disk => {
             let fs = crate::disk::DiskFs::new(fs)
                 .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
-            serve(fs, &fuse_dir, &request, config, None)
+            serve(fs, &fuse_dir, &request, config)
         }
-        (None, Some(upper)) => {
+        (None, Some(fs), Some(upper)) => {
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
                 .serving_others(opts.allow_other);
             if let Some((mnt, holder)) = through {
                 fs = fs.reading_through(crate::upper::Through::new(mnt, holder));
             }
-            let pusher = fs.page_pusher();
-            serve(fs, &fuse_dir, &request, config, Some(pusher))
+            serve(fs, &fuse_dir, &request, config)
         }
-        (None, None) => serve(fs, &fuse_dir, &request, config, None),
+        (None, Some(fs), None) => serve(fs, &fuse_dir, &request, config),
+        (None, None, _) => Err("the image was not opened".into()),
     }
     .map_err(mount_err)?;
     raise_readahead(&fuse_dir);
-    // A kept mount's worker fetches: this process's registry end goes (with its layers).
-    let remote = remote.filter(|_| kept.is_none());
     let mut m = Mount {
         path: dir.clone(),
         fuse_path: fuse_dir.clone(),
@@ -674,7 +693,6 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
     dir: &Path,
     request: &connect::Request,
     config: Config,
-    pusher: Option<crate::upper::Pusher>,
 ) -> std::result::Result<JoinHandle<io::Result<()>>, String> {
     let fd = connect::connect(dir, request)?;
     let session = match Session::from_fd(fs, fd, config.acl, config) {
@@ -684,9 +702,6 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
             return Err(format!("FUSE handshake: {e}"));
         }
     };
-    if let Some(p) = pusher {
-        p.connect(session.notifier());
-    }
     std::thread::Builder::new()
         .name("bux-fuse-session".into())
         .spawn(move || session.run())

@@ -67,7 +67,6 @@ pub(crate) fn lease_image(
 
 /// A stored image opened for serving: its tree and a reader per layer.
 pub(crate) struct OpenedImage {
-    pub name: String,
     pub record: crate::store::ImageRecord,
     pub lease: crate::store::Lease,
     pub tree: crate::tree::Tree,
@@ -97,7 +96,6 @@ pub(crate) fn open_record(
     lease: crate::store::Lease,
     opts: &MountOptions,
 ) -> Result<OpenedImage> {
-    let name = record.reference.clone();
     check_whole_layers(store, &record)?;
     let tree = store.tree(&record)?;
     let mut layers = Vec::with_capacity(tree.layers.len());
@@ -152,12 +150,16 @@ pub(crate) fn open_record(
                 }
             }
             _ => {
-                // A damaged table of kept small files loses only their fast way.
+                // A damaged table of kept small files loses only their fast way; a layer
+                // stored uncompressed is read in place anyway.
                 let index = store.layer_index_path(&record.layers[i]);
-                let small = SmallReads::open(&index).unwrap_or_else(|e| {
-                    tracing::warn!("small files of layer {}: {e}", l.digest);
-                    None
-                });
+                let small = match l.access {
+                    crate::index::Access::Tar => None,
+                    _ => SmallReads::open(&index).unwrap_or_else(|e| {
+                        tracing::warn!("small files of layer {}: {e}", l.digest);
+                        None
+                    }),
+                };
                 LayerReader::open(i as u32, &path, l.access.clone(), l.uncompressed_size)
                     .map_err(|e| {
                         Error::io(
@@ -171,7 +173,6 @@ pub(crate) fn open_record(
         layers.push(reader);
     }
     Ok(OpenedImage {
-        name,
         record,
         lease,
         tree,

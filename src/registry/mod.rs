@@ -23,7 +23,7 @@ use std::time::Duration;
 use crate::{Digest, Error, Result};
 
 /// Who we are to the registry.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub enum Credentials {
     /// Docker's `config.json` (`$DOCKER_CONFIG`, credential helpers), else anonymous.
     #[default]
@@ -40,7 +40,7 @@ pub enum Credentials {
 }
 
 /// How to reach a registry.
-#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+#[derive(Debug, Clone, Default)]
 pub struct RegistryOptions {
     /// Credentials.
     pub credentials: Credentials,

@@ -22,11 +22,9 @@ mod journal;
 mod nodes;
 mod ops;
 mod perm;
-mod push;
 mod rename;
 mod through;
 mod watch;
-pub use push::Pusher;
 pub use through::Through;
 
 use std::collections::HashMap;
@@ -110,9 +108,6 @@ pub struct Upper {
     /// The image's shared mount, which unmodified image files are read through (opened with
     /// direct I/O here: their pages are cached there, once for all of the user's mounts).
     through: Option<Through>,
-    /// Where small image files' bytes are pushed into the kernel's page cache at their first
-    /// open (set once the session is made; see [`UpperFs::page_pusher`]).
-    pusher: push::Pusher,
 }
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
@@ -194,7 +189,6 @@ impl UpperFs {
             owner: unsafe { libc::geteuid() },
             others: false,
             through: None,
-            pusher: Default::default(),
         };
         let mut live_orphans = std::collections::HashSet::new();
         match journal {
@@ -273,12 +267,6 @@ impl UpperFs {
         self.offered.clone()
     }
 
-    /// Where the session's notifier goes once it is made: small image files' bytes are then
-    /// pushed into the kernel's page cache as they are opened (see [`push::Pusher`]).
-    pub fn page_pusher(&self) -> push::Pusher {
-        self.pusher.clone()
-    }
-
     /// Reads unmodified image files through the image's shared mount ([`Through`]).
     pub fn reading_through(mut self, through: Through) -> UpperFs {
         if let Some(fs) = Arc::get_mut(&mut self.0) {
@@ -343,24 +331,6 @@ impl Upper {
         let st = self.state();
         matches!(self.image_inode(&st, n), Ok(Some(i)) if i.kind == EntryKind::File
             && i.size > through::THROUGH_MIN)
-    }
-
-    /// Pushes node `n`'s bytes into the kernel's page cache if it is a small unmodified image
-    /// file whose bytes are at hand (see [`push::Pusher`]).
-    fn push_small(&self, n: u64) {
-        if !self.pusher.ready() {
-            return;
-        }
-        let lower = {
-            let st = self.state();
-            match self.image_inode(&st, n) {
-                Ok(Some(i)) if i.kind == EntryKind::File => st.nodes.get(&n).and_then(|x| x.lower),
-                _ => None,
-            }
-        };
-        if let Some(lower) = lower {
-            self.pusher.push(&self.lower, lower, n);
-        }
     }
 
     fn state(&self) -> StateGuard<'_> {

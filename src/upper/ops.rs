@@ -51,7 +51,6 @@ impl Filesystem for UpperFs {
         let orphan = st.forget(ino.0, nlookup);
         if st.nodes.get(&ino.0).is_none_or(|node| node.lookups == 0) {
             // The kernel dropped the inode: no open file of it is left.
-            self.pusher.forget(ino.0);
             self.files
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
@@ -384,9 +383,6 @@ impl Filesystem for UpperFs {
             if !write && fs.reads_through(n) {
                 // Its pages are cached once, in the shared mount.
                 return reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
-            }
-            if !write {
-                fs.push_small(n);
             }
             // Pages stay valid across opens: every write to the file comes through here.
             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)

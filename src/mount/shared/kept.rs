@@ -1,5 +1,6 @@
-//! A user's mount served by a worker process, kept by the process that mounted it: the image
-//! server's takeover, for the mounts an ordinary user's VMs stand on.
+//! A mount served by a worker process, kept by the process that mounted it: the image server's
+//! takeover, for the mounts that cannot stand on an image server (an ordinary user's, and
+//! root's lazy mounts and mounts recording a read trace).
 //!
 //! Root's mounts of a stored image are kernel mounts over the image server's (bind mounts,
 //! overlays): no daemon of their own to die, and the server is replaced under them. A user can
@@ -49,27 +50,65 @@ pub(crate) struct Served<'a> {
     pub opts: &'a MountOptions,
 }
 
-/// What the keeper tells each worker on its stdin (credentials stay off command lines).
+/// What the keeper tells each worker on its stdin (credentials stay off command lines, and out
+/// of the library's public types' serialisations).
 #[derive(serde::Serialize, serde::Deserialize)]
 struct Told {
-    registry: crate::RegistryOptions,
+    credentials: Option<(String, String)>,
+    anonymous: bool,
+    insecure: Vec<String>,
+    mirrors: Vec<String>,
+    connect_timeout: Option<Duration>,
+    request_timeout: Option<Duration>,
     read_deadline: Duration,
     prefetch: crate::mount::Prefetch,
     record_trace: bool,
     /// The tree is the lower layer of root's kernel overlay (a writable mount): the image's own
     /// `trusted.overlay.*` xattrs are shown escaped, as the overlay expects.
-    #[serde(default)]
     overlay_lower: bool,
+    /// A user's writable mount reads image files through the user's image server (the
+    /// keeper's call: not for an image fetched lazily, nor while reads are recorded).
+    read_through: bool,
 }
 
 impl Told {
-    fn of(opts: &MountOptions, what: Kind) -> Told {
+    fn of(opts: &MountOptions, what: Kind, read_through: bool) -> Told {
+        use crate::registry::Credentials;
+        let r = &opts.registry;
+        let credentials = match &r.credentials {
+            Credentials::Basic { username, password } => Some((username.clone(), password.clone())),
+            _ => None,
+        };
         Told {
-            registry: opts.registry.clone(),
+            credentials,
+            anonymous: matches!(r.credentials, Credentials::Anonymous),
+            insecure: r.insecure.clone(),
+            mirrors: r.mirrors.clone(),
+            connect_timeout: r.connect_timeout,
+            request_timeout: r.request_timeout,
             read_deadline: opts.read_deadline,
             prefetch: opts.prefetch,
             record_trace: opts.record_trace,
             overlay_lower: opts.writable && matches!(what, Kind::Image),
+            read_through,
+        }
+    }
+
+    fn registry(&self) -> crate::RegistryOptions {
+        use crate::registry::Credentials;
+        crate::RegistryOptions {
+            credentials: match (&self.credentials, self.anonymous) {
+                (Some((username, password)), _) => Credentials::Basic {
+                    username: username.clone(),
+                    password: password.clone(),
+                },
+                (None, true) => Credentials::Anonymous,
+                (None, false) => Credentials::Auto,
+            },
+            insecure: self.insecure.clone(),
+            mirrors: self.mirrors.clone(),
+            connect_timeout: self.connect_timeout,
+            request_timeout: self.request_timeout,
         }
     }
 }
@@ -136,7 +175,7 @@ pub(crate) fn keep(
         args.push("--allow-other".into());
     }
     args.push(s.record.view().to_string().into());
-    let told = serde_json::to_vec(&Told::of(s.opts, s.what))
+    let told = serde_json::to_vec(&Told::of(s.opts, s.what, holder.is_some()))
         .map_err(|e| format!("encoding the worker's options: {e}"))?;
     let spawn = {
         let (exe, run_dir, raw) = (exe.to_path_buf(), s.run_dir.to_path_buf(), fd.as_raw_fd());
@@ -254,7 +293,7 @@ pub(crate) fn is_ours(dir: &Path, id: &str) -> bool {
 
 /// Whether this kernel resends a dead worker's requests to the next (FUSE_NOTIFY_RESEND,
 /// Linux 6.9+). Before, what a dead worker held would never be answered: the processes that
-/// asked would wait for good, so a user's mount is served in the mounting process there, as
+/// asked would wait for good, so such a mount is served in the mounting process there, as
 /// before (and dies with it).
 pub(crate) fn kernel_resends() -> bool {
     let release = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
@@ -306,11 +345,11 @@ fn spawn_worker(
     let mut child = cmd
         .spawn()
         .map_err(|e| format!("starting the mount's worker: {e}"))?;
-    // Read whole before the worker starts serving (a pipe's buffer holds it).
+    // Read whole before the worker starts serving (a pipe's buffer holds it). A worker that
+    // failed before reading it says why below.
     if let Some(mut stdin) = child.stdin.take() {
         if let Err(e) = stdin.write_all(told) {
-            spawn::kill(&mut child, false);
-            return Err(format!("telling the mount's worker its options: {e}"));
+            tracing::debug!("telling the mount's worker its options: {e}");
         }
     }
     let offered = spawn::await_ready(&mut child, exe, "the mount's worker")?;
@@ -371,13 +410,18 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     let told = match told.is_empty() {
         // A keeper of an earlier version (the binary upgraded under a live mount) tells
         // nothing: what it keeps is an image stored whole, served with the defaults.
-        true => Told::of(&MountOptions::default(), what),
+        // (It read through the user's image server where it could.)
+        true => Told::of(
+            &MountOptions::default(),
+            what,
+            matches!(what, Kind::Writable(_)),
+        ),
         false => serde_json::from_slice(&told)
             .map_err(|e| io("reading the keeper's options", std::io::Error::other(e)))?,
     };
     let opts = MountOptions {
         cache_bytes: w.cache_bytes,
-        registry: told.registry,
+        registry: told.registry(),
         read_deadline: told.read_deadline,
         prefetch: told.prefetch,
         record_trace: told.record_trace,
@@ -387,16 +431,24 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     // of its own to write (the disk may be full when a worker takes over).
     let lease = crate::store::Lease::held_by_parent();
     let through = match what {
-        Kind::Writable(_) => through(store, &record),
+        Kind::Writable(_) if told.read_through => through(store, &record),
         _ => None,
     };
+    // Before anything of the registry's is parsed (opening lazy layers starts asking it), but
+    // after a user's image server is started (its fusermount3 is setuid, which no_new_privs
+    // would disarm).
+    if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {
+        tracing::warn!("confining the mount's worker (seccomp): {e}");
+    }
     let image = open_record(store, record, lease, &opts)?;
+    // A worker that takes over records a lazy image's first trace only if asked: one that
+    // starts mid-boot would save a trace without what the boot read before it.
     let (layers, recording, known) = crate::mount::prefetch::record_reads(
         store,
         &image.record,
         &image.tree,
         image.layers,
-        !image.lazy.is_empty(),
+        !image.lazy.is_empty() && !resume,
         opts.record_trace,
     );
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
@@ -438,13 +490,6 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
             if let Some(stats) = stats {
                 stats.start(cache, remote);
             }
-            // Where root's worker parses registry answers it may run nothing (its keeper,
-            // which starts workers, may).
-            if crate::mount::host_root() {
-                if let Err(e) = crate::sandbox::confine(true) {
-                    tracing::warn!("confining the mount's worker (seccomp): {e}");
-                }
-            }
             println!("ready {:x}", offered.load(Ordering::Relaxed));
             let _ = std::io::stdout().flush();
             super::silence_stdout();
@@ -456,29 +501,13 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     let served = match what {
         Kind::Image => {
             let offered = lower.offered_capabilities();
-            session(
-                lower,
-                conn,
-                replay.as_deref(),
-                config,
-                &io,
-                None,
-                ready(offered),
-            )
+            session(lower, conn, replay.as_deref(), config, &io, ready(offered))
         }
         Kind::Disk => {
             let offered = lower.offered_capabilities();
             let fs = crate::disk::DiskFs::new(lower)
                 .map_err(|e| io("laying the image out as a disk", std::io::Error::other(e)))?;
-            session(
-                fs,
-                conn,
-                replay.as_deref(),
-                config,
-                &io,
-                None,
-                ready(offered),
-            )
+            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
         }
         Kind::Writable(upper) => {
             let journal = journal_path(run_dir);
@@ -492,16 +521,8 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
                 Some(t) => fs.reading_through(t),
                 None => fs,
             };
-            let (offered, pusher) = (fs.offered_capabilities(), fs.page_pusher());
-            session(
-                fs,
-                conn,
-                replay.as_deref(),
-                config,
-                &io,
-                Some(pusher),
-                ready(offered),
-            )
+            let offered = fs.offered_capabilities();
+            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
         }
     };
     // The reads this worker saw (a worker that died saved none: its successor records anew).

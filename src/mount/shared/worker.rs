@@ -118,8 +118,8 @@ pub fn serve_worker(
         Ok(())
     };
     match fs {
-        Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, None, ready),
-        Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, None, ready),
+        Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
+        Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
     }
 }
 
@@ -130,15 +130,13 @@ enum Served {
 }
 
 /// Takes over the connection `conn` with `fs` (replaying the `recorded` FUSE_INIT of a worker
-/// that died, if any), connects `pusher` and runs `ready` once the session is made, and serves
-/// until it ends.
+/// that died, if any), runs `ready` once the session is made, and serves until it ends.
 pub(super) fn serve_session<FS: fuser::Filesystem>(
     fs: FS,
     conn: OwnedFd,
     recorded: Option<&[u8]>,
     config: Config,
     io: &dyn Fn(&str, std::io::Error) -> Error,
-    pusher: Option<crate::upper::Pusher>,
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let session = match recorded {
@@ -147,9 +145,6 @@ pub(super) fn serve_session<FS: fuser::Filesystem>(
             Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?
         }
     };
-    if let Some(p) = pusher {
-        p.connect(session.notifier());
-    }
     ready()?;
     session.run().map_err(|e| io("serving", e))
 }
