@@ -22,8 +22,13 @@ use std::time::Duration;
 pub(crate) const SERVE_ENV: &str = "BUX_FUSE_SERVE";
 
 /// The version of the protocol between the library and the servers it starts (the arguments
-/// they are given, what they print): a server of another version is refused.
-pub(crate) const PROTOCOL: &str = "2";
+/// they are given, what they print, and since 3 what a kept mount's worker reads on its stdin):
+/// a server of another version is refused.
+pub(crate) const PROTOCOL: &str = "3";
+
+/// Earlier versions a server still answers: a keeper of version 2 (the binary upgraded under
+/// its live mount) tells its worker nothing on stdin, and gets the defaults it served with.
+const ALSO_SERVED: &[&str] = &["2"];
 
 /// The variable naming an executable to run image servers from (see [`server_executable`]).
 pub const HELPER_ENV: &str = "BUX_FUSE_HELPER";
@@ -87,11 +92,16 @@ pub(crate) fn started_as_server() -> bool {
 /// the exit code.
 fn serve() -> i32 {
     use std::io::Write;
-    // First, whatever comes next: the starting process knows then that this program serves.
-    println!("{}", hello());
-    let _ = std::io::stdout().flush();
+    // First, whatever comes next: the starting process knows then that this program serves,
+    // in the protocol it asked for where this one speaks it.
     let asked = std::env::var(SERVE_ENV).unwrap_or_default();
-    if asked != PROTOCOL {
+    let speaks = asked == PROTOCOL || ALSO_SERVED.contains(&asked.as_str());
+    match speaks {
+        true => println!("bux-fuse-server {asked}"),
+        false => println!("{}", hello()),
+    }
+    let _ = std::io::stdout().flush();
+    if !speaks {
         eprintln!(
             "bux-fuse: asked to serve protocol {asked:?}, this library speaks {PROTOCOL}: \
              the image server's executable and the program mounting are different versions"

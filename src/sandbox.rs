@@ -10,12 +10,13 @@
 //! other file ([`open_nothing_more`], Landlock) and gives up root altogether
 //! ([`drop_to_worker_ids`]): uid and gid of its own ([`worker_id`], one per image, so that the
 //! workers of two images are two users, and one cannot signal the other), no supplementary
-//! groups, no capabilities. A daemon of its own (`--own-server`, lazy mounts) stays uid 0, so
-//! files root owns stay writable to it: it unmounts itself at the end, and fetches into the
-//! store. A daemon that keeps a worker (see `mount::shared::kept`) parses nothing of the
-//! registry's and may run programs (the workers it replaces); the worker confines itself
-//! before it opens the image, so before the registry's first answer (root's may then run
-//! nothing; a user's still starts the user's image server, whose `fusermount3` is setuid, before).
+//! groups, no capabilities. A daemon of its own (`--own-server`; a lazy mount's worker likewise)
+//! stays uid 0, so files root owns stay writable to it: it unmounts itself at the end, and
+//! fetches into the store. A daemon that keeps a worker (see `mount::shared::kept`) asks the
+//! registry nothing and may run programs (the workers it replaces); the worker confines itself
+//! once it has opened the image (a credential helper may run then) and before it serves (root's
+//! may then run nothing; a user's has started the user's image server, whose `fusermount3` is
+//! setuid, before).
 
 use std::io;
 

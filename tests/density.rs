@@ -1081,7 +1081,7 @@ fn workers_of_two_images_run_as_ids_of_their_own() {
     assert!(own.status.success(), "{own:?}");
 }
 
-/// #14: what confines a daemon of its own (`--own-server`; lazy mounts likewise), as the
+/// #14: what confines a daemon of its own (`--own-server`; lazy mounts' workers likewise), as the
 /// README states it: `no_new_privs` and the seccomp filter, and nothing else: it stays uid 0
 /// with root's capabilities (so the kernel's ptrace rules let it write other processes'
 /// memory through `/proc/PID/mem`; see `sandbox::tests::proc_mem_writes_under_each_confinement`).

@@ -473,6 +473,9 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         Some(_) => {
             let (record, lease) = stored_image(store, reference)?;
             open::check_whole_layers(store, &record)?;
+            // What an earlier completion left goes before this mount is live (a caller then
+            // waiting for completion must not read it); the worker's own may follow.
+            let _ = std::fs::remove_file(store.incomplete_path(&record.view()));
             (record, lease, None)
         }
         None => {

@@ -156,7 +156,7 @@ pub(crate) fn open_record(
                 let small = match l.access {
                     crate::index::Access::Tar => None,
                     _ => SmallReads::open(&index).unwrap_or_else(|e| {
-                        tracing::warn!("small files of layer {}: {e}", l.digest);
+                        tracing::warn!("small files of layer {} read through it: {e}", l.digest);
                         None
                     }),
                 };

@@ -434,23 +434,26 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
         Kind::Writable(_) if told.read_through => through(store, &record),
         _ => None,
     };
-    // Before anything of the registry's is parsed (opening lazy layers starts asking it), but
-    // after a user's image server is started (its fusermount3 is setuid, which no_new_privs
-    // would disarm).
+    let image = open_record(store, record, lease, &opts)?;
+    // Confined before it serves, as the mounting process's daemon is: after opening the image,
+    // whose registry client may run a credential helper (`docker-credential-*`), and after a
+    // user's image server is started (its fusermount3 is setuid, which no_new_privs disarms).
     if let Err(e) = crate::sandbox::confine(crate::mount::host_root()) {
         tracing::warn!("confining the mount's worker (seccomp): {e}");
     }
-    let image = open_record(store, record, lease, &opts)?;
-    // A worker that takes over records a lazy image's first trace only if asked: one that
-    // starts mid-boot would save a trace without what the boot read before it.
+    // A worker that takes over records no trace: one that starts mid-boot would save a trace
+    // without what the boot read before it, over the one saved before (asked for or not).
     let (layers, recording, known) = crate::mount::prefetch::record_reads(
         store,
         &image.record,
         &image.tree,
         image.layers,
         !image.lazy.is_empty() && !resume,
-        opts.record_trace,
+        opts.record_trace && !resume,
     );
+    if resume && opts.record_trace {
+        tracing::warn!("a worker that takes over records no read trace: the mount's is lost");
+    }
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     // Counters are for `Mount::stats`: a mount served without them (the disk full) beats none.
     let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
