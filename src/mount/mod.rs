@@ -624,7 +624,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 run_dir: &run_dir,
                 opts,
             };
-            let fd = connect::connect(&fuse_dir, &request).map_err(mount_err)?;
+            let fd = connect::connect(&fuse_dir, &request).map_err(|e| {
+                let _ = std::fs::remove_dir_all(&run_dir);
+                mount_err(e)
+            })?;
             let holder = through.map(|(_, holder)| holder);
             match shared::keep(exe, &served, fd, holder) {
                 Ok((thread, id)) => {

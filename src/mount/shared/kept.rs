@@ -51,8 +51,10 @@ pub(crate) struct Served<'a> {
 }
 
 /// What the keeper tells each worker on its stdin (credentials stay off command lines, and out
-/// of the library's public types' serialisations).
+/// of the library's public types' serialisations). A field a keeper of another version leaves
+/// out takes the default.
 #[derive(serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 struct Told {
     credentials: Option<(String, String)>,
     anonymous: bool,
@@ -69,6 +71,12 @@ struct Told {
     /// A user's writable mount reads image files through the user's image server (the
     /// keeper's call: not for an image fetched lazily, nor while reads are recorded).
     read_through: bool,
+}
+
+impl Default for Told {
+    fn default() -> Told {
+        Told::of(&MountOptions::default(), Kind::Image, false)
+    }
 }
 
 impl Told {
@@ -544,5 +552,42 @@ fn through(store: &Store, record: &ImageRecord) -> Option<crate::upper::Through>
             tracing::warn!("image files are decoded by this mount alone: {e}");
             None
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::registry::Credentials;
+
+    /// What the keeper tells a worker comes back as it was told; what an earlier keeper leaves
+    /// out is the default.
+    #[test]
+    fn told_options_round_trip_and_default() {
+        let mut opts = MountOptions::default();
+        opts.registry.credentials = Credentials::Basic {
+            username: "u".into(),
+            password: "p".into(),
+        };
+        opts.registry.insecure = vec!["127.0.0.1:5000".into()];
+        opts.read_deadline = Duration::from_secs(60);
+        opts.writable = true;
+        let told = Told::of(&opts, Kind::Image, false);
+        let back: Told = serde_json::from_slice(&serde_json::to_vec(&told).unwrap()).unwrap();
+        let r = back.registry();
+        assert!(
+            matches!(r.credentials, Credentials::Basic { ref username, ref password }
+            if username == "u" && password == "p")
+        );
+        assert_eq!(r.insecure, ["127.0.0.1:5000"]);
+        assert_eq!(back.read_deadline, Duration::from_secs(60));
+        assert!(
+            back.overlay_lower,
+            "root's writable tree under a kernel overlay"
+        );
+        let old: Told = serde_json::from_slice(br#"{"record_trace": true}"#).unwrap();
+        assert!(old.record_trace);
+        assert_eq!(old.read_deadline, MountOptions::default().read_deadline);
+        assert!(matches!(old.registry().credentials, Credentials::Auto));
     }
 }

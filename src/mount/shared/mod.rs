@@ -196,9 +196,13 @@ pub(crate) fn server_stats(mnt: &Path) -> crate::mount::MountStats {
 /// The counters the worker of a user's mount published at `path` (its own reads; those a
 /// writable mount sent through the image server are that server's).
 pub(crate) fn kept_stats(path: &Path) -> crate::mount::MountStats {
-    crate::mount::MountStats {
-        scope: crate::mount::StatsScope::Mount,
-        ..stats::read(path)
+    let s = stats::read(path);
+    match s.scope {
+        crate::mount::StatsScope::Unavailable => s,
+        _ => crate::mount::MountStats {
+            scope: crate::mount::StatsScope::Mount,
+            ..s
+        },
     }
 }
 

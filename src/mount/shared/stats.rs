@@ -22,6 +22,7 @@ use crate::mount::{MountStats, StatsScope};
 pub(super) const EVERY: Duration = Duration::from_millis(200);
 
 const MAGIC: u64 = 0x6275_7873_7461_7402; // "buxstat", version 2
+const MAGIC_V1: u64 = 0x6275_7873_7461_7401;
 /// The counters: blob bytes, decompressed bytes, cache hits, misses, lookups, bytes fetched,
 /// fetch requests.
 const N: usize = 7;
@@ -50,10 +51,16 @@ fn decode(bytes: &[u8]) -> Option<[u64; N]> {
         .chunks_exact(8)
         .map(|c| u64::from_le_bytes(c.try_into().unwrap_or_default()))
         .collect();
+    let mut counters = [0u64; N];
+    // A worker of the previous version (a live mount across an upgrade): five counters, no
+    // fetches, in eight values.
+    if values.len() >= 8 && values[0] == MAGIC_V1 && values[7] == checksum(&values[..7]) {
+        counters[..5].copy_from_slice(&values[1..6]);
+        return Some(counters);
+    }
     if values.len() != N + 2 || values[0] != MAGIC || values[N + 1] != checksum(&values[..=N]) {
         return None;
     }
-    let mut counters = [0u64; N];
     counters.copy_from_slice(&values[1..=N]);
     Some(counters)
 }
@@ -130,8 +137,8 @@ impl Publisher {
 fn read_file(file: &File) -> Option<[u64; N]> {
     for _ in 0..5 {
         let mut buf = [0u8; LEN];
-        file.read_exact_at(&mut buf, 0).ok()?;
-        if let Some(c) = decode(&buf) {
+        let n = file.read_at(&mut buf, 0).ok()?;
+        if let Some(c) = decode(&buf[..n]) {
             return Some(c);
         }
         std::thread::sleep(Duration::from_millis(1));
@@ -178,6 +185,11 @@ mod tests {
             assert_eq!(decode(&bad), None, "byte {i} flipped");
         }
         assert_eq!(decode(&rec[..40]), None);
+        // The previous version's record: five counters, then a spare value and the checksum.
+        let mut v1 = [MAGIC_V1, 1, 2, 3, 4, 5, 0, 0];
+        v1[7] = checksum(&v1[..7]);
+        let bytes: Vec<u8> = v1.iter().flat_map(|v| v.to_le_bytes()).collect();
+        assert_eq!(decode(&bytes), Some([1, 2, 3, 4, 5, 0, 0]));
     }
 
     #[test]
