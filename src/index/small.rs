@@ -539,13 +539,24 @@ pub(crate) enum Placed<'a> {
     Stream,
 }
 
-/// Where bytes a read wants are (see [`Blocks::find`]).
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Found<'a> {
-    /// In the table: these.
-    Tiny(&'a [u8]),
-    /// In the file, from this offset.
-    At(u64),
+/// The SHA-256 of the table frame of `file`, a file of the current format (what
+/// [`Blocks::digest`] says of it, read without decoding), and how many blocks precede the table
+/// (the blocks files can lie in).
+pub(crate) fn frame_digest(file: &std::fs::File) -> io::Result<([u8; 32], u64)> {
+    use std::os::unix::fs::FileExt;
+    let mut head = [0u8; HEAD_LEN as usize];
+    file.read_exact_at(&mut head, 0)?;
+    let word = |i: usize| u64::from_le_bytes(head[8 + 8 * i..16 + 8 * i].try_into().expect("8"));
+    let (table_at, table_len) = (word(0), word(1));
+    if !head.starts_with(MAGIC) || table_len > TABLE_MAX {
+        return Err(io::Error::other("not a table of the current format"));
+    }
+    let mut frame = vec![0u8; table_len as usize];
+    file.read_exact_at(&mut frame, table_at)?;
+    Ok((
+        <sha2::Sha256 as sha2::Digest>::digest(&frame).into(),
+        table_at / BLOCK,
+    ))
 }
 
 /// The table of a file of the current format.
@@ -643,22 +654,23 @@ impl Blocks {
         })
     }
 
-    /// Where the stream bytes `off..off + len` are, if they lie within one kept file: its
-    /// bytes in the table (from `off`), or the device offset they start at.
-    pub(crate) fn find(&self, off: u64, len: u64) -> Option<Found<'_>> {
-        let i = self
-            .files
-            .partition_point(|&(o, _, _)| o <= off)
-            .checked_sub(1)?;
-        let (start, flen, block) = self.files[i];
-        let (from, end) = (off - start, off.checked_add(len)?);
-        if end > start + flen as u64 {
-            return None;
-        }
-        Some(match self.tiny_bytes(i) {
-            Some(bytes) => Found::Tiny(&bytes[from as usize..(from + len) as usize]),
-            None => Found::At(block as u64 * BLOCK + from),
-        })
+    /// Each kept file as (its offset in the stream, its length, where its bytes are: its first
+    /// block, or for a file of at most [`TINY_MAX`] bytes their start in [`Blocks::tiny`]).
+    pub(crate) fn placed(&self) -> impl Iterator<Item = (u64, u32, u32)> + '_ {
+        self.files
+            .iter()
+            .zip(&self.tiny_at)
+            .map(|(&(o, l, b), &t)| (o, l, if b == 0 { t } else { b }))
+    }
+
+    /// The bytes of the files of at most [`TINY_MAX`] bytes, end to end.
+    pub(crate) fn tiny(&self) -> &[u8] {
+        &self.tiny
+    }
+
+    /// The SHA-256 of the table's frame (see [`frame_digest`]).
+    pub(crate) fn digest(&self) -> [u8; 32] {
+        self.digest
     }
 
     /// The bytes of the `i`th file if it is tiny.

@@ -7,25 +7,41 @@
 //! few KiB), on a decoding thread, while the bytes sat uncompressed in the store. Now they are
 //! read from there: one `pread` of blocks laid out in stream order, so a walk reads the file
 //! in order and the kernel reads ahead of it, and every process reading the layer shares its
-//! page cache. What a reader holds: 20 bytes per kept file and the bytes of the files of at
-//! most 512 bytes (0.7 MB for the large test image's 12k small files). Layers stored
-//! uncompressed (`Access::Tar`) read their stream in place and have none.
+//! page cache. Layers stored uncompressed (`Access::Tar`) read their stream in place and have
+//! none.
+//!
+//! Where each file lies is the `.small` file's table, which is zstd-compressed: decoded, it is
+//! 16 bytes a file and the bytes of the files of at most 512 bytes (0.6 MB for the large test
+//! image), which every mount process would hold — 26 MiB for a user's 40 writable mounts. So
+//! the first reader writes it decoded beside the index (`<layer>.smallmap`, the tiny files'
+//! places resolved), and every reader maps that: one copy in the page cache for all of them. It
+//! names the SHA-256 of the table it was made from, and is made again when that is not the
+//! `.small` file's (or it does not check out); a store that cannot take it has each reader hold
+//! its own.
 
 use std::io;
 use std::os::unix::fs::FileExt;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
-use super::small::{Blocks, Found, SmallIndex};
+use super::small::{frame_digest, SmallIndex, BLOCK, SMALL_MAX, TINY_MAX};
+use crate::mapped::Mapped;
 
 /// The most of a table a reader holds (its records and tiny files' bytes; the large test
 /// image's largest layer holds 0.3 MB): a layer of a great many tiny files (a hostile one) is
 /// read through its stream instead, rather than cost every mount process its table.
 const HELD_MAX: u64 = 16 << 20;
 
+const MAP_MAGIC: &[u8; 8] = b"BUXSMAP\x01";
+/// The map's header: magic, the table's SHA-256, file count, tiny bytes' length.
+const MAP_HEAD: usize = 8 + 32 + 8 + 8;
+const RECORD: usize = 16;
+
 /// A layer's kept small files, open for reads.
 pub struct SmallReads {
     file: std::fs::File,
-    table: Blocks,
+    /// The map: header, records (offset, length, first block or tiny bytes' start), tiny bytes.
+    map: Mapped,
+    count: usize,
 }
 
 impl SmallReads {
@@ -46,22 +62,124 @@ impl SmallReads {
         if file.read_exact_at(&mut head, 0).is_err() || !SmallIndex::in_blocks(&head) {
             return Ok(None);
         }
+        let (digest, blocks) = frame_digest(&file).map_err(io)?;
+        let map_path = map_path(index_path);
+        if let Some((map, count)) = Mapped::open(&map_path)
+            .ok()
+            .and_then(|m| checked(m, &digest, blocks))
+        {
+            return Ok(Some(SmallReads { file, map, count }));
+        }
         let table = SmallIndex::read_within(index_path, file.try_clone().map_err(io)?, HELD_MAX)?;
-        Ok(table.into_blocks().map(|table| SmallReads { file, table }))
+        let Some(table) = table.into_blocks() else {
+            return Ok(None);
+        };
+        let mut bytes = MAP_MAGIC.to_vec();
+        bytes.extend_from_slice(&table.digest());
+        let placed: Vec<(u64, u32, u32)> = table.placed().collect();
+        bytes.extend_from_slice(&(placed.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&(table.tiny().len() as u64).to_le_bytes());
+        for (offset, len, at) in &placed {
+            bytes.extend_from_slice(&offset.to_le_bytes());
+            bytes.extend_from_slice(&len.to_le_bytes());
+            bytes.extend_from_slice(&at.to_le_bytes());
+        }
+        bytes.extend_from_slice(table.tiny());
+        let count = placed.len();
+        // Mapped once written (shared with every other reader); else held.
+        let map = match crate::store::write_atomic(&map_path, &bytes) {
+            Ok(()) => Mapped::open(&map_path)
+                .ok()
+                .and_then(|m| checked(m, &digest, blocks))
+                .map(|(m, _)| m),
+            Err(e) => {
+                tracing::debug!("writing {}: {e}", map_path.display());
+                None
+            }
+        };
+        let map = map.unwrap_or(Mapped::Owned(bytes));
+        Ok(Some(SmallReads { file, map, count }))
     }
 
     /// Fills `buf` with the stream's bytes at `off` if they lie within one kept file:
     /// `Ok(false)` (nothing read) if they do not.
     pub fn read_at(&self, off: u64, buf: &mut [u8]) -> io::Result<bool> {
-        match self.table.find(off, buf.len() as u64) {
-            None => Ok(false),
-            Some(Found::Tiny(bytes)) => {
-                buf.copy_from_slice(bytes);
-                Ok(true)
+        let map = self.map.as_slice();
+        let record = |i: usize| parse_record(&map[MAP_HEAD + i * RECORD..][..RECORD]);
+        // The last file starting at or before `off`.
+        let (mut lo, mut hi) = (0, self.count);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            match record(mid).0 <= off {
+                true => lo = mid + 1,
+                false => hi = mid,
             }
-            Some(Found::At(at)) => self.file.read_exact_at(buf, at).map(|()| true),
         }
+        let Some(i) = lo.checked_sub(1) else {
+            return Ok(false);
+        };
+        let (start, len, at) = record(i);
+        let (from, want) = (off - start, buf.len() as u64);
+        if from + want > len as u64 {
+            return Ok(false);
+        }
+        if len as u64 <= TINY_MAX {
+            let tiny = &map[MAP_HEAD + self.count * RECORD..];
+            let at = at as usize + from as usize;
+            buf.copy_from_slice(&tiny[at..at + buf.len()]);
+            return Ok(true);
+        }
+        self.file
+            .read_exact_at(buf, at as u64 * BLOCK + from)
+            .map(|()| true)
     }
+}
+
+/// Where the map of the table beside the index at `index_path` is kept.
+fn map_path(index_path: &Path) -> PathBuf {
+    index_path.with_extension("smallmap")
+}
+
+fn parse_record(r: &[u8]) -> (u64, u32, u32) {
+    (
+        u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
+        u32::from_le_bytes(r[8..12].try_into().expect("4 bytes")),
+        u32::from_le_bytes(r[12..16].try_into().expect("4 bytes")),
+    )
+}
+
+/// `map` with its file count, if it was made from the table whose frame hashes to `digest`
+/// and every record lies where a file can (`blocks` blocks of files, the tiny bytes it holds):
+/// else it is made again.
+fn checked(map: Mapped, digest: &[u8; 32], blocks: u64) -> Option<(Mapped, usize)> {
+    let m = map.as_slice();
+    if m.len() < MAP_HEAD || &m[..8] != MAP_MAGIC || &m[8..40] != digest {
+        return None;
+    }
+    let word = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
+    let (count, tiny_len) = (word(40), word(48));
+    let records = usize::try_from(count).ok()?.checked_mul(RECORD)?;
+    if (MAP_HEAD as u64)
+        .checked_add(records as u64)?
+        .checked_add(tiny_len)?
+        != m.len() as u64
+    {
+        return None;
+    }
+    let mut last = None;
+    for r in m[MAP_HEAD..MAP_HEAD + records].chunks_exact(RECORD) {
+        let (offset, len, at) = parse_record(r);
+        let (len, at) = (len as u64, at as u64);
+        let placed = match len <= TINY_MAX {
+            true => at + len <= tiny_len,
+            false => at >= 1 && at + len.div_ceil(BLOCK) <= blocks,
+        };
+        if last.is_some_and(|l| l >= offset) || len > SMALL_MAX || !placed {
+            return None;
+        }
+        last = Some(offset);
+    }
+    Some((map, count as usize))
 }
 
 #[cfg(test)]
@@ -102,6 +220,60 @@ mod tests {
         assert!(SmallReads::open(&dir.path().join("none.idx"))
             .unwrap()
             .is_none());
+    }
+
+    /// The decoded table is written beside the index once and mapped by every reader; one made
+    /// from another table, or damaged, is made again.
+    #[test]
+    fn readers_map_one_decoded_table() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.idx");
+        let save = |bytes: &[u8]| {
+            let mut s = SmallFiles::default();
+            s.push(100, b"tiny");
+            s.push(1000, bytes);
+            s.save(&index).unwrap();
+        };
+        let read = |r: &SmallReads, off: u64, len: usize| {
+            let mut buf = vec![0u8; len];
+            r.read_at(off, &mut buf).unwrap().then_some(buf)
+        };
+        save(&[1u8; 5000]);
+        let first = SmallReads::open(&index).unwrap().unwrap();
+        let map = map_path(&index);
+        assert!(matches!(first.map, Mapped::Map(..)), "mapped once written");
+        let written = std::fs::metadata(&map).unwrap().modified().unwrap();
+        let second = SmallReads::open(&index).unwrap().unwrap();
+        assert_eq!(
+            std::fs::metadata(&map).unwrap().modified().unwrap(),
+            written
+        );
+        assert_eq!(read(&second, 100, 4).unwrap(), b"tiny");
+        assert_eq!(read(&second, 1000, 5000).unwrap(), [1u8; 5000]);
+        // Another table (a layer's `.small` made anew): its own map.
+        save(&[2u8; 6000]);
+        let third = SmallReads::open(&index).unwrap().unwrap();
+        assert_eq!(read(&third, 1000, 6000).unwrap(), [2u8; 6000]);
+        // A damaged map: made again.
+        let mut bytes = std::fs::read(&map).unwrap();
+        let last = bytes.len() - 1;
+        bytes[MAP_HEAD + 8] ^= 0xff; // the first record's length
+        bytes[last] ^= 0xff;
+        std::fs::write(&map, &bytes).unwrap();
+        let fourth = SmallReads::open(&index).unwrap().unwrap();
+        assert_eq!(read(&fourth, 100, 4).unwrap(), b"tiny");
+        assert_eq!(read(&fourth, 1000, 6000).unwrap(), [2u8; 6000]);
+        // A store that cannot take it: each reader holds its own.
+        std::fs::remove_file(&map).unwrap();
+        let ro = dir.path().join("ro");
+        std::fs::create_dir(&ro).unwrap();
+        std::fs::copy(dir.path().join("x.small"), ro.join("x.small")).unwrap();
+        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
+        if std::fs::write(ro.join("probe"), b"").is_err() {
+            let held = SmallReads::open(&ro.join("x.idx")).unwrap().unwrap();
+            assert!(matches!(held.map, Mapped::Owned(_)));
+            assert_eq!(read(&held, 1000, 6000).unwrap(), [2u8; 6000]);
+        }
     }
 
     /// A table too large to hold in every mount process (a layer of a great many tiny files)
