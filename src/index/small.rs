@@ -542,14 +542,24 @@ pub(crate) enum Placed<'a> {
 /// The SHA-256 of the table frame of `file`, a file of the current format (what
 /// [`Blocks::digest`] says of it, read without decoding), and how many blocks precede the table
 /// (the blocks files can lie in).
-pub(crate) fn frame_digest(file: &std::fs::File) -> io::Result<([u8; 32], u64)> {
+/// A frame of more than `most` bytes is refused before it is read.
+pub(crate) fn frame_digest(file: &std::fs::File, most: u64) -> io::Result<([u8; 32], u64)> {
     use std::os::unix::fs::FileExt;
     let mut head = [0u8; HEAD_LEN as usize];
     file.read_exact_at(&mut head, 0)?;
     let word = |i: usize| u64::from_le_bytes(head[8 + 8 * i..16 + 8 * i].try_into().expect("8"));
     let (table_at, table_len) = (word(0), word(1));
-    if !head.starts_with(MAGIC) || table_len > TABLE_MAX {
-        return Err(io::Error::other("not a table of the current format"));
+    if !head.starts_with(MAGIC) || table_len > TABLE_MAX.min(most) {
+        return Err(io::Error::other(
+            "not a table of the current format, or too large",
+        ));
+    }
+    // As `Blocks::parse` checks it: where a table can start, and within the file.
+    let within = table_at
+        .checked_add(table_len)
+        .is_some_and(|end| end <= file.metadata().map_or(0, |m| m.len()));
+    if (table_at % BLOCK != 0 && table_at != HEAD_LEN) || table_at == 0 || !within {
+        return Err(io::Error::other("no valid table"));
     }
     let mut frame = vec![0u8; table_len as usize];
     file.read_exact_at(&mut frame, table_at)?;

@@ -13,7 +13,7 @@
 //! Where each file lies is the `.small` file's table, which is zstd-compressed: decoded, it is
 //! 16 bytes a file and the bytes of the files of at most 512 bytes (0.6 MB for the large test
 //! image), which every mount process would hold — 26 MiB for a user's 40 writable mounts. So
-//! the first reader writes it decoded beside the index (`<layer>.smallmap`, the tiny files'
+//! the first reader writes it decoded beside the index (`<layer>.small.map`, the tiny files'
 //! places resolved), and every reader maps that: one copy in the page cache for all of them. It
 //! names the SHA-256 of the table it was made from, and is made again when that is not the
 //! `.small` file's (or it does not check out); a store that cannot take it has each reader hold
@@ -32,8 +32,10 @@ use crate::mapped::Mapped;
 const HELD_MAX: u64 = 16 << 20;
 
 const MAP_MAGIC: &[u8; 8] = b"BUXSMAP\x01";
-/// The map's header: magic, the table's SHA-256, file count, tiny bytes' length.
-const MAP_HEAD: usize = 8 + 32 + 8 + 8;
+/// The map's header: magic, the table frame's SHA-256 (which table it was made from), the
+/// body's SHA-256 (what it holds: checked at every open, so rot is made again, not served),
+/// file count, tiny bytes' length.
+const MAP_HEAD: usize = 8 + 32 + 32 + 8 + 8;
 const RECORD: usize = 16;
 
 /// A layer's kept small files, open for reads.
@@ -62,7 +64,9 @@ impl SmallReads {
         if file.read_exact_at(&mut head, 0).is_err() || !SmallIndex::in_blocks(&head) {
             return Ok(None);
         }
-        let (digest, blocks) = frame_digest(&file).map_err(io)?;
+        // (A frame compresses what a reader would hold: no more than that, plus zstd's margin.)
+        let (digest, blocks) =
+            frame_digest(&file, HELD_MAX + (HELD_MAX >> 7) + 4096).map_err(io)?;
         let map_path = map_path(index_path);
         if let Some((map, count)) = Mapped::open(&map_path)
             .ok()
@@ -74,24 +78,27 @@ impl SmallReads {
         let Some(table) = table.into_blocks() else {
             return Ok(None);
         };
+        let mut body = Vec::new();
+        let mut count = 0;
+        for (offset, len, at) in table.placed() {
+            body.extend_from_slice(&offset.to_le_bytes());
+            body.extend_from_slice(&len.to_le_bytes());
+            body.extend_from_slice(&at.to_le_bytes());
+            count += 1;
+        }
+        body.extend_from_slice(table.tiny());
         let mut bytes = MAP_MAGIC.to_vec();
         bytes.extend_from_slice(&table.digest());
-        let placed: Vec<(u64, u32, u32)> = table.placed().collect();
-        bytes.extend_from_slice(&(placed.len() as u64).to_le_bytes());
+        bytes.extend_from_slice(&<sha2::Sha256 as sha2::Digest>::digest(&body));
+        bytes.extend_from_slice(&(count as u64).to_le_bytes());
         bytes.extend_from_slice(&(table.tiny().len() as u64).to_le_bytes());
-        for (offset, len, at) in &placed {
-            bytes.extend_from_slice(&offset.to_le_bytes());
-            bytes.extend_from_slice(&len.to_le_bytes());
-            bytes.extend_from_slice(&at.to_le_bytes());
-        }
-        bytes.extend_from_slice(table.tiny());
-        let count = placed.len();
-        // Mapped once written (shared with every other reader); else held.
+        bytes.extend_from_slice(&body);
+        // Mapped once written (shared with every other reader), if what is there now is what
+        // this process wrote; else held.
         let map = match crate::store::write_atomic(&map_path, &bytes) {
             Ok(()) => Mapped::open(&map_path)
                 .ok()
-                .and_then(|m| checked(m, &digest, blocks))
-                .map(|(m, _)| m),
+                .filter(|m| m.as_slice() == &bytes[..]),
             Err(e) => {
                 tracing::debug!("writing {}: {e}", map_path.display());
                 None
@@ -120,14 +127,18 @@ impl SmallReads {
         };
         let (start, len, at) = record(i);
         let (from, want) = (off - start, buf.len() as u64);
-        if from + want > len as u64 {
+        if from.checked_add(want).is_none_or(|end| end > len as u64) {
             return Ok(false);
         }
         if len as u64 <= TINY_MAX {
-            let tiny = &map[MAP_HEAD + self.count * RECORD..];
-            let at = at as usize + from as usize;
-            buf.copy_from_slice(&tiny[at..at + buf.len()]);
-            return Ok(true);
+            let at = MAP_HEAD + self.count * RECORD + at as usize + from as usize;
+            return match map.get(at..at + buf.len()) {
+                Some(bytes) => {
+                    buf.copy_from_slice(bytes);
+                    Ok(true)
+                }
+                None => Ok(false),
+            };
         }
         self.file
             .read_exact_at(buf, at as u64 * BLOCK + from)
@@ -135,9 +146,10 @@ impl SmallReads {
     }
 }
 
-/// Where the map of the table beside the index at `index_path` is kept.
+/// Where the map of the table beside the index at `index_path` is kept (`<layer>.small.map`:
+/// its temp files, `<layer>.small.tmp.*`, never share a name with the `.small` file's own).
 fn map_path(index_path: &Path) -> PathBuf {
-    index_path.with_extension("smallmap")
+    index_path.with_extension("small.map")
 }
 
 fn parse_record(r: &[u8]) -> (u64, u32, u32) {
@@ -156,8 +168,12 @@ fn checked(map: Mapped, digest: &[u8; 32], blocks: u64) -> Option<(Mapped, usize
     if m.len() < MAP_HEAD || &m[..8] != MAP_MAGIC || &m[8..40] != digest {
         return None;
     }
+    let body: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&m[MAP_HEAD..]).into();
+    if m[40..72] != body {
+        return None;
+    }
     let word = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
-    let (count, tiny_len) = (word(40), word(48));
+    let (count, tiny_len) = (word(72), word(80));
     let records = usize::try_from(count).ok()?.checked_mul(RECORD)?;
     if (MAP_HEAD as u64)
         .checked_add(records as u64)?
@@ -223,9 +239,11 @@ mod tests {
     }
 
     /// The decoded table is written beside the index once and mapped by every reader; one made
-    /// from another table, or damaged, is made again.
+    /// from another table, or damaged, is made again; where none can be written, each reader
+    /// holds its own.
     #[test]
     fn readers_map_one_decoded_table() {
+        use std::os::unix::fs::MetadataExt;
         let dir = tempfile::tempdir().unwrap();
         let index = dir.path().join("x.idx");
         let save = |bytes: &[u8]| {
@@ -238,42 +256,65 @@ mod tests {
             let mut buf = vec![0u8; len];
             r.read_at(off, &mut buf).unwrap().then_some(buf)
         };
+        let map = map_path(&index);
+        let ino = || std::fs::metadata(&map).unwrap().ino();
         save(&[1u8; 5000]);
         let first = SmallReads::open(&index).unwrap().unwrap();
-        let map = map_path(&index);
         assert!(matches!(first.map, Mapped::Map(..)), "mapped once written");
-        let written = std::fs::metadata(&map).unwrap().modified().unwrap();
+        let written = ino();
         let second = SmallReads::open(&index).unwrap().unwrap();
-        assert_eq!(
-            std::fs::metadata(&map).unwrap().modified().unwrap(),
-            written
-        );
+        assert_eq!(ino(), written, "the map is reused, not written again");
         assert_eq!(read(&second, 100, 4).unwrap(), b"tiny");
         assert_eq!(read(&second, 1000, 5000).unwrap(), [1u8; 5000]);
         // Another table (a layer's `.small` made anew): its own map.
         save(&[2u8; 6000]);
         let third = SmallReads::open(&index).unwrap().unwrap();
+        assert!(matches!(third.map, Mapped::Map(..)));
+        assert_ne!(ino(), written, "made again");
         assert_eq!(read(&third, 1000, 6000).unwrap(), [2u8; 6000]);
-        // A damaged map: made again.
+        // A tiny file's byte rotted in the map: made again, not served.
         let mut bytes = std::fs::read(&map).unwrap();
         let last = bytes.len() - 1;
-        bytes[MAP_HEAD + 8] ^= 0xff; // the first record's length
         bytes[last] ^= 0xff;
         std::fs::write(&map, &bytes).unwrap();
         let fourth = SmallReads::open(&index).unwrap().unwrap();
         assert_eq!(read(&fourth, 100, 4).unwrap(), b"tiny");
         assert_eq!(read(&fourth, 1000, 6000).unwrap(), [2u8; 6000]);
-        // A store that cannot take it: each reader holds its own.
+        // Where no map can be put (its place taken): each reader holds its own.
         std::fs::remove_file(&map).unwrap();
-        let ro = dir.path().join("ro");
-        std::fs::create_dir(&ro).unwrap();
-        std::fs::copy(dir.path().join("x.small"), ro.join("x.small")).unwrap();
-        std::fs::set_permissions(&ro, std::os::unix::fs::PermissionsExt::from_mode(0o555)).unwrap();
-        if std::fs::write(ro.join("probe"), b"").is_err() {
-            let held = SmallReads::open(&ro.join("x.idx")).unwrap().unwrap();
-            assert!(matches!(held.map, Mapped::Owned(_)));
-            assert_eq!(read(&held, 1000, 6000).unwrap(), [2u8; 6000]);
-        }
+        std::fs::create_dir_all(map.join("in-the-way")).unwrap();
+        let held = SmallReads::open(&index).unwrap().unwrap();
+        assert!(matches!(held.map, Mapped::Owned(_)));
+        assert_eq!(read(&held, 100, 4).unwrap(), b"tiny");
+        assert_eq!(read(&held, 1000, 6000).unwrap(), [2u8; 6000]);
+    }
+
+    /// A map whose hashes match but whose records place bytes where none can be (a block past
+    /// the files' blocks, offsets out of order) is refused.
+    #[test]
+    fn a_consistent_map_of_impossible_places_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = dir.path().join("x.idx");
+        let mut s = SmallFiles::default();
+        s.push(100, &[5u8; 3000]);
+        s.push(9000, &[6u8; 3000]);
+        s.save(&index).unwrap();
+        drop(SmallReads::open(&index).unwrap().unwrap());
+        let good = std::fs::read(map_path(&index)).unwrap();
+        let file = std::fs::File::open(dir.path().join("x.small")).unwrap();
+        let (digest, blocks) = frame_digest(&file, u64::MAX).unwrap();
+        let forged = |edit: &dyn Fn(&mut [u8])| {
+            let mut m = good.clone();
+            edit(&mut m[MAP_HEAD..]);
+            let body: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&m[MAP_HEAD..]).into();
+            m[40..72].copy_from_slice(&body);
+            checked(Mapped::Owned(m), &digest, blocks).is_some()
+        };
+        assert!(forged(&|_| {}), "the map as written checks out");
+        assert!(!forged(
+            &|b| b[12..16].copy_from_slice(&(blocks as u32).to_le_bytes())
+        ));
+        assert!(!forged(&|b| b[16..24].copy_from_slice(&50u64.to_le_bytes())));
     }
 
     /// A table too large to hold in every mount process (a layer of a great many tiny files)

@@ -7,7 +7,7 @@
 //! ├── layers/sha256/<hex>.access checkpoints / zstd frame table           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.zst    seekable copy of a zstd layer           (key: layer blob digest)
 //! ├── layers/sha256/<hex>.small  small files' bytes, in blocks (an EROFS device) (key: layer blob digest)
-//! ├── layers/sha256/<hex>.smallmap  its table decoded, for FUSE reads to map (derived, remade at will)
+//! ├── layers/sha256/<hex>.small.map  its table decoded, for FUSE reads to map (derived, remade at will)
 //! ├── layers/sha256/<hex>.<ix>.{idx,access}     a lazily served layer's index as the image's
 //! │                                              published index <ix> gives it
 //! ├── layers/sha256/<hex>.<ix>.{partial,present} its bytes fetched so far, and which chunks
