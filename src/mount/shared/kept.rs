@@ -204,6 +204,10 @@ pub(crate) fn keep(
         .spawn(move || {
             let _fd = fd; // the connection lives while this thread does
             let _holder = holder;
+            // Telling a worker killed as it starts its options must fail with EPIPE, not kill
+            // the keeper (the CLI restores SIGPIPE's default): blocked on this thread, which
+            // writes to them all (their own mask is restored as they start).
+            sigpipe_mask(libc::SIG_BLOCK);
             let worker = spawn(false);
             let _ = started.send(worker.as_ref().map(|_| ()).map_err(Clone::clone));
             match worker {
@@ -315,6 +319,18 @@ pub(crate) fn kernel_resends() -> bool {
     (next(), next()) >= (6, 9)
 }
 
+/// Blocks or unblocks (`how`) SIGPIPE for the calling thread (async-signal-safe).
+fn sigpipe_mask(how: libc::c_int) {
+    // SAFETY: a signal set on the stack, filled by sigemptyset/sigaddset, passed to
+    // pthread_sigmask for this thread only.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGPIPE);
+        libc::pthread_sigmask(how, &set, std::ptr::null_mut());
+    }
+}
+
 fn spawn_worker(
     exe: &Path,
     args: &[std::ffi::OsString],
@@ -334,6 +350,7 @@ fn spawn_worker(
     // SAFETY: fcntl, prctl and getppid are async-signal-safe, run in the child before exec.
     unsafe {
         cmd.pre_exec(move || {
+            sigpipe_mask(libc::SIG_UNBLOCK);
             // The worker inherits the connection.
             if libc::fcntl(fd, libc::F_SETFD, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
