@@ -1145,20 +1145,7 @@ fn a_users_writable_mount_outlives_its_worker() {
     };
     assert_eq!(line(&mut out), "open\n");
     let before = user.ok(looks);
-    let replaced = |old: &[u32]| {
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-        loop {
-            let now = workers();
-            if now.len() == 1 && !old.contains(&now[0]) {
-                return now;
-            }
-            assert!(
-                std::time::Instant::now() < deadline,
-                "no new worker: {now:?}"
-            );
-            std::thread::sleep(std::time::Duration::from_millis(50));
-        }
-    };
+    let replaced = |old: &[u32]| replaced_workers(&store, old, 1);
 
     // Killed: the next worker knows every node the kernel was told of.
     let st = std::process::Command::new("kill")
@@ -1211,14 +1198,7 @@ fn a_users_writable_mount_outlives_its_worker() {
     );
     assert_eq!(workers(), third);
     user.ok("$BUX umount m");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !workers().is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a worker outlived its mount"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(10, "a worker outlived its mount", || workers().is_empty());
 }
 
 /// A request the worker carried out but died before answering comes again to the next one
@@ -1417,18 +1397,7 @@ fn a_users_read_only_and_disk_mounts_outlive_their_workers() {
             .unwrap();
         assert!(st.success());
     }
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
-    loop {
-        let now = mount_workers(&store);
-        if now.len() == 2 && now.iter().all(|p| !first.contains(p)) {
-            break;
-        }
-        assert!(
-            std::time::Instant::now() < deadline,
-            "workers not replaced: {now:?}"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    replaced_workers(&store, &first, 2);
     assert_eq!(user.ok(looks), before, "the same inodes and bytes");
     assert_eq!(user.ok("cat ro/etc/conf"), "image\n");
     use std::io::Write as _;
@@ -1438,14 +1407,9 @@ fn a_users_read_only_and_disk_mounts_outlive_their_workers() {
     let disk_sum = before.lines().last().unwrap();
     assert_eq!(rest, format!("{}  -\n{disk_sum}\n", sha256_hex(&big)));
     user.ok("$BUX umount ro && $BUX umount dk");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !mount_workers(&store).is_empty() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "a worker outlived its mount"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(10, "a worker outlived its mount", || {
+        mount_workers(&store).is_empty()
+    });
     assert_eq!(
         std::fs::read_dir(store.join("run"))
             .map(|d| d.count())
@@ -1546,14 +1510,9 @@ fn a_mount_whose_worker_keeps_dying_is_unmounted() {
         .collect();
     assert!(log.contains("died 11 times in a minute"), "{log}");
     assert_eq!(user.ok("$BUX mounts --json").trim(), "[]");
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while daemon_pid(&m).is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the daemon outlived its mount"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(10, "the daemon outlived its mount", || {
+        daemon_pid(&m).is_none()
+    });
 }
 
 /// A guest that fills the disk its mount's upper layer is on: requests fail with ENOSPC (not
@@ -1621,14 +1580,9 @@ fn umount_of_a_users_mount_whose_daemon_died_leaves_nothing() {
     let m = user.home().join("m");
     let daemon = daemon_pid(&m).expect("the mount's daemon");
     kill9(daemon);
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-    while !mount_workers(&store).is_empty() || daemon_pid(&m).is_some() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "the worker outlived its keeper"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+    wait_for(10, "the worker outlived its keeper", || {
+        mount_workers(&store).is_empty() && daemon_pid(&m).is_none()
+    });
     user.ok("$BUX umount m");
     assert!(!is_mounted(&m));
     let left: Vec<_> = std::fs::read_dir(store.join("run"))

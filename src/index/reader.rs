@@ -205,7 +205,9 @@ impl LayerReader {
         decode: bool,
     ) -> io::Result<usize> {
         let want = (buf.len() as u64).min(self.size.saturating_sub(off)) as usize;
-        if let Some(small) = self.small.as_ref().filter(|_| want > 0) {
+        // (A read larger than any kept file is not one of them: no lookup.)
+        let small = want > 0 && want as u64 <= super::small::SMALL_MAX;
+        if let Some(small) = self.small.as_ref().filter(|_| small) {
             match small.read_at(off, &mut buf[..want]) {
                 Ok(true) => {
                     // A boot's trace names the blob ranges it needs, wherever the bytes came

@@ -562,12 +562,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
     // Served here: the tree, its reads recorded where asked (or a lazy image's first trace),
     // and lazy layers fetched ahead (below, once it serves).
-    let (remote, lazy) = match &opened {
-        Some((_, _, remote, lazy)) => (remote.clone(), lazy.clone()),
-        None => (None, Vec::new()),
-    };
-    let (fs, trace, known_trace) = match opened {
-        Some((tree, layers, _, lazy)) => {
+    let (fs, trace, known_trace, remote, lazy) = match opened {
+        Some((tree, layers, remote, lazy)) => {
             let (layers, trace, known) = prefetch::record_reads(
                 store,
                 &record,
@@ -576,16 +572,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 !lazy.is_empty(),
                 opts.record_trace,
             );
-            let mut fs = ImageFs::new(tree, layers, cache.clone());
-            if opts.writable && !own_upper {
-                fs = fs.escaping_overlay_xattrs();
-            }
-            if !connect::host_root() {
-                fs = fs.without_permission_checks();
-            }
-            (Some(fs), trace, known)
+            let fs = image_fs(tree, layers, cache.clone(), opts.writable && !own_upper);
+            (Some(fs), trace, known, remote, lazy)
         }
-        None => (None, None, None),
+        None => (None, None, None, None, Vec::new()),
     };
     let mut config = Config::default();
     config.acl = if opts.allow_other {
@@ -691,6 +681,25 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         }
     }
     Ok(m.recorded(store, &name, record.manifest_digest, opts, false))
+}
+
+/// The image's tree served by a mount of its own (in this process or a kept worker):
+/// `overlay_lower`, the lower layer of root's kernel overlay, shows the image's own overlay
+/// xattrs escaped; a user's leaves permission checks to the guest.
+pub(crate) fn image_fs(
+    tree: crate::tree::Tree,
+    layers: Vec<crate::index::LayerReader>,
+    cache: Arc<SpanCache>,
+    overlay_lower: bool,
+) -> ImageFs {
+    let mut fs = ImageFs::new(tree, layers, cache);
+    if overlay_lower {
+        fs = fs.escaping_overlay_xattrs();
+    }
+    if !connect::host_root() {
+        fs = fs.without_permission_checks();
+    }
+    fs
 }
 
 /// Mounts `fs` at `dir` and serves it on a thread of its own.

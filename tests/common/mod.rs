@@ -757,6 +757,15 @@ pub fn mount_workers(store: &Path) -> Vec<u32> {
         .collect()
 }
 
+/// Waits at most `secs` seconds for `done`, failing the test with `what` past them.
+pub fn wait_for(secs: u64, what: &str, mut done: impl FnMut() -> bool) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(secs);
+    while !done() {
+        assert!(std::time::Instant::now() < deadline, "{what}");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
 /// Waits (at most 20 s) until `store`'s mount workers are `n`, none of them in `old`.
 #[allow(dead_code)]
 pub fn replaced_workers(store: &std::path::Path, old: &[u32], n: usize) -> Vec<u32> {

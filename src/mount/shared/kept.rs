@@ -27,7 +27,6 @@ use std::time::{Duration, Instant};
 use fuser::{Config, SessionACL};
 
 use super::{probe::Probe, spawn, HUNG};
-use crate::fs::ImageFs;
 use crate::index::SpanCache;
 use crate::mount::open_record;
 use crate::store::ImageRecord;
@@ -484,14 +483,8 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     let stats = super::stats::Publisher::open(&stats_path(run_dir), resume)
         .inspect_err(|e| tracing::warn!("publishing the mount's counters: {e}"))
         .ok();
-    // As the mounting process would serve it (see `crate::mount::mount`).
-    let mut lower = ImageFs::new(image.tree, layers, cache.clone());
-    if told.overlay_lower {
-        lower = lower.escaping_overlay_xattrs();
-    }
-    if !crate::mount::host_root() {
-        lower = lower.without_permission_checks();
-    }
+    // As the mounting process would serve it.
+    let lower = crate::mount::image_fs(image.tree, layers, cache.clone(), told.overlay_lower);
     let replay = match resume {
         true => Some(
             std::fs::read(init_path(run_dir))
