@@ -297,3 +297,231 @@ impl<T> IoContext<T> for std::io::Result<T> {
         self.map_err(|e| Error::io(what(), e))
     }
 }
+
+/// An error as one process tells another (a mount's worker its keeper, [`Error::to_wire`]):
+/// the variant and its fields, so that a library caller gets from a mount served by a worker
+/// process the error it gets from one served in its own (a registry's refusal, a transient
+/// failure, a damaged store), not the text of one. Causes (`source`) stay behind: their words
+/// are in the details.
+#[derive(serde::Serialize, serde::Deserialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+enum Wire {
+    NotFound {
+        reference: String,
+        detail: String,
+    },
+    Unauthorized {
+        reference: String,
+        detail: String,
+    },
+    Registry {
+        reference: String,
+        detail: String,
+        status: Option<u16>,
+        transient: bool,
+    },
+    DigestMismatch {
+        what: String,
+        expected: Digest,
+        actual: Digest,
+    },
+    InvalidManifest {
+        what: String,
+        detail: String,
+    },
+    CorruptLayer {
+        layer: Digest,
+        detail: String,
+    },
+    CorruptStore {
+        path: PathBuf,
+        detail: String,
+    },
+    BadImage {
+        reference: String,
+        detail: String,
+    },
+    Image {
+        reference: String,
+        inner: Box<Wire>,
+    },
+    Io {
+        context: String,
+        /// The OS error number, where there is one (its message comes back with it).
+        errno: Option<i32>,
+        message: String,
+    },
+}
+
+impl Wire {
+    fn of(e: &Error) -> Option<Wire> {
+        Some(match e {
+            Error::NotFound { reference, detail } => Wire::NotFound {
+                reference: reference.clone(),
+                detail: detail.clone(),
+            },
+            Error::Unauthorized { reference, detail } => Wire::Unauthorized {
+                reference: reference.clone(),
+                detail: detail.clone(),
+            },
+            Error::Registry {
+                reference,
+                detail,
+                status,
+                transient,
+                ..
+            } => Wire::Registry {
+                reference: reference.clone(),
+                detail: detail.clone(),
+                status: *status,
+                transient: *transient,
+            },
+            Error::DigestMismatch {
+                what,
+                expected,
+                actual,
+            } => Wire::DigestMismatch {
+                what: what.clone(),
+                expected: *expected,
+                actual: *actual,
+            },
+            Error::InvalidManifest { what, detail } => Wire::InvalidManifest {
+                what: what.clone(),
+                detail: detail.clone(),
+            },
+            Error::CorruptLayer { layer, detail } => Wire::CorruptLayer {
+                layer: *layer,
+                detail: detail.clone(),
+            },
+            Error::CorruptStore { path, detail } => Wire::CorruptStore {
+                path: path.clone(),
+                detail: detail.clone(),
+            },
+            Error::BadImage { reference, detail } => Wire::BadImage {
+                reference: reference.clone(),
+                detail: detail.clone(),
+            },
+            Error::Image { reference, inner } => Wire::Image {
+                reference: reference.clone(),
+                inner: Box::new(Wire::of(inner)?),
+            },
+            Error::Io { context, error } => Wire::Io {
+                context: context.clone(),
+                errno: error.raw_os_error(),
+                message: error.to_string(),
+            },
+            _ => return None,
+        })
+    }
+
+    fn into_error(self) -> Error {
+        match self {
+            Wire::NotFound { reference, detail } => Error::NotFound { reference, detail },
+            Wire::Unauthorized { reference, detail } => Error::Unauthorized { reference, detail },
+            Wire::Registry {
+                reference,
+                detail,
+                status,
+                transient,
+            } => Error::Registry {
+                reference,
+                detail,
+                status,
+                transient,
+                source: None,
+            },
+            Wire::DigestMismatch {
+                what,
+                expected,
+                actual,
+            } => Error::DigestMismatch {
+                what,
+                expected,
+                actual,
+            },
+            Wire::InvalidManifest { what, detail } => Error::InvalidManifest { what, detail },
+            Wire::CorruptLayer { layer, detail } => Error::CorruptLayer { layer, detail },
+            Wire::CorruptStore { path, detail } => Error::CorruptStore { path, detail },
+            Wire::BadImage { reference, detail } => Error::BadImage { reference, detail },
+            Wire::Image { reference, inner } => Error::Image {
+                reference,
+                inner: Box::new(inner.into_error()),
+            },
+            Wire::Io {
+                context,
+                errno,
+                message,
+            } => Error::Io {
+                context,
+                error: match errno {
+                    Some(n) => std::io::Error::from_raw_os_error(n),
+                    None => std::io::Error::other(message),
+                },
+            },
+        }
+    }
+}
+
+impl Error {
+    /// This error as one line of JSON for another process ([`Error::from_wire`]), if it is
+    /// of a kind a caller acts on; `None` for the rest (their text is told instead).
+    pub(crate) fn to_wire(&self) -> Option<String> {
+        serde_json::to_string(&Wire::of(self)?).ok()
+    }
+
+    /// The error [`Error::to_wire`] made, or `None` if `line` is not one.
+    pub(crate) fn from_wire(line: &str) -> Option<Error> {
+        serde_json::from_str::<Wire>(line)
+            .ok()
+            .map(Wire::into_error)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What a worker tells its keeper comes back as the variant it was, with what a caller
+    /// acts on: transience, status, the OS error.
+    #[test]
+    fn errors_cross_processes_as_their_variants() {
+        let registry = Error::Registry {
+            reference: "127.0.0.1:5000/a:1".into(),
+            detail: "connection refused".into(),
+            status: Some(503),
+            transient: true,
+            source: None,
+        }
+        .for_image("127.0.0.1:5000/a:1");
+        let back = Error::from_wire(&registry.to_wire().unwrap()).unwrap();
+        assert!(matches!(back.inner(), Error::Registry { .. }), "{back:?}");
+        assert!(back.is_transient());
+        assert_eq!(back.status(), Some(503));
+        assert_eq!(back.to_string(), registry.to_string());
+
+        let wrapped = Error::io("reading x", std::io::Error::from_raw_os_error(libc::ENOSPC))
+            .for_image("img");
+        let back = Error::from_wire(&wrapped.to_wire().unwrap()).unwrap();
+        let Error::Io { error, .. } = back.inner() else {
+            panic!("{back:?}")
+        };
+        assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
+        assert_eq!(back.to_string(), wrapped.to_string());
+
+        let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
+        let bad = Error::CorruptLayer {
+            layer: d,
+            detail: "truncated".into(),
+        };
+        let back = Error::from_wire(&bad.to_wire().unwrap()).unwrap();
+        assert!(matches!(back, Error::CorruptLayer { layer, .. } if layer == d));
+
+        // What a caller does not act on goes as text; text is not a wire error.
+        let mount = Error::Mount {
+            path: "/m".into(),
+            detail: "x".into(),
+        };
+        assert!(mount.to_wire().is_none());
+        assert!(Error::from_wire("the image is gone").is_none());
+    }
+}

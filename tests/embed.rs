@@ -400,3 +400,66 @@ fn a_mount_over_the_shared_server_is_live_and_counted_until_unmounted_from_outsi
     m.unmount().unwrap();
     run.assert_no_server_left();
 }
+
+/// A mount served by a worker process (here root's, recording a read trace: kept, not on the
+/// image server) that cannot open the image returns the error a mount served in the caller's
+/// own process returns — its variant, for a runtime to act on (`check --repair` for a damaged
+/// store file), not the text of a worker that did not start.
+#[test]
+fn a_worker_that_cannot_open_the_image_returns_the_callers_error() {
+    if !kernel_resends_fuse_requests() {
+        eprintln!("skipped: kept mounts need Linux 6.9+");
+        return;
+    }
+    let run = Run::new("embed/typed");
+    let bux = env!("CARGO_BIN_EXE_bux-fuse");
+    let out = Command::new(bux)
+        .arg("--store")
+        .arg(run.store.path())
+        .args(["pull", "-q", &run.reference])
+        .output()
+        .unwrap();
+    assert_success(&out);
+    // The image's tree and every layer index damaged in place (same length, garbage where
+    // their entries are): nothing to rebuild the tree from.
+    let mut damaged = 0;
+    let dirs = ["layers/sha256", "trees/sha256"].map(|d| run.store.path().join(d));
+    for e in dirs
+        .iter()
+        .flat_map(|d| std::fs::read_dir(d).unwrap().flatten())
+    {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "idx" || x == "tree") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let n = bytes.len();
+            bytes[n / 4..].fill(0xa5);
+            std::fs::write(&path, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 1, "no tree or layer index in {dirs:?}");
+    let store = bux_fuse::Store::open(run.store.path()).unwrap();
+    let mount = |shared_server: Option<PathBuf>| {
+        let opts = bux_fuse::MountOptions {
+            shared_server,
+            record_trace: true,
+            ..Default::default()
+        };
+        bux_fuse::mount(&store, &run.reference, &run.mnt(), &opts)
+            .map(|_| ())
+            .unwrap_err()
+    };
+    let here = mount(None);
+    let kept = mount(Some(PathBuf::from(bux)));
+    assert!(
+        !matches!(kept.inner(), bux_fuse::Error::Mount { .. }),
+        "the worker's failure came back as text: {kept}"
+    );
+    assert_eq!(
+        std::mem::discriminant(kept.inner()),
+        std::mem::discriminant(here.inner()),
+        "kept: {kept:?}; in this process: {here:?}"
+    );
+    assert_eq!(kept.to_string(), here.to_string());
+    assert!(!is_mounted(&run.mnt()), "a failed mount left a mount");
+}

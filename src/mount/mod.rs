@@ -628,7 +628,12 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
                 Err(e) => {
                     let _ = unmount(&fuse_dir);
                     let _ = std::fs::remove_dir_all(&run_dir);
-                    Err(e)
+                    // What the worker met opening the image (the registry's refusal, a
+                    // damaged store), as a mount served here would have returned it.
+                    if let Some(error) = e.error {
+                        return Err(error);
+                    }
+                    Err(e.said)
                 }
             }
         }

@@ -26,6 +26,7 @@ use std::time::{Duration, Instant};
 
 use fuser::{Config, SessionACL};
 
+use super::spawn::NotReady;
 use super::{probe::Probe, spawn, HUNG};
 use crate::index::SpanCache;
 use crate::mount::open_record;
@@ -155,7 +156,7 @@ pub(crate) fn keep(
     s: &Served,
     fd: OwnedFd,
     holder: Option<std::fs::File>,
-) -> std::result::Result<(JoinHandle<std::io::Result<()>>, String), String> {
+) -> std::result::Result<(JoinHandle<std::io::Result<()>>, String), NotReady> {
     let json =
         serde_json::to_vec(s.record).map_err(|e| format!("encoding the image record: {e}"))?;
     crate::store::write_atomic(&record_path(s.run_dir), &json)
@@ -193,7 +194,7 @@ pub(crate) fn keep(
     // ended): the mount table's ID.
     let id = crate::mount::table::at(&dir)
         .map(|m| m.id)
-        .ok_or("the mount is not in the mount table")?;
+        .ok_or_else(|| String::from("the mount is not in the mount table"))?;
     // Workers are started by the keeper's thread, which lives as long as the mount: a worker
     // dies with the thread that started it (see `spawn_worker`), not with the caller's.
     let (started, first) = std::sync::mpsc::sync_channel(1);
@@ -207,18 +208,23 @@ pub(crate) fn keep(
             // the keeper (the CLI restores SIGPIPE's default): blocked on this thread, which
             // writes to them all (their own mask is restored as they start).
             sigpipe_mask(libc::SIG_BLOCK);
-            let worker = spawn(false);
-            let _ = started.send(worker.as_ref().map(|_| ()).map_err(Clone::clone));
-            match worker {
-                Ok(w) => supervise(w, &dir, &id, spawn),
-                Err(e) => Err(std::io::Error::other(e)),
+            match spawn(false) {
+                Ok(w) => {
+                    let _ = started.send(Ok(()));
+                    supervise(w, &dir, &id, |resume| spawn(resume).map_err(String::from))
+                }
+                Err(e) => {
+                    let said = e.said.clone();
+                    let _ = started.send(Err(e));
+                    Err(std::io::Error::other(said))
+                }
             }
         })
         .map_err(|e| format!("starting the keeper thread: {e}"))?;
     match first.recv() {
         Ok(Ok(())) => Ok((keeper, kept_id)),
         Ok(Err(e)) => Err(e),
-        Err(_) => Err("the keeper thread ended before its worker started".into()),
+        Err(_) => Err(String::from("the keeper thread ended before its worker started").into()),
     }
 }
 
@@ -337,7 +343,7 @@ fn spawn_worker(
     fd: RawFd,
     resume: bool,
     run_dir: &Path,
-) -> std::result::Result<Child, String> {
+) -> std::result::Result<Child, NotReady> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
     cmd.args(args).stdin(Stdio::piped()).stdout(Stdio::piped());
@@ -368,7 +374,7 @@ fn spawn_worker(
     }
     let mut child = cmd
         .spawn()
-        .map_err(|e| format!("starting the mount's worker: {e}"))?;
+        .map_err(|e| NotReady::from(format!("starting the mount's worker: {e}")))?;
     // Read whole before the worker starts serving (a pipe's buffer holds it). A worker that
     // failed before reading it says why below.
     if let Some(mut stdin) = child.stdin.take() {
@@ -381,7 +387,7 @@ fn spawn_worker(
         // What the kernel offered the first worker, for the ones that take over.
         if let Err(e) = crate::store::write_atomic(&init_path(run_dir), &offered.to_le_bytes()) {
             spawn::kill(&mut child, false);
-            return Err(format!("recording FUSE_INIT: {e}"));
+            return Err(format!("recording FUSE_INIT: {e}").into());
         }
     }
     Ok(child)
@@ -410,8 +416,12 @@ pub struct Worker<'a> {
 pub fn serve_mount_worker(store: &Store, w: &Worker) -> Result<()> {
     let r = serve(store, w);
     if let Err(e) = &r {
-        // The keeper is waiting for a line: the reason, rather than a closed pipe.
+        // The keeper is waiting for a line: the reason, rather than a closed pipe; then the
+        // error itself, for a library caller to act on.
         println!("error {}", e.to_string().replace('\n', " "));
+        if let Some(wire) = e.to_wire() {
+            println!("{}{wire}", spawn::ERROR_WIRE);
+        }
         let _ = std::io::stdout().flush();
     }
     r

@@ -133,13 +133,43 @@ pub(super) fn await_hello(
 /// How long a worker may take from its hello to serving.
 const READY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(120);
 
+/// Why a server process did not start: what to say, and the error it met, where it told one
+/// ([`crate::Error::to_wire`]) for the caller to get as it would from a mount of its own.
+#[derive(Debug)]
+pub(crate) struct NotReady {
+    pub(crate) said: String,
+    pub(crate) error: Option<crate::Error>,
+}
+
+impl From<String> for NotReady {
+    fn from(said: String) -> NotReady {
+        NotReady { said, error: None }
+    }
+}
+
+impl From<NotReady> for String {
+    fn from(n: NotReady) -> String {
+        n.said
+    }
+}
+
+impl std::fmt::Display for NotReady {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.said)
+    }
+}
+
+/// The line a worker that cannot start prints after `error WHY`: the error as
+/// [`crate::Error::to_wire`] makes it (keepers of earlier versions read the first line only).
+pub(crate) const ERROR_WIRE: &str = "error-wire ";
+
 /// Waits for the worker `child` (started from `exe`) to say `ready CAPS` after its hello, and
 /// returns CAPS: the capabilities the kernel offered it, in hex. Else kills it and says why
-/// (what it said after `error `, if anything).
-pub(super) fn await_ready(child: &mut Child, exe: &Path, what: &str) -> Result<u64, String> {
+/// (what it said after `error `, if anything, and the error it told after that).
+pub(super) fn await_ready(child: &mut Child, exe: &Path, what: &str) -> Result<u64, NotReady> {
     let Some(out) = child.stdout.take() else {
         kill(child, false);
-        return Err(format!("no pipe to {what}"));
+        return Err(format!("no pipe to {what}").into());
     };
     let mut lines = Lines::new(out);
     // A worker opening a large image takes seconds; one stuck before it serves is given up.
@@ -154,9 +184,20 @@ pub(super) fn await_ready(child: &mut Child, exe: &Path, what: &str) -> Result<u
             return Ok(caps);
         }
     }
+    // The typed error follows its text at once (the worker is exiting).
+    let error = match line.starts_with("error ") {
+        true => lines
+            .next(Some(Instant::now() + std::time::Duration::from_secs(1)))
+            .ok()
+            .and_then(|l| crate::Error::from_wire(l.strip_prefix(ERROR_WIRE)?)),
+        false => None,
+    };
     kill(child, false);
     let why = line.strip_prefix("error ").unwrap_or("see the log");
-    Err(format!("{what} did not start: {why}"))
+    Err(NotReady {
+        said: format!("{what} did not start: {why}"),
+        error,
+    })
 }
 
 fn truncate(s: &str) -> String {

@@ -234,7 +234,7 @@ fn spawn_worker(
         });
     }
     let mut child = cmd.spawn().map_err(|e| format!("starting worker: {e}"))?;
-    let offered = spawn::await_ready(&mut child, exe, "the worker")?;
+    let offered = spawn::await_ready(&mut child, exe, "the worker").map_err(String::from)?;
     // What the kernel offered the first worker, for the ones that take over (a taking-over
     // worker reports what it was given again).
     if !resume {
