@@ -92,9 +92,13 @@ impl Store {
                 let small = crate::index::small::SmallFiles::path(&idx_path);
                 if small.exists() {
                     r.checked += 1;
-                    if let Err(e) = crate::index::small::SmallFiles::load(&idx_path) {
-                        // Without it the layer's small files are read through FUSE.
+                    // Without it the layer's small files are read from the layer.
+                    if let Err(e) = crate::index::small::SmallFiles::load(&idx_path)
+                        .and_then(|_| self.small_files_agree(l, &idx, &idx_path))
+                    {
                         problem(&mut r, &small, format!("{e}"));
+                        let map = crate::index::small_reads::map_path(&idx_path);
+                        let _ = repair.then(|| fs::remove_file(map));
                     }
                 }
                 if let Some(index) = &l.index {
@@ -201,6 +205,54 @@ impl Store {
     }
 
     /// The published index `index` of lazily served layer `l`, checked against its digest.
+    /// Whether the small files kept beside a layer stored whole (`.small`: what every mount
+    /// reads them from, FUSE or the kernel's metadata image) hold the layer's bytes: each is
+    /// compared with the layer, decoded in stream order (a span at a time, each once). A
+    /// layer fetched lazily is checked chunk by chunk elsewhere.
+    fn small_files_agree(
+        &self,
+        l: &crate::store::LayerRecord,
+        idx: &LayerIndex,
+        idx_path: &std::path::Path,
+    ) -> Result<()> {
+        let path = match (&idx.access, idx.compression) {
+            (Access::Frames(_), _) => return Ok(()),
+            (_, crate::index::Compression::Zstd) => self.seekable_path(&l.digest),
+            _ => self.blob_path(&l.digest),
+        };
+        if !self.layer_local(l) || !path.exists() {
+            return Ok(());
+        }
+        let Some(kept) = crate::index::small::SmallIndex::open(idx_path)? else {
+            return Ok(());
+        };
+        let layer =
+            crate::index::LayerReader::open(0, &path, idx.access.clone(), idx.uncompressed_size)
+                .map_err(|e| crate::Error::io(format!("opening {}", path.display()), e))?;
+        let cache = crate::index::SpanCache::new(16 << 20);
+        let mut buf = Vec::new();
+        let mut differs = None;
+        kept.each(|offset, bytes| {
+            buf.resize(bytes.len(), 0);
+            let n = layer.read_at(&cache, offset, &mut buf)?;
+            if n != bytes.len() || buf != bytes {
+                differs = Some(offset);
+                return Ok(false);
+            }
+            Ok(true)
+        })?;
+        match differs {
+            Some(offset) => Err(crate::Error::CorruptStore {
+                path: crate::index::small::SmallFiles::path(idx_path),
+                detail: format!(
+                    "the file at byte {offset} of layer {} is not the layer's",
+                    l.digest.short()
+                ),
+            }),
+            None => Ok(()),
+        }
+    }
+
     fn published(&self, l: &crate::store::LayerRecord, index: &Digest) -> Result<PublishedLayer> {
         let bytes = self.read_verified_blob(index, "published layer index")?;
         PublishedLayer::decode(&bytes, l.digest, l.size)

@@ -543,6 +543,48 @@ fn check_finds_and_repairs_damage() {
     assert_eq!(std::fs::read(m.path.join("shared.bin")).unwrap(), big);
 }
 
+/// A kept small file whose bytes rotted in the store (`.small`, which every mount reads them
+/// from: the kernel's metadata image and FUSE alike) is found by `check`, compared with the
+/// layer, and `--repair` removes it: mounts read the layer's bytes again.
+#[test]
+fn check_compares_kept_small_files_with_their_layer() {
+    let reg = Registry::start();
+    let small = test_bytes(3000, 5); // kept in blocks of its own (not a tiny file)
+    let layer = LayerBuilder::new()
+        .dir("etc", 0o755)
+        .file("etc/conf", &small)
+        .file("big.bin", &test_bytes(300_000, 6))
+        .finish();
+    let r = push(&reg, "t/rot", &Image::new(vec![(layer, Comp::Gzip)]));
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    assert!(bux.ok(&["check"]).contains(": 0 problems"));
+    let kept = std::fs::read_dir(bux.store.path().join("layers/sha256"))
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "small"))
+        .expect("no .small kept");
+    let mut bytes = std::fs::read(&kept).unwrap();
+    let at = bytes
+        .windows(64)
+        .position(|w| w == &small[1000..1064])
+        .expect("the file's bytes are not in the .small file")
+        + 10;
+    bytes[at] ^= 0x40; // a flipped bit in the file's bytes: header and table intact
+    std::fs::write(&kept, &bytes).unwrap();
+    let out = bux.run(&["check"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "rot not reported: {text}");
+    assert!(text.contains(&*kept.to_string_lossy()), "{text}");
+    assert!(text.contains("is not the layer's"), "{text}");
+    bux.ok(&["check", "--repair"]);
+    assert!(!kept.exists(), "--repair left {}", kept.display());
+    assert!(bux.ok(&["check"]).contains(": 0 problems"));
+    let m = bux.mount(&r);
+    assert_eq!(std::fs::read(m.path.join("etc/conf")).unwrap(), small);
+}
+
 /// On a terminal, progress is a bar per layer: on an 80-column terminal no line is wider (a
 /// wider one wraps and the redraws scroll).
 #[test]

@@ -148,7 +148,7 @@ impl SmallReads {
 
 /// Where the map of the table beside the index at `index_path` is kept (`<layer>.small.map`:
 /// its temp files, `<layer>.small.tmp.*`, never share a name with the `.small` file's own).
-fn map_path(index_path: &Path) -> PathBuf {
+pub(crate) fn map_path(index_path: &Path) -> PathBuf {
     index_path.with_extension("small.map")
 }
 
