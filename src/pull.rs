@@ -770,7 +770,10 @@ impl Store {
             });
         }
         let small_max = crate::mount::shared::small_files_kept(None);
-        let mut idx = index::build(open()?, compression, l.digest, None, small_max)?;
+        // Small files' bytes to disk as they come (see `index_layer`), not held.
+        let small_tmp = self.temp_path(&format!("{}.small", l.digest.hex()));
+        let small = index::small::SmallFiles::spilling(small_max, small_tmp)?;
+        let mut idx = index::build_keeping(open()?, compression, l.digest, None, small)?;
         idx.compressed_size = l.size;
         Ok(idx)
     }

@@ -337,6 +337,32 @@ fn background_completion_makes_ordinary_layers() {
     let bux = Bux::new();
     let (m, _) = lazy_mount(&bux, &s.pinned, &["--wait-complete"]);
     drop(m);
+    // Each completed layer with small files keeps them once, beside both of its indexes (the
+    // image's published one and its own): one file under two names, written to disk as
+    // indexing went (a table held in memory is written anew under each name).
+    use std::os::unix::fs::MetadataExt;
+    let layers = bux.store.path().join("layers/sha256");
+    let smalls: Vec<_> = std::fs::read_dir(&layers)
+        .unwrap()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p.extension().is_some_and(|x| x == "small"))
+        .collect();
+    assert!(
+        !smalls.is_empty(),
+        "no small files kept in {}",
+        layers.display()
+    );
+    for p in &smalls {
+        let meta = std::fs::metadata(p).unwrap();
+        assert_eq!(
+            meta.nlink(),
+            2,
+            "{} has {} names",
+            p.display(),
+            meta.nlink()
+        );
+    }
     // Every layer is stored whole now: a plain mount works with the registry gone.
     s.reg.stop();
     let m = bux.mount(&s.pinned);

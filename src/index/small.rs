@@ -81,6 +81,9 @@ pub struct SmallFiles {
     /// Where the bytes go instead of `data`, for a table made by [`SmallFiles::spilling`]
     /// (taken by its save).
     spill: Option<Mutex<Option<Spill>>>,
+    /// Where a spilling table's file went at its save: saved again beside another index, the
+    /// file is linked there (a completed lazy layer's index is saved under two names).
+    saved: Mutex<Option<PathBuf>>,
 }
 
 /// The bytes of a spilling table: written to a temp file, in their blocks, as they are kept.
@@ -117,6 +120,7 @@ impl Clone for SmallFiles {
                 data: self.data.clone(),
                 max: self.max,
                 spill: None,
+                saved: Mutex::new(None),
             },
             Some(_) => SmallFiles::up_to(0),
         }
@@ -142,6 +146,25 @@ impl std::fmt::Debug for SmallFiles {
     }
 }
 
+/// Puts the file `from` at `to` too (atomically): a hard link (the store's files are never
+/// written in place), or a copy where the filesystem has none.
+fn link_into(from: &Path, to: &Path) -> io::Result<()> {
+    let tmp = to.with_extension(format!(
+        "tmp.{}.{}",
+        std::process::id(),
+        TMP_SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    if std::fs::hard_link(from, &tmp).is_err() {
+        std::fs::copy(from, &tmp)?;
+    }
+    if let Err(e) = std::fs::rename(&tmp, to) {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    crate::store::sync_dir(to);
+    Ok(())
+}
+
 impl SmallFiles {
     /// None kept yet; files of at most `max` bytes (and [`SMALL_MAX`]) will be.
     pub fn up_to(max: u64) -> SmallFiles {
@@ -150,6 +173,7 @@ impl SmallFiles {
             data: Vec::new(),
             max: max.min(SMALL_MAX),
             spill: None,
+            saved: Mutex::new(None),
         }
     }
 
@@ -312,7 +336,12 @@ impl SmallFiles {
             }
         };
         let Some(mut spill) = spill else {
-            return Ok(()); // saved already
+            // Saved already: the same bytes beside this index too, linked (not copied).
+            let first = self.saved.lock().unwrap_or_else(|e| e.into_inner()).clone();
+            return match first {
+                Some(first) if first != path => link_into(&first, &path).ctx(ctx),
+                _ => Ok(()),
+            };
         };
         let out = spill
             .out
@@ -345,6 +374,7 @@ impl SmallFiles {
             .and_then(|_| std::fs::rename(&spill.path, &path))
             .ctx(ctx)?;
         crate::store::sync_dir(&path);
+        *self.saved.lock().unwrap_or_else(|e| e.into_inner()) = Some(path);
         Ok(())
     }
 
@@ -435,6 +465,7 @@ impl SmallFiles {
             data: body,
             max: SMALL_MAX,
             spill: None,
+            saved: Mutex::new(None),
         }))
     }
 
@@ -485,6 +516,7 @@ impl SmallFiles {
             data: body,
             max: SMALL_MAX,
             spill: None,
+            saved: Mutex::new(None),
         })
     }
 }
@@ -1141,6 +1173,16 @@ mod tests {
         held.save(&b).unwrap();
         assert_eq!(SmallFiles::load(&a).unwrap().unwrap(), held);
         assert_eq!(SmallFiles::load(&b).unwrap().unwrap(), held);
+        // Saved beside a second index (a completed lazy layer's two names), the same file is
+        // there too: linked, not written again (and not skipped).
+        let c = dir.path().join("c.idx");
+        spilled.save(&c).unwrap();
+        assert_eq!(SmallFiles::load(&c).unwrap().unwrap(), held);
+        use std::os::unix::fs::MetadataExt;
+        let ino = |p: &Path| std::fs::metadata(SmallFiles::path(p)).unwrap().ino();
+        assert_eq!(ino(&a), ino(&c));
+        spilled.save(&a).unwrap(); // again where it is: nothing to do
+        assert_eq!(SmallFiles::load(&a).unwrap().unwrap(), held);
         drop(spilled);
         assert!(!tmp.exists(), "the spill file is removed");
         // Dropped unsaved, it leaves nothing either.

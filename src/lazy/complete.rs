@@ -154,17 +154,21 @@ impl LazyBlob {
         let (tx, rx) = std::sync::mpsc::sync_channel(64);
         let (digest, compression) = (self.digest, published.compression);
         let small_max = crate::mount::shared::small_files_kept(None);
+        // Small files' bytes go to disk as they come, as a pull's do: not held (up to
+        // `KEEP_MAX` a layer) until the index is saved.
+        let small_tmp = store.temp_path(&format!("{}.small", digest.hex()));
         let indexer = tokio::task::spawn_blocking(move || {
             // A zstd:chunked blob is served through its own frames: no re-framed copy needed.
             let mut sink = io::sink();
             let copy: Option<&mut dyn io::Write> =
                 (compression == index::Compression::Zstd).then_some(&mut sink);
-            index::build(
+            let small = index::small::SmallFiles::spilling(small_max, small_tmp)?;
+            index::build_keeping(
                 crate::pull::ChannelReader::new(rx),
                 compression,
                 digest,
                 copy,
-                small_max,
+                small,
             )
         });
         let streamed = self.clone().stream_chunks(stream, Some(tx)).await;
