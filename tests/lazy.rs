@@ -311,9 +311,7 @@ fn killed_daemon_keeps_what_it_verified() {
     let bux = Bux::new();
     let proxy = Proxy::start(s.reg.port, 10_000, 0);
     let reference = through(&proxy, &s.pinned, &s.reg);
-    // A mount of its own (its daemon is what is killed).
-    let own = ["--prefetch", "none", "--own-server"];
-    let (m, _) = lazy_mount(&bux, &reference, &own);
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     assert_eq!(
         cat(&m.path.join("opt/data.bin")).unwrap(),
         test_bytes(6 << 20, 3)
@@ -321,7 +319,7 @@ fn killed_daemon_keeps_what_it_verified() {
     kill_daemon(&m.path);
     drop(m); // umount of the dead mount
     let before = proxy.bytes();
-    let (m, _) = lazy_mount(&bux, &reference, &own);
+    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
     assert_eq!(
         cat(&m.path.join("opt/data.bin")).unwrap(),
         test_bytes(6 << 20, 3)
@@ -1748,12 +1746,10 @@ fn zstd_chunked_tables_are_fetched_while_the_index_is_looked_for() {
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
 }
 
-/// Root's lazy mounts of an image stand on its one image server, as mounts of an image stored
-/// whole do (one server and one page cache per image, whatever started it): a second mount, a
-/// writable one, starts no server and reads what the first fetched without fetching it again;
-/// a read waiting for the registry when the server's worker dies is answered by the next.
+/// A lazy mount is served by a worker its daemon keeps: killed with a read waiting for the
+/// registry, the next worker answers that read (the kernel resends it) and fetches on.
 #[test]
-fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
+fn a_lazy_mount_outlives_its_worker() {
     if !kernel_resends_fuse_requests() {
         eprintln!("skipped: this kernel resends nothing to a new worker (Linux 6.9+)");
         return;
@@ -1762,34 +1758,22 @@ fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
     let proxy = Proxy::start(s.reg.port, 10_000, 0);
     let reference = through(&proxy, &s.pinned, &s.reg);
     let bux = Bux::new();
-    let store = bux.store.path();
-    let workers = || -> Vec<u32> {
-        image_servers(store)
-            .into_iter()
-            .filter_map(|(pid, worker)| worker.then_some(pid))
-            .collect()
-    };
     let extra = ["--prefetch", "none", "--read-timeout", "60"];
-    let (m, said) = lazy_mount(&bux, &reference, &extra);
-    assert!(said.contains("shared image server"), "{said}");
-    let first = workers();
-    assert_eq!(first.len(), 1, "the image server's worker: {first:?}");
-    assert!(mount_workers(store).is_empty(), "a mount of its own");
+    let (m, _) = lazy_mount(&bux, &reference, &extra);
+    let first = mount_workers(bux.store.path());
+    assert_eq!(first.len(), 1, "a worker serves the mount: {first:?}");
     assert_eq!(
         cat(&m.path.join("etc/os-release")).unwrap(),
         b"NAME=bux-lazy\nID=bux\n"
     );
-    // A read that waits for the registry when the worker dies.
+    // A read that waits for the registry when its worker dies.
     proxy.pause();
     let path = m.path.join("opt/data.bin");
     let reader = std::thread::spawn(move || cat(&path));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!reader.is_finished(), "the read waits for the registry");
     kill9(first[0]);
-    wait_for(20, "the image server's worker replaced", || {
-        let now = workers();
-        now.len() == 1 && now[0] != first[0]
-    });
+    replaced_workers(bux.store.path(), &first, 1);
     proxy.unpause();
     assert_eq!(reader.join().unwrap().unwrap(), test_bytes(6 << 20, 3));
     // The next worker fetches what was never read.
@@ -1797,36 +1781,29 @@ fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
         cat(&m.path.join("usr/lib/big2.bin")).unwrap(),
         test_bytes(12 << 20, 2)
     );
-    // A writable lazy mount of the image: a kernel overlay over the same server.
-    let served = workers();
-    let before = proxy.bytes();
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    // Root's writable lazy mount: a kernel overlay over a kept FUSE mount of the image.
+    let served = mount_workers(bux.store.path());
     let (w, _) = lazy_mount(&bux, &reference, &["--writable", "--prefetch", "none"]);
-    assert_eq!(workers(), served, "one server for both mounts");
+    let workers: Vec<u32> = mount_workers(bux.store.path())
+        .into_iter()
+        .filter(|p| !served.contains(p))
+        .collect();
     assert_eq!(
-        cat(&w.path.join("usr/lib/big2.bin")).unwrap(),
-        test_bytes(12 << 20, 2)
-    );
-    let again = proxy.bytes() - before;
-    assert!(
-        again < 64 << 10,
-        "{again} bytes fetched again for the second mount"
+        workers.len(),
+        1,
+        "a worker serves the overlay's lower layer"
     );
     std::fs::write(w.path.join("etc/hostname"), b"changed\n").unwrap();
-    kill9(served[0]);
-    wait_for(20, "the image server's worker replaced again", || {
-        let now = workers();
-        now.len() == 1 && now[0] != served[0]
-    });
+    kill9(workers[0]);
+    replaced_workers(bux.store.path(), &workers, 2);
     assert_eq!(cat(&w.path.join("etc/hostname")).unwrap(), b"changed\n");
-    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+    assert_eq!(
+        cat(&w.path.join("etc/os-release")).unwrap(),
+        b"NAME=bux-lazy\nID=bux\n"
+    );
     assert_eq!(
         cat(&w.path.join("etc/motd")).unwrap(),
         b"hello from a lazy layer\n"
     );
-    // Both gone, the server leaves.
-    drop(w);
-    drop(m);
-    wait_for(20, "the image server left", || {
-        image_servers(store).is_empty()
-    });
 }

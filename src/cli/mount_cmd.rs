@@ -110,10 +110,6 @@ pub(super) fn run(store_arg: &Option<PathBuf>, quiet: bool, args: MountArgs) -> 
                 eprintln!("{note}");
             }
         }
-        if wait_complete {
-            // (An image fetched lazily: its server completes it.)
-            wait_complete_layers(&store, &image.record)?;
-        }
         return Ok(());
     }
     if foreground || notify_ready {

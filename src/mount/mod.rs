@@ -375,8 +375,7 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u, UpperKind::Overlay).map_err(mount_err)?),
         None => None,
     };
-    let told = shared::Told::of(opts, shared::KeptKind::Image, false);
-    let (lower, _image_lock) = shared::lower(store, record, exe, opts.disk, Some(&told))?;
+    let (lower, _image_lock) = shared::lower(store, record, exe, opts.disk)?;
     let writable = if opts.disk {
         // Every disk mount of the image binds the disk server's one FUSE mount: one file,
         // one page cache for all of the image's VMs.
@@ -448,8 +447,7 @@ pub fn mount_if_shared(
         return Ok(None);
     }
     let (record, lease) = stored_image(store, reference)?;
-    // An image fetched lazily stands on it too (its server fetches), but for a disk.
-    if opts.disk && !shared::all_local(store, &record) {
+    if !shared::all_local(store, &record) {
         return Ok(None);
     }
     // (The worker checks again as it opens the image; here the refusal reaches the caller.)

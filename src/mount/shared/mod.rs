@@ -37,7 +37,6 @@ mod probe;
 mod spawn;
 mod stats;
 mod supervisor;
-mod told;
 mod worker;
 pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
 pub(crate) use kept::{
@@ -45,9 +44,7 @@ pub(crate) use kept::{
     Served as KeptServed,
 };
 pub use kept::{serve_mount_worker, Kind as KeptKind, Worker};
-pub(crate) use spawn::stdin_holding;
 pub use supervisor::supervise;
-pub(crate) use told::Told;
 pub use worker::serve_worker;
 
 /// Where an image's server keeps its state.
@@ -288,9 +285,8 @@ fn dead(mnt: &Path) -> bool {
     r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
-/// Whether every layer of `record` is stored whole (else the image's server fetches the rest
-/// lazily; a user's, a disk's and a traced mount of such an image are served by a mount of
-/// their own, with its fetcher).
+/// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
+/// mount of its own, with its fetcher).
 pub(crate) fn all_local(store: &Store, record: &ImageRecord) -> bool {
     record
         .layers
@@ -324,19 +320,16 @@ impl Lower {
 /// mount standing on it is made.
 /// With `disk`, the mount of the image's disk server instead (no metadata in the kernel: the
 /// disk holds it).
-/// A server started here for an image fetched lazily fetches with what `told` says (the
-/// options of the mount that started it: one server per image, whichever mount started it).
 pub(crate) fn lower(
     store: &Store,
     record: &ImageRecord,
     exe: &Path,
     disk: bool,
-    told: Option<&Told>,
 ) -> Result<(Lower, crate::store::Lock)> {
     let place = Place::of(store, &record.view(), disk);
     let lock = store.lock(&place.lock)?;
     if !server_alive(&place) {
-        start(store, record, exe, &place, told)?;
+        start(store, record, exe, &place)?;
     }
     let kernel = (!disk && kernel_meta::in_kernel(&place)).then(|| (place.meta(), place.root()));
     Ok((
@@ -357,7 +350,7 @@ pub(crate) fn reading_through(
     record: &ImageRecord,
     exe: &Path,
 ) -> Result<(PathBuf, std::fs::File)> {
-    let (lower, _image_lock) = lower(store, record, exe, false, None)?;
+    let (lower, _image_lock) = lower(store, record, exe, false)?;
     let place = Place::of(store, &record.view(), false);
     let readers = open_readers(&place)?;
     // Taken before the image's lock is let go: the server never sees the gap.
@@ -437,15 +430,8 @@ pub(crate) fn check_metadata_image(store: &Store, record: &ImageRecord) -> Resul
     }
 }
 
-/// Starts a detached supervisor (`bux-fuse serve-shared`), tells it `told` (what its workers
-/// fetch with), and waits until it serves.
-fn start(
-    store: &Store,
-    record: &ImageRecord,
-    exe: &Path,
-    place: &Place,
-    told: Option<&Told>,
-) -> Result<()> {
+/// Starts a detached supervisor (`bux-fuse serve-shared`) and waits until it serves.
+fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Result<()> {
     let err = |detail: String| Error::Mount {
         path: place.mnt(),
         detail,
@@ -464,17 +450,8 @@ fn start(
         cmd.arg("--disk");
     }
     spawn::as_server(&mut cmd);
-    let input = match told {
-        Some(t) if !all_local(store, record) => {
-            // What an earlier server's completion left goes before this one serves (a
-            // caller then waiting for completion must not read it); this one's may follow.
-            let _ = std::fs::remove_file(store.incomplete_path(&record.view()));
-            serde_json::to_vec(t).map_err(|e| err(format!("encoding its options: {e}")))?
-        }
-        _ => Vec::new(),
-    };
-    let mut child = start_detached(cmd, &place.log(), exe, &input)
-        .map_err(|e| err(format!("image server: {e}")))?;
+    let mut child =
+        start_detached(cmd, &place.log(), exe).map_err(|e| err(format!("image server: {e}")))?;
     // A user's server is a child of the mount daemon that started it, which outlives it:
     // reaped when it exits (no zombie).
     let _ = std::thread::Builder::new()
@@ -490,9 +467,8 @@ fn start_detached(
     cmd: Command,
     log: &Path,
     exe: &Path,
-    input: &[u8],
 ) -> std::result::Result<std::process::Child, String> {
-    let mut child = super::spawn_detached(cmd, log, &exe.display().to_string(), input)?;
+    let mut child = super::spawn_detached(cmd, log, &exe.display().to_string())?;
     let Some(out) = child.stdout.take() else {
         spawn::kill(&mut child, true);
         return Err("no pipe to the image server".into());

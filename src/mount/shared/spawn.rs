@@ -235,24 +235,3 @@ pub(super) fn refuse_if_hookless() -> Result<(), String> {
     }
     Ok(())
 }
-
-/// A standard input that holds `input`, then ends: one end of a socket pair, the bytes written
-/// into it before the process starts (its buffer holds far more than a server's options), the
-/// other end closed. Nothing is written once the process runs, so a process that dies early
-/// cannot make its starter's write fail (or raise SIGPIPE in it).
-pub(crate) fn stdin_holding(input: &[u8]) -> std::io::Result<std::process::Stdio> {
-    use std::io::Write;
-    use std::os::fd::{FromRawFd, OwnedFd};
-    let mut fds = [0; 2];
-    let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
-    // SAFETY: a valid two-element array for socketpair.
-    if unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) } != 0 {
-        return Err(std::io::Error::last_os_error());
-    }
-    // SAFETY: socketpair just returned these two descriptors, ours to own.
-    let (theirs, ours) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
-    let mut ours = std::os::unix::net::UnixStream::from(ours);
-    ours.write_all(input)?;
-    drop(ours);
-    Ok(std::process::Stdio::from(theirs))
-}

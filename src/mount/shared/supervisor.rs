@@ -28,12 +28,6 @@ pub fn supervise(
     disk: bool,
 ) -> Result<()> {
     let place = Place::of(store, &manifest, disk);
-    // What the client that started it said its workers fetch with (an image stored whole:
-    // nothing), read whole before anything else; told to each worker, and again to each that
-    // takes over.
-    let mut told = Vec::new();
-    std::io::Read::read_to_end(&mut std::io::stdin(), &mut told)
-        .map_err(|e| Error::io("reading the image server's options", e))?;
     let record = find_record(store, &manifest)?;
     let _lease = crate::mount::lease_image(store, &record)?;
     // What the workers serve: this record, leased, found by its manifest (not by its name).
@@ -62,8 +56,7 @@ pub fn supervise(
     let mut restarts: Vec<Instant> = Vec::new();
     let mut failures = 0u32;
     loop {
-        let conn = fd.as_raw_fd();
-        let mut worker = match spawn_worker(store, &exe, &manifest, conn, resume, disk, &told) {
+        let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume, disk) {
             Ok(w) => w,
             Err(e) if !resume => {
                 kernel_meta::tear_down(&place);
@@ -97,12 +90,6 @@ pub fn supervise(
             match disk {
                 true => tracing::info!("serving the image's disk"),
                 false if !root => tracing::info!("serving the user's mounts of the image"),
-                // No metadata image for an image fetched lazily: its layers have no small
-                // files kept, and one written now would differ from what the image holds
-                // once they are whole.
-                false if !super::all_local(store, &record) => {
-                    tracing::info!("serving the image, fetching what is read (metadata by FUSE)")
-                }
                 false => match kernel_meta::set_up(store, &record, &place) {
                     Ok(()) => tracing::info!("metadata served by the kernel (EROFS), data by FUSE"),
                     Err(e) => tracing::warn!("metadata served by FUSE: {e}"),
@@ -177,12 +164,6 @@ pub fn supervise(
 
 fn stop_serving(place: &Place, worker: &mut std::process::Child) {
     kernel_meta::tear_down(place);
-    // Unmounted, its session ends: a moment to finish by itself (a lazily fetched image's
-    // worker saves the reads it recorded), then it is told to.
-    let deadline = Instant::now() + Duration::from_secs(2);
-    while matches!(worker.try_wait(), Ok(None)) && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
-    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
     let _ = worker.wait();
@@ -225,7 +206,6 @@ fn spawn_worker(
     fd: RawFd,
     resume: bool,
     disk: bool,
-    told: &[u8],
 ) -> std::result::Result<std::process::Child, String> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
@@ -235,7 +215,7 @@ fn spawn_worker(
         .arg("--worker-fd")
         .arg(fd.to_string())
         .arg(manifest.to_string())
-        .stdin(spawn::stdin_holding(told).map_err(|e| format!("telling the worker: {e}"))?)
+        .stdin(Stdio::null())
         .stdout(Stdio::piped());
     if resume {
         cmd.arg("--resume");

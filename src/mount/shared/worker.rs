@@ -38,20 +38,15 @@ pub fn serve_worker(
         }
         r => r?,
     };
-    // A user's server serves that user's own mounts (which check nothing: their guests do).
-    let root = crate::mount::host_root();
-    // Root's server of an image fetched lazily fetches what is read (and the rest in the
-    // background) with what the mount that started the server said (see `Told`).
-    let lazy = !all_local(store, &record);
-    if lazy && (disk || !root) {
+    if !all_local(store, &record) {
         return Err(Error::Mount {
             path: place.mnt(),
             detail: "the image's layers are not all stored".into(),
         });
     }
-    let told = super::Told::from_stdin()
-        .map_err(|e| Error::io("reading the image server's options", e))?;
-    let opts = told.mount_options(MountOptions::default().cache_bytes);
+    let opts = MountOptions::default();
+    // A user's server serves that user's own mounts (which check nothing: their guests do).
+    let root = crate::mount::host_root();
     let io =
         |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
@@ -63,24 +58,6 @@ pub fn serve_worker(
         });
     }
     let image = open_record(store, record, lease, &opts)?;
-    if lazy {
-        // As root's lazy mount of its own: confined once the image is open (a credential
-        // helper may have run), before it serves; it keeps root's ids and may open files and
-        // connect (it writes what it fetches into the store).
-        if let Err(e) = crate::sandbox::confine(true) {
-            tracing::warn!("confining the image server (seccomp): {e}");
-        }
-    }
-    // The reads of a first worker of a lazily fetched image are recorded (the image's trace,
-    // for later mounts to fetch first); a worker that takes over records none.
-    let (layers, recording, known) = crate::mount::prefetch::record_reads(
-        store,
-        &image.record,
-        &image.tree,
-        image.layers,
-        lazy && !resume,
-        false,
-    );
     let replay = match resume {
         true => {
             Some(std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?)
@@ -96,17 +73,13 @@ pub fn serve_worker(
     let stats = super::stats::Publisher::open(&place.stats(), resume)
         .map_err(|e| io("opening the server's counters", e))?;
     // Before any thread starts: Landlock binds the threads that exist and what they start.
-    // (Not for a lazily fetched image, whose fetcher threads run already and write the store.)
-    match lazy {
-        true => {}
-        false => match crate::sandbox::open_nothing_more() {
-            Ok(true) => {}
-            Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
-            Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
-        },
+    match crate::sandbox::open_nothing_more() {
+        Ok(true) => {}
+        Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
+        Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
     }
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
-    let fs = ImageFs::new(image.tree, layers, cache.clone());
+    let fs = ImageFs::new(image.tree, image.layers, cache.clone());
     let offered = fs.offered_capabilities();
     let fs = match disk {
         true => Served::Disk(crate::disk::DiskFs::new(fs).map_err(|e| Error::Mount {
@@ -125,14 +98,12 @@ pub fn serve_worker(
     config.clone_fd = false;
     // SAFETY: the supervisor passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
-    let (remote, lazy_layers, record) = (image.remote.clone(), image.lazy, &image.record);
     let ready = || -> Result<()> {
         orphan_watch(lock, readers, Place::of(store, &manifest, disk));
-        stats.start(cache, remote);
+        stats.start(cache, None);
         // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
-        // own keep it apart from other images' workers. (A lazily fetched image's writes
-        // what it fetches into root's store.)
-        if root && !lazy {
+        // own keep it apart from other images' workers.
+        if root {
             crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
                 .map_err(|e| io("giving up root", e))?;
         }
@@ -140,24 +111,16 @@ pub fn serve_worker(
         println!("ready {:x}", offered.load(Ordering::Relaxed));
         let _ = std::io::stdout().flush();
         silence_stdout();
-        if !lazy {
-            if let Err(e) = crate::sandbox::confine_worker() {
-                tracing::warn!("confining the image server (seccomp): {e}");
-            }
+        if let Err(e) = crate::sandbox::confine_worker() {
+            tracing::warn!("confining the image server (seccomp): {e}");
         }
         crate::mount::tune_allocator_for_serving();
-        if lazy {
-            crate::mount::prefetch::start(store, record, lazy_layers, known, opts.prefetch);
-        }
         Ok(())
     };
-    let served = match fs {
+    match fs {
         Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
         Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
-    };
-    // The reads this worker saw (a worker that died saved none: its successor records anew).
-    crate::mount::prefetch::save(recording);
-    served
+    }
 }
 
 /// What a worker serves: the image's tree, or its disk.
