@@ -349,9 +349,30 @@ enum Wire {
         context: String,
         /// The OS error number, where there is one (its message comes back with it).
         errno: Option<i32>,
+        /// Else its kind, where it is one a caller may match on ([`IO_KINDS`]).
+        #[serde(default)]
+        io_kind: Option<String>,
         message: String,
     },
 }
+
+/// The kinds of an I/O error without an OS error number that keep their kind across processes.
+const IO_KINDS: [std::io::ErrorKind; 11] = {
+    use std::io::ErrorKind::*;
+    [
+        NotFound,
+        PermissionDenied,
+        TimedOut,
+        ConnectionRefused,
+        ConnectionReset,
+        ConnectionAborted,
+        UnexpectedEof,
+        InvalidData,
+        InvalidInput,
+        AlreadyExists,
+        WouldBlock,
+    ]
+};
 
 impl Wire {
     fn of(e: &Error) -> Option<Wire> {
@@ -408,6 +429,9 @@ impl Wire {
             Error::Io { context, error } => Wire::Io {
                 context: context.clone(),
                 errno: error.raw_os_error(),
+                io_kind: IO_KINDS
+                    .contains(&error.kind())
+                    .then(|| format!("{:?}", error.kind())),
                 message: error.to_string(),
             },
             _ => return None,
@@ -450,12 +474,19 @@ impl Wire {
             Wire::Io {
                 context,
                 errno,
+                io_kind,
                 message,
             } => Error::Io {
                 context,
                 error: match errno {
                     Some(n) => std::io::Error::from_raw_os_error(n),
-                    None => std::io::Error::other(message),
+                    None => {
+                        let kind = IO_KINDS
+                            .into_iter()
+                            .find(|k| io_kind.as_deref() == Some(&format!("{k:?}")))
+                            .unwrap_or(std::io::ErrorKind::Other);
+                        std::io::Error::new(kind, message)
+                    }
                 },
             },
         }
@@ -507,6 +538,17 @@ mod tests {
         };
         assert_eq!(error.raw_os_error(), Some(libc::ENOSPC));
         assert_eq!(back.to_string(), wrapped.to_string());
+        // Without an OS error, its kind where a caller may match on it.
+        let timed_out = Error::io(
+            "fetching",
+            std::io::Error::new(std::io::ErrorKind::TimedOut, "no answer in 5 s"),
+        );
+        let back = Error::from_wire(&timed_out.to_wire().unwrap()).unwrap();
+        let Error::Io { error, .. } = &back else {
+            panic!("{back:?}")
+        };
+        assert_eq!(error.kind(), std::io::ErrorKind::TimedOut);
+        assert_eq!(back.to_string(), timed_out.to_string());
 
         let d: Digest = format!("sha256:{}", "a".repeat(64)).parse().unwrap();
         let bad = Error::CorruptLayer {

@@ -270,6 +270,9 @@ impl Store {
 
     fn inventory(&self) -> Result<Vec<FileInfo>> {
         let mut out = Vec::new();
+        // A file under two names (a completed lazy layer's small files, linked beside both of
+        // its indexes) is counted once, as `du` does.
+        let mut linked = std::collections::HashSet::new();
         for dir in ["blobs/sha256", "layers/sha256", "trees/sha256", "tmp"] {
             let path = self.root.join(dir);
             for entry in fs::read_dir(&path)
@@ -280,9 +283,10 @@ impl Store {
                 if !meta.is_file() {
                     continue;
                 }
+                let again = meta.nlink() > 1 && !linked.insert((meta.dev(), meta.ino()));
                 out.push(FileInfo {
                     name: entry.file_name().to_string_lossy().into_owned(),
-                    alloc: meta.blocks() * 512,
+                    alloc: if again { 0 } else { meta.blocks() * 512 },
                     tmp: dir == "tmp",
                     path: entry.path(),
                 });
@@ -588,6 +592,29 @@ mod tests {
         store.put_image(rec.clone()).unwrap();
         store.mark_used(&rec.reference);
         rec
+    }
+
+    /// A file under two names (a completed lazy layer's small files) costs its blocks once, as
+    /// `du` counts it, in the budget and in `df`.
+    #[test]
+    fn a_file_under_two_names_counts_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let before = store.counted_bytes().unwrap();
+        let layers = dir.path().join("layers/sha256");
+        std::fs::create_dir_all(&layers).unwrap();
+        let (a, b) = (layers.join("aa.small"), layers.join("aa.bb.small"));
+        std::fs::write(&a, vec![7u8; 256 << 10]).unwrap();
+        let one = store.counted_bytes().unwrap() - before;
+        assert!(one >= 256 << 10, "{one}");
+        let small = store.usage().unwrap().small_files;
+        std::fs::hard_link(&a, &b).unwrap();
+        assert_eq!(store.counted_bytes().unwrap() - before, one);
+        assert_eq!(store.usage().unwrap().small_files, small);
+        // A copy is another file.
+        std::fs::remove_file(&b).unwrap();
+        std::fs::copy(&a, &b).unwrap();
+        assert_eq!(store.counted_bytes().unwrap() - before, 2 * one);
     }
 
     #[test]

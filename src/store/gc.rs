@@ -100,6 +100,8 @@ impl Store {
     pub fn usage(&self) -> Result<Usage> {
         let mut u = Usage::default();
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
+        // A file under two names (see `inventory`) is counted once, as `du` does.
+        let mut linked = std::collections::HashSet::new();
         for (dir, slot) in [
             ("blobs/sha256", 0),
             ("layers/sha256", 1),
@@ -110,7 +112,18 @@ impl Store {
                 .ctx(|| format!("listing {}", dir.display()))?
                 .flatten()
             {
-                let len = entry.metadata().map(|m| m.len()).unwrap_or(0);
+                let len = match entry.metadata() {
+                    Ok(m) => {
+                        use std::os::unix::fs::MetadataExt;
+                        let again = m.nlink() > 1 && !linked.insert((m.dev(), m.ino()));
+                        if again {
+                            0
+                        } else {
+                            m.len()
+                        }
+                    }
+                    Err(_) => 0,
+                };
                 let name = entry.file_name();
                 let name = name.to_string_lossy();
                 if name.ends_with(".partial") {
