@@ -121,6 +121,17 @@ impl Run {
         self.work.path().join("root")
     }
 
+    /// The image pulled into the store by the `bux-fuse` binary.
+    fn pull(&self) {
+        let out = Command::new(env!("CARGO_BIN_EXE_bux-fuse"))
+            .arg("--store")
+            .arg(self.store.path())
+            .args(["pull", "-q", &self.reference])
+            .output()
+            .unwrap();
+        assert_success(&out);
+    }
+
     /// The embedder reading `file`, with the hook unless `hook` is false.
     fn command(&self, file: &str, hook: bool) -> Command {
         let mut cmd = Command::new(embedder());
@@ -347,13 +358,7 @@ fn a_mount_over_the_shared_server_is_live_and_counted_until_unmounted_from_outsi
     use bux_fuse::mount::StatsScope;
     let run = Run::new("embed/live");
     let bux = env!("CARGO_BIN_EXE_bux-fuse");
-    let out = Command::new(bux)
-        .arg("--store")
-        .arg(run.store.path())
-        .args(["pull", "-q", &run.reference])
-        .output()
-        .unwrap();
-    assert_success(&out);
+    run.pull();
     // This test's harness cannot call the hook first in its main: a bux-fuse binary serves.
     let store = bux_fuse::Store::open(run.store.path()).unwrap();
     let opts = bux_fuse::MountOptions {
@@ -413,13 +418,7 @@ fn a_worker_that_cannot_open_the_image_returns_the_callers_error() {
     }
     let run = Run::new("embed/typed");
     let bux = env!("CARGO_BIN_EXE_bux-fuse");
-    let out = Command::new(bux)
-        .arg("--store")
-        .arg(run.store.path())
-        .args(["pull", "-q", &run.reference])
-        .output()
-        .unwrap();
-    assert_success(&out);
+    run.pull();
     // The image's tree and every layer index damaged in place (same length, garbage where
     // their entries are): nothing to rebuild the tree from.
     let mut damaged = 0;
