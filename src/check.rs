@@ -19,6 +19,27 @@ pub struct CheckReport {
     pub problems: Vec<String>,
 }
 
+/// The other names of the file at `path` in its directory (its hard links there).
+fn other_names(path: &std::path::Path) -> Vec<std::path::PathBuf> {
+    use std::os::unix::fs::MetadataExt;
+    let (Ok(meta), Some(dir)) = (fs::metadata(path), path.parent()) else {
+        return Vec::new();
+    };
+    if meta.nlink() < 2 {
+        return Vec::new();
+    }
+    fs::read_dir(dir)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| p != path)
+        .filter(|p| {
+            fs::symlink_metadata(p).is_ok_and(|m| m.ino() == meta.ino() && m.dev() == meta.dev())
+        })
+        .collect()
+}
+
 fn digest_of_file(path: &std::path::Path) -> std::io::Result<Digest> {
     let mut f = fs::File::open(path)?;
     let mut h = crate::digest::Hasher::default();
@@ -96,7 +117,19 @@ impl Store {
                     if let Err(e) = crate::index::small::SmallFiles::load(&idx_path)
                         .and_then(|_| self.small_files_agree(l, &idx, &idx_path))
                     {
+                        // Its other names (a completed lazy layer's small files are linked
+                        // beside both of its indexes) are the same bytes: they go too.
+                        let others = match repair {
+                            true => other_names(&small),
+                            false => Vec::new(),
+                        };
                         problem(&mut r, &small, format!("{e}"));
+                        for other in others {
+                            let _ = fs::remove_file(crate::index::small_reads::map_path(
+                                &other.with_extension("idx"),
+                            ));
+                            let _ = fs::remove_file(other);
+                        }
                         let map = crate::index::small_reads::map_path(&idx_path);
                         let _ = repair.then(|| fs::remove_file(map));
                     }

@@ -363,6 +363,24 @@ fn background_completion_makes_ordinary_layers() {
             meta.nlink()
         );
     }
+    // Damage under one name is damage under both: `check --repair` removes every name of it
+    // (mounts then read the layer).
+    let len = std::fs::metadata(&smalls[0]).unwrap().len();
+    let file = std::fs::File::options()
+        .write(true)
+        .open(&smalls[0])
+        .unwrap();
+    file.set_len(len - 1).unwrap();
+    let out = bux.run(&["check"]);
+    assert!(
+        !out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    bux.ok(&["check", "--repair"]);
+    let left = smalls.iter().filter(|p| p.exists()).count();
+    assert_eq!(left, smalls.len() - 2, "both names of the damaged file go");
+    assert!(bux.ok(&["check"]).contains(": 0 problems"));
     // Every layer is stored whole now: a plain mount works with the registry gone.
     s.reg.stop();
     let m = bux.mount(&s.pinned);
