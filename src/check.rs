@@ -248,11 +248,10 @@ impl Store {
         idx: &LayerIndex,
         idx_path: &std::path::Path,
     ) -> Result<()> {
-        let path = match (&idx.access, idx.compression) {
-            (Access::Frames(_), _) => return Ok(()),
-            (_, crate::index::Compression::Zstd) => self.seekable_path(&l.digest),
-            _ => self.blob_path(&l.digest),
-        };
+        if matches!(idx.access, Access::Frames(_)) {
+            return Ok(());
+        }
+        let path = crate::mount::layer_data_path(self, &l.digest, &idx.access, idx.compression);
         if !self.layer_local(l) || !path.exists() {
             return Ok(());
         }

@@ -38,7 +38,7 @@ pub(crate) use kernel::kernel_mount;
 pub use kernel::READ_AHEAD_KB;
 use kernel::{mount_overlay, raise_readahead};
 use open::stored_image;
-pub(crate) use open::{lease_image, open_image, open_record, OpenedImage};
+pub(crate) use open::{layer_data_path, lease_image, open_image, open_record, OpenedImage};
 pub use options::{DiskRoot, MountOptions, MountStats, Prefetch, StatsScope};
 pub use records::{MountRecord, MountState, StoreMount};
 pub use unmount::unmount_all;

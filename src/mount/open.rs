@@ -65,6 +65,21 @@ pub(crate) fn lease_image(
     store.lease(&leased)
 }
 
+/// The file a stored layer is read from: its blob, or for a zstd layer its seekable copy (a
+/// zstd:chunked layer, read by its own frames, is its blob).
+pub(crate) fn layer_data_path(
+    store: &Store,
+    digest: &crate::Digest,
+    access: &crate::index::Access,
+    compression: Compression,
+) -> std::path::PathBuf {
+    match (access, compression) {
+        (crate::index::Access::Frames(_), _) => store.blob_path(digest),
+        (_, Compression::Zstd) => store.seekable_path(digest),
+        _ => store.blob_path(digest),
+    }
+}
+
 /// A stored image opened for serving: its tree and a reader per layer.
 pub(crate) struct OpenedImage {
     pub record: crate::store::ImageRecord,
@@ -102,11 +117,7 @@ pub(crate) fn open_record(
     let mut remote: Option<Arc<Remote>> = None;
     let mut lazy = Vec::new();
     for (i, l) in tree.layers.iter().enumerate() {
-        let path = match (&l.access, l.compression) {
-            (crate::index::Access::Frames(_), _) => store.blob_path(&l.digest),
-            (_, Compression::Zstd) => store.seekable_path(&l.digest),
-            _ => store.blob_path(&l.digest),
-        };
+        let path = layer_data_path(store, &l.digest, &l.access, l.compression);
         let index = record
             .layers
             .iter()
