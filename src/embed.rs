@@ -22,13 +22,16 @@ use std::time::Duration;
 pub(crate) const SERVE_ENV: &str = "BUX_FUSE_SERVE";
 
 /// The version of the protocol between the library and the servers it starts (the arguments
-/// they are given, what they print, and since 3 what a kept mount's worker reads on its stdin):
-/// a server of another version is refused.
-pub(crate) const PROTOCOL: &str = "3";
+/// they are given, what they print, since 3 what a kept mount's worker reads on its stdin, and
+/// since 4 what the image server reads on its stdin — it serves images fetched lazily — and
+/// the `error` lines it prints when it cannot start): a server of another version is refused.
+pub(crate) const PROTOCOL: &str = "4";
 
 /// Earlier versions a server still answers: a keeper of version 2 (the binary upgraded under
-/// its live mount) tells its worker nothing on stdin, and gets the defaults it served with.
-const ALSO_SERVED: &[&str] = &["2"];
+/// its live mount) tells its worker nothing on stdin, and gets the defaults it served with; a
+/// client of version 3 starts image servers only for images stored whole, and tells them
+/// nothing.
+const ALSO_SERVED: &[&str] = &["2", "3"];
 
 /// The variable naming an executable to run image servers from (see [`server_executable`]).
 pub const HELPER_ENV: &str = "BUX_FUSE_HELPER";

@@ -462,3 +462,54 @@ fn a_worker_that_cannot_open_the_image_returns_the_callers_error() {
     assert_eq!(kept.to_string(), here.to_string());
     assert!(!is_mounted(&run.mnt()), "a failed mount left a mount");
 }
+
+/// The same through root's image server (a supervisor and its worker): what the worker met
+/// opening the image reaches the caller typed, not as "see the log".
+#[test]
+fn an_image_server_that_cannot_open_the_image_returns_the_callers_error() {
+    let run = Run::new("embed/typed-shared");
+    let bux = env!("CARGO_BIN_EXE_bux-fuse");
+    run.pull();
+    // Every layer's access table (what a mount maps to read the layer) damaged in place; the
+    // tree (which the mounting process reads to choose how to mount) left whole: only the
+    // server's worker meets the damage.
+    let mut damaged = 0;
+    let dir = run.store.path().join("layers/sha256");
+    for e in std::fs::read_dir(&dir).unwrap().flatten() {
+        let path = e.path();
+        if path.extension().is_some_and(|x| x == "access") {
+            let mut bytes = std::fs::read(&path).unwrap();
+            let n = bytes.len();
+            bytes[8.min(n)..].fill(0xa5); // all but the magic number
+            std::fs::write(&path, bytes).unwrap();
+            damaged += 1;
+        }
+    }
+    assert!(damaged > 0, "no access table in {}", dir.display());
+    let store = bux_fuse::Store::open(run.store.path()).unwrap();
+    let mount = |shared_server: Option<PathBuf>| {
+        let opts = bux_fuse::MountOptions {
+            shared_server,
+            ..Default::default()
+        };
+        bux_fuse::mount(&store, &run.reference, &run.mnt(), &opts)
+            .map(|_| ())
+            .unwrap_err()
+    };
+    let here = mount(None);
+    let shared = mount(Some(PathBuf::from(bux)));
+    assert!(
+        !matches!(shared.inner(), bux_fuse::Error::Mount { .. }),
+        "the image server's failure came back as text: {shared}"
+    );
+    assert_eq!(
+        std::mem::discriminant(shared.inner()),
+        std::mem::discriminant(here.inner()),
+        "image server: {shared:?}; in this process: {here:?}"
+    );
+    assert_eq!(shared.to_string(), here.to_string());
+    assert!(!is_mounted(&run.mnt()), "a failed mount left a mount");
+    wait_for(10, "the image server left", || {
+        image_servers(run.store.path()).is_empty()
+    });
+}

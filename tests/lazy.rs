@@ -311,7 +311,9 @@ fn killed_daemon_keeps_what_it_verified() {
     let bux = Bux::new();
     let proxy = Proxy::start(s.reg.port, 10_000, 0);
     let reference = through(&proxy, &s.pinned, &s.reg);
-    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    // A mount of its own (its daemon is what is killed).
+    let own = ["--prefetch", "none", "--own-server"];
+    let (m, _) = lazy_mount(&bux, &reference, &own);
     assert_eq!(
         cat(&m.path.join("opt/data.bin")).unwrap(),
         test_bytes(6 << 20, 3)
@@ -319,7 +321,7 @@ fn killed_daemon_keeps_what_it_verified() {
     kill_daemon(&m.path);
     drop(m); // umount of the dead mount
     let before = proxy.bytes();
-    let (m, _) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    let (m, _) = lazy_mount(&bux, &reference, &own);
     assert_eq!(
         cat(&m.path.join("opt/data.bin")).unwrap(),
         test_bytes(6 << 20, 3)
@@ -1764,10 +1766,12 @@ fn zstd_chunked_tables_are_fetched_while_the_index_is_looked_for() {
     assert_eq!(os, b"NAME=bux-lazy\nID=bux\n");
 }
 
-/// A lazy mount is served by a worker its daemon keeps: killed with a read waiting for the
-/// registry, the next worker answers that read (the kernel resends it) and fetches on.
+/// Root's lazy mounts of an image stand on its one image server, as mounts of an image stored
+/// whole do (one server and one page cache per image, whatever started it): a second mount, a
+/// writable one, starts no server and reads what the first fetched without fetching it again;
+/// a read waiting for the registry when the server's worker dies is answered by the next.
 #[test]
-fn a_lazy_mount_outlives_its_worker() {
+fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
     if !kernel_resends_fuse_requests() {
         eprintln!("skipped: this kernel resends nothing to a new worker (Linux 6.9+)");
         return;
@@ -1776,22 +1780,34 @@ fn a_lazy_mount_outlives_its_worker() {
     let proxy = Proxy::start(s.reg.port, 10_000, 0);
     let reference = through(&proxy, &s.pinned, &s.reg);
     let bux = Bux::new();
+    let store = bux.store.path();
+    let workers = || -> Vec<u32> {
+        image_servers(store)
+            .into_iter()
+            .filter_map(|(pid, worker)| worker.then_some(pid))
+            .collect()
+    };
     let extra = ["--prefetch", "none", "--read-timeout", "60"];
-    let (m, _) = lazy_mount(&bux, &reference, &extra);
-    let first = mount_workers(bux.store.path());
-    assert_eq!(first.len(), 1, "a worker serves the mount: {first:?}");
+    let (m, said) = lazy_mount(&bux, &reference, &extra);
+    assert!(said.contains("shared image server"), "{said}");
+    let first = workers();
+    assert_eq!(first.len(), 1, "the image server's worker: {first:?}");
+    assert!(mount_workers(store).is_empty(), "a mount of its own");
     assert_eq!(
         cat(&m.path.join("etc/os-release")).unwrap(),
         b"NAME=bux-lazy\nID=bux\n"
     );
-    // A read that waits for the registry when its worker dies.
+    // A read that waits for the registry when the worker dies.
     proxy.pause();
     let path = m.path.join("opt/data.bin");
     let reader = std::thread::spawn(move || cat(&path));
     std::thread::sleep(Duration::from_millis(500));
     assert!(!reader.is_finished(), "the read waits for the registry");
     kill9(first[0]);
-    replaced_workers(bux.store.path(), &first, 1);
+    wait_for(20, "the image server's worker replaced", || {
+        let now = workers();
+        now.len() == 1 && now[0] != first[0]
+    });
     proxy.unpause();
     assert_eq!(reader.join().unwrap().unwrap(), test_bytes(6 << 20, 3));
     // The next worker fetches what was never read.
@@ -1799,29 +1815,96 @@ fn a_lazy_mount_outlives_its_worker() {
         cat(&m.path.join("usr/lib/big2.bin")).unwrap(),
         test_bytes(12 << 20, 2)
     );
-    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
-    // Root's writable lazy mount: a kernel overlay over a kept FUSE mount of the image.
-    let served = mount_workers(bux.store.path());
-    let (w, _) = lazy_mount(&bux, &reference, &["--writable", "--prefetch", "none"]);
-    let workers: Vec<u32> = mount_workers(bux.store.path())
-        .into_iter()
-        .filter(|p| !served.contains(p))
-        .collect();
+    // A writable lazy mount of the image, fetching as the first does: a kernel overlay over
+    // the same server.
+    let served = workers();
+    let before = proxy.bytes();
+    let (w, _) = lazy_mount(
+        &bux,
+        &reference,
+        &["--writable", "--prefetch", "none", "--read-timeout", "60"],
+    );
+    assert_eq!(workers(), served, "one server for both mounts");
     assert_eq!(
-        workers.len(),
-        1,
-        "a worker serves the overlay's lower layer"
+        cat(&w.path.join("usr/lib/big2.bin")).unwrap(),
+        test_bytes(12 << 20, 2)
+    );
+    let again = proxy.bytes() - before;
+    assert!(
+        again < 64 << 10,
+        "{again} bytes fetched again for the second mount"
     );
     std::fs::write(w.path.join("etc/hostname"), b"changed\n").unwrap();
-    kill9(workers[0]);
-    replaced_workers(bux.store.path(), &workers, 2);
+    kill9(served[0]);
+    wait_for(20, "the image server's worker replaced again", || {
+        let now = workers();
+        now.len() == 1 && now[0] != served[0]
+    });
     assert_eq!(cat(&w.path.join("etc/hostname")).unwrap(), b"changed\n");
-    assert_eq!(
-        cat(&w.path.join("etc/os-release")).unwrap(),
-        b"NAME=bux-lazy\nID=bux\n"
-    );
+    assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
     assert_eq!(
         cat(&w.path.join("etc/motd")).unwrap(),
         b"hello from a lazy layer\n"
     );
+    // A mount that would fetch otherwise (here with another read deadline; as with other
+    // credentials) does not stand on a server that fetches as somebody else: its own.
+    let workers_now = workers();
+    let (own, said) = lazy_mount(&bux, &reference, &["--prefetch", "none"]);
+    assert!(!said.contains("shared image server"), "{said}");
+    assert_eq!(workers(), workers_now, "no second image server");
+    assert_eq!(mount_workers(store).len(), 1, "a mount of its own");
+    assert_eq!(
+        cat(&own.path.join("etc/motd")).unwrap(),
+        b"hello from a lazy layer\n"
+    );
+    drop(own);
+    // A mount that waits for the image whole joins a server that was told to fetch only
+    // what is read: the server completes the image (the mount returns; it hung for good),
+    // then hands it to a worker confined as for a stored image (not root's ids).
+    let mut joining = bux.cmd();
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("root");
+    joining.args(["mount", "--lazy", &reference, at.to_str().unwrap()]);
+    joining.args(["--wait-complete", "--read-timeout", "60"]);
+    let mut child = joining.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("mount --wait-complete never returned");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(child.wait().unwrap().success());
+    let whole = MountGuard::adopt(at, dir);
+    assert!(bux.ok(&["check"]).contains("0 problems"));
+    wait_for(20, "a confined worker took over", || {
+        let now = workers();
+        now.len() == 1
+            && !workers_now.contains(&now[0])
+            && std::fs::read_to_string(format!("/proc/{}/status", now[0])).is_ok_and(|st| {
+                st.lines()
+                    .any(|l| l.starts_with("Uid:") && !l.contains("\t0\t"))
+            })
+    });
+    let before = proxy.bytes();
+    proxy.pause();
+    assert_eq!(
+        cat(&whole.path.join("usr/lib/big2.bin")).unwrap(),
+        test_bytes(12 << 20, 2)
+    );
+    assert_eq!(cat(&w.path.join("etc/hostname")).unwrap(), b"changed\n");
+    assert_eq!(
+        proxy.bytes(),
+        before,
+        "nothing fetched once the image is whole"
+    );
+    proxy.unpause();
+    // All gone, the server leaves.
+    drop(whole);
+    drop(w);
+    drop(m);
+    wait_for(20, "the image server left", || {
+        image_servers(store).is_empty()
+    });
 }

@@ -58,7 +58,9 @@ pub(super) fn run(store_arg: &Option<PathBuf>, quiet: bool, args: MountArgs) -> 
         upper,
         registry: opts.registry.clone(),
         read_deadline: std::time::Duration::from_secs_f64(read_timeout),
+        // (Waiting for the image whole means having it completed, whatever --prefetch says.)
         prefetch: match prefetch.as_str() {
+            _ if wait_complete => crate::mount::Prefetch::All,
             "none" => crate::mount::Prefetch::None,
             "trace" => crate::mount::Prefetch::Trace,
             _ => crate::mount::Prefetch::All,
@@ -109,6 +111,10 @@ pub(super) fn run(store_arg: &Option<PathBuf>, quiet: bool, args: MountArgs) -> 
             if let Some(note) = writable_note(&mopts, &dir) {
                 eprintln!("{note}");
             }
+        }
+        if wait_complete {
+            // (An image fetched lazily: its server completes it, asked to by this mount.)
+            wait_complete_layers(&store, &image.record)?;
         }
         return Ok(());
     }

@@ -11,7 +11,7 @@ pub(crate) fn start_detached(
     what: &str,
 ) -> std::result::Result<std::process::Child, String> {
     use std::io::BufRead;
-    let mut child = spawn_detached(cmd, log, what)?;
+    let mut child = spawn_detached(cmd, log, what, &[])?;
     let mut line = String::new();
     if let Some(out) = child.stdout.take() {
         let _ = io::BufReader::new(out).read_line(&mut line);
@@ -23,17 +23,24 @@ pub(crate) fn start_detached(
     Err(last_logged(log, what))
 }
 
-/// Spawns `cmd` in a session of its own, stdin closed, stdout piped, stderr to the file `log`:
-/// a process that outlives whoever started it.
+/// Spawns `cmd` in a session of its own, stdout piped, stderr to the file `log`, `input` on
+/// its stdin (closed after it; closed at once if there is none): a process that outlives
+/// whoever started it.
 pub(crate) fn spawn_detached(
     mut cmd: std::process::Command,
     log: &Path,
     what: &str,
+    input: &[u8],
 ) -> std::result::Result<std::process::Child, String> {
     use std::os::unix::process::CommandExt;
     let file =
         std::fs::File::create(log).map_err(|e| format!("creating {}: {e}", log.display()))?;
-    cmd.stdin(std::process::Stdio::null())
+    let stdin = match input.is_empty() {
+        true => std::process::Stdio::null(),
+        false => super::shared::stdin_holding(input)
+            .map_err(|e| format!("telling {what} its options: {e}"))?,
+    };
+    cmd.stdin(stdin)
         .stdout(std::process::Stdio::piped())
         .stderr(file);
     // SAFETY: setsid is async-signal-safe; the process outlives whoever started it.

@@ -352,7 +352,9 @@ fn disk_is_read_only(dir: &Path) -> Error {
     }
 }
 
-/// Mounts `dir` over the image's shared server (see [`shared`]), or its disk server.
+/// Mounts `dir` over the image's shared server (see [`shared`]), or its disk server: `None`
+/// if the image is fetched lazily by a server that fetches otherwise than `opts` say (other
+/// credentials, registries or deadlines).
 fn mount_shared(
     store: &Store,
     record: &crate::store::ImageRecord,
@@ -360,7 +362,7 @@ fn mount_shared(
     dir: &Path,
     opts: &MountOptions,
     exe: &Path,
-) -> Result<Mount> {
+) -> Result<Option<Mount>> {
     let mount_err = |detail: String| Error::Mount {
         path: dir.to_path_buf(),
         detail,
@@ -375,7 +377,12 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u, UpperKind::Overlay).map_err(mount_err)?),
         None => None,
     };
-    let (lower, _image_lock) = shared::lower(store, record, exe, opts.disk)?;
+    let told = shared::Told::of(opts, shared::KeptKind::Image, false);
+    let Some((lower, _image_lock)) = shared::lower(store, record, exe, opts.disk, Some(&told))?
+    else {
+        // The image is fetched lazily by a server that fetches as another mount said.
+        return Ok(None);
+    };
     let writable = if opts.disk {
         // Every disk mount of the image binds the disk server's one FUSE mount: one file,
         // one page cache for all of the image's VMs.
@@ -409,26 +416,29 @@ fn mount_shared(
         shared::mount_read_only(&lower, &dir, overlay_xattrs).map_err(mount_err)?;
         None
     };
-    Ok(Mount {
-        path: dir,
-        fuse_path: lower.mnt,
-        writable,
-        cache: Arc::new(SpanCache::new(0)),
-        thread: None,
-        _lease: lease,
-        remote: None,
-        trace: None,
-        kernel_mount: true,
-        record: None,
-        disk: opts.disk,
-        read_through: None,
-        kept: None,
-    }
-    .recorded(store, &record.reference, record.manifest_digest, opts, true))
+    Ok(Some(
+        Mount {
+            path: dir,
+            fuse_path: lower.mnt,
+            writable,
+            cache: Arc::new(SpanCache::new(0)),
+            thread: None,
+            _lease: lease,
+            remote: None,
+            trace: None,
+            kernel_mount: true,
+            record: None,
+            disk: opts.disk,
+            read_through: None,
+            kept: None,
+        }
+        .recorded(store, &record.reference, record.manifest_digest, opts, true),
+    ))
 }
 
 /// Mounts `dir` over the image's shared server when this mount would stand on one (`opts`
-/// names the server's executable, host root, no trace to record, the image stored whole):
+/// names the server's executable, host root, no trace to record; for a disk, the image stored
+/// whole; for an image fetched lazily, no server of it fetching otherwise than `opts` say):
 /// `None` otherwise, with nothing done.
 #[doc(hidden)]
 pub fn mount_if_shared(
@@ -447,12 +457,13 @@ pub fn mount_if_shared(
         return Ok(None);
     }
     let (record, lease) = stored_image(store, reference)?;
-    if !shared::all_local(store, &record) {
+    // An image fetched lazily stands on it too (its server fetches), but for a disk.
+    if opts.disk && !shared::all_local(store, &record) {
         return Ok(None);
     }
     // (The worker checks again as it opens the image; here the refusal reaches the caller.)
     open::check_whole_layers(store, &record)?;
-    mount_shared(store, &record, lease, dir, opts, exe).map(Some)
+    mount_shared(store, &record, lease, dir, opts, exe)
 }
 
 /// Mounts the stored image `reference` read-only at `dir` (created if missing).

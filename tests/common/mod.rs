@@ -694,6 +694,12 @@ impl Bux {
                 out.push_str(&std::fs::read_to_string(e.path()).unwrap_or_default());
             }
         }
+        // Image servers' logs (root's mounts, lazy ones too, stand on them).
+        if let Ok(dir) = std::fs::read_dir(self.store.path().join("shared")) {
+            for e in dir.flatten() {
+                out.push_str(&std::fs::read_to_string(e.path().join("log")).unwrap_or_default());
+            }
+        }
         out
     }
 

@@ -27,6 +27,7 @@ use std::time::{Duration, Instant};
 use fuser::{Config, SessionACL};
 
 use super::spawn::NotReady;
+use super::told::Told;
 use super::{probe::Probe, spawn, HUNG};
 use crate::index::SpanCache;
 use crate::mount::open_record;
@@ -48,77 +49,6 @@ pub(crate) struct Served<'a> {
     /// How: who reaches the mount, FUSE threads, span cache, and for lazily fetched layers
     /// the registry, the read deadline, what to fetch ahead, whether to record reads.
     pub opts: &'a MountOptions,
-}
-
-/// What the keeper tells each worker on its stdin (credentials stay off command lines, and out
-/// of the library's public types' serialisations). A field a keeper of another version leaves
-/// out takes the default.
-#[derive(serde::Serialize, serde::Deserialize)]
-#[serde(default)]
-struct Told {
-    credentials: Option<(String, String)>,
-    anonymous: bool,
-    insecure: Vec<String>,
-    mirrors: Vec<String>,
-    connect_timeout: Option<Duration>,
-    request_timeout: Option<Duration>,
-    read_deadline: Duration,
-    prefetch: crate::mount::Prefetch,
-    record_trace: bool,
-    /// The tree is the lower layer of root's kernel overlay (a writable mount): the image's own
-    /// `trusted.overlay.*` xattrs are shown escaped, as the overlay expects.
-    overlay_lower: bool,
-    /// A user's writable mount reads image files through the user's image server (the
-    /// keeper's call: not for an image fetched lazily, nor while reads are recorded).
-    read_through: bool,
-}
-
-impl Default for Told {
-    fn default() -> Told {
-        Told::of(&MountOptions::default(), Kind::Image, false)
-    }
-}
-
-impl Told {
-    fn of(opts: &MountOptions, what: Kind, read_through: bool) -> Told {
-        use crate::registry::Credentials;
-        let r = &opts.registry;
-        let credentials = match &r.credentials {
-            Credentials::Basic { username, password } => Some((username.clone(), password.clone())),
-            _ => None,
-        };
-        Told {
-            credentials,
-            anonymous: matches!(r.credentials, Credentials::Anonymous),
-            insecure: r.insecure.clone(),
-            mirrors: r.mirrors.clone(),
-            connect_timeout: r.connect_timeout,
-            request_timeout: r.request_timeout,
-            read_deadline: opts.read_deadline,
-            prefetch: opts.prefetch,
-            record_trace: opts.record_trace,
-            overlay_lower: opts.writable && matches!(what, Kind::Image),
-            read_through,
-        }
-    }
-
-    fn registry(&self) -> crate::RegistryOptions {
-        use crate::registry::Credentials;
-        crate::RegistryOptions {
-            credentials: match (&self.credentials, self.anonymous) {
-                (Some((username, password)), _) => Credentials::Basic {
-                    username: username.clone(),
-                    password: password.clone(),
-                },
-                (None, true) => Credentials::Anonymous,
-                (None, false) => Credentials::Auto,
-            },
-            insecure: self.insecure.clone(),
-            mirrors: self.mirrors.clone(),
-            connect_timeout: self.connect_timeout,
-            request_timeout: self.request_timeout,
-        }
-    }
 }
 
 /// Which of the image's forms a mount serves.
@@ -416,13 +346,8 @@ pub struct Worker<'a> {
 pub fn serve_mount_worker(store: &Store, w: &Worker) -> Result<()> {
     let r = serve(store, w);
     if let Err(e) = &r {
-        // The keeper is waiting for a line: the reason, rather than a closed pipe; then the
-        // error itself, for a library caller to act on.
-        println!("error {}", e.to_string().replace('\n', " "));
-        if let Some(wire) = e.to_wire() {
-            println!("{}{wire}", spawn::ERROR_WIRE);
-        }
-        let _ = std::io::stdout().flush();
+        // The keeper is waiting for a line: the reason, rather than a closed pipe.
+        spawn::tell_error(e);
     }
     r
 }
@@ -453,14 +378,7 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
         false => serde_json::from_slice(&told)
             .map_err(|e| io("reading the keeper's options", std::io::Error::other(e)))?,
     };
-    let opts = MountOptions {
-        cache_bytes: w.cache_bytes,
-        registry: told.registry(),
-        read_deadline: told.read_deadline,
-        prefetch: told.prefetch,
-        record_trace: told.record_trace,
-        ..MountOptions::default()
-    };
+    let opts = told.mount_options(w.cache_bytes);
     // The keeper's lease keeps the image's files from gc, and this process dies with it: none
     // of its own to write (the disk may be full when a worker takes over).
     let lease = crate::store::Lease::held_by_parent();

@@ -37,6 +37,7 @@ mod probe;
 mod spawn;
 mod stats;
 mod supervisor;
+mod told;
 mod worker;
 pub(crate) use hung::{end_hung_server, progress, Ended, HUNG};
 pub(crate) use kept::{
@@ -44,7 +45,9 @@ pub(crate) use kept::{
     Served as KeptServed,
 };
 pub use kept::{serve_mount_worker, Kind as KeptKind, Worker};
+pub(crate) use spawn::stdin_holding;
 pub use supervisor::supervise;
+pub(crate) use told::Told;
 pub use worker::serve_worker;
 
 /// Where an image's server keeps its state.
@@ -116,6 +119,17 @@ impl Place {
     }
     fn log(&self) -> PathBuf {
         self.dir.join("log")
+    }
+    /// Who the server of an image fetched lazily fetches as ([`Told::fetch_identity`]), salted
+    /// and hashed: a mount that would fetch otherwise does not stand on it. None for an image
+    /// stored whole.
+    fn fetch_id(&self) -> PathBuf {
+        self.dir.join("fetch-id")
+    }
+    /// Put there by a mount that wants the image completed; the worker of an image fetched
+    /// lazily takes it away and completes the layers in the background.
+    fn complete_request(&self) -> PathBuf {
+        self.dir.join("complete")
     }
     /// The image record the supervisor leased: what every worker serves, whatever the store's
     /// names say by then (the image may have been re-tagged or removed with `rm --force`).
@@ -285,8 +299,9 @@ fn dead(mnt: &Path) -> bool {
     r != 0 && std::io::Error::last_os_error().raw_os_error() == Some(libc::ENOTCONN)
 }
 
-/// Whether every layer of `record` is stored whole (a lazily mounted image is served by a
-/// mount of its own, with its fetcher).
+/// Whether every layer of `record` is stored whole (else the image's server fetches the rest
+/// lazily; a user's, a disk's and a traced mount of such an image are served by a mount of
+/// their own, with its fetcher).
 pub(crate) fn all_local(store: &Store, record: &ImageRecord) -> bool {
     record
         .layers
@@ -320,25 +335,89 @@ impl Lower {
 /// mount standing on it is made.
 /// With `disk`, the mount of the image's disk server instead (no metadata in the kernel: the
 /// disk holds it).
+/// A server started here for an image fetched lazily fetches with what `told` says (the
+/// options of the mount that started it). Such a server is joined only by a mount that would
+/// fetch as it does: `None` (nothing done) if it fetches otherwise. A joining mount that
+/// prefetches everything has the server complete the image, whatever its first mount said.
 pub(crate) fn lower(
     store: &Store,
     record: &ImageRecord,
     exe: &Path,
     disk: bool,
-) -> Result<(Lower, crate::store::Lock)> {
+    told: Option<&Told>,
+) -> Result<Option<(Lower, crate::store::Lock)>> {
     let place = Place::of(store, &record.view(), disk);
     let lock = store.lock(&place.lock)?;
+    let lazy = told.filter(|_| !all_local(store, record));
     if !server_alive(&place) {
-        start(store, record, exe, &place)?;
+        start(store, record, exe, &place, told)?;
+    } else if let Some(told) = lazy {
+        if !fetches_as(&place, told) {
+            return Ok(None);
+        }
+        if told.prefetch == crate::mount::Prefetch::All {
+            // What an earlier completion left goes first (a caller then waiting for
+            // completion must not read it); the one asked for here may follow.
+            let _ = std::fs::remove_file(store.incomplete_path(&record.view()));
+            crate::store::write_atomic(&place.complete_request(), b"")?;
+        }
     }
     let kernel = (!disk && kernel_meta::in_kernel(&place)).then(|| (place.meta(), place.root()));
-    Ok((
+    Ok(Some((
         Lower {
             mnt: place.mnt(),
             kernel,
         },
         lock,
-    ))
+    )))
+}
+
+/// Records at `place` who its server will fetch as (`told`, for an image fetched lazily), or
+/// that it fetches nothing: a random salt and the SHA-256 of it and the identity, so that the
+/// file says nothing of the credentials themselves.
+fn record_fetch_identity(place: &Place, told: Option<&Told>) -> Result<()> {
+    let Some(told) = told else {
+        let _ = std::fs::remove_file(place.fetch_id());
+        return Ok(());
+    };
+    let mut salt = [0u8; 16];
+    // SAFETY: getrandom writes at most `salt.len()` bytes into the buffer.
+    let n = unsafe { libc::getrandom(salt.as_mut_ptr().cast(), salt.len(), 0) };
+    if n != salt.len() as isize {
+        return Err(Error::io(
+            "salting the server's fetch identity",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    let line = format!("{} {}\n", hex(&salt), salted(&salt, told));
+    crate::store::write_atomic_mode(&place.fetch_id(), line.as_bytes(), 0o600)
+}
+
+/// Whether the server at `place` fetches as a mount told `told` would (see
+/// [`record_fetch_identity`]); a server that recorded none (an image stored whole when it
+/// started, or a server of an earlier version) does not.
+fn fetches_as(place: &Place, told: &Told) -> bool {
+    let Ok(line) = std::fs::read_to_string(place.fetch_id()) else {
+        return false;
+    };
+    let Some((salt, hash)) = line.trim().split_once(' ') else {
+        return false;
+    };
+    let salt: Option<Vec<u8>> = (0..salt.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(salt.get(i..i + 2)?, 16).ok())
+        .collect();
+    salt.is_some_and(|salt| salted(&salt, told) == hash)
+}
+
+fn salted(salt: &[u8], told: &Told) -> String {
+    Digest::of(&[salt, &told.fetch_identity()].concat())
+        .hex()
+        .to_string()
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
 }
 
 /// For a user's writable mount, served by a daemon of its own: the image's shared read-only
@@ -350,7 +429,11 @@ pub(crate) fn reading_through(
     record: &ImageRecord,
     exe: &Path,
 ) -> Result<(PathBuf, std::fs::File)> {
-    let (lower, _image_lock) = lower(store, record, exe, false)?;
+    let (lower, _image_lock) =
+        lower(store, record, exe, false, None)?.ok_or_else(|| Error::Mount {
+            path: store.root().join("shared"),
+            detail: "no image server to read through".into(),
+        })?;
     let place = Place::of(store, &record.view(), false);
     let readers = open_readers(&place)?;
     // Taken before the image's lock is let go: the server never sees the gap.
@@ -430,8 +513,15 @@ pub(crate) fn check_metadata_image(store: &Store, record: &ImageRecord) -> Resul
     }
 }
 
-/// Starts a detached supervisor (`bux-fuse serve-shared`) and waits until it serves.
-fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Result<()> {
+/// Starts a detached supervisor (`bux-fuse serve-shared`), tells it `told` (what its workers
+/// fetch with), and waits until it serves.
+fn start(
+    store: &Store,
+    record: &ImageRecord,
+    exe: &Path,
+    place: &Place,
+    told: Option<&Told>,
+) -> Result<()> {
     let err = |detail: String| Error::Mount {
         path: place.mnt(),
         detail,
@@ -450,8 +540,24 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
         cmd.arg("--disk");
     }
     spawn::as_server(&mut cmd);
-    let mut child =
-        start_detached(cmd, &place.log(), exe).map_err(|e| err(format!("image server: {e}")))?;
+    let told = told.filter(|_| !all_local(store, record));
+    let input = match told {
+        Some(t) => {
+            // What an earlier server's completion left goes before this one serves (a
+            // caller then waiting for completion must not read it); this one's may follow.
+            let _ = std::fs::remove_file(store.incomplete_path(&record.view()));
+            serde_json::to_vec(t).map_err(|e| err(format!("encoding its options: {e}")))?
+        }
+        None => Vec::new(),
+    };
+    // (What an earlier server was asked for is not this one's business.)
+    let _ = std::fs::remove_file(place.complete_request());
+    record_fetch_identity(place, told)?;
+    let mut child = start_detached(cmd, &place.log(), exe, &input).map_err(|n| match n.error {
+        // What the server met opening the image, as a mount of the caller's own would say.
+        Some(e) => e,
+        None => err(format!("image server: {}", n.said)),
+    })?;
     // A user's server is a child of the mount daemon that started it, which outlives it:
     // reaped when it exits (no zombie).
     let _ = std::thread::Builder::new()
@@ -460,29 +566,37 @@ fn start(store: &Store, record: &ImageRecord, exe: &Path, place: &Place) -> Resu
     Ok(())
 }
 
-/// Starts the supervisor `cmd` (from `exe`) detached: its own session, stdin closed, stderr to
-/// the file `log`; waits for its hello, then for it to print `ready`. Else: why not (the last
-/// line it logged, if it said hello).
+/// Starts the supervisor `cmd` (from `exe`) detached: its own session, `input` on its stdin,
+/// stderr to the file `log`; waits for its hello, then for it to print `ready`. Else: why not
+/// (what it said after `error `, with the error it told after that; else the last line it
+/// logged).
 fn start_detached(
     cmd: Command,
     log: &Path,
     exe: &Path,
-) -> std::result::Result<std::process::Child, String> {
-    let mut child = super::spawn_detached(cmd, log, &exe.display().to_string())?;
+    input: &[u8],
+) -> std::result::Result<std::process::Child, spawn::NotReady> {
+    let mut child = super::spawn_detached(cmd, log, &exe.display().to_string(), input)?;
     let Some(out) = child.stdout.take() else {
         spawn::kill(&mut child, true);
-        return Err("no pipe to the image server".into());
+        return Err("no pipe to the image server".to_string().into());
     };
     let mut lines = spawn::Lines::new(out);
     let said = match spawn::await_hello(&mut child, &mut lines, exe, true)? {
         Some(line) => Ok(line),
         None => lines.next(None),
     };
-    if said.is_ok_and(|l| l.trim() == "ready") {
+    let said = said.unwrap_or_default();
+    if said.trim() == "ready" {
         return Ok(child);
     }
+    let said = said.trim().strip_prefix("error ").map(str::to_string);
+    let error = said.as_ref().and_then(|_| spawn::wire_error(&mut lines));
     let _ = child.wait();
-    Err(super::last_logged(log, "the image server"))
+    Err(spawn::NotReady {
+        said: said.unwrap_or_else(|| super::last_logged(log, "the image server")),
+        error,
+    })
 }
 
 /// Makes `dir` a read-only mount of the image standing on `lower`: a bind mount of its

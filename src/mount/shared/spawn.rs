@@ -163,6 +163,26 @@ impl std::fmt::Display for NotReady {
 /// [`crate::Error::to_wire`] makes it (keepers of earlier versions read the first line only).
 pub(crate) const ERROR_WIRE: &str = "error-wire ";
 
+/// The error a server told after its `error WHY` line ([`ERROR_WIRE`]), if it told one: it
+/// follows at once (the server is exiting).
+pub(super) fn wire_error(lines: &mut Lines) -> Option<crate::Error> {
+    let line = lines
+        .next(Some(Instant::now() + std::time::Duration::from_secs(1)))
+        .ok()?;
+    crate::Error::from_wire(line.trim().strip_prefix(ERROR_WIRE)?)
+}
+
+/// Prints what a server that cannot start met, for whoever started it: `error WHY`, then the
+/// error itself ([`ERROR_WIRE`]) for a library caller to act on.
+pub(crate) fn tell_error(e: &crate::Error) {
+    use std::io::Write;
+    println!("error {}", e.to_string().replace('\n', " "));
+    if let Some(wire) = e.to_wire() {
+        println!("{ERROR_WIRE}{wire}");
+    }
+    let _ = std::io::stdout().flush();
+}
+
 /// Waits for the worker `child` (started from `exe`) to say `ready CAPS` after its hello, and
 /// returns CAPS: the capabilities the kernel offered it, in hex. Else kills it and says why
 /// (what it said after `error `, if anything, and the error it told after that).
@@ -184,12 +204,8 @@ pub(super) fn await_ready(child: &mut Child, exe: &Path, what: &str) -> Result<u
             return Ok(caps);
         }
     }
-    // The typed error follows its text at once (the worker is exiting).
     let error = match line.starts_with("error ") {
-        true => lines
-            .next(Some(Instant::now() + std::time::Duration::from_secs(1)))
-            .ok()
-            .and_then(|l| crate::Error::from_wire(l.strip_prefix(ERROR_WIRE)?)),
+        true => wire_error(&mut lines),
         false => None,
     };
     kill(child, false);
@@ -234,4 +250,25 @@ pub(super) fn refuse_if_hookless() -> Result<(), String> {
         );
     }
     Ok(())
+}
+
+/// A standard input that holds `input`, then ends: one end of a socket pair, the bytes written
+/// into it before the process starts (its buffer holds far more than a server's options), the
+/// other end closed. Nothing is written once the process runs, so a process that dies early
+/// cannot make its starter's write fail (or raise SIGPIPE in it).
+pub(crate) fn stdin_holding(input: &[u8]) -> std::io::Result<std::process::Stdio> {
+    use std::io::Write;
+    use std::os::fd::{FromRawFd, OwnedFd};
+    let mut fds = [0; 2];
+    let kind = libc::SOCK_STREAM | libc::SOCK_CLOEXEC;
+    // SAFETY: a valid two-element array for socketpair.
+    if unsafe { libc::socketpair(libc::AF_UNIX, kind, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: socketpair just returned these two descriptors, ours to own.
+    let (theirs, ours) = unsafe { (OwnedFd::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) };
+    let mut ours = std::os::unix::net::UnixStream::from(ours);
+    ours.write_all(input)?;
+    drop(ours);
+    Ok(std::process::Stdio::from(theirs))
 }

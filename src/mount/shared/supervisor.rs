@@ -27,7 +27,28 @@ pub fn supervise(
     stop: &std::sync::atomic::AtomicBool,
     disk: bool,
 ) -> Result<()> {
+    let r = supervise_inner(store, manifest, stop, disk);
+    if let Err(e) = &r {
+        // The client is waiting for `ready` (nothing is printed once it came): the reason,
+        // typed, as a mount of its own would have met it.
+        spawn::tell_error(e);
+    }
+    r
+}
+
+fn supervise_inner(
+    store: &Store,
+    manifest: Digest,
+    stop: &std::sync::atomic::AtomicBool,
+    disk: bool,
+) -> Result<()> {
     let place = Place::of(store, &manifest, disk);
+    // What the client that started it said its workers fetch with (an image stored whole:
+    // nothing), read whole before anything else; told to each worker, and again to each that
+    // takes over.
+    let mut told = Vec::new();
+    std::io::Read::read_to_end(&mut std::io::stdin(), &mut told)
+        .map_err(|e| Error::io("reading the image server's options", e))?;
     let record = find_record(store, &manifest)?;
     let _lease = crate::mount::lease_image(store, &record)?;
     // What the workers serve: this record, leased, found by its manifest (not by its name).
@@ -56,11 +77,12 @@ pub fn supervise(
     let mut restarts: Vec<Instant> = Vec::new();
     let mut failures = 0u32;
     loop {
-        let mut worker = match spawn_worker(store, &exe, &manifest, fd.as_raw_fd(), resume, disk) {
+        let conn = fd.as_raw_fd();
+        let mut worker = match spawn_worker(store, &exe, &manifest, conn, resume, disk, &told) {
             Ok(w) => w,
             Err(e) if !resume => {
                 kernel_meta::tear_down(&place);
-                return Err(mount_err(e));
+                return Err(e.error.unwrap_or_else(|| mount_err(e.said)));
             }
             Err(e) => {
                 // The VMs' requests wait (they are not lost): try again shortly, as long as
@@ -90,6 +112,12 @@ pub fn supervise(
             match disk {
                 true => tracing::info!("serving the image's disk"),
                 false if !root => tracing::info!("serving the user's mounts of the image"),
+                // No metadata image for an image fetched lazily: its layers have no small
+                // files kept, and one written now would differ from what the image holds
+                // once they are whole.
+                false if !super::all_local(store, &record) => {
+                    tracing::info!("serving the image, fetching what is read (metadata by FUSE)")
+                }
                 false => match kernel_meta::set_up(store, &record, &place) {
                     Ok(()) => tracing::info!("metadata served by the kernel (EROFS), data by FUSE"),
                     Err(e) => tracing::warn!("metadata served by FUSE: {e}"),
@@ -128,6 +156,16 @@ pub fn supervise(
             }
         })?;
         match outcome {
+            Outcome::WorkerDied(status)
+                if status.code() == Some(super::worker::HANDED_OVER)
+                    && is_mount_point(&mnt)
+                    && !stop.load(Ordering::SeqCst) =>
+            {
+                // The image fetched lazily is whole: served from the store from now on, by a
+                // worker confined as for any stored image (not counted as a failure).
+                tracing::info!("the image is whole: starting a confined worker in its place");
+                resume = true;
+            }
             Outcome::WorkerDied(status) if is_mount_point(&mnt) && !stop.load(Ordering::SeqCst) => {
                 tracing::warn!("image server worker exited ({status}): starting another on the same connection");
                 restarts.retain(|t| t.elapsed() < Duration::from_secs(60));
@@ -164,6 +202,12 @@ pub fn supervise(
 
 fn stop_serving(place: &Place, worker: &mut std::process::Child) {
     kernel_meta::tear_down(place);
+    // Unmounted, its session ends: a moment to finish by itself (a lazily fetched image's
+    // worker saves the reads it recorded), then it is told to.
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while matches!(worker.try_wait(), Ok(None)) && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
     // SAFETY: signalling our own child.
     unsafe { libc::kill(worker.id() as i32, libc::SIGTERM) };
     let _ = worker.wait();
@@ -206,7 +250,8 @@ fn spawn_worker(
     fd: RawFd,
     resume: bool,
     disk: bool,
-) -> std::result::Result<std::process::Child, String> {
+    told: &[u8],
+) -> std::result::Result<std::process::Child, spawn::NotReady> {
     use std::os::unix::process::CommandExt;
     let mut cmd = Command::new(exe);
     cmd.arg("--store")
@@ -215,7 +260,7 @@ fn spawn_worker(
         .arg("--worker-fd")
         .arg(fd.to_string())
         .arg(manifest.to_string())
-        .stdin(Stdio::null())
+        .stdin(spawn::stdin_holding(told).map_err(|e| format!("telling the worker: {e}"))?)
         .stdout(Stdio::piped());
     if resume {
         cmd.arg("--resume");
@@ -234,7 +279,7 @@ fn spawn_worker(
         });
     }
     let mut child = cmd.spawn().map_err(|e| format!("starting worker: {e}"))?;
-    let offered = spawn::await_ready(&mut child, exe, "the worker").map_err(String::from)?;
+    let offered = spawn::await_ready(&mut child, exe, "the worker")?;
     // What the kernel offered the first worker, for the ones that take over (a taking-over
     // worker reports what it was given again).
     if !resume {
@@ -242,7 +287,7 @@ fn spawn_worker(
         if let Err(e) = crate::store::write_atomic(&place.init(), &offered.to_le_bytes()) {
             let _ = child.kill();
             let _ = child.wait();
-            return Err(format!("recording FUSE_INIT: {e}"));
+            return Err(format!("recording FUSE_INIT: {e}").into());
         }
     }
     Ok(child)

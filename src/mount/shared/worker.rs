@@ -22,6 +22,8 @@ use crate::{Digest, Error, MountOptions, Result, Store};
 /// With `resume` the connection is live already: replay its INIT, then have the kernel resend
 /// what a dead worker left unanswered.
 /// With `disk`, the image's disk ([`crate::disk::DiskFs`]) is served instead of its tree.
+/// Prints `ready CAPS` once it serves, or `error WHY` (and the error as
+/// [`crate::Error::to_wire`] makes it) if it cannot.
 pub fn serve_worker(
     store: &Store,
     manifest: Digest,
@@ -29,6 +31,19 @@ pub fn serve_worker(
     resume: bool,
     disk: bool,
 ) -> Result<()> {
+    let r = serve(store, manifest, fd, resume, disk);
+    if let Err(e) = &r {
+        // The supervisor is waiting for a line: the reason, rather than a closed pipe.
+        super::spawn::tell_error(e);
+    }
+    r
+}
+
+/// How a worker of an image fetched lazily exits once the image is whole (completed by it,
+/// or by anyone): the supervisor starts a confined one in its place, as it would after a crash.
+pub(super) const HANDED_OVER: i32 = 86;
+
+fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -> Result<()> {
     let place = Place::of(store, &manifest, disk);
     // The record the supervisor leased (its name may point elsewhere by now, or nowhere).
     let record = match leased_record(&place, &manifest) {
@@ -38,15 +53,20 @@ pub fn serve_worker(
         }
         r => r?,
     };
-    if !all_local(store, &record) {
+    // A user's server serves that user's own mounts (which check nothing: their guests do).
+    let root = crate::mount::host_root();
+    // Root's server of an image fetched lazily fetches what is read (and the rest in the
+    // background) with what the mount that started the server said (see `Told`).
+    let lazy = !all_local(store, &record);
+    if lazy && (disk || !root) {
         return Err(Error::Mount {
             path: place.mnt(),
             detail: "the image's layers are not all stored".into(),
         });
     }
-    let opts = MountOptions::default();
-    // A user's server serves that user's own mounts (which check nothing: their guests do).
-    let root = crate::mount::host_root();
+    let told = super::Told::from_stdin()
+        .map_err(|e| Error::io("reading the image server's options", e))?;
+    let opts = told.mount_options(MountOptions::default().cache_bytes);
     let io =
         |what: &str, e: std::io::Error| Error::io(format!("{what} ({})", place.mnt().display()), e);
     // Everything the worker reads, opened (or mapped) now; then it may open nothing more.
@@ -58,6 +78,24 @@ pub fn serve_worker(
         });
     }
     let image = open_record(store, record, lease, &opts)?;
+    if lazy {
+        // As root's lazy mount of its own: confined once the image is open (a credential
+        // helper may have run), before it serves; it keeps root's ids and may open files and
+        // connect (it writes what it fetches into the store).
+        if let Err(e) = crate::sandbox::confine(true) {
+            tracing::warn!("confining the image server (seccomp): {e}");
+        }
+    }
+    // The reads of a first worker of a lazily fetched image are recorded (the image's trace,
+    // for later mounts to fetch first); a worker that takes over records none.
+    let (layers, recording, known) = crate::mount::prefetch::record_reads(
+        store,
+        &image.record,
+        &image.tree,
+        image.layers,
+        lazy && !resume,
+        false,
+    );
     let replay = match resume {
         true => {
             Some(std::fs::read(place.init()).map_err(|e| io("reading the recorded FUSE_INIT", e))?)
@@ -73,13 +111,17 @@ pub fn serve_worker(
     let stats = super::stats::Publisher::open(&place.stats(), resume)
         .map_err(|e| io("opening the server's counters", e))?;
     // Before any thread starts: Landlock binds the threads that exist and what they start.
-    match crate::sandbox::open_nothing_more() {
-        Ok(true) => {}
-        Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
-        Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
+    // (Not for a lazily fetched image, whose fetcher threads run already and write the store.)
+    match lazy {
+        true => {}
+        false => match crate::sandbox::open_nothing_more() {
+            Ok(true) => {}
+            Ok(false) => tracing::warn!("no Landlock in this kernel: the worker may open files"),
+            Err(e) => return Err(io("restricting what the worker opens (Landlock)", e)),
+        },
     }
     let cache = Arc::new(SpanCache::new(opts.cache_bytes));
-    let fs = ImageFs::new(image.tree, image.layers, cache.clone());
+    let fs = ImageFs::new(image.tree, layers, cache.clone());
     let offered = fs.offered_capabilities();
     let fs = match disk {
         true => Served::Disk(crate::disk::DiskFs::new(fs).map_err(|e| Error::Mount {
@@ -98,12 +140,15 @@ pub fn serve_worker(
     config.clone_fd = false;
     // SAFETY: the supervisor passed this descriptor for us to own.
     let conn = unsafe { OwnedFd::from_raw_fd(fd) };
+    let (remote, lazy_layers, record) = (image.remote.clone(), image.lazy, &image.record);
+    let place_of = || Place::of(store, &manifest, disk);
     let ready = || -> Result<()> {
         orphan_watch(lock, readers, Place::of(store, &manifest, disk));
-        stats.start(cache, None);
+        stats.start(cache, remote);
         // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
-        // own keep it apart from other images' workers.
-        if root {
+        // own keep it apart from other images' workers. (A lazily fetched image's writes
+        // what it fetches into root's store.)
+        if root && !lazy {
             crate::sandbox::drop_to_worker_ids(crate::sandbox::worker_id(&manifest))
                 .map_err(|e| io("giving up root", e))?;
         }
@@ -111,16 +156,57 @@ pub fn serve_worker(
         println!("ready {:x}", offered.load(Ordering::Relaxed));
         let _ = std::io::stdout().flush();
         silence_stdout();
-        if let Err(e) = crate::sandbox::confine_worker() {
-            tracing::warn!("confining the image server (seccomp): {e}");
+        if !lazy {
+            if let Err(e) = crate::sandbox::confine_worker() {
+                tracing::warn!("confining the image server (seccomp): {e}");
+            }
         }
         crate::mount::tune_allocator_for_serving();
+        if lazy {
+            let watched = lazy_layers.clone();
+            crate::mount::prefetch::start(store, record, lazy_layers, known, opts.prefetch);
+            watch_completion(store, record, place_of(), watched, recording.clone());
+        }
         Ok(())
     };
-    match fs {
+    let served = match fs {
         Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
         Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
-    }
+    };
+    // The reads this worker saw (a worker that died saved none: its successor records anew).
+    crate::mount::prefetch::save(recording);
+    served
+}
+
+/// For a worker of an image fetched lazily: completes the image when a mount asks for it
+/// ([`Place::complete_request`]), and once the image is whole (by this worker's completion or
+/// anybody's) saves the reads it recorded and exits [`HANDED_OVER`], for a confined worker to
+/// serve the image from the store. (On a kernel that cannot resend what a worker leaves
+/// unanswered, it serves on.)
+fn watch_completion(
+    store: &Store,
+    record: &crate::store::ImageRecord,
+    place: Place,
+    layers: crate::mount::prefetch::LazyLayers,
+    recording: Option<crate::mount::prefetch::Recording>,
+) {
+    let (store, record) = (store.clone(), record.clone());
+    let hand_over = super::kernel_resends();
+    let _ = std::thread::Builder::new()
+        .name("bux-fuse-complete".into())
+        .spawn(move || loop {
+            if std::fs::remove_file(place.complete_request()).is_ok() {
+                tracing::info!("a mount asked for the image whole: completing it");
+                let all = crate::mount::Prefetch::All;
+                crate::mount::prefetch::start(&store, &record, layers.clone(), None, all);
+            }
+            if hand_over && all_local(&store, &record) {
+                crate::mount::prefetch::save(recording.clone());
+                tracing::info!("the image is whole: a confined worker takes over");
+                std::process::exit(HANDED_OVER);
+            }
+            std::thread::sleep(Duration::from_millis(250));
+        });
 }
 
 /// What a worker serves: the image's tree, or its disk.
