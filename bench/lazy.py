@@ -16,6 +16,14 @@ For each: seconds until the mount is ready, until each first command (run in a c
 mount) has finished, bytes the proxy sent by then, and (default prefetch and full pull) seconds
 until every layer is local. Medians of --runs runs; the page cache is dropped before each.
 Writes bench/RESULTS-lazy.md and bench/results-lazy.json. Run through bench/lazy.sh.
+
+With --fleet N instead: N lazy mounts (--prefetch none) of the image in one store, as root, the
+first commands run in each in turn; reports the bux-fuse processes serving them, their summed
+PSS, the page cache the commands' reads left (Cached, after the page cache was dropped) and the
+bytes fetched, two ways in the same run: "shared" (the mounts fetch alike, so they stand on the
+image's one server) and "apart" (each mount a read deadline of its own, so each gets a daemon
+of its own: what every root lazy mount got before they stood on the image server). Prints the
+table; writes nothing.
 """
 import argparse, datetime, json, os, shutil, statistics, subprocess, sys, tempfile, time
 
@@ -89,6 +97,50 @@ def one_run(mode, refs, layers, cmds, work, proxy, compressed):
     return out
 
 
+def bux_pids(store):
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args:
+            out.append(int(p))
+    return out
+
+
+def fleet(n, ref, cmds, work, proxy, apart):
+    """N lazy mounts of `ref` in one store (see the module's docs); returns the figures."""
+    store = tempfile.mkdtemp(prefix="store-fleet-", dir=work)
+    mnts = [os.path.join(work, f"mnt-fleet-{i}") for i in range(n)]
+    h.drop_caches()
+    b0 = proxy.bytes()
+    ready = []
+    for m in mnts:
+        os.makedirs(m, exist_ok=True)
+        t = h.Timer()
+        own = ["--read-timeout", f"{5 + len(ready) / 1000:.3f}"] if apart else []
+        h.bux(store, "mount", "--quiet", "--lazy", "--prefetch", "none", *own, ref, m)
+        ready.append(t.s())
+    h.drop_caches()
+    time.sleep(0.5)
+    cached0 = h.meminfo("Cached")
+    for m in mnts:
+        for _, cmd in cmds:
+            subprocess.run(["chroot", m, "/bin/sh", "-c", cmd], check=True, capture_output=True)
+    cached = h.meminfo("Cached") - cached0
+    pids = bux_pids(store)
+    out = {"mounts": n, "processes": len(pids), "pss_kib": h.proc_sum(pids, "smaps_rollup", "Pss"),
+           "cached_kib": cached, "fetched": proxy.bytes() - b0,
+           "ready_first": ready[0], "ready_rest": statistics.median(ready[1:] or ready)}
+    for m in mnts:
+        h.umount(store, m)
+    shutil.rmtree(store, ignore_errors=True)
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--image", required=True, help="NAME=LAYOUT:TAG")
@@ -98,6 +150,7 @@ def main():
     ap.add_argument("--cmd", action="append", default=[], help="NAME=SHELL COMMAND run in the mount")
     ap.add_argument("--chunked", help="LAYOUT:TAG of the image converted to zstd:chunked (skopeo)")
     ap.add_argument("--modes", help="comma-separated subset of the modes to run")
+    ap.add_argument("--fleet", type=int, help="N lazy mounts of the image instead (see above)")
     args = ap.parse_args()
     cmds = [tuple(c.split("=", 1)) for c in args.cmd] or [("python3", "python3 -c 'import json'")]
     name, rest = args.image.split("=", 1)
@@ -129,6 +182,17 @@ def main():
             refs["chunked"] = through(reg.push(clayout, ctag, "bench/lazy-chunked"))
             all_layers["chunked"] = [l["digest"] for l in h.manifest_layers(clayout, ctag)]
             modes += ["chunked-none", "chunked-all"]
+        if args.fleet:
+            rs = {"shared": [], "apart": []}
+            for _ in range(args.runs):
+                for side in rs:  # interleaved
+                    rs[side].append(fleet(args.fleet, refs["gzip"], cmds, work, proxy, side == "apart"))
+            print(f"| {args.fleet} lazy mounts, median of {args.runs} | shared | apart |")
+            print("|---|---|---|")
+            for k in rs["shared"][0]:
+                m = {side: statistics.median(r[k] for r in v) for side, v in rs.items()}
+                print(f"| {k} | {m['shared']:.6g} | {m['apart']:.6g} |")
+            return
         if args.modes:
             modes = [m for m in modes if m in args.modes.split(",")]
         results = {m: [] for m in modes}
