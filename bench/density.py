@@ -35,17 +35,7 @@ STORE = None  # this run's store: processes of others are not counted
 
 
 def bux_pids():
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
-            if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(STORE) in args:
-                out.append(int(p))
-        except OSError:
-            pass
-    return out
+    return base.bux_pids(STORE)
 
 
 def pss_kib(pids):

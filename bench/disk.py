@@ -117,19 +117,8 @@ def bux_pids(store, serving=None):
     """bux-fuse processes of this store; with `serving`, those serving disks at one of these
     directories: a daemon of their own, or the image's shared disk server (supervisor and
     worker, `serve-shared --disk`), under which root's disk mounts stand."""
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
-            if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args and (
-                    serving is None or b"--disk" in args and (
-                        b"serve-shared" in args or any(os.fsencode(d) in args for d in serving))):
-                out.append(int(p))
-        except OSError:
-            pass
-    return out
+    return h.bux_pids(store, lambda args: serving is None or b"--disk" in args and (
+        b"serve-shared" in args or any(os.fsencode(d) in args for d in serving)))
 
 
 def read_all(path):

@@ -97,20 +97,6 @@ def one_run(mode, refs, layers, cmds, work, proxy, compressed):
     return out
 
 
-def bux_pids(store):
-    out = []
-    for p in os.listdir("/proc"):
-        if not p.isdigit():
-            continue
-        try:
-            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
-        except OSError:
-            continue
-        if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args:
-            out.append(int(p))
-    return out
-
-
 def fleet(n, ref, cmds, work, proxy, apart):
     """N lazy mounts of `ref` in one store (see the module's docs); returns the figures."""
     store = tempfile.mkdtemp(prefix="store-fleet-", dir=work)
@@ -131,7 +117,7 @@ def fleet(n, ref, cmds, work, proxy, apart):
         for _, cmd in cmds:
             subprocess.run(["chroot", m, "/bin/sh", "-c", cmd], check=True, capture_output=True)
     cached = h.meminfo("Cached") - cached0
-    pids = bux_pids(store)
+    pids = h.bux_pids(store)
     out = {"mounts": n, "processes": len(pids), "pss_kib": h.proc_sum(pids, "smaps_rollup", "Pss"),
            "cached_kib": cached, "fetched": proxy.bytes() - b0,
            "ready_first": ready[0], "ready_rest": statistics.median(ready[1:] or ready)}

@@ -127,6 +127,22 @@ def proc_sum(pids, path, key):
     return total
 
 
+def bux_pids(store, keep=lambda args: True):
+    """The bux-fuse processes of the store at `store` (found by their command lines), those
+    whose arguments `keep` takes."""
+    out = []
+    for p in os.listdir("/proc"):
+        if not p.isdigit():
+            continue
+        try:
+            args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+        except OSError:
+            continue
+        if os.path.basename(args[0]) == b"bux-fuse" and os.fsencode(store) in args and keep(args):
+            out.append(int(p))
+    return out
+
+
 def meminfo(key):
     """A /proc/meminfo value, in KiB."""
     for line in open("/proc/meminfo"):
