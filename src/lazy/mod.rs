@@ -662,8 +662,8 @@ impl LazyBlob {
         if self.map.read_exact_at(&mut map, lo as u64).is_err() {
             return; // (fetched, then)
         }
-        for &k in need {
-            if map[k - lo] == 1 && !st.inflight[k] {
+        for &k in need.iter().filter(|&&k| (lo..=hi).contains(&k)) {
+            if map[k - lo] == 1 && !st.present[k] && !st.inflight[k] {
                 st.present[k] = true;
                 st.error[k] = None;
             }
@@ -793,15 +793,30 @@ mod tests {
             Arc::into_inner(blob).unwrap()
         };
         let (first, second) = (Arc::new(open()), Arc::new(open()));
-        // The first fetches the middle chunk (as its fetch stores it), after both opened.
-        first.store_chunks(&[(1, &data[1000..2000])]).unwrap();
-        second.ensure(1000..2000).unwrap();
-        let mut read = vec![0u8; 1000];
-        second.file.read_exact_at(&mut read, 1000).unwrap();
-        assert_eq!(read, &data[1000..2000]);
+        // The second has the first chunk; the first fetches the other two (as its fetch
+        // stores them), after both opened.
+        second.store_chunks(&[(0, &data[..1000])]).unwrap();
+        first
+            .store_chunks(&[(1, &data[1000..2000]), (2, &data[2000..])])
+            .unwrap();
+        second.ensure(0..3000).unwrap();
+        let mut read = vec![0u8; 3000];
+        second.file.read_exact_at(&mut read, 0).unwrap();
+        assert_eq!(read, data);
         assert_eq!(remote.requests.load(Ordering::Relaxed), 0, "fetched again");
         // What nobody fetched is still fetched (and fails here: nothing listens).
-        assert!(second.ensure(0..1000).is_err());
+        let third = Arc::new(
+            LazyBlob::open_parts(
+                Digest::of(b"another layer"),
+                data.len() as u64,
+                chunks.clone(),
+                dir.path().join("other.partial"),
+                remote.clone(),
+                None,
+            )
+            .unwrap(),
+        );
+        assert!(third.ensure(0..1000).is_err());
         assert!(remote.requests.load(Ordering::Relaxed) > 0);
         remote.shutdown();
     }
