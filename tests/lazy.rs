@@ -1894,6 +1894,15 @@ fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
         test_bytes(12 << 20, 2)
     );
     assert_eq!(cat(&w.path.join("etc/hostname")).unwrap(), b"changed\n");
+    // Files no mount read before, with the registry away: served from the store.
+    assert_eq!(
+        cat(&whole.path.join("usr/lib/big1.bin")).unwrap(),
+        test_bytes(16 << 20, 1)
+    );
+    assert_eq!(
+        cat(&w.path.join("usr/share/doc/f10.txt")).unwrap(),
+        b"doc 10\n"
+    );
     assert_eq!(
         proxy.bytes(),
         before,
@@ -1906,5 +1915,149 @@ fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
     drop(m);
     wait_for(20, "the image server left", || {
         image_servers(store).is_empty()
+    });
+}
+
+/// The image server's supervisors and workers, apart.
+fn lazy_server(store: &Path) -> (Vec<u32>, Vec<u32>) {
+    let all = image_servers(store);
+    let pick = |worker: bool| {
+        all.iter()
+            .filter(|(_, w)| *w == worker)
+            .map(|(p, _)| *p)
+            .collect()
+    };
+    (pick(false), pick(true))
+}
+
+/// Runs `mount --lazy REFERENCE DIR --wait-complete` and waits at most `secs` for it to
+/// return; returns whether it succeeded, and the mount.
+fn wait_complete_mount(bux: &Bux, reference: &str, secs: u64) -> (bool, MountGuard) {
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("root");
+    let mut child = bux
+        .cmd()
+        .args(["mount", "--lazy", reference, at.to_str().unwrap()])
+        .args(["--wait-complete", "--read-timeout", "60"])
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while child.try_wait().unwrap().is_none() {
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            let logs: Vec<String> = std::fs::read_dir(bux.store.path().join("shared"))
+                .into_iter()
+                .flatten()
+                .flatten()
+                .map(|e| std::fs::read_to_string(e.path().join("log")).unwrap_or_default())
+                .collect();
+            panic!("mount --wait-complete did not return in {secs} s; servers' logs:\n{logs:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    (child.wait().unwrap().success(), MountGuard::adopt(at, dir))
+}
+
+/// One manifest stored under two references (two registries, or repositories): a mount of
+/// one does not stand on a server fetching by the other (from its registry, with its
+/// credentials): the server fetches by the reference its first mount named.
+#[test]
+fn a_lazy_server_fetches_by_its_own_reference() {
+    let s = setup();
+    let (pa, pb) = (
+        Proxy::start(s.reg.port, 10_000, 0),
+        Proxy::start(s.reg.port, 10_000, 0),
+    );
+    let (ref_a, ref_b) = (
+        through(&pa, &s.pinned, &s.reg),
+        through(&pb, &s.pinned, &s.reg),
+    );
+    let bux = Bux::new();
+    let store = bux.store.path();
+    // Both stored (the store's first record of the manifest may be either), then A's server.
+    for r in [&ref_b, &ref_a] {
+        drop(lazy_mount(&bux, r, &["--prefetch", "none", "--own-server"]).0);
+    }
+    let (a, said) = lazy_mount(
+        &bux,
+        &ref_a,
+        &["--prefetch", "none", "--read-timeout", "60"],
+    );
+    assert!(said.contains("shared image server"), "{said}");
+    let (before_a, before_b) = (pa.bytes(), pb.bytes());
+    assert_eq!(
+        cat(&a.path.join("usr/lib/big1.bin")).unwrap(),
+        test_bytes(16 << 20, 1)
+    );
+    assert!(
+        pa.bytes() - before_a > 1 << 20,
+        "A's mount fetched through A"
+    );
+    assert_eq!(pb.bytes(), before_b, "A's mount fetched from B's registry");
+    // B's mount: a daemon of its own, fetching through B.
+    let (b, said) = lazy_mount(
+        &bux,
+        &ref_b,
+        &["--prefetch", "none", "--read-timeout", "60"],
+    );
+    assert!(!said.contains("shared image server"), "{said}");
+    assert_eq!(lazy_server(store).1.len(), 1, "one image server");
+    assert_eq!(
+        cat(&b.path.join("usr/lib/big2.bin")).unwrap(),
+        test_bytes(12 << 20, 2)
+    );
+    assert!(
+        pb.bytes() - before_b > 1 << 20,
+        "B's mount fetched through B"
+    );
+}
+
+/// A `--wait-complete` mount whose request was taken by a worker that then died is still
+/// completed by the next; a lazy server whose supervisor died keeps serving once the image
+/// is whole (its worker hands over only to a supervisor that can start the next).
+#[test]
+fn completing_a_lazy_server_survives_its_processes_dying() {
+    if !kernel_resends_fuse_requests() {
+        eprintln!("skipped: this kernel resends nothing to a new worker (Linux 6.9+)");
+        return;
+    }
+    let s = setup();
+    // Slow enough that completion is under way when its worker is killed.
+    let proxy = Proxy::start(s.reg.port, 16, 0);
+    let reference = through(&proxy, &s.pinned, &s.reg);
+    let bux = Bux::new();
+    let store = bux.store.path();
+    let opts = ["--prefetch", "none", "--read-timeout", "60"];
+    let (m, _) = lazy_mount(&bux, &reference, &opts);
+    assert_eq!(
+        cat(&m.path.join("etc/os-release")).unwrap(),
+        b"NAME=bux-lazy\nID=bux\n"
+    );
+    let (_, first) = lazy_server(store);
+    let before = proxy.bytes();
+    std::thread::scope(|scope| {
+        let waiting = scope.spawn(|| wait_complete_mount(&bux, &reference, 120));
+        wait_for(30, "completion under way", || {
+            proxy.bytes() > before + (2 << 20)
+        });
+        kill9(first[0]);
+        wait_for(20, "the worker replaced", || {
+            let (_, now) = lazy_server(store);
+            now.len() == 1 && now[0] != first[0]
+        });
+        // Once it serves, its supervisor dies too: the orphan completes the image, and
+        // serves on.
+        assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+        let (supervisor, _) = lazy_server(store);
+        kill9(supervisor[0]);
+        let (ok, whole) = waiting.join().unwrap();
+        assert!(ok, "mount --wait-complete failed");
+        std::thread::sleep(Duration::from_secs(1));
+        assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
+        assert_eq!(
+            cat(&whole.path.join("usr/lib/big2.bin")).unwrap(),
+            test_bytes(12 << 20, 2)
+        );
     });
 }

@@ -116,8 +116,28 @@ impl Unmounter {
 pub(super) fn wait_complete_layers(
     store: &Store,
     record: &crate::store::ImageRecord,
+    dir: &Path,
 ) -> Result<()> {
+    // Checked about once a second: a mount whose server ended completes nothing more. (The
+    // mount table names it by its real path.)
+    let real = std::fs::canonicalize(dir).ok();
+    let mut polls = 0u32;
     loop {
+        polls += 1;
+        if polls % 10 == 0 {
+            let dead =
+                std::fs::metadata(dir).is_err_and(|e| e.raw_os_error() == Some(libc::ENOTCONN));
+            let gone = real
+                .as_ref()
+                .is_some_and(|r| !crate::mount::is_mount_point(r));
+            if dead || gone {
+                bail!(
+                    "{}: the mount at {} ended before the image was complete (a later mount resumes)",
+                    record.reference,
+                    dir.display()
+                );
+            }
+        }
         if let Ok(why) = std::fs::read_to_string(store.bad_path(&record.view())) {
             bail!("{}: marked bad: {}", record.reference, why.trim());
         }

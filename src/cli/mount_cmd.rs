@@ -114,7 +114,7 @@ pub(super) fn run(store_arg: &Option<PathBuf>, quiet: bool, args: MountArgs) -> 
         }
         if wait_complete {
             // (An image fetched lazily: its server completes it, asked to by this mount.)
-            wait_complete_layers(&store, &image.record)?;
+            wait_complete_layers(&store, &image.record, &path)?;
         }
         return Ok(());
     }
@@ -135,7 +135,7 @@ pub(super) fn run(store_arg: &Option<PathBuf>, quiet: bool, args: MountArgs) -> 
         drop(hold);
         apply_budget(&store, budget, &[], quiet)?;
         if wait_complete {
-            wait_complete_layers(&store, &image.record)?;
+            wait_complete_layers(&store, &image.record, &dir)?;
         }
         Ok(())
     }

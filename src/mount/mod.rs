@@ -377,7 +377,8 @@ fn mount_shared(
         Some(u) => Some(lock_upper(u, UpperKind::Overlay).map_err(mount_err)?),
         None => None,
     };
-    let told = shared::Told::of(opts, shared::KeptKind::Image, false);
+    let mut told = shared::Told::of(opts, shared::KeptKind::Image, false);
+    told.reference = Some(record.reference.clone());
     let Some((lower, _image_lock)) = shared::lower(store, record, exe, opts.disk, Some(&told))?
     else {
         // The image is fetched lazily by a server that fetches as another mount said.

@@ -49,7 +49,13 @@ fn supervise_inner(
     let mut told = Vec::new();
     std::io::Read::read_to_end(&mut std::io::stdin(), &mut told)
         .map_err(|e| Error::io("reading the image server's options", e))?;
-    let record = find_record(store, &manifest)?;
+    // The record of the reference the starting mount named (one manifest may be stored under
+    // several: each its own registry and repository to fetch from), else any of the manifest.
+    let named = super::Told::read(&told).ok().and_then(|t| t.reference);
+    let record = match named.map(|r| store.image(&r)).transpose()?.flatten() {
+        Some(r) if r.view() == manifest => r,
+        _ => find_record(store, &manifest)?,
+    };
     let _lease = crate::mount::lease_image(store, &record)?;
     // What the workers serve: this record, leased, found by its manifest (not by its name).
     let json = serde_json::to_vec(&record)
@@ -78,7 +84,12 @@ fn supervise_inner(
     let mut failures = 0u32;
     loop {
         let conn = fd.as_raw_fd();
-        let mut worker = match spawn_worker(store, &exe, &manifest, conn, resume, disk, &told) {
+        // A worker of an image stored whole fetches nothing: it is told no credentials.
+        let told: &[u8] = match super::all_local(store, &record) {
+            true => &[],
+            false => &told,
+        };
+        let mut worker = match spawn_worker(store, &exe, &manifest, conn, resume, disk, told) {
             Ok(w) => w,
             Err(e) if !resume => {
                 kernel_meta::tear_down(&place);

@@ -29,7 +29,22 @@ pub(crate) struct Told {
     /// A user's writable mount reads image files through the user's image server (the
     /// keeper's call: not for an image fetched lazily, nor while reads are recorded).
     pub(crate) read_through: bool,
+    /// The reference the image was mounted by (for the image server: what its record is, and
+    /// so which registry and repository it fetches from; one manifest may be stored under
+    /// several references).
+    pub(crate) reference: Option<String>,
 }
+
+/// What the environment says that decides how a fetch goes, besides the options: where
+/// credentials are looked up (Docker's config, credential helpers on `PATH`) and where
+/// `registries.conf` is read (mirrors, remaps, insecure hosts). A server is started with its
+/// first mount's environment.
+const FETCH_ENV: &[&str] = &[
+    "CONTAINERS_REGISTRIES_CONF",
+    "DOCKER_CONFIG",
+    "HOME",
+    "PATH",
+];
 
 impl Default for Told {
     fn default() -> Told {
@@ -57,6 +72,7 @@ impl Told {
             record_trace: opts.record_trace,
             overlay_lower: opts.writable && matches!(what, Kind::Image),
             read_through,
+            reference: None,
         }
     }
 
@@ -97,10 +113,20 @@ impl Told {
 
     /// What decides where from and as whom a server fetches, as bytes to hash: a mount may
     /// stand on the server of an image fetched lazily only if it would fetch as that server
-    /// does (the same credentials, registries and deadlines), else the first mount's
-    /// credentials would fetch for whoever mounts next.
-    pub(crate) fn fetch_identity(&self) -> Vec<u8> {
+    /// does (the same reference, credentials, registries, deadlines and environment), else the
+    /// first mount's credentials would fetch for whoever mounts next. `None` if it cannot be
+    /// said (then it matches nothing).
+    pub(crate) fn fetch_identity(&self) -> Option<Vec<u8>> {
+        let env: Vec<(&str, Option<std::ffi::OsString>)> = FETCH_ENV
+            .iter()
+            .map(|v| (*v, std::env::var_os(v)))
+            .collect();
+        let env: Vec<(&str, Option<&[u8]>)> = env
+            .iter()
+            .map(|(k, v)| (*k, v.as_ref().map(|v| v.as_encoded_bytes())))
+            .collect();
         let who = (
+            &self.reference,
             &self.credentials,
             self.anonymous,
             &self.insecure,
@@ -108,8 +134,9 @@ impl Told {
             self.connect_timeout,
             self.request_timeout,
             self.read_deadline,
+            env,
         );
-        serde_json::to_vec(&who).unwrap_or_default()
+        serde_json::to_vec(&who).ok()
     }
 
     /// The options of a mount serving with what it was told.
@@ -133,7 +160,7 @@ mod tests {
     #[test]
     fn who_a_server_fetches_as_is_the_credentials_and_registry_settings_not_the_prefetch() {
         let base = MountOptions::default();
-        let id = |opts: &MountOptions| Told::of(opts, Kind::Image, false).fetch_identity();
+        let id = |opts: &MountOptions| Told::of(opts, Kind::Image, false).fetch_identity().unwrap();
         let mut other = base.clone();
         other.prefetch = crate::mount::Prefetch::None;
         other.writable = true;
@@ -165,6 +192,12 @@ mod tests {
         differ.push(o);
         let mut ids: Vec<Vec<u8>> = differ.iter().map(id).collect();
         ids.push(id(&base));
+        // The same image by two references: two registries or repositories.
+        for r in ["127.0.0.1:5000/a/app:v1", "127.0.0.1:5001/a/app:v1"] {
+            let mut t = Told::of(&base, Kind::Image, false);
+            t.reference = Some(r.into());
+            ids.push(t.fetch_identity().unwrap());
+        }
         let n = ids.len();
         ids.sort();
         ids.dedup();

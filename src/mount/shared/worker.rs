@@ -179,10 +179,13 @@ fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -
 }
 
 /// For a worker of an image fetched lazily: completes the image when a mount asks for it
-/// ([`Place::complete_request`]), and once the image is whole (by this worker's completion or
-/// anybody's) saves the reads it recorded and exits [`HANDED_OVER`], for a confined worker to
-/// serve the image from the store. (On a kernel that cannot resend what a worker leaves
-/// unanswered, it serves on.)
+/// ([`Place::complete_request`]: left in place until the image is whole, so that a worker
+/// taking over from one that died completes it too; asked again, it is tried again), and once
+/// the image is whole (by this worker's completion or anybody's) saves the reads it recorded
+/// and exits [`HANDED_OVER`], for a confined worker to serve the image from the store. It
+/// serves on where that worker could not take over: on a kernel that cannot resend what a
+/// worker leaves unanswered, once its supervisor died (nobody would start one), or where the
+/// image was marked bad (a confined worker refuses it; this one serves what it still can).
 fn watch_completion(
     store: &Store,
     record: &crate::store::ImageRecord,
@@ -192,20 +195,32 @@ fn watch_completion(
 ) {
     let (store, record) = (store.clone(), record.clone());
     let hand_over = super::kernel_resends();
+    // SAFETY: getppid has no preconditions.
+    let supervisor = unsafe { libc::getppid() };
     let _ = std::thread::Builder::new()
         .name("bux-fuse-complete".into())
-        .spawn(move || loop {
-            if std::fs::remove_file(place.complete_request()).is_ok() {
-                tracing::info!("a mount asked for the image whole: completing it");
-                let all = crate::mount::Prefetch::All;
-                crate::mount::prefetch::start(&store, &record, layers.clone(), None, all);
+        .spawn(move || {
+            let mut asked = None;
+            loop {
+                let request = std::fs::metadata(place.complete_request()).ok();
+                let at = request.and_then(|m| m.modified().ok());
+                if at.is_some() && at != asked {
+                    asked = at;
+                    tracing::info!("a mount asked for the image whole: completing it");
+                    let all = crate::mount::Prefetch::All;
+                    crate::mount::prefetch::start(&store, &record, layers.clone(), None, all);
+                }
+                // SAFETY: as above.
+                let supervised = unsafe { libc::getppid() } == supervisor;
+                let bad = store.bad_path(&record.view()).exists();
+                if hand_over && supervised && !bad && all_local(&store, &record) {
+                    let _ = std::fs::remove_file(place.complete_request());
+                    crate::mount::prefetch::save(recording.clone());
+                    tracing::info!("the image is whole: a confined worker takes over");
+                    std::process::exit(HANDED_OVER);
+                }
+                std::thread::sleep(Duration::from_millis(250));
             }
-            if hand_over && all_local(&store, &record) {
-                crate::mount::prefetch::save(recording.clone());
-                tracing::info!("the image is whole: a confined worker takes over");
-                std::process::exit(HANDED_OVER);
-            }
-            std::thread::sleep(Duration::from_millis(250));
         });
 }
 
