@@ -1973,6 +1973,12 @@ fn a_lazy_server_fetches_by_its_own_reference() {
         through(&pa, &s.pinned, &s.reg),
         through(&pb, &s.pinned, &s.reg),
     );
+    // A is the reference the store lists second (by name): the one a server that took the
+    // manifest's first record would not fetch by.
+    let ((pa, ref_a), (pb, ref_b)) = match ref_a < ref_b {
+        true => ((pb, ref_b), (pa, ref_a)),
+        false => ((pa, ref_a), (pb, ref_b)),
+    };
     let bux = Bux::new();
     let store = bux.store.path();
     // Both stored (the store's first record of the manifest may be either), then A's server.

@@ -627,8 +627,8 @@ impl LazyBlob {
 
     /// Starts fetches of the chunks of `need` that are neither present nor under way.
     fn claim_and_fetch(self: &Arc<Self>, need: &[usize]) {
+        self.adopt_fetched(need);
         let mut st = self.lock();
-        self.adopt_fetched(&mut st, need);
         let start: Vec<usize> = need
             .iter()
             .copied()
@@ -646,28 +646,45 @@ impl LazyBlob {
 
     /// Marks present the chunks of `need` that this process does not have but the persisted
     /// map says are local: fetched since the layer was opened by another process serving it
-    /// (another mount's daemon, or the image server), which marks a chunk there only once it
-    /// is verified, written and durable, as this one does. Without it, each of a fleet of lazy
-    /// mounts fetched again what the others had (8 mounts: 7.7 times the bytes). One `pread`
-    /// of the map per miss, none once a chunk is known.
-    fn adopt_fetched(&self, st: &mut State, need: &[usize]) {
-        let missing = |k: &&usize| !st.present[**k] && !st.inflight[**k];
-        let (Some(&lo), Some(&hi)) = (
-            need.iter().filter(missing).min(),
-            need.iter().filter(missing).max(),
-        ) else {
+    /// (another mount's daemon, or the image server). Each is read back and checked against
+    /// its digest first: the map says what the process that wrote it fetched into its file,
+    /// and this process's file may be another one (a partial made again after a completion
+    /// renamed the last into a blob, while the old map was still there). Without it, each of
+    /// a fleet of lazy mounts fetched again what the others had (8 mounts: 7.7 times the
+    /// bytes). One `pread` of the map per miss, and one read and hash per chunk adopted.
+    fn adopt_fetched(&self, need: &[usize]) {
+        let missing: Vec<usize> = {
+            let st = self.lock();
+            need.iter()
+                .copied()
+                .filter(|&k| !st.present[k] && !st.inflight[k])
+                .collect()
+        };
+        let (Some(&lo), Some(&hi)) = (missing.iter().min(), missing.iter().max()) else {
             return;
         };
         let mut map = vec![0u8; hi - lo + 1];
         if self.map.read_exact_at(&mut map, lo as u64).is_err() {
             return; // (fetched, then)
         }
-        for &k in need.iter().filter(|&&k| (lo..=hi).contains(&k)) {
-            if map[k - lo] == 1 && !st.present[k] && !st.inflight[k] {
-                st.present[k] = true;
-                st.error[k] = None;
-            }
+        let good: Vec<usize> = missing
+            .into_iter()
+            .filter(|&k| map[k - lo] == 1)
+            .filter(|&k| {
+                let c = self.chunks[k];
+                let mut bytes = vec![0u8; (c.end - c.start) as usize];
+                self.file.read_exact_at(&mut bytes, c.start).is_ok() && c.verify(&bytes)
+            })
+            .collect();
+        if good.is_empty() {
+            return;
         }
+        let mut st = self.lock();
+        for k in good {
+            st.present[k] = true;
+            st.error[k] = None;
+        }
+        self.cond.notify_all();
     }
 
     /// Fetches the chunks `need` (starting what is not under way) and waits for them.
@@ -804,20 +821,37 @@ mod tests {
         second.file.read_exact_at(&mut read, 0).unwrap();
         assert_eq!(read, data);
         assert_eq!(remote.requests.load(Ordering::Relaxed), 0, "fetched again");
-        // What nobody fetched is still fetched (and fails here: nothing listens).
-        let third = Arc::new(
-            LazyBlob::open_parts(
-                Digest::of(b"another layer"),
-                data.len() as u64,
-                chunks.clone(),
-                dir.path().join("other.partial"),
-                remote.clone(),
-                None,
-            )
-            .unwrap(),
+        // A map saying "present" over a file that does not hold the chunk (another
+        // generation's map, a partial made again): not adopted, fetched (and fails here).
+        let zeros = dir.path().join("zeros.partial");
+        let stale = LazyBlob::open_parts(
+            Digest::of(&data),
+            data.len() as u64,
+            chunks.clone(),
+            zeros.clone(),
+            remote.clone(),
+            None,
+        )
+        .unwrap();
+        std::fs::write(map_path(&zeros), [1u8, 1, 1]).unwrap();
+        assert!(
+            stale.ensure(0..1000).is_err(),
+            "zeros served as the layer's bytes"
         );
+        let asked = remote.requests.load(Ordering::Relaxed);
+        assert!(asked > 0, "not fetched");
+        // What nobody fetched is still fetched (and fails here: nothing listens).
+        let third = LazyBlob::open_parts(
+            Digest::of(b"another layer"),
+            data.len() as u64,
+            chunks.clone(),
+            dir.path().join("other.partial"),
+            remote.clone(),
+            None,
+        )
+        .unwrap();
         assert!(third.ensure(0..1000).is_err());
-        assert!(remote.requests.load(Ordering::Relaxed) > 0);
+        assert!(remote.requests.load(Ordering::Relaxed) > asked);
         remote.shutdown();
     }
 }

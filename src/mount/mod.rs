@@ -22,6 +22,7 @@ mod connect;
 mod detached;
 mod kernel;
 mod open;
+pub(crate) use open::check_whole_layers;
 mod options;
 pub(crate) mod prefetch;
 mod records;

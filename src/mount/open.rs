@@ -38,7 +38,7 @@ pub(super) fn stored_image(
 
 /// Refuses (and marks bad) an image whose published index disagrees with the index of a
 /// layer of it that is stored whole by now (see [`crate::lazy::whole_layer_agrees`]).
-pub(super) fn check_whole_layers(store: &Store, record: &crate::store::ImageRecord) -> Result<()> {
+pub(crate) fn check_whole_layers(store: &Store, record: &crate::store::ImageRecord) -> Result<()> {
     for l in record.layers.iter().filter(|l| l.index.is_some()) {
         if store.layer_local(l) {
             if let Err(why) = crate::lazy::whole_layer_agrees(store, l) {

@@ -51,10 +51,16 @@ fn supervise_inner(
         .map_err(|e| Error::io("reading the image server's options", e))?;
     // The record of the reference the starting mount named (one manifest may be stored under
     // several: each its own registry and repository to fetch from), else any of the manifest.
-    let named = super::Told::read(&told).ok().and_then(|t| t.reference);
-    let record = match named.map(|r| store.image(&r)).transpose()?.flatten() {
-        Some(r) if r.view() == manifest => r,
-        _ => find_record(store, &manifest)?,
+    // (Named but gone or re-tagged meanwhile: refused, not served by another reference.)
+    let record = match super::Told::read(&told).ok().and_then(|t| t.reference) {
+        None => find_record(store, &manifest)?,
+        Some(named) => store
+            .image(&named)?
+            .filter(|r| r.view() == manifest)
+            .ok_or_else(|| Error::NotFound {
+                reference: named,
+                detail: format!(" in the local store as image {manifest}"),
+            })?,
     };
     let _lease = crate::mount::lease_image(store, &record)?;
     // What the workers serve: this record, leased, found by its manifest (not by its name).

@@ -36,14 +36,25 @@ pub(crate) struct Told {
 }
 
 /// What the environment says that decides how a fetch goes, besides the options: where
-/// credentials are looked up (Docker's config, credential helpers on `PATH`) and where
-/// `registries.conf` is read (mirrors, remaps, insecure hosts). A server is started with its
-/// first mount's environment.
+/// credentials are looked up (Docker's config, credential helpers on `PATH`), where
+/// `registries.conf` is read (mirrors, remaps, insecure hosts), proxies and trusted
+/// certificates. (Where files are, not what they say.) A server is started with its first
+/// mount's environment.
 const FETCH_ENV: &[&str] = &[
     "CONTAINERS_REGISTRIES_CONF",
     "DOCKER_CONFIG",
     "HOME",
     "PATH",
+    "HTTPS_PROXY",
+    "https_proxy",
+    "HTTP_PROXY",
+    "http_proxy",
+    "ALL_PROXY",
+    "all_proxy",
+    "NO_PROXY",
+    "no_proxy",
+    "SSL_CERT_FILE",
+    "SSL_CERT_DIR",
 ];
 
 impl Default for Told {

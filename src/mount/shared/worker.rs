@@ -44,6 +44,9 @@ pub fn serve_worker(
 pub(super) const HANDED_OVER: i32 = 86;
 
 fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -> Result<()> {
+    // Who started this worker, read before anything (it may die while this one starts).
+    // SAFETY: getppid has no preconditions.
+    let supervisor = unsafe { libc::getppid() };
     let place = Place::of(store, &manifest, disk);
     // The record the supervisor leased (its name may point elsewhere by now, or nowhere).
     let record = match leased_record(&place, &manifest) {
@@ -143,7 +146,7 @@ fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -
     let (remote, lazy_layers, record) = (image.remote.clone(), image.lazy, &image.record);
     let place_of = || Place::of(store, &manifest, disk);
     let ready = || -> Result<()> {
-        orphan_watch(lock, readers, Place::of(store, &manifest, disk));
+        orphan_watch(lock, readers, Place::of(store, &manifest, disk), supervisor);
         stats.start(cache, remote);
         // Serving needs no privilege (the supervisor mounts and unmounts); ids of this image's
         // own keep it apart from other images' workers. (A lazily fetched image's writes
@@ -165,7 +168,8 @@ fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -
         if lazy {
             let watched = lazy_layers.clone();
             crate::mount::prefetch::start(store, record, lazy_layers, known, opts.prefetch);
-            watch_completion(store, record, place_of(), watched, recording.clone());
+            let watch = (place_of(), watched, recording.clone());
+            watch_completion(store, record, watch, supervisor);
         }
         Ok(())
     };
@@ -189,35 +193,48 @@ fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -
 fn watch_completion(
     store: &Store,
     record: &crate::store::ImageRecord,
-    place: Place,
-    layers: crate::mount::prefetch::LazyLayers,
-    recording: Option<crate::mount::prefetch::Recording>,
+    (place, layers, recording): (
+        Place,
+        crate::mount::prefetch::LazyLayers,
+        Option<crate::mount::prefetch::Recording>,
+    ),
+    supervisor: libc::pid_t,
 ) {
+    use std::os::unix::fs::MetadataExt;
     let (store, record) = (store.clone(), record.clone());
-    let hand_over = super::kernel_resends();
-    // SAFETY: getppid has no preconditions.
-    let supervisor = unsafe { libc::getppid() };
+    let mut hand_over = super::kernel_resends();
     let _ = std::thread::Builder::new()
         .name("bux-fuse-complete".into())
         .spawn(move || {
             let mut asked = None;
             loop {
-                let request = std::fs::metadata(place.complete_request()).ok();
-                let at = request.and_then(|m| m.modified().ok());
-                if at.is_some() && at != asked {
-                    asked = at;
+                // A request is told apart from the last by its file (each is written anew)
+                // and its time.
+                let request = std::fs::metadata(place.complete_request())
+                    .ok()
+                    .map(|m| (m.ino(), m.mtime(), m.mtime_nsec()));
+                if request.is_some() && request != asked {
+                    asked = request;
                     tracing::info!("a mount asked for the image whole: completing it");
                     let all = crate::mount::Prefetch::All;
                     crate::mount::prefetch::start(&store, &record, layers.clone(), None, all);
                 }
-                // SAFETY: as above.
+                // SAFETY: getppid has no preconditions.
                 let supervised = unsafe { libc::getppid() } == supervisor;
-                let bad = store.bad_path(&record.view()).exists();
-                if hand_over && supervised && !bad && all_local(&store, &record) {
-                    let _ = std::fs::remove_file(place.complete_request());
-                    crate::mount::prefetch::save(recording.clone());
-                    tracing::info!("the image is whole: a confined worker takes over");
-                    std::process::exit(HANDED_OVER);
+                if hand_over && supervised && all_local(&store, &record) {
+                    // The next worker refuses an image whose layers disagree with what was
+                    // served (stored whole by somebody else meanwhile): checked here, where
+                    // serving on is still possible.
+                    let bad = store.bad_path(&record.view()).exists();
+                    if let Err(e) = crate::mount::check_whole_layers(&store, &record) {
+                        tracing::error!("not handing the image over: {e}");
+                        hand_over = false;
+                    } else if !bad {
+                        let _ = std::fs::remove_file(place.complete_request());
+                        crate::mount::prefetch::save(recording.clone());
+                        tracing::info!("the image is whole: a confined worker takes over");
+                        std::process::exit(HANDED_OVER);
+                    }
                 }
                 std::thread::sleep(Duration::from_millis(250));
             }
@@ -253,9 +270,7 @@ pub(super) fn serve_session<FS: fuser::Filesystem>(
 /// If the supervisor dies, nobody would restart this worker, nor notice when the mount is no
 /// longer used: serve on (the VMs keep their roots) until nothing stands on the mount, then
 /// exit, which ends the connection (the next mount starts a new server).
-fn orphan_watch(lock: std::fs::File, readers: std::fs::File, place: Place) {
-    // SAFETY: getppid has no preconditions.
-    let parent = unsafe { libc::getppid() };
+fn orphan_watch(lock: std::fs::File, readers: std::fs::File, place: Place, parent: libc::pid_t) {
     let _ = std::thread::Builder::new()
         .name("bux-fuse-orphan".into())
         .spawn(move || {
