@@ -1861,22 +1861,8 @@ fn lazy_mounts_stand_on_the_image_server_and_outlive_its_worker() {
     // A mount that waits for the image whole joins a server that was told to fetch only
     // what is read: the server completes the image (the mount returns; it hung for good),
     // then hands it to a worker confined as for a stored image (not root's ids).
-    let mut joining = bux.cmd();
-    let dir = tempfile::tempdir().unwrap();
-    let at = dir.path().join("root");
-    joining.args(["mount", "--lazy", &reference, at.to_str().unwrap()]);
-    joining.args(["--wait-complete", "--read-timeout", "60"]);
-    let mut child = joining.spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        if std::time::Instant::now() > deadline {
-            let _ = child.kill();
-            panic!("mount --wait-complete never returned");
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    assert!(child.wait().unwrap().success());
-    let whole = MountGuard::adopt(at, dir);
+    let (ok, whole) = wait_complete_mount(&bux, &reference, 60);
+    assert!(ok, "mount --wait-complete failed");
     assert!(bux.ok(&["check"]).contains("0 problems"));
     wait_for(20, "a confined worker took over", || {
         let now = workers();
