@@ -46,6 +46,17 @@ fn pushed_image(reg: &Registry, repo: &str, image: &Image) -> String {
     format!("{}/{repo}:v1", reg.host())
 }
 
+/// Held while a test drops caches, and by a test asserting which pages are cached from its
+/// first read to its last look (tests run in parallel: another's drop, of inodes too, evicts
+/// the pages of files nobody holds open).
+static PAGE_CACHE: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Writes `what` to /proc/sys/vm/drop_caches, never inside another test's page-cache check.
+fn drop_caches(what: &str) -> std::io::Result<()> {
+    let _held = PAGE_CACHE.lock().unwrap_or_else(|p| p.into_inner());
+    std::fs::write("/proc/sys/vm/drop_caches", what)
+}
+
 #[test]
 fn a_user_mounts_the_image_as_it_is_without_root() {
     need("fusermount3");
@@ -627,7 +638,7 @@ fn an_image_file_written_after_its_name_is_removed() {
     };
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     while !orphans().is_empty() && std::time::Instant::now() < deadline {
-        let _ = std::fs::write("/proc/sys/vm/drop_caches", "2");
+        let _ = drop_caches("2");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
     assert_eq!(orphans(), Vec::<String>::new());
@@ -719,6 +730,7 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
     ));
     assert_eq!(servers.trim(), "1", "one image server (its worker aside)");
     let sum = sha256_hex(&big);
+    let window = PAGE_CACHE.lock().unwrap_or_else(|p| p.into_inner());
     assert_eq!(
         each("sha256sum < m$i/data/big"),
         format!("{sum}  -\n").repeat(N)
@@ -741,6 +753,7 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
         resident(shared_big.to_str().unwrap()),
         format!("{}\n", big.len())
     );
+    drop(window);
 
     // Writes stay in their mount; a file written there is that mount's own.
     each("printf $i > m$i/etc/small");
@@ -764,7 +777,7 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
             .unwrap();
         assert!(st.success());
     }
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    drop_caches("3\n").unwrap();
     let out = user.ok("sha256sum < m0/data/big && sha256sum < m2/data/big");
     assert_eq!(out, format!("{sum}  -\n{sum}  -\n"));
     // The mounts gone, the dead server's mount is left to `gc`, which takes it down.
@@ -1006,7 +1019,7 @@ fn a_users_writable_listing_carries_its_entries_attributes() {
         "echo new > m/d/new && ln m/d/f1 m/d/link && mv m/d/f2 m/d/moved && rm m/d/f3 && \
          ln -s f0 m/sym",
     );
-    std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+    drop_caches("3\n").unwrap();
     // The kernel's dev_t of the mount ((major << 20) | minor; only the user may stat it).
     let dev = user.ok("stat -c '%Hd %Ld' m");
     let (major, minor) = dev.trim().split_once(' ').unwrap();
@@ -1041,7 +1054,7 @@ print(f.read(), end="")
     let mut held = user.spawn(&format!("python3 -c '{script}'"));
     std::thread::sleep(std::time::Duration::from_millis(500));
     for _ in 0..2 {
-        std::fs::write("/proc/sys/vm/drop_caches", "3\n").unwrap();
+        drop_caches("3\n").unwrap();
         let out = user.ok(
             "ls m/d >/dev/null && cat m/d/f0 m/d/f1 m/d/link m/d/moved m/d/new && \
              stat -c %h m/d/f1 && ls m/d/f2 m/d/f3 m/d/f4 2>&1 | wc -l",
@@ -1348,7 +1361,7 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
                  && ls -a m/dir2 | wc -l && ! test -e m/new";
     let expected = format!("{inodes}a\n3\n");
     assert_eq!(user.ok(after), expected);
-    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    drop_caches("2").unwrap();
     assert_eq!(
         user.ok(after),
         expected,
@@ -1468,7 +1481,7 @@ fn a_taken_over_mount_frees_what_is_removed_and_keeps_what_is_open() {
             "removed files kept: {}",
             orphans()
         );
-        std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+        drop_caches("2").unwrap();
         std::thread::sleep(std::time::Duration::from_millis(100));
     }
     user.ok("$BUX umount m");
@@ -1550,7 +1563,7 @@ fn a_users_mount_serves_on_a_full_disk_across_a_takeover() {
     kill9(first[0]);
     let second = replaced_workers(&store, &first, 1);
     // The kernel asks again (the names, then the numbers the new worker gives them).
-    std::fs::write("/proc/sys/vm/drop_caches", "2").unwrap();
+    drop_caches("2").unwrap();
     assert_eq!(user.ok(looks), before);
     // Space back: what could not be journalled is, and a second takeover knows it all.
     user.ok("rm m/fill && mkdir m/after && echo x > m/after/f");
