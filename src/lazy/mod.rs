@@ -627,6 +627,12 @@ impl LazyBlob {
 
     /// Starts fetches of the chunks of `need` that are neither present nor under way.
     fn claim_and_fetch(self: &Arc<Self>, need: &[usize]) {
+        // Every decode of a lazy layer asks: when all is here or under way (as a rule), one
+        // look under the lock and nothing more.
+        let missing = |st: &State| need.iter().any(|&k| !st.present[k] && !st.inflight[k]);
+        if !missing(&self.lock()) {
+            return;
+        }
         self.adopt_fetched(need);
         let mut st = self.lock();
         let start: Vec<usize> = need
@@ -796,20 +802,15 @@ mod tests {
         let reference = crate::registry::parse_reference("127.0.0.1:9/none:here").unwrap();
         let registry = crate::registry::Registry::new(&reference, &Default::default());
         let remote = Remote::new(registry, Duration::from_secs(1)).unwrap();
-        let partial = dir.path().join("layer.partial");
-        let open = || {
-            let blob = LazyBlob::open_parts(
-                Digest::of(&data),
-                data.len() as u64,
-                chunks.clone(),
-                partial.clone(),
-                remote.clone(),
-                None,
-            )
-            .unwrap();
-            Arc::into_inner(blob).unwrap()
+        let open = |name: &str, digest: Digest| {
+            let path = dir.path().join(name);
+            let len = data.len() as u64;
+            LazyBlob::open_parts(digest, len, chunks.clone(), path, remote.clone(), None).unwrap()
         };
-        let (first, second) = (Arc::new(open()), Arc::new(open()));
+        let (first, second) = (
+            open("layer.partial", Digest::of(&data)),
+            open("layer.partial", Digest::of(&data)),
+        );
         // The second has the first chunk; the first fetches the other two (as its fetch
         // stores them), after both opened.
         second.store_chunks(&[(0, &data[..1000])]).unwrap();
@@ -823,17 +824,8 @@ mod tests {
         assert_eq!(remote.requests.load(Ordering::Relaxed), 0, "fetched again");
         // A map saying "present" over a file that does not hold the chunk (another
         // generation's map, a partial made again): not adopted, fetched (and fails here).
-        let zeros = dir.path().join("zeros.partial");
-        let stale = LazyBlob::open_parts(
-            Digest::of(&data),
-            data.len() as u64,
-            chunks.clone(),
-            zeros.clone(),
-            remote.clone(),
-            None,
-        )
-        .unwrap();
-        std::fs::write(map_path(&zeros), [1u8, 1, 1]).unwrap();
+        let stale = open("zeros.partial", Digest::of(&data));
+        std::fs::write(map_path(&dir.path().join("zeros.partial")), [1u8, 1, 1]).unwrap();
         assert!(
             stale.ensure(0..1000).is_err(),
             "zeros served as the layer's bytes"
@@ -841,15 +833,7 @@ mod tests {
         let asked = remote.requests.load(Ordering::Relaxed);
         assert!(asked > 0, "not fetched");
         // What nobody fetched is still fetched (and fails here: nothing listens).
-        let third = LazyBlob::open_parts(
-            Digest::of(b"another layer"),
-            data.len() as u64,
-            chunks.clone(),
-            dir.path().join("other.partial"),
-            remote.clone(),
-            None,
-        )
-        .unwrap();
+        let third = open("other.partial", Digest::of(b"another layer"));
         assert!(third.ensure(0..1000).is_err());
         assert!(remote.requests.load(Ordering::Relaxed) > asked);
         remote.shutdown();
