@@ -2052,4 +2052,18 @@ fn completing_a_lazy_server_survives_its_processes_dying() {
             test_bytes(12 << 20, 2)
         );
     });
+    // The orphan exits once nothing stands on it, with no supervisor to take its FUSE mount
+    // down: gc does (once the orphan's last thread has let go of the connection), and leaves
+    // nothing mounted in the store.
+    drop(m);
+    let store_dir = store.to_string_lossy().into_owned();
+    let in_store = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&store_dir)
+    };
+    wait_for(30, "gc to take the orphan's mount down", || {
+        bux.ok(&["gc"]);
+        !in_store()
+    });
 }

@@ -94,7 +94,7 @@ fn as_an_ordinary_user() {
     reg.push(work.path(), "v1", "rt/img", None);
     let user = AsUser::new();
     let exe = user.dir.path().join("runtime");
-    std::fs::copy(example(), &exe).unwrap();
+    copy_executable(example(), &exe);
     let out = user.sh(&format!(
         "{} \"$HOME/store\" \"$HOME/vms\" {}/rt/img:v1 {}/rt/absent:v1",
         exe.display(),

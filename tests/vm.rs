@@ -609,7 +609,7 @@ fn vm_user() -> (AsUser, std::path::PathBuf) {
         } else {
             virtiofsd
         };
-        std::fs::copy(src, &p).unwrap();
+        copy_executable(src, &p);
     }
     Command::new("chown")
         .arg("-R")

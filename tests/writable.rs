@@ -240,7 +240,7 @@ fn writable_root_behaves_like_posix_for_a_user_too() {
     let r = format!("{}/t/rwu:v1", reg.host());
     let user = AsUser::new();
     let exe = user.dir.path().join("writable-tests");
-    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    copy_executable(std::env::current_exe().unwrap(), &exe);
     user.ok(&format!("$BUX -q mount --writable {r} m"));
     let m = user.home().join("m");
     let out = user.ok(&format!(

@@ -61,6 +61,25 @@ pub fn need(tool: &str) {
 }
 
 /// Asserts a finished command succeeded, showing its stderr otherwise.
+/// Copies an executable in a child process (`cp`), so the file is never open for writing
+/// in this process: the tests of one binary run in parallel, and a child that another
+/// test forks between our `open` and `close` would inherit the write descriptor until it
+/// execs, making running the copy fail with "Text file busy" (ETXTBSY).
+pub fn copy_executable(src: impl AsRef<Path>, dst: impl AsRef<Path>) {
+    let st = Command::new("cp")
+        .arg("--")
+        .arg(src.as_ref())
+        .arg(dst.as_ref())
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "cp {} {}",
+        src.as_ref().display(),
+        dst.as_ref().display()
+    );
+}
+
 pub fn assert_success(out: &Output) {
     assert!(
         out.status.success(),
@@ -1005,7 +1024,7 @@ impl AsUser {
         std::fs::set_permissions("/dev/fuse", std::fs::Permissions::from_mode(0o666)).unwrap();
         let dir = tempfile::tempdir().unwrap();
         std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::copy(env!("CARGO_BIN_EXE_bux-fuse"), dir.path().join("bux-fuse")).unwrap();
+        copy_executable(env!("CARGO_BIN_EXE_bux-fuse"), dir.path().join("bux-fuse"));
         let home = dir.path().join("home");
         std::fs::create_dir(&home).unwrap();
         std::os::unix::fs::chown(&home, Some(uid), Some(uid)).unwrap();
