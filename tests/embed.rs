@@ -289,8 +289,11 @@ fn a_helper_that_never_answers_is_given_up_within_the_timeout() {
     // A "helper" that says nothing and never leaves.
     let helper = run.work.path().join("silent-helper");
     let pid_file = run.work.path().join("helper.pid");
+    // Written under another name and copied by a child, so that no test's fork holds it
+    // open for writing when it runs ("Text file busy").
+    let draft = run.work.path().join("silent-helper.draft");
     std::fs::write(
-        &helper,
+        &draft,
         format!(
             "#!/bin/sh\necho $$ > {}\nexec sleep 600\n",
             pid_file.display()
@@ -298,7 +301,8 @@ fn a_helper_that_never_answers_is_given_up_within_the_timeout() {
     )
     .unwrap();
     let mode = std::os::unix::fs::PermissionsExt::from_mode(0o755);
-    std::fs::set_permissions(&helper, mode).unwrap();
+    std::fs::set_permissions(&draft, mode).unwrap();
+    copy_executable(&draft, &helper);
     let mut cmd = run.command("/etc/motd", true);
     cmd.env("BUX_FUSE_HELPER", &helper);
     let (out, took) = run_for(cmd, Duration::from_secs(120));
