@@ -710,8 +710,10 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
     let user = AsUser::new();
     // The user's own: the kernel tells a user which pages of a file are cached (mincore,
     // fincore) only for files it owns or may write; of others it says all are.
+    let walk = test_bytes(12 << 20, 9);
     let l = LayerBuilder::new()
         .file_with("data/big", &big, 0o644, user.uid as u64, user.uid as u64)
+        .file_with("data/walk", &walk, 0o644, user.uid as u64, user.uid as u64)
         .file("etc/small", b"small\n")
         .finish();
     let reg = Registry::start();
@@ -742,12 +744,37 @@ fn a_users_writable_mounts_hold_the_images_pages_once() {
              m = mmap.mmap(f.fileno(), 0, flags=flags, prot=mmap.PROT_READ)\n    \
              print(hashlib.sha256(m).hexdigest())'");
     assert_eq!(mapped, format!("{sum}\n{sum}\n"));
-    // fincore pads its figures.
+    // fincore pads its figures. A mount caches an image file only while it is open: the
+    // pages go at the last close (told to the kernel a moment after it).
     let resident = |p: &str| user.ok(&format!("fincore -bno RES {p} | tr -d ' '"));
-    assert_eq!(
-        each("fincore -bno RES m$i/data/big | tr -d ' '"),
-        "0\n".repeat(N)
+    wait_for(10, "the mounts' pages of data/big dropped", || {
+        each("fincore -bno RES m$i/data/big | tr -d ' '") == "0\n".repeat(N)
+    });
+    // While a file is read in order (in 10 KiB reads, as `tar` reads), the mount keeps only
+    // the pages about its reader: read ahead of it, and at most 3 MiB behind.
+    let out = user.ok(
+        "python3 -c 'import hashlib, subprocess, time\n\
+         f = open(\"m0/data/walk\", \"rb\")\n\
+         h = hashlib.sha256()\n\
+         while f.tell() < 10 << 20:\n    h.update(f.read(10240))\n\
+         res = lambda: int(subprocess.check_output([\"fincore\", \"-bno\", \"RES\", \"m0/data/walk\"]))\n\
+         for _ in range(200):\n    \
+             if res() <= 4 << 20: break\n    \
+             time.sleep(0.05)\n\
+         print(res())\n\
+         h.update(f.read())\n\
+         print(h.hexdigest())'",
     );
+    let (kept, read) = out.trim().split_once('\n').unwrap();
+    let kept: u64 = kept.trim().parse().unwrap();
+    assert_eq!(read, sha256_hex(&walk));
+    assert!(
+        kept > 0 && kept <= 4 << 20,
+        "{kept} bytes of the 12 MiB file kept by the mount mid-walk"
+    );
+    wait_for(10, "the mount's pages of data/walk dropped", || {
+        resident("m0/data/walk") == "0\n"
+    });
     let shared_big = shared[0].join("data/big");
     assert_eq!(
         resident(shared_big.to_str().unwrap()),

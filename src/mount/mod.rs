@@ -653,7 +653,7 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         (None, Some(fs), None) if opts.disk => {
             let fs = crate::disk::DiskFs::new(fs)
                 .map_err(|e| mount_err(format!("laying the image out as a disk: {e}")))?;
-            serve(fs, &fuse_dir, &request, config)
+            serve(fs, &fuse_dir, &request, config, None)
         }
         (None, Some(fs), Some(upper)) => {
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
@@ -662,9 +662,10 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
             if let Some((mnt, holder)) = through {
                 fs = fs.reading_through(crate::upper::Through::new(mnt, holder));
             }
-            serve(fs, &fuse_dir, &request, config)
+            let notifier = fs.notifier_slot();
+            serve(fs, &fuse_dir, &request, config, Some(notifier))
         }
-        (None, Some(fs), None) => serve(fs, &fuse_dir, &request, config),
+        (None, Some(fs), None) => serve(fs, &fuse_dir, &request, config, None),
         (None, None, _) => Err("the image was not opened".into()),
     }
     .map_err(mount_err)?;
@@ -720,12 +721,13 @@ pub(crate) fn image_fs(
     fs
 }
 
-/// Mounts `fs` at `dir` and serves it on a thread of its own.
+/// Mounts `fs` at `dir` and serves it on a thread of its own, its notifier put in `notifier`.
 fn serve<FS: fuser::Filesystem + Send + 'static>(
     fs: FS,
     dir: &Path,
     request: &connect::Request,
     config: Config,
+    notifier: Option<Arc<std::sync::OnceLock<fuser::Notifier>>>,
 ) -> std::result::Result<JoinHandle<io::Result<()>>, String> {
     let fd = connect::connect(dir, request)?;
     let session = match Session::from_fd(fs, fd, config.acl, config) {
@@ -735,6 +737,9 @@ fn serve<FS: fuser::Filesystem + Send + 'static>(
             return Err(format!("FUSE handshake: {e}"));
         }
     };
+    if let Some(slot) = notifier {
+        let _ = slot.set(session.notifier());
+    }
     std::thread::Builder::new()
         .name("bux-fuse-session".into())
         .spawn(move || session.run())

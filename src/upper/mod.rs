@@ -21,6 +21,7 @@ mod disk;
 mod journal;
 mod nodes;
 mod ops;
+mod pages;
 mod perm;
 mod rename;
 mod through;
@@ -105,9 +106,11 @@ pub struct Upper {
     /// Whether users other than the owner reach the mount (`allow_other`): opens then come
     /// through, so they can be checked (with "no open" the kernel sends none).
     others: bool,
-    /// The image's shared mount, which unmodified image files are read through (opened with
-    /// direct I/O here: their pages are cached there, once for all of the user's mounts).
+    /// The image's shared mount, which unmodified image files are read through (their pages
+    /// are cached there, once for all of the user's mounts).
     through: Option<Through>,
+    /// The pages this mount keeps of files read through (dropped as they are read).
+    pages: pages::Pages,
 }
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
@@ -189,6 +192,7 @@ impl UpperFs {
             owner: unsafe { libc::geteuid() },
             others: false,
             through: None,
+            pages: pages::Pages::new(),
         };
         let mut live_orphans = std::collections::HashSet::new();
         match journal {
@@ -275,6 +279,13 @@ impl UpperFs {
         self
     }
 
+    /// Where the session's notifier goes once the session is made: with it, files read
+    /// through the shared mount are cached here while open, their pages dropped as they are
+    /// read (`pages`); without it they are opened with direct I/O.
+    pub fn notifier_slot(&self) -> Arc<std::sync::OnceLock<fuser::Notifier>> {
+        self.pages.slot()
+    }
+
     /// Whether copying node `n` up copies bytes of an image file (which may have to be
     /// fetched): then the request runs through [`UpperFs::copy_then`].
     fn copies_bytes(&self, n: u64) -> bool {
@@ -315,7 +326,7 @@ impl Upper {
     /// Up to `len` bytes at `off` of image file `lower` read through the image's shared
     /// mount, if its files of that size are read there and the mount serves it.
     fn read_through(&self, lower: u64, off: u64, len: u32) -> Option<Vec<u8>> {
-        let t = self.through.as_ref()?; // (`Through::read` declines while unusable)
+        let t = self.through_mount()?; // (`Through::read` declines while unusable)
         let tree = self.lower.tree();
         if tree.inode(lower)?.size <= through::THROUGH_MIN {
             return None;
@@ -323,9 +334,17 @@ impl Upper {
         t.read(lower, || tree.path_of(lower), off, len)
     }
 
+    /// The shared mount, if files can be read through it: opened cached here (the pages
+    /// dropped as read), or with direct I/O where the kernel can map such files shared.
+    fn through_mount(&self) -> Option<&Through> {
+        self.through
+            .as_ref()
+            .filter(|t| self.pages.cached() || t.maps_direct())
+    }
+
     /// Whether node `n` is an image file read through the shared mount (not copied up).
     fn reads_through(&self, n: u64) -> bool {
-        if !self.through.as_ref().is_some_and(|t| t.usable()) || self.open_file(n).is_some() {
+        if !self.through_mount().is_some_and(|t| t.usable()) || self.open_file(n).is_some() {
             return false;
         }
         let st = self.state();

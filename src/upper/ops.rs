@@ -12,12 +12,16 @@ use super::*;
 
 /// The handle of a file opened read-only (others are 0).
 const READ_ONLY: FileHandle = FileHandle(1);
+/// A read-only handle of an image file read through the shared mount, cached here while
+/// open (`pages`): its release drops what is left of its pages.
+const THROUGH: FileHandle = FileHandle(2);
 
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let caps = config.capabilities();
         self.offered.store(caps.bits(), Ordering::Relaxed);
-        // Reading through the shared mount needs opens (to answer them with direct I/O).
+        // Reading through the shared mount needs opens (to answer them as cached or direct)
+        // and releases (to drop a file's pages at its last close).
         let no_open =
             caps.contains(fuser::InitFlags::FUSE_NO_OPEN_SUPPORT) && self.through.is_none();
         self.no_open.store(no_open, Ordering::Relaxed);
@@ -39,8 +43,7 @@ impl Filesystem for UpperFs {
             // private mappings, ld.so's, always can): without it, none are.
             let mmap = fuser::InitFlags::FUSE_DIRECT_IO_ALLOW_MMAP;
             if config.add_capabilities(mmap).is_err() {
-                tracing::warn!("this kernel cannot map direct-I/O files shared: image files are read by this mount alone");
-                t.turn_off();
+                t.cannot_map_direct();
             }
         }
         Ok(())
@@ -118,7 +121,7 @@ impl Filesystem for UpperFs {
             gid,
             // A size through a file opened for writing was checked at its open; one through a
             // file opened read-only is O_TRUNC's (ftruncate(2) refuses such a file).
-            truncate: size.is_some() && fh.is_none_or(|fh| fh == READ_ONLY),
+            truncate: size.is_some() && fh.is_none_or(|fh| fh == READ_ONLY || fh == THROUGH),
             atime,
             mtime,
         };
@@ -381,7 +384,12 @@ impl Filesystem for UpperFs {
                 }
             }
             if !write && fs.reads_through(n) {
-                // Its pages are cached once, in the shared mount.
+                // Its pages are cached once, in the shared mount: here only while it is read
+                // (dropped behind the reader and at the last close), else not at all.
+                if fs.pages.cached() {
+                    fs.pages.opened(n);
+                    return reply.opened(THROUGH, FopenFlags::FOPEN_KEEP_CACHE);
+                }
                 return reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
             }
             // Pages stay valid across opens: every write to the file comes through here.
@@ -457,6 +465,9 @@ impl Filesystem for UpperFs {
             // are waited for off this FUSE worker.
             Ok(Err(lower)) => {
                 if let Some(d) = self.read_through(lower, offset, size) {
+                    if fh == THROUGH {
+                        self.pages.read(ino.0, offset, d.len() as u64);
+                    }
                     return reply.data(&d);
                 }
                 let lower = INodeNo(lower);
@@ -503,6 +514,22 @@ impl Filesystem for UpperFs {
             .writable_file(n, false)
             .and_then(|f| f.write_all_at(data, offset).map_err(err));
         done(r, data.len(), reply)
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if fh == THROUGH {
+            self.pages.released(ino.0);
+        }
+        reply.ok();
     }
 
     fn flush(

@@ -2,10 +2,10 @@
 //!
 //! A user's writable mount is a FUSE mount of its own, and the kernel keeps page cache per
 //! superblock: eight VMs of one image would hold eight copies of every page they read. So
-//! image files are opened with `FOPEN_DIRECT_IO` (the mount keeps none of their pages) and
-//! their reads are served from the same file in the image's shared mount
+//! image files are read from the same file in the image's shared mount
 //! (`$STORE/shared/<image>/mnt`, [`crate::mount::shared`]), whose one page cache all of the
-//! user's mounts of the image share. Its server decodes each span once for all of them.
+//! user's mounts of the image share, and this mount keeps their pages only while they are
+//! read (`pages`). Its server decodes each span once for all of them.
 //! A read the shared mount cannot serve (its server gone) is decoded here instead; one it
 //! holds up (its server hung) is ended by ending the server (`watch`).
 
@@ -59,9 +59,9 @@ pub struct Through {
     /// (this mount is not in the mount table as standing on it).
     _holder: File,
     files: Mutex<lru::LruCache<u64, Arc<Opened>>>,
-    /// Off for good: the kernel cannot map files opened with direct I/O shared (before
-    /// Linux 6.6), so none are.
-    off: AtomicBool,
+    /// The kernel cannot map files opened with direct I/O shared (before Linux 6.6): then
+    /// files are read through only where this mount can cache them (`pages`).
+    no_direct_mmap: AtomicBool,
     /// Reads under way, which a thread of its own watches (`watch`).
     reads: Arc<Reads>,
 }
@@ -75,21 +75,26 @@ impl Through {
             mnt,
             _holder: holder,
             files: Mutex::new(lru::LruCache::new(n)),
-            off: AtomicBool::new(false),
+            no_direct_mmap: AtomicBool::new(false),
             reads,
         }
     }
 
-    /// Reads nothing through the shared mount from now on.
-    pub fn turn_off(&self) {
-        self.off.store(true, Ordering::Relaxed);
+    /// The kernel cannot map files opened with direct I/O shared.
+    pub fn cannot_map_direct(&self) {
+        self.no_direct_mmap.store(true, Ordering::Relaxed);
     }
 
-    /// Whether files are read through the shared mount now: on, and no read failed there
-    /// in the last [`SUSPECT`].
+    /// Whether files opened with direct I/O can be mapped shared.
+    pub fn maps_direct(&self) -> bool {
+        !self.no_direct_mmap.load(Ordering::Relaxed)
+    }
+
+    /// Whether files are read through the shared mount now: no read failed there in the
+    /// last [`SUSPECT`].
     pub fn usable(&self) -> bool {
         let failed = *self.reads.failed.lock().unwrap_or_else(|p| p.into_inner());
-        !self.off.load(Ordering::Relaxed) && failed.is_none_or(|t| t.elapsed() > SUSPECT)
+        failed.is_none_or(|t| t.elapsed() > SUSPECT)
     }
 
     /// Up to `size` bytes at `offset` of image inode `ino`, whose path in the image `path`

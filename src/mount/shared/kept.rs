@@ -450,13 +450,29 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
     let served = match what {
         Kind::Image => {
             let offered = lower.offered_capabilities();
-            session(lower, conn, replay.as_deref(), config, &io, ready(offered))
+            session(
+                lower,
+                conn,
+                replay.as_deref(),
+                config,
+                &io,
+                None,
+                ready(offered),
+            )
         }
         Kind::Disk => {
             let offered = lower.offered_capabilities();
             let fs = crate::disk::DiskFs::new(lower)
                 .map_err(|e| io("laying the image out as a disk", std::io::Error::other(e)))?;
-            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
+            session(
+                fs,
+                conn,
+                replay.as_deref(),
+                config,
+                &io,
+                None,
+                ready(offered),
+            )
         }
         Kind::Writable(upper) => {
             let journal = journal_path(run_dir);
@@ -470,8 +486,17 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
                 Some(t) => fs.reading_through(t),
                 None => fs,
             };
-            let offered = fs.offered_capabilities();
-            session(fs, conn, replay.as_deref(), config, &io, ready(offered))
+            let (offered, notifier) = (fs.offered_capabilities(), fs.notifier_slot());
+            let ready = ready(offered);
+            session(
+                fs,
+                conn,
+                replay.as_deref(),
+                config,
+                &io,
+                Some(notifier),
+                ready,
+            )
         }
     };
     // The reads this worker saw (a worker that died saved none: its successor records anew).

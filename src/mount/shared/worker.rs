@@ -4,7 +4,7 @@
 use std::io::Write;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::Ordering;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use fuser::{Config, Session, SessionACL};
@@ -174,8 +174,8 @@ fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -
         Ok(())
     };
     let served = match fs {
-        Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
-        Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, ready),
+        Served::Image(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, None, ready),
+        Served::Disk(fs) => serve_session(fs, conn, replay.as_deref(), config, &io, None, ready),
     };
     // The reads this worker saw (a worker that died saved none: its successor records anew).
     crate::mount::prefetch::save(recording);
@@ -248,13 +248,15 @@ enum Served {
 }
 
 /// Takes over the connection `conn` with `fs` (replaying the `recorded` FUSE_INIT of a worker
-/// that died, if any), runs `ready` once the session is made, and serves until it ends.
+/// that died, if any), puts the session's notifier in `notifier` (for a filesystem that tells
+/// the kernel things), runs `ready` once the session is made, and serves until it ends.
 pub(super) fn serve_session<FS: fuser::Filesystem>(
     fs: FS,
     conn: OwnedFd,
     recorded: Option<&[u8]>,
     config: Config,
     io: &dyn Fn(&str, std::io::Error) -> Error,
+    notifier: Option<Arc<OnceLock<fuser::Notifier>>>,
     ready: impl FnOnce() -> Result<()>,
 ) -> Result<()> {
     let session = match recorded {
@@ -263,6 +265,9 @@ pub(super) fn serve_session<FS: fuser::Filesystem>(
             Session::from_fd(fs, conn, config.acl, config).map_err(|e| io("FUSE handshake", e))?
         }
     };
+    if let Some(slot) = notifier {
+        let _ = slot.set(session.notifier());
+    }
     ready()?;
     session.run().map_err(|e| io("serving", e))
 }
