@@ -676,9 +676,13 @@ impl Store {
                     .collect::<Result<Vec<_>>>()?;
                 let t = tree::merge(indexes.iter().map(|i| (i.source(), i.entries.as_slice())))?;
                 t.save(&path)?;
-                if !matches!(&e, Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound)
-                {
-                    tracing::warn!("{e}: rebuilt it from the layer indexes");
+                match &e {
+                    Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {}
+                    // Written by an earlier version (its format changed): expected once.
+                    Error::CorruptStore { detail, .. } if detail == tree::OTHER_VERSION => {
+                        tracing::info!("{e}: merged it again from the layer indexes");
+                    }
+                    _ => tracing::warn!("{e}: rebuilt it from the layer indexes"),
                 }
                 t
             }

@@ -392,6 +392,21 @@ fn damaged_tree_files_are_rebuilt_or_refused_clearly() {
             "rebuilt after {damage}"
         );
     }
+    // A tree an earlier version wrote (its format older) is merged again without a warning:
+    // expected once after an upgrade, not damage.
+    let mut older = good.clone();
+    older[7] -= 1;
+    std::fs::write(&tree, &older).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let at = dir.path().join("m");
+    let out = bux.run(&["mount", &r, at.to_str().unwrap()]);
+    assert_success(&out);
+    let m = MountGuard::adopt(at, dir);
+    assert_eq!(umoci_like_listing(&m.path), reference);
+    drop(m);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("WARN") && !err.contains("rebuilt"), "{err}");
+    assert_eq!(std::fs::read(&tree).unwrap(), good, "merged again");
     // Tree and layer indexes damaged: one line, naming what is damaged.
     std::fs::write(&tree, b"junk").unwrap();
     for idx in files("layers/sha256", "idx") {

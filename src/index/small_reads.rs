@@ -31,10 +31,11 @@ use crate::mapped::Mapped;
 /// read through its stream instead, rather than cost every mount process its table.
 const HELD_MAX: u64 = 16 << 20;
 
-const MAP_MAGIC: &[u8; 8] = b"BUXSMAP\x01";
+const MAP_MAGIC: &[u8; 8] = b"BUXSMAP\x02";
 /// The map's header: magic, the table frame's SHA-256 (which table it was made from), the
-/// body's SHA-256 (what it holds: checked at every open, so rot is made again, not served),
-/// file count, tiny bytes' length.
+/// body's CRC-32 in 4 of 32 bytes (what it holds: checked at every open, so rot is made again,
+/// not served; a CRC finds damage as well as a SHA-256 here, in a fraction of the time: the map
+/// of a 500,000-file layer is 14 MB), file count, tiny bytes' length.
 const MAP_HEAD: usize = 8 + 32 + 32 + 8 + 8;
 const RECORD: usize = 16;
 
@@ -89,7 +90,7 @@ impl SmallReads {
         body.extend_from_slice(table.tiny());
         let mut bytes = MAP_MAGIC.to_vec();
         bytes.extend_from_slice(&table.digest());
-        bytes.extend_from_slice(&<sha2::Sha256 as sha2::Digest>::digest(&body));
+        bytes.extend_from_slice(&body_sum(&body));
         bytes.extend_from_slice(&(count as u64).to_le_bytes());
         bytes.extend_from_slice(&(table.tiny().len() as u64).to_le_bytes());
         bytes.extend_from_slice(&body);
@@ -152,6 +153,13 @@ pub(crate) fn map_path(index_path: &Path) -> PathBuf {
     index_path.with_extension("small.map")
 }
 
+/// The map body's checksum as its header keeps it: CRC-32 (little-endian), then zeros.
+fn body_sum(body: &[u8]) -> [u8; 32] {
+    let mut sum = [0u8; 32];
+    sum[..4].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
+    sum
+}
+
 fn parse_record(r: &[u8]) -> (u64, u32, u32) {
     (
         u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
@@ -168,8 +176,7 @@ fn checked(map: Mapped, digest: &[u8; 32], blocks: u64) -> Option<(Mapped, usize
     if m.len() < MAP_HEAD || &m[..8] != MAP_MAGIC || &m[8..40] != digest {
         return None;
     }
-    let body: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&m[MAP_HEAD..]).into();
-    if m[40..72] != body {
+    if m[40..72] != body_sum(&m[MAP_HEAD..]) {
         return None;
     }
     let word = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
@@ -306,7 +313,7 @@ mod tests {
         let forged = |edit: &dyn Fn(&mut [u8])| {
             let mut m = good.clone();
             edit(&mut m[MAP_HEAD..]);
-            let body: [u8; 32] = <sha2::Sha256 as sha2::Digest>::digest(&m[MAP_HEAD..]).into();
+            let body = body_sum(&m[MAP_HEAD..]);
             m[40..72].copy_from_slice(&body);
             checked(Mapped::Owned(m), &digest, blocks).is_some()
         };

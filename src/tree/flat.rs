@@ -16,20 +16,25 @@
 //!
 //! Opening checks the header: magic, the file's length, and that every section lies inside the
 //! file. Records are bounds-checked when read (a reference out of range reads as a missing
-//! inode, not a crash), and [`Tree::verify`] checks the checksum of the whole body (`check` and
-//! every write run it; a mount does not, so that a mount stays independent of image size).
+//! inode, not a crash), and [`Tree::verify`] checks the checksum of the whole body (`check`,
+//! every write, and each image server as it opens the image run it). The checksum is a CRC-32:
+//! it is there to find damage (a torn write, a flipped byte), not tampering (whoever can write
+//! the file can write its checksum), and it checks the 55 MB tree of a 500,000-file image in a
+//! few milliseconds of every server start, where SHA-256 took 35 ms.
 
 use std::path::Path;
 use std::sync::Arc;
-
-use sha2::{Digest as _, Sha256};
 
 use crate::error::IoContext;
 use crate::index::{EntryKind, Extent, LayerSource};
 use crate::mapped::Mapped;
 use crate::{Error, Result};
 
-const MAGIC: &[u8; 8] = b"BUXTRE\x00\x04";
+const MAGIC: &[u8; 8] = b"BUXTRE\x00\x05";
+
+/// Why a tree written by another version (or not a tree at all) does not open: the store
+/// merges the image's tree again from its layer indexes, as after an upgrade it must.
+pub(crate) const OTHER_VERSION: &str = "not a merged tree of this version";
 const HEADER: usize = 160;
 const INODE: usize = 80;
 const DIRENT: usize = 24;
@@ -319,7 +324,7 @@ impl Tree {
     fn from_bytes(bytes: Mapped) -> std::result::Result<Tree, String> {
         let b = bytes.as_slice();
         if b.len() < HEADER || &b[..8] != MAGIC {
-            return Err("not a merged tree of this version".into());
+            return Err(OTHER_VERSION.into());
         }
         let file_len = u64_at(b, 8);
         if file_len != b.len() as u64 {
@@ -381,13 +386,15 @@ impl Tree {
     }
 }
 
-/// SHA-256 of everything but the checksum field (bytes 112..144 of the header; `b` is at
-/// least a header long).
+/// CRC-32 of everything but the checksum field (bytes 112..144 of the header; `b` is at least
+/// a header long), kept in the field's first 4 bytes (little-endian), the rest zero.
 fn checksum(b: &[u8]) -> [u8; 32] {
-    let mut h = Sha256::new();
+    let mut h = crc32fast::Hasher::new();
     h.update(&b[..112]);
     h.update(&b[144..]);
-    h.finalize().into()
+    let mut sum = [0u8; 32];
+    sum[..4].copy_from_slice(&h.finalize().to_le_bytes());
+    sum
 }
 
 /// A directory's entries, in name order.
