@@ -8,13 +8,14 @@ use fuser::{
 
 use std::sync::atomic::Ordering;
 
+use super::pages;
 use super::*;
 
 /// The handle of a file opened read-only (others are 0).
 const READ_ONLY: FileHandle = FileHandle(1);
-/// A read-only handle of an image file read through the shared mount, cached here while
-/// open (`pages`): its release drops what is left of its pages.
-const THROUGH: FileHandle = FileHandle(2);
+// A read-only open of an image file read through the shared mount, cached here while open,
+// is answered with a handle of its own (`pages::is_cached`): its reads and its release drop
+// its pages.
 
 impl Filesystem for UpperFs {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
@@ -121,7 +122,8 @@ impl Filesystem for UpperFs {
             gid,
             // A size through a file opened for writing was checked at its open; one through a
             // file opened read-only is O_TRUNC's (ftruncate(2) refuses such a file).
-            truncate: size.is_some() && fh.is_none_or(|fh| fh == READ_ONLY || fh == THROUGH),
+            truncate: size.is_some()
+                && fh.is_none_or(|fh| fh == READ_ONLY || pages::is_cached(fh.0)),
             atime,
             mtime,
         };
@@ -387,8 +389,8 @@ impl Filesystem for UpperFs {
                 // Its pages are cached once, in the shared mount: here only while it is read
                 // (dropped behind the reader and at the last close), else not at all.
                 if fs.pages.cached() {
-                    fs.pages.opened(n);
-                    return reply.opened(THROUGH, FopenFlags::FOPEN_KEEP_CACHE);
+                    let fh = FileHandle(fs.pages.opened(n));
+                    return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                 }
                 return reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
             }
@@ -465,8 +467,8 @@ impl Filesystem for UpperFs {
             // are waited for off this FUSE worker.
             Ok(Err(lower)) => {
                 if let Some(d) = self.read_through(lower, offset, size) {
-                    if fh == THROUGH {
-                        self.pages.read(ino.0, offset, d.len() as u64);
+                    if pages::is_cached(fh.0) {
+                        self.pages.read(ino.0, fh.0, offset, d.len() as u64);
                     }
                     return reply.data(&d);
                 }
@@ -526,8 +528,8 @@ impl Filesystem for UpperFs {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if fh == THROUGH {
-            self.pages.released(ino.0);
+        if pages::is_cached(fh.0) {
+            self.pages.released(ino.0, fh.0);
         }
         reply.ok();
     }

@@ -169,6 +169,8 @@ fn supervise(
     let mounted = || is_ours(dir, id);
     let mut probe: Option<Probe> = None;
     let mut restarts: Vec<Instant> = Vec::new();
+    // Dead workers not yet reaped (see `leader_exited`).
+    let mut lingering: Vec<Child> = Vec::new();
     loop {
         // A question the dead worker held is never answered on a kernel that resends nothing.
         if probe.as_ref().is_some_and(|p| p.waiting().is_some()) {
@@ -178,8 +180,16 @@ fn supervise(
         let started = Instant::now();
         let mut ended = false;
         let status = loop {
+            lingering.retain_mut(|w| matches!(w.try_wait(), Ok(None)));
             if let Ok(Some(status)) = worker.try_wait() {
-                break status;
+                break status.to_string();
+            }
+            if leader_exited(worker.id()) {
+                // Its main thread is gone but a thread of it is held in the kernel (a page
+                // drop waits for a read this worker held: `upper::pages`), so it is not
+                // reaped: the next worker answers that read, resent, and lets it go.
+                lingering.push(worker);
+                break "its main thread exited, a thread of it held in the kernel".into();
             }
             let hung = probe.waiting().is_some_and(|w| w >= HUNG) && started.elapsed() >= HUNG;
             if hung && !ended {
@@ -231,6 +241,16 @@ fn supervise(
             return Err(std::io::Error::other(failed));
         };
     }
+}
+
+/// Whether process `pid`'s main thread has exited (a zombie leader) while another of its
+/// threads lives on: it is dying (a worker's main thread never returns while it serves).
+fn leader_exited(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(')')
+            .and_then(|(_, rest)| rest.trim_start().chars().next())
+            == Some('Z')
+    })
 }
 
 /// Whether the mount with table ID `id` is still mounted at `dir`.
