@@ -467,32 +467,17 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
         }
     };
     use super::worker::serve_session as session;
+    let replay = replay.as_deref();
     let served = match what {
         Kind::Image => {
             let offered = lower.offered_capabilities();
-            session(
-                lower,
-                conn,
-                replay.as_deref(),
-                config,
-                &io,
-                None,
-                ready(offered),
-            )
+            session(lower, conn, replay, config, &io, None, ready(offered))
         }
         Kind::Disk => {
             let offered = lower.offered_capabilities();
             let fs = crate::disk::DiskFs::new(lower)
                 .map_err(|e| io("laying the image out as a disk", std::io::Error::other(e)))?;
-            session(
-                fs,
-                conn,
-                replay.as_deref(),
-                config,
-                &io,
-                None,
-                ready(offered),
-            )
+            session(fs, conn, replay, config, &io, None, ready(offered))
         }
         Kind::Writable(upper) => {
             let journal = journal_path(run_dir);
