@@ -492,15 +492,14 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
                 None => fs,
             };
             let (offered, notifier) = (fs.offered_capabilities(), fs.notifier_slot());
-            let ready = ready(offered);
             session(
                 fs,
                 conn,
-                replay.as_deref(),
+                replay,
                 config,
                 &io,
                 Some(notifier),
-                ready,
+                ready(offered),
             )
         }
     };
