@@ -1792,6 +1792,14 @@ fn a_users_mount_replaces_a_worker_held_by_a_page_drop() {
     let old = mount_workers(&store);
     assert_eq!(old.len(), 1, "{old:?}");
     kill9(old[0]);
+    // Held: its main thread gone, a thread of it waiting in the kernel for the stopped read.
+    let held = || {
+        std::fs::read_to_string(format!("/proc/{}/stat", old[0])).is_ok_and(|s| {
+            s.rsplit_once(')')
+                .is_some_and(|(_, rest)| rest.trim_start().starts_with('Z'))
+        })
+    };
+    wait_for(5, "the killed worker held by its page drop", held);
     wait_for(10, "the next worker started beside the held one", || {
         mount_workers(&store).iter().any(|w| !old.contains(w))
     });

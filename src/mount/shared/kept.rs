@@ -169,8 +169,9 @@ fn supervise(
     let mounted = || is_ours(dir, id);
     let mut probe: Option<Probe> = None;
     let mut restarts: Vec<Instant> = Vec::new();
-    // Dead workers not yet reaped (see `leader_exited`).
-    let mut lingering: Vec<Child> = Vec::new();
+    // Dead workers not yet reaped (see `leader_exited`), reaped when they end.
+    let mut lingering = Lingering(Vec::new());
+    let lingering = &mut lingering.0;
     loop {
         // A question the dead worker held is never answered on a kernel that resends nothing.
         if probe.as_ref().is_some_and(|p| p.waiting().is_some()) {
@@ -240,6 +241,21 @@ fn supervise(
             }
             return Err(std::io::Error::other(failed));
         };
+    }
+}
+
+/// Dead workers whose last thread the kernel still holds: waited for on threads of their own
+/// once their keeper stops watching (a `Child` dropped is never reaped, and the keeper may
+/// run in a library caller's process, for as long as it lives).
+struct Lingering(Vec<Child>);
+
+impl Drop for Lingering {
+    fn drop(&mut self) {
+        for mut w in self.0.drain(..) {
+            let _ = std::thread::Builder::new()
+                .name("bux-fuse-reap".into())
+                .spawn(move || w.wait());
+        }
     }
 }
 
