@@ -205,8 +205,7 @@ impl Store {
                 // the layer indexes; one an earlier version wrote is not damaged: the next
                 // mount merges it again.
                 match Tree::load(&tree) {
-                    Err(crate::Error::CorruptStore { detail, .. })
-                        if detail == crate::tree::OTHER_VERSION => {}
+                    Err(e) if crate::tree::of_another_version(&e) => {}
                     Err(e) => problem(&mut r, &tree, format!("{e}")),
                     Ok(t) => {
                         if let Err(e) = t.verify() {

@@ -6,6 +6,19 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest as _, Sha256};
 
+/// A damage check kept in a 32-byte checksum field (the tree's, the small-file map's): the
+/// CRC-32 of `parts` in its first 4 bytes (little-endian), the rest zero. It finds damage (a
+/// torn write, a flipped byte), not tampering: the file holds its own checksum.
+pub(crate) fn crc32_field(parts: &[&[u8]]) -> [u8; 32] {
+    let mut h = crc32fast::Hasher::new();
+    for p in parts {
+        h.update(p);
+    }
+    let mut sum = [0u8; 32];
+    sum[..4].copy_from_slice(&h.finalize().to_le_bytes());
+    sum
+}
+
 /// A sha256 content digest. Other algorithms are refused when parsed: every digest this
 /// project handles must be checkable by it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

@@ -679,7 +679,7 @@ impl Store {
                 match &e {
                     Error::Io { error, .. } if error.kind() == std::io::ErrorKind::NotFound => {}
                     // Written by an earlier version (its format changed): expected once.
-                    Error::CorruptStore { detail, .. } if detail == tree::OTHER_VERSION => {
+                    e if tree::of_another_version(e) => {
                         tracing::info!("{e}: merged it again from the layer indexes");
                     }
                     _ => tracing::warn!("{e}: rebuilt it from the layer indexes"),

@@ -90,7 +90,7 @@ impl SmallReads {
         body.extend_from_slice(table.tiny());
         let mut bytes = MAP_MAGIC.to_vec();
         bytes.extend_from_slice(&table.digest());
-        bytes.extend_from_slice(&body_sum(&body));
+        bytes.extend_from_slice(&crate::digest::crc32_field(&[&body]));
         bytes.extend_from_slice(&(count as u64).to_le_bytes());
         bytes.extend_from_slice(&(table.tiny().len() as u64).to_le_bytes());
         bytes.extend_from_slice(&body);
@@ -153,13 +153,6 @@ pub(crate) fn map_path(index_path: &Path) -> PathBuf {
     index_path.with_extension("small.map")
 }
 
-/// The map body's checksum as its header keeps it: CRC-32 (little-endian), then zeros.
-fn body_sum(body: &[u8]) -> [u8; 32] {
-    let mut sum = [0u8; 32];
-    sum[..4].copy_from_slice(&crc32fast::hash(body).to_le_bytes());
-    sum
-}
-
 fn parse_record(r: &[u8]) -> (u64, u32, u32) {
     (
         u64::from_le_bytes(r[..8].try_into().expect("8 bytes")),
@@ -176,7 +169,7 @@ fn checked(map: Mapped, digest: &[u8; 32], blocks: u64) -> Option<(Mapped, usize
     if m.len() < MAP_HEAD || &m[..8] != MAP_MAGIC || &m[8..40] != digest {
         return None;
     }
-    if m[40..72] != body_sum(&m[MAP_HEAD..]) {
+    if m[40..72] != crate::digest::crc32_field(&[&m[MAP_HEAD..]]) {
         return None;
     }
     let word = |at: usize| u64::from_le_bytes(m[at..at + 8].try_into().expect("8 bytes"));
@@ -313,7 +306,7 @@ mod tests {
         let forged = |edit: &dyn Fn(&mut [u8])| {
             let mut m = good.clone();
             edit(&mut m[MAP_HEAD..]);
-            let body = body_sum(&m[MAP_HEAD..]);
+            let body = crate::digest::crc32_field(&[&m[MAP_HEAD..]]);
             m[40..72].copy_from_slice(&body);
             checked(Mapped::Owned(m), &digest, blocks).is_some()
         };

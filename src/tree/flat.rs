@@ -32,9 +32,14 @@ use crate::{Error, Result};
 
 const MAGIC: &[u8; 8] = b"BUXTRE\x00\x05";
 
-/// Why a tree written by another version (or not a tree at all) does not open: the store
-/// merges the image's tree again from its layer indexes, as after an upgrade it must.
-pub(crate) const OTHER_VERSION: &str = "not a merged tree of this version";
+/// Why a tree written by another version (or not a tree at all) does not open.
+const OTHER_VERSION: &str = "not a merged tree of this version";
+
+/// Whether `e`, from [`Tree::load`], says the tree was written by another version (not
+/// damaged: the store merges it again from the layer indexes, as after an upgrade it must).
+pub(crate) fn of_another_version(e: &Error) -> bool {
+    matches!(e, Error::CorruptStore { detail, .. } if detail == OTHER_VERSION)
+}
 const HEADER: usize = 160;
 const INODE: usize = 80;
 const DIRENT: usize = 24;
@@ -386,15 +391,10 @@ impl Tree {
     }
 }
 
-/// CRC-32 of everything but the checksum field (bytes 112..144 of the header; `b` is at least
-/// a header long), kept in the field's first 4 bytes (little-endian), the rest zero.
+/// The checksum of everything but the checksum field (bytes 112..144 of the header; `b` is
+/// at least a header long).
 fn checksum(b: &[u8]) -> [u8; 32] {
-    let mut h = crc32fast::Hasher::new();
-    h.update(&b[..112]);
-    h.update(&b[144..]);
-    let mut sum = [0u8; 32];
-    sum[..4].copy_from_slice(&h.finalize().to_le_bytes());
-    sum
+    crate::digest::crc32_field(&[&b[..112], &b[144..]])
 }
 
 /// A directory's entries, in name order.

@@ -24,7 +24,7 @@ use std::collections::VecDeque;
 
 pub mod erofs;
 mod flat;
-pub(crate) use flat::OTHER_VERSION;
+pub(crate) use flat::of_another_version;
 pub use flat::{Dirent, Dirents, Extents, Inode, NodeData, Tree, Xattrs, ROOT_INO};
 use flat::{NewData, NewInode, Writer};
 

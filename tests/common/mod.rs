@@ -60,7 +60,6 @@ pub fn need(tool: &str) {
     );
 }
 
-/// Asserts a finished command succeeded, showing its stderr otherwise.
 /// Copies an executable in a child process (`cp`), so the file is never open for writing
 /// in this process: the tests of one binary run in parallel, and a child that another
 /// test forks between our `open` and `close` would inherit the write descriptor until it
@@ -80,6 +79,7 @@ pub fn copy_executable(src: impl AsRef<Path>, dst: impl AsRef<Path>) {
     );
 }
 
+/// Asserts a finished command succeeded, showing its stderr otherwise.
 pub fn assert_success(out: &Output) {
     assert!(
         out.status.success(),

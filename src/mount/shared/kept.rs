@@ -262,11 +262,7 @@ impl Drop for Lingering {
 /// Whether process `pid`'s main thread has exited (a zombie leader) while another of its
 /// threads lives on: it is dying (a worker's main thread never returns while it serves).
 fn leader_exited(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
-        stat.rsplit_once(')')
-            .and_then(|(_, rest)| rest.trim_start().chars().next())
-            == Some('Z')
-    })
+    crate::store::process_state(pid) == Some('Z')
 }
 
 /// Whether the mount with table ID `id` is still mounted at `dir`.
