@@ -185,6 +185,11 @@ impl Mount {
     }
 
     fn teardown(&mut self) -> Result<()> {
+        // Found while this mount still holds it up (see `shared::Leaving`).
+        let read_through = self
+            .read_through
+            .take()
+            .and_then(|p| shared::Leaving::of(&p));
         if let Some(r) = &self.remote {
             r.shutdown();
         }
@@ -196,9 +201,9 @@ impl Mount {
             unmount(&self.fuse_path)?;
         }
         let res = self.join();
-        if let Some(place) = self.read_through.take() {
+        if let Some(server) = read_through {
             // The image is then free for `rm` and `gc` when this returns.
-            shared::wait_until_unused_server_left(&place, std::time::Duration::from_secs(5));
+            server.wait(std::time::Instant::now() + std::time::Duration::from_secs(5));
         }
         if let Some(w) = self.writable.take() {
             // The scratch upper (if any) lives in run_dir; a persistent one is elsewhere.

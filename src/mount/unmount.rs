@@ -112,10 +112,10 @@ pub(crate) fn is_ours(m: &table::MountInfo) -> bool {
 /// Unmounts `path`. Over a shared image server that nothing else stands on, returns once the
 /// server has left (at most 5 s), so that the image is free for `rm` and `gc`.
 pub(super) fn unmount_over_server(path: &Path) -> Result<()> {
-    let server = shared::server_under(path);
+    let server = shared::server_under(path).and_then(|dir| shared::Leaving::of(&dir));
     unmount(path)?;
     if let Some(server) = server {
-        shared::wait_until_unused_server_left(&server, std::time::Duration::from_secs(5));
+        server.wait(std::time::Instant::now() + std::time::Duration::from_secs(5));
     }
     Ok(())
 }

@@ -181,6 +181,19 @@ pub(crate) fn alive(pid: u32) -> bool {
     process_state(pid).is_some_and(|state| state != 'Z' && state != 'X')
 }
 
+/// Whether process `pid` has exited and let go of everything it held: gone, or a zombie whose
+/// threads have all ended (a process's descriptors — its leases and locks — are closed by its
+/// last thread to exit, which may come after its main thread shows `Z`).
+pub(crate) fn exited(pid: u32) -> bool {
+    match process_state(pid) {
+        None => true,
+        Some('Z' | 'X') => {
+            fs::read_dir(format!("/proc/{pid}/task")).map_or(true, |t| t.count() <= 1)
+        }
+        Some(_) => false,
+    }
+}
+
 /// Process `pid`'s state letter (`R`, `S`, `D`, `Z`…; of its main thread), if it exists.
 pub(crate) fn process_state(pid: u32) -> Option<char> {
     let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -480,6 +493,55 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A process whose main thread has ended shows `Z` while its other threads still hold its
+    /// descriptors (here a lease): it has not exited until they end too.
+    #[test]
+    fn a_process_has_not_exited_while_a_thread_of_it_holds_its_lease() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path()).unwrap();
+        let held = Digest::of(b"held");
+        // SAFETY: the child takes a lease, starts a thread and ends its main thread alone
+        // (SYS_exit, not exit_group); it never returns into the test harness.
+        let pid = unsafe { libc::fork() };
+        if pid == 0 {
+            let lease = store.lease(&[held]);
+            std::thread::spawn(move || {
+                let _lease = lease;
+                loop {
+                    std::thread::sleep(std::time::Duration::from_secs(1));
+                }
+            });
+            unsafe { libc::syscall(libc::SYS_exit, 0) };
+            unsafe { libc::_exit(1) };
+        }
+        let pid = pid as u32;
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while process_state(pid) != Some('Z') && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let (state, lease_held) = (process_state(pid), store.in_use(&held).unwrap());
+        let was_exited = exited(pid);
+        // SAFETY: our own child, reaped below.
+        unsafe { libc::kill(pid as i32, libc::SIGKILL) };
+        while !exited(pid) && std::time::Instant::now() < deadline {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        let exited_after_kill = exited(pid);
+        // SAFETY: reaping our own child.
+        unsafe { libc::waitpid(pid as i32, std::ptr::null_mut(), 0) };
+        assert_eq!(state, Some('Z'), "the child's main thread did not end");
+        assert!(lease_held, "the child's lease was not held by its thread");
+        assert!(
+            !alive(pid) && !was_exited,
+            "a process whose thread holds a lease has exited"
+        );
+        assert!(exited_after_kill, "a killed process has not exited");
+        assert!(
+            !store.in_use(&held).unwrap(),
+            "the killed child's lease is held"
+        );
+    }
 
     #[test]
     fn image_records_and_gc() {

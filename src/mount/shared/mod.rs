@@ -160,43 +160,60 @@ pub(crate) fn server_under(path: &Path) -> Option<PathBuf> {
         .find_map(|m| place_of(Path::new(&m.point)))
 }
 
-/// Waits (at most `timeout`) until the image server in `dir` has gone if nothing stands on it
-/// any more: so that `umount` returns with the image free for `rm` and `gc` (the server holds
-/// a lease on the image until it has torn its mounts down).
-pub(crate) fn wait_until_unused_server_left(dir: &Path, timeout: Duration) {
-    let place = Place::at(dir.to_path_buf());
-    // The pid read once: the server removes its pid file a moment before it lets go.
-    let Some(pid) = read_pid(&place.pid()) else {
-        return;
-    };
-    let readers = std::fs::File::open(place.readers()).ok();
-    super::wait_while(timeout, || {
-        crate::store::alive(pid) && users(&place, readers.as_ref()) == 0
-    });
+/// An image server a client is about to let go of, found while the client still holds it up:
+/// its supervisor removes its pid file a moment before its lease on the image ends, so the pid
+/// is read before the client unmounts (read after, it may already be gone while the lease is
+/// still held, and `rm` right after `umount` would find the image in use).
+pub(crate) struct Leaving {
+    place: Place,
+    pid: u32,
+    readers: Option<std::fs::File>,
 }
 
-/// Waits (at most `timeout` in all) until the store's image servers that a user's writable
-/// mounts read through and that nothing uses any more have gone: such a mount holds its
-/// image's server until its daemon exits, after its FUSE mount is gone, so `umount` waits for
-/// both (the image is then free for `rm` and `gc`).
-pub fn wait_for_unused_servers(store: &Store, timeout: Duration) {
-    let Ok(entries) = std::fs::read_dir(store.root().join("shared")) else {
-        return;
-    };
-    let deadline = std::time::Instant::now() + timeout;
-    for entry in entries.flatten() {
-        let place = Place::at(entry.path());
-        // Only servers user mounts read through have the file.
-        let Ok(readers) = std::fs::File::open(place.readers()) else {
-            continue;
-        };
-        let Some(pid) = read_pid(&place.pid()) else {
-            continue;
-        };
+impl Leaving {
+    /// The server in `dir` (`$STORE/shared/<manifest hex>`), if it runs.
+    pub(crate) fn of(dir: &Path) -> Option<Leaving> {
+        let place = Place::at(dir.to_path_buf());
+        let pid = read_pid(&place.pid())?;
+        let readers = std::fs::File::open(place.readers()).ok();
+        Some(Leaving {
+            place,
+            pid,
+            readers,
+        })
+    }
+
+    /// Waits (at most until `deadline`) until the server has exited — its last thread, so
+    /// its lease with it — if nothing stands on it any more: so that `umount` returns with
+    /// the image free for `rm` and `gc`.
+    pub(crate) fn wait(&self, deadline: std::time::Instant) {
         let left = deadline.saturating_duration_since(std::time::Instant::now());
         super::wait_while(left, || {
-            crate::store::alive(pid) && users(&place, Some(&readers)) == 0
+            !crate::store::exited(self.pid) && users(&self.place, self.readers.as_ref()) == 0
         });
+    }
+}
+
+/// The store's image servers that a user's writable mounts read through (only those have
+/// the `readers` file), found before the mounts are let go of ([`Leaving`]).
+pub(crate) fn read_through_servers(store: &Store) -> Vec<Leaving> {
+    let Ok(entries) = std::fs::read_dir(store.root().join("shared")) else {
+        return Vec::new();
+    };
+    entries
+        .flatten()
+        .filter(|e| e.path().join("readers").exists())
+        .filter_map(|e| Leaving::of(&e.path()))
+        .collect()
+}
+
+/// Waits (at most `timeout` in all) until those of `servers` that nothing uses any more have
+/// gone: a user's writable mount holds its image's server until its daemon exits, after its
+/// FUSE mount is gone, so `umount` waits for both (the image is then free for `rm` and `gc`).
+pub(crate) fn wait_for_unused_servers(servers: &[Leaving], timeout: Duration) {
+    let deadline = std::time::Instant::now() + timeout;
+    for server in servers {
+        server.wait(deadline);
     }
 }
 
