@@ -350,6 +350,11 @@ impl Proxy {
         self.link.unpause();
     }
 
+    /// Cuts every open connection (see [`slow_link::SlowLink::cut`]).
+    pub fn cut(&self) {
+        self.link.cut();
+    }
+
     /// Bytes sent to clients so far.
     pub fn bytes(&self) -> u64 {
         self.link.bytes_sent()

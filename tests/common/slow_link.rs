@@ -6,6 +6,7 @@
 //! * What goes to clients (the download direction) shares one bandwidth cap across all
 //!   connections, as one link would: chunks are paced on one clock, each after the last.
 //! * It counts the bytes sent to clients ([`SlowLink::bytes_sent`]).
+//! * [`SlowLink::cut`] cuts every open connection.
 //! * [`SlowLink::pause`] stalls the link, both ways and for new connections, with every
 //!   connection kept open (a registry that stops answering); [`SlowLink::unpause`] resumes it.
 //! * Dropping it stops it: the listener closes and every connection is cut.
@@ -115,6 +116,16 @@ impl SlowLink {
     pub fn unpause(&self) {
         *self.link.paused.lock().unwrap() = false;
         self.link.resumed.notify_all();
+    }
+
+    /// Cuts every open connection; new ones are still accepted. A registry killed mid-transfer
+    /// does not cut its own: what its socket and this link's buffers hold (megabytes on
+    /// loopback) still arrives.
+    pub fn cut(&self) {
+        for [a, b] in self.link.conns.lock().unwrap().values() {
+            let _ = a.shutdown(Shutdown::Both);
+            let _ = b.shutdown(Shutdown::Both);
+        }
     }
 }
 
