@@ -522,6 +522,18 @@ impl ImageFs {
         self.fill_file(i, offset, buf, true)
     }
 
+    /// All of tree inode `ino`'s bytes if they can be had without waiting: every layer it
+    /// lies in stored whole, and its bytes kept uncompressed or decoded already (else
+    /// `EAGAIN`: no fetch, no inflate).
+    pub(crate) fn read_lower_at_once(&self, ino: u64) -> Result<Vec<u8>, Errno> {
+        let i = self.inode(INodeNo(ino))?;
+        let size = u32::try_from(i.size).map_err(|_| Errno::EFBIG)?;
+        if !self.is_local(i, 0, size) {
+            return Err(Errno::EAGAIN);
+        }
+        self.read_file_with(i, 0, size, false)
+    }
+
     /// Bytes of tree inode `ino`, waiting for lazily fetched bytes as a read does.
     pub(crate) fn read_lower(&self, ino: u64, offset: u64, size: u32) -> Result<Vec<u8>, Errno> {
         let i = self.inode(INodeNo(ino))?;

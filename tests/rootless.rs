@@ -1000,7 +1000,13 @@ impl FuseTrace {
         if !root.join("events/fuse/fuse_request_send").exists() {
             return None;
         }
-        let dir = root.join(format!("instances/bux-fuse-test-{}", std::process::id()));
+        // One instance per trace (two tests of this process may trace at once).
+        static TRACES: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+        let n = TRACES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = root.join(format!(
+            "instances/bux-fuse-test-{}-{n}",
+            std::process::id()
+        ));
         std::fs::create_dir(&dir).ok()?;
         // Made now: should what follows fail, the instance goes with it.
         let trace = FuseTrace { dir };
@@ -1096,6 +1102,96 @@ print(f.read(), end="")
     held.stdin.take().unwrap().write_all(b"\n").unwrap();
     let out = held.wait_with_output().unwrap();
     assert_eq!(String::from_utf8_lossy(&out.stdout), "4\n");
+    user.ok("$BUX umount m");
+}
+
+/// A small image file's bytes are in the kernel's cache as soon as it is opened in a user's
+/// writable mount (`upper::pushed`): reading and then `stat`ing it (as `tar` does) sends no
+/// READ and no GETATTR. And the image's bytes never land over newer ones: files written,
+/// appended to and truncated while other processes open and read them read back as changed.
+#[test]
+fn a_users_small_image_files_are_cached_as_they_are_opened() {
+    need("fusermount3");
+    const N: usize = 40;
+    let mut l = LayerBuilder::new().dir("d", 0o755).dir("w", 0o755);
+    let body = |i: usize| format!("{i}:").repeat(1 + i * 97).into_bytes();
+    for i in 0..N {
+        l = l.file(&format!("d/f{i}"), &body(i));
+        l = l.file(&format!("w/f{i}"), &body(i));
+    }
+    let reg = Registry::start();
+    let r = pushed_image(
+        &reg,
+        "t/rootless-pushed",
+        &Image::new(vec![(l.finish(), Comp::Gzip)]),
+    );
+    let user = AsUser::new();
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --writable {r} m && ls -l m/d m/w >/dev/null"
+    ));
+    let dev = user.ok("stat -c '%Hd %Ld' m");
+    let (major, minor) = dev.trim().split_once(' ').unwrap();
+    let dev = (major.parse::<u64>().unwrap() << 20) | minor.parse::<u64>().unwrap();
+    let trace = FuseTrace::start(dev);
+    // (`stat` asks for the atime, as tar's does, which a READ makes the kernel ask again.)
+    let sums =
+        user.ok("for f in m/d/*; do sha256sum < $f; stat -c '%s %X' $f | cut -d' ' -f1; done");
+    let want: String = (0..N)
+        .map(|i| format!("{}  -\n{}\n", sha256_hex(&body(i)), body(i).len()))
+        .collect::<Vec<_>>()
+        .join("");
+    let mut got: Vec<&str> = sums.lines().collect();
+    let mut want: Vec<&str> = want.lines().collect();
+    got.sort();
+    want.sort();
+    assert_eq!(got, want, "the files' bytes");
+    match &trace {
+        Some(trace) => {
+            let (reads, getattrs) = (trace.count("FUSE_READ"), trace.count("FUSE_GETATTR"));
+            assert!(
+                // (A GETATTR or two: the directory's.)
+                trace.count("FUSE_OPEN") >= N && reads == 0 && getattrs <= 2,
+                "{reads} READ and {getattrs} GETATTR for {N} small files read and stat'ed"
+            );
+        }
+        None => eprintln!("no FUSE trace events in this kernel: requests not counted"),
+    }
+    // Readers open the files again and again while each is rewritten, appended to or
+    // truncated: the bytes read after the change are the new ones.
+    let script = r#"
+import os, threading
+N = int(os.environ["N"])
+stop = False
+def readers():
+    while not stop:
+        for i in range(N):
+            with open(f"m/w/f{i}", "rb") as f:
+                f.read()
+ts = [threading.Thread(target=readers, daemon=True) for _ in range(3)]
+for t in ts: t.start()
+want, bad = {}, []
+for i in range(N):
+    p = f"m/w/f{i}"
+    old = open(p, "rb").read()
+    if i % 3 == 0:
+        open(p, "wb").write(b"new %d" % i); want[i] = b"new %d" % i
+    elif i % 3 == 1:
+        open(p, "ab").write(b"+"); want[i] = old + b"+"
+    else:
+        os.truncate(p, 3); want[i] = old[:3]
+    for _ in range(20):
+        with open(p, "rb") as f:
+            got = f.read()
+        if got != want[i]:
+            bad.append(i)
+            break
+stop = True
+for t in ts: t.join()
+bad += [i for i in range(N) if open(f"m/w/f{i}", "rb").read() != want[i]]
+print("bad", sorted(set(bad)))
+"#;
+    let out = user.ok(&format!("N={N} python3 -c '{script}'"));
+    assert_eq!(out.trim(), "bad []");
     user.ok("$BUX umount m");
 }
 

@@ -23,6 +23,7 @@ mod nodes;
 mod ops;
 mod pages;
 mod perm;
+mod pushed;
 mod rename;
 mod through;
 mod watch;
@@ -111,10 +112,16 @@ pub struct Upper {
     through: Option<Through>,
     /// The pages this mount keeps of files read through (dropped as they are read).
     pages: pages::Pages,
+    /// Small image files' bytes put into the kernel's cache at open.
+    pushed: Arc<pushed::Pushed>,
 }
 
 /// Copies waiting for the network at once; more queue (each wait has its deadline).
 const COPY_THREADS: usize = 4;
+
+/// Image files of at most this many bytes are put into the kernel's cache as they are opened
+/// (`pushed`): those this mount reads itself rather than through the shared mount.
+const PUSH_MAX: u64 = through::THROUGH_MIN;
 
 /// Whether `upper` is an upper directory a user's writable mount kept (bux-fuse marks its root
 /// with its served stat; a kernel overlay's upper directory never has it).
@@ -157,6 +164,7 @@ impl UpperFs {
         disk::create_dir(upper, true)?;
         // Owner-only, as everything in it (made so by older versions, too).
         std::fs::set_permissions(upper, std::fs::Permissions::from_mode(disk::DIR_MODE))?;
+        let pages = pages::Pages::new();
         let fs = Upper {
             root: upper.to_path_buf(),
             state: Arc::new(Mutex::new(State {
@@ -192,7 +200,8 @@ impl UpperFs {
             owner: unsafe { libc::geteuid() },
             others: false,
             through: None,
-            pages: pages::Pages::new(),
+            pushed: Arc::new(pushed::Pushed::new(pages.slot())),
+            pages,
         };
         let mut live_orphans = std::collections::HashSet::new();
         match journal {
@@ -340,6 +349,26 @@ impl Upper {
         self.through
             .as_ref()
             .filter(|t| self.pages.cached() || t.maps_direct())
+    }
+
+    /// Puts small image file `n`'s bytes into the kernel's page cache as it is opened
+    /// read-only, when they can be had at once (see `pushed`).
+    fn push_small(&self, n: u64) {
+        let Some(push) = self.pushed.start(n) else {
+            return;
+        };
+        let lower = {
+            let st = self.state();
+            match self.image_inode(&st, n) {
+                Ok(Some(i)) if i.kind == EntryKind::File && (1..=PUSH_MAX).contains(&i.size) => {
+                    self.node(&st, n).ok().and_then(|node| node.lower)
+                }
+                _ => None,
+            }
+        };
+        if let Some(bytes) = lower.and_then(|l| self.lower.read_lower_at_once(l).ok()) {
+            push.send(&bytes);
+        }
     }
 
     /// Whether node `n` is an image file read through the shared mount (not copied up).

@@ -54,11 +54,12 @@ impl Filesystem for UpperFs {
         let mut st = self.state();
         let orphan = st.forget(ino.0, nlookup);
         if st.nodes.get(&ino.0).is_none_or(|node| node.lookups == 0) {
-            // The kernel dropped the inode: no open file of it is left.
+            // The kernel dropped the inode: no open file of it is left, nor its pages.
             self.files
                 .lock()
                 .unwrap_or_else(|p| p.into_inner())
                 .pop(&ino.0);
+            self.pushed.forgotten(ino.0);
         }
         if let Some(orphan) = orphan {
             let _ = std::fs::remove_file(self.root.join(orphan));
@@ -131,9 +132,12 @@ impl Filesystem for UpperFs {
             Ok(mode) => mode,
             Err(e) => return reply.error(e),
         };
+        // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
+        let stopped = size.is_some().then(|| self.pushed.stop(n));
         // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
         if size != Some(0) && self.copies_bytes(n) {
             return self.copy_then(n, move |fs, staged| {
+                let _stopped = stopped;
                 let r = staged.and_then(|()| fs.do_setattr(n, mode, uid, gid, size, atime, mtime));
                 done(r, reply)
             });
@@ -379,7 +383,10 @@ impl Filesystem for UpperFs {
         // A later truncation through a read-only file is O_TRUNC's, to be checked then.
         let fh = if write { FileHandle(0) } else { READ_ONLY };
         let truncate = flags.0 & libc::O_TRUNC != 0;
+        // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
+        let stopped = write.then(|| self.pushed.stop(n));
         let open = move |fs: &Upper, staged: Res<()>, reply: ReplyOpen| {
+            let _stopped = stopped;
             if write {
                 if let Err(e) = staged.and_then(|()| fs.writable_file(n, truncate)) {
                     return reply.error(e);
@@ -393,6 +400,9 @@ impl Filesystem for UpperFs {
                     return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                 }
                 return reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
+            }
+            if !write {
+                fs.push_small(n);
             }
             // Pages stay valid across opens: every write to the file comes through here.
             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
