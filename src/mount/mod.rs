@@ -663,7 +663,8 @@ pub fn mount(store: &Store, reference: &str, dir: &Path, opts: &MountOptions) ->
         (None, Some(fs), Some(upper)) => {
             let mut fs = crate::upper::UpperFs::new(fs, &upper)
                 .map_err(|e| mount_err(format!("opening upper layer {}: {e}", upper.display())))?
-                .serving_others(opts.allow_other);
+                .serving_others(opts.allow_other)
+                .with_workers(opts.threads.max(1));
             if let Some((mnt, holder)) = through {
                 fs = fs.reading_through(crate::upper::Through::new(mnt, holder));
             }

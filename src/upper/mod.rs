@@ -200,7 +200,7 @@ impl UpperFs {
             owner: unsafe { libc::geteuid() },
             others: false,
             through: None,
-            pushed: Arc::new(pushed::Pushed::new(pages.slot())),
+            pushed: Arc::new(pushed::Pushed::new(pages.slot(), 1)),
             pages,
         };
         let mut live_orphans = std::collections::HashSet::new();
@@ -280,6 +280,15 @@ impl UpperFs {
         self.offered.clone()
     }
 
+    /// Served by `workers` FUSE workers: small image files' bytes are pushed into the
+    /// kernel's cache as they are opened if there are two or more (see `pushed`).
+    pub fn with_workers(mut self, workers: usize) -> UpperFs {
+        if let Some(fs) = Arc::get_mut(&mut self.0) {
+            fs.pushed = Arc::new(pushed::Pushed::new(fs.pages.slot(), workers));
+        }
+        self
+    }
+
     /// Reads unmodified image files through the image's shared mount ([`Through`]).
     pub fn reading_through(mut self, through: Through) -> UpperFs {
         if let Some(fs) = Arc::get_mut(&mut self.0) {
@@ -354,7 +363,7 @@ impl Upper {
     /// Puts small image file `n`'s bytes into the kernel's page cache as it is opened
     /// read-only, when they can be had at once (see `pushed`).
     fn push_small(&self, n: u64) {
-        let Some(push) = self.pushed.start(n) else {
+        let Some(push) = self.pushed.opened(n) else {
             return;
         };
         let lower = {

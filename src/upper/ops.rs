@@ -133,11 +133,11 @@ impl Filesystem for UpperFs {
             Err(e) => return reply.error(e),
         };
         // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
-        let stopped = size.is_some().then(|| self.pushed.stop(n));
+        let stopped = size.map(|_| self.pushed.try_stop(n));
         // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
-        if size != Some(0) && self.copies_bytes(n) {
+        if size != Some(0) && self.copies_bytes(n) || matches!(stopped, Some(Err(()))) {
             return self.copy_then(n, move |fs, staged| {
-                let _stopped = stopped;
+                let _stopped = stopped.map(|s| s.unwrap_or_else(|()| fs.pushed.stop(n)));
                 let r = staged.and_then(|()| fs.do_setattr(n, mode, uid, gid, size, atime, mtime));
                 done(r, reply)
             });
@@ -383,10 +383,7 @@ impl Filesystem for UpperFs {
         // A later truncation through a read-only file is O_TRUNC's, to be checked then.
         let fh = if write { FileHandle(0) } else { READ_ONLY };
         let truncate = flags.0 & libc::O_TRUNC != 0;
-        // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
-        let stopped = write.then(|| self.pushed.stop(n));
         let open = move |fs: &Upper, staged: Res<()>, reply: ReplyOpen| {
-            let _stopped = stopped;
             if write {
                 if let Err(e) = staged.and_then(|()| fs.writable_file(n, truncate)) {
                     return reply.error(e);
@@ -407,9 +404,20 @@ impl Filesystem for UpperFs {
             // Pages stay valid across opens: every write to the file comes through here.
             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
         };
-        if write && !truncate && self.open_file(n).is_none() && self.copies_bytes(n) {
-            return self.copy_then(n, move |fs, staged| open(fs, staged, reply));
+        if !write {
+            return open(self, Ok(()), reply);
         }
+        // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
+        let stopped = self.pushed.try_stop(n);
+        if write && !truncate && self.open_file(n).is_none() && self.copies_bytes(n)
+            || stopped.is_err()
+        {
+            return self.copy_then(n, move |fs, staged| {
+                let _stopped = stopped.unwrap_or_else(|()| fs.pushed.stop(n));
+                open(fs, staged, reply)
+            });
+        }
+        let _stopped = stopped;
         open(self, Ok(()), reply)
     }
 
@@ -540,6 +548,8 @@ impl Filesystem for UpperFs {
     ) {
         if pages::is_cached(fh.0) {
             self.pages.released(ino.0, fh.0);
+        } else if fh == READ_ONLY {
+            self.pushed.closed(ino.0);
         }
         reply.ok();
     }

@@ -1,22 +1,29 @@
 //! Small image files' bytes handed to the kernel as they are opened.
 //!
 //! A user's writable mount reads a small image file (at most [`through::THROUGH_MIN`]) itself
-//! and keeps its pages. Cold, each such file cost a `tar` three round trips to this daemon
-//! after its OPEN: the READ of its bytes, and the GETATTR the kernel sends at the next `stat`
-//! because a READ marks the file's atime stale (GNU tar stats each file it read). 87% of the
-//! large test image's files are small. So a read-only OPEN of one puts its bytes into the
-//! kernel's page cache (`FUSE_NOTIFY_STORE`) before it is answered, when they can be had at
-//! once (kept in the store uncompressed, or decoded already; never a fetch or an inflate on a
-//! FUSE worker): the reader then finds them cached, and sends neither. Once per node while
-//! the kernel knows it (its pages stay: the open keeps the cache).
+//! and keeps its pages. Cold, each such file cost a `tar` two round trips to this daemon after
+//! its OPEN: the READ of its bytes, and the GETATTR the kernel sends at the next `stat` because
+//! a READ marks the file's atime stale (GNU tar stats each file it read). 87% of the large test
+//! image's files are small. So a read-only OPEN of one puts its bytes into the kernel's page
+//! cache (`FUSE_NOTIFY_STORE`) before it is answered, when they can be had at once (kept in
+//! the store uncompressed, or decoded already; never a fetch or an inflate on a FUSE worker):
+//! the reader then finds them cached, and sends neither. Once per node while the kernel knows
+//! it (the open keeps the cache, so the pages stay).
 //!
-//! What is pushed must never land after newer bytes: the kernel writes a writer's bytes into
-//! its pages before it sends the WRITE, so a push of the image's bytes arriving after them
-//! would serve stale data. Every change of a file's bytes starts with an open for writing or a
-//! truncation, which copies the file up; before either, pushes of the node are stopped and
-//! those under way waited for ([`Pushed::stop`]), and a push starts only for a node still
-//! the image's. The wait holds no lock: a push may itself wait (in the kernel) for a read of
-//! the file under way, which another FUSE worker answers.
+//! Two orderings make it safe:
+//! * **Never after newer bytes.** The kernel writes a writer's bytes into its pages before it
+//!   sends the WRITE, so the image's bytes pushed after them would be served stale. Every
+//!   change of a file's bytes starts with an open for writing or a truncation, which copies the
+//!   file up; before either, pushes of the node are stopped and those under way waited for
+//!   ([`Pushed::stop`]), and a push checks that its node is still the image's only once it is
+//!   registered as under way.
+//! * **Never a FUSE worker stuck.** A push waits (in the kernel) for any page of the file that
+//!   a READ under way holds, and only a FUSE worker can answer that READ. So a node is pushed
+//!   only while no other handle of it is open here (then no READ of it can be under way: the
+//!   kernel sends a handle's RELEASE after its last READ is answered); at most one push fewer
+//!   than the mount's FUSE workers runs at once (a worker that took over knows nothing of the
+//!   handles opened before it); and a change that would wait for a push under way waits on
+//!   another thread ([`Pushed::try_stop`]).
 //!
 //! [`through::THROUGH_MIN`]: super::through::THROUGH_MIN
 
@@ -29,16 +36,21 @@ pub struct Pushed {
     notifier: Arc<OnceLock<fuser::Notifier>>,
     gate: Mutex<Gate>,
     done: Condvar,
+    /// Pushes allowed at once: one fewer than the mount's FUSE workers.
+    at_once: usize,
 }
 
 #[derive(Default)]
 struct Gate {
-    /// Pushes under way, by node.
+    /// Pushes under way, by node, and in all.
     under_way: HashMap<u64, u32>,
+    pushing: usize,
     /// Nodes whose bytes are about to change: no push starts.
     stopped: HashMap<u64, u32>,
     /// Nodes pushed, until the kernel forgets them.
     pushed: HashSet<u64>,
+    /// Read-only handles open, by node (those this worker gave out).
+    open: HashMap<u64, u32>,
 }
 
 /// A push of node `n` under way (ended when dropped).
@@ -55,11 +67,14 @@ pub struct Stopped {
 }
 
 impl Pushed {
-    pub fn new(notifier: Arc<OnceLock<fuser::Notifier>>) -> Pushed {
+    /// Pushes through the session's `notifier` (once made) on a mount served by `workers`
+    /// FUSE workers (one: none is pushed).
+    pub fn new(notifier: Arc<OnceLock<fuser::Notifier>>, workers: usize) -> Pushed {
         Pushed {
             notifier,
             gate: Mutex::new(Gate::default()),
             done: Condvar::new(),
+            at_once: workers.saturating_sub(1),
         }
     }
 
@@ -67,20 +82,43 @@ impl Pushed {
         self.gate.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// A push of node `n` may start: none is stopped, it was not pushed since the kernel last
-    /// learnt of it, and the session can notify. The caller then checks that the node is
-    /// still the image's file.
-    pub fn start(&self, n: u64) -> Option<Push<'_>> {
-        let notifier = self.notifier.get()?.clone();
-        self.enter(n, Some(notifier))
+    /// Node `n` is opened read-only (counted until [`Pushed::closed`]): a push of its bytes
+    /// if one may start now. The caller then checks that the node is still the image's file.
+    pub fn opened(&self, n: u64) -> Option<Push<'_>> {
+        let notifier = self.notifier.get().cloned();
+        let session = notifier.is_some();
+        self.count_open(n, notifier, session)
     }
 
-    fn enter(&self, n: u64, notifier: Option<fuser::Notifier>) -> Option<Push<'_>> {
+    /// Counts an open of node `n`: a push if one may start (`session`: the kernel can be told).
+    fn count_open(
+        &self,
+        n: u64,
+        notifier: Option<fuser::Notifier>,
+        session: bool,
+    ) -> Option<Push<'_>> {
         let mut gate = self.gate();
-        if gate.stopped.contains_key(&n) || gate.pushed.contains(&n) {
+        let count = gate.open.entry(n).or_default();
+        let others = *count;
+        *count += 1;
+        if !session || others > 0 {
             return None;
         }
-        *gate.under_way.entry(n).or_default() += 1;
+        self.enter(gate, n, notifier)
+    }
+
+    fn enter(
+        &self,
+        mut gate: std::sync::MutexGuard<'_, Gate>,
+        n: u64,
+        notifier: Option<fuser::Notifier>,
+    ) -> Option<Push<'_>> {
+        let busy = gate.pushing >= self.at_once || gate.under_way.contains_key(&n);
+        if busy || gate.stopped.contains_key(&n) || gate.pushed.contains(&n) {
+            return None;
+        }
+        gate.under_way.insert(n, 1);
+        gate.pushing += 1;
         Some(Push {
             of: self,
             n,
@@ -88,8 +126,33 @@ impl Pushed {
         })
     }
 
-    /// Stops pushes of node `n` while the result is held, once those under way have ended:
-    /// its bytes are about to change.
+    /// A read-only handle of node `n` was closed.
+    pub fn closed(&self, n: u64) {
+        let mut gate = self.gate();
+        if let Some(c) = gate.open.get_mut(&n) {
+            *c = c.saturating_sub(1);
+            if *c == 0 {
+                gate.open.remove(&n);
+            }
+        }
+    }
+
+    /// Stops pushes of node `n` while the result is held, unless one is under way (`Err`:
+    /// then [`Pushed::stop`] it on a thread that is not a FUSE worker): its bytes are about
+    /// to change.
+    pub fn try_stop(self: &Arc<Self>, n: u64) -> Result<Stopped, ()> {
+        let mut gate = self.gate();
+        if gate.under_way.contains_key(&n) {
+            return Err(());
+        }
+        *gate.stopped.entry(n).or_default() += 1;
+        Ok(Stopped {
+            of: self.clone(),
+            n,
+        })
+    }
+
+    /// Stops pushes of node `n` while the result is held, once those under way have ended.
     pub fn stop(self: &Arc<Self>, n: u64) -> Stopped {
         let mut gate = self.gate();
         *gate.stopped.entry(n).or_default() += 1;
@@ -102,9 +165,11 @@ impl Pushed {
         }
     }
 
-    /// The kernel forgot node `n`, and its pages with it.
+    /// The kernel forgot node `n`: its pages, and every handle of it, are gone.
     pub fn forgotten(&self, n: u64) {
-        self.gate().pushed.remove(&n);
+        let mut gate = self.gate();
+        gate.pushed.remove(&n);
+        gate.open.remove(&n);
     }
 }
 
@@ -120,9 +185,7 @@ impl Push<'_> {
             Err(e) => tracing::debug!("pushing node {}'s bytes: {e}", self.n),
         }
     }
-}
 
-impl Push<'_> {
     fn sent(&self) {
         self.of.gate().pushed.insert(self.n);
     }
@@ -131,13 +194,9 @@ impl Push<'_> {
 impl Drop for Push<'_> {
     fn drop(&mut self) {
         let mut gate = self.of.gate();
-        if let Some(c) = gate.under_way.get_mut(&self.n) {
-            *c -= 1;
-            if *c == 0 {
-                gate.under_way.remove(&self.n);
-                self.of.done.notify_all();
-            }
-        }
+        gate.under_way.remove(&self.n);
+        gate.pushing -= 1;
+        self.of.done.notify_all();
     }
 }
 
@@ -162,36 +221,70 @@ mod tests {
     use super::*;
     use std::time::Duration;
 
-    fn pushed() -> Arc<Pushed> {
-        Arc::new(Pushed::new(Arc::new(OnceLock::new())))
+    fn pushed(workers: usize) -> Arc<Pushed> {
+        Arc::new(Pushed::new(Arc::new(OnceLock::new()), workers))
+    }
+
+    /// A push as `opened` starts one, without a session to send it through.
+    fn open(p: &Pushed, n: u64) -> Option<Push<'_>> {
+        p.count_open(n, None, true)
     }
 
     #[test]
     fn a_node_is_pushed_once_until_forgotten() {
-        let p = pushed();
-        p.enter(7, None).unwrap().send(b"x");
-        assert!(p.enter(7, None).is_none(), "pushed twice");
+        let p = pushed(4);
+        open(&p, 7).unwrap().send(b"x");
+        p.closed(7);
+        assert!(open(&p, 7).is_none(), "pushed twice");
+        p.closed(7);
         p.forgotten(7);
-        assert!(
-            p.enter(7, None).is_some(),
-            "not pushed again once forgotten"
-        );
+        let push = open(&p, 7).expect("not pushed again once forgotten");
         // A push that did not send (the bytes could not be had) leaves it to the next open.
-        assert!(p.enter(7, None).is_some());
+        drop(push);
+        p.closed(7);
+        assert!(open(&p, 7).is_some());
+    }
+
+    #[test]
+    fn a_node_open_elsewhere_is_not_pushed() {
+        let p = pushed(4);
+        drop(open(&p, 5)); // opened, its bytes not had at once: not pushed
+        assert!(open(&p, 5).is_none(), "pushed while another handle is open");
+        p.closed(5);
+        assert!(open(&p, 5).is_none(), "pushed while another handle is open");
+        p.closed(5);
+        p.closed(5);
+        assert!(open(&p, 5).is_some(), "not pushed once every handle closed");
+    }
+
+    #[test]
+    fn pushes_leave_a_fuse_worker_free() {
+        let p = pushed(3);
+        let (a, b) = (open(&p, 1).unwrap(), open(&p, 2).unwrap());
+        assert!(open(&p, 3).is_none(), "a third push with three workers");
+        drop((a, b));
+        assert!(open(&p, 4).is_some());
+        assert!(open(&pushed(1), 1).is_none(), "a push with one worker");
     }
 
     #[test]
     fn a_change_waits_for_pushes_under_way_and_stops_new_ones() {
-        let p = pushed();
-        let push = p.enter(3, None).unwrap();
+        let p = pushed(4);
+        let push = open(&p, 3).unwrap();
+        assert!(
+            p.try_stop(3).is_err(),
+            "a FUSE worker would wait for the push"
+        );
         let (tx, rx) = std::sync::mpsc::channel();
         let p2 = p.clone();
         let changer = std::thread::spawn(move || {
             let stopped = p2.stop(3);
             tx.send(()).unwrap();
             // Stopped: no push of the node starts, another node's does.
-            assert!(p2.enter(3, None).is_none(), "a push started while stopped");
-            assert!(p2.enter(4, None).is_some());
+            p2.closed(3);
+            assert!(open(&p2, 3).is_none(), "a push started while stopped");
+            p2.closed(3);
+            assert!(open(&p2, 4).is_some());
             drop(stopped);
         });
         assert!(
@@ -203,9 +296,9 @@ mod tests {
             .expect("the change went on once the push ended");
         changer.join().unwrap();
         // Stopped and let go: the node's pages are not the image's any more.
-        assert!(
-            p.enter(3, None).is_some(),
-            "still marked pushed after a change"
-        );
+        assert!(open(&p, 3).is_some(), "still marked pushed after a change");
+        let stopped = p.try_stop(9).expect("no push of it under way");
+        assert!(open(&p, 9).is_none(), "a push started while stopped");
+        drop(stopped);
     }
 }

@@ -498,7 +498,8 @@ fn serve(store: &Store, w: &Worker) -> Result<()> {
                 false => crate::upper::UpperFs::journalled(lower, upper, &journal),
             }
             .map_err(|e| io("opening the upper layer", e))?
-            .serving_others(allow_other);
+            .serving_others(allow_other)
+            .with_workers(threads.max(1));
             let fs = match through {
                 Some(t) => fs.reading_through(t),
                 None => fs,
