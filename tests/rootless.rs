@@ -986,6 +986,14 @@ fn a_users_reads_go_on_when_the_image_server_hangs() {
     user.ok("$BUX umount m");
 }
 
+/// The kernel's dev_t of the user's mount at `dir` ((major << 20) | minor; only the user may
+/// stat it): what FUSE trace events call its connection.
+fn kernel_dev(user: &AsUser, dir: &str) -> u64 {
+    let dev = user.ok(&format!("stat -c '%Hd %Ld' {dir}"));
+    let (major, minor) = dev.trim().split_once(' ').unwrap();
+    (major.parse::<u64>().unwrap() << 20) | minor.parse::<u64>().unwrap()
+}
+
 /// The kernel's trace of FUSE requests sent on one connection, in a tracing instance of its own
 /// (tests beside this one send requests of their own; the global buffer stays untouched).
 struct FuseTrace {
@@ -1057,10 +1065,7 @@ fn a_users_writable_listing_carries_its_entries_attributes() {
          ln -s f0 m/sym",
     );
     drop_caches("3\n").unwrap();
-    // The kernel's dev_t of the mount ((major << 20) | minor; only the user may stat it).
-    let dev = user.ok("stat -c '%Hd %Ld' m");
-    let (major, minor) = dev.trim().split_once(' ').unwrap();
-    let dev = (major.parse::<u64>().unwrap() << 20) | minor.parse::<u64>().unwrap();
+    let dev = kernel_dev(&user, "m");
     let trace = FuseTrace::start(dev);
     let listed = user.ok("ls -l m/d | tail -n +2 | wc -l");
     assert_eq!(listed.trim(), (N + 1).to_string(), "60 - f3 + new + link");
@@ -1129,9 +1134,7 @@ fn a_users_small_image_files_are_cached_as_they_are_opened() {
     user.ok(&format!(
         "$BUX -q pull {r} && $BUX -q mount --writable {r} m && ls -l m/d m/w >/dev/null"
     ));
-    let dev = user.ok("stat -c '%Hd %Ld' m");
-    let (major, minor) = dev.trim().split_once(' ').unwrap();
-    let dev = (major.parse::<u64>().unwrap() << 20) | minor.parse::<u64>().unwrap();
+    let dev = kernel_dev(&user, "m");
     let trace = FuseTrace::start(dev);
     // (`stat` asks for the atime, as tar's does, which a READ makes the kernel ask again.)
     let sums =
