@@ -208,10 +208,13 @@ fn a_pull_that_gave_up_is_resumed_by_the_next_pull() {
         .spawn()
         .unwrap();
     wait_for_bytes(&proxy, layer / 2);
-    reg.stop();
     // What the registry had written before it died would still arrive (its socket's and the
-    // link's buffers hold up to half this layer): the transfer is cut as a dead host's is.
+    // link's buffers hold up to half this layer): the link holds it back while the registry is
+    // killed, then the transfer is cut as a dead host's is (new connections find it dead).
+    proxy.pause();
+    reg.stop();
     proxy.cut();
+    proxy.unpause();
     let out = pull.wait_with_output().unwrap();
     assert!(
         !out.status.success(),

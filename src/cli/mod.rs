@@ -385,17 +385,18 @@ fn run(cli: Cli) -> Result<()> {
                     dir.display()
                 );
             }
-            let store = existing_store(&store_arg)?;
+            // (A store that cannot be opened does not keep the mount: its error comes after.)
+            let store = existing_store(&store_arg);
             // (Root's waits in `unmount_all`, for the server its mount stood on.)
             let servers = match &store {
-                Some(store) if !crate::mount::host_root() => {
+                Ok(Some(store)) if !crate::mount::host_root() => {
                     crate::mount::shared::read_through_servers(store)
                 }
                 _ => Vec::new(),
             };
             crate::mount::unmount_all(&dir)
                 .with_context(|| format!("unmounting {}", dir.display()))?;
-            if let Some(store) = store {
+            if let Some(store) = store? {
                 let run = store.root().join("run");
                 crate::mount::wait_for_cleanup(&run, &dir, std::time::Duration::from_secs(5));
                 let wait = std::time::Duration::from_secs(5);

@@ -185,11 +185,9 @@ impl Mount {
     }
 
     fn teardown(&mut self) -> Result<()> {
-        // Found while this mount still holds it up (see `shared::Leaving`).
-        let read_through = self
-            .read_through
-            .take()
-            .and_then(|p| shared::Leaving::of(&p));
+        // Found while this mount still holds it up (see `shared::Leaving`); forgotten only once
+        // unmounted (a failed unmount is tried again at drop, and waits then).
+        let read_through = self.read_through.as_deref().and_then(shared::Leaving::of);
         if let Some(r) = &self.remote {
             r.shutdown();
         }
@@ -201,6 +199,7 @@ impl Mount {
             unmount(&self.fuse_path)?;
         }
         let res = self.join();
+        self.read_through = None;
         if let Some(server) = read_through {
             // The image is then free for `rm` and `gc` when this returns.
             server.wait(std::time::Instant::now() + std::time::Duration::from_secs(5));

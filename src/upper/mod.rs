@@ -312,6 +312,12 @@ impl UpperFs {
             && matches!(i.data, NodeData::File { .. } | NodeData::Sparse { .. }))
     }
 
+    /// Runs `job` on a copy thread, not on this FUSE worker.
+    fn on_copy_thread(&self, job: impl FnOnce(&Upper) + Send + 'static) {
+        let fs = self.0.clone();
+        self.copiers.run(move || job(&fs));
+    }
+
     /// Runs `job` on a copy thread once node `n`'s image bytes are copied beside the upper
     /// directory (see [`Upper::stage`]) — not on this FUSE worker, nor under the state lock,
     /// so a copy waiting for the network holds up no other request. `job` gets how the copy
@@ -363,10 +369,7 @@ impl Upper {
     /// Puts small image file `n`'s bytes into the kernel's page cache as it is opened
     /// read-only, when they can be had at once (see `pushed`).
     fn push_small(&self, n: u64) {
-        let Some(push) = self.pushed.opened(n) else {
-            return;
-        };
-        let lower = {
+        let small_image_file = || {
             let st = self.state();
             match self.image_inode(&st, n) {
                 Ok(Some(i)) if i.kind == EntryKind::File && (1..=PUSH_MAX).contains(&i.size) => {
@@ -375,7 +378,17 @@ impl Upper {
                 _ => None,
             }
         };
-        if let Some(bytes) = lower.and_then(|l| self.lower.read_lower_at_once(l).ok()) {
+        // Asked first so that opens of other files are not counted as pushes under way (a
+        // truncation or a write-open would wait for them); asked again once the push is
+        // registered, which is what orders it before a change (see `pushed`).
+        if small_image_file().is_none() {
+            return;
+        }
+        let Some(push) = self.pushed.opened(n) else {
+            return;
+        };
+        if let Some(bytes) = small_image_file().and_then(|l| self.lower.read_lower_at_once(l).ok())
+        {
             push.send(&bytes);
         }
     }

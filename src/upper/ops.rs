@@ -13,6 +13,9 @@ use super::*;
 
 /// The handle of a file opened read-only (others are 0).
 const READ_ONLY: FileHandle = FileHandle(1);
+/// The handle of an image file opened read-only with direct I/O, read through the shared mount
+/// (its release is not counted as a read-only handle's: `pushed`).
+const READ_DIRECT: FileHandle = FileHandle(2);
 // A read-only open of an image file read through the shared mount, cached here while open,
 // is answered with a handle of its own (`pages::is_cached`): its reads and its release drop
 // its pages.
@@ -124,7 +127,9 @@ impl Filesystem for UpperFs {
             // A size through a file opened for writing was checked at its open; one through a
             // file opened read-only is O_TRUNC's (ftruncate(2) refuses such a file).
             truncate: size.is_some()
-                && fh.is_none_or(|fh| fh == READ_ONLY || pages::is_cached(fh.0)),
+                && fh.is_none_or(|fh| {
+                    fh == READ_ONLY || fh == READ_DIRECT || pages::is_cached(fh.0)
+                }),
             atime,
             mtime,
         };
@@ -135,17 +140,24 @@ impl Filesystem for UpperFs {
         // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
         let stopped = size.map(|_| self.pushed.try_stop(n));
         // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
-        if size != Some(0) && self.copies_bytes(n) || matches!(stopped, Some(Err(()))) {
+        if size != Some(0) && self.copies_bytes(n) {
             return self.copy_then(n, move |fs, staged| {
                 let _stopped = stopped.map(|s| s.unwrap_or_else(|()| fs.pushed.stop(n)));
                 let r = staged.and_then(|()| fs.do_setattr(n, mode, uid, gid, size, atime, mtime));
                 done(r, reply)
             });
         }
-        done(
-            self.do_setattr(n, mode, uid, gid, size, atime, mtime),
-            reply,
-        )
+        match stopped {
+            // A push of it under way: waited for off this FUSE worker.
+            Some(Err(())) => self.on_copy_thread(move |fs| {
+                let _stopped = fs.pushed.stop(n);
+                done(fs.do_setattr(n, mode, uid, gid, size, atime, mtime), reply)
+            }),
+            _stopped => done(
+                self.do_setattr(n, mode, uid, gid, size, atime, mtime),
+                reply,
+            ),
+        }
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -396,7 +408,7 @@ impl Filesystem for UpperFs {
                     let fh = FileHandle(fs.pages.opened(n));
                     return reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE);
                 }
-                return reply.opened(fh, FopenFlags::FOPEN_DIRECT_IO);
+                return reply.opened(READ_DIRECT, FopenFlags::FOPEN_DIRECT_IO);
             }
             if !write {
                 fs.push_small(n);
@@ -409,16 +421,20 @@ impl Filesystem for UpperFs {
         }
         // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
         let stopped = self.pushed.try_stop(n);
-        if write && !truncate && self.open_file(n).is_none() && self.copies_bytes(n)
-            || stopped.is_err()
-        {
+        if !truncate && self.open_file(n).is_none() && self.copies_bytes(n) {
             return self.copy_then(n, move |fs, staged| {
                 let _stopped = stopped.unwrap_or_else(|()| fs.pushed.stop(n));
                 open(fs, staged, reply)
             });
         }
-        let _stopped = stopped;
-        open(self, Ok(()), reply)
+        match stopped {
+            Ok(_stopped) => open(self, Ok(()), reply),
+            // A push of it under way: waited for off this FUSE worker.
+            Err(()) => self.on_copy_thread(move |fs| {
+                let _stopped = fs.pushed.stop(n);
+                open(fs, Ok(()), reply)
+            }),
+        }
     }
 
     fn create(

@@ -17,13 +17,16 @@
 //!   file up; before either, pushes of the node are stopped and those under way waited for
 //!   ([`Pushed::stop`]), and a push checks that its node is still the image's only once it is
 //!   registered as under way.
-//! * **Never a FUSE worker stuck.** A push waits (in the kernel) for any page of the file that
-//!   a READ under way holds, and only a FUSE worker can answer that READ. So a node is pushed
-//!   only while no other handle of it is open here (then no READ of it can be under way: the
-//!   kernel sends a handle's RELEASE after its last READ is answered); at most one push fewer
-//!   than the mount's FUSE workers runs at once (a worker that took over knows nothing of the
-//!   handles opened before it); and a change that would wait for a push under way waits on
-//!   another thread ([`Pushed::try_stop`]).
+//! * **Never every FUSE worker stuck.** A push waits (in the kernel) for any page of the file
+//!   that a READ under way holds, and only a FUSE worker can answer that READ. What guarantees
+//!   one is free: at most one push fewer than the mount's FUSE workers runs at once, and a
+//!   change that would wait for a push under way waits on a copy-up thread instead
+//!   ([`Pushed::try_stop`]). What makes such a wait rare: a node is pushed only while no other
+//!   handle of it is open here (the kernel sends a handle's RELEASE after its last READ is
+//!   answered), so a push waits only for a handle opened while it runs, or one a worker that
+//!   took over knows nothing of. While pushes wait, fewer workers serve the mount: should the
+//!   one left wait too (a read through a hung image server, until `watch` ends it), the mount
+//!   waits with it.
 //!
 //! [`through::THROUGH_MIN`]: super::through::THROUGH_MIN
 
@@ -201,12 +204,21 @@ impl Pushed {
 impl Push<'_> {
     /// Puts `bytes` (the node's, from its start) into the kernel's page cache.
     pub fn send(self, bytes: &[u8]) {
+        // Tests widen the window between the check that the node is the image's and the push,
+        // where a change must wait (debug builds only: `BUX_FUSE_TEST_PUSH_DELAY_MS`).
+        #[cfg(debug_assertions)]
+        if let Some(ms) = std::env::var("BUX_FUSE_TEST_PUSH_DELAY_MS")
+            .ok()
+            .and_then(|v| v.parse().ok())
+        {
+            std::thread::sleep(std::time::Duration::from_millis(ms));
+        }
         let Some(notifier) = &self.notifier else {
             return self.sent();
         };
         match notifier.store(fuser::INodeNo(self.n), 0, bytes) {
             Ok(()) => self.sent(),
-            // (ENOENT: the kernel has no inode of it any more. Its reads come as requests.)
+            // (fuser counts "no such inode" as done: harmless, the kernel holds no pages of it.)
             Err(e) => tracing::debug!("pushing node {}'s bytes: {e}", self.n),
         }
     }
