@@ -318,13 +318,39 @@ impl UpperFs {
         self.copiers.run(move || job(&fs));
     }
 
+    /// Runs `job` for a request that may change node `n`'s bytes (`changes`: its image bytes
+    /// are pushed no more, see `pushed`) and, if `copies`, needs them copied first (see
+    /// [`UpperFs::copy_then`], whose outcome `job` gets). Here on this FUSE worker unless it
+    /// would wait: for the copy, or for a push of the node under way.
+    fn changing(
+        &self,
+        n: u64,
+        changes: bool,
+        copies: bool,
+        job: impl FnOnce(&Upper, Res<()>) + Send + 'static,
+    ) {
+        let stopped = changes.then(|| self.pushed.try_stop(n));
+        if copies {
+            return self.copy_then(n, move |fs, staged| {
+                let _stopped = stopped.map(|s| s.unwrap_or_else(|()| fs.pushed.stop(n)));
+                job(fs, staged)
+            });
+        }
+        match stopped {
+            Some(Err(())) => self.on_copy_thread(move |fs| {
+                let _stopped = fs.pushed.stop(n);
+                job(fs, Ok(()))
+            }),
+            _stopped => job(self, Ok(())),
+        }
+    }
+
     /// Runs `job` on a copy thread once node `n`'s image bytes are copied beside the upper
     /// directory (see [`Upper::stage`]) — not on this FUSE worker, nor under the state lock,
     /// so a copy waiting for the network holds up no other request. `job` gets how the copy
     /// went; its copy-up of `n` publishes the copy.
     fn copy_then(&self, n: u64, job: impl FnOnce(&Upper, Res<()>) + Send + 'static) {
-        let fs = self.0.clone();
-        self.copiers.run(move || {
+        self.on_copy_thread(move |fs| {
             let lock = {
                 let mut copying = fs.copying.lock().unwrap_or_else(|p| p.into_inner());
                 copying.retain(|_, l| Arc::strong_count(l) > 1);
@@ -332,7 +358,7 @@ impl UpperFs {
             };
             let _one_at_a_time = lock.lock().unwrap_or_else(|p| p.into_inner());
             let staged = fs.stage(n);
-            job(&fs, staged);
+            job(fs, staged);
             // A copy the job did not publish (it failed, or the node went).
             let left = fs
                 .staged

@@ -137,27 +137,12 @@ impl Filesystem for UpperFs {
             Ok(mode) => mode,
             Err(e) => return reply.error(e),
         };
-        // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
-        let stopped = size.map(|_| self.pushed.try_stop(n));
         // O_TRUNC arrives as a truncation to 0: the image's bytes need not be copied.
-        if size != Some(0) && self.copies_bytes(n) {
-            return self.copy_then(n, move |fs, staged| {
-                let _stopped = stopped.map(|s| s.unwrap_or_else(|()| fs.pushed.stop(n)));
-                let r = staged.and_then(|()| fs.do_setattr(n, mode, uid, gid, size, atime, mtime));
-                done(r, reply)
-            });
-        }
-        match stopped {
-            // A push of it under way: waited for off this FUSE worker.
-            Some(Err(())) => self.on_copy_thread(move |fs| {
-                let _stopped = fs.pushed.stop(n);
-                done(fs.do_setattr(n, mode, uid, gid, size, atime, mtime), reply)
-            }),
-            _stopped => done(
-                self.do_setattr(n, mode, uid, gid, size, atime, mtime),
-                reply,
-            ),
-        }
+        let copies = size != Some(0) && self.copies_bytes(n);
+        self.changing(n, size.is_some(), copies, move |fs, staged| {
+            let r = staged.and_then(|()| fs.do_setattr(n, mode, uid, gid, size, atime, mtime));
+            done(r, reply)
+        })
     }
 
     fn readlink(&self, req: &Request, ino: INodeNo, reply: ReplyData) {
@@ -416,25 +401,8 @@ impl Filesystem for UpperFs {
             // Pages stay valid across opens: every write to the file comes through here.
             reply.opened(fh, FopenFlags::FOPEN_KEEP_CACHE)
         };
-        if !write {
-            return open(self, Ok(()), reply);
-        }
-        // Its bytes may change from now on: the image's are pushed no more (see `pushed`).
-        let stopped = self.pushed.try_stop(n);
-        if !truncate && self.open_file(n).is_none() && self.copies_bytes(n) {
-            return self.copy_then(n, move |fs, staged| {
-                let _stopped = stopped.unwrap_or_else(|()| fs.pushed.stop(n));
-                open(fs, staged, reply)
-            });
-        }
-        match stopped {
-            Ok(_stopped) => open(self, Ok(()), reply),
-            // A push of it under way: waited for off this FUSE worker.
-            Err(()) => self.on_copy_thread(move |fs| {
-                let _stopped = fs.pushed.stop(n);
-                open(fs, Ok(()), reply)
-            }),
-        }
+        let copies = write && !truncate && self.open_file(n).is_none() && self.copies_bytes(n);
+        self.changing(n, write, copies, move |fs, staged| open(fs, staged, reply))
     }
 
     fn create(
