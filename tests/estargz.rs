@@ -98,6 +98,27 @@ impl Containerd {
             .unwrap()
     }
 
+    /// Pushes image `dst` to the test registry. containerd's push has failed in CI with
+    /// "unexpected EOF" while uploading (twice, in two tests: a setup step, not what is
+    /// tested), so it is tried up to three times.
+    fn push(&self, dst: &str) {
+        let push = ["image", "push", "--plain-http", dst];
+        let mut out = self.ctr(&push);
+        for _ in 0..2 {
+            if out.status.success() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(500));
+            out = self.ctr(&push);
+        }
+        assert!(
+            out.status.success(),
+            "ctr-remote {push:?} failed: {}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
     fn ok(&self, args: &[&str]) -> String {
         let out = self.ctr(args);
         assert!(
@@ -158,23 +179,7 @@ fn converted(flags: &[&str], record: &[&str]) -> Converted {
     }
     args.extend([src.as_str(), dst.as_str()]);
     ctd.ok(&args);
-    // containerd's push to the test registry has failed once in CI with "unexpected EOF"
-    // while uploading (a setup step, not what is tested): tried up to three times.
-    let push = ["image", "push", "--plain-http", dst.as_str()];
-    let mut out = ctd.ctr(&push);
-    for _ in 0..2 {
-        if out.status.success() {
-            break;
-        }
-        std::thread::sleep(Duration::from_millis(500));
-        out = ctd.ctr(&push);
-    }
-    assert!(
-        out.status.success(),
-        "ctr-remote {push:?} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ctd.push(&dst);
     let manifest = manifest_of(&reg, "estargz/app", "conv");
     let compressed = manifest["layers"]
         .as_array()
@@ -673,7 +678,7 @@ fn an_index_of_other_layers_is_named_not_silently_ignored() {
         &src,
     ]);
     ctd.ok(&["image", "convert", "--oci", "--zstdchunked", &src, &dst]);
-    ctd.ok(&["image", "push", "--plain-http", &dst]);
+    ctd.push(&dst);
     let manifest = manifest_of(&reg, "estargz/idx", "conv");
     assert!(
         manifest["annotations"]["dev.bux-fuse.index"].is_string(),
