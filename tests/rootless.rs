@@ -1204,6 +1204,55 @@ print("bad", sorted(set(bad)))
     user.ok("$BUX umount m");
 }
 
+/// A large image file read in order through a user's writable mount is asked of the image
+/// server in windows of 256 KiB (the read-ahead window the kernel gives a file read in order,
+/// twice a user mount's default), not 128 KiB: half the requests the shared server answers.
+#[test]
+fn a_users_walk_of_a_large_image_file_asks_the_image_server_in_large_windows() {
+    need("fusermount3");
+    const SIZE: usize = 4 << 20;
+    // Bytes that do not repeat (xorshift), so each span is decoded on its own.
+    let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+    let body: Vec<u8> = (0..SIZE)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    let l = LayerBuilder::new().file("big", &body).finish();
+    let reg = Registry::start();
+    let r = pushed_image(
+        &reg,
+        "t/rootless-windows",
+        &Image::new(vec![(l, Comp::Gzip)]),
+    );
+    let user = AsUser::new();
+    user.ok(&format!(
+        "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
+    ));
+    let shared = shared_mounts(&user);
+    assert_eq!(shared.len(), 1, "{shared:?}");
+    let dev = kernel_dev(&user, &shared[0].display().to_string());
+    let trace = FuseTrace::start(dev);
+    let sum = user.ok("sha256sum < m/big");
+    assert_eq!(sum.split(' ').next().unwrap(), sha256_hex(&body));
+    match &trace {
+        Some(trace) => {
+            // 16 windows of 256 KiB; 128 KiB ones would be 32 at least.
+            let reads = trace.count("FUSE_READ");
+            assert!(
+                (1..=24).contains(&reads),
+                "{reads} READ to the image server for a 4 MiB file read in order"
+            );
+        }
+        None if std::env::var_os("CI").is_some() => panic!("no FUSE trace events in CI"),
+        None => eprintln!("no FUSE trace events in this kernel: requests not counted"),
+    }
+    user.ok("$BUX umount m");
+}
+
 /// A name whose whiteout would be one of the writable layer's hidden files (the data of a file
 /// unlinked while open, say) is refused to new entries (EINVAL), by create, mkdir, symlink and
 /// rename alike: making one cannot remove that file.

@@ -39,9 +39,12 @@ const OPEN_FILES: usize = 256;
 /// for the shared server to decode what it asks for, one read after another.
 const AHEAD: u64 = 2 << 20;
 
-/// The kernel's read-ahead window on a FUSE mount whose owner cannot raise it (sysfs is
-/// root's): what one `POSIX_FADV_WILLNEED` reads at most.
-const WINDOW: u64 = 128 << 10;
+/// What one `POSIX_FADV_WILLNEED` reads at most: the file's read-ahead window, which is the
+/// kernel's 128 KiB on a FUSE mount whose owner cannot raise it (sysfs is root's), doubled for
+/// a file marked as read in order (`POSIX_FADV_SEQUENTIAL`, as each is here). Each window is
+/// one request to the shared server: a third fewer of them in a user's cold `tar` of the large
+/// image (10,257 → 6,661).
+const WINDOW: u64 = 256 << 10;
 
 /// An image file open in the shared mount.
 struct Opened {
@@ -145,6 +148,8 @@ impl Through {
             .open(self.mnt.join(rel))
             .map_err(|e| tracing::debug!("opening {rel:?} in the shared mount: {e}"))
             .ok()?;
+        // SAFETY: fadvise on an open descriptor; only advice (doubles its read-ahead window).
+        unsafe { libc::posix_fadvise(f.as_raw_fd(), 0, 0, libc::POSIX_FADV_SEQUENTIAL) };
         let f = Arc::new(Opened {
             file: f,
             last_end: 0.into(),
