@@ -46,6 +46,14 @@ fn pushed_image(reg: &Registry, repo: &str, image: &Image) -> String {
     format!("{}/{repo}:v1", reg.host())
 }
 
+/// A registry of its own serving `layer` (gzip) as the one layer of `repo:v1`, the image's
+/// reference, and a user of the host to use it (the registry serves while held).
+fn image_for_a_user(repo: &str, layer: Vec<u8>) -> (Registry, String, AsUser) {
+    let reg = Registry::start();
+    let r = pushed_image(&reg, repo, &Image::new(vec![(layer, Comp::Gzip)]));
+    (reg, r, AsUser::new())
+}
+
 /// Held while a test drops caches, and by a test asserting which pages are cached from its
 /// first read to its last look (tests run in parallel: another's drop, of inodes too, evicts
 /// the pages of files nobody holds open).
@@ -285,9 +293,7 @@ fn a_name_too_long_for_its_whiteout_is_refused_and_nothing_changes() {
         .dir(&format!("long/{e255}"), 0o755)
         .file("long/short", b"short\n")
         .finish();
-    let reg = Registry::start();
-    let r = pushed_image(&reg, "t/rootless-long", &Image::new(vec![(l, Comp::Gzip)]));
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-long", l);
     user.ok(&format!("$BUX -q pull {r}"));
     // Each refused change says so, and the next line shows nothing changed.
     let out = user.ok(&format!(
@@ -332,13 +338,7 @@ fn a_rename_onto_a_name_too_long_for_its_whiteout_replaces_it() {
         .file(&format!("long/{f253}"), b"image\n")
         .dir(&format!("long/{d254}"), 0o755)
         .finish();
-    let reg = Registry::start();
-    let r = pushed_image(
-        &reg,
-        "t/rootless-long-mv",
-        &Image::new(vec![(l, Comp::Gzip)]),
-    );
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-long-mv", l);
     user.ok(&format!("$BUX -q pull {r}"));
     let out = user.ok(&format!(
         "$BUX -q mount --upper state {r} m && cd m/long && echo moved > x && mv x {f253} && \
@@ -1050,13 +1050,7 @@ fn a_users_writable_listing_carries_its_entries_attributes() {
     for i in 0..N {
         l = l.file(&format!("d/f{i}"), format!("{i}\n").as_bytes());
     }
-    let reg = Registry::start();
-    let r = pushed_image(
-        &reg,
-        "t/rootless-rdplus",
-        &Image::new(vec![(l.finish(), Comp::Gzip)]),
-    );
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-rdplus", l.finish());
     user.ok(&format!(
         "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
     ));
@@ -1125,13 +1119,7 @@ fn a_users_small_image_files_are_cached_as_they_are_opened() {
         l = l.file(&format!("d/f{i}"), &body(i));
         l = l.file(&format!("w/f{i}"), &body(i));
     }
-    let reg = Registry::start();
-    let r = pushed_image(
-        &reg,
-        "t/rootless-pushed",
-        &Image::new(vec![(l.finish(), Comp::Gzip)]),
-    );
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-pushed", l.finish());
     // Each push waits 30 ms between its check that the file is the image's and the push (a
     // hook of debug builds): a change of the file in that window must wait for it.
     user.ok(&format!(
@@ -1222,13 +1210,7 @@ fn a_users_walk_of_a_large_image_file_asks_the_image_server_in_large_windows() {
         })
         .collect();
     let l = LayerBuilder::new().file("big", &body).finish();
-    let reg = Registry::start();
-    let r = pushed_image(
-        &reg,
-        "t/rootless-windows",
-        &Image::new(vec![(l, Comp::Gzip)]),
-    );
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-windows", l);
     user.ok(&format!(
         "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
     ));
@@ -1306,13 +1288,7 @@ fn a_users_writable_mount_outlives_its_worker() {
         .hardlink("data/h2", "data/h1")
         .file("dir/sub/file", b"gone\n")
         .finish();
-    let reg = Registry::start();
-    let r = pushed_image(
-        &reg,
-        "t/rootless-takeover",
-        &Image::new(vec![(l, Comp::Gzip)]),
-    );
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-takeover", l);
     let store = user.home().join(".local/share/bux-fuse");
     user.ok(&format!(
         "$BUX -q pull {r} && $BUX -q mount --writable {r} m"
@@ -1415,13 +1391,7 @@ fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
         .file("etc/conf", b"image\n")
         .file("etc/gone", b"image\n")
         .finish();
-    let reg = Registry::start();
-    let r = pushed_image(
-        &reg,
-        "t/rootless-resent",
-        &Image::new(vec![(l, Comp::Gzip)]),
-    );
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-resent", l);
     let store = user.home().join(".local/share/bux-fuse");
     // Every name the cases reach is known to the worker first: looking one up for the first
     // time journals it too.
@@ -1568,9 +1538,7 @@ fn a_users_read_only_and_disk_mounts_outlive_their_workers() {
         .file("etc/conf", b"image\n")
         .file("data/big", &big)
         .finish();
-    let reg = Registry::start();
-    let r = pushed_image(&reg, "t/rootless-kept", &Image::new(vec![(l, Comp::Gzip)]));
-    let user = AsUser::new();
+    let (_reg, r, user) = image_for_a_user("t/rootless-kept", l);
     let store = user.home().join(".local/share/bux-fuse");
     user.ok(&format!(
         "$BUX -q pull {r} && mkdir ro dk && $BUX -q mount {r} ro && $BUX -q mount --disk {r} dk"
