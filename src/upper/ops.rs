@@ -34,9 +34,11 @@ impl Filesystem for UpperFs {
             // sends no lookup per entry; and a symlink's target (fixed for the node: a new
             // link is a new node) is read once. Not where others' requests are checked: what
             // the kernel caches is never asked about again, so its permissions would not be.
+            // Every listing request, not the kernel's adaptive choice (`READDIRPLUS_AUTO`):
+            // that lists a directory's first batch with attributes and the rest without, so a
+            // `tar` of the large image looked up 2,774 entries one request each.
             for cap in [
                 fuser::InitFlags::FUSE_DO_READDIRPLUS,
-                fuser::InitFlags::FUSE_READDIRPLUS_AUTO,
                 fuser::InitFlags::FUSE_CACHE_SYMLINKS,
             ] {
                 let _ = config.add_capabilities(cap);
