@@ -1038,14 +1038,14 @@ impl Drop for FuseTrace {
     }
 }
 
-/// A listing of a user's writable mount carries its entries' attributes (readdirplus): `ls -l`
-/// of a directory, or `tar` of it, sends no lookup per entry, however many listing requests it
-/// takes (with the kernel's adaptive choice, a `tar` of 600 entries listed all but the first
-/// batch without attributes, then looked each of those up: 400 lookups). Entries the kernel learnt that way are counted as
-/// looked up: with the kernel's caches dropped (it forgets them), names removed, renamed and
-/// linked since still serve the right files.
+/// A listing of a user's mount, writable or read-only, carries its entries' attributes
+/// (readdirplus): `ls -l` or `tar` of a directory sends no lookup per entry, however many
+/// listing requests it takes (by the kernel's adaptive choice, a `tar` of 600 entries listed all
+/// but the first batch without attributes, then looked each of those up: 400 lookups). Entries
+/// the kernel learnt that way are counted as looked up: with the kernel's caches dropped (it
+/// forgets them), names removed, renamed and linked since still serve the right files.
 #[test]
-fn a_users_writable_listing_carries_its_entries_attributes() {
+fn a_users_listings_carry_their_entries_attributes() {
     need("fusermount3");
     const N: usize = 600;
     let mut l = LayerBuilder::new().dir("d", 0o755);
@@ -1075,6 +1075,16 @@ fn a_users_writable_listing_carries_its_entries_attributes() {
             // A symlink's target is read once (the kernel caches it).
             user.ok("for i in 1 2 3; do readlink m/sym >/dev/null; done");
             assert_eq!(trace.count("FUSE_READLINK"), 1);
+            // The same of a read-only mount of the image, which the user's daemon serves too.
+            user.ok(&format!("mkdir ro && $BUX -q mount {r} ro"));
+            let trace = FuseTrace::start(kernel_dev(&user, "ro")).unwrap();
+            user.ok("tar -C ro -cf - d >/dev/null");
+            let (lookups, plain) = (trace.count("FUSE_LOOKUP"), trace.count("FUSE_READDIR"));
+            assert!(
+                lookups < 5 && plain == 0 && trace.count("FUSE_READDIRPLUS") > 1,
+                "read-only: {lookups} lookups and {plain} listings without attributes"
+            );
+            user.ok("$BUX umount ro");
         }
         None if std::env::var_os("CI").is_some() => panic!("no FUSE trace events in CI"),
         None => eprintln!("no FUSE trace events in this kernel: lookups not counted"),
