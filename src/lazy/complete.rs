@@ -45,6 +45,7 @@ impl LazyBlob {
         else {
             return;
         };
+        let settling = remote.clone();
         remote.spawn(async move {
             let n = trace.len();
             let fetched = futures_util::stream::iter(trace)
@@ -60,6 +61,11 @@ impl LazyBlob {
                 .count()
                 .await;
             tracing::info!("prefetched {fetched} of {n} traced ranges");
+            // With no trace fetched first, completing at once would take the link from the
+            // mount's first reads (see `remote::START_QUIET`).
+            if n == 0 && !layers.is_empty() {
+                settling.settled().await;
+            }
             // Several layers at once, as a pull does: checking and indexing a layer is CPU
             // work, and one layer at a time left the link idle (measured: 1.75x a full pull).
             let done = &done;

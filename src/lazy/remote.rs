@@ -30,6 +30,15 @@ pub struct Remote {
 /// bursts (a program starting), and each gap in a burst is shorter than this.
 const DEMAND_QUIET: Duration = Duration::from_millis(200);
 
+/// Background completion with no read trace to fetch first starts once reads have left the
+/// link alone this long (a boot's first programs are read in bursts with shorter gaps), or
+/// [`START_LATEST`] after it was asked for. Started at once, it took the link from the first
+/// command of a zstd:chunked image (1.59 s against 1.22 s without completion, 200 Mbit/s):
+/// pausing a stream for reads leaves what is already in flight (socket buffers, the link's) to
+/// arrive first. Now 1.19 s.
+const START_QUIET: Duration = Duration::from_millis(500);
+const START_LATEST: Duration = Duration::from_secs(10);
+
 impl Remote {
     /// A fetcher for blobs of `registry`'s repository.
     pub fn new(registry: Registry, deadline: Duration) -> io::Result<Arc<Remote>> {
@@ -73,6 +82,24 @@ impl Remote {
             || (last > 0 && now.saturating_sub(last) < DEMAND_QUIET.as_millis() as u64)
     }
 
+    /// Waits until reads have left the link alone for [`START_QUIET`], or [`START_LATEST`] has
+    /// passed: what background work may start now.
+    pub(super) async fn settled(&self) {
+        let since = |t: Instant| t.duration_since(self.started).as_millis() as u64;
+        let asked = Instant::now();
+        while asked.elapsed() < START_LATEST {
+            let (demand, last) = (
+                self.demand.load(Ordering::SeqCst),
+                self.last_demand.load(Ordering::SeqCst),
+            );
+            let Some(wait) = start_wait(demand, last, since(asked), since(Instant::now())) else {
+                return;
+            };
+            tokio::time::sleep(wait.clamp(Duration::from_millis(10), Duration::from_millis(100)))
+                .await;
+        }
+    }
+
     /// Cancels every fetch in flight (unmount). Never blocks, so an async caller may call it.
     /// Reads waiting on a cancelled fetch fail at their deadline.
     pub fn shutdown(&self) {
@@ -82,8 +109,45 @@ impl Remote {
     }
 }
 
+/// How much longer background work asked for at `asked` waits at `now` (milliseconds since the
+/// mount's start, as `last_demand` is, the end of the last read that waited: 0 for none), with
+/// `demand` reads waiting now; `None`: it may start. The quiet time counts from the later of
+/// the last read and the asking: an idle mount's first reads may be about to come.
+fn start_wait(demand: usize, last_demand: u64, asked: u64, now: u64) -> Option<Duration> {
+    let idle = now.saturating_sub(last_demand.max(asked));
+    let quiet = START_QUIET.as_millis() as u64;
+    if demand > 0 {
+        return Some(START_QUIET);
+    }
+    (idle < quiet).then(|| Duration::from_millis(quiet - idle))
+}
+
 impl Drop for Remote {
     fn drop(&mut self) {
         self.shutdown();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn background_work_starts_once_reads_have_left_the_link_alone() {
+        let quiet = START_QUIET.as_millis() as u64;
+        // Asked at 300 ms of an idle mount: it waits a quiet time from then.
+        assert_eq!(
+            start_wait(0, 0, 300, 300),
+            Some(Duration::from_millis(quiet))
+        );
+        assert_eq!(start_wait(0, 0, 300, 300 + quiet), None);
+        // A read waiting: not yet, however long ago the last one ended.
+        assert!(start_wait(1, 100, 300, 300 + 10 * quiet).is_some());
+        // The last read ended after the asking: the quiet time counts from its end.
+        assert_eq!(
+            start_wait(0, 900, 300, 1000),
+            Some(Duration::from_millis(quiet - 100))
+        );
+        assert_eq!(start_wait(0, 900, 300, 900 + quiet), None);
     }
 }
