@@ -1002,9 +1002,17 @@ struct FuseTrace {
 
 impl FuseTrace {
     /// Traces requests to the FUSE mount of device number `dev`; `None` where the kernel has
-    /// no FUSE trace events (before Linux 6.14) or tracefs is not mounted.
+    /// no FUSE trace events (before Linux 6.14) or tracefs cannot be mounted.
     fn start(dev: u64) -> Option<FuseTrace> {
         let root = std::path::Path::new("/sys/kernel/tracing");
+        // A machine fresh from boot may have tracefs unmounted (nothing here mounts it at
+        // boot): mounted here, as root, as `perf` or `trace-cmd` would.
+        if !root.join("events").exists() {
+            let _ = std::process::Command::new("mount")
+                .args(["-t", "tracefs", "nodev"])
+                .arg(root)
+                .status();
+        }
         if !root.join("events/fuse/fuse_request_send").exists() {
             return None;
         }
@@ -1117,9 +1125,9 @@ print(f.read(), end="")
     user.ok("$BUX umount m");
 }
 
-/// A small image file's bytes are in the kernel's cache as soon as it is opened in a user's
-/// writable mount (`upper::pushed`): reading and then `stat`ing it (as `tar` does) sends no
-/// READ and no GETATTR. And the image's bytes never land over newer ones: files written,
+/// A small image file's bytes (at most 64 KiB) are in the kernel's cache as soon as it is
+/// opened in a user's writable mount (`upper::pushed`): reading and then `stat`ing it (as
+/// `tar` does) sends no READ and no GETATTR. And the image's bytes never land over newer ones: files written,
 /// appended to and truncated while other processes open and read them read back as changed
 /// (each push held 30 ms before it is sent: without the wait for it, some read back stale).
 #[test]
@@ -1127,7 +1135,13 @@ fn a_users_small_image_files_are_cached_as_they_are_opened() {
     need("fusermount3");
     const N: usize = 40;
     let mut l = LayerBuilder::new().dir("d", 0o755).dir("w", 0o755);
-    let body = |i: usize| format!("{i}:").repeat(1 + i * 97).into_bytes();
+    // Small: up to 64 KiB, what a pull keeps whole in the store; three of them over 32 KiB
+    // (33, 48 and 63 KiB), which were read through the image's shared mount before.
+    let body = |i: usize| match i {
+        0..3 => format!("{i}:").repeat(((33 << 10) + i * (15 << 10)) / 2),
+        _ => format!("{i}:").repeat(1 + i * 97),
+    }
+    .into_bytes();
     for i in 0..N {
         l = l.file(&format!("d/f{i}"), &body(i));
         l = l.file(&format!("w/f{i}"), &body(i));

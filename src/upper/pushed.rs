@@ -3,7 +3,7 @@
 //! A user's writable mount reads a small image file (at most [`through::THROUGH_MIN`]) itself
 //! and keeps its pages. Cold, each such file cost a `tar` two round trips to this daemon after
 //! its OPEN: the READ of its bytes, and the GETATTR the kernel sends at the next `stat` because
-//! a READ marks the file's atime stale (GNU tar stats each file it read). 87% of the large test
+//! a READ marks the file's atime stale (GNU tar stats each file it read). 93% of the large test
 //! image's files are small. So a read-only OPEN of one puts its bytes into the kernel's page
 //! cache (`FUSE_NOTIFY_STORE`) before it is answered, when they can be had at once (kept in
 //! the store uncompressed, or decoded already; never a fetch or an inflate on a FUSE worker):
