@@ -1137,11 +1137,13 @@ fn a_users_small_image_files_are_cached_as_they_are_opened() {
     let mut l = LayerBuilder::new().dir("d", 0o755).dir("w", 0o755);
     // Small: up to 64 KiB, what a pull keeps whole in the store; three of them over 32 KiB
     // (33, 48 and 63 KiB), which were read through the image's shared mount before.
-    let body = |i: usize| match i {
-        0..3 => format!("{i}:").repeat(((33 << 10) + i * (15 << 10)) / 2),
-        _ => format!("{i}:").repeat(1 + i * 97),
-    }
-    .into_bytes();
+    let body = |i: usize| {
+        match i {
+            0..3 => format!("{i}:").repeat(((33 << 10) + i * (15 << 10)) / 2),
+            _ => format!("{i}:").repeat(1 + i * 97),
+        }
+        .into_bytes()
+    };
     for i in 0..N {
         l = l.file(&format!("d/f{i}"), &body(i));
         l = l.file(&format!("w/f{i}"), &body(i));
