@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Rootless benchmark: root vs an ordinary user, read-only and writable mounts of the large Debian
 # image, and copy-up vs cp. Writes bench/RESULTS-rootless.md.
-#   bash bench/rootless.sh [--runs N]
+#   bash bench/rootless.sh [--runs N] [--rounds N]   (issue 20's table: medians over N rounds)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 source bench/large-image.sh
