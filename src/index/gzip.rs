@@ -72,6 +72,23 @@ impl Window {
     pub(crate) fn mapped(map: Arc<crate::mapped::Mapped>, range: std::ops::Range<usize>) -> Window {
         Window(WindowBytes::Mapped(map, range))
     }
+
+    /// The 32 KiB window itself. Every cold random read decodes one or two, so each thread
+    /// keeps its zstd context rather than making one (~100 KiB, initialised) per window.
+    pub fn decode(&self) -> io::Result<Vec<u8>> {
+        thread_local! {
+            static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
+                const { std::cell::RefCell::new(None) };
+        }
+        let decoded = ZSTD.with(|z| {
+            let mut z = z.borrow_mut();
+            if z.is_none() {
+                *z = Some(zstd::bulk::Decompressor::new()?);
+            }
+            z.as_mut().expect("made above").decompress(self, WINDOW)
+        });
+        decoded.map_err(|e| corrupt(format!("checkpoint window: {e}")))
+    }
 }
 
 impl std::ops::Deref for Window {
@@ -382,8 +399,7 @@ impl<R: Read> GzipReader<R> {
                 inner.read_exact(&mut b)?;
                 z.prime(cp.bits, b[0] >> (8 - cp.bits))?;
             }
-            let window = zstd::bulk::decompress(&cp.window, WINDOW)
-                .map_err(|e| corrupt(format!("checkpoint window: {e}")))?;
+            let window = cp.window.decode()?;
             z.set_dictionary(&window)?;
             state = State::Deflate;
         }

@@ -638,14 +638,7 @@ impl LayerReader {
             Some(_) => None,
             None => {
                 let cp = self.checkpoint(i)?;
-                Some(
-                    zstd::bulk::decompress(&cp.window, super::gzip::WINDOW).map_err(|e| {
-                        io::Error::new(
-                            io::ErrorKind::InvalidData,
-                            format!("checkpoint window: {e}"),
-                        )
-                    })?,
-                )
+                Some(cp.window.decode()?)
             }
         };
         let window = match (&before, &decoded) {
