@@ -353,23 +353,13 @@ impl Store {
 /// compared by content, where the published index carries them inline: one that keeps them
 /// apart is checked chunk by chunk as its windows are fetched).
 fn same_index(stored: &LayerIndex, published: &LayerIndex) -> bool {
-    let window = |w: &[u8]| zstd::bulk::decompress(w, crate::index::gzip::WINDOW).ok();
     stored.entries == published.entries
         && stored.compression == published.compression
         && stored.uncompressed_size == published.uncompressed_size
         && stored.diff_id == published.diff_id
         // (At the published spacing: a stored layer's checkpoints are denser, those among them.)
         && match (&stored.access.published(), &published.access.published()) {
-            (Access::Gzip(x), Access::Gzip(y)) => {
-                x.len() == y.len()
-                    && x.iter().zip(y).all(|(p, q)| {
-                        (p.uoff, p.coff, p.bits, p.member_start)
-                            == (q.uoff, q.coff, q.bits, q.member_start)
-                            && (q.window.is_empty()
-                                || p.window == q.window
-                                || window(&p.window) == window(&q.window))
-                    })
-            }
+            (Access::Gzip(x), Access::Gzip(y)) => crate::index::gzip::same_checkpoints(x, y, true),
             (x, y) => postcard::to_allocvec(x).ok() == postcard::to_allocvec(y).ok(),
         }
 }

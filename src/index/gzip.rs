@@ -35,6 +35,21 @@ pub struct Checkpoint {
     pub window: Window,
 }
 
+/// Whether two tables of checkpoints say the same: the same places, windows compared by
+/// content (two zstd builds may compress one differently). `b_apart`: `b`'s windows may be left out (an index that keeps them in a blob
+/// of their own, each checked as it is fetched).
+pub fn same_checkpoints(a: &[Checkpoint], b: &[Checkpoint], b_apart: bool) -> bool {
+    a.len() == b.len()
+        && a.iter().zip(b).all(|(p, q)| {
+            (p.uoff, p.coff, p.bits, p.member_start) == (q.uoff, q.coff, q.bits, q.member_start)
+                && ((b_apart && q.window.is_empty())
+                    || p.window == q.window
+                    || p.window
+                        .decode()
+                        .is_ok_and(|w| q.window.decode().is_ok_and(|v| v == w)))
+        })
+}
+
 /// Moves the checkpoints' windows out, laid end to end in checkpoint order: returns them and
 /// each one's (offset, length) there (how access tables and published indexes store them).
 pub fn take_windows(cps: &mut [Checkpoint]) -> (Vec<u8>, Vec<(u64, u32)>) {
@@ -73,10 +88,11 @@ impl Window {
         Window(WindowBytes::Mapped(map, range))
     }
 
-    /// The 32 KiB window itself. Every cold random read decodes one or two, so each thread
-    /// keeps its zstd context rather than making one (~100 KiB, initialised) per window.
+    /// The window itself (up to [`WINDOW`] bytes).
     pub fn decode(&self) -> io::Result<Vec<u8>> {
         thread_local! {
+            // One zstd context per thread (~100 KiB, initialised), not one per window: every
+            // cold random read decodes one or two.
             static ZSTD: std::cell::RefCell<Option<zstd::bulk::Decompressor<'static>>> =
                 const { std::cell::RefCell::new(None) };
         }
@@ -658,5 +674,81 @@ impl<R: Read> Read for GzipReader<R> {
             std::slice::from_raw_parts_mut(out.as_mut_ptr().cast::<MaybeUninit<u8>>(), out.len())
         };
         self.read_uninit(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Bytes that compress as a layer's do: text with repeats, some noise.
+    fn window_like(n: usize, seed: u64) -> Vec<u8> {
+        let mut x = seed | 1;
+        let mut out = Vec::with_capacity(n);
+        while out.len() < n {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            match x % 3 {
+                0 => out.extend_from_slice(b"/usr/lib/x86_64-linux-gnu/"),
+                1 => out.push(x as u8),
+                _ => out.extend_from_slice(&(x as u32).to_le_bytes()),
+            }
+        }
+        out.truncate(n);
+        out
+    }
+
+    fn zstd_window(plain: &[u8], level: i32) -> Window {
+        zstd::bulk::compress(plain, level).unwrap().into()
+    }
+
+    /// Windows decode with each thread's one context, short ones too (a checkpoint within a
+    /// stream's first 32 KiB), one after the other; a damaged one is an error, never a window:
+    /// cut short, decoding to more than 32 KiB, or not zstd at all.
+    #[test]
+    fn windows_decode_and_damaged_ones_are_refused() {
+        for (n, seed) in [(WINDOW, 1), (1000, 3), (WINDOW, 2), (1, 4)] {
+            let plain = window_like(n, seed);
+            assert_eq!(zstd_window(&plain, 1).decode().unwrap(), plain);
+        }
+        let good = zstd_window(&window_like(WINDOW, 5), 1);
+        let cut = Window::from(good[..good.len() / 2].to_vec());
+        let big = zstd_window(&vec![7u8; WINDOW + 1], 1);
+        for bad in [cut, big, Window::from(b"not zstd".to_vec())] {
+            let err = bad.decode().unwrap_err();
+            assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+            assert!(err.to_string().contains("checkpoint window"), "{err}");
+        }
+        // The context is still good after the errors.
+        assert_eq!(good.decode().unwrap(), window_like(WINDOW, 5));
+    }
+
+    /// Checkpoints of the same stream whose windows another zstd compressed differently are
+    /// the same; other bytes, another place, a damaged window, or a window left out (unless
+    /// allowed) are not.
+    #[test]
+    fn checkpoints_compare_by_their_windows_content() {
+        let cp = |uoff: u64, window: Window| Checkpoint {
+            uoff,
+            coff: uoff / 3,
+            bits: 5,
+            member_start: false,
+            window,
+        };
+        let (w1, w2) = (window_like(WINDOW, 7), window_like(WINDOW, 8));
+        let stored = vec![cp(1 << 18, zstd_window(&w1, 1))];
+        let published = vec![cp(1 << 18, zstd_window(&w1, 19))];
+        assert_ne!(stored[0].window, published[0].window);
+        assert!(same_checkpoints(&stored, &published, false));
+        let other = vec![cp(1 << 18, zstd_window(&w2, 1))];
+        assert!(!same_checkpoints(&stored, &other, false));
+        let moved = vec![cp(1 << 19, published[0].window.clone())];
+        assert!(!same_checkpoints(&stored, &moved, false));
+        let apart = vec![cp(1 << 18, Window::default())];
+        assert!(same_checkpoints(&stored, &apart, true));
+        assert!(!same_checkpoints(&stored, &apart, false));
+        let broken = vec![cp(1 << 18, Window::from(b"broken".to_vec()))];
+        assert!(!same_checkpoints(&broken, &published, false));
     }
 }

@@ -311,7 +311,7 @@ mod tests {
                 Some(n) => (n.coff * 8 - u64::from(n.bits), n.uoff as usize),
                 None => (gz.len() as u64 * 8, data.len()),
             };
-            let window = zstd::bulk::decompress(&cp.window, crate::index::gzip::WINDOW).unwrap();
+            let window = cp.window.decode().unwrap();
             let len = end - cp.uoff as usize;
             match inflate_span(gz, start_bit, end_bit, &window, len) {
                 Some((out, from)) => {
@@ -381,7 +381,7 @@ mod tests {
         r.read_to_end(&mut all).unwrap();
         let cps = r.take_checkpoints();
         let (cp, next) = (&cps[1], &cps[2]);
-        let window = zstd::bulk::decompress(&cp.window, crate::index::gzip::WINDOW).unwrap();
+        let window = cp.window.decode().unwrap();
         let (s, e) = (
             cp.coff * 8 - u64::from(cp.bits),
             next.coff * 8 - u64::from(next.bits),
