@@ -11,6 +11,7 @@
 //!   they touch.
 //! * **plain tar** — the blob is the uncompressed stream; reads are `pread`s.
 
+mod beside;
 pub mod blob;
 pub mod chunked;
 pub mod estargz;

@@ -273,8 +273,8 @@ impl LayerReader {
             .then_some((end - off) as usize)
     }
 
-    /// Reads `buf` at `off`, its bytes from `split` on on a thread of their own (see
-    /// [`LayerReader::cold_split`]).
+    /// Reads `buf` at `off`, its bytes from `split` on on another thread (a kept one: see
+    /// [`super::beside`]; see [`LayerReader::cold_split`]).
     fn read_split(
         &self,
         cache: &SpanCache,
@@ -284,26 +284,11 @@ impl LayerReader {
     ) -> io::Result<usize> {
         let (head, tail) = buf.split_at_mut(split);
         let tail_off = off + split as u64;
-        // Taken by the thread, or by this one if no thread can be had.
-        let tail = Mutex::new(Some(tail));
-        // (The tail's first span comes after one this read loads: no sign of a walk.)
-        let read_tail = || match tail.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            Some(t) => self.read_spans(cache, tail_off, t, true, true),
-            None => Ok(()),
-        };
-        std::thread::scope(|s| {
-            let later = std::thread::Builder::new()
-                .name("bux-fuse-split".into())
-                .spawn_scoped(s, read_tail);
-            let first = self.read_spans(cache, off, head, true, false);
-            let rest = match later {
-                Ok(t) => t
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("a read's thread panicked"))),
-                Err(_) => read_tail(),
-            };
-            first.and(rest)
-        })?;
+        super::beside::join(
+            // (The tail's first span comes after one this read loads: no sign of a walk.)
+            || self.read_spans(cache, tail_off, tail, true, true),
+            || self.read_spans(cache, off, head, true, false),
+        )?;
         Ok(buf.len())
     }
 
