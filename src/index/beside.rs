@@ -14,7 +14,10 @@ struct Job {
 }
 
 /// Threads waiting for jobs: a send succeeds only while one of them waits (a rendezvous
-/// channel), so a job never queues behind another.
+/// channel), so a job never queues behind another. Started at the process's first split read,
+/// from the thread making it, whose seccomp filter and Landlock domain they inherit, as the
+/// threads started for each read did: a process that confines itself must do so before it
+/// reads (the image servers do, before they make their `ImageFs`).
 fn threads() -> &'static SyncSender<Job> {
     static THREADS: OnceLock<SyncSender<Job>> = OnceLock::new();
     THREADS.get_or_init(|| {
@@ -24,12 +27,13 @@ fn threads() -> &'static SyncSender<Job> {
         for i in 0..n {
             let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
             let _ = std::thread::Builder::new()
-                .name(format!("bux-fuse-split-{i}"))
+                // (15 bytes at most: the kernel cuts a thread's name there.)
+                .name(format!("bux-fuse-join-{i}"))
                 .spawn(move || loop {
                     let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                     let Ok(job) = job else { return };
                     let r = caught(job.run);
-                    // (The closure and what it borrowed are gone by now.)
+                    // (The closure, and its borrows with it, are gone by now.)
                     let _ = job.done.send(r);
                 });
         }
@@ -44,7 +48,8 @@ fn caught(run: impl FnOnce() -> io::Result<()>) -> io::Result<()> {
 }
 
 /// Runs `other` on a kept thread while `this` runs here, and returns both results (the
-/// first error); where no kept thread is free, `other` runs here after `this`.
+/// first error); where no kept thread is free, `other` runs here after `this` (and, should
+/// `this` panic, not at all: it is dropped as the panic unwinds).
 pub(crate) fn join<'a>(
     other: impl FnOnce() -> io::Result<()> + Send + 'a,
     this: impl FnOnce() -> io::Result<()>,

@@ -36,8 +36,9 @@ pub struct Checkpoint {
 }
 
 /// Whether two tables of checkpoints say the same: the same places, windows compared by
-/// content (two zstd builds may compress one differently). `b_apart`: `b`'s windows may be left out (an index that keeps them in a blob
-/// of their own, each checked as it is fetched).
+/// content (two zstd builds may compress one differently; identical bytes are equal without
+/// decoding). `b_apart`: `b`'s windows may be left out (an index that keeps them in a blob of
+/// their own, each checked as it is fetched).
 pub fn same_checkpoints(a: &[Checkpoint], b: &[Checkpoint], b_apart: bool) -> bool {
     a.len() == b.len()
         && a.iter().zip(b).all(|(p, q)| {
@@ -750,5 +751,8 @@ mod tests {
         assert!(!same_checkpoints(&stored, &apart, false));
         let broken = vec![cp(1 << 18, Window::from(b"broken".to_vec()))];
         assert!(!same_checkpoints(&broken, &published, false));
+        // Two different damaged windows are not the same window.
+        let damaged = vec![cp(1 << 18, Window::from(b"damaged".to_vec()))];
+        assert!(!same_checkpoints(&broken, &damaged, false));
     }
 }

@@ -273,7 +273,7 @@ impl LayerReader {
             .then_some((end - off) as usize)
     }
 
-    /// Reads `buf` at `off`, its bytes from `split` on on another thread (a kept one: see
+    /// Reads `buf` at `off`, its bytes from `split` on in another thread (a kept one: see
     /// [`super::beside`]; see [`LayerReader::cold_split`]).
     fn read_split(
         &self,

@@ -283,13 +283,16 @@ pub(crate) fn wait_while(timeout: std::time::Duration, mut busy: impl FnMut() ->
 /// zeroing, an unmap per span) made a cold full read of the large image 20% slower
 /// (`bench/read_profile.rs`: 3.6–3.7 s with a 256 KiB threshold, 3.0–3.2 s with 2 MiB, for
 /// +9 MiB RSS: 61 MiB at the end of the read, against 79 MiB untuned). Freed spans are kept
-/// mapped (up to 64 MiB at the heap's top) rather than handed back at once: with the mapping
-/// threshold fixed, glibc's trim threshold stays at 128 KiB, so the heap shrank and grew with
-/// every span the cache let go, and each fresh page costs a fault (2.5–4.5 µs in a guest of
-/// a software hypervisor): 130,000–200,000 faults in a cold full read of the large image,
-/// 7,500–8,500 kept (server CPU 4.4–5.3 s → 4.2–4.6 s, 5 rounds alternated; RSS at the end
-/// 80 → 84 MiB). The `bux-fuse` daemon calls it; a library caller decides for its own process
-/// (it changes the whole process's allocator).
+/// mapped (up to 64 MiB at the top of each arena's heap) rather than handed back at once:
+/// fixing the mapping threshold also fixes glibc's trim threshold, at 128 KiB when nothing
+/// had raised it yet, and each fresh page costs a fault (2.5–4.5 µs in a guest of a software
+/// hypervisor). Where this was called before the process's first large frees (a daemon
+/// serving its own mount, `bench/read_profile.rs`), the heap shrank and grew with every span
+/// the cache let go: 130,000–200,000 faults in a cold full read of the large image, ~8,000–
+/// 9,600 now (CPU 4.4–5.3 s → 4.2–4.8 s, RSS at the end +5–11 MiB); a shared image server,
+/// which calls it after opening the image, had ~32 MiB already (13,000 → 11,000 faults). The
+/// `bux-fuse` daemon calls it; a library caller decides for its own process (it changes the
+/// whole process's allocator).
 #[doc(hidden)]
 pub fn tune_allocator_for_serving() {
     #[cfg(target_env = "gnu")]
