@@ -25,7 +25,7 @@ fn threads() -> &'static SyncSender<Job> {
         let rx = Arc::new(Mutex::new(rx));
         let n = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
         for i in 0..n {
-            let rx: Arc<Mutex<Receiver<Job>>> = rx.clone();
+            let rx = rx.clone();
             let _ = std::thread::Builder::new()
                 // (15 bytes at most: the kernel cuts a thread's name there.)
                 .name(format!("bux-fuse-join-{i}"))

@@ -682,22 +682,12 @@ impl<R: Read> Read for GzipReader<R> {
 mod tests {
     use super::*;
 
-    /// Bytes that compress as a layer's do: text with repeats, some noise.
+    /// Bytes that compress as a layer's do: runs of text between runs of noise.
     fn window_like(n: usize, seed: u64) -> Vec<u8> {
-        let mut x = seed | 1;
-        let mut out = Vec::with_capacity(n);
-        while out.len() < n {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            match x % 3 {
-                0 => out.extend_from_slice(b"/usr/lib/x86_64-linux-gnu/"),
-                1 => out.push(x as u8),
-                _ => out.extend_from_slice(&(x as u32).to_le_bytes()),
-            }
-        }
-        out.truncate(n);
-        out
+        crate::index::xorshift_bytes(n, &mut { seed | 1 }, |i, x| match (i / 512) % 2 {
+            0 => b"/usr/lib/x86_64-linux-gnu/"[(x % 26) as usize],
+            _ => x as u8,
+        })
     }
 
     fn zstd_window(plain: &[u8], level: i32) -> Window {
