@@ -45,7 +45,7 @@ pub(crate) fn inflate_span(
     let input = span_stream(compressed, start_bit, end_bit, window)
         .unwrap_or_else(|| shifted_span_stream(compressed, start_bit, end_bit, window));
     let out_len = window.len() + len;
-    let mut out: Vec<u8> = Vec::with_capacity(out_len);
+    let mut out: Vec<u8> = super::span_buffers::take(out_len);
     let mut got = 0usize;
     let ret = DECOMPRESSOR.with(|d| {
         if d.0.is_null() {

@@ -21,6 +21,7 @@ pub mod published;
 pub mod reader;
 pub mod small;
 pub mod small_reads;
+mod span_buffers;
 pub mod span_cache;
 pub mod tar_scan;
 pub mod zstd_frames;

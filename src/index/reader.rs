@@ -500,7 +500,7 @@ impl LayerReader {
                         let span = Span::Gzip(Arc::new(GzipSpan {
                             len,
                             state: Mutex::new(GzipSpanState {
-                                bytes: Vec::with_capacity(len),
+                                bytes: super::span_buffers::take(len),
                                 gz: Some(self.resume_gzip(i)?),
                             }),
                         }));
@@ -546,7 +546,7 @@ impl LayerReader {
                     .blob_bytes
                     .fetch_add(compressed.len() as u64, Ordering::Relaxed);
                 // (Its content: the frame's first `len` bytes, zstd or gzip.)
-                let mut span = Vec::with_capacity(len);
+                let mut span = super::span_buffers::take(len);
                 super::chunked::frame_reader(&compressed, len as u64)?.read_to_end(&mut span)?;
                 if span.len() != len {
                     return Err(super::chunked::short_frame());
