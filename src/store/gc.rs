@@ -102,6 +102,10 @@ impl Store {
         let size = |p: &Path| fs::metadata(p).map(|m| m.len()).unwrap_or(0);
         // A file under two names (see `inventory`) is counted once, as `du` does.
         let mut linked = std::collections::HashSet::new();
+        // Each layer's files in `layers/` (its index, access table, small files, seekable copy,
+        // the indexes a lazily served layer was published with) by the digest their names
+        // start with: the store knows its layout, not what an index keeps beside it.
+        let mut layer_files: std::collections::HashMap<String, u64> = Default::default();
         for (dir, slot) in [
             ("blobs/sha256", 0),
             ("layers/sha256", 1),
@@ -133,6 +137,10 @@ impl Store {
                     u.lazy.1 += len;
                     continue;
                 }
+                if slot == 1 {
+                    let hex = name.split('.').next().unwrap_or("");
+                    *layer_files.entry(hex.to_string()).or_default() += len;
+                }
                 let ext = name.rsplit('.').next().unwrap_or("");
                 match (slot, ext) {
                     (0, _) => u.blobs += len,
@@ -158,14 +166,8 @@ impl Store {
                 *users.entry(l.digest).or_default() += 1;
             }
         }
-        let layer_bytes = |d: &Digest| {
-            let index = self.index_path(d);
-            size(&self.blob_path(d))
-                + size(&index)
-                + size(&crate::index::LayerIndex::access_path(&index))
-                + size(&crate::index::small::SmallFiles::path(&index))
-                + size(&self.seekable_path(d))
-        };
+        let layer_bytes =
+            |d: &Digest| size(&self.blob_path(d)) + layer_files.get(&d.hex()).copied().unwrap_or(0);
         for (d, n) in &users {
             if *n > 1 {
                 u.shared += layer_bytes(d);
