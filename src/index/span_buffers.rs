@@ -24,12 +24,15 @@ struct Spare {
     taken: Condvar,
 }
 
-/// An empty vector with room for `capacity` bytes: a prepared one when it fits in [`BUFFER`]
-/// and one is ready, else newly allocated. The first call starts the thread that prepares
-/// them, from the reading thread, whose seccomp filter and Landlock domain it inherits (as
-/// [`super::beside`]'s threads do).
+/// An empty vector with room for `capacity` bytes: a prepared one when `capacity` is close to
+/// [`BUFFER`] (a span and its window, or a span alone) and one is ready, else newly allocated.
+/// Not for much less: the span cache counts what a span holds, not its vector's capacity, so a
+/// small zstd:chunked frame in a prepared buffer would hold memory the cache does not see (at
+/// most a quarter of a buffer here, an eighth for a 256 KiB span). The first call starts the
+/// thread that prepares them, from the reading thread, whose seccomp filter and Landlock
+/// domain it inherits (as [`super::beside`]'s threads do).
 pub(crate) fn take(capacity: usize) -> Vec<u8> {
-    if capacity > BUFFER {
+    if !(BUFFER - BUFFER / 4..=BUFFER).contains(&capacity) {
         return Vec::with_capacity(capacity);
     }
     let Some(spare) = spare() else {
@@ -101,9 +104,14 @@ mod tests {
         // More than the spare ones: the thread prepares more as they are taken, and a request
         // it cannot meet at once still gets a vector.
         for round in 0..4 * SPARE {
-            for capacity in [1, 4096, BUFFER - 1, BUFFER] {
+            for capacity in [1, 4096, 256 << 10, BUFFER - 1, BUFFER] {
                 let mut v = take(capacity);
                 assert!(v.is_empty() && v.capacity() >= capacity, "round {round}");
+                // A small request never holds a whole buffer the cache would not count.
+                assert!(
+                    capacity > BUFFER / 2 || v.capacity() < BUFFER / 2,
+                    "{capacity}"
+                );
                 v.extend(std::iter::repeat_n(round as u8, capacity));
                 assert!(v.iter().all(|&b| b == round as u8));
                 seen.push(v);
