@@ -7,44 +7,74 @@
 //! fresh memory. So a kept thread keeps a few span-sized buffers with their pages faulted in
 //! already, on a core the read is not using, and a read takes one instead of allocating.
 
+use std::sync::atomic::{AtomicUsize, Ordering::Relaxed};
 use std::sync::{Condvar, Mutex, OnceLock};
 
-/// What one buffer holds: a 256 KiB span (the checkpoints' spacing) after its 32 KiB window
-/// (libdeflate's output starts with the window). Larger requests allocate.
-pub(crate) const BUFFER: usize = super::gzip::WINDOW + (256 << 10);
+use super::gzip::WINDOW;
+
+/// The requests prepared buffers are for: spans with or without their window (libdeflate's
+/// output starts with it), from a quarter of a span at the checkpoints' spacing (a layer's
+/// last span) to a 1 MiB span (gzip streams whose deflate blocks run past the spacing, lazily
+/// served layers' 512 KiB spacing). Other requests allocate.
+const SMALLEST: usize = 64 << 10;
+const LARGEST: usize = WINDOW + (1 << 20);
 
 /// Buffers kept ready: a cold read takes one or two (a read split across a checkpoint), and
 /// the thread faults in one in about a quarter of a read's time, so a few outlast any burst of
-/// reads that have to wait for their bytes anyway. Their cost: 2.3 MiB of a serving process.
+/// reads that have to wait for their bytes anyway. Their cost: 2.3 MiB of a serving process
+/// reading the test images' 256 KiB spans.
 const SPARE: usize = 8;
 
 struct Spare {
     buffers: Mutex<Vec<Vec<u8>>>,
     /// Signalled when a buffer is taken.
     taken: Condvar,
+    /// The size buffers are prepared at: the largest request of late (it follows a larger one
+    /// at once and decays by 1/256 a request towards smaller ones, halving in about 180), so
+    /// that both a span with its window and a span alone, asked for in turns, fit the
+    /// buffers made for the larger.
+    size: AtomicUsize,
 }
 
-/// An empty vector with room for `capacity` bytes: a prepared one when `capacity` is close to
-/// [`BUFFER`] (a span and its window, or a span alone) and one is ready, else newly allocated.
-/// Not for much less: the span cache counts what a span holds, not its vector's capacity, so a
-/// small zstd:chunked frame in a prepared buffer would hold memory the cache does not see (at
-/// most a quarter of a buffer here, an eighth for a 256 KiB span). The first call starts the
-/// thread that prepares them, from the reading thread, whose seccomp filter and Landlock
-/// domain it inherits (as [`super::beside`]'s threads do).
+/// An empty vector with room for `capacity` bytes: a prepared one if one is ready whose size
+/// is at least `capacity` and at most twice it, cut down to `capacity` (what is cut goes back
+/// to the allocator, its pages still in memory, for the buffers prepared next), else newly
+/// allocated. Cut, because the span cache counts what a span holds, not its vector's
+/// capacity. The first call starts the thread that prepares them, from the reading thread,
+/// whose seccomp filter and Landlock domain it inherits (as [`super::beside`]'s threads do).
 pub(crate) fn take(capacity: usize) -> Vec<u8> {
-    if !(BUFFER - BUFFER / 4..=BUFFER).contains(&capacity) {
+    if !(SMALLEST..=LARGEST).contains(&capacity) {
         return Vec::with_capacity(capacity);
     }
     let Some(spare) = spare() else {
         return Vec::with_capacity(capacity);
     };
-    let taken = spare
-        .buffers
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .pop();
+    let size = spare.size.load(Relaxed);
+    spare
+        .size
+        .store(capacity.max(size - size / 256).min(LARGEST), Relaxed);
+    let taken = {
+        let mut buffers = spare.buffers.lock().unwrap_or_else(|p| p.into_inner());
+        let fits = |v: &Vec<u8>| (capacity..=2 * capacity).contains(&v.capacity());
+        match buffers.iter().rposition(fits) {
+            Some(at) => Some(buffers.swap_remove(at)),
+            None => {
+                // None of a size asked for now: the oldest goes, to be made again at it.
+                if buffers.len() == SPARE {
+                    buffers.remove(0);
+                }
+                None
+            }
+        }
+    };
     spare.taken.notify_one();
-    taken.unwrap_or_else(|| Vec::with_capacity(capacity))
+    match taken {
+        Some(mut v) => {
+            v.shrink_to(capacity);
+            v
+        }
+        None => Vec::with_capacity(capacity),
+    }
 }
 
 /// The kept buffers, their thread started at the first call (`None` if it could not be).
@@ -54,6 +84,7 @@ fn spare() -> Option<&'static Spare> {
         let spare: &'static Spare = Box::leak(Box::new(Spare {
             buffers: Mutex::new(Vec::with_capacity(SPARE)),
             taken: Condvar::new(),
+            size: AtomicUsize::new(WINDOW + (256 << 10)),
         }));
         std::thread::Builder::new()
             .name("bux-fuse-memory".into())
@@ -72,7 +103,8 @@ fn prepare(spare: &Spare) {
                 buffers = spare.taken.wait(buffers).unwrap_or_else(|p| p.into_inner());
             }
         }
-        let buffer = faulted_in(BUFFER);
+        // Rounded up, so that requests a little below the largest still fit in what is made.
+        let buffer = faulted_in(spare.size.load(Relaxed).next_multiple_of(64 << 10));
         spare
             .buffers
             .lock()
@@ -98,35 +130,45 @@ fn faulted_in(capacity: usize) -> Vec<u8> {
 mod tests {
     use super::*;
 
+    /// Waits until the thread has `SPARE` buffers ready that `ok` accepts.
+    fn prepared(ok: impl Fn(&Vec<u8>) -> bool) -> bool {
+        let spare = spare().expect("the thread started");
+        for _ in 0..500 {
+            {
+                let buffers = spare.buffers.lock().unwrap();
+                if buffers.len() == SPARE && buffers.iter().all(&ok) {
+                    return true;
+                }
+            }
+            // (Asking again makes the thread replace what no longer fits.)
+            drop(take(WINDOW + (400 << 10)));
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        false
+    }
+
     #[test]
-    fn buffers_are_empty_and_large_enough_and_refilled() {
+    fn buffers_hold_what_is_asked_and_follow_the_sizes_asked() {
+        let span = WINDOW + (256 << 10);
         let mut seen = Vec::new();
         // More than the spare ones: the thread prepares more as they are taken, and a request
         // it cannot meet at once still gets a vector.
         for round in 0..4 * SPARE {
-            for capacity in [1, 4096, 256 << 10, BUFFER - 1, BUFFER] {
+            for capacity in [1, 4096, SMALLEST - 1, 256 << 10, span, LARGEST, LARGEST + 1] {
                 let mut v = take(capacity);
-                assert!(v.is_empty() && v.capacity() >= capacity, "round {round}");
-                // A small request never holds a whole buffer the cache would not count.
-                assert!(
-                    capacity > BUFFER / 2 || v.capacity() < BUFFER / 2,
-                    "{capacity}"
-                );
+                // Exactly what was asked: the span cache counts a span's length, and a buffer
+                // larger than that would hold memory it does not see.
+                assert!(v.is_empty() && v.capacity() == capacity, "round {round}");
                 v.extend(std::iter::repeat_n(round as u8, capacity));
                 assert!(v.iter().all(|&b| b == round as u8));
                 seen.push(v);
             }
         }
-        let big = take(BUFFER + 1);
-        assert!(big.is_empty() && big.capacity() > BUFFER);
-        // The thread keeps up: after a pause the spare buffers are back.
-        let spare = spare().expect("the thread started");
-        for _ in 0..500 {
-            if spare.buffers.lock().unwrap().len() == SPARE {
-                return;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        panic!("the spare buffers were not prepared again within 5 s");
+        drop(seen);
+        // Asked for larger spans, the thread makes buffers of their size.
+        assert!(
+            prepared(|v| v.capacity() >= WINDOW + (400 << 10)),
+            "no buffers of the size asked for within 5 s"
+        );
     }
 }
