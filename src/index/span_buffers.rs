@@ -21,8 +21,8 @@ const LARGEST: usize = WINDOW + (1 << 20);
 
 /// Buffers kept ready: a cold read takes one or two (a read split across a checkpoint), and
 /// the thread faults in one in about a quarter of a read's time, so a few outlast any burst of
-/// reads that have to wait for their bytes anyway. Their cost: 2.3 MiB of a serving process
-/// reading the test images' 256 KiB spans.
+/// reads that have to wait for their bytes anyway. Their cost: 2.5 MiB of a serving process
+/// reading the test images' 256 KiB spans, 8.5 MiB at the largest.
 const SPARE: usize = 8;
 
 struct Spare {
@@ -30,9 +30,9 @@ struct Spare {
     /// Signalled when a buffer is taken.
     taken: Condvar,
     /// The size buffers are prepared at: the largest request of late (it follows a larger one
-    /// at once and decays by 1/256 a request towards smaller ones, halving in about 180), so
-    /// that both a span with its window and a span alone, asked for in turns, fit the
-    /// buffers made for the larger.
+    /// at once and decays by 1/256 a hit towards smaller ones), so that both a span with its
+    /// window and a span alone, asked for in turns, fit the buffers made for the larger; a
+    /// request that finds none of its size sets it.
     size: AtomicUsize,
 }
 
@@ -49,24 +49,29 @@ pub(crate) fn take(capacity: usize) -> Vec<u8> {
     let Some(spare) = spare() else {
         return Vec::with_capacity(capacity);
     };
-    let size = spare.size.load(Relaxed);
-    spare
-        .size
-        .store(capacity.max(size - size / 256).min(LARGEST), Relaxed);
-    let taken = {
+    // What was taken, and whether buffers were ready but none of them fitted.
+    let (taken, unfit) = {
         let mut buffers = spare.buffers.lock().unwrap_or_else(|p| p.into_inner());
         let fits = |v: &Vec<u8>| (capacity..=2 * capacity).contains(&v.capacity());
         match buffers.iter().rposition(fits) {
-            Some(at) => Some(buffers.swap_remove(at)),
+            Some(at) => (Some(buffers.swap_remove(at)), false),
             None => {
                 // None of a size asked for now: the oldest goes, to be made again at it.
                 if buffers.len() == SPARE {
                     buffers.remove(0);
                 }
-                None
+                (None, !buffers.is_empty())
             }
         }
     };
+    // Buffers of the wrong size make the next ones of this request's (one large span must not
+    // leave smaller requests missing for hundreds more); otherwise the largest of late.
+    let _ = spare
+        .size
+        .fetch_update(Relaxed, Relaxed, |size| match unfit {
+            true => Some(capacity),
+            false => Some(capacity.max(size - size / 256)),
+        });
     spare.taken.notify_one();
     match taken {
         Some(mut v) => {
@@ -97,14 +102,21 @@ fn spare() -> Option<&'static Spare> {
 /// Keeps [`SPARE`] buffers ready, for the life of the process.
 fn prepare(spare: &Spare) {
     loop {
+        // Rounded up, so that requests a little below the largest still fit in what is made.
+        let size = || spare.size.load(Relaxed).next_multiple_of(64 << 10);
         {
             let mut buffers = spare.buffers.lock().unwrap_or_else(|p| p.into_inner());
-            while buffers.len() >= SPARE {
+            loop {
+                // Those made for sizes no longer asked for go (their memory to the allocator).
+                let now = size();
+                buffers.retain(|v| (now / 2..=2 * now).contains(&v.capacity()));
+                if buffers.len() < SPARE {
+                    break;
+                }
                 buffers = spare.taken.wait(buffers).unwrap_or_else(|p| p.into_inner());
             }
         }
-        // Rounded up, so that requests a little below the largest still fit in what is made.
-        let buffer = faulted_in(spare.size.load(Relaxed).next_multiple_of(64 << 10));
+        let buffer = faulted_in(size());
         spare
             .buffers
             .lock()
@@ -130,8 +142,8 @@ fn faulted_in(capacity: usize) -> Vec<u8> {
 mod tests {
     use super::*;
 
-    /// Waits until the thread has `SPARE` buffers ready that `ok` accepts.
-    fn prepared(ok: impl Fn(&Vec<u8>) -> bool) -> bool {
+    /// Asks for `ask` bytes until the thread has `SPARE` buffers ready that `ok` accepts.
+    fn prepared(ask: usize, ok: impl Fn(&Vec<u8>) -> bool) -> bool {
         let spare = spare().expect("the thread started");
         for _ in 0..500 {
             {
@@ -141,7 +153,7 @@ mod tests {
                 }
             }
             // (Asking again makes the thread replace what no longer fits.)
-            drop(take(WINDOW + (400 << 10)));
+            drop(take(ask));
             std::thread::sleep(std::time::Duration::from_millis(10));
         }
         false
@@ -165,10 +177,16 @@ mod tests {
             }
         }
         drop(seen);
-        // Asked for larger spans, the thread makes buffers of their size.
+        // Asked for larger spans, the thread makes buffers of their size; asked for smaller
+        // ones again, of theirs (one large span does not leave them missing).
+        let large = WINDOW + (400 << 10);
         assert!(
-            prepared(|v| v.capacity() >= WINDOW + (400 << 10)),
-            "no buffers of the size asked for within 5 s"
+            prepared(large, |v| v.capacity() >= large),
+            "no buffers of the larger size within 5 s"
+        );
+        assert!(
+            prepared(SMALLEST, |v| v.capacity() <= 2 * SMALLEST),
+            "no buffers of the smaller size within 5 s"
         );
     }
 }
