@@ -55,17 +55,7 @@ impl LayerReader {
             Access::Zstd(frames) => {
                 let cstart = frames[i].1;
                 let cend = frames.get(i + 1).map(|f| f.1).unwrap_or(self.blob.len());
-                let mut compressed = vec![0u8; (cend - cstart) as usize];
-                BlobReader {
-                    blob: self.blob.clone(),
-                    pos: cstart,
-                    end: cend,
-                }
-                .read_exact(&mut compressed)?;
-                cache
-                    .stats
-                    .blob_bytes
-                    .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                let compressed = self.read_compressed(cstart..cend, cache)?;
                 let got = zstd::bulk::decompress(&compressed, len)?;
                 if got.len() != len {
                     return Err(io::Error::new(
@@ -77,17 +67,7 @@ impl LayerReader {
             }
             Access::Frames(frames) => {
                 let f = frames[i];
-                let mut compressed = vec![0u8; (f.cend - f.coff) as usize];
-                BlobReader {
-                    blob: self.blob.clone(),
-                    pos: f.coff,
-                    end: f.cend,
-                }
-                .read_exact(&mut compressed)?;
-                cache
-                    .stats
-                    .blob_bytes
-                    .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+                let compressed = self.read_compressed(f.coff..f.cend, cache)?;
                 // (Its content: the frame's first `len` bytes, zstd or gzip.)
                 let mut span = span_buffers::take(len);
                 chunked::frame_reader(&compressed, len as u64)?.read_to_end(&mut span)?;
@@ -104,6 +84,26 @@ impl LayerReader {
         let span = Span::Whole(Arc::new(span.0), span.1);
         cache.insert(key, span.clone());
         Ok(span)
+    }
+
+    /// The blob's bytes in `range`, counted as read.
+    fn read_compressed(
+        &self,
+        range: std::ops::Range<u64>,
+        cache: &SpanCache,
+    ) -> io::Result<Vec<u8>> {
+        let mut compressed = vec![0u8; (range.end - range.start) as usize];
+        BlobReader {
+            blob: self.blob.clone(),
+            pos: range.start,
+            end: range.end,
+        }
+        .read_exact(&mut compressed)?;
+        cache
+            .stats
+            .blob_bytes
+            .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+        Ok(compressed)
     }
 
     /// Gzip checkpoint `i`, with its window (fetched, for an index that keeps them apart).
@@ -176,17 +176,7 @@ impl LayerReader {
         };
         let (start, end) = self.span_bounds(i);
         let range = self.compressed_range(start..end);
-        let mut compressed = vec![0u8; (range.end - range.start) as usize];
-        BlobReader {
-            blob: self.blob.clone(),
-            pos: range.start,
-            end: range.end,
-        }
-        .read_exact(&mut compressed)?;
-        cache
-            .stats
-            .blob_bytes
-            .fetch_add(compressed.len() as u64, Ordering::Relaxed);
+        let compressed = self.read_compressed(range.clone(), cache)?;
         // Bit positions in `compressed`: a checkpoint's block starts `bits` bits before its
         // byte offset.
         let bit = |c: &Checkpoint| (c.coff * 8 - u64::from(c.bits)) - range.start * 8;
