@@ -7,9 +7,12 @@ the same reads of a plain tree (e.g. `umoci raw unpack`'s) as the baseline. Cach
 before every cold measurement; each mount is fresh. Prints every round and the medians,
 with the image server's CPU time and counters for each full read.
 
-  python3 bench/read_cmp.py ROUNDS NAME=BINARY:STORE ... [--native DIR] [--ref REF]
+  python3 bench/read_cmp.py ROUNDS NAME=BINARY:STORE ... [--native DIR] [--ref REF] [--as USER]
 
-WHAT=full,rand128,rand4 picks the measurements (default full,rand128). Needs root.
+WHAT=full,rand128,rand4,find picks the measurements (default full,rand128). Needs root.
+`--as USER` measures USER's writable mounts instead (issue #20's case: the user's stores, mount
+point and binaries must be theirs to use; the server CPU is then that of the user's mount
+daemon and of the image server, summed); it measures full and find.
 """
 import glob, os, random, statistics, struct, subprocess, sys, time
 
@@ -26,13 +29,15 @@ def main():
         return
     rounds = int(args.pop(0))
     ref = "oci:" + os.path.join(ROOT, "target/debian/layout-large") + ":bookworm"
-    cands, native = [], None
+    cands, native, user = [], None, None
     while args:
         a = args.pop(0)
         if a == "--native":
             native = args.pop(0)
         elif a == "--ref":
             ref = args.pop(0)
+        elif a == "--as":
+            user = args.pop(0)
         else:
             name, rest = a.split("=", 1)
             binary, store = rest.split(":", 1)
@@ -40,14 +45,20 @@ def main():
     what = os.environ.get("WHAT", "full,rand128").split(",")
     mnt = os.path.join(ROOT, "target/read-cmp-mnt")
     os.makedirs(mnt, exist_ok=True)
+    as_user = ["runuser", "-u", user, "--"] if user else []
+    if user:
+        mnt = os.path.join(os.path.dirname(cands[0][2]), "read-cmp-mnt")
+        subprocess.run(as_user + ["mkdir", "-p", mnt], check=True)
+        what = [w for w in what if w in ("full", "find")]
 
     def mount(b, s):
-        subprocess.run([b, "--store", s, "mount", ref, mnt], check=True, capture_output=True)
-        os.stat(mnt)
-        os.listdir(mnt)
+        writable = ["--writable"] if user else []
+        subprocess.run(as_user + [b, "--store", s, "mount", *writable, ref, mnt], check=True,
+                       capture_output=True)
+        subprocess.run(as_user + ["ls", mnt], check=True, capture_output=True)
 
     def umount(b, s):
-        subprocess.run([b, "--store", s, "umount", mnt], capture_output=True)
+        subprocess.run(as_user + [b, "--store", s, "umount", mnt], capture_output=True)
         for _ in range(200):
             if not os.path.ismount(mnt):
                 break
@@ -63,14 +74,36 @@ def main():
         f = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
         return (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK")
 
-    name, b, s = cands[0]
-    mount(b, s)
-    files = R.large_files(mnt, 1 << 20)
-    umount(b, s)
-    rnd = random.Random(42)
+    def serving(s):
+        # The processes serving the mount: the image server's worker, and a user's mount daemon.
+        pids = [R.daemon_pid("", s)]
+        for p in os.listdir("/proc") if user else []:
+            try:
+                args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
+            except OSError:
+                continue
+            if b"serve-mount" in args and os.fsencode(s) in args:
+                pids.append(int(p))
+        return pids
+
+    def tar_read():
+        if not user:
+            return R.tar_read(mnt)
+        subprocess.run(as_user + ["bash", "-c", f'set -o pipefail; tar -C {mnt} -cf - . | wc -c'],
+                       check=True, capture_output=True)
+
+    def find():
+        subprocess.run(as_user + ["find", mnt, "-printf", ""], check=True)
+
     picks = {}
-    for size in (4096, 131072):
-        picks[size] = [(f, rnd.randrange(0, max(1, sz - size))) for f, sz in (rnd.choice(files) for _ in range(200))]
+    if any(w.startswith("rand") for w in what):
+        name, b, s = cands[0]
+        mount(b, s)
+        files = R.large_files(mnt, 1 << 20)
+        umount(b, s)
+        rnd = random.Random(42)
+        for size in (4096, 131072):
+            picks[size] = [(f, rnd.randrange(0, max(1, sz - size))) for f, sz in (rnd.choice(files) for _ in range(200))]
 
     res = {}
     add = lambda k, v: res.setdefault(k, []).append(v)
@@ -81,16 +114,23 @@ def main():
             if "full" in what:
                 mount(b, s)
                 R.drop_caches()
-                pid = R.daemon_pid("", s)
-                c0 = cpu(pid)
+                pids = serving(s)
+                c0 = sum(map(cpu, pids))
                 t = time.perf_counter()
-                R.tar_read(mnt)
+                tar_read()
                 add(f"{name} full read s", time.perf_counter() - t)
-                add(f"{name} full read, server CPU s", cpu(pid) - c0)
+                add(f"{name} full read, server CPU s", sum(map(cpu, pids)) - c0)
                 time.sleep(0.3)
                 c = counters(s)
                 if c:
                     add(f"{name} full read, inflated MB", c[1] / 1e6)
+                umount(b, s)
+            if "find" in what:
+                mount(b, s)
+                R.drop_caches()
+                t = time.perf_counter()
+                find()
+                add(f"{name} find s", time.perf_counter() - t)
                 umount(b, s)
             for size in sizes:
                 R.drop_caches()
@@ -105,6 +145,11 @@ def main():
                 t = time.perf_counter()
                 R.tar_read(native)
                 add("native full read s", time.perf_counter() - t)
+            if "find" in what:
+                R.drop_caches()
+                t = time.perf_counter()
+                subprocess.run(["find", native, "-printf", ""], check=True)
+                add("native find s", time.perf_counter() - t)
             for size in sizes:
                 R.drop_caches()
                 add(f"native random {size // 1024} KiB p50 ms", R.pct(R.random_reads(native, picks[size], size), 50))

@@ -92,7 +92,7 @@ const WAITING_READ_THREADS: usize = 8;
 /// Threads for decompressing reads: decompression is CPU work, so one per CPU (at least two,
 /// so one long span does not hold up the rest).
 fn decoding_read_threads() -> usize {
-    std::thread::available_parallelism().map_or(2, |n| n.get().max(2))
+    crate::cpus()
 }
 
 /// Jobs decompressing ahead at once: one per CPU (at least two). A reader walking the image in

@@ -118,3 +118,11 @@ pub use pull::{Budget, Progress, ProgressFn, PullOptions, PullPolicy, PulledImag
 pub use registry::manifest::{ImageConfig, Platform, RuntimeConfig};
 pub use registry::{Credentials, RegistryOptions};
 pub use store::{ImageRecord, ImageUsage, LayerRecord, Lease, Store, Usage};
+
+/// CPUs this process may run on (at least two), asked once: `available_parallelism` reads the
+/// process's cgroup files at every call (seven system calls here), and every FUSE read asked it
+/// (how many jobs may decompress ahead), after its reply, on the core a split read wanted.
+pub(crate) fn cpus() -> usize {
+    static CPUS: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CPUS.get_or_init(|| std::thread::available_parallelism().map_or(2, |n| n.get().max(2)))
+}

@@ -23,7 +23,7 @@ fn threads() -> &'static SyncSender<Job> {
     THREADS.get_or_init(|| {
         let (tx, rx) = sync_channel::<Job>(0);
         let rx = Arc::new(Mutex::new(rx));
-        let n = std::thread::available_parallelism().map_or(2, |n| n.get().max(2));
+        let n = crate::cpus();
         for i in 0..n {
             let rx = rx.clone();
             let _ = std::thread::Builder::new()
