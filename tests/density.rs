@@ -496,6 +496,53 @@ fn metadata_walks_never_reach_the_server() {
     rw.unmount();
 }
 
+/// A read the image server answers costs it one read(2), of the FUSE device, and the blob's
+/// where the bytes are not decoded yet: nothing of its own besides. (Every read asked for the
+/// number of CPUs, which reads the process's cgroup files: three more reads a request, ~7%
+/// of a user's cold `tar` of the large image.) Reads bypass the page cache (`O_DIRECT`), so
+/// each is a request; the spans are decoded by the first pass.
+#[test]
+fn a_served_read_costs_the_server_no_reads_of_its_own() {
+    use std::os::unix::fs::{FileExt, OpenOptionsExt};
+    let reg = Registry::start();
+    let r = image(&reg, "t/reads");
+    let bux = Bux::new();
+    bux.ok(&["pull", "-q", &r]);
+    let dir = tempfile::tempdir().unwrap();
+    let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
+    let w = worker(bux.store.path());
+    let reads = || -> u64 {
+        let io = std::fs::read_to_string(format!("/proc/{w}/io")).unwrap();
+        let line = io.lines().find(|l| l.starts_with("syscr:")).unwrap();
+        line[6..].trim().parse().unwrap()
+    };
+    let f = std::fs::File::options()
+        .read(true)
+        .custom_flags(libc::O_DIRECT)
+        .open(ro.path.join("big.bin"))
+        .unwrap();
+    let want = test_bytes(3 << 20, 7);
+    // O_DIRECT wants an aligned buffer: 4 KiB blocks of an 8 KiB one, from the first aligned.
+    let mut buf = vec![0u8; 8192];
+    let skip = buf.as_ptr().align_offset(4096);
+    let blocks = (3 << 20) / 4096;
+    let mut pass = |n: usize| {
+        for i in 0..n {
+            let at = (i * 7919 % blocks) * 4096;
+            let b = &mut buf[skip..skip + 4096];
+            assert_eq!(f.read_at(b, at as u64).unwrap(), 4096);
+            assert!(b[..] == want[at..at + 4096], "bytes at {at}");
+        }
+    };
+    pass(blocks);
+    let before = reads();
+    pass(300);
+    let per = (reads() - before) as f64 / 300.0;
+    assert!(per < 1.5, "{per:.2} read(2) calls by the image server per 4 KiB read");
+    drop(f);
+    ro.unmount();
+}
+
 /// Every path under `root` with its size and link count (files), depth first.
 fn walk(root: &Path) -> Vec<String> {
     let mut out = Vec::new();
