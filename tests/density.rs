@@ -538,7 +538,10 @@ fn a_served_read_costs_the_server_no_reads_of_its_own() {
     let before = reads();
     pass(300);
     let per = (reads() - before) as f64 / 300.0;
-    assert!(per < 1.5, "{per:.2} read(2) calls by the image server per 4 KiB read");
+    assert!(
+        per < 1.5,
+        "{per:.2} read(2) calls by the image server per 4 KiB read"
+    );
     drop(f);
     ro.unmount();
 }
