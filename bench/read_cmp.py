@@ -9,10 +9,12 @@ with the image server's CPU time and counters for each full read.
 
   python3 bench/read_cmp.py ROUNDS NAME=BINARY:STORE ... [--native DIR] [--ref REF] [--as USER]
 
+STOREs are absolute paths.
+
 WHAT=full,rand128,rand4,find picks the measurements (default full,rand128). Needs root.
 `--as USER` measures USER's writable mounts instead (issue #20's case: the user's stores, mount
 point and binaries must be theirs to use; the server CPU is then that of the user's mount
-daemon and of the image server, summed); it measures full and find.
+daemon and of the image server, summed); it measures full and find (the default there).
 """
 import glob, os, random, statistics, struct, subprocess, sys, time
 
@@ -42,12 +44,12 @@ def main():
             name, rest = a.split("=", 1)
             binary, store = rest.split(":", 1)
             cands.append((name, binary, store))
-    what = os.environ.get("WHAT", "full,rand128").split(",")
+    what = os.environ.get("WHAT", "full,find" if user else "full,rand128").split(",")
     mnt = os.path.join(ROOT, "target/read-cmp-mnt")
     os.makedirs(mnt, exist_ok=True)
     as_user = ["runuser", "-u", user, "--"] if user else []
     if user:
-        mnt = os.path.join(os.path.dirname(cands[0][2]), "read-cmp-mnt")
+        mnt = os.path.join(os.path.dirname(os.path.abspath(cands[0][2])), "read-cmp-mnt")
         subprocess.run(as_user + ["mkdir", "-p", mnt], check=True)
         what = [w for w in what if w in ("full", "find")]
 
@@ -76,21 +78,28 @@ def main():
 
     def serving(s):
         # The processes serving the mount: the image server's worker, and a user's mount daemon.
-        pids = [R.daemon_pid("", s)]
-        for p in os.listdir("/proc") if user else []:
+        # (A user's serve-mount has --worker-fd too: R.daemon_pid would take either.)
+        pids = []
+        for p in os.listdir("/proc"):
             try:
                 args = open(f"/proc/{p}/cmdline", "rb").read().split(b"\0")
             except OSError:
                 continue
-            if b"serve-mount" in args and os.fsencode(s) in args:
+            if os.fsencode(s) not in args:
+                continue
+            if (b"serve-shared" in args and b"--worker-fd" in args) or (user and b"serve-mount" in args):
                 pids.append(int(p))
+        if not pids:
+            raise RuntimeError("no process serves the mount")
         return pids
 
     def tar_read():
         if not user:
             return R.tar_read(mnt)
-        subprocess.run(as_user + ["bash", "-c", f'set -o pipefail; tar -C {mnt} -cf - . | wc -c'],
-                       check=True, capture_output=True)
+        r = subprocess.run(as_user + ["bash", "-c", 'set -o pipefail; tar -C "$1" -cf - . | wc -c',
+                                      "tar_read", mnt], capture_output=True, text=True)
+        if r.returncode != 0 or r.stderr.strip():
+            raise RuntimeError(f"reading {mnt}: {r.stderr.strip() or f'exit {r.returncode}'}")
 
     def find():
         subprocess.run(as_user + ["find", mnt, "-printf", ""], check=True)

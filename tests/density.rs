@@ -511,6 +511,14 @@ fn a_served_read_costs_the_server_no_reads_of_its_own() {
     let dir = tempfile::tempdir().unwrap();
     let ro = Mounted::new(&bux, &r, dir.path().join("ro"), false);
     let w = worker(bux.store.path());
+    // The worker runs as ids of its own: root reads its counters only with CAP_SYS_PTRACE,
+    // which a container's root may lack.
+    if let Err(e) = std::fs::read_to_string(format!("/proc/{w}/io")) {
+        if e.kind() == std::io::ErrorKind::PermissionDenied && std::env::var_os("CI").is_none() {
+            eprintln!("/proc/{w}/io: {e}: skipped");
+            return;
+        }
+    }
     let reads = || -> u64 {
         let io = std::fs::read_to_string(format!("/proc/{w}/io")).unwrap();
         let line = io.lines().find(|l| l.starts_with("syscr:")).unwrap();

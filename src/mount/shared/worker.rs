@@ -113,6 +113,9 @@ fn serve(store: &Store, manifest: Digest, fd: RawFd, resume: bool, disk: bool) -
     let readers = open_readers(&place)?;
     let stats = super::stats::Publisher::open(&place.stats(), resume)
         .map_err(|e| io("opening the server's counters", e))?;
+    // The number of CPUs, asked while the cgroup files (a CPU quota) can still be read:
+    // Landlock refuses them, and the answer is kept for the life of the process.
+    crate::cpus();
     // Before any thread starts: Landlock binds the threads that exist and what they start.
     // (Not for a lazily fetched image, whose fetcher threads run already and write the store.)
     match lazy {
