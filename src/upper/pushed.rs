@@ -55,6 +55,9 @@ struct Gate {
     pushed: Bits,
     /// Read-only handles open, by node (those this worker gave out).
     open: HashMap<u64, u32>,
+    /// Changes waiting in [`Pushed::stop`] for a push to end: a push ending wakes them only if
+    /// there are some (a wake is a system call, and every small file's open pushes).
+    waiting: usize,
 }
 
 /// A set of node numbers, a bit each in words of 64 kept by number (numbers are given out in
@@ -185,7 +188,9 @@ impl Pushed {
         let mut gate = self.gate();
         *gate.stopped.entry(n).or_default() += 1;
         while gate.under_way.contains_key(&n) {
+            gate.waiting += 1;
             gate = self.done.wait(gate).unwrap_or_else(|p| p.into_inner());
+            gate.waiting -= 1;
         }
         Stopped {
             of: self.clone(),
@@ -233,7 +238,9 @@ impl Drop for Push<'_> {
         let mut gate = self.of.gate();
         gate.under_way.remove(&self.n);
         gate.pushing -= 1;
-        self.of.done.notify_all();
+        if gate.waiting > 0 {
+            self.of.done.notify_all();
+        }
     }
 }
 
