@@ -33,10 +33,19 @@ pub struct SpanCache {
     limit: usize,
     /// Spans being decompressed: a second reader of one waits for it rather than doing the
     /// same work (a program's threads, or the kernel's read-ahead, often ask at once).
-    loading: Mutex<std::collections::HashSet<(u32, u32)>>,
+    loading: Mutex<Claims>,
     loaded: std::sync::Condvar,
     /// Counters.
     pub stats: ReadStats,
+}
+
+/// Spans being decompressed, and the readers waiting for one.
+#[derive(Default)]
+struct Claims {
+    spans: std::collections::HashSet<(u32, u32)>,
+    /// A load ending wakes the waiting readers only if there are some: a wake is a system
+    /// call, and every span decompressed ends a load.
+    waiting: usize,
 }
 
 /// Marks a span as being loaded; dropping it (loaded or failed) lets waiters go on.
@@ -47,9 +56,11 @@ pub(super) struct Loading<'a> {
 
 impl Drop for Loading<'_> {
     fn drop(&mut self) {
-        let mut set = self.cache.loading.lock().unwrap_or_else(|p| p.into_inner());
-        set.remove(&self.key);
-        self.cache.loaded.notify_all();
+        let mut claims = self.cache.loading.lock().unwrap_or_else(|p| p.into_inner());
+        claims.spans.remove(&self.key);
+        if claims.waiting > 0 {
+            self.cache.loaded.notify_all();
+        }
     }
 }
 
@@ -154,15 +165,17 @@ impl SpanCache {
         if let Some(span) = self.get(key) {
             return Ok(span);
         }
-        let mut set = self.loading.lock().unwrap_or_else(|p| p.into_inner());
+        let mut claims = self.loading.lock().unwrap_or_else(|p| p.into_inner());
         loop {
             if let Some(span) = self.get(key) {
                 return Ok(span);
             }
-            if set.insert(key) {
+            if claims.spans.insert(key) {
                 return Err(Loading { cache: self, key });
             }
-            set = self.loaded.wait(set).unwrap_or_else(|p| p.into_inner());
+            claims.waiting += 1;
+            claims = self.loaded.wait(claims).unwrap_or_else(|p| p.into_inner());
+            claims.waiting -= 1;
         }
     }
 
@@ -189,7 +202,7 @@ impl SpanCache {
         let inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         spans
             .into_iter()
-            .find(|&k| !inner.lru.contains(&(id, k)) && !loading.contains(&(id, k)))
+            .find(|&k| !inner.lru.contains(&(id, k)) && !loading.spans.contains(&(id, k)))
     }
 
     /// Span `key` if it is cached decompressed whole: its bytes and where the span starts in
