@@ -44,7 +44,8 @@ pub struct SpanCache {
 struct Claims {
     spans: std::collections::HashSet<(u32, u32)>,
     /// A load ending wakes the waiting readers only if there are some: a wake is a system
-    /// call, and every span decompressed ends a load.
+    /// call, and every span decompressed ends a load. (So every wait on `loaded` counts
+    /// itself here, under this lock.)
     waiting: usize,
 }
 
@@ -256,5 +257,41 @@ impl SpanCache {
 impl Default for SpanCache {
     fn default() -> Self {
         SpanCache::new(64 << 20)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A reader waiting for a span another loads goes on once the load ends, loaded or not
+    /// (a load ending wakes waiters only when it counts some: one uncounted would hang here).
+    #[test]
+    fn a_reader_waiting_for_a_load_goes_on_when_it_ends() {
+        let cache = Arc::new(SpanCache::new(1 << 20));
+        for loaded in [true, false] {
+            let claim = cache.get_or_claim((0, 1)).err().expect("not cached");
+            let (tx, rx) = std::sync::mpsc::channel();
+            let c = cache.clone();
+            // (Not joined: a reader never woken fails the test rather than hanging it.)
+            std::thread::spawn(move || {
+                let got = c.get_or_claim((0, 1)).is_ok(); // (a claim ends here)
+                tx.send(got).unwrap();
+            });
+            while cache.loading.lock().unwrap().waiting == 0 {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            if loaded {
+                cache.insert((0, 1), Span::Whole(Arc::new(vec![0; 16]), 0));
+            }
+            drop(claim);
+            let got = rx.recv_timeout(std::time::Duration::from_secs(10));
+            assert_eq!(got, Ok(loaded), "the waiting reader was not woken");
+            if !loaded {
+                // It claimed the span: its claim ended with its thread.
+                assert!(cache.loading.lock().unwrap().spans.is_empty());
+            }
+            cache.remove((0, 1));
+        }
     }
 }

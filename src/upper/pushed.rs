@@ -56,7 +56,8 @@ struct Gate {
     /// Read-only handles open, by node (those this worker gave out).
     open: HashMap<u64, u32>,
     /// Changes waiting in [`Pushed::stop`] for a push to end: a push ending wakes them only if
-    /// there are some (a wake is a system call, and every small file's open pushes).
+    /// there are some (a wake is a system call, and every small file's open pushes). So every
+    /// wait on `done` counts itself here, under the gate's lock.
     waiting: usize,
 }
 
