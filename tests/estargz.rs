@@ -586,26 +586,9 @@ fn prefetch_landmark_contents_are_fetched_first() {
         .map(|e| std::fs::read_to_string(e.path()).unwrap())
         .collect();
     assert_eq!(traces.len(), 1, "no trace made of the landmarks");
-    let store = bux.store.path().to_path_buf();
-    let local = || bux_fuse::Store::open(&store).unwrap().images().unwrap()[0].clone();
-    // Settled: the same bytes local for 2 s (a fetcher starved of CPU for a moment on a busy
-    // machine, CI building beside it, is not done).
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let (mut last, mut same) = (0, 0);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = bux_fuse::Store::open(&store).unwrap().local_bytes(&local());
-        same = if now > 0 && now == last { same + 1 } else { 0 };
-        if same == 4 {
-            break;
-        }
-        last = now;
-        assert!(
-            Instant::now() < deadline,
-            "prefetch did not settle: trace {traces:?}, log {}",
-            bux.daemon_log()
-        );
-    }
+    let last = bux.wait_until_local_bytes_settle(|| {
+        format!("prefetch (trace {traces:?}, log {})", bux.daemon_log())
+    });
     proxy.pause();
     assert_eq!(
         std::fs::read(m.path.join("etc/motd")).unwrap(),

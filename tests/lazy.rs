@@ -604,22 +604,7 @@ fn a_published_read_trace_is_fetched_first() {
     let bux = Bux::new();
     let (m, _) = lazy_mount(&bux, &s.pinned, &["--prefetch", "trace"]);
     // The trace is fetched in the background; wait until the partial layers stop growing.
-    let store = bux.store.path().to_path_buf();
-    let local = || bux_fuse::Store::open(&store).unwrap().images().unwrap()[0].clone();
-    // Settled: the same bytes local for 2 s (a fetcher starved of CPU for a moment on a busy
-    // machine, CI building beside it, is not done).
-    let deadline = Instant::now() + Duration::from_secs(40);
-    let (mut last, mut same) = (0, 0);
-    loop {
-        std::thread::sleep(Duration::from_millis(500));
-        let now = bux_fuse::Store::open(&store).unwrap().local_bytes(&local());
-        same = if now > 0 && now == last { same + 1 } else { 0 };
-        if same == 4 {
-            break;
-        }
-        last = now;
-        assert!(Instant::now() < deadline, "trace prefetch did not settle");
-    }
+    bux.wait_until_local_bytes_settle(|| "trace prefetch".into());
     s.reg.stop();
     assert_eq!(cat(&m.path.join("etc/hostname")).unwrap(), b"lazy\n");
     assert_eq!(

@@ -710,6 +710,32 @@ impl Bux {
         String::from_utf8_lossy(&out.stderr).into_owned()
     }
 
+    /// Waits until the bytes of the store's (first) image held locally stop growing: a
+    /// background fetch (trace prefetch) has settled. Settled is the same count for 2 s,
+    /// sampled every 0.5 s: a fetcher starved of CPU for a moment on a busy machine (CI
+    /// building beside it) is not done. Returns the settled count; panics after 40 s, saying
+    /// `what()`.
+    pub fn wait_until_local_bytes_settle(&self, what: impl Fn() -> String) -> u64 {
+        let store = self.store.path();
+        let local = || {
+            let s = bux_fuse::Store::open(store).unwrap();
+            let image = s.images().unwrap()[0].clone();
+            s.local_bytes(&image)
+        };
+        let deadline = Instant::now() + Duration::from_secs(40);
+        let (mut last, mut same) = (0, 0);
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = local();
+            same = if now > 0 && now == last { same + 1 } else { 0 };
+            if same == 4 {
+                return now;
+            }
+            last = now;
+            assert!(Instant::now() < deadline, "{} did not settle", what());
+        }
+    }
+
     /// Everything the store's mount daemons logged (`$STORE/logs`).
     pub fn daemon_log(&self) -> String {
         let mut out = String::new();
