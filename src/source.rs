@@ -257,6 +257,8 @@ pub fn quick_normalize(s: &str) -> Option<String> {
 }
 
 /// An open image source.
+// One per pull or mount, never in a collection: a registry client's size is of no account.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     /// A registry.
     Registry(Registry, oci_client::Reference),

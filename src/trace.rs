@@ -33,11 +33,14 @@ pub struct Entry {
 pub struct Recorder {
     layers: Vec<Digest>,
     /// (layer, range start) already recorded, and the ranges in order.
-    inner: Mutex<(HashSet<(u32, u64)>, Vec<Recorded>)>,
+    inner: Mutex<(HashSet<(u32, u64)>, Ranges)>,
 }
 
 /// A range of a layer (by its index in the mount) a read needed.
 type Recorded = (u32, Range<u64>);
+
+/// The ranges recorded, in order.
+type Ranges = Vec<Recorded>;
 
 impl Recorder {
     /// Records for a mount of these layers (indexed as the mount's layer readers).

@@ -24,8 +24,6 @@ fn raw_entry(name: &[u8], typeflag: u8, link: &[u8], data: &[u8]) -> Vec<u8> {
     h.set_mode(0o644);
     h.set_size(data.len() as u64);
     h.set_mtime(1_700_000_000);
-    h.as_bytes();
-    let mut h = h;
     h.as_gnu_mut().unwrap().typeflag = [typeflag];
     h.set_cksum();
     let mut out = h.as_bytes().to_vec();

@@ -1406,6 +1406,7 @@ fn a_users_writable_mount_outlives_its_worker() {
 /// (the kernel resends it): it is answered as done, not failed because it was. The worker is
 /// held after it carried the request out and journalled it, before it answers (strace delays
 /// its return from the journal's `write`), and killed there.
+#[allow(clippy::type_complexity)] // a table of cases, spelled out
 #[test]
 fn a_request_done_by_a_worker_that_died_before_answering_succeeds() {
     need("fusermount3");

@@ -432,18 +432,17 @@ impl PublishedLayer {
                 {
                     return Err(format!("entry {name:?}: data outside the stream"));
                 }
-                Some(ext) => {
+                Some(ext)
                     if ext.iter().any(|x| {
                         !in_stream(x.stream_off, x.len)
                             || x.file_off.checked_add(x.len).is_none_or(|y| y > e.size)
                     }) || ext
                         .windows(2)
-                        .any(|w| w[0].file_off + w[0].len > w[1].file_off)
-                    {
-                        return Err(format!("entry {name:?}: sparse map out of range"));
-                    }
+                        .any(|w| w[0].file_off + w[0].len > w[1].file_off) =>
+                {
+                    return Err(format!("entry {name:?}: sparse map out of range"));
                 }
-                None => {}
+                _ => {}
             }
             meta += e.path.len()
                 + e.link.len()

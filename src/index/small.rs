@@ -165,6 +165,9 @@ fn link_into(from: &Path, to: &Path) -> io::Result<()> {
     Ok(())
 }
 
+/// A table's records: (offset, start) of each file, and where the last one's bytes end.
+type Records = (Vec<(u64, usize)>, usize);
+
 impl SmallFiles {
     /// None kept yet; files of at most `max` bytes (and [`SMALL_MAX`]) will be.
     pub fn up_to(max: u64) -> SmallFiles {
@@ -471,10 +474,7 @@ impl SmallFiles {
 
     /// The records of a table (`count`, then a record per file): (offset, start) of each, and
     /// where the last ends. The bytes start at 0, or `inline`, right after the records.
-    fn records(
-        table: &[u8],
-        inline: bool,
-    ) -> std::result::Result<(Vec<(u64, usize)>, usize), &'static str> {
+    fn records(table: &[u8], inline: bool) -> std::result::Result<Records, &'static str> {
         let count = table
             .get(..8)
             .map(|b| u64::from_le_bytes(b.try_into().expect("8 bytes")))
@@ -1008,8 +1008,11 @@ mod tests {
         );
         let v2 = SmallIndex::open(&index).unwrap().unwrap();
         let mut seen = Vec::new();
-        v2.each(|o, b| Ok(seen.push((o, b.to_vec())) == ()))
-            .unwrap();
+        v2.each(|o, b| {
+            seen.push((o, b.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
         assert!(
             seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()),
             "second format"
@@ -1124,7 +1127,11 @@ mod tests {
             next += blocks as u32;
         }
         let mut seen = Vec::new();
-        t.each(|o, b| Ok(seen.push((o, b.to_vec())) == ())).unwrap();
+        t.each(|o, b| {
+            seen.push((o, b.to_vec()));
+            Ok(true)
+        })
+        .unwrap();
         assert!(seen.iter().map(|(o, b)| (*o, &b[..])).eq(s.iter()));
         assert_eq!(t.placed_at(7), None);
         // Only tiny files: no blocks, so no device; the table follows the header.

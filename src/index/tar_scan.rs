@@ -444,9 +444,8 @@ pub fn scan_keeping<R: Read>(
         },
         _ => Error::io(format!("reading layer {layer}"), e),
     };
-    let mut entries = archive.entries().map_err(io_err)?;
     let mut metadata_bytes = 0usize;
-    while let Some(entry) = entries.next() {
+    for entry in archive.entries().map_err(io_err)? {
         let mut entry = entry.map_err(io_err)?;
         if let Some(e) = scan_entry(&mut entry, layer, &recent)? {
             metadata_bytes += e.path.len()
@@ -474,7 +473,6 @@ pub fn scan_keeping<R: Read>(
             out.push(e);
         }
     }
-    drop(entries);
     Ok((out, archive.into_inner().inner))
 }
 

@@ -1353,6 +1353,7 @@ mod tests {
     /// file, two positions), a small file whited out above, small files with xattrs of every
     /// length mod 8 (and an ACL) before their chunk index, and a hardlink to one: fsck.erofs
     /// and the kernel, given the devices the image names, read every file as kept.
+    #[allow(clippy::type_complexity)] // what each file must read back, spelled out
     #[test]
     fn many_layers_devices_read_back() {
         use crate::index::small::{SmallFiles, SmallIndex};

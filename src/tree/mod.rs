@@ -535,6 +535,7 @@ mod tests {
             .collect()
     }
 
+    #[allow(clippy::type_complexity)] // a table of cases, spelled out
     #[test]
     fn whiteouts_and_opaque_dirs() {
         let cases: Vec<(&str, Vec<Vec<TarEntry>>, Vec<&str>)> = vec![

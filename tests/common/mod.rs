@@ -514,7 +514,7 @@ pub fn test_bytes(n: usize, seed: u64) -> Vec<u8> {
             x ^= x >> 7;
             x ^= x << 17;
             if (i / 4096) % 2 == 0 {
-                b"the quick brown fox "[(i % 20) as usize]
+                b"the quick brown fox "[i % 20]
             } else {
                 x as u8
             }
