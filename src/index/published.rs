@@ -704,4 +704,56 @@ mod tests {
         t.entries[1].offset = u64::MAX - 2;
         assert!(PublishedLayer::decode(&t.encode().unwrap(), digest, gz.len() as u64).is_err());
     }
+
+    /// A published index's entries must keep within the stream it describes: a file's data,
+    /// and a sparse file's extents (in the stream, within the file, in order, apart).
+    #[test]
+    fn entries_whose_data_leaves_the_stream_are_refused() {
+        let gz = gzip_tar(&[("a", noise(1 << 20, 2)), ("b", b"hello".to_vec())]);
+        let digest = Digest::of(&gz);
+        let idx = crate::index::build(&gz[..], Compression::Gzip, digest, None, 0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, &gz).unwrap();
+        let blob = super::super::blob::LocalBlob::open(&path).unwrap();
+        let p = PublishedLayer::build(&idx, &blob).unwrap();
+        let size = gz.len() as u64;
+        let a = p.entries.iter().position(|e| e.path == b"a").unwrap();
+        let (off, stream) = (p.entries[a].offset, p.uncompressed_size);
+        let with = |f: &dyn Fn(&mut TarEntry)| {
+            let mut t = p.clone();
+            f(&mut t.entries[a]);
+            PublishedLayer::decode(&t.encode().unwrap(), digest, size)
+        };
+        // The file's data running past the stream's end.
+        let err = refused(with(&|e| e.size = stream));
+        assert!(err.contains("data outside the stream"), "{err}");
+        // As a sparse file: two extents, the second after a hole, both in the stream.
+        let ext = |file_off, len, stream_off| crate::index::Extent {
+            file_off,
+            len,
+            stream_off,
+        };
+        let good = vec![ext(0, 4096, off), ext(1 << 30, 4096, off + 4096)];
+        with(&|e| {
+            e.size = (1 << 30) + 4096;
+            e.sparse = Some(good.clone());
+        })
+        .unwrap();
+        for (what, bad) in [
+            ("out of the stream", vec![ext(0, 4096, stream - 100)]),
+            ("past the file's end", vec![ext(1 << 31, 4096, off)]),
+            ("overflowing", vec![ext(u64::MAX - 10, 4096, off)]),
+            (
+                "overlapping",
+                vec![ext(0, 8192, off), ext(4096, 4096, off + 8192)],
+            ),
+        ] {
+            let err = refused(with(&|e| {
+                e.size = (1 << 30) + 4096;
+                e.sparse = Some(bad.clone());
+            }));
+            assert!(err.contains("sparse map out of range"), "{what}: {err}");
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! Credentials: what to send a registry (Docker's `config.json` and credential helpers, or what
-//! the caller gave), checking them (`login`), and storing them where Docker does.
+//! the caller gave), checking them (`verify_login`, for `bux-fuse login`), and storing them
+//! where Docker does.
 
 use oci_client::secrets::RegistryAuth;
 
