@@ -23,9 +23,9 @@
 //! there: the bytes sit in the store once, shared by every image with the layer, and the image
 //! is its metadata alone. The device table (in block 0, after the superblock) tags each device
 //! with its layer's digest and keeps the SHA-256 of its table in the slot's reserved bytes, so
-//! a server mounts the very files the image was written for ([`devices`]). Files of at most
-//! `INLINE_FILE_MAX` bytes sit inline after their inode. Small files of a layer whose table
-//! is of an earlier format (or past the devices one block 0 can name) are copied into the
+//! a server mounts the very files the image was written for ([`devices`](fn@devices)). Files
+//! of at most `INLINE_FILE_MAX` bytes sit inline after their inode. Small files of a layer whose
+//! table is of an earlier format (or past the devices one block 0 can name) are copied into the
 //! image instead: out of line, in blocks of its own after the metadata, in the order of the walk, not packed
 //! after the inode as mkfs.erofs does by default: the kernel reads metadata a block at a time
 //! (no read-ahead), so tails among the inodes made a cold `find` of the large Debian image read
