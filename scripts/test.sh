@@ -11,5 +11,7 @@ if cargo fmt --version >/dev/null 2>&1; then cargo fmt --check; fi
 if cargo clippy --version >/dev/null 2>&1; then
   cargo clippy --locked --all-targets -- -D warnings
 fi
+# The API docs build, their links resolved (a moved item breaks a link silently otherwise).
+RUSTDOCFLAGS="-D rustdoc::broken_intra_doc_links" cargo doc --locked --no-deps --quiet
 cargo build --locked --all-targets
 cargo test --locked -- --test-threads=4
