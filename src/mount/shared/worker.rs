@@ -23,7 +23,7 @@ use crate::{Digest, Error, MountOptions, Result, Store};
 /// what a dead worker left unanswered.
 /// With `disk`, the image's disk ([`crate::disk::DiskFs`]) is served instead of its tree.
 /// Prints `ready CAPS` once it serves, or `error WHY` (and the error as
-/// [`crate::Error::to_wire`] makes it) if it cannot.
+/// `Error::to_wire` makes it) if it cannot.
 pub fn serve_worker(
     store: &Store,
     manifest: Digest,
