@@ -668,16 +668,22 @@ mod tests {
         PublishedLayer::decode(&p.encode().unwrap(), layer, size).unwrap();
     }
 
+    /// A gzip layer's blob `gz` indexed, and its index as published: (digest, index, published).
+    fn published(gz: &[u8]) -> (Digest, LayerIndex, PublishedLayer) {
+        let digest = Digest::of(gz);
+        let idx = crate::index::build(gz, Compression::Gzip, digest, None, 0).unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("blob");
+        std::fs::write(&path, gz).unwrap();
+        let blob = super::super::blob::LocalBlob::open(&path).unwrap();
+        let p = PublishedLayer::build(&idx, &blob).unwrap();
+        (digest, idx, p)
+    }
+
     #[test]
     fn round_trip_and_chunks_cover_each_span() {
         let gz = gzip_tar(&[("a", noise(3 << 20, 1)), ("b", b"hello".to_vec())]);
-        let digest = Digest::of(&gz);
-        let idx = crate::index::build(&gz[..], Compression::Gzip, digest, None, 0).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let blob = super::super::blob::LocalBlob::open(&path).unwrap();
-        let p = PublishedLayer::build(&idx, &blob).unwrap();
+        let (digest, idx, p) = published(&gz);
         assert!(p.chunks.len() > 1);
         assert_eq!(p.chunks.last().unwrap().end, gz.len() as u64);
         for c in &p.chunks {
@@ -710,13 +716,7 @@ mod tests {
     #[test]
     fn entries_whose_data_leaves_the_stream_are_refused() {
         let gz = gzip_tar(&[("a", noise(1 << 20, 2)), ("b", b"hello".to_vec())]);
-        let digest = Digest::of(&gz);
-        let idx = crate::index::build(&gz[..], Compression::Gzip, digest, None, 0).unwrap();
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("blob");
-        std::fs::write(&path, &gz).unwrap();
-        let blob = super::super::blob::LocalBlob::open(&path).unwrap();
-        let p = PublishedLayer::build(&idx, &blob).unwrap();
+        let (digest, _, p) = published(&gz);
         let size = gz.len() as u64;
         let a = p.entries.iter().position(|e| e.path == b"a").unwrap();
         let (off, stream) = (p.entries[a].offset, p.uncompressed_size);
